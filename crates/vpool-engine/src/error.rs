@@ -1,0 +1,62 @@
+//! The engine's error type.
+
+use vpool_store::{SegmentId, StoreError};
+
+use crate::record::DecodeError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("volume {0:?} not found")]
+    VolumeNotFound(String),
+    #[error("volume {0:?} already exists")]
+    VolumeExists(String),
+    #[error("invalid {what}: {why}")]
+    Invalid { what: &'static str, why: String },
+    #[error("{op} of {len} bytes at offset {offset} is outside volume {volume:?} ({size_bytes} bytes)")]
+    OutOfRange {
+        op: &'static str,
+        volume: String,
+        offset: u64,
+        len: u64,
+        size_bytes: u64,
+    },
+    #[error(
+        "refusing to shrink volume {volume:?} from {from_bytes} to {to_bytes} bytes: data past the new end would be lost (ask for it explicitly to shrink)"
+    )]
+    ShrinkRefused {
+        volume: String,
+        from_bytes: u64,
+        to_bytes: u64,
+    },
+    #[error(
+        "corrupt data in volume {volume:?} at offset {offset}: {segment} at byte {segment_offset}: {detail}"
+    )]
+    Corrupt {
+        volume: String,
+        offset: u64,
+        segment: SegmentId,
+        segment_offset: u64,
+        detail: String,
+    },
+    #[error("corrupt pool metadata ({what}): {source}")]
+    CorruptMeta {
+        what: String,
+        #[source]
+        source: DecodeError,
+    },
+    #[error("the pool stopped accepting writes after a failed sync ({0}); restart the daemon to recover from the log")]
+    Failed(String),
+    #[error("the pool is closed")]
+    Closed,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl EngineError {
+    /// True for "no space left on the device": callers answer ENOSPC.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, EngineError::Store(StoreError::NoSpace { .. }))
+    }
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;

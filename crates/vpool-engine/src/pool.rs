@@ -1,0 +1,1383 @@
+//! The pool: volumes on a log of segments.
+//!
+//! # Write path
+//! A write becomes one record per 1 MiB (header, per-block CRC-32C, data)
+//! appended to the open segment with one `pwritev`, then the volume's extent
+//! map points at the new bytes. Appends and map updates happen under one
+//! mutex, so the log order is the order in which writes took effect; that is
+//! what makes replay reproduce the state exactly. Checksums of aligned writes
+//! are computed before the lock is taken.
+//!
+//! # Durability
+//! A write returns once its bytes are in the open segment (the OS page cache
+//! for a local pool): acknowledged, not durable, like a disk's write cache.
+//! [`Pool::flush`] syncs every segment that has bytes appended since its last
+//! sync, so when it returns every write that returned before it was called
+//! is durable. A failed sync poisons the pool for writes (the kernel may have
+//! dropped the dirty pages, so a later sync that succeeds proves nothing).
+//!
+//! # Recovery
+//! Load the checkpoint, replay records after its position in log order,
+//! stop at the first record that is torn, fails a checksum, or breaks the
+//! sequence-number chain; cut the log there. Everything flushed lies before
+//! that point, because a flush syncs the segments in log order before it
+//! returns.
+//!
+//! # Cleaning
+//! Each segment counts its live blocks. The cleaner copies the live blocks
+//! of mostly-dead sealed segments to the head of the log (conditionally,
+//! under the lock, only where the map still points at the old copy), writes
+//! a checkpoint, and only then deletes the old segments, waiting for readers
+//! that looked up an old location to finish (`delete_gate`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex, RwLock};
+use vpool_store::{OpenSegment, SegmentId, SegmentStore};
+
+use crate::checkpoint::{CHECKPOINT_META_NAME, Checkpoint, LogPosition, VolumeCheckpoint};
+use crate::error::{EngineError, Result};
+use crate::extent_map::{DataLoc, ExtentMap, Piece, Target};
+use crate::record::{
+    self, CRC_LEN, MAX_RECORD_BLOCKS, RECORD_HEADER_LEN, RecordHeader, RecordIter, RecordKind,
+    SEGMENT_HEADER_LEN,
+};
+use crate::types::{BLOCK_SIZE, VolumeId, validate_volume_name, validate_volume_size};
+
+/// NBD `base:allocation` flag: the range is a hole (unallocated).
+pub const STATE_HOLE: u32 = 1;
+/// NBD `base:allocation` flag: the range reads as zeros.
+pub const STATE_ZERO: u32 = 2;
+
+/// Tunables of a pool. The defaults suit a local pool.
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    /// A segment is sealed once it holds this many bytes (it may exceed it
+    /// by one record). Also the unit the cleaner frees space in.
+    pub segment_target_bytes: u64,
+    /// A checkpoint is written after this many bytes of log; recovery
+    /// replays at most about this much.
+    pub checkpoint_interval_bytes: u64,
+    /// The cleaner rewrites sealed segments whose live fraction is below this.
+    pub clean_below_live_fraction: f64,
+    /// The cleaner rewrites at most this many segments a pass, so one pass
+    /// is bounded in time and in the new log it writes.
+    pub clean_max_segments_per_pass: usize,
+    /// Run the maintenance thread (background sync, checkpoints, cleaner).
+    /// Tests that drive those by hand turn it off.
+    pub background: bool,
+    /// How often the maintenance thread wakes when there is nothing to do.
+    pub maintenance_period: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> PoolConfig {
+        PoolConfig {
+            segment_target_bytes: 32 << 20,
+            checkpoint_interval_bytes: 256 << 20,
+            clean_below_live_fraction: 0.5,
+            clean_max_segments_per_pass: 8,
+            background: true,
+            maintenance_period: Duration::from_millis(200),
+        }
+    }
+}
+
+/// What a volume looks like from outside.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub id: VolumeId,
+    pub name: String,
+    pub size_bytes: u64,
+    /// Bytes of data stored for this volume (blocks mapped to data).
+    pub allocated_bytes: u64,
+    /// Bytes mapped as allocated zeros (store nothing).
+    pub zero_bytes: u64,
+    pub extents: u64,
+}
+
+/// Space and log figures of the whole pool.
+#[derive(Clone, Debug, Default)]
+pub struct PoolStats {
+    pub volumes: u64,
+    /// Sum of volume sizes.
+    pub logical_bytes: u64,
+    /// Bytes of volume data the maps refer to.
+    pub live_data_bytes: u64,
+    /// Bytes of all segments (what the pool takes on its backend).
+    pub physical_bytes: u64,
+    pub segments: u64,
+    /// Fraction of segment bytes that are not live data (overwritten,
+    /// trimmed, deleted, or record overhead).
+    pub garbage_ratio: f64,
+    /// Free space on the backend's device, if known.
+    pub free_bytes: Option<u64>,
+    pub extents: u64,
+    pub log_bytes_since_checkpoint: u64,
+    pub checkpoints_written: u64,
+    pub segments_cleaned: u64,
+    pub bytes_relocated: u64,
+}
+
+/// What one cleaner pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CleanReport {
+    pub segments_deleted: u64,
+    pub bytes_relocated: u64,
+    pub bytes_freed: u64,
+}
+
+/// How recovery went (for logs and the recovery benchmark).
+#[derive(Clone, Debug, Default)]
+pub struct RecoveryReport {
+    pub checkpoint_loaded: bool,
+    pub records_replayed: u64,
+    pub bytes_replayed: u64,
+    pub torn_tail_bytes: u64,
+    pub segments_discarded: u64,
+    pub duration: Duration,
+}
+
+/// A segment of the log that may still need syncing.
+struct LogSeg {
+    handle: Box<dyn OpenSegment>,
+    /// Bytes appended (set under the state lock after each append).
+    appended: AtomicU64,
+    /// Bytes known durable.
+    synced: AtomicU64,
+}
+
+impl LogSeg {
+    fn id(&self) -> SegmentId {
+        self.handle.id()
+    }
+
+    fn sync_if_needed(&self) -> Result<()> {
+        let target = self.appended.load(Ordering::Acquire);
+        if self.synced.load(Ordering::Acquire) >= target {
+            return Ok(());
+        }
+        self.handle.sync()?;
+        self.synced.fetch_max(target, Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire) >= self.appended.load(Ordering::Acquire)
+    }
+}
+
+struct Vol {
+    name: String,
+    size_bytes: u64,
+    map: ExtentMap,
+    data_blocks: u64,
+    zero_blocks: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct SegInfo {
+    size_bytes: u64,
+    live_blocks: u64,
+}
+
+struct State {
+    volumes: BTreeMap<VolumeId, Vol>,
+    names: BTreeMap<String, VolumeId>,
+    open: Arc<LogSeg>,
+    /// Sealed segments not yet known durable, oldest first.
+    unsynced: Vec<Arc<LogSeg>>,
+    segments: BTreeMap<SegmentId, SegInfo>,
+    next_seq: u64,
+    next_volume_id: u64,
+    next_segment_id: u64,
+    log_bytes_since_checkpoint: u64,
+    /// Set when a sync failed: writes are refused from then on.
+    failed: Option<String>,
+    /// Set when an append failed: the open segment may hold a partial
+    /// record past its end, so the next append starts a new segment.
+    roll_before_next_append: bool,
+}
+
+struct Counters {
+    checkpoints_written: AtomicU64,
+    segments_cleaned: AtomicU64,
+    bytes_relocated: AtomicU64,
+}
+
+struct Inner {
+    store: Arc<dyn SegmentStore>,
+    config: PoolConfig,
+    state: Mutex<State>,
+    /// Readers hold it shared from map lookup to the end of their reads;
+    /// the cleaner holds it exclusively to delete segments.
+    delete_gate: RwLock<()>,
+    /// One checkpoint or cleaner pass at a time.
+    maintenance_lock: Mutex<()>,
+    shutdown: AtomicBool,
+    wake: Condvar,
+    wake_lock: Mutex<bool>,
+    counters: Counters,
+}
+
+/// A pool of volumes on one backend. Cheap to clone; all clones share it.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+    maintenance: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+fn vol_not_found(id: VolumeId) -> EngineError {
+    EngineError::VolumeNotFound(id.to_string())
+}
+
+impl State {
+    fn vol(&self, id: VolumeId) -> Result<&Vol> {
+        self.volumes.get(&id).ok_or_else(|| vol_not_found(id))
+    }
+
+    /// Maps blocks of a volume, keeping every counter in step.
+    fn set_blocks(&mut self, id: VolumeId, start: u64, len: u64, target: Option<Target>) {
+        let State {
+            volumes, segments, ..
+        } = self;
+        let vol = volumes.get_mut(&id).expect("caller checked the volume exists");
+        let mut data_gone = 0u64;
+        let mut zero_gone = 0u64;
+        vol.map.set(start, len, target, &mut |t, n| match t {
+            Target::Zero => zero_gone += n,
+            Target::Data(d) => {
+                data_gone += n;
+                let s = segments.get_mut(&d.seg).expect("mapped segment is known");
+                s.live_blocks = s.live_blocks.checked_sub(n).expect("live count underflow");
+            }
+        });
+        vol.data_blocks -= data_gone;
+        vol.zero_blocks -= zero_gone;
+        match target {
+            Some(Target::Data(d)) => {
+                vol.data_blocks += len;
+                segments.get_mut(&d.seg).expect("segment is known").live_blocks += len;
+            }
+            Some(Target::Zero) => vol.zero_blocks += len,
+            None => {}
+        }
+    }
+
+    /// Applies a record (live or replayed) whose header is at `rec_off` in
+    /// segment `seg`. The caller has validated the header.
+    fn apply(&mut self, seg: SegmentId, rec_off: u64, h: &RecordHeader, payload: &[u8]) -> Result<()> {
+        match h.kind {
+            RecordKind::Write => {
+                self.check_record_range(h)?;
+                let crc_off = rec_off + RECORD_HEADER_LEN as u64;
+                let data_off = crc_off + u64::from(h.nblocks) * CRC_LEN as u64;
+                let loc = DataLoc {
+                    seg,
+                    data_off: u32::try_from(data_off).expect("segment under 4 GiB"),
+                    crc_off: u32::try_from(crc_off).expect("segment under 4 GiB"),
+                };
+                self.set_blocks(h.volume, h.block, u64::from(h.nblocks), Some(Target::Data(loc)));
+            }
+            RecordKind::Zero => {
+                self.check_record_range(h)?;
+                self.set_blocks(h.volume, h.block, u64::from(h.nblocks), Some(Target::Zero));
+            }
+            RecordKind::Trim => {
+                self.check_record_range(h)?;
+                self.set_blocks(h.volume, h.block, u64::from(h.nblocks), None);
+            }
+            RecordKind::CreateVolume => {
+                let name = std::str::from_utf8(payload)
+                    .map_err(|_| meta_error("create record", "name is not UTF-8"))?
+                    .to_string();
+                if self.volumes.contains_key(&h.volume) || self.names.contains_key(&name) {
+                    return Err(meta_error("create record", "volume exists"));
+                }
+                self.names.insert(name.clone(), h.volume);
+                self.volumes.insert(
+                    h.volume,
+                    Vol {
+                        name,
+                        size_bytes: h.arg,
+                        map: ExtentMap::new(),
+                        data_blocks: 0,
+                        zero_blocks: 0,
+                    },
+                );
+                self.next_volume_id = self.next_volume_id.max(h.volume.0 + 1);
+            }
+            RecordKind::ResizeVolume => {
+                let old = self.vol(h.volume)?.size_bytes;
+                if h.arg < old {
+                    let start = h.arg / BLOCK_SIZE;
+                    self.set_blocks(h.volume, start, old / BLOCK_SIZE - start, None);
+                }
+                self.volumes.get_mut(&h.volume).expect("checked").size_bytes = h.arg;
+            }
+            RecordKind::DeleteVolume => {
+                let size = self.vol(h.volume)?.size_bytes;
+                if size > 0 {
+                    self.set_blocks(h.volume, 0, size / BLOCK_SIZE, None);
+                }
+                let vol = self.volumes.remove(&h.volume).expect("checked");
+                self.names.remove(&vol.name);
+            }
+        }
+        Ok(())
+    }
+
+    fn check_record_range(&self, h: &RecordHeader) -> Result<()> {
+        let vol = self.vol(h.volume)?;
+        let end = h.block + u64::from(h.nblocks);
+        if end > vol.size_bytes / BLOCK_SIZE {
+            return Err(meta_error("record", "block range past the volume's end"));
+        }
+        Ok(())
+    }
+}
+
+fn meta_error(what: &str, detail: &'static str) -> EngineError {
+    EngineError::CorruptMeta {
+        what: what.to_string(),
+        source: record::DecodeError::Inconsistent(detail),
+    }
+}
+
+impl Pool {
+    /// Opens the pool on `store`, recovering from the checkpoint and the log.
+    /// A new, empty store becomes an empty pool.
+    pub fn open(store: Arc<dyn SegmentStore>, config: PoolConfig) -> Result<(Pool, RecoveryReport)> {
+        let started = Instant::now();
+        let mut report = RecoveryReport::default();
+        let ckpt = match store.get_meta(CHECKPOINT_META_NAME)? {
+            Some(bytes) => Some(Checkpoint::decode(&bytes).map_err(|e| EngineError::CorruptMeta {
+                what: "checkpoint".into(),
+                source: e,
+            })?),
+            None => None,
+        };
+        report.checkpoint_loaded = ckpt.is_some();
+        let listed = store.list_segments()?;
+        let mut segments: BTreeMap<SegmentId, SegInfo> = listed
+            .iter()
+            .map(|&(id, size_bytes)| {
+                (
+                    id,
+                    SegInfo {
+                        size_bytes,
+                        live_blocks: 0,
+                    },
+                )
+            })
+            .collect();
+        let (mut volumes, mut names) = (BTreeMap::new(), BTreeMap::new());
+        let (mut next_seq, mut next_volume_id, mut next_segment_id) = (1u64, 1u64, 1u64);
+        let mut replay_from = LogPosition {
+            seg: listed.first().map(|s| s.0).unwrap_or(SegmentId(1)),
+            offset: SEGMENT_HEADER_LEN,
+        };
+        if let Some(c) = ckpt {
+            replay_from = c.position;
+            next_seq = c.next_seq;
+            next_volume_id = c.next_volume_id;
+            next_segment_id = c.next_segment_id;
+            for v in c.volumes {
+                let VolumeCheckpoint {
+                    id,
+                    name,
+                    size_bytes,
+                    map,
+                } = v;
+                names.insert(name.clone(), id);
+                volumes.insert(
+                    id,
+                    Vol {
+                        name,
+                        size_bytes,
+                        map,
+                        data_blocks: 0,
+                        zero_blocks: 0,
+                    },
+                );
+            }
+        }
+        // Recount live blocks and per-volume counters from the maps.
+        for vol in volumes.values_mut() {
+            for p in vol.map.iter() {
+                match p.target.expect("mapped") {
+                    Target::Zero => vol.zero_blocks += p.len_blocks,
+                    Target::Data(d) => {
+                        vol.data_blocks += p.len_blocks;
+                        let s = segments.get_mut(&d.seg).ok_or_else(|| {
+                            meta_error("checkpoint", "an extent refers to a missing segment")
+                        })?;
+                        s.live_blocks += p.len_blocks;
+                    }
+                }
+            }
+        }
+        if let Some(&(last, _)) = listed.last() {
+            next_segment_id = next_segment_id.max(last.0 + 1);
+        }
+        // A placeholder open segment: replaced below once replay is done.
+        let first_new = SegmentId(next_segment_id);
+        let handle = store.create_segment(first_new)?;
+        let mut st = State {
+            volumes,
+            names,
+            open: Arc::new(LogSeg {
+                handle,
+                appended: AtomicU64::new(0),
+                synced: AtomicU64::new(0),
+            }),
+            unsynced: Vec::new(),
+            segments,
+            next_seq,
+            next_volume_id,
+            next_segment_id: next_segment_id + 1,
+            log_bytes_since_checkpoint: 0,
+            failed: None,
+            roll_before_next_append: false,
+        };
+        // Replay.
+        let to_replay: Vec<(SegmentId, u64)> = listed
+            .iter()
+            .copied()
+            .filter(|&(id, _)| id >= replay_from.seg)
+            .collect();
+        let mut expected_id = replay_from.seg;
+        let mut cut: Option<usize> = None;
+        for (i, &(id, size)) in to_replay.iter().enumerate() {
+            if id != expected_id {
+                tracing::warn!(segment = %id, expected = %expected_id, "gap in the log; later segments were never flushed");
+                cut = Some(i);
+                break;
+            }
+            expected_id = SegmentId(id.0 + 1);
+            let mut image = vec![0u8; usize::try_from(size).expect("segment fits memory")];
+            store.read_at(id, 0, &mut image)?;
+            let header_ok = matches!(record::decode_segment_header(&image), Ok(h) if h == id);
+            if !header_ok {
+                // Created but its header never became durable.
+                tracing::warn!(segment = %id, "segment header missing or torn; treating as end of log");
+                report.torn_tail_bytes += size;
+                store.truncate_segment(id, 0)?;
+                st.segments.get_mut(&id).expect("listed").size_bytes = 0;
+                cut = Some(i + 1);
+                break;
+            }
+            let start = if id == replay_from.seg {
+                usize::try_from(replay_from.offset).expect("offset fits")
+            } else {
+                SEGMENT_HEADER_LEN as usize
+            };
+            if start > image.len() {
+                return Err(meta_error("checkpoint", "position past the end of its segment"));
+            }
+            let mut iter = RecordIter::new(&image, start);
+            let mut stopped_early = false;
+            for (off, h, payload) in iter.by_ref() {
+                if h.seq != st.next_seq {
+                    tracing::warn!(segment = %id, offset = off, seq = h.seq, expected = st.next_seq,
+                        "sequence break; treating as end of log");
+                    stopped_early = true;
+                    cut_segment(&*store, &mut st, id, off as u64, size, &mut report)?;
+                    break;
+                }
+                st.apply(id, off as u64, &h, payload)?;
+                st.next_seq += 1;
+                report.records_replayed += 1;
+                report.bytes_replayed += h.record_len();
+            }
+            if !stopped_early {
+                if let Some((off, err)) = iter.error() {
+                    tracing::warn!(segment = %id, offset = off, error = %err, "torn or invalid record; treating as end of log");
+                    cut_segment(&*store, &mut st, id, *off as u64, size, &mut report)?;
+                    stopped_early = true;
+                }
+            }
+            if stopped_early {
+                cut = Some(i + 1);
+                break;
+            }
+        }
+        if let Some(i) = cut {
+            for &(id, size) in &to_replay[i..] {
+                if st.segments.get(&id).is_some_and(|s| s.live_blocks > 0) {
+                    return Err(meta_error("log", "a discarded segment holds live data"));
+                }
+                tracing::warn!(segment = %id, bytes = size, "discarding segment after the end of the log");
+                store.delete_segment(id)?;
+                st.segments.remove(&id);
+                report.segments_discarded += 1;
+                report.torn_tail_bytes += size;
+            }
+        }
+        // Start the fresh open segment with its header.
+        let header = record::encode_segment_header(first_new);
+        st.open.handle.append_at(0, &[&header])?;
+        st.open.appended.store(SEGMENT_HEADER_LEN, Ordering::Release);
+        st.segments.insert(
+            first_new,
+            SegInfo {
+                size_bytes: SEGMENT_HEADER_LEN,
+                live_blocks: 0,
+            },
+        );
+        st.log_bytes_since_checkpoint = report.bytes_replayed;
+        report.duration = started.elapsed();
+        let inner = Arc::new(Inner {
+            store,
+            config,
+            state: Mutex::new(st),
+            delete_gate: RwLock::new(()),
+            maintenance_lock: Mutex::new(()),
+            shutdown: AtomicBool::new(false),
+            wake: Condvar::new(),
+            wake_lock: Mutex::new(false),
+            counters: Counters {
+                checkpoints_written: AtomicU64::new(0),
+                segments_cleaned: AtomicU64::new(0),
+                bytes_relocated: AtomicU64::new(0),
+            },
+        });
+        let pool = Pool {
+            inner,
+            maintenance: Arc::new(Mutex::new(None)),
+        };
+        // A checkpoint now makes the next recovery start here: what was
+        // replayed is not replayed again, and the cut tail is forgotten.
+        pool.checkpoint()?;
+        if pool.inner.config.background {
+            let p = pool.clone();
+            let h = std::thread::Builder::new()
+                .name("vpool-maintenance".into())
+                .spawn(move || p.maintenance_loop())
+                .map_err(|e| EngineError::Store(vpool_store::StoreError::io("spawning the maintenance thread", e)))?;
+            *pool.maintenance.lock() = Some(h);
+        }
+        tracing::info!(
+            records = report.records_replayed,
+            bytes = report.bytes_replayed,
+            torn_tail_bytes = report.torn_tail_bytes,
+            ms = report.duration.as_millis() as u64,
+            "pool recovered"
+        );
+        Ok((pool, report))
+    }
+
+    // ----- volumes -----
+
+    /// Creates a thin volume: it takes no space until written. Durable on
+    /// return.
+    pub fn create_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo> {
+        validate_volume_name(name).map_err(|why| EngineError::Invalid {
+            what: "volume name",
+            why,
+        })?;
+        validate_volume_size(size_bytes).map_err(|why| EngineError::Invalid {
+            what: "volume size",
+            why,
+        })?;
+        let info = {
+            let mut st = self.writable_state()?;
+            if st.names.contains_key(name) {
+                return Err(EngineError::VolumeExists(name.to_string()));
+            }
+            let id = VolumeId(st.next_volume_id);
+            st.next_volume_id += 1;
+            let h = RecordHeader {
+                kind: RecordKind::CreateVolume,
+                seq: 0,
+                volume: id,
+                block: 0,
+                nblocks: 0,
+                payload_len: name.len() as u32,
+                arg: size_bytes,
+                payload_crc: crc32c::crc32c(name.as_bytes()),
+            };
+            self.append_and_apply(&mut st, h, &[name.as_bytes()])?;
+            info_of(id, st.vol(id)?)
+        };
+        self.flush()?;
+        Ok(info)
+    }
+
+    /// Changes a volume's size. Shrinking drops the data past the new end
+    /// and is refused unless `allow_shrink`. Durable on return.
+    pub fn resize_volume(&self, name: &str, size_bytes: u64, allow_shrink: bool) -> Result<VolumeInfo> {
+        validate_volume_size(size_bytes).map_err(|why| EngineError::Invalid {
+            what: "volume size",
+            why,
+        })?;
+        let info = {
+            let mut st = self.writable_state()?;
+            let id = lookup_name(&st, name)?;
+            let old = st.vol(id)?.size_bytes;
+            if size_bytes < old && !allow_shrink {
+                return Err(EngineError::ShrinkRefused {
+                    volume: name.to_string(),
+                    from_bytes: old,
+                    to_bytes: size_bytes,
+                });
+            }
+            if size_bytes != old {
+                let h = meta_header(RecordKind::ResizeVolume, id, size_bytes);
+                self.append_and_apply(&mut st, h, &[])?;
+            }
+            info_of(id, st.vol(id)?)
+        };
+        self.flush()?;
+        Ok(info)
+    }
+
+    /// Deletes a volume; its space is reclaimed by the cleaner. Durable on
+    /// return.
+    pub fn delete_volume(&self, name: &str) -> Result<()> {
+        {
+            let mut st = self.writable_state()?;
+            let id = lookup_name(&st, name)?;
+            let h = meta_header(RecordKind::DeleteVolume, id, 0);
+            self.append_and_apply(&mut st, h, &[])?;
+        }
+        self.flush()?;
+        self.wake_maintenance();
+        Ok(())
+    }
+
+    pub fn list_volumes(&self) -> Vec<VolumeInfo> {
+        let st = self.inner.state.lock();
+        st.volumes.iter().map(|(&id, v)| info_of(id, v)).collect()
+    }
+
+    pub fn volume_info(&self, name: &str) -> Result<VolumeInfo> {
+        let st = self.inner.state.lock();
+        let id = lookup_name(&st, name)?;
+        Ok(info_of(id, st.vol(id)?))
+    }
+
+    /// A handle for I/O on a volume. It stays valid until the volume is
+    /// deleted; after that its calls fail with `VolumeNotFound`.
+    pub fn volume(&self, name: &str) -> Result<Volume> {
+        let st = self.inner.state.lock();
+        let id = lookup_name(&st, name)?;
+        Ok(Volume {
+            pool: self.clone(),
+            id,
+            name: name.to_string(),
+        })
+    }
+
+    // ----- durability -----
+
+    /// Makes every write that completed before this call durable.
+    pub fn flush(&self) -> Result<()> {
+        let segs: Vec<Arc<LogSeg>> = {
+            let st = self.inner.state.lock();
+            if let Some(f) = &st.failed {
+                return Err(EngineError::Failed(f.clone()));
+            }
+            st.unsynced.iter().cloned().chain([st.open.clone()]).collect()
+        };
+        // In log order: a later segment is never durable before an earlier one
+        // is, which recovery relies on when it cuts at the first bad record.
+        for s in &segs {
+            if let Err(e) = s.sync_if_needed() {
+                let msg = format!("syncing {}: {e}", s.id());
+                tracing::error!(error = %msg, "sync failed; the pool refuses writes from now on");
+                self.inner.state.lock().failed = Some(msg);
+                return Err(e);
+            }
+        }
+        let mut st = self.inner.state.lock();
+        st.unsynced.retain(|s| !s.is_synced());
+        Ok(())
+    }
+
+    /// Writes a checkpoint: recovery will start from the current end of log.
+    pub fn checkpoint(&self) -> Result<()> {
+        let _m = self.inner.maintenance_lock.lock();
+        self.checkpoint_locked()
+    }
+
+    fn checkpoint_locked(&self) -> Result<()> {
+        let (ckpt, log_bytes) = {
+            let mut st = self.inner.state.lock();
+            let c = Checkpoint {
+                position: LogPosition {
+                    seg: st.open.id(),
+                    offset: st.open.appended.load(Ordering::Acquire),
+                },
+                next_seq: st.next_seq,
+                next_volume_id: st.next_volume_id,
+                next_segment_id: st.next_segment_id,
+                volumes: st
+                    .volumes
+                    .iter()
+                    .map(|(&id, v)| VolumeCheckpoint {
+                        id,
+                        name: v.name.clone(),
+                        size_bytes: v.size_bytes,
+                        map: v.map.clone(),
+                    })
+                    .collect(),
+            };
+            let n = st.log_bytes_since_checkpoint;
+            st.log_bytes_since_checkpoint = 0;
+            (c, n)
+        };
+        // The checkpoint refers to log bytes up to its position: they must be
+        // durable before the checkpoint is.
+        let result = self.flush().and_then(|()| {
+            self.inner
+                .store
+                .put_meta(CHECKPOINT_META_NAME, &ckpt.encode())
+                .map_err(EngineError::from)
+        });
+        if let Err(e) = result {
+            self.inner.state.lock().log_bytes_since_checkpoint += log_bytes;
+            return Err(e);
+        }
+        self.inner.counters.checkpoints_written.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Stops the maintenance thread, writes a checkpoint, and closes. Writes
+    /// through remaining handles fail afterwards.
+    pub fn close(&self) -> Result<()> {
+        self.stop_maintenance();
+        self.checkpoint()?;
+        self.inner.state.lock().failed = Some("the pool is closed".into());
+        Ok(())
+    }
+
+    fn stop_maintenance(&self) {
+        self.inner.shutdown.store(true, Ordering::SeqCst);
+        self.wake_maintenance();
+        if let Some(h) = self.maintenance.lock().take() {
+            let _ = h.join();
+        }
+    }
+
+    // ----- statistics -----
+
+    pub fn stats(&self) -> PoolStats {
+        let st = self.inner.state.lock();
+        let physical: u64 = st.segments.values().map(|s| s.size_bytes).sum();
+        let live_blocks: u64 = st.segments.values().map(|s| s.live_blocks).sum();
+        let live = live_blocks * BLOCK_SIZE;
+        PoolStats {
+            volumes: st.volumes.len() as u64,
+            logical_bytes: st.volumes.values().map(|v| v.size_bytes).sum(),
+            live_data_bytes: live,
+            physical_bytes: physical,
+            segments: st.segments.len() as u64,
+            garbage_ratio: if physical == 0 {
+                0.0
+            } else {
+                1.0 - live as f64 / physical as f64
+            },
+            free_bytes: self.inner.store.free_bytes(),
+            extents: st.volumes.values().map(|v| v.map.extent_count() as u64).sum(),
+            log_bytes_since_checkpoint: st.log_bytes_since_checkpoint,
+            checkpoints_written: self.inner.counters.checkpoints_written.load(Ordering::Relaxed),
+            segments_cleaned: self.inner.counters.segments_cleaned.load(Ordering::Relaxed),
+            bytes_relocated: self.inner.counters.bytes_relocated.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Checks the pool's invariants (tests call it after every step).
+    pub fn self_check(&self) {
+        let st = self.inner.state.lock();
+        let mut live: BTreeMap<SegmentId, u64> = BTreeMap::new();
+        for (id, v) in &st.volumes {
+            v.map.self_check();
+            assert_eq!(st.names.get(&v.name), Some(id), "name index");
+            let (mut data, mut zero) = (0, 0);
+            for p in v.map.iter() {
+                assert!((p.start_block + p.len_blocks) * BLOCK_SIZE <= v.size_bytes, "extent past end");
+                match p.target.expect("mapped") {
+                    Target::Zero => zero += p.len_blocks,
+                    Target::Data(d) => {
+                        data += p.len_blocks;
+                        *live.entry(d.seg).or_default() += p.len_blocks;
+                        let s = st.segments.get(&d.seg).expect("extent's segment exists");
+                        assert!(u64::from(d.data_off) + p.len_blocks * BLOCK_SIZE <= s.size_bytes);
+                    }
+                }
+            }
+            assert_eq!(v.data_blocks, data, "data block count of {}", v.name);
+            assert_eq!(v.zero_blocks, zero, "zero block count of {}", v.name);
+        }
+        assert_eq!(st.names.len(), st.volumes.len());
+        for (id, s) in &st.segments {
+            assert_eq!(s.live_blocks, live.get(id).copied().unwrap_or(0), "live count of {id}");
+        }
+    }
+
+    // ----- internals -----
+
+    fn writable_state(&self) -> Result<parking_lot::MutexGuard<'_, State>> {
+        let st = self.inner.state.lock();
+        if let Some(f) = &st.failed {
+            return Err(EngineError::Failed(f.clone()));
+        }
+        Ok(st)
+    }
+
+    /// Appends a record to the log and applies it to the state.
+    fn append_and_apply(&self, st: &mut State, mut h: RecordHeader, payload: &[&[u8]]) -> Result<()> {
+        if st.roll_before_next_append
+            || st.open.appended.load(Ordering::Acquire) >= self.inner.config.segment_target_bytes
+        {
+            self.roll(st)?;
+        }
+        h.seq = st.next_seq;
+        let hdr = h.encode();
+        let off = st.open.appended.load(Ordering::Acquire);
+        let mut bufs: Vec<&[u8]> = Vec::with_capacity(1 + payload.len());
+        bufs.push(&hdr);
+        bufs.extend_from_slice(payload);
+        if let Err(e) = st.open.handle.append_at(off, &bufs) {
+            // Part of the record may be on disk past the segment's end: never
+            // append after it (recovery stops at it anyway).
+            st.roll_before_next_append = true;
+            return Err(e.into());
+        }
+        let len = h.record_len();
+        let seg = st.open.id();
+        st.open.appended.store(off + len, Ordering::Release);
+        st.segments.get_mut(&seg).expect("open segment is known").size_bytes = off + len;
+        st.next_seq += 1;
+        st.log_bytes_since_checkpoint += len;
+        let joined;
+        let payload_bytes: &[u8] = if h.kind == RecordKind::CreateVolume {
+            joined = payload.concat();
+            &joined
+        } else {
+            &[]
+        };
+        st.apply(seg, off, &h, payload_bytes)
+    }
+
+    /// Seals the open segment and starts the next one.
+    fn roll(&self, st: &mut State) -> Result<()> {
+        let id = SegmentId(st.next_segment_id);
+        let handle = self.inner.store.create_segment(id)?;
+        let header = record::encode_segment_header(id);
+        handle.append_at(0, &[&header])?;
+        st.next_segment_id += 1;
+        let new = Arc::new(LogSeg {
+            handle,
+            appended: AtomicU64::new(SEGMENT_HEADER_LEN),
+            synced: AtomicU64::new(0),
+        });
+        let old = std::mem::replace(&mut st.open, new);
+        st.unsynced.push(old);
+        st.segments.insert(
+            id,
+            SegInfo {
+                size_bytes: SEGMENT_HEADER_LEN,
+                live_blocks: 0,
+            },
+        );
+        st.roll_before_next_append = false;
+        self.wake_maintenance();
+        Ok(())
+    }
+
+    fn wake_maintenance(&self) {
+        *self.inner.wake_lock.lock() = true;
+        self.inner.wake.notify_one();
+    }
+
+    fn maintenance_loop(&self) {
+        let period = self.inner.config.maintenance_period;
+        while !self.inner.shutdown.load(Ordering::SeqCst) {
+            {
+                let mut woken = self.inner.wake_lock.lock();
+                if !*woken {
+                    self.inner.wake.wait_for(&mut woken, period);
+                }
+                *woken = false;
+            }
+            if self.inner.shutdown.load(Ordering::SeqCst) {
+                break;
+            }
+            if let Err(e) = self.maintenance_step() {
+                tracing::warn!(error = %e, "background maintenance failed; will retry");
+                std::thread::sleep(period);
+            }
+        }
+    }
+
+    /// One round of background work: sync sealed segments, checkpoint when
+    /// the log has grown, clean when there is garbage.
+    pub fn maintenance_step(&self) -> Result<()> {
+        let sealed: Vec<Arc<LogSeg>> = self.inner.state.lock().unsynced.clone();
+        if !sealed.is_empty() {
+            // Syncing sealed segments early keeps a later flush short.
+            self.flush()?;
+        }
+        let due = self.inner.state.lock().log_bytes_since_checkpoint
+            >= self.inner.config.checkpoint_interval_bytes;
+        if due {
+            self.checkpoint()?;
+        }
+        self.clean()?;
+        Ok(())
+    }
+
+    /// One cleaner pass: picks sealed segments whose live fraction is below
+    /// the configured threshold, copies their live blocks to the head of the
+    /// log, checkpoints, and deletes them.
+    pub fn clean(&self) -> Result<CleanReport> {
+        let _m = self.inner.maintenance_lock.lock();
+        let mut report = CleanReport::default();
+        let victims: Vec<(SegmentId, SegInfo)> = {
+            let st = self.inner.state.lock();
+            let open = st.open.id();
+            let unsynced: Vec<SegmentId> = st.unsynced.iter().map(|s| s.id()).collect();
+            let mut v: Vec<(SegmentId, SegInfo, f64)> = st
+                .segments
+                .iter()
+                .filter(|(id, _)| **id < open && !unsynced.contains(id))
+                .map(|(&id, &s)| {
+                    let live = (s.live_blocks * BLOCK_SIZE) as f64 / s.size_bytes.max(1) as f64;
+                    (id, s, live)
+                })
+                .filter(|(_, _, live)| *live < self.inner.config.clean_below_live_fraction)
+                .collect();
+            v.sort_by(|a, b| a.2.total_cmp(&b.2));
+            v.truncate(self.inner.config.clean_max_segments_per_pass);
+            v.into_iter().map(|(id, s, _)| (id, s)).collect()
+        };
+        if victims.is_empty() {
+            return Ok(report);
+        }
+        for &(id, info) in &victims {
+            if info.live_blocks > 0 {
+                report.bytes_relocated += self.relocate_live(id, info.size_bytes)?;
+            }
+        }
+        // The checkpoint no longer refers to the victims, and replay starts
+        // after them: now they can go.
+        self.checkpoint_locked()?;
+        let _gate = self.inner.delete_gate.write();
+        for &(id, _) in &victims {
+            let s = self.inner.state.lock().segments.get(&id).copied().unwrap_or_default();
+            // New data only ever goes to the open segment, so nothing can
+            // have come to refer to a victim since its relocation.
+            assert_eq!(s.live_blocks, 0, "victim {id} has live blocks after relocation");
+            self.inner.store.delete_segment(id)?;
+            self.inner.state.lock().segments.remove(&id);
+            report.segments_deleted += 1;
+            report.bytes_freed += s.size_bytes;
+        }
+        self.inner
+            .counters
+            .segments_cleaned
+            .fetch_add(report.segments_deleted, Ordering::Relaxed);
+        self.inner
+            .counters
+            .bytes_relocated
+            .fetch_add(report.bytes_relocated, Ordering::Relaxed);
+        tracing::debug!(?report, "cleaner pass");
+        Ok(report)
+    }
+
+    /// Copies the blocks of segment `id` that maps still point at to new
+    /// records. Returns the bytes copied.
+    fn relocate_live(&self, id: SegmentId, size_bytes: u64) -> Result<u64> {
+        let mut image = vec![0u8; usize::try_from(size_bytes).expect("segment fits memory")];
+        self.inner.store.read_at(id, 0, &mut image)?;
+        let mut copied = 0u64;
+        let mut iter = RecordIter::new(&image, SEGMENT_HEADER_LEN as usize);
+        let records: Vec<(usize, RecordHeader)> = iter
+            .by_ref()
+            .filter(|(_, h, _)| h.kind == RecordKind::Write)
+            .map(|(off, h, _)| (off, h))
+            .collect();
+        if let Some((off, e)) = iter.error() {
+            // A sealed segment is whole: any bad record in it is corruption.
+            return Err(EngineError::Corrupt {
+                volume: "(cleaner)".into(),
+                offset: 0,
+                segment: id,
+                segment_offset: *off as u64,
+                detail: e.to_string(),
+            });
+        }
+        for (off, h) in records {
+            let mut st = self.writable_state()?;
+            let Some(vol) = st.volumes.get(&h.volume) else {
+                continue;
+            };
+            let crc_start = off as u64 + RECORD_HEADER_LEN as u64;
+            let data_start = crc_start + u64::from(h.nblocks) * CRC_LEN as u64;
+            let live: Vec<Piece> = vol
+                .map
+                .lookup(h.block, u64::from(h.nblocks))
+                .into_iter()
+                .filter(|p| match p.target {
+                    Some(Target::Data(d)) => {
+                        let expected = data_start + (p.start_block - h.block) * BLOCK_SIZE;
+                        d.seg == id && u64::from(d.data_off) == expected
+                    }
+                    _ => false,
+                })
+                .collect();
+            for p in live {
+                let i = (p.start_block - h.block) as usize;
+                let n = p.len_blocks as usize;
+                let crcs = &image[crc_start as usize + i * CRC_LEN..][..n * CRC_LEN];
+                let data = &image[data_start as usize + i * BLOCK_SIZE as usize..][..n * BLOCK_SIZE as usize];
+                let nh = RecordHeader {
+                    kind: RecordKind::Write,
+                    seq: 0,
+                    volume: h.volume,
+                    block: p.start_block,
+                    nblocks: n as u32,
+                    payload_len: record::write_payload_len(n as u32) as u32,
+                    arg: 0,
+                    payload_crc: crc32c::crc32c(crcs),
+                };
+                self.append_and_apply(&mut st, nh, &[crcs, data])?;
+                copied += (n as u64) * BLOCK_SIZE;
+            }
+        }
+        Ok(copied)
+    }
+
+    fn read_pieces(
+        &self,
+        volume: &str,
+        first_block: u64,
+        pieces: &[Piece],
+        out: &mut [u8],
+    ) -> Result<()> {
+        let mut crc_buf = Vec::new();
+        for p in pieces {
+            let at = ((p.start_block - first_block) * BLOCK_SIZE) as usize;
+            let dst = &mut out[at..at + (p.len_blocks * BLOCK_SIZE) as usize];
+            match p.target {
+                None | Some(Target::Zero) => dst.fill(0),
+                Some(Target::Data(d)) => {
+                    let n = p.len_blocks as usize;
+                    crc_buf.resize(n * CRC_LEN, 0);
+                    self.inner.store.read_at(d.seg, u64::from(d.crc_off), &mut crc_buf)?;
+                    self.inner.store.read_at(d.seg, u64::from(d.data_off), dst)?;
+                    for (i, block) in dst.chunks_exact(BLOCK_SIZE as usize).enumerate() {
+                        let want = u32::from_le_bytes(crc_buf[i * CRC_LEN..][..CRC_LEN].try_into().expect("4"));
+                        if crc32c::crc32c(block) != want {
+                            let err = EngineError::Corrupt {
+                                volume: volume.to_string(),
+                                offset: (p.start_block + i as u64) * BLOCK_SIZE,
+                                segment: d.seg,
+                                segment_offset: u64::from(d.data_off) + i as u64 * BLOCK_SIZE,
+                                detail: "block checksum mismatch".into(),
+                            };
+                            tracing::error!(error = %err, "corruption detected");
+                            return Err(err);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Cuts segment `id` at `valid_len`, counting what was dropped.
+fn cut_segment(
+    store: &dyn SegmentStore,
+    st: &mut State,
+    id: SegmentId,
+    valid_len: u64,
+    size: u64,
+    report: &mut RecoveryReport,
+) -> Result<()> {
+    store.truncate_segment(id, valid_len)?;
+    st.segments.get_mut(&id).expect("listed").size_bytes = valid_len;
+    report.torn_tail_bytes += size - valid_len;
+    Ok(())
+}
+
+fn meta_header(kind: RecordKind, volume: VolumeId, arg: u64) -> RecordHeader {
+    RecordHeader {
+        kind,
+        seq: 0,
+        volume,
+        block: 0,
+        nblocks: 0,
+        payload_len: 0,
+        arg,
+        payload_crc: crc32c::crc32c(&[]),
+    }
+}
+
+fn lookup_name(st: &State, name: &str) -> Result<VolumeId> {
+    st.names
+        .get(name)
+        .copied()
+        .ok_or_else(|| EngineError::VolumeNotFound(name.to_string()))
+}
+
+fn info_of(id: VolumeId, v: &Vol) -> VolumeInfo {
+    VolumeInfo {
+        id,
+        name: v.name.clone(),
+        size_bytes: v.size_bytes,
+        allocated_bytes: v.data_blocks * BLOCK_SIZE,
+        zero_bytes: v.zero_blocks * BLOCK_SIZE,
+        extents: v.map.extent_count() as u64,
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A handle for I/O on one volume. Offsets and lengths are in bytes; any
+/// 512-byte alignment works (partial blocks are read-modify-written under
+/// the pool lock, so concurrent partial writes never lose each other).
+#[derive(Clone)]
+pub struct Volume {
+    pool: Pool,
+    id: VolumeId,
+    name: String,
+}
+
+impl Volume {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub fn size_bytes(&self) -> Result<u64> {
+        Ok(self.pool.inner.state.lock().vol(self.id)?.size_bytes)
+    }
+
+    fn check_range(&self, st: &State, op: &'static str, offset: u64, len: u64) -> Result<()> {
+        let size = st.vol(self.id).map_err(|_| EngineError::VolumeNotFound(self.name.clone()))?.size_bytes;
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(EngineError::OutOfRange {
+                op,
+                volume: self.name.clone(),
+                offset,
+                len,
+                size_bytes: size,
+            }),
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let len = buf.len() as u64;
+        let first = offset / BLOCK_SIZE;
+        let last = (offset + len - 1) / BLOCK_SIZE;
+        let nblocks = last - first + 1;
+        let _gate = self.pool.inner.delete_gate.read();
+        let pieces = {
+            let st = self.pool.inner.state.lock();
+            self.check_range(&st, "read", offset, len)?;
+            st.vol(self.id)?.map.lookup(first, nblocks)
+        };
+        if offset % BLOCK_SIZE == 0 && len % BLOCK_SIZE == 0 {
+            self.pool.read_pieces(&self.name, first, &pieces, buf)
+        } else {
+            let mut tmp = vec![0u8; (nblocks * BLOCK_SIZE) as usize];
+            self.pool.read_pieces(&self.name, first, &pieces, &mut tmp)?;
+            let skip = (offset - first * BLOCK_SIZE) as usize;
+            buf.copy_from_slice(&tmp[skip..skip + buf.len()]);
+            Ok(())
+        }
+    }
+
+    /// Writes `data` at `offset`. Acknowledged, not durable: see [`Pool::flush`].
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let len = data.len() as u64;
+        if offset % BLOCK_SIZE == 0 && len % BLOCK_SIZE == 0 {
+            let crcs = record::block_crcs(data);
+            let mut st = self.pool.writable_state()?;
+            self.check_range(&st, "write", offset, len)?;
+            return self.write_blocks_locked(&mut st, offset / BLOCK_SIZE, data, &crcs);
+        }
+        // Partial blocks: read the edges, patch, write whole blocks, all
+        // under the lock so a concurrent write cannot slip in between.
+        let first = offset / BLOCK_SIZE;
+        let last = (offset + len - 1) / BLOCK_SIZE;
+        let nblocks = last - first + 1;
+        let mut st = self.pool.writable_state()?;
+        self.check_range(&st, "write", offset, len)?;
+        let mut buf = vec![0u8; (nblocks * BLOCK_SIZE) as usize];
+        let bs = BLOCK_SIZE as usize;
+        let head_partial = offset % BLOCK_SIZE != 0;
+        let tail_partial = (offset + len) % BLOCK_SIZE != 0;
+        {
+            let map = &st.vol(self.id)?.map;
+            if head_partial {
+                let pieces = map.lookup(first, 1);
+                self.pool.read_pieces(&self.name, first, &pieces, &mut buf[..bs])?;
+            }
+            if tail_partial && (last != first || !head_partial) {
+                let pieces = map.lookup(last, 1);
+                let at = ((last - first) * BLOCK_SIZE) as usize;
+                self.pool.read_pieces(&self.name, last, &pieces, &mut buf[at..at + bs])?;
+            }
+        }
+        let skip = (offset - first * BLOCK_SIZE) as usize;
+        buf[skip..skip + data.len()].copy_from_slice(data);
+        let crcs = record::block_crcs(&buf);
+        self.write_blocks_locked(&mut st, first, &buf, &crcs)
+    }
+
+    fn write_blocks_locked(&self, st: &mut State, first_block: u64, data: &[u8], crcs: &[u8]) -> Result<()> {
+        let bs = BLOCK_SIZE as usize;
+        let max = MAX_RECORD_BLOCKS as usize;
+        for (i, (chunk, chunk_crcs)) in data
+            .chunks(max * bs)
+            .zip(crcs.chunks(max * CRC_LEN))
+            .enumerate()
+        {
+            let n = (chunk.len() / bs) as u32;
+            let h = RecordHeader {
+                kind: RecordKind::Write,
+                seq: 0,
+                volume: self.id,
+                block: first_block + (i * max) as u64,
+                nblocks: n,
+                payload_len: record::write_payload_len(n) as u32,
+                arg: 0,
+                payload_crc: crc32c::crc32c(chunk_crcs),
+            };
+            self.pool.append_and_apply(st, h, &[chunk_crcs, chunk])?;
+        }
+        Ok(())
+    }
+
+    /// Discards `[offset, offset + len)`: whole blocks inside it become
+    /// unmapped (read as zeros, store nothing); partial blocks at the edges
+    /// are left as they are, as TRIM allows.
+    pub fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        let mut st = self.pool.writable_state()?;
+        self.check_range(&st, "trim", offset, len)?;
+        let first = offset.div_ceil(BLOCK_SIZE);
+        let end = (offset + len) / BLOCK_SIZE;
+        if end > first {
+            self.zero_blocks_locked(&mut st, first, end - first, RecordKind::Trim)?;
+        }
+        Ok(())
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros. Whole blocks store
+    /// nothing: unmapped if `may_unmap`, else mapped as allocated zeros;
+    /// partial edge blocks are written.
+    pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let first = offset.div_ceil(BLOCK_SIZE);
+        let end = offset.checked_add(len).map(|e| e / BLOCK_SIZE).unwrap_or(0);
+        {
+            let st = self.pool.inner.state.lock();
+            self.check_range(&st, "write_zeroes", offset, len)?;
+        }
+        if end <= first {
+            return self.write(offset, &vec![0u8; len as usize]);
+        }
+        let head = first * BLOCK_SIZE - offset;
+        if head > 0 {
+            self.write(offset, &vec![0u8; head as usize])?;
+        }
+        let tail_start = end * BLOCK_SIZE;
+        if tail_start < offset + len {
+            self.write(tail_start, &vec![0u8; (offset + len - tail_start) as usize])?;
+        }
+        let mut st = self.pool.writable_state()?;
+        self.check_range(&st, "write_zeroes", offset, len)?;
+        let kind = if may_unmap { RecordKind::Trim } else { RecordKind::Zero };
+        self.zero_blocks_locked(&mut st, first, end - first, kind)
+    }
+
+    fn zero_blocks_locked(&self, st: &mut State, first: u64, n: u64, kind: RecordKind) -> Result<()> {
+        // One record covers up to u32::MAX blocks (16 TiB).
+        let mut pos = first;
+        let end = first + n;
+        while pos < end {
+            let chunk = (end - pos).min(u64::from(u32::MAX));
+            let h = RecordHeader {
+                kind,
+                seq: 0,
+                volume: self.id,
+                block: pos,
+                nblocks: chunk as u32,
+                payload_len: 0,
+                arg: 0,
+                payload_crc: crc32c::crc32c(&[]),
+            };
+            self.pool.append_and_apply(st, h, &[])?;
+            pos += chunk;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable (of every volume of the pool).
+    pub fn flush(&self) -> Result<()> {
+        self.pool.flush()
+    }
+
+    /// Allocation status of `[offset, offset + len)` as NBD `base:allocation`
+    /// extents `(length in bytes, STATE_* flags)`, merged, at most
+    /// `max_extents` of them (covering a prefix of the range).
+    pub fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<(u64, u32)>> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let first = offset / BLOCK_SIZE;
+        let last = (offset + len - 1) / BLOCK_SIZE;
+        let pieces = {
+            let st = self.pool.inner.state.lock();
+            self.check_range(&st, "block_status", offset, len)?;
+            st.vol(self.id)?.map.lookup(first, last - first + 1)
+        };
+        let mut out: Vec<(u64, u32)> = Vec::new();
+        let end = offset + len;
+        for p in pieces {
+            let flags = match p.target {
+                None => STATE_HOLE | STATE_ZERO,
+                Some(Target::Zero) => STATE_ZERO,
+                Some(Target::Data(_)) => 0,
+            };
+            let s = (p.start_block * BLOCK_SIZE).max(offset);
+            let e = ((p.start_block + p.len_blocks) * BLOCK_SIZE).min(end);
+            match out.last_mut() {
+                Some(last) if last.1 == flags => last.0 += e - s,
+                _ => {
+                    if out.len() == max_extents.max(1) {
+                        break;
+                    }
+                    out.push((e - s, flags));
+                }
+            }
+        }
+        Ok(out)
+    }
+}

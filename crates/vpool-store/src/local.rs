@@ -1,0 +1,338 @@
+//! The embedded local pool: a directory on a local filesystem.
+//!
+//! ```text
+//! <pool>/LOCK                 flock(2) held by the one process that owns the pool
+//! <pool>/segments/<id>.seg    one file a segment, named by its 16-hex-digit id
+//! <pool>/meta/<name>          metadata blobs, replaced by write-temp + fsync + rename + fsync(dir)
+//! ```
+//!
+//! Assumptions about the media (the same as redb's and SQLite's): `fdatasync`
+//! returning means the file's data and size are durable; `rename` is atomic;
+//! a directory entry is durable once the directory is fsynced. Bytes written
+//! but not synced may be lost, reordered or torn at any granularity, which is
+//! why every record in a segment carries checksums.
+
+use crate::{OpenSegment, Result, SegmentId, SegmentStore, StoreError};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// At most this many segment files are kept open for reads; the rest are
+/// reopened on demand. Bounds file descriptors whatever the pool's size.
+const MAX_OPEN_SEGMENT_FILES: usize = 256;
+
+pub struct LocalDirStore {
+    root: PathBuf,
+    segments_dir: PathBuf,
+    meta_dir: PathBuf,
+    /// Held for the life of the store: the flock on `LOCK`.
+    _lock_file: File,
+    read_files: Mutex<HashMap<SegmentId, Arc<File>>>,
+}
+
+impl LocalDirStore {
+    /// Opens (creating if needed) the pool directory at `root` and takes its
+    /// lock. A second process opening the same directory gets
+    /// [`StoreError::Locked`].
+    pub fn open(root: impl AsRef<Path>) -> Result<LocalDirStore> {
+        let root = root.as_ref().to_path_buf();
+        let segments_dir = root.join("segments");
+        let meta_dir = root.join("meta");
+        for dir in [&root, &segments_dir, &meta_dir] {
+            fs::create_dir_all(dir)
+                .map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
+        }
+        let lock_path = root.join("LOCK");
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| StoreError::io(format!("opening {}", lock_path.display()), e))?;
+        // SAFETY: flock on a valid, owned descriptor.
+        let rc = unsafe { libc::flock(lock_file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(StoreError::Locked {
+                    path: root.display().to_string(),
+                    lock_file: lock_path.display().to_string(),
+                });
+            }
+            return Err(StoreError::io("locking the pool", err));
+        }
+        let _ = lock_file.set_len(0);
+        let _ = lock_file.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0);
+        sync_dir(&root)?;
+        Ok(LocalDirStore {
+            root,
+            segments_dir,
+            meta_dir,
+            _lock_file: lock_file,
+            read_files: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn segment_path(&self, id: SegmentId) -> PathBuf {
+        self.segments_dir.join(format!("{:016x}.seg", id.0))
+    }
+
+    fn read_file(&self, id: SegmentId) -> Result<Arc<File>> {
+        if let Some(f) = self.read_files.lock().get(&id) {
+            return Ok(f.clone());
+        }
+        let path = self.segment_path(id);
+        let file = File::open(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                StoreError::NotFound {
+                    what: format!("segment {id} ({})", path.display()),
+                }
+            } else {
+                StoreError::io(format!("opening {}", path.display()), e)
+            }
+        })?;
+        let file = Arc::new(file);
+        let mut files = self.read_files.lock();
+        if files.len() >= MAX_OPEN_SEGMENT_FILES {
+            // Evict an arbitrary entry: the cache only bounds descriptors,
+            // the page cache does the real caching.
+            if let Some(k) = files.keys().next().copied() {
+                files.remove(&k);
+            }
+        }
+        files.insert(id, file.clone());
+        Ok(file)
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    let f = File::open(dir).map_err(|e| StoreError::io(format!("opening {}", dir.display()), e))?;
+    f.sync_all()
+        .map_err(|e| StoreError::io(format!("syncing directory {}", dir.display()), e))
+}
+
+struct LocalOpenSegment {
+    id: SegmentId,
+    file: File,
+    path: PathBuf,
+    dir: PathBuf,
+    dir_synced: AtomicBool,
+}
+
+impl OpenSegment for LocalOpenSegment {
+    fn id(&self) -> SegmentId {
+        self.id
+    }
+
+    fn append_at(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
+        pwritev_all(&self.file, offset, bufs)
+            .map_err(|e| StoreError::io(format!("appending to {}", self.path.display()), e))
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| StoreError::io(format!("syncing {}", self.path.display()), e))?;
+        if !self.dir_synced.load(Ordering::Acquire) {
+            sync_dir(&self.dir)?;
+            self.dir_synced.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+}
+
+/// `pwritev` that retries short writes, so a record goes down in one system
+/// call in the common case.
+fn pwritev_all(file: &File, mut offset: u64, bufs: &[&[u8]]) -> std::io::Result<()> {
+    // At most this many iovecs a call, well under IOV_MAX (1024).
+    const MAX_IOV: usize = 64;
+    let mut owned: Vec<&[u8]> = bufs.iter().copied().filter(|b| !b.is_empty()).collect();
+    let mut start = 0;
+    while start < owned.len() {
+        let end = (start + MAX_IOV).min(owned.len());
+        let iov: Vec<libc::iovec> = owned[start..end]
+            .iter()
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        // SAFETY: every iovec points into a live borrowed slice.
+        let n = unsafe {
+            libc::pwritev(
+                file.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len() as libc::c_int,
+                off,
+            )
+        };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
+        }
+        let mut n = n as usize;
+        offset += n as u64;
+        while n > 0 {
+            let first = owned[start];
+            if n >= first.len() {
+                n -= first.len();
+                start += 1;
+            } else {
+                owned[start] = &first[n..];
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl SegmentStore for LocalDirStore {
+    fn create_segment(&self, id: SegmentId) -> Result<Box<dyn OpenSegment>> {
+        let path = self.segment_path(id);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    StoreError::AlreadyExists {
+                        what: format!("segment {id} ({})", path.display()),
+                    }
+                } else {
+                    StoreError::io(format!("creating {}", path.display()), e)
+                }
+            })?;
+        Ok(Box::new(LocalOpenSegment {
+            id,
+            file,
+            path,
+            dir: self.segments_dir.clone(),
+            dir_synced: AtomicBool::new(false),
+        }))
+    }
+
+    fn read_at(&self, id: SegmentId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let file = self.read_file(id)?;
+        match file.read_exact_at(buf, offset) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+                Err(StoreError::ShortRead {
+                    segment: id,
+                    offset,
+                    len: buf.len(),
+                    size,
+                })
+            }
+            Err(e) => Err(StoreError::io(format!("reading {id} at {offset}"), e)),
+        }
+    }
+
+    fn list_segments(&self) -> Result<Vec<(SegmentId, u64)>> {
+        let mut out = Vec::new();
+        let rd = fs::read_dir(&self.segments_dir)
+            .map_err(|e| StoreError::io("listing segments", e))?;
+        for entry in rd {
+            let entry = entry.map_err(|e| StoreError::io("listing segments", e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Some(hex) = name.strip_suffix(".seg") else {
+                continue;
+            };
+            let Ok(id) = u64::from_str_radix(hex, 16) else {
+                continue;
+            };
+            let len = entry
+                .metadata()
+                .map_err(|e| StoreError::io(format!("stat {name}"), e))?
+                .len();
+            out.push((SegmentId(id), len));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn truncate_segment(&self, id: SegmentId, len: u64) -> Result<()> {
+        let path = self.segment_path(id);
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| StoreError::io(format!("opening {}", path.display()), e))?;
+        f.set_len(len)
+            .map_err(|e| StoreError::io(format!("truncating {}", path.display()), e))?;
+        f.sync_all()
+            .map_err(|e| StoreError::io(format!("syncing {}", path.display()), e))?;
+        self.read_files.lock().remove(&id);
+        Ok(())
+    }
+
+    fn delete_segment(&self, id: SegmentId) -> Result<()> {
+        self.read_files.lock().remove(&id);
+        let path = self.segment_path(id);
+        fs::remove_file(&path)
+            .map_err(|e| StoreError::io(format!("deleting {}", path.display()), e))
+        // The directory is synced by the next checkpoint or segment sync; a
+        // deleted segment that comes back after a crash is unreferenced and
+        // is deleted again at the next clean.
+    }
+
+    fn put_meta(&self, name: &str, data: &[u8]) -> Result<()> {
+        assert!(
+            !name.contains('/') && !name.starts_with('.'),
+            "metadata names are plain"
+        );
+        let path = self.meta_dir.join(name);
+        let tmp = self.meta_dir.join(format!(".{name}.tmp"));
+        {
+            let f = File::create(&tmp)
+                .map_err(|e| StoreError::io(format!("creating {}", tmp.display()), e))?;
+            f.write_all_at(data, 0)
+                .map_err(|e| StoreError::io(format!("writing {}", tmp.display()), e))?;
+            f.sync_all()
+                .map_err(|e| StoreError::io(format!("syncing {}", tmp.display()), e))?;
+        }
+        fs::rename(&tmp, &path)
+            .map_err(|e| StoreError::io(format!("renaming {}", tmp.display()), e))?;
+        sync_dir(&self.meta_dir)
+    }
+
+    fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.meta_dir.join(name);
+        match fs::read(&path) {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::io(format!("reading {}", path.display()), e)),
+        }
+    }
+
+    fn free_bytes(&self) -> Option<u64> {
+        let c = std::ffi::CString::new(self.root.as_os_str().as_encoded_bytes()).ok()?;
+        // SAFETY: statvfs fills a plain struct; c is a valid C string.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+        if rc != 0 {
+            return None;
+        }
+        Some(st.f_bavail as u64 * st.f_frsize as u64)
+    }
+}

@@ -1,0 +1,315 @@
+//! An in-memory backend for crash and fault-injection tests.
+//!
+//! Like redb's crash-consistency backend, it keeps for every segment the bytes
+//! a reader sees now (*live*) apart from the bytes that would survive a power
+//! cut (*durable*). [`SimStore::crash`] throws away what was not synced,
+//! either all of it or a random, possibly torn subset of it, and invalidates
+//! every handle from before the crash, as a real crash kills the process.
+//! It is a fake for fault injection only: the real clients test the real
+//! backends.
+
+use crate::{OpenSegment, Result, SegmentId, SegmentStore, StoreError};
+use parking_lot::Mutex;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// What a crash keeps of the writes that were not synced.
+#[derive(Clone, Copy, Debug)]
+pub enum SimCrashMode {
+    /// Every unsynced byte is lost.
+    DropUnsynced,
+    /// Each unsynced write survives, is lost, or survives torn (a random
+    /// prefix), independently: the page cache writes back in any order.
+    RandomSubset,
+}
+
+#[derive(Default, Clone)]
+struct SimSegment {
+    live: Vec<u8>,
+    durable: Vec<u8>,
+    /// Writes since the last sync, in order.
+    pending: Vec<(u64, Vec<u8>)>,
+    /// The directory entry is durable (a sync happened since creation).
+    created_durably: bool,
+}
+
+#[derive(Default)]
+struct SimState {
+    segments: BTreeMap<SegmentId, SimSegment>,
+    meta: BTreeMap<String, Vec<u8>>,
+    /// Fail every append with ENOSPC while set.
+    full: bool,
+    /// Fail every operation while set (the device is gone).
+    down: bool,
+    syncs: u64,
+}
+
+/// See the module documentation.
+#[derive(Clone, Default)]
+pub struct SimStore {
+    state: Arc<Mutex<SimState>>,
+    generation: Arc<AtomicU64>,
+    /// Set on a [`SimStore::handle`]: the generation it belongs to.
+    bound: Option<u64>,
+}
+
+impl SimStore {
+    pub fn new() -> SimStore {
+        SimStore::default()
+    }
+
+    /// A view of the store for one "process": after the next crash every
+    /// call through it fails, as the process it stands for is dead.
+    pub fn handle(&self) -> SimStore {
+        SimStore {
+            state: self.state.clone(),
+            generation: self.generation.clone(),
+            bound: Some(self.generation.load(Ordering::SeqCst)),
+        }
+    }
+
+    fn check_bound(&self) -> Result<()> {
+        match self.bound {
+            Some(g) => self.check(g),
+            None => Ok(()),
+        }
+    }
+
+    /// Simulates a power cut: unsynced writes are dropped according to
+    /// `mode` (randomness from `seed`), and every handle from before the
+    /// crash fails from now on with [`StoreError::Crashed`].
+    pub fn crash(&self, mode: SimCrashMode, seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut st = self.state.lock();
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        let mut gone = Vec::new();
+        for (id, seg) in st.segments.iter_mut() {
+            let mut image = seg.durable.clone();
+            if let SimCrashMode::RandomSubset = mode {
+                for (off, data) in &seg.pending {
+                    match rng.gen_range(0..3) {
+                        0 => {}
+                        1 => write_into(&mut image, *off, data),
+                        _ => {
+                            let keep = rng.gen_range(0..=data.len());
+                            write_into(&mut image, *off, &data[..keep]);
+                        }
+                    }
+                }
+            }
+            let keep_entry = seg.created_durably
+                || matches!(mode, SimCrashMode::RandomSubset) && rng.gen_bool(0.5);
+            if !keep_entry {
+                gone.push(*id);
+                continue;
+            }
+            seg.live = image.clone();
+            seg.durable = image;
+            seg.pending.clear();
+            seg.created_durably = true;
+        }
+        for id in gone {
+            st.segments.remove(&id);
+        }
+        st.full = false;
+        st.down = false;
+    }
+
+    /// While set, every append fails with "no space left".
+    pub fn set_full(&self, full: bool) {
+        self.state.lock().full = full;
+    }
+
+    /// While set, every operation fails with an I/O error.
+    pub fn set_down(&self, down: bool) {
+        self.state.lock().down = down;
+    }
+
+    /// How many syncs the engine asked for (to check group commit).
+    pub fn sync_count(&self) -> u64 {
+        self.state.lock().syncs
+    }
+
+    /// Flips one bit of a segment's live and durable bytes (corruption tests).
+    pub fn corrupt(&self, id: SegmentId, offset: u64) {
+        let mut st = self.state.lock();
+        let seg = st.segments.get_mut(&id).expect("segment exists");
+        let i = offset as usize;
+        seg.live[i] ^= 0x10;
+        if i < seg.durable.len() {
+            seg.durable[i] ^= 0x10;
+        }
+    }
+
+    fn check(&self, generation: u64) -> Result<()> {
+        if self.generation.load(Ordering::SeqCst) != generation {
+            return Err(StoreError::Crashed);
+        }
+        Ok(())
+    }
+}
+
+fn write_into(image: &mut Vec<u8>, off: u64, data: &[u8]) {
+    let off = off as usize;
+    if image.len() < off + data.len() {
+        image.resize(off + data.len(), 0);
+    }
+    image[off..off + data.len()].copy_from_slice(data);
+}
+
+fn down_error() -> StoreError {
+    StoreError::io("talking to the simulated device", std::io::Error::from_raw_os_error(libc::EIO))
+}
+
+struct SimOpenSegment {
+    id: SegmentId,
+    store: SimStore,
+    generation: u64,
+}
+
+impl OpenSegment for SimOpenSegment {
+    fn id(&self) -> SegmentId {
+        self.id
+    }
+
+    fn append_at(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
+        self.store.check(self.generation)?;
+        let mut st = self.store.state.lock();
+        if st.down {
+            return Err(down_error());
+        }
+        if st.full {
+            return Err(StoreError::io(
+                format!("appending to {}", self.id),
+                std::io::Error::from_raw_os_error(libc::ENOSPC),
+            ));
+        }
+        let seg = st.segments.get_mut(&self.id).ok_or(StoreError::NotFound {
+            what: format!("segment {}", self.id),
+        })?;
+        let data: Vec<u8> = bufs.concat();
+        write_into(&mut seg.live, offset, &data);
+        seg.pending.push((offset, data));
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.store.check(self.generation)?;
+        let mut st = self.store.state.lock();
+        if st.down {
+            return Err(down_error());
+        }
+        st.syncs += 1;
+        let seg = st.segments.get_mut(&self.id).ok_or(StoreError::NotFound {
+            what: format!("segment {}", self.id),
+        })?;
+        seg.durable = seg.live.clone();
+        seg.pending.clear();
+        seg.created_durably = true;
+        Ok(())
+    }
+}
+
+impl SegmentStore for SimStore {
+    fn create_segment(&self, id: SegmentId) -> Result<Box<dyn OpenSegment>> {
+        self.check_bound()?;
+        let generation = self.generation.load(Ordering::SeqCst);
+        let mut st = self.state.lock();
+        if st.down {
+            return Err(down_error());
+        }
+        if st.segments.contains_key(&id) {
+            return Err(StoreError::AlreadyExists {
+                what: format!("segment {id}"),
+            });
+        }
+        st.segments.insert(id, SimSegment::default());
+        Ok(Box::new(SimOpenSegment {
+            id,
+            store: self.clone(),
+            generation,
+        }))
+    }
+
+    fn read_at(&self, id: SegmentId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_bound()?;
+        let st = self.state.lock();
+        if st.down {
+            return Err(down_error());
+        }
+        let seg = st.segments.get(&id).ok_or(StoreError::NotFound {
+            what: format!("segment {id}"),
+        })?;
+        let size = seg.live.len() as u64;
+        let end = offset.checked_add(buf.len() as u64);
+        match end {
+            Some(end) if end <= size => {
+                buf.copy_from_slice(&seg.live[offset as usize..end as usize]);
+                Ok(())
+            }
+            _ => Err(StoreError::ShortRead {
+                segment: id,
+                offset,
+                len: buf.len(),
+                size,
+            }),
+        }
+    }
+
+    fn list_segments(&self) -> Result<Vec<(SegmentId, u64)>> {
+        self.check_bound()?;
+        let st = self.state.lock();
+        if st.down {
+            return Err(down_error());
+        }
+        Ok(st
+            .segments
+            .iter()
+            .map(|(id, s)| (*id, s.live.len() as u64))
+            .collect())
+    }
+
+    fn truncate_segment(&self, id: SegmentId, len: u64) -> Result<()> {
+        self.check_bound()?;
+        let mut st = self.state.lock();
+        let seg = st.segments.get_mut(&id).ok_or(StoreError::NotFound {
+            what: format!("segment {id}"),
+        })?;
+        seg.live.truncate(len as usize);
+        seg.durable = seg.live.clone();
+        seg.pending.clear();
+        seg.created_durably = true;
+        Ok(())
+    }
+
+    fn delete_segment(&self, id: SegmentId) -> Result<()> {
+        self.check_bound()?;
+        let mut st = self.state.lock();
+        if st.down {
+            return Err(down_error());
+        }
+        st.segments.remove(&id);
+        Ok(())
+    }
+
+    fn put_meta(&self, name: &str, data: &[u8]) -> Result<()> {
+        self.check_bound()?;
+        let mut st = self.state.lock();
+        if st.down {
+            return Err(down_error());
+        }
+        st.meta.insert(name.to_string(), data.to_vec());
+        Ok(())
+    }
+
+    fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        self.check_bound()?;
+        let st = self.state.lock();
+        if st.down {
+            return Err(down_error());
+        }
+        Ok(st.meta.get(name).cloned())
+    }
+}
