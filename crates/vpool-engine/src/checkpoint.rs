@@ -251,7 +251,10 @@ mod tests {
         let d = Checkpoint::decode(&bytes).unwrap();
         assert_eq!(d.position, c.position);
         assert_eq!(d.volumes[0].name, "web1");
-        assert_eq!(d.volumes[0].map.lookup(0, 200), c.volumes[0].map.lookup(0, 200));
+        assert_eq!(
+            d.volumes[0].map.lookup(0, 200),
+            c.volumes[0].map.lookup(0, 200)
+        );
         for i in 0..bytes.len() {
             let mut bad = bytes.clone();
             bad[i] ^= 0x40;

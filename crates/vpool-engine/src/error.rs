@@ -12,7 +12,9 @@ pub enum EngineError {
     VolumeExists(String),
     #[error("invalid {what}: {why}")]
     Invalid { what: &'static str, why: String },
-    #[error("{op} of {len} bytes at offset {offset} is outside volume {volume:?} ({size_bytes} bytes)")]
+    #[error(
+        "{op} of {len} bytes at offset {offset} is outside volume {volume:?} ({size_bytes} bytes)"
+    )]
     OutOfRange {
         op: &'static str,
         volume: String,
@@ -44,7 +46,9 @@ pub enum EngineError {
         #[source]
         source: DecodeError,
     },
-    #[error("the pool stopped accepting writes after a failed sync ({0}); restart the daemon to recover from the log")]
+    #[error(
+        "the pool stopped accepting writes after a failed sync ({0}); restart the daemon to recover from the log"
+    )]
     Failed(String),
     #[error("the pool is closed")]
     Closed,

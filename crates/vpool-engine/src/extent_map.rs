@@ -162,7 +162,8 @@ impl ExtentMap {
         }
         // Remove everything starting inside the range; keep the tail of the
         // last one if it runs past `end`.
-        let inside: Vec<(u64, Extent)> = self.map.range(start..end).map(|(&k, &e)| (k, e)).collect();
+        let inside: Vec<(u64, Extent)> =
+            self.map.range(start..end).map(|(&k, &e)| (k, e)).collect();
         for (k, e) in inside {
             self.map.remove(&k);
             let e_end = k + u64::from(e.len_blocks);

@@ -245,7 +245,9 @@ impl State {
         let State {
             volumes, segments, ..
         } = self;
-        let vol = volumes.get_mut(&id).expect("caller checked the volume exists");
+        let vol = volumes
+            .get_mut(&id)
+            .expect("caller checked the volume exists");
         let mut data_gone = 0u64;
         let mut zero_gone = 0u64;
         vol.map.set(start, len, target, &mut |t, n| match t {
@@ -261,7 +263,10 @@ impl State {
         match target {
             Some(Target::Data(d)) => {
                 vol.data_blocks += len;
-                segments.get_mut(&d.seg).expect("segment is known").live_blocks += len;
+                segments
+                    .get_mut(&d.seg)
+                    .expect("segment is known")
+                    .live_blocks += len;
             }
             Some(Target::Zero) => vol.zero_blocks += len,
             None => {}
@@ -270,7 +275,13 @@ impl State {
 
     /// Applies a record (live or replayed) whose header is at `rec_off` in
     /// segment `seg`. The caller has validated the header.
-    fn apply(&mut self, seg: SegmentId, rec_off: u64, h: &RecordHeader, payload: &[u8]) -> Result<()> {
+    fn apply(
+        &mut self,
+        seg: SegmentId,
+        rec_off: u64,
+        h: &RecordHeader,
+        payload: &[u8],
+    ) -> Result<()> {
         match h.kind {
             RecordKind::Write => {
                 self.check_record_range(h)?;
@@ -281,7 +292,12 @@ impl State {
                     data_off: u32::try_from(data_off).expect("segment under 4 GiB"),
                     crc_off: u32::try_from(crc_off).expect("segment under 4 GiB"),
                 };
-                self.set_blocks(h.volume, h.block, u64::from(h.nblocks), Some(Target::Data(loc)));
+                self.set_blocks(
+                    h.volume,
+                    h.block,
+                    u64::from(h.nblocks),
+                    Some(Target::Data(loc)),
+                );
             }
             RecordKind::Zero => {
                 self.check_record_range(h)?;
@@ -351,14 +367,21 @@ fn meta_error(what: &str, detail: &'static str) -> EngineError {
 impl Pool {
     /// Opens the pool on `store`, recovering from the checkpoint and the log.
     /// A new, empty store becomes an empty pool.
-    pub fn open(store: Arc<dyn SegmentStore>, config: PoolConfig) -> Result<(Pool, RecoveryReport)> {
+    pub fn open(
+        store: Arc<dyn SegmentStore>,
+        config: PoolConfig,
+    ) -> Result<(Pool, RecoveryReport)> {
         let started = Instant::now();
         let mut report = RecoveryReport::default();
         let ckpt = match store.get_meta(CHECKPOINT_META_NAME)? {
-            Some(bytes) => Some(Checkpoint::decode(&bytes).map_err(|e| EngineError::CorruptMeta {
-                what: "checkpoint".into(),
-                source: e,
-            })?),
+            Some(bytes) => {
+                Some(
+                    Checkpoint::decode(&bytes).map_err(|e| EngineError::CorruptMeta {
+                        what: "checkpoint".into(),
+                        source: e,
+                    })?,
+                )
+            }
             None => None,
         };
         report.checkpoint_loaded = ckpt.is_some();
@@ -477,7 +500,10 @@ impl Pool {
                 SEGMENT_HEADER_LEN as usize
             };
             if start > image.len() {
-                return Err(meta_error("checkpoint", "position past the end of its segment"));
+                return Err(meta_error(
+                    "checkpoint",
+                    "position past the end of its segment",
+                ));
             }
             let mut iter = RecordIter::new(&image, start);
             let mut stopped_early = false;
@@ -521,7 +547,9 @@ impl Pool {
         // Start the fresh open segment with its header.
         let header = record::encode_segment_header(first_new);
         st.open.handle.append_at(0, &[&header])?;
-        st.open.appended.store(SEGMENT_HEADER_LEN, Ordering::Release);
+        st.open
+            .appended
+            .store(SEGMENT_HEADER_LEN, Ordering::Release);
         st.segments.insert(
             first_new,
             SegInfo {
@@ -558,7 +586,12 @@ impl Pool {
             let h = std::thread::Builder::new()
                 .name("vpool-maintenance".into())
                 .spawn(move || p.maintenance_loop())
-                .map_err(|e| EngineError::Store(vpool_store::StoreError::io("spawning the maintenance thread", e)))?;
+                .map_err(|e| {
+                    EngineError::Store(vpool_store::StoreError::io(
+                        "spawning the maintenance thread",
+                        e,
+                    ))
+                })?;
             *pool.maintenance.lock() = Some(h);
         }
         tracing::info!(
@@ -610,7 +643,12 @@ impl Pool {
 
     /// Changes a volume's size. Shrinking drops the data past the new end
     /// and is refused unless `allow_shrink`. Durable on return.
-    pub fn resize_volume(&self, name: &str, size_bytes: u64, allow_shrink: bool) -> Result<VolumeInfo> {
+    pub fn resize_volume(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        allow_shrink: bool,
+    ) -> Result<VolumeInfo> {
         validate_volume_size(size_bytes).map_err(|why| EngineError::Invalid {
             what: "volume size",
             why,
@@ -652,7 +690,11 @@ impl Pool {
 
     pub fn list_volumes(&self) -> Vec<VolumeInfo> {
         let st = self.inner.state.lock();
-        st.volumes.iter().map(|(&id, v)| info_of(id, v)).collect()
+        // In name order, as a user reads a listing.
+        st.names
+            .values()
+            .map(|&id| info_of(id, &st.volumes[&id]))
+            .collect()
     }
 
     pub fn volume_info(&self, name: &str) -> Result<VolumeInfo> {
@@ -682,7 +724,11 @@ impl Pool {
             if let Some(f) = &st.failed {
                 return Err(EngineError::Failed(f.clone()));
             }
-            st.unsynced.iter().cloned().chain([st.open.clone()]).collect()
+            st.unsynced
+                .iter()
+                .cloned()
+                .chain([st.open.clone()])
+                .collect()
         };
         // In log order: a later segment is never durable before an earlier one
         // is, which recovery relies on when it cuts at the first bad record.
@@ -743,7 +789,10 @@ impl Pool {
             self.inner.state.lock().log_bytes_since_checkpoint += log_bytes;
             return Err(e);
         }
-        self.inner.counters.checkpoints_written.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .counters
+            .checkpoints_written
+            .fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -783,9 +832,17 @@ impl Pool {
                 1.0 - live as f64 / physical as f64
             },
             free_bytes: self.inner.store.free_bytes(),
-            extents: st.volumes.values().map(|v| v.map.extent_count() as u64).sum(),
+            extents: st
+                .volumes
+                .values()
+                .map(|v| v.map.extent_count() as u64)
+                .sum(),
             log_bytes_since_checkpoint: st.log_bytes_since_checkpoint,
-            checkpoints_written: self.inner.counters.checkpoints_written.load(Ordering::Relaxed),
+            checkpoints_written: self
+                .inner
+                .counters
+                .checkpoints_written
+                .load(Ordering::Relaxed),
             segments_cleaned: self.inner.counters.segments_cleaned.load(Ordering::Relaxed),
             bytes_relocated: self.inner.counters.bytes_relocated.load(Ordering::Relaxed),
         }
@@ -800,7 +857,10 @@ impl Pool {
             assert_eq!(st.names.get(&v.name), Some(id), "name index");
             let (mut data, mut zero) = (0, 0);
             for p in v.map.iter() {
-                assert!((p.start_block + p.len_blocks) * BLOCK_SIZE <= v.size_bytes, "extent past end");
+                assert!(
+                    (p.start_block + p.len_blocks) * BLOCK_SIZE <= v.size_bytes,
+                    "extent past end"
+                );
                 match p.target.expect("mapped") {
                     Target::Zero => zero += p.len_blocks,
                     Target::Data(d) => {
@@ -816,7 +876,11 @@ impl Pool {
         }
         assert_eq!(st.names.len(), st.volumes.len());
         for (id, s) in &st.segments {
-            assert_eq!(s.live_blocks, live.get(id).copied().unwrap_or(0), "live count of {id}");
+            assert_eq!(
+                s.live_blocks,
+                live.get(id).copied().unwrap_or(0),
+                "live count of {id}"
+            );
         }
     }
 
@@ -831,7 +895,12 @@ impl Pool {
     }
 
     /// Appends a record to the log and applies it to the state.
-    fn append_and_apply(&self, st: &mut State, mut h: RecordHeader, payload: &[&[u8]]) -> Result<()> {
+    fn append_and_apply(
+        &self,
+        st: &mut State,
+        mut h: RecordHeader,
+        payload: &[&[u8]],
+    ) -> Result<()> {
         if st.roll_before_next_append
             || st.open.appended.load(Ordering::Acquire) >= self.inner.config.segment_target_bytes
         {
@@ -852,7 +921,10 @@ impl Pool {
         let len = h.record_len();
         let seg = st.open.id();
         st.open.appended.store(off + len, Ordering::Release);
-        st.segments.get_mut(&seg).expect("open segment is known").size_bytes = off + len;
+        st.segments
+            .get_mut(&seg)
+            .expect("open segment is known")
+            .size_bytes = off + len;
         st.next_seq += 1;
         st.log_bytes_since_checkpoint += len;
         let joined;
@@ -970,10 +1042,20 @@ impl Pool {
         self.checkpoint_locked()?;
         let _gate = self.inner.delete_gate.write();
         for &(id, _) in &victims {
-            let s = self.inner.state.lock().segments.get(&id).copied().unwrap_or_default();
+            let s = self
+                .inner
+                .state
+                .lock()
+                .segments
+                .get(&id)
+                .copied()
+                .unwrap_or_default();
             // New data only ever goes to the open segment, so nothing can
             // have come to refer to a victim since its relocation.
-            assert_eq!(s.live_blocks, 0, "victim {id} has live blocks after relocation");
+            assert_eq!(
+                s.live_blocks, 0,
+                "victim {id} has live blocks after relocation"
+            );
             self.inner.store.delete_segment(id)?;
             self.inner.state.lock().segments.remove(&id);
             report.segments_deleted += 1;
@@ -1036,7 +1118,8 @@ impl Pool {
                 let i = (p.start_block - h.block) as usize;
                 let n = p.len_blocks as usize;
                 let crcs = &image[crc_start as usize + i * CRC_LEN..][..n * CRC_LEN];
-                let data = &image[data_start as usize + i * BLOCK_SIZE as usize..][..n * BLOCK_SIZE as usize];
+                let data = &image[data_start as usize + i * BLOCK_SIZE as usize..]
+                    [..n * BLOCK_SIZE as usize];
                 let nh = RecordHeader {
                     kind: RecordKind::Write,
                     seq: 0,
@@ -1070,10 +1153,16 @@ impl Pool {
                 Some(Target::Data(d)) => {
                     let n = p.len_blocks as usize;
                     crc_buf.resize(n * CRC_LEN, 0);
-                    self.inner.store.read_at(d.seg, u64::from(d.crc_off), &mut crc_buf)?;
-                    self.inner.store.read_at(d.seg, u64::from(d.data_off), dst)?;
+                    self.inner
+                        .store
+                        .read_at(d.seg, u64::from(d.crc_off), &mut crc_buf)?;
+                    self.inner
+                        .store
+                        .read_at(d.seg, u64::from(d.data_off), dst)?;
                     for (i, block) in dst.chunks_exact(BLOCK_SIZE as usize).enumerate() {
-                        let want = u32::from_le_bytes(crc_buf[i * CRC_LEN..][..CRC_LEN].try_into().expect("4"));
+                        let want = u32::from_le_bytes(
+                            crc_buf[i * CRC_LEN..][..CRC_LEN].try_into().expect("4"),
+                        );
                         if crc32c::crc32c(block) != want {
                             let err = EngineError::Corrupt {
                                 volume: volume.to_string(),
@@ -1169,7 +1258,10 @@ impl Volume {
     }
 
     fn check_range(&self, st: &State, op: &'static str, offset: u64, len: u64) -> Result<()> {
-        let size = st.vol(self.id).map_err(|_| EngineError::VolumeNotFound(self.name.clone()))?.size_bytes;
+        let size = st
+            .vol(self.id)
+            .map_err(|_| EngineError::VolumeNotFound(self.name.clone()))?
+            .size_bytes;
         match offset.checked_add(len) {
             Some(end) if end <= size => Ok(()),
             _ => Err(EngineError::OutOfRange {
@@ -1201,7 +1293,8 @@ impl Volume {
             self.pool.read_pieces(&self.name, first, &pieces, buf)
         } else {
             let mut tmp = vec![0u8; (nblocks * BLOCK_SIZE) as usize];
-            self.pool.read_pieces(&self.name, first, &pieces, &mut tmp)?;
+            self.pool
+                .read_pieces(&self.name, first, &pieces, &mut tmp)?;
             let skip = (offset - first * BLOCK_SIZE) as usize;
             buf.copy_from_slice(&tmp[skip..skip + buf.len()]);
             Ok(())
@@ -1235,12 +1328,14 @@ impl Volume {
             let map = &st.vol(self.id)?.map;
             if head_partial {
                 let pieces = map.lookup(first, 1);
-                self.pool.read_pieces(&self.name, first, &pieces, &mut buf[..bs])?;
+                self.pool
+                    .read_pieces(&self.name, first, &pieces, &mut buf[..bs])?;
             }
             if tail_partial && (last != first || !head_partial) {
                 let pieces = map.lookup(last, 1);
                 let at = ((last - first) * BLOCK_SIZE) as usize;
-                self.pool.read_pieces(&self.name, last, &pieces, &mut buf[at..at + bs])?;
+                self.pool
+                    .read_pieces(&self.name, last, &pieces, &mut buf[at..at + bs])?;
             }
         }
         let skip = (offset - first * BLOCK_SIZE) as usize;
@@ -1249,7 +1344,13 @@ impl Volume {
         self.write_blocks_locked(&mut st, first, &buf, &crcs)
     }
 
-    fn write_blocks_locked(&self, st: &mut State, first_block: u64, data: &[u8], crcs: &[u8]) -> Result<()> {
+    fn write_blocks_locked(
+        &self,
+        st: &mut State,
+        first_block: u64,
+        data: &[u8],
+        crcs: &[u8],
+    ) -> Result<()> {
         let bs = BLOCK_SIZE as usize;
         let max = MAX_RECORD_BLOCKS as usize;
         for (i, (chunk, chunk_crcs)) in data
@@ -1313,11 +1414,21 @@ impl Volume {
         }
         let mut st = self.pool.writable_state()?;
         self.check_range(&st, "write_zeroes", offset, len)?;
-        let kind = if may_unmap { RecordKind::Trim } else { RecordKind::Zero };
+        let kind = if may_unmap {
+            RecordKind::Trim
+        } else {
+            RecordKind::Zero
+        };
         self.zero_blocks_locked(&mut st, first, end - first, kind)
     }
 
-    fn zero_blocks_locked(&self, st: &mut State, first: u64, n: u64, kind: RecordKind) -> Result<()> {
+    fn zero_blocks_locked(
+        &self,
+        st: &mut State,
+        first: u64,
+        n: u64,
+        kind: RecordKind,
+    ) -> Result<()> {
         // One record covers up to u32::MAX blocks (16 TiB).
         let mut pos = first;
         let end = first + n;
@@ -1347,7 +1458,12 @@ impl Volume {
     /// Allocation status of `[offset, offset + len)` as NBD `base:allocation`
     /// extents `(length in bytes, STATE_* flags)`, merged, at most
     /// `max_extents` of them (covering a prefix of the range).
-    pub fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> Result<Vec<(u64, u32)>> {
+    pub fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> Result<Vec<(u64, u32)>> {
         if len == 0 {
             return Ok(Vec::new());
         }

@@ -72,7 +72,8 @@ impl StoreError {
     /// answer ENOSPC rather than EIO.
     pub fn io(context: impl Into<String>, source: io::Error) -> StoreError {
         let context = context.into();
-        if source.raw_os_error() == Some(libc::ENOSPC) || source.raw_os_error() == Some(libc::EDQUOT)
+        if source.raw_os_error() == Some(libc::ENOSPC)
+            || source.raw_os_error() == Some(libc::EDQUOT)
         {
             StoreError::NoSpace { context, source }
         } else {

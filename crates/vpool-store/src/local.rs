@@ -250,8 +250,8 @@ impl SegmentStore for LocalDirStore {
 
     fn list_segments(&self) -> Result<Vec<(SegmentId, u64)>> {
         let mut out = Vec::new();
-        let rd = fs::read_dir(&self.segments_dir)
-            .map_err(|e| StoreError::io("listing segments", e))?;
+        let rd =
+            fs::read_dir(&self.segments_dir).map_err(|e| StoreError::io("listing segments", e))?;
         for entry in rd {
             let entry = entry.map_err(|e| StoreError::io("listing segments", e))?;
             let name = entry.file_name();

@@ -44,6 +44,8 @@ struct SimState {
     /// Fail every operation while set (the device is gone).
     down: bool,
     syncs: u64,
+    /// Crash when this many more operations have been attempted.
+    crash_in_ops: Option<(u64, SimCrashMode, u64)>,
 }
 
 /// See the module documentation.
@@ -70,7 +72,39 @@ impl SimStore {
         }
     }
 
+    /// Arms a crash: the `ops`-th store operation from now (appends, syncs,
+    /// reads, metadata writes...) crashes the store instead of running, as
+    /// with [`SimStore::crash`], and fails.
+    pub fn crash_after_ops(&self, ops: u64, mode: SimCrashMode, seed: u64) {
+        self.state.lock().crash_in_ops = Some((ops, mode, seed));
+    }
+
+    /// Counts one operation towards an armed crash; fails if it fires.
+    fn tick(&self) -> Result<()> {
+        let fire = {
+            let mut st = self.state.lock();
+            match &mut st.crash_in_ops {
+                Some((0, mode, seed)) => {
+                    let r = (*mode, *seed);
+                    st.crash_in_ops = None;
+                    Some(r)
+                }
+                Some((n, _, _)) => {
+                    *n -= 1;
+                    None
+                }
+                None => None,
+            }
+        };
+        if let Some((mode, seed)) = fire {
+            self.crash(mode, seed);
+            return Err(StoreError::Crashed);
+        }
+        Ok(())
+    }
+
     fn check_bound(&self) -> Result<()> {
+        self.tick()?;
         match self.bound {
             Some(g) => self.check(g),
             None => Ok(()),
@@ -115,6 +149,7 @@ impl SimStore {
         }
         st.full = false;
         st.down = false;
+        st.crash_in_ops = None;
     }
 
     /// While set, every append fails with "no space left".
@@ -160,7 +195,10 @@ fn write_into(image: &mut Vec<u8>, off: u64, data: &[u8]) {
 }
 
 fn down_error() -> StoreError {
-    StoreError::io("talking to the simulated device", std::io::Error::from_raw_os_error(libc::EIO))
+    StoreError::io(
+        "talking to the simulated device",
+        std::io::Error::from_raw_os_error(libc::EIO),
+    )
 }
 
 struct SimOpenSegment {
@@ -175,6 +213,7 @@ impl OpenSegment for SimOpenSegment {
     }
 
     fn append_at(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
+        self.store.tick()?;
         self.store.check(self.generation)?;
         let mut st = self.store.state.lock();
         if st.down {
@@ -196,6 +235,7 @@ impl OpenSegment for SimOpenSegment {
     }
 
     fn sync(&self) -> Result<()> {
+        self.store.tick()?;
         self.store.check(self.generation)?;
         let mut st = self.store.state.lock();
         if st.down {
