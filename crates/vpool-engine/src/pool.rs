@@ -1153,12 +1153,23 @@ impl Pool {
                 Some(Target::Data(d)) => {
                     let n = p.len_blocks as usize;
                     crc_buf.resize(n * CRC_LEN, 0);
-                    self.inner
-                        .store
-                        .read_at(d.seg, u64::from(d.crc_off), &mut crc_buf)?;
-                    self.inner
-                        .store
-                        .read_at(d.seg, u64::from(d.data_off), dst)?;
+                    if u64::from(d.crc_off) + (n * CRC_LEN) as u64 == u64::from(d.data_off) {
+                        // The piece is a whole record: its checksums sit right
+                        // before its data, so one read fetches both.
+                        let mut both = vec![0u8; n * CRC_LEN + dst.len()];
+                        self.inner
+                            .store
+                            .read_at(d.seg, u64::from(d.crc_off), &mut both)?;
+                        crc_buf.copy_from_slice(&both[..n * CRC_LEN]);
+                        dst.copy_from_slice(&both[n * CRC_LEN..]);
+                    } else {
+                        self.inner
+                            .store
+                            .read_at(d.seg, u64::from(d.crc_off), &mut crc_buf)?;
+                        self.inner
+                            .store
+                            .read_at(d.seg, u64::from(d.data_off), dst)?;
+                    }
                     for (i, block) in dst.chunks_exact(BLOCK_SIZE as usize).enumerate() {
                         let want = u32::from_le_bytes(
                             crc_buf[i * CRC_LEN..][..CRC_LEN].try_into().expect("4"),
