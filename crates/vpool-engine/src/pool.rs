@@ -198,6 +198,9 @@ struct State {
     log_bytes_since_checkpoint: u64,
     /// Set when a sync failed: writes are refused from then on.
     failed: Option<String>,
+    /// Set by [`Pool::close`]: every later write or flush fails with
+    /// [`EngineError::Closed`].
+    closed: bool,
     /// Set when an append failed: the open segment may hold a partial
     /// record past its end, so the next append starts a new segment.
     roll_before_next_append: bool,
@@ -236,6 +239,16 @@ fn vol_not_found(id: VolumeId) -> EngineError {
 }
 
 impl State {
+    fn check_writable(&self) -> Result<()> {
+        if self.closed {
+            return Err(EngineError::Closed);
+        }
+        if let Some(f) = &self.failed {
+            return Err(EngineError::Failed(f.clone()));
+        }
+        Ok(())
+    }
+
     fn vol(&self, id: VolumeId) -> Result<&Vol> {
         self.volumes.get(&id).ok_or_else(|| vol_not_found(id))
     }
@@ -465,6 +478,7 @@ impl Pool {
             next_segment_id: next_segment_id + 1,
             log_bytes_since_checkpoint: 0,
             failed: None,
+            closed: false,
             roll_before_next_append: false,
         };
         // Replay.
@@ -520,12 +534,10 @@ impl Pool {
                 report.records_replayed += 1;
                 report.bytes_replayed += h.record_len();
             }
-            if !stopped_early {
-                if let Some((off, err)) = iter.error() {
-                    tracing::warn!(segment = %id, offset = off, error = %err, "torn or invalid record; treating as end of log");
-                    cut_segment(&*store, &mut st, id, *off as u64, size, &mut report)?;
-                    stopped_early = true;
-                }
+            if !stopped_early && let Some((off, err)) = iter.error() {
+                tracing::warn!(segment = %id, offset = off, error = %err, "torn or invalid record; treating as end of log");
+                cut_segment(&*store, &mut st, id, *off as u64, size, &mut report)?;
+                stopped_early = true;
             }
             if stopped_early {
                 cut = Some(i + 1);
@@ -721,9 +733,7 @@ impl Pool {
     pub fn flush(&self) -> Result<()> {
         let segs: Vec<Arc<LogSeg>> = {
             let st = self.inner.state.lock();
-            if let Some(f) = &st.failed {
-                return Err(EngineError::Failed(f.clone()));
-            }
+            st.check_writable()?;
             st.unsynced
                 .iter()
                 .cloned()
@@ -801,7 +811,7 @@ impl Pool {
     pub fn close(&self) -> Result<()> {
         self.stop_maintenance();
         self.checkpoint()?;
-        self.inner.state.lock().failed = Some("the pool is closed".into());
+        self.inner.state.lock().closed = true;
         Ok(())
     }
 
@@ -888,9 +898,7 @@ impl Pool {
 
     fn writable_state(&self) -> Result<parking_lot::MutexGuard<'_, State>> {
         let st = self.inner.state.lock();
-        if let Some(f) = &st.failed {
-            return Err(EngineError::Failed(f.clone()));
-        }
+        st.check_writable()?;
         Ok(st)
     }
 
@@ -1285,8 +1293,24 @@ impl Volume {
         }
     }
 
+    /// Refuses a range whose end does not fit in a u64, before any
+    /// arithmetic on it: the callers then compute `offset + len` freely.
+    fn check_overflow(&self, op: &'static str, offset: u64, len: u64) -> Result<()> {
+        if offset.checked_add(len).is_some() {
+            return Ok(());
+        }
+        Err(EngineError::OutOfRange {
+            op,
+            volume: self.name.clone(),
+            offset,
+            len,
+            size_bytes: self.size_bytes().unwrap_or(0),
+        })
+    }
+
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_overflow("read", offset, buf.len() as u64)?;
         if buf.is_empty() {
             return Ok(());
         }
@@ -1300,7 +1324,7 @@ impl Volume {
             self.check_range(&st, "read", offset, len)?;
             st.vol(self.id)?.map.lookup(first, nblocks)
         };
-        if offset % BLOCK_SIZE == 0 && len % BLOCK_SIZE == 0 {
+        if offset.is_multiple_of(BLOCK_SIZE) && len.is_multiple_of(BLOCK_SIZE) {
             self.pool.read_pieces(&self.name, first, &pieces, buf)
         } else {
             let mut tmp = vec![0u8; (nblocks * BLOCK_SIZE) as usize];
@@ -1314,11 +1338,12 @@ impl Volume {
 
     /// Writes `data` at `offset`. Acknowledged, not durable: see [`Pool::flush`].
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_overflow("write", offset, data.len() as u64)?;
         if data.is_empty() {
             return Ok(());
         }
         let len = data.len() as u64;
-        if offset % BLOCK_SIZE == 0 && len % BLOCK_SIZE == 0 {
+        if offset.is_multiple_of(BLOCK_SIZE) && len.is_multiple_of(BLOCK_SIZE) {
             let crcs = record::block_crcs(data);
             let mut st = self.pool.writable_state()?;
             self.check_range(&st, "write", offset, len)?;
@@ -1333,8 +1358,8 @@ impl Volume {
         self.check_range(&st, "write", offset, len)?;
         let mut buf = vec![0u8; (nblocks * BLOCK_SIZE) as usize];
         let bs = BLOCK_SIZE as usize;
-        let head_partial = offset % BLOCK_SIZE != 0;
-        let tail_partial = (offset + len) % BLOCK_SIZE != 0;
+        let head_partial = !offset.is_multiple_of(BLOCK_SIZE);
+        let tail_partial = !(offset + len).is_multiple_of(BLOCK_SIZE);
         {
             let map = &st.vol(self.id)?.map;
             if head_partial {
@@ -1389,6 +1414,7 @@ impl Volume {
     /// unmapped (read as zeros, store nothing); partial blocks at the edges
     /// are left as they are, as TRIM allows.
     pub fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_overflow("trim", offset, len)?;
         let mut st = self.pool.writable_state()?;
         self.check_range(&st, "trim", offset, len)?;
         let first = offset.div_ceil(BLOCK_SIZE);
@@ -1403,11 +1429,12 @@ impl Volume {
     /// nothing: unmapped if `may_unmap`, else mapped as allocated zeros;
     /// partial edge blocks are written.
     pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.check_overflow("write_zeroes", offset, len)?;
         if len == 0 {
             return Ok(());
         }
         let first = offset.div_ceil(BLOCK_SIZE);
-        let end = offset.checked_add(len).map(|e| e / BLOCK_SIZE).unwrap_or(0);
+        let end = (offset + len) / BLOCK_SIZE;
         {
             let st = self.pool.inner.state.lock();
             self.check_range(&st, "write_zeroes", offset, len)?;
@@ -1475,6 +1502,7 @@ impl Volume {
         len: u64,
         max_extents: usize,
     ) -> Result<Vec<(u64, u32)>> {
+        self.check_overflow("block_status", offset, len)?;
         if len == 0 {
             return Ok(Vec::new());
         }

@@ -54,7 +54,7 @@ pub fn validate_volume_size(size_bytes: u64) -> Result<(), String> {
     if size_bytes == 0 {
         return Err("a volume size must be more than 0".into());
     }
-    if size_bytes % BLOCK_SIZE != 0 {
+    if !size_bytes.is_multiple_of(BLOCK_SIZE) {
         return Err(format!(
             "volume size {size_bytes} is not a multiple of {BLOCK_SIZE} bytes"
         ));
