@@ -1,0 +1,683 @@
+//! A small synchronous client for the API, for the CLI and for tests.
+//!
+//! It speaks just enough HTTP/1.1, by hand, over a `UnixStream` or
+//! `TcpStream`: one request per connection (`Connection: close`), bodies
+//! framed by `Content-Length` only. That is all the server ever sends, and a
+//! strict parser that refuses anything else fails loudly instead of
+//! misreading a response. Every socket operation has a timeout, so a wedged
+//! daemon cannot hang the CLI forever.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{ErrorBody, ErrorKind};
+use crate::types::{
+    Allocation, CleanResult, CreateVolumeRequest, PoolInfo, ResizeVolumeRequest, VolumeInfo,
+    VolumeList,
+};
+use crate::{MAX_DATA_BYTES, MAX_JSON_BODY_BYTES};
+
+/// How long a connect, or one read or write on the socket, may take by
+/// default. Generous: a flush or a cleaner pass on a slow disk takes a while.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Longest status or header line accepted in a response.
+const MAX_LINE_BYTES: usize = 8 << 10;
+/// Most header lines accepted in a response.
+const MAX_HEADERS: usize = 64;
+/// Largest response body accepted: a full data read plus slack; JSON
+/// answers (an allocation map, a long volume list) stay far below.
+const MAX_RESPONSE_BODY_BYTES: usize = MAX_DATA_BYTES + (1 << 20);
+
+/// What went wrong talking to the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing listens on the socket. The connect error is kept but not
+    /// chained as a source: "no such file" would only distract from the fix.
+    #[error("no vpool daemon at {}: start one with `vpool serve`", socket.display())]
+    NoDaemon { socket: PathBuf, reason: io::Error },
+    #[error("cannot connect to the vpool API at {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("talking to the vpool daemon ({context}): {source}")]
+    Io {
+        context: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("malformed response from the vpool daemon: {0}")]
+    Protocol(String),
+    /// The daemon answered with an error body.
+    #[error("{message}")]
+    Api {
+        status: u16,
+        kind: ErrorKind,
+        message: String,
+    },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+impl ClientError {
+    /// The API's error kind, if the daemon answered with one.
+    pub fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            ClientError::Api { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+}
+
+fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> ClientError {
+    move |source| ClientError::Io { context, source }
+}
+
+/// A response as received, for callers that want the status and body as
+/// they are (tests of error handling do).
+#[derive(Clone, Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    /// Header names lower-cased, in the order received.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The error body, if this is an error response carrying one.
+    pub fn error_body(&self) -> Option<ErrorBody> {
+        serde_json::from_slice(&self.body).ok()
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Endpoint {
+    Unix(PathBuf),
+    Tcp {
+        addrs: Vec<SocketAddr>,
+        shown: String,
+    },
+}
+
+/// A client of one daemon. Cheap to clone; holds no connection between calls.
+#[derive(Clone, Debug)]
+pub struct Client {
+    endpoint: Endpoint,
+    token: Option<String>,
+    timeout: Duration,
+}
+
+impl Client {
+    /// A client of the daemon listening on the Unix socket at `path`.
+    pub fn unix(path: impl AsRef<Path>) -> Client {
+        Client {
+            endpoint: Endpoint::Unix(path.as_ref().to_path_buf()),
+            token: None,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// A client of a daemon's TCP listener, sending `token` as a bearer token.
+    pub fn tcp(
+        addr: impl ToSocketAddrs + std::fmt::Display,
+        token: &str,
+    ) -> Result<Client, ClientError> {
+        let shown = addr.to_string();
+        let addrs: Vec<SocketAddr> = addr
+            .to_socket_addrs()
+            .map_err(|source| ClientError::Connect {
+                addr: shown.clone(),
+                source,
+            })?
+            .collect();
+        if addrs.is_empty() {
+            return Err(ClientError::Invalid(format!(
+                "{shown} resolves to no address"
+            )));
+        }
+        let token = token.trim();
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ClientError::Invalid(
+                "the API token must be printable ASCII without spaces".into(),
+            ));
+        }
+        Ok(Client {
+            endpoint: Endpoint::Tcp { addrs, shown },
+            token: Some(token.to_string()),
+            timeout: DEFAULT_TIMEOUT,
+        })
+    }
+
+    /// Sets the connect/read/write timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> Client {
+        self.timeout = timeout;
+        self
+    }
+
+    // ----- pool -----
+
+    pub fn pool_info(&self) -> Result<PoolInfo, ClientError> {
+        self.json_call("GET", "/v1/pool", None::<&()>)
+    }
+
+    pub fn flush(&self) -> Result<(), ClientError> {
+        self.empty_call("POST", "/v1/flush", &[])
+    }
+
+    pub fn clean(&self) -> Result<CleanResult, ClientError> {
+        self.json_call("POST", "/v1/pool/clean", None::<&()>)
+    }
+
+    pub fn checkpoint(&self) -> Result<(), ClientError> {
+        self.empty_call("POST", "/v1/pool/checkpoint", &[])
+    }
+
+    // ----- volumes -----
+
+    pub fn list_volumes(&self) -> Result<Vec<VolumeInfo>, ClientError> {
+        let l: VolumeList = self.json_call("GET", "/v1/volumes", None::<&()>)?;
+        Ok(l.volumes)
+    }
+
+    pub fn create_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo, ClientError> {
+        let req = CreateVolumeRequest {
+            name: name.to_string(),
+            size_bytes,
+        };
+        self.json_call("POST", "/v1/volumes", Some(&req))
+    }
+
+    pub fn volume_info(&self, name: &str) -> Result<VolumeInfo, ClientError> {
+        self.json_call("GET", &volume_path(name, ""), None::<&()>)
+    }
+
+    pub fn resize_volume(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        allow_shrink: bool,
+    ) -> Result<VolumeInfo, ClientError> {
+        let req = ResizeVolumeRequest {
+            size_bytes,
+            allow_shrink,
+        };
+        self.json_call("PATCH", &volume_path(name, ""), Some(&req))
+    }
+
+    pub fn delete_volume(&self, name: &str) -> Result<(), ClientError> {
+        self.empty_call("DELETE", &volume_path(name, ""), &[])
+    }
+
+    // ----- data -----
+
+    /// Writes `data` (at most [`MAX_DATA_BYTES`]) at `offset`. Not durable
+    /// until [`Client::flush`].
+    pub fn write(&self, name: &str, offset: u64, data: &[u8]) -> Result<(), ClientError> {
+        if data.len() > MAX_DATA_BYTES {
+            return Err(ClientError::Invalid(format!(
+                "a write carries at most {MAX_DATA_BYTES} bytes, not {}",
+                data.len()
+            )));
+        }
+        let path = format!("{}?offset={offset}", volume_path(name, "/data"));
+        self.empty_call("PUT", &path, data)
+    }
+
+    /// Reads `length` bytes (at most [`MAX_DATA_BYTES`]) at `offset`.
+    pub fn read(&self, name: &str, offset: u64, length: usize) -> Result<Vec<u8>, ClientError> {
+        if length > MAX_DATA_BYTES {
+            return Err(ClientError::Invalid(format!(
+                "a read returns at most {MAX_DATA_BYTES} bytes, not {length}"
+            )));
+        }
+        let path = format!(
+            "{}?offset={offset}&length={length}",
+            volume_path(name, "/data")
+        );
+        let resp = self.checked("GET", &path, None)?;
+        if resp.body.len() != length {
+            return Err(ClientError::Protocol(format!(
+                "asked for {length} bytes, got {}",
+                resp.body.len()
+            )));
+        }
+        Ok(resp.body)
+    }
+
+    /// Makes `[offset, offset + length)` read as zeros; with `unmap`, whole
+    /// blocks are freed.
+    pub fn zero(
+        &self,
+        name: &str,
+        offset: u64,
+        length: u64,
+        unmap: bool,
+    ) -> Result<(), ClientError> {
+        let path = format!(
+            "{}?offset={offset}&length={length}&unmap={unmap}",
+            volume_path(name, "/zero")
+        );
+        self.empty_call("POST", &path, &[])
+    }
+
+    /// The allocation state of a prefix of `[offset, offset + length)`; see
+    /// [`Allocation`].
+    pub fn allocation(
+        &self,
+        name: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<Allocation, ClientError> {
+        let path = format!(
+            "{}?offset={offset}&length={length}",
+            volume_path(name, "/allocation")
+        );
+        self.json_call("GET", &path, None::<&()>)
+    }
+
+    // ----- plumbing -----
+
+    fn json_call<T: DeserializeOwned, B: Serialize>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let bytes = match body {
+            Some(b) => Some(
+                serde_json::to_vec(b)
+                    .map_err(|e| ClientError::Invalid(format!("encoding the request: {e}")))?,
+            ),
+            None => None,
+        };
+        if bytes
+            .as_ref()
+            .is_some_and(|b| b.len() > MAX_JSON_BODY_BYTES)
+        {
+            return Err(ClientError::Invalid("request body too large".into()));
+        }
+        let resp = self.checked(
+            method,
+            path,
+            bytes.as_deref().map(|b| ("application/json", b)),
+        )?;
+        serde_json::from_slice(&resp.body).map_err(|e| {
+            ClientError::Protocol(format!(
+                "{method} {path}: response is not the expected JSON: {e}"
+            ))
+        })
+    }
+
+    fn empty_call(&self, method: &str, path: &str, body: &[u8]) -> Result<(), ClientError> {
+        let ct = if body.is_empty() {
+            None
+        } else {
+            Some(("application/octet-stream", body))
+        };
+        self.checked(method, path, ct).map(|_| ())
+    }
+
+    /// Sends a request; a non-2xx answer becomes [`ClientError::Api`].
+    fn checked(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<(&str, &[u8])>,
+    ) -> Result<RawResponse, ClientError> {
+        let resp = self.request(method, path, body)?;
+        if (200..300).contains(&resp.status) {
+            return Ok(resp);
+        }
+        match resp.error_body() {
+            Some(b) => Err(ClientError::Api {
+                status: resp.status,
+                kind: b.error.kind,
+                message: b.error.message,
+            }),
+            None => Err(ClientError::Api {
+                status: resp.status,
+                kind: ErrorKind::Unknown,
+                message: format!(
+                    "HTTP {} from the daemon: {}",
+                    resp.status,
+                    String::from_utf8_lossy(&resp.body[..resp.body.len().min(200)])
+                ),
+            }),
+        }
+    }
+
+    /// Sends one request as given and returns the response whatever its
+    /// status. `body` is `(content type, bytes)`.
+    pub fn request(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        body: Option<(&str, &[u8])>,
+    ) -> Result<RawResponse, ClientError> {
+        let mut head = Vec::with_capacity(256);
+        self.write_head(&mut head, method, path_and_query, body)?;
+        let payload = body.map(|(_, b)| b).unwrap_or(&[]);
+        match &self.endpoint {
+            Endpoint::Unix(path) => {
+                let stream = UnixStream::connect(path).map_err(|source| {
+                    if matches!(
+                        source.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                    ) {
+                        ClientError::NoDaemon {
+                            socket: path.clone(),
+                            reason: source,
+                        }
+                    } else {
+                        ClientError::Connect {
+                            addr: path.display().to_string(),
+                            source,
+                        }
+                    }
+                })?;
+                stream
+                    .set_read_timeout(Some(self.timeout))
+                    .and_then(|()| stream.set_write_timeout(Some(self.timeout)))
+                    .map_err(io_err("setting socket timeouts"))?;
+                exchange(stream, &head, payload)
+            }
+            Endpoint::Tcp { addrs, shown } => {
+                let mut last = None;
+                let mut stream = None;
+                for a in addrs {
+                    match TcpStream::connect_timeout(a, self.timeout) {
+                        Ok(s) => {
+                            stream = Some(s);
+                            break;
+                        }
+                        Err(e) => last = Some(e),
+                    }
+                }
+                let stream = stream.ok_or_else(|| ClientError::Connect {
+                    addr: shown.clone(),
+                    source: last.unwrap_or_else(|| io::Error::other("no address to connect to")),
+                })?;
+                stream
+                    .set_read_timeout(Some(self.timeout))
+                    .and_then(|()| stream.set_write_timeout(Some(self.timeout)))
+                    .map_err(io_err("setting socket timeouts"))?;
+                // Requests are small and answered at once: do not let Nagle
+                // hold back the tail of a request.
+                stream
+                    .set_nodelay(true)
+                    .map_err(io_err("setting TCP_NODELAY"))?;
+                exchange(stream, &head, payload)
+            }
+        }
+    }
+
+    fn write_head(
+        &self,
+        out: &mut Vec<u8>,
+        method: &str,
+        path_and_query: &str,
+        body: Option<(&str, &[u8])>,
+    ) -> Result<(), ClientError> {
+        let token_ok = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic());
+        if !token_ok(method) || !path_and_query.starts_with('/') || !token_ok(path_and_query) {
+            return Err(ClientError::Invalid(format!(
+                "bad request line {method:?} {path_and_query:?}"
+            )));
+        }
+        let len = body.map(|(_, b)| b.len()).unwrap_or(0);
+        // `write!` to a Vec cannot fail.
+        let _ = write!(
+            out,
+            "{method} {path_and_query} HTTP/1.1\r\nHost: vpool\r\nUser-Agent: vpool-client/{}\r\nAccept: application/json\r\nConnection: close\r\nContent-Length: {len}\r\n",
+            env!("CARGO_PKG_VERSION")
+        );
+        if let Some((ct, _)) = body {
+            if ct.is_empty() || !ct.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+                return Err(ClientError::Invalid(format!("bad content type {ct:?}")));
+            }
+            let _ = write!(out, "Content-Type: {ct}\r\n");
+        }
+        if let Some(t) = &self.token {
+            let _ = write!(out, "Authorization: Bearer {t}\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        Ok(())
+    }
+}
+
+/// `/v1/volumes/<name><suffix>`, with the name percent-encoded (valid names
+/// need none; an invalid one must still not break the request line).
+fn volume_path(name: &str, suffix: &str) -> String {
+    let mut p = String::from("/v1/volumes/");
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            p.push(b as char);
+        } else {
+            p.push_str(&format!("%{b:02X}"));
+        }
+    }
+    p.push_str(suffix);
+    p
+}
+
+/// Writes the request and reads the response on a fresh connection.
+fn exchange<S: Read + Write>(
+    mut stream: S,
+    head: &[u8],
+    body: &[u8],
+) -> Result<RawResponse, ClientError> {
+    let sent = stream
+        .write_all(head)
+        .and_then(|()| stream.write_all(body))
+        .and_then(|()| stream.flush());
+    if let Err(e) = sent {
+        // The server may answer early and close, e.g. 413 for an over-limit
+        // body; that answer says more than the broken pipe does.
+        return match read_response(&mut stream) {
+            Ok(r) => Ok(r),
+            Err(_) => Err(ClientError::Io {
+                context: "sending the request",
+                source: e,
+            }),
+        };
+    }
+    read_response(&mut stream)
+}
+
+fn read_response<S: Read>(stream: S) -> Result<RawResponse, ClientError> {
+    let mut r = BufReader::new(stream);
+    let status_line = read_line(&mut r)?;
+    let mut parts = status_line.splitn(3, ' ');
+    let version = parts.next().unwrap_or_default();
+    let code = parts.next().unwrap_or_default();
+    if version != "HTTP/1.1" && version != "HTTP/1.0" {
+        return Err(ClientError::Protocol(format!(
+            "bad status line {status_line:?}"
+        )));
+    }
+    let status: u16 = code
+        .parse()
+        .ok()
+        .filter(|c| (100..600).contains(c))
+        .ok_or_else(|| ClientError::Protocol(format!("bad status line {status_line:?}")))?;
+    let mut headers = Vec::new();
+    loop {
+        let line = read_line(&mut r)?;
+        if line.is_empty() {
+            break;
+        }
+        if headers.len() == MAX_HEADERS {
+            return Err(ClientError::Protocol(format!(
+                "more than {MAX_HEADERS} headers"
+            )));
+        }
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| ClientError::Protocol(format!("bad header line {line:?}")))?;
+        headers.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
+    }
+    if headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && !v.eq_ignore_ascii_case("identity"))
+    {
+        return Err(ClientError::Protocol(
+            "chunked responses are not supported by this client".into(),
+        ));
+    }
+    let mut lengths = headers.iter().filter(|(n, _)| n == "content-length");
+    let length = match (lengths.next(), lengths.next()) {
+        (Some((_, v)), None) => Some(
+            v.parse::<usize>()
+                .map_err(|_| ClientError::Protocol(format!("bad Content-Length {v:?}")))?,
+        ),
+        (None, _) => None,
+        (Some(_), Some(_)) => {
+            return Err(ClientError::Protocol("two Content-Length headers".into()));
+        }
+    };
+    let no_body = status == 204 || status == 304 || (100..200).contains(&status);
+    let body = match (no_body, length) {
+        (true, _) => Vec::new(),
+        (false, Some(n)) => {
+            if n > MAX_RESPONSE_BODY_BYTES {
+                return Err(ClientError::Protocol(format!(
+                    "response body of {n} bytes is too large"
+                )));
+            }
+            let mut body = vec![0u8; n];
+            r.read_exact(&mut body)
+                .map_err(io_err("reading the response body"))?;
+            body
+        }
+        (false, None) => {
+            // Framed by the end of the connection (we asked it to close).
+            let mut body = Vec::new();
+            r.by_ref()
+                .take(MAX_RESPONSE_BODY_BYTES as u64 + 1)
+                .read_to_end(&mut body)
+                .map_err(io_err("reading the response body"))?;
+            if body.len() > MAX_RESPONSE_BODY_BYTES {
+                return Err(ClientError::Protocol("response body is too large".into()));
+            }
+            body
+        }
+    };
+    Ok(RawResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// One CRLF-terminated line, without the CRLF.
+fn read_line<R: BufRead>(r: &mut R) -> Result<String, ClientError> {
+    let mut line = Vec::new();
+    let n = r
+        .by_ref()
+        .take(MAX_LINE_BYTES as u64 + 2)
+        .read_until(b'\n', &mut line)
+        .map_err(io_err("reading the response"))?;
+    if n == 0 {
+        return Err(ClientError::Protocol(
+            "the daemon closed the connection without answering".into(),
+        ));
+    }
+    if !line.ends_with(b"\r\n") {
+        return Err(ClientError::Protocol(if line.len() > MAX_LINE_BYTES {
+            "response line too long".into()
+        } else {
+            "response line not terminated by CRLF".into()
+        }));
+    }
+    line.truncate(line.len() - 2);
+    String::from_utf8(line)
+        .map_err(|_| ClientError::Protocol("response header is not UTF-8".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_response() {
+        let raw =
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+        let r = read_response(&raw[..]).unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("Content-Type"), Some("application/json"));
+        assert_eq!(r.body, b"{}");
+    }
+
+    #[test]
+    fn no_content_has_no_body() {
+        let raw = b"HTTP/1.1 204 No Content\r\n\r\n";
+        let r = read_response(&raw[..]).unwrap();
+        assert_eq!(r.status, 204);
+        assert!(r.body.is_empty());
+    }
+
+    #[test]
+    fn refuses_malformed_responses() {
+        for raw in [
+            &b""[..],
+            b"garbage\r\n\r\n",
+            b"HTTP/1.1 abc OK\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nno-colon\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nabc",
+            b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\na",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\nContent-Length: 0\n\n",
+        ] {
+            assert!(
+                read_response(raw).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+    }
+
+    #[test]
+    fn body_until_close_without_length() {
+        let raw = b"HTTP/1.1 200 OK\r\n\r\nhello";
+        assert_eq!(read_response(&raw[..]).unwrap().body, b"hello");
+    }
+
+    #[test]
+    fn volume_paths_are_escaped() {
+        assert_eq!(
+            volume_path("web-1.a_b", "/data"),
+            "/v1/volumes/web-1.a_b/data"
+        );
+        assert_eq!(volume_path("a b/c", ""), "/v1/volumes/a%20b%2Fc");
+    }
+
+    #[test]
+    fn missing_socket_says_no_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let err = Client::unix(&sock).pool_info().unwrap_err();
+        assert!(matches!(err, ClientError::NoDaemon { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("no vpool daemon at") && msg.contains("vpool serve"),
+            "{msg}"
+        );
+    }
+}

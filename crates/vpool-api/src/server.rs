@@ -1,0 +1,540 @@
+//! The API server: axum routes over a [`vpool_engine::Pool`].
+//!
+//! Engine calls are synchronous and may wait on fsync, so every handler runs
+//! its engine work on tokio's blocking pool ([`blocking`]); a panic there
+//! becomes a 500, never a dead server.
+//!
+//! Request bodies and query strings go through the `Api*` extractors below,
+//! which turn every rejection (bad JSON, missing fields, a number that does
+//! not fit in a `u64`, an over-limit body) into the JSON error body instead of
+//! axum's plain-text one.
+//!
+//! Two ways in: [`serve_unix`] trusts whoever can open the socket (its file
+//! mode guards it); [`serve_tcp`] requires `Authorization: Bearer <token>` on
+//! every request.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use tokio::net::{TcpListener, UnixListener};
+use vpool_engine::{EngineError, Pool, STATE_HOLE, STATE_ZERO};
+
+use crate::error::{ApiError, ErrorKind};
+use crate::types::{
+    Allocation, AllocationExtent, CleanResult, CreateVolumeRequest, PoolInfo, RangeQuery,
+    ResizeVolumeRequest, VolumeInfo, VolumeList, WriteQuery, ZeroQuery,
+};
+use crate::{
+    MAX_ALLOCATION_EXTENTS, MAX_ALLOCATION_SPAN_BYTES, MAX_DATA_BYTES, MAX_JSON_BODY_BYTES,
+};
+
+/// Shortest bearer token [`AuthToken::new`] accepts: 16 characters of a
+/// random token are enough that guessing over the network is hopeless.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// Longest bearer token accepted; a header line has to fit in a request.
+pub const MAX_TOKEN_LEN: usize = 1024;
+
+/// What the handlers share: the pool.
+#[derive(Clone)]
+pub struct ApiState {
+    pool: Pool,
+}
+
+impl ApiState {
+    pub fn new(pool: Pool) -> ApiState {
+        ApiState { pool }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+}
+
+/// Why a server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("API server I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("invalid API token: {0}")]
+    BadToken(String),
+}
+
+/// A bearer token for the TCP listener, checked in constant time.
+#[derive(Clone)]
+pub struct AuthToken(Arc<str>);
+
+impl std::fmt::Debug for AuthToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret, even in debug logs.
+        f.write_str("AuthToken(..)")
+    }
+}
+
+impl AuthToken {
+    /// Accepts `MIN_TOKEN_LEN..=MAX_TOKEN_LEN` visible ASCII characters (what
+    /// can travel in a header unchanged). Surrounding whitespace, such as the
+    /// newline at the end of a token file, is ignored.
+    pub fn new(token: &str) -> Result<AuthToken, ServeError> {
+        let t = token.trim();
+        if t.len() < MIN_TOKEN_LEN {
+            return Err(ServeError::BadToken(format!(
+                "the token has {} characters; use at least {MIN_TOKEN_LEN}",
+                t.len()
+            )));
+        }
+        if t.len() > MAX_TOKEN_LEN {
+            return Err(ServeError::BadToken(format!(
+                "the token has {} characters; the limit is {MAX_TOKEN_LEN}",
+                t.len()
+            )));
+        }
+        if !t.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ServeError::BadToken(
+                "the token must be printable ASCII without spaces".into(),
+            ));
+        }
+        Ok(AuthToken(t.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Compares in time that depends only on the lengths, not on where the
+    /// first difference is, so response timing does not leak the token
+    /// byte by byte.
+    pub fn matches(&self, candidate: &[u8]) -> bool {
+        constant_time_eq(self.0.as_bytes(), candidate)
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = u8::from(a.len() != b.len());
+    // Walk the longer length so a short guess costs as much as a long one.
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= x ^ y;
+    }
+    // Keep the compiler from turning the loop into an early-exit compare.
+    std::hint::black_box(diff) == 0
+}
+
+/// The API's routes over `state`, without authentication.
+pub fn router(state: ApiState) -> Router {
+    let data = Router::new()
+        .route("/v1/volumes/{name}/data", get(read_data).put(write_data))
+        .layer(DefaultBodyLimit::max(MAX_DATA_BYTES));
+    Router::new()
+        .route("/v1/pool", get(pool_info))
+        .route("/v1/pool/clean", post(pool_clean))
+        .route("/v1/pool/checkpoint", post(pool_checkpoint))
+        .route("/v1/flush", post(flush))
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route(
+            "/v1/volumes/{name}",
+            get(volume_info).patch(resize_volume).delete(delete_volume),
+        )
+        .route("/v1/volumes/{name}/zero", post(zero_range))
+        .route("/v1/volumes/{name}/allocation", get(allocation))
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
+        .merge(data)
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(middleware::from_fn(log_request))
+        .with_state(state)
+}
+
+/// Serves the API on a Unix socket until `shutdown` completes, then stops
+/// accepting and returns once the requests in flight are answered.
+pub async fn serve_unix(
+    listener: UnixListener,
+    state: ApiState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Like [`serve_unix`] on TCP, where every request must carry
+/// `Authorization: Bearer <token>`.
+pub async fn serve_tcp(
+    listener: TcpListener,
+    state: ApiState,
+    token: AuthToken,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let app = router(state).layer(middleware::from_fn_with_state(token, require_token));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+async fn require_token(State(token): State<AuthToken>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    match presented {
+        Some(t) if token.matches(t) => next.run(req).await,
+        Some(_) => ApiError::new(ErrorKind::Unauthorized, "wrong bearer token").into_response(),
+        None => ApiError::new(
+            ErrorKind::Unauthorized,
+            "this listener needs an `Authorization: Bearer <token>` header",
+        )
+        .into_response(),
+    }
+}
+
+async fn log_request(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    tracing::debug!(
+        %method,
+        path,
+        status = resp.status().as_u16(),
+        us = started.elapsed().as_micros() as u64,
+        "api request"
+    );
+    resp
+}
+
+async fn no_route(req: Request) -> ApiError {
+    ApiError::new(
+        ErrorKind::NotFound,
+        format!("no API route {} {}", req.method(), req.uri().path()),
+    )
+}
+
+async fn wrong_method(req: Request) -> ApiError {
+    ApiError::new(
+        ErrorKind::MethodNotAllowed,
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
+}
+
+// ----- extractors that answer with the JSON error body -----
+
+/// A JSON body. Content-Type is not checked: the route fixes the format, and
+/// `curl -d` sends form encoding by default.
+struct ApiJson<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|r| ApiError::from_rejection(r.status(), "request body", r.body_text()))?;
+        serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| {
+            ApiError::invalid(format!(
+                "request body is not valid JSON for this route: {e}"
+            ))
+        })
+    }
+}
+
+/// A raw body, within the route's [`DefaultBodyLimit`].
+struct ApiBytes(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for ApiBytes {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Bytes::from_request(req, state)
+            .await
+            .map(ApiBytes)
+            .map_err(|r| {
+                let text = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    format!(
+                        "a data request carries at most {MAX_DATA_BYTES} bytes; split the transfer"
+                    )
+                } else {
+                    r.body_text()
+                };
+                ApiError::from_rejection(r.status(), "request body", text)
+            })
+    }
+}
+
+struct ApiQuery<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| ApiQuery(q))
+            .map_err(|r| ApiError::from_rejection(r.status(), "query string", r.body_text()))
+    }
+}
+
+struct ApiPath<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(p)| ApiPath(p))
+            .map_err(|r| ApiError::from_rejection(r.status(), "path", r.body_text()))
+    }
+}
+
+/// Runs engine work on the blocking pool.
+async fn blocking<T, F>(f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, EngineError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(ApiError::internal(format!("engine task failed: {e}"))),
+    }
+}
+
+/// `offset + length`, or `invalid` if it does not fit in a `u64`. Checked
+/// here because the engine computes range ends before it range-checks.
+fn range_end(offset: u64, length: u64) -> Result<u64, ApiError> {
+    offset.checked_add(length).ok_or_else(|| {
+        ApiError::invalid(format!(
+            "offset {offset} + length {length} overflows a 64-bit byte address"
+        ))
+    })
+}
+
+// ----- pool routes -----
+
+async fn pool_info(State(s): State<ApiState>) -> Result<Json<PoolInfo>, ApiError> {
+    let pool = s.pool.clone();
+    let stats = blocking(move || Ok(pool.stats())).await?;
+    Ok(Json(stats.into()))
+}
+
+async fn pool_clean(State(s): State<ApiState>) -> Result<Json<CleanResult>, ApiError> {
+    let pool = s.pool.clone();
+    let r = blocking(move || pool.clean()).await?;
+    Ok(Json(r.into()))
+}
+
+async fn pool_checkpoint(State(s): State<ApiState>) -> Result<StatusCode, ApiError> {
+    let pool = s.pool.clone();
+    blocking(move || pool.checkpoint()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn flush(State(s): State<ApiState>) -> Result<StatusCode, ApiError> {
+    let pool = s.pool.clone();
+    blocking(move || pool.flush()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ----- volume routes -----
+
+async fn list_volumes(State(s): State<ApiState>) -> Result<Json<VolumeList>, ApiError> {
+    let pool = s.pool.clone();
+    let vols = blocking(move || Ok(pool.list_volumes())).await?;
+    Ok(Json(VolumeList {
+        volumes: vols.into_iter().map(VolumeInfo::from).collect(),
+    }))
+}
+
+async fn create_volume(
+    State(s): State<ApiState>,
+    ApiJson(req): ApiJson<CreateVolumeRequest>,
+) -> Result<Response, ApiError> {
+    let pool = s.pool.clone();
+    let info = blocking(move || pool.create_volume(&req.name, req.size_bytes)).await?;
+    let info = VolumeInfo::from(info);
+    let mut resp = (StatusCode::CREATED, Json(&info)).into_response();
+    // Names are restricted to URL-safe characters, so no escaping is needed.
+    if let Ok(loc) = HeaderValue::from_str(&format!("/v1/volumes/{}", info.name)) {
+        resp.headers_mut().insert(header::LOCATION, loc);
+    }
+    Ok(resp)
+}
+
+async fn volume_info(
+    State(s): State<ApiState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<VolumeInfo>, ApiError> {
+    let pool = s.pool.clone();
+    let info = blocking(move || pool.volume_info(&name)).await?;
+    Ok(Json(info.into()))
+}
+
+async fn resize_volume(
+    State(s): State<ApiState>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<ResizeVolumeRequest>,
+) -> Result<Json<VolumeInfo>, ApiError> {
+    let pool = s.pool.clone();
+    let info =
+        blocking(move || pool.resize_volume(&name, req.size_bytes, req.allow_shrink)).await?;
+    Ok(Json(info.into()))
+}
+
+async fn delete_volume(
+    State(s): State<ApiState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let pool = s.pool.clone();
+    blocking(move || pool.delete_volume(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ----- data routes -----
+
+async fn write_data(
+    State(s): State<ApiState>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(q): ApiQuery<WriteQuery>,
+    ApiBytes(body): ApiBytes,
+) -> Result<StatusCode, ApiError> {
+    range_end(q.offset, body.len() as u64)?;
+    let pool = s.pool.clone();
+    blocking(move || pool.volume(&name)?.write(q.offset, &body)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn read_data(
+    State(s): State<ApiState>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(q): ApiQuery<RangeQuery>,
+) -> Result<Response, ApiError> {
+    range_end(q.offset, q.length)?;
+    let len = usize::try_from(q.length)
+        .ok()
+        .filter(|&l| l <= MAX_DATA_BYTES)
+        .ok_or_else(|| {
+            ApiError::invalid(format!(
+                "length {} is over the limit of {MAX_DATA_BYTES} bytes a request; split the read",
+                q.length
+            ))
+        })?;
+    let pool = s.pool.clone();
+    let buf = blocking(move || {
+        let vol = pool.volume(&name)?;
+        let mut buf = vec![0u8; len];
+        vol.read(q.offset, &mut buf)?;
+        Ok(buf)
+    })
+    .await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        )],
+        buf,
+    )
+        .into_response())
+}
+
+async fn zero_range(
+    State(s): State<ApiState>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(q): ApiQuery<ZeroQuery>,
+) -> Result<StatusCode, ApiError> {
+    range_end(q.offset, q.length)?;
+    let pool = s.pool.clone();
+    blocking(move || {
+        pool.volume(&name)?
+            .write_zeroes(q.offset, q.length, q.unmap)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn allocation(
+    State(s): State<ApiState>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(q): ApiQuery<RangeQuery>,
+) -> Result<Json<Allocation>, ApiError> {
+    range_end(q.offset, q.length)?;
+    let pool = s.pool.clone();
+    let offset = q.offset;
+    let asked = q.length;
+    let raw = blocking(move || {
+        let vol = pool.volume(&name)?;
+        // Range-check the whole asked range, so a bad request fails the same
+        // way whatever part of it this answer would cover.
+        let size = vol.size_bytes()?;
+        if offset.saturating_add(asked) > size {
+            return Err(EngineError::OutOfRange {
+                op: "allocation",
+                volume: name,
+                offset,
+                len: asked,
+                size_bytes: size,
+            });
+        }
+        let span = asked.min(MAX_ALLOCATION_SPAN_BYTES);
+        vol.block_status(offset, span, MAX_ALLOCATION_EXTENTS)
+    })
+    .await?;
+    let mut extents = Vec::with_capacity(raw.len());
+    let mut at = offset;
+    for (length, flags) in raw {
+        extents.push(AllocationExtent {
+            offset: at,
+            length,
+            hole: flags & STATE_HOLE != 0,
+            zero: flags & STATE_ZERO != 0,
+        });
+        at += length;
+    }
+    Ok(Json(Allocation {
+        offset,
+        length: at - offset,
+        extents,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_is_eq() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"abc", b""));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn token_rules() {
+        assert!(AuthToken::new("short").is_err());
+        assert!(AuthToken::new("has a space in it, long enough").is_err());
+        let t = AuthToken::new("0123456789abcdef0123\n").unwrap();
+        assert_eq!(t.as_str(), "0123456789abcdef0123");
+        assert!(t.matches(b"0123456789abcdef0123"));
+        assert!(!t.matches(b"0123456789abcdef0124"));
+        assert_eq!(format!("{t:?}"), "AuthToken(..)");
+    }
+
+    #[test]
+    fn range_end_overflow_is_invalid() {
+        assert_eq!(range_end(1, 2).unwrap(), 3);
+        assert_eq!(range_end(u64::MAX, 1).unwrap_err().kind, ErrorKind::Invalid);
+    }
+}

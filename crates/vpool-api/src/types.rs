@@ -1,0 +1,232 @@
+//! Request and response bodies of the API, and the query strings of the data
+//! routes. Request types reject unknown fields so a typo in a field name is an
+//! error rather than a silently ignored option.
+
+use serde::{Deserialize, Serialize};
+
+/// A volume as the API shows it (`GET /v1/volumes/{name}` and friends).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub name: String,
+    /// The pool-internal id; never reused, so it tells a re-created volume
+    /// from the one deleted before it.
+    pub id: u64,
+    pub size_bytes: u64,
+    /// Bytes of data stored for the volume.
+    pub allocated_bytes: u64,
+    /// Bytes mapped as allocated zeros (they take no space).
+    pub zero_bytes: u64,
+    /// Extents of the volume's map: a measure of fragmentation.
+    pub extents: u64,
+}
+
+impl From<vpool_engine::VolumeInfo> for VolumeInfo {
+    fn from(v: vpool_engine::VolumeInfo) -> VolumeInfo {
+        VolumeInfo {
+            name: v.name,
+            id: v.id.0,
+            size_bytes: v.size_bytes,
+            allocated_bytes: v.allocated_bytes,
+            zero_bytes: v.zero_bytes,
+            extents: v.extents,
+        }
+    }
+}
+
+/// `GET /v1/volumes`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeList {
+    pub volumes: Vec<VolumeInfo>,
+}
+
+/// `POST /v1/volumes`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolumeRequest {
+    pub name: String,
+    pub size_bytes: u64,
+}
+
+/// `PATCH /v1/volumes/{name}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeVolumeRequest {
+    pub size_bytes: u64,
+    /// Shrinking drops the data past the new end, so it must be asked for.
+    #[serde(default)]
+    pub allow_shrink: bool,
+}
+
+/// The cleaner's lifetime counters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CleanerCounters {
+    pub segments_cleaned: u64,
+    pub bytes_relocated: u64,
+}
+
+/// `GET /v1/pool`: space and log figures of the pool.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PoolInfo {
+    pub volumes: u64,
+    /// Sum of the volumes' sizes (what the pool promised).
+    pub logical_bytes: u64,
+    /// Bytes the pool's segments take on the backend.
+    pub physical_bytes: u64,
+    /// Bytes of volume data the maps still refer to.
+    pub live_data_bytes: u64,
+    pub segments: u64,
+    /// Fraction of the physical bytes that are not live data: what the
+    /// cleaner can win back.
+    pub garbage_ratio: f64,
+    /// Free space on the backend's device; `null` when the backend cannot
+    /// tell.
+    pub free_bytes: Option<u64>,
+    pub extents: u64,
+    /// Log bytes a recovery would replay right now.
+    pub log_bytes_since_checkpoint: u64,
+    pub checkpoints_written: u64,
+    pub cleaner: CleanerCounters,
+}
+
+impl From<vpool_engine::PoolStats> for PoolInfo {
+    fn from(s: vpool_engine::PoolStats) -> PoolInfo {
+        PoolInfo {
+            volumes: s.volumes,
+            logical_bytes: s.logical_bytes,
+            physical_bytes: s.physical_bytes,
+            live_data_bytes: s.live_data_bytes,
+            segments: s.segments,
+            garbage_ratio: s.garbage_ratio,
+            free_bytes: s.free_bytes,
+            extents: s.extents,
+            log_bytes_since_checkpoint: s.log_bytes_since_checkpoint,
+            checkpoints_written: s.checkpoints_written,
+            cleaner: CleanerCounters {
+                segments_cleaned: s.segments_cleaned,
+                bytes_relocated: s.bytes_relocated,
+            },
+        }
+    }
+}
+
+/// `POST /v1/pool/clean`: what one cleaner pass did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CleanResult {
+    pub segments_deleted: u64,
+    pub bytes_relocated: u64,
+    pub bytes_freed: u64,
+}
+
+impl From<vpool_engine::CleanReport> for CleanResult {
+    fn from(r: vpool_engine::CleanReport) -> CleanResult {
+        CleanResult {
+            segments_deleted: r.segments_deleted,
+            bytes_relocated: r.bytes_relocated,
+            bytes_freed: r.bytes_freed,
+        }
+    }
+}
+
+/// Query of `PUT /v1/volumes/{name}/data`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteQuery {
+    pub offset: u64,
+}
+
+/// Query of `GET /v1/volumes/{name}/data` and `…/allocation`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RangeQuery {
+    pub offset: u64,
+    pub length: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Query of `POST /v1/volumes/{name}/zero`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZeroQuery {
+    pub offset: u64,
+    pub length: u64,
+    /// Whole blocks become holes (free space) rather than allocated zeros.
+    /// On by default: in a thin pool, zeroing is how space is given back.
+    #[serde(default = "default_true")]
+    pub unmap: bool,
+}
+
+/// One run of blocks with the same allocation state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocationExtent {
+    pub offset: u64,
+    pub length: u64,
+    /// Not allocated: stores nothing (reads as zeros).
+    pub hole: bool,
+    /// Reads as zeros (holes and allocated zeros alike).
+    pub zero: bool,
+}
+
+/// `GET /v1/volumes/{name}/allocation`: the allocation state of a prefix of
+/// the asked range, `[offset, offset + length)`. A client wanting the whole
+/// range asks again from `offset + length` until it has it all.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub offset: u64,
+    /// Bytes the extents cover, from `offset`; more than 0 whenever the
+    /// asked length was.
+    pub length: u64,
+    pub extents: Vec<AllocationExtent>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resize_defaults_to_no_shrink() {
+        let r: ResizeVolumeRequest = serde_json::from_str(r#"{"size_bytes":4096}"#).unwrap();
+        assert!(!r.allow_shrink);
+    }
+
+    #[test]
+    fn requests_reject_unknown_fields() {
+        assert!(
+            serde_json::from_str::<CreateVolumeRequest>(
+                r#"{"name":"a","size_bytes":4096,"sise":1}"#
+            )
+            .is_err()
+        );
+        assert!(
+            serde_json::from_str::<ResizeVolumeRequest>(
+                r#"{"size_bytes":4096,"allowShrink":true}"#
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn pool_info_round_trips() {
+        let p = PoolInfo {
+            volumes: 1,
+            logical_bytes: 2,
+            physical_bytes: 3,
+            live_data_bytes: 4,
+            segments: 5,
+            garbage_ratio: 0.25,
+            free_bytes: None,
+            extents: 6,
+            log_bytes_since_checkpoint: 7,
+            checkpoints_written: 8,
+            cleaner: CleanerCounters {
+                segments_cleaned: 9,
+                bytes_relocated: 10,
+            },
+        };
+        let s = serde_json::to_string(&p).unwrap();
+        assert!(s.contains(r#""free_bytes":null"#));
+        assert_eq!(serde_json::from_str::<PoolInfo>(&s).unwrap(), p);
+    }
+}

@@ -1,0 +1,629 @@
+//! The API end to end: a server started in-process on a temporary pool and
+//! a temporary Unix socket (or TCP port 0), driven through the sync client
+//! and through raw requests for the malformed cases.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use vpool_api::{
+    ApiState, AuthToken, Client, ClientError, ErrorKind, MAX_DATA_BYTES, RawResponse, serve_tcp,
+    serve_unix,
+};
+use vpool_engine::{Pool, PoolConfig};
+use vpool_store::LocalDirStore;
+
+const MIB: u64 = 1 << 20;
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+enum Listen {
+    Unix,
+    Tcp,
+}
+
+/// A server on its own thread and runtime, so the test thread can use the
+/// blocking client directly. Dropping it shuts the server down gracefully and
+/// closes the pool.
+struct TestServer {
+    _dir: TempDir,
+    socket: PathBuf,
+    tcp_addr: Option<std::net::SocketAddr>,
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    fn start(listen: Listen) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalDirStore::open(dir.path().join("pool")).unwrap();
+        let config = PoolConfig {
+            // Small segments, so the cleaner has something to do in tests.
+            segment_target_bytes: MIB,
+            // No background cleaner: tests check space figures exactly.
+            background: false,
+            ..PoolConfig::default()
+        };
+        let (pool, _) = Pool::open(Arc::new(store), config).unwrap();
+        let socket = dir.path().join("api.sock");
+        let (tx, rx) = oneshot::channel::<()>();
+        let state = ApiState::new(pool.clone());
+        // Bind on this thread so the socket accepts as soon as start returns.
+        let (unix, tcp, tcp_addr) = match listen {
+            Listen::Unix => {
+                let l = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+                l.set_nonblocking(true).unwrap();
+                (Some(l), None, None)
+            }
+            Listen::Tcp => {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                l.set_nonblocking(true).unwrap();
+                let a = l.local_addr().unwrap();
+                (None, Some(l), Some(a))
+            }
+        };
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let shutdown = async {
+                    let _ = rx.await;
+                };
+                if let Some(l) = unix {
+                    let l = tokio::net::UnixListener::from_std(l).unwrap();
+                    serve_unix(l, state, shutdown).await.unwrap();
+                } else if let Some(l) = tcp {
+                    let l = tokio::net::TcpListener::from_std(l).unwrap();
+                    let token = AuthToken::new(TOKEN).unwrap();
+                    serve_tcp(l, state, token, shutdown).await.unwrap();
+                }
+            });
+            pool.close().unwrap();
+        });
+        TestServer {
+            _dir: dir,
+            socket,
+            tcp_addr,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::unix(&self.socket)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let r = t.join();
+            if !std::thread::panicking() {
+                r.unwrap();
+            }
+        }
+    }
+}
+
+fn api_kind(e: ClientError) -> (u16, ErrorKind) {
+    match e {
+        ClientError::Api { status, kind, .. } => (status, kind),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+/// Checks an error response: status, kind, and that it is the JSON body.
+fn assert_error(r: &RawResponse, status: u16, kind: ErrorKind) {
+    assert_eq!(
+        r.status,
+        status,
+        "body: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let body = r
+        .error_body()
+        .unwrap_or_else(|| panic!("not an error body: {}", String::from_utf8_lossy(&r.body)));
+    assert_eq!(body.error.kind, kind, "{}", body.error.message);
+    assert!(!body.error.message.is_empty());
+    assert_eq!(r.header("content-type"), Some("application/json"));
+}
+
+fn json(s: &str) -> Option<(&'static str, &[u8])> {
+    Some(("application/json", s.as_bytes()))
+}
+
+#[test]
+fn volume_lifecycle() {
+    let srv = TestServer::start(Listen::Unix);
+    let c = srv.client();
+    assert!(c.list_volumes().unwrap().is_empty());
+
+    let v = c.create_volume("web1", 16 * MIB).unwrap();
+    assert_eq!(v.name, "web1");
+    assert_eq!(v.size_bytes, 16 * MIB);
+    assert_eq!(v.allocated_bytes, 0);
+    let v2 = c.create_volume("db.2", 4096).unwrap();
+    assert_ne!(v.id, v2.id);
+
+    let names: Vec<String> = c
+        .list_volumes()
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert_eq!(names.len(), 2);
+    assert!(names.contains(&"web1".to_string()) && names.contains(&"db.2".to_string()));
+    assert_eq!(c.volume_info("web1").unwrap(), v);
+
+    // Grow, refuse to shrink, shrink when allowed.
+    assert_eq!(
+        c.resize_volume("web1", 32 * MIB, false).unwrap().size_bytes,
+        32 * MIB
+    );
+    let (status, kind) = api_kind(c.resize_volume("web1", 8 * MIB, false).unwrap_err());
+    assert_eq!((status, kind), (409, ErrorKind::ShrinkRefused));
+    assert_eq!(c.volume_info("web1").unwrap().size_bytes, 32 * MIB);
+    assert_eq!(
+        c.resize_volume("web1", 8 * MIB, true).unwrap().size_bytes,
+        8 * MIB
+    );
+
+    // Already exists, not found, bad names and sizes.
+    assert_eq!(
+        api_kind(c.create_volume("web1", 4096).unwrap_err()),
+        (409, ErrorKind::AlreadyExists)
+    );
+    assert_eq!(
+        api_kind(c.volume_info("nope").unwrap_err()),
+        (404, ErrorKind::NotFound)
+    );
+    assert_eq!(
+        api_kind(c.delete_volume("nope").unwrap_err()),
+        (404, ErrorKind::NotFound)
+    );
+    assert_eq!(
+        api_kind(c.resize_volume("nope", 4096, false).unwrap_err()),
+        (404, ErrorKind::NotFound)
+    );
+    assert_eq!(
+        api_kind(c.create_volume("a/b", 4096).unwrap_err()),
+        (400, ErrorKind::Invalid)
+    );
+    assert_eq!(
+        api_kind(c.create_volume("x", 4097).unwrap_err()),
+        (400, ErrorKind::Invalid)
+    );
+    assert_eq!(
+        api_kind(c.create_volume("x", 0).unwrap_err()),
+        (400, ErrorKind::Invalid)
+    );
+    assert_eq!(
+        api_kind(c.resize_volume("web1", 100, false).unwrap_err()),
+        (400, ErrorKind::Invalid)
+    );
+
+    c.delete_volume("web1").unwrap();
+    assert_eq!(
+        api_kind(c.volume_info("web1").unwrap_err()),
+        (404, ErrorKind::NotFound)
+    );
+    assert_eq!(c.list_volumes().unwrap().len(), 1);
+}
+
+#[test]
+fn create_answers_201_with_location() {
+    let srv = TestServer::start(Listen::Unix);
+    let r = srv
+        .client()
+        .request(
+            "POST",
+            "/v1/volumes",
+            json(r#"{"name":"v","size_bytes":8192}"#),
+        )
+        .unwrap();
+    assert_eq!(r.status, 201);
+    assert_eq!(r.header("location"), Some("/v1/volumes/v"));
+}
+
+#[test]
+fn data_read_write_zero_allocation() {
+    let srv = TestServer::start(Listen::Unix);
+    let c = srv.client();
+    c.create_volume("d", 8 * MIB).unwrap();
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut model = vec![0u8; 8 * MIB as usize];
+
+    // Aligned, unaligned (512-byte) and odd-length writes all land.
+    for (off, len) in [
+        (0usize, 4096usize),
+        (1 << 20, 3 << 20),
+        (12_800, 700),
+        (7 * MIB as usize, 512),
+    ] {
+        let data: Vec<u8> = (0..len).map(|_| rng.r#gen()).collect();
+        c.write("d", off as u64, &data).unwrap();
+        model[off..off + len].copy_from_slice(&data);
+    }
+    assert_eq!(c.read("d", 0, MAX_DATA_BYTES).unwrap(), model);
+    assert_eq!(c.read("d", 12_801, 10).unwrap(), model[12_801..12_811]);
+    assert!(c.read("d", 100, 0).unwrap().is_empty());
+
+    // Zero a range inside the big write: whole blocks become holes.
+    c.zero("d", (1 << 20) + 4096, 1 << 20, true).unwrap();
+    model[(1 << 20) + 4096..(2 << 20) + 4096].fill(0);
+    assert_eq!(c.read("d", 0, MAX_DATA_BYTES).unwrap(), model);
+    // Allocated zeros (no unmap) read as zeros too.
+    c.zero("d", 0, 4096, false).unwrap();
+    model[..4096].fill(0);
+    assert_eq!(c.read("d", 0, 4096).unwrap(), model[..4096]);
+
+    // The allocation map: data where written, zero/hole elsewhere, covering
+    // the range exactly and in order.
+    let a = c.allocation("d", 0, 8 * MIB).unwrap();
+    assert_eq!(a.offset, 0);
+    assert_eq!(a.length, 8 * MIB);
+    let mut at = 0;
+    for e in &a.extents {
+        assert_eq!(e.offset, at);
+        assert!(e.length > 0);
+        at += e.length;
+        let bytes = &model[e.offset as usize..(e.offset + e.length) as usize];
+        if e.zero {
+            assert!(bytes.iter().all(|&b| b == 0), "extent {e:?} claims zeros");
+        }
+        if e.hole {
+            assert!(e.zero, "a hole reads as zeros");
+        }
+    }
+    assert_eq!(at, 8 * MIB);
+    let first = &a.extents[0];
+    assert!(first.zero && !first.hole, "allocated zeros at 0: {first:?}");
+    let data_bytes: u64 = a.extents.iter().filter(|e| !e.zero).map(|e| e.length).sum();
+    // 3 MiB written at 1 MiB, 1 MiB of it zeroed, plus one block each for
+    // the small writes at 12800 and 7 MiB.
+    assert_eq!(data_bytes, 2 * MIB + 2 * 4096);
+    // A sub-range starts where asked.
+    let a = c.allocation("d", 4096, 8192).unwrap();
+    assert_eq!((a.offset, a.length), (4096, 8192));
+
+    // Flush, and volume info counts the data.
+    c.flush().unwrap();
+    let info = c.volume_info("d").unwrap();
+    assert_eq!(info.allocated_bytes, data_bytes, "{info:?}");
+    assert_eq!(info.zero_bytes, 4096);
+}
+
+#[test]
+fn data_errors() {
+    let srv = TestServer::start(Listen::Unix);
+    let c = srv.client();
+    c.create_volume("d", MIB).unwrap();
+
+    // Out of range: past the end, straddling the end.
+    assert_eq!(
+        api_kind(c.write("d", MIB, &[1; 512]).unwrap_err()),
+        (416, ErrorKind::OutOfRange)
+    );
+    assert_eq!(
+        api_kind(c.write("d", MIB - 512, &[1; 1024]).unwrap_err()),
+        (416, ErrorKind::OutOfRange)
+    );
+    assert_eq!(
+        api_kind(c.read("d", MIB - 4096, 8192).unwrap_err()),
+        (416, ErrorKind::OutOfRange)
+    );
+    assert_eq!(
+        api_kind(c.zero("d", 0, 2 * MIB, true).unwrap_err()),
+        (416, ErrorKind::OutOfRange)
+    );
+    assert_eq!(
+        api_kind(c.allocation("d", 4096, MIB).unwrap_err()),
+        (416, ErrorKind::OutOfRange)
+    );
+    // Unknown volume.
+    assert_eq!(
+        api_kind(c.write("zz", 0, &[1; 512]).unwrap_err()),
+        (404, ErrorKind::NotFound)
+    );
+    assert_eq!(
+        api_kind(c.read("zz", 0, 512).unwrap_err()),
+        (404, ErrorKind::NotFound)
+    );
+    assert_eq!(
+        api_kind(c.allocation("zz", 0, 512).unwrap_err()),
+        (404, ErrorKind::NotFound)
+    );
+    assert_eq!(
+        api_kind(c.zero("zz", 0, 512, true).unwrap_err()),
+        (404, ErrorKind::NotFound)
+    );
+
+    // Overflowing and malformed numbers are invalid, not a panic or a 500.
+    let max = u64::MAX;
+    for (method, q) in [
+        ("GET", format!("/v1/volumes/d/data?offset={max}&length=2")),
+        (
+            "GET",
+            format!("/v1/volumes/d/allocation?offset={max}&length=4096"),
+        ),
+        (
+            "POST",
+            format!("/v1/volumes/d/zero?offset={}&length={max}", 4096),
+        ),
+        (
+            "GET",
+            "/v1/volumes/d/data?offset=99999999999999999999999&length=1".into(),
+        ),
+        ("GET", "/v1/volumes/d/data?offset=-1&length=1".into()),
+        ("GET", "/v1/volumes/d/data?offset=0".into()),
+        ("GET", "/v1/volumes/d/data?offset=0&length=1&bogus=1".into()),
+        ("GET", "/v1/volumes/d/data?offset=abc&length=1".into()),
+        (
+            "GET",
+            format!("/v1/volumes/d/data?offset=0&length={}", MAX_DATA_BYTES + 1),
+        ),
+        (
+            "POST",
+            "/v1/volumes/d/zero?offset=0&length=4096&unmap=maybe".into(),
+        ),
+    ] {
+        let r = c.request(method, &q, None).unwrap();
+        assert_error(&r, 400, ErrorKind::Invalid);
+    }
+    let r = c
+        .request(
+            "PUT",
+            &format!("/v1/volumes/d/data?offset={max}"),
+            Some(("application/octet-stream", &[1; 2])),
+        )
+        .unwrap();
+    assert_error(&r, 400, ErrorKind::Invalid);
+    let r = c
+        .request(
+            "PUT",
+            "/v1/volumes/d/data",
+            Some(("application/octet-stream", &[1; 2])),
+        )
+        .unwrap();
+    assert_error(&r, 400, ErrorKind::Invalid);
+
+    // An over-limit body is refused with 413 and the JSON body; the limit
+    // itself is accepted.
+    let big = vec![7u8; MAX_DATA_BYTES + 1];
+    let r = c
+        .request(
+            "PUT",
+            "/v1/volumes/d/data?offset=0",
+            Some(("application/octet-stream", &big)),
+        )
+        .unwrap();
+    assert_error(&r, 413, ErrorKind::PayloadTooLarge);
+    c.create_volume("big", 16 * MIB).unwrap();
+    c.write("big", 0, &big[..MAX_DATA_BYTES]).unwrap();
+    assert!(
+        c.write("big", 0, &big).is_err(),
+        "the client refuses over-limit writes itself"
+    );
+    // The server still works after all that.
+    assert_eq!(c.read("big", 0, 16).unwrap(), vec![7u8; 16]);
+}
+
+#[test]
+fn bad_json_bodies() {
+    let srv = TestServer::start(Listen::Unix);
+    let c = srv.client();
+    c.create_volume("v", 8192).unwrap();
+    for body in [
+        "",
+        "{",
+        "not json",
+        "[]",
+        r#"{"name":"x"}"#,
+        r#"{"size_bytes":4096}"#,
+        r#"{"name":"x","size_bytes":-4096}"#,
+        r#"{"name":"x","size_bytes":"4096"}"#,
+        r#"{"name":"x","size_bytes":184467440737095516150}"#,
+        r#"{"name":"x","size_bytes":4096,"extra":true}"#,
+        r#"{"name":7,"size_bytes":4096}"#,
+    ] {
+        let r = c.request("POST", "/v1/volumes", json(body)).unwrap();
+        assert_error(&r, 400, ErrorKind::Invalid);
+    }
+    for body in [
+        "{}",
+        r#"{"allow_shrink":true}"#,
+        r#"{"size_bytes":4096,"allow_shrink":"yes"}"#,
+    ] {
+        let r = c.request("PATCH", "/v1/volumes/v", json(body)).unwrap();
+        assert_error(&r, 400, ErrorKind::Invalid);
+    }
+    // Over the JSON body limit.
+    let huge = format!(
+        r#"{{"name":"{}","size_bytes":4096}}"#,
+        "a".repeat(vpool_api::MAX_JSON_BODY_BYTES)
+    );
+    let r = c.request("POST", "/v1/volumes", json(&huge)).unwrap();
+    assert_error(&r, 413, ErrorKind::PayloadTooLarge);
+    // Nothing was created by any of it.
+    assert_eq!(c.list_volumes().unwrap().len(), 1);
+}
+
+#[test]
+fn unknown_routes_and_methods() {
+    let srv = TestServer::start(Listen::Unix);
+    let c = srv.client();
+    assert_error(
+        &c.request("GET", "/v1/nothing", None).unwrap(),
+        404,
+        ErrorKind::NotFound,
+    );
+    assert_error(
+        &c.request("GET", "/", None).unwrap(),
+        404,
+        ErrorKind::NotFound,
+    );
+    assert_error(
+        &c.request("DELETE", "/v1/pool", None).unwrap(),
+        405,
+        ErrorKind::MethodNotAllowed,
+    );
+    assert_error(
+        &c.request("PUT", "/v1/volumes", None).unwrap(),
+        405,
+        ErrorKind::MethodNotAllowed,
+    );
+}
+
+#[test]
+fn pool_routes() {
+    let srv = TestServer::start(Listen::Unix);
+    let c = srv.client();
+    let p0 = c.pool_info().unwrap();
+    assert_eq!(p0.volumes, 0);
+    c.create_volume("a", 64 * MIB).unwrap();
+    // Write 4 MiB twice over: the first copy becomes garbage.
+    let data = vec![0x5au8; 4 * MIB as usize];
+    c.write("a", 0, &data).unwrap();
+    c.write("a", 0, &data).unwrap();
+    c.flush().unwrap();
+    let p = c.pool_info().unwrap();
+    assert_eq!(p.volumes, 1);
+    assert_eq!(p.logical_bytes, 64 * MIB);
+    assert_eq!(p.live_data_bytes, 4 * MIB);
+    assert!(p.physical_bytes >= 8 * MIB, "{p:?}");
+    assert!(p.garbage_ratio > 0.3 && p.garbage_ratio < 1.0, "{p:?}");
+    assert!(p.segments >= 2, "{p:?}");
+    assert!(p.free_bytes.is_some());
+
+    let before = p.checkpoints_written;
+    c.checkpoint().unwrap();
+    assert!(c.pool_info().unwrap().checkpoints_written > before);
+
+    // Cleaning frees the overwritten copy.
+    let r = c.clean().unwrap();
+    let p = c.pool_info().unwrap();
+    assert!(r.segments_deleted > 0 && r.bytes_freed > 0, "{r:?}");
+    assert_eq!(p.cleaner.segments_cleaned, r.segments_deleted);
+    assert!(p.physical_bytes < 8 * MIB, "{p:?}");
+    assert_eq!(c.read("a", 0, 4 * MIB as usize).unwrap(), data);
+
+    // The raw JSON has the documented shape.
+    let r = c.request("GET", "/v1/pool", None).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    for k in [
+        "logical_bytes",
+        "physical_bytes",
+        "live_data_bytes",
+        "segments",
+        "garbage_ratio",
+        "free_bytes",
+        "extents",
+        "checkpoints_written",
+    ] {
+        assert!(v.get(k).is_some(), "missing {k} in {v}");
+    }
+    assert!(v["cleaner"]["segments_cleaned"].is_u64());
+    let r = c.request("GET", "/v1/volumes/a", None).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    for k in [
+        "name",
+        "id",
+        "size_bytes",
+        "allocated_bytes",
+        "zero_bytes",
+        "extents",
+    ] {
+        assert!(v.get(k).is_some(), "missing {k} in {v}");
+    }
+}
+
+#[test]
+fn tcp_requires_the_token() {
+    let srv = TestServer::start(Listen::Tcp);
+    let addr = srv.tcp_addr.unwrap();
+
+    let good = Client::tcp(addr, TOKEN).unwrap();
+    good.create_volume("t", 8192).unwrap();
+    assert_eq!(good.list_volumes().unwrap().len(), 1);
+    good.write("t", 0, &[3; 4096]).unwrap();
+    assert_eq!(good.read("t", 0, 4096).unwrap(), vec![3; 4096]);
+
+    let wrong = Client::tcp(addr, "wrong-token-0123456789abcdef").unwrap();
+    assert_eq!(
+        api_kind(wrong.list_volumes().unwrap_err()),
+        (401, ErrorKind::Unauthorized)
+    );
+    // A prefix of the right token is wrong too.
+    let prefix = Client::tcp(addr, &TOKEN[..TOKEN.len() - 1]).unwrap();
+    assert_eq!(
+        api_kind(prefix.pool_info().unwrap_err()),
+        (401, ErrorKind::Unauthorized)
+    );
+    // Unauthenticated writes do not happen.
+    assert_eq!(
+        api_kind(wrong.write("t", 0, &[9; 4096]).unwrap_err()).1,
+        ErrorKind::Unauthorized
+    );
+    assert_eq!(good.read("t", 0, 4096).unwrap(), vec![3; 4096]);
+
+    // No header at all, on a known route and on an unknown one.
+    let raw = |path: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    for path in ["/v1/volumes", "/v1/nothing"] {
+        let out = raw(path);
+        assert!(out.starts_with("HTTP/1.1 401"), "{out}");
+        assert!(
+            out.to_ascii_lowercase()
+                .contains("www-authenticate: bearer"),
+            "{out}"
+        );
+        assert!(out.contains(r#""kind":"unauthorized""#), "{out}");
+    }
+}
+
+#[test]
+fn concurrent_clients() {
+    let srv = TestServer::start(Listen::Unix);
+    let c = srv.client();
+    c.create_volume("c", 16 * MIB).unwrap();
+    let threads: Vec<_> = (0..4u8)
+        .map(|t| {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                for i in 0..16u64 {
+                    let off = (u64::from(t) * 16 + i) * 65536;
+                    c.write("c", off, &vec![t + 1; 65536]).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    c.flush().unwrap();
+    for t in 0..4u8 {
+        let off = u64::from(t) * 16 * 65536;
+        assert_eq!(
+            c.read("c", off, 16 * 65536).unwrap(),
+            vec![t + 1; 16 * 65536]
+        );
+    }
+}

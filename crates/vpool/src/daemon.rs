@@ -1,0 +1,330 @@
+//! The daemon: opens the pool, serves the API until told to stop, then
+//! closes the pool cleanly.
+//!
+//! [`run_daemon`] is the whole of `vpool serve` minus argument parsing,
+//! logging setup and signal handling, so tests run it in-process with any
+//! future as the shutdown signal.
+//!
+//! Order matters at both ends. At start, the pool's lock is taken *before*
+//! the socket is touched, so a second daemon on the same pool fails without
+//! disturbing the first one's socket. At the end, the listeners stop and the
+//! requests in flight finish *before* the pool is closed (checkpointed), so
+//! no acknowledged request races the close.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use vpool_api::{ApiState, AuthToken, ServeError, serve_tcp, serve_unix};
+use vpool_engine::{Pool, PoolConfig};
+use vpool_store::{LocalDirStore, StoreError};
+
+/// The API socket's file name inside the pool directory.
+pub const API_SOCKET_NAME: &str = "api.sock";
+
+/// How long shutdown waits for requests in flight before closing the pool
+/// anyway. A data request moves at most 8 MiB, so this is plenty unless the
+/// disk is wedged, and then waiting longer would not help.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// `sun_path` holds 108 bytes including the terminating NUL.
+const MAX_UNIX_SOCKET_PATH_BYTES: usize = 107;
+
+/// The API socket is only for the pool's owner: it carries no other
+/// authentication.
+const API_SOCKET_MODE: u32 = 0o600;
+
+/// Where the daemon's API socket for a pool directory is.
+pub fn api_socket_path(pool_dir: &Path) -> PathBuf {
+    pool_dir.join(API_SOCKET_NAME)
+}
+
+/// The optional TCP listener of the API.
+#[derive(Clone, Debug)]
+pub struct TcpApiConfig {
+    pub listen: SocketAddr,
+    pub token: AuthToken,
+}
+
+/// What the daemon serves and where.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    pub pool_dir: PathBuf,
+    pub api_socket: PathBuf,
+    pub tcp: Option<TcpApiConfig>,
+    pub pool_config: PoolConfig,
+}
+
+impl DaemonConfig {
+    /// The defaults for a pool directory: socket at `<pool>/api.sock`, no
+    /// TCP listener, the engine's default tuning.
+    pub fn new(pool_dir: impl Into<PathBuf>) -> DaemonConfig {
+        let pool_dir = pool_dir.into();
+        DaemonConfig {
+            api_socket: api_socket_path(&pool_dir),
+            pool_dir,
+            tcp: None,
+            pool_config: PoolConfig::default(),
+        }
+    }
+}
+
+/// Where a started daemon listens (the TCP port may have been 0).
+#[derive(Clone, Debug)]
+pub struct Ready {
+    pub api_socket: PathBuf,
+    pub tcp_addr: Option<SocketAddr>,
+}
+
+/// Another process holds the pool's lock.
+#[derive(Debug)]
+pub struct AlreadyRunning {
+    pub pool: String,
+    pub lock_file: String,
+    pub pid: Option<u32>,
+}
+
+impl std::fmt::Display for AlreadyRunning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let who = match self.pid {
+            Some(pid) => format!("another vpool process (pid {pid})"),
+            None => "another vpool process".to_string(),
+        };
+        write!(
+            f,
+            "pool {} is already served by {who}: it holds the lock on {}; stop that daemon first, or use another --pool",
+            self.pool, self.lock_file
+        )
+    }
+}
+
+impl std::error::Error for AlreadyRunning {}
+
+/// Runs the daemon until `shutdown` completes; see the module docs.
+pub async fn run_daemon(
+    config: DaemonConfig,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    run_daemon_notify(config, shutdown, |_| {}).await
+}
+
+/// [`run_daemon`], calling `on_ready` once every listener accepts.
+pub async fn run_daemon_notify(
+    config: DaemonConfig,
+    shutdown: impl Future<Output = ()>,
+    on_ready: impl FnOnce(&Ready),
+) -> anyhow::Result<()> {
+    let socket_len = config.api_socket.as_os_str().len();
+    if socket_len > MAX_UNIX_SOCKET_PATH_BYTES {
+        bail!(
+            "the API socket path {} is {socket_len} bytes; Unix sockets allow {MAX_UNIX_SOCKET_PATH_BYTES}: use a shorter --pool path",
+            config.api_socket.display()
+        );
+    }
+    let pool = open_pool(&config).await?;
+    // From here on the pool is closed on every path, error or not.
+    let served = serve_pool(&config, &pool, shutdown, on_ready).await;
+    let closing = pool.clone();
+    let closed = tokio::task::spawn_blocking(move || closing.close()).await;
+    served?;
+    closed
+        .context("the pool's close task failed")?
+        .context("closing the pool (final checkpoint)")?;
+    tracing::info!(pool = %config.pool_dir.display(), "pool closed; daemon stopped");
+    Ok(())
+}
+
+async fn open_pool(config: &DaemonConfig) -> anyhow::Result<Pool> {
+    let dir = config.pool_dir.clone();
+    let store = tokio::task::spawn_blocking(move || LocalDirStore::open(&dir))
+        .await
+        .context("the pool-open task failed")?;
+    let store = match store {
+        Ok(s) => s,
+        Err(StoreError::Locked { path, lock_file }) => {
+            let pid = std::fs::read_to_string(&lock_file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok());
+            return Err(AlreadyRunning {
+                pool: path,
+                lock_file,
+                pid,
+            }
+            .into());
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e)).with_context(|| {
+                format!("opening the pool directory {}", config.pool_dir.display())
+            });
+        }
+    };
+    let pool_config = config.pool_config.clone();
+    let (pool, report) =
+        tokio::task::spawn_blocking(move || Pool::open(Arc::new(store), pool_config))
+            .await
+            .context("the pool-open task failed")?
+            .with_context(|| format!("recovering the pool at {}", config.pool_dir.display()))?;
+    tracing::info!(
+        pool = %config.pool_dir.display(),
+        checkpoint = report.checkpoint_loaded,
+        records_replayed = report.records_replayed,
+        bytes_replayed = report.bytes_replayed,
+        torn_tail_bytes = report.torn_tail_bytes,
+        ms = report.duration.as_millis() as u64,
+        "pool open"
+    );
+    Ok(pool)
+}
+
+/// Removes a socket file left by a daemon that died. Only called with the
+/// pool's lock held, so no live daemon can own it. Anything that is not a
+/// socket is left alone: deleting a user's file by mistake is worse than
+/// failing to start.
+fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            tracing::info!(socket = %path.display(), "removing the stale API socket of a previous daemon");
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing the stale socket {}", path.display()))
+        }
+        Ok(_) => bail!(
+            "{} exists and is not a socket; move it away so the API socket can be created",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("checking {}", path.display())),
+    }
+}
+
+/// Removes the API socket file when dropped: created by this daemon, it
+/// goes with it on every way out of [`serve_pool`], so clients see "no
+/// daemon" rather than "connection refused" once it is gone.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(error = %e, socket = %self.0.display(), "could not remove the API socket");
+        }
+    }
+}
+
+async fn serve_pool(
+    config: &DaemonConfig,
+    pool: &Pool,
+    shutdown: impl Future<Output = ()>,
+    on_ready: impl FnOnce(&Ready),
+) -> anyhow::Result<()> {
+    remove_stale_socket(&config.api_socket)?;
+    let unix = UnixListener::bind(&config.api_socket)
+        .with_context(|| format!("listening on {}", config.api_socket.display()))?;
+    let _socket_file = SocketFile(config.api_socket.clone());
+    std::fs::set_permissions(
+        &config.api_socket,
+        std::fs::Permissions::from_mode(API_SOCKET_MODE),
+    )
+    .with_context(|| format!("restricting {}", config.api_socket.display()))?;
+    let tcp = match &config.tcp {
+        Some(t) => Some((
+            TcpListener::bind(t.listen)
+                .await
+                .with_context(|| format!("listening on {}", t.listen))?,
+            t.token.clone(),
+        )),
+        None => None,
+    };
+    let tcp_addr = match &tcp {
+        Some((l, _)) => Some(
+            l.local_addr()
+                .context("reading the TCP listener's address")?,
+        ),
+        None => None,
+    };
+
+    // Every listener waits on this; flipping it to true starts a graceful
+    // shutdown of all of them at once.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        // An error means the sender is gone, which also means stop.
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let mut servers: JoinSet<(&'static str, Result<(), ServeError>)> = JoinSet::new();
+    let state = ApiState::new(pool.clone());
+    servers.spawn({
+        let fut = serve_unix(unix, state.clone(), stopped(stop_rx.clone()));
+        async move { ("API (unix socket)", fut.await) }
+    });
+    if let Some((listener, token)) = tcp {
+        let fut = serve_tcp(listener, state.clone(), token, stopped(stop_rx.clone()));
+        servers.spawn(async move { ("API (tcp)", fut.await) });
+    }
+
+    // ===== NBD listener: started here (wired in by the lead) =====
+    // Start the vpool-nbd server with an ExportRegistry over `pool`, spawn
+    // it into `servers` with `stopped(stop_rx.clone())` as its shutdown
+    // signal, and it is drained on shutdown and the pool closed after it,
+    // like the API listeners above.
+    // ===== end of NBD listener =====
+
+    let ready = Ready {
+        api_socket: config.api_socket.clone(),
+        tcp_addr,
+    };
+    tracing::info!(
+        pool = %config.pool_dir.display(),
+        socket = %ready.api_socket.display(),
+        tcp = ?ready.tcp_addr,
+        "vpool daemon ready"
+    );
+    on_ready(&ready);
+
+    let mut failure: Option<anyhow::Error> = None;
+    tokio::pin!(shutdown);
+    tokio::select! {
+        () = &mut shutdown => {
+            tracing::info!("shutting down: no new connections; finishing requests in flight");
+        }
+        Some(ended) = servers.join_next() => {
+            // A listener never ends on its own; if one did, stop the rest.
+            let err = match ended {
+                Ok((name, Ok(()))) => anyhow::anyhow!("the {name} server stopped unexpectedly"),
+                Ok((name, Err(e))) => anyhow::Error::new(e).context(format!("the {name} server failed")),
+                Err(e) => anyhow::Error::new(e).context("a server task failed"),
+            };
+            tracing::error!(error = format!("{err:#}"), "shutting down");
+            failure = Some(err);
+        }
+    }
+    let _ = stop_tx.send(true);
+    let drain = async {
+        while let Some(ended) = servers.join_next().await {
+            match ended {
+                Ok((_, Ok(()))) => {}
+                Ok((name, Err(e))) => {
+                    tracing::error!(error = %e, "the {name} server failed while stopping")
+                }
+                Err(e) => tracing::error!(error = %e, "a server task failed while stopping"),
+            }
+        }
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+        tracing::warn!(
+            grace_s = SHUTDOWN_GRACE.as_secs(),
+            "requests still in flight after the grace period; closing the pool anyway"
+        );
+        servers.abort_all();
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

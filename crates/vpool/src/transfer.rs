@@ -1,0 +1,431 @@
+//! `vol import` and `vol export`: raw disk images in and out of a volume,
+//! sparse both ways.
+//!
+//! Import reads only the file's data regions (`SEEK_DATA`/`SEEK_HOLE`) and
+//! skips all-zero blocks inside them, so a 100 GiB image with 2 GiB of data
+//! sends about 2 GiB. Export asks the daemon for the volume's allocation map,
+//! reads only the data extents, and writes only blocks that are not zero into
+//! a file pre-sized with `set_len`, so holes stay holes.
+//!
+//! Neither is a snapshot: export a volume that nothing is writing to.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use vpool_api::{Client, ErrorKind};
+use vpool_engine::BLOCK_SIZE;
+
+use crate::size::{format_size, round_up_to_block};
+
+/// Bytes moved per data request. Well under the API's 8 MiB limit, and big
+/// enough that per-request overhead is small.
+pub const CHUNK_BYTES: usize = 4 << 20;
+
+const BLOCK: usize = BLOCK_SIZE as usize;
+
+/// What an import did.
+#[derive(Clone, Debug, Serialize)]
+pub struct ImportReport {
+    pub volume: String,
+    pub file: String,
+    pub created: bool,
+    pub file_bytes: u64,
+    pub volume_size_bytes: u64,
+    /// Bytes sent to the volume.
+    pub data_bytes: u64,
+    /// Bytes of the file skipped as holes or all-zero blocks.
+    pub skipped_bytes: u64,
+}
+
+/// What an export did.
+#[derive(Clone, Debug, Serialize)]
+pub struct ExportReport {
+    pub volume: String,
+    pub file: String,
+    pub size_bytes: u64,
+    /// Bytes written to the file (the rest are holes).
+    pub data_bytes: u64,
+}
+
+fn progress_bar(total: u64, show: bool, what: &str) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    let style = ProgressStyle::with_template(
+        "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    )
+    .map(|s| s.progress_chars("=> "))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// True if every byte is zero.
+pub fn is_zero(buf: &[u8]) -> bool {
+    // 16 bytes at a time: the compiler makes this a fast vector loop.
+    let mut chunks = buf.chunks_exact(16);
+    let words_zero = chunks
+        .by_ref()
+        .all(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])) == 0);
+    words_zero && chunks.remainder().iter().all(|&b| b == 0)
+}
+
+/// Runs of blocks of `buf` that are not all zeros, as `(start, end)` byte
+/// offsets in `buf`, block-aligned (the last may end at `buf.len()`).
+pub fn nonzero_runs(buf: &[u8]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, block) in buf.chunks(BLOCK).enumerate() {
+        if is_zero(block) {
+            continue;
+        }
+        let start = i * BLOCK;
+        let end = start + block.len();
+        match runs.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => runs.push((start, end)),
+        }
+    }
+    runs
+}
+
+/// The data regions of `file` (length `len`) as `(start, end)`, using
+/// `SEEK_DATA`/`SEEK_HOLE`. Where the filesystem cannot tell, the whole
+/// file is one region (zero blocks are still skipped later).
+pub fn data_regions(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let mut regions = Vec::new();
+    let mut pos: u64 = 0;
+    while pos < len {
+        let Ok(at) = libc::off_t::try_from(pos) else {
+            break;
+        };
+        // SAFETY: lseek on a descriptor we own; it only moves the offset,
+        // and every read here is positional (pread), so that is harmless.
+        let start = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if start < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                // No data past `pos`: the rest is a hole.
+                Some(libc::ENXIO) => break,
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
+                    regions.push((pos, len));
+                    break;
+                }
+                _ => return Err(e),
+            }
+        }
+        let start = u64::try_from(start).unwrap_or(pos).max(pos);
+        // SAFETY: as above.
+        let end = unsafe { libc::lseek(fd, start as libc::off_t, libc::SEEK_HOLE) };
+        let end = if end < 0 {
+            len
+        } else {
+            u64::try_from(end).unwrap_or(len).min(len)
+        };
+        if end <= start {
+            break;
+        }
+        regions.push((start, end));
+        pos = end;
+    }
+    Ok(regions)
+}
+
+/// Length of a file or block device.
+fn file_len(file: &mut File) -> io::Result<u64> {
+    let m = file.metadata()?;
+    if m.is_file() {
+        return Ok(m.len());
+    }
+    let len = file.seek(SeekFrom::End(0))?;
+    file.seek(SeekFrom::Start(0))?;
+    Ok(len)
+}
+
+/// Imports the raw image at `path` into volume `name`, creating it if
+/// missing (with `size`, or the file's length rounded up to 4 KiB).
+pub fn import(
+    client: &Client,
+    name: &str,
+    path: &Path,
+    size: Option<u64>,
+    show_progress: bool,
+) -> anyhow::Result<ImportReport> {
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let len =
+        file_len(&mut file).with_context(|| format!("reading the size of {}", path.display()))?;
+    let needed = round_up_to_block(len).context("the file is too large")?;
+
+    let (created, volume_size) = match client.volume_info(name) {
+        Ok(info) => {
+            if let Some(s) = size.filter(|&s| s != info.size_bytes) {
+                bail!(
+                    "volume {name} exists with size {} ({} bytes), not {} ({s} bytes); resize it first with `vpool vol resize`",
+                    format_size(info.size_bytes),
+                    info.size_bytes,
+                    format_size(s)
+                );
+            }
+            if info.size_bytes < len {
+                bail!(
+                    "volume {name} is {} but {} is {}; resize the volume first with `vpool vol resize`",
+                    format_size(info.size_bytes),
+                    path.display(),
+                    format_size(len)
+                );
+            }
+            // The image replaces the volume's content: clear it, so what the
+            // image has as holes does not show old data.
+            client
+                .zero(name, 0, info.size_bytes, true)
+                .with_context(|| format!("clearing volume {name} before the import"))?;
+            (false, info.size_bytes)
+        }
+        Err(e) if e.kind() == Some(ErrorKind::NotFound) => {
+            let vsize = match size {
+                Some(s) if s < len => bail!(
+                    "--size {} is smaller than {} ({})",
+                    format_size(s),
+                    path.display(),
+                    format_size(len)
+                ),
+                Some(s) => s,
+                None if needed == 0 => bail!(
+                    "{} is empty: give the volume's size with --size",
+                    path.display()
+                ),
+                None => needed,
+            };
+            client
+                .create_volume(name, vsize)
+                .with_context(|| format!("creating volume {name}"))?;
+            (true, vsize)
+        }
+        Err(e) => return Err(e.into()),
+    };
+
+    let regions = data_regions(&file, len)
+        .with_context(|| format!("finding the data in {}", path.display()))?;
+    let bar = progress_bar(len, show_progress, "import");
+    let mut buf = vec![0u8; CHUNK_BYTES];
+    let mut data_bytes = 0u64;
+    // End of what was sent so far, so regions rounded out to whole blocks
+    // never send a block twice.
+    let mut sent_to = 0u64;
+    for (start, end) in regions {
+        // Whole blocks: the filesystem's regions are block-aligned anyway,
+        // and the volume maps 4 KiB blocks.
+        let mut pos = (start - start % BLOCK_SIZE).max(sent_to);
+        let end = round_up_to_block(end).unwrap_or(end);
+        bar.set_position(pos.min(len));
+        while pos < end {
+            let want = usize::try_from(end - pos)
+                .unwrap_or(CHUNK_BYTES)
+                .min(CHUNK_BYTES);
+            let chunk = &mut buf[..want];
+            let got = read_full_at(&file, chunk, pos)
+                .with_context(|| format!("reading {}", path.display()))?;
+            // Past the end of the file reads as zeros (the volume is
+            // rounded up to whole blocks).
+            chunk[got..].fill(0);
+            for (s, e) in nonzero_runs(chunk) {
+                client
+                    .write(name, pos + s as u64, &chunk[s..e])
+                    .with_context(|| {
+                        format!("writing to volume {name} at offset {}", pos + s as u64)
+                    })?;
+                data_bytes += (e - s) as u64;
+            }
+            pos += want as u64;
+            bar.set_position(pos.min(len));
+        }
+        sent_to = sent_to.max(pos);
+    }
+    client.flush().context("flushing the imported data")?;
+    bar.set_position(len);
+    bar.finish_and_clear();
+    Ok(ImportReport {
+        volume: name.to_string(),
+        file: path.display().to_string(),
+        created,
+        file_bytes: len,
+        volume_size_bytes: volume_size,
+        data_bytes,
+        skipped_bytes: len.saturating_sub(data_bytes),
+    })
+}
+
+/// Reads until `buf` is full or the file ends; returns the bytes read.
+fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// Exports volume `name` to a new sparse file at `path` (replacing an
+/// existing file only with `force`).
+pub fn export(
+    client: &Client,
+    name: &str,
+    path: &Path,
+    force: bool,
+    show_progress: bool,
+) -> anyhow::Result<ExportReport> {
+    let info = client.volume_info(name)?;
+    let size = info.size_bytes;
+    let mut opts = OpenOptions::new();
+    opts.write(true);
+    if force {
+        opts.create(true).truncate(true);
+    } else {
+        opts.create_new(true);
+    }
+    let file = opts.open(path).map_err(|e| {
+        if e.kind() == io::ErrorKind::AlreadyExists {
+            anyhow::anyhow!(
+                "{} already exists; use --force to overwrite it",
+                path.display()
+            )
+        } else {
+            anyhow::Error::new(e).context(format!("creating {}", path.display()))
+        }
+    })?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("checking {}", path.display()))?;
+    if !meta.is_file() {
+        bail!(
+            "{} is not a regular file; export writes sparse regular files only",
+            path.display()
+        );
+    }
+    // A file of the volume's size that is all hole; only data is written.
+    file.set_len(size)
+        .with_context(|| format!("sizing {} to {}", path.display(), format_size(size)))?;
+
+    let bar = progress_bar(size, show_progress, "export");
+    let mut data_bytes = 0u64;
+    let mut pos = 0u64;
+    while pos < size {
+        let map = client
+            .allocation(name, pos, size - pos)
+            .with_context(|| format!("reading the allocation map of {name} at offset {pos}"))?;
+        if map.offset != pos || map.length == 0 {
+            bail!("the daemon answered an allocation query at {pos} with no progress; giving up");
+        }
+        for extent in map.extents.iter().filter(|e| !e.zero) {
+            let mut at = extent.offset;
+            let end = extent.offset + extent.length;
+            while at < end {
+                let n = usize::try_from(end - at)
+                    .unwrap_or(CHUNK_BYTES)
+                    .min(CHUNK_BYTES);
+                let data = client
+                    .read(name, at, n)
+                    .with_context(|| format!("reading volume {name} at offset {at}"))?;
+                // Data extents can hold zero blocks (written as zeros):
+                // leaving them out keeps those holes too.
+                for (s, e) in nonzero_runs(&data) {
+                    file.write_all_at(&data[s..e], at + s as u64)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    data_bytes += (e - s) as u64;
+                }
+                at += n as u64;
+                bar.set_position(at);
+            }
+        }
+        pos = map.offset + map.length;
+        bar.set_position(pos);
+    }
+    file.sync_all()
+        .with_context(|| format!("syncing {}", path.display()))?;
+    bar.finish_and_clear();
+    Ok(ExportReport {
+        volume: name.to_string(),
+        file: path.display().to_string(),
+        size_bytes: size,
+        data_bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[]));
+        assert!(is_zero(&[0; 4096]));
+        let mut b = vec![0u8; 4099];
+        assert!(is_zero(&b));
+        b[4098] = 1;
+        assert!(!is_zero(&b));
+        b[4098] = 0;
+        b[17] = 1;
+        assert!(!is_zero(&b));
+    }
+
+    #[test]
+    fn runs_of_nonzero_blocks() {
+        let mut b = vec![0u8; 5 * BLOCK + 100];
+        assert!(nonzero_runs(&b).is_empty());
+        b[BLOCK + 5] = 1;
+        b[2 * BLOCK + 4095] = 1;
+        b[4 * BLOCK] = 1;
+        b[5 * BLOCK + 99] = 1;
+        assert_eq!(
+            nonzero_runs(&b),
+            vec![(BLOCK, 3 * BLOCK), (4 * BLOCK, 5 * BLOCK + 100)]
+        );
+    }
+
+    #[test]
+    fn finds_data_regions_of_a_sparse_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sparse");
+        let mut f = File::create(&p).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(&[1; 8192], 16 << 20).unwrap();
+        f.write_all_at(&[1; 4096], 40 << 20).unwrap();
+        f.flush().unwrap();
+        let f = File::open(&p).unwrap();
+        let regions = data_regions(&f, 64 << 20).unwrap();
+        // Filesystems may round regions out, but must cover the data and
+        // leave most of the file out.
+        let covered: u64 = regions.iter().map(|(s, e)| e - s).sum();
+        assert!(
+            regions
+                .iter()
+                .any(|&(s, e)| s <= 16 << 20 && e >= (16 << 20) + 8192),
+            "{regions:?}"
+        );
+        assert!(
+            regions
+                .iter()
+                .any(|&(s, e)| s <= 40 << 20 && e >= (40 << 20) + 4096),
+            "{regions:?}"
+        );
+        assert!(covered < 32 << 20, "{regions:?}");
+        // A fully hole file has no data.
+        let q = dir.path().join("hole");
+        File::create(&q).unwrap().set_len(1 << 20).unwrap();
+        let regions = data_regions(&File::open(&q).unwrap(), 1 << 20).unwrap();
+        assert!(regions.is_empty(), "{regions:?}");
+    }
+}

@@ -1,0 +1,469 @@
+//! The built `vpool` binary against a real daemon (`vpool serve` as a child
+//! process): every volume command with and without `--json`, sparse import
+//! and export, and the daemon's start/stop rules.
+
+mod common;
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+
+use common::{Daemon, run, run_err, run_json, run_ok, vpool_cmd};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn volume_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let _d = Daemon::start(&pool, &[]);
+
+    assert_eq!(run_ok(&pool, &["vol", "list"]), "no volumes\n");
+    assert_eq!(
+        run_json(&pool, &["vol", "list"])["volumes"],
+        serde_json::json!([])
+    );
+
+    // Create: human and JSON output, binary units.
+    let out = run_ok(&pool, &["vol", "create", "web1", "--size", "20G"]);
+    assert_eq!(out, "created volume web1 (20 GiB)\n");
+    let v = run_json(&pool, &["vol", "create", "db", "--size", "1.5T"]);
+    assert_eq!(v["name"], "db");
+    assert_eq!(v["size_bytes"], 3u64 << 39);
+    assert_eq!(v["allocated_bytes"], 0);
+
+    // Sizes the pool cannot take are refused before asking the daemon.
+    let err = run_err(&pool, &["vol", "create", "x", "--size", "1000"]);
+    assert!(err.contains("not a multiple of 4096"), "{err}");
+    let err = run_err(&pool, &["vol", "create", "x", "--size", "20GB"]);
+    assert!(err.contains("binary units"), "{err}");
+    // A 512-byte size parses but is not a volume size.
+    let err = run_err(&pool, &["vol", "create", "x", "--size", "512"]);
+    assert!(err.contains("not a multiple of 4096"), "{err}");
+    // A name the engine refuses.
+    let err = run_err(&pool, &["vol", "create", "bad/name", "--size", "4K"]);
+    assert!(err.contains("volume name"), "{err}");
+    let err = run_err(&pool, &["vol", "create", "web1", "--size", "4K"]);
+    assert!(err.contains("already exists"), "{err}");
+
+    // List: a table, and JSON.
+    let table = run_ok(&pool, &["vol", "list"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(
+        lines[0].starts_with("NAME") && lines[0].contains("SIZE"),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("web1") && l.contains("20 GiB")),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("db") && l.contains("1.5 TiB")),
+        "{table}"
+    );
+    let l = run_json(&pool, &["vol", "list"]);
+    assert_eq!(l["volumes"].as_array().unwrap().len(), 2);
+
+    // Info.
+    let info = run_ok(&pool, &["vol", "info", "web1"]);
+    assert!(info.contains("name:       web1"), "{info}");
+    assert!(info.contains("20 GiB (21474836480 bytes)"), "{info}");
+    assert_eq!(
+        run_json(&pool, &["vol", "info", "web1"])["size_bytes"],
+        20u64 << 30
+    );
+
+    // Resize: grow, refuse to shrink (naming the flag), shrink with it.
+    assert_eq!(
+        run_ok(&pool, &["vol", "resize", "web1", "--size", "40G"]),
+        "volume web1 is now 40 GiB\n"
+    );
+    let err = run_err(&pool, &["vol", "resize", "web1", "--size", "10G"]);
+    assert!(err.contains("--allow-shrink"), "{err}");
+    assert_eq!(
+        run_json(&pool, &["vol", "info", "web1"])["size_bytes"],
+        40u64 << 30
+    );
+    let v = run_json(
+        &pool,
+        &["vol", "resize", "web1", "--size", "10G", "--allow-shrink"],
+    );
+    assert_eq!(v["size_bytes"], 10u64 << 30);
+
+    // Delete, and the errors for a missing volume (JSON errors on stderr).
+    assert_eq!(
+        run_ok(&pool, &["vol", "delete", "db"]),
+        "deleted volume db\n"
+    );
+    assert_eq!(
+        run_json(&pool, &["vol", "delete", "web1"])["deleted"],
+        "web1"
+    );
+    let err = run_err(&pool, &["vol", "info", "web1"]);
+    assert!(err.contains("not found"), "{err}");
+    let out = run(&pool, &["vol", "info", "web1", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let e: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(e["error"]["kind"], "not_found");
+    assert_eq!(run_ok(&pool, &["vol", "list"]), "no volumes\n");
+}
+
+#[test]
+fn pool_info_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let _d = Daemon::start(&pool, &[]);
+    run_ok(&pool, &["vol", "create", "a", "--size", "1G"]);
+    let text = run_ok(&pool, &["pool", "info"]);
+    for want in [
+        "logical size:   1 GiB",
+        "physical size:",
+        "garbage:",
+        "free space:",
+        "segments",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+    let p = run_json(&pool, &["pool", "info"]);
+    assert_eq!(p["logical_bytes"], 1u64 << 30);
+    assert_eq!(p["volumes"], 1);
+    assert!(
+        p["physical_bytes"].is_u64() && p["garbage_ratio"].is_f64(),
+        "{p}"
+    );
+    assert!(p["free_bytes"].as_u64().unwrap() > 0, "{p}");
+}
+
+/// Writes a sparse test image: random data regions, regions written as
+/// explicit zeros (allocated in the file, skipped by import), holes, and
+/// a length that is not a multiple of 4 KiB.
+fn make_sparse_image(path: &Path, len: u64, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let f = File::create(path).unwrap();
+    f.set_len(len).unwrap();
+    for _ in 0..24 {
+        let n = rng.gen_range(1..200_000usize);
+        let at = rng.gen_range(0..len - n as u64);
+        let buf: Vec<u8> = (0..n).map(|_| rng.r#gen()).collect();
+        f.write_all_at(&buf, at).unwrap();
+    }
+    for _ in 0..4 {
+        let at = rng.gen_range(0..len - MIB) & !4095;
+        f.write_all_at(&vec![0u8; MIB as usize], at).unwrap();
+    }
+    // The very end: data up to the last byte of a partial block.
+    f.write_all_at(b"tail!", len - 5).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Bytes in 4 KiB blocks of the file that are not all zeros (the last,
+/// partial block counts whole): exactly what a sparse import must send.
+fn nonzero_block_bytes(path: &Path) -> u64 {
+    let bytes = std::fs::read(path).unwrap();
+    bytes
+        .chunks(4096)
+        .filter(|b| b.iter().any(|&x| x != 0))
+        .count() as u64
+        * 4096
+}
+
+fn allocated_bytes(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn import_export_sparse_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let _d = Daemon::start(&pool, &[]);
+    let len = 96 * MIB + 1234;
+    let img = dir.path().join("disk.raw");
+    make_sparse_image(&img, len, 42);
+    let data = nonzero_block_bytes(&img);
+    assert!(
+        allocated_bytes(&img) < len / 2,
+        "the test image should be sparse"
+    );
+
+    // Import creates the volume, rounded up to 4 KiB, sending only data.
+    let r = run_json(&pool, &["vol", "import", "img", img.to_str().unwrap()]);
+    assert_eq!(r["created"], true);
+    assert_eq!(r["file_bytes"], len);
+    let vsize = len.next_multiple_of(4096);
+    assert_eq!(r["volume_size_bytes"], vsize);
+    let sent = r["data_bytes"].as_u64().unwrap();
+    assert_eq!(sent, data, "import sends exactly the non-zero blocks");
+    let info = run_json(&pool, &["vol", "info", "img"]);
+    assert_eq!(info["size_bytes"], vsize);
+    assert_eq!(
+        info["allocated_bytes"], sent,
+        "the volume stores only what was sent"
+    );
+
+    // Export: same bytes, still sparse.
+    let out = dir.path().join("out.raw");
+    let text = run_ok(&pool, &["vol", "export", "img", out.to_str().unwrap()]);
+    assert!(text.contains("exported volume img"), "{text}");
+    assert_files_equal(&img, &out, vsize);
+    let alloc = allocated_bytes(&out);
+    assert!(
+        alloc <= sent + 256 * 1024,
+        "export allocates {alloc} bytes for {sent} of data"
+    );
+    assert!(
+        alloc < vsize / 4,
+        "export is not sparse: {alloc} of {vsize}"
+    );
+
+    // Export refuses to overwrite without --force.
+    let err = run_err(&pool, &["vol", "export", "img", out.to_str().unwrap()]);
+    assert!(err.contains("--force"), "{err}");
+    run_ok(
+        &pool,
+        &["vol", "export", "img", out.to_str().unwrap(), "--force"],
+    );
+    assert_files_equal(&img, &out, vsize);
+
+    // Import into an existing volume replaces its content: old data where
+    // the new image has holes must be gone.
+    run_ok(
+        &pool,
+        &["vol", "create", "reuse", "--size", &vsize.to_string()],
+    );
+    let junk = dir.path().join("junk.raw");
+    File::create(&junk)
+        .unwrap()
+        .write_all_at(&vec![0xee; 8 * MIB as usize], 0)
+        .unwrap();
+    run_ok(&pool, &["vol", "import", "reuse", junk.to_str().unwrap()]);
+    let text = run_ok(&pool, &["vol", "import", "reuse", img.to_str().unwrap()]);
+    assert!(text.contains("existing volume reuse"), "{text}");
+    let out2 = dir.path().join("out2.raw");
+    run_ok(&pool, &["vol", "export", "reuse", out2.to_str().unwrap()]);
+    assert_files_equal(&img, &out2, vsize);
+
+    // Import errors: a --size that differs from the existing volume's, a
+    // --size smaller than the file, a missing file.
+    let err = run_err(
+        &pool,
+        &[
+            "vol",
+            "import",
+            "reuse",
+            img.to_str().unwrap(),
+            "--size",
+            "1G",
+        ],
+    );
+    assert!(err.contains("resize"), "{err}");
+    let err = run_err(
+        &pool,
+        &[
+            "vol",
+            "import",
+            "small",
+            img.to_str().unwrap(),
+            "--size",
+            "4K",
+        ],
+    );
+    assert!(err.contains("smaller than"), "{err}");
+    let err = run_err(&pool, &["vol", "import", "x", "/nonexistent/disk.raw"]);
+    assert!(err.contains("/nonexistent/disk.raw"), "{err}");
+    let err = run_err(
+        &pool,
+        &[
+            "vol",
+            "export",
+            "nope",
+            dir.path().join("n.raw").to_str().unwrap(),
+        ],
+    );
+    assert!(err.contains("not found"), "{err}");
+}
+
+/// Compares `a` (shorter, zero-padded) with `b` of length `len`.
+fn assert_files_equal(a: &Path, b: &Path, len: u64) {
+    let fa = File::open(a).unwrap();
+    let fb = File::open(b).unwrap();
+    assert_eq!(fb.metadata().unwrap().len(), len);
+    let alen = fa.metadata().unwrap().len();
+    let mut ba = vec![0u8; MIB as usize];
+    let mut bb = vec![0u8; MIB as usize];
+    let mut pos = 0;
+    while pos < len {
+        let n = (len - pos).min(MIB) as usize;
+        ba[..n].fill(0);
+        let an = alen.saturating_sub(pos).min(n as u64) as usize;
+        fa.read_exact_at(&mut ba[..an], pos).unwrap();
+        fb.read_exact_at(&mut bb[..n], pos).unwrap();
+        if ba[..n] != bb[..n] {
+            let i = (0..n).find(|&i| ba[i] != bb[i]).unwrap_or(0);
+            panic!(
+                "{} and {} differ at byte {}",
+                a.display(),
+                b.display(),
+                pos + i as u64
+            );
+        }
+        pos += n as u64;
+    }
+}
+
+#[test]
+fn second_daemon_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let d = Daemon::start(&pool, &[]);
+    run_ok(&pool, &["vol", "create", "v", "--size", "4K"]);
+
+    let out = vpool_cmd(&pool).arg("serve").output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already served"), "{err}");
+    assert!(err.contains(&format!("pid {}", d.child.id())), "{err}");
+    assert!(
+        err.contains(&pool.join("LOCK").display().to_string()),
+        "{err}"
+    );
+    // The first daemon is untouched, socket and all.
+    assert!(run_ok(&pool, &["vol", "list"]).contains('v'));
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn no_daemon_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("nothing-here");
+    for args in [
+        &["vol", "list"][..],
+        &["pool", "info"],
+        &["vol", "create", "a", "--size", "4K"],
+    ] {
+        let err = run_err(&pool, args);
+        let sock = pool.join("api.sock");
+        assert!(
+            err.contains(&format!(
+                "no vpool daemon at {}: start one with `vpool serve`",
+                sock.display()
+            )),
+            "{err}"
+        );
+    }
+    let out = run(&pool, &["vol", "list", "--json"]);
+    let e: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(e["error"]["kind"], "no_daemon");
+    // $VPOOL_HOME finds the pool when --pool is not given.
+    let out = std::process::Command::new(common::vpool_bin())
+        .args(["vol", "list"])
+        .env("VPOOL_HOME", &pool)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&pool.join("api.sock").display().to_string())
+    );
+}
+
+#[test]
+fn sigterm_finishes_requests_and_closes_the_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let d = Daemon::start(&pool, &[]);
+    let c = d.client();
+    c.create_volume("v", 64 * MIB).unwrap();
+
+    // A writer keeps going while the daemon is told to stop. Every write it
+    // saw acknowledged must survive, with no flush: close checkpoints.
+    let writer = std::thread::spawn(move || {
+        let mut acked = Vec::new();
+        for i in 0..512u64 {
+            let block = vec![(i % 251) as u8 + 1; 64 * 1024];
+            match c.write("v", i * 64 * 1024, &block) {
+                Ok(()) => acked.push(i),
+                Err(_) => break,
+            }
+        }
+        acked
+    });
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let log_path = d.log.clone();
+    let status = d.terminate();
+    let acked = writer.join().unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(status.success(), "exit status {status}; log:\n{log}");
+    assert!(log.contains("SIGTERM"), "{log}");
+    assert!(log.contains("pool closed"), "{log}");
+    assert!(
+        !pool.join("api.sock").exists(),
+        "the socket is removed on exit"
+    );
+    assert!(
+        !acked.is_empty(),
+        "the writer got nothing done before the stop"
+    );
+
+    let d = Daemon::start(&pool, &[]);
+    let c = d.client();
+    for &i in &acked {
+        let got = c.read("v", i * 64 * 1024, 64 * 1024).unwrap();
+        assert!(
+            got.iter().all(|&b| b == (i % 251) as u8 + 1),
+            "acknowledged write {i} lost"
+        );
+    }
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn serve_on_tcp_with_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let token_file = dir.path().join("token");
+    let token = "cli-test-token-0123456789";
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    // Find a free port; the tiny race with another process is acceptable.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start(
+        &pool,
+        &[
+            "--api-listen",
+            &addr,
+            "--api-token-file",
+            token_file.to_str().unwrap(),
+        ],
+    );
+    let good = vpool_api::Client::tcp(addr.as_str(), token).unwrap();
+    good.create_volume("t", 4096).unwrap();
+    let bad = vpool_api::Client::tcp(addr.as_str(), "not-the-token-0123456789").unwrap();
+    let e = bad.list_volumes().unwrap_err();
+    assert_eq!(e.kind(), Some(vpool_api::ErrorKind::Unauthorized), "{e}");
+    // The Unix socket still works without a token.
+    assert_eq!(d.client().list_volumes().unwrap().len(), 1);
+    assert!(d.terminate().success());
+
+    // A token too short to be safe is refused at start.
+    std::fs::write(&token_file, "short\n").unwrap();
+    let out = vpool_cmd(&pool)
+        .args([
+            "serve",
+            "--api-listen",
+            &addr,
+            "--api-token-file",
+            token_file.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 16"));
+}
