@@ -62,6 +62,11 @@ pub struct ServeArgs {
     /// File holding the bearer token TCP clients must send.
     #[arg(long, value_name = "FILE", requires = "api_listen")]
     pub api_token_file: Option<PathBuf>,
+
+    /// Also serve NBD on TCP at this address (e.g. 0.0.0.0:10809). NBD has
+    /// no authentication without TLS: listen only on a trusted network.
+    #[arg(long, value_name = "ADDR")]
+    pub nbd_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -22,12 +22,19 @@ use anyhow::{Context, bail};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use vpool_api::{ApiState, AuthToken, ServeError, serve_tcp, serve_unix};
+use vpool_api::{ApiState, AuthToken, serve_tcp, serve_unix};
 use vpool_engine::{Pool, PoolConfig};
 use vpool_store::{LocalDirStore, StoreError};
 
 /// The API socket's file name inside the pool directory.
 pub const API_SOCKET_NAME: &str = "api.sock";
+
+/// The NBD socket's file name inside the pool directory.
+pub const NBD_SOCKET_NAME: &str = "nbd.sock";
+
+/// The NBD socket serves every volume without authentication, like the API
+/// socket: owner only. QEMU running as another user needs TCP or a group.
+const NBD_SOCKET_MODE: u32 = 0o600;
 
 /// How long shutdown waits for requests in flight before closing the pool
 /// anyway. A data request moves at most 8 MiB, so this is plenty unless the
@@ -60,6 +67,11 @@ pub struct DaemonConfig {
     pub api_socket: PathBuf,
     pub tcp: Option<TcpApiConfig>,
     pub pool_config: PoolConfig,
+    /// NBD on this unix socket (every volume is an export).
+    pub nbd_socket: PathBuf,
+    /// NBD also on TCP at this address (`--nbd-listen`).
+    pub nbd_tcp: Option<SocketAddr>,
+    pub nbd_config: vpool_nbd::ServerConfig,
 }
 
 impl DaemonConfig {
@@ -69,18 +81,34 @@ impl DaemonConfig {
         let pool_dir = pool_dir.into();
         DaemonConfig {
             api_socket: api_socket_path(&pool_dir),
+            nbd_socket: pool_dir.join(NBD_SOCKET_NAME),
             pool_dir,
             tcp: None,
             pool_config: PoolConfig::default(),
+            nbd_tcp: None,
+            nbd_config: nbd_server_config(),
         }
     }
 }
 
-/// Where a started daemon listens (the TCP port may have been 0).
+/// The NBD server's tuning for engine-backed volumes.
+pub fn nbd_server_config() -> vpool_nbd::ServerConfig {
+    vpool_nbd::ServerConfig {
+        // Volumes take any 512-byte-aligned request (the engine
+        // read-modify-writes partial blocks); 4 KiB is what it maps.
+        min_block_size: 512,
+        preferred_block_size: 4096,
+        ..vpool_nbd::ServerConfig::default()
+    }
+}
+
+/// Where a started daemon listens (the TCP ports may have been 0).
 #[derive(Clone, Debug)]
 pub struct Ready {
     pub api_socket: PathBuf,
     pub tcp_addr: Option<SocketAddr>,
+    pub nbd_socket: PathBuf,
+    pub nbd_tcp_addr: Option<SocketAddr>,
 }
 
 /// Another process holds the pool's lock.
@@ -257,32 +285,78 @@ async fn serve_pool(
         // An error means the sender is gone, which also means stop.
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let mut servers: JoinSet<(&'static str, Result<(), ServeError>)> = JoinSet::new();
+    let mut servers: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
     let state = ApiState::new(pool.clone());
     servers.spawn({
         let fut = serve_unix(unix, state.clone(), stopped(stop_rx.clone()));
-        async move { ("API (unix socket)", fut.await) }
+        async move { ("API (unix socket)", fut.await.map_err(anyhow::Error::new)) }
     });
     if let Some((listener, token)) = tcp {
         let fut = serve_tcp(listener, state.clone(), token, stopped(stop_rx.clone()));
-        servers.spawn(async move { ("API (tcp)", fut.await) });
+        servers.spawn(async move { ("API (tcp)", fut.await.map_err(anyhow::Error::new)) });
     }
 
-    // ===== NBD listener: started here (wired in by the lead) =====
-    // Start the vpool-nbd server with an ExportRegistry over `pool`, spawn
-    // it into `servers` with `stopped(stop_rx.clone())` as its shutdown
-    // signal, and it is drained on shutdown and the pool closed after it,
-    // like the API listeners above.
-    // ===== end of NBD listener =====
+    // NBD: the vpool-nbd server runs on plain threads; each listener gets a
+    // blocking task and a shutdown signal fired when `stop_rx` flips.
+    remove_stale_socket(&config.nbd_socket)?;
+    let nbd_unix = std::os::unix::net::UnixListener::bind(&config.nbd_socket)
+        .with_context(|| format!("listening for NBD on {}", config.nbd_socket.display()))?;
+    let _nbd_socket_file = SocketFile(config.nbd_socket.clone());
+    std::fs::set_permissions(
+        &config.nbd_socket,
+        std::fs::Permissions::from_mode(NBD_SOCKET_MODE),
+    )
+    .with_context(|| format!("restricting {}", config.nbd_socket.display()))?;
+    let mut nbd_listeners: Vec<(&'static str, vpool_nbd::Listener)> =
+        vec![("NBD (unix socket)", nbd_unix.into())];
+    let mut nbd_tcp_addr = None;
+    if let Some(addr) = config.nbd_tcp {
+        let l = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("listening for NBD on {addr}"))?;
+        nbd_tcp_addr = Some(
+            l.local_addr()
+                .context("reading the NBD listener's address")?,
+        );
+        nbd_listeners.push(("NBD (tcp)", l.into()));
+    }
+    let registry: Arc<dyn vpool_nbd::ExportRegistry> =
+        Arc::new(crate::nbd_export::PoolExports::new(pool.clone()));
+    for (name, listener) in nbd_listeners {
+        let signal =
+            vpool_nbd::ShutdownSignal::new().context("creating the NBD shutdown signal")?;
+        let trigger = signal.clone();
+        let mut rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+            trigger.trigger();
+        });
+        let registry = registry.clone();
+        let nbd_config = config.nbd_config.clone();
+        servers.spawn(async move {
+            let r = tokio::task::spawn_blocking(move || {
+                vpool_nbd::run(listener, registry, nbd_config, signal)
+            })
+            .await;
+            let r = match r {
+                Ok(r) => r.map_err(anyhow::Error::new),
+                Err(e) => Err(anyhow::Error::new(e)),
+            };
+            (name, r)
+        });
+    }
 
     let ready = Ready {
         api_socket: config.api_socket.clone(),
         tcp_addr,
+        nbd_socket: config.nbd_socket.clone(),
+        nbd_tcp_addr,
     };
     tracing::info!(
         pool = %config.pool_dir.display(),
         socket = %ready.api_socket.display(),
         tcp = ?ready.tcp_addr,
+        nbd = %ready.nbd_socket.display(),
+        nbd_tcp = ?ready.nbd_tcp_addr,
         "vpool daemon ready"
     );
     on_ready(&ready);
@@ -297,7 +371,7 @@ async fn serve_pool(
             // A listener never ends on its own; if one did, stop the rest.
             let err = match ended {
                 Ok((name, Ok(()))) => anyhow::anyhow!("the {name} server stopped unexpectedly"),
-                Ok((name, Err(e))) => anyhow::Error::new(e).context(format!("the {name} server failed")),
+                Ok((name, Err(e))) => e.context(format!("the {name} server failed")),
                 Err(e) => anyhow::Error::new(e).context("a server task failed"),
             };
             tracing::error!(error = format!("{err:#}"), "shutting down");

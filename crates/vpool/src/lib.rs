@@ -1,11 +1,13 @@
 //! The `vpool` binary's parts, as a library so tests can run them in-process.
 //!
-//! - [`daemon`]: `vpool serve` — open the pool, serve the API, close cleanly.
+//! - [`daemon`]: `vpool serve` — open the pool, serve the API and NBD, close cleanly.
+//! - [`nbd_export`]: volumes as NBD exports.
 //! - [`cli`]: argument definitions and the client commands.
 //! - [`transfer`]: sparse `vol import` / `vol export`.
 //! - [`size`]: parsing and printing sizes (`20G`, `1.5 TiB`).
 
 pub mod cli;
 pub mod daemon;
+pub mod nbd_export;
 pub mod size;
 pub mod transfer;

@@ -61,6 +61,7 @@ fn init_logging(json: bool) {
 fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
     init_logging(cli.json);
     let mut config = DaemonConfig::new(cli.pool.clone());
+    config.nbd_tcp = args.nbd_listen;
     if let (Some(listen), Some(token_file)) = (args.api_listen, &args.api_token_file) {
         config.tcp = Some(TcpApiConfig {
             listen,
