@@ -227,12 +227,30 @@ fn ranges_that_overflow_are_refused_not_panicked_on() {
     let vol = pool.volume("v").unwrap();
     let big = u64::MAX - 100;
     let mut buf = vec![0u8; 4096];
-    assert!(matches!(vol.read(big, &mut buf), Err(EngineError::OutOfRange { .. })));
-    assert!(matches!(vol.write(big + 3, &buf), Err(EngineError::OutOfRange { .. })));
-    assert!(matches!(vol.trim(big, 4096), Err(EngineError::OutOfRange { .. })));
-    assert!(matches!(vol.write_zeroes(big, 4096, true), Err(EngineError::OutOfRange { .. })));
-    assert!(matches!(vol.block_status(big, 4096, 10), Err(EngineError::OutOfRange { .. })));
-    assert!(matches!(vol.read(1 << 20, &mut buf), Err(EngineError::OutOfRange { .. })));
+    assert!(matches!(
+        vol.read(big, &mut buf),
+        Err(EngineError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        vol.write(big + 3, &buf),
+        Err(EngineError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        vol.trim(big, 4096),
+        Err(EngineError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        vol.write_zeroes(big, 4096, true),
+        Err(EngineError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        vol.block_status(big, 4096, 10),
+        Err(EngineError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        vol.read(1 << 20, &mut buf),
+        Err(EngineError::OutOfRange { .. })
+    ));
     pool.close().unwrap();
     assert!(matches!(vol.write(0, &buf), Err(EngineError::Closed)));
 }
