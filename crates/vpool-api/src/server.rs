@@ -45,15 +45,26 @@ pub const MIN_TOKEN_LEN: usize = 16;
 /// Longest bearer token accepted; a header line has to fit in a request.
 pub const MAX_TOKEN_LEN: usize = 1024;
 
-/// What the handlers share: the pool.
+/// What the handlers share: the pool, and where the daemon serves NBD on
+/// TCP (reported by `GET /v1/pool`).
 #[derive(Clone)]
 pub struct ApiState {
     pool: Pool,
+    nbd_tcp_addr: Option<std::net::SocketAddr>,
 }
 
 impl ApiState {
     pub fn new(pool: Pool) -> ApiState {
-        ApiState { pool }
+        ApiState {
+            pool,
+            nbd_tcp_addr: None,
+        }
+    }
+
+    /// Reports `addr` as the daemon's NBD TCP listener in the pool info.
+    pub fn with_nbd_tcp_addr(mut self, addr: Option<std::net::SocketAddr>) -> ApiState {
+        self.nbd_tcp_addr = addr;
+        self
     }
 
     pub fn pool(&self) -> &Pool {
@@ -326,7 +337,10 @@ fn range_end(offset: u64, length: u64) -> Result<u64, ApiError> {
 async fn pool_info(State(s): State<ApiState>) -> Result<Json<PoolInfo>, ApiError> {
     let pool = s.pool.clone();
     let stats = blocking(move || Ok(pool.stats())).await?;
-    Ok(Json(stats.into()))
+    Ok(Json(PoolInfo {
+        nbd_tcp_addr: s.nbd_tcp_addr,
+        ..stats.into()
+    }))
 }
 
 async fn pool_clean(State(s): State<ApiState>) -> Result<Json<CleanResult>, ApiError> {

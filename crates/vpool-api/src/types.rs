@@ -86,6 +86,10 @@ pub struct PoolInfo {
     pub log_bytes_since_checkpoint: u64,
     pub checkpoints_written: u64,
     pub cleaner: CleanerCounters,
+    /// Where the daemon serves NBD on TCP (`vpool serve --nbd-listen`);
+    /// `null` when it serves NBD only on `<pool>/nbd.sock`.
+    #[serde(default)]
+    pub nbd_tcp_addr: Option<std::net::SocketAddr>,
 }
 
 impl From<vpool_engine::PoolStats> for PoolInfo {
@@ -105,6 +109,7 @@ impl From<vpool_engine::PoolStats> for PoolInfo {
                 segments_cleaned: s.segments_cleaned,
                 bytes_relocated: s.bytes_relocated,
             },
+            nbd_tcp_addr: None,
         }
     }
 }
@@ -224,9 +229,17 @@ mod tests {
                 segments_cleaned: 9,
                 bytes_relocated: 10,
             },
+            nbd_tcp_addr: Some("127.0.0.1:10809".parse().unwrap()),
         };
         let s = serde_json::to_string(&p).unwrap();
         assert!(s.contains(r#""free_bytes":null"#));
+        assert!(s.contains(r#""nbd_tcp_addr":"127.0.0.1:10809""#), "{s}");
         assert_eq!(serde_json::from_str::<PoolInfo>(&s).unwrap(), p);
+        // A daemon that predates the field still parses.
+        let old = s.replace(r#","nbd_tcp_addr":"127.0.0.1:10809""#, "");
+        assert_eq!(
+            serde_json::from_str::<PoolInfo>(&old).unwrap().nbd_tcp_addr,
+            None
+        );
     }
 }

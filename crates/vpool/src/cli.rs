@@ -7,6 +7,7 @@
 //! `--json` switches every command to machine-readable output on stdout.
 
 use std::io::IsTerminal;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -14,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use vpool_api::{Client, ClientError, ErrorKind, PoolInfo, VolumeInfo};
 
-use crate::daemon::api_socket_path;
+use crate::daemon::{NBD_SOCKET_NAME, api_socket_path};
 use crate::size::{format_size, parse_volume_size};
 use crate::transfer;
 
@@ -80,7 +81,7 @@ pub enum VolCommand {
     },
     /// List the volumes.
     List,
-    /// Show one volume.
+    /// Show one volume, and how to attach it to a VM (NBD URI, libvirt XML).
     Info { name: String },
     /// Change a volume's size.
     Resize {
@@ -174,10 +175,14 @@ pub fn run_client_command(pool_dir: &Path, json: bool, cmd: &Command) -> anyhow:
             }
             VolCommand::Info { name } => {
                 let info = client.volume_info(name)?;
+                // The pool info says whether the daemon also serves NBD on TCP.
+                let nbd_tcp = client.pool_info()?.nbd_tcp_addr;
+                let attach = Attach::new(&info.name, pool_dir, nbd_tcp);
                 if json {
-                    print_json(&info)
+                    print_json(&VolumeInfoWithAttach { info, attach })
                 } else {
                     print!("{}", render_volume_info(&info));
+                    print!("{}", render_attach(&attach));
                     Ok(())
                 }
             }
@@ -322,6 +327,140 @@ pub fn render_volume_info(v: &VolumeInfo) -> String {
     )
 }
 
+/// `vol info --json`: the volume's fields, plus how to attach it.
+#[derive(Debug, Serialize)]
+pub struct VolumeInfoWithAttach {
+    #[serde(flatten)]
+    pub info: VolumeInfo,
+    pub attach: Attach,
+}
+
+/// How a VM attaches a volume: the daemon's NBD export of the same name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Attach {
+    /// The NBD URI for QEMU (`-drive file=URI` / `-blockdev`), over the
+    /// pool's Unix socket.
+    pub nbd_uri: String,
+    /// The NBD Unix socket, absolute.
+    pub nbd_socket: PathBuf,
+    /// The NBD URI over TCP when the daemon runs with `--nbd-listen`.
+    pub nbd_tcp_uri: Option<String>,
+    /// A libvirt `<disk>` element for the volume over the Unix socket.
+    pub libvirt_xml: String,
+}
+
+impl Attach {
+    /// The attach details of volume `name` of the pool at `pool_dir`, whose
+    /// daemon serves NBD on TCP at `nbd_tcp` if that is set.
+    pub fn new(name: &str, pool_dir: &Path, nbd_tcp: Option<SocketAddr>) -> Attach {
+        let socket = absolute(pool_dir).join(NBD_SOCKET_NAME);
+        let socket_str = socket.to_string_lossy();
+        let nbd_uri = format!(
+            "nbd+unix:///{}?socket={}",
+            uri_escape(name),
+            uri_escape(&socket_str)
+        );
+        let nbd_tcp_uri = nbd_tcp.map(|addr| {
+            let host = if addr.ip().is_unspecified() {
+                // Listening on every address: name this machine instead of
+                // 0.0.0.0, which a client elsewhere cannot connect to.
+                hostname().unwrap_or_else(|| "localhost".to_string())
+            } else {
+                match addr.ip() {
+                    IpAddr::V6(ip) => format!("[{ip}]"),
+                    IpAddr::V4(ip) => ip.to_string(),
+                }
+            };
+            format!("nbd://{host}:{}/{}", addr.port(), uri_escape(name))
+        });
+        let libvirt_xml = format!(
+            "<disk type='network' device='disk'>\n  \
+               <driver name='qemu' type='raw' cache='none' io='native'/>\n  \
+               <source protocol='nbd' name='{}'>\n    \
+                 <host transport='unix' socket='{}'/>\n  \
+               </source>\n  \
+               <target dev='vda' bus='virtio'/>\n\
+             </disk>\n",
+            xml_escape(name),
+            xml_escape(&socket_str)
+        );
+        Attach {
+            nbd_uri,
+            nbd_socket: socket,
+            nbd_tcp_uri,
+            libvirt_xml,
+        }
+    }
+}
+
+/// `path` made absolute against the current directory (without resolving
+/// symlinks when the path does not exist; canonical when it does).
+fn absolute(path: &Path) -> PathBuf {
+    if let Ok(p) = std::fs::canonicalize(path) {
+        return p;
+    }
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Percent-encodes everything but unreserved characters and `/`, so a socket
+/// path with spaces, `&` or `?` survives QEMU's and libnbd's URI parsers.
+fn uri_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Escapes text for an XML attribute value.
+fn xml_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\'' => out.push_str("&apos;"),
+            '"' => out.push_str("&quot;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// This machine's host name, if it has a usable one.
+fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for writes of its length; gethostname
+    // writes at most that many bytes.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = std::str::from_utf8(&buf[..end]).ok()?.trim();
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+/// The attach part of the `vol info` text.
+pub fn render_attach(a: &Attach) -> String {
+    let mut out = format!("\nattach with QEMU (NBD):\n  {}\n", a.nbd_uri);
+    if let Some(tcp) = &a.nbd_tcp_uri {
+        out.push_str(&format!("  {tcp}\n"));
+    }
+    out.push_str("libvirt disk:\n");
+    for line in a.libvirt_xml.lines() {
+        out.push_str("  ");
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 /// The `pool info` text.
 pub fn render_pool_info(p: &PoolInfo) -> String {
     let free = match p.free_bytes {
@@ -395,6 +534,47 @@ mod tests {
                 "t"
             ])
             .is_ok()
+        );
+    }
+
+    #[test]
+    fn attach_details_escape_and_name_hosts() {
+        let a = Attach::new("web1", Path::new("/srv/my pool&x"), None);
+        assert_eq!(
+            a.nbd_uri,
+            "nbd+unix:///web1?socket=/srv/my%20pool%26x/nbd.sock"
+        );
+        assert_eq!(a.nbd_socket, PathBuf::from("/srv/my pool&x/nbd.sock"));
+        assert!(
+            a.libvirt_xml
+                .contains("<host transport='unix' socket='/srv/my pool&amp;x/nbd.sock'/>"),
+            "{}",
+            a.libvirt_xml
+        );
+        assert_eq!(a.nbd_tcp_uri, None);
+        let a = Attach::new(
+            "db",
+            Path::new("/p"),
+            Some("10.1.2.3:10809".parse().unwrap()),
+        );
+        assert_eq!(a.nbd_tcp_uri.as_deref(), Some("nbd://10.1.2.3:10809/db"));
+        let a = Attach::new("db", Path::new("/p"), Some("[::1]:10809".parse().unwrap()));
+        assert_eq!(a.nbd_tcp_uri.as_deref(), Some("nbd://[::1]:10809/db"));
+        let a = Attach::new("db", Path::new("/p"), Some("[::]:10809".parse().unwrap()));
+        let tcp = a.nbd_tcp_uri.unwrap();
+        assert!(!tcp.contains("[::]") && tcp.ends_with(":10809/db"), "{tcp}");
+        let text = render_attach(&Attach::new("db", Path::new("/p"), None));
+        assert!(
+            text.contains("\n  nbd+unix:///db?socket=/p/nbd.sock\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\n  <disk type='network' device='disk'>\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\n    <target dev='vda' bus='virtio'/>\n"),
+            "{text}"
         );
     }
 

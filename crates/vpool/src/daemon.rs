@@ -278,26 +278,8 @@ async fn serve_pool(
         None => None,
     };
 
-    // Every listener waits on this; flipping it to true starts a graceful
-    // shutdown of all of them at once.
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        // An error means the sender is gone, which also means stop.
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
-    let mut servers: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
-    let state = ApiState::new(pool.clone());
-    servers.spawn({
-        let fut = serve_unix(unix, state.clone(), stopped(stop_rx.clone()));
-        async move { ("API (unix socket)", fut.await.map_err(anyhow::Error::new)) }
-    });
-    if let Some((listener, token)) = tcp {
-        let fut = serve_tcp(listener, state.clone(), token, stopped(stop_rx.clone()));
-        servers.spawn(async move { ("API (tcp)", fut.await.map_err(anyhow::Error::new)) });
-    }
-
-    // NBD: the vpool-nbd server runs on plain threads; each listener gets a
-    // blocking task and a shutdown signal fired when `stop_rx` flips.
+    // NBD listeners are bound before the API answers, so a client that saw
+    // the API up (or the pool info's NBD address) can connect at once.
     remove_stale_socket(&config.nbd_socket)?;
     let nbd_unix = std::os::unix::net::UnixListener::bind(&config.nbd_socket)
         .with_context(|| format!("listening for NBD on {}", config.nbd_socket.display()))?;
@@ -319,6 +301,27 @@ async fn serve_pool(
         );
         nbd_listeners.push(("NBD (tcp)", l.into()));
     }
+
+    // Every listener waits on this; flipping it to true starts a graceful
+    // shutdown of all of them at once.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        // An error means the sender is gone, which also means stop.
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let mut servers: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
+    let state = ApiState::new(pool.clone()).with_nbd_tcp_addr(nbd_tcp_addr);
+    servers.spawn({
+        let fut = serve_unix(unix, state.clone(), stopped(stop_rx.clone()));
+        async move { ("API (unix socket)", fut.await.map_err(anyhow::Error::new)) }
+    });
+    if let Some((listener, token)) = tcp {
+        let fut = serve_tcp(listener, state.clone(), token, stopped(stop_rx.clone()));
+        servers.spawn(async move { ("API (tcp)", fut.await.map_err(anyhow::Error::new)) });
+    }
+
+    // NBD: the vpool-nbd server runs on plain threads; each listener gets a
+    // blocking task and a shutdown signal fired when `stop_rx` flips.
     let registry: Arc<dyn vpool_nbd::ExportRegistry> =
         Arc::new(crate::nbd_export::PoolExports::new(pool.clone()));
     for (name, listener) in nbd_listeners {

@@ -467,3 +467,95 @@ fn serve_on_tcp_with_a_token() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least 16"));
 }
+
+/// `vol info` shows how to attach the volume: the NBD URI (Unix socket,
+/// absolute even for a relative --pool; TCP with --nbd-listen) and a libvirt
+/// `<disk>` element.
+#[test]
+fn vol_info_shows_how_to_attach() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let d = Daemon::start(&pool, &[]);
+    run_ok(&pool, &["vol", "create", "web1", "--size", "1G"]);
+    let sock = std::fs::canonicalize(&pool).unwrap().join("nbd.sock");
+    let sock = sock.to_str().unwrap();
+    let uri = format!("nbd+unix:///web1?socket={sock}");
+    let xml = format!(
+        "<disk type='network' device='disk'>\n  \
+         <driver name='qemu' type='raw' cache='none' io='native'/>\n  \
+         <source protocol='nbd' name='web1'>\n    \
+         <host transport='unix' socket='{sock}'/>\n  \
+         </source>\n  \
+         <target dev='vda' bus='virtio'/>\n\
+         </disk>\n"
+    );
+
+    // A relative --pool still gives absolute paths.
+    let out = std::process::Command::new(common::vpool_bin())
+        .current_dir(dir.path())
+        .args(["--pool", "pool", "vol", "info", "web1"])
+        .env_remove("VPOOL_HOME")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("name:       web1"), "{text}");
+    assert!(text.contains(&format!("\n  {uri}\n")), "{text}");
+    assert!(
+        !text.contains("nbd://"),
+        "no TCP listener, no TCP URI:\n{text}"
+    );
+    for line in xml.lines() {
+        assert!(
+            text.contains(&format!("\n  {line}\n")),
+            "missing {line:?}:\n{text}"
+        );
+    }
+
+    let j = run_json(&pool, &["vol", "info", "web1"]);
+    assert_eq!(j["name"], "web1");
+    assert_eq!(j["size_bytes"], 1u64 << 30);
+    assert_eq!(j["attach"]["nbd_uri"], uri.as_str());
+    assert_eq!(j["attach"]["nbd_socket"], sock);
+    assert_eq!(j["attach"]["nbd_tcp_uri"], serde_json::Value::Null);
+    assert_eq!(j["attach"]["libvirt_xml"], xml.as_str());
+    assert_eq!(
+        run_json(&pool, &["pool", "info"])["nbd_tcp_addr"],
+        serde_json::Value::Null
+    );
+    // A missing volume is still an error, not attach details.
+    assert!(run_err(&pool, &["vol", "info", "nope"]).contains("not found"));
+    assert!(d.terminate().success());
+
+    // With --nbd-listen: the TCP URI too, from the address the daemon got.
+    let d = Daemon::start(&pool, &["--nbd-listen", "127.0.0.1:0"]);
+    let addr = run_json(&pool, &["pool", "info"])["nbd_tcp_addr"]
+        .as_str()
+        .expect("the pool info reports the NBD TCP address")
+        .to_string();
+    let port: u16 = addr.strip_prefix("127.0.0.1:").unwrap().parse().unwrap();
+    assert_ne!(port, 0);
+    let tcp_uri = format!("nbd://127.0.0.1:{port}/web1");
+    assert_eq!(
+        run_json(&pool, &["vol", "info", "web1"])["attach"]["nbd_tcp_uri"],
+        tcp_uri.as_str()
+    );
+    let text = run_ok(&pool, &["vol", "info", "web1"]);
+    assert!(text.contains(&format!("\n  {tcp_uri}\n")), "{text}");
+    assert!(text.contains(&format!("\n  {uri}\n")), "{text}");
+    // The daemon really listens there.
+    std::net::TcpStream::connect(("127.0.0.1", port)).expect("NBD TCP listener");
+    assert!(d.terminate().success());
+
+    // Listening on every address: the URI names this host, not 0.0.0.0.
+    let d = Daemon::start(&pool, &["--nbd-listen", "0.0.0.0:0"]);
+    let tcp = run_json(&pool, &["vol", "info", "web1"])["attach"]["nbd_tcp_uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        tcp.starts_with("nbd://") && !tcp.contains("0.0.0.0") && tcp.ends_with("/web1"),
+        "{tcp}"
+    );
+    assert!(d.terminate().success());
+}

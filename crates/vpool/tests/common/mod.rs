@@ -107,6 +107,28 @@ impl Daemon {
         self.pool.join("api.sock")
     }
 
+    /// The NBD Unix socket (`<pool>/nbd.sock`).
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.pool.join("nbd.sock")
+    }
+
+    /// The NBD URI of `volume` over the Unix socket (for pool paths that
+    /// need no URI escaping, as temporary directories do not).
+    pub fn nbd_uri(&self, volume: &str) -> String {
+        format!(
+            "nbd+unix:///{volume}?socket={}",
+            self.nbd_socket().display()
+        )
+    }
+
+    /// Sends `signal` without waiting.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits");
+        // SAFETY: signalling our own child, which has not been reaped yet.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill({signal}) failed");
+    }
+
     pub fn client(&self) -> Client {
         Client::unix(self.socket()).with_timeout(Duration::from_secs(30))
     }
