@@ -218,7 +218,7 @@ async fn open_pool(config: &DaemonConfig) -> anyhow::Result<Pool> {
 fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
-            tracing::info!(socket = %path.display(), "removing the stale API socket of a previous daemon");
+            tracing::info!(socket = %path.display(), "removing the stale socket of a previous daemon");
             std::fs::remove_file(path)
                 .with_context(|| format!("removing the stale socket {}", path.display()))
         }

@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# THE test command for vpool (CI runs it through .ci/run).
+#
+#   scripts/test.sh                 all stages
+#   scripts/test.sh --skip fuzz     leave out a stage (repeatable):
+#                                   deps fmt clippy test fuzz vm
+#   scripts/test.sh --only test     run just these stages (repeatable)
+#
+# Stages, in order, each timed:
+#   deps    scripts/install-deps.sh (quiet when nothing is missing)
+#   fmt     cargo fmt --all -- --check
+#   clippy  cargo clippy --workspace --all-targets -- -D warnings
+#   test    cargo test --workspace
+#   fuzz    scripts/fuzz-smoke.sh (FUZZ_SECONDS per target, default 20);
+#           skipped while there is no fuzz/ directory or target
+#   vm      vm/boot-test.sh: Linux boots twice under QEMU (TCG) from a vpool
+#           volume served over NBD; the server is SIGKILLed between the
+#           boots. VM_SERVER=qemu-nbd runs the same boots against qemu-nbd
+#           (to check the harness itself).
+# Every stage runs even if an earlier one failed. The last line is
+# `N passed, N failed[, N skipped]` counting stages; exit status 1 if any
+# failed. The whole run is meant to take under TEST_BUDGET_SECS (1800);
+# stages are killed at TEST_DEADLINE_SECS (4800, under CI's 90 minutes).
+set -uo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO" || exit 1
+
+all_stages=(deps fmt clippy test fuzz vm)
+skip=()
+only=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --skip) skip+=("${2:?--skip needs a stage}"); shift 2 ;;
+        --only) only+=("${2:?--only needs a stage}"); shift 2 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+        *) echo "test.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+for s in "${skip[@]}" "${only[@]}"; do
+    [[ " ${all_stages[*]} " == *" $s "* ]] || { echo "test.sh: no stage '$s' (${all_stages[*]})" >&2; exit 2; }
+done
+
+budget=${TEST_BUDGET_SECS:-1800}
+deadline=${TEST_DEADLINE_SECS:-4800}
+start=$(date +%s.%N)
+now() { date +%s.%N; }
+secs_since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+passed=0 failed=0 skipped=0
+summary=()
+record() { # stage result seconds [note]
+    summary+=("$(printf '%-8s %-5s %7s s  %s' "$1" "$2" "$3" "${4:-}")")
+}
+wanted() {
+    local s=$1 x
+    for x in "${skip[@]}"; do [ "$x" = "$s" ] && return 1; done
+    [ ${#only[@]} -eq 0 ] && return 0
+    for x in "${only[@]}"; do [ "$x" = "$s" ] && return 0; done
+    return 1
+}
+skip_stage() { # name reason
+    echo
+    echo "==> $1: SKIPPED ($2)"
+    skipped=$((skipped + 1))
+    record "$1" skip 0 "$2"
+}
+# run_stage NAME NOTE CMD...: runs CMD with stdin closed, under a timeout of
+# whatever is left before the deadline.
+run_stage() {
+    local name=$1 note=$2 t rc left
+    shift 2
+    left=$(awk -v a="$start" -v b="$(now)" -v d="$deadline" 'BEGIN { printf "%d", d - (b - a) }')
+    if [ "$left" -le 30 ]; then
+        echo
+        echo "==> $name: FAILED (no time left before the ${deadline} s deadline)"
+        failed=$((failed + 1))
+        record "$name" FAIL 0 "deadline reached"
+        return
+    fi
+    echo
+    echo "==> $name: $*"
+    t=$(now)
+    rc=0
+    timeout -k 30 "$left" "$@" </dev/null || rc=$?
+    local took
+    took=$(secs_since "$t")
+    if [ $rc -eq 0 ]; then
+        passed=$((passed + 1))
+        echo "==> $name: PASS ($took s)"
+        record "$name" PASS "$took" "$note"
+    else
+        failed=$((failed + 1))
+        [ $rc -eq 124 ] && note="killed at the ${deadline} s deadline${note:+; $note}"
+        echo "==> $name: FAILED, exit $rc ($took s)"
+        record "$name" FAIL "$took" "$note"
+    fi
+}
+
+echo "vpool tests in $REPO ($(date -u '+%Y-%m-%d %H:%M:%S UTC'), $(nproc) cores)"
+
+wanted deps && run_stage deps "" scripts/install-deps.sh
+wanted fmt && run_stage fmt "" cargo fmt --all -- --check
+wanted clippy && run_stage clippy "" cargo clippy --workspace --all-targets -- -D warnings
+wanted test && run_stage test "" cargo test --workspace
+
+if wanted fuzz; then
+    shopt -s nullglob
+    fuzz_targets=(fuzz/fuzz_targets/*.rs)
+    shopt -u nullglob
+    if [ ! -d fuzz ]; then
+        skip_stage fuzz "no fuzz/ directory yet"
+    elif [ ${#fuzz_targets[@]} -eq 0 ]; then
+        skip_stage fuzz "no targets in fuzz/fuzz_targets/ yet"
+    else
+        run_stage fuzz "${#fuzz_targets[@]} target(s) x ${FUZZ_SECONDS:-20} s" scripts/fuzz-smoke.sh
+    fi
+fi
+
+if wanted vm; then
+    case "${VM_SERVER:-vpool}" in
+        vpool)
+            run_stage vm "server vpool, SIGKILL between boots" \
+                vm/boot-test.sh --server vpool --kill-server ;;
+        qemu-nbd)
+            # Only to check the harness itself against a known-good server.
+            run_stage vm "server qemu-nbd" vm/boot-test.sh --server qemu-nbd ;;
+        *) echo "test.sh: VM_SERVER must be vpool or qemu-nbd" >&2; failed=$((failed + 1)) ;;
+    esac
+fi
+
+total=$(secs_since "$start")
+echo
+echo "==> summary (total $total s, budget $budget s)"
+for line in "${summary[@]}"; do echo "    $line"; done
+if awk -v t="$total" -v b="$budget" 'BEGIN { exit !(t > b) }'; then
+    echo "WARNING: the run took $total s, over the $budget s budget"
+fi
+if [ $skipped -gt 0 ]; then
+    echo "$passed passed, $failed failed, $skipped skipped"
+else
+    echo "$passed passed, $failed failed"
+fi
+[ $failed -eq 0 ]

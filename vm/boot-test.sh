@@ -1,0 +1,417 @@
+#!/usr/bin/env bash
+# Boot a real Linux VM whose root disk is served over NBD, twice:
+#   boot 1 writes 8 MiB of random data plus its sha256 to the root fs, syncs,
+#          and powers off;
+#   (the NBD server is restarted, so the data must have been persisted)
+#   boot 2 checks the data against the checksum and prints PASS or FAIL.
+# The script also reads the volume back from the host over NBD and checks the
+# file with debugfs, so the server is verified independently of the guest.
+#
+# Usage: vm/boot-test.sh [--server vpool|qemu-nbd] [options]   (see --help)
+# Exit status: 0 only if boot 2 printed PASS and the host-side check agreed;
+# non-zero (with the reason) on any failure.
+set -euo pipefail
+
+VM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$VM_DIR/.." && pwd)
+
+server=vpool
+vpool_bin=
+vpool_profile=debug
+workdir=
+keep=0
+restart_server=1
+restart_signal=TERM
+boot_timeout=${VPOOL_VM_BOOT_TIMEOUT:-600}
+mem=${VPOOL_VM_MEM:-256}
+vol=root
+cache=${VPOOL_VM_CACHE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/vpool-vm}
+kernel_pkg=${VPOOL_VM_KERNEL_PKG:-}
+
+usage() {
+    cat <<EOF
+Usage: vm/boot-test.sh [options]
+
+Boots Linux (Debian's cloud kernel) under qemu-system-x86_64 (TCG) with its
+root disk on an NBD export served from a unix socket, writes a file on boot 1,
+checks it on boot 2. Exits 0 only on PASS.
+
+Options:
+  --server vpool|qemu-nbd  NBD server to test (default: vpool).
+                           vpool:    VPOOL_HOME=DIR vpool vol import $vol rootfs.img
+                                     VPOOL_HOME=DIR vpool serve  (socket DIR/nbd.sock)
+                           qemu-nbd: qemu-nbd --persistent -f raw --socket SOCK -x $vol rootfs.img
+  --vpool-bin PATH         vpool binary to use (default: build it with cargo,
+                           dev profile, and use target/debug/vpool)
+  --release                build and use the release vpool binary instead
+  --workdir DIR            keep all files (images, logs) in DIR (default: a temp dir)
+  --keep                   do not delete the temp work dir at the end
+  --no-restart-server      keep one server process for both boots
+  --kill-server            restart the server between the boots with SIGKILL
+                           instead of SIGTERM: what the guest flushed must
+                           survive a crash of the server process
+  --timeout SECS           limit for each boot (default: $boot_timeout)
+  -h, --help               this text
+
+Environment:
+  VPOOL_VM_CACHE           kernel cache (default: \${XDG_CACHE_HOME:-\$HOME/.cache}/vpool-vm)
+  VPOOL_VM_KERNEL_PKG      Debian kernel package (default: the one
+                           linux-image-cloud-amd64 depends on, or the newest cached)
+  VPOOL_VM_MEM             guest memory in MiB (default: 256)
+
+Needs: qemu-system-x86_64, qemu-img, busybox (busybox-static), cpio, gzip,
+mkfs.ext4 and debugfs (e2fsprogs), apt-get and dpkg-deb for the first run.
+scripts/install-deps.sh installs them.
+EOF
+}
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --server) server=${2:?--server needs a value}; shift 2 ;;
+        --server=*) server=${1#*=}; shift ;;
+        --vpool-bin) vpool_bin=${2:?--vpool-bin needs a value}; shift 2 ;;
+        --release) vpool_profile=release; shift ;;
+        --workdir) workdir=${2:?--workdir needs a value}; shift 2 ;;
+        --keep) keep=1; shift ;;
+        --no-restart-server) restart_server=0; shift ;;
+        --kill-server) restart_signal=KILL; shift ;;
+        --timeout) boot_timeout=${2:?--timeout needs a value}; shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "boot-test: unknown argument: $1" >&2; usage >&2; exit 2 ;;
+    esac
+done
+case "$server" in
+    vpool|qemu-nbd) ;;
+    *) echo "boot-test: --server must be vpool or qemu-nbd, not '$server'" >&2; exit 2 ;;
+esac
+
+log() { printf 'boot-test: %s\n' "$*"; }
+die() { printf 'boot-test: FAIL: %s\n' "$*" >&2; exit 1; }
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+for tool in qemu-system-x86_64 qemu-img cpio gzip mkfs.ext4 debugfs sha256sum timeout; do
+    command -v "$tool" >/dev/null 2>&1 || die "$tool not found (run scripts/install-deps.sh)"
+done
+busybox=
+for b in /bin/busybox /usr/bin/busybox; do
+    if [ -x "$b" ] && ! ldd "$b" >/dev/null 2>&1; then busybox=$b; break; fi
+done
+[ -n "$busybox" ] || die "no static busybox found (apt-get install busybox-static)"
+if [ "$server" = qemu-nbd ]; then
+    command -v qemu-nbd >/dev/null 2>&1 || die "qemu-nbd not found (apt-get install qemu-utils)"
+fi
+
+# ---------------------------------------------------------------- work dir
+if [ -z "$workdir" ]; then
+    workdir=$(mktemp -d "${TMPDIR:-/tmp}/vpool-vm.XXXXXX")
+    [ "$keep" = 1 ] || cleanup_workdir=1
+else
+    mkdir -p "$workdir"
+    workdir=$(cd "$workdir" && pwd)
+fi
+server_pid=
+# stop_server [SIGNAL]: TERM (default) and wait up to 20 s, then KILL.
+stop_server() {
+    local sig=${1:-TERM} i=0 rc=0
+    [ -n "$server_pid" ] || return 0
+    # stderr off for the whole block: bash reports a child killed by a signal
+    # ("Killed") when it reaps it, which may happen during the polling.
+    {
+        kill "-$sig" "$server_pid" || true
+        while kill -0 "$server_pid" && [ $i -lt 200 ]; do sleep 0.1; i=$((i + 1)); done
+        if kill -0 "$server_pid"; then
+            log "warning: $server did not exit within 20 s of SIG$sig; killing it"
+            kill -KILL "$server_pid" || true
+        fi
+        wait "$server_pid" || rc=$?
+    } 2>/dev/null
+    if [ "$sig" = TERM ] && [ $rc -ne 0 ]; then
+        log "warning: $server exited with status $rc after SIGTERM (log: $workdir/server.log)"
+    fi
+    server_pid=
+}
+cleanup() {
+    local rc=$?
+    stop_server
+    [ -z "${fetch_tmp:-}" ] || rm -rf "$fetch_tmp"
+    if [ "${cleanup_workdir:-0}" = 1 ] && [ $rc -eq 0 ]; then
+        rm -rf "$workdir"
+    elif [ $rc -ne 0 ]; then
+        echo "boot-test: logs and images kept in $workdir" >&2
+    fi
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+t_start=$(now)
+
+# ---------------------------------------------------------------- kernel
+# The cache holds, per kernel package: vmlinuz, modules/*.ko (only the ones
+# the guest needs) and modules/order (load order, dependencies first).
+mkdir -p "$cache"
+resolve_kernel_pkg() {
+    local p
+    p=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+        awk '$1 == "Depends:" && $2 ~ /^linux-image-.*-cloud-amd64$/ { print $2; exit }')
+    if [ -z "$p" ]; then
+        p=$(apt-cache search --names-only '^linux-image-[0-9].*-cloud-amd64$' 2>/dev/null |
+            awk '{ print $1 }' | sort -V | tail -n 1)
+    fi
+    printf '%s' "$p"
+}
+if [ -z "$kernel_pkg" ]; then
+    kernel_pkg=$(cd "$cache" && ls -1d linux-image-*/.complete 2>/dev/null | sed 's#/.complete$##' | sort -V | tail -n 1 || true)
+fi
+if [ -z "$kernel_pkg" ]; then
+    command -v apt-get >/dev/null 2>&1 || die "no cached kernel in $cache and no apt-get to fetch one"
+    kernel_pkg=$(resolve_kernel_pkg)
+    if [ -z "$kernel_pkg" ]; then
+        log "apt lists have no cloud kernel; running apt-get update"
+        apt-get update -qq >/dev/null 2>&1 || true
+        kernel_pkg=$(resolve_kernel_pkg)
+    fi
+    [ -n "$kernel_pkg" ] || die "cannot find a linux-image-*-cloud-amd64 package (apt-cache search)"
+fi
+kdir=$cache/$kernel_pkg
+if [ ! -f "$kdir/.complete" ]; then
+    log "fetching kernel package $kernel_pkg into $cache"
+    t=$(now)
+    tmp=$(mktemp -d "$cache/.fetch.XXXXXX")
+    fetch_tmp=$tmp
+    download() { (cd "$tmp" && apt-get download -o APT::Sandbox::User=root "$kernel_pkg" >download.log 2>&1); }
+    if ! download; then
+        # Stale apt lists name a .deb the mirror no longer has: refresh, retry.
+        log "apt-get download $kernel_pkg failed; running apt-get update and retrying"
+        apt-get update -qq >/dev/null 2>&1 || true
+        if [ -z "${VPOOL_VM_KERNEL_PKG:-}" ]; then
+            kernel_pkg=$(resolve_kernel_pkg)
+            kdir=$cache/$kernel_pkg
+        fi
+        download || { cat "$tmp/download.log" >&2; rm -rf "$tmp"; die "apt-get download $kernel_pkg failed"; }
+    fi
+    dpkg-deb -x "$tmp"/*.deb "$tmp/x" || { rm -rf "$tmp"; die "dpkg-deb -x failed"; }
+    mkdir -p "$tmp/out/modules"
+    cp "$tmp"/x/boot/vmlinuz-* "$tmp/out/vmlinuz"
+    cp "$tmp"/x/boot/config-* "$tmp/out/config"
+    moddir=$(ls -d "$tmp"/x/lib/modules/* | head -n 1)
+    # Find a module file by name (module names use _; files may use -).
+    find_ko() {
+        local n=$1 alt=${1//_/-}
+        find "$moddir/kernel" \( -name "$n.ko" -o -name "$n.ko.xz" -o -name "$n.ko.zst" \
+            -o -name "$alt.ko" -o -name "$alt.ko.xz" -o -name "$alt.ko.zst" \) -print -quit
+    }
+    is_builtin() {
+        grep -qE "/($1|${1//_/-})\.ko$" "$moddir/modules.builtin" 2>/dev/null
+    }
+    declare -A seen=()
+    add_module() {
+        local n=$1 f deps d
+        [ -z "${seen[$n]:-}" ] || return 0
+        seen[$n]=1
+        f=$(find_ko "$n")
+        if [ -z "$f" ]; then
+            is_builtin "$n" && return 0
+            die "kernel module $n is neither in $kernel_pkg nor built in"
+        fi
+        case "$f" in
+            *.ko) cp "$f" "$tmp/out/modules/$n.ko" ;;
+            *.ko.xz) xz -dc "$f" > "$tmp/out/modules/$n.ko" ;;
+            *.ko.zst) zstd -qdc "$f" > "$tmp/out/modules/$n.ko" ;;
+        esac
+        deps=$(tr '\0' '\n' < "$tmp/out/modules/$n.ko" | sed -n 's/^depends=//p' | head -n 1)
+        for d in ${deps//,/ }; do add_module "$d"; done
+        echo "$n.ko" >> "$tmp/out/modules/order"
+    }
+    : > "$tmp/out/modules/order"
+    # virtio_pci + virtio_blk for /dev/vda, ext4 + crc32c for the root fs
+    # (the cloud kernel builds ext4 and crc32c in; add_module skips built-ins).
+    for m in virtio_pci virtio_blk crc32c_generic ext4; do add_module "$m"; done
+    rm -rf "$kdir"
+    mv "$tmp/out" "$kdir"
+    rm -rf "$tmp"
+    fetch_tmp=
+    touch "$kdir/.complete"
+    log "kernel cached in $kdir ($(elapsed "$t") s)"
+fi
+log "kernel $kernel_pkg, modules: $(tr '\n' ' ' < "$kdir/modules/order")"
+
+# ---------------------------------------------------------------- initramfs
+t=$(now)
+ird=$workdir/initramfs
+rm -rf "$ird"
+mkdir -p "$ird"/{bin,dev,proc,sys,newroot,lib/modules}
+cp "$busybox" "$ird/bin/busybox"
+ln -s busybox "$ird/bin/sh"
+cp "$VM_DIR/initramfs-init.sh" "$ird/init"
+chmod 755 "$ird/init"
+cp "$kdir"/modules/*.ko "$ird/lib/modules/" 2>/dev/null || true
+cp "$kdir/modules/order" "$ird/lib/modules/order"
+(cd "$ird" && find . -print0 | cpio --null -o -H newc --quiet | gzip -1) > "$workdir/initramfs.cpio.gz"
+
+# ---------------------------------------------------------------- root fs
+rfd=$workdir/rootdir
+rm -rf "$rfd"
+mkdir -p "$rfd"/{bin,sbin,dev,proc,sys,tmp,data,etc}
+cp "$busybox" "$rfd/bin/busybox"
+for applet in $("$busybox" --list); do
+    [ "$applet" = busybox ] || ln -sf busybox "$rfd/bin/$applet"
+done
+cp "$VM_DIR/guest-init.sh" "$rfd/sbin/init"
+chmod 755 "$rfd/sbin/init"
+rm -f "$workdir/rootfs.img"
+truncate -s 64M "$workdir/rootfs.img"
+mkfs.ext4 -q -F -L vpoolroot -d "$rfd" "$workdir/rootfs.img" >/dev/null
+log "initramfs and 64 MiB ext4 root fs built ($(elapsed "$t") s)"
+
+# ---------------------------------------------------------------- server
+# vpool: `vpool serve` is the daemon (API on $VPOOL_HOME/api.sock, NBD on
+# $VPOOL_HOME/nbd.sock, every volume an export of its name); `vpool vol
+# import` is a client of the running daemon.
+sock=
+nbd_url() { printf 'nbd+unix:///%s?socket=%s' "$vol" "$sock"; }
+# wait_for DESC CMD...: until CMD succeeds, while the server lives, 60 s max.
+wait_for() {
+    local desc=$1 i=0
+    shift
+    until "$@" >/dev/null 2>&1; do
+        if ! kill -0 "$server_pid" 2>/dev/null; then
+            wait "$server_pid" 2>/dev/null || true
+            server_pid=
+            tail -n 20 "$workdir/server.log" >&2
+            die "$server exited while waiting for $desc (log: $workdir/server.log)"
+        fi
+        i=$((i + 1))
+        if [ $i -ge 600 ]; then
+            tail -n 20 "$workdir/server.log" >&2
+            die "$server: no $desc after 60 s (log: $workdir/server.log)"
+        fi
+        sleep 0.1
+    done
+}
+start_server() {
+    echo "=== start $server ($(date -u +%T))" >>"$workdir/server.log"
+    case "$server" in
+        qemu-nbd)
+            sock=$workdir/nbd.sock
+            rm -f "$sock"
+            qemu-nbd --persistent -f raw --socket "$sock" -x "$vol" "$workdir/rootfs.img" \
+                >>"$workdir/server.log" 2>&1 &
+            server_pid=$!
+            ;;
+        vpool)
+            sock=$VPOOL_HOME/nbd.sock
+            "$vpool_bin" serve >>"$workdir/server.log" 2>&1 &
+            server_pid=$!
+            wait_for "API (vpool vol list)" "$vpool_bin" vol list
+            ;;
+    esac
+}
+# A sleep-free check that the export answers (after an import, for vpool).
+wait_export() { wait_for "NBD export '$vol' on $sock" qemu-img info -f raw "$(nbd_url)"; }
+
+if [ "$server" = vpool ]; then
+    if [ -z "$vpool_bin" ]; then
+        t=$(now)
+        log "building vpool ($vpool_profile)"
+        profile_flag=()
+        [ "$vpool_profile" = release ] && profile_flag=(--release)
+        (cd "$REPO" && cargo build -q -p vpool --bin vpool "${profile_flag[@]}") ||
+            die "cargo build -p vpool failed"
+        target_dir=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
+            sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+        vpool_bin=${target_dir:-$REPO/target}/$vpool_profile/vpool
+        log "vpool built ($(elapsed "$t") s)"
+    fi
+    [ -x "$vpool_bin" ] || die "vpool binary $vpool_bin not found"
+    vpool_bin=$(cd "$(dirname "$vpool_bin")" && pwd)/$(basename "$vpool_bin")
+    help=$("$vpool_bin" --help 2>&1 || true)
+    if ! grep -qw serve <<<"$help" || ! grep -qw vol <<<"$help"; then
+        die "$vpool_bin has no 'serve'/'vol' commands yet (vpool --help says: $(head -n 3 <<<"$help" | tr '\n' ' '))"
+    fi
+    export VPOOL_HOME=$workdir/vpool-home
+    rm -rf "$VPOOL_HOME"
+    mkdir -p "$VPOOL_HOME"
+    start_server
+    t=$(now)
+    "$vpool_bin" vol import "$vol" "$workdir/rootfs.img" >>"$workdir/server.log" 2>&1 || {
+        tail -n 20 "$workdir/server.log" >&2; die "vpool vol import $vol failed"; }
+    log "imported rootfs.img as vpool volume '$vol' ($(elapsed "$t") s)"
+    # The guest must see the volume, not the original file.
+    mv "$workdir/rootfs.img" "$workdir/rootfs.orig.img"
+    i=0
+    while [ ! -S "$sock" ]; do
+        kill -0 "$server_pid" 2>/dev/null || wait_for "nbd.sock" false
+        i=$((i + 1))
+        if [ $i -ge 300 ]; then
+            die "vpool serve created no $sock within 30 s"
+        fi
+        sleep 0.1
+    done
+else
+    start_server
+fi
+wait_export
+log "$server serving export '$vol' on $sock"
+
+# ---------------------------------------------------------------- boots
+boot() {
+    local phase=$1 console=$workdir/console-$1.log t rc=0
+    rm -f "$console"
+    t=$(now)
+    timeout --foreground -k 10 "$boot_timeout" qemu-system-x86_64 \
+        -accel tcg -machine q35 -cpu max -smp 1 -m "$mem" \
+        -nographic -monitor none -serial "file:$console" -no-reboot \
+        -kernel "$kdir/vmlinuz" -initrd "$workdir/initramfs.cpio.gz" \
+        -append "console=ttyS0 panic=-1 quiet loglevel=4 vpool_phase=$phase" \
+        -drive "file=nbd+unix:///$vol?socket=$sock,format=raw,if=virtio,cache=none" \
+        -nic none </dev/null >"$workdir/qemu-$phase.log" 2>&1 || rc=$?
+    boot_secs=$(elapsed "$t")
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        tail -n 30 "$console" >&2 2>/dev/null || true
+        die "boot '$phase' timed out after $boot_timeout s (console: $console)"
+    fi
+    if [ $rc -ne 0 ]; then
+        cat "$workdir/qemu-$phase.log" >&2
+        tail -n 30 "$console" >&2 2>/dev/null || true
+        die "qemu-system-x86_64 exited with status $rc in boot '$phase'"
+    fi
+    marker=$(grep -a -o 'VPOOL-BOOT-TEST: .*' "$console" | tr -d '\r' | tail -n 1 || true)
+    log "boot '$phase' took $boot_secs s: ${marker:-no marker}"
+}
+
+boot write
+case "$marker" in
+    "VPOOL-BOOT-TEST: WRITE-DONE sha256="*) want=${marker##*sha256=} ;;
+    *) tail -n 40 "$workdir/console-write.log" >&2; die "boot 1 did not write the payload" ;;
+esac
+boot1_secs=$boot_secs
+
+if [ "$restart_server" = 1 ]; then
+    stop_server "$restart_signal"
+    start_server
+    wait_export
+    log "$server restarted (after SIG$restart_signal)"
+fi
+
+boot verify
+boot2_secs=$boot_secs
+case "$marker" in
+    "VPOOL-BOOT-TEST: PASS sha256=$want") ;;
+    *) tail -n 40 "$workdir/console-verify.log" >&2; die "boot 2 did not verify the payload" ;;
+esac
+
+# ---------------------------------------------------------------- host check
+# Read the whole volume back over NBD and check the file with debugfs.
+qemu-img convert -f raw -O raw "nbd+unix:///$vol?socket=$sock" "$workdir/readback.img" ||
+    die "qemu-img could not read the export back"
+debugfs -R "dump /data/payload.bin $workdir/payload.bin" "$workdir/readback.img" >/dev/null 2>&1 ||
+    die "debugfs could not find /data/payload.bin in the exported volume"
+got=$(sha256sum "$workdir/payload.bin" | cut -d' ' -f1)
+[ "$got" = "$want" ] || die "host read-back sha256 $got != guest's $want"
+rm -f "$workdir/readback.img" "$workdir/payload.bin"
+log "host read-back over NBD matches sha256=$want"
+
+stop_server
+log "PASS with --server $server: boot 1 ${boot1_secs} s, boot 2 ${boot2_secs} s, total $(elapsed "$t_start") s"
