@@ -15,6 +15,8 @@ use vpool_store::SegmentId;
 pub const CHECKPOINT_MAGIC: [u8; 8] = *b"VPCKPT01";
 /// The metadata blob the current checkpoint is stored under.
 pub const CHECKPOINT_META_NAME: &str = "checkpoint";
+/// Version 2 added snapshots and parent links.
+const CHECKPOINT_VERSION: u32 = 2;
 /// Bytes of one encoded extent.
 const EXTENT_LEN: usize = 8 + 4 + 1 + 8 + 4 + 4;
 
@@ -30,6 +32,17 @@ pub struct VolumeCheckpoint {
     pub id: VolumeId,
     pub name: String,
     pub size_bytes: u64,
+    pub map: ExtentMap,
+    /// For a clone: the volume and snapshot it came from.
+    pub parent: Option<(VolumeId, String)>,
+    pub snapshots: Vec<SnapshotCheckpoint>,
+}
+
+#[derive(Clone)]
+pub struct SnapshotCheckpoint {
+    pub name: String,
+    pub size_bytes: u64,
+    pub seq: u64,
     pub map: ExtentMap,
 }
 
@@ -47,7 +60,7 @@ impl Checkpoint {
         let extents: usize = self.volumes.iter().map(|v| v.map.extent_count()).sum();
         let mut out = Vec::with_capacity(64 + self.volumes.len() * 100 + extents * EXTENT_LEN);
         out.extend_from_slice(&CHECKPOINT_MAGIC);
-        out.extend_from_slice(&1u32.to_le_bytes()); // version
+        out.extend_from_slice(&CHECKPOINT_VERSION.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
         for v in [
             self.position.seg.0,
@@ -62,25 +75,22 @@ impl Checkpoint {
         for vol in &self.volumes {
             out.extend_from_slice(&vol.id.0.to_le_bytes());
             out.extend_from_slice(&vol.size_bytes.to_le_bytes());
-            out.extend_from_slice(&(vol.name.len() as u16).to_le_bytes());
-            out.extend_from_slice(vol.name.as_bytes());
-            out.extend_from_slice(&(vol.map.extent_count() as u64).to_le_bytes());
-            for p in vol.map.iter() {
-                out.extend_from_slice(&p.start_block.to_le_bytes());
-                out.extend_from_slice(&(p.len_blocks as u32).to_le_bytes());
-                let (kind, loc) = match p.target.expect("iter yields mapped pieces") {
-                    Target::Zero => (0u8, None),
-                    Target::Data(d) => (1u8, Some(d)),
-                };
-                out.push(kind);
-                let d = loc.unwrap_or(DataLoc {
-                    seg: SegmentId(0),
-                    data_off: 0,
-                    crc_off: 0,
-                });
-                out.extend_from_slice(&d.seg.0.to_le_bytes());
-                out.extend_from_slice(&d.data_off.to_le_bytes());
-                out.extend_from_slice(&d.crc_off.to_le_bytes());
+            put_name(&mut out, &vol.name);
+            put_map(&mut out, &vol.map);
+            match &vol.parent {
+                None => out.push(0),
+                Some((id, snap)) => {
+                    out.push(1);
+                    out.extend_from_slice(&id.0.to_le_bytes());
+                    put_name(&mut out, snap);
+                }
+            }
+            out.extend_from_slice(&(vol.snapshots.len() as u64).to_le_bytes());
+            for snap in &vol.snapshots {
+                put_name(&mut out, &snap.name);
+                out.extend_from_slice(&snap.size_bytes.to_le_bytes());
+                out.extend_from_slice(&snap.seq.to_le_bytes());
+                put_map(&mut out, &snap.map);
             }
         }
         let crc = crc32c::crc32c(&out);
@@ -103,7 +113,7 @@ impl Checkpoint {
         if r.take(8)? != CHECKPOINT_MAGIC {
             return Err(DecodeError::BadMagic);
         }
-        if r.u32()? != 1 {
+        if r.u32()? != CHECKPOINT_VERSION {
             return Err(DecodeError::Inconsistent("unknown checkpoint version"));
         }
         r.u32()?;
@@ -119,45 +129,29 @@ impl Checkpoint {
         for _ in 0..nvolumes {
             let id = VolumeId(r.u64()?);
             let size_bytes = r.u64()?;
-            let name_len = r.u16()? as usize;
-            if name_len == 0 || name_len > MAX_NAME_LEN {
-                return Err(DecodeError::Inconsistent("volume name length"));
+            let name = r.name()?;
+            let map = r.map(size_bytes)?;
+            let parent = match r.u8()? {
+                0 => None,
+                1 => Some((VolumeId(r.u64()?), r.name()?)),
+                _ => return Err(DecodeError::Inconsistent("parent flag")),
+            };
+            let nsnapshots = r.u64()?;
+            // Each snapshot takes at least 27 bytes: bound the count first.
+            if nsnapshots > (r.remaining() / 27) as u64 {
+                return Err(DecodeError::Inconsistent("snapshot count"));
             }
-            let name = std::str::from_utf8(r.take(name_len)?)
-                .map_err(|_| DecodeError::Inconsistent("volume name is not UTF-8"))?
-                .to_string();
-            let nextents = r.u64()?;
-            // Bound the count by the bytes left before trusting it.
-            if nextents > (r.remaining() / EXTENT_LEN) as u64 {
-                return Err(DecodeError::Inconsistent("extent count"));
-            }
-            let mut map = ExtentMap::new();
-            let mut prev_end = 0u64;
-            for _ in 0..nextents {
-                let start = r.u64()?;
-                let len = u64::from(r.u32()?);
-                let kind = r.u8()?;
-                let seg = SegmentId(r.u64()?);
-                let data_off = r.u32()?;
-                let crc_off = r.u32()?;
-                let end = start
-                    .checked_add(len)
-                    .ok_or(DecodeError::Inconsistent("extent overflows"))?;
-                if len == 0 || start < prev_end || end * crate::types::BLOCK_SIZE > size_bytes {
-                    return Err(DecodeError::Inconsistent("extent out of order or range"));
-                }
-                prev_end = end;
-                let target = match kind {
-                    0 => Target::Zero,
-                    1 => Target::Data(DataLoc {
-                        seg,
-                        data_off,
-                        crc_off,
-                    }),
-                    _ => return Err(DecodeError::Inconsistent("extent kind")),
-                };
-                map.set(start, len, Some(target), &mut |_, _| {
-                    unreachable!("extents were checked not to overlap")
+            let mut snapshots = Vec::new();
+            for _ in 0..nsnapshots {
+                let name = r.name()?;
+                let size_bytes = r.u64()?;
+                let seq = r.u64()?;
+                let map = r.map(size_bytes)?;
+                snapshots.push(SnapshotCheckpoint {
+                    name,
+                    size_bytes,
+                    seq,
+                    map,
                 });
             }
             volumes.push(VolumeCheckpoint {
@@ -165,6 +159,8 @@ impl Checkpoint {
                 name,
                 size_bytes,
                 map,
+                parent,
+                snapshots,
             });
         }
         if r.remaining() != 0 {
@@ -177,6 +173,34 @@ impl Checkpoint {
             next_segment_id,
             volumes,
         })
+    }
+}
+
+fn put_name(out: &mut Vec<u8>, name: &str) {
+    out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    out.extend_from_slice(name.as_bytes());
+}
+
+fn put_map(out: &mut Vec<u8>, map: &ExtentMap) {
+    out.extend_from_slice(&(map.extent_count() as u64).to_le_bytes());
+    for p in map.iter() {
+        out.extend_from_slice(&p.start_block.to_le_bytes());
+        out.extend_from_slice(&(p.len_blocks as u32).to_le_bytes());
+        let (kind, d) = match p.target.expect("iter yields mapped pieces") {
+            Target::Zero => (
+                0u8,
+                DataLoc {
+                    seg: SegmentId(0),
+                    data_off: 0,
+                    crc_off: 0,
+                },
+            ),
+            Target::Data(d) => (1u8, d),
+        };
+        out.push(kind);
+        out.extend_from_slice(&d.seg.0.to_le_bytes());
+        out.extend_from_slice(&d.data_off.to_le_bytes());
+        out.extend_from_slice(&d.crc_off.to_le_bytes());
     }
 }
 
@@ -200,6 +224,58 @@ impl<'a> Reader<'a> {
         self.pos += n;
         Ok(s)
     }
+    fn name(&mut self) -> Result<String, DecodeError> {
+        let len = self.u16()? as usize;
+        if len == 0 || len > MAX_NAME_LEN {
+            return Err(DecodeError::Inconsistent("name length"));
+        }
+        std::str::from_utf8(self.take(len)?)
+            .map(str::to_string)
+            .map_err(|_| DecodeError::Inconsistent("name is not UTF-8"))
+    }
+
+    /// An extent map of a volume (or snapshot) of `size_bytes`.
+    fn map(&mut self, size_bytes: u64) -> Result<ExtentMap, DecodeError> {
+        let nextents = self.u64()?;
+        // Bound the count by the bytes left before trusting it.
+        if nextents > (self.remaining() / EXTENT_LEN) as u64 {
+            return Err(DecodeError::Inconsistent("extent count"));
+        }
+        let mut map = ExtentMap::new();
+        let mut prev_end = 0u64;
+        for _ in 0..nextents {
+            let start = self.u64()?;
+            let len = u64::from(self.u32()?);
+            let kind = self.u8()?;
+            let seg = SegmentId(self.u64()?);
+            let data_off = self.u32()?;
+            let crc_off = self.u32()?;
+            let end = start
+                .checked_add(len)
+                .ok_or(DecodeError::Inconsistent("extent overflows"))?;
+            let end_bytes = end
+                .checked_mul(crate::types::BLOCK_SIZE)
+                .ok_or(DecodeError::Inconsistent("extent overflows"))?;
+            if len == 0 || start < prev_end || end_bytes > size_bytes {
+                return Err(DecodeError::Inconsistent("extent out of order or range"));
+            }
+            prev_end = end;
+            let target = match kind {
+                0 => Target::Zero,
+                1 => Target::Data(DataLoc {
+                    seg,
+                    data_off,
+                    crc_off,
+                }),
+                _ => return Err(DecodeError::Inconsistent("extent kind")),
+            };
+            map.set(start, len, Some(target), &mut |_, _| {
+                unreachable!("extents were checked not to overlap")
+            });
+        }
+        Ok(map)
+    }
+
     fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.take(1)?[0])
     }
@@ -244,7 +320,14 @@ mod tests {
                 id: VolumeId(2),
                 name: "web1".into(),
                 size_bytes: 1 << 30,
-                map,
+                map: map.clone(),
+                parent: Some((VolumeId(1), "gold".into())),
+                snapshots: vec![SnapshotCheckpoint {
+                    name: "s1".into(),
+                    size_bytes: 1 << 29,
+                    seq: 5,
+                    map,
+                }],
             }],
         };
         let bytes = c.encode();

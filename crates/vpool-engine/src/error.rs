@@ -10,6 +10,14 @@ pub enum EngineError {
     VolumeNotFound(String),
     #[error("volume {0:?} already exists")]
     VolumeExists(String),
+    #[error("snapshot {volume}@{snapshot} not found")]
+    SnapshotNotFound { volume: String, snapshot: String },
+    #[error("snapshot {volume}@{snapshot} already exists")]
+    SnapshotExists { volume: String, snapshot: String },
+    #[error("{what} is in use by {}: delete them first", users.join(", "))]
+    InUse { what: String, users: Vec<String> },
+    #[error("read-only: {0}")]
+    ReadOnly(String),
     #[error("invalid {what}: {why}")]
     Invalid { what: &'static str, why: String },
     #[error(

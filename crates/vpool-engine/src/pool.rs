@@ -39,7 +39,9 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex, RwLock};
 use vpool_store::{OpenSegment, SegmentId, SegmentStore};
 
-use crate::checkpoint::{CHECKPOINT_META_NAME, Checkpoint, LogPosition, VolumeCheckpoint};
+use crate::checkpoint::{
+    CHECKPOINT_META_NAME, Checkpoint, LogPosition, SnapshotCheckpoint, VolumeCheckpoint,
+};
 use crate::error::{EngineError, Result};
 use crate::extent_map::{DataLoc, ExtentMap, Piece, Target};
 use crate::record::{
@@ -98,6 +100,18 @@ pub struct VolumeInfo {
     /// Bytes mapped as allocated zeros (store nothing).
     pub zero_bytes: u64,
     pub extents: u64,
+}
+
+/// What a snapshot looks like from outside.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub volume: String,
+    pub name: String,
+    pub size_bytes: u64,
+    /// Bytes of data the snapshot refers to (shared with the volume or not).
+    pub allocated_bytes: u64,
+    /// Log sequence number at which it was taken: orders snapshots.
+    pub seq: u64,
 }
 
 /// Space and log figures of the whole pool.
@@ -177,12 +191,32 @@ struct Vol {
     map: ExtentMap,
     data_blocks: u64,
     zero_blocks: u64,
+    /// Frozen copies of the map, by name.
+    snapshots: BTreeMap<String, Snap>,
+    /// For a clone: the volume and snapshot it was cloned from. Kept so that
+    /// snapshot a clone came from is not deleted under it by mistake; the
+    /// clone shares blocks with it but does not read through it.
+    parent: Option<(VolumeId, String)>,
+}
+
+/// A snapshot: the volume's map, size and counters when it was taken.
+#[derive(Clone)]
+struct Snap {
+    size_bytes: u64,
+    map: ExtentMap,
+    data_blocks: u64,
+    zero_blocks: u64,
+    /// The log sequence number of the record that took it.
+    seq: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
 struct SegInfo {
     size_bytes: u64,
-    live_blocks: u64,
+    /// Block references into this segment, summed over every map (volumes
+    /// and snapshots). Only exact when `State::pending_refs` is empty: a new
+    /// snapshot's references are counted later, off the caller's path.
+    refs: i64,
 }
 
 struct State {
@@ -204,6 +238,11 @@ struct State {
     /// Set when an append failed: the open segment may hold a partial
     /// record past its end, so the next append starts a new segment.
     roll_before_next_append: bool,
+    /// Maps whose references are still to be added (+1) or removed (-1)
+    /// from the segments' counts, in order. Taking a snapshot or a clone
+    /// costs O(1) because its O(extents) counting waits here until the
+    /// maintenance thread (or anything that reads the counts) applies it.
+    pending_refs: Vec<(ExtentMap, i64)>,
 }
 
 struct Counters {
@@ -267,8 +306,10 @@ impl State {
             Target::Zero => zero_gone += n,
             Target::Data(d) => {
                 data_gone += n;
-                let s = segments.get_mut(&d.seg).expect("mapped segment is known");
-                s.live_blocks = s.live_blocks.checked_sub(n).expect("live count underflow");
+                segments
+                    .get_mut(&d.seg)
+                    .expect("mapped segment is known")
+                    .refs -= n as i64;
             }
         });
         vol.data_blocks -= data_gone;
@@ -276,14 +317,39 @@ impl State {
         match target {
             Some(Target::Data(d)) => {
                 vol.data_blocks += len;
-                segments
-                    .get_mut(&d.seg)
-                    .expect("segment is known")
-                    .live_blocks += len;
+                segments.get_mut(&d.seg).expect("segment is known").refs += len as i64;
             }
             Some(Target::Zero) => vol.zero_blocks += len,
             None => {}
         }
+    }
+
+    /// Counts (or uncounts) every data block of `map` in its segment.
+    fn count_refs(segments: &mut BTreeMap<SegmentId, SegInfo>, map: &ExtentMap, sign: i64) {
+        for p in map.iter() {
+            if let Some(Target::Data(d)) = p.target {
+                segments
+                    .get_mut(&d.seg)
+                    .expect("mapped segment is known")
+                    .refs += sign * p.len_blocks as i64;
+            }
+        }
+    }
+
+    /// Applies the deferred reference counting; afterwards every segment's
+    /// count is exact.
+    fn apply_pending_refs(&mut self) {
+        for (map, sign) in std::mem::take(&mut self.pending_refs) {
+            State::count_refs(&mut self.segments, &map, sign);
+        }
+        debug_assert!(self.segments.values().all(|s| s.refs >= 0));
+    }
+
+    /// Every map of the pool: volumes and their snapshots.
+    fn all_maps_mut(&mut self) -> impl Iterator<Item = &mut ExtentMap> {
+        self.volumes.values_mut().flat_map(|v| {
+            std::iter::once(&mut v.map).chain(v.snapshots.values_mut().map(|s| &mut s.map))
+        })
     }
 
     /// Applies a record (live or replayed) whose header is at `rec_off` in
@@ -336,6 +402,8 @@ impl State {
                         map: ExtentMap::new(),
                         data_blocks: 0,
                         zero_blocks: 0,
+                        snapshots: BTreeMap::new(),
+                        parent: None,
                     },
                 );
                 self.next_volume_id = self.next_volume_id.max(h.volume.0 + 1);
@@ -355,6 +423,130 @@ impl State {
                 }
                 let vol = self.volumes.remove(&h.volume).expect("checked");
                 self.names.remove(&vol.name);
+                for snap in vol.snapshots.into_values() {
+                    self.pending_refs.push((snap.map, -1));
+                }
+            }
+            RecordKind::CreateSnapshot => {
+                let name = utf8(payload)?;
+                let seq = h.seq;
+                let vol = self
+                    .volumes
+                    .get_mut(&h.volume)
+                    .ok_or_else(|| vol_not_found(h.volume))?;
+                if vol.snapshots.contains_key(&name) {
+                    return Err(meta_error("snapshot record", "snapshot exists"));
+                }
+                let snap = Snap {
+                    size_bytes: vol.size_bytes,
+                    map: vol.map.clone(),
+                    data_blocks: vol.data_blocks,
+                    zero_blocks: vol.zero_blocks,
+                    seq,
+                };
+                self.pending_refs.push((snap.map.clone(), 1));
+                vol.snapshots.insert(name, snap);
+            }
+            RecordKind::DeleteSnapshot => {
+                let name = utf8(payload)?;
+                let vol = self
+                    .volumes
+                    .get_mut(&h.volume)
+                    .ok_or_else(|| vol_not_found(h.volume))?;
+                let snap = vol
+                    .snapshots
+                    .remove(&name)
+                    .ok_or_else(|| meta_error("snapshot record", "no such snapshot"))?;
+                self.pending_refs.push((snap.map, -1));
+            }
+            RecordKind::Rollback => {
+                let name = utf8(payload)?;
+                let vol = self
+                    .volumes
+                    .get_mut(&h.volume)
+                    .ok_or_else(|| vol_not_found(h.volume))?;
+                let snap = vol
+                    .snapshots
+                    .get(&name)
+                    .ok_or_else(|| meta_error("rollback record", "no such snapshot"))?
+                    .clone();
+                let old = std::mem::replace(&mut vol.map, snap.map.clone());
+                vol.size_bytes = snap.size_bytes;
+                vol.data_blocks = snap.data_blocks;
+                vol.zero_blocks = snap.zero_blocks;
+                // Increments first, so no count dips below zero.
+                self.pending_refs.push((snap.map, 1));
+                self.pending_refs.push((old, -1));
+            }
+            RecordKind::CloneVolume => {
+                let names = utf8(payload)?;
+                let (new_name, snap_name) = names
+                    .split_once('/')
+                    .ok_or_else(|| meta_error("clone record", "no '/' between names"))?;
+                let source = VolumeId(h.arg);
+                if self.volumes.contains_key(&h.volume) || self.names.contains_key(new_name) {
+                    return Err(meta_error("clone record", "volume exists"));
+                }
+                let snap = self
+                    .vol(source)?
+                    .snapshots
+                    .get(snap_name)
+                    .ok_or_else(|| meta_error("clone record", "no such snapshot"))?
+                    .clone();
+                self.pending_refs.push((snap.map.clone(), 1));
+                self.names.insert(new_name.to_string(), h.volume);
+                self.volumes.insert(
+                    h.volume,
+                    Vol {
+                        name: new_name.to_string(),
+                        size_bytes: snap.size_bytes,
+                        map: snap.map,
+                        data_blocks: snap.data_blocks,
+                        zero_blocks: snap.zero_blocks,
+                        snapshots: BTreeMap::new(),
+                        parent: Some((source, snap_name.to_string())),
+                    },
+                );
+                self.next_volume_id = self.next_volume_id.max(h.volume.0 + 1);
+            }
+            RecordKind::Relocate => {
+                // Counts must be exact before maps change under them.
+                self.apply_pending_refs();
+                let crc_off = rec_off + RECORD_HEADER_LEN as u64;
+                let data_off = crc_off + u64::from(h.nblocks) * CRC_LEN as u64;
+                let new = DataLoc {
+                    seg,
+                    data_off: u32::try_from(data_off).expect("segment under 4 GiB"),
+                    crc_off: u32::try_from(crc_off).expect("segment under 4 GiB"),
+                };
+                let old = DataLoc {
+                    seg: SegmentId(h.arg),
+                    data_off: h.arg2,
+                    crc_off: h.arg3,
+                };
+                let (b, n) = (h.block, u64::from(h.nblocks));
+                let mut moved = 0i64;
+                for map in self.all_maps_mut() {
+                    for p in map.lookup(b, n) {
+                        let Some(Target::Data(d)) = p.target else {
+                            continue;
+                        };
+                        let k = p.start_block - b;
+                        if d == old.advance(k) {
+                            map.set(
+                                p.start_block,
+                                p.len_blocks,
+                                Some(Target::Data(new.advance(k))),
+                                &mut |_, _| {},
+                            );
+                            moved += p.len_blocks as i64;
+                        }
+                    }
+                }
+                if let Some(s) = self.segments.get_mut(&old.seg) {
+                    s.refs -= moved;
+                }
+                self.segments.get_mut(&seg).expect("segment is known").refs += moved;
             }
         }
         Ok(())
@@ -368,6 +560,12 @@ impl State {
         }
         Ok(())
     }
+}
+
+fn utf8(payload: &[u8]) -> Result<String> {
+    std::str::from_utf8(payload)
+        .map(str::to_string)
+        .map_err(|_| meta_error("record", "name is not UTF-8"))
 }
 
 fn meta_error(what: &str, detail: &'static str) -> EngineError {
@@ -406,7 +604,7 @@ impl Pool {
                     id,
                     SegInfo {
                         size_bytes,
-                        live_blocks: 0,
+                        refs: 0,
                     },
                 )
             })
@@ -428,31 +626,51 @@ impl Pool {
                     name,
                     size_bytes,
                     map,
+                    parent,
+                    snapshots,
                 } = v;
                 names.insert(name.clone(), id);
+                let snapshots = snapshots
+                    .into_iter()
+                    .map(|s| {
+                        let (data_blocks, zero_blocks) = block_counts(&s.map);
+                        (
+                            s.name,
+                            Snap {
+                                size_bytes: s.size_bytes,
+                                map: s.map,
+                                data_blocks,
+                                zero_blocks,
+                                seq: s.seq,
+                            },
+                        )
+                    })
+                    .collect();
+                let (data_blocks, zero_blocks) = block_counts(&map);
                 volumes.insert(
                     id,
                     Vol {
                         name,
                         size_bytes,
                         map,
-                        data_blocks: 0,
-                        zero_blocks: 0,
+                        data_blocks,
+                        zero_blocks,
+                        snapshots,
+                        parent,
                     },
                 );
             }
         }
-        // Recount live blocks and per-volume counters from the maps.
-        for vol in volumes.values_mut() {
-            for p in vol.map.iter() {
-                match p.target.expect("mapped") {
-                    Target::Zero => vol.zero_blocks += p.len_blocks,
-                    Target::Data(d) => {
-                        vol.data_blocks += p.len_blocks;
+        // Recount the segments' references from every map.
+        for vol in volumes.values() {
+            let maps = std::iter::once(&vol.map).chain(vol.snapshots.values().map(|s| &s.map));
+            for map in maps {
+                for p in map.iter() {
+                    if let Some(Target::Data(d)) = p.target {
                         let s = segments.get_mut(&d.seg).ok_or_else(|| {
                             meta_error("checkpoint", "an extent refers to a missing segment")
                         })?;
-                        s.live_blocks += p.len_blocks;
+                        s.refs += p.len_blocks as i64;
                     }
                 }
             }
@@ -480,6 +698,7 @@ impl Pool {
             failed: None,
             closed: false,
             roll_before_next_append: false,
+            pending_refs: Vec::new(),
         };
         // Replay.
         let to_replay: Vec<(SegmentId, u64)> = listed
@@ -546,7 +765,8 @@ impl Pool {
         }
         if let Some(i) = cut {
             for &(id, size) in &to_replay[i..] {
-                if st.segments.get(&id).is_some_and(|s| s.live_blocks > 0) {
+                st.apply_pending_refs();
+                if st.segments.get(&id).is_some_and(|s| s.refs > 0) {
                     return Err(meta_error("log", "a discarded segment holds live data"));
                 }
                 tracing::warn!(segment = %id, bytes = size, "discarding segment after the end of the log");
@@ -566,7 +786,7 @@ impl Pool {
             first_new,
             SegInfo {
                 size_bytes: SEGMENT_HEADER_LEN,
-                live_blocks: 0,
+                refs: 0,
             },
         );
         st.log_bytes_since_checkpoint = report.bytes_replayed;
@@ -645,6 +865,8 @@ impl Pool {
                 payload_len: name.len() as u32,
                 arg: size_bytes,
                 payload_crc: crc32c::crc32c(name.as_bytes()),
+                arg2: 0,
+                arg3: 0,
             };
             self.append_and_apply(&mut st, h, &[name.as_bytes()])?;
             info_of(id, st.vol(id)?)
@@ -692,12 +914,136 @@ impl Pool {
         {
             let mut st = self.writable_state()?;
             let id = lookup_name(&st, name)?;
+            let clones = clones_of(&st, id, None);
+            if !clones.is_empty() {
+                return Err(EngineError::InUse {
+                    what: format!("volume {name} (its snapshots)"),
+                    users: clones,
+                });
+            }
             let h = meta_header(RecordKind::DeleteVolume, id, 0);
             self.append_and_apply(&mut st, h, &[])?;
         }
         self.flush()?;
         self.wake_maintenance();
         Ok(())
+    }
+
+    /// Takes snapshot `snapshot` of `volume`: it holds exactly the writes
+    /// completed before this call. O(1) whatever the volume's size (the map
+    /// is a persistent tree); durable on return.
+    pub fn create_snapshot(&self, volume: &str, snapshot: &str) -> Result<SnapshotInfo> {
+        validate_volume_name(snapshot).map_err(|why| EngineError::Invalid {
+            what: "snapshot name",
+            why,
+        })?;
+        let info = {
+            let mut st = self.writable_state()?;
+            let id = lookup_name(&st, volume)?;
+            if st.vol(id)?.snapshots.contains_key(snapshot) {
+                return Err(EngineError::SnapshotExists {
+                    volume: volume.to_string(),
+                    snapshot: snapshot.to_string(),
+                });
+            }
+            let h = named_header(RecordKind::CreateSnapshot, id, 0, snapshot.as_bytes());
+            self.append_and_apply(&mut st, h, &[snapshot.as_bytes()])?;
+            snapshot_info(volume, snapshot, &st.vol(id)?.snapshots[snapshot])
+        };
+        self.flush()?;
+        Ok(info)
+    }
+
+    /// The snapshots of `volume`, oldest first.
+    pub fn list_snapshots(&self, volume: &str) -> Result<Vec<SnapshotInfo>> {
+        let st = self.inner.state.lock();
+        let id = lookup_name(&st, volume)?;
+        let mut v: Vec<SnapshotInfo> = st
+            .vol(id)?
+            .snapshots
+            .iter()
+            .map(|(n, s)| snapshot_info(volume, n, s))
+            .collect();
+        v.sort_by_key(|s| s.seq);
+        Ok(v)
+    }
+
+    /// Deletes a snapshot; its blocks that nothing else uses are reclaimed by
+    /// the cleaner. Refused while a clone was made from it.
+    pub fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<()> {
+        {
+            let mut st = self.writable_state()?;
+            let id = lookup_name(&st, volume)?;
+            snap_of(&st, id, volume, snapshot)?;
+            let clones = clones_of(&st, id, Some(snapshot));
+            if !clones.is_empty() {
+                return Err(EngineError::InUse {
+                    what: format!("snapshot {volume}@{snapshot}"),
+                    users: clones,
+                });
+            }
+            let h = named_header(RecordKind::DeleteSnapshot, id, 0, snapshot.as_bytes());
+            self.append_and_apply(&mut st, h, &[snapshot.as_bytes()])?;
+        }
+        self.flush()?;
+        self.wake_maintenance();
+        Ok(())
+    }
+
+    /// Makes `volume` equal to its snapshot (content and size). A metadata
+    /// operation: no data is copied. Durable on return. Later snapshots are
+    /// kept. Whether clients have the volume open is the caller's concern.
+    pub fn rollback(&self, volume: &str, snapshot: &str) -> Result<VolumeInfo> {
+        let info = {
+            let mut st = self.writable_state()?;
+            let id = lookup_name(&st, volume)?;
+            snap_of(&st, id, volume, snapshot)?;
+            let h = named_header(RecordKind::Rollback, id, 0, snapshot.as_bytes());
+            self.append_and_apply(&mut st, h, &[snapshot.as_bytes()])?;
+            info_of(id, st.vol(id)?)
+        };
+        self.flush()?;
+        Ok(info)
+    }
+
+    /// Creates `new_name` as a copy-on-write clone of `volume@snapshot`: it
+    /// shares every block and stores only what it changes. O(1); nothing
+    /// reads through the parent, so clones of clones cost nothing extra.
+    /// Durable on return.
+    pub fn clone_volume(&self, volume: &str, snapshot: &str, new_name: &str) -> Result<VolumeInfo> {
+        validate_volume_name(new_name).map_err(|why| EngineError::Invalid {
+            what: "volume name",
+            why,
+        })?;
+        let info = {
+            let mut st = self.writable_state()?;
+            let source = lookup_name(&st, volume)?;
+            snap_of(&st, source, volume, snapshot)?;
+            if st.names.contains_key(new_name) {
+                return Err(EngineError::VolumeExists(new_name.to_string()));
+            }
+            let id = VolumeId(st.next_volume_id);
+            st.next_volume_id += 1;
+            let payload = format!("{new_name}/{snapshot}");
+            let h = named_header(RecordKind::CloneVolume, id, source.0, payload.as_bytes());
+            self.append_and_apply(&mut st, h, &[payload.as_bytes()])?;
+            info_of(id, st.vol(id)?)
+        };
+        self.flush()?;
+        Ok(info)
+    }
+
+    /// A read-only handle on a snapshot (served over NBD as `VOL@SNAP`).
+    pub fn snapshot(&self, volume: &str, snapshot: &str) -> Result<Volume> {
+        let st = self.inner.state.lock();
+        let id = lookup_name(&st, volume)?;
+        snap_of(&st, id, volume, snapshot)?;
+        Ok(Volume {
+            pool: self.clone(),
+            id,
+            name: volume.to_string(),
+            snapshot: Some(snapshot.to_string()),
+        })
     }
 
     pub fn list_volumes(&self) -> Vec<VolumeInfo> {
@@ -724,6 +1070,7 @@ impl Pool {
             pool: self.clone(),
             id,
             name: name.to_string(),
+            snapshot: None,
         })
     }
 
@@ -780,6 +1127,17 @@ impl Pool {
                         name: v.name.clone(),
                         size_bytes: v.size_bytes,
                         map: v.map.clone(),
+                        parent: v.parent.clone(),
+                        snapshots: v
+                            .snapshots
+                            .iter()
+                            .map(|(name, s)| SnapshotCheckpoint {
+                                name: name.clone(),
+                                size_bytes: s.size_bytes,
+                                seq: s.seq,
+                                map: s.map.clone(),
+                            })
+                            .collect(),
                     })
                     .collect(),
             };
@@ -826,10 +1184,13 @@ impl Pool {
     // ----- statistics -----
 
     pub fn stats(&self) -> PoolStats {
-        let st = self.inner.state.lock();
+        let mut st = self.inner.state.lock();
+        st.apply_pending_refs();
         let physical: u64 = st.segments.values().map(|s| s.size_bytes).sum();
-        let live_blocks: u64 = st.segments.values().map(|s| s.live_blocks).sum();
-        let live = live_blocks * BLOCK_SIZE;
+        let refs: i64 = st.segments.values().map(|s| s.refs).sum();
+        // A block shared by several maps (snapshots, clones) counts once per
+        // map here: an upper bound of the live bytes.
+        let live = refs.max(0) as u64 * BLOCK_SIZE;
         PoolStats {
             volumes: st.volumes.len() as u64,
             logical_bytes: st.volumes.values().map(|v| v.size_bytes).sum(),
@@ -839,7 +1200,7 @@ impl Pool {
             garbage_ratio: if physical == 0 {
                 0.0
             } else {
-                1.0 - live as f64 / physical as f64
+                (1.0 - live as f64 / physical as f64).max(0.0)
             },
             free_bytes: self.inner.store.free_bytes(),
             extents: st
@@ -860,36 +1221,64 @@ impl Pool {
 
     /// Checks the pool's invariants (tests call it after every step).
     pub fn self_check(&self) {
-        let st = self.inner.state.lock();
-        let mut live: BTreeMap<SegmentId, u64> = BTreeMap::new();
-        for (id, v) in &st.volumes {
-            v.map.self_check();
-            assert_eq!(st.names.get(&v.name), Some(id), "name index");
+        let mut st = self.inner.state.lock();
+        st.apply_pending_refs();
+        let mut refs: BTreeMap<SegmentId, i64> = BTreeMap::new();
+        let mut check_map = |map: &ExtentMap, size_bytes: u64, what: &str| -> (u64, u64) {
+            map.self_check();
             let (mut data, mut zero) = (0, 0);
-            for p in v.map.iter() {
+            for p in map.iter() {
                 assert!(
-                    (p.start_block + p.len_blocks) * BLOCK_SIZE <= v.size_bytes,
-                    "extent past end"
+                    (p.start_block + p.len_blocks) * BLOCK_SIZE <= size_bytes,
+                    "extent past the end of {what}"
                 );
                 match p.target.expect("mapped") {
                     Target::Zero => zero += p.len_blocks,
                     Target::Data(d) => {
                         data += p.len_blocks;
-                        *live.entry(d.seg).or_default() += p.len_blocks;
+                        *refs.entry(d.seg).or_default() += p.len_blocks as i64;
                         let s = st.segments.get(&d.seg).expect("extent's segment exists");
                         assert!(u64::from(d.data_off) + p.len_blocks * BLOCK_SIZE <= s.size_bytes);
                     }
                 }
             }
-            assert_eq!(v.data_blocks, data, "data block count of {}", v.name);
-            assert_eq!(v.zero_blocks, zero, "zero block count of {}", v.name);
+            (data, zero)
+        };
+        for (id, v) in &st.volumes {
+            assert_eq!(st.names.get(&v.name), Some(id), "name index");
+            let counts = check_map(&v.map, v.size_bytes, &v.name);
+            assert_eq!(
+                (v.data_blocks, v.zero_blocks),
+                counts,
+                "block counts of {}",
+                v.name
+            );
+            for (name, snap) in &v.snapshots {
+                let counts = check_map(&snap.map, snap.size_bytes, name);
+                assert_eq!(
+                    (snap.data_blocks, snap.zero_blocks),
+                    counts,
+                    "block counts of {}@{name}",
+                    v.name
+                );
+            }
+            if let Some((parent, snap)) = &v.parent {
+                let p = st
+                    .volumes
+                    .get(parent)
+                    .expect("a clone's parent volume exists");
+                assert!(
+                    p.snapshots.contains_key(snap),
+                    "a clone's parent snapshot exists"
+                );
+            }
         }
         assert_eq!(st.names.len(), st.volumes.len());
         for (id, s) in &st.segments {
             assert_eq!(
-                s.live_blocks,
-                live.get(id).copied().unwrap_or(0),
-                "live count of {id}"
+                s.refs,
+                refs.get(id).copied().unwrap_or(0),
+                "reference count of {id}"
             );
         }
     }
@@ -935,12 +1324,14 @@ impl Pool {
             .size_bytes = off + len;
         st.next_seq += 1;
         st.log_bytes_since_checkpoint += len;
+        // Data records are applied from their header alone; the others need
+        // their payload (names).
         let joined;
-        let payload_bytes: &[u8] = if h.kind == RecordKind::CreateVolume {
+        let payload_bytes: &[u8] = if matches!(h.kind, RecordKind::Write | RecordKind::Relocate) {
+            &[]
+        } else {
             joined = payload.concat();
             &joined
-        } else {
-            &[]
         };
         st.apply(seg, off, &h, payload_bytes)
     }
@@ -963,7 +1354,7 @@ impl Pool {
             id,
             SegInfo {
                 size_bytes: SEGMENT_HEADER_LEN,
-                live_blocks: 0,
+                refs: 0,
             },
         );
         st.roll_before_next_append = false;
@@ -1020,7 +1411,8 @@ impl Pool {
         let _m = self.inner.maintenance_lock.lock();
         let mut report = CleanReport::default();
         let victims: Vec<(SegmentId, SegInfo)> = {
-            let st = self.inner.state.lock();
+            let mut st = self.inner.state.lock();
+            st.apply_pending_refs();
             let open = st.open.id();
             let unsynced: Vec<SegmentId> = st.unsynced.iter().map(|s| s.id()).collect();
             let mut v: Vec<(SegmentId, SegInfo, f64)> = st
@@ -1028,7 +1420,10 @@ impl Pool {
                 .iter()
                 .filter(|(id, _)| **id < open && !unsynced.contains(id))
                 .map(|(&id, &s)| {
-                    let live = (s.live_blocks * BLOCK_SIZE) as f64 / s.size_bytes.max(1) as f64;
+                    // Shared blocks count once per map: sharing makes a
+                    // segment look fuller than it is, never emptier.
+                    let live =
+                        (s.refs.max(0) as u64 * BLOCK_SIZE) as f64 / s.size_bytes.max(1) as f64;
                     (id, s, live)
                 })
                 .filter(|(_, _, live)| *live < self.inner.config.clean_below_live_fraction)
@@ -1041,7 +1436,7 @@ impl Pool {
             return Ok(report);
         }
         for &(id, info) in &victims {
-            if info.live_blocks > 0 {
+            if info.refs > 0 {
                 report.bytes_relocated += self.relocate_live(id, info.size_bytes)?;
             }
         }
@@ -1050,20 +1445,15 @@ impl Pool {
         self.checkpoint_locked()?;
         let _gate = self.inner.delete_gate.write();
         for &(id, _) in &victims {
-            let s = self
-                .inner
-                .state
-                .lock()
-                .segments
-                .get(&id)
-                .copied()
-                .unwrap_or_default();
-            // New data only ever goes to the open segment, so nothing can
-            // have come to refer to a victim since its relocation.
-            assert_eq!(
-                s.live_blocks, 0,
-                "victim {id} has live blocks after relocation"
-            );
+            let s = {
+                let mut st = self.inner.state.lock();
+                st.apply_pending_refs();
+                st.segments.get(&id).copied().unwrap_or_default()
+            };
+            // New data only ever goes to the open segment, and a snapshot or
+            // clone taken since the relocation copied maps that no longer
+            // point at the victim: nothing can refer to it now.
+            assert_eq!(s.refs, 0, "victim {id} is referenced after relocation");
             self.inner.store.delete_segment(id)?;
             self.inner.state.lock().segments.remove(&id);
             report.segments_deleted += 1;
@@ -1081,8 +1471,9 @@ impl Pool {
         Ok(report)
     }
 
-    /// Copies the blocks of segment `id` that maps still point at to new
-    /// records. Returns the bytes copied.
+    /// Copies the blocks of segment `id` that any map (volume or snapshot)
+    /// still points at to new `Relocate` records, which repoint every such
+    /// map. Returns the bytes copied.
     fn relocate_live(&self, id: SegmentId, size_bytes: u64) -> Result<u64> {
         let mut image = vec![0u8; usize::try_from(size_bytes).expect("segment fits memory")];
         self.inner.store.read_at(id, 0, &mut image)?;
@@ -1090,7 +1481,7 @@ impl Pool {
         let mut iter = RecordIter::new(&image, SEGMENT_HEADER_LEN as usize);
         let records: Vec<(usize, RecordHeader)> = iter
             .by_ref()
-            .filter(|(_, h, _)| h.kind == RecordKind::Write)
+            .filter(|(_, h, _)| matches!(h.kind, RecordKind::Write | RecordKind::Relocate))
             .map(|(off, h, _)| (off, h))
             .collect();
         if let Some((off, e)) = iter.error() {
@@ -1104,42 +1495,57 @@ impl Pool {
             });
         }
         for (off, h) in records {
-            let mut st = self.writable_state()?;
-            let Some(vol) = st.volumes.get(&h.volume) else {
-                continue;
-            };
             let crc_start = off as u64 + RECORD_HEADER_LEN as u64;
             let data_start = crc_start + u64::from(h.nblocks) * CRC_LEN as u64;
-            let live: Vec<Piece> = vol
-                .map
-                .lookup(h.block, u64::from(h.nblocks))
-                .into_iter()
-                .filter(|p| match p.target {
-                    Some(Target::Data(d)) => {
-                        let expected = data_start + (p.start_block - h.block) * BLOCK_SIZE;
-                        d.seg == id && u64::from(d.data_off) == expected
+            let here = DataLoc {
+                seg: id,
+                data_off: u32::try_from(data_start).expect("segment under 4 GiB"),
+                crc_off: u32::try_from(crc_start).expect("segment under 4 GiB"),
+            };
+            let n = h.nblocks as usize;
+            let mut st = self.writable_state()?;
+            st.apply_pending_refs();
+            // Which of the record's blocks any map still points at.
+            let mut live = vec![false; n];
+            for vol in st.volumes.values() {
+                let maps = std::iter::once(&vol.map).chain(vol.snapshots.values().map(|s| &s.map));
+                for map in maps {
+                    for p in map.lookup(h.block, n as u64) {
+                        if let Some(Target::Data(d)) = p.target {
+                            let k = p.start_block - h.block;
+                            if d == here.advance(k) {
+                                live[k as usize..(k + p.len_blocks) as usize].fill(true);
+                            }
+                        }
                     }
-                    _ => false,
-                })
-                .collect();
-            for p in live {
-                let i = (p.start_block - h.block) as usize;
-                let n = p.len_blocks as usize;
-                let crcs = &image[crc_start as usize + i * CRC_LEN..][..n * CRC_LEN];
+                }
+            }
+            let mut i = 0;
+            while i < n {
+                if !live[i] {
+                    i += 1;
+                    continue;
+                }
+                let run = live[i..].iter().take_while(|&&l| l).count();
+                let crcs = &image[crc_start as usize + i * CRC_LEN..][..run * CRC_LEN];
                 let data = &image[data_start as usize + i * BLOCK_SIZE as usize..]
-                    [..n * BLOCK_SIZE as usize];
+                    [..run * BLOCK_SIZE as usize];
+                let old = here.advance(i as u64);
                 let nh = RecordHeader {
-                    kind: RecordKind::Write,
+                    kind: RecordKind::Relocate,
                     seq: 0,
                     volume: h.volume,
-                    block: p.start_block,
-                    nblocks: n as u32,
-                    payload_len: record::write_payload_len(n as u32) as u32,
-                    arg: 0,
+                    block: h.block + i as u64,
+                    nblocks: run as u32,
+                    payload_len: record::write_payload_len(run as u32) as u32,
+                    arg: id.0,
                     payload_crc: crc32c::crc32c(crcs),
+                    arg2: old.data_off,
+                    arg3: old.crc_off,
                 };
                 self.append_and_apply(&mut st, nh, &[crcs, data])?;
-                copied += (n as u64) * BLOCK_SIZE;
+                copied += (run as u64) * BLOCK_SIZE;
+                i += run;
             }
         }
         Ok(copied)
@@ -1226,6 +1632,8 @@ fn meta_header(kind: RecordKind, volume: VolumeId, arg: u64) -> RecordHeader {
         payload_len: 0,
         arg,
         payload_crc: crc32c::crc32c(&[]),
+        arg2: 0,
+        arg3: 0,
     }
 }
 
@@ -1234,6 +1642,66 @@ fn lookup_name(st: &State, name: &str) -> Result<VolumeId> {
         .get(name)
         .copied()
         .ok_or_else(|| EngineError::VolumeNotFound(name.to_string()))
+}
+
+fn named_header(kind: RecordKind, volume: VolumeId, arg: u64, payload: &[u8]) -> RecordHeader {
+    RecordHeader {
+        kind,
+        seq: 0,
+        volume,
+        block: 0,
+        nblocks: 0,
+        payload_len: payload.len() as u32,
+        arg,
+        payload_crc: crc32c::crc32c(payload),
+        arg2: 0,
+        arg3: 0,
+    }
+}
+
+fn snap_of<'a>(st: &'a State, id: VolumeId, volume: &str, snapshot: &str) -> Result<&'a Snap> {
+    st.vol(id)?
+        .snapshots
+        .get(snapshot)
+        .ok_or_else(|| EngineError::SnapshotNotFound {
+            volume: volume.to_string(),
+            snapshot: snapshot.to_string(),
+        })
+}
+
+/// Names of the volumes cloned from `id`'s snapshot `snapshot` (any of its
+/// snapshots if `None`).
+fn clones_of(st: &State, id: VolumeId, snapshot: Option<&str>) -> Vec<String> {
+    st.volumes
+        .values()
+        .filter(|v| match &v.parent {
+            Some((p, s)) => *p == id && snapshot.is_none_or(|want| want == s),
+            None => false,
+        })
+        .map(|v| v.name.clone())
+        .collect()
+}
+
+fn snapshot_info(volume: &str, name: &str, s: &Snap) -> SnapshotInfo {
+    SnapshotInfo {
+        volume: volume.to_string(),
+        name: name.to_string(),
+        size_bytes: s.size_bytes,
+        allocated_bytes: s.data_blocks * BLOCK_SIZE,
+        seq: s.seq,
+    }
+}
+
+/// (data blocks, zero blocks) of a map.
+fn block_counts(map: &ExtentMap) -> (u64, u64) {
+    let (mut data, mut zero) = (0, 0);
+    for p in map.iter() {
+        match p.target {
+            Some(Target::Data(_)) => data += p.len_blocks,
+            _ => zero += p.len_blocks,
+        }
+    }
+    (data, zero)
 }
 
 fn info_of(id: VolumeId, v: &Vol) -> VolumeInfo {
@@ -1261,6 +1729,8 @@ pub struct Volume {
     pool: Pool,
     id: VolumeId,
     name: String,
+    /// Set for a read-only view of one of the volume's snapshots.
+    snapshot: Option<String>,
 }
 
 impl Volume {
@@ -1272,15 +1742,46 @@ impl Volume {
         &self.pool
     }
 
+    /// The snapshot this handle reads, if it is a snapshot's.
+    pub fn snapshot_name(&self) -> Option<&str> {
+        self.snapshot.as_deref()
+    }
+
     pub fn size_bytes(&self) -> Result<u64> {
-        Ok(self.pool.inner.state.lock().vol(self.id)?.size_bytes)
+        Ok(self.view(&self.pool.inner.state.lock())?.1)
+    }
+
+    /// The map and size this handle sees: the volume's, or its snapshot's.
+    fn view<'a>(&self, st: &'a State) -> Result<(&'a ExtentMap, u64)> {
+        let vol = st
+            .vol(self.id)
+            .map_err(|_| EngineError::VolumeNotFound(self.name.clone()))?;
+        match &self.snapshot {
+            None => Ok((&vol.map, vol.size_bytes)),
+            Some(s) => vol
+                .snapshots
+                .get(s)
+                .map(|snap| (&snap.map, snap.size_bytes))
+                .ok_or_else(|| EngineError::SnapshotNotFound {
+                    volume: self.name.clone(),
+                    snapshot: s.clone(),
+                }),
+        }
+    }
+
+    /// Write-type calls on a snapshot's handle are refused.
+    fn check_writable_view(&self) -> Result<()> {
+        match &self.snapshot {
+            None => Ok(()),
+            Some(s) => Err(EngineError::ReadOnly(format!(
+                "{}@{s} is a snapshot",
+                self.name
+            ))),
+        }
     }
 
     fn check_range(&self, st: &State, op: &'static str, offset: u64, len: u64) -> Result<()> {
-        let size = st
-            .vol(self.id)
-            .map_err(|_| EngineError::VolumeNotFound(self.name.clone()))?
-            .size_bytes;
+        let size = self.view(st)?.1;
         match offset.checked_add(len) {
             Some(end) if end <= size => Ok(()),
             _ => Err(EngineError::OutOfRange {
@@ -1322,7 +1823,7 @@ impl Volume {
         let pieces = {
             let st = self.pool.inner.state.lock();
             self.check_range(&st, "read", offset, len)?;
-            st.vol(self.id)?.map.lookup(first, nblocks)
+            self.view(&st)?.0.lookup(first, nblocks)
         };
         if offset.is_multiple_of(BLOCK_SIZE) && len.is_multiple_of(BLOCK_SIZE) {
             self.pool.read_pieces(&self.name, first, &pieces, buf)
@@ -1338,6 +1839,7 @@ impl Volume {
 
     /// Writes `data` at `offset`. Acknowledged, not durable: see [`Pool::flush`].
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_writable_view()?;
         self.check_overflow("write", offset, data.len() as u64)?;
         if data.is_empty() {
             return Ok(());
@@ -1361,7 +1863,7 @@ impl Volume {
         let head_partial = !offset.is_multiple_of(BLOCK_SIZE);
         let tail_partial = !(offset + len).is_multiple_of(BLOCK_SIZE);
         {
-            let map = &st.vol(self.id)?.map;
+            let map = self.view(&st)?.0;
             if head_partial {
                 let pieces = map.lookup(first, 1);
                 self.pool
@@ -1404,6 +1906,8 @@ impl Volume {
                 payload_len: record::write_payload_len(n) as u32,
                 arg: 0,
                 payload_crc: crc32c::crc32c(chunk_crcs),
+                arg2: 0,
+                arg3: 0,
             };
             self.pool.append_and_apply(st, h, &[chunk_crcs, chunk])?;
         }
@@ -1414,6 +1918,7 @@ impl Volume {
     /// unmapped (read as zeros, store nothing); partial blocks at the edges
     /// are left as they are, as TRIM allows.
     pub fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable_view()?;
         self.check_overflow("trim", offset, len)?;
         let mut st = self.pool.writable_state()?;
         self.check_range(&st, "trim", offset, len)?;
@@ -1429,6 +1934,7 @@ impl Volume {
     /// nothing: unmapped if `may_unmap`, else mapped as allocated zeros;
     /// partial edge blocks are written.
     pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.check_writable_view()?;
         self.check_overflow("write_zeroes", offset, len)?;
         if len == 0 {
             return Ok(());
@@ -1481,6 +1987,8 @@ impl Volume {
                 payload_len: 0,
                 arg: 0,
                 payload_crc: crc32c::crc32c(&[]),
+                arg2: 0,
+                arg3: 0,
             };
             self.pool.append_and_apply(st, h, &[])?;
             pos += chunk;
@@ -1511,7 +2019,7 @@ impl Volume {
         let pieces = {
             let st = self.pool.inner.state.lock();
             self.check_range(&st, "block_status", offset, len)?;
-            st.vol(self.id)?.map.lookup(first, last - first + 1)
+            self.view(&st)?.0.lookup(first, last - first + 1)
         };
         let mut out: Vec<(u64, u32)> = Vec::new();
         let end = offset + len;

@@ -38,8 +38,22 @@ pub enum RecordKind {
     CreateVolume = 4,
     /// Volume `volume` gets size `arg`; blocks past the new end are dropped.
     ResizeVolume = 5,
-    /// Volume `volume` is deleted with all its blocks.
+    /// Volume `volume` is deleted with all its blocks and snapshots.
     DeleteVolume = 6,
+    /// Snapshot named in the payload freezes volume `volume`'s current map.
+    CreateSnapshot = 7,
+    /// Snapshot named in the payload of volume `volume` is deleted.
+    DeleteSnapshot = 8,
+    /// Volume `volume` takes the content and size of the snapshot named in
+    /// the payload.
+    Rollback = 9,
+    /// Volume `volume` is created as a copy-on-write clone of volume `arg`'s
+    /// snapshot; the payload is `new-name/snapshot-name`.
+    CloneVolume = 10,
+    /// The cleaner moved `nblocks` blocks from segment `arg` at data offset
+    /// `arg2` (checksums at `arg3`) here: every map pointing at the old
+    /// location now points at this record. Payload as for `Write`.
+    Relocate = 11,
 }
 
 impl RecordKind {
@@ -51,6 +65,11 @@ impl RecordKind {
             4 => RecordKind::CreateVolume,
             5 => RecordKind::ResizeVolume,
             6 => RecordKind::DeleteVolume,
+            7 => RecordKind::CreateSnapshot,
+            8 => RecordKind::DeleteSnapshot,
+            9 => RecordKind::Rollback,
+            10 => RecordKind::CloneVolume,
+            11 => RecordKind::Relocate,
             _ => return None,
         })
     }
@@ -67,6 +86,9 @@ pub struct RecordHeader {
     pub payload_len: u32,
     pub arg: u64,
     pub payload_crc: u32,
+    /// Relocate only: the old data offset and checksum offset (else 0).
+    pub arg2: u32,
+    pub arg3: u32,
 }
 
 /// Why bytes are not a valid header or record.
@@ -140,6 +162,8 @@ impl RecordHeader {
         h[36..40].copy_from_slice(&self.payload_len.to_le_bytes());
         h[40..48].copy_from_slice(&self.arg.to_le_bytes());
         h[48..52].copy_from_slice(&self.payload_crc.to_le_bytes());
+        h[52..56].copy_from_slice(&self.arg2.to_le_bytes());
+        h[56..60].copy_from_slice(&self.arg3.to_le_bytes());
         let crc = crc32c::crc32c(&h[..60]);
         h[60..64].copy_from_slice(&crc.to_le_bytes());
         h
@@ -170,9 +194,11 @@ impl RecordHeader {
             payload_len: le_u32(b, 36),
             arg: le_u64(b, 40),
             payload_crc: le_u32(b, 48),
+            arg2: le_u32(b, 52),
+            arg3: le_u32(b, 56),
         };
         let expected_payload = match kind {
-            RecordKind::Write => {
+            RecordKind::Write | RecordKind::Relocate => {
                 if h.nblocks == 0 || h.nblocks > MAX_RECORD_BLOCKS {
                     return Err(DecodeError::Inconsistent("write record block count"));
                 }
@@ -184,10 +210,20 @@ impl RecordHeader {
                 }
                 0
             }
-            RecordKind::CreateVolume => {
+            RecordKind::CreateVolume
+            | RecordKind::CreateSnapshot
+            | RecordKind::DeleteSnapshot
+            | RecordKind::Rollback => {
                 let n = h.payload_len as usize;
                 if n == 0 || n > MAX_NAME_LEN {
-                    return Err(DecodeError::Inconsistent("volume name length"));
+                    return Err(DecodeError::Inconsistent("name length"));
+                }
+                n
+            }
+            RecordKind::CloneVolume => {
+                let n = h.payload_len as usize;
+                if !(3..=2 * MAX_NAME_LEN + 1).contains(&n) {
+                    return Err(DecodeError::Inconsistent("clone names length"));
                 }
                 n
             }
@@ -235,7 +271,7 @@ pub fn verify_payload(h: &RecordHeader, payload: &[u8]) -> Result<(), DecodeErro
         });
     }
     match h.kind {
-        RecordKind::Write => {
+        RecordKind::Write | RecordKind::Relocate => {
             let crc_bytes = h.nblocks as usize * CRC_LEN;
             let (crcs, data) = payload.split_at(crc_bytes);
             if crc32c::crc32c(crcs) != h.payload_crc {
@@ -342,6 +378,8 @@ mod tests {
             payload_len: write_payload_len(nblocks) as u32,
             arg: 0,
             payload_crc: crc32c::crc32c(&crcs),
+            arg2: 0,
+            arg3: 0,
         };
         let mut out = h.encode().to_vec();
         out.extend_from_slice(&crcs);

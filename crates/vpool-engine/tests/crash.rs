@@ -33,33 +33,53 @@ fn config() -> PoolConfig {
     }
 }
 
+/// Volume contents by name, snapshot contents by `vol@snap`, and each
+/// clone's origin by `clone:NAME` (value: `vol@snap`), which is bookkeeping
+/// for the test and not part of the compared state.
 type Model = BTreeMap<String, Vec<u8>>;
 
 fn digest(m: &Model) -> u64 {
     let mut h = DefaultHasher::new();
-    m.hash(&mut h);
+    for (k, v) in m.iter().filter(|(k, _)| !k.starts_with("clone:")) {
+        (k, v).hash(&mut h);
+    }
     h.finish()
 }
 
 fn read_all(pool: &Pool) -> Model {
-    pool.list_volumes()
-        .into_iter()
-        .map(|v| {
-            let mut buf = vec![0u8; v.size_bytes as usize];
-            pool.volume(&v.name).unwrap().read(0, &mut buf).unwrap();
-            (v.name, buf)
-        })
-        .collect()
+    let mut out = Model::new();
+    for v in pool.list_volumes() {
+        let mut buf = vec![0u8; v.size_bytes as usize];
+        pool.volume(&v.name).unwrap().read(0, &mut buf).unwrap();
+        for s in pool.list_snapshots(&v.name).unwrap() {
+            let mut sbuf = vec![0u8; s.size_bytes as usize];
+            pool.snapshot(&v.name, &s.name)
+                .unwrap()
+                .read(0, &mut sbuf)
+                .unwrap();
+            out.insert(format!("{}@{}", v.name, s.name), sbuf);
+        }
+        out.insert(v.name, buf);
+    }
+    out
 }
 
 /// Runs one op on pool and model. Returns Ok(durable) where durable says
 /// the op was a completed flush point; Err if the store crashed under it,
 /// with the model as it would be had the op taken effect.
 fn step(rng: &mut StdRng, pool: &Pool, model: &mut Model) -> Result<bool, (EngineError, Model)> {
-    let names: Vec<String> = model.keys().cloned().collect();
+    let names: Vec<String> = model
+        .keys()
+        .filter(|k| !k.contains('@') && !k.starts_with("clone:"))
+        .cloned()
+        .collect();
+    let has_clones = |m: &Model, prefix: &str| {
+        m.iter()
+            .any(|(k, v)| k.starts_with("clone:") && v.starts_with(prefix.as_bytes()))
+    };
     let pick = |rng: &mut StdRng| names.get(rng.gen_range(0..names.len().max(1))).cloned();
     let mut after = model.clone();
-    let result: Result<bool, EngineError> = match rng.gen_range(0..100) {
+    let result: Result<bool, EngineError> = match rng.gen_range(0..120) {
         0..=49 => match pick(rng) {
             Some(name) => {
                 let size = after[&name].len() as u64;
@@ -123,12 +143,46 @@ fn step(rng: &mut StdRng, pool: &Pool, model: &mut Model) -> Result<bool, (Engin
             }
             None => Ok(false),
         },
-        _ => match pick(rng) {
-            Some(name) => {
-                after.remove(&name);
+        96..=97 => match pick(rng) {
+            Some(name) if !has_clones(&after, &format!("{name}@")) => {
+                after.retain(|k, _| *k != name && !k.starts_with(&format!("{name}@")));
+                after.remove(&format!("clone:{name}"));
                 pool.delete_volume(&name).map(|()| true)
             }
-            None => Ok(false),
+            _ => Ok(false),
+        },
+        _ => match (pick(rng), rng.gen_range(0..4), rng.gen_range(0..2)) {
+            (Some(name), what, s) => {
+                let key = format!("{name}@s{s}");
+                let exists = after.contains_key(&key);
+                match what {
+                    0 if !exists => {
+                        after.insert(key, after[&name].clone());
+                        pool.create_snapshot(&name, &format!("s{s}")).map(|_| true)
+                    }
+                    1 if exists && !has_clones(&after, &key) => {
+                        after.remove(&key);
+                        pool.delete_snapshot(&name, &format!("s{s}")).map(|()| true)
+                    }
+                    2 if exists => {
+                        after.insert(name.clone(), after[&key].clone());
+                        pool.rollback(&name, &format!("s{s}")).map(|_| true)
+                    }
+                    3 if exists => {
+                        let new = format!("v{}", rng.gen_range(0..4));
+                        if after.contains_key(&new) {
+                            Ok(false)
+                        } else {
+                            after.insert(new.clone(), after[&key].clone());
+                            after.insert(format!("clone:{new}"), key.clone().into_bytes());
+                            pool.clone_volume(&name, &format!("s{s}"), &new)
+                                .map(|_| true)
+                        }
+                    }
+                    _ => Ok(false),
+                }
+            }
+            _ => Ok(false),
         },
     };
     if std::env::var("CRASH_DEBUG").is_ok() {

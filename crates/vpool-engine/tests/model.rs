@@ -28,6 +28,11 @@ enum Op {
     Checkpoint,
     Clean,
     Reopen,
+    Snapshot(u8, u8),
+    DeleteSnapshot(u8, u8),
+    Rollback(u8, u8),
+    /// source volume, snapshot, new volume
+    Clone(u8, u8, u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -45,6 +50,10 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Checkpoint),
         2 => Just(Op::Clean),
         1 => Just(Op::Reopen),
+        3 => (vol.clone(), 0u8..3).prop_map(|(v, s)| Op::Snapshot(v, s)),
+        1 => (vol.clone(), 0u8..3).prop_map(|(v, s)| Op::DeleteSnapshot(v, s)),
+        1 => (vol.clone(), 0u8..3).prop_map(|(v, s)| Op::Rollback(v, s)),
+        2 => (vol.clone(), 0u8..3, vol.clone()).prop_map(|(v, s, c)| Op::Clone(v, s, c)),
     ]
 }
 
@@ -85,6 +94,9 @@ fn run(ops: Vec<Op>) -> u64 {
     let sim = SimStore::new();
     let (mut pool, _) = Pool::open(Arc::new(sim.handle()), config()).unwrap();
     let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    // Snapshots by (volume, snapshot), and each clone's (volume, snapshot).
+    let mut snaps: BTreeMap<(String, String), Vec<u8>> = BTreeMap::new();
+    let mut parents: BTreeMap<String, (String, String)> = BTreeMap::new();
     for op in ops {
         match op {
             Op::Create(v) => {
@@ -98,7 +110,59 @@ fn run(ops: Vec<Op>) -> u64 {
             Op::Delete(v) => {
                 let name = format!("v{v}");
                 let r = pool.delete_volume(&name);
-                assert_eq!(r.is_ok(), model.remove(&name).is_some(), "{r:?}");
+                let has_clones = parents.values().any(|(p, _)| *p == name);
+                let ok = model.contains_key(&name) && !has_clones;
+                assert_eq!(r.is_ok(), ok, "delete {name}: {r:?}");
+                if ok {
+                    model.remove(&name);
+                    snaps.retain(|(vol, _), _| *vol != name);
+                    parents.remove(&name);
+                }
+            }
+            Op::Snapshot(v, sn) => {
+                let (name, snap) = (format!("v{v}"), format!("s{sn}"));
+                let r = pool.create_snapshot(&name, &snap);
+                let key = (name.clone(), snap.clone());
+                let ok = model.contains_key(&name) && !snaps.contains_key(&key);
+                assert_eq!(r.is_ok(), ok, "snapshot {name}@{snap}: {r:?}");
+                if ok {
+                    snaps.insert(key, model[&name].clone());
+                }
+            }
+            Op::DeleteSnapshot(v, sn) => {
+                let (name, snap) = (format!("v{v}"), format!("s{sn}"));
+                let r = pool.delete_snapshot(&name, &snap);
+                let key = (name.clone(), snap.clone());
+                let used = parents.values().any(|p| *p == key);
+                let ok = snaps.contains_key(&key) && !used;
+                assert_eq!(r.is_ok(), ok, "delete snapshot {name}@{snap}: {r:?}");
+                if ok {
+                    snaps.remove(&key);
+                }
+            }
+            Op::Rollback(v, sn) => {
+                let (name, snap) = (format!("v{v}"), format!("s{sn}"));
+                let r = pool.rollback(&name, &snap);
+                match snaps.get(&(name.clone(), snap.clone())) {
+                    Some(content) => {
+                        r.unwrap();
+                        model.insert(name, content.clone());
+                    }
+                    None => assert!(r.is_err()),
+                }
+            }
+            Op::Clone(v, sn, c) => {
+                let (name, snap, new) = (format!("v{v}"), format!("s{sn}"), format!("v{c}"));
+                let r = pool.clone_volume(&name, &snap, &new);
+                let key = (name.clone(), snap.clone());
+                match snaps.get(&key) {
+                    Some(content) if !model.contains_key(&new) => {
+                        r.unwrap();
+                        model.insert(new.clone(), content.clone());
+                        parents.insert(new, key);
+                    }
+                    _ => assert!(r.is_err()),
+                }
             }
             Op::Resize(v, blocks) => {
                 let name = format!("v{v}");
@@ -209,11 +273,33 @@ fn run(ops: Vec<Op>) -> u64 {
             vol.read(0, &mut buf).unwrap();
             assert!(buf == *m, "volume {name} differs from the model");
         }
+        // And every snapshot matches what the volume held when it was taken.
+        for ((name, snap), m) in &snaps {
+            let view = pool.snapshot(name, snap).unwrap();
+            assert_eq!(view.size_bytes().unwrap(), m.len() as u64);
+            let mut buf = vec![0xEE; m.len()];
+            view.read(0, &mut buf).unwrap();
+            assert!(buf == *m, "snapshot {name}@{snap} differs from the model");
+            assert!(view.write(0, &[1; 512]).is_err(), "snapshots are read-only");
+        }
+        let listed: usize = model
+            .keys()
+            .map(|n| pool.list_snapshots(n).unwrap().len())
+            .sum();
+        assert_eq!(listed, snaps.len());
     }
     relocated += pool.stats().bytes_relocated;
-    // Space comes back: delete everything, clean, and the live data is zero.
-    for name in model.keys() {
-        pool.delete_volume(name).unwrap();
+    // Space comes back: delete everything (clones before their parents),
+    // clean, and the live data is zero.
+    while !model.is_empty() {
+        let name = model
+            .keys()
+            .find(|n| !parents.values().any(|(p, _)| p == *n))
+            .expect("the clone graph has no cycles")
+            .clone();
+        pool.delete_volume(&name).unwrap();
+        model.remove(&name);
+        parents.remove(&name);
     }
     while pool.clean().unwrap().segments_deleted > 0 {}
     pool.self_check();
@@ -240,7 +326,11 @@ fn long_fixed_sequence() {
     for _ in 0..2000 {
         let v = rng.gen_range(0..2);
         let o = rng.gen_range(0..VOLUME_BLOCKS * 8);
-        ops.push(match rng.gen_range(0..20) {
+        ops.push(match rng.gen_range(0..24) {
+            20 => Op::Snapshot(v, rng.gen_range(0..3)),
+            21 => Op::Clone(v, rng.gen_range(0..3), rng.gen_range(0..3)),
+            22 => Op::Rollback(v, rng.gen_range(0..3)),
+            23 => Op::DeleteSnapshot(v, rng.gen_range(0..3)),
             0 => Op::Clean,
             1 => Op::Flush,
             2 => Op::Trim(v, o, rng.gen_range(1..64)),

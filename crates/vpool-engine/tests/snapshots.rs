@@ -1,0 +1,148 @@
+//! Snapshots and clones at scale: many snapshots of one volume, a deep
+//! clone chain, and space coming back when they are deleted.
+
+use std::sync::Arc;
+
+use vpool_engine::store::LocalDirStore;
+use vpool_engine::{BLOCK_SIZE, Pool, PoolConfig};
+
+fn open(dir: &std::path::Path) -> Pool {
+    let config = PoolConfig {
+        segment_target_bytes: 1 << 20,
+        background: false,
+        ..PoolConfig::default()
+    };
+    Pool::open(Arc::new(LocalDirStore::open(dir).unwrap()), config)
+        .unwrap()
+        .0
+}
+
+fn block(tag: u64) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK_SIZE as usize];
+    for (i, chunk) in b.chunks_mut(8).enumerate() {
+        chunk.copy_from_slice(&(tag ^ (i as u64) << 40).to_le_bytes());
+    }
+    b
+}
+
+#[test]
+fn a_thousand_snapshots_of_one_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(dir.path());
+    pool.create_volume("v", 64 * BLOCK_SIZE).unwrap();
+    let vol = pool.volume("v").unwrap();
+    for i in 0..1000u64 {
+        vol.write((i % 64) * BLOCK_SIZE, &block(i)).unwrap();
+        pool.create_snapshot("v", &format!("s{i}")).unwrap();
+    }
+    let check = |pool: &Pool| {
+        assert_eq!(pool.list_snapshots("v").unwrap().len(), 1000);
+        for i in (0..1000u64).step_by(37) {
+            let snap = pool.snapshot("v", &format!("s{i}")).unwrap();
+            let mut buf = vec![0u8; BLOCK_SIZE as usize];
+            // The block written just before snapshot i holds write i.
+            snap.read((i % 64) * BLOCK_SIZE, &mut buf).unwrap();
+            assert_eq!(buf, block(i), "snapshot s{i}");
+            // And a block written later still holds what it had then.
+            if i >= 64 {
+                snap.read(((i + 1) % 64) * BLOCK_SIZE, &mut buf).unwrap();
+                assert_eq!(buf, block(i + 1 - 64), "snapshot s{i}, next block");
+            }
+        }
+        pool.self_check();
+    };
+    check(&pool);
+    pool.close().unwrap();
+    drop((vol, pool));
+    let pool = open(dir.path());
+    check(&pool);
+    // Deleting them all gives the space back to the cleaner.
+    for i in 0..1000u64 {
+        pool.delete_snapshot("v", &format!("s{i}")).unwrap();
+    }
+    while pool.clean().unwrap().segments_deleted > 0 {}
+    pool.self_check();
+    let stats = pool.stats();
+    assert_eq!(stats.live_data_bytes, 64 * BLOCK_SIZE, "{stats:?}");
+}
+
+#[test]
+fn a_clone_chain_a_hundred_deep() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(dir.path());
+    pool.create_volume("c0", 128 * BLOCK_SIZE).unwrap();
+    pool.volume("c0").unwrap().write(0, &block(1000)).unwrap();
+    for i in 0..100u64 {
+        let (from, to) = (format!("c{i}"), format!("c{}", i + 1));
+        pool.volume(&from)
+            .unwrap()
+            .write((i + 1) * BLOCK_SIZE, &block(i))
+            .unwrap();
+        pool.create_snapshot(&from, "base").unwrap();
+        pool.clone_volume(&from, "base", &to).unwrap();
+    }
+    let check = |pool: &Pool| {
+        let last = pool.volume("c100").unwrap();
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        last.read(0, &mut buf).unwrap();
+        assert_eq!(buf, block(1000));
+        for i in 0..100u64 {
+            last.read((i + 1) * BLOCK_SIZE, &mut buf).unwrap();
+            assert_eq!(buf, block(i), "block {} of the deepest clone", i + 1);
+        }
+        // The clone stores nothing of its own until written.
+        assert_eq!(
+            pool.volume_info("c100").unwrap().allocated_bytes,
+            101 * BLOCK_SIZE
+        );
+        pool.self_check();
+    };
+    check(&pool);
+    // Parents cannot go while clones depend on them.
+    let err = pool.delete_snapshot("c50", "base").unwrap_err().to_string();
+    assert!(err.contains("c51"), "{err}");
+    assert!(pool.delete_volume("c50").is_err());
+    pool.close().unwrap();
+    drop(pool);
+    let pool = open(dir.path());
+    check(&pool);
+    // Writing to a clone does not change its parent.
+    pool.volume("c100").unwrap().write(0, &block(7)).unwrap();
+    let mut buf = vec![0u8; BLOCK_SIZE as usize];
+    pool.volume("c99").unwrap().read(0, &mut buf).unwrap();
+    assert_eq!(buf, block(1000));
+    // Delete from the deepest up; space comes back.
+    for i in (0..=100u64).rev() {
+        pool.delete_volume(&format!("c{i}")).unwrap();
+    }
+    while pool.clean().unwrap().segments_deleted > 0 {}
+    pool.self_check();
+    assert_eq!(pool.stats().live_data_bytes, 0);
+}
+
+#[test]
+fn rollback_is_instant_and_keeps_later_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(dir.path());
+    pool.create_volume("v", 1 << 20).unwrap();
+    let vol = pool.volume("v").unwrap();
+    vol.write(0, &block(1)).unwrap();
+    pool.create_snapshot("v", "a").unwrap();
+    vol.write(0, &block(2)).unwrap();
+    pool.resize_volume("v", 2 << 20, false).unwrap();
+    pool.create_snapshot("v", "b").unwrap();
+    pool.rollback("v", "a").unwrap();
+    let mut buf = vec![0u8; BLOCK_SIZE as usize];
+    vol.read(0, &mut buf).unwrap();
+    assert_eq!(buf, block(1));
+    assert_eq!(
+        vol.size_bytes().unwrap(),
+        1 << 20,
+        "rollback restores the size"
+    );
+    pool.rollback("v", "b").unwrap();
+    vol.read(0, &mut buf).unwrap();
+    assert_eq!(buf, block(2));
+    assert!(pool.snapshot("v", "b").unwrap().write(0, &buf).is_err());
+    pool.self_check();
+}
