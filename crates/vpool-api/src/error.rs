@@ -26,6 +26,10 @@ pub enum ErrorKind {
     OutOfRange,
     /// Shrinking a volume needs `allow_shrink`.
     ShrinkRefused,
+    /// Something depends on what was to be deleted (clones on a snapshot).
+    InUse,
+    /// A write-type request to something read-only (a snapshot).
+    ReadOnly,
     /// Stored data failed its checksum.
     Corrupt,
     /// The pool's device is full.
@@ -49,7 +53,10 @@ impl ErrorKind {
     pub fn status(self) -> StatusCode {
         match self {
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
-            ErrorKind::AlreadyExists | ErrorKind::ShrinkRefused => StatusCode::CONFLICT,
+            ErrorKind::AlreadyExists
+            | ErrorKind::ShrinkRefused
+            | ErrorKind::InUse
+            | ErrorKind::ReadOnly => StatusCode::CONFLICT,
             ErrorKind::Invalid => StatusCode::BAD_REQUEST,
             ErrorKind::OutOfRange => StatusCode::RANGE_NOT_SATISFIABLE,
             ErrorKind::Corrupt | ErrorKind::Internal | ErrorKind::Unknown => {
@@ -70,6 +77,8 @@ impl ErrorKind {
             ErrorKind::Invalid => "invalid",
             ErrorKind::OutOfRange => "out_of_range",
             ErrorKind::ShrinkRefused => "shrink_refused",
+            ErrorKind::InUse => "in_use",
+            ErrorKind::ReadOnly => "read_only",
             ErrorKind::Corrupt => "corrupt",
             ErrorKind::NoSpace => "no_space",
             ErrorKind::Failed => "failed",
@@ -140,8 +149,14 @@ impl ApiError {
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> ApiError {
         let kind = match &e {
-            EngineError::VolumeNotFound(_) => ErrorKind::NotFound,
-            EngineError::VolumeExists(_) => ErrorKind::AlreadyExists,
+            EngineError::VolumeNotFound(_) | EngineError::SnapshotNotFound { .. } => {
+                ErrorKind::NotFound
+            }
+            EngineError::VolumeExists(_) | EngineError::SnapshotExists { .. } => {
+                ErrorKind::AlreadyExists
+            }
+            EngineError::InUse { .. } => ErrorKind::InUse,
+            EngineError::ReadOnly(_) => ErrorKind::ReadOnly,
             EngineError::Invalid { .. } => ErrorKind::Invalid,
             EngineError::OutOfRange { .. } => ErrorKind::OutOfRange,
             EngineError::ShrinkRefused { .. } => ErrorKind::ShrinkRefused,
@@ -204,6 +219,8 @@ mod tests {
             (ErrorKind::NotFound, "not_found"),
             (ErrorKind::AlreadyExists, "already_exists"),
             (ErrorKind::ShrinkRefused, "shrink_refused"),
+            (ErrorKind::InUse, "in_use"),
+            (ErrorKind::ReadOnly, "read_only"),
             (ErrorKind::NoSpace, "no_space"),
             (ErrorKind::OutOfRange, "out_of_range"),
         ] {

@@ -61,6 +61,7 @@ fn to_device_error(e: EngineError) -> DeviceError {
     let kind = match &e {
         _ if e.is_no_space() => DeviceErrorKind::NoSpace,
         EngineError::OutOfRange { .. } | EngineError::Invalid { .. } => DeviceErrorKind::Invalid,
+        EngineError::ReadOnly(_) => DeviceErrorKind::ReadOnly,
         _ => DeviceErrorKind::Io,
     };
     DeviceError::new(kind, e.to_string())
