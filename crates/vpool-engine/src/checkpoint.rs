@@ -35,6 +35,7 @@ pub struct VolumeCheckpoint {
     pub map: ExtentMap,
     /// For a clone: the volume and snapshot it came from.
     pub parent: Option<(VolumeId, String)>,
+    pub ephemeral: bool,
     pub snapshots: Vec<SnapshotCheckpoint>,
 }
 
@@ -85,6 +86,7 @@ impl Checkpoint {
                     put_name(&mut out, snap);
                 }
             }
+            out.push(u8::from(vol.ephemeral));
             out.extend_from_slice(&(vol.snapshots.len() as u64).to_le_bytes());
             for snap in &vol.snapshots {
                 put_name(&mut out, &snap.name);
@@ -136,6 +138,11 @@ impl Checkpoint {
                 1 => Some((VolumeId(r.u64()?), r.name()?)),
                 _ => return Err(DecodeError::Inconsistent("parent flag")),
             };
+            let ephemeral = match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(DecodeError::Inconsistent("ephemeral flag")),
+            };
             let nsnapshots = r.u64()?;
             // Each snapshot takes at least 27 bytes: bound the count first.
             if nsnapshots > (r.remaining() / 27) as u64 {
@@ -160,6 +167,7 @@ impl Checkpoint {
                 size_bytes,
                 map,
                 parent,
+                ephemeral,
                 snapshots,
             });
         }
@@ -322,6 +330,7 @@ mod tests {
                 size_bytes: 1 << 30,
                 map: map.clone(),
                 parent: Some((VolumeId(1), "gold".into())),
+                ephemeral: true,
                 snapshots: vec![SnapshotCheckpoint {
                     name: "s1".into(),
                     size_bytes: 1 << 29,

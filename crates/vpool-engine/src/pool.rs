@@ -100,6 +100,35 @@ pub struct VolumeInfo {
     /// Bytes mapped as allocated zeros (store nothing).
     pub zero_bytes: u64,
     pub extents: u64,
+    /// For a clone: `volume@snapshot` it was cloned from (until flattened).
+    pub parent: Option<String>,
+    pub snapshots: u64,
+    pub ephemeral: bool,
+}
+
+/// Options of a new volume.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VolumeOptions {
+    /// A scratch disk: deleted when the pool is next opened (the daemon also
+    /// deletes it when its last NBD client disconnects).
+    pub ephemeral: bool,
+}
+
+/// What a range of a diff holds in the newer image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiffKind {
+    /// Changed data: read it from the newer image.
+    Data,
+    /// Now reads as zeros (trimmed, zeroed, or past the older image's end).
+    Zero,
+}
+
+/// One changed range between two images of a volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiffExtent {
+    pub offset: u64,
+    pub len: u64,
+    pub kind: DiffKind,
 }
 
 /// What a snapshot looks like from outside.
@@ -197,6 +226,8 @@ struct Vol {
     /// snapshot a clone came from is not deleted under it by mistake; the
     /// clone shares blocks with it but does not read through it.
     parent: Option<(VolumeId, String)>,
+    /// Deleted when the pool is next opened (scratch disks).
+    ephemeral: bool,
 }
 
 /// A snapshot: the volume's map, size and counters when it was taken.
@@ -404,9 +435,40 @@ impl State {
                         zero_blocks: 0,
                         snapshots: BTreeMap::new(),
                         parent: None,
+                        ephemeral: h.arg2 & record::CREATE_EPHEMERAL != 0,
                     },
                 );
                 self.next_volume_id = self.next_volume_id.max(h.volume.0 + 1);
+            }
+            RecordKind::FlattenVolume => {
+                self.volumes
+                    .get_mut(&h.volume)
+                    .ok_or_else(|| vol_not_found(h.volume))?
+                    .parent = None;
+            }
+            RecordKind::CommitVolume => {
+                let clone = self.vol(h.volume)?;
+                let (parent, _) = clone
+                    .parent
+                    .clone()
+                    .ok_or_else(|| meta_error("commit record", "not a clone"))?;
+                let (map, size, data, zero) = (
+                    clone.map.clone(),
+                    clone.size_bytes,
+                    clone.data_blocks,
+                    clone.zero_blocks,
+                );
+                let p = self
+                    .volumes
+                    .get_mut(&parent)
+                    .ok_or_else(|| vol_not_found(parent))?;
+                let old = std::mem::replace(&mut p.map, map.clone());
+                p.size_bytes = size;
+                p.data_blocks = data;
+                p.zero_blocks = zero;
+                // Increments first, so no count dips below zero.
+                self.pending_refs.push((map, 1));
+                self.pending_refs.push((old, -1));
             }
             RecordKind::ResizeVolume => {
                 let old = self.vol(h.volume)?.size_bytes;
@@ -505,6 +567,7 @@ impl State {
                         zero_blocks: snap.zero_blocks,
                         snapshots: BTreeMap::new(),
                         parent: Some((source, snap_name.to_string())),
+                        ephemeral: false,
                     },
                 );
                 self.next_volume_id = self.next_volume_id.max(h.volume.0 + 1);
@@ -627,6 +690,7 @@ impl Pool {
                     size_bytes,
                     map,
                     parent,
+                    ephemeral,
                     snapshots,
                 } = v;
                 names.insert(name.clone(), id);
@@ -657,6 +721,7 @@ impl Pool {
                         zero_blocks,
                         snapshots,
                         parent,
+                        ephemeral,
                     },
                 );
             }
@@ -810,6 +875,23 @@ impl Pool {
             inner,
             maintenance: Arc::new(Mutex::new(None)),
         };
+        // Scratch disks do not outlive the daemon that made them.
+        let ephemeral: Vec<String> = {
+            let st = pool.inner.state.lock();
+            st.volumes
+                .values()
+                .filter(|v| v.ephemeral)
+                .map(|v| v.name.clone())
+                .collect()
+        };
+        for name in ephemeral {
+            match pool.delete_volume(&name) {
+                Ok(()) => tracing::info!(volume = %name, "deleted ephemeral volume at open"),
+                Err(e) => {
+                    tracing::warn!(volume = %name, error = %e, "could not delete ephemeral volume")
+                }
+            }
+        }
         // A checkpoint now makes the next recovery start here: what was
         // replayed is not replayed again, and the cut tail is forgotten.
         pool.checkpoint()?;
@@ -841,6 +923,16 @@ impl Pool {
     /// Creates a thin volume: it takes no space until written. Durable on
     /// return.
     pub fn create_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo> {
+        self.create_volume_with(name, size_bytes, VolumeOptions::default())
+    }
+
+    /// [`Pool::create_volume`] with options (an ephemeral scratch disk).
+    pub fn create_volume_with(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        options: VolumeOptions,
+    ) -> Result<VolumeInfo> {
         validate_volume_name(name).map_err(|why| EngineError::Invalid {
             what: "volume name",
             why,
@@ -865,11 +957,15 @@ impl Pool {
                 payload_len: name.len() as u32,
                 arg: size_bytes,
                 payload_crc: crc32c::crc32c(name.as_bytes()),
-                arg2: 0,
+                arg2: if options.ephemeral {
+                    record::CREATE_EPHEMERAL
+                } else {
+                    0
+                },
                 arg3: 0,
             };
             self.append_and_apply(&mut st, h, &[name.as_bytes()])?;
-            info_of(id, st.vol(id)?)
+            info_of(&st, id, st.vol(id)?)
         };
         self.flush()?;
         Ok(info)
@@ -902,7 +998,7 @@ impl Pool {
                 let h = meta_header(RecordKind::ResizeVolume, id, size_bytes);
                 self.append_and_apply(&mut st, h, &[])?;
             }
-            info_of(id, st.vol(id)?)
+            info_of(&st, id, st.vol(id)?)
         };
         self.flush()?;
         Ok(info)
@@ -1000,7 +1096,7 @@ impl Pool {
             snap_of(&st, id, volume, snapshot)?;
             let h = named_header(RecordKind::Rollback, id, 0, snapshot.as_bytes());
             self.append_and_apply(&mut st, h, &[snapshot.as_bytes()])?;
-            info_of(id, st.vol(id)?)
+            info_of(&st, id, st.vol(id)?)
         };
         self.flush()?;
         Ok(info)
@@ -1027,10 +1123,129 @@ impl Pool {
             let payload = format!("{new_name}/{snapshot}");
             let h = named_header(RecordKind::CloneVolume, id, source.0, payload.as_bytes());
             self.append_and_apply(&mut st, h, &[payload.as_bytes()])?;
-            info_of(id, st.vol(id)?)
+            info_of(&st, id, st.vol(id)?)
         };
         self.flush()?;
         Ok(info)
+    }
+
+    /// Detaches a clone from its parent snapshot. Instant: a clone shares
+    /// blocks with its parent but never reads through it, so there is
+    /// nothing to copy; afterwards the parent snapshot may be deleted.
+    pub fn flatten(&self, volume: &str) -> Result<VolumeInfo> {
+        let info = {
+            let mut st = self.writable_state()?;
+            let id = lookup_name(&st, volume)?;
+            if st.vol(id)?.parent.is_none() {
+                return Err(EngineError::Invalid {
+                    what: "flatten",
+                    why: format!("volume {volume} is not a clone"),
+                });
+            }
+            self.append_and_apply(&mut st, meta_header(RecordKind::FlattenVolume, id, 0), &[])?;
+            info_of(&st, id, st.vol(id)?)
+        };
+        self.flush()?;
+        Ok(info)
+    }
+
+    /// Makes a clone's parent volume equal to the clone's current content
+    /// (and size), atomically: one record, so a crash leaves the old parent
+    /// or the new one. The clone stays until deleted. Returns the parent.
+    pub fn commit(&self, volume: &str) -> Result<VolumeInfo> {
+        let info = {
+            let mut st = self.writable_state()?;
+            let id = lookup_name(&st, volume)?;
+            let Some((parent, _)) = st.vol(id)?.parent.clone() else {
+                return Err(EngineError::Invalid {
+                    what: "commit",
+                    why: format!("volume {volume} is not a clone"),
+                });
+            };
+            self.append_and_apply(&mut st, meta_header(RecordKind::CommitVolume, id, 0), &[])?;
+            info_of(&st, parent, st.vol(parent)?)
+        };
+        self.flush()?;
+        Ok(info)
+    }
+
+    /// The ranges that differ between two images of `volume`: `from` and
+    /// `to` name snapshots, `None` the volume as it is now. Reading the
+    /// `Data` ranges of `to` and zeroing the `Zero` ones turns a copy of
+    /// `from` into `to` (resize to `to`'s size first). O(extents).
+    pub fn diff(
+        &self,
+        volume: &str,
+        from: Option<&str>,
+        to: Option<&str>,
+    ) -> Result<Vec<DiffExtent>> {
+        let st = self.inner.state.lock();
+        let id = lookup_name(&st, volume)?;
+        let image = |snap: Option<&str>| -> Result<(ExtentMap, u64)> {
+            match snap {
+                None => {
+                    let v = st.vol(id)?;
+                    Ok((v.map.clone(), v.size_bytes))
+                }
+                Some(s) => {
+                    let s = snap_of(&st, id, volume, s)?;
+                    Ok((s.map.clone(), s.size_bytes))
+                }
+            }
+        };
+        let (a, a_size) = image(from)?;
+        let (b, b_size) = image(to)?;
+        drop(st);
+        let blocks = b_size / BLOCK_SIZE;
+        let (pa, pb) = (a.lookup(0, blocks), b.lookup(0, blocks));
+        let a_blocks = a_size / BLOCK_SIZE;
+        let mut out: Vec<DiffExtent> = Vec::new();
+        let (mut i, mut j, mut pos) = (0usize, 0usize, 0u64);
+        while pos < blocks {
+            let (x, y) = (&pa[i], &pb[j]);
+            let end = (x.start_block + x.len_blocks).min(y.start_block + y.len_blocks);
+            let tx = x.target.map(|t| advance_target(t, pos - x.start_block));
+            let ty = y.target.map(|t| advance_target(t, pos - y.start_block));
+            let zero = |t: Option<Target>| matches!(t, None | Some(Target::Zero));
+            // Past the old image's end everything written counts as new.
+            let mut pieces = vec![(pos, end)];
+            if pos < a_blocks && end > a_blocks {
+                pieces = vec![(pos, a_blocks), (a_blocks, end)];
+            }
+            for (s, e) in pieces {
+                let beyond_old = s >= a_blocks;
+                let changed = if beyond_old {
+                    !zero(ty)
+                } else {
+                    tx != ty && !(zero(tx) && zero(ty))
+                };
+                if changed {
+                    let kind = if zero(ty) {
+                        DiffKind::Zero
+                    } else {
+                        DiffKind::Data
+                    };
+                    match out.last_mut() {
+                        Some(l) if l.kind == kind && l.offset + l.len == s * BLOCK_SIZE => {
+                            l.len += (e - s) * BLOCK_SIZE
+                        }
+                        _ => out.push(DiffExtent {
+                            offset: s * BLOCK_SIZE,
+                            len: (e - s) * BLOCK_SIZE,
+                            kind,
+                        }),
+                    }
+                }
+            }
+            pos = end;
+            if pos == x.start_block + x.len_blocks {
+                i += 1;
+            }
+            if pos == y.start_block + y.len_blocks {
+                j += 1;
+            }
+        }
+        Ok(out)
     }
 
     /// A read-only handle on a snapshot (served over NBD as `VOL@SNAP`).
@@ -1051,14 +1266,14 @@ impl Pool {
         // In name order, as a user reads a listing.
         st.names
             .values()
-            .map(|&id| info_of(id, &st.volumes[&id]))
+            .map(|&id| info_of(&st, id, &st.volumes[&id]))
             .collect()
     }
 
     pub fn volume_info(&self, name: &str) -> Result<VolumeInfo> {
         let st = self.inner.state.lock();
         let id = lookup_name(&st, name)?;
-        Ok(info_of(id, st.vol(id)?))
+        Ok(info_of(&st, id, st.vol(id)?))
     }
 
     /// A handle for I/O on a volume. It stays valid until the volume is
@@ -1128,6 +1343,7 @@ impl Pool {
                         size_bytes: v.size_bytes,
                         map: v.map.clone(),
                         parent: v.parent.clone(),
+                        ephemeral: v.ephemeral,
                         snapshots: v
                             .snapshots
                             .iter()
@@ -1692,6 +1908,13 @@ fn snapshot_info(volume: &str, name: &str, s: &Snap) -> SnapshotInfo {
     }
 }
 
+fn advance_target(t: Target, blocks: u64) -> Target {
+    match t {
+        Target::Zero => Target::Zero,
+        Target::Data(d) => Target::Data(d.advance(blocks)),
+    }
+}
+
 /// (data blocks, zero blocks) of a map.
 fn block_counts(map: &ExtentMap) -> (u64, u64) {
     let (mut data, mut zero) = (0, 0);
@@ -1704,8 +1927,14 @@ fn block_counts(map: &ExtentMap) -> (u64, u64) {
     (data, zero)
 }
 
-fn info_of(id: VolumeId, v: &Vol) -> VolumeInfo {
+fn info_of(st: &State, id: VolumeId, v: &Vol) -> VolumeInfo {
     VolumeInfo {
+        parent: v.parent.as_ref().map(|(p, s)| {
+            let pname = st.volumes.get(p).map(|pv| pv.name.as_str()).unwrap_or("?");
+            format!("{pname}@{s}")
+        }),
+        snapshots: v.snapshots.len() as u64,
+        ephemeral: v.ephemeral,
         id,
         name: v.name.clone(),
         size_bytes: v.size_bytes,

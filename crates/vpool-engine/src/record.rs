@@ -54,7 +54,15 @@ pub enum RecordKind {
     /// `arg2` (checksums at `arg3`) here: every map pointing at the old
     /// location now points at this record. Payload as for `Write`.
     Relocate = 11,
+    /// Clone `volume` forgets its parent (it never read through it).
+    FlattenVolume = 12,
+    /// Clone `volume`'s parent volume takes the clone's content and size.
+    CommitVolume = 13,
 }
+
+/// `arg2` bit of a `CreateVolume` record: the volume is ephemeral (deleted
+/// when the pool is next opened).
+pub const CREATE_EPHEMERAL: u32 = 1;
 
 impl RecordKind {
     fn from_u8(v: u8) -> Option<RecordKind> {
@@ -70,6 +78,8 @@ impl RecordKind {
             9 => RecordKind::Rollback,
             10 => RecordKind::CloneVolume,
             11 => RecordKind::Relocate,
+            12 => RecordKind::FlattenVolume,
+            13 => RecordKind::CommitVolume,
             _ => return None,
         })
     }
@@ -227,7 +237,10 @@ impl RecordHeader {
                 }
                 n
             }
-            RecordKind::ResizeVolume | RecordKind::DeleteVolume => 0,
+            RecordKind::ResizeVolume
+            | RecordKind::DeleteVolume
+            | RecordKind::FlattenVolume
+            | RecordKind::CommitVolume => 0,
         };
         if h.payload_len as usize != expected_payload {
             return Err(DecodeError::Inconsistent("payload length"));

@@ -151,7 +151,7 @@ fn step(rng: &mut StdRng, pool: &Pool, model: &mut Model) -> Result<bool, (Engin
             }
             _ => Ok(false),
         },
-        _ => match (pick(rng), rng.gen_range(0..4), rng.gen_range(0..2)) {
+        _ => match (pick(rng), rng.gen_range(0..6), rng.gen_range(0..2)) {
             (Some(name), what, s) => {
                 let key = format!("{name}@s{s}");
                 let exists = after.contains_key(&key);
@@ -178,6 +178,17 @@ fn step(rng: &mut StdRng, pool: &Pool, model: &mut Model) -> Result<bool, (Engin
                             pool.clone_volume(&name, &format!("s{s}"), &new)
                                 .map(|_| true)
                         }
+                    }
+                    4 if after.contains_key(&format!("clone:{name}")) => {
+                        after.remove(&format!("clone:{name}"));
+                        pool.flatten(&name).map(|_| true)
+                    }
+                    5 if after.contains_key(&format!("clone:{name}")) => {
+                        let origin =
+                            String::from_utf8(after[&format!("clone:{name}")].clone()).unwrap();
+                        let parent = origin.split('@').next().unwrap().to_string();
+                        after.insert(parent, after[&name].clone());
+                        pool.commit(&name).map(|_| true)
                     }
                     _ => Ok(false),
                 }

@@ -33,6 +33,10 @@ enum Op {
     Rollback(u8, u8),
     /// source volume, snapshot, new volume
     Clone(u8, u8, u8),
+    Flatten(u8),
+    Commit(u8),
+    /// Checks diff(snapshot -> volume) and back against the model.
+    Diff(u8, u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -54,6 +58,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (vol.clone(), 0u8..3).prop_map(|(v, s)| Op::DeleteSnapshot(v, s)),
         1 => (vol.clone(), 0u8..3).prop_map(|(v, s)| Op::Rollback(v, s)),
         2 => (vol.clone(), 0u8..3, vol.clone()).prop_map(|(v, s, c)| Op::Clone(v, s, c)),
+        1 => vol.clone().prop_map(Op::Flatten),
+        1 => vol.clone().prop_map(Op::Commit),
+        2 => (vol.clone(), 0u8..3).prop_map(|(v, s)| Op::Diff(v, s)),
     ]
 }
 
@@ -247,6 +254,65 @@ fn run(ops: Vec<Op>) -> u64 {
                 }
                 assert_eq!(pos, off + len);
             }
+            Op::Flatten(v) => {
+                let name = format!("v{v}");
+                let r = pool.flatten(&name);
+                assert_eq!(
+                    r.is_ok(),
+                    parents.remove(&name).is_some(),
+                    "flatten {name}: {r:?}"
+                );
+            }
+            Op::Commit(v) => {
+                let name = format!("v{v}");
+                let r = pool.commit(&name);
+                match parents.get(&name) {
+                    Some((parent, _)) => {
+                        let info = r.unwrap();
+                        assert_eq!(&info.name, parent);
+                        let content = model[&name].clone();
+                        model.insert(parent.clone(), content);
+                    }
+                    None => assert!(r.is_err()),
+                }
+            }
+            Op::Diff(v, sn) => {
+                let (name, snap) = (format!("v{v}"), format!("s{sn}"));
+                let Some(old) = snaps.get(&(name.clone(), snap.clone())) else {
+                    continue;
+                };
+                let new = &model[&name];
+                let apply = |base: &[u8], target: &[u8], d: &[vpool_engine::DiffExtent]| {
+                    let mut img = base.to_vec();
+                    img.resize(target.len(), 0);
+                    for e in d {
+                        let r = e.offset as usize..(e.offset + e.len) as usize;
+                        match e.kind {
+                            vpool_engine::DiffKind::Data => {
+                                img[r.clone()].copy_from_slice(&target[r])
+                            }
+                            vpool_engine::DiffKind::Zero => img[r].fill(0),
+                        }
+                    }
+                    img
+                };
+                let fwd = pool.diff(&name, Some(&snap), None).unwrap();
+                assert!(
+                    apply(old, new, &fwd) == *new,
+                    "diff {name}@{snap} -> {name}"
+                );
+                let back = pool.diff(&name, None, Some(&snap)).unwrap();
+                assert!(
+                    apply(new, old, &back) == *old,
+                    "diff {name} -> {name}@{snap}"
+                );
+                // A diff of an image with itself is empty.
+                assert!(
+                    pool.diff(&name, Some(&snap), Some(&snap))
+                        .unwrap()
+                        .is_empty()
+                );
+            }
             Op::Flush => pool.flush().unwrap(),
             Op::Checkpoint => pool.checkpoint().unwrap(),
             Op::Clean => {
@@ -326,11 +392,14 @@ fn long_fixed_sequence() {
     for _ in 0..2000 {
         let v = rng.gen_range(0..2);
         let o = rng.gen_range(0..VOLUME_BLOCKS * 8);
-        ops.push(match rng.gen_range(0..24) {
+        ops.push(match rng.gen_range(0..27) {
             20 => Op::Snapshot(v, rng.gen_range(0..3)),
             21 => Op::Clone(v, rng.gen_range(0..3), rng.gen_range(0..3)),
             22 => Op::Rollback(v, rng.gen_range(0..3)),
             23 => Op::DeleteSnapshot(v, rng.gen_range(0..3)),
+            24 => Op::Flatten(rng.gen_range(0..3)),
+            25 => Op::Commit(rng.gen_range(0..3)),
+            26 => Op::Diff(v, rng.gen_range(0..3)),
             0 => Op::Clean,
             1 => Op::Flush,
             2 => Op::Trim(v, o, rng.gen_range(1..64)),

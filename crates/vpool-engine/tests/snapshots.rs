@@ -146,3 +146,56 @@ fn rollback_is_instant_and_keeps_later_snapshots() {
     assert!(pool.snapshot("v", "b").unwrap().write(0, &buf).is_err());
     pool.self_check();
 }
+
+#[test]
+fn ephemeral_volumes_go_at_reopen_and_commit_merges_a_clone() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(dir.path());
+    pool.create_volume_with(
+        "scratch",
+        1 << 20,
+        vpool_engine::VolumeOptions { ephemeral: true },
+    )
+    .unwrap();
+    assert!(pool.volume_info("scratch").unwrap().ephemeral);
+    pool.create_volume("base", 1 << 20).unwrap();
+    pool.volume("base").unwrap().write(0, &block(1)).unwrap();
+    pool.create_snapshot("base", "s").unwrap();
+    let info = pool.clone_volume("base", "s", "overlay").unwrap();
+    assert_eq!(info.parent.as_deref(), Some("base@s"));
+    pool.volume("overlay")
+        .unwrap()
+        .write(4096, &block(2))
+        .unwrap();
+    // Commit: the parent takes the overlay's content, atomically.
+    pool.commit("overlay").unwrap();
+    let mut buf = vec![0u8; 8192];
+    pool.volume("base").unwrap().read(0, &mut buf).unwrap();
+    assert_eq!(&buf[..4096], &block(1)[..]);
+    assert_eq!(&buf[4096..], &block(2)[..]);
+    // The snapshot the overlay came from is untouched.
+    pool.snapshot("base", "s")
+        .unwrap()
+        .read(4096, &mut buf[..4096])
+        .unwrap();
+    assert_eq!(&buf[..4096], &[0u8; 4096][..]);
+    // Flatten detaches; then the parent snapshot may go.
+    assert!(pool.delete_snapshot("base", "s").is_err());
+    assert!(pool.flatten("overlay").unwrap().parent.is_none());
+    pool.delete_snapshot("base", "s").unwrap();
+    assert!(pool.flatten("base").is_err(), "not a clone");
+    pool.self_check();
+    pool.close().unwrap();
+    drop(pool);
+    let pool = open(dir.path());
+    assert!(
+        pool.volume_info("scratch").is_err(),
+        "ephemeral volume survived a reopen"
+    );
+    pool.volume("overlay")
+        .unwrap()
+        .read(4096, &mut buf[..4096])
+        .unwrap();
+    assert_eq!(&buf[..4096], &block(2)[..]);
+    pool.self_check();
+}
