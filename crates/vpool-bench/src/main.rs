@@ -71,6 +71,19 @@ enum Cmd {
         #[arg(long)]
         pool: std::path::PathBuf,
     },
+    /// Snapshot and clone costs: creation latency (p50/p99) on a volume
+    /// with data written, reads through a deep clone chain and after many
+    /// snapshots as a ratio to a plain volume, and 100 clones of a template.
+    Snapshots {
+        #[arg(long)]
+        pool: std::path::PathBuf,
+        /// GiB written (1 MiB sequential) before timing snapshot creation.
+        #[arg(long, default_value_t = 1)]
+        written_gib: u64,
+        /// Also write this many random 4 KiB blocks (more extents).
+        #[arg(long, default_value_t = 100_000)]
+        random_writes: u64,
+    },
     /// Heap bytes of metadata per mapped block, for random and sequential data.
     Memory {
         #[arg(long, default_value_t = 1_000_000)]
@@ -111,6 +124,11 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Memory { blocks } => memory(blocks),
+        Cmd::Snapshots {
+            pool,
+            written_gib,
+            random_writes,
+        } => snapshots(&pool, written_gib, random_writes),
     }
 }
 
@@ -211,5 +229,105 @@ fn memory(blocks: u64) -> Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     println!("{{{}}}", out.join(", "));
+    Ok(())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+/// 4 KiB random reads of `vol` for a fixed count; returns reads per second.
+fn random_read_rate(vol: &vpool_engine::Volume, size: u64, count: u64) -> Result<f64> {
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut buf = vec![0u8; BLOCK_SIZE as usize];
+    let t = Instant::now();
+    for _ in 0..count {
+        vol.read(rng.gen_range(0..size / BLOCK_SIZE) * BLOCK_SIZE, &mut buf)?;
+    }
+    Ok(count as f64 / t.elapsed().as_secs_f64())
+}
+
+fn snapshots(dir: &std::path::Path, written_gib: u64, random_writes: u64) -> Result<()> {
+    let store = LocalDirStore::open(dir).context("opening the pool")?;
+    let (pool, _) = Pool::open(Arc::new(store), PoolConfig::default())?;
+    let size = (written_gib.max(1)) << 30;
+    pool.create_volume("big", size)?;
+    let vol = pool.volume("big")?;
+    let mib = vec![0x6Bu8; 1 << 20];
+    for i in 0..(written_gib << 10) {
+        vol.write(i << 20, &mib)?;
+    }
+    let mut rng = StdRng::seed_from_u64(5);
+    let block = vec![0x3Cu8; BLOCK_SIZE as usize];
+    for _ in 0..random_writes {
+        vol.write(rng.gen_range(0..size / BLOCK_SIZE) * BLOCK_SIZE, &block)?;
+    }
+    pool.flush()?;
+    let extents = pool.volume_info("big")?.extents;
+    // Snapshot creation: the call returns when the snapshot is durable.
+    let mut lat_us = Vec::new();
+    for i in 0..200 {
+        vol.write(rng.gen_range(0..size / BLOCK_SIZE) * BLOCK_SIZE, &block)?;
+        let t = Instant::now();
+        pool.create_snapshot("big", &format!("s{i}"))?;
+        lat_us.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    lat_us.sort_by(f64::total_cmp);
+    // Reads after 200 snapshots vs a plain volume of the same layout.
+    pool.create_volume("plain", 64 << 20)?;
+    pool.create_volume("c0", 64 << 20)?;
+    for name in ["plain", "c0"] {
+        let v = pool.volume(name)?;
+        for i in 0..64u64 {
+            v.write(i << 20, &mib)?;
+        }
+    }
+    let mut parent = "c0".to_string();
+    for depth in 1..=100 {
+        let child = format!("c{depth}");
+        pool.create_snapshot(&parent, "base")?;
+        pool.clone_volume(&parent, "base", &child)?;
+        parent = child;
+    }
+    let plain = pool.volume("plain")?;
+    let deep = pool.volume("c100")?;
+    let n = 200_000;
+    let (mut plain_r, mut deep_r) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        plain_r.push(random_read_rate(&plain, 64 << 20, n)?);
+        deep_r.push(random_read_rate(&deep, 64 << 20, n)?);
+    }
+    let snapped_r = random_read_rate(&vol, size, n)?;
+    let plain_big = {
+        pool.create_volume("plainbig", size)?;
+        let v = pool.volume("plainbig")?;
+        for i in 0..(written_gib << 10) {
+            v.write(i << 20, &mib)?;
+        }
+        random_read_rate(&v, size, n)?
+    };
+    // 100 clones of a template (a sealed snapshot of a 64 MiB image).
+    pool.create_snapshot("plain", "template")?;
+    let before = pool.stats().physical_bytes;
+    let t = Instant::now();
+    for i in 0..100 {
+        pool.clone_volume("plain", "template", &format!("vm{i}"))?;
+    }
+    let clone_secs = t.elapsed().as_secs_f64();
+    let after = pool.stats().physical_bytes;
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "{{\"written_gib\": {written_gib}, \"extents\": {extents}, \"snapshot_create_us_p50\": {:.0}, \"snapshot_create_us_p99\": {:.0}, \"read_ratio_clone_depth_100_vs_plain\": {:.2}, \"read_ratio_after_200_snapshots_vs_plain\": {:.2}, \"clones_100_seconds\": {clone_secs:.3}, \"clones_100_new_bytes\": {}}}",
+        percentile(&lat_us, 0.5),
+        percentile(&lat_us, 0.99),
+        median(&mut deep_r) / median(&mut plain_r),
+        snapped_r / plain_big,
+        after.saturating_sub(before)
+    );
+    pool.close()?;
     Ok(())
 }
