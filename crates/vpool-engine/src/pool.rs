@@ -941,8 +941,7 @@ impl Pool {
             what: "volume size",
             why,
         })?;
-        let info = {
-            let mut st = self.writable_state()?;
+        self.durable_op(|st| {
             if st.names.contains_key(name) {
                 return Err(EngineError::VolumeExists(name.to_string()));
             }
@@ -964,11 +963,9 @@ impl Pool {
                 },
                 arg3: 0,
             };
-            self.append_and_apply(&mut st, h, &[name.as_bytes()])?;
-            info_of(&st, id, st.vol(id)?)
-        };
-        self.flush()?;
-        Ok(info)
+            self.append_and_apply(st, h, &[name.as_bytes()])?;
+            Ok(info_of(st, id, st.vol(id)?))
+        })
     }
 
     /// Changes a volume's size. Shrinking drops the data past the new end
@@ -983,9 +980,8 @@ impl Pool {
             what: "volume size",
             why,
         })?;
-        let info = {
-            let mut st = self.writable_state()?;
-            let id = lookup_name(&st, name)?;
+        self.durable_op(|st| {
+            let id = lookup_name(st, name)?;
             let old = st.vol(id)?.size_bytes;
             if size_bytes < old && !allow_shrink {
                 return Err(EngineError::ShrinkRefused {
@@ -996,21 +992,18 @@ impl Pool {
             }
             if size_bytes != old {
                 let h = meta_header(RecordKind::ResizeVolume, id, size_bytes);
-                self.append_and_apply(&mut st, h, &[])?;
+                self.append_and_apply(st, h, &[])?;
             }
-            info_of(&st, id, st.vol(id)?)
-        };
-        self.flush()?;
-        Ok(info)
+            Ok(info_of(st, id, st.vol(id)?))
+        })
     }
 
     /// Deletes a volume; its space is reclaimed by the cleaner. Durable on
     /// return.
     pub fn delete_volume(&self, name: &str) -> Result<()> {
-        {
-            let mut st = self.writable_state()?;
-            let id = lookup_name(&st, name)?;
-            let clones = clones_of(&st, id, None);
+        self.durable_op(|st| {
+            let id = lookup_name(st, name)?;
+            let clones = clones_of(st, id, None);
             if !clones.is_empty() {
                 return Err(EngineError::InUse {
                     what: format!("volume {name} (its snapshots)"),
@@ -1018,9 +1011,9 @@ impl Pool {
                 });
             }
             let h = meta_header(RecordKind::DeleteVolume, id, 0);
-            self.append_and_apply(&mut st, h, &[])?;
-        }
-        self.flush()?;
+            self.append_and_apply(st, h, &[])?;
+            Ok(())
+        })?;
         self.wake_maintenance();
         Ok(())
     }
@@ -1033,9 +1026,8 @@ impl Pool {
             what: "snapshot name",
             why,
         })?;
-        let info = {
-            let mut st = self.writable_state()?;
-            let id = lookup_name(&st, volume)?;
+        self.durable_op(|st| {
+            let id = lookup_name(st, volume)?;
             if st.vol(id)?.snapshots.contains_key(snapshot) {
                 return Err(EngineError::SnapshotExists {
                     volume: volume.to_string(),
@@ -1043,11 +1035,13 @@ impl Pool {
                 });
             }
             let h = named_header(RecordKind::CreateSnapshot, id, 0, snapshot.as_bytes());
-            self.append_and_apply(&mut st, h, &[snapshot.as_bytes()])?;
-            snapshot_info(volume, snapshot, &st.vol(id)?.snapshots[snapshot])
-        };
-        self.flush()?;
-        Ok(info)
+            self.append_and_apply(st, h, &[snapshot.as_bytes()])?;
+            Ok(snapshot_info(
+                volume,
+                snapshot,
+                &st.vol(id)?.snapshots[snapshot],
+            ))
+        })
     }
 
     /// The snapshots of `volume`, oldest first.
@@ -1067,11 +1061,10 @@ impl Pool {
     /// Deletes a snapshot; its blocks that nothing else uses are reclaimed by
     /// the cleaner. Refused while a clone was made from it.
     pub fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<()> {
-        {
-            let mut st = self.writable_state()?;
-            let id = lookup_name(&st, volume)?;
-            snap_of(&st, id, volume, snapshot)?;
-            let clones = clones_of(&st, id, Some(snapshot));
+        self.durable_op(|st| {
+            let id = lookup_name(st, volume)?;
+            snap_of(st, id, volume, snapshot)?;
+            let clones = clones_of(st, id, Some(snapshot));
             if !clones.is_empty() {
                 return Err(EngineError::InUse {
                     what: format!("snapshot {volume}@{snapshot}"),
@@ -1079,9 +1072,9 @@ impl Pool {
                 });
             }
             let h = named_header(RecordKind::DeleteSnapshot, id, 0, snapshot.as_bytes());
-            self.append_and_apply(&mut st, h, &[snapshot.as_bytes()])?;
-        }
-        self.flush()?;
+            self.append_and_apply(st, h, &[snapshot.as_bytes()])?;
+            Ok(())
+        })?;
         self.wake_maintenance();
         Ok(())
     }
@@ -1090,16 +1083,13 @@ impl Pool {
     /// operation: no data is copied. Durable on return. Later snapshots are
     /// kept. Whether clients have the volume open is the caller's concern.
     pub fn rollback(&self, volume: &str, snapshot: &str) -> Result<VolumeInfo> {
-        let info = {
-            let mut st = self.writable_state()?;
-            let id = lookup_name(&st, volume)?;
-            snap_of(&st, id, volume, snapshot)?;
+        self.durable_op(|st| {
+            let id = lookup_name(st, volume)?;
+            snap_of(st, id, volume, snapshot)?;
             let h = named_header(RecordKind::Rollback, id, 0, snapshot.as_bytes());
-            self.append_and_apply(&mut st, h, &[snapshot.as_bytes()])?;
-            info_of(&st, id, st.vol(id)?)
-        };
-        self.flush()?;
-        Ok(info)
+            self.append_and_apply(st, h, &[snapshot.as_bytes()])?;
+            Ok(info_of(st, id, st.vol(id)?))
+        })
     }
 
     /// Creates `new_name` as a copy-on-write clone of `volume@snapshot`: it
@@ -1111,10 +1101,9 @@ impl Pool {
             what: "volume name",
             why,
         })?;
-        let info = {
-            let mut st = self.writable_state()?;
-            let source = lookup_name(&st, volume)?;
-            snap_of(&st, source, volume, snapshot)?;
+        self.durable_op(|st| {
+            let source = lookup_name(st, volume)?;
+            snap_of(st, source, volume, snapshot)?;
             if st.names.contains_key(new_name) {
                 return Err(EngineError::VolumeExists(new_name.to_string()));
             }
@@ -1122,51 +1111,43 @@ impl Pool {
             st.next_volume_id += 1;
             let payload = format!("{new_name}/{snapshot}");
             let h = named_header(RecordKind::CloneVolume, id, source.0, payload.as_bytes());
-            self.append_and_apply(&mut st, h, &[payload.as_bytes()])?;
-            info_of(&st, id, st.vol(id)?)
-        };
-        self.flush()?;
-        Ok(info)
+            self.append_and_apply(st, h, &[payload.as_bytes()])?;
+            Ok(info_of(st, id, st.vol(id)?))
+        })
     }
 
     /// Detaches a clone from its parent snapshot. Instant: a clone shares
     /// blocks with its parent but never reads through it, so there is
     /// nothing to copy; afterwards the parent snapshot may be deleted.
     pub fn flatten(&self, volume: &str) -> Result<VolumeInfo> {
-        let info = {
-            let mut st = self.writable_state()?;
-            let id = lookup_name(&st, volume)?;
+        self.durable_op(|st| {
+            let id = lookup_name(st, volume)?;
             if st.vol(id)?.parent.is_none() {
                 return Err(EngineError::Invalid {
                     what: "flatten",
                     why: format!("volume {volume} is not a clone"),
                 });
             }
-            self.append_and_apply(&mut st, meta_header(RecordKind::FlattenVolume, id, 0), &[])?;
-            info_of(&st, id, st.vol(id)?)
-        };
-        self.flush()?;
-        Ok(info)
+            self.append_and_apply(st, meta_header(RecordKind::FlattenVolume, id, 0), &[])?;
+            Ok(info_of(st, id, st.vol(id)?))
+        })
     }
 
     /// Makes a clone's parent volume equal to the clone's current content
     /// (and size), atomically: one record, so a crash leaves the old parent
     /// or the new one. The clone stays until deleted. Returns the parent.
     pub fn commit(&self, volume: &str) -> Result<VolumeInfo> {
-        let info = {
-            let mut st = self.writable_state()?;
-            let id = lookup_name(&st, volume)?;
+        self.durable_op(|st| {
+            let id = lookup_name(st, volume)?;
             let Some((parent, _)) = st.vol(id)?.parent.clone() else {
                 return Err(EngineError::Invalid {
                     what: "commit",
                     why: format!("volume {volume} is not a clone"),
                 });
             };
-            self.append_and_apply(&mut st, meta_header(RecordKind::CommitVolume, id, 0), &[])?;
-            info_of(&st, parent, st.vol(parent)?)
-        };
-        self.flush()?;
-        Ok(info)
+            self.append_and_apply(st, meta_header(RecordKind::CommitVolume, id, 0), &[])?;
+            Ok(info_of(st, parent, st.vol(parent)?))
+        })
     }
 
     /// The ranges that differ between two images of `volume`: `from` and
@@ -1500,6 +1481,17 @@ impl Pool {
     }
 
     // ----- internals -----
+
+    /// Runs a metadata operation under the state lock, then flushes: its
+    /// record is durable when this returns.
+    fn durable_op<T>(&self, op: impl FnOnce(&mut State) -> Result<T>) -> Result<T> {
+        let out = {
+            let mut st = self.writable_state()?;
+            op(&mut st)?
+        };
+        self.flush()?;
+        Ok(out)
+    }
 
     fn writable_state(&self) -> Result<parking_lot::MutexGuard<'_, State>> {
         let st = self.inner.state.lock();
