@@ -18,8 +18,8 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{ErrorBody, ErrorKind};
 use crate::types::{
-    Allocation, CleanResult, CreateVolumeRequest, PoolInfo, ResizeVolumeRequest, VolumeInfo,
-    VolumeList,
+    Allocation, CleanResult, CloneRequest, CreateSnapshotRequest, CreateVolumeRequest, Diff,
+    DiffExtent, PoolInfo, ResizeVolumeRequest, SnapshotInfo, SnapshotList, VolumeInfo, VolumeList,
 };
 use crate::{MAX_DATA_BYTES, MAX_JSON_BODY_BYTES};
 
@@ -196,9 +196,21 @@ impl Client {
     }
 
     pub fn create_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo, ClientError> {
+        self.create_volume_with(name, size_bytes, false)
+    }
+
+    /// Creates a volume; an `ephemeral` one is deleted when its last NBD
+    /// client disconnects, or when the daemon next starts.
+    pub fn create_volume_with(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        ephemeral: bool,
+    ) -> Result<VolumeInfo, ClientError> {
         let req = CreateVolumeRequest {
             name: name.to_string(),
             size_bytes,
+            ephemeral,
         };
         self.json_call("POST", "/v1/volumes", Some(&req))
     }
@@ -224,6 +236,117 @@ impl Client {
         self.empty_call("DELETE", &volume_path(name, ""), &[])
     }
 
+    // ----- snapshots, templates, clones -----
+
+    pub fn create_snapshot(&self, volume: &str, name: &str) -> Result<SnapshotInfo, ClientError> {
+        let req = CreateSnapshotRequest {
+            name: name.to_string(),
+        };
+        self.json_call("POST", &volume_path(volume, "/snapshots"), Some(&req))
+    }
+
+    /// The volume's snapshots, oldest first.
+    pub fn list_snapshots(&self, volume: &str) -> Result<Vec<SnapshotInfo>, ClientError> {
+        let l: SnapshotList =
+            self.json_call("GET", &volume_path(volume, "/snapshots"), None::<&()>)?;
+        Ok(l.snapshots)
+    }
+
+    pub fn snapshot_info(&self, volume: &str, name: &str) -> Result<SnapshotInfo, ClientError> {
+        let path = volume_path(volume, &format!("/snapshots/{}", escape(name)));
+        self.json_call("GET", &path, None::<&()>)
+    }
+
+    pub fn delete_snapshot(&self, volume: &str, name: &str) -> Result<(), ClientError> {
+        let path = volume_path(volume, &format!("/snapshots/{}", escape(name)));
+        self.empty_call("DELETE", &path, &[])
+    }
+
+    /// Makes `volume` equal to its snapshot `name`. Refused while NBD
+    /// clients have the volume open for writing, unless `force`.
+    pub fn rollback(
+        &self,
+        volume: &str,
+        name: &str,
+        force: bool,
+    ) -> Result<VolumeInfo, ClientError> {
+        let path = volume_path(
+            volume,
+            &format!("/snapshots/{}/rollback?force={force}", escape(name)),
+        );
+        self.json_call("POST", &path, None::<&()>)
+    }
+
+    /// Seals `volume` as a template (read-only from then on).
+    pub fn make_template(&self, volume: &str) -> Result<VolumeInfo, ClientError> {
+        self.json_call("POST", &volume_path(volume, "/template"), None::<&()>)
+    }
+
+    /// Creates `new_name` as a clone of `volume@snapshot`, or of template
+    /// `volume` when `snapshot` is `None`.
+    pub fn clone_volume(
+        &self,
+        volume: &str,
+        snapshot: Option<&str>,
+        new_name: &str,
+    ) -> Result<VolumeInfo, ClientError> {
+        let req = CloneRequest {
+            name: new_name.to_string(),
+            snapshot: snapshot.map(str::to_string),
+        };
+        self.json_call("POST", &volume_path(volume, "/clone"), Some(&req))
+    }
+
+    pub fn flatten(&self, volume: &str) -> Result<VolumeInfo, ClientError> {
+        self.json_call("POST", &volume_path(volume, "/flatten"), None::<&()>)
+    }
+
+    /// Merges clone `volume` into its parent volume; returns the parent.
+    pub fn commit(&self, volume: &str, force: bool) -> Result<VolumeInfo, ClientError> {
+        let path = format!("{}?force={force}", volume_path(volume, "/commit"));
+        self.json_call("POST", &path, None::<&()>)
+    }
+
+    /// One page of the diff between two images of `volume` (`None` = the
+    /// volume now), from byte `offset` on.
+    pub fn diff_page(
+        &self,
+        volume: &str,
+        from: Option<&str>,
+        to: Option<&str>,
+        offset: u64,
+    ) -> Result<Diff, ClientError> {
+        let mut path = format!("{}?offset={offset}", volume_path(volume, "/diff"));
+        if let Some(f) = from {
+            path.push_str(&format!("&from={}", escape(f)));
+        }
+        if let Some(t) = to {
+            path.push_str(&format!("&to={}", escape(t)));
+        }
+        self.json_call("GET", &path, None::<&()>)
+    }
+
+    /// The whole diff, every page joined (`next_offset` is then `None`).
+    pub fn diff(
+        &self,
+        volume: &str,
+        from: Option<&str>,
+        to: Option<&str>,
+    ) -> Result<Diff, ClientError> {
+        let mut d = self.diff_page(volume, from, to, 0)?;
+        while let Some(next) = d.next_offset {
+            let page = self.diff_page(volume, from, to, next)?;
+            if page.offset != next || (page.extents.is_empty() && page.next_offset.is_some()) {
+                return Err(ClientError::Protocol(format!(
+                    "diff page at {next} does not advance"
+                )));
+            }
+            append_extents(&mut d.extents, page.extents);
+            d.next_offset = page.next_offset;
+        }
+        Ok(d)
+    }
+
     // ----- data -----
 
     /// Writes `data` (at most [`MAX_DATA_BYTES`]) at `offset`. Not durable
@@ -241,15 +364,29 @@ impl Client {
 
     /// Reads `length` bytes (at most [`MAX_DATA_BYTES`]) at `offset`.
     pub fn read(&self, name: &str, offset: u64, length: usize) -> Result<Vec<u8>, ClientError> {
+        self.read_image(name, None, offset, length)
+    }
+
+    /// [`Client::read`] of volume `name`, or of its snapshot `snapshot`.
+    pub fn read_image(
+        &self,
+        name: &str,
+        snapshot: Option<&str>,
+        offset: u64,
+        length: usize,
+    ) -> Result<Vec<u8>, ClientError> {
         if length > MAX_DATA_BYTES {
             return Err(ClientError::Invalid(format!(
                 "a read returns at most {MAX_DATA_BYTES} bytes, not {length}"
             )));
         }
-        let path = format!(
+        let mut path = format!(
             "{}?offset={offset}&length={length}",
             volume_path(name, "/data")
         );
+        if let Some(s) = snapshot {
+            path.push_str(&format!("&snapshot={}", escape(s)));
+        }
         let resp = self.checked("GET", &path, None)?;
         if resp.body.len() != length {
             return Err(ClientError::Protocol(format!(
@@ -284,10 +421,24 @@ impl Client {
         offset: u64,
         length: u64,
     ) -> Result<Allocation, ClientError> {
-        let path = format!(
+        self.allocation_of(name, None, offset, length)
+    }
+
+    /// [`Client::allocation`] of volume `name`, or of its snapshot.
+    pub fn allocation_of(
+        &self,
+        name: &str,
+        snapshot: Option<&str>,
+        offset: u64,
+        length: u64,
+    ) -> Result<Allocation, ClientError> {
+        let mut path = format!(
             "{}?offset={offset}&length={length}",
             volume_path(name, "/allocation")
         );
+        if let Some(s) = snapshot {
+            path.push_str(&format!("&snapshot={}", escape(s)));
+        }
         self.json_call("GET", &path, None::<&()>)
     }
 
@@ -464,16 +615,32 @@ impl Client {
 /// `/v1/volumes/<name><suffix>`, with the name percent-encoded (valid names
 /// need none; an invalid one must still not break the request line).
 fn volume_path(name: &str, suffix: &str) -> String {
-    let mut p = String::from("/v1/volumes/");
-    for b in name.bytes() {
+    format!("/v1/volumes/{}{suffix}", escape(name))
+}
+
+/// Percent-encodes all but unreserved characters, for a path segment or a
+/// query value.
+fn escape(s: &str) -> String {
+    let mut p = String::with_capacity(s.len());
+    for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
             p.push(b as char);
         } else {
             p.push_str(&format!("%{b:02X}"));
         }
     }
-    p.push_str(suffix);
     p
+}
+
+/// Appends a page of diff extents, merging a range split at the page
+/// boundary back into one.
+fn append_extents(into: &mut Vec<DiffExtent>, page: Vec<DiffExtent>) {
+    for e in page {
+        match into.last_mut() {
+            Some(l) if l.kind == e.kind && l.offset + l.length == e.offset => l.length += e.length,
+            _ => into.push(e),
+        }
+    }
 }
 
 /// Writes the request and reads the response on a fresh connection.

@@ -133,6 +133,12 @@ impl ApiError {
         ApiError::new(ErrorKind::Internal, message)
     }
 
+    /// The same error, its message prefixed with what was being done.
+    pub fn context(mut self, what: &str) -> ApiError {
+        self.message = format!("{what}: {}", self.message);
+        self
+    }
+
     /// Maps an axum extractor's rejection: over-limit bodies keep their 413,
     /// everything else the client sent wrong is `invalid`.
     pub(crate) fn from_rejection(status: StatusCode, what: &str, text: String) -> ApiError {

@@ -3,6 +3,8 @@
 //! - [`types`]: the wire types, shared by the server and the client, so the
 //!   two cannot drift apart.
 //! - [`error`]: the JSON error body, its kinds and their HTTP statuses.
+//! - [`catalog`]: what the daemon keeps beside the engine: templates
+//!   (persisted) and who has each volume open.
 //! - [`server`]: the axum server, started on a Unix socket (trusted: file
 //!   permissions guard it) or a TCP listener (bearer token required).
 //! - [`client`]: a small synchronous client speaking HTTP/1.1 by hand over a
@@ -11,11 +13,13 @@
 //! Every route lives under [`API_PREFIX`] so a later, incompatible API can
 //! sit beside this one.
 
+pub mod catalog;
 pub mod client;
 pub mod error;
 pub mod server;
 pub mod types;
 
+pub use catalog::{Access, Catalog, TEMPLATE_SNAPSHOT};
 pub use client::{Client, ClientError, RawResponse};
 pub use error::{ApiError, ErrorBody, ErrorDetail, ErrorKind};
 pub use server::{ApiState, AuthToken, ServeError, router, serve_tcp, serve_unix};
@@ -41,3 +45,7 @@ pub const MAX_ALLOCATION_EXTENTS: usize = 16 << 10;
 /// builds the list of map pieces for the whole span before trimming it to
 /// [`MAX_ALLOCATION_EXTENTS`], so the span bounds that work.
 pub const MAX_ALLOCATION_SPAN_BYTES: u64 = 16 << 30;
+
+/// Most extents one `diff` response lists; the client asks again from
+/// `next_offset` for the rest.
+pub const MAX_DIFF_EXTENTS: usize = 16 << 10;

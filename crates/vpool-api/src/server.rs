@@ -29,13 +29,16 @@ use serde::de::DeserializeOwned;
 use tokio::net::{TcpListener, UnixListener};
 use vpool_engine::{EngineError, Pool, STATE_HOLE, STATE_ZERO};
 
+use crate::catalog::{Catalog, TEMPLATE_SNAPSHOT, read_only_template};
 use crate::error::{ApiError, ErrorKind};
 use crate::types::{
-    Allocation, AllocationExtent, CleanResult, CreateVolumeRequest, PoolInfo, RangeQuery,
-    ResizeVolumeRequest, VolumeInfo, VolumeList, WriteQuery, ZeroQuery,
+    Allocation, AllocationExtent, CleanResult, CloneRequest, CreateSnapshotRequest,
+    CreateVolumeRequest, Diff, DiffExtent, DiffQuery, PoolInfo, RangeQuery, ResizeVolumeRequest,
+    RollbackQuery, SnapshotInfo, SnapshotList, VolumeInfo, VolumeList, WriteQuery, ZeroQuery,
 };
 use crate::{
-    MAX_ALLOCATION_EXTENTS, MAX_ALLOCATION_SPAN_BYTES, MAX_DATA_BYTES, MAX_JSON_BODY_BYTES,
+    MAX_ALLOCATION_EXTENTS, MAX_ALLOCATION_SPAN_BYTES, MAX_DATA_BYTES, MAX_DIFF_EXTENTS,
+    MAX_JSON_BODY_BYTES,
 };
 
 /// Shortest bearer token [`AuthToken::new`] accepts: 16 characters of a
@@ -45,20 +48,35 @@ pub const MIN_TOKEN_LEN: usize = 16;
 /// Longest bearer token accepted; a header line has to fit in a request.
 pub const MAX_TOKEN_LEN: usize = 1024;
 
-/// What the handlers share: the pool, and where the daemon serves NBD on
-/// TCP (reported by `GET /v1/pool`).
+/// What the handlers share: the pool, the daemon's [`Catalog`] (templates,
+/// open NBD handles), and where the daemon serves NBD on TCP (reported by
+/// `GET /v1/pool`).
 #[derive(Clone)]
 pub struct ApiState {
     pool: Pool,
+    catalog: Arc<Catalog>,
     nbd_tcp_addr: Option<std::net::SocketAddr>,
 }
 
 impl ApiState {
+    /// State over `pool` with an in-memory catalog (templates are not
+    /// persisted; see [`ApiState::with_catalog`]).
     pub fn new(pool: Pool) -> ApiState {
         ApiState {
             pool,
+            catalog: Arc::new(Catalog::in_memory()),
             nbd_tcp_addr: None,
         }
+    }
+
+    /// Uses `catalog`, shared with the NBD exports.
+    pub fn with_catalog(mut self, catalog: Arc<Catalog>) -> ApiState {
+        self.catalog = catalog;
+        self
+    }
+
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
     }
 
     /// Reports `addr` as the daemon's NBD TCP listener in the pool info.
@@ -159,6 +177,23 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/volumes/{name}/zero", post(zero_range))
         .route("/v1/volumes/{name}/allocation", get(allocation))
+        .route(
+            "/v1/volumes/{name}/snapshots",
+            get(list_snapshots).post(create_snapshot),
+        )
+        .route(
+            "/v1/volumes/{name}/snapshots/{snap}",
+            get(snapshot_info).delete(delete_snapshot),
+        )
+        .route(
+            "/v1/volumes/{name}/snapshots/{snap}/rollback",
+            post(rollback),
+        )
+        .route("/v1/volumes/{name}/template", post(make_template))
+        .route("/v1/volumes/{name}/clone", post(clone_volume))
+        .route("/v1/volumes/{name}/flatten", post(flatten))
+        .route("/v1/volumes/{name}/commit", post(commit))
+        .route("/v1/volumes/{name}/diff", get(diff))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
         .merge(data)
         .fallback(no_route)
@@ -363,11 +398,55 @@ async fn flush(State(s): State<ApiState>) -> Result<StatusCode, ApiError> {
 
 // ----- volume routes -----
 
+impl ApiState {
+    /// The API's view of an engine volume: adds what the catalog knows.
+    fn view(&self, v: vpool_engine::VolumeInfo) -> VolumeInfo {
+        let template = self.catalog.template(&v.name, v.id.0).map(|t| t.info());
+        VolumeInfo {
+            template,
+            ..VolumeInfo::from(v)
+        }
+    }
+
+    /// Admits a request that changes volume `name`'s content or size:
+    /// refused for a template; sealing waits while the guard lives.
+    fn admit_write(
+        &self,
+        name: &str,
+        what: &str,
+    ) -> Result<crate::catalog::ApiWriteGuard, ApiError> {
+        let id = self.pool.volume_info(name)?.id.0;
+        self.catalog.api_write(name, id, what)
+    }
+}
+
+/// Runs catalog-and-engine work (which answers [`ApiError`]s) on the
+/// blocking pool.
+async fn blocking_api<T, F>(f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => Err(ApiError::internal(format!("engine task failed: {e}"))),
+    }
+}
+
+fn created(body: impl serde::Serialize, location: &str) -> Response {
+    let mut resp = (StatusCode::CREATED, Json(body)).into_response();
+    // Names are restricted to URL-safe characters, so no escaping is needed.
+    if let Ok(loc) = HeaderValue::from_str(location) {
+        resp.headers_mut().insert(header::LOCATION, loc);
+    }
+    resp
+}
+
 async fn list_volumes(State(s): State<ApiState>) -> Result<Json<VolumeList>, ApiError> {
     let pool = s.pool.clone();
     let vols = blocking(move || Ok(pool.list_volumes())).await?;
     Ok(Json(VolumeList {
-        volumes: vols.into_iter().map(VolumeInfo::from).collect(),
+        volumes: vols.into_iter().map(|v| s.view(v)).collect(),
     }))
 }
 
@@ -376,14 +455,14 @@ async fn create_volume(
     ApiJson(req): ApiJson<CreateVolumeRequest>,
 ) -> Result<Response, ApiError> {
     let pool = s.pool.clone();
-    let info = blocking(move || pool.create_volume(&req.name, req.size_bytes)).await?;
-    let info = VolumeInfo::from(info);
-    let mut resp = (StatusCode::CREATED, Json(&info)).into_response();
-    // Names are restricted to URL-safe characters, so no escaping is needed.
-    if let Ok(loc) = HeaderValue::from_str(&format!("/v1/volumes/{}", info.name)) {
-        resp.headers_mut().insert(header::LOCATION, loc);
-    }
-    Ok(resp)
+    let options = vpool_engine::VolumeOptions {
+        ephemeral: req.ephemeral,
+    };
+    let info =
+        blocking(move || pool.create_volume_with(&req.name, req.size_bytes, options)).await?;
+    let info = s.view(info);
+    let loc = format!("/v1/volumes/{}", info.name);
+    Ok(created(&info, &loc))
 }
 
 async fn volume_info(
@@ -392,7 +471,7 @@ async fn volume_info(
 ) -> Result<Json<VolumeInfo>, ApiError> {
     let pool = s.pool.clone();
     let info = blocking(move || pool.volume_info(&name)).await?;
-    Ok(Json(info.into()))
+    Ok(Json(s.view(info)))
 }
 
 async fn resize_volume(
@@ -400,22 +479,283 @@ async fn resize_volume(
     ApiPath(name): ApiPath<String>,
     ApiJson(req): ApiJson<ResizeVolumeRequest>,
 ) -> Result<Json<VolumeInfo>, ApiError> {
-    let pool = s.pool.clone();
-    let info =
-        blocking(move || pool.resize_volume(&name, req.size_bytes, req.allow_shrink)).await?;
-    Ok(Json(info.into()))
+    let st = s.clone();
+    let info = blocking_api(move || {
+        let _w = st.admit_write(&name, "resize")?;
+        Ok(st
+            .pool
+            .resize_volume(&name, req.size_bytes, req.allow_shrink)?)
+    })
+    .await?;
+    Ok(Json(s.view(info)))
 }
 
 async fn delete_volume(
     State(s): State<ApiState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    let pool = s.pool.clone();
-    blocking(move || pool.delete_volume(&name)).await?;
+    blocking_api(move || {
+        let id = s.pool.volume_info(&name)?.id.0;
+        s.pool.delete_volume(&name)?;
+        s.catalog.forget(&name, id);
+        Ok(())
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
+// ----- snapshots -----
+
+async fn list_snapshots(
+    State(s): State<ApiState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<SnapshotList>, ApiError> {
+    let snaps = blocking(move || s.pool.list_snapshots(&name)).await?;
+    Ok(Json(SnapshotList {
+        snapshots: snaps.into_iter().map(SnapshotInfo::from).collect(),
+    }))
+}
+
+async fn create_snapshot(
+    State(s): State<ApiState>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<CreateSnapshotRequest>,
+) -> Result<Response, ApiError> {
+    if req.name == TEMPLATE_SNAPSHOT {
+        return Err(ApiError::invalid(format!(
+            "the snapshot name {TEMPLATE_SNAPSHOT:?} is reserved for templates (vpool vol template {name})"
+        )));
+    }
+    let snap = blocking(move || s.pool.create_snapshot(&name, &req.name)).await?;
+    let loc = format!("/v1/volumes/{}/snapshots/{}", snap.volume, snap.name);
+    Ok(created(SnapshotInfo::from(snap), &loc))
+}
+
+async fn snapshot_info(
+    State(s): State<ApiState>,
+    ApiPath((name, snap)): ApiPath<(String, String)>,
+) -> Result<Json<SnapshotInfo>, ApiError> {
+    let info = blocking(move || {
+        s.pool
+            .list_snapshots(&name)?
+            .into_iter()
+            .find(|i| i.name == snap)
+            .ok_or(EngineError::SnapshotNotFound {
+                volume: name,
+                snapshot: snap,
+            })
+    })
+    .await?;
+    Ok(Json(info.into()))
+}
+
+async fn delete_snapshot(
+    State(s): State<ApiState>,
+    ApiPath((name, snap)): ApiPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    blocking_api(move || {
+        let id = s.pool.volume_info(&name)?.id.0;
+        if snap == TEMPLATE_SNAPSHOT && s.catalog.template(&name, id).is_some() {
+            // The engine names the clones if there are any; that says more.
+            let clones: Vec<String> = s
+                .pool
+                .list_volumes()
+                .into_iter()
+                .filter(|v| v.parent.as_deref() == Some(&format!("{name}@{snap}")))
+                .map(|v| v.name)
+                .collect();
+            if !clones.is_empty() {
+                return Err(EngineError::InUse {
+                    what: format!("snapshot {name}@{snap}"),
+                    users: clones,
+                }
+                .into());
+            }
+            return Err(ApiError::new(
+                ErrorKind::ReadOnly,
+                format!(
+                    "{name}@{snap} holds the sealed image of template {name}; delete the template itself (vpool vol delete {name})"
+                ),
+            ));
+        }
+        Ok(s.pool.delete_snapshot(&name, &snap)?)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The refusal for changing a volume under its NBD writers.
+fn open_for_writing(volume: &str, writers: usize, what: &str) -> ApiError {
+    ApiError::new(
+        ErrorKind::InUse,
+        format!(
+            "{what}: volume {volume} is open for writing by {writers} NBD client(s), whose disk would change under them; disconnect them first (or ask with force=true)"
+        ),
+    )
+}
+
+async fn rollback(
+    State(s): State<ApiState>,
+    ApiPath((name, snap)): ApiPath<(String, String)>,
+    ApiQuery(q): ApiQuery<RollbackQuery>,
+) -> Result<Json<VolumeInfo>, ApiError> {
+    let st = s.clone();
+    let info = blocking_api(move || {
+        let _w = st.admit_write(&name, "rollback")?;
+        let id = st.pool.volume_info(&name)?.id.0;
+        let writers = st.catalog.nbd_writers(id);
+        if writers > 0 && !q.force {
+            // Say which error comes first: a missing snapshot.
+            st.pool.snapshot(&name, &snap)?;
+            return Err(open_for_writing(&name, writers, "rollback refused"));
+        }
+        Ok(st.pool.rollback(&name, &snap)?)
+    })
+    .await?;
+    Ok(Json(s.view(info)))
+}
+
+// ----- templates and clones -----
+
+async fn make_template(
+    State(s): State<ApiState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<VolumeInfo>, ApiError> {
+    let st = s.clone();
+    let info = blocking_api(move || {
+        st.catalog.seal(&st.pool, &name)?;
+        Ok(st.pool.volume_info(&name)?)
+    })
+    .await?;
+    Ok(Json(s.view(info)))
+}
+
+async fn clone_volume(
+    State(s): State<ApiState>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<CloneRequest>,
+) -> Result<Response, ApiError> {
+    let st = s.clone();
+    let info = blocking_api(move || {
+        let snapshot = match req.snapshot {
+            Some(snap) => snap,
+            None => {
+                let id = st.pool.volume_info(&name)?.id.0;
+                if st.catalog.template(&name, id).is_none() {
+                    return Err(ApiError::invalid(format!(
+                        "volume {name} is not a template: clone one of its snapshots (VOLUME@SNAPSHOT), or seal it first (vpool vol template {name})"
+                    )));
+                }
+                TEMPLATE_SNAPSHOT.to_string()
+            }
+        };
+        Ok(st.pool.clone_volume(&name, &snapshot, &req.name)?)
+    })
+    .await?;
+    let info = s.view(info);
+    let loc = format!("/v1/volumes/{}", info.name);
+    Ok(created(&info, &loc))
+}
+
+async fn flatten(
+    State(s): State<ApiState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<VolumeInfo>, ApiError> {
+    let pool = s.pool.clone();
+    let info = blocking(move || pool.flatten(&name)).await?;
+    Ok(Json(s.view(info)))
+}
+
+async fn commit(
+    State(s): State<ApiState>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(q): ApiQuery<RollbackQuery>,
+) -> Result<Json<VolumeInfo>, ApiError> {
+    let st = s.clone();
+    let info = blocking_api(move || {
+        let clone = st.pool.volume_info(&name)?;
+        let Some(parent) = clone.parent.as_deref() else {
+            // The engine's own words.
+            return Ok(st.pool.commit(&name)?);
+        };
+        let parent = parent
+            .split_once('@')
+            .map_or(parent, |(v, _)| v)
+            .to_string();
+        let pid = st.pool.volume_info(&parent)?.id.0;
+        if st.catalog.template(&parent, pid).is_some() {
+            return Err(read_only_template(
+                &parent,
+                &format!("commit of {name} into its parent refused"),
+            ));
+        }
+        let _w = st.admit_write(&parent, "commit")?;
+        let writers = st.catalog.nbd_writers(pid);
+        if writers > 0 && !q.force {
+            return Err(open_for_writing(&parent, writers, "commit refused"));
+        }
+        Ok(st.pool.commit(&name)?)
+    })
+    .await?;
+    Ok(Json(s.view(info)))
+}
+
+async fn diff(
+    State(s): State<ApiState>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(q): ApiQuery<DiffQuery>,
+) -> Result<Json<Diff>, ApiError> {
+    blocking_api(move || {
+        let size_of = |snap: Option<&str>| -> Result<u64, EngineError> {
+            match snap {
+                Some(sn) => s.pool.snapshot(&name, sn)?.size_bytes(),
+                None => Ok(s.pool.volume_info(&name)?.size_bytes),
+            }
+        };
+        let from_size = size_of(q.from.as_deref())?;
+        let all = s.pool.diff(&name, q.from.as_deref(), q.to.as_deref())?;
+        let size = size_of(q.to.as_deref())?;
+        let mut extents = Vec::new();
+        let mut next_offset = None;
+        for e in all {
+            let end = e.offset + e.len;
+            if end <= q.offset {
+                continue;
+            }
+            if extents.len() == MAX_DIFF_EXTENTS {
+                next_offset = Some(e.offset.max(q.offset));
+                break;
+            }
+            let mut x = DiffExtent::from(e);
+            if x.offset < q.offset {
+                x.length = end - q.offset;
+                x.offset = q.offset;
+            }
+            extents.push(x);
+        }
+        Ok(Json(Diff {
+            volume: name,
+            from: q.from,
+            to: q.to,
+            from_size_bytes: from_size,
+            size_bytes: size,
+            offset: q.offset,
+            extents,
+            next_offset,
+        }))
+    })
+    .await
+}
+
 // ----- data routes -----
+
+/// The volume, or its snapshot `snap`, for reading.
+fn image(pool: &Pool, name: &str, snap: Option<&str>) -> Result<vpool_engine::Volume, EngineError> {
+    match snap {
+        Some(sn) => pool.snapshot(name, sn),
+        None => pool.volume(name),
+    }
+}
 
 async fn write_data(
     State(s): State<ApiState>,
@@ -424,8 +764,11 @@ async fn write_data(
     ApiBytes(body): ApiBytes,
 ) -> Result<StatusCode, ApiError> {
     range_end(q.offset, body.len() as u64)?;
-    let pool = s.pool.clone();
-    blocking(move || pool.volume(&name)?.write(q.offset, &body)).await?;
+    blocking_api(move || {
+        let _w = s.admit_write(&name, "write")?;
+        Ok(s.pool.volume(&name)?.write(q.offset, &body)?)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -446,7 +789,7 @@ async fn read_data(
         })?;
     let pool = s.pool.clone();
     let buf = blocking(move || {
-        let vol = pool.volume(&name)?;
+        let vol = image(&pool, &name, q.snapshot.as_deref())?;
         let mut buf = vec![0u8; len];
         vol.read(q.offset, &mut buf)?;
         Ok(buf)
@@ -468,10 +811,11 @@ async fn zero_range(
     ApiQuery(q): ApiQuery<ZeroQuery>,
 ) -> Result<StatusCode, ApiError> {
     range_end(q.offset, q.length)?;
-    let pool = s.pool.clone();
-    blocking(move || {
-        pool.volume(&name)?
-            .write_zeroes(q.offset, q.length, q.unmap)
+    blocking_api(move || {
+        let _w = s.admit_write(&name, "zero")?;
+        Ok(s.pool
+            .volume(&name)?
+            .write_zeroes(q.offset, q.length, q.unmap)?)
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)
@@ -487,7 +831,7 @@ async fn allocation(
     let offset = q.offset;
     let asked = q.length;
     let raw = blocking(move || {
-        let vol = pool.volume(&name)?;
+        let vol = image(&pool, &name, q.snapshot.as_deref())?;
         // Range-check the whole asked range, so a bad request fails the same
         // way whatever part of it this answer would cover.
         let size = vol.size_bytes()?;

@@ -18,6 +18,20 @@ pub struct VolumeInfo {
     pub zero_bytes: u64,
     /// Extents of the volume's map: a measure of fragmentation.
     pub extents: u64,
+    /// For a clone: the `volume@snapshot` it was cloned from (until it is
+    /// flattened).
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// How many snapshots the volume has.
+    #[serde(default)]
+    pub snapshots: u64,
+    /// A scratch volume: deleted when its last NBD client disconnects, or
+    /// when the daemon next starts.
+    #[serde(default)]
+    pub ephemeral: bool,
+    /// Set when the volume is a sealed template (read-only gold master).
+    #[serde(default)]
+    pub template: Option<TemplateInfo>,
 }
 
 impl From<vpool_engine::VolumeInfo> for VolumeInfo {
@@ -29,8 +43,26 @@ impl From<vpool_engine::VolumeInfo> for VolumeInfo {
             allocated_bytes: v.allocated_bytes,
             zero_bytes: v.zero_bytes,
             extents: v.extents,
+            parent: v.parent,
+            snapshots: v.snapshots,
+            ephemeral: v.ephemeral,
+            template: None,
         }
     }
+}
+
+/// What makes a volume a template: the snapshot clones are made from, and
+/// the digest of its content taken when it was sealed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateInfo {
+    /// The reserved snapshot holding the sealed image (`template`).
+    pub snapshot: String,
+    /// `sha256:<64 hex digits>` over every byte of the sealed image (holes
+    /// hashed as zeros): `sha256sum` of `vpool vol export`'s raw file.
+    /// `null` only while the daemon is still computing it.
+    pub digest: Option<String>,
+    /// When it was sealed, in seconds since the Unix epoch.
+    pub sealed_at_unix: u64,
 }
 
 /// `GET /v1/volumes`.
@@ -45,6 +77,10 @@ pub struct VolumeList {
 pub struct CreateVolumeRequest {
     pub name: String,
     pub size_bytes: u64,
+    /// A scratch volume: deleted when its last NBD client disconnects (after
+    /// doing I/O), or when the daemon next starts.
+    #[serde(default)]
+    pub ephemeral: bool,
 }
 
 /// `PATCH /v1/volumes/{name}`.
@@ -145,6 +181,9 @@ pub struct WriteQuery {
 pub struct RangeQuery {
     pub offset: u64,
     pub length: u64,
+    /// Read this snapshot of the volume instead of the volume itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -184,6 +223,132 @@ pub struct Allocation {
     /// asked length was.
     pub length: u64,
     pub extents: Vec<AllocationExtent>,
+}
+
+/// A snapshot as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub volume: String,
+    pub name: String,
+    /// The volume's size when the snapshot was taken.
+    pub size_bytes: u64,
+    /// Bytes of data the snapshot refers to (shared with the volume or not).
+    pub allocated_bytes: u64,
+    /// Log sequence number at which it was taken: orders the snapshots.
+    pub seq: u64,
+}
+
+impl From<vpool_engine::SnapshotInfo> for SnapshotInfo {
+    fn from(s: vpool_engine::SnapshotInfo) -> SnapshotInfo {
+        SnapshotInfo {
+            volume: s.volume,
+            name: s.name,
+            size_bytes: s.size_bytes,
+            allocated_bytes: s.allocated_bytes,
+            seq: s.seq,
+        }
+    }
+}
+
+/// `GET /v1/volumes/{name}/snapshots`: oldest first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotList {
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+/// `POST /v1/volumes/{name}/snapshots`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshotRequest {
+    pub name: String,
+}
+
+/// Query of `POST /v1/volumes/{name}/snapshots/{snap}/rollback`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackQuery {
+    /// Roll back even while NBD clients have the volume open for writing
+    /// (they see the disk change under them).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `POST /v1/volumes/{name}/clone`: a copy-on-write clone of one of the
+/// volume's snapshots, or of a template's sealed image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneRequest {
+    /// The new volume's name.
+    pub name: String,
+    /// The snapshot to clone; `null` for a template (its sealed image).
+    #[serde(default)]
+    pub snapshot: Option<String>,
+}
+
+/// Query of `GET /v1/volumes/{name}/diff`: the two images to compare
+/// (snapshot names; absent = the volume as it is now) and where to resume.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiffQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// Only extents at or past this byte offset (a later page).
+    #[serde(default)]
+    pub offset: u64,
+}
+
+/// What a changed range holds in the newer image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiffKind {
+    /// Data: read it from the newer image.
+    Data,
+    /// Reads as zeros now.
+    Zero,
+}
+
+/// One changed range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiffExtent {
+    pub offset: u64,
+    pub length: u64,
+    pub kind: DiffKind,
+}
+
+impl From<vpool_engine::DiffExtent> for DiffExtent {
+    fn from(e: vpool_engine::DiffExtent) -> DiffExtent {
+        DiffExtent {
+            offset: e.offset,
+            length: e.len,
+            kind: match e.kind {
+                vpool_engine::DiffKind::Data => DiffKind::Data,
+                vpool_engine::DiffKind::Zero => DiffKind::Zero,
+            },
+        }
+    }
+}
+
+/// `GET /v1/volumes/{name}/diff`: the ranges that differ between `from` and
+/// `to`, in offset order. Reading the `data` ranges of `to` and zeroing the
+/// `zero` ones turns a copy of `from` (resized to `size_bytes`) into `to`.
+/// A long answer comes in pages: ask again with `offset=next_offset`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Diff {
+    pub volume: String,
+    /// `null`: the volume as it is now.
+    pub from: Option<String>,
+    pub to: Option<String>,
+    /// Size of the `from` image.
+    pub from_size_bytes: u64,
+    /// Size of the `to` image.
+    pub size_bytes: u64,
+    /// Where this page starts.
+    pub offset: u64,
+    pub extents: Vec<DiffExtent>,
+    /// Where the next page starts; `null` on the last page.
+    pub next_offset: Option<u64>,
 }
 
 #[cfg(test)]

@@ -10,8 +10,8 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use vpool_api::{
-    ApiState, AuthToken, Client, ClientError, ErrorKind, MAX_DATA_BYTES, RawResponse, serve_tcp,
-    serve_unix,
+    Access, ApiState, AuthToken, Catalog, Client, ClientError, DiffKind, ErrorKind, MAX_DATA_BYTES,
+    RawResponse, serve_tcp, serve_unix,
 };
 use vpool_engine::{Pool, PoolConfig};
 use vpool_store::LocalDirStore;
@@ -28,6 +28,9 @@ enum Listen {
 /// blocking client directly. Dropping it shuts the server down gracefully and
 /// closes the pool.
 struct TestServer {
+    /// Shared with the server, as the daemon shares it with its NBD exports:
+    /// tests register "NBD clients" through it.
+    catalog: Arc<Catalog>,
     _dir: TempDir,
     socket: PathBuf,
     tcp_addr: Option<std::net::SocketAddr>,
@@ -38,7 +41,8 @@ struct TestServer {
 impl TestServer {
     fn start(listen: Listen) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
-        let store = LocalDirStore::open(dir.path().join("pool")).unwrap();
+        let store: Arc<dyn vpool_store::SegmentStore> =
+            Arc::new(LocalDirStore::open(dir.path().join("pool")).unwrap());
         let config = PoolConfig {
             // Small segments, so the cleaner has something to do in tests.
             segment_target_bytes: MIB,
@@ -46,10 +50,11 @@ impl TestServer {
             background: false,
             ..PoolConfig::default()
         };
-        let (pool, _) = Pool::open(Arc::new(store), config).unwrap();
+        let (pool, _) = Pool::open(store.clone(), config).unwrap();
+        let catalog = Arc::new(Catalog::open(store).unwrap());
         let socket = dir.path().join("api.sock");
         let (tx, rx) = oneshot::channel::<()>();
-        let state = ApiState::new(pool.clone());
+        let state = ApiState::new(pool.clone()).with_catalog(catalog.clone());
         // Bind on this thread so the socket accepts as soon as start returns.
         let (unix, tcp, tcp_addr) = match listen {
             Listen::Unix => {
@@ -86,6 +91,7 @@ impl TestServer {
             pool.close().unwrap();
         });
         TestServer {
+            catalog,
             _dir: dir,
             socket,
             tcp_addr,
@@ -626,4 +632,607 @@ fn concurrent_clients() {
             vec![t + 1; 16 * 65536]
         );
     }
+}
+
+// ----- snapshots, templates, clones, diffs -----
+
+/// `sha256:<hex>` of `data`, as the daemon reports a template's digest.
+fn sha256(data: &[u8]) -> String {
+    use sha2::Digest;
+    format!(
+        "sha256:{}",
+        vpool_api::catalog::hex(&sha2::Sha256::digest(data))
+    )
+}
+
+fn read_all(c: &Client, vol: &str, snap: Option<&str>, len: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    while (out.len() as u64) < len {
+        let n = (len - out.len() as u64).min(4 * MIB) as usize;
+        out.extend(c.read_image(vol, snap, out.len() as u64, n).unwrap());
+    }
+    out
+}
+
+/// Asserts an API error's status and kind, and that its message names
+/// every one of `names`.
+fn assert_api_err(e: ClientError, status: u16, kind: ErrorKind, names: &[&str]) {
+    let msg = e.to_string();
+    assert_eq!(api_kind(e), (status, kind), "{msg}");
+    for n in names {
+        assert!(msg.contains(n), "{n:?} not named in: {msg}");
+    }
+}
+
+#[test]
+fn snapshot_routes() {
+    let srv = TestServer::start(Listen::Unix);
+    let c = srv.client();
+    c.create_volume("web1", 4 * MIB).unwrap();
+    c.write("web1", 0, &vec![1u8; MIB as usize]).unwrap();
+
+    // Create: 201 with a Location; the snapshot info.
+    let r = c
+        .request(
+            "POST",
+            "/v1/volumes/web1/snapshots",
+            json(r#"{"name":"a"}"#),
+        )
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("location"), Some("/v1/volumes/web1/snapshots/a"));
+    let a: vpool_api::SnapshotInfo = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!((a.volume.as_str(), a.name.as_str()), ("web1", "a"));
+    assert_eq!((a.size_bytes, a.allocated_bytes), (4 * MIB, MIB));
+    c.write("web1", 0, &vec![2u8; 4096]).unwrap();
+    c.resize_volume("web1", 8 * MIB, false).unwrap();
+    let b = c.create_snapshot("web1", "b").unwrap();
+    assert!(b.seq > a.seq);
+    assert_eq!(b.size_bytes, 8 * MIB);
+    let list = c.list_snapshots("web1").unwrap();
+    assert_eq!(list, vec![a.clone(), b.clone()]);
+    assert_eq!(c.snapshot_info("web1", "a").unwrap(), a);
+    assert_eq!(c.volume_info("web1").unwrap().snapshots, 2);
+
+    // Reading a snapshot: its content and allocation, not the volume's.
+    let got = c.read_image("web1", Some("a"), 0, 8192).unwrap();
+    assert_eq!(got, vec![1u8; 8192]);
+    assert_eq!(c.read("web1", 0, 4096).unwrap(), vec![2u8; 4096]);
+    let alloc = c.allocation_of("web1", Some("a"), 0, 4 * MIB).unwrap();
+    assert!(!alloc.extents[0].hole && alloc.extents[0].length == MIB);
+    assert_api_err(
+        c.read_image("web1", Some("a"), 4 * MIB, 4096).unwrap_err(),
+        416,
+        ErrorKind::OutOfRange,
+        &[],
+    );
+    assert_api_err(
+        c.read_image("web1", Some("zz"), 0, 4096).unwrap_err(),
+        404,
+        ErrorKind::NotFound,
+        &["web1@zz"],
+    );
+
+    // Errors: missing volume or snapshot, duplicates, names.
+    assert_api_err(
+        c.create_snapshot("nope", "x").unwrap_err(),
+        404,
+        ErrorKind::NotFound,
+        &["nope"],
+    );
+    assert_api_err(
+        c.list_snapshots("nope").unwrap_err(),
+        404,
+        ErrorKind::NotFound,
+        &[],
+    );
+    assert_api_err(
+        c.snapshot_info("web1", "zz").unwrap_err(),
+        404,
+        ErrorKind::NotFound,
+        &["web1@zz"],
+    );
+    assert_api_err(
+        c.create_snapshot("web1", "a").unwrap_err(),
+        409,
+        ErrorKind::AlreadyExists,
+        &["web1@a"],
+    );
+    assert_api_err(
+        c.create_snapshot("web1", "template").unwrap_err(),
+        400,
+        ErrorKind::Invalid,
+        &["reserved"],
+    );
+    assert_api_err(
+        c.create_snapshot("web1", "bad/name").unwrap_err(),
+        400,
+        ErrorKind::Invalid,
+        &[],
+    );
+    for body in [r#"{"nam":"x"}"#, r#"{"name":"x","extra":1}"#, "not json"] {
+        let r = c
+            .request("POST", "/v1/volumes/web1/snapshots", json(body))
+            .unwrap();
+        assert_error(&r, 400, ErrorKind::Invalid);
+    }
+    assert_api_err(
+        c.delete_snapshot("web1", "zz").unwrap_err(),
+        404,
+        ErrorKind::NotFound,
+        &[],
+    );
+
+    // Rollback: content and size come back; later snapshots stay.
+    let v = c.rollback("web1", "a", false).unwrap();
+    assert_eq!(v.size_bytes, 4 * MIB);
+    assert_eq!(c.read("web1", 0, 4096).unwrap(), vec![1u8; 4096]);
+    assert_eq!(c.list_snapshots("web1").unwrap().len(), 2);
+    assert_api_err(
+        c.rollback("web1", "zz", false).unwrap_err(),
+        404,
+        ErrorKind::NotFound,
+        &[],
+    );
+    let r = c
+        .request(
+            "POST",
+            "/v1/volumes/web1/snapshots/a/rollback?force=maybe",
+            None,
+        )
+        .unwrap();
+    assert_error(&r, 400, ErrorKind::Invalid);
+
+    // Refused while an NBD client has the volume open for writing, unless
+    // forced; a reader (of a snapshot export) does not count.
+    let id = c.volume_info("web1").unwrap().id;
+    assert_eq!(srv.catalog.nbd_open("web1", id, Access::Read), Access::Read);
+    c.rollback("web1", "b", false).unwrap();
+    assert_eq!(
+        srv.catalog.nbd_open("web1", id, Access::Write),
+        Access::Write
+    );
+    assert_api_err(
+        c.rollback("web1", "a", false).unwrap_err(),
+        409,
+        ErrorKind::InUse,
+        &["web1", "1 NBD client"],
+    );
+    assert_eq!(c.volume_info("web1").unwrap().size_bytes, 8 * MIB);
+    // A missing snapshot is still a 404 while writers are connected.
+    assert_api_err(
+        c.rollback("web1", "zz", false).unwrap_err(),
+        404,
+        ErrorKind::NotFound,
+        &[],
+    );
+    assert_eq!(c.rollback("web1", "a", true).unwrap().size_bytes, 4 * MIB);
+    srv.catalog.nbd_close(id, Access::Write, || {});
+    srv.catalog.nbd_close(id, Access::Read, || {});
+    c.rollback("web1", "b", false).unwrap();
+
+    // Delete: refused while a clone depends on it, naming the clone.
+    c.clone_volume("web1", Some("a"), "kid").unwrap();
+    assert_api_err(
+        c.delete_snapshot("web1", "a").unwrap_err(),
+        409,
+        ErrorKind::InUse,
+        &["web1@a", "kid"],
+    );
+    c.delete_volume("kid").unwrap();
+    let r = c
+        .request("DELETE", "/v1/volumes/web1/snapshots/a", None)
+        .unwrap();
+    assert_eq!(r.status, 204);
+    assert_eq!(c.list_snapshots("web1").unwrap(), vec![b]);
+}
+
+#[test]
+fn template_routes() {
+    let srv = TestServer::start(Listen::Unix);
+    let c = srv.client();
+    let size = 6 * MIB;
+    c.create_volume("deb", size).unwrap();
+    let mut rng = StdRng::seed_from_u64(3);
+    let data: Vec<u8> = (0..2 * MIB).map(|_| rng.r#gen()).collect();
+    c.write("deb", MIB, &data).unwrap();
+    c.zero("deb", 2 * MIB, 4096, false).unwrap();
+    let mut image = vec![0u8; size as usize];
+    image[MIB as usize..3 * MIB as usize].copy_from_slice(&data);
+    image[2 * MIB as usize..2 * MIB as usize + 4096].fill(0);
+
+    // Sealing is refused while an NBD client has it open for writing.
+    let id = c.volume_info("deb").unwrap().id;
+    srv.catalog.nbd_open("deb", id, Access::Write);
+    assert_api_err(
+        c.make_template("deb").unwrap_err(),
+        409,
+        ErrorKind::InUse,
+        &["deb", "NBD"],
+    );
+    srv.catalog.nbd_close(id, Access::Write, || {});
+    assert!(c.volume_info("deb").unwrap().template.is_none());
+
+    // Seal: the digest is SHA-256 over every byte, holes as zeros.
+    let v = c.make_template("deb").unwrap();
+    let t = v.template.clone().expect("template info");
+    assert_eq!(t.snapshot, "template");
+    assert_eq!(t.digest.as_deref(), Some(sha256(&image).as_str()));
+    assert!(t.sealed_at_unix > 1_600_000_000);
+    assert_eq!(c.volume_info("deb").unwrap(), v);
+    assert_eq!(
+        c.list_volumes().unwrap()[0].template.as_ref(),
+        Some(&t),
+        "the listing shows it too"
+    );
+    assert_eq!(c.list_snapshots("deb").unwrap()[0].name, "template");
+    // An NBD client now only gets read access.
+    assert_eq!(srv.catalog.nbd_open("deb", id, Access::Write), Access::Read);
+    srv.catalog.nbd_close(id, Access::Read, || {});
+
+    // Every change is refused with read_only; nothing changed.
+    assert_api_err(
+        c.write("deb", 0, &[1; 4096]).unwrap_err(),
+        409,
+        ErrorKind::ReadOnly,
+        &["template"],
+    );
+    assert_api_err(
+        c.zero("deb", 0, 4096, true).unwrap_err(),
+        409,
+        ErrorKind::ReadOnly,
+        &[],
+    );
+    assert_api_err(
+        c.resize_volume("deb", 8 * MIB, false).unwrap_err(),
+        409,
+        ErrorKind::ReadOnly,
+        &[],
+    );
+    c.create_snapshot("deb", "extra").unwrap();
+    assert_api_err(
+        c.rollback("deb", "extra", true).unwrap_err(),
+        409,
+        ErrorKind::ReadOnly,
+        &[],
+    );
+    assert_api_err(
+        c.delete_snapshot("deb", "template").unwrap_err(),
+        409,
+        ErrorKind::ReadOnly,
+        &["deb@template"],
+    );
+    assert_api_err(
+        c.make_template("deb").unwrap_err(),
+        409,
+        ErrorKind::AlreadyExists,
+        &[],
+    );
+    assert_eq!(read_all(&c, "deb", None, size), image);
+
+    // Clones: of the template (its sealed image), of a clone's snapshot.
+    let r = c
+        .request("POST", "/v1/volumes/deb/clone", json(r#"{"name":"web2"}"#))
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("location"), Some("/v1/volumes/web2"));
+    let w2: vpool_api::VolumeInfo = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(w2.parent.as_deref(), Some("deb@template"));
+    assert!(w2.template.is_none());
+    assert_eq!(read_all(&c, "web2", None, size), image);
+    c.write("web2", 0, &[9; 4096]).unwrap();
+    c.create_snapshot("web2", "s").unwrap();
+    let w3 = c.clone_volume("web2", Some("s"), "web3").unwrap();
+    assert_eq!(w3.parent.as_deref(), Some("web2@s"));
+    assert_eq!(c.read("web3", 0, 4096).unwrap(), vec![9; 4096]);
+    assert_eq!(read_all(&c, "deb", None, size), image, "the template kept");
+
+    // Clone errors.
+    assert_api_err(
+        c.clone_volume("web2", None, "x").unwrap_err(),
+        400,
+        ErrorKind::Invalid,
+        &["not a template"],
+    );
+    assert_api_err(
+        c.clone_volume("deb", None, "web2").unwrap_err(),
+        409,
+        ErrorKind::AlreadyExists,
+        &["web2"],
+    );
+    assert_api_err(
+        c.clone_volume("deb", Some("zz"), "x").unwrap_err(),
+        404,
+        ErrorKind::NotFound,
+        &[],
+    );
+    assert_api_err(
+        c.clone_volume("nope", None, "x").unwrap_err(),
+        404,
+        ErrorKind::NotFound,
+        &[],
+    );
+    assert_api_err(
+        c.clone_volume("deb", None, "bad name").unwrap_err(),
+        400,
+        ErrorKind::Invalid,
+        &[],
+    );
+
+    // A clone cannot be committed into a template.
+    assert_api_err(
+        c.commit("web2", false).unwrap_err(),
+        409,
+        ErrorKind::ReadOnly,
+        &["deb"],
+    );
+    // Deleting the template (or its image) is refused while clones depend
+    // on it, naming them.
+    assert_api_err(
+        c.delete_volume("deb").unwrap_err(),
+        409,
+        ErrorKind::InUse,
+        &["web2"],
+    );
+    assert_api_err(
+        c.delete_snapshot("deb", "template").unwrap_err(),
+        409,
+        ErrorKind::InUse,
+        &["web2"],
+    );
+    c.flatten("web2").unwrap();
+    c.delete_volume("deb").unwrap();
+    assert_api_err(
+        c.volume_info("deb").unwrap_err(),
+        404,
+        ErrorKind::NotFound,
+        &[],
+    );
+    // A new volume of the same name is not a template.
+    c.create_volume("deb", 4096).unwrap();
+    assert!(c.volume_info("deb").unwrap().template.is_none());
+    c.write("deb", 0, &[1; 4096]).unwrap();
+    // Sealing errors: missing, ephemeral.
+    assert_api_err(
+        c.make_template("nope").unwrap_err(),
+        404,
+        ErrorKind::NotFound,
+        &[],
+    );
+    c.create_volume_with("tmp", 4096, true).unwrap();
+    assert_api_err(
+        c.make_template("tmp").unwrap_err(),
+        400,
+        ErrorKind::Invalid,
+        &["ephemeral"],
+    );
+}
+
+/// A crash between writing the template record and taking the snapshot
+/// (or hashing) is finished when the daemon next starts; records of
+/// deleted volumes are dropped.
+#[test]
+fn interrupted_seal_is_finished_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn vpool_store::SegmentStore> =
+        Arc::new(LocalDirStore::open(dir.path().join("pool")).unwrap());
+    let config = PoolConfig {
+        background: false,
+        ..PoolConfig::default()
+    };
+    let (pool, _) = Pool::open(store.clone(), config).unwrap();
+    let id = pool.create_volume("t", 64 * 1024).unwrap().id.0;
+    pool.volume("t").unwrap().write(4096, &[7; 4096]).unwrap();
+    let mut image = vec![0u8; 64 * 1024];
+    image[4096..8192].fill(7);
+    let record = format!(
+        r#"{{"version":1,"templates":{{"t":{{"volume_id":{id},"digest":null,"sealed_at_unix":5}},"gone":{{"volume_id":99,"digest":"sha256:00","sealed_at_unix":5}}}}}}"#
+    );
+    store
+        .put_meta(vpool_api::catalog::TEMPLATES_META_NAME, record.as_bytes())
+        .unwrap();
+
+    let catalog = Catalog::open(store.clone()).unwrap();
+    assert!(
+        catalog.template("t", id).is_some(),
+        "sealed from the record on"
+    );
+    catalog.reconcile(&pool).unwrap();
+    let t = catalog.template("t", id).unwrap();
+    assert_eq!(t.digest.as_deref(), Some(sha256(&image).as_str()));
+    assert_eq!(t.sealed_at_unix, 5);
+    assert!(
+        pool.list_snapshots("t")
+            .unwrap()
+            .iter()
+            .any(|s| s.name == "template")
+    );
+    assert_eq!(catalog.templates().len(), 1, "the gone volume's record");
+    // Saved: a fresh catalog reads the finished record.
+    let again = Catalog::open(store).unwrap();
+    assert_eq!(again.template("t", id), Some(t));
+    // A damaged record blob is an error, not silently no templates.
+    let store2: Arc<dyn vpool_store::SegmentStore> =
+        Arc::new(LocalDirStore::open(dir.path().join("other")).unwrap());
+    store2
+        .put_meta(vpool_api::catalog::TEMPLATES_META_NAME, b"{not json")
+        .unwrap();
+    assert!(Catalog::open(store2).is_err());
+    pool.close().unwrap();
+}
+
+#[test]
+fn clone_flatten_commit_routes() {
+    let srv = TestServer::start(Listen::Unix);
+    let c = srv.client();
+    c.create_volume("base", 2 * MIB).unwrap();
+    c.write("base", 0, &[1; 8192]).unwrap();
+    c.create_snapshot("base", "s").unwrap();
+    let k = c.clone_volume("base", Some("s"), "kid").unwrap();
+    assert_eq!(k.parent.as_deref(), Some("base@s"));
+    assert_eq!(c.read("kid", 0, 8192).unwrap(), vec![1; 8192]);
+    c.write("kid", 4096, &[5; 4096]).unwrap();
+    c.resize_volume("kid", 3 * MIB, false).unwrap();
+    assert_eq!(c.read("base", 4096, 4096).unwrap(), vec![1; 4096]);
+    for body in [r#"{}"#, r#"{"name":"x","snap":"s"}"#] {
+        let r = c
+            .request("POST", "/v1/volumes/base/clone", json(body))
+            .unwrap();
+        assert_error(&r, 400, ErrorKind::Invalid);
+    }
+
+    // Commit: the parent takes the clone's content and size; refused while
+    // the parent has NBD writers, unless forced.
+    let pid = c.volume_info("base").unwrap().id;
+    srv.catalog.nbd_open("base", pid, Access::Write);
+    assert_api_err(
+        c.commit("kid", false).unwrap_err(),
+        409,
+        ErrorKind::InUse,
+        &["base"],
+    );
+    srv.catalog.nbd_close(pid, Access::Write, || {});
+    let p = c.commit("kid", false).unwrap();
+    assert_eq!((p.name.as_str(), p.size_bytes), ("base", 3 * MIB));
+    assert_eq!(c.read("base", 0, 8192).unwrap()[4096..], [5; 4096]);
+    assert_api_err(
+        c.commit("base", false).unwrap_err(),
+        400,
+        ErrorKind::Invalid,
+        &["not a clone"],
+    );
+    assert_api_err(
+        c.commit("nope", false).unwrap_err(),
+        404,
+        ErrorKind::NotFound,
+        &[],
+    );
+
+    // Flatten: instant, the parent snapshot is free to go.
+    let f = c.flatten("kid").unwrap();
+    assert_eq!(f.parent, None);
+    assert_eq!(c.read("kid", 0, 8192).unwrap()[4096..], [5; 4096]);
+    c.delete_snapshot("base", "s").unwrap();
+    assert_api_err(
+        c.flatten("kid").unwrap_err(),
+        400,
+        ErrorKind::Invalid,
+        &["not a clone"],
+    );
+    assert_api_err(
+        c.flatten("nope").unwrap_err(),
+        404,
+        ErrorKind::NotFound,
+        &[],
+    );
+}
+
+#[test]
+fn diff_routes() {
+    let srv = TestServer::start(Listen::Unix);
+    let c = srv.client();
+    c.create_volume("w", 4 * MIB).unwrap();
+    c.write("w", 0, &[1; 65536]).unwrap();
+    c.write("w", MIB, &[1; 65536]).unwrap();
+    c.create_snapshot("w", "a").unwrap();
+    c.write("w", 8192, &[2; 4096]).unwrap();
+    c.zero("w", MIB, 65536, true).unwrap();
+    c.create_snapshot("w", "b").unwrap();
+    c.resize_volume("w", 8 * MIB, false).unwrap();
+    c.write("w", 6 * MIB, &[3; 4096]).unwrap();
+
+    let d = c.diff("w", Some("a"), Some("b")).unwrap();
+    let ext: Vec<(u64, u64, DiffKind)> = d
+        .extents
+        .iter()
+        .map(|e| (e.offset, e.length, e.kind))
+        .collect();
+    assert_eq!(
+        ext,
+        vec![(8192, 4096, DiffKind::Data), (MIB, 65536, DiffKind::Zero)]
+    );
+    assert_eq!((d.from_size_bytes, d.size_bytes), (4 * MIB, 4 * MIB));
+    assert_eq!(d.next_offset, None);
+    // Against the live volume: grown, with data past the old end.
+    let d = c.diff("w", Some("b"), None).unwrap();
+    assert_eq!(d.to, None);
+    assert_eq!(d.size_bytes, 8 * MIB);
+    assert_eq!(
+        d.extents
+            .iter()
+            .map(|e| (e.offset, e.length, e.kind))
+            .collect::<Vec<_>>(),
+        vec![(6 * MIB, 4096, DiffKind::Data)]
+    );
+    // The JSON as documented.
+    let r = c
+        .request("GET", "/v1/volumes/w/diff?from=a&to=b", None)
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(
+        v["extents"][0],
+        serde_json::json!({"offset": 8192, "length": 4096, "kind": "data"})
+    );
+    assert_eq!(v["extents"][1]["kind"], "zero");
+    // From an offset: later extents only, the first one clipped.
+    let p = c.diff_page("w", Some("a"), Some("b"), MIB + 4096).unwrap();
+    assert_eq!(p.offset, MIB + 4096);
+    assert_eq!(
+        p.extents
+            .iter()
+            .map(|e| (e.offset, e.length))
+            .collect::<Vec<_>>(),
+        vec![(MIB + 4096, 65536 - 4096)]
+    );
+    // No change: nothing.
+    assert!(
+        c.diff("w", Some("a"), Some("a"))
+            .unwrap()
+            .extents
+            .is_empty()
+    );
+    // Errors.
+    assert_api_err(
+        c.diff("w", Some("zz"), None).unwrap_err(),
+        404,
+        ErrorKind::NotFound,
+        &["w@zz"],
+    );
+    assert_api_err(
+        c.diff("nope", None, None).unwrap_err(),
+        404,
+        ErrorKind::NotFound,
+        &[],
+    );
+    for q in ["offset=x", "frm=a", "offset=-1"] {
+        let r = c
+            .request("GET", &format!("/v1/volumes/w/diff?{q}"), None)
+            .unwrap();
+        assert_error(&r, 400, ErrorKind::Invalid);
+    }
+}
+
+#[test]
+fn ephemeral_volumes_are_marked() {
+    let srv = TestServer::start(Listen::Unix);
+    let c = srv.client();
+    let r = c
+        .request(
+            "POST",
+            "/v1/volumes",
+            json(r#"{"name":"s","size_bytes":8192,"ephemeral":true}"#),
+        )
+        .unwrap();
+    assert_eq!(r.status, 201);
+    assert!(c.volume_info("s").unwrap().ephemeral);
+    assert!(!c.create_volume("p", 8192).unwrap().ephemeral);
+    let r = c
+        .request(
+            "POST",
+            "/v1/volumes",
+            json(r#"{"name":"t","size_bytes":8192,"ephemeral":"yes"}"#),
+        )
+        .unwrap();
+    assert_error(&r, 400, ErrorKind::Invalid);
 }

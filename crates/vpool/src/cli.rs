@@ -13,11 +13,13 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
-use vpool_api::{Client, ClientError, ErrorKind, PoolInfo, VolumeInfo};
+use vpool_api::{
+    Client, ClientError, Diff, DiffKind, ErrorKind, PoolInfo, SnapshotInfo, VolumeInfo,
+};
 
 use crate::daemon::{NBD_SOCKET_NAME, api_socket_path};
 use crate::size::{format_size, parse_volume_size};
-use crate::transfer;
+use crate::{transfer, vdiff};
 
 /// vpool: a storage server for virtual machine disks.
 #[derive(Debug, Parser)]
@@ -48,6 +50,9 @@ pub enum Command {
     /// Manage volumes.
     #[command(subcommand)]
     Vol(VolCommand),
+    /// Manage snapshots (named VOLUME@SNAPSHOT).
+    #[command(subcommand)]
+    Snap(SnapCommand),
     /// Pool-wide information.
     #[command(subcommand)]
     Pool(PoolCommand),
@@ -78,6 +83,10 @@ pub enum VolCommand {
         /// Size: 512, 4K, 20G, 1.5T (binary units; a multiple of 4K).
         #[arg(long, value_parser = parse_volume_size)]
         size: u64,
+        /// A scratch disk: deleted when its last NBD client disconnects,
+        /// or when the daemon restarts.
+        #[arg(long)]
+        ephemeral: bool,
     },
     /// List the volumes.
     List,
@@ -104,7 +113,8 @@ pub enum VolCommand {
         #[arg(long, value_parser = parse_volume_size)]
         size: Option<u64>,
     },
-    /// Copy a volume into a sparse raw image file.
+    /// Copy a volume (or a snapshot, VOLUME@SNAPSHOT) into a sparse raw
+    /// image file.
     Export {
         name: String,
         file: PathBuf,
@@ -112,6 +122,128 @@ pub enum VolCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Seal a volume as a template (gold master): read-only from then on;
+    /// the SHA-256 digest of its content is recorded.
+    Template { name: String },
+    /// Create a copy-on-write clone of a template, or of a snapshot
+    /// (VOLUME@SNAPSHOT). Instant, whatever the size.
+    Clone {
+        /// A template's name, or VOLUME@SNAPSHOT.
+        source: String,
+        /// The new volume's name.
+        name: String,
+    },
+    /// Detach a clone from the snapshot it came from (instant in vpool:
+    /// clones never read through their parent, so nothing is copied).
+    Flatten { name: String },
+    /// Merge a clone into its parent volume: the parent takes the clone's
+    /// content, atomically. The clone stays.
+    Commit {
+        name: String,
+        /// Even while NBD clients have the parent open for writing.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List the extents that changed between two images of a volume:
+    /// `web1@a web1@b`, or `web1@a web1` against the live volume.
+    Diff { from: String, to: String },
+    /// Write the changes between two images of a volume to a .vdiff file
+    /// (an incremental backup).
+    ExportDiff {
+        from: String,
+        to: String,
+        file: PathBuf,
+        /// Overwrite the file if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Apply a .vdiff file to a volume holding its base image: the volume
+    /// is resized to the target size and becomes the target image.
+    ImportDiff { name: String, file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapCommand {
+    /// Take a snapshot: `vpool snap create web1@before-upgrade`. Instant.
+    Create {
+        /// VOLUME@SNAPSHOT
+        snapshot: String,
+    },
+    /// List a volume's snapshots, oldest first.
+    List { volume: String },
+    /// Delete a snapshot (refused while clones were made from it).
+    Delete {
+        /// VOLUME@SNAPSHOT
+        snapshot: String,
+    },
+    /// Make a volume equal to one of its snapshots (content and size).
+    Rollback {
+        /// VOLUME@SNAPSHOT
+        snapshot: String,
+        /// Even while NBD clients have the volume open for writing (their
+        /// disk changes under them).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Splits `VOLUME@SNAPSHOT`.
+pub fn parse_snapshot_name(s: &str) -> anyhow::Result<(&str, &str)> {
+    match s.split_once('@') {
+        Some((v, snap)) if !v.is_empty() && !snap.is_empty() && !snap.contains('@') => {
+            Ok((v, snap))
+        }
+        _ => anyhow::bail!(
+            "{s:?} is not a snapshot name: write it VOLUME@SNAPSHOT, e.g. web1@before-upgrade"
+        ),
+    }
+}
+
+/// Splits `VOLUME` or `VOLUME@SNAPSHOT` (an image: a volume now, or one of
+/// its snapshots).
+pub fn parse_image(s: &str) -> anyhow::Result<(&str, Option<&str>)> {
+    if s.contains('@') {
+        let (v, snap) = parse_snapshot_name(s)?;
+        Ok((v, Some(snap)))
+    } else if s.is_empty() {
+        anyhow::bail!("an empty image name: write VOLUME or VOLUME@SNAPSHOT")
+    } else {
+        Ok((s, None))
+    }
+}
+
+/// The two images of one volume a diff is between.
+fn parse_diff_images<'a>(
+    from: &'a str,
+    to: &'a str,
+) -> anyhow::Result<(&'a str, Option<&'a str>, Option<&'a str>)> {
+    let (fv, fs) = parse_image(from)?;
+    let (tv, ts) = parse_image(to)?;
+    if fv != tv {
+        anyhow::bail!(
+            "a diff is between two images of one volume, not {fv} and {tv}: e.g. `{fv}@a {fv}@b`, or `{fv}@a {fv}` against the live volume"
+        );
+    }
+    Ok((fv, fs, ts))
+}
+
+/// Adds the flag that overrides an `in_use` refusal to the daemon's message.
+fn hint_force(e: ClientError) -> ClientError {
+    match e {
+        ClientError::Api {
+            status,
+            kind: kind @ ErrorKind::InUse,
+            message,
+        } if message.contains("NBD client") => ClientError::Api {
+            status,
+            kind,
+            message: format!(
+                "{}; pass --force to do it anyway",
+                message.trim_end_matches(" (or ask with force=true)")
+            ),
+        },
+        e => e,
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -151,10 +283,21 @@ pub fn run_client_command(pool_dir: &Path, json: bool, cmd: &Command) -> anyhow:
             }
         }
         Command::Vol(v) => match v {
-            VolCommand::Create { name, size } => {
-                let info = client.create_volume(name, *size)?;
+            VolCommand::Create {
+                name,
+                size,
+                ephemeral,
+            } => {
+                let info = client.create_volume_with(name, *size, *ephemeral)?;
                 if json {
                     print_json(&info)
+                } else if info.ephemeral {
+                    println!(
+                        "created ephemeral volume {} ({}): deleted when its last NBD client disconnects, or when the daemon restarts",
+                        info.name,
+                        format_size(info.size_bytes)
+                    );
+                    Ok(())
                 } else {
                     println!(
                         "created volume {} ({})",
@@ -247,7 +390,8 @@ pub fn run_client_command(pool_dir: &Path, json: bool, cmd: &Command) -> anyhow:
                 }
             }
             VolCommand::Export { name, file, force } => {
-                let r = transfer::export(&client, name, file, *force, show_progress)?;
+                let (vol, snap) = parse_image(name)?;
+                let r = transfer::export(&client, vol, snap, file, *force, show_progress)?;
                 if json {
                     print_json(&r)
                 } else {
@@ -261,8 +405,297 @@ pub fn run_client_command(pool_dir: &Path, json: bool, cmd: &Command) -> anyhow:
                     Ok(())
                 }
             }
+            VolCommand::Template { name } => {
+                let info = client.make_template(name)?;
+                if json {
+                    print_json(&info)
+                } else {
+                    let digest = info
+                        .template
+                        .as_ref()
+                        .and_then(|t| t.digest.clone())
+                        .unwrap_or_else(|| "(pending)".into());
+                    println!(
+                        "sealed volume {} as a template: read-only from now on; clone it with `vpool vol clone {} NEW`\ndigest: {digest}",
+                        info.name, info.name
+                    );
+                    Ok(())
+                }
+            }
+            VolCommand::Clone { source, name } => {
+                let (vol, snap) = parse_image(source)?;
+                let info = client.clone_volume(vol, snap, name)?;
+                if json {
+                    print_json(&info)
+                } else {
+                    let from = match snap {
+                        Some(_) => source.clone(),
+                        None => format!("template {vol}"),
+                    };
+                    println!(
+                        "created volume {} ({}) as a copy-on-write clone of {from}",
+                        info.name,
+                        format_size(info.size_bytes)
+                    );
+                    Ok(())
+                }
+            }
+            VolCommand::Flatten { name } => {
+                let before = client.volume_info(name)?;
+                let info = client.flatten(name)?;
+                let report = FlattenReport {
+                    detached_from: before.parent,
+                    instant: true,
+                    bytes_copied: 0,
+                    volume: info,
+                };
+                if json {
+                    print_json(&report)
+                } else {
+                    println!(
+                        "flattened {}: it no longer depends on {}. Instant in vpool: a clone never reads through its parent, so nothing was copied.",
+                        report.volume.name,
+                        report.detached_from.as_deref().unwrap_or("its parent")
+                    );
+                    Ok(())
+                }
+            }
+            VolCommand::Commit { name, force } => {
+                let parent = client.commit(name, *force).map_err(hint_force)?;
+                if json {
+                    print_json(&CommitReport {
+                        clone: name.clone(),
+                        parent,
+                    })
+                } else {
+                    println!(
+                        "committed {name} into its parent: volume {} now holds {name}'s content ({})",
+                        parent.name,
+                        format_size(parent.size_bytes)
+                    );
+                    Ok(())
+                }
+            }
+            VolCommand::Diff { from, to } => {
+                let (vol, f, t) = parse_diff_images(from, to)?;
+                let d = client.diff(vol, f, t)?;
+                if json {
+                    print_json(&d)
+                } else {
+                    print!("{}", render_diff(&d));
+                    Ok(())
+                }
+            }
+            VolCommand::ExportDiff {
+                from,
+                to,
+                file,
+                force,
+            } => {
+                let (vol, f, t) = parse_diff_images(from, to)?;
+                let r = vdiff::export_diff(&client, vol, f, t, file, *force, show_progress)?;
+                if json {
+                    print_json(&r)
+                } else {
+                    println!(
+                        "wrote {}: {from} -> {to} ({} target), {} records: {} of data, {} zeroed; file {}",
+                        r.file,
+                        format_size(r.target_size_bytes),
+                        r.records,
+                        format_size(r.data_bytes),
+                        format_size(r.zero_bytes),
+                        format_size(r.file_bytes)
+                    );
+                    Ok(())
+                }
+            }
+            VolCommand::ImportDiff { name, file } => {
+                let r = vdiff::import_diff(&client, name, file, show_progress)?;
+                if json {
+                    print_json(&r)
+                } else {
+                    println!(
+                        "applied {} ({} -> {}) to volume {}: {} records, {} of data written, {} zeroed{}",
+                        r.file,
+                        vdiff::image_name(&r.diff_volume, r.diff_from.as_deref()),
+                        vdiff::image_name(&r.diff_volume, r.diff_to.as_deref()),
+                        r.volume,
+                        r.records,
+                        format_size(r.data_bytes),
+                        format_size(r.zero_bytes),
+                        if r.resized {
+                            format!("; resized to {}", format_size(r.size_bytes))
+                        } else {
+                            String::new()
+                        }
+                    );
+                    Ok(())
+                }
+            }
         },
+        Command::Snap(c) => run_snap_command(&client, json, c),
     }
+}
+
+fn run_snap_command(client: &Client, json: bool, cmd: &SnapCommand) -> anyhow::Result<()> {
+    match cmd {
+        SnapCommand::Create { snapshot } => {
+            let (vol, snap) = parse_snapshot_name(snapshot)?;
+            let info = client.create_snapshot(vol, snap)?;
+            if json {
+                print_json(&info)
+            } else {
+                println!(
+                    "created snapshot {}@{} ({}, {} of data)",
+                    info.volume,
+                    info.name,
+                    format_size(info.size_bytes),
+                    format_size(info.allocated_bytes)
+                );
+                Ok(())
+            }
+        }
+        SnapCommand::List { volume } => {
+            let snaps = client.list_snapshots(volume)?;
+            if json {
+                print_json(&vpool_api::SnapshotList { snapshots: snaps })
+            } else {
+                print!("{}", render_snapshot_table(volume, &snaps));
+                Ok(())
+            }
+        }
+        SnapCommand::Delete { snapshot } => {
+            let (vol, snap) = parse_snapshot_name(snapshot)?;
+            client.delete_snapshot(vol, snap)?;
+            if json {
+                print_json(&serde_json::json!({ "deleted": snapshot }))
+            } else {
+                println!("deleted snapshot {snapshot}");
+                Ok(())
+            }
+        }
+        SnapCommand::Rollback { snapshot, force } => {
+            let (vol, snap) = parse_snapshot_name(snapshot)?;
+            let info = client.rollback(vol, snap, *force).map_err(hint_force)?;
+            if json {
+                print_json(&info)
+            } else {
+                println!(
+                    "rolled back volume {} to {snapshot} ({})",
+                    info.name,
+                    format_size(info.size_bytes)
+                );
+                Ok(())
+            }
+        }
+    }
+}
+
+/// `vol flatten --json`.
+#[derive(Debug, Serialize)]
+pub struct FlattenReport {
+    /// The `volume@snapshot` the clone no longer depends on.
+    pub detached_from: Option<String>,
+    /// Always true: vpool clones never read through their parent.
+    pub instant: bool,
+    /// Always 0, for the same reason.
+    pub bytes_copied: u64,
+    pub volume: VolumeInfo,
+}
+
+/// `vol commit --json`.
+#[derive(Debug, Serialize)]
+pub struct CommitReport {
+    pub clone: String,
+    /// The parent volume, now holding the clone's content.
+    pub parent: VolumeInfo,
+}
+
+/// The `snap list` table.
+pub fn render_snapshot_table(volume: &str, snaps: &[SnapshotInfo]) -> String {
+    if snaps.is_empty() {
+        return format!("no snapshots of {volume}\n");
+    }
+    let rows: Vec<Vec<String>> = snaps
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                format_size(s.size_bytes),
+                format_size(s.allocated_bytes),
+                s.seq.to_string(),
+            ]
+        })
+        .collect();
+    render_table(&["NAME", "SIZE", "ALLOCATED", "SEQ"], &rows)
+}
+
+/// The `vol diff` text: one line per changed extent and a summary.
+pub fn render_diff(d: &Diff) -> String {
+    let show = |s: &Option<String>| vdiff::image_name(&d.volume, s.as_deref());
+    let (mut data, mut zero) = (0u64, 0u64);
+    let rows: Vec<Vec<String>> = d
+        .extents
+        .iter()
+        .map(|e| {
+            let kind = match e.kind {
+                DiffKind::Data => {
+                    data += e.length;
+                    "data"
+                }
+                DiffKind::Zero => {
+                    zero += e.length;
+                    "zero"
+                }
+            };
+            vec![e.offset.to_string(), e.length.to_string(), kind.to_string()]
+        })
+        .collect();
+    let mut out = String::new();
+    if !rows.is_empty() {
+        out.push_str(&render_table(&["OFFSET", "LENGTH", "KIND"], &rows));
+    }
+    out.push_str(&format!(
+        "{} -> {}: {} changed extents, {} of data, {} zeroed",
+        show(&d.from),
+        show(&d.to),
+        d.extents.len(),
+        format_size(data),
+        format_size(zero)
+    ));
+    if d.size_bytes != d.from_size_bytes {
+        out.push_str(&format!(
+            "; size {} -> {}",
+            format_size(d.from_size_bytes),
+            format_size(d.size_bytes)
+        ));
+    }
+    out.push('\n');
+    out
+}
+
+/// A left-aligned table with a header row, columns two spaces apart.
+fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = String::new();
+        for (c, w) in cells.zip(&widths) {
+            l.push_str(&format!("{c:<w$}  ", w = *w));
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for r in rows {
+        line(&mut r.iter().map(String::as_str));
+    }
+    out
 }
 
 /// The `vol list` table.
@@ -314,8 +747,8 @@ pub fn render_volume_table(vols: &[VolumeInfo]) -> String {
 
 /// The `vol info` text.
 pub fn render_volume_info(v: &VolumeInfo) -> String {
-    format!(
-        "name:       {}\nid:         {}\nsize:       {} ({} bytes)\nallocated:  {} ({} bytes)\nzeroed:     {}\nextents:    {}\n",
+    let mut out = format!(
+        "name:       {}\nid:         {}\nsize:       {} ({} bytes)\nallocated:  {} ({} bytes)\nzeroed:     {}\nextents:    {}\nparent:     {}\nsnapshots:  {}\nephemeral:  {}\n",
         v.name,
         v.id,
         format_size(v.size_bytes),
@@ -323,8 +756,27 @@ pub fn render_volume_info(v: &VolumeInfo) -> String {
         format_size(v.allocated_bytes),
         v.allocated_bytes,
         format_size(v.zero_bytes),
-        v.extents
-    )
+        v.extents,
+        v.parent.as_deref().unwrap_or("-"),
+        v.snapshots,
+        if v.ephemeral {
+            "yes (deleted when its last NBD client disconnects, or at daemon restart)"
+        } else {
+            "no"
+        },
+    );
+    match &v.template {
+        Some(t) => {
+            out.push_str(&format!(
+                "template:   yes (sealed, read-only; clones come from {}@{})\ndigest:     {}\n",
+                v.name,
+                t.snapshot,
+                t.digest.as_deref().unwrap_or("(being computed)")
+            ));
+        }
+        None => out.push_str("template:   no\n"),
+    }
+    out
 }
 
 /// `vol info --json`: the volume's fields, plus how to attach it.
@@ -511,9 +963,14 @@ mod tests {
         assert!(c.json);
         assert_eq!(c.pool, PathBuf::from("/p"));
         match c.command {
-            Command::Vol(VolCommand::Create { name, size }) => {
+            Command::Vol(VolCommand::Create {
+                name,
+                size,
+                ephemeral,
+            }) => {
                 assert_eq!(name, "web1");
                 assert_eq!(size, 20 << 30);
+                assert!(!ephemeral);
             }
             other => panic!("{other:?}"),
         }
@@ -587,6 +1044,10 @@ mod tests {
             allocated_bytes: 3 << 29,
             zero_bytes: 0,
             extents: 12,
+            parent: None,
+            snapshots: 0,
+            ephemeral: false,
+            template: None,
         };
         let t = render_volume_table(std::slice::from_ref(&v));
         let lines: Vec<&str> = t.lines().collect();
@@ -599,5 +1060,67 @@ mod tests {
         );
         assert_eq!(render_volume_table(&[]), "no volumes\n");
         assert!(render_volume_info(&v).contains("20 GiB (21474836480 bytes)"));
+        assert!(render_volume_info(&v).contains("template:   no\n"));
+    }
+
+    #[test]
+    fn image_names() {
+        assert_eq!(parse_snapshot_name("web1@a").unwrap(), ("web1", "a"));
+        for bad in ["web1", "@a", "web1@", "a@b@c", ""] {
+            let e = parse_snapshot_name(bad).unwrap_err().to_string();
+            assert!(e.contains("VOLUME@SNAPSHOT"), "{bad}: {e}");
+        }
+        assert_eq!(parse_image("web1").unwrap(), ("web1", None));
+        assert_eq!(parse_image("web1@s").unwrap(), ("web1", Some("s")));
+        assert_eq!(
+            parse_diff_images("w@a", "w").unwrap(),
+            ("w", Some("a"), None)
+        );
+        let e = parse_diff_images("w@a", "x@b").unwrap_err().to_string();
+        assert!(e.contains("one volume"), "{e}");
+    }
+
+    #[test]
+    fn renders_diffs_and_snapshot_tables() {
+        let d = Diff {
+            volume: "w".into(),
+            from: Some("a".into()),
+            to: None,
+            from_size_bytes: 1 << 20,
+            size_bytes: 2 << 20,
+            offset: 0,
+            extents: vec![
+                vpool_api::DiffExtent {
+                    offset: 0,
+                    length: 4096,
+                    kind: DiffKind::Data,
+                },
+                vpool_api::DiffExtent {
+                    offset: 8192,
+                    length: 8192,
+                    kind: DiffKind::Zero,
+                },
+            ],
+            next_offset: None,
+        };
+        let t = render_diff(&d);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "OFFSET  LENGTH  KIND");
+        assert_eq!(lines[1], "0       4096    data");
+        assert_eq!(lines[2], "8192    8192    zero");
+        assert!(
+            lines[3].starts_with("w@a -> w: 2 changed extents, 4 KiB of data, 8 KiB zeroed"),
+            "{t}"
+        );
+        let s = SnapshotInfo {
+            volume: "w".into(),
+            name: "a".into(),
+            size_bytes: 1 << 30,
+            allocated_bytes: 0,
+            seq: 17,
+        };
+        let t = render_snapshot_table("w", &[s]);
+        assert!(t.starts_with("NAME  SIZE   ALLOCATED  SEQ\n"), "{t}");
+        assert_eq!(render_snapshot_table("w", &[]), "no snapshots of w\n");
     }
 }

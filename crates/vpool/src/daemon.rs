@@ -22,7 +22,7 @@ use anyhow::{Context, bail};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use vpool_api::{ApiState, AuthToken, serve_tcp, serve_unix};
+use vpool_api::{ApiState, AuthToken, Catalog, serve_tcp, serve_unix};
 use vpool_engine::{Pool, PoolConfig};
 use vpool_store::{LocalDirStore, StoreError};
 
@@ -156,9 +156,12 @@ pub async fn run_daemon_notify(
             config.api_socket.display()
         );
     }
-    let pool = open_pool(&config).await?;
+    let (pool, store) = open_pool(&config).await?;
     // From here on the pool is closed on every path, error or not.
-    let served = serve_pool(&config, &pool, shutdown, on_ready).await;
+    let served = match open_catalog(&pool, store).await {
+        Ok(catalog) => serve_pool(&config, &pool, &catalog, shutdown, on_ready).await,
+        Err(e) => Err(e),
+    };
     let closing = pool.clone();
     let closed = tokio::task::spawn_blocking(move || closing.close()).await;
     served?;
@@ -169,7 +172,28 @@ pub async fn run_daemon_notify(
     Ok(())
 }
 
-async fn open_pool(config: &DaemonConfig) -> anyhow::Result<Pool> {
+/// Loads the daemon's catalog (template records) from the pool's metadata
+/// and reconciles it with the pool: finishes seals a crash interrupted,
+/// drops records of volumes that are gone.
+async fn open_catalog(
+    pool: &Pool,
+    store: Arc<dyn vpool_store::SegmentStore>,
+) -> anyhow::Result<Arc<Catalog>> {
+    let pool = pool.clone();
+    tokio::task::spawn_blocking(move || {
+        let catalog = Catalog::open(store).context("loading the template records")?;
+        catalog
+            .reconcile(&pool)
+            .context("reconciling the template records with the pool")?;
+        Ok(Arc::new(catalog))
+    })
+    .await
+    .context("the catalog task failed")?
+}
+
+async fn open_pool(
+    config: &DaemonConfig,
+) -> anyhow::Result<(Pool, Arc<dyn vpool_store::SegmentStore>)> {
     let dir = config.pool_dir.clone();
     let store = tokio::task::spawn_blocking(move || LocalDirStore::open(&dir))
         .await
@@ -194,11 +218,12 @@ async fn open_pool(config: &DaemonConfig) -> anyhow::Result<Pool> {
         }
     };
     let pool_config = config.pool_config.clone();
-    let (pool, report) =
-        tokio::task::spawn_blocking(move || Pool::open(Arc::new(store), pool_config))
-            .await
-            .context("the pool-open task failed")?
-            .with_context(|| format!("recovering the pool at {}", config.pool_dir.display()))?;
+    let store: Arc<dyn vpool_store::SegmentStore> = Arc::new(store);
+    let pool_store = store.clone();
+    let (pool, report) = tokio::task::spawn_blocking(move || Pool::open(pool_store, pool_config))
+        .await
+        .context("the pool-open task failed")?
+        .with_context(|| format!("recovering the pool at {}", config.pool_dir.display()))?;
     tracing::info!(
         pool = %config.pool_dir.display(),
         checkpoint = report.checkpoint_loaded,
@@ -208,7 +233,7 @@ async fn open_pool(config: &DaemonConfig) -> anyhow::Result<Pool> {
         ms = report.duration.as_millis() as u64,
         "pool open"
     );
-    Ok(pool)
+    Ok((pool, store))
 }
 
 /// Removes a socket file left by a daemon that died. Only called with the
@@ -249,6 +274,7 @@ impl Drop for SocketFile {
 async fn serve_pool(
     config: &DaemonConfig,
     pool: &Pool,
+    catalog: &Arc<Catalog>,
     shutdown: impl Future<Output = ()>,
     on_ready: impl FnOnce(&Ready),
 ) -> anyhow::Result<()> {
@@ -310,7 +336,9 @@ async fn serve_pool(
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let mut servers: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
-    let state = ApiState::new(pool.clone()).with_nbd_tcp_addr(nbd_tcp_addr);
+    let state = ApiState::new(pool.clone())
+        .with_catalog(catalog.clone())
+        .with_nbd_tcp_addr(nbd_tcp_addr);
     servers.spawn({
         let fut = serve_unix(unix, state.clone(), stopped(stop_rx.clone()));
         async move { ("API (unix socket)", fut.await.map_err(anyhow::Error::new)) }
@@ -322,8 +350,9 @@ async fn serve_pool(
 
     // NBD: the vpool-nbd server runs on plain threads; each listener gets a
     // blocking task and a shutdown signal fired when `stop_rx` flips.
-    let registry: Arc<dyn vpool_nbd::ExportRegistry> =
-        Arc::new(crate::nbd_export::PoolExports::new(pool.clone()));
+    let registry: Arc<dyn vpool_nbd::ExportRegistry> = Arc::new(
+        crate::nbd_export::PoolExports::new(pool.clone(), catalog.clone()),
+    );
     for (name, listener) in nbd_listeners {
         let signal =
             vpool_nbd::ShutdownSignal::new().context("creating the NBD shutdown signal")?;

@@ -53,7 +53,7 @@ pub struct ExportReport {
     pub data_bytes: u64,
 }
 
-fn progress_bar(total: u64, show: bool, what: &str) -> ProgressBar {
+pub(crate) fn progress_bar(total: u64, show: bool, what: &str) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
     }
@@ -277,17 +277,20 @@ fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     Ok(got)
 }
 
-/// Exports volume `name` to a new sparse file at `path` (replacing an
-/// existing file only with `force`).
+/// Exports volume `name` (or its snapshot `snapshot`) to a new sparse file
+/// at `path` (replacing an existing file only with `force`).
 pub fn export(
     client: &Client,
     name: &str,
+    snapshot: Option<&str>,
     path: &Path,
     force: bool,
     show_progress: bool,
 ) -> anyhow::Result<ExportReport> {
-    let info = client.volume_info(name)?;
-    let size = info.size_bytes;
+    let size = match snapshot {
+        Some(s) => client.snapshot_info(name, s)?.size_bytes,
+        None => client.volume_info(name)?.size_bytes,
+    };
     let mut opts = OpenOptions::new();
     opts.write(true);
     if force {
@@ -323,7 +326,7 @@ pub fn export(
     let mut pos = 0u64;
     while pos < size {
         let map = client
-            .allocation(name, pos, size - pos)
+            .allocation_of(name, snapshot, pos, size - pos)
             .with_context(|| format!("reading the allocation map of {name} at offset {pos}"))?;
         if map.offset != pos || map.length == 0 {
             bail!("the daemon answered an allocation query at {pos} with no progress; giving up");
@@ -336,7 +339,7 @@ pub fn export(
                     .unwrap_or(CHUNK_BYTES)
                     .min(CHUNK_BYTES);
                 let data = client
-                    .read(name, at, n)
+                    .read_image(name, snapshot, at, n)
                     .with_context(|| format!("reading volume {name} at offset {at}"))?;
                 // Data extents can hold zero blocks (written as zeros):
                 // leaving them out keeps those holes too.
@@ -356,7 +359,10 @@ pub fn export(
         .with_context(|| format!("syncing {}", path.display()))?;
     bar.finish_and_clear();
     Ok(ExportReport {
-        volume: name.to_string(),
+        volume: match snapshot {
+            Some(s) => format!("{name}@{s}"),
+            None => name.to_string(),
+        },
         file: path.display().to_string(),
         size_bytes: size,
         data_bytes,

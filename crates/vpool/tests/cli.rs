@@ -559,3 +559,377 @@ fn vol_info_shows_how_to_attach() {
     );
     assert!(d.terminate().success());
 }
+
+/// `vpool --json ...` that must fail: the JSON error's kind and message.
+fn run_json_err(pool: &Path, args: &[&str]) -> (String, String) {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let err = run_err(pool, &a);
+    let e: serde_json::Value =
+        serde_json::from_str(err.trim()).unwrap_or_else(|e| panic!("bad JSON error ({e}): {err}"));
+    (
+        e["error"]["kind"].as_str().unwrap().to_string(),
+        e["error"]["message"].as_str().unwrap().to_string(),
+    )
+}
+
+#[test]
+fn snapshot_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let d = Daemon::start(&pool, &[]);
+    let c = d.client();
+    run_ok(&pool, &["vol", "create", "web1", "--size", "4M"]);
+    c.write("web1", 0, &vec![1u8; 1 << 20]).unwrap();
+
+    // create: text and JSON.
+    assert_eq!(
+        run_ok(&pool, &["snap", "create", "web1@before-upgrade"]),
+        "created snapshot web1@before-upgrade (4 MiB, 1 MiB of data)\n"
+    );
+    c.write("web1", 0, &[2u8; 4096]).unwrap();
+    let s = run_json(&pool, &["snap", "create", "web1@b"]);
+    assert_eq!(s["volume"], "web1");
+    assert_eq!(s["name"], "b");
+    assert_eq!(s["size_bytes"], 4 * MIB);
+    // One syntax: VOLUME@SNAPSHOT.
+    let err = run_err(&pool, &["snap", "create", "web1"]);
+    assert!(err.contains("VOLUME@SNAPSHOT"), "{err}");
+    let err = run_err(&pool, &["snap", "create", "web1", "x"]);
+    assert!(err.contains("unexpected argument"), "{err}");
+    let (kind, msg) = run_json_err(&pool, &["snap", "create", "web1@b"]);
+    assert_eq!(kind, "already_exists", "{msg}");
+    let (kind, _) = run_json_err(&pool, &["snap", "create", "nope@x"]);
+    assert_eq!(kind, "not_found");
+    let (kind, msg) = run_json_err(&pool, &["snap", "create", "web1@template"]);
+    assert_eq!(kind, "invalid");
+    assert!(msg.contains("reserved"), "{msg}");
+
+    // list: a table in seq order, and JSON.
+    let t = run_ok(&pool, &["snap", "list", "web1"]);
+    let lines: Vec<&str> = t.lines().collect();
+    assert_eq!(lines.len(), 3, "{t}");
+    assert!(
+        lines[0].starts_with("NAME") && lines[0].ends_with("SEQ"),
+        "{t}"
+    );
+    assert!(
+        lines[1].starts_with("before-upgrade") && lines[1].contains("4 MiB"),
+        "{t}"
+    );
+    assert!(lines[2].starts_with("b "), "{t}");
+    let l = run_json(&pool, &["snap", "list", "web1"]);
+    let snaps = l["snapshots"].as_array().unwrap();
+    assert_eq!(snaps.len(), 2);
+    assert!(snaps[0]["seq"].as_u64() < snaps[1]["seq"].as_u64());
+    assert_eq!(snaps[0]["allocated_bytes"], MIB);
+    run_ok(&pool, &["vol", "create", "empty", "--size", "4K"]);
+    assert_eq!(
+        run_ok(&pool, &["snap", "list", "empty"]),
+        "no snapshots of empty\n"
+    );
+
+    // rollback: text and JSON.
+    assert_eq!(
+        run_ok(&pool, &["snap", "rollback", "web1@before-upgrade"]),
+        "rolled back volume web1 to web1@before-upgrade (4 MiB)\n"
+    );
+    assert_eq!(c.read("web1", 0, 4096).unwrap(), vec![1u8; 4096]);
+    let v = run_json(&pool, &["snap", "rollback", "web1@b", "--force"]);
+    assert_eq!(v["name"], "web1");
+    assert_eq!(c.read("web1", 0, 4096).unwrap(), vec![2u8; 4096]);
+    let (kind, _) = run_json_err(&pool, &["snap", "rollback", "web1@zz"]);
+    assert_eq!(kind, "not_found");
+
+    // delete: refused while a clone depends on it, naming the clone.
+    run_ok(&pool, &["vol", "clone", "web1@b", "kid"]);
+    let err = run_err(&pool, &["snap", "delete", "web1@b"]);
+    assert!(err.contains("in use by kid"), "{err}");
+    let (kind, msg) = run_json_err(&pool, &["snap", "delete", "web1@b"]);
+    assert_eq!(kind, "in_use");
+    assert!(msg.contains("kid"), "{msg}");
+    run_ok(&pool, &["vol", "delete", "kid"]);
+    assert_eq!(
+        run_ok(&pool, &["snap", "delete", "web1@b"]),
+        "deleted snapshot web1@b\n"
+    );
+    assert_eq!(
+        run_json(&pool, &["snap", "delete", "web1@before-upgrade"])["deleted"],
+        "web1@before-upgrade"
+    );
+    assert_eq!(
+        run_ok(&pool, &["snap", "list", "web1"]),
+        "no snapshots of web1\n"
+    );
+    // Snapshots survive a restart.
+    run_ok(&pool, &["snap", "create", "web1@kept"]);
+    assert!(d.terminate().success());
+    let _d = Daemon::start(&pool, &[]);
+    assert_eq!(
+        run_json(&pool, &["snap", "list", "web1"])["snapshots"][0]["name"],
+        "kept"
+    );
+}
+
+#[test]
+fn template_clone_flatten_commit_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let d = Daemon::start(&pool, &[]);
+    let c = d.client();
+    run_ok(&pool, &["vol", "create", "debian12", "--size", "8M"]);
+    c.write("debian12", 4096, &vec![0x5au8; 3 << 20]).unwrap();
+
+    // template: the digest is sha256sum of the exported raw image.
+    let out = run_ok(&pool, &["vol", "template", "debian12"]);
+    assert!(
+        out.starts_with("sealed volume debian12 as a template: read-only from now on"),
+        "{out}"
+    );
+    let raw = dir.path().join("debian12.raw");
+    run_ok(&pool, &["vol", "export", "debian12", raw.to_str().unwrap()]);
+    let sum = std::process::Command::new("sha256sum")
+        .arg(&raw)
+        .output()
+        .unwrap();
+    let sum = String::from_utf8(sum.stdout).unwrap();
+    let digest = format!("sha256:{}", sum.split_whitespace().next().unwrap());
+    assert!(out.contains(&format!("digest: {digest}")), "{out}");
+    let info = run_ok(&pool, &["vol", "info", "debian12"]);
+    assert!(info.contains("template:   yes"), "{info}");
+    assert!(info.contains(&format!("digest:     {digest}")), "{info}");
+    assert!(info.contains("snapshots:  1"), "{info}");
+    let j = run_json(&pool, &["vol", "info", "debian12"]);
+    assert_eq!(j["template"]["digest"], digest.as_str());
+    assert_eq!(j["template"]["snapshot"], "template");
+    let (kind, _) = run_json_err(&pool, &["vol", "template", "debian12"]);
+    assert_eq!(kind, "already_exists");
+    let (kind, _) = run_json_err(&pool, &["vol", "template", "nope"]);
+    assert_eq!(kind, "not_found");
+    // Read-only from now on: writes, imports, resizes.
+    let e = c.write("debian12", 0, &[1; 4096]).unwrap_err();
+    assert_eq!(e.kind(), Some(vpool_api::ErrorKind::ReadOnly), "{e}");
+    let (kind, msg) = run_json_err(&pool, &["vol", "import", "debian12", raw.to_str().unwrap()]);
+    assert_eq!(kind, "read_only", "{msg}");
+    let err = run_err(&pool, &["vol", "resize", "debian12", "--size", "16M"]);
+    assert!(err.contains("template"), "{err}");
+    // A template's JSON creation output, from another volume.
+    run_ok(&pool, &["vol", "create", "other", "--size", "4K"]);
+    let j = run_json(&pool, &["vol", "template", "other"]);
+    assert!(
+        j["template"]["digest"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:"),
+        "{j}"
+    );
+
+    // clone: of a template, of a snapshot, of a clone's snapshot.
+    assert_eq!(
+        run_ok(&pool, &["vol", "clone", "debian12", "web2"]),
+        "created volume web2 (8 MiB) as a copy-on-write clone of template debian12\n"
+    );
+    assert_eq!(c.read("web2", 4096, 4096).unwrap(), vec![0x5a; 4096]);
+    c.write("web2", 0, &[7; 4096]).unwrap();
+    run_ok(&pool, &["snap", "create", "web2@s"]);
+    let j = run_json(&pool, &["vol", "clone", "web2@s", "web3"]);
+    assert_eq!(j["name"], "web3");
+    assert_eq!(j["parent"], "web2@s");
+    assert_eq!(c.read("web3", 0, 4096).unwrap(), vec![7; 4096]);
+    let info = run_ok(&pool, &["vol", "info", "web3"]);
+    assert!(info.contains("parent:     web2@s"), "{info}");
+    let err = run_err(&pool, &["vol", "clone", "web2", "x"]);
+    assert!(err.contains("not a template"), "{err}");
+    let (kind, _) = run_json_err(&pool, &["vol", "clone", "web2@nope", "x"]);
+    assert_eq!(kind, "not_found");
+
+    // commit: the parent takes the clone's content.
+    c.write("web3", 8192, &[8; 4096]).unwrap();
+    let out = run_ok(&pool, &["vol", "commit", "web3"]);
+    assert_eq!(
+        out,
+        "committed web3 into its parent: volume web2 now holds web3's content (8 MiB)\n"
+    );
+    assert_eq!(c.read("web2", 8192, 4096).unwrap(), vec![8; 4096]);
+    let j = run_json(&pool, &["vol", "commit", "web3"]);
+    assert_eq!(j["clone"], "web3");
+    assert_eq!(j["parent"]["name"], "web2");
+    // Not into a template.
+    let (kind, msg) = run_json_err(&pool, &["vol", "commit", "web2"]);
+    assert_eq!(kind, "read_only", "{msg}");
+
+    // Deleting a template that clones depend on fails naming them.
+    let err = run_err(&pool, &["vol", "delete", "debian12"]);
+    assert!(err.contains("in use by web2"), "{err}");
+
+    // flatten: instant, and says so.
+    let out = run_ok(&pool, &["vol", "flatten", "web3"]);
+    assert!(
+        out.contains("flattened web3: it no longer depends on web2@s")
+            && out.contains("Instant in vpool")
+            && out.contains("nothing was copied"),
+        "{out}"
+    );
+    let j = run_json(&pool, &["vol", "flatten", "web2"]);
+    assert_eq!(j["instant"], true);
+    assert_eq!(j["bytes_copied"], 0);
+    assert_eq!(j["detached_from"], "debian12@template");
+    assert_eq!(j["volume"]["parent"], serde_json::Value::Null);
+    let (kind, _) = run_json_err(&pool, &["vol", "flatten", "web2"]);
+    assert_eq!(kind, "invalid");
+
+    // The template survives a restart: still sealed, same digest.
+    assert!(d.terminate().success());
+    let d = Daemon::start(&pool, &[]);
+    let c = d.client();
+    let j = run_json(&pool, &["vol", "info", "debian12"]);
+    assert_eq!(j["template"]["digest"], digest.as_str());
+    let e = c.write("debian12", 0, &[1; 4096]).unwrap_err();
+    assert_eq!(e.kind(), Some(vpool_api::ErrorKind::ReadOnly), "{e}");
+    run_ok(&pool, &["vol", "clone", "debian12", "web9"]);
+    // Nothing depends on it any more: it can go.
+    run_ok(&pool, &["vol", "delete", "web9"]);
+    run_ok(&pool, &["vol", "delete", "debian12"]);
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn diff_and_vdiff_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let d = Daemon::start(&pool, &[]);
+    let c = d.client();
+    run_ok(&pool, &["vol", "create", "web1", "--size", "16M"]);
+    let mut rng = StdRng::seed_from_u64(11);
+    let data: Vec<u8> = (0..(4 << 20)).map(|_| rng.r#gen()).collect();
+    c.write("web1", 0, &data).unwrap();
+    run_ok(&pool, &["snap", "create", "web1@a"]);
+    c.write("web1", 8192, &data[..65536]).unwrap();
+    c.zero("web1", MIB, 65536, true).unwrap();
+    // Written zeros travel as zero records.
+    c.write("web1", 2 * MIB, &[0u8; 8192]).unwrap();
+    c.resize_volume("web1", 20 * MIB, false).unwrap();
+    c.write("web1", 18 * MIB, &[9u8; 4096]).unwrap();
+    run_ok(&pool, &["snap", "create", "web1@b"]);
+
+    // diff: text and JSON.
+    let t = run_ok(&pool, &["vol", "diff", "web1@a", "web1@b"]);
+    let lines: Vec<&str> = t.lines().collect();
+    assert_eq!(lines[0], "OFFSET    LENGTH  KIND", "{t}");
+    assert_eq!(lines[1], "8192      65536   data", "{t}");
+    assert!(
+        t.contains("web1@a -> web1@b: 4 changed extents") && t.contains("size 16 MiB -> 20 MiB"),
+        "{t}"
+    );
+    let j = run_json(&pool, &["vol", "diff", "web1@a", "web1@b"]);
+    assert_eq!(
+        j["extents"][1],
+        serde_json::json!({"offset": MIB, "length": 65536, "kind": "zero"})
+    );
+    assert_eq!(j["size_bytes"], 20 * MIB);
+    // Against the live volume.
+    c.write("web1", 12 * MIB, &[1u8; 4096]).unwrap();
+    let j = run_json(&pool, &["vol", "diff", "web1@b", "web1"]);
+    assert_eq!(
+        j["extents"],
+        serde_json::json!([{"offset": 12 * MIB, "length": 4096, "kind": "data"}])
+    );
+    assert_eq!(j["to"], serde_json::Value::Null);
+    let err = run_err(&pool, &["vol", "diff", "web1@a", "other@b"]);
+    assert!(err.contains("one volume"), "{err}");
+    let (kind, _) = run_json_err(&pool, &["vol", "diff", "web1@zz", "web1"]);
+    assert_eq!(kind, "not_found");
+
+    // export-diff / import-diff: onto a clone at a, gives b.
+    let f = dir.path().join("a-b.vdiff");
+    let fs = f.to_str().unwrap();
+    let out = run_ok(&pool, &["vol", "export-diff", "web1@a", "web1@b", fs]);
+    assert!(
+        out.starts_with(&format!("wrote {fs}: web1@a -> web1@b")),
+        "{out}"
+    );
+    let err = run_err(&pool, &["vol", "export-diff", "web1@a", "web1@b", fs]);
+    assert!(err.contains("--force"), "{err}");
+    let j = run_json(
+        &pool,
+        &["vol", "export-diff", "web1@a", "web1@b", fs, "--force"],
+    );
+    assert_eq!(j["data_bytes"], 65536 + 4096);
+    assert_eq!(j["zero_bytes"], 65536 + 8192);
+    assert_eq!(j["target_size_bytes"], 20 * MIB);
+    assert_eq!(j["file_bytes"], std::fs::metadata(&f).unwrap().len());
+    run_ok(&pool, &["vol", "clone", "web1@a", "copy"]);
+    let out = run_ok(&pool, &["vol", "import-diff", "copy", fs]);
+    assert!(
+        out.contains("to volume copy") && out.contains("resized to 20 MiB"),
+        "{out}"
+    );
+    let want = c.read_image("web1", Some("b"), 0, 8 << 20).unwrap();
+    assert!(want == c.read("copy", 0, 8 << 20).unwrap());
+    assert_eq!(
+        c.read("copy", 18 * MIB, 4096).unwrap(),
+        vec![9u8; 4096],
+        "past the old end"
+    );
+    assert_eq!(c.volume_info("copy").unwrap().size_bytes, 20 * MIB);
+    // JSON, onto a fresh volume of another size: resized. (It does not
+    // hold web1@a, so it does not become web1@b: which base a diff goes on
+    // is the caller's business; only the report is checked here.)
+    run_ok(&pool, &["vol", "create", "fresh", "--size", "4K"]);
+    let j = run_json(&pool, &["vol", "import-diff", "fresh", fs]);
+    assert_eq!(j["resized"], true);
+    assert_eq!(j["diff_from"], "a");
+    assert_eq!(j["diff_to"], "b");
+    assert_eq!(j["records"], 4);
+
+    // A damaged file changes nothing.
+    let mut bytes = std::fs::read(&f).unwrap();
+    let n = bytes.len();
+    bytes[n - 100] ^= 0xff;
+    let bad = dir.path().join("bad.vdiff");
+    std::fs::write(&bad, &bytes).unwrap();
+    run_ok(&pool, &["vol", "create", "victim", "--size", "4K"]);
+    let (kind, msg) = run_json_err(
+        &pool,
+        &["vol", "import-diff", "victim", bad.to_str().unwrap()],
+    );
+    assert_eq!(kind, "error");
+    assert!(msg.contains("checksum mismatch"), "{msg}");
+    assert_eq!(c.volume_info("victim").unwrap().size_bytes, 4096);
+    let (kind, _) = run_json_err(&pool, &["vol", "import-diff", "nope", fs]);
+    assert_eq!(kind, "not_found");
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn ephemeral_volumes_go_at_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let d = Daemon::start(&pool, &[]);
+    let out = run_ok(
+        &pool,
+        &["vol", "create", "scratch", "--size", "8G", "--ephemeral"],
+    );
+    assert_eq!(
+        out,
+        "created ephemeral volume scratch (8 GiB): deleted when its last NBD client disconnects, or when the daemon restarts\n"
+    );
+    let j = run_json(
+        &pool,
+        &["vol", "create", "scratch2", "--size", "1G", "--ephemeral"],
+    );
+    assert_eq!(j["ephemeral"], true);
+    run_ok(&pool, &["vol", "create", "keep", "--size", "1G"]);
+    let info = run_ok(&pool, &["vol", "info", "scratch"]);
+    assert!(info.contains("ephemeral:  yes"), "{info}");
+    assert!(run_ok(&pool, &["vol", "info", "keep"]).contains("ephemeral:  no"));
+    assert!(d.terminate().success());
+    let _d = Daemon::start(&pool, &[]);
+    let names: Vec<String> = run_json(&pool, &["vol", "list"])["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, vec!["keep".to_string()]);
+}

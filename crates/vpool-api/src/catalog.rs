@@ -1,0 +1,575 @@
+//! What the daemon knows about volumes that the engine does not keep.
+//!
+//! - **Templates** (persisted): a template is a volume sealed as a gold
+//!   master. The engine has no read-only flag, so sealing is a snapshot with
+//!   the reserved name [`TEMPLATE_SNAPSHOT`] (clones are made from it) plus a
+//!   record here saying the volume is sealed, with the SHA-256 digest of its
+//!   content. The records live in the pool's metadata blob
+//!   [`TEMPLATES_META_NAME`], replaced atomically and durably by the store, so
+//!   they survive restarts and crashes and travel with the pool. Writes to a
+//!   sealed volume are refused: over the API with `409 read_only`, over NBD
+//!   by exporting it read-only (`EPERM`).
+//! - **Users** (in memory): per volume id, how many NBD connections have it
+//!   open for writing or reading, and how many API requests are changing it
+//!   right now. Rollback is refused while NBD writers are connected, sealing
+//!   while anything writes, and an ephemeral volume is deleted when its last
+//!   NBD connection that did I/O goes away.
+//!
+//! # Sealing and crashes
+//! The record is written (digest pending) *before* the snapshot is taken,
+//! and writers are refused from that moment, so whatever a crash interrupts,
+//! the volume's content has not changed since the record became durable.
+//! [`Catalog::reconcile`], run when the daemon starts, finishes the job:
+//! takes the snapshot if it is missing, computes a missing digest, and drops
+//! records of volumes that no longer exist.
+//!
+//! # Lock order
+//! The catalog's lock is taken before any engine call made under it (never
+//! the other way round): the ephemeral delete and the seal checks call the
+//! engine while holding it, so an NBD open cannot slip in between.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use vpool_engine::{EngineError, Pool, STATE_ZERO, Volume};
+use vpool_store::SegmentStore;
+
+use crate::error::{ApiError, ErrorKind};
+use crate::types::TemplateInfo;
+
+/// The snapshot that holds a template's sealed image. The name is reserved:
+/// users cannot create a snapshot of that name on any volume.
+pub const TEMPLATE_SNAPSHOT: &str = "template";
+
+/// The pool metadata blob holding the template records.
+pub const TEMPLATES_META_NAME: &str = "vpool-templates.json";
+
+/// Version of the templates blob this code writes and reads.
+const TEMPLATES_VERSION: u32 = 1;
+
+/// Bytes read at a time when hashing an image.
+const DIGEST_CHUNK: usize = 8 << 20;
+
+/// One sealed volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateRecord {
+    /// The engine's id of the volume, so a volume deleted and re-created
+    /// under the same name is not taken for the template.
+    pub volume_id: u64,
+    /// `sha256:<hex>`; `None` while it is being computed (or a crash cut
+    /// that short: [`Catalog::reconcile`] computes it).
+    pub digest: Option<String>,
+    pub sealed_at_unix: u64,
+}
+
+impl TemplateRecord {
+    pub fn info(&self) -> TemplateInfo {
+        TemplateInfo {
+            snapshot: TEMPLATE_SNAPSHOT.to_string(),
+            digest: self.digest.clone(),
+            sealed_at_unix: self.sealed_at_unix,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct TemplatesFile {
+    version: u32,
+    templates: BTreeMap<String, TemplateRecord>,
+}
+
+/// How an NBD connection holds a volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Write,
+    Read,
+}
+
+#[derive(Debug, Default)]
+struct Users {
+    nbd_writers: usize,
+    nbd_readers: usize,
+    api_writes: usize,
+    /// An NBD connection did I/O on the volume since the count of NBD
+    /// connections was last zero: the next time it drops to zero, an
+    /// ephemeral volume is deleted. (Handles opened for `NBD_OPT_INFO`,
+    /// e.g. by `nbdinfo --list`, do no I/O and so delete nothing.)
+    armed: bool,
+}
+
+impl Users {
+    fn idle(&self) -> bool {
+        self.nbd_writers == 0 && self.nbd_readers == 0 && self.api_writes == 0
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    templates: BTreeMap<String, TemplateRecord>,
+    users: HashMap<u64, Users>,
+}
+
+impl Inner {
+    fn sealed(&self, volume: &str, id: u64) -> Option<&TemplateRecord> {
+        self.templates.get(volume).filter(|t| t.volume_id == id)
+    }
+}
+
+/// Why the catalog could not be loaded or saved.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("reading the template records ({TEMPLATES_META_NAME}): {0}")]
+    Store(#[from] vpool_store::StoreError),
+    #[error("the template records ({TEMPLATES_META_NAME}) are not valid: {0}")]
+    Corrupt(String),
+}
+
+/// The daemon's bookkeeping; see the module docs. Shared by the API server
+/// and the NBD exports.
+pub struct Catalog {
+    inner: Mutex<Inner>,
+    /// Where template records persist; `None` keeps them in memory only.
+    store: Option<Arc<dyn SegmentStore>>,
+}
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Catalog")
+            .field("persistent", &self.store.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Catalog {
+    /// A catalog whose template records are lost when it is dropped (tests,
+    /// and an [`crate::ApiState`] built without one).
+    pub fn in_memory() -> Catalog {
+        Catalog {
+            inner: Mutex::new(Inner::default()),
+            store: None,
+        }
+    }
+
+    /// Loads the template records from the pool's store; they are saved
+    /// back there on every change.
+    pub fn open(store: Arc<dyn SegmentStore>) -> Result<Catalog, CatalogError> {
+        let templates = match store.get_meta(TEMPLATES_META_NAME)? {
+            None => BTreeMap::new(),
+            Some(bytes) => {
+                let f: TemplatesFile = serde_json::from_slice(&bytes)
+                    .map_err(|e| CatalogError::Corrupt(e.to_string()))?;
+                if f.version != TEMPLATES_VERSION {
+                    return Err(CatalogError::Corrupt(format!(
+                        "version {} (this vpool reads version {TEMPLATES_VERSION})",
+                        f.version
+                    )));
+                }
+                f.templates
+            }
+        };
+        Ok(Catalog {
+            inner: Mutex::new(Inner {
+                templates,
+                users: HashMap::new(),
+            }),
+            store: Some(store),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves consistent counters (every
+        // update is a single step), so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn persist(&self, inner: &Inner) -> Result<(), ApiError> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let f = TemplatesFile {
+            version: TEMPLATES_VERSION,
+            templates: inner.templates.clone(),
+        };
+        let bytes = serde_json::to_vec_pretty(&f)
+            .map_err(|e| ApiError::internal(format!("encoding the template records: {e}")))?;
+        store.put_meta(TEMPLATES_META_NAME, &bytes).map_err(|e| {
+            ApiError::from(EngineError::Store(e)).context("saving the template records")
+        })
+    }
+
+    // ----- templates -----
+
+    /// The template record of `volume` (whose id is `id`), if it is sealed.
+    pub fn template(&self, volume: &str, id: u64) -> Option<TemplateRecord> {
+        self.lock().sealed(volume, id).cloned()
+    }
+
+    /// Every template record, by volume name.
+    pub fn templates(&self) -> BTreeMap<String, TemplateRecord> {
+        self.lock().templates.clone()
+    }
+
+    /// Seals `volume` as a template: refuses writers from now on, takes the
+    /// [`TEMPLATE_SNAPSHOT`], and records the SHA-256 digest of its content
+    /// (reading the whole image). Blocking: run it off the async runtime.
+    ///
+    /// Calling it again on a template whose digest is missing (a failed or
+    /// interrupted seal) completes it; on a complete template it is refused
+    /// with `already_exists`.
+    pub fn seal(&self, pool: &Pool, volume: &str) -> Result<TemplateRecord, ApiError> {
+        let info = pool.volume_info(volume)?;
+        let id = info.id.0;
+        if info.ephemeral {
+            return Err(ApiError::invalid(format!(
+                "volume {volume} is ephemeral (deleted at the next restart); a template must last"
+            )));
+        }
+        let resume = {
+            let mut g = self.lock();
+            if let Some(t) = g.sealed(volume, id) {
+                if t.digest.is_some() {
+                    return Err(ApiError::new(
+                        ErrorKind::AlreadyExists,
+                        format!("volume {volume} is already a template"),
+                    ));
+                }
+                true
+            } else {
+                let u = g.users.get(&id);
+                let nbd = u.map_or(0, |u| u.nbd_writers);
+                let api = u.map_or(0, |u| u.api_writes);
+                if nbd > 0 || api > 0 {
+                    return Err(ApiError::new(
+                        ErrorKind::InUse,
+                        format!(
+                            "volume {volume} is being written ({nbd} NBD client(s) with it open for writing, {api} API request(s) in flight); disconnect them before sealing it"
+                        ),
+                    ));
+                }
+                if pool
+                    .list_snapshots(volume)?
+                    .iter()
+                    .any(|s| s.name == TEMPLATE_SNAPSHOT)
+                {
+                    return Err(ApiError::new(
+                        ErrorKind::AlreadyExists,
+                        format!(
+                            "volume {volume} already has a snapshot named {TEMPLATE_SNAPSHOT:?}, the name a template's image takes; delete it first (vpool snap delete {volume}@{TEMPLATE_SNAPSHOT})"
+                        ),
+                    ));
+                }
+                g.templates.insert(
+                    volume.to_string(),
+                    TemplateRecord {
+                        volume_id: id,
+                        digest: None,
+                        sealed_at_unix: now_unix(),
+                    },
+                );
+                if let Err(e) = self.persist(&g) {
+                    g.templates.remove(volume);
+                    return Err(e);
+                }
+                false
+            }
+        };
+        // Sealed from here: every writer is refused.
+        if (!resume || !has_template_snapshot(pool, volume)?)
+            && let Err(e) = pool.create_snapshot(volume, TEMPLATE_SNAPSHOT)
+        {
+            if !resume {
+                self.forget(volume, id);
+            }
+            return Err(e.into());
+        }
+        let digest = image_digest(&pool.snapshot(volume, TEMPLATE_SNAPSHOT)?)?;
+        let mut g = self.lock();
+        let Some(rec) = g.templates.get_mut(volume).filter(|t| t.volume_id == id) else {
+            // Deleted while it was being hashed.
+            return Err(EngineError::VolumeNotFound(volume.to_string()).into());
+        };
+        rec.digest = Some(digest);
+        let rec = rec.clone();
+        self.persist(&g)?;
+        Ok(rec)
+    }
+
+    /// Drops the template record of `volume` (id `id`), after the volume
+    /// was deleted or a seal failed.
+    pub fn forget(&self, volume: &str, id: u64) {
+        let mut g = self.lock();
+        if g.sealed(volume, id).is_some() {
+            g.templates.remove(volume);
+            if let Err(e) = self.persist(&g) {
+                // The stale record names a volume id that no longer exists;
+                // the next start drops it.
+                tracing::warn!(volume, error = %e, "could not save the template records");
+            }
+        }
+    }
+
+    /// Brings the records in line with the pool, at daemon start: drops
+    /// those of volumes that are gone, finishes seals a crash interrupted.
+    /// Blocking.
+    pub fn reconcile(&self, pool: &Pool) -> Result<(), ApiError> {
+        let records = self.templates();
+        let mut changed = false;
+        for (name, rec) in records {
+            match pool.volume_info(&name) {
+                Ok(i) if i.id.0 == rec.volume_id => {}
+                _ => {
+                    tracing::info!(volume = %name, "dropping the template record of a volume that is gone");
+                    let mut g = self.lock();
+                    g.templates.remove(&name);
+                    changed = true;
+                    continue;
+                }
+            }
+            if !has_template_snapshot(pool, &name)? {
+                tracing::info!(volume = %name, "finishing an interrupted seal: taking the template snapshot");
+                pool.create_snapshot(&name, TEMPLATE_SNAPSHOT)?;
+            }
+            if rec.digest.is_none() {
+                tracing::info!(volume = %name, "finishing an interrupted seal: computing the digest");
+                let d = image_digest(&pool.snapshot(&name, TEMPLATE_SNAPSHOT)?)?;
+                let mut g = self.lock();
+                if let Some(r) = g.templates.get_mut(&name) {
+                    r.digest = Some(d);
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            let g = self.lock();
+            self.persist(&g)?;
+        }
+        Ok(())
+    }
+
+    // ----- users -----
+
+    /// Registers an NBD connection to volume `volume` (id `id`) that wants
+    /// `want`; a sealed volume is only ever granted [`Access::Read`]. Pair
+    /// with [`Catalog::nbd_close`].
+    pub fn nbd_open(&self, volume: &str, id: u64, want: Access) -> Access {
+        let mut g = self.lock();
+        let access = if want == Access::Write && g.sealed(volume, id).is_none() {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        let u = g.users.entry(id).or_default();
+        match access {
+            Access::Write => u.nbd_writers += 1,
+            Access::Read => u.nbd_readers += 1,
+        }
+        access
+    }
+
+    /// Notes that an NBD connection to volume `id` did I/O.
+    pub fn nbd_used(&self, id: u64) {
+        if let Some(u) = self.lock().users.get_mut(&id) {
+            u.armed = true;
+        }
+    }
+
+    /// Unregisters an NBD connection. If it was the last NBD connection to
+    /// the volume and one of them did I/O, `on_last_used` runs, with the
+    /// catalog locked so no new connection can register meanwhile.
+    pub fn nbd_close(&self, id: u64, access: Access, on_last_used: impl FnOnce()) {
+        let mut g = self.lock();
+        let Some(u) = g.users.get_mut(&id) else {
+            return;
+        };
+        match access {
+            Access::Write => u.nbd_writers = u.nbd_writers.saturating_sub(1),
+            Access::Read => u.nbd_readers = u.nbd_readers.saturating_sub(1),
+        }
+        if u.nbd_writers + u.nbd_readers > 0 {
+            return;
+        }
+        let armed = std::mem::take(&mut u.armed);
+        if u.idle() {
+            g.users.remove(&id);
+        }
+        if armed {
+            on_last_used();
+        }
+    }
+
+    /// NBD connections that have volume `id` open for writing.
+    pub fn nbd_writers(&self, id: u64) -> usize {
+        self.lock().users.get(&id).map_or(0, |u| u.nbd_writers)
+    }
+
+    /// NBD connections that have volume `id` open, for writing or reading.
+    pub fn nbd_connections(&self, id: u64) -> usize {
+        self.lock()
+            .users
+            .get(&id)
+            .map_or(0, |u| u.nbd_writers + u.nbd_readers)
+    }
+
+    /// Admits an API request that changes volume `volume` (id `id`): refused
+    /// with `read_only` for a template. Sealing waits for none of these to
+    /// be in flight. The guard ends it.
+    pub fn api_write(
+        self: &Arc<Self>,
+        volume: &str,
+        id: u64,
+        what: &str,
+    ) -> Result<ApiWriteGuard, ApiError> {
+        let mut g = self.lock();
+        if g.sealed(volume, id).is_some() {
+            return Err(read_only_template(volume, what));
+        }
+        g.users.entry(id).or_default().api_writes += 1;
+        Ok(ApiWriteGuard {
+            catalog: Arc::clone(self),
+            id,
+        })
+    }
+}
+
+/// The error for a change refused because `volume` is a template.
+pub fn read_only_template(volume: &str, what: &str) -> ApiError {
+    ApiError::new(
+        ErrorKind::ReadOnly,
+        format!(
+            "{what}: volume {volume} is a template (sealed, read-only); clone it (vpool vol clone {volume} NEW) and change the clone"
+        ),
+    )
+}
+
+/// An API request changing a volume; see [`Catalog::api_write`].
+#[must_use]
+pub struct ApiWriteGuard {
+    catalog: Arc<Catalog>,
+    id: u64,
+}
+
+impl Drop for ApiWriteGuard {
+    fn drop(&mut self) {
+        let mut g = self.catalog.lock();
+        if let Some(u) = g.users.get_mut(&self.id) {
+            u.api_writes = u.api_writes.saturating_sub(1);
+            if u.idle() && !u.armed {
+                g.users.remove(&self.id);
+            }
+        }
+    }
+}
+
+fn has_template_snapshot(pool: &Pool, volume: &str) -> Result<bool, EngineError> {
+    Ok(pool
+        .list_snapshots(volume)?
+        .iter()
+        .any(|s| s.name == TEMPLATE_SNAPSHOT))
+}
+
+/// `sha256:<hex>` over every byte of the image `vol` reads (holes as
+/// zeros), as `sha256sum` of a raw export of it gives. Ranges that read as
+/// zeros are hashed without reading them.
+pub fn image_digest(vol: &Volume) -> Result<String, EngineError> {
+    let size = vol.size_bytes()?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; DIGEST_CHUNK];
+    let zeros = vec![0u8; DIGEST_CHUNK];
+    let mut pos = 0u64;
+    while pos < size {
+        let n = (size - pos).min(DIGEST_CHUNK as u64);
+        let status = vol.block_status(pos, n, 1)?;
+        match status.first() {
+            Some(&(len, flags)) if flags & STATE_ZERO != 0 && len > 0 => {
+                let len = len.min(n);
+                h.update(&zeros[..len as usize]);
+                pos += len;
+            }
+            Some(&(len, _)) if len > 0 => {
+                let len = len.min(n) as usize;
+                vol.read(pos, &mut buf[..len])?;
+                h.update(&buf[..len]);
+                pos += len as u64;
+            }
+            _ => {
+                vol.read(pos, &mut buf[..n as usize])?;
+                h.update(&buf[..n as usize]);
+                pos += n;
+            }
+        }
+    }
+    Ok(format!("sha256:{}", hex(&h.finalize())))
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_digits() {
+        assert_eq!(hex(&[0x00, 0x9f, 0xff]), "009fff");
+    }
+
+    #[test]
+    fn nbd_users_and_ephemeral_arming() {
+        let c = Catalog::in_memory();
+        // An INFO probe: open and close without I/O deletes nothing.
+        assert_eq!(c.nbd_open("v", 1, Access::Write), Access::Write);
+        let mut fired = false;
+        c.nbd_close(1, Access::Write, || fired = true);
+        assert!(!fired);
+        // Two connections, one does I/O: fires when the last goes.
+        c.nbd_open("v", 1, Access::Write);
+        c.nbd_open("v", 1, Access::Read);
+        assert_eq!(c.nbd_writers(1), 1);
+        assert_eq!(c.nbd_connections(1), 2);
+        c.nbd_used(1);
+        c.nbd_close(1, Access::Write, || fired = true);
+        assert!(!fired);
+        c.nbd_close(1, Access::Read, || fired = true);
+        assert!(fired);
+        assert_eq!(c.nbd_connections(1), 0);
+    }
+
+    #[test]
+    fn sealed_volumes_get_read_access_and_refuse_api_writes() {
+        let c = Arc::new(Catalog::in_memory());
+        c.lock().templates.insert(
+            "t".into(),
+            TemplateRecord {
+                volume_id: 7,
+                digest: None,
+                sealed_at_unix: 0,
+            },
+        );
+        assert_eq!(c.nbd_open("t", 7, Access::Write), Access::Read);
+        assert_eq!(c.nbd_writers(7), 0);
+        // Another volume of the same name (re-created) is not sealed.
+        assert_eq!(c.nbd_open("t", 8, Access::Write), Access::Write);
+        let e = c.api_write("t", 7, "write").err().unwrap();
+        assert_eq!(e.kind, ErrorKind::ReadOnly);
+        let g = c.api_write("t", 8, "write").unwrap();
+        drop(g);
+    }
+}

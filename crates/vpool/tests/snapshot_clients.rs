@@ -1,0 +1,459 @@
+//! Snapshots, templates, clones, diffs and ephemeral volumes against the
+//! real daemon (`vpool serve` as a child process), checked with real NBD
+//! clients: qemu-img, qemu-io, nbdinfo and nbdsh (libnbd's Python bindings).
+//!
+//! The client helpers are `vpool-nbd`'s (`crates/vpool-nbd/tests/common/`),
+//! shared rather than copied. A missing client binary fails the test with the
+//! Debian package to install.
+
+mod common;
+#[path = "../../vpool-nbd/tests/common/mod.rs"]
+mod nbd_common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{Daemon, run_err, run_json, run_ok};
+use nbd_common::clients::{
+    nbdinfo, nbdinfo_can, nbdsh_script, qemu_img_compare, qemu_img_convert_to, qemu_io,
+};
+use nbd_common::pattern;
+
+const MIB: u64 = 1 << 20;
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// `qemu-img compare` of two NBD exports (the helper's second argument is
+/// passed to qemu-img as it is, so a URI works there too).
+fn compare_exports(a: &str, b: &str) -> bool {
+    qemu_img_compare(a, Path::new(b))
+}
+
+fn sha256sum(file: &Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(file)
+        .output()
+        .expect("sha256sum (coreutils)");
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    format!("sha256:{}", text.split_whitespace().next().unwrap())
+}
+
+/// Waits until `cond` holds, failing the test after `timeout`.
+fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An nbdsh client in the background that connects to `URI`, does its
+/// `BEFORE` Python, touches `READY`, waits for `GO` to exist, does `AFTER`
+/// and disconnects. It lets a test act while a real client holds a volume
+/// open.
+const HOLDER_SCRIPT: &str = r#"
+import os, time, nbd
+h = nbd.NBD()
+h.connect_uri(os.environ["URI"])
+exec(os.environ.get("BEFORE", ""))
+open(os.environ["READY"], "w").close()
+deadline = time.time() + 60
+while not os.path.exists(os.environ["GO"]):
+    assert time.time() < deadline, "never told to go"
+    time.sleep(0.01)
+exec(os.environ.get("AFTER", ""))
+h.shutdown()
+print("holder done", flush=True)
+"#;
+
+struct Holder {
+    thread: Option<std::thread::JoinHandle<String>>,
+    go: PathBuf,
+}
+
+impl Holder {
+    /// Starts the holder and waits until it has connected and run `before`.
+    fn start(dir: &Path, tag: &str, uri: &str, before: &str, after: &str) -> Holder {
+        let ready = dir.join(format!("{tag}.ready"));
+        let go = dir.join(format!("{tag}.go"));
+        let (uri, before, after) = (uri.to_string(), before.to_string(), after.to_string());
+        let (r, g) = (ready.clone(), go.clone());
+        let thread = std::thread::spawn(move || {
+            nbdsh_script(
+                HOLDER_SCRIPT,
+                &[
+                    ("URI", &uri),
+                    ("READY", path_str(&r)),
+                    ("GO", path_str(&g)),
+                    ("BEFORE", &before),
+                    ("AFTER", &after),
+                ],
+            )
+        });
+        let mut h = Holder {
+            thread: Some(thread),
+            go,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready.exists() {
+            if h.thread.as_ref().is_some_and(|t| t.is_finished()) {
+                // Surfaces the script's failure.
+                h.finish();
+                panic!("the holder exited before it was ready");
+            }
+            assert!(Instant::now() < deadline, "the holder never got ready");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        h
+    }
+
+    /// Lets it run `after` and disconnect; returns its output.
+    fn finish(&mut self) -> String {
+        std::fs::write(&self.go, b"").unwrap();
+        let out = self
+            .thread
+            .take()
+            .expect("finished once")
+            .join()
+            .expect("the holder script failed");
+        assert!(out.contains("holder done"), "{out}");
+        out
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        // Never leave the client waiting on a failed test.
+        let _ = std::fs::write(&self.go, b"");
+    }
+}
+
+#[test]
+fn snapshot_export_is_read_only_and_frozen() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let d = Daemon::start(&pool, &[]);
+    let size = 8 * MIB;
+    d.client().create_volume("web1", size).unwrap();
+    let src = dir.path().join("src.img");
+    std::fs::write(&src, pattern(size as usize, 5)).unwrap();
+    qemu_img_convert_to(&src, &d.nbd_uri("web1"));
+
+    // A snapshot, and a copy exported at the same moment.
+    run_ok(&pool, &["snap", "create", "web1@s1"]);
+    let copy = dir.path().join("copy.raw");
+    run_ok(&pool, &["vol", "export", "web1", path_str(&copy)]);
+    // More writes after it, by a real client.
+    qemu_io(
+        &d.nbd_uri("web1"),
+        &["write -P 0x77 1M 64k", "discard 4M 1M", "write -z 6M 64k"],
+    );
+
+    let snap = d.nbd_uri("web1@s1");
+    assert!(
+        qemu_img_compare(&snap, &copy),
+        "the snapshot export differs from the copy taken at snapshot time"
+    );
+    assert!(
+        !qemu_img_compare(&d.nbd_uri("web1"), &copy),
+        "the live volume should have moved on"
+    );
+    // A later export of the snapshot itself is that copy too.
+    let again = dir.path().join("again.raw");
+    run_ok(&pool, &["vol", "export", "web1@s1", path_str(&again)]);
+    assert!(std::fs::read(&again).unwrap() == std::fs::read(&copy).unwrap());
+
+    // Read-only: advertised, and enforced by the server.
+    assert!(!nbdinfo_can(&snap, "--can", "write"));
+    assert!(nbdinfo_can(&snap, "--is", "read-only"));
+    assert!(!nbdinfo_can(&d.nbd_uri("web1"), "--is", "read-only"));
+    let list = nbdinfo(&["--list", &d.nbd_uri("")]);
+    assert!(list.contains("export=\"web1@s1\""), "{list}");
+    assert!(
+        list.contains("vpool snapshot s1 of volume web1 (read-only)"),
+        "{list}"
+    );
+    let out = nbdsh_script(
+        READ_ONLY_SCRIPT,
+        &[
+            ("URI", &snap),
+            ("MISSING", &d.nbd_uri("web1@nope")),
+            ("SIZE", &size.to_string()),
+        ],
+    );
+    assert!(out.contains("read-only ok"), "{out}");
+    assert!(qemu_img_compare(&snap, &copy), "a refused write changed it");
+    assert!(d.terminate().success());
+}
+
+/// Against a read-only export: every write-type request fails with EPERM
+/// (strict mode off, so the requests reach the server), reads and flushes
+/// work; an unknown snapshot export is refused at connect.
+const READ_ONLY_SCRIPT: &str = r#"
+import errno, os, nbd
+
+def expect_eperm(fn, what):
+    try:
+        fn()
+    except nbd.Error as e:
+        assert e.errno in (errno.EPERM, "EPERM"), "%s: got %s (%s)" % (what, e.errno, e)
+        return
+    raise AssertionError("%s: no error" % what)
+
+h = nbd.NBD()
+h.set_strict_mode(0)
+h.connect_uri(os.environ["URI"])
+assert h.is_read_only()
+assert h.get_size() == int(os.environ["SIZE"])
+before = h.pread(65536, 1 << 20)
+expect_eperm(lambda: h.pwrite(b"\x01" * 4096, 1 << 20), "write")
+expect_eperm(lambda: h.zero(4096, 1 << 20), "write zeroes")
+expect_eperm(lambda: h.trim(4096, 1 << 20), "trim")
+h.flush()
+assert h.pread(65536, 1 << 20) == before
+h.shutdown()
+try:
+    g = nbd.NBD()
+    g.connect_uri(os.environ["MISSING"])
+    raise AssertionError("connected to a missing snapshot")
+except nbd.Error:
+    pass
+print("read-only ok")
+"#;
+
+#[test]
+fn import_diff_reproduces_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let d = Daemon::start(&pool, &[]);
+    let size = 16 * MIB;
+    d.client().create_volume("web1", size).unwrap();
+    let src = dir.path().join("src.img");
+    std::fs::write(&src, pattern(size as usize, 9)).unwrap();
+    qemu_img_convert_to(&src, &d.nbd_uri("web1"));
+    run_ok(&pool, &["snap", "create", "web1@a"]);
+    // Data, a discard, allocated zeros, a partial block, then growth.
+    qemu_io(
+        &d.nbd_uri("web1"),
+        &[
+            "write -P 0x42 3M 256k",
+            "discard 8M 1M",
+            "write -z 12M 64k",
+            "write -P 0x43 66048 512",
+        ],
+    );
+    run_ok(&pool, &["vol", "resize", "web1", "--size", "24M"]);
+    qemu_io(&d.nbd_uri("web1"), &["write -P 0x44 20M 128k"]);
+    run_ok(&pool, &["snap", "create", "web1@b"]);
+    // The live volume moves on; the diff is between the snapshots.
+    qemu_io(&d.nbd_uri("web1"), &["write -P 0x45 0 64k"]);
+
+    let vdiff = dir.path().join("a-b.vdiff");
+    let r = run_json(
+        &pool,
+        &["vol", "export-diff", "web1@a", "web1@b", path_str(&vdiff)],
+    );
+    let file_bytes = r["file_bytes"].as_u64().unwrap();
+    assert!(
+        file_bytes < 2 * MIB,
+        "the diff should hold the changes only, not {file_bytes} bytes"
+    );
+
+    // An independent copy of web1@a, made by a real client through NBD.
+    d.client().create_volume("copy", size).unwrap();
+    qemu_img_convert_to(Path::new(&d.nbd_uri("web1@a")), &d.nbd_uri("copy"));
+    let b = d.nbd_uri("web1@b");
+    assert!(
+        !compare_exports(&d.nbd_uri("copy"), &b),
+        "nothing to apply?"
+    );
+    run_ok(&pool, &["vol", "import-diff", "copy", path_str(&vdiff)]);
+    assert!(
+        compare_exports(&d.nbd_uri("copy"), &b),
+        "import-diff onto web1@a did not give web1@b"
+    );
+    let info = d.client().volume_info("copy").unwrap();
+    assert_eq!(info.size_bytes, 24 * MIB);
+    // And the same against a raw export of web1@b.
+    let braw = dir.path().join("b.raw");
+    run_ok(&pool, &["vol", "export", "web1@b", path_str(&braw)]);
+    assert!(qemu_img_compare(&d.nbd_uri("copy"), &braw));
+    assert!(!qemu_img_compare(&d.nbd_uri("web1"), &braw));
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn ephemeral_volume_goes_with_its_last_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let d = Daemon::start(&pool, &[]);
+    run_ok(
+        &pool,
+        &["vol", "create", "scratch", "--size", "8M", "--ephemeral"],
+    );
+    let uri = d.nbd_uri("scratch");
+    let exists = || d.client().volume_info("scratch").is_ok();
+
+    // Probing it (nbdinfo --list asks NBD_OPT_INFO of every export) is not
+    // using it: it stays.
+    let list = nbdinfo(&["--list", &d.nbd_uri("")]);
+    assert!(list.contains("export=\"scratch\""), "{list}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        exists(),
+        "an NBD_OPT_INFO probe deleted the ephemeral volume"
+    );
+
+    // Two clients: it stays while one is still connected.
+    let mut holder = Holder::start(
+        dir.path(),
+        "h",
+        &uri,
+        "h.pwrite(b'\\x5a' * 4096, 0)",
+        "assert h.pread(4096, 0) == b'\\x5a' * 4096",
+    );
+    qemu_io(&uri, &["write -P 0x11 1M 64k", "read -P 0x5a 0 4k"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(exists(), "deleted while a client still had it open");
+    holder.finish();
+    wait_for(
+        "the ephemeral volume to be deleted after its last client left",
+        Duration::from_secs(10),
+        || !exists(),
+    );
+    let err = run_err(&pool, &["vol", "info", "scratch"]);
+    assert!(err.contains("not found"), "{err}");
+    assert!(
+        d.log_text()
+            .contains("deleted ephemeral volume: its last NBD client disconnected"),
+        "{}",
+        d.log_text()
+    );
+    // A plain volume stays after its clients leave.
+    d.client().create_volume("plain", MIB).unwrap();
+    qemu_io(&d.nbd_uri("plain"), &["write -P 1 0 4k"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(d.client().volume_info("plain").is_ok());
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn rollback_waits_for_writers_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let d = Daemon::start(&pool, &[]);
+    d.client().create_volume("web1", 4 * MIB).unwrap();
+    qemu_io(&d.nbd_uri("web1"), &["write -P 0x11 0 64k"]);
+    run_ok(&pool, &["snap", "create", "web1@s"]);
+
+    // A reader of the snapshot export does not hold up a rollback.
+    let mut reader = Holder::start(
+        dir.path(),
+        "r",
+        &d.nbd_uri("web1@s"),
+        "assert h.pread(4096, 0) == b'\\x11' * 4096",
+        "",
+    );
+    run_ok(&pool, &["snap", "rollback", "web1@s"]);
+
+    // A writer does: the rollback is refused, naming the flag.
+    let mut writer = Holder::start(
+        dir.path(),
+        "w",
+        &d.nbd_uri("web1"),
+        "h.pwrite(b'\\x22' * 4096, 0); h.flush()",
+        "got = h.pread(4096, 0)\nassert got == b'\\x11' * 4096, 'after the forced rollback: %r' % got[:4]\nprint('saw the rollback')",
+    );
+    let err = run_err(&pool, &["snap", "rollback", "web1@s"]);
+    assert!(
+        err.contains("open for writing by 1 NBD client") && err.contains("--force"),
+        "{err}"
+    );
+    let out = common::run(&pool, &["snap", "rollback", "web1@s", "--json"]);
+    let e: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(e["error"]["kind"], "in_use");
+    assert_eq!(
+        d.client().read("web1", 0, 4096).unwrap(),
+        vec![0x22; 4096],
+        "a refused rollback changed the volume"
+    );
+    // Forced: the client's disk changes under it.
+    run_ok(&pool, &["snap", "rollback", "web1@s", "--force"]);
+    let out = writer.finish();
+    assert!(out.contains("saw the rollback"), "{out}");
+    reader.finish();
+    // Once the writer is gone, no force needed.
+    qemu_io(&d.nbd_uri("web1"), &["write -P 0x33 0 4k"]);
+    wait_for("the writers to be gone", Duration::from_secs(10), || {
+        common::run(&pool, &["snap", "rollback", "web1@s"])
+            .status
+            .success()
+    });
+    assert_eq!(d.client().read("web1", 0, 4096).unwrap(), vec![0x11; 4096]);
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn template_refuses_nbd_writes_and_clones_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let d = Daemon::start(&pool, &[]);
+    let size = 8 * MIB;
+    d.client().create_volume("debian12", size).unwrap();
+    let src = dir.path().join("gold.img");
+    std::fs::write(&src, pattern(size as usize, 12)).unwrap();
+    qemu_img_convert_to(&src, &d.nbd_uri("debian12"));
+
+    // Sealing is refused while a client has it open for writing.
+    let mut writer = Holder::start(dir.path(), "w", &d.nbd_uri("debian12"), "", "");
+    let err = run_err(&pool, &["vol", "template", "debian12"]);
+    assert!(err.contains("NBD client"), "{err}");
+    writer.finish();
+    wait_for("the writer to be gone", Duration::from_secs(10), || {
+        common::run(&pool, &["vol", "template", "debian12"])
+            .status
+            .success()
+    });
+    let info = run_json(&pool, &["vol", "info", "debian12"]);
+    assert_eq!(info["template"]["digest"], sha256sum(&src).as_str());
+
+    // Exported read-only; writes that reach the server get EPERM.
+    let t = d.nbd_uri("debian12");
+    assert!(nbdinfo_can(&t, "--is", "read-only"));
+    assert!(!nbdinfo_can(&t, "--can", "write"));
+    let out = nbdsh_script(
+        READ_ONLY_SCRIPT,
+        &[
+            ("URI", &t),
+            ("MISSING", &d.nbd_uri("debian12@nope")),
+            ("SIZE", &size.to_string()),
+        ],
+    );
+    assert!(out.contains("read-only ok"), "{out}");
+    let list = nbdinfo(&["--list", &d.nbd_uri("")]);
+    assert!(
+        list.contains("vpool template debian12 (read-only)"),
+        "{list}"
+    );
+    assert!(qemu_img_compare(&t, &src), "the template changed");
+
+    // A clone of it: its content, and writable.
+    run_ok(&pool, &["vol", "clone", "debian12", "web2"]);
+    let w = d.nbd_uri("web2");
+    assert!(!nbdinfo_can(&w, "--is", "read-only"));
+    assert!(qemu_img_compare(&w, &src));
+    qemu_io(&w, &["write -P 0x99 0 64k", "read -P 0x99 0 64k"]);
+    assert!(!qemu_img_compare(&w, &src));
+    assert!(
+        qemu_img_compare(&t, &src),
+        "a clone's write reached the template"
+    );
+    // A clone of the clone.
+    run_ok(&pool, &["snap", "create", "web2@s"]);
+    run_ok(&pool, &["vol", "clone", "web2@s", "web3"]);
+    assert!(compare_exports(&d.nbd_uri("web3"), &w));
+    assert!(d.terminate().success());
+}
