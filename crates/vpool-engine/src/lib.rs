@@ -19,8 +19,8 @@ pub mod types;
 
 pub use error::{EngineError, Result};
 pub use pool::{
-    CleanReport, DiffExtent, DiffKind, Pool, PoolConfig, PoolStats, RecoveryReport, STATE_HOLE,
-    STATE_ZERO, SnapshotInfo, Volume, VolumeInfo, VolumeOptions,
+    CleanReport, DiffExtent, DiffKind, ImageSpace, Pool, PoolConfig, PoolStats, RecoveryReport,
+    STATE_HOLE, STATE_ZERO, SnapshotInfo, Volume, VolumeInfo, VolumeOptions, VolumeSpace,
 };
 pub use types::{BLOCK_SIZE, MAX_VOLUME_SIZE_BYTES, VolumeId};
 pub use vpool_store as store;

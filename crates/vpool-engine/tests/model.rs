@@ -348,6 +348,15 @@ fn run(ops: Vec<Op>) -> u64 {
             assert!(buf == *m, "snapshot {name}@{snap} differs from the model");
             assert!(view.write(0, &[1; 512]).is_err(), "snapshots are read-only");
         }
+        for name in model.keys() {
+            let space = pool.volume_space(name).unwrap();
+            let info = pool.volume_info(name).unwrap();
+            assert_eq!(space.volume.allocated_bytes, info.allocated_bytes);
+            let images = std::iter::once(space.volume).chain(space.snapshots.iter().map(|s| s.1));
+            for img in images {
+                assert_eq!(img.exclusive_bytes + img.shared_bytes, img.allocated_bytes);
+            }
+        }
         let listed: usize = model
             .keys()
             .map(|n| pool.list_snapshots(n).unwrap().len())

@@ -199,3 +199,67 @@ fn ephemeral_volumes_go_at_reopen_and_commit_merges_a_clone() {
     assert_eq!(&buf[..4096], &block(2)[..]);
     pool.self_check();
 }
+
+#[test]
+fn exclusive_and_shared_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(dir.path());
+    pool.create_volume("v", 1 << 20).unwrap();
+    let vol = pool.volume("v").unwrap();
+    for i in 0..4 {
+        vol.write(i * BLOCK_SIZE, &block(i)).unwrap();
+    }
+    let b = BLOCK_SIZE;
+    let space = |pool: &Pool| pool.volume_space("v").unwrap();
+    let s = space(&pool);
+    assert_eq!(
+        (
+            s.volume.allocated_bytes,
+            s.volume.exclusive_bytes,
+            s.volume.shared_bytes
+        ),
+        (4 * b, 4 * b, 0)
+    );
+    pool.create_snapshot("v", "s1").unwrap();
+    let s = space(&pool);
+    assert_eq!(
+        (s.volume.exclusive_bytes, s.volume.shared_bytes),
+        (0, 4 * b)
+    );
+    assert_eq!(s.snapshots[0].0, "s1");
+    assert_eq!(
+        (
+            s.snapshots[0].1.exclusive_bytes,
+            s.snapshots[0].1.shared_bytes
+        ),
+        (0, 4 * b)
+    );
+    vol.write(0, &block(9)).unwrap();
+    let s = space(&pool);
+    assert_eq!(
+        (s.volume.exclusive_bytes, s.volume.shared_bytes),
+        (b, 3 * b)
+    );
+    assert_eq!(
+        (
+            s.snapshots[0].1.exclusive_bytes,
+            s.snapshots[0].1.shared_bytes
+        ),
+        (b, 3 * b)
+    );
+    // A clone shares the snapshot's copy of block 0.
+    pool.clone_volume("v", "s1", "c").unwrap();
+    let s = space(&pool);
+    assert_eq!(
+        (
+            s.snapshots[0].1.exclusive_bytes,
+            s.snapshots[0].1.shared_bytes
+        ),
+        (0, 4 * b)
+    );
+    let c = pool.volume_space("c").unwrap();
+    assert_eq!(
+        (c.volume.exclusive_bytes, c.volume.shared_bytes),
+        (0, 4 * b)
+    );
+}
