@@ -470,8 +470,16 @@ async fn volume_info(
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<VolumeInfo>, ApiError> {
     let pool = s.pool.clone();
-    let info = blocking(move || pool.volume_info(&name)).await?;
-    Ok(Json(s.view(info)))
+    let (info, space) = blocking(move || {
+        let info = pool.volume_info(&name)?;
+        let space = pool.volume_space(&name)?;
+        Ok((info, space))
+    })
+    .await?;
+    let mut info = s.view(info);
+    info.exclusive_bytes = Some(space.volume.exclusive_bytes);
+    info.shared_bytes = Some(space.volume.shared_bytes);
+    Ok(Json(info))
 }
 
 async fn resize_volume(
@@ -510,9 +518,25 @@ async fn list_snapshots(
     State(s): State<ApiState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<SnapshotList>, ApiError> {
-    let snaps = blocking(move || s.pool.list_snapshots(&name)).await?;
+    let (snaps, space) = blocking(move || {
+        let snaps = s.pool.list_snapshots(&name)?;
+        let space = s.pool.volume_space(&name)?;
+        Ok((snaps, space))
+    })
+    .await?;
+    let space: std::collections::HashMap<String, vpool_engine::ImageSpace> =
+        space.snapshots.into_iter().collect();
     Ok(Json(SnapshotList {
-        snapshots: snaps.into_iter().map(SnapshotInfo::from).collect(),
+        snapshots: snaps
+            .into_iter()
+            .map(|e| {
+                let sp = space.get(&e.name).copied();
+                let mut out = SnapshotInfo::from(e);
+                out.exclusive_bytes = sp.map(|x| x.exclusive_bytes);
+                out.shared_bytes = sp.map(|x| x.shared_bytes);
+                out
+            })
+            .collect(),
     }))
 }
 

@@ -32,6 +32,13 @@ pub struct VolumeInfo {
     /// Set when the volume is a sealed template (read-only gold master).
     #[serde(default)]
     pub template: Option<TemplateInfo>,
+    /// Of `allocated_bytes`: bytes no snapshot or clone shares (freed if the
+    /// volume is deleted), and bytes shared. Only in `GET
+    /// /v1/volumes/{name}` (they cost a walk of the maps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclusive_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_bytes: Option<u64>,
 }
 
 impl From<vpool_engine::VolumeInfo> for VolumeInfo {
@@ -47,6 +54,8 @@ impl From<vpool_engine::VolumeInfo> for VolumeInfo {
             snapshots: v.snapshots,
             ephemeral: v.ephemeral,
             template: None,
+            exclusive_bytes: None,
+            shared_bytes: None,
         }
     }
 }
@@ -236,6 +245,13 @@ pub struct SnapshotInfo {
     pub allocated_bytes: u64,
     /// Log sequence number at which it was taken: orders the snapshots.
     pub seq: u64,
+    /// Of `allocated_bytes`: bytes only this snapshot holds (freed if it is
+    /// deleted), and bytes it shares with the volume, other snapshots or
+    /// clones. Filled in by `GET /v1/volumes/{name}/snapshots`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclusive_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_bytes: Option<u64>,
 }
 
 impl From<vpool_engine::SnapshotInfo> for SnapshotInfo {
@@ -246,6 +262,8 @@ impl From<vpool_engine::SnapshotInfo> for SnapshotInfo {
             size_bytes: s.size_bytes,
             allocated_bytes: s.allocated_bytes,
             seq: s.seq,
+            exclusive_bytes: None,
+            shared_bytes: None,
         }
     }
 }

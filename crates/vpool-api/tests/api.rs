@@ -167,7 +167,7 @@ fn volume_lifecycle() {
         .collect();
     assert_eq!(names.len(), 2);
     assert!(names.contains(&"web1".to_string()) && names.contains(&"db.2".to_string()));
-    assert_eq!(c.volume_info("web1").unwrap(), v);
+    assert_eq!(without_space(c.volume_info("web1").unwrap()), v);
 
     // Grow, refuse to shrink, shrink when allowed.
     assert_eq!(
@@ -690,7 +690,21 @@ fn snapshot_routes() {
     assert!(b.seq > a.seq);
     assert_eq!(b.size_bytes, 8 * MIB);
     let list = c.list_snapshots("web1").unwrap();
-    assert_eq!(list, vec![a.clone(), b.clone()]);
+    let names: Vec<(&str, u64)> = list.iter().map(|s| (s.name.as_str(), s.seq)).collect();
+    assert_eq!(names, vec![("a", a.seq), ("b", b.seq)]);
+    // The list says what each snapshot holds alone: `a` alone has the block
+    // overwritten after it; `b` shares everything with the volume.
+    assert_eq!(list[0].exclusive_bytes, Some(4096));
+    assert_eq!(list[0].shared_bytes, Some(MIB - 4096));
+    assert_eq!(
+        (list[1].exclusive_bytes, list[1].shared_bytes),
+        (Some(0), Some(MIB))
+    );
+    let vol = c.volume_info("web1").unwrap();
+    assert_eq!(
+        (vol.exclusive_bytes, vol.shared_bytes),
+        (Some(0), Some(MIB))
+    );
     assert_eq!(c.snapshot_info("web1", "a").unwrap(), a);
     assert_eq!(c.volume_info("web1").unwrap().snapshots, 2);
 
@@ -824,7 +838,9 @@ fn snapshot_routes() {
         .request("DELETE", "/v1/volumes/web1/snapshots/a", None)
         .unwrap();
     assert_eq!(r.status, 204);
-    assert_eq!(c.list_snapshots("web1").unwrap(), vec![b]);
+    let left = c.list_snapshots("web1").unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!((left[0].name.as_str(), left[0].seq), ("b", b.seq));
 }
 
 #[test]
@@ -859,7 +875,7 @@ fn template_routes() {
     assert_eq!(t.snapshot, "template");
     assert_eq!(t.digest.as_deref(), Some(sha256(&image).as_str()));
     assert!(t.sealed_at_unix > 1_600_000_000);
-    assert_eq!(c.volume_info("deb").unwrap(), v);
+    assert_eq!(without_space(c.volume_info("deb").unwrap()), v);
     assert_eq!(
         c.list_volumes().unwrap()[0].template.as_ref(),
         Some(&t),
@@ -1235,4 +1251,12 @@ fn ephemeral_volumes_are_marked() {
         )
         .unwrap();
     assert_error(&r, 400, ErrorKind::Invalid);
+}
+
+/// `GET /v1/volumes/{name}` adds the exclusive/shared split that the other
+/// routes leave out; this drops it to compare with their answers.
+fn without_space(mut v: vpool_api::VolumeInfo) -> vpool_api::VolumeInfo {
+    v.exclusive_bytes = None;
+    v.shared_bytes = None;
+    v
 }

@@ -623,11 +623,20 @@ pub fn render_snapshot_table(volume: &str, snaps: &[SnapshotInfo]) -> String {
                 s.name.clone(),
                 format_size(s.size_bytes),
                 format_size(s.allocated_bytes),
+                s.exclusive_bytes
+                    .map(format_size)
+                    .unwrap_or_else(|| "-".into()),
+                s.shared_bytes
+                    .map(format_size)
+                    .unwrap_or_else(|| "-".into()),
                 s.seq.to_string(),
             ]
         })
         .collect();
-    render_table(&["NAME", "SIZE", "ALLOCATED", "SEQ"], &rows)
+    render_table(
+        &["NAME", "SIZE", "ALLOCATED", "EXCLUSIVE", "SHARED", "SEQ"],
+        &rows,
+    )
 }
 
 /// The `vol diff` text: one line per changed extent and a summary.
@@ -765,6 +774,13 @@ pub fn render_volume_info(v: &VolumeInfo) -> String {
             "no"
         },
     );
+    if let (Some(x), Some(sh)) = (v.exclusive_bytes, v.shared_bytes) {
+        out.push_str(&format!(
+            "exclusive:  {} (freed if deleted)\nshared:     {} (with snapshots or clones)\n",
+            format_size(x),
+            format_size(sh)
+        ));
+    }
     match &v.template {
         Some(t) => {
             out.push_str(&format!(
@@ -1048,6 +1064,8 @@ mod tests {
             snapshots: 0,
             ephemeral: false,
             template: None,
+            exclusive_bytes: Some(1 << 29),
+            shared_bytes: Some(1 << 30),
         };
         let t = render_volume_table(std::slice::from_ref(&v));
         let lines: Vec<&str> = t.lines().collect();
@@ -1061,6 +1079,10 @@ mod tests {
         assert_eq!(render_volume_table(&[]), "no volumes\n");
         assert!(render_volume_info(&v).contains("20 GiB (21474836480 bytes)"));
         assert!(render_volume_info(&v).contains("template:   no\n"));
+        assert!(
+            render_volume_info(&v)
+                .contains("exclusive:  512 MiB (freed if deleted)\nshared:     1 GiB")
+        );
     }
 
     #[test]
@@ -1118,9 +1140,15 @@ mod tests {
             size_bytes: 1 << 30,
             allocated_bytes: 0,
             seq: 17,
+            exclusive_bytes: Some(0),
+            shared_bytes: None,
         };
         let t = render_snapshot_table("w", &[s]);
-        assert!(t.starts_with("NAME  SIZE   ALLOCATED  SEQ\n"), "{t}");
+        assert!(
+            t.starts_with("NAME  SIZE   ALLOCATED  EXCLUSIVE  SHARED  SEQ\n"),
+            "{t}"
+        );
+        assert!(t.contains("0 B        -       17"), "{t}");
         assert_eq!(render_snapshot_table("w", &[]), "no snapshots of w\n");
     }
 }
