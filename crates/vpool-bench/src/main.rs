@@ -83,6 +83,9 @@ enum Cmd {
         /// Also write this many random 4 KiB blocks (more extents).
         #[arg(long, default_value_t = 100_000)]
         random_writes: u64,
+        /// Snapshots to take (timed), then read through.
+        #[arg(long, default_value_t = 1000)]
+        snapshots: u64,
     },
     /// Heap bytes of metadata per mapped block, for random and sequential data.
     Memory {
@@ -128,7 +131,8 @@ fn main() -> Result<()> {
             pool,
             written_gib,
             random_writes,
-        } => snapshots(&pool, written_gib, random_writes),
+            snapshots: count,
+        } => snapshots(&pool, written_gib, random_writes, count),
     }
 }
 
@@ -248,7 +252,12 @@ fn random_read_rate(vol: &vpool_engine::Volume, size: u64, count: u64) -> Result
     Ok(count as f64 / t.elapsed().as_secs_f64())
 }
 
-fn snapshots(dir: &std::path::Path, written_gib: u64, random_writes: u64) -> Result<()> {
+fn snapshots(
+    dir: &std::path::Path,
+    written_gib: u64,
+    random_writes: u64,
+    count: u64,
+) -> Result<()> {
     let store = LocalDirStore::open(dir).context("opening the pool")?;
     let (pool, _) = Pool::open(Arc::new(store), PoolConfig::default())?;
     let size = (written_gib.max(1)) << 30;
@@ -267,14 +276,14 @@ fn snapshots(dir: &std::path::Path, written_gib: u64, random_writes: u64) -> Res
     let extents = pool.volume_info("big")?.extents;
     // Snapshot creation: the call returns when the snapshot is durable.
     let mut lat_us = Vec::new();
-    for i in 0..200 {
+    for i in 0..count {
         vol.write(rng.gen_range(0..size / BLOCK_SIZE) * BLOCK_SIZE, &block)?;
         let t = Instant::now();
         pool.create_snapshot("big", &format!("s{i}"))?;
         lat_us.push(t.elapsed().as_secs_f64() * 1e6);
     }
     lat_us.sort_by(f64::total_cmp);
-    // Reads after 200 snapshots vs a plain volume of the same layout.
+    // Reads after `count` snapshots vs a plain volume of the same layout.
     pool.create_volume("plain", 64 << 20)?;
     pool.create_volume("c0", 64 << 20)?;
     for name in ["plain", "c0"] {
@@ -321,7 +330,7 @@ fn snapshots(dir: &std::path::Path, written_gib: u64, random_writes: u64) -> Res
         v[v.len() / 2]
     };
     println!(
-        "{{\"written_gib\": {written_gib}, \"extents\": {extents}, \"snapshot_create_us_p50\": {:.0}, \"snapshot_create_us_p99\": {:.0}, \"read_ratio_clone_depth_100_vs_plain\": {:.2}, \"read_ratio_after_200_snapshots_vs_plain\": {:.2}, \"clones_100_seconds\": {clone_secs:.3}, \"clones_100_new_bytes\": {}}}",
+        "{{\"written_gib\": {written_gib}, \"extents\": {extents}, \"snapshot_create_us_p50\": {:.0}, \"snapshot_create_us_p99\": {:.0}, \"read_ratio_clone_depth_100_vs_plain\": {:.2}, \"snapshots\": {count}, \"read_ratio_after_snapshots_vs_plain\": {:.2}, \"clones_100_seconds\": {clone_secs:.3}, \"clones_100_new_bytes\": {}}}",
         percentile(&lat_us, 0.5),
         percentile(&lat_us, 0.99),
         median(&mut deep_r) / median(&mut plain_r),
