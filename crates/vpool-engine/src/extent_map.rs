@@ -140,6 +140,28 @@ impl ExtentMap {
     ) {
         assert!(len > 0, "empty extents are never set");
         let end = start.checked_add(len).expect("block range fits u64");
+        // Fast path: an exact overwrite of one extent (the common random
+        // write) is one lookup and one insert.
+        if let Some(&e) = self.map.get(&start)
+            && u64::from(e.len_blocks) == len
+        {
+            displaced(e.target, len);
+            match target {
+                Some(t) => {
+                    self.map.insert(
+                        start,
+                        Extent {
+                            len_blocks: e.len_blocks,
+                            target: t,
+                        },
+                    );
+                }
+                None => {
+                    self.map.remove(&start);
+                }
+            }
+            return;
+        }
         // Split an extent that straddles `start`.
         if let Some((&k, &e)) = self.map.get_prev(&start) {
             let e_end = k + u64::from(e.len_blocks);

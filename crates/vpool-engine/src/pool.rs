@@ -69,6 +69,10 @@ pub struct PoolConfig {
     /// The cleaner rewrites at most this many segments a pass, so one pass
     /// is bounded in time and in the new log it writes.
     pub clean_max_segments_per_pass: usize,
+    /// The background cleaner runs only while the pool's garbage ratio is
+    /// above this: cleaning costs a read and a rewrite of live data, so it
+    /// waits until there is space worth taking back.
+    pub clean_when_garbage_above: f64,
     /// Run the maintenance thread (background sync, checkpoints, cleaner).
     /// Tests that drive those by hand turn it off.
     pub background: bool,
@@ -83,6 +87,7 @@ impl Default for PoolConfig {
             checkpoint_interval_bytes: 256 << 20,
             clean_below_live_fraction: 0.5,
             clean_max_segments_per_pass: 8,
+            clean_when_garbage_above: 0.25,
             background: true,
             maintenance_period: Duration::from_millis(200),
         }
@@ -308,6 +313,9 @@ struct Inner {
     delete_gate: RwLock<()>,
     /// One checkpoint or cleaner pass at a time.
     maintenance_lock: Mutex<()>,
+    /// Segments whose live data the cleaner has relocated: deleted after the
+    /// next checkpoint whose state was captured after their relocation.
+    relocated_victims: Mutex<Vec<(SegmentId, u64)>>,
     shutdown: AtomicBool,
     wake: Condvar,
     wake_lock: Mutex<bool>,
@@ -879,6 +887,7 @@ impl Pool {
             state: Mutex::new(st),
             delete_gate: RwLock::new(()),
             maintenance_lock: Mutex::new(()),
+            relocated_victims: Mutex::new(Vec::new()),
             shutdown: AtomicBool::new(false),
             wake: Condvar::new(),
             wake_lock: Mutex::new(false),
@@ -1387,10 +1396,15 @@ impl Pool {
     /// Writes a checkpoint: recovery will start from the current end of log.
     pub fn checkpoint(&self) -> Result<()> {
         let _m = self.inner.maintenance_lock.lock();
-        self.checkpoint_locked()
+        self.checkpoint_locked().map(|_| ())
     }
 
-    fn checkpoint_locked(&self) -> Result<()> {
+    /// Writes a checkpoint, then deletes the segments the cleaner emptied
+    /// before it was captured. Returns (segments deleted, bytes freed).
+    fn checkpoint_locked(&self) -> Result<(u64, u64)> {
+        // Victims relocated before the capture below: the checkpoint no longer
+        // refers to them and replay starts after them.
+        let victims: Vec<(SegmentId, u64)> = self.inner.relocated_victims.lock().clone();
         let (ckpt, log_bytes) = {
             let mut st = self.inner.state.lock();
             let c = Checkpoint {
@@ -1444,7 +1458,32 @@ impl Pool {
             .counters
             .checkpoints_written
             .fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        if victims.is_empty() {
+            return Ok((0, 0));
+        }
+        let _gate = self.inner.delete_gate.write();
+        let (mut deleted, mut freed) = (0, 0);
+        for &(id, _) in &victims {
+            let s = {
+                let mut st = self.inner.state.lock();
+                st.apply_pending_refs();
+                st.segments.get(&id).copied().unwrap_or_default()
+            };
+            // New data only ever goes to the open segment, and a snapshot or
+            // clone taken since the relocation copied maps that no longer
+            // point at the victim: nothing can refer to it now.
+            assert_eq!(s.refs, 0, "victim {id} is referenced after relocation");
+            self.inner.store.delete_segment(id)?;
+            self.inner.state.lock().segments.remove(&id);
+            self.inner.relocated_victims.lock().retain(|v| v.0 != id);
+            deleted += 1;
+            freed += s.size_bytes;
+        }
+        self.inner
+            .counters
+            .segments_cleaned
+            .fetch_add(deleted, Ordering::Relaxed);
+        Ok((deleted, freed))
     }
 
     /// Stops the maintenance thread, writes a checkpoint, and closes. Writes
@@ -1689,21 +1728,55 @@ impl Pool {
             // Syncing sealed segments early keeps a later flush short.
             self.flush()?;
         }
+        // Clean only when garbage is worth it: a pass costs a read of each
+        // victim and a rewrite of its live data.
+        if self.stats().garbage_ratio > self.inner.config.clean_when_garbage_above {
+            let _m = self.inner.maintenance_lock.lock();
+            self.relocate_pass()?;
+        }
+        // Emptied segments go with the next checkpoint: one is due by log
+        // size, or enough space waits on one.
+        let waiting = self.inner.relocated_victims.lock().len();
         let due = self.inner.state.lock().log_bytes_since_checkpoint
-            >= self.inner.config.checkpoint_interval_bytes;
+            >= self.inner.config.checkpoint_interval_bytes
+            || waiting >= self.inner.config.clean_max_segments_per_pass * 4;
         if due {
             self.checkpoint()?;
         }
-        self.clean()?;
         Ok(())
     }
 
-    /// One cleaner pass: picks sealed segments whose live fraction is below
-    /// the configured threshold, copies their live blocks to the head of the
-    /// log, checkpoints, and deletes them.
+    /// One cleaner pass, to the end: picks sealed segments whose live
+    /// fraction is below the configured threshold, copies their live blocks
+    /// to the head of the log, checkpoints, and deletes them (and any
+    /// segments emptied by earlier background passes).
     pub fn clean(&self) -> Result<CleanReport> {
         let _m = self.inner.maintenance_lock.lock();
-        let mut report = CleanReport::default();
+        let relocated = self.relocate_pass()?;
+        if self.inner.relocated_victims.lock().is_empty() {
+            return Ok(CleanReport::default());
+        }
+        let (deleted, freed) = self.checkpoint_locked()?;
+        let report = CleanReport {
+            segments_deleted: deleted,
+            bytes_relocated: relocated,
+            bytes_freed: freed,
+        };
+        tracing::debug!(?report, "cleaner pass");
+        Ok(report)
+    }
+
+    /// Picks victims and relocates their live data; they are deleted by the
+    /// next checkpoint. Returns the bytes relocated. The caller holds the
+    /// maintenance lock.
+    fn relocate_pass(&self) -> Result<u64> {
+        let waiting: Vec<SegmentId> = self
+            .inner
+            .relocated_victims
+            .lock()
+            .iter()
+            .map(|v| v.0)
+            .collect();
         let victims: Vec<(SegmentId, SegInfo)> = {
             let mut st = self.inner.state.lock();
             st.apply_pending_refs();
@@ -1712,7 +1785,7 @@ impl Pool {
             let mut v: Vec<(SegmentId, SegInfo, f64)> = st
                 .segments
                 .iter()
-                .filter(|(id, _)| **id < open && !unsynced.contains(id))
+                .filter(|(id, _)| **id < open && !unsynced.contains(id) && !waiting.contains(id))
                 .map(|(&id, &s)| {
                     // Shared blocks count once per map: sharing makes a
                     // segment look fuller than it is, never emptier.
@@ -1726,43 +1799,21 @@ impl Pool {
             v.truncate(self.inner.config.clean_max_segments_per_pass);
             v.into_iter().map(|(id, s, _)| (id, s)).collect()
         };
-        if victims.is_empty() {
-            return Ok(report);
-        }
-        for &(id, info) in &victims {
+        let mut relocated = 0;
+        for (id, info) in victims {
             if info.refs > 0 {
-                report.bytes_relocated += self.relocate_live(id, info.size_bytes)?;
+                relocated += self.relocate_live(id, info.size_bytes)?;
             }
+            self.inner
+                .relocated_victims
+                .lock()
+                .push((id, info.size_bytes));
         }
-        // The checkpoint no longer refers to the victims, and replay starts
-        // after them: now they can go.
-        self.checkpoint_locked()?;
-        let _gate = self.inner.delete_gate.write();
-        for &(id, _) in &victims {
-            let s = {
-                let mut st = self.inner.state.lock();
-                st.apply_pending_refs();
-                st.segments.get(&id).copied().unwrap_or_default()
-            };
-            // New data only ever goes to the open segment, and a snapshot or
-            // clone taken since the relocation copied maps that no longer
-            // point at the victim: nothing can refer to it now.
-            assert_eq!(s.refs, 0, "victim {id} is referenced after relocation");
-            self.inner.store.delete_segment(id)?;
-            self.inner.state.lock().segments.remove(&id);
-            report.segments_deleted += 1;
-            report.bytes_freed += s.size_bytes;
-        }
-        self.inner
-            .counters
-            .segments_cleaned
-            .fetch_add(report.segments_deleted, Ordering::Relaxed);
         self.inner
             .counters
             .bytes_relocated
-            .fetch_add(report.bytes_relocated, Ordering::Relaxed);
-        tracing::debug!(?report, "cleaner pass");
-        Ok(report)
+            .fetch_add(relocated, Ordering::Relaxed);
+        Ok(relocated)
     }
 
     /// Copies the blocks of segment `id` that any map (volume or snapshot)
