@@ -59,7 +59,7 @@ echo "== one snapshot a second during 4 KiB random writes (qd32, ${fio_secs} s r
 fio_iops() {
   fio --name=rw --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k --iodepth=32 --size="${written_gib}G" \
       --time_based --runtime="$fio_secs" --output-format=json 2>/dev/null |
-    python3 -c "import json,sys; print(json.load(sys.stdin)['jobs'][0]['write']['iops'])"
+    python3 -c "import json,sys; t=sys.stdin.read(); print(json.loads(t[t.index('{'):])['jobs'][0]['write']['iops'])"
 }
 ratios=()
 for round in 1 2; do
