@@ -62,12 +62,19 @@ fio_iops() {
     python3 -c "import json,sys; t=sys.stdin.read(); print(json.loads(t[t.index('{'):])['jobs'][0]['write']['iops'])"
 }
 ratios=()
-for round in 1 2; do
-  base=$(fio_iops)
-  ( i=0; while :; do i=$((i + 1)); $V snap create "bench@r${round}s$i" >/dev/null; sleep 1; done ) &
-  snapper=$!
-  with=$(fio_iops)
+with_snapshots() { # round -> IOPS of a run with one snapshot a second
+  ( i=0; while :; do i=$((i + 1)); $V snap create "bench@r${1}s$i" >/dev/null; sleep 1; done ) &
+  local snapper=$!
+  fio_iops
   kill $snapper; wait $snapper 2>/dev/null || true
+}
+for round in 1 2 3 4; do
+  # A B, then B A: the volume's state drifts (garbage, cleaner) over the run.
+  if [ $((round % 2)) -eq 1 ]; then
+    base=$(fio_iops); with=$(with_snapshots "$round")
+  else
+    with=$(with_snapshots "$round"); base=$(fio_iops)
+  fi
   echo "round $round: without $base IOPS, with $with IOPS"
   ratios+=("$(python3 -c "print($with / $base)")")
 done
