@@ -43,7 +43,8 @@ pub enum Target {
 }
 
 impl Target {
-    fn advance(self, blocks: u64) -> Target {
+    /// The target of the block `blocks` further on.
+    pub fn advance(self, blocks: u64) -> Target {
         match self {
             Target::Zero => Target::Zero,
             Target::Data(d) => Target::Data(d.advance(blocks)),

@@ -401,6 +401,22 @@ impl State {
         debug_assert!(self.segments.values().all(|s| s.refs >= 0));
     }
 
+    /// (live data bytes, segment bytes, garbage ratio) of the pool. A block
+    /// shared by several maps (snapshots, clones) counts once per map here:
+    /// live bytes are an upper bound.
+    fn space(&mut self) -> (u64, u64, f64) {
+        self.apply_pending_refs();
+        let physical: u64 = self.segments.values().map(|s| s.size_bytes).sum();
+        let refs: i64 = self.segments.values().map(|s| s.refs).sum();
+        let live = refs.max(0) as u64 * BLOCK_SIZE;
+        let ratio = if physical == 0 {
+            0.0
+        } else {
+            (1.0 - live as f64 / physical as f64).max(0.0)
+        };
+        (live, physical, ratio)
+    }
+
     /// Every map of the pool: volumes and their snapshots.
     fn all_maps_mut(&mut self) -> impl Iterator<Item = &mut ExtentMap> {
         self.volumes.values_mut().flat_map(|v| {
@@ -420,13 +436,7 @@ impl State {
         match h.kind {
             RecordKind::Write => {
                 self.check_record_range(h)?;
-                let crc_off = rec_off + RECORD_HEADER_LEN as u64;
-                let data_off = crc_off + u64::from(h.nblocks) * CRC_LEN as u64;
-                let loc = DataLoc {
-                    seg,
-                    data_off: u32::try_from(data_off).expect("segment under 4 GiB"),
-                    crc_off: u32::try_from(crc_off).expect("segment under 4 GiB"),
-                };
+                let loc = record_data_loc(seg, rec_off, h.nblocks);
                 self.set_blocks(
                     h.volume,
                     h.block,
@@ -600,13 +610,7 @@ impl State {
             RecordKind::Relocate => {
                 // Counts must be exact before maps change under them.
                 self.apply_pending_refs();
-                let crc_off = rec_off + RECORD_HEADER_LEN as u64;
-                let data_off = crc_off + u64::from(h.nblocks) * CRC_LEN as u64;
-                let new = DataLoc {
-                    seg,
-                    data_off: u32::try_from(data_off).expect("segment under 4 GiB"),
-                    crc_off: u32::try_from(crc_off).expect("segment under 4 GiB"),
-                };
+                let new = record_data_loc(seg, rec_off, h.nblocks);
                 let old = DataLoc {
                     seg: SegmentId(h.arg),
                     data_off: h.arg2,
@@ -1211,8 +1215,8 @@ impl Pool {
         while pos < blocks {
             let (x, y) = (&pa[i], &pb[j]);
             let end = (x.start_block + x.len_blocks).min(y.start_block + y.len_blocks);
-            let tx = x.target.map(|t| advance_target(t, pos - x.start_block));
-            let ty = y.target.map(|t| advance_target(t, pos - y.start_block));
+            let tx = x.target.map(|t| t.advance(pos - x.start_block));
+            let ty = y.target.map(|t| t.advance(pos - y.start_block));
             let zero = |t: Option<Target>| matches!(t, None | Some(Target::Zero));
             // Past the old image's end everything written counts as new.
             let mut pieces = vec![(pos, end)];
@@ -1507,23 +1511,14 @@ impl Pool {
 
     pub fn stats(&self) -> PoolStats {
         let mut st = self.inner.state.lock();
-        st.apply_pending_refs();
-        let physical: u64 = st.segments.values().map(|s| s.size_bytes).sum();
-        let refs: i64 = st.segments.values().map(|s| s.refs).sum();
-        // A block shared by several maps (snapshots, clones) counts once per
-        // map here: an upper bound of the live bytes.
-        let live = refs.max(0) as u64 * BLOCK_SIZE;
+        let (live, physical, garbage_ratio) = st.space();
         PoolStats {
             volumes: st.volumes.len() as u64,
             logical_bytes: st.volumes.values().map(|v| v.size_bytes).sum(),
             live_data_bytes: live,
             physical_bytes: physical,
             segments: st.segments.len() as u64,
-            garbage_ratio: if physical == 0 {
-                0.0
-            } else {
-                (1.0 - live as f64 / physical as f64).max(0.0)
-            },
+            garbage_ratio,
             free_bytes: self.inner.store.free_bytes(),
             extents: st
                 .volumes
@@ -1730,7 +1725,7 @@ impl Pool {
         }
         // Clean only when garbage is worth it: a pass costs a read of each
         // victim and a rewrite of its live data.
-        if self.stats().garbage_ratio > self.inner.config.clean_when_garbage_above {
+        if self.inner.state.lock().space().2 > self.inner.config.clean_when_garbage_above {
             let _m = self.inner.maintenance_lock.lock();
             self.relocate_pass()?;
         }
@@ -1840,13 +1835,8 @@ impl Pool {
             });
         }
         for (off, h) in records {
-            let crc_start = off as u64 + RECORD_HEADER_LEN as u64;
-            let data_start = crc_start + u64::from(h.nblocks) * CRC_LEN as u64;
-            let here = DataLoc {
-                seg: id,
-                data_off: u32::try_from(data_start).expect("segment under 4 GiB"),
-                crc_off: u32::try_from(crc_start).expect("segment under 4 GiB"),
-            };
+            let here = record_data_loc(id, off as u64, h.nblocks);
+            let (crc_start, data_start) = (here.crc_off as usize, here.data_off as usize);
             let n = h.nblocks as usize;
             let mut st = self.writable_state()?;
             st.apply_pending_refs();
@@ -1872,9 +1862,9 @@ impl Pool {
                     continue;
                 }
                 let run = live[i..].iter().take_while(|&&l| l).count();
-                let crcs = &image[crc_start as usize + i * CRC_LEN..][..run * CRC_LEN];
-                let data = &image[data_start as usize + i * BLOCK_SIZE as usize..]
-                    [..run * BLOCK_SIZE as usize];
+                let crcs = &image[crc_start + i * CRC_LEN..][..run * CRC_LEN];
+                let data =
+                    &image[data_start + i * BLOCK_SIZE as usize..][..run * BLOCK_SIZE as usize];
                 let old = here.advance(i as u64);
                 let nh = RecordHeader {
                     kind: RecordKind::Relocate,
@@ -2037,10 +2027,15 @@ fn snapshot_info(volume: &str, name: &str, s: &Snap) -> SnapshotInfo {
     }
 }
 
-fn advance_target(t: Target, blocks: u64) -> Target {
-    match t {
-        Target::Zero => Target::Zero,
-        Target::Data(d) => Target::Data(d.advance(blocks)),
+/// Where the data of a write or relocate record at `rec_off` of `seg`
+/// starts: its checksums follow the header, its blocks follow them.
+fn record_data_loc(seg: SegmentId, rec_off: u64, nblocks: u32) -> DataLoc {
+    let crc_off = rec_off + RECORD_HEADER_LEN as u64;
+    let data_off = crc_off + u64::from(nblocks) * CRC_LEN as u64;
+    DataLoc {
+        seg,
+        data_off: u32::try_from(data_off).expect("segment under 4 GiB"),
+        crc_off: u32::try_from(crc_off).expect("segment under 4 GiB"),
     }
 }
 
