@@ -11,7 +11,9 @@
 #   fio; libnbd-bin (nbdinfo nbdcopy nbdfuse); python3-libnbd (nbdsh);
 #   nbdkit; qemu-system-x86 (qemu-system-x86_64); qemu-utils (qemu-img
 #   qemu-io qemu-nbd); busybox-static; cpio; e2fsprogs (mkfs.ext4 debugfs);
-#   curl; gzip.
+#   curl; gzip; and for the Ceph micro-cluster of scripts/ceph.sh (S3 tests,
+#   bench/rbd.sh): ceph-mon, ceph-mgr, ceph-osd, radosgw, ceph-common (ceph
+#   rbd rados radosgw-admin monmaptool ceph-authtool), python3.
 # Note: Debian 12's qemu-system-x86 is QEMU 7.2; installing it removes a
 # newer (backported) qemu-utils, so qemu-utils 7.2 is installed after it.
 # Rust: rustfmt and clippy (rustup component add), cargo-fuzz (cargo install).
@@ -85,6 +87,13 @@ missing_pkgs() {
     { have mkfs.ext4 && have debugfs; } || m+=(e2fsprogs)
     have curl || m+=(curl)
     have gzip || m+=(gzip)
+    have ceph-mon || m+=(ceph-mon)
+    have ceph-mgr || m+=(ceph-mgr)
+    have ceph-osd || m+=(ceph-osd)
+    have radosgw || m+=(radosgw)
+    { have ceph && have rbd && have rados && have radosgw-admin && have monmaptool &&
+        have ceph-authtool; } || m+=(ceph-common)
+    have python3 || m+=(python3)
     echo "${m[@]}"
 }
 

@@ -3,13 +3,23 @@
 #
 #   scripts/test.sh                 all stages
 #   scripts/test.sh --skip fuzz     leave out a stage (repeatable):
-#                                   deps fmt clippy test fuzz vm
+#                                   deps fmt clippy ceph test fuzz vm
 #   scripts/test.sh --only test     run just these stages (repeatable)
 #
 # Stages, in order, each timed:
 #   deps    scripts/install-deps.sh (quiet when nothing is missing)
 #   fmt     cargo fmt --all -- --check
 #   clippy  cargo clippy --workspace --all-targets -- -D warnings
+#   ceph    scripts/ceph.sh start, then scripts/ceph.sh check: a Ceph RGW (S3)
+#           micro-cluster (1 mon, 1 mgr, 1 OSD, radosgw on loopback, ~10 s,
+#           ~1 GB of RAM) in $VPOOL_CEPH_DIR (default /tmp/vpool-ceph),
+#           reused if already up there. Its DIR/env (VPOOL_TEST_S3_ENDPOINT,
+#           VPOOL_TEST_S3_BUCKET, AWS_*, VPOOL_TEST_CEPH_CONF, VPOOL_CEPH_DIR)
+#           is exported to the stages after it, with VPOOL_REQUIRE_S3=1 so
+#           that tests needing S3 fail instead of skipping. Stopped (and DIR
+#           removed) when this script ends, unless VPOOL_KEEP_CEPH=1 or it was
+#           already up before. `--only test` runs without it (S3 tests skip):
+#           use `--only ceph --only test`.
 #   test    cargo test --workspace
 #   fuzz    scripts/fuzz-smoke.sh (FUZZ_SECONDS per target, default 20);
 #           skipped while there is no fuzz/ directory or target
@@ -26,7 +36,7 @@ set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 1
 
-all_stages=(deps fmt clippy test fuzz vm)
+all_stages=(deps fmt clippy ceph test fuzz vm)
 skip=()
 only=()
 while [ $# -gt 0 ]; do
@@ -102,6 +112,31 @@ echo "vpool tests in $REPO ($(date -u '+%Y-%m-%d %H:%M:%S UTC'), $(nproc) cores)
 wanted deps && run_stage deps "" scripts/install-deps.sh
 wanted fmt && run_stage fmt "" cargo fmt --all -- --check
 wanted clippy && run_stage clippy "" cargo clippy --workspace --all-targets -- -D warnings
+
+if wanted ceph; then
+    ceph_dir=${VPOOL_CEPH_DIR:-/tmp/vpool-ceph}
+    export VPOOL_REQUIRE_S3=1
+    ceph_note="S3 for the tests"
+    if scripts/ceph.sh status "$ceph_dir" >/dev/null 2>&1; then
+        ceph_note="reused the cluster already up in $ceph_dir"
+    elif [ "${VPOOL_KEEP_CEPH:-0}" != 1 ]; then
+        stop_ceph() { scripts/ceph.sh stop "$ceph_dir" || echo "test.sh: scripts/ceph.sh stop $ceph_dir failed" >&2; }
+        trap stop_ceph EXIT
+        trap 'exit 130' INT
+        trap 'exit 143' TERM
+    else
+        ceph_note="kept running (VPOOL_KEEP_CEPH=1)"
+    fi
+    # shellcheck disable=SC2016  # $1 is for the inner bash
+    run_stage ceph "$ceph_note" bash -c \
+        'scripts/ceph.sh start "$1" >/dev/null && scripts/ceph.sh check "$1"' ceph "$ceph_dir"
+    if [ -f "$ceph_dir/env" ]; then
+        # shellcheck disable=SC1091
+        . "$ceph_dir/env"
+        echo "==> ceph: S3 at $VPOOL_TEST_S3_ENDPOINT, bucket $VPOOL_TEST_S3_BUCKET ($ceph_dir/env)"
+    fi
+fi
+
 wanted test && run_stage test "" cargo test --workspace
 
 if wanted fuzz; then

@@ -291,6 +291,9 @@ struct State {
     /// Set when an append failed: the open segment may hold a partial
     /// record past its end, so the next append starts a new segment.
     roll_before_next_append: bool,
+    /// When the open segment got its first record; the store may ask for it
+    /// to be sealed after a while ([`SegmentStore::seal_after`]).
+    open_since: Option<Instant>,
     /// Maps whose references are still to be added (+1) or removed (-1)
     /// from the segments' counts, in order. Taking a snapshot or a clone
     /// costs O(1) because its O(extents) counting waits here until the
@@ -792,6 +795,7 @@ impl Pool {
             failed: None,
             closed: false,
             roll_before_next_append: false,
+            open_since: None,
             pending_refs: Vec::new(),
         };
         // Replay.
@@ -1328,6 +1332,46 @@ impl Pool {
         Ok(out)
     }
 
+    /// The byte ranges of the log that reading all of `volume` (or of its
+    /// snapshot) touches, per segment, sorted and merged: what a host cache
+    /// must keep resident to serve the image without the backend (pinning).
+    /// O(extents) in time and in the result.
+    pub fn data_ranges(
+        &self,
+        volume: &str,
+        snapshot: Option<&str>,
+    ) -> Result<Vec<(SegmentId, std::ops::Range<u64>)>> {
+        let map = {
+            let st = self.inner.state.lock();
+            let id = lookup_name(&st, volume)?;
+            match snapshot {
+                None => st.vol(id)?.map.clone(),
+                Some(s) => snap_of(&st, id, volume, s)?.map.clone(),
+            }
+        };
+        let mut ranges: Vec<(SegmentId, std::ops::Range<u64>)> = Vec::new();
+        for p in map.iter() {
+            let Some(Target::Data(d)) = p.target else {
+                continue;
+            };
+            let crc = u64::from(d.crc_off)..u64::from(d.crc_off) + p.len_blocks * CRC_LEN as u64;
+            let data = u64::from(d.data_off)..u64::from(d.data_off) + p.len_blocks * BLOCK_SIZE;
+            ranges.push((d.seg, crc));
+            ranges.push((d.seg, data));
+        }
+        ranges.sort_by_key(|(seg, r)| (*seg, r.start));
+        let mut merged: Vec<(SegmentId, std::ops::Range<u64>)> = Vec::with_capacity(ranges.len());
+        for (seg, r) in ranges {
+            match merged.last_mut() {
+                Some((s, last)) if *s == seg && r.start <= last.end => {
+                    last.end = last.end.max(r.end);
+                }
+                _ => merged.push((seg, r)),
+            }
+        }
+        Ok(merged)
+    }
+
     /// A read-only handle on a snapshot (served over NBD as `VOL@SNAP`).
     pub fn snapshot(&self, volume: &str, snapshot: &str) -> Result<Volume> {
         let st = self.inner.state.lock();
@@ -1646,6 +1690,7 @@ impl Pool {
         let len = h.record_len();
         let seg = st.open.id();
         st.open.appended.store(off + len, Ordering::Release);
+        st.open_since.get_or_insert_with(Instant::now);
         st.segments
             .get_mut(&seg)
             .expect("open segment is known")
@@ -1686,6 +1731,7 @@ impl Pool {
             },
         );
         st.roll_before_next_append = false;
+        st.open_since = None;
         self.wake_maintenance();
         Ok(())
     }
@@ -1718,6 +1764,15 @@ impl Pool {
     /// One round of background work: sync sealed segments, checkpoint when
     /// the log has grown, clean when there is garbage.
     pub fn maintenance_step(&self) -> Result<()> {
+        if let Some(age) = self.inner.store.seal_after() {
+            let mut st = self.inner.state.lock();
+            if st.failed.is_none()
+                && !st.closed
+                && st.open_since.is_some_and(|t| t.elapsed() >= age)
+            {
+                self.roll(&mut st)?;
+            }
+        }
         let sealed: Vec<Arc<LogSeg>> = self.inner.state.lock().unsynced.clone();
         if !sealed.is_empty() {
             // Syncing sealed segments early keeps a later flush short.
@@ -2198,6 +2253,9 @@ impl Volume {
             return Ok(());
         }
         let len = data.len() as u64;
+        // Back-pressure happens here, before the lock, so reads go on while
+        // a write waits for the store's write-back space.
+        self.pool.inner.store.admit_write(len)?;
         if offset.is_multiple_of(BLOCK_SIZE) && len.is_multiple_of(BLOCK_SIZE) {
             let crcs = record::block_crcs(data);
             let mut st = self.pool.writable_state()?;

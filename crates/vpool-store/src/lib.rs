@@ -65,6 +65,13 @@ pub enum StoreError {
     Locked { path: String, lock_file: String },
     #[error("simulated crash: the store is down")]
     Crashed,
+    /// Another host took the pool over (its manifest generation is newer):
+    /// this process must never write to the pool again.
+    #[error("fenced: {detail}")]
+    Fenced { detail: String },
+    /// The backing object store did not answer in time, or kept failing.
+    #[error("object store unavailable while {context}: {detail}")]
+    Unavailable { context: String, detail: String },
 }
 
 impl StoreError {
@@ -116,6 +123,19 @@ pub trait SegmentStore: Send + Sync {
     fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>>;
     /// Bytes still free on the device or in the quota, if known.
     fn free_bytes(&self) -> Option<u64> {
+        None
+    }
+    /// Called before a write of `bytes` bytes of data, outside the engine's
+    /// lock. A store whose write-back space is full blocks here (back-
+    /// pressure), so the engine never waits for space while holding its
+    /// lock; it fails only after the store's own timeout.
+    fn admit_write(&self, _bytes: u64) -> Result<()> {
+        Ok(())
+    }
+    /// A store that ships sealed segments elsewhere (an object store) asks
+    /// the engine to seal the open segment once it has held data this long,
+    /// which bounds how far the remote copy lags. `None`: seal by size only.
+    fn seal_after(&self) -> Option<std::time::Duration> {
         None
     }
 }

@@ -83,8 +83,28 @@ impl LocalDirStore {
         &self.root
     }
 
-    fn segment_path(&self, id: SegmentId) -> PathBuf {
+    /// The file that holds segment `id`.
+    pub fn segment_path(&self, id: SegmentId) -> PathBuf {
         self.segments_dir.join(format!("{:016x}.seg", id.0))
+    }
+
+    /// Creates segment `id` as a sparse file of `len_bytes` with no data: a
+    /// placeholder for a segment whose bytes live elsewhere (an object store)
+    /// and are filled in on demand. Durable on return.
+    pub fn create_placeholder(&self, id: SegmentId, len_bytes: u64) -> Result<()> {
+        let path = self.segment_path(id);
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| StoreError::io(format!("creating {}", path.display()), e))?;
+        file.set_len(len_bytes)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| StoreError::io(format!("sizing {}", path.display()), e))?;
+        self.read_files.lock().remove(&id);
+        sync_dir(&self.segments_dir)
     }
 
     fn read_file(&self, id: SegmentId) -> Result<Arc<File>> {

@@ -1,0 +1,422 @@
+//! The S3 pool end to end on a directory bucket (object_store's
+//! LocalFileSystem, which does create-only PUTs atomically), with faults
+//! injected by [`vpool_s3::faults::FaultyStore`]. The same properties are
+//! checked against a real Ceph RGW in `rgw.rs`.
+
+mod common;
+
+use common::*;
+use rand::{Rng, SeedableRng};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use vpool_s3::{OpenError, OpenMode, S3Store};
+use vpool_store::StoreError;
+
+const MIB: u64 = 1 << 20;
+
+fn create() -> OpenMode {
+    OpenMode::Create {
+        allow_unsafe_fencing: false,
+    }
+}
+
+fn open_mode(force: bool) -> OpenMode {
+    OpenMode::Open { force }
+}
+
+#[test]
+fn data_survives_the_loss_of_the_cache() {
+    let t = tempfile::tempdir().unwrap();
+    let bucket = Bucket::new(&t.path().join("bucket"));
+    let (pool, store) = open(
+        bucket.remote(),
+        opts(&t.path().join("c1"), 64 * MIB, create()),
+    );
+    pool.create_volume("v", 16 * MIB).unwrap();
+    let vol = pool.volume("v").unwrap();
+    let mut log = WriteLog::default();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    for _ in 0..1500 {
+        log.write(&vol, rng.gen_range(0..4096));
+    }
+    pool.flush().unwrap();
+    let k = log.check_prefix(&vol, 4096);
+    assert_eq!(k, 1500);
+    close(pool, store);
+
+    // A new host with an empty cache: everything comes from the bucket.
+    let (pool, store) = open(
+        bucket.remote(),
+        opts(&t.path().join("c2"), 64 * MIB, open_mode(false)),
+    );
+    let vol = pool.volume("v").unwrap();
+    assert_eq!(
+        log.check_prefix(&vol, 4096),
+        1500,
+        "a cleanly closed pool is whole in the bucket"
+    );
+    let s = store.stats();
+    assert!(s.bytes_fetched > 0 && s.read_misses > 0, "{s:?}");
+    close(pool, store);
+}
+
+#[test]
+fn the_bucket_is_always_a_prefix_of_the_history() {
+    let t = tempfile::tempdir().unwrap();
+    let bucket = Bucket::new(&t.path().join("bucket"));
+    let (pool, store) = open(
+        bucket.remote(),
+        opts(&t.path().join("c1"), 256 * MIB, create()),
+    );
+    let blocks = 1024; // 4 MiB: lots of overwrites, so the cleaner deletes segments
+    pool.create_volume("v", blocks * BLOCK).unwrap();
+    let vol = pool.volume("v").unwrap();
+    let mut log = WriteLog::default();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    let mut frozen = Vec::new();
+    for round in 0..6 {
+        for i in 0..1500 {
+            log.write(&vol, rng.gen_range(0..blocks));
+            if i % 64 == 0 {
+                pool.flush().unwrap();
+            }
+        }
+        // Freeze the bucket (in-flight calls finish, new ones fail), copy it.
+        bucket.faults.down.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(300));
+        let copy = t.path().join(format!("frozen{round}"));
+        copy_tree(&bucket.dir, &copy);
+        bucket.faults.down.store(false, Ordering::SeqCst);
+        frozen.push(copy);
+    }
+    pool.flush().unwrap();
+    assert!(store.wait_uploaded(Duration::from_secs(30)));
+    let stats = pool.stats();
+    assert!(stats.segments_cleaned > 0, "the cleaner ran: {stats:?}");
+    let mut ks = Vec::new();
+    for (i, copy) in frozen.iter().enumerate() {
+        // Each frozen bucket, opened by a new host (the old one "died").
+        let b = Bucket::new(copy);
+        let (p, s) = open(
+            b.remote(),
+            opts(&t.path().join(format!("cc{i}")), 64 * MIB, open_mode(true)),
+        );
+        ks.push(log.check_prefix(&p.volume("v").unwrap(), blocks));
+        p.close().unwrap();
+        s.close();
+    }
+    eprintln!(
+        "prefixes recovered from the frozen buckets: {ks:?} of {}",
+        log.writes.len()
+    );
+    assert!(
+        ks.last().copied().unwrap_or(0) > 0,
+        "uploads happened during the run"
+    );
+    close(pool, store);
+}
+
+#[test]
+fn a_second_host_is_refused_and_a_takeover_fences_the_first() {
+    let t = tempfile::tempdir().unwrap();
+    let bucket = Bucket::new(&t.path().join("bucket"));
+    let (pool_a, store_a) = open(
+        bucket.remote(),
+        opts(&t.path().join("a"), 64 * MIB, create()),
+    );
+    pool_a.create_volume("v", 4 * MIB).unwrap();
+    let vol_a = pool_a.volume("v").unwrap();
+    let mut log = WriteLog::default();
+    for b in 0..100 {
+        log.write(&vol_a, b);
+    }
+    pool_a.flush().unwrap();
+    assert!(store_a.wait_uploaded(Duration::from_secs(20)));
+
+    let err = S3Store::open(
+        bucket.remote(),
+        opts(&t.path().join("b"), 64 * MIB, open_mode(false)),
+    )
+    .expect_err("a second host must be refused");
+    assert!(matches!(err, OpenError::Held { .. }), "{err}");
+    assert!(err.to_string().contains("--force"), "{err}");
+
+    let (pool_b, store_b) = open(
+        bucket.remote(),
+        opts(&t.path().join("b"), 64 * MIB, open_mode(true)),
+    );
+    assert_eq!(log.check_prefix(&pool_b.volume("v").unwrap(), 1024), 100);
+
+    // A keeps writing; its next commit finds the generation taken.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut failed = None;
+    while Instant::now() < deadline {
+        if let Err(e) = vol_a
+            .write(0, &block_data(999, 0))
+            .and_then(|()| pool_a.flush())
+        {
+            failed = Some(e);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let e = failed.expect("the old holder must be fenced");
+    assert!(store_a.fenced().is_some());
+    assert!(
+        matches!(
+            &e,
+            vpool_engine::EngineError::Store(StoreError::Fenced { .. })
+        ) || e.to_string().contains("fenced")
+            || e.to_string().contains("failed sync"),
+        "{e}"
+    );
+    // B, the holder now, never sees A's late writes.
+    assert_eq!(log.check_prefix(&pool_b.volume("v").unwrap(), 1024), 100);
+    let _ = pool_a.close();
+    assert!(!store_a.close());
+    close(pool_b, store_b);
+}
+
+#[test]
+fn an_outage_delays_uploads_fails_cold_reads_and_loses_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let bucket = Bucket::new(&t.path().join("bucket"));
+    let (pool, store) = open(
+        bucket.remote(),
+        opts(&t.path().join("c1"), 64 * MIB, create()),
+    );
+    pool.create_volume("v", 32 * MIB).unwrap();
+    let vol = pool.volume("v").unwrap();
+    let mut log = WriteLog::default();
+    for b in 0..2048 {
+        log.write(&vol, b);
+    }
+    close(pool, store);
+
+    // A cold cache, 16 MiB: 12 MiB of write-back space.
+    let mut o = opts(&t.path().join("c2"), 16 * MIB, open_mode(false));
+    o.read_timeout = Duration::from_secs(2);
+    let (pool, store) = open(bucket.remote(), o);
+    let vol = pool.volume("v").unwrap();
+    bucket.faults.down.store(true, Ordering::SeqCst);
+
+    // Reads of uncached data fail, in bounded time, with a clear error.
+    let started = Instant::now();
+    let mut buf = vec![0u8; BLOCK as usize];
+    let err = vol.read(0, &mut buf).expect_err("the store is down");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        err.to_string().contains("object store unavailable"),
+        "{err}"
+    );
+
+    // Writes go on into the cache, past the write-back limit: they wait
+    // (no error) until the store is back.
+    let writer = {
+        let vol = pool.volume("v").unwrap();
+        let mut log = log.clone();
+        std::thread::spawn(move || {
+            for b in 2048..(2048 + 5000) {
+                log.write(&vol, b % 8192);
+            }
+            log
+        })
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let st = store.stats();
+    assert!(st.dirty_bytes > 0 && st.remote_errors > 0, "{st:?}");
+    bucket.faults.down.store(false, Ordering::SeqCst);
+    let log = writer.join().unwrap();
+    pool.flush().unwrap();
+    assert_eq!(log.check_prefix(&vol, 8192), log.writes.len() as u64);
+    let st = store.stats();
+    assert!(st.cached_bytes + st.dirty_bytes <= 16 * MIB + MIB, "{st:?}");
+    close(pool, store);
+
+    let (pool, store) = open(
+        bucket.remote(),
+        opts(&t.path().join("c3"), 64 * MIB, open_mode(false)),
+    );
+    assert_eq!(
+        log.check_prefix(&pool.volume("v").unwrap(), 8192),
+        log.writes.len() as u64
+    );
+    close(pool, store);
+}
+
+#[test]
+fn transient_failures_and_short_reads_are_retried() {
+    let t = tempfile::tempdir().unwrap();
+    let bucket = Bucket::new(&t.path().join("bucket"));
+    bucket.faults.fail_one_in.store(4, Ordering::SeqCst);
+    bucket.faults.short_read_one_in.store(3, Ordering::SeqCst);
+    let (pool, store) = open(
+        bucket.remote(),
+        opts(&t.path().join("c1"), 64 * MIB, create()),
+    );
+    pool.create_volume("v", 8 * MIB).unwrap();
+    let vol = pool.volume("v").unwrap();
+    let mut log = WriteLog::default();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    for _ in 0..3000 {
+        log.write(&vol, rng.gen_range(0..2048));
+    }
+    close(pool, store);
+    let (pool, store) = open(
+        bucket.remote(),
+        opts(&t.path().join("c2"), 64 * MIB, open_mode(false)),
+    );
+    assert_eq!(log.check_prefix(&pool.volume("v").unwrap(), 2048), 3000);
+    assert!(bucket.faults.injected.load(Ordering::SeqCst) > 10);
+    close(pool, store);
+}
+
+#[test]
+fn cold_random_reads_fetch_little_and_the_cache_stays_in_its_budget() {
+    let t = tempfile::tempdir().unwrap();
+    let bucket = Bucket::new(&t.path().join("bucket"));
+    let (pool, store) = open(
+        bucket.remote(),
+        opts(&t.path().join("c1"), 256 * MIB, create()),
+    );
+    let blocks = 8192; // 32 MiB
+    pool.create_volume("v", blocks * BLOCK).unwrap();
+    let vol = pool.volume("v").unwrap();
+    let mut log = WriteLog::default();
+    for b in 0..blocks {
+        log.write(&vol, b);
+    }
+    close(pool, store);
+
+    let cache = t.path().join("c2");
+    let (pool, store) = open(bucket.remote(), opts(&cache, 16 * MIB, open_mode(false)));
+    let vol = pool.volume("v").unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    let mut buf = vec![0u8; BLOCK as usize];
+    for _ in 0..1000 {
+        let b = rng.gen_range(0..blocks);
+        vol.read(b * BLOCK, &mut buf).unwrap();
+        assert_eq!(writer_of(&buf, b), b + 1);
+    }
+    let s = store.stats();
+    let ratio = s.bytes_fetched as f64 / (1000 * BLOCK) as f64;
+    eprintln!("random 4 KiB reads, cold: {ratio:.3} bytes fetched per byte read");
+    assert!(ratio <= 2.0, "{s:?}");
+    // A full scan, twice the cache: the data is right and the cache holds
+    // no more than its budget, on disk too.
+    assert_eq!(log.check_prefix(&vol, blocks), blocks);
+    let s = store.stats();
+    assert!(s.cached_bytes <= 16 * MIB, "{s:?}");
+    let on_disk = allocated_bytes(&cache);
+    assert!(
+        on_disk <= 16 * MIB + 2 * MIB,
+        "the cache files take {on_disk} bytes"
+    );
+    close(pool, store);
+}
+
+#[test]
+fn pinned_images_stay_resident_through_a_scan() {
+    let t = tempfile::tempdir().unwrap();
+    let bucket = Bucket::new(&t.path().join("bucket"));
+    let (pool, store) = open(
+        bucket.remote(),
+        opts(&t.path().join("c1"), 256 * MIB, create()),
+    );
+    pool.create_volume("hot", 2 * MIB).unwrap();
+    pool.create_volume("big", 32 * MIB).unwrap();
+    let (hot, big) = (pool.volume("hot").unwrap(), pool.volume("big").unwrap());
+    for b in 0..512 {
+        hot.write(b * BLOCK, &block_data(1, b)).unwrap();
+    }
+    for b in 0..8192 {
+        big.write(b * BLOCK, &block_data(2, b)).unwrap();
+    }
+    pool.create_snapshot("hot", "suspended").unwrap();
+    close(pool, store);
+
+    let (pool, store) = open(
+        bucket.remote(),
+        opts(&t.path().join("c2"), 16 * MIB, open_mode(false)),
+    );
+    store.set_pins(pool.data_ranges("hot", Some("suspended")).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while store.stats().pinned_bytes < 2 * MIB && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("pinned: {:?}", store.stats());
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..2 {
+        for at in (0..32 * MIB).step_by(1 << 20) {
+            pool.volume("big").unwrap().read(at, &mut buf).unwrap();
+        }
+    }
+    let before = store.stats().bytes_fetched;
+    eprintln!("after the scan: {:?}", store.stats());
+    let snap = pool.snapshot("hot", "suspended").unwrap();
+    let mut one = vec![0u8; BLOCK as usize];
+    for b in 0..512 {
+        snap.read(b * BLOCK, &mut one).unwrap();
+        assert_eq!(writer_of(&one, b), 1);
+    }
+    let after = store.stats();
+    assert_eq!(
+        after.bytes_fetched - before,
+        0,
+        "pinned data was fetched again: {after:?}"
+    );
+    close(pool, store);
+}
+
+#[test]
+fn a_store_that_cannot_fence_is_refused_unless_asked() {
+    let t = tempfile::tempdir().unwrap();
+    let bucket = Bucket::new(&t.path().join("bucket"));
+    bucket
+        .faults
+        .ignore_create_only
+        .store(true, Ordering::SeqCst);
+    let err = S3Store::open(
+        bucket.remote(),
+        opts(&t.path().join("c1"), 64 * MIB, create()),
+    )
+    .expect_err("refused");
+    assert!(matches!(err, OpenError::UnsafeFencing { .. }), "{err}");
+    assert!(err.to_string().contains("If-None-Match"), "{err}");
+    let (pool, store) = open(
+        bucket.remote(),
+        opts(
+            &t.path().join("c2"),
+            64 * MIB,
+            OpenMode::Create {
+                allow_unsafe_fencing: true,
+            },
+        ),
+    );
+    assert_eq!(store.stats().fencing, "unsafe");
+    close(pool, store);
+}
+
+#[test]
+fn reopening_the_same_cache_after_a_clean_close_is_warm() {
+    let t = tempfile::tempdir().unwrap();
+    let bucket = Bucket::new(&t.path().join("bucket"));
+    let cache = t.path().join("c1");
+    let (pool, store) = open(bucket.remote(), opts(&cache, 64 * MIB, create()));
+    pool.create_volume("v", 4 * MIB).unwrap();
+    let vol = pool.volume("v").unwrap();
+    let mut log = WriteLog::default();
+    for b in 0..1024 {
+        log.write(&vol, b);
+    }
+    drop(vol); // the last handle on the pool: its cache directory's lock goes with it
+    close(pool, store);
+    let (pool, store) = open(bucket.remote(), opts(&cache, 64 * MIB, open_mode(false)));
+    assert_eq!(log.check_prefix(&pool.volume("v").unwrap(), 1024), 1024);
+    assert_eq!(store.stats().bytes_fetched, 0, "the cache was kept");
+    close(pool, store);
+}
