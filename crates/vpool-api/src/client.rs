@@ -18,8 +18,9 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{ErrorBody, ErrorKind};
 use crate::types::{
-    Allocation, CleanResult, CloneRequest, CreateSnapshotRequest, CreateVolumeRequest, Diff,
-    DiffExtent, PoolInfo, ResizeVolumeRequest, SnapshotInfo, SnapshotList, VolumeInfo, VolumeList,
+    Allocation, CacheInfo, CleanResult, CloneRequest, CreateSnapshotRequest, CreateVolumeRequest,
+    Diff, DiffExtent, PinInfo, PinList, PinRequest, PoolInfo, ResizeVolumeRequest, SnapshotInfo,
+    SnapshotList, VolumeInfo, VolumeList,
 };
 use crate::{MAX_DATA_BYTES, MAX_JSON_BODY_BYTES};
 
@@ -186,6 +187,37 @@ impl Client {
 
     pub fn checkpoint(&self) -> Result<(), ClientError> {
         self.empty_call("POST", "/v1/pool/checkpoint", &[])
+    }
+
+    // ----- the host cache (pools on S3) -----
+
+    /// The cache's figures; `not_supported` on a local pool.
+    pub fn cache_stats(&self) -> Result<CacheInfo, ClientError> {
+        self.json_call("GET", "/v1/cache", None::<&()>)
+    }
+
+    /// The pins, in the order they were made.
+    pub fn cache_pins(&self) -> Result<Vec<PinInfo>, ClientError> {
+        let l: PinList = self.json_call("GET", "/v1/cache/pins", None::<&()>)?;
+        Ok(l.pins)
+    }
+
+    /// Keeps `volume` (or its `snapshot`) resident in the cache.
+    pub fn pin(&self, volume: &str, snapshot: Option<&str>) -> Result<PinInfo, ClientError> {
+        let req = PinRequest {
+            volume: volume.to_string(),
+            snapshot: snapshot.map(str::to_string),
+        };
+        self.json_call("POST", "/v1/cache/pins", Some(&req))
+    }
+
+    /// Removes the pin of `volume` (or of its `snapshot`).
+    pub fn unpin(&self, volume: &str, snapshot: Option<&str>) -> Result<(), ClientError> {
+        let image = match snapshot {
+            Some(s) => format!("{}@{}", escape(volume), escape(s)),
+            None => escape(volume),
+        };
+        self.empty_call("DELETE", &format!("/v1/cache/pins/{image}"), &[])
     }
 
     // ----- volumes -----

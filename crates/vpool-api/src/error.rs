@@ -44,6 +44,9 @@ pub enum ErrorKind {
     Unauthorized,
     /// The route exists but not with this method.
     MethodNotAllowed,
+    /// This pool cannot do that: cache commands on a local pool (it has no
+    /// cache).
+    NotSupported,
     /// A kind this client does not know (sent by a newer server).
     #[serde(other)]
     Unknown,
@@ -56,7 +59,8 @@ impl ErrorKind {
             ErrorKind::AlreadyExists
             | ErrorKind::ShrinkRefused
             | ErrorKind::InUse
-            | ErrorKind::ReadOnly => StatusCode::CONFLICT,
+            | ErrorKind::ReadOnly
+            | ErrorKind::NotSupported => StatusCode::CONFLICT,
             ErrorKind::Invalid => StatusCode::BAD_REQUEST,
             ErrorKind::OutOfRange => StatusCode::RANGE_NOT_SATISFIABLE,
             ErrorKind::Corrupt | ErrorKind::Internal | ErrorKind::Unknown => {
@@ -86,6 +90,7 @@ impl ErrorKind {
             ErrorKind::PayloadTooLarge => "payload_too_large",
             ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
+            ErrorKind::NotSupported => "not_supported",
             ErrorKind::Unknown => "unknown",
         }
     }
@@ -169,7 +174,11 @@ impl From<EngineError> for ApiError {
             EngineError::Corrupt { .. } | EngineError::CorruptMeta { .. } => ErrorKind::Corrupt,
             EngineError::Failed(_) | EngineError::Closed => ErrorKind::Failed,
             EngineError::Store(StoreError::NoSpace { .. }) => ErrorKind::NoSpace,
-            EngineError::Store(StoreError::Crashed) => ErrorKind::Failed,
+            // Another host took the pool over, or the object store behind
+            // the cache does not answer: nothing this request can fix.
+            EngineError::Store(
+                StoreError::Crashed | StoreError::Fenced { .. } | StoreError::Unavailable { .. },
+            ) => ErrorKind::Failed,
             EngineError::Store(_) => ErrorKind::Internal,
         };
         // The full chain, so "I/O error while X" also says what the OS said.
@@ -229,6 +238,7 @@ mod tests {
             (ErrorKind::ReadOnly, "read_only"),
             (ErrorKind::NoSpace, "no_space"),
             (ErrorKind::OutOfRange, "out_of_range"),
+            (ErrorKind::NotSupported, "not_supported"),
         ] {
             assert_eq!(serde_json::to_string(&kind).unwrap(), format!("\"{s}\""));
             assert_eq!(kind.as_str(), s);
@@ -256,5 +266,11 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::NoSpace);
         assert_eq!(e.kind.status(), StatusCode::INSUFFICIENT_STORAGE);
         assert!(e.message.contains("appending"), "{}", e.message);
+        let e: ApiError = EngineError::Store(StoreError::Fenced {
+            detail: "host b took the pool over".into(),
+        })
+        .into();
+        assert_eq!(e.kind, ErrorKind::Failed);
+        assert!(e.message.contains("fenced"), "{}", e.message);
     }
 }

@@ -5,6 +5,8 @@
 //! - [`error`]: the JSON error body, its kinds and their HTTP statuses.
 //! - [`catalog`]: what the daemon keeps beside the engine: templates
 //!   (persisted) and who has each volume open.
+//! - [`cache`]: [`CacheControl`], the host cache of a pool on object
+//!   storage (stats and pins), as the daemon provides it.
 //! - [`server`]: the axum server, started on a Unix socket (trusted: file
 //!   permissions guard it) or a TCP listener (bearer token required).
 //! - [`client`]: a small synchronous client speaking HTTP/1.1 by hand over a
@@ -13,12 +15,14 @@
 //! Every route lives under [`API_PREFIX`] so a later, incompatible API can
 //! sit beside this one.
 
+pub mod cache;
 pub mod catalog;
 pub mod client;
 pub mod error;
 pub mod server;
 pub mod types;
 
+pub use cache::CacheControl;
 pub use catalog::{Access, Catalog, TEMPLATE_SNAPSHOT};
 pub use client::{Client, ClientError, RawResponse};
 pub use error::{ApiError, ErrorBody, ErrorDetail, ErrorKind};

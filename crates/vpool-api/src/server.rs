@@ -23,18 +23,20 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use tokio::net::{TcpListener, UnixListener};
 use vpool_engine::{EngineError, Pool, STATE_HOLE, STATE_ZERO};
 
+use crate::cache::CacheControl;
 use crate::catalog::{Catalog, TEMPLATE_SNAPSHOT, read_only_template};
 use crate::error::{ApiError, ErrorKind};
 use crate::types::{
-    Allocation, AllocationExtent, CleanResult, CloneRequest, CreateSnapshotRequest,
-    CreateVolumeRequest, Diff, DiffExtent, DiffQuery, PoolInfo, RangeQuery, ResizeVolumeRequest,
-    RollbackQuery, SnapshotInfo, SnapshotList, VolumeInfo, VolumeList, WriteQuery, ZeroQuery,
+    Allocation, AllocationExtent, CacheInfo, CleanResult, CloneRequest, CreateSnapshotRequest,
+    CreateVolumeRequest, Diff, DiffExtent, DiffQuery, PinList, PinRequest, PoolInfo, RangeQuery,
+    ResizeVolumeRequest, RollbackQuery, SnapshotInfo, SnapshotList, VolumeInfo, VolumeList,
+    WriteQuery, ZeroQuery,
 };
 use crate::{
     MAX_ALLOCATION_EXTENTS, MAX_ALLOCATION_SPAN_BYTES, MAX_DATA_BYTES, MAX_DIFF_EXTENTS,
@@ -49,13 +51,15 @@ pub const MIN_TOKEN_LEN: usize = 16;
 pub const MAX_TOKEN_LEN: usize = 1024;
 
 /// What the handlers share: the pool, the daemon's [`Catalog`] (templates,
-/// open NBD handles), and where the daemon serves NBD on TCP (reported by
-/// `GET /v1/pool`).
+/// open NBD handles), where the daemon serves NBD on TCP (reported by
+/// `GET /v1/pool`), and the pool's host cache if it has one (a pool on
+/// object storage).
 #[derive(Clone)]
 pub struct ApiState {
     pool: Pool,
     catalog: Arc<Catalog>,
     nbd_tcp_addr: Option<std::net::SocketAddr>,
+    cache: Option<Arc<dyn CacheControl>>,
 }
 
 impl ApiState {
@@ -66,7 +70,20 @@ impl ApiState {
             pool,
             catalog: Arc::new(Catalog::in_memory()),
             nbd_tcp_addr: None,
+            cache: None,
         }
+    }
+
+    /// Serves the `/v1/cache` routes from `cache` (without one, they answer
+    /// `not_supported`: a local pool has no cache).
+    pub fn with_cache(mut self, cache: Option<Arc<dyn CacheControl>>) -> ApiState {
+        self.cache = cache;
+        self
+    }
+
+    /// The pool's host cache, if it has one.
+    pub fn cache(&self) -> Option<&Arc<dyn CacheControl>> {
+        self.cache.as_ref()
     }
 
     /// Uses `catalog`, shared with the NBD exports.
@@ -194,6 +211,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/volumes/{name}/flatten", post(flatten))
         .route("/v1/volumes/{name}/commit", post(commit))
         .route("/v1/volumes/{name}/diff", get(diff))
+        .route("/v1/cache", get(cache_stats))
+        .route("/v1/cache/pins", get(list_pins).post(add_pin))
+        .route("/v1/cache/pins/{image}", delete(remove_pin))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
         .merge(data)
         .fallback(no_route)
@@ -393,6 +413,85 @@ async fn pool_checkpoint(State(s): State<ApiState>) -> Result<StatusCode, ApiErr
 async fn flush(State(s): State<ApiState>) -> Result<StatusCode, ApiError> {
     let pool = s.pool.clone();
     blocking(move || pool.flush()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ----- cache routes -----
+
+impl ApiState {
+    /// The cache, or the refusal of a pool without one.
+    fn need_cache(&self) -> Result<Arc<dyn CacheControl>, ApiError> {
+        self.cache.clone().ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::NotSupported,
+                "this is a local pool: it has no cache (cache commands are for pools on S3, \
+                 made with `vpool pool create --s3`)",
+            )
+        })
+    }
+}
+
+/// Checks a volume or snapshot name of a pin request: the engine checks the
+/// rest (a name it does not know is `not_found`).
+fn check_pin_name(what: &str, name: &str) -> Result<(), ApiError> {
+    if name.is_empty() {
+        return Err(ApiError::invalid(format!("the {what} name is empty")));
+    }
+    if name.contains('@') || name.contains('/') {
+        return Err(ApiError::invalid(format!(
+            "the {what} name {name:?} contains '@' or '/'; give the volume and the snapshot \
+             separately ({{\"volume\": \"db1\", \"snapshot\": \"suspended\"}})"
+        )));
+    }
+    Ok(())
+}
+
+async fn cache_stats(State(s): State<ApiState>) -> Result<Json<CacheInfo>, ApiError> {
+    let cache = s.need_cache()?;
+    let info = blocking_api(move || Ok(cache.stats())).await?;
+    Ok(Json(info))
+}
+
+async fn list_pins(State(s): State<ApiState>) -> Result<Json<PinList>, ApiError> {
+    let cache = s.need_cache()?;
+    let pins = blocking_api(move || Ok(cache.pins())).await?;
+    Ok(Json(PinList { pins }))
+}
+
+async fn add_pin(
+    State(s): State<ApiState>,
+    ApiJson(req): ApiJson<PinRequest>,
+) -> Result<Response, ApiError> {
+    let cache = s.need_cache()?;
+    check_pin_name("volume", &req.volume)?;
+    if let Some(snap) = &req.snapshot {
+        check_pin_name("snapshot", snap)?;
+    }
+    let (pin, new) = blocking_api(move || cache.pin(&req.volume, req.snapshot.as_deref())).await?;
+    if new {
+        let loc = format!("/v1/cache/pins/{}", pin.image());
+        Ok(created(&pin, &loc))
+    } else {
+        Ok(Json(pin).into_response())
+    }
+}
+
+/// `DELETE /v1/cache/pins/{image}`, the image being `VOLUME` or
+/// `VOLUME@SNAPSHOT` (as NBD exports name snapshots).
+async fn remove_pin(
+    State(s): State<ApiState>,
+    ApiPath(image): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let cache = s.need_cache()?;
+    let (volume, snapshot) = match image.split_once('@') {
+        Some((v, snap)) => (v.to_string(), Some(snap.to_string())),
+        None => (image.clone(), None),
+    };
+    check_pin_name("volume", &volume)?;
+    if let Some(snap) = &snapshot {
+        check_pin_name("snapshot", snap)?;
+    }
+    blocking_api(move || cache.unpin(&volume, snapshot.as_deref())).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

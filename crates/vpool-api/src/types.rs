@@ -369,6 +369,103 @@ pub struct Diff {
     pub next_offset: Option<u64>,
 }
 
+/// `GET /v1/cache`: the host cache of a pool on object storage (S3). Every
+/// field defaults, so a client reads an answer from a daemon that has fewer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CacheInfo {
+    /// Where the pool lives: `s3://bucket/prefix` (never credentials).
+    pub remote: String,
+    /// The cache directory (the pool directory of this daemon).
+    pub cache_dir: String,
+    /// The cache's limit: dirty log plus cached copies.
+    pub cache_size_bytes: u64,
+    /// Bytes of uploaded segments held in the cache.
+    pub cached_bytes: u64,
+    /// Bytes written here and not yet in the object store.
+    pub dirty_bytes: u64,
+    /// Writes wait (back-pressure) while dirty bytes are at this limit.
+    pub dirty_limit_bytes: u64,
+    /// Bytes kept resident for pinned volumes and snapshots.
+    pub pinned_bytes: u64,
+    /// Pins (`vpool cache pins`).
+    pub pins: u64,
+    pub read_hits: u64,
+    pub read_misses: u64,
+    /// `read_hits / (read_hits + read_misses)`, 0 before any read.
+    pub hit_ratio: f64,
+    /// Bytes read from the cache by the engine.
+    pub bytes_read: u64,
+    /// Bytes fetched from the object store to fill the cache.
+    pub bytes_fetched: u64,
+    pub read_errors: u64,
+    pub segments_uploaded: u64,
+    pub bytes_uploaded: u64,
+    /// Upload throughput while uploading, in MB/s (10^6 bytes).
+    pub upload_mb_per_s: f64,
+    /// Sealed bytes not yet in the object store.
+    pub upload_lag_bytes: u64,
+    /// Age of the oldest sealed segment not yet in the object store.
+    pub upload_lag_seconds: f64,
+    /// Failed object store requests (each retry counts).
+    pub remote_errors: u64,
+    pub last_error: Option<String>,
+    /// The generation of the pool's manifest last committed by this host.
+    pub generation: u64,
+    pub segments_in_bucket: u64,
+    /// This daemon, as the manifest names it: `host:pid`.
+    pub holder: String,
+    /// Whether the object store enforces the single writer (`atomic`) or
+    /// the pool was created with `--unsafe-single-host` (`unsafe`).
+    pub fencing: String,
+    /// Set once another host took the pool over: this daemon's writes fail.
+    pub fenced: Option<String>,
+}
+
+/// `POST /v1/cache/pins`: keep a volume, or one of its snapshots, resident
+/// in the cache.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinRequest {
+    pub volume: String,
+    /// A snapshot of the volume; `null` for the volume itself (as it is at
+    /// each refresh: new writes get pinned too).
+    #[serde(default)]
+    pub snapshot: Option<String>,
+}
+
+/// One pin, as `GET /v1/cache/pins` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinInfo {
+    pub volume: String,
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    /// Bytes of the pool's log the image's data lives in, as of the last
+    /// refresh (every 10 s); `null` before the first one.
+    #[serde(default)]
+    pub bytes: Option<u64>,
+    /// Why the last refresh could not pin it (the volume or snapshot is
+    /// gone); `null` when it is pinned.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl PinInfo {
+    /// `VOLUME` or `VOLUME@SNAPSHOT`.
+    pub fn image(&self) -> String {
+        match &self.snapshot {
+            Some(s) => format!("{}@{s}", self.volume),
+            None => self.volume.clone(),
+        }
+    }
+}
+
+/// `GET /v1/cache/pins`, in the order they were pinned.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinList {
+    pub pins: Vec<PinInfo>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,6 +490,28 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn pin_requests() {
+        let r: PinRequest = serde_json::from_str(r#"{"volume":"db1"}"#).unwrap();
+        assert_eq!(r.snapshot, None);
+        let r: PinRequest =
+            serde_json::from_str(r#"{"volume":"db1","snapshot":"suspended"}"#).unwrap();
+        assert_eq!(r.snapshot.as_deref(), Some("suspended"));
+        assert!(serde_json::from_str::<PinRequest>(r#"{"vol":"db1"}"#).is_err());
+        let p = PinInfo {
+            volume: "db1".into(),
+            snapshot: Some("s".into()),
+            bytes: None,
+            error: None,
+        };
+        assert_eq!(p.image(), "db1@s");
+        // A cache answer with fields this client does not know, or without
+        // some it knows, still parses.
+        let c: CacheInfo =
+            serde_json::from_str(r#"{"dirty_bytes":5,"from_the_future":1}"#).unwrap();
+        assert_eq!(c.dirty_bytes, 5);
     }
 
     #[test]

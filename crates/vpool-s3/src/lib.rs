@@ -18,7 +18,10 @@ pub mod remote;
 pub mod store;
 
 pub use remote::{Remote, RemoteError, RetryPolicy};
-pub use store::{CacheStats, OpenError, OpenMode, S3PoolOptions, S3Store, probe_fencing};
+pub use store::{
+    CacheStats, OpenError, OpenMode, S3PoolOptions, S3Store, STATE_META, is_cache_dir,
+    probe_fencing,
+};
 
 use object_store::ObjectStore;
 use std::sync::Arc;

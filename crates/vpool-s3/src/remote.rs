@@ -86,11 +86,22 @@ impl Default for RetryPolicy {
 pub struct Remote {
     store: Arc<dyn ObjectStore>,
     prefix: String,
-    rt: tokio::runtime::Runtime,
+    /// Always `Some` until drop, which shuts it down without blocking: the
+    /// last handle may go away on an async thread, where a blocking
+    /// runtime drop panics.
+    rt: Option<tokio::runtime::Runtime>,
     pub policy: RetryPolicy,
     pub counters: RemoteCounters,
     /// For messages: `s3://bucket/prefix`, never credentials.
     display: String,
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl std::fmt::Debug for Remote {
@@ -147,7 +158,7 @@ impl Remote {
         Ok(Remote {
             store,
             prefix: prefix.trim_matches('/').to_string(),
-            rt,
+            rt: Some(rt),
             policy: RetryPolicy::default(),
             counters: RemoteCounters::default(),
             display,
@@ -169,7 +180,8 @@ impl Remote {
     /// Runs a future on the private runtime and waits for it, from any thread.
     pub fn block<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> T {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.rt.spawn(async move {
+        let rt = self.rt.as_ref().expect("the runtime lives until drop");
+        rt.spawn(async move {
             let _ = tx.send(fut.await);
         });
         rx.recv().expect("the remote runtime dropped a task")

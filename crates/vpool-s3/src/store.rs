@@ -52,8 +52,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use vpool_cache::CacheIndex;
 use vpool_store::{LocalDirStore, OpenSegment, Result, SegmentId, SegmentStore, StoreError};
 
-/// The store's own blobs in the cache directory; never uploaded.
-const STATE_META: &str = "s3-state";
+/// The store's own blobs in the cache directory; never uploaded. A
+/// directory with `meta/s3-state` is an S3 pool's cache.
+pub const STATE_META: &str = "s3-state";
 const INDEX_META: &str = "s3-cache-index";
 /// Dirty (not yet uploaded) bytes may take at most this share of the cache.
 const DIRTY_SHARE: f64 = 0.75;
@@ -66,6 +67,8 @@ const STREAM_GAP_BYTES: u64 = 4096;
 const MAX_STREAMS: usize = 64;
 /// Writable descriptors of cache files kept open.
 const MAX_OPEN_FILES: usize = 128;
+/// Opening retries this often when another host commits in between.
+const MAX_OPEN_ATTEMPTS: u32 = 8;
 /// Old manifests kept behind the current one, for inspection.
 const MANIFESTS_KEPT: u64 = 4;
 
@@ -218,7 +221,7 @@ struct Counters {
 
 struct Inner {
     local: LocalDirStore,
-    remote: Remote,
+    remote: Arc<Remote>,
     opts: S3PoolOptions,
     holder: Holder,
     up: Mutex<Up>,
@@ -349,6 +352,27 @@ impl S3Store {
     /// the pool on it: uploads must not begin before recovery has cut any
     /// torn tail.
     pub fn open(remote: Remote, opts: S3PoolOptions) -> std::result::Result<S3Store, OpenError> {
+        let remote = Arc::new(remote);
+        // Another host may commit between our read of the latest manifest
+        // and our commit of the next one (the holder we take over from is
+        // still uploading): read again and retry.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::open_once(remote.clone(), opts.clone()) {
+                Err(OpenError::LostRace { .. }) if attempt < MAX_OPEN_ATTEMPTS => {
+                    tracing::info!(attempt, "another host committed while opening; retrying");
+                    std::thread::sleep(Duration::from_millis(50 * attempt as u64));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn open_once(
+        remote: Arc<Remote>,
+        opts: S3PoolOptions,
+    ) -> std::result::Result<S3Store, OpenError> {
         assert!(opts.upload_parallelism >= 1 && opts.upload_parallelism <= 64);
         let url = remote.display().to_string();
         let local = LocalDirStore::open(&opts.cache_dir)?;
@@ -1308,6 +1332,12 @@ impl S3Store {
     }
 }
 
+/// True if `dir` is (or was) the cache directory of an S3 pool: serving it
+/// as a local pool would fork its history.
+pub fn is_cache_dir(dir: &std::path::Path) -> bool {
+    dir.join("meta").join(STATE_META).exists()
+}
+
 fn engine_meta_names(local: &LocalDirStore) -> Result<Vec<String>> {
     let dir = local.root().join("meta");
     let mut out = Vec::new();
@@ -1516,7 +1546,12 @@ impl SegmentStore for S3Store {
     fn truncate_segment(&self, id: SegmentId, len: u64) -> Result<()> {
         self.check_fenced()?;
         let mut up = self.inner.up.lock();
-        if up.manifest.segment(id.0).is_some() {
+        if let Some(s) = up.manifest.segment(id.0) {
+            if len >= s.len {
+                // Recovery "cutting" a segment at its end (an empty one is
+                // cut to 0): nothing to do.
+                return Ok(());
+            }
             return Err(StoreError::Io {
                 context: format!("truncating {id}"),
                 source: std::io::Error::other("the segment is already in the object store"),

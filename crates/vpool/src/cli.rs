@@ -5,6 +5,9 @@
 //! `<pool>/api.sock`; none of them opens the pool itself, so they work while
 //! the daemon owns it and say so plainly when no daemon is running.
 //! `--json` switches every command to machine-readable output on stdout.
+//!
+//! The exceptions: `pool create --s3` and `pool attach` set up a pool on
+//! object storage themselves, before any daemon runs ([`crate::s3pool`]).
 
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
@@ -14,24 +17,27 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use vpool_api::{
-    Client, ClientError, Diff, DiffKind, ErrorKind, PoolInfo, SnapshotInfo, VolumeInfo,
+    CacheInfo, Client, ClientError, Diff, DiffKind, ErrorKind, PinInfo, PoolInfo, SnapshotInfo,
+    VolumeInfo,
 };
 
 use crate::daemon::{NBD_SOCKET_NAME, api_socket_path};
-use crate::size::{format_size, parse_volume_size};
+use crate::s3pool::{PoolReport, S3PoolSettings};
+use crate::size::{format_size, parse_size, parse_volume_size};
 use crate::{transfer, vdiff};
 
 /// vpool: a storage server for virtual machine disks.
 #[derive(Debug, Parser)]
 #[command(name = "vpool", version, about, propagate_version = true)]
 pub struct Cli {
-    /// The pool directory; the daemon's API socket is <pool>/api.sock.
+    /// The pool directory (the daemon's API socket is <pool>/api.sock), or
+    /// the NAME of a pool made with `vpool pool create NAME`.
     #[arg(
         long,
         global = true,
         env = "VPOOL_HOME",
         default_value = "vpool-data",
-        value_name = "DIR"
+        value_name = "DIR|NAME"
     )]
     pub pool: PathBuf,
 
@@ -53,9 +59,12 @@ pub enum Command {
     /// Manage snapshots (named VOLUME@SNAPSHOT).
     #[command(subcommand)]
     Snap(SnapCommand),
-    /// Pool-wide information.
+    /// Pool-wide information; pools on S3.
     #[command(subcommand)]
     Pool(PoolCommand),
+    /// The host cache of a pool on S3: figures, and what it keeps resident.
+    #[command(subcommand)]
+    Cache(CacheCommand),
 }
 
 #[derive(Debug, Args)]
@@ -73,6 +82,12 @@ pub struct ServeArgs {
     /// no authentication without TLS: listen only on a trusted network.
     #[arg(long, value_name = "ADDR")]
     pub nbd_listen: Option<std::net::SocketAddr>,
+
+    /// For a pool on S3 held by another daemon (on another host, or one
+    /// that died without letting go): take the pool over. The other daemon
+    /// is fenced: its writes fail from then on.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -250,6 +265,118 @@ fn hint_force(e: ClientError) -> ClientError {
 pub enum PoolCommand {
     /// Space and log figures: logical vs physical bytes, garbage, free space.
     Info,
+    /// Create a pool on S3-compatible object storage, with its host cache
+    /// in a local directory (the pool directory). Runs without a daemon;
+    /// `vpool --pool NAME serve` then serves it.
+    Create {
+        /// A name for the pool: `--pool NAME` then finds its directory.
+        name: Option<String>,
+        #[command(flatten)]
+        s3: S3PoolArgs,
+        /// Accept an object store that cannot enforce a single writer
+        /// (no atomic create-only PUT): only ever serve this pool from one
+        /// host at a time.
+        #[arg(long)]
+        unsafe_single_host: bool,
+    },
+    /// Use a pool that is already on S3 from this host, with a new cache
+    /// directory: writes its pool.json only. `vpool serve` then takes the
+    /// pool (with --force from a daemon that still holds it).
+    Attach {
+        /// A name for the pool: `--pool NAME` then finds its directory.
+        name: Option<String>,
+        #[command(flatten)]
+        s3: S3PoolArgs,
+    },
+}
+
+/// Where a pool on S3 is and how its cache behaves.
+#[derive(Debug, Args)]
+pub struct S3PoolArgs {
+    /// Where the pool lives: s3://BUCKET/PREFIX (or file:///DIR, a local
+    /// directory standing in for a bucket).
+    #[arg(long = "s3", value_name = "URL")]
+    pub url: String,
+    /// The S3 endpoint, for stores other than AWS (Ceph RGW, MinIO,
+    /// Garage): http://127.0.0.1:7480.
+    #[arg(long, value_name = "URL")]
+    pub endpoint: Option<String>,
+    /// The S3 region (default: $AWS_REGION, else us-east-1).
+    #[arg(long)]
+    pub region: Option<String>,
+    /// A file of `key = value` lines (access_key_id, secret_access_key,
+    /// and optionally endpoint, region). Without it, credentials come from
+    /// the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...).
+    /// pool.json records the file's path, never the secrets.
+    #[arg(long, value_name = "FILE")]
+    pub credentials: Option<PathBuf>,
+    /// The cache directory, which is the pool directory (default: --pool).
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// The cache's size limit (write-back log plus cached reads): 20G.
+    /// At least 256M.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub cache_size: u64,
+    /// Seal the log segment being written after it held data this long, so
+    /// the bucket lags the cache by about that much (default 5).
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub seal_after: Option<f64>,
+    /// How long a write waits for uploads to make room in the cache before
+    /// it fails (default 120).
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub backpressure_timeout: Option<f64>,
+    /// How long a read of data not in the cache may take before it fails
+    /// (default 30).
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub read_timeout: Option<f64>,
+}
+
+impl S3PoolArgs {
+    fn settings(&self, pool_dir: &Path) -> S3PoolSettings {
+        S3PoolSettings {
+            url: self.url.clone(),
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            credentials_file: self.credentials.clone(),
+            cache_dir: self.cache.clone().unwrap_or_else(|| pool_dir.to_path_buf()),
+            cache_size_bytes: self.cache_size,
+            seal_after_secs: self.seal_after,
+            backpressure_timeout_secs: self.backpressure_timeout,
+            read_timeout_secs: self.read_timeout,
+        }
+    }
+}
+
+/// A number of seconds: `5`, `0.5`.
+fn parse_secs(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds (e.g. 5 or 0.5)"))?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(format!("{s:?}: give a number of seconds above 0"));
+    }
+    Ok(v)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Hit ratio, cached, dirty and pinned bytes, upload lag and speed,
+    /// errors, and who holds the pool.
+    Stats,
+    /// Keep a volume, or a snapshot (VOLUME@SNAPSHOT, e.g. a suspended
+    /// VM's state), resident in the cache; missing parts are fetched now.
+    Pin {
+        /// VOLUME or VOLUME@SNAPSHOT
+        image: String,
+    },
+    /// Stop keeping a volume or snapshot resident.
+    Unpin {
+        /// VOLUME or VOLUME@SNAPSHOT
+        image: String,
+    },
+    /// List the pins and how much data each keeps resident.
+    Pins,
 }
 
 /// The client of the daemon serving `pool_dir`.
@@ -273,6 +400,33 @@ pub fn run_client_command(pool_dir: &Path, json: bool, cmd: &Command) -> anyhow:
     let show_progress = !json && std::io::stderr().is_terminal();
     match cmd {
         Command::Serve(_) => anyhow::bail!("`serve` is not a client command"),
+        Command::Pool(PoolCommand::Create {
+            name,
+            s3,
+            unsafe_single_host,
+        }) => {
+            let r = crate::s3pool::create(
+                name.as_deref(),
+                &s3.settings(pool_dir),
+                *unsafe_single_host,
+            )?;
+            if json {
+                print_json(&r)
+            } else {
+                print!("{}", render_pool_report(&r, "created"));
+                Ok(())
+            }
+        }
+        Command::Pool(PoolCommand::Attach { name, s3 }) => {
+            let r = crate::s3pool::attach(name.as_deref(), &s3.settings(pool_dir))?;
+            if json {
+                print_json(&r)
+            } else {
+                print!("{}", render_pool_report(&r, "attached"));
+                Ok(())
+            }
+        }
+        Command::Cache(c) => run_cache_command(&client, pool_dir, json, c),
         Command::Pool(PoolCommand::Info) => {
             let p = client.pool_info()?;
             if json {
@@ -589,6 +743,209 @@ fn run_snap_command(client: &Client, json: bool, cmd: &SnapCommand) -> anyhow::R
             }
         }
     }
+}
+
+fn run_cache_command(
+    client: &Client,
+    pool_dir: &Path,
+    json: bool,
+    cmd: &CacheCommand,
+) -> anyhow::Result<()> {
+    // Name the pool in the refusal of a local one: the daemon cannot know
+    // what the user called it.
+    let local = |e: ClientError| match e {
+        ClientError::Api {
+            status,
+            kind: kind @ ErrorKind::NotSupported,
+            ..
+        } => ClientError::Api {
+            status,
+            kind,
+            message: format!(
+                "pool {} is a local pool: it has no cache (cache commands are for pools on S3, made with `vpool pool create --s3`)",
+                pool_dir.display()
+            ),
+        },
+        e => e,
+    };
+    match cmd {
+        CacheCommand::Stats => {
+            let c = client.cache_stats().map_err(local)?;
+            if json {
+                print_json(&c)
+            } else {
+                print!("{}", render_cache_stats(&c));
+                Ok(())
+            }
+        }
+        CacheCommand::Pins => {
+            let pins = client.cache_pins().map_err(local)?;
+            if json {
+                print_json(&vpool_api::PinList { pins })
+            } else {
+                print!("{}", render_pins(&pins));
+                Ok(())
+            }
+        }
+        CacheCommand::Pin { image } => {
+            let (vol, snap) = parse_image(image)?;
+            let p = client.pin(vol, snap).map_err(local)?;
+            if json {
+                print_json(&p)
+            } else {
+                println!(
+                    "pinned {}: {} of data kept resident in the cache",
+                    p.image(),
+                    format_size(p.bytes.unwrap_or(0))
+                );
+                Ok(())
+            }
+        }
+        CacheCommand::Unpin { image } => {
+            let (vol, snap) = parse_image(image)?;
+            client.unpin(vol, snap).map_err(local)?;
+            if json {
+                print_json(&serde_json::json!({ "unpinned": image }))
+            } else {
+                println!("unpinned {image}");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The `pool create` / `pool attach` text.
+pub fn render_pool_report(r: &PoolReport, done: &str) -> String {
+    let c = &r.config;
+    let pool_arg = match &c.name {
+        Some(n) => n.clone(),
+        None => r.pool_dir.display().to_string(),
+    };
+    let mut out = format!(
+        "{done} pool {} on {}
+cache:       {} ({})
+",
+        c.name.as_deref().unwrap_or("(unnamed)"),
+        c.url,
+        r.pool_dir.display(),
+        format_size(c.cache_size_bytes)
+    );
+    if let Some(ep) = &c.endpoint {
+        out.push_str(&format!(
+            "endpoint:    {ep}
+"
+        ));
+    }
+    out.push_str(&format!(
+        "credentials: {}
+",
+        match &c.credentials_file {
+            Some(f) => f.display().to_string(),
+            None => "from the environment".to_string(),
+        }
+    ));
+    if let Some(reg) = &r.registry {
+        out.push_str(&format!(
+            "registered:  {pool_arg} in {}
+",
+            reg.display()
+        ));
+    }
+    if let Some(h) = &r.held_by {
+        out.push_str(&format!(
+            "held by:     {h} (serving it here needs that daemon stopped, or `serve --force`)
+"
+        ));
+    }
+    out.push_str(&format!(
+        "serve it:    vpool --pool {pool_arg} serve
+"
+    ));
+    out
+}
+
+/// The `cache stats` text.
+pub fn render_cache_stats(c: &CacheInfo) -> String {
+    let pct = |used: u64, of: u64| {
+        if of == 0 {
+            0.0
+        } else {
+            used as f64 * 100.0 / of as f64
+        }
+    };
+    format!(
+        "remote:       {}\n\
+         cache:        {} ({})\n\
+         hit ratio:    {:.1}% ({} hits, {} misses)\n\
+         cached:       {} ({:.1}% of the cache)\n\
+         dirty:        {} (writes wait at {})\n\
+         pinned:       {} ({} pins)\n\
+         read:         {} read, {} fetched from the object store\n\
+         upload:       {} segments, {}, {:.1} MB/s\n\
+         upload lag:   {}, {:.1} s\n\
+         errors:       {} object store, {} read{}\n\
+         generation:   {} ({} segments in the bucket)\n\
+         holder:       {} (fencing: {})\n\
+         fenced:       {}\n\
+",
+        c.remote,
+        c.cache_dir,
+        format_size(c.cache_size_bytes),
+        c.hit_ratio * 100.0,
+        c.read_hits,
+        c.read_misses,
+        format_size(c.cached_bytes),
+        pct(c.cached_bytes, c.cache_size_bytes),
+        format_size(c.dirty_bytes),
+        format_size(c.dirty_limit_bytes),
+        format_size(c.pinned_bytes),
+        c.pins,
+        format_size(c.bytes_read),
+        format_size(c.bytes_fetched),
+        c.segments_uploaded,
+        format_size(c.bytes_uploaded),
+        c.upload_mb_per_s,
+        format_size(c.upload_lag_bytes),
+        c.upload_lag_seconds,
+        c.remote_errors,
+        c.read_errors,
+        match &c.last_error {
+            Some(e) => format!("; last: {e}"),
+            None => String::new(),
+        },
+        c.generation,
+        c.segments_in_bucket,
+        c.holder,
+        c.fencing,
+        match &c.fenced {
+            Some(why) => format!("YES: another host took the pool over; writes fail ({why})"),
+            None => "no".to_string(),
+        },
+    )
+}
+
+/// The `cache pins` table.
+pub fn render_pins(pins: &[PinInfo]) -> String {
+    if pins.is_empty() {
+        return "no pins
+"
+        .to_string();
+    }
+    let rows: Vec<Vec<String>> = pins
+        .iter()
+        .map(|p| {
+            vec![
+                p.image(),
+                p.bytes.map(format_size).unwrap_or_else(|| "-".into()),
+                match &p.error {
+                    Some(e) => format!("pins nothing: {e}"),
+                    None if p.bytes.is_some() => "pinned".to_string(),
+                    None => "pending".to_string(),
+                },
+            ]
+        })
+        .collect();
+    render_table(&["IMAGE", "DATA", "STATUS"], &rows)
 }
 
 /// `vol flatten --json`.
@@ -992,6 +1349,134 @@ mod tests {
         }
         let e = Cli::try_parse_from(["vpool", "vol", "create", "w", "--size", "1000"]).unwrap_err();
         assert!(e.to_string().contains("not a multiple of 4096"), "{e}");
+    }
+
+    #[test]
+    fn parses_s3_pool_and_cache_commands() {
+        let c = Cli::try_parse_from([
+            "vpool",
+            "pool",
+            "create",
+            "cold",
+            "--s3",
+            "s3://vms/pool1",
+            "--endpoint",
+            "http://127.0.0.1:7480",
+            "--cache",
+            "/var/cache/vpool",
+            "--cache-size",
+            "20G",
+            "--seal-after",
+            "0.5",
+        ])
+        .unwrap();
+        match c.command {
+            Command::Pool(PoolCommand::Create {
+                name,
+                s3,
+                unsafe_single_host,
+            }) => {
+                assert_eq!(name.as_deref(), Some("cold"));
+                assert_eq!(s3.cache_size, 20 << 30);
+                assert_eq!(s3.seal_after, Some(0.5));
+                assert!(!unsafe_single_host);
+                let st = s3.settings(Path::new("/p"));
+                assert_eq!(st.cache_dir, PathBuf::from("/var/cache/vpool"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // --cache defaults to --pool.
+        let c = Cli::try_parse_from([
+            "vpool",
+            "--pool",
+            "/p",
+            "pool",
+            "attach",
+            "--s3",
+            "s3://b",
+            "--cache-size",
+            "1G",
+        ])
+        .unwrap();
+        match c.command {
+            Command::Pool(PoolCommand::Attach { s3, .. }) => {
+                assert_eq!(s3.settings(&c.pool).cache_dir, PathBuf::from("/p"));
+            }
+            other => panic!("{other:?}"),
+        }
+        for bad in ["0", "-1", "x", "inf"] {
+            assert!(parse_secs(bad).is_err(), "{bad}");
+        }
+        let c = Cli::try_parse_from(["vpool", "cache", "pin", "db1@suspended"]).unwrap();
+        assert!(
+            matches!(c.command, Command::Cache(CacheCommand::Pin { image }) if image == "db1@suspended")
+        );
+        let c = Cli::try_parse_from(["vpool", "serve", "--force"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Serve(ServeArgs { force: true, .. })
+        ));
+    }
+
+    #[test]
+    fn renders_cache_stats_and_pins() {
+        let c = CacheInfo {
+            remote: "s3://vms/pool1".into(),
+            cache_size_bytes: 20 << 30,
+            cached_bytes: 5 << 30,
+            dirty_bytes: 3 << 20,
+            pinned_bytes: 1 << 30,
+            pins: 2,
+            read_hits: 973,
+            read_misses: 27,
+            hit_ratio: 0.973,
+            upload_lag_bytes: 32 << 20,
+            upload_lag_seconds: 3.12,
+            upload_mb_per_s: 85.25,
+            holder: "host1:42".into(),
+            fencing: "atomic".into(),
+            ..CacheInfo::default()
+        };
+        let t = render_cache_stats(&c);
+        assert!(
+            t.contains("hit ratio:    97.3% (973 hits, 27 misses)\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("cached:       5 GiB (25.0% of the cache)\n"),
+            "{t}"
+        );
+        assert!(t.contains("pinned:       1 GiB (2 pins)\n"), "{t}");
+        assert!(t.contains("upload lag:   32 MiB, 3.1 s\n"), "{t}");
+        assert!(t.contains("85.2 MB/s"), "{t}");
+        assert!(t.ends_with("fenced:       no\n"), "{t}");
+        let t = render_cache_stats(&CacheInfo {
+            fenced: Some("taken over by host2".into()),
+            ..c
+        });
+        assert!(t.contains("fenced:       YES"), "{t}");
+        assert_eq!(render_pins(&[]), "no pins\n");
+        let t = render_pins(&[
+            PinInfo {
+                volume: "db1".into(),
+                snapshot: Some("suspended".into()),
+                bytes: Some(3 << 30),
+                error: None,
+            },
+            PinInfo {
+                volume: "gone".into(),
+                snapshot: None,
+                bytes: None,
+                error: Some("volume \"gone\" not found".into()),
+            },
+        ]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "IMAGE          DATA   STATUS");
+        assert_eq!(lines[1], "db1@suspended  3 GiB  pinned");
+        assert!(
+            lines[2].starts_with("gone") && lines[2].contains("pins nothing"),
+            "{t}"
+        );
     }
 
     #[test]

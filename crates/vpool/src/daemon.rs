@@ -10,6 +10,13 @@
 //! disturbing the first one's socket. At the end, the listeners stop and the
 //! requests in flight finish *before* the pool is closed (checkpointed), so
 //! no acknowledged request races the close.
+//!
+//! A pool directory with a `pool.json` is the cache of a pool on S3
+//! ([`crate::s3pool`]): the store is opened (taking the pool's write lease)
+//! before the engine recovers on it, its uploader starts after, the API
+//! gets the cache's stats and pins ([`crate::cache`]), and at the end the
+//! store is closed after the engine (uploading what is left and releasing
+//! the lease). Everything else is the same as for a local pool.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,9 +29,13 @@ use anyhow::{Context, bail};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use vpool_api::{ApiState, AuthToken, Catalog, serve_tcp, serve_unix};
+use vpool_api::{ApiState, AuthToken, CacheControl, Catalog, serve_tcp, serve_unix};
 use vpool_engine::{Pool, PoolConfig};
-use vpool_store::{LocalDirStore, StoreError};
+use vpool_s3::S3Store;
+use vpool_store::{LocalDirStore, SegmentStore, StoreError};
+
+use crate::cache::S3Cache;
+use crate::s3pool::PoolFile;
 
 /// The API socket's file name inside the pool directory.
 pub const API_SOCKET_NAME: &str = "api.sock";
@@ -72,6 +83,9 @@ pub struct DaemonConfig {
     /// NBD also on TCP at this address (`--nbd-listen`).
     pub nbd_tcp: Option<SocketAddr>,
     pub nbd_config: vpool_nbd::ServerConfig,
+    /// For a pool on S3: take its write lease even from another daemon
+    /// (`vpool serve --force`), which is fenced.
+    pub takeover: bool,
 }
 
 impl DaemonConfig {
@@ -87,6 +101,7 @@ impl DaemonConfig {
             pool_config: PoolConfig::default(),
             nbd_tcp: None,
             nbd_config: nbd_server_config(),
+            takeover: false,
         }
     }
 }
@@ -156,20 +171,70 @@ pub async fn run_daemon_notify(
             config.api_socket.display()
         );
     }
-    let (pool, store) = open_pool(&config).await?;
+    let opened = open_pool(&config).await?;
+    let (pool, store) = (opened.pool.clone(), opened.store.clone());
     // From here on the pool is closed on every path, error or not.
-    let served = match open_catalog(&pool, store).await {
-        Ok(catalog) => serve_pool(&config, &pool, &catalog, shutdown, on_ready).await,
-        Err(e) => Err(e),
-    };
-    let closing = pool.clone();
-    let closed = tokio::task::spawn_blocking(move || closing.close()).await;
+    let mut refresher = None;
+    let served = async {
+        let catalog = open_catalog(&pool, store).await?;
+        let cache: Option<Arc<dyn CacheControl>> = match &opened.s3 {
+            Some(s3) => {
+                let (cache, r) = start_cache(&pool, s3, &config.pool_dir).await?;
+                refresher = Some(r);
+                Some(cache)
+            }
+            None => None,
+        };
+        serve_pool(&config, &pool, &catalog, cache, shutdown, on_ready).await
+    }
+    .await;
+    let closed = tokio::task::spawn_blocking(move || {
+        // The refresher reads the pool; it stops first.
+        if let Some(r) = refresher {
+            r.stop();
+        }
+        let closed = pool.close();
+        drop(pool);
+        let released = opened.s3.as_ref().map(S3Store::close);
+        // The last handle on an S3 store goes here, off the async runtime:
+        // it owns a runtime of its own, which may not be dropped inside one.
+        drop(opened);
+        (closed, released)
+    })
+    .await;
     served?;
-    closed
-        .context("the pool's close task failed")?
-        .context("closing the pool (final checkpoint)")?;
+    let (closed, released) = closed.context("the pool's close task failed")?;
+    closed.context("closing the pool (final checkpoint)")?;
+    match released {
+        Some(true) => tracing::info!(
+            pool = %config.pool_dir.display(),
+            "everything is in the object store; the pool's lease is released"
+        ),
+        Some(false) => tracing::warn!(
+            pool = %config.pool_dir.display(),
+            "not everything reached the object store (or this daemon was fenced): what is left stays in the cache and goes up when the pool is next served from this directory"
+        ),
+        None => {}
+    }
     tracing::info!(pool = %config.pool_dir.display(), "pool closed; daemon stopped");
     Ok(())
+}
+
+/// The cache's API handle, its pins applied, and its background thread.
+async fn start_cache(
+    pool: &Pool,
+    store: &S3Store,
+    pool_dir: &Path,
+) -> anyhow::Result<(Arc<dyn CacheControl>, crate::cache::Refresher)> {
+    let (pool, store, dir) = (pool.clone(), store.clone(), pool_dir.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        let cache = Arc::new(S3Cache::open(pool, store, &dir)?);
+        cache.refresh();
+        let refresher = cache.start_refresher()?;
+        Ok((cache as Arc<dyn CacheControl>, refresher))
+    })
+    .await
+    .context("the cache task failed")?
 }
 
 /// Loads the daemon's catalog (template records) from the pool's metadata
@@ -191,41 +256,63 @@ async fn open_catalog(
     .context("the catalog task failed")?
 }
 
-async fn open_pool(
-    config: &DaemonConfig,
-) -> anyhow::Result<(Pool, Arc<dyn vpool_store::SegmentStore>)> {
+/// An open pool: the engine, the store under it, and for a pool on S3 the
+/// store's own handle (closed after the engine).
+struct OpenedPool {
+    pool: Pool,
+    store: Arc<dyn SegmentStore>,
+    s3: Option<S3Store>,
+}
+
+async fn open_pool(config: &DaemonConfig) -> anyhow::Result<OpenedPool> {
     let dir = config.pool_dir.clone();
-    let store = tokio::task::spawn_blocking(move || LocalDirStore::open(&dir))
-        .await
-        .context("the pool-open task failed")?;
-    let store = match store {
-        Ok(s) => s,
-        Err(StoreError::Locked { path, lock_file }) => {
-            let pid = std::fs::read_to_string(&lock_file)
-                .ok()
-                .and_then(|s| s.trim().parse().ok());
-            return Err(AlreadyRunning {
-                pool: path,
-                lock_file,
-                pid,
-            }
-            .into());
-        }
-        Err(e) => {
-            return Err(anyhow::Error::new(e)).with_context(|| {
-                format!("opening the pool directory {}", config.pool_dir.display())
-            });
-        }
-    };
     let pool_config = config.pool_config.clone();
-    let store: Arc<dyn vpool_store::SegmentStore> = Arc::new(store);
-    let pool_store = store.clone();
-    let (pool, report) = tokio::task::spawn_blocking(move || Pool::open(pool_store, pool_config))
-        .await
-        .context("the pool-open task failed")?
-        .with_context(|| format!("recovering the pool at {}", config.pool_dir.display()))?;
+    let takeover = config.takeover;
+    // Opening an S3 pool talks to the object store, and the store owns a
+    // runtime that must not be dropped on this one's threads: everything,
+    // including the drop on failure, happens on a blocking thread.
+    let opened = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let s3 = match PoolFile::load(&dir)? {
+            Some(file) => {
+                tracing::info!(pool = %dir.display(), remote = %file.url, force = takeover, "opening the pool on object storage");
+                Some(crate::s3pool::open_store(&dir, &file, takeover)?)
+            }
+            None => {
+                if takeover {
+                    tracing::warn!(pool = %dir.display(), "--force only applies to pools on S3; ignored for this local pool");
+                }
+                if crate::s3pool::looks_like_s3_cache(&dir) {
+                    bail!(
+                        "{} is the cache of a pool on S3 but its {} is missing; restore it (or `vpool pool attach` a new cache directory)",
+                        dir.display(),
+                        crate::s3pool::POOL_FILE
+                    );
+                }
+                None
+            }
+        };
+        let store: Arc<dyn SegmentStore> = match &s3 {
+            Some(s) => Arc::new(s.clone()),
+            None => Arc::new(open_local_store(&dir)?),
+        };
+        let (pool, report) = Pool::open(store.clone(), pool_config)
+            .with_context(|| format!("recovering the pool at {}", dir.display()))?;
+        if let Some(s) = &s3 {
+            // Uploads start only now that recovery has cut any torn tail.
+            if let Err(e) = s.start() {
+                let _ = pool.close();
+                let _ = s.close();
+                return Err(anyhow::Error::new(e).context("starting the uploader"));
+            }
+        }
+        Ok((pool, report, store, s3))
+    })
+    .await
+    .context("the pool-open task failed")??;
+    let (pool, report, store, s3) = opened;
     tracing::info!(
         pool = %config.pool_dir.display(),
+        backend = if s3.is_some() { "s3" } else { "local" },
         checkpoint = report.checkpoint_loaded,
         records_replayed = report.records_replayed,
         bytes_replayed = report.bytes_replayed,
@@ -233,7 +320,28 @@ async fn open_pool(
         ms = report.duration.as_millis() as u64,
         "pool open"
     );
-    Ok((pool, store))
+    Ok(OpenedPool { pool, store, s3 })
+}
+
+/// Opens the local pool directory `dir` (created if missing), taking its
+/// lock.
+fn open_local_store(dir: &Path) -> anyhow::Result<LocalDirStore> {
+    match LocalDirStore::open(dir) {
+        Ok(s) => Ok(s),
+        Err(StoreError::Locked { path, lock_file }) => {
+            let pid = std::fs::read_to_string(&lock_file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok());
+            Err(AlreadyRunning {
+                pool: path,
+                lock_file,
+                pid,
+            }
+            .into())
+        }
+        Err(e) => Err(anyhow::Error::new(e))
+            .with_context(|| format!("opening the pool directory {}", dir.display())),
+    }
 }
 
 /// Removes a socket file left by a daemon that died. Only called with the
@@ -275,6 +383,7 @@ async fn serve_pool(
     config: &DaemonConfig,
     pool: &Pool,
     catalog: &Arc<Catalog>,
+    cache: Option<Arc<dyn CacheControl>>,
     shutdown: impl Future<Output = ()>,
     on_ready: impl FnOnce(&Ready),
 ) -> anyhow::Result<()> {
@@ -338,7 +447,8 @@ async fn serve_pool(
     let mut servers: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
     let state = ApiState::new(pool.clone())
         .with_catalog(catalog.clone())
-        .with_nbd_tcp_addr(nbd_tcp_addr);
+        .with_nbd_tcp_addr(nbd_tcp_addr)
+        .with_cache(cache);
     servers.spawn({
         let fut = serve_unix(unix, state.clone(), stopped(stop_rx.clone()));
         async move { ("API (unix socket)", fut.await.map_err(anyhow::Error::new)) }

@@ -1,6 +1,11 @@
 //! The `vpool` binary's parts, as a library so tests can run them in-process.
 //!
 //! - [`daemon`]: `vpool serve` — open the pool, serve the API and NBD, close cleanly.
+//! - [`s3pool`]: pools on S3: `pool.json`, `pool create --s3`, `pool attach`,
+//!   opening the store for `serve`.
+//! - [`cache`]: the host cache of an S3 pool as the API serves it: stats and
+//!   pins.
+//! - [`registry`]: named pools (`--pool NAME`).
 //! - [`nbd_export`]: volumes as NBD exports.
 //! - [`cli`]: argument definitions and the client commands.
 //! - [`transfer`]: sparse `vol import` / `vol export`.
@@ -8,9 +13,12 @@
 //!   `vol import-diff`.
 //! - [`size`]: parsing and printing sizes (`20G`, `1.5 TiB`).
 
+pub mod cache;
 pub mod cli;
 pub mod daemon;
 pub mod nbd_export;
+pub mod registry;
+pub mod s3pool;
 pub mod size;
 pub mod transfer;
 pub mod vdiff;

@@ -7,7 +7,8 @@ use anyhow::Context;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use vpool::cli::{Cli, Command, ServeArgs, run_client_command};
-use vpool::daemon::{DaemonConfig, TcpApiConfig, run_daemon};
+use vpool::daemon::{AlreadyRunning, DaemonConfig, TcpApiConfig, run_daemon};
+use vpool::s3pool::PoolHeld;
 use vpool_api::{AuthToken, ClientError};
 
 /// Log filter when neither `VPOOL_LOG` nor `RUST_LOG` is set.
@@ -15,10 +16,11 @@ const DEFAULT_LOG_FILTER: &str = "info";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match &cli.command {
-        Command::Serve(args) => serve(&cli, args),
-        cmd => run_client_command(&cli.pool, cli.json, cmd),
-    };
+    // `--pool` is a directory, or the name of a registered pool.
+    let result = vpool::registry::resolve_pool(&cli.pool).and_then(|pool| match &cli.command {
+        Command::Serve(args) => serve(&cli, &pool, args),
+        cmd => run_client_command(&pool, cli.json, cmd),
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -34,6 +36,8 @@ fn report_error(e: &anyhow::Error, json: bool) {
         let kind = match e.downcast_ref::<ClientError>() {
             Some(ClientError::Api { kind, .. }) => kind.as_str(),
             Some(ClientError::NoDaemon { .. }) => "no_daemon",
+            _ if e.downcast_ref::<AlreadyRunning>().is_some() => "already_running",
+            _ if e.downcast_ref::<PoolHeld>().is_some() => "held",
             _ => "error",
         };
         let body = serde_json::json!({ "error": { "kind": kind, "message": format!("{e:#}") } });
@@ -58,10 +62,11 @@ fn init_logging(json: bool) {
     }
 }
 
-fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
+fn serve(cli: &Cli, pool: &std::path::Path, args: &ServeArgs) -> anyhow::Result<()> {
     init_logging(cli.json);
-    let mut config = DaemonConfig::new(cli.pool.clone());
+    let mut config = DaemonConfig::new(pool);
     config.nbd_tcp = args.nbd_listen;
+    config.takeover = args.force;
     if let (Some(listen), Some(token_file)) = (args.api_listen, &args.api_token_file) {
         config.tcp = Some(TcpApiConfig {
             listen,

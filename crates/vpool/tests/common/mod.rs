@@ -79,15 +79,22 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `vpool serve` on `pool` and waits until its API answers.
     pub fn start(pool: &Path, extra_args: &[&str]) -> Daemon {
+        let mut cmd = vpool_cmd(pool);
+        cmd.arg("serve").args(extra_args);
+        Daemon::start_cmd(pool, cmd)
+    }
+
+    /// Starts `cmd`, a prepared `vpool ... serve` (its own `--pool`,
+    /// environment), whose pool directory is `pool`, and waits until its API
+    /// answers.
+    pub fn start_cmd(pool: &Path, mut cmd: Command) -> Daemon {
         let log = pool.with_extension(format!("log.{}", std::process::id()));
         let log_file = File::options()
             .create(true)
             .append(true)
             .open(&log)
             .expect("opening the daemon log");
-        let child = vpool_cmd(pool)
-            .arg("serve")
-            .args(extra_args)
+        let child = cmd
             .env("VPOOL_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
