@@ -12,18 +12,29 @@
 //! code runs on S3 (AWS, Ceph RGW, MinIO, Garage), on a local directory
 //! (`file://`) and in memory (`memory://`, tests).
 
+//!
+//! Without the default `remote` feature only [`manifest`] is built (the
+//! fuzzer uses it so).
+
+#[cfg(feature = "remote")]
 pub mod faults;
 pub mod manifest;
+#[cfg(feature = "remote")]
 pub mod remote;
+#[cfg(feature = "remote")]
 pub mod store;
 
+#[cfg(feature = "remote")]
 pub use remote::{Remote, RemoteError, RetryPolicy};
+#[cfg(feature = "remote")]
 pub use store::{
     CacheStats, OpenError, OpenMode, S3PoolOptions, S3Store, STATE_META, is_cache_dir,
     probe_fencing,
 };
 
+#[cfg(feature = "remote")]
 use object_store::ObjectStore;
+#[cfg(feature = "remote")]
 use std::sync::Arc;
 
 /// Where a pool lives, parsed from a URL: `s3://bucket/prefix`,
@@ -159,6 +170,7 @@ impl S3Access {
 }
 
 /// Builds the object store a URL names.
+#[cfg(feature = "remote")]
 pub fn build_object_store(
     url: &PoolUrl,
     access: &S3Access,
@@ -227,6 +239,7 @@ pub fn build_object_store(
 }
 
 /// [`build_object_store`] and a [`Remote`] on it.
+#[cfg(feature = "remote")]
 pub fn connect(url: &str, access: &S3Access) -> Result<Remote, UrlError> {
     let u = PoolUrl::parse(url)?;
     let store = build_object_store(&u, access)?;

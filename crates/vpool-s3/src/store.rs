@@ -1668,6 +1668,13 @@ impl SegmentStore for S3Store {
                 .up_cv
                 .wait_for(&mut up, Duration::from_millis(100));
         }
+        // Dirty and clean bytes share the cache's hard limit: growing the
+        // one shrinks the other.
+        let dirty = up.dirty_bytes + bytes;
+        drop(up);
+        if dirty + self.inner.index.lock().used_bytes() > self.inner.opts.cache_size_bytes {
+            self.evict();
+        }
         Ok(())
     }
 
