@@ -131,6 +131,37 @@ pub fn meta_key(name: &str, epoch: u64, generation: u64) -> String {
     format!("{META_DIR}/{name}-{epoch:016x}-{generation:016x}")
 }
 
+/// The (id, epoch) a segment key names.
+pub fn parse_segment_key(key: &str) -> Option<(u64, u64)> {
+    let name = key.strip_prefix(SEGMENT_DIR)?.strip_prefix('/')?;
+    let stem = name.strip_suffix(".seg")?;
+    let (id, epoch) = stem.split_once('-')?;
+    if id.len() != 16 || epoch.len() != 16 {
+        return None;
+    }
+    Some((
+        u64::from_str_radix(id, 16).ok()?,
+        u64::from_str_radix(epoch, 16).ok()?,
+    ))
+}
+
+/// The writer's epoch in a segment or meta key.
+pub fn key_epoch(key: &str) -> Option<u64> {
+    if let Some((_, epoch)) = parse_segment_key(key) {
+        return Some(epoch);
+    }
+    let name = key.strip_prefix(META_DIR)?.strip_prefix('/')?;
+    // <name>-<epoch 16 hex>-<generation 16 hex>
+    let mut parts = name.rsplitn(3, '-');
+    let generation = parts.next()?;
+    let epoch = parts.next()?;
+    parts.next()?;
+    if epoch.len() != 16 || generation.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(epoch, 16).ok()
+}
+
 impl Manifest {
     pub fn new(pool_id: String, fencing: Fencing) -> Manifest {
         Manifest {
@@ -285,5 +316,10 @@ mod tests {
             manifest_key(9) < manifest_key(10),
             "keys sort by generation"
         );
+        assert_eq!(parse_segment_key(&segment_key(5, 9)), Some((5, 9)));
+        assert_eq!(key_epoch(&segment_key(5, 9)), Some(9));
+        assert_eq!(key_epoch(&meta_key("checkpoint", 3, 7)), Some(3));
+        assert_eq!(key_epoch("meta/checkpoint"), None);
+        assert_eq!(parse_segment_key("segments/x.seg"), None);
     }
 }

@@ -675,7 +675,10 @@ impl S3Store {
         let s = self.clone();
         let h = std::thread::Builder::new()
             .name("vpool-s3-upload".into())
-            .spawn(move || s.upload_loop())
+            .spawn(move || {
+                s.collect_orphans();
+                s.upload_loop()
+            })
             .map_err(|e| StoreError::io("spawning the uploader", e))?;
         *self.inner.uploader.lock() = Some(h);
         Ok(())
@@ -1093,6 +1096,50 @@ impl S3Store {
                     .delete(&manifest_key(generation - MANIFESTS_KEPT - 1), soon);
             }
         }
+    }
+
+    /// Deletes objects that no manifest names and that an earlier holder
+    /// wrote (uploads a crash or a takeover left uncommitted). Keys of this
+    /// holder's own epoch are never touched: they may be about to be
+    /// committed. Best effort: an error only leaves garbage behind.
+    fn collect_orphans(&self) -> u64 {
+        let inner = &self.inner;
+        let epoch = inner.holder.epoch;
+        let deadline = || Instant::now() + Duration::from_secs(30);
+        let m = inner.up.lock().manifest.clone();
+        let listed_meta: BTreeSet<&str> = m.meta.values().map(|r| r.key.as_str()).collect();
+        let mut deleted = 0;
+        for dir in [SEGMENT_DIR, crate::manifest::META_DIR] {
+            let Ok(keys) = inner.remote.list(dir, deadline()) else {
+                return deleted;
+            };
+            for (key, _) in keys {
+                let Some(key_epoch) = crate::manifest::key_epoch(&key) else {
+                    continue;
+                };
+                let referenced = if dir == SEGMENT_DIR {
+                    crate::manifest::parse_segment_key(&key)
+                        .and_then(|(id, e)| m.segment(id).map(|s| s.epoch == e))
+                        .unwrap_or(false)
+                } else {
+                    listed_meta.contains(key.as_str())
+                };
+                if !referenced
+                    && key_epoch < epoch
+                    && !inner.stop.load(Ordering::SeqCst)
+                    && inner.remote.delete(&key, deadline()).is_ok()
+                {
+                    deleted += 1;
+                }
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(
+                objects = deleted,
+                "deleted objects no manifest names (left by a crash or a takeover)"
+            );
+        }
+        deleted
     }
 
     fn upload_segment(

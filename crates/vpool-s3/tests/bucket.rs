@@ -420,3 +420,45 @@ fn reopening_the_same_cache_after_a_clean_close_is_warm() {
     assert_eq!(store.stats().bytes_fetched, 0, "the cache was kept");
     close(pool, store);
 }
+
+#[test]
+fn objects_no_manifest_names_are_collected_at_open() {
+    let t = tempfile::tempdir().unwrap();
+    let bucket = Bucket::new(&t.path().join("bucket"));
+    let (pool, store) = open(
+        bucket.remote(),
+        opts(&t.path().join("c1"), 64 * MIB, create()),
+    );
+    pool.create_volume("v", 4 * MIB).unwrap();
+    let vol = pool.volume("v").unwrap();
+    let mut log = WriteLog::default();
+    for b in 0..512 {
+        log.write(&vol, b);
+    }
+    drop(vol);
+    close(pool, store);
+    // What a crashed upload or a fenced host leaves: keys of an old epoch
+    // that no manifest names.
+    let root = bucket.dir.join("pool");
+    let orphans = [
+        root.join("segments/00000000000000ff-0000000000000001.seg"),
+        root.join("meta/checkpoint-0000000000000001-00000000000000aa"),
+    ];
+    for o in &orphans {
+        std::fs::write(o, b"left behind").unwrap();
+    }
+    let (pool, store) = open(
+        bucket.remote(),
+        opts(&t.path().join("c2"), 64 * MIB, open_mode(false)),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while orphans.iter().any(|o| o.exists()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        orphans.iter().all(|o| !o.exists()),
+        "orphans were not collected"
+    );
+    assert_eq!(log.check_prefix(&pool.volume("v").unwrap(), 1024), 512);
+    close(pool, store);
+}

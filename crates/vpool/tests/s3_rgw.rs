@@ -1,0 +1,657 @@
+//! The daemon (`vpool serve`, the built binary) on pools in a real object
+//! store: the Ceph RGW micro-cluster that the test command starts
+//! (`scripts/ceph.sh`; its env file gives the endpoint, bucket and keys).
+//! Without `VPOOL_TEST_S3_ENDPOINT` these tests skip, unless
+//! `VPOOL_REQUIRE_S3=1` (the test command sets it) makes that a failure.
+//!
+//! - The NBD client suite of `nbd_clients.rs` (`common/nbd_suite.rs`:
+//!   qemu-img, qemu-io, nbdinfo, nbdcopy, nbdsh, fio) on S3 pools, each
+//!   pool then read back by a second daemon from an empty cache directory.
+//! - SIGKILL of the daemon under a libnbd writer, restart on the same cache
+//!   (`common/nbd_crash_rounds.rs`, as `nbd_crash.rs` runs it locally).
+//! - SIGKILL, then the cache directory deleted: the pool reopened from the
+//!   bucket alone (`pool attach`, `serve --force`) is the state after a
+//!   prefix of the write log, at least as long as what was known uploaded.
+//! - radosgw stopped under an NBD writer and started again: writes go on
+//!   into the cache, cold reads fail with EIO in bounded time, the uploads
+//!   catch up by themselves and the data verifies.
+//!
+//! The tests share one radosgw, which one of them stops and starts: they
+//! take a lock, and each pool has its own key prefix
+//! (`s3://BUCKET/test-NAME-RANDOM`).
+
+mod common;
+#[path = "../../vpool-nbd/tests/common/mod.rs"]
+mod nbd_common;
+#[path = "common/nbd_crash_rounds.rs"]
+mod nbd_crash_rounds;
+#[path = "common/nbd_suite.rs"]
+mod nbd_suite;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use common::{Daemon, run_json};
+use nbd_common::clients::{nbdcopy, nbdsh_script, qemu_img_compare};
+use nbd_common::pattern;
+use nbd_suite::{MIB, checksum, path_str};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// The lock the tests of this file take (a failed test does not poison it
+/// for the others).
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Rgw {
+    endpoint: String,
+    bucket: String,
+}
+
+fn rgw() -> Option<Rgw> {
+    match std::env::var("VPOOL_TEST_S3_ENDPOINT") {
+        Ok(endpoint) => Some(Rgw {
+            endpoint,
+            bucket: std::env::var("VPOOL_TEST_S3_BUCKET").unwrap_or_else(|_| "vpool-test".into()),
+        }),
+        Err(_) => {
+            assert!(
+                std::env::var("VPOOL_REQUIRE_S3").as_deref() != Ok("1"),
+                "VPOOL_REQUIRE_S3=1 but VPOOL_TEST_S3_ENDPOINT is not set: start RGW with scripts/ceph.sh"
+            );
+            eprintln!("skipped: no S3 endpoint (scripts/ceph.sh start; . /tmp/vpool-ceph/env)");
+            None
+        }
+    }
+}
+
+impl Rgw {
+    /// A new pool's URL, under a key prefix of its own.
+    fn url(&self, name: &str) -> String {
+        format!(
+            "s3://{}/test-{name}-{:x}",
+            self.bucket,
+            rand::random::<u64>()
+        )
+    }
+
+    /// `vpool pool create --s3 URL` (or `attach`) with its cache at
+    /// `cache`: a 1 GiB cache, segments sealed after 0.5 s.
+    fn pool_cmd(&self, verb: &str, url: &str, cache: &Path, extra: &[&str]) -> serde_json::Value {
+        let mut args = vec![
+            "pool",
+            verb,
+            "--s3",
+            url,
+            "--endpoint",
+            &self.endpoint,
+            "--cache",
+            path_str(cache),
+            "--cache-size",
+            "1G",
+            "--seal-after",
+            "0.5",
+        ];
+        args.extend_from_slice(extra);
+        run_json(cache, &args)
+    }
+
+    fn create(&self, url: &str, cache: &Path, extra: &[&str]) {
+        let r = self.pool_cmd("create", url, cache, extra);
+        assert_eq!(r["url"], url, "{r}");
+    }
+
+    /// Attaches `cache` (a new directory) to the pool; returns who holds it.
+    fn attach(&self, url: &str, cache: &Path, extra: &[&str]) -> Option<String> {
+        let r = self.pool_cmd("attach", url, cache, extra);
+        r["held_by"].as_str().map(str::to_string)
+    }
+}
+
+fn ceph_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/ceph.sh")
+}
+
+/// Stops radosgw; starts it again when dropped, even if the test failed.
+struct RgwDown;
+
+impl RgwDown {
+    fn stop() -> RgwDown {
+        let st = std::process::Command::new(ceph_script())
+            .arg("rgw-stop")
+            .status()
+            .unwrap();
+        assert!(st.success(), "scripts/ceph.sh rgw-stop failed");
+        RgwDown
+    }
+}
+
+impl Drop for RgwDown {
+    fn drop(&mut self) {
+        let st = std::process::Command::new(ceph_script())
+            .arg("rgw-start")
+            .status();
+        let ok = st.as_ref().is_ok_and(|s| s.success());
+        if std::thread::panicking() {
+            if !ok {
+                eprintln!("scripts/ceph.sh rgw-start failed: {st:?}");
+            }
+        } else {
+            assert!(ok, "scripts/ceph.sh rgw-start failed: {st:?}");
+        }
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until everything written so far is in the bucket, as `vpool
+/// cache stats --json` tells: no sealed segment waits for upload and the
+/// open one holds no data.
+fn wait_uploaded(pool: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = run_json(pool, &["cache", "stats"]);
+        if s["upload_lag_bytes"] == 0 && s["dirty_bytes"].as_u64().is_some_and(|d| d < 4096) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the uploads did not catch up within {timeout:?}: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What a pool holds, as its API shows it: per volume, its size, its
+/// allocation (runs of (length, hole, zero), adjacent equal runs merged)
+/// and a checksum of each piece (up to 1 MiB) of what is not zero, by
+/// offset and length.
+#[derive(Debug, PartialEq, Eq)]
+struct VolumePrint {
+    name: String,
+    size: u64,
+    runs: Vec<(u64, bool, bool)>,
+    data: Vec<(u64, u64, u64)>,
+}
+
+fn fingerprint(d: &Daemon) -> Vec<VolumePrint> {
+    let c = d.client();
+    let mut vols = c.list_volumes().expect("list volumes");
+    vols.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut out = Vec::new();
+    for v in vols {
+        let mut runs: Vec<(u64, bool, bool)> = Vec::new();
+        let mut data = Vec::new();
+        let mut off = 0;
+        while off < v.size_bytes {
+            let a = c
+                .allocation(&v.name, off, v.size_bytes - off)
+                .expect("allocation");
+            assert!(a.length > 0, "{a:?}");
+            for e in &a.extents {
+                match runs.last_mut() {
+                    Some(r) if (r.1, r.2) == (e.hole, e.zero) => r.0 += e.length,
+                    _ => runs.push((e.length, e.hole, e.zero)),
+                }
+                if !e.zero {
+                    let mut at = e.offset;
+                    while at < e.offset + e.length {
+                        let n = (e.offset + e.length - at).min(MIB);
+                        let bytes = c.read(&v.name, at, n as usize).expect("API read");
+                        data.push((at, n, checksum(&bytes)));
+                        at += n;
+                    }
+                }
+            }
+            off += a.length;
+        }
+        out.push(VolumePrint {
+            name: v.name,
+            size: v.size_bytes,
+            runs,
+            data,
+        });
+    }
+    out
+}
+
+/// Stops `d` cleanly (which uploads everything and releases the pool), then
+/// serves the pool from a new, empty cache directory `cold` and checks that
+/// every volume reads back the same. Returns that second daemon, running.
+fn reread_from_a_cold_cache(rgw: &Rgw, url: &str, d: Daemon, cold: &Path) -> Daemon {
+    let before = fingerprint(&d);
+    let log_file = d.log.clone();
+    let status = d.terminate();
+    let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+    assert!(status.success(), "{status}; log:\n{log}");
+    assert!(
+        log.contains("everything is in the object store"),
+        "the clean stop did not upload everything; log:\n{log}"
+    );
+    let held = rgw.attach(url, cold, &[]);
+    assert_eq!(held, None, "a clean stop releases the pool");
+    let d = Daemon::start(cold, &[]);
+    let after = fingerprint(&d);
+    let data_bytes: u64 = before.iter().flat_map(|v| v.data.iter().map(|p| p.1)).sum();
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(b.name, a.name);
+        assert_eq!((b.size, &b.runs), (a.size, &a.runs), "volume {}", b.name);
+        if let Some((x, y)) = b.data.iter().zip(&a.data).find(|(x, y)| x != y) {
+            panic!(
+                "volume {}: {x:?} (offset, length, checksum) reads as {y:?} from a cold cache",
+                b.name
+            );
+        }
+    }
+    assert_eq!(before, after);
+    let s = d.client().cache_stats().unwrap();
+    if data_bytes > 0 {
+        assert!(s.bytes_fetched > 0, "nothing came from the bucket: {s:?}");
+    }
+    eprintln!(
+        "read back {} volumes ({} KiB of data) from a cold cache: {} KiB fetched",
+        after.len(),
+        data_bytes >> 10,
+        s.bytes_fetched >> 10
+    );
+    d
+}
+
+#[test]
+fn nbd_client_suite_on_an_rgw_pool() {
+    let Some(rgw) = rgw() else { return };
+    let _g = serial();
+    let t = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    for case in nbd_suite::ALL {
+        let t0 = Instant::now();
+        eprintln!("--- {} on an S3 pool", case.name);
+        let scratch = t.path().join(case.name);
+        std::fs::create_dir(&scratch).unwrap();
+        let cache = scratch.join(case.pool_dir);
+        let url = rgw.url("suite");
+        rgw.create(&url, &cache, &[]);
+        let d = Daemon::start(&cache, case.serve_args);
+        let d = (case.run)(d, &scratch);
+        let d = reread_from_a_cold_cache(&rgw, &url, d, &scratch.join("cold"));
+        let log = d.log_text();
+        assert!(d.terminate().success(), "{}: log:\n{log}", case.name);
+        eprintln!("--- {} took {:?}", case.name, t0.elapsed());
+    }
+    eprintln!("the suite took {:?}", started.elapsed());
+}
+
+#[test]
+fn sigkill_under_nbd_writes_with_the_cache_intact() {
+    let Some(rgw) = rgw() else { return };
+    let _g = serial();
+    let seed: u64 = std::env::var("VPOOL_NBD_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5333_6b69);
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("cache");
+    let url = rgw.url("sigkill");
+    rgw.create(&url, &cache, &[]);
+    let d = Daemon::start(&cache, &[]);
+    // Kills from before the first seal (0.5 s) to well after it, so that
+    // some land during uploads and commits.
+    let d = nbd_crash_rounds::sigkill_rounds(d, t.path(), 3, 200..2500, seed);
+    // The crashes left nothing behind that the bucket does not get.
+    let d = reread_from_a_cold_cache(&rgw, &url, d, &t.path().join("cold"));
+    assert!(d.terminate().success());
+}
+
+/// Writes single 4 KiB blocks, one at a time: write `i` (0-based) goes to
+/// block `hash(i) % NBLOCKS` and fills it with 16-byte units of
+/// (i + 1, block). Flushes after every `FLUSH_EVERY` writes. Writes `START`
+/// up to `END`, or until the file `STOP` exists. Logs `A i` when write `i`
+/// is acknowledged, `F i` when a flush after it completed, `DONE` at the
+/// end, `E ...` on an error.
+const LOG_WRITER: &str = r#"
+import os, struct, nbd
+log = open(os.environ["LOG"], "a", buffering=1)
+nblocks = int(os.environ["NBLOCKS"])
+end = int(os.environ["END"])
+every = int(os.environ["FLUSH_EVERY"])
+stop = os.environ.get("STOP", "")
+h = nbd.NBD()
+h.connect_uri(os.environ["URI"])
+log.write("connected\n")
+i = int(os.environ["START"])
+try:
+    while i < end and not (stop and os.path.exists(stop)):
+        blk = (((i * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) >> 40) % nblocks
+        h.pwrite(struct.pack("<QQ", i + 1, blk) * 256, blk * 4096)
+        log.write("A %d\n" % i)
+        i += 1
+        if i % every == 0:
+            h.flush()
+            log.write("F %d\n" % (i - 1))
+    h.flush()
+    log.write("F %d\nDONE\n" % (i - 1))
+except nbd.Error as e:
+    log.write("E %s\n" % str(e).replace("\n", " "))
+"#;
+
+/// The block write `i` (0-based) of [`LOG_WRITER`] goes to.
+fn block_of(i: u64, nblocks: u64) -> u64 {
+    (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) % nblocks
+}
+
+/// The writer's log: the last acknowledged write, the last write a
+/// completed flush covers, whether it ended normally, its error line.
+#[derive(Debug, Default)]
+struct WriterLog {
+    acked: Option<u64>,
+    flushed: Option<u64>,
+    done: bool,
+    error: Option<String>,
+}
+
+fn read_writer_log(path: &Path) -> WriterLog {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut w = WriterLog::default();
+    for l in text.lines() {
+        if let Some(i) = l.strip_prefix("A ") {
+            w.acked = Some(i.parse().unwrap());
+        } else if let Some(i) = l.strip_prefix("F ") {
+            w.flushed = Some(i.parse().unwrap());
+        } else if l == "DONE" {
+            w.done = true;
+        } else if let Some(e) = l.strip_prefix("E ") {
+            w.error = Some(e.to_string());
+        }
+    }
+    w
+}
+
+/// Runs [`LOG_WRITER`] on a thread; returns its handle (the script's
+/// output, or a panic if it raised).
+fn spawn_writer(
+    uri: String,
+    log: &Path,
+    nblocks: u64,
+    range: (u64, u64),
+    stop: Option<&Path>,
+) -> std::thread::JoinHandle<String> {
+    let log = log.to_path_buf();
+    let stop = stop.map(|p| path_str(p).to_string()).unwrap_or_default();
+    std::thread::spawn(move || {
+        nbdsh_script(
+            LOG_WRITER,
+            &[
+                ("URI", &uri),
+                ("LOG", path_str(&log)),
+                ("NBLOCKS", &nblocks.to_string()),
+                ("START", &range.0.to_string()),
+                ("END", &range.1.to_string()),
+                ("FLUSH_EVERY", "16"),
+                ("STOP", &stop),
+            ],
+        )
+    })
+}
+
+/// Checks that `image` (the volume, read whole) is the state after the
+/// first K writes of [`LOG_WRITER`], for K the largest write found in it,
+/// and that the blocks past `nblocks` are zeros. Returns K.
+fn check_prefix(image: &[u8], nblocks: u64) -> u64 {
+    let blk = 4096usize;
+    let mut seen = Vec::with_capacity(nblocks as usize);
+    for b in 0..nblocks {
+        let data = &image[b as usize * blk..(b as usize + 1) * blk];
+        if data.iter().all(|&x| x == 0) {
+            seen.push(0);
+            continue;
+        }
+        let index = u64::from_le_bytes(data[..8].try_into().unwrap());
+        let mut unit = [0u8; 16];
+        unit[..8].copy_from_slice(&index.to_le_bytes());
+        unit[8..].copy_from_slice(&b.to_le_bytes());
+        assert!(
+            data.chunks_exact(16).all(|u| u == unit),
+            "block {b} is torn or misplaced (first unit says write {index})"
+        );
+        seen.push(index);
+    }
+    assert!(
+        image[nblocks as usize * blk..].iter().all(|&x| x == 0),
+        "data past the blocks written"
+    );
+    let k = seen.iter().copied().max().unwrap_or(0);
+    let mut expect = vec![0u64; nblocks as usize];
+    for i in 0..k {
+        expect[block_of(i, nblocks) as usize] = i + 1;
+    }
+    for b in 0..nblocks as usize {
+        assert_eq!(
+            seen[b], expect[b],
+            "block {b} holds write {} where the state after write {k} has write {}: not a prefix",
+            seen[b], expect[b]
+        );
+    }
+    k
+}
+
+fn read_volume(d: &Daemon, volume: &str, out: &Path) -> Vec<u8> {
+    let _ = std::fs::remove_file(out);
+    nbdcopy(&d.nbd_uri(volume), path_str(out), &[]);
+    std::fs::read(out).unwrap()
+}
+
+#[test]
+fn cache_lost_after_sigkill_reopens_as_a_prefix_from_the_bucket() {
+    let Some(rgw) = rgw() else { return };
+    let _g = serial();
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("cache");
+    let url = rgw.url("cacheloss");
+    rgw.create(&url, &cache, &[]);
+    let d = Daemon::start(&cache, &[]);
+    let size = 64 * MIB;
+    let nblocks = 4096; // the first 16 MiB: writes often hit a block again
+    d.client().create_volume("v", size).unwrap();
+    let log = t.path().join("writer.log");
+
+    // Phase 1: writes and flushes, then wait until the bucket has them all.
+    let phase1 = 3000;
+    let out = spawn_writer(d.nbd_uri("v"), &log, nblocks, (0, phase1), None)
+        .join()
+        .expect("the writer failed");
+    let w = read_writer_log(&log);
+    assert!(w.done && w.acked == Some(phase1 - 1), "{w:?}\n{out}");
+    let t0 = Instant::now();
+    wait_uploaded(&cache, Duration::from_secs(60));
+    eprintln!(
+        "{phase1} writes uploaded ({:?} after the last flush)",
+        t0.elapsed()
+    );
+
+    // Phase 2: more writes, not waited for, then SIGKILL mid-stream, once
+    // a few seals (0.5 s each) have passed.
+    let writer = spawn_writer(d.nbd_uri("v"), &log, nblocks, (phase1, u64::MAX), None);
+    let t0 = Instant::now();
+    wait_for("phase 2 writes", Duration::from_secs(30), || {
+        let w = read_writer_log(&log);
+        w.flushed.is_some_and(|f| f >= phase1 + 500) && t0.elapsed() > Duration::from_millis(1500)
+    });
+    let s = d.client().cache_stats().unwrap();
+    d.crash();
+    writer.join().expect("the writer failed");
+    let w = read_writer_log(&log);
+    let acked = w.acked.unwrap();
+    assert!(w.error.is_some(), "{w:?}");
+    eprintln!(
+        "killed after {} writes ({} flushed); dirty then: {} bytes, {} sealed not uploaded",
+        acked + 1,
+        w.flushed.unwrap() + 1,
+        s.dirty_bytes,
+        s.upload_lag_bytes
+    );
+
+    // The cache is lost. A new one on the same directory: the dead daemon
+    // still holds the pool, so `serve` is refused, and `--force` takes it.
+    std::fs::remove_dir_all(&cache).unwrap();
+    let held = rgw.attach(&url, &cache, &[]);
+    assert!(held.is_some(), "the dead daemon's lease is gone");
+    let out = nbd_common::clients::run(
+        common::vpool_cmd(&cache).arg("serve"),
+        Duration::from_secs(60),
+    );
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("is held by") && e.contains("--force"),
+        "{}: {e}",
+        out.status
+    );
+    let d = Daemon::start(&cache, &["--force"]);
+    let image = read_volume(&d, "v", &t.path().join("v.img"));
+    assert_eq!(image.len() as u64, size);
+    let k = check_prefix(&image, nblocks);
+    eprintln!(
+        "the bucket holds the state after write {k}: {phase1} were known uploaded, {} acknowledged",
+        acked + 1
+    );
+    assert!(
+        k >= phase1,
+        "writes known to be in the bucket are lost: prefix {k} < {phase1}"
+    );
+    // Write `acked + 1` may have reached the daemon without its reply.
+    assert!(
+        k <= acked + 2,
+        "a write from the future: {k} > {}",
+        acked + 2
+    );
+
+    // The pool goes on from there.
+    d.client().write("v", 0, &[7u8; 4096]).unwrap();
+    d.client().flush().unwrap();
+    assert!(d.terminate().success());
+}
+
+/// Reads 64 KiB at `OFF` of the export, expecting an error; prints the
+/// errno's name and how long it took.
+const COLD_READ: &str = r#"
+import os, time, nbd
+h = nbd.NBD()
+h.connect_uri(os.environ["URI"])
+t = time.monotonic()
+try:
+    h.pread(65536, int(os.environ["OFF"]))
+    print("read OK")
+except nbd.Error as e:
+    print("errno %s after %.2f s: %s" % (e.errno, time.monotonic() - t, e))
+h.shutdown()
+"#;
+
+#[test]
+fn rgw_outage_under_an_nbd_writer() {
+    let Some(rgw) = rgw() else { return };
+    let _g = serial();
+    let t = tempfile::tempdir().unwrap();
+    let url = rgw.url("outage");
+    let read_timeout = ["--read-timeout", "3"];
+
+    // A volume written, uploaded, and left cold for the next daemon.
+    let a = t.path().join("cache-a");
+    rgw.create(&url, &a, &read_timeout);
+    let d = Daemon::start(&a, &[]);
+    let size = 64 * MIB;
+    let src = t.path().join("src.img");
+    std::fs::write(&src, pattern(size as usize, 77)).unwrap();
+    d.client().create_volume("cold", size).unwrap();
+    d.client().create_volume("hot", size).unwrap();
+    nbdcopy(path_str(&src), &d.nbd_uri("cold"), &["--flush"]);
+    assert!(d.terminate().success());
+
+    let b = t.path().join("cache-b");
+    rgw.attach(&url, &b, &read_timeout);
+    let d = Daemon::start(&b, &[]);
+    let c = d.client();
+    let log = t.path().join("writer.log");
+    let stop = t.path().join("stop");
+    let nblocks = 4096;
+    let writer = spawn_writer(d.nbd_uri("hot"), &log, nblocks, (0, u64::MAX), Some(&stop));
+    wait_for("the writer", Duration::from_secs(30), || {
+        read_writer_log(&log).flushed.is_some_and(|f| f > 200)
+    });
+
+    let outage = Instant::now();
+    let (at_stop, uploaded_before) = {
+        let _down = RgwDown::stop();
+        let at_stop = read_writer_log(&log);
+        // A read of data not in the cache fails, with EIO, in bounded time
+        // (--read-timeout 3).
+        let t0 = Instant::now();
+        let out = nbdsh_script(COLD_READ, &[("URI", &d.nbd_uri("cold")), ("OFF", "0")]);
+        let took = t0.elapsed();
+        eprintln!("cold read with radosgw down: {}", out.trim());
+        assert!(out.starts_with("errno EIO"), "{out}");
+        assert!(took < Duration::from_secs(15), "took {took:?}: {out}");
+        // Writes and flushes went on meanwhile, into the cache; the uploads
+        // are stuck.
+        std::thread::sleep(Duration::from_secs(1));
+        let w = read_writer_log(&log);
+        assert!(w.error.is_none() && !w.done, "{w:?}");
+        assert!(
+            w.acked > at_stop.acked.map(|a| a + 100) && w.flushed > at_stop.flushed,
+            "the writes stalled: {w:?}, before the outage {at_stop:?}"
+        );
+        let s = c.cache_stats().unwrap();
+        assert!(
+            s.upload_lag_bytes > 0 && s.dirty_bytes > 0 && s.remote_errors > 0,
+            "{s:?}"
+        );
+        eprintln!(
+            "radosgw down for {:?}: {} writes acknowledged meanwhile, {} bytes sealed and waiting",
+            outage.elapsed(),
+            w.acked.unwrap() - at_stop.acked.unwrap(),
+            s.upload_lag_bytes
+        );
+        (at_stop, s.segments_uploaded)
+    }; // radosgw starts again here
+
+    // The uploads resume by themselves, the writer still going; once it
+    // stops, they catch up.
+    let t0 = Instant::now();
+    wait_for("the uploads to resume", Duration::from_secs(60), || {
+        c.cache_stats().unwrap().segments_uploaded > uploaded_before
+    });
+    let resumed = t0.elapsed();
+    std::fs::write(&stop, b"").unwrap();
+    let out = writer.join().expect("the writer failed");
+    let w = read_writer_log(&log);
+    assert!(w.done && w.error.is_none(), "{w:?}\n{out}");
+    wait_uploaded(&b, Duration::from_secs(60));
+    let last = w.acked.unwrap();
+    eprintln!(
+        "uploads resumed {resumed:?} after radosgw came back, caught up after {:?}; {} writes in all ({} before the outage)",
+        t0.elapsed(),
+        last + 1,
+        at_stop.acked.unwrap() + 1
+    );
+
+    // Every write is there, and the cold volume reads now.
+    let image = read_volume(&d, "hot", &t.path().join("hot.img"));
+    assert_eq!(check_prefix(&image, nblocks), last + 1);
+    assert!(qemu_img_compare(&d.nbd_uri("cold"), &src));
+    let s = c.cache_stats().unwrap();
+    eprintln!("after the outage: {s:?}");
+    assert!(s.read_errors > 0 && s.last_error.is_none(), "{s:?}");
+
+    // And from the bucket alone, through a third cache directory.
+    let d = reread_from_a_cold_cache(&rgw, &url, d, &t.path().join("cache-c"));
+    let image = read_volume(&d, "hot", &t.path().join("hot.img"));
+    assert_eq!(check_prefix(&image, nblocks), last + 1);
+    assert!(qemu_img_compare(&d.nbd_uri("cold"), &src));
+    assert!(d.terminate().success());
+}
