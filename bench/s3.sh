@@ -3,7 +3,7 @@
 # pool, against the object store's own PUT/GET speed, and against Ceph RBD
 # on the same cluster: the figures of the S3-pools issue, in one run.
 #
-#   bench/s3.sh [--quick] [--rounds N] [--runtime SEC] [--size SIZE]
+#   bench/s3.sh [--quick] [--rounds N] [--runtime SEC] [--ramp SEC] [--size SIZE]
 #               [--cold-size SIZE] [--lag-runtime SEC] [--no-rbd] [--keep]
 #
 #   --quick            a smoke run for CI (< 1 min): --rounds 1 --runtime 3
@@ -52,19 +52,19 @@
 # The object store: $VPOOL_TEST_S3_ENDPOINT, $VPOOL_TEST_S3_BUCKET and the
 # AWS_* credentials if set; else the scripts/ceph.sh cluster in
 # $VPOOL_CEPH_DIR (default /tmp/vpool-ceph), started if it is not up (and
-# then stopped at the end). The pool goes under s3://BUCKET/bench-<random>/;
-# that prefix (and bench-<random>-raw/) is deleted at the end, also on
-# failure or Ctrl-C, and radosgw's garbage collector is run so the space
+# then stopped at the end). The two pools go under s3://BUCKET/bench-<random>/
+# (warm/ and cold/); that prefix (and bench-<random>-raw/, the plain PUTs) is
+# deleted at the end, also on failure or Ctrl-C, and radosgw's garbage collector is run so the space
 # comes back. Figures are measured, never asserted; see BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cmdline="bench/s3.sh $*"
 rounds=3 runtime=15 ramp=1 size=1g cold_size=1g lag_runtime=30 cache_size=4G
-rbd=1 keep=0 quick=0 qd=16
+rbd=1 keep=0 qd=16
 rbd_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --quick) quick=1 rounds=1 runtime=3 ramp=0 size=64m cold_size=64m lag_runtime=5 cache_size=1G
+    --quick) rounds=1 runtime=3 ramp=0 size=64m cold_size=64m lag_runtime=5 cache_size=1G
              rbd_args=(--io-total 4M --image-size 64M); shift ;;
     --rounds) rounds=$2; shift 2 ;;
     --runtime) runtime=$2; shift 2 ;;
@@ -127,7 +127,7 @@ bucket=${VPOOL_TEST_S3_BUCKET:?no S3 bucket}
 region=${AWS_REGION:-us-east-1}
 : "${AWS_ACCESS_KEY_ID:?no AWS_ACCESS_KEY_ID}" "${AWS_SECRET_ACCESS_KEY:?no AWS_SECRET_ACCESS_KEY}"
 prefix=bench-$(date +%s)-$RANDOM
-url=s3://$bucket/$prefix
+url=s3://$bucket/$prefix/warm
 ceph_conf=$cluster_dir/ceph.conf
 have_ceph=0
 [ -f "$ceph_conf" ] && scripts/ceph.sh status "$cluster_dir" >/dev/null 2>&1 && have_ceph=1
@@ -306,7 +306,7 @@ echo
 echo "- command: \`$cmdline\` (rounds=$rounds runtime=${runtime}s ramp=${ramp}s warm volume=$size_bytes cold volume=$cold_bytes lag-runtime=${lag_runtime}s cache=$cache_size qd=$qd)"
 echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo "- vpool: $("$vpool" --version) ($(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- crates 2>/dev/null || echo '+dirty'))"
-echo "- object store: $endpoint, bucket $bucket, pool $url$([ "$have_ceph" = 1 ] && echo ", $(ceph --version 2>/dev/null | sed 's/ ([0-9a-f]*)//') radosgw (scripts/ceph.sh micro-cluster: 1 bluestore OSD on a sparse file, pool size 1)")"
+echo "- object store: $endpoint, bucket $bucket, pools under s3://$bucket/$prefix/$([ "$have_ceph" = 1 ] && echo ", $(ceph --version 2>/dev/null | sed 's/ ([0-9a-f]*)//') radosgw (scripts/ceph.sh micro-cluster: 1 bluestore OSD on a sparse file, pool size 1)")"
 echo "- fio: $(fio --version), --ioengine=nbd; raw PUT/GET: $(curl --version | head -1 | cut -d' ' -f1-2), 4 in parallel"
 echo "- machine: $(nproc) cores, $(free -g | awk '/^Mem:/{print $2}') GiB RAM, kernel $(uname -r), work dir on $(df --output=source "$work" | tail -1); the object store runs on the same cores"
 echo "- load at start: $(uptime | sed 's/.*load average/load average/')"
@@ -388,9 +388,13 @@ rec phase=lag iops="$iops" mbps="$mbps" load_end_s="$load_end" drain_s="$drain_s
     cpu_daemon_s="$(elapsed "$d0" "$d1")" cpu_rgw_s="$(elapsed "$r0" "$r1")" cpu_osd_s="$(elapsed "$o0" "$o1")"
 echo "  upload lag done" >&2
 
-# 2 and 3a, per round: write the cold volume (upload figures) and plain PUTs;
-# a fresh cache: sequential read, and plain GETs of its segments; a fresh
-# cache again: random 4 KiB reads.
+# 2 and 3a, on a second S3 pool (no garbage from the random writes above, so
+# its cleaner stays idle), per round: write the cold volume (upload figures)
+# and plain PUTs; a fresh cache: sequential read, and plain GETs of the
+# volume's segments; a fresh cache again: random 4 KiB reads. The daemons of
+# the warm pools go first.
+stop_daemon local
+stop_daemon warm
 head -c $((32 << 20)) /dev/urandom >"$work/blob"
 raw_put() {
   local r=$1 n=$(((cold_bytes + (32 << 20) - 1) / (32 << 20))) t0 t1 bad
@@ -411,9 +415,9 @@ raw_get() {
   rec phase=raw_get round="$r" bytes="$got" seconds="$(elapsed "$t0" "$t1")"
 }
 cold_write() {
-  local r=$1 vol=cold$1 t0 t1 u0 u1 out
+  local r=$1 vol=cold$1 t0 t1 u0 u1 out mbps_stat wmbps
   "$vpool" --pool "$s3dir" vol create "$vol" --size "$cold_bytes" >/dev/null
-  list_keys "$prefix/segments/" | sort >"$work/before-$r.keys"
+  list_keys "$prefix/cold/segments/" | sort >"$work/before-$r.keys"
   u0=$(stats "$s3dir" bytes_uploaded)
   t0=$(now)
   out=$(fio_run "nbd+unix:///$vol?socket=$s3dir/nbd.sock" --rw=write --bs=1m --iodepth=8 --size="$cold_bytes")
@@ -424,29 +428,18 @@ cold_write() {
   rec phase=upload round="$r" bytes=$((u1 - u0)) seconds="$(elapsed "$t0" "$t1")" \
       upload_mb_per_s="$mbps_stat" fio_write_mbps="$wmbps"
 }
-for r in $(seq "$rounds"); do
-  if [ $((r % 2)) = 1 ]; then cold_write "$r"; raw_put "$r"; else raw_put "$r"; cold_write "$r"; fi
-  stop_daemon "$s3name"          # uploads the open segment too
-  list_keys "$prefix/segments/" | sort | comm -13 "$work/before-$r.keys" - >"$work/cold-$r.keys"
-  [ "$s3dir" = "$work/cache-warm" ] || rm -rf "$s3dir"
-
-  new_cache "seq-$r"
-  dir=$work/cache-seq-$r
-  cold_seq() {
-    local f0 f1 c0 c1 out
-    f0=$(stats "$dir" bytes_fetched bytes_read); c0=$(cpus "${dpid[seq-$r]}")
-    out=$(fio_run "nbd+unix:///cold$r?socket=$dir/nbd.sock" --rw=read --bs=1m --iodepth=8 --size="$cold_bytes")
-    f1=$(stats "$dir" bytes_fetched bytes_read); c1=$(cpus "${dpid[seq-$r]}")
-    read -r iops mbps io <<<"$out"; read -r a b <<<"$f0"; read -r x y <<<"$f1"
-    read -r d0 r0 o0 <<<"$c0"; read -r d1 r1 o1 <<<"$c1"
-    rec phase=cold_seq round="$r" mbps="$mbps" io_bytes="$io" fetched=$((x - a)) bytes_read=$((y - b)) \
-        cpu_daemon_s="$(elapsed "$d0" "$d1")" cpu_rgw_s="$(elapsed "$r0" "$r1")" cpu_osd_s="$(elapsed "$o0" "$o1")"
-  }
-  if [ $((r % 2)) = 1 ]; then cold_seq; raw_get "$r"; else raw_get "$r"; cold_seq; fi
-  stop_daemon "seq-$r"; rm -rf "$dir"
-
-  new_cache "rand-$r"
-  dir=$work/cache-rand-$r
+cold_seq() {
+  local r=$1 name=seq-$1 dir=$work/cache-seq-$1 f0 f1 c0 c1 out
+  f0=$(stats "$dir" bytes_fetched bytes_read); c0=$(cpus "${dpid[$name]}")
+  out=$(fio_run "nbd+unix:///cold$r?socket=$dir/nbd.sock" --rw=read --bs=1m --iodepth=8 --size="$cold_bytes")
+  f1=$(stats "$dir" bytes_fetched bytes_read); c1=$(cpus "${dpid[$name]}")
+  read -r iops mbps io <<<"$out"; read -r a b <<<"$f0"; read -r x y <<<"$f1"
+  read -r d0 r0 o0 <<<"$c0"; read -r d1 r1 o1 <<<"$c1"
+  rec phase=cold_seq round="$r" mbps="$mbps" io_bytes="$io" fetched=$((x - a)) bytes_read=$((y - b)) \
+      cpu_daemon_s="$(elapsed "$d0" "$d1")" cpu_rgw_s="$(elapsed "$r0" "$r1")" cpu_osd_s="$(elapsed "$o0" "$o1")"
+}
+cold_rand() {
+  local r=$1 dir=$work/cache-rand-$1 f0 f1 out
   f0=$(stats "$dir" bytes_fetched bytes_read)
   out=$(fio_run "nbd+unix:///cold$r?socket=$dir/nbd.sock" --rw=randread --bs=4k --iodepth="$qd" \
         --size="$cold_bytes" --norandommap --time_based --runtime="$runtime")
@@ -454,9 +447,28 @@ for r in $(seq "$rounds"); do
   read -r iops mbps io <<<"$out"; read -r a b <<<"$f0"; read -r x y h m <<<"$f1"
   rec phase=cold_rand round="$r" iops="$iops" io_bytes="$io" fetched=$((x - a)) bytes_read=$((y - b)) \
       read_hits="$h" read_misses="$m"
-  # This daemon writes the next round's cold volume; this one goes.
-  "$vpool" --pool "$dir" vol delete "cold$r" >/dev/null
-  s3dir=$dir s3name=rand-$r
+}
+url=s3://$bucket/$prefix/cold
+"$vpool" pool create --s3 "$url" --endpoint "$endpoint" --cache "$work/cache-cold" \
+  --cache-size "$cache_size" >"$work/pool-create-cold.out" 2>&1 \
+  || { echo "vpool pool create (cold) failed:" >&2; cat "$work/pool-create-cold.out" >&2; exit 1; }
+start_daemon cold "$work/cache-cold"
+s3dir=$work/cache-cold s3name=cold
+for r in $(seq "$rounds"); do
+  if [ $((r % 2)) = 1 ]; then cold_write "$r"; raw_put "$r"; else raw_put "$r"; cold_write "$r"; fi
+  stop_daemon "$s3name"          # uploads the open segment too, and lets the pool go
+  list_keys "$prefix/cold/segments/" | sort | comm -13 "$work/before-$r.keys" - >"$work/cold-$r.keys"
+  rm -rf "$s3dir"
+
+  new_cache "seq-$r"
+  if [ $((r % 2)) = 1 ]; then cold_seq "$r"; raw_get "$r"; else raw_get "$r"; cold_seq "$r"; fi
+  stop_daemon "seq-$r"; rm -rf "$work/cache-seq-$r"
+
+  new_cache "rand-$r"
+  cold_rand "$r"
+  # This daemon writes the next round's cold volume.
+  "$vpool" --pool "$work/cache-rand-$r" vol delete "cold$r" >/dev/null
+  s3dir=$work/cache-rand-$r s3name=rand-$r
   echo "  cold round $r done ($(uptime | sed 's/.*load average/load average/'))" >&2
 done
 

@@ -8,6 +8,8 @@
 //! take a lock and each works under its own key prefix.
 
 mod common;
+#[path = "common/rgw_env.rs"]
+mod rgw_env;
 
 use common::*;
 use parking_lot::Mutex;
@@ -20,27 +22,7 @@ use vpool_s3::{OpenError, OpenMode, Remote, S3Access, S3Store};
 const MIB: u64 = 1 << 20;
 static SERIAL: Mutex<()> = Mutex::new(());
 
-struct Rgw {
-    endpoint: String,
-    bucket: String,
-}
-
-fn rgw() -> Option<Rgw> {
-    match std::env::var("VPOOL_TEST_S3_ENDPOINT") {
-        Ok(endpoint) => Some(Rgw {
-            endpoint,
-            bucket: std::env::var("VPOOL_TEST_S3_BUCKET").unwrap_or_else(|_| "vpool-test".into()),
-        }),
-        Err(_) => {
-            assert!(
-                std::env::var("VPOOL_REQUIRE_S3").as_deref() != Ok("1"),
-                "VPOOL_REQUIRE_S3=1 but VPOOL_TEST_S3_ENDPOINT is not set: start RGW with scripts/ceph.sh"
-            );
-            eprintln!("skipped: no S3 endpoint (scripts/ceph.sh start; . /tmp/vpool-ceph/env)");
-            None
-        }
-    }
-}
+use rgw_env::{RgwEnv as Rgw, rgw_env as rgw};
 
 impl Rgw {
     fn remote(&self, prefix: &str) -> Remote {

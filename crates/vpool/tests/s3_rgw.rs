@@ -27,6 +27,8 @@ mod nbd_common;
 mod nbd_crash_rounds;
 #[path = "common/nbd_suite.rs"]
 mod nbd_suite;
+#[path = "../../vpool-s3/tests/common/rgw_env.rs"]
+mod rgw_env;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -45,27 +47,7 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-struct Rgw {
-    endpoint: String,
-    bucket: String,
-}
-
-fn rgw() -> Option<Rgw> {
-    match std::env::var("VPOOL_TEST_S3_ENDPOINT") {
-        Ok(endpoint) => Some(Rgw {
-            endpoint,
-            bucket: std::env::var("VPOOL_TEST_S3_BUCKET").unwrap_or_else(|_| "vpool-test".into()),
-        }),
-        Err(_) => {
-            assert!(
-                std::env::var("VPOOL_REQUIRE_S3").as_deref() != Ok("1"),
-                "VPOOL_REQUIRE_S3=1 but VPOOL_TEST_S3_ENDPOINT is not set: start RGW with scripts/ceph.sh"
-            );
-            eprintln!("skipped: no S3 endpoint (scripts/ceph.sh start; . /tmp/vpool-ceph/env)");
-            None
-        }
-    }
-}
+use rgw_env::{RgwEnv as Rgw, rgw_env as rgw};
 
 impl Rgw {
     /// A new pool's URL, under a key prefix of its own.
