@@ -29,16 +29,18 @@
 #   2. cold: a --cold-size volume is written (1 MiB sequential writes) and
 #      uploaded, the daemon stopped, a fresh empty cache directory attached
 #      (`vpool pool attach`) and served, and the volume read sequentially
-#      (1 MiB, qd 8): MB/s (target >= 200), alternated with plain parallel
-#      GETs (4 at a time, curl) of the same segment objects from the bucket;
+#      (1 MiB, qd 8, and again on another fresh cache at qd 1): MB/s (target
+#      >= 200), alternated with plain parallel GETs (4 at a time, curl) of
+#      the same segment objects from the bucket;
 #      then on a fresh cache again, random 4 KiB reads (qd 16) for --runtime
 #      seconds: bytes fetched from the bucket per byte fio read (target <= 2).
-#   3. upload: while writing the cold volume, bytes uploaded / wall time from
-#      the first write until no sealed segment is left to upload, and the
-#      daemon's upload_mb_per_s, alternated with plain parallel PUTs (4 at a
-#      time) of as many 32 MiB objects; then upload_lag_bytes and
-#      upload_lag_seconds sampled every second under --lag-runtime seconds of
-#      4 KiB random writes (qd 16) on the warm volume: max and median.
+#   3. upload: the cold volume's segment objects' bytes over the time from
+#      its first write until its daemon has stopped (a clean stop uploads the
+#      open segment too), and the daemon's upload_mb_per_s, alternated with
+#      plain parallel PUTs (4 at a time) of as many 32 MiB objects; then
+#      upload_lag_bytes and upload_lag_seconds sampled every second under
+#      --lag-runtime seconds of 4 KiB random writes (qd 16) on the warm
+#      volume: max and median.
 #   4. peer: bench/rbd.sh --rounds 1 once per round (after the vpool runs in
 #      odd rounds, before them in even ones), and vpool-S3's warm 4 KiB
 #      random write/read IOPS of the same round as a ratio to rbd's.
@@ -237,16 +239,19 @@ import json, sys
 j = json.load(sys.stdin)
 print(" ".join(str(j[k]) for k in sys.argv[1:]))' "$@"
 }
-# settle DIR: until no sealed segment waits for upload (<= 10 min); prints the seconds waited.
+# settle DIR: until no sealed segment waits for upload (fails after 5 min); prints the seconds waited.
 settle() {
   local t0 lag
   t0=$(date +%s.%N)
-  for _ in $(seq 6000); do
+  for _ in $(seq 3000); do
     lag=$(stats "$1" upload_lag_bytes)
     [ "$lag" = 0 ] && break
     sleep 0.1
   done
-  [ "$lag" = 0 ] || echo "note: upload lag still $lag bytes after 10 min" >&2
+  if [ "$lag" != 0 ]; then
+    echo "the upload lag of $1 is still $lag bytes after 5 min; the object store's last error: $(stats "$1" last_error)" >&2
+    return 1
+  fi
   python3 -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.1f}')" "$t0"
 }
 # cpu PID: its CPU seconds so far (user + system, all threads); 0 if gone.
@@ -257,7 +262,25 @@ cpu() {
   awk -v hz="$clk_tck" '{ sub(/.*\) /, ""); printf "%.2f\n", ($12 + $13) / hz }' "/proc/$pid/stat" 2>/dev/null || echo 0
 }
 ceph_pid() { cat "$cluster_dir/pid/$1.pid" 2>/dev/null || echo 0; }
-cpus() { echo "$(cpu "$1") $(cpu "$(ceph_pid rgw)") $(cpu "$(ceph_pid osd)")"; }
+# cpus DAEMON-PID: "PID:SECONDS" of the daemon, radosgw and ceph-osd.
+cpus() {
+  local r o
+  r=$(ceph_pid rgw) o=$(ceph_pid osd)
+  echo "$1:$(cpu "$1") $r:$(cpu "$r") $o:$(cpu "$o")"
+}
+# cpu_fields "$(cpus ..)" "$(cpus ..)": rec's cpu_daemon_s= cpu_rgw_s= cpu_osd_s=
+# (-1 where the process changed in between, e.g. radosgw restarted).
+cpu_fields() {
+  python3 - "$1" "$2" <<'PY'
+import sys
+a, b = sys.argv[1].split(), sys.argv[2].split()
+out = []
+for name, x, y in zip(("daemon", "rgw", "osd"), a, b):
+    (px, sx), (py, sy) = x.split(":"), y.split(":")
+    out.append(f"cpu_{name}_s={float(sy) - float(sx):.2f}" if px == py and px != "0" else f"cpu_{name}_s=-1")
+print(" ".join(out))
+PY
+}
 # rec K=V...: one JSON line (numbers stay numbers) appended to runs.jsonl.
 rec() {
   python3 -c '
@@ -272,6 +295,19 @@ for kv in sys.argv[1:]:
 print(json.dumps(d))' "$@" >>"$work/runs.jsonl"
 }
 now() { date +%s.%N; }
+# rgw_gc: radosgw keeps deleted objects' data until its garbage collector runs
+# (2 h by default); the runs delete GiBs (the cleaner's dead segments, the
+# plain PUTs), so collect between measurements or the micro-cluster's OSD fills.
+rgw_gc() {
+  [ "$have_ceph" = 1 ] && command -v radosgw-admin >/dev/null || return 0
+  timeout 300 radosgw-admin -c "$ceph_conf" gc process --include-all >/dev/null 2>&1 || true
+}
+osd_avail() {
+  [ "$have_ceph" = 1 ] || { echo "?"; return; }
+  timeout 30 ceph -c "$ceph_conf" df -f json 2>/dev/null \
+    | python3 -c 'import json, sys; print("%.1f GiB" % (json.load(sys.stdin)["stats"]["total_avail_bytes"] / 2**30))' \
+    || echo "?"
+}
 elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.3f}')" "$1" "$2"; }
 
 # fio_run URI ARGS...: prints "IOPS MB/s IO_BYTES".
@@ -309,6 +345,7 @@ echo "- vpool: $("$vpool" --version) ($(git rev-parse --short HEAD 2>/dev/null |
 echo "- object store: $endpoint, bucket $bucket, pools under s3://$bucket/$prefix/$([ "$have_ceph" = 1 ] && echo ", $(ceph --version 2>/dev/null | sed 's/ ([0-9a-f]*)//') radosgw (scripts/ceph.sh micro-cluster: 1 bluestore OSD on a sparse file, pool size 1)")"
 echo "- fio: $(fio --version), --ioengine=nbd; raw PUT/GET: $(curl --version | head -1 | cut -d' ' -f1-2), 4 in parallel"
 echo "- machine: $(nproc) cores, $(free -g | awk '/^Mem:/{print $2}') GiB RAM, kernel $(uname -r), work dir on $(df --output=source "$work" | tail -1); the object store runs on the same cores"
+echo "- object store space free at start: $(osd_avail)"
 echo "- load at start: $(uptime | sed 's/.*load average/load average/')"
 echo
 
@@ -338,10 +375,9 @@ warm_run() {
     [ "$wl" = randread ] || settle_s=$(settle "$s3dir")
   fi
   read -r iops mbps io <<<"$out"
-  read -r d0 r0 o0 <<<"$c0"; read -r d1 r1 o1 <<<"$c1"
+  # shellcheck disable=SC2046
   rec phase=warm server="$s" workload="$wl" round="$r" iops="$iops" mbps="$mbps" io_bytes="$io" \
-      cpu_daemon_s="$(elapsed "$d0" "$d1")" cpu_rgw_s="$(elapsed "$r0" "$r1")" cpu_osd_s="$(elapsed "$o0" "$o1")" \
-      fetched="$fetched" misses="$misses" settle_s="$settle_s"
+      $(cpu_fields "$c0" "$c1") fetched="$fetched" misses="$misses" settle_s="$settle_s"
 }
 rbd_round() {
   local r=$1 out=$work/rbd-$1.out
@@ -362,19 +398,38 @@ for r in $(seq "$rounds"); do
     for s in "${order[@]}"; do warm_run "$s" "$wl" "$r"; done
   done
   [ "$rbd" = 0 ] || [ $((r % 2)) = 0 ] || rbd_round "$r"
+  rgw_gc
   echo "  warm round $r done ($(uptime | sed 's/.*load average/load average/'))" >&2
 done
 
-# 3b: the upload lag under 4 KiB random writes, sampled every second.
+# 3b: the upload lag under 4 KiB random writes, sampled every second (on the
+# API socket, at fixed ticks, so a loaded machine does not stretch them).
 lag_sampler() {
-  local dir=$1 t0=$2
-  while :; do
-    echo "$(elapsed "$t0" "$(now)") $(stats "$dir" upload_lag_bytes upload_lag_seconds dirty_bytes bytes_uploaded)"
-    sleep 1
-  done
+  exec python3 - "$1/api.sock" <<'PY'
+import http.client, json, socket, sys, time
+class Unix(http.client.HTTPConnection):
+    def __init__(self, path):
+        super().__init__("localhost", timeout=5)
+        self.unix_path = path
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(5)
+        self.sock.connect(self.unix_path)
+t0 = time.time()
+k = 0
+while True:
+    t = time.time()
+    try:
+        c = Unix(sys.argv[1]); c.request("GET", "/v1/cache"); j = json.loads(c.getresponse().read()); c.close()
+        print(f"{t - t0:.3f} {j['upload_lag_bytes']} {j['upload_lag_seconds']:.3f} {j['dirty_bytes']} {j['bytes_uploaded']}", flush=True)
+    except Exception as e:
+        print(f"# {t - t0:.3f} {e}", flush=True)
+    k += 1
+    time.sleep(max(0.0, t0 + k - time.time()))
+PY
 }
 t0=$(now)
-lag_sampler "$s3dir" "$t0" >"$work/lag.tsv" 2>/dev/null &
+lag_sampler "$s3dir" >"$work/lag.tsv" 2>&1 &
 sampler_pid=$!
 c0=$(cpus "${dpid[$s3name]}")
 out=$(fio_run "${uri[s3]}" --rw=randwrite --bs=4k --iodepth="$qd" --size="$size_bytes" --norandommap \
@@ -383,9 +438,10 @@ load_end=$(elapsed "$t0" "$(now)")
 c1=$(cpus "${dpid[$s3name]}")
 drain_s=$(settle "$s3dir")
 kill "$sampler_pid" 2>/dev/null || true; wait "$sampler_pid" 2>/dev/null || true; sampler_pid=""
-read -r iops mbps io <<<"$out"; read -r d0 r0 o0 <<<"$c0"; read -r d1 r1 o1 <<<"$c1"
-rec phase=lag iops="$iops" mbps="$mbps" load_end_s="$load_end" drain_s="$drain_s" \
-    cpu_daemon_s="$(elapsed "$d0" "$d1")" cpu_rgw_s="$(elapsed "$r0" "$r1")" cpu_osd_s="$(elapsed "$o0" "$o1")"
+read -r iops mbps io <<<"$out"
+# shellcheck disable=SC2046
+rec phase=lag iops="$iops" mbps="$mbps" load_end_s="$load_end" drain_s="$drain_s" $(cpu_fields "$c0" "$c1")
+rgw_gc
 echo "  upload lag done" >&2
 
 # 2 and 3a, on a second S3 pool (no garbage from the random writes above, so
@@ -414,29 +470,40 @@ raw_get() {
   t1=$(now)
   rec phase=raw_get round="$r" bytes="$got" seconds="$(elapsed "$t0" "$t1")"
 }
+# cold_write ROUND: write the round's cold volume, then stop the daemon, which
+# uploads what is left (the open segment) and lets the pool go; the upload
+# figure is the bytes of the segment objects that appeared in the bucket
+# over the time from the first write until the daemon has stopped.
 cold_write() {
-  local r=$1 vol=cold$1 t0 t1 u0 u1 out mbps_stat wmbps
+  local r=$1 vol=cold$1 t0 t1 u0 u1 out mbps_stat wmbps new_bytes
   "$vpool" --pool "$s3dir" vol create "$vol" --size "$cold_bytes" >/dev/null
   list_keys "$prefix/cold/segments/" | sort >"$work/before-$r.keys"
   u0=$(stats "$s3dir" bytes_uploaded)
   t0=$(now)
   out=$(fio_run "nbd+unix:///$vol?socket=$s3dir/nbd.sock" --rw=write --bs=1m --iodepth=8 --size="$cold_bytes")
   settle "$s3dir" >/dev/null
-  t1=$(now)
   read -r u1 mbps_stat <<<"$(stats "$s3dir" bytes_uploaded upload_mb_per_s)"
+  stop_daemon "$s3name"
+  t1=$(now)
+  rm -rf "$s3dir"
+  list_keys "$prefix/cold/segments/" | sort | comm -13 "$work/before-$r.keys" - >"$work/cold-$r.keys"
+  new_bytes=$(awk '{s += $2} END {print s + 0}' "$work/cold-$r.keys")
   read -r _ wmbps _ <<<"$out"
-  rec phase=upload round="$r" bytes=$((u1 - u0)) seconds="$(elapsed "$t0" "$t1")" \
-      upload_mb_per_s="$mbps_stat" fio_write_mbps="$wmbps"
+  rec phase=upload round="$r" bytes="$new_bytes" seconds="$(elapsed "$t0" "$t1")" \
+      bytes_uploaded_before_stop=$((u1 - u0)) upload_mb_per_s="$mbps_stat" fio_write_mbps="$wmbps"
 }
+# cold_seq ROUND QD: a fresh cache, the cold volume read once, 1 MiB at QD.
 cold_seq() {
-  local r=$1 name=seq-$1 dir=$work/cache-seq-$1 f0 f1 c0 c1 out
+  local r=$1 qd_=$2 name=seq$2-$1 dir=$work/cache-seq$2-$1 f0 f1 c0 c1 out
+  new_cache "$name"
   f0=$(stats "$dir" bytes_fetched bytes_read); c0=$(cpus "${dpid[$name]}")
-  out=$(fio_run "nbd+unix:///cold$r?socket=$dir/nbd.sock" --rw=read --bs=1m --iodepth=8 --size="$cold_bytes")
+  out=$(fio_run "nbd+unix:///cold$r?socket=$dir/nbd.sock" --rw=read --bs=1m --iodepth="$qd_" --size="$cold_bytes")
   f1=$(stats "$dir" bytes_fetched bytes_read); c1=$(cpus "${dpid[$name]}")
   read -r iops mbps io <<<"$out"; read -r a b <<<"$f0"; read -r x y <<<"$f1"
-  read -r d0 r0 o0 <<<"$c0"; read -r d1 r1 o1 <<<"$c1"
-  rec phase=cold_seq round="$r" mbps="$mbps" io_bytes="$io" fetched=$((x - a)) bytes_read=$((y - b)) \
-      cpu_daemon_s="$(elapsed "$d0" "$d1")" cpu_rgw_s="$(elapsed "$r0" "$r1")" cpu_osd_s="$(elapsed "$o0" "$o1")"
+  # shellcheck disable=SC2046
+  rec phase=cold_seq qd="$qd_" round="$r" mbps="$mbps" io_bytes="$io" fetched=$((x - a)) bytes_read=$((y - b)) \
+      $(cpu_fields "$c0" "$c1")
+  stop_daemon "$name"; rm -rf "$dir"
 }
 cold_rand() {
   local r=$1 dir=$work/cache-rand-$1 f0 f1 out
@@ -456,29 +523,32 @@ start_daemon cold "$work/cache-cold"
 s3dir=$work/cache-cold s3name=cold
 for r in $(seq "$rounds"); do
   if [ $((r % 2)) = 1 ]; then cold_write "$r"; raw_put "$r"; else raw_put "$r"; cold_write "$r"; fi
-  stop_daemon "$s3name"          # uploads the open segment too, and lets the pool go
-  list_keys "$prefix/cold/segments/" | sort | comm -13 "$work/before-$r.keys" - >"$work/cold-$r.keys"
-  rm -rf "$s3dir"
 
-  new_cache "seq-$r"
-  if [ $((r % 2)) = 1 ]; then cold_seq "$r"; raw_get "$r"; else raw_get "$r"; cold_seq "$r"; fi
-  stop_daemon "seq-$r"; rm -rf "$work/cache-seq-$r"
+  if [ $((r % 2)) = 1 ]; then cold_seq "$r" 8; cold_seq "$r" 1; raw_get "$r"
+  else raw_get "$r"; cold_seq "$r" 1; cold_seq "$r" 8; fi
 
   new_cache "rand-$r"
   cold_rand "$r"
   # This daemon writes the next round's cold volume.
   "$vpool" --pool "$work/cache-rand-$r" vol delete "cold$r" >/dev/null
   s3dir=$work/cache-rand-$r s3name=rand-$r
+  rgw_gc
   echo "  cold round $r done ($(uptime | sed 's/.*load average/load average/'))" >&2
 done
 
-echo "- load at end: $(uptime | sed 's/.*load average/load average/')"
+echo "- load at end: $(uptime | sed 's/.*load average/load average/'); object store space free: $(osd_avail)"
+# Requests to the object store that failed (each retry counts): an outage
+# or restart of radosgw during the run makes its figures meaningless.
+store_errors=$(cat "$work"/warm.log "$work"/cold.log "$work"/seq*.log "$work"/rand-*.log 2>/dev/null \
+  | grep -c 'object store call failed' || true)
+[ "$store_errors" = 0 ] || echo "- WARNING: $store_errors object store requests failed during the run (see the daemons' logs in $work): these figures are not valid"
 echo
-python3 - "$work/runs.jsonl" "$work/lag.tsv" "$rounds" "$qd" "$lag_runtime" "$rbd" <<'PY'
+python3 - "$work/runs.jsonl" "$work/lag.tsv" "$rounds" "$qd" "$lag_runtime" "$rbd" "$store_errors" <<'PY'
 import json, statistics as st, sys
 runs = [json.loads(l) for l in open(sys.argv[1])]
-lag_rows = [l.split() for l in open(sys.argv[2]) if len(l.split()) == 5]
+lag_rows = [l.split() for l in open(sys.argv[2]) if not l.startswith("#") and len(l.split()) == 5]
 rounds, qd, lag_runtime, rbd = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1"
+print(f"s3 object_store_errors={sys.argv[7]}")
 P = lambda **kw: [r for r in runs if all(r.get(k) == v for k, v in kw.items())]
 med = st.median
 def spread(v): return f"{min(v):.2f}–{max(v):.2f}"
@@ -499,7 +569,7 @@ for wl, name in (("randread", "read"), ("randwrite", "write")):
     rs = per_round(s3, loc)
     si, li = med([r["iops"] for r in s3]), med([r["iops"] for r in loc])
     fetched = sum(r["fetched"] for r in s3)
-    cpu = lambda rr, k: med([r[k] for r in rr])
+    cpu = lambda rr, k: med([r[k] for r in rr if r[k] >= 0] or [float("nan")])
     print(f"s3 warm_rand{name}_4k_ratio={med(rs):.2f} min={min(rs):.2f} max={max(rs):.2f} "
           f"s3_iops={si:.0f} local_iops={li:.0f} qd={qd} rounds={len(rs)} fetched_during_runs={fetched}")
     table.append((f"1. warm 4 KiB random {name} qd{qd}, S3 pool / local pool", "ratio of IOPS",
@@ -509,7 +579,7 @@ for wl, name in (("randread", "read"), ("randwrite", "write")):
                   f"{cpu(loc, 'cpu_daemon_s'):.1f}", ""))
 
 # 2. cold sequential read
-cs, rg = P(phase="cold_seq"), P(phase="raw_get")
+cs, cs1, rg = P(phase="cold_seq", qd=8), P(phase="cold_seq", qd=1), P(phase="raw_get")
 for r in rg: r["mbps"] = r["bytes"] / 1e6 / r["seconds"]
 mb = [r["mbps"] for r in cs]
 rr = per_round(cs, rg, "mbps")
@@ -521,7 +591,15 @@ table.append(("2. cold sequential read (1 MiB, qd8, empty cache)", "MB/s",
               f"**{med(mb):,.0f}** ({min(mb):,.0f}–{max(mb):,.0f})", verdict(med(mb), 200)))
 table.append(("… / plain GETs of the same segments (4 parallel)", "ratio",
               f"**{med(rr):.2f}** ({spread(rr)}); GETs {med([r['mbps'] for r in rg]):,.0f} MB/s", ""))
-table.append(("… bytes fetched per byte read (sequential)", "ratio", f"{med(fpr):.2f} ({spread(fpr)})", ""))
+table.append(("… bytes fetched per byte read (sequential, qd8)", "ratio", f"{med(fpr):.2f} ({spread(fpr)})", ""))
+mb1 = [r["mbps"] for r in cs1]
+fpr1 = [r["fetched"] / r["io_bytes"] for r in cs1]
+rr1 = per_round(cs1, rg, "mbps")
+print(f"s3 cold_seqread_qd1_mbps={med(mb1):.1f} min={min(mb1):.1f} max={max(mb1):.1f} "
+      f"ratio_to_raw_get={med(rr1):.2f} fetched_per_read={med(fpr1):.2f} rounds={len(mb1)}")
+table.append(("2. cold sequential read, qd1 (one request at a time)", "MB/s",
+              f"**{med(mb1):,.0f}** ({min(mb1):,.0f}–{max(mb1):,.0f}); / GETs {med(rr1):.2f}; "
+              f"fetched per byte read {med(fpr1):.2f}", verdict(med(mb1), 200)))
 
 # 2. cold random read amplification
 cr = P(phase="cold_rand")
@@ -542,7 +620,7 @@ ups = [r["upload_mb_per_s"] for r in up]
 print(f"s3 upload_wall_mbps={med(um):.1f} min={min(um):.1f} max={max(um):.1f} "
       f"upload_mb_per_s={med(ups):.1f} raw_put_mbps={med([r['mbps'] for r in rp]):.1f} "
       f"ratio_to_raw_put={med(ur):.2f} rounds={len(um)}")
-table.append(("3. upload while writing the cold volume: bytes uploaded / wall time", "MB/s",
+table.append(("3. upload of the cold volume: its segments' bytes / time from the first write until all is in the bucket", "MB/s",
               f"**{med(um):,.0f}** ({min(um):,.0f}–{max(um):,.0f})", ""))
 table.append(("… `upload_mb_per_s` (cache stats: while a batch is uploading)", "MB/s",
               f"{med(ups):,.0f} ({min(ups):,.0f}–{max(ups):,.0f})", ""))
