@@ -65,6 +65,11 @@ const READAHEAD_INITIAL_BYTES: u64 = 256 << 10;
 const STREAM_GAP_BYTES: u64 = 4096;
 /// Sequential-stream trackers kept (one per segment being streamed).
 const MAX_STREAMS: usize = 64;
+/// Fetch locks, striped by (segment, 4 MiB region).
+const FETCH_STRIPES: usize = 64;
+const FETCH_REGION_SHIFT: u32 = 22;
+/// Reads this small (a piece's checksums) do not move a stream's position.
+const STREAM_MIN_READ_BYTES: u64 = 512;
 /// Writable descriptors of cache files kept open.
 const MAX_OPEN_FILES: usize = 128;
 /// Opening retries this often when another host commits in between.
@@ -232,6 +237,11 @@ struct Inner {
     punch: RwLock<()>,
     files: Mutex<HashMap<u64, Arc<File>>>,
     streams: Mutex<HashMap<u64, (u64, u64)>>,
+    /// One fetch at a time per 4 MiB region (striped): concurrent misses on
+    /// the same bytes (a sequential stream read at queue depth 8) wait for
+    /// the first fetch and find the data present, instead of each fetching
+    /// it again.
+    fetching: Vec<Mutex<()>>,
     fenced: Mutex<Option<String>>,
     stop: AtomicBool,
     counters: Counters,
@@ -492,6 +502,7 @@ impl S3Store {
                 punch: RwLock::new(()),
                 files: Mutex::new(HashMap::new()),
                 streams: Mutex::new(HashMap::new()),
+                fetching: (0..FETCH_STRIPES).map(|_| Mutex::new(())).collect(),
                 fenced: Mutex::new(None),
                 stop: AtomicBool::new(false),
                 counters: Counters::default(),
@@ -1153,10 +1164,17 @@ impl S3Store {
         // Only durable bytes go up: the bucket must never hold more than a
         // crash of this host could leave in the cache.
         let data = (|| -> std::io::Result<Vec<u8>> {
-            let f = File::open(&path)?;
+            let mut f = File::open(&path)?;
             f.sync_data()?;
-            let mut buf = vec![0u8; len as usize];
-            f.read_exact_at(&mut buf, 0)?;
+            // read_to_end fills spare capacity without zeroing it first.
+            let mut buf = Vec::with_capacity(len as usize);
+            std::io::Read::read_to_end(&mut std::io::Read::take(&mut f, len), &mut buf)?;
+            if buf.len() as u64 != len {
+                return Err(std::io::Error::other(format!(
+                    "{} bytes where {len} were sealed",
+                    buf.len()
+                )));
+            }
             Ok(buf)
         })()
         .map_err(|e| format!("reading {} for upload: {e}", path.display()))?;
@@ -1255,6 +1273,11 @@ impl S3Store {
     /// Read-ahead: a read that starts where the last one of this segment
     /// ended is a stream, and fetches grow to `readahead_max_bytes`.
     fn readahead(&self, id: u64, offset: u64, len: u64) -> u64 {
+        if len < STREAM_MIN_READ_BYTES {
+            // The checksums of a piece, read apart from its data: not part
+            // of the stream, and must not break it.
+            return 0;
+        }
         let mut streams = self.inner.streams.lock();
         // Consecutive blocks of a volume sit a record header apart in the
         // log, so "starts where the last read ended" allows a small gap.
@@ -1317,8 +1340,16 @@ impl S3Store {
                     "the data kept being evicted before it could be read",
                 ));
             }
-            // Fetch the missing runs (the last one stretched for read-ahead).
+            // Fetch the missing runs (the last one stretched for read-ahead),
+            // unless a concurrent fetch of the same region brought them.
+            let stripe = (id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (offset >> FETCH_REGION_SHIFT))
+                as usize
+                % FETCH_STRIPES;
+            let _fetching = inner.fetching[stripe].lock();
             let mut missing = inner.index.lock().missing(id, offset, len, seg_len);
+            if missing.is_empty() {
+                continue;
+            }
             if first
                 && ahead > 0
                 && let Some(last) = missing.last_mut()
