@@ -38,7 +38,8 @@ use object_store::ObjectStore;
 use std::sync::Arc;
 
 /// Where a pool lives, parsed from a URL: `s3://bucket/prefix`,
-/// `file:///abs/dir`, or `memory://` (tests only: gone with the process).
+/// `gs://bucket/prefix`, `az://container/prefix`, `file:///abs/dir`, or
+/// `memory://` (tests only: gone with the process).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PoolUrl {
     pub scheme: Scheme,
@@ -50,6 +51,12 @@ pub struct PoolUrl {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scheme {
     S3,
+    /// Google Cloud Storage (`gs://bucket/prefix`); credentials from the
+    /// environment (`GOOGLE_SERVICE_ACCOUNT`, ...). Built, not tested here.
+    Gcs,
+    /// Azure Blob Storage (`az://container/prefix`); credentials from the
+    /// environment (`AZURE_STORAGE_ACCOUNT_NAME`, ...). Built, not tested here.
+    Azure,
     File,
     Memory,
 }
@@ -83,6 +90,21 @@ impl PoolUrl {
                     prefix: prefix.trim_matches('/').to_string(),
                 })
             }
+            "gs" | "az" => {
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                if bucket.is_empty() {
+                    return Err(bad("no bucket or container"));
+                }
+                Ok(PoolUrl {
+                    scheme: if scheme == "gs" {
+                        Scheme::Gcs
+                    } else {
+                        Scheme::Azure
+                    },
+                    container: bucket.to_string(),
+                    prefix: prefix.trim_matches('/').to_string(),
+                })
+            }
             "file" => {
                 if !rest.starts_with('/') {
                     return Err(bad("file URLs need an absolute path: file:///dir"));
@@ -98,7 +120,7 @@ impl PoolUrl {
                 container: String::new(),
                 prefix: rest.trim_matches('/').to_string(),
             }),
-            _ => Err(bad("scheme must be s3, file or memory")),
+            _ => Err(bad("scheme must be s3, gs, az, file or memory")),
         }
     }
 
@@ -106,6 +128,8 @@ impl PoolUrl {
     pub fn display(&self) -> String {
         match self.scheme {
             Scheme::S3 => format!("s3://{}/{}", self.container, self.prefix),
+            Scheme::Gcs => format!("gs://{}/{}", self.container, self.prefix),
+            Scheme::Azure => format!("az://{}/{}", self.container, self.prefix),
             Scheme::File => format!("file://{}", self.container),
             Scheme::Memory => format!("memory://{}", self.prefix),
         }
@@ -240,6 +264,18 @@ pub fn build_object_store(
                     .map_err(err)?,
             ))
         }
+        Scheme::Gcs => Ok(Arc::new(
+            object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                .with_bucket_name(&url.container)
+                .build()
+                .map_err(err)?,
+        )),
+        Scheme::Azure => Ok(Arc::new(
+            object_store::azure::MicrosoftAzureBuilder::from_env()
+                .with_container_name(&url.container)
+                .build()
+                .map_err(err)?,
+        )),
         Scheme::Memory => Ok(Arc::new(object_store::memory::InMemory::new())),
     }
 }
@@ -270,6 +306,12 @@ mod tests {
         assert!(PoolUrl::parse("s3:///x").is_err());
         assert!(PoolUrl::parse("file://relative").is_err());
         assert!(PoolUrl::parse("ftp://x").is_err());
+        let g = PoolUrl::parse("gs://b/p/q").unwrap();
+        assert_eq!(
+            (g.scheme, &*g.container, &*g.prefix),
+            (Scheme::Gcs, "b", "p/q")
+        );
+        assert_eq!(PoolUrl::parse("az://c").unwrap().scheme, Scheme::Azure);
         assert_eq!(
             PoolUrl::parse("file:///tmp/x/").unwrap().container,
             "/tmp/x"

@@ -1270,6 +1270,22 @@ impl S3Store {
         }
     }
 
+    /// Gives back every clean, unpinned cached byte (the cache's disk is
+    /// full). The budget comes back with the next ordinary eviction.
+    fn evict_all_clean(&self) {
+        let _g = self.inner.punch.write();
+        let victims = {
+            let mut ix = self.inner.index.lock();
+            ix.set_capacity(0);
+            ix.evict()
+        };
+        for (seg, r) in victims {
+            if let Ok(f) = self.cache_file(seg) {
+                let _ = punch_fd(&f, r.start, r.end - r.start);
+            }
+        }
+    }
+
     /// Read-ahead: a read that starts where the last one of this segment
     /// ended is a stream, and fetches grow to `readahead_max_bytes`.
     fn readahead(&self, id: u64, offset: u64, len: u64) -> u64 {
@@ -1393,17 +1409,35 @@ impl S3Store {
                     }
                 }
             }
-            {
+            let filled = {
                 let _g = inner.punch.read();
-                for (at, b) in &fetched {
-                    file.write_all_at(b, *at).map_err(|e| {
-                        StoreError::io(format!("filling the cache for segment {id}"), e)
-                    })?;
+                let written = fetched
+                    .iter()
+                    .try_for_each(|(at, b)| file.write_all_at(b, *at));
+                if written.is_ok() {
+                    let mut ix = inner.index.lock();
+                    for (at, b) in &fetched {
+                        ix.insert(id, *at..*at + b.len() as u64, seg_len);
+                    }
                 }
-                let mut ix = inner.index.lock();
-                for (at, b) in &fetched {
-                    ix.insert(id, *at..*at + b.len() as u64, seg_len);
-                }
+                written
+            };
+            if let Err(e) = filled {
+                // The cache's disk is full (or failing): give back clean
+                // copies and serve this read straight from the store. What
+                // was half written is not in the index, so never read.
+                tracing::warn!(segment = id, error = %e, "could not fill the cache; reading around it");
+                self.evict_all_clean();
+                let b = inner
+                    .remote
+                    .get_range(&key, offset..end, deadline)
+                    .map_err(|e| unavailable(format!("reading segment {id} at {offset}"), e))?;
+                inner
+                    .counters
+                    .bytes_fetched
+                    .fetch_add(b.len() as u64, Ordering::Relaxed);
+                buf.copy_from_slice(&b);
+                return Ok(());
             }
             self.evict();
         }
@@ -1509,19 +1543,7 @@ impl OpenSegment for S3OpenSegment {
                         return Err(StoreError::NoSpace { context, source });
                     }
                     tracing::warn!("cache disk full; evicting clean data and waiting for uploads");
-                    {
-                        let _g = self.store.inner.punch.write();
-                        let victims = {
-                            let mut ix = self.store.inner.index.lock();
-                            ix.set_capacity(0);
-                            ix.evict()
-                        };
-                        for (seg, r) in victims {
-                            if let Ok(f) = self.store.cache_file(seg) {
-                                let _ = punch_fd(&f, r.start, r.end - r.start);
-                            }
-                        }
-                    }
+                    self.store.evict_all_clean();
                     std::thread::sleep(Duration::from_millis(200));
                 }
                 Err(e) => return Err(e),

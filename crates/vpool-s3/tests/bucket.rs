@@ -462,3 +462,78 @@ fn objects_no_manifest_names_are_collected_at_open() {
     assert_eq!(log.check_prefix(&pool.volume("v").unwrap(), 1024), 512);
     close(pool, store);
 }
+
+/// A small filesystem for the cache directory, unmounted when dropped.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    /// `None` (the test skips) only when not root: CI runs as root, where a
+    /// failed mount fails the test.
+    fn mount(path: &std::path::Path, size_mib: u64) -> Option<SmallFs> {
+        std::fs::create_dir_all(path).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            assert!(
+                unsafe { libc::geteuid() } != 0,
+                "root could not mount a tmpfs for the full-disk test"
+            );
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return None;
+        }
+        Some(SmallFs(path.to_path_buf()))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_cache_disk_waits_for_uploads_and_loses_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let bucket = Bucket::new(&t.path().join("bucket"));
+    // The cache's disk (24 MiB) is much smaller than its configured size.
+    let Some(fs) = SmallFs::mount(&t.path().join("smallfs"), 24) else {
+        return;
+    };
+    let cache = fs.0.join("cache");
+    let (pool, store) = open(bucket.remote(), opts(&cache, 256 * MIB, create()));
+    pool.create_volume("v", 64 * MIB).unwrap();
+    let vol = pool.volume("v").unwrap();
+    let mut log = WriteLog::default();
+    // 64 MiB of writes through a 24 MiB disk, and the store down for a
+    // while in the middle: appends wait for space, no write fails.
+    for b in 0..16384u64 {
+        if b == 6000 {
+            bucket.faults.down.store(true, Ordering::SeqCst);
+        }
+        if b == 6100 {
+            let faults = bucket.faults.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(2));
+                faults.down.store(false, Ordering::SeqCst);
+            });
+        }
+        log.write(&vol, b);
+        if b % 256 == 0 {
+            pool.flush().unwrap();
+        }
+    }
+    pool.flush().unwrap();
+    assert_eq!(log.check_prefix(&vol, 16384), 16384);
+    drop(vol);
+    close(pool, store);
+    let (pool, store) = open(
+        bucket.remote(),
+        opts(&t.path().join("c2"), 256 * MIB, open_mode(false)),
+    );
+    assert_eq!(log.check_prefix(&pool.volume("v").unwrap(), 16384), 16384);
+    close(pool, store);
+    drop(fs);
+}
