@@ -986,19 +986,27 @@ impl S3Store {
                     .collect()
             });
             if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
-                // Only stop or fencing end an upload early: we are exiting.
-                let mut up = inner.up.lock();
-                up.last_error = Some(e.clone());
-                for (id, _) in &batch {
-                    if let Some(d) = up.dirty.get_mut(id) {
-                        d.uploading = false;
+                // PUTs retry until stop or fencing; what else fails here is
+                // reading the cache's own file. Put everything back, in
+                // order, and try again (or leave it to the next open).
+                {
+                    let mut up = inner.up.lock();
+                    up.last_error = Some(e.clone());
+                    for (id, _) in &batch {
+                        if let Some(d) = up.dirty.get_mut(id) {
+                            d.uploading = false;
+                        }
+                    }
+                    for op in ops.into_iter().rev() {
+                        up.ops.push_front(op);
                     }
                 }
-                // Put the ops back, in order, for a later open to redo.
-                for op in ops.into_iter().rev() {
-                    up.ops.push_front(op);
+                if give_up() {
+                    return;
                 }
-                return;
+                tracing::error!(error = %e, "upload failed; retrying in a second");
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
             }
             let batch_bytes: u64 = batch.iter().map(|(_, l)| l).sum();
             if batch_bytes > 0 {
@@ -1793,5 +1801,4 @@ impl std::fmt::Debug for S3Store {
 fn _assert_send_sync() {
     fn is<T: Send + Sync>() {}
     is::<S3Store>();
-    let _ = SEGMENT_DIR;
 }
