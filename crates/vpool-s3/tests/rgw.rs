@@ -14,7 +14,6 @@ mod rgw_env;
 use common::*;
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use vpool_s3::manifest::Fencing;
 use vpool_s3::{OpenError, OpenMode, Remote, S3Access, S3Store};
@@ -22,7 +21,7 @@ use vpool_s3::{OpenError, OpenMode, Remote, S3Access, S3Store};
 const MIB: u64 = 1 << 20;
 static SERIAL: Mutex<()> = Mutex::new(());
 
-use rgw_env::{RgwEnv as Rgw, rgw_env as rgw};
+use rgw_env::{RgwDown, RgwEnv as Rgw, rgw_env as rgw};
 
 impl Rgw {
     fn remote(&self, prefix: &str) -> Remote {
@@ -39,34 +38,6 @@ impl Rgw {
 
 fn unique(name: &str) -> String {
     format!("test-{name}-{:x}", rand::random::<u64>())
-}
-
-fn ceph_script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/ceph.sh")
-}
-
-/// Stops radosgw; starts it again when dropped, even if the test failed.
-struct RgwDown;
-
-impl RgwDown {
-    fn stop() -> RgwDown {
-        let st = std::process::Command::new(ceph_script())
-            .arg("rgw-stop")
-            .status()
-            .unwrap();
-        assert!(st.success(), "scripts/ceph.sh rgw-stop failed");
-        RgwDown
-    }
-}
-
-impl Drop for RgwDown {
-    fn drop(&mut self) {
-        let st = std::process::Command::new(ceph_script())
-            .arg("rgw-start")
-            .status()
-            .unwrap();
-        assert!(st.success(), "scripts/ceph.sh rgw-start failed");
-    }
 }
 
 #[test]

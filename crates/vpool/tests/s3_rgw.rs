@@ -30,7 +30,7 @@ mod nbd_suite;
 #[path = "../../vpool-s3/tests/common/rgw_env.rs"]
 mod rgw_env;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -47,7 +47,7 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-use rgw_env::{RgwEnv as Rgw, rgw_env as rgw};
+use rgw_env::{RgwDown, RgwEnv as Rgw, rgw_env as rgw};
 
 impl Rgw {
     /// A new pool's URL, under a key prefix of its own.
@@ -89,40 +89,6 @@ impl Rgw {
     fn attach(&self, url: &str, cache: &Path, extra: &[&str]) -> Option<String> {
         let r = self.pool_cmd("attach", url, cache, extra);
         r["held_by"].as_str().map(str::to_string)
-    }
-}
-
-fn ceph_script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/ceph.sh")
-}
-
-/// Stops radosgw; starts it again when dropped, even if the test failed.
-struct RgwDown;
-
-impl RgwDown {
-    fn stop() -> RgwDown {
-        let st = std::process::Command::new(ceph_script())
-            .arg("rgw-stop")
-            .status()
-            .unwrap();
-        assert!(st.success(), "scripts/ceph.sh rgw-stop failed");
-        RgwDown
-    }
-}
-
-impl Drop for RgwDown {
-    fn drop(&mut self) {
-        let st = std::process::Command::new(ceph_script())
-            .arg("rgw-start")
-            .status();
-        let ok = st.as_ref().is_ok_and(|s| s.success());
-        if std::thread::panicking() {
-            if !ok {
-                eprintln!("scripts/ceph.sh rgw-start failed: {st:?}");
-            }
-        } else {
-            assert!(ok, "scripts/ceph.sh rgw-start failed: {st:?}");
-        }
     }
 }
 

@@ -26,3 +26,38 @@ pub fn rgw_env() -> Option<RgwEnv> {
         }
     }
 }
+
+fn ceph_script() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/ceph.sh")
+}
+
+/// Stops radosgw (`scripts/ceph.sh rgw-stop`); starts it again when dropped,
+/// even if the test failed. Tests that use it must hold their file's lock.
+pub struct RgwDown;
+
+impl RgwDown {
+    pub fn stop() -> RgwDown {
+        let st = std::process::Command::new(ceph_script())
+            .arg("rgw-stop")
+            .status()
+            .unwrap();
+        assert!(st.success(), "scripts/ceph.sh rgw-stop failed");
+        RgwDown
+    }
+}
+
+impl Drop for RgwDown {
+    fn drop(&mut self) {
+        let st = std::process::Command::new(ceph_script())
+            .arg("rgw-start")
+            .status();
+        let ok = st.as_ref().is_ok_and(|s| s.success());
+        if std::thread::panicking() {
+            if !ok {
+                eprintln!("scripts/ceph.sh rgw-start failed: {st:?}");
+            }
+        } else {
+            assert!(ok, "scripts/ceph.sh rgw-start failed: {st:?}");
+        }
+    }
+}
