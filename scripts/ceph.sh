@@ -4,6 +4,8 @@
 # Debian 12's packages (Ceph 16.2), no systemd, all under one directory.
 #
 #   scripts/ceph.sh install           apt-get install the Ceph packages (idempotent, quiet)
+#   scripts/ceph.sh missing-packages  print the Debian packages still to install (for
+#                                     scripts/install-deps.sh: one list, one apt-get)
 #   scripts/ceph.sh start [DIR]       start the cluster (or reuse the one up in DIR);
 #                                     the last line printed is the path of DIR/env
 #   scripts/ceph.sh stop [DIR]        kill its daemons and remove DIR
@@ -480,6 +482,7 @@ do_status() {
 
 case "$cmd" in
     install) do_install ;;
+    missing-packages) pkgs_missing ;;
     start) do_start ;;
     stop) do_stop ;;
     status) do_status ;;

@@ -87,13 +87,10 @@ missing_pkgs() {
     { have mkfs.ext4 && have debugfs; } || m+=(e2fsprogs)
     have curl || m+=(curl)
     have gzip || m+=(gzip)
-    have ceph-mon || m+=(ceph-mon)
-    have ceph-mgr || m+=(ceph-mgr)
-    have ceph-osd || m+=(ceph-osd)
-    have radosgw || m+=(radosgw)
-    { have ceph && have rbd && have rados && have radosgw-admin && have monmaptool &&
-        have ceph-authtool; } || m+=(ceph-common)
-    have python3 || m+=(python3)
+    # The Ceph micro-cluster's packages: scripts/ceph.sh keeps the list.
+    local ceph_pkgs
+    read -r -a ceph_pkgs <<<"$("$(dirname "${BASH_SOURCE[0]}")/ceph.sh" missing-packages)"
+    m+=("${ceph_pkgs[@]}")
     echo "${m[@]}"
 }
 

@@ -144,6 +144,17 @@ fn classify(op: &'static str, key: &str, e: object_store::Error) -> Verdict {
     }
 }
 
+/// A body shorter than asked for is a failure to retry, not data.
+fn whole(b: Bytes, want: u64) -> Result<Bytes, object_store::Error> {
+    if b.len() as u64 != want {
+        return Err(object_store::Error::Generic {
+            store: "vpool",
+            source: format!("short read: {} of {want} bytes", b.len()).into(),
+        });
+    }
+    Ok(b)
+}
+
 impl Remote {
     pub fn new(
         store: Arc<dyn ObjectStore>,
@@ -258,13 +269,7 @@ impl Remote {
                 let (store, path, range) = (store.clone(), path.clone(), range.clone());
                 async move {
                     let b = store.get_range(&path, range).await?;
-                    if b.len() as u64 != want {
-                        return Err(object_store::Error::Generic {
-                            store: "vpool",
-                            source: format!("short read: {} of {want} bytes", b.len()).into(),
-                        });
-                    }
-                    Ok(b)
+                    whole(b, want)
                 }
             },
         )?;
@@ -291,13 +296,7 @@ impl Remote {
                     let r = store.get(&path).await?;
                     let want = r.meta.size;
                     let b = r.bytes().await?;
-                    if b.len() as u64 != want {
-                        return Err(object_store::Error::Generic {
-                            store: "vpool",
-                            source: format!("short read: {} of {want} bytes", b.len()).into(),
-                        });
-                    }
-                    Ok(b)
+                    whole(b, want)
                 }
             },
         );

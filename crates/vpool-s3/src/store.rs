@@ -220,7 +220,6 @@ struct Counters {
     read_errors: AtomicU64,
     segments_uploaded: AtomicU64,
     bytes_uploaded: AtomicU64,
-    commits: AtomicU64,
     upload_nanos: AtomicU64,
 }
 
@@ -1057,7 +1056,6 @@ impl S3Store {
             if !self.commit(&m, &give_up) {
                 return;
             }
-            inner.counters.commits.fetch_add(1, Ordering::Relaxed);
             let _ = self.save_state(generation);
             // Phase 4: the bucket has it; update the cache.
             {
