@@ -171,9 +171,13 @@ impl From<EngineError> for ApiError {
             EngineError::Invalid { .. } => ErrorKind::Invalid,
             EngineError::OutOfRange { .. } => ErrorKind::OutOfRange,
             EngineError::ShrinkRefused { .. } => ErrorKind::ShrinkRefused,
-            EngineError::Corrupt { .. } | EngineError::CorruptMeta { .. } => ErrorKind::Corrupt,
+            EngineError::Corrupt { .. }
+            | EngineError::CorruptMeta { .. }
+            | EngineError::Damaged(_) => ErrorKind::Corrupt,
             EngineError::Failed(_) | EngineError::Closed => ErrorKind::Failed,
-            EngineError::Store(StoreError::NoSpace { .. }) => ErrorKind::NoSpace,
+            EngineError::Store(StoreError::NoSpace { .. }) | EngineError::PoolFull { .. } => {
+                ErrorKind::NoSpace
+            }
             // Another host took the pool over, or the object store behind
             // the cache does not answer: nothing this request can fix.
             EngineError::Store(

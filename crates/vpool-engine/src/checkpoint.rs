@@ -13,8 +13,11 @@ use vpool_store::SegmentId;
 
 /// "VPCKPT01"
 pub const CHECKPOINT_MAGIC: [u8; 8] = *b"VPCKPT01";
-/// The metadata blob the current checkpoint is stored under.
-pub const CHECKPOINT_META_NAME: &str = "checkpoint";
+/// The two metadata blobs that checkpoints alternate between. Recovery
+/// takes the newest copy that decodes and fits the log, so losing one copy
+/// costs a longer replay, not the pool. The first is the name older pools
+/// kept their only copy under.
+pub const CHECKPOINT_SLOTS: [&str; 2] = ["checkpoint", "checkpoint.2"];
 /// Version 2 added snapshots and parent links.
 const CHECKPOINT_VERSION: u32 = 2;
 /// Bytes of one encoded extent.
@@ -57,6 +60,23 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// Every segment a map of the checkpoint points into.
+    pub fn referenced_segments(&self) -> std::collections::BTreeSet<SegmentId> {
+        let maps = self
+            .volumes
+            .iter()
+            .flat_map(|v| std::iter::once(&v.map).chain(v.snapshots.iter().map(|s| &s.map)));
+        let mut out = std::collections::BTreeSet::new();
+        for map in maps {
+            for p in map.iter() {
+                if let Some(Target::Data(d)) = p.target {
+                    out.insert(d.seg);
+                }
+            }
+        }
+        out
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let extents: usize = self.volumes.iter().map(|v| v.map.extent_count()).sum();
         let mut out = Vec::with_capacity(64 + self.volumes.len() * 100 + extents * EXTENT_LEN);

@@ -48,7 +48,9 @@ pub enum EngineError {
         segment_offset: u64,
         detail: String,
     },
-    #[error("corrupt pool metadata ({what}): {source}")]
+    // The cause is the error's source, not part of its message: callers
+    // that print the chain would show it twice.
+    #[error("corrupt pool metadata ({what})")]
     CorruptMeta {
         what: String,
         #[source]
@@ -60,6 +62,18 @@ pub enum EngineError {
     Failed(String),
     #[error("the pool is closed")]
     Closed,
+    /// Recovery found damage in log data that was durable (not a torn
+    /// tail) that it cannot attribute or keep: nothing was changed. Opening
+    /// with repair drops what is lost; the report says what that is.
+    #[error("{}", damaged_message(.0))]
+    Damaged(Box<crate::pool::RecoveryReport>),
+    /// The pool's device is full: data writes are refused until the cleaner,
+    /// a delete, a trim or a bigger device makes room. Reads, deletes and
+    /// trims go on.
+    #[error(
+        "no space left in the pool: writes are refused until space is freed (delete or trim data, or grow the device); {free_bytes} bytes free, {reserve_bytes} held in reserve for the cleaner"
+    )]
+    PoolFull { free_bytes: u64, reserve_bytes: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -67,8 +81,19 @@ pub enum EngineError {
 impl EngineError {
     /// True for "no space left on the device": callers answer ENOSPC.
     pub fn is_no_space(&self) -> bool {
-        matches!(self, EngineError::Store(StoreError::NoSpace { .. }))
+        matches!(
+            self,
+            EngineError::Store(StoreError::NoSpace { .. }) | EngineError::PoolFull { .. }
+        )
     }
+}
+
+fn damaged_message(r: &crate::pool::RecoveryReport) -> String {
+    let first = r.damage.first().map(|d| d.to_string()).unwrap_or_default();
+    format!(
+        "the pool's log is damaged in data that was durable ({} problem(s); first: {first}); nothing was changed: a check lists what is affected, and a repair opens the pool without what is lost",
+        r.damage.len()
+    )
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

@@ -4,7 +4,10 @@
 //! - [`record`]: the log's on-disk format (segment headers, records).
 //! - [`extent_map`]: a volume's map from blocks to segment bytes.
 //! - [`checkpoint`]: the whole metadata as of one log position.
-//! - [`pool`]: the pool, its volumes, flush, recovery and the cleaner.
+//! - [`pool`]: the pool, its volumes, flush and the write path; its
+//!   submodules `recovery` (checkpoint fallback, replay, torn tail vs
+//!   corruption), `maintenance` (durable marks, checkpoints, the cleaner,
+//!   a full device) and `check` (the fsck behind `vpool pool check`).
 //!
 //! The engine talks to its backend only through
 //! [`vpool_store::SegmentStore`], so the same engine runs on a local
@@ -19,8 +22,9 @@ pub mod types;
 
 pub use error::{EngineError, Result};
 pub use pool::{
-    CleanReport, DiffExtent, DiffKind, ImageSpace, Pool, PoolConfig, PoolStats, RecoveryReport,
-    STATE_HOLE, STATE_ZERO, SnapshotInfo, Volume, VolumeInfo, VolumeOptions, VolumeSpace,
+    BadRecord, CheckReport, CleanReport, Damage, DamageKind, DamagedRange, DiffExtent, DiffKind,
+    ImageSpace, Pool, PoolConfig, PoolStats, RecoveryReport, STATE_HOLE, STATE_ZERO, SnapshotInfo,
+    Volume, VolumeInfo, VolumeOptions, VolumeSpace,
 };
 pub use types::{BLOCK_SIZE, MAX_VOLUME_SIZE_BYTES, VolumeId};
 pub use vpool_store as store;

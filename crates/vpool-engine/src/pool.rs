@@ -39,16 +39,21 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex, RwLock};
 use vpool_store::{OpenSegment, SegmentId, SegmentStore};
 
-use crate::checkpoint::{
-    CHECKPOINT_META_NAME, Checkpoint, LogPosition, SnapshotCheckpoint, VolumeCheckpoint,
-};
+use crate::checkpoint::{Checkpoint, LogPosition, SnapshotCheckpoint, VolumeCheckpoint};
 use crate::error::{EngineError, Result};
 use crate::extent_map::{DataLoc, ExtentMap, Piece, Target};
 use crate::record::{
-    self, CRC_LEN, MAX_RECORD_BLOCKS, RECORD_HEADER_LEN, RecordHeader, RecordIter, RecordKind,
+    self, CRC_LEN, MAX_RECORD_BLOCKS, RECORD_HEADER_LEN, RecordHeader, RecordKind,
     SEGMENT_HEADER_LEN,
 };
 use crate::types::{BLOCK_SIZE, VolumeId, validate_volume_name, validate_volume_size};
+
+mod check;
+mod maintenance;
+mod recovery;
+
+pub use check::{BadRecord, CheckReport, DamagedRange};
+pub use recovery::{Damage, DamageKind, RecoveryReport};
 
 /// NBD `base:allocation` flag: the range is a hole (unallocated).
 pub const STATE_HOLE: u32 = 1;
@@ -78,6 +83,16 @@ pub struct PoolConfig {
     pub background: bool,
     /// How often the maintenance thread wakes when there is nothing to do.
     pub maintenance_period: Duration,
+    /// The maintenance thread syncs the log and appends a durable mark at
+    /// least this often while records are appended (and at every sealed
+    /// segment): bit rot in the log before the last mark is reported as
+    /// corruption at recovery, only what came after it can pass for a
+    /// torn tail. Costs two syncs per period under writes.
+    pub durable_mark_interval: Duration,
+    /// Open a log whose durable part is damaged (records lost, see
+    /// [`DamageKind::LostRecords`]) by stepping over the loss, instead of
+    /// refusing with [`EngineError::Damaged`]. For `pool check --repair`.
+    pub repair_damaged_log: bool,
 }
 
 impl Default for PoolConfig {
@@ -90,6 +105,8 @@ impl Default for PoolConfig {
             clean_when_garbage_above: 0.25,
             background: true,
             maintenance_period: Duration::from_millis(200),
+            durable_mark_interval: Duration::from_secs(2),
+            repair_damaged_log: false,
         }
     }
 }
@@ -186,6 +203,13 @@ pub struct PoolStats {
     pub checkpoints_written: u64,
     pub segments_cleaned: u64,
     pub bytes_relocated: u64,
+    /// Bytes the store holds back so the cleaner can work on a full device
+    /// (0 while released, or for a store that keeps none).
+    pub reserve_bytes: u64,
+    /// The device is full: data writes fail with ENOSPC until space returns.
+    pub full: bool,
+    /// Blocks known to fail their checksum that some map points at.
+    pub damaged_blocks: u64,
 }
 
 /// What one cleaner pass did.
@@ -194,17 +218,6 @@ pub struct CleanReport {
     pub segments_deleted: u64,
     pub bytes_relocated: u64,
     pub bytes_freed: u64,
-}
-
-/// How recovery went (for logs and the recovery benchmark).
-#[derive(Clone, Debug, Default)]
-pub struct RecoveryReport {
-    pub checkpoint_loaded: bool,
-    pub records_replayed: u64,
-    pub bytes_replayed: u64,
-    pub torn_tail_bytes: u64,
-    pub segments_discarded: u64,
-    pub duration: Duration,
 }
 
 /// A segment of the log that may still need syncing.
@@ -291,14 +304,60 @@ struct State {
     /// Set when an append failed: the open segment may hold a partial
     /// record past its end, so the next append starts a new segment.
     roll_before_next_append: bool,
+    /// A segment created by a roll whose header could not be written (a
+    /// full device): the next roll writes its header instead of creating
+    /// another, so no id is skipped and nothing is left behind.
+    half_rolled: Option<Box<dyn OpenSegment>>,
     /// When the open segment got its first record; the store may ask for it
     /// to be sealed after a while ([`SegmentStore::seal_after`]).
     open_since: Option<Instant>,
+    /// When the last record was appended.
+    last_append: Option<Instant>,
+    /// Where the log ended after the last durable mark was appended: a
+    /// new mark is due once records follow it.
+    marked_to: Option<LogPosition>,
+    /// When the last durable mark was appended.
+    last_mark: Option<Instant>,
     /// Maps whose references are still to be added (+1) or removed (-1)
     /// from the segments' counts, in order. Taking a snapshot or a clone
     /// costs O(1) because its O(extents) counting waits here until the
     /// maintenance thread (or anything that reads the counts) applies it.
     pending_refs: Vec<(ExtentMap, i64)>,
+}
+
+/// A segment the cleaner emptied, waiting for deletion.
+#[derive(Clone, Copy, Debug)]
+struct Victim {
+    id: SegmentId,
+    /// Checkpoints captured since its live data was relocated.
+    checkpoints: u32,
+    /// When its live data was relocated.
+    since: Instant,
+}
+
+/// What is known to be damaged (from recovery or a check).
+#[derive(Default)]
+struct DamageState {
+    /// Blocks that fail their checksum: (segment, data offset).
+    bad_blocks: std::collections::BTreeSet<(SegmentId, u32)>,
+    /// Segments the cleaner leaves alone: relocating them would copy
+    /// damage or fail. Kept as evidence until nothing refers to them.
+    segments: std::collections::BTreeSet<SegmentId>,
+}
+
+/// Stands in for the open segment while recovery rebuilds the state.
+struct NotOpen;
+
+impl OpenSegment for NotOpen {
+    fn id(&self) -> SegmentId {
+        SegmentId(0)
+    }
+    fn append_at(&self, _offset: u64, _bufs: &[&[u8]]) -> vpool_store::Result<()> {
+        unreachable!("recovery appends nothing before the log is open")
+    }
+    fn sync(&self) -> vpool_store::Result<()> {
+        Ok(())
+    }
 }
 
 struct Counters {
@@ -316,9 +375,20 @@ struct Inner {
     delete_gate: RwLock<()>,
     /// One checkpoint or cleaner pass at a time.
     maintenance_lock: Mutex<()>,
-    /// Segments whose live data the cleaner has relocated: deleted after the
-    /// next checkpoint whose state was captured after their relocation.
-    relocated_victims: Mutex<Vec<(SegmentId, u64)>>,
+    /// Segments whose live data the cleaner has relocated, with the number
+    /// of checkpoints captured since. One is deleted once two have been:
+    /// then neither checkpoint copy refers to it or replays through it.
+    relocated_victims: Mutex<Vec<Victim>>,
+    /// Which of [`CHECKPOINT_SLOTS`] the next checkpoint goes to: never the
+    /// one holding the newest good copy.
+    next_checkpoint_slot: Mutex<usize>,
+    /// The device ran out of space: data writes are refused until the
+    /// maintenance thread has freed room and taken the reserve back.
+    full: AtomicBool,
+    /// Damage known in durable data.
+    damage: Mutex<DamageState>,
+    /// Size of the last checkpoint written (sizes the reserve).
+    last_checkpoint_bytes: AtomicU64,
     shutdown: AtomicBool,
     wake: Condvar,
     wake_lock: Mutex<bool>,
@@ -610,41 +680,51 @@ impl State {
                 );
                 self.next_volume_id = self.next_volume_id.max(h.volume.0 + 1);
             }
-            RecordKind::Relocate => {
-                // Counts must be exact before maps change under them.
-                self.apply_pending_refs();
-                let new = record_data_loc(seg, rec_off, h.nblocks);
-                let old = DataLoc {
-                    seg: SegmentId(h.arg),
-                    data_off: h.arg2,
-                    crc_off: h.arg3,
-                };
-                let (b, n) = (h.block, u64::from(h.nblocks));
-                let mut moved = 0i64;
-                for map in self.all_maps_mut() {
-                    for p in map.lookup(b, n) {
-                        let Some(Target::Data(d)) = p.target else {
-                            continue;
-                        };
-                        let k = p.start_block - b;
-                        if d == old.advance(k) {
-                            map.set(
-                                p.start_block,
-                                p.len_blocks,
-                                Some(Target::Data(new.advance(k))),
-                                &mut |_, _| {},
-                            );
-                            moved += p.len_blocks as i64;
-                        }
-                    }
-                }
-                if let Some(s) = self.segments.get_mut(&old.seg) {
-                    s.refs -= moved;
-                }
-                self.segments.get_mut(&seg).expect("segment is known").refs += moved;
-            }
+            RecordKind::Relocate => self.apply_relocate(seg, rec_off, h, &[]),
+            // A mark changes no volume: only recovery reads it.
+            RecordKind::Mark => {}
         }
         Ok(())
+    }
+
+    /// Applies a relocate record, except for the blocks at the indexes in
+    /// `skip` (whose copy failed its checksum): maps pointing at those keep
+    /// the original.
+    fn apply_relocate(&mut self, seg: SegmentId, rec_off: u64, h: &RecordHeader, skip: &[u32]) {
+        // Counts must be exact before maps change under them.
+        self.apply_pending_refs();
+        let new = record_data_loc(seg, rec_off, h.nblocks);
+        let old = DataLoc {
+            seg: SegmentId(h.arg),
+            data_off: h.arg2,
+            crc_off: h.arg3,
+        };
+        let (b, n) = (h.block, u64::from(h.nblocks));
+        let mut moved = 0i64;
+        for map in self.all_maps_mut() {
+            for p in map.lookup(b, n) {
+                let Some(Target::Data(d)) = p.target else {
+                    continue;
+                };
+                let k = p.start_block - b;
+                if d != old.advance(k) {
+                    continue;
+                }
+                for (start, len) in runs_without(k, p.len_blocks, skip) {
+                    map.set(
+                        b + start,
+                        len,
+                        Some(Target::Data(new.advance(start))),
+                        &mut |_, _| {},
+                    );
+                    moved += len as i64;
+                }
+            }
+        }
+        if let Some(s) = self.segments.get_mut(&old.seg) {
+            s.refs -= moved;
+        }
+        self.segments.get_mut(&seg).expect("segment is known").refs += moved;
     }
 
     fn check_record_range(&self, h: &RecordHeader) -> Result<()> {
@@ -671,224 +751,77 @@ fn meta_error(what: &str, detail: &'static str) -> EngineError {
 }
 
 impl Pool {
-    /// Opens the pool on `store`, recovering from the checkpoint and the log.
-    /// A new, empty store becomes an empty pool.
+    /// Opens the pool on `store`, recovering from the checkpoint and the log
+    /// (see the `recovery` module). A new, empty store becomes an empty
+    /// pool. Damage in durable data that loses records is refused with
+    /// [`EngineError::Damaged`] unless `config.repair_damaged_log`.
     pub fn open(
         store: Arc<dyn SegmentStore>,
         config: PoolConfig,
     ) -> Result<(Pool, RecoveryReport)> {
         let started = Instant::now();
         let mut report = RecoveryReport::default();
-        let ckpt = match store.get_meta(CHECKPOINT_META_NAME)? {
-            Some(bytes) => {
-                Some(
-                    Checkpoint::decode(&bytes).map_err(|e| EngineError::CorruptMeta {
-                        what: "checkpoint".into(),
-                        source: e,
-                    })?,
-                )
-            }
-            None => None,
-        };
-        report.checkpoint_loaded = ckpt.is_some();
         let listed = store.list_segments()?;
-        let mut segments: BTreeMap<SegmentId, SegInfo> = listed
-            .iter()
-            .map(|&(id, size_bytes)| {
-                (
-                    id,
-                    SegInfo {
-                        size_bytes,
-                        refs: 0,
-                    },
-                )
-            })
-            .collect();
-        let (mut volumes, mut names) = (BTreeMap::new(), BTreeMap::new());
-        let (mut next_seq, mut next_volume_id, mut next_segment_id) = (1u64, 1u64, 1u64);
-        let mut replay_from = LogPosition {
-            seg: listed.first().map(|s| s.0).unwrap_or(SegmentId(1)),
-            offset: SEGMENT_HEADER_LEN,
-        };
-        if let Some(c) = ckpt {
-            replay_from = c.position;
-            next_seq = c.next_seq;
-            next_volume_id = c.next_volume_id;
-            next_segment_id = c.next_segment_id;
-            for v in c.volumes {
-                let VolumeCheckpoint {
-                    id,
-                    name,
-                    size_bytes,
-                    map,
-                    parent,
-                    ephemeral,
-                    snapshots,
-                } = v;
-                names.insert(name.clone(), id);
-                let snapshots = snapshots
-                    .into_iter()
-                    .map(|s| {
-                        let (data_blocks, zero_blocks) = block_counts(&s.map);
-                        (
-                            s.name,
-                            Snap {
-                                size_bytes: s.size_bytes,
-                                map: s.map,
-                                data_blocks,
-                                zero_blocks,
-                                seq: s.seq,
-                            },
-                        )
-                    })
-                    .collect();
-                let (data_blocks, zero_blocks) = block_counts(&map);
-                volumes.insert(
-                    id,
-                    Vol {
-                        name,
-                        size_bytes,
-                        map,
-                        data_blocks,
-                        zero_blocks,
-                        snapshots,
-                        parent,
-                        ephemeral,
-                    },
-                );
-            }
-        }
-        // Recount the segments' references from every map.
-        for vol in volumes.values() {
-            let maps = std::iter::once(&vol.map).chain(vol.snapshots.values().map(|s| &s.map));
-            for map in maps {
-                for p in map.iter() {
-                    if let Some(Target::Data(d)) = p.target {
-                        let s = segments.get_mut(&d.seg).ok_or_else(|| {
-                            meta_error("checkpoint", "an extent refers to a missing segment")
-                        })?;
-                        s.refs += p.len_blocks as i64;
-                    }
-                }
-            }
-        }
-        if let Some(&(last, _)) = listed.last() {
-            next_segment_id = next_segment_id.max(last.0 + 1);
-        }
-        // A placeholder open segment: replaced below once replay is done.
-        let first_new = SegmentId(next_segment_id);
-        let handle = store.create_segment(first_new)?;
-        let mut st = State {
-            volumes,
-            names,
-            open: Arc::new(LogSeg {
-                handle,
-                appended: AtomicU64::new(0),
-                synced: AtomicU64::new(0),
-            }),
-            unsynced: Vec::new(),
-            segments,
-            next_seq,
-            next_volume_id,
-            next_segment_id: next_segment_id + 1,
-            log_bytes_since_checkpoint: 0,
-            failed: None,
-            closed: false,
-            roll_before_next_append: false,
-            open_since: None,
-            pending_refs: Vec::new(),
-        };
-        // Replay.
-        let to_replay: Vec<(SegmentId, u64)> = listed
-            .iter()
-            .copied()
-            .filter(|&(id, _)| id >= replay_from.seg)
-            .collect();
-        let mut expected_id = replay_from.seg;
-        let mut cut: Option<usize> = None;
-        for (i, &(id, size)) in to_replay.iter().enumerate() {
-            if id != expected_id {
-                tracing::warn!(segment = %id, expected = %expected_id, "gap in the log; later segments were never flushed");
-                cut = Some(i);
-                break;
-            }
-            expected_id = SegmentId(id.0 + 1);
-            let mut image = vec![0u8; usize::try_from(size).expect("segment fits memory")];
-            store.read_at(id, 0, &mut image)?;
-            let header_ok = matches!(record::decode_segment_header(&image), Ok(h) if h == id);
-            if !header_ok {
-                // Created but its header never became durable.
-                tracing::warn!(segment = %id, "segment header missing or torn; treating as end of log");
-                report.torn_tail_bytes += size;
-                store.truncate_segment(id, 0)?;
-                st.segments.get_mut(&id).expect("listed").size_bytes = 0;
-                cut = Some(i + 1);
-                break;
-            }
-            let start = if id == replay_from.seg {
-                usize::try_from(replay_from.offset).expect("offset fits")
-            } else {
-                SEGMENT_HEADER_LEN as usize
-            };
-            if start > image.len() {
-                return Err(meta_error(
-                    "checkpoint",
-                    "position past the end of its segment",
-                ));
-            }
-            let mut iter = RecordIter::new(&image, start);
-            let mut stopped_early = false;
-            for (off, h, payload) in iter.by_ref() {
-                if h.seq != st.next_seq {
-                    tracing::warn!(segment = %id, offset = off, seq = h.seq, expected = st.next_seq,
-                        "sequence break; treating as end of log");
-                    stopped_early = true;
-                    cut_segment(&*store, &mut st, id, off as u64, size, &mut report)?;
-                    break;
-                }
-                st.apply(id, off as u64, &h, payload)?;
-                st.next_seq += 1;
-                report.records_replayed += 1;
-                report.bytes_replayed += h.record_len();
-            }
-            if !stopped_early && let Some((off, err)) = iter.error() {
-                tracing::warn!(segment = %id, offset = off, error = %err, "torn or invalid record; treating as end of log");
-                cut_segment(&*store, &mut st, id, *off as u64, size, &mut report)?;
-                stopped_early = true;
-            }
-            if stopped_early {
-                cut = Some(i + 1);
-                break;
-            }
-        }
-        if let Some(i) = cut {
-            for &(id, size) in &to_replay[i..] {
-                st.apply_pending_refs();
-                if st.segments.get(&id).is_some_and(|s| s.refs > 0) {
-                    return Err(meta_error("log", "a discarded segment holds live data"));
-                }
-                tracing::warn!(segment = %id, bytes = size, "discarding segment after the end of the log");
-                store.delete_segment(id)?;
-                st.segments.remove(&id);
-                report.segments_discarded += 1;
-                report.torn_tail_bytes += size;
-            }
-        }
-        // Start the fresh open segment with its header.
-        let header = record::encode_segment_header(first_new);
-        st.open.handle.append_at(0, &[&header])?;
-        st.open
-            .appended
-            .store(SEGMENT_HEADER_LEN, Ordering::Release);
-        st.segments.insert(
-            first_new,
-            SegInfo {
-                size_bytes: SEGMENT_HEADER_LEN,
-                refs: 0,
+        let loaded = recovery::load_checkpoint(&*store, &listed, &mut report)?;
+        let from = match &loaded.checkpoint {
+            Some(c) => c.position,
+            None => LogPosition {
+                seg: listed.first().map_or(SegmentId(1), |s| s.0),
+                offset: SEGMENT_HEADER_LEN,
             },
-        );
-        st.log_bytes_since_checkpoint = report.bytes_replayed;
+        };
+        let from_checkpoint = loaded.checkpoint.is_some();
+        let placeholder = Arc::new(LogSeg {
+            handle: Box::new(NotOpen),
+            appended: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
+        });
+        let mut st = recovery::state_from(loaded.checkpoint, &listed, placeholder)?;
+        let repair = config.repair_damaged_log;
+        let mut replay =
+            recovery::Replay::new(&*store, &listed, from, from_checkpoint, repair, report);
+        replay.run(&mut st)?;
+        if replay.refused() {
+            return Err(EngineError::Damaged(Box::new(replay.report)));
+        }
+        let mut full = false;
+        with_reserve(&*store, &mut full, || replay.cut_tail(&mut st))?;
+        with_reserve(&*store, &mut full, || open_first_segment(&*store, &mut st))?;
+        let cut = replay.was_cut();
+        let mut report = replay.report;
+        report.repaired = repair && report.needs_repair();
         report.duration = started.elapsed();
+        st.log_bytes_since_checkpoint = report.bytes_replayed;
+        let damage = DamageState {
+            segments: replay.bad_blocks.iter().map(|b| b.0).collect(),
+            bad_blocks: replay.bad_blocks,
+        };
+        // The slot after the one used; after a cut, both are rewritten so
+        // that neither describes the log as it was before the cut.
+        let both = cut || report.repaired;
+        let slot = loaded.slot.map_or(0, |s| 1 - s);
+        let pool = Pool::start(store, config, st, slot, damage, full);
+        pool.after_open(both)?;
+        tracing::info!(
+            records = report.records_replayed,
+            bytes = report.bytes_replayed,
+            torn_tail_bytes = report.torn_tail_bytes,
+            damage = report.damage.len(),
+            checkpoint = report.checkpoint_slot.unwrap_or("none"),
+            ms = report.duration.as_millis() as u64,
+            "pool recovered"
+        );
+        Ok((pool, report))
+    }
+
+    fn start(
+        store: Arc<dyn SegmentStore>,
+        config: PoolConfig,
+        st: State,
+        slot: usize,
+        damage: DamageState,
+        full: bool,
+    ) -> Pool {
         let inner = Arc::new(Inner {
             store,
             config,
@@ -896,6 +829,10 @@ impl Pool {
             delete_gate: RwLock::new(()),
             maintenance_lock: Mutex::new(()),
             relocated_victims: Mutex::new(Vec::new()),
+            next_checkpoint_slot: Mutex::new(slot),
+            full: AtomicBool::new(full),
+            damage: Mutex::new(damage),
+            last_checkpoint_bytes: AtomicU64::new(0),
             shutdown: AtomicBool::new(false),
             wake: Condvar::new(),
             wake_lock: Mutex::new(false),
@@ -905,32 +842,47 @@ impl Pool {
                 bytes_relocated: AtomicU64::new(0),
             },
         });
-        let pool = Pool {
+        Pool {
             inner,
             maintenance: Arc::new(Mutex::new(None)),
-        };
-        // Scratch disks do not outlive the daemon that made them.
+        }
+    }
+
+    /// The rest of opening, on a running pool: scratch disks go, a
+    /// checkpoint makes the next recovery start here, the reserve is taken
+    /// and the maintenance thread starts.
+    fn after_open(&self, both_checkpoint_slots: bool) -> Result<()> {
         let ephemeral: Vec<String> = {
-            let st = pool.inner.state.lock();
-            st.volumes
-                .values()
-                .filter(|v| v.ephemeral)
-                .map(|v| v.name.clone())
-                .collect()
+            let st = self.inner.state.lock();
+            let eph = st.volumes.values().filter(|v| v.ephemeral);
+            eph.map(|v| v.name.clone()).collect()
         };
         for name in ephemeral {
-            match pool.delete_volume(&name) {
+            match self.delete_volume(&name) {
                 Ok(()) => tracing::info!(volume = %name, "deleted ephemeral volume at open"),
                 Err(e) => {
                     tracing::warn!(volume = %name, error = %e, "could not delete ephemeral volume")
                 }
             }
         }
-        // A checkpoint now makes the next recovery start here: what was
-        // replayed is not replayed again, and the cut tail is forgotten.
-        pool.checkpoint()?;
-        if pool.inner.config.background {
-            let p = pool.clone();
+        let rounds = if both_checkpoint_slots { 2 } else { 1 };
+        for _ in 0..rounds {
+            match self.checkpoint() {
+                Ok(()) => {}
+                // Recovery needs no checkpoint to be right, only to be short:
+                // a full device must not keep the pool from opening.
+                Err(e) if e.is_no_space() => {
+                    self.enter_full(&e);
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if !self.inner.full.load(Ordering::Acquire) {
+            self.restore_reserve();
+        }
+        if self.inner.config.background {
+            let p = self.clone();
             let h = std::thread::Builder::new()
                 .name("vpool-maintenance".into())
                 .spawn(move || p.maintenance_loop())
@@ -940,16 +892,9 @@ impl Pool {
                         e,
                     ))
                 })?;
-            *pool.maintenance.lock() = Some(h);
+            *self.maintenance.lock() = Some(h);
         }
-        tracing::info!(
-            records = report.records_replayed,
-            bytes = report.bytes_replayed,
-            torn_tail_bytes = report.torn_tail_bytes,
-            ms = report.duration.as_millis() as u64,
-            "pool recovered"
-        );
-        Ok((pool, report))
+        Ok(())
     }
 
     // ----- volumes -----
@@ -1441,116 +1386,6 @@ impl Pool {
         Ok(())
     }
 
-    /// Writes a checkpoint: recovery will start from the current end of log.
-    pub fn checkpoint(&self) -> Result<()> {
-        let _m = self.inner.maintenance_lock.lock();
-        self.checkpoint_locked().map(|_| ())
-    }
-
-    /// Writes a checkpoint, then deletes the segments the cleaner emptied
-    /// before it was captured. Returns (segments deleted, bytes freed).
-    fn checkpoint_locked(&self) -> Result<(u64, u64)> {
-        // Victims relocated before the capture below: the checkpoint no longer
-        // refers to them and replay starts after them.
-        let victims: Vec<(SegmentId, u64)> = self.inner.relocated_victims.lock().clone();
-        let (ckpt, log_bytes) = {
-            let mut st = self.inner.state.lock();
-            let c = Checkpoint {
-                position: LogPosition {
-                    seg: st.open.id(),
-                    offset: st.open.appended.load(Ordering::Acquire),
-                },
-                next_seq: st.next_seq,
-                next_volume_id: st.next_volume_id,
-                next_segment_id: st.next_segment_id,
-                volumes: st
-                    .volumes
-                    .iter()
-                    .map(|(&id, v)| VolumeCheckpoint {
-                        id,
-                        name: v.name.clone(),
-                        size_bytes: v.size_bytes,
-                        map: v.map.clone(),
-                        parent: v.parent.clone(),
-                        ephemeral: v.ephemeral,
-                        snapshots: v
-                            .snapshots
-                            .iter()
-                            .map(|(name, s)| SnapshotCheckpoint {
-                                name: name.clone(),
-                                size_bytes: s.size_bytes,
-                                seq: s.seq,
-                                map: s.map.clone(),
-                            })
-                            .collect(),
-                    })
-                    .collect(),
-            };
-            let n = st.log_bytes_since_checkpoint;
-            st.log_bytes_since_checkpoint = 0;
-            (c, n)
-        };
-        // The checkpoint refers to log bytes up to its position: they must be
-        // durable before the checkpoint is.
-        let result = self.flush().and_then(|()| {
-            self.inner
-                .store
-                .put_meta(CHECKPOINT_META_NAME, &ckpt.encode())
-                .map_err(EngineError::from)
-        });
-        if let Err(e) = result {
-            self.inner.state.lock().log_bytes_since_checkpoint += log_bytes;
-            return Err(e);
-        }
-        self.inner
-            .counters
-            .checkpoints_written
-            .fetch_add(1, Ordering::Relaxed);
-        if victims.is_empty() {
-            return Ok((0, 0));
-        }
-        let _gate = self.inner.delete_gate.write();
-        let (mut deleted, mut freed) = (0, 0);
-        for &(id, _) in &victims {
-            let s = {
-                let mut st = self.inner.state.lock();
-                st.apply_pending_refs();
-                st.segments.get(&id).copied().unwrap_or_default()
-            };
-            // New data only ever goes to the open segment, and a snapshot or
-            // clone taken since the relocation copied maps that no longer
-            // point at the victim: nothing can refer to it now.
-            assert_eq!(s.refs, 0, "victim {id} is referenced after relocation");
-            self.inner.store.delete_segment(id)?;
-            self.inner.state.lock().segments.remove(&id);
-            self.inner.relocated_victims.lock().retain(|v| v.0 != id);
-            deleted += 1;
-            freed += s.size_bytes;
-        }
-        self.inner
-            .counters
-            .segments_cleaned
-            .fetch_add(deleted, Ordering::Relaxed);
-        Ok((deleted, freed))
-    }
-
-    /// Stops the maintenance thread, writes a checkpoint, and closes. Writes
-    /// through remaining handles fail afterwards.
-    pub fn close(&self) -> Result<()> {
-        self.stop_maintenance();
-        self.checkpoint()?;
-        self.inner.state.lock().closed = true;
-        Ok(())
-    }
-
-    fn stop_maintenance(&self) {
-        self.inner.shutdown.store(true, Ordering::SeqCst);
-        self.wake_maintenance();
-        if let Some(h) = self.maintenance.lock().take() {
-            let _ = h.join();
-        }
-    }
-
     // ----- statistics -----
 
     pub fn stats(&self) -> PoolStats {
@@ -1577,6 +1412,9 @@ impl Pool {
                 .load(Ordering::Relaxed),
             segments_cleaned: self.inner.counters.segments_cleaned.load(Ordering::Relaxed),
             bytes_relocated: self.inner.counters.bytes_relocated.load(Ordering::Relaxed),
+            reserve_bytes: self.inner.store.reserve_bytes(),
+            full: self.inner.full.load(Ordering::Acquire),
+            damaged_blocks: self.inner.damage.lock().bad_blocks.len() as u64,
         }
     }
 
@@ -1657,14 +1495,36 @@ impl Pool {
         Ok(out)
     }
 
+    /// Data writes are refused at once while the device is full.
+    fn check_room(&self) -> Result<()> {
+        if !self.inner.full.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        Err(EngineError::PoolFull {
+            free_bytes: self.inner.store.free_bytes().unwrap_or(0),
+            reserve_bytes: self.inner.store.reserve_bytes(),
+        })
+    }
+
     fn writable_state(&self) -> Result<parking_lot::MutexGuard<'_, State>> {
         let st = self.inner.state.lock();
         st.check_writable()?;
         Ok(st)
     }
 
-    /// Appends a record to the log and applies it to the state.
-    fn append_and_apply(
+    /// Appends a record to the log and applies it to the state. A device
+    /// that is out of space puts the pool in its full state.
+    fn append_and_apply(&self, st: &mut State, h: RecordHeader, payload: &[&[u8]]) -> Result<()> {
+        let result = self.append_and_apply_inner(st, h, payload);
+        if let Err(e) = &result
+            && e.is_no_space()
+        {
+            self.enter_full(e);
+        }
+        result
+    }
+
+    fn append_and_apply_inner(
         &self,
         st: &mut State,
         mut h: RecordHeader,
@@ -1690,7 +1550,9 @@ impl Pool {
         let len = h.record_len();
         let seg = st.open.id();
         st.open.appended.store(off + len, Ordering::Release);
-        st.open_since.get_or_insert_with(Instant::now);
+        let now = Instant::now();
+        st.open_since.get_or_insert(now);
+        st.last_append = Some(now);
         st.segments
             .get_mut(&seg)
             .expect("open segment is known")
@@ -1709,12 +1571,29 @@ impl Pool {
         st.apply(seg, off, &h, payload_bytes)
     }
 
-    /// Seals the open segment and starts the next one.
+    /// Seals the open segment and starts the next one. A segment created
+    /// whose header could not be written (a full device) is kept for the
+    /// next try: the id is not skipped and no empty file is left behind.
     fn roll(&self, st: &mut State) -> Result<()> {
+        if st.roll_before_next_append {
+            // A failed append may have left part of a record past the end:
+            // cut it, durably, before a durable mark can vouch for the
+            // segment (recovery would take the fragment for corruption).
+            // Until that succeeds, nothing is appended anywhere.
+            let (old, len) = (st.open.id(), st.open.appended.load(Ordering::Acquire));
+            self.inner.store.truncate_segment(old, len)?;
+        }
         let id = SegmentId(st.next_segment_id);
-        let handle = self.inner.store.create_segment(id)?;
+        let handle = match st.half_rolled.take() {
+            Some(h) => h,
+            None => self.inner.store.create_segment(id)?,
+        };
+        debug_assert_eq!(handle.id(), id);
         let header = record::encode_segment_header(id);
-        handle.append_at(0, &[&header])?;
+        if let Err(e) = handle.append_at(0, &[&header]) {
+            st.half_rolled = Some(handle);
+            return Err(e.into());
+        }
         st.next_segment_id += 1;
         let new = Arc::new(LogSeg {
             handle,
@@ -1734,211 +1613,6 @@ impl Pool {
         st.open_since = None;
         self.wake_maintenance();
         Ok(())
-    }
-
-    fn wake_maintenance(&self) {
-        *self.inner.wake_lock.lock() = true;
-        self.inner.wake.notify_one();
-    }
-
-    fn maintenance_loop(&self) {
-        let period = self.inner.config.maintenance_period;
-        while !self.inner.shutdown.load(Ordering::SeqCst) {
-            {
-                let mut woken = self.inner.wake_lock.lock();
-                if !*woken {
-                    self.inner.wake.wait_for(&mut woken, period);
-                }
-                *woken = false;
-            }
-            if self.inner.shutdown.load(Ordering::SeqCst) {
-                break;
-            }
-            if let Err(e) = self.maintenance_step() {
-                tracing::warn!(error = %e, "background maintenance failed; will retry");
-                std::thread::sleep(period);
-            }
-        }
-    }
-
-    /// One round of background work: sync sealed segments, checkpoint when
-    /// the log has grown, clean when there is garbage.
-    pub fn maintenance_step(&self) -> Result<()> {
-        if let Some(age) = self.inner.store.seal_after() {
-            let mut st = self.inner.state.lock();
-            if st.failed.is_none()
-                && !st.closed
-                && st.open_since.is_some_and(|t| t.elapsed() >= age)
-            {
-                self.roll(&mut st)?;
-            }
-        }
-        let sealed: Vec<Arc<LogSeg>> = self.inner.state.lock().unsynced.clone();
-        if !sealed.is_empty() {
-            // Syncing sealed segments early keeps a later flush short.
-            self.flush()?;
-        }
-        // Clean only when garbage is worth it: a pass costs a read of each
-        // victim and a rewrite of its live data.
-        if self.inner.state.lock().space().2 > self.inner.config.clean_when_garbage_above {
-            let _m = self.inner.maintenance_lock.lock();
-            self.relocate_pass()?;
-        }
-        // Emptied segments go with the next checkpoint: one is due by log
-        // size, or enough space waits on one.
-        let waiting = self.inner.relocated_victims.lock().len();
-        let due = self.inner.state.lock().log_bytes_since_checkpoint
-            >= self.inner.config.checkpoint_interval_bytes
-            || waiting >= self.inner.config.clean_max_segments_per_pass * 4;
-        if due {
-            self.checkpoint()?;
-        }
-        Ok(())
-    }
-
-    /// One cleaner pass, to the end: picks sealed segments whose live
-    /// fraction is below the configured threshold, copies their live blocks
-    /// to the head of the log, checkpoints, and deletes them (and any
-    /// segments emptied by earlier background passes).
-    pub fn clean(&self) -> Result<CleanReport> {
-        let _m = self.inner.maintenance_lock.lock();
-        let relocated = self.relocate_pass()?;
-        if self.inner.relocated_victims.lock().is_empty() {
-            return Ok(CleanReport::default());
-        }
-        let (deleted, freed) = self.checkpoint_locked()?;
-        let report = CleanReport {
-            segments_deleted: deleted,
-            bytes_relocated: relocated,
-            bytes_freed: freed,
-        };
-        tracing::debug!(?report, "cleaner pass");
-        Ok(report)
-    }
-
-    /// Picks victims and relocates their live data; they are deleted by the
-    /// next checkpoint. Returns the bytes relocated. The caller holds the
-    /// maintenance lock.
-    fn relocate_pass(&self) -> Result<u64> {
-        let waiting: Vec<SegmentId> = self
-            .inner
-            .relocated_victims
-            .lock()
-            .iter()
-            .map(|v| v.0)
-            .collect();
-        let victims: Vec<(SegmentId, SegInfo)> = {
-            let mut st = self.inner.state.lock();
-            st.apply_pending_refs();
-            let open = st.open.id();
-            let unsynced: Vec<SegmentId> = st.unsynced.iter().map(|s| s.id()).collect();
-            let mut v: Vec<(SegmentId, SegInfo, f64)> = st
-                .segments
-                .iter()
-                .filter(|(id, _)| **id < open && !unsynced.contains(id) && !waiting.contains(id))
-                .map(|(&id, &s)| {
-                    // Shared blocks count once per map: sharing makes a
-                    // segment look fuller than it is, never emptier.
-                    let live =
-                        (s.refs.max(0) as u64 * BLOCK_SIZE) as f64 / s.size_bytes.max(1) as f64;
-                    (id, s, live)
-                })
-                .filter(|(_, _, live)| *live < self.inner.config.clean_below_live_fraction)
-                .collect();
-            v.sort_by(|a, b| a.2.total_cmp(&b.2));
-            v.truncate(self.inner.config.clean_max_segments_per_pass);
-            v.into_iter().map(|(id, s, _)| (id, s)).collect()
-        };
-        let mut relocated = 0;
-        for (id, info) in victims {
-            if info.refs > 0 {
-                relocated += self.relocate_live(id, info.size_bytes)?;
-            }
-            self.inner
-                .relocated_victims
-                .lock()
-                .push((id, info.size_bytes));
-        }
-        self.inner
-            .counters
-            .bytes_relocated
-            .fetch_add(relocated, Ordering::Relaxed);
-        Ok(relocated)
-    }
-
-    /// Copies the blocks of segment `id` that any map (volume or snapshot)
-    /// still points at to new `Relocate` records, which repoint every such
-    /// map. Returns the bytes copied.
-    fn relocate_live(&self, id: SegmentId, size_bytes: u64) -> Result<u64> {
-        let mut image = vec![0u8; usize::try_from(size_bytes).expect("segment fits memory")];
-        self.inner.store.read_at(id, 0, &mut image)?;
-        let mut copied = 0u64;
-        let mut iter = RecordIter::new(&image, SEGMENT_HEADER_LEN as usize);
-        let records: Vec<(usize, RecordHeader)> = iter
-            .by_ref()
-            .filter(|(_, h, _)| matches!(h.kind, RecordKind::Write | RecordKind::Relocate))
-            .map(|(off, h, _)| (off, h))
-            .collect();
-        if let Some((off, e)) = iter.error() {
-            // A sealed segment is whole: any bad record in it is corruption.
-            return Err(EngineError::Corrupt {
-                volume: "(cleaner)".into(),
-                offset: 0,
-                segment: id,
-                segment_offset: *off as u64,
-                detail: e.to_string(),
-            });
-        }
-        for (off, h) in records {
-            let here = record_data_loc(id, off as u64, h.nblocks);
-            let (crc_start, data_start) = (here.crc_off as usize, here.data_off as usize);
-            let n = h.nblocks as usize;
-            let mut st = self.writable_state()?;
-            st.apply_pending_refs();
-            // Which of the record's blocks any map still points at.
-            let mut live = vec![false; n];
-            for vol in st.volumes.values() {
-                let maps = std::iter::once(&vol.map).chain(vol.snapshots.values().map(|s| &s.map));
-                for map in maps {
-                    for p in map.lookup(h.block, n as u64) {
-                        if let Some(Target::Data(d)) = p.target {
-                            let k = p.start_block - h.block;
-                            if d == here.advance(k) {
-                                live[k as usize..(k + p.len_blocks) as usize].fill(true);
-                            }
-                        }
-                    }
-                }
-            }
-            let mut i = 0;
-            while i < n {
-                if !live[i] {
-                    i += 1;
-                    continue;
-                }
-                let run = live[i..].iter().take_while(|&&l| l).count();
-                let crcs = &image[crc_start + i * CRC_LEN..][..run * CRC_LEN];
-                let data =
-                    &image[data_start + i * BLOCK_SIZE as usize..][..run * BLOCK_SIZE as usize];
-                let old = here.advance(i as u64);
-                let nh = RecordHeader {
-                    kind: RecordKind::Relocate,
-                    seq: 0,
-                    volume: h.volume,
-                    block: h.block + i as u64,
-                    nblocks: run as u32,
-                    payload_len: record::write_payload_len(run as u32) as u32,
-                    arg: id.0,
-                    payload_crc: crc32c::crc32c(crcs),
-                    arg2: old.data_off,
-                    arg3: old.crc_off,
-                };
-                self.append_and_apply(&mut st, nh, &[crcs, data])?;
-                copied += (run as u64) * BLOCK_SIZE;
-                i += run;
-            }
-        }
-        Ok(copied)
     }
 
     fn read_pieces(
@@ -1997,18 +1671,49 @@ impl Pool {
     }
 }
 
-/// Cuts segment `id` at `valid_len`, counting what was dropped.
-fn cut_segment(
+/// Runs `op`; if the device is full, gives the store's reserve back and
+/// runs it once more (setting `full`). Opening must work on a full device.
+fn with_reserve<T>(
     store: &dyn SegmentStore,
-    st: &mut State,
-    id: SegmentId,
-    valid_len: u64,
-    size: u64,
-    report: &mut RecoveryReport,
-) -> Result<()> {
-    store.truncate_segment(id, valid_len)?;
-    st.segments.get_mut(&id).expect("listed").size_bytes = valid_len;
-    report.torn_tail_bytes += size - valid_len;
+    full: &mut bool,
+    mut op: impl FnMut() -> Result<T>,
+) -> Result<T> {
+    match op() {
+        Err(e) if e.is_no_space() && store.reserve_bytes() > 0 => {
+            let freed = store.release_reserve()?;
+            tracing::warn!(freed_bytes = freed, error = %e, "device full while opening the pool; released the reserve");
+            *full = true;
+            op()
+        }
+        r => r,
+    }
+}
+
+/// Creates the segment the log continues in after recovery.
+fn open_first_segment(store: &dyn SegmentStore, st: &mut State) -> Result<()> {
+    let id = SegmentId(st.next_segment_id);
+    let handle = match st.half_rolled.take() {
+        Some(h) => h,
+        None => store.create_segment(id)?,
+    };
+    let header = record::encode_segment_header(id);
+    if let Err(e) = handle.append_at(0, &[&header]) {
+        st.half_rolled = Some(handle);
+        return Err(e.into());
+    }
+    st.next_segment_id += 1;
+    st.open = Arc::new(LogSeg {
+        handle,
+        appended: AtomicU64::new(SEGMENT_HEADER_LEN),
+        synced: AtomicU64::new(0),
+    });
+    st.segments.insert(
+        id,
+        SegInfo {
+            size_bytes: SEGMENT_HEADER_LEN,
+            refs: 0,
+        },
+    );
     Ok(())
 }
 
@@ -2092,6 +1797,25 @@ fn record_data_loc(seg: SegmentId, rec_off: u64, nblocks: u32) -> DataLoc {
         data_off: u32::try_from(data_off).expect("segment under 4 GiB"),
         crc_off: u32::try_from(crc_off).expect("segment under 4 GiB"),
     }
+}
+
+/// The runs of `[start, start + len)` (record-relative block indexes) that
+/// hold no index of `skip`, as (start, len).
+fn runs_without(start: u64, len: u64, skip: &[u32]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut run_start = start;
+    for i in start..start + len {
+        if skip.contains(&(i as u32)) {
+            if i > run_start {
+                out.push((run_start, i - run_start));
+            }
+            run_start = i + 1;
+        }
+    }
+    if start + len > run_start {
+        out.push((run_start, start + len - run_start));
+    }
+    out
 }
 
 /// (data blocks, zero blocks) of a map.
@@ -2253,6 +1977,7 @@ impl Volume {
             return Ok(());
         }
         let len = data.len() as u64;
+        self.pool.check_room()?;
         // Back-pressure happens here, before the lock, so reads go on while
         // a write waits for the store's write-back space.
         self.pool.inner.store.admit_write(len)?;

@@ -58,6 +58,11 @@ pub enum RecordKind {
     FlattenVolume = 12,
     /// Clone `volume`'s parent volume takes the clone's content and size.
     CommitVolume = 13,
+    /// Durable mark: every byte of the log before segment `arg`, offset
+    /// `arg2` was durable (synced) before this record was appended. Changes
+    /// no volume; recovery uses it to tell corruption (before a mark) from
+    /// a torn tail (after the last one).
+    Mark = 14,
 }
 
 /// `arg2` bit of a `CreateVolume` record: the volume is ephemeral (deleted
@@ -80,6 +85,7 @@ impl RecordKind {
             11 => RecordKind::Relocate,
             12 => RecordKind::FlattenVolume,
             13 => RecordKind::CommitVolume,
+            14 => RecordKind::Mark,
             _ => return None,
         })
     }
@@ -240,7 +246,8 @@ impl RecordHeader {
             RecordKind::ResizeVolume
             | RecordKind::DeleteVolume
             | RecordKind::FlattenVolume
-            | RecordKind::CommitVolume => 0,
+            | RecordKind::CommitVolume
+            | RecordKind::Mark => 0,
         };
         if h.payload_len as usize != expected_payload {
             return Err(DecodeError::Inconsistent("payload length"));
@@ -306,6 +313,90 @@ pub fn verify_payload(h: &RecordHeader, payload: &[u8]) -> Result<(), DecodeErro
     }
 }
 
+/// What [`scan_record`] found at an offset of a segment image.
+#[derive(Debug)]
+pub enum Scanned<'a> {
+    /// A valid record.
+    Record {
+        header: RecordHeader,
+        payload: &'a [u8],
+    },
+    /// A record whose header is valid and whose whole length lies in the
+    /// image, but whose payload fails its checks. Its length is known, so
+    /// what follows it can still be read.
+    Damaged {
+        header: RecordHeader,
+        payload: &'a [u8],
+        error: DecodeError,
+    },
+    /// No record starts here: the header is invalid, or the record runs
+    /// past the end of the image. Where the next record starts is unknown.
+    Broken { error: DecodeError },
+}
+
+/// Reads the record at `pos` of a segment image; `None` at the image's end.
+pub fn scan_record(image: &[u8], pos: usize) -> Option<Scanned<'_>> {
+    let rest = image.get(pos..).filter(|r| !r.is_empty())?;
+    let header = match RecordHeader::decode(rest) {
+        Ok(h) => h,
+        Err(error) => return Some(Scanned::Broken { error }),
+    };
+    let total = header.record_len() as usize;
+    if rest.len() < total {
+        let error = DecodeError::Short {
+            need: total,
+            have: rest.len(),
+        };
+        return Some(Scanned::Broken { error });
+    }
+    let payload = &rest[RECORD_HEADER_LEN..total];
+    Some(match verify_payload(&header, payload) {
+        Ok(()) => Scanned::Record { header, payload },
+        Err(error) => Scanned::Damaged {
+            header,
+            payload,
+            error,
+        },
+    })
+}
+
+/// Indexes of the blocks of a write or relocate record whose data does not
+/// match the checksum stored for it (a damaged checksum counts against its
+/// block). `payload` is the record's whole payload.
+pub fn bad_blocks(h: &RecordHeader, payload: &[u8]) -> Vec<u32> {
+    debug_assert!(matches!(h.kind, RecordKind::Write | RecordKind::Relocate));
+    let crc_bytes = h.nblocks as usize * CRC_LEN;
+    if payload.len() != write_payload_len(h.nblocks) {
+        return (0..h.nblocks).collect();
+    }
+    let (crcs, data) = payload.split_at(crc_bytes);
+    data.chunks_exact(BLOCK_SIZE as usize)
+        .enumerate()
+        .filter(|(i, block)| crc32c::crc32c(block) != le_u32(crcs, i * CRC_LEN))
+        .map(|(i, _)| i as u32)
+        .collect()
+}
+
+/// The offset of the first record header at or after `from` that decodes
+/// and has sequence number `seq` or more: where reading can resume after
+/// bytes that are not a record. Candidates are only trusted together with
+/// what follows them (see recovery), since data can hold a valid header.
+pub fn find_next_header(image: &[u8], from: usize, min_seq: u64) -> Option<(usize, RecordHeader)> {
+    let magic = RECORD_MAGIC.to_le_bytes();
+    let mut at = from;
+    while at + RECORD_HEADER_LEN <= image.len() {
+        let i = image[at..].windows(4).position(|w| w == magic)?;
+        at += i;
+        if let Ok(h) = RecordHeader::decode(&image[at..])
+            && h.seq >= min_seq
+        {
+            return Some((at, h));
+        }
+        at += 1;
+    }
+    None
+}
+
 /// Walks the records of a segment image, yielding each valid record with its
 /// offset, and stopping at the first invalid or incomplete one. Returns the
 /// offset just past the last valid record in [`RecordIter::valid_len`].
@@ -342,36 +433,20 @@ impl<'a> Iterator for RecordIter<'a> {
     type Item = (usize, RecordHeader, &'a [u8]);
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.error.is_some() || self.pos == self.image.len() {
+        if self.error.is_some() {
             return None;
         }
-        let rest = &self.image[self.pos..];
-        let h = match RecordHeader::decode(rest) {
-            Ok(h) => h,
-            Err(e) => {
-                self.error = Some((self.pos, e));
-                return None;
+        match scan_record(self.image, self.pos)? {
+            Scanned::Record { header, payload } => {
+                let at = self.pos;
+                self.pos += header.record_len() as usize;
+                Some((at, header, payload))
             }
-        };
-        let total = h.record_len() as usize;
-        if rest.len() < total {
-            self.error = Some((
-                self.pos,
-                DecodeError::Short {
-                    need: total,
-                    have: rest.len(),
-                },
-            ));
-            return None;
+            Scanned::Damaged { error, .. } | Scanned::Broken { error } => {
+                self.error = Some((self.pos, error));
+                None
+            }
         }
-        let payload = &rest[RECORD_HEADER_LEN..total];
-        if let Err(e) = verify_payload(&h, payload) {
-            self.error = Some((self.pos, e));
-            return None;
-        }
-        let at = self.pos;
-        self.pos += total;
-        Some((at, h, payload))
     }
 }
 

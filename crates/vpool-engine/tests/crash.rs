@@ -11,13 +11,24 @@
 //! state after some operation at or after the last successful flush. That is
 //! stronger than "every flushed write is there": nothing later appears
 //! without everything before it, and nothing torn appears at all.
+//!
+//! Half the seeds also run out of space from a random step for a while
+//! (the store's capacity is cut to just above what it holds): ops fail
+//! with ENOSPC, each byte they touched must read old or new, and the pool
+//! must carry on once space returns. After the crash, 40% of the seeds
+//! flip a bit of durable data (bit rot): in a checkpoint copy, or in log
+//! bytes a durable mark vouches for. Then blocks that fail their checksum
+//! are excused in the comparison, and a pool that refuses to open for lost
+//! records must open with repair. 2 x 1000 seeds by default
+//! (`CRASH_SEEDS=N` for more, `CRASH_SEED=S` for one).
 
-use std::collections::BTreeMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use vpool_engine::store::{SimCrashMode, SimStore};
+use vpool_engine::checkpoint::CHECKPOINT_SLOTS;
+use vpool_engine::record::{self, RecordKind, Scanned};
+use vpool_engine::store::{SegmentId, SegmentStore, SimCrashMode, SimStore};
 use vpool_engine::{BLOCK_SIZE, EngineError, Pool, PoolConfig};
 
 const BLOCKS: u64 = 24;
@@ -28,6 +39,9 @@ fn config() -> PoolConfig {
         checkpoint_interval_bytes: 1 << 40,
         clean_below_live_fraction: 0.7,
         clean_max_segments_per_pass: 3,
+        // Every maintenance step marks: more of the log is vouched for, so
+        // more rot lands where recovery must tell it from a torn tail.
+        durable_mark_interval: std::time::Duration::ZERO,
         background: false,
         ..PoolConfig::default()
     }
@@ -38,30 +52,19 @@ fn config() -> PoolConfig {
 /// for the test and not part of the compared state.
 type Model = BTreeMap<String, Vec<u8>>;
 
-fn digest(m: &Model) -> u64 {
-    let mut h = DefaultHasher::new();
-    for (k, v) in m.iter().filter(|(k, _)| !k.starts_with("clone:")) {
-        (k, v).hash(&mut h);
-    }
-    h.finish()
-}
-
-fn read_all(pool: &Pool) -> Model {
+fn read_all(pool: &Pool) -> Result<Model, EngineError> {
     let mut out = Model::new();
     for v in pool.list_volumes() {
         let mut buf = vec![0u8; v.size_bytes as usize];
-        pool.volume(&v.name).unwrap().read(0, &mut buf).unwrap();
-        for s in pool.list_snapshots(&v.name).unwrap() {
+        pool.volume(&v.name)?.read(0, &mut buf)?;
+        for s in pool.list_snapshots(&v.name)? {
             let mut sbuf = vec![0u8; s.size_bytes as usize];
-            pool.snapshot(&v.name, &s.name)
-                .unwrap()
-                .read(0, &mut sbuf)
-                .unwrap();
+            pool.snapshot(&v.name, &s.name)?.read(0, &mut sbuf)?;
             out.insert(format!("{}@{}", v.name, s.name), sbuf);
         }
         out.insert(v.name, buf);
     }
-    out
+    Ok(out)
 }
 
 /// Runs one op on pool and model. Returns Ok(durable) where durable says
@@ -221,7 +224,177 @@ fn step(rng: &mut StdRng, pool: &Pool, model: &mut Model) -> Result<bool, (Engin
     }
 }
 
-fn crash_run(seed: u64, mode: SimCrashMode) {
+/// Data keys of a model (leaving out the clone bookkeeping).
+fn data_keys(m: &Model) -> BTreeSet<String> {
+    m.keys()
+        .filter(|k| !k.starts_with("clone:"))
+        .cloned()
+        .collect()
+}
+
+/// After an op failed for want of space, the pool shows, key by key, the
+/// state before it or after it; a write that became several records may
+/// have landed in part, but every byte is old or new. Returns the model
+/// of what the pool shows now.
+fn reconcile(seed: u64, pool: &Pool, before: &Model, after: &Model) -> Option<Model> {
+    // The crash may have fired inside the failed op (while it released the
+    // reserve, say): then the pool is gone and so is the question.
+    let actual = read_all(pool).ok()?;
+    let keys = data_keys(&actual);
+    let base = if keys == data_keys(after) {
+        after
+    } else {
+        before
+    };
+    assert_eq!(keys, data_keys(base), "seed {seed}: volumes after ENOSPC");
+    let mut out = base.clone();
+    for (k, v) in actual {
+        let (b, a) = (before.get(&k), after.get(&k));
+        assert!(
+            [b, a].iter().any(|m| m.is_some_and(|m| m.len() == v.len())),
+            "seed {seed}: {k} has a size it never had"
+        );
+        for (i, byte) in v.iter().enumerate() {
+            let old = b.and_then(|b| b.get(i)) == Some(byte);
+            let new = a.and_then(|a| a.get(i)) == Some(byte);
+            assert!(
+                old || new,
+                "seed {seed}: {k} byte {i} is neither old nor new after ENOSPC"
+            );
+        }
+        out.insert(k, v);
+    }
+    Some(out)
+}
+
+/// Every image of the pool, block by block; `None` for a block that fails
+/// its checksum (reported damage).
+fn read_all_blocks(pool: &Pool) -> BTreeMap<String, Vec<Option<Vec<u8>>>> {
+    let mut out = BTreeMap::new();
+    let read = |v: &vpool_engine::Volume, size: u64| -> Vec<Option<Vec<u8>>> {
+        (0..size / BLOCK_SIZE)
+            .map(|b| {
+                let mut buf = vec![0u8; BLOCK_SIZE as usize];
+                match v.read(b * BLOCK_SIZE, &mut buf) {
+                    Ok(()) => Some(buf),
+                    Err(EngineError::Corrupt { .. }) => None,
+                    Err(e) => panic!("read: {e}"),
+                }
+            })
+            .collect()
+    };
+    for v in pool.list_volumes() {
+        for s in pool.list_snapshots(&v.name).unwrap() {
+            let h = pool.snapshot(&v.name, &s.name).unwrap();
+            out.insert(format!("{}@{}", v.name, s.name), read(&h, s.size_bytes));
+        }
+        out.insert(
+            v.name.clone(),
+            read(&pool.volume(&v.name).unwrap(), v.size_bytes),
+        );
+    }
+    out
+}
+
+/// Whether the recovered images equal `m`, blocks that fail their
+/// checksum aside.
+fn matches(got: &BTreeMap<String, Vec<Option<Vec<u8>>>>, m: &Model) -> bool {
+    let keys: BTreeSet<String> = got.keys().cloned().collect();
+    keys == data_keys(m)
+        && got.iter().all(|(k, blocks)| {
+            let want = &m[k];
+            want.len() == blocks.len() * BLOCK_SIZE as usize
+                && blocks.iter().enumerate().all(|(i, b)| {
+                    b.as_ref().is_none_or(|b| {
+                        b[..] == want[i * BLOCK_SIZE as usize..][..BLOCK_SIZE as usize]
+                    })
+                })
+        })
+}
+
+/// The furthest log position a durable mark vouches for, over the store's
+/// segments: bytes before it were synced, so damage there is bit rot.
+fn last_mark(sim: &SimStore) -> Option<(SegmentId, u64)> {
+    let mut best = None;
+    for (_, image) in sim.segment_images() {
+        let mut off = record::SEGMENT_HEADER_LEN as usize;
+        while let Some(found) = record::scan_record(&image, off) {
+            let h = match found {
+                Scanned::Record { header, .. } | Scanned::Damaged { header, .. } => header,
+                Scanned::Broken { .. } => break,
+            };
+            if h.kind == RecordKind::Mark {
+                best = best.max(Some((SegmentId(h.arg), u64::from(h.arg2))));
+            }
+            off += h.record_len() as usize;
+        }
+    }
+    best
+}
+
+/// Flips a bit of durable data as bit rot would: in a checkpoint copy (when
+/// there are two), or in log bytes a durable mark vouches for.
+fn rot(rng: &mut StdRng, sim: &SimStore) -> Option<String> {
+    let slots: Vec<&str> = CHECKPOINT_SLOTS
+        .iter()
+        .copied()
+        .filter(|n| sim.get_meta(n).ok().flatten().is_some())
+        .collect();
+    if slots.len() == 2 && rng.gen_bool(0.3) {
+        let name = slots[rng.gen_range(0..2)];
+        let len = sim.get_meta(name).unwrap().unwrap().len();
+        let at = rng.gen_range(0..len);
+        sim.corrupt_meta(name, at);
+        return Some(format!("{name} byte {at}"));
+    }
+    let (mseg, moff) = last_mark(sim)?;
+    // Mostly where recovery replays (after the newest checkpoint's
+    // position), which is what it must tell from a torn tail; else
+    // anywhere, where only reads and the cleaner meet the damage.
+    let from = newest_checkpoint_position(sim).filter(|_| rng.gen_bool(0.7));
+    let candidates: Vec<(SegmentId, u64, u64)> = sim
+        .segment_images()
+        .into_iter()
+        .filter(|(id, _)| *id <= mseg)
+        .map(|(id, img)| {
+            let end = if id == mseg { moff } else { img.len() as u64 };
+            let start = match from {
+                Some((fseg, foff)) if id == fseg => foff,
+                Some((fseg, _)) if id < fseg => end,
+                _ => 0,
+            };
+            (id, start, end)
+        })
+        .filter(|(_, start, end)| start < end)
+        .collect();
+    let (id, start, end) = *candidates.get(rng.gen_range(0..candidates.len().max(1)))?;
+    let at = rng.gen_range(start..end);
+    sim.corrupt(id, at);
+    Some(format!("{id} byte {at}"))
+}
+
+/// Where recovery will start replaying: the newest checkpoint's position.
+fn newest_checkpoint_position(sim: &SimStore) -> Option<(SegmentId, u64)> {
+    CHECKPOINT_SLOTS
+        .iter()
+        .filter_map(|n| sim.get_meta(n).ok().flatten())
+        .filter_map(|b| vpool_engine::checkpoint::Checkpoint::decode(&b).ok())
+        .max_by_key(|c| c.next_seq)
+        .map(|c| (c.position.seg, c.position.offset))
+}
+
+/// What the seeds of one test went through, to show they exercised the
+/// paths they are meant to.
+#[derive(Debug, Default)]
+struct Tally {
+    enospc: u64,
+    rotted: u64,
+    damage_reported: u64,
+    repaired: u64,
+    checkpoint_fallbacks: u64,
+}
+
+fn crash_run(seed: u64, mode: SimCrashMode, tally: &mut Tally) {
     let mut rng = StdRng::seed_from_u64(seed);
     let sim = SimStore::new();
     let (pool, _) = Pool::open(Arc::new(sim.handle()), config()).unwrap();
@@ -231,20 +404,41 @@ fn crash_run(seed: u64, mode: SimCrashMode) {
         pool.create_volume(&name, BLOCKS * BLOCK_SIZE).unwrap();
         model.insert(name, vec![0; (BLOCKS * BLOCK_SIZE) as usize]);
     }
-    // Digests of the states after each op; the recovered state must be one
-    // of those from `durable_from` on.
-    let mut history = vec![digest(&model)];
-    let mut durable_from = 0;
+    // The states after each op since the last flush point: the recovered
+    // state must be one of them.
+    let mut history = vec![model.clone()];
     let crash_at = rng.gen_range(0..600);
     sim.crash_after_ops(crash_at, mode, seed);
+    // Half the seeds run out of space for a while, from a random step.
+    let full_from = rng.gen_bool(0.5).then(|| rng.gen_range(0..300));
+    let full_for = rng.gen_range(1..60);
     let mut crashed = false;
-    for _ in 0..400 {
+    for i in 0..400 {
+        if full_from == Some(i) {
+            sim.set_capacity(Some(sim.used_bytes() + rng.gen_range(0..40_000)));
+        }
+        if full_from.is_some_and(|f| i == f + full_for) {
+            sim.set_capacity(None);
+        }
         match step(&mut rng, &pool, &mut model) {
             Ok(durable) => {
-                history.push(digest(&model));
                 if durable {
-                    durable_from = history.len() - 1;
+                    history.clear();
                 }
+                history.push(model.clone());
+            }
+            Err((e, after)) if e.is_no_space() => {
+                tally.enospc += 1;
+                sim.pause_crash_countdown(true);
+                let now = reconcile(seed, &pool, &model, &after);
+                sim.pause_crash_countdown(false);
+                let Some(now) = now else {
+                    history.push(after);
+                    crashed = true;
+                    break;
+                };
+                model = now;
+                history.push(model.clone());
             }
             Err((e, after)) => {
                 assert!(
@@ -255,7 +449,7 @@ fn crash_run(seed: u64, mode: SimCrashMode) {
                     "seed {seed}: unexpected error {e}"
                 );
                 // The op that crashed may or may not have taken effect.
-                history.push(digest(&after));
+                history.push(after);
                 crashed = true;
                 break;
             }
@@ -265,11 +459,15 @@ fn crash_run(seed: u64, mode: SimCrashMode) {
         sim.crash(mode, seed);
     }
     drop(pool);
+    // The operator makes room before restarting.
+    sim.set_capacity(None);
+    let rotted = rng.gen_bool(0.4).then(|| rot(&mut rng, &sim)).flatten();
+    tally.rotted += u64::from(rotted.is_some());
     // Sometimes crash again during recovery.
     let second_crash = rng.gen_bool(0.3);
     if std::env::var("CRASH_DEBUG").is_ok() {
         eprintln!(
-            "crashed in workload: {crashed}, crash during recovery: {second_crash}, durable_from {durable_from} of {}",
+            "crashed in workload: {crashed}, crash during recovery: {second_crash}, rot: {rotted:?}, {} states since the last flush",
             history.len()
         );
     }
@@ -279,42 +477,39 @@ fn crash_run(seed: u64, mode: SimCrashMode) {
         drop(Pool::open(Arc::new(sim.handle()), config()));
         sim.crash(mode, seed + 2);
     }
-    let (pool, report) = Pool::open(Arc::new(sim.handle()), config())
-        .unwrap_or_else(|e| panic!("seed {seed}: reopen failed: {e}"));
-    pool.self_check();
-    let recovered = read_all(&pool);
-    let got = digest(&recovered);
-    if std::env::var("CRASH_DEBUG").is_ok() && !history[durable_from..].contains(&got) {
-        for (n, d) in &recovered {
-            let m = model.get(n);
-            eprintln!(
-                "vol {n}: len {} model len {:?}",
-                d.len(),
-                m.map(|m| m.len())
+    let pool = match Pool::open(Arc::new(sim.handle()), config()) {
+        Ok((pool, report)) => {
+            tally.damage_reported += u64::from(!report.damage.is_empty());
+            tally.checkpoint_fallbacks += u64::from(!report.checkpoints_rejected.is_empty());
+            pool.self_check();
+            let got = read_all_blocks(&pool);
+            assert!(
+                history.iter().any(|m| matches(&got, m)),
+                "seed {seed} ({mode:?}, rot {rotted:?}): recovered state is not a prefix at or after the last flush \
+                 ({} states since it, recovery {report:?})",
+                history.len()
             );
-            if let Some(m) = m {
-                for b in 0..(d.len().min(m.len()) / 4096) {
-                    if d[b * 4096..(b + 1) * 4096] != m[b * 4096..(b + 1) * 4096] {
-                        let first = (0..4096)
-                            .find(|&i| d[b * 4096 + i] != m[b * 4096 + i])
-                            .unwrap();
-                        eprintln!(
-                            "  block {b} differs from byte {first}: got {:?} want {:?}",
-                            &d[b * 4096 + first..b * 4096 + first + 4],
-                            &m[b * 4096 + first..b * 4096 + first + 4]
-                        );
-                    }
-                }
-            }
+            pool
         }
-        eprintln!("model vols {:?}", model.keys().collect::<Vec<_>>());
-    }
-    assert!(
-        history[durable_from..].contains(&got),
-        "seed {seed} ({mode:?}): recovered state is not a prefix at or after the last flush \
-         (history {} states, durable from {durable_from}, recovery {report:?})",
-        history.len()
-    );
+        // Records lost in durable data: refused, then opened by repair.
+        Err(EngineError::Damaged(report)) => {
+            assert!(
+                rotted.is_some(),
+                "seed {seed}: damage without rot: {report:?}"
+            );
+            let repair = PoolConfig {
+                repair_damaged_log: true,
+                ..config()
+            };
+            let (pool, report) = Pool::open(Arc::new(sim.handle()), repair)
+                .unwrap_or_else(|e| panic!("seed {seed}: repair failed: {e}"));
+            assert!(report.repaired, "{report:?}");
+            tally.repaired += 1;
+            pool.self_check();
+            pool
+        }
+        Err(e) => panic!("seed {seed} (rot {rotted:?}): reopen failed: {e}"),
+    };
     // And the pool keeps working.
     if let Some(v) = pool.list_volumes().first() {
         let vol = pool.volume(&v.name).unwrap();
@@ -326,21 +521,45 @@ fn crash_run(seed: u64, mode: SimCrashMode) {
     }
 }
 
-#[test]
-fn crash_drop_unsynced_many_seeds() {
-    let seeds = std::env::var("CRASH_SEED")
+/// Seeds from `CRASH_SEED` (one) or `first..first + CRASH_SEEDS` (default
+/// `count`).
+fn seeds(first: u64, count: u64) -> std::ops::Range<u64> {
+    if let Some(s) = std::env::var("CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .map(|s: u64| s..s + 1)
-        .unwrap_or(0..300);
+    {
+        return s..s + 1;
+    }
+    let n = std::env::var("CRASH_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(count);
+    first..first + n
+}
+
+fn run_seeds(seeds: std::ops::Range<u64>, mode: SimCrashMode) {
+    let n = seeds.end - seeds.start;
+    let mut tally = Tally::default();
     for seed in seeds {
-        crash_run(seed, SimCrashMode::DropUnsynced);
+        crash_run(seed, mode, &mut tally);
+    }
+    eprintln!("{mode:?}, {n} seeds: {tally:?}");
+    if n >= 500 {
+        // The seeds must have gone where they were meant to: otherwise a
+        // change in the workload would quietly stop testing a path.
+        assert!(tally.enospc > n / 10, "{tally:?}");
+        assert!(tally.damage_reported > n / 50, "{tally:?}");
+        assert!(tally.repaired > 0, "{tally:?}");
+        assert!(tally.checkpoint_fallbacks > 0, "{tally:?}");
     }
 }
 
 #[test]
+fn crash_drop_unsynced_many_seeds() {
+    run_seeds(seeds(0, 1000), SimCrashMode::DropUnsynced);
+}
+
+#[test]
 fn crash_random_torn_subset_many_seeds() {
-    for seed in 1000..1300 {
-        crash_run(seed, SimCrashMode::RandomSubset);
-    }
+    run_seeds(seeds(100_000, 1000), SimCrashMode::RandomSubset);
 }

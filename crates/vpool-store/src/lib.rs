@@ -138,4 +138,26 @@ pub trait SegmentStore: Send + Sync {
     fn seal_after(&self) -> Option<std::time::Duration> {
         None
     }
+    /// Bytes the store holds back now for the pool's own use on a full
+    /// device (see [`SegmentStore::restore_reserve`]); 0 if it keeps none.
+    fn reserve_bytes(&self) -> u64 {
+        0
+    }
+    /// Gives the reserve back to the device so that the cleaner, deletes
+    /// and trims can write on a full device. Returns the bytes released.
+    fn release_reserve(&self) -> Result<u64> {
+        Ok(0)
+    }
+    /// Holds back `bytes` of the device (grows or shrinks the reserve to
+    /// it), so that a full device still has room for the pool to free
+    /// space. Fails with [`StoreError::NoSpace`] if the device cannot spare
+    /// them now.
+    fn restore_reserve(&self, _bytes: u64) -> Result<()> {
+        Ok(())
+    }
+    /// Makes the effect of earlier [`SegmentStore::delete_segment`] calls
+    /// durable, so that a deleted segment cannot come back after a crash.
+    fn sync_deletions(&self) -> Result<()> {
+        Ok(())
+    }
 }

@@ -4,7 +4,19 @@
 //! <pool>/LOCK                 flock(2) held by the one process that owns the pool
 //! <pool>/segments/<id>.seg    one file a segment, named by its 16-hex-digit id
 //! <pool>/meta/<name>          metadata blobs, replaced by write-temp + fsync + rename + fsync(dir)
+//! <pool>/reserve              space held back for the pool itself (see below)
 //! ```
+//!
+//! The directory and everything in it is private to the owner (0700 and
+//! 0600): volume names and data are nobody else's business.
+//!
+//! # The reserve
+//! A full device must not wedge the pool: deleting a volume or trimming
+//! writes a small record, and the cleaner needs room to copy live data out
+//! of mostly-dead segments before it can delete them. So the store keeps
+//! `reserve`, a file of allocated blocks (`fallocate`), that the engine
+//! releases when it first meets ENOSPC and takes back once space has
+//! returned ([`SegmentStore::release_reserve`]).
 //!
 //! Assumptions about the media (the same as redb's and SQLite's): `fdatasync`
 //! returning means the file's data and size are durable; `rename` is atomic;
@@ -20,11 +32,13 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// At most this many segment files are kept open for reads; the rest are
 /// reopened on demand. Bounds file descriptors whatever the pool's size.
 const MAX_OPEN_SEGMENT_FILES: usize = 256;
+/// The file that holds the reserve, in the pool directory.
+const RESERVE_FILE: &str = "reserve";
 
 pub struct LocalDirStore {
     root: PathBuf,
@@ -33,6 +47,8 @@ pub struct LocalDirStore {
     /// Held for the life of the store: the flock on `LOCK`.
     _lock_file: File,
     read_files: Mutex<HashMap<SegmentId, Arc<File>>>,
+    /// Bytes allocated to the reserve file now.
+    reserve_bytes: AtomicU64,
 }
 
 impl LocalDirStore {
@@ -46,6 +62,7 @@ impl LocalDirStore {
         for dir in [&root, &segments_dir, &meta_dir] {
             fs::create_dir_all(dir)
                 .map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
+            make_private(dir, 0o700)?;
         }
         let lock_path = root.join("LOCK");
         let lock_file = OpenOptions::new()
@@ -53,6 +70,7 @@ impl LocalDirStore {
             .truncate(false)
             .read(true)
             .write(true)
+            .mode(0o600)
             .open(&lock_path)
             .map_err(|e| StoreError::io(format!("opening {}", lock_path.display()), e))?;
         // SAFETY: flock on a valid, owned descriptor.
@@ -70,12 +88,14 @@ impl LocalDirStore {
         let _ = lock_file.set_len(0);
         let _ = lock_file.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0);
         sync_dir(&root)?;
+        let reserve_bytes = fs::metadata(root.join(RESERVE_FILE)).map_or(0, |m| m.len());
         Ok(LocalDirStore {
             root,
             segments_dir,
             meta_dir,
             _lock_file: lock_file,
             read_files: Mutex::new(HashMap::new()),
+            reserve_bytes: AtomicU64::new(reserve_bytes),
         })
     }
 
@@ -132,6 +152,40 @@ impl LocalDirStore {
         }
         files.insert(id, file.clone());
         Ok(file)
+    }
+}
+
+/// Sets `path`'s mode to `mode` unless it is already that (a pool made by
+/// an older version was world-readable).
+fn make_private(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta =
+        fs::metadata(path).map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?;
+    if meta.permissions().mode() & 0o777 != mode {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .map_err(|e| StoreError::io(format!("chmod {}", path.display()), e))?;
+    }
+    Ok(())
+}
+
+/// Allocates `len` bytes to `file` (it grows to that size). A filesystem
+/// without `fallocate` gets zeros written instead.
+fn allocate(file: &File, len: u64) -> std::io::Result<()> {
+    use rustix::fs::{FallocateFlags, fallocate};
+    match fallocate(file, FallocateFlags::empty(), 0, len) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::OPNOTSUPP) => {
+            const CHUNK: u64 = 1 << 20;
+            let zeros = vec![0u8; CHUNK as usize];
+            let mut at = file.metadata()?.len();
+            while at < len {
+                let n = (len - at).min(CHUNK);
+                file.write_all_at(&zeros[..n as usize], at)?;
+                at += n;
+            }
+            file.sync_data()
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -324,7 +378,12 @@ impl SegmentStore for LocalDirStore {
         let path = self.meta_dir.join(name);
         let tmp = self.meta_dir.join(format!(".{name}.tmp"));
         {
-            let f = File::create(&tmp)
+            let f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
                 .map_err(|e| StoreError::io(format!("creating {}", tmp.display()), e))?;
             f.write_all_at(data, 0)
                 .map_err(|e| StoreError::io(format!("writing {}", tmp.display()), e))?;
@@ -354,5 +413,54 @@ impl SegmentStore for LocalDirStore {
             return None;
         }
         Some(st.f_bavail as u64 * st.f_frsize as u64)
+    }
+
+    fn reserve_bytes(&self) -> u64 {
+        self.reserve_bytes.load(Ordering::Acquire)
+    }
+
+    fn release_reserve(&self) -> Result<u64> {
+        let path = self.root.join(RESERVE_FILE);
+        let held = self.reserve_bytes.swap(0, Ordering::AcqRel);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(held),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(StoreError::io(format!("deleting {}", path.display()), e)),
+        }
+    }
+
+    fn restore_reserve(&self, bytes: u64) -> Result<()> {
+        let path = self.root.join(RESERVE_FILE);
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| StoreError::io(format!("opening {}", path.display()), e))?;
+        let had = file
+            .metadata()
+            .map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?
+            .len();
+        let result = if bytes < had {
+            file.set_len(bytes)
+        } else {
+            allocate(&file, bytes)
+        };
+        if let Err(e) = result {
+            // A failed fallocate may leave part of the range allocated:
+            // give it back, the device is short of space as it is.
+            let _ = file.set_len(had);
+            return Err(StoreError::io(
+                format!("reserving {bytes} bytes in {}", path.display()),
+                e,
+            ));
+        }
+        self.reserve_bytes.store(bytes, Ordering::Release);
+        Ok(())
+    }
+
+    fn sync_deletions(&self) -> Result<()> {
+        sync_dir(&self.segments_dir)
     }
 }

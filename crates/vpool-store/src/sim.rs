@@ -41,11 +41,18 @@ struct SimState {
     meta: BTreeMap<String, Vec<u8>>,
     /// Fail every append with ENOSPC while set.
     full: bool,
+    /// Bytes the device holds, if limited: segments, metadata blobs and the
+    /// reserve count against it, and writes past it fail with ENOSPC.
+    capacity_bytes: Option<u64>,
+    /// The store's reserve ([`SegmentStore::restore_reserve`]).
+    reserve_bytes: u64,
     /// Fail every operation while set (the device is gone).
     down: bool,
     syncs: u64,
     /// Crash when this many more operations have been attempted.
     crash_in_ops: Option<(u64, SimCrashMode, u64)>,
+    /// Operations do not count towards the armed crash while set.
+    countdown_paused: bool,
 }
 
 /// See the module documentation.
@@ -79,10 +86,19 @@ impl SimStore {
         self.state.lock().crash_in_ops = Some((ops, mode, seed));
     }
 
+    /// While `paused`, operations do not count towards an armed crash (a
+    /// test inspecting the pool mid-run).
+    pub fn pause_crash_countdown(&self, paused: bool) {
+        self.state.lock().countdown_paused = paused;
+    }
+
     /// Counts one operation towards an armed crash; fails if it fires.
     fn tick(&self) -> Result<()> {
         let fire = {
             let mut st = self.state.lock();
+            if st.countdown_paused {
+                return Ok(());
+            }
             match &mut st.crash_in_ops {
                 Some((0, mode, seed)) => {
                     let r = (*mode, *seed);
@@ -157,6 +173,33 @@ impl SimStore {
         self.state.lock().full = full;
     }
 
+    /// Limits the device to `bytes` (`None`: unlimited). Takes effect for
+    /// the next write; what is stored already stays.
+    pub fn set_capacity(&self, bytes: Option<u64>) {
+        self.state.lock().capacity_bytes = bytes;
+    }
+
+    /// Bytes the device holds now: segments, metadata blobs, the reserve.
+    pub fn used_bytes(&self) -> u64 {
+        self.state.lock().used_bytes()
+    }
+
+    /// Every segment's id and current (live) bytes, in id order.
+    pub fn segment_images(&self) -> Vec<(SegmentId, Vec<u8>)> {
+        let st = self.state.lock();
+        st.segments
+            .iter()
+            .map(|(id, s)| (*id, s.live.clone()))
+            .collect()
+    }
+
+    /// Flips one bit of metadata blob `name` (corruption tests).
+    pub fn corrupt_meta(&self, name: &str, offset: usize) {
+        let mut st = self.state.lock();
+        let blob = st.meta.get_mut(name).expect("blob exists");
+        blob[offset] ^= 0x10;
+    }
+
     /// While set, every operation fails with an I/O error.
     pub fn set_down(&self, down: bool) {
         self.state.lock().down = down;
@@ -184,6 +227,24 @@ impl SimStore {
         }
         Ok(())
     }
+}
+
+impl SimState {
+    fn used_bytes(&self) -> u64 {
+        let segs: u64 = self.segments.values().map(|s| s.live.len() as u64).sum();
+        let meta: u64 = self.meta.values().map(|m| m.len() as u64).sum();
+        segs + meta + self.reserve_bytes
+    }
+
+    /// Bytes that may still be added, if the device is limited.
+    fn room_bytes(&self) -> Option<u64> {
+        self.capacity_bytes
+            .map(|c| c.saturating_sub(self.used_bytes()))
+    }
+}
+
+fn no_space(context: String) -> StoreError {
+    StoreError::io(context, std::io::Error::from_raw_os_error(libc::ENOSPC))
 }
 
 fn write_into(image: &mut Vec<u8>, off: u64, data: &[u8]) {
@@ -220,17 +281,25 @@ impl OpenSegment for SimOpenSegment {
             return Err(down_error());
         }
         if st.full {
-            return Err(StoreError::io(
-                format!("appending to {}", self.id),
-                std::io::Error::from_raw_os_error(libc::ENOSPC),
-            ));
+            return Err(no_space(format!("appending to {}", self.id)));
         }
+        let room = st.room_bytes();
         let seg = st.segments.get_mut(&self.id).ok_or(StoreError::NotFound {
             what: format!("segment {}", self.id),
         })?;
-        let data: Vec<u8> = bufs.concat();
+        let mut data: Vec<u8> = bufs.concat();
+        let grows_by = (offset + data.len() as u64).saturating_sub(seg.live.len() as u64);
+        let short = room.is_some_and(|r| grows_by > r);
+        if short {
+            // As a real file system does: what fits is written, then ENOSPC.
+            let fits = room.unwrap_or(0) + (seg.live.len() as u64).saturating_sub(offset);
+            data.truncate(fits.min(data.len() as u64) as usize);
+        }
         write_into(&mut seg.live, offset, &data);
         seg.pending.push((offset, data));
+        if short {
+            return Err(no_space(format!("appending to {}", self.id)));
+        }
         Ok(())
     }
 
@@ -340,6 +409,10 @@ impl SegmentStore for SimStore {
         if st.down {
             return Err(down_error());
         }
+        // The new copy is written beside the old one before it replaces it.
+        if st.room_bytes().is_some_and(|r| (data.len() as u64) > r) {
+            return Err(no_space(format!("writing metadata {name}")));
+        }
         st.meta.insert(name.to_string(), data.to_vec());
         Ok(())
     }
@@ -351,5 +424,31 @@ impl SegmentStore for SimStore {
             return Err(down_error());
         }
         Ok(st.meta.get(name).cloned())
+    }
+
+    fn free_bytes(&self) -> Option<u64> {
+        self.state.lock().room_bytes()
+    }
+
+    fn reserve_bytes(&self) -> u64 {
+        self.state.lock().reserve_bytes
+    }
+
+    fn release_reserve(&self) -> Result<u64> {
+        self.check_bound()?;
+        let mut st = self.state.lock();
+        Ok(std::mem::take(&mut st.reserve_bytes))
+    }
+
+    fn restore_reserve(&self, bytes: u64) -> Result<()> {
+        self.check_bound()?;
+        let mut st = self.state.lock();
+        let had = st.reserve_bytes;
+        let room = st.room_bytes().map(|r| r + had);
+        if room.is_some_and(|r| bytes > r) {
+            return Err(no_space(format!("reserving {bytes} bytes")));
+        }
+        st.reserve_bytes = bytes;
+        Ok(())
     }
 }

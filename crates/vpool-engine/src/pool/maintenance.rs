@@ -1,0 +1,650 @@
+//! Background work: syncs and durable marks, checkpoints, the cleaner, and
+//! the way out of a full device.
+//!
+//! # Durable marks
+//! After it has synced the log, the maintenance thread appends a
+//! [`RecordKind::Mark`] naming the position up to which the log is known
+//! durable, and syncs again. Recovery trusts every byte before the last
+//! mark it finds: a bad record there is corruption to report, not a torn
+//! tail to cut (see `recovery`). A mark is due when a segment has been
+//! sealed, or when records were appended and the last mark is older than
+//! [`PoolConfig::durable_mark_interval`].
+//!
+//! # Checkpoints
+//! A checkpoint goes to the older of the two slots ([`CHECKPOINT_SLOTS`]).
+//! A segment emptied by the cleaner is deleted only once two checkpoints
+//! have been captured after its data was relocated: then neither copy
+//! refers to it, and neither replays through it, so recovery can fall back
+//! on either copy.
+//!
+//! # A full device
+//! The first ENOSPC puts the pool in its *full* state: the store's reserve
+//! is released, data writes fail at once with [`EngineError::PoolFull`],
+//! and deletes, trims, snapshots and the cleaner go on (they write little,
+//! from the reserve). The maintenance thread then cleans one segment at a
+//! time regardless of the garbage threshold, and once the device has room
+//! for the reserve twice over it takes the reserve back and lets writes in.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use vpool_store::SegmentId;
+
+use super::{
+    Checkpoint, CleanReport, LogPosition, LogSeg, Pool, SegInfo, SnapshotCheckpoint, State, Victim,
+    VolumeCheckpoint, record_data_loc,
+};
+use crate::checkpoint::CHECKPOINT_SLOTS;
+use crate::error::{EngineError, Result};
+use crate::extent_map::Target;
+use crate::record::{self, CRC_LEN, RecordHeader, RecordKind, SEGMENT_HEADER_LEN, Scanned};
+use crate::types::{BLOCK_SIZE, VolumeId};
+
+/// Checkpoints captured after a relocation before its victim is deleted.
+const CHECKPOINTS_BEFORE_DELETE: u32 = 2;
+/// An emptied segment waits at most about this long for the checkpoints
+/// that delete it, however little the log grows.
+const VICTIM_MAX_WAIT: Duration = Duration::from_secs(30);
+
+impl Pool {
+    /// Writes a checkpoint: recovery will start from the current end of log.
+    pub fn checkpoint(&self) -> Result<()> {
+        let _m = self.inner.maintenance_lock.lock();
+        self.checkpoint_locked().map(|_| ())
+    }
+
+    /// Writes a checkpoint to the older slot, then deletes the segments the
+    /// cleaner emptied that two checkpoints no longer need. Returns
+    /// (segments deleted, bytes freed).
+    pub(super) fn checkpoint_locked(&self) -> Result<(u64, u64)> {
+        // Victims relocated before the capture below: this checkpoint no
+        // longer refers to them and its replay starts after them.
+        let before: Vec<SegmentId> = self
+            .inner
+            .relocated_victims
+            .lock()
+            .iter()
+            .map(|v| v.id)
+            .collect();
+        let (ckpt, log_bytes) = {
+            let mut st = self.inner.state.lock();
+            let c = capture(&st);
+            (c, std::mem::take(&mut st.log_bytes_since_checkpoint))
+        };
+        let slot = *self.inner.next_checkpoint_slot.lock();
+        let encoded = ckpt.encode();
+        // The checkpoint refers to log bytes up to its position: they must be
+        // durable before the checkpoint is.
+        let result = self.flush().and_then(|()| {
+            self.inner
+                .store
+                .put_meta(CHECKPOINT_SLOTS[slot], &encoded)
+                .map_err(EngineError::from)
+        });
+        if let Err(e) = result {
+            self.inner.state.lock().log_bytes_since_checkpoint += log_bytes;
+            if e.is_no_space() {
+                self.enter_full(&e);
+            }
+            return Err(e);
+        }
+        *self.inner.next_checkpoint_slot.lock() = 1 - slot;
+        self.inner
+            .last_checkpoint_bytes
+            .store(encoded.len() as u64, Ordering::Relaxed);
+        self.inner
+            .counters
+            .checkpoints_written
+            .fetch_add(1, Ordering::Relaxed);
+        let due: Vec<Victim> = {
+            let mut victims = self.inner.relocated_victims.lock();
+            for v in victims.iter_mut().filter(|v| before.contains(&v.id)) {
+                v.checkpoints += 1;
+            }
+            victims
+                .iter()
+                .filter(|v| v.checkpoints >= CHECKPOINTS_BEFORE_DELETE)
+                .copied()
+                .collect()
+        };
+        self.delete_victims(&due)
+    }
+
+    /// Deletes emptied segments, waiting for readers that looked up a
+    /// location in one of them.
+    fn delete_victims(&self, due: &[Victim]) -> Result<(u64, u64)> {
+        if due.is_empty() {
+            return Ok((0, 0));
+        }
+        let _gate = self.inner.delete_gate.write();
+        let (mut deleted, mut freed) = (0, 0);
+        for v in due {
+            let s = {
+                let mut st = self.inner.state.lock();
+                st.apply_pending_refs();
+                st.segments.get(&v.id).copied().unwrap_or_default()
+            };
+            // New data only ever goes to the open segment, and a snapshot or
+            // clone taken since the relocation copied maps that no longer
+            // point at the victim: nothing can refer to it now.
+            assert_eq!(s.refs, 0, "victim {} is referenced after relocation", v.id);
+            self.inner.store.delete_segment(v.id)?;
+            self.inner.state.lock().segments.remove(&v.id);
+            self.inner.relocated_victims.lock().retain(|x| x.id != v.id);
+            deleted += 1;
+            freed += s.size_bytes;
+        }
+        self.inner
+            .counters
+            .segments_cleaned
+            .fetch_add(deleted, Ordering::Relaxed);
+        Ok((deleted, freed))
+    }
+
+    /// Stops the maintenance thread, writes a checkpoint, and closes. Writes
+    /// through remaining handles fail afterwards.
+    pub fn close(&self) -> Result<()> {
+        self.stop_maintenance();
+        self.checkpoint()?;
+        self.inner.state.lock().closed = true;
+        Ok(())
+    }
+
+    pub(super) fn stop_maintenance(&self) {
+        self.inner.shutdown.store(true, Ordering::SeqCst);
+        self.wake_maintenance();
+        if let Some(h) = self.maintenance.lock().take() {
+            let _ = h.join();
+        }
+    }
+
+    pub(super) fn wake_maintenance(&self) {
+        *self.inner.wake_lock.lock() = true;
+        self.inner.wake.notify_one();
+    }
+
+    pub(super) fn maintenance_loop(&self) {
+        let period = self.inner.config.maintenance_period;
+        let mut failures = 0u32;
+        while !self.inner.shutdown.load(Ordering::SeqCst) {
+            {
+                let mut woken = self.inner.wake_lock.lock();
+                if !*woken {
+                    self.inner.wake.wait_for(&mut woken, period);
+                }
+                *woken = false;
+            }
+            if self.inner.shutdown.load(Ordering::SeqCst) {
+                break;
+            }
+            match self.maintenance_step() {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    // The same failure repeats every period while it lasts
+                    // (a full device): one line now and then, not a flood.
+                    if failures.is_power_of_two() {
+                        tracing::warn!(error = %e, failures, "background maintenance failed; will retry");
+                    }
+                    std::thread::sleep(backoff(period, failures));
+                }
+            }
+        }
+    }
+
+    /// One round of background work: seal an old open segment, sync and
+    /// mark, clean (harder when the device is full), checkpoint when due.
+    pub fn maintenance_step(&self) -> Result<()> {
+        self.seal_if_old()?;
+        self.sync_and_mark()?;
+        if self.inner.full.load(Ordering::Acquire) {
+            return self.free_space();
+        }
+        // Clean only when garbage is worth it: a pass costs a read of each
+        // victim and a rewrite of its live data.
+        if self.inner.state.lock().space().2 > self.inner.config.clean_when_garbage_above {
+            let _m = self.inner.maintenance_lock.lock();
+            self.relocate_pass(self.inner.config.clean_max_segments_per_pass)?;
+        }
+        // Emptied segments go with the next checkpoints: one is due by log
+        // size, or when a pass's worth of segments waits, or any segment has
+        // waited a while, or the device is short of space.
+        let (waiting, oldest) = {
+            let v = self.inner.relocated_victims.lock();
+            (v.len(), v.iter().map(|v| v.since).min())
+        };
+        let short = || {
+            let want = self.reserve_target_bytes().saturating_mul(4);
+            self.inner.store.free_bytes().is_some_and(|f| f < want)
+        };
+        let due = self.inner.state.lock().log_bytes_since_checkpoint
+            >= self.inner.config.checkpoint_interval_bytes
+            || waiting >= self.inner.config.clean_max_segments_per_pass
+            || oldest.is_some_and(|t| t.elapsed() >= VICTIM_MAX_WAIT)
+            || (waiting > 0 && short());
+        if due {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Seals the open segment if the store wants it shipped by now.
+    fn seal_if_old(&self) -> Result<()> {
+        let Some(age) = self.inner.store.seal_after() else {
+            return Ok(());
+        };
+        let mut st = self.inner.state.lock();
+        let old = st.open_since.is_some_and(|t| t.elapsed() >= age);
+        if st.failed.is_none()
+            && !st.closed
+            && old
+            && let Err(e) = self.roll(&mut st)
+        {
+            if e.is_no_space() {
+                self.enter_full(&e);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Syncs the log and appends a durable mark when one is due (see the
+    /// module doc), then syncs the mark.
+    fn sync_and_mark(&self) -> Result<()> {
+        let due = {
+            let st = self.inner.state.lock();
+            let appended = st.marked_to.is_none_or(|m| m < end_of_log(&st));
+            let sealed = !st.unsynced.is_empty();
+            let interval = self.inner.config.durable_mark_interval;
+            let old = st.last_mark.is_none_or(|t| t.elapsed() >= interval);
+            st.failed.is_none() && !st.closed && appended && (sealed || old)
+        };
+        if !due {
+            return Ok(());
+        }
+        self.flush()?;
+        {
+            let mut st = self.writable_state()?;
+            let covers = durable_position(&st);
+            if st.marked_to.is_some_and(|m| m >= covers) {
+                return Ok(());
+            }
+            let h = mark_header(covers);
+            match self.append_and_apply(&mut st, h, &[]) {
+                Ok(()) => {}
+                // Full: the mark waits until there is room again.
+                Err(e) if e.is_no_space() => return Ok(()),
+                Err(e) => return Err(e),
+            }
+            st.marked_to = Some(end_of_log(&st));
+            st.last_mark = Some(Instant::now());
+        }
+        self.flush()
+    }
+
+    /// Puts the pool in its full state (see the module doc). Idempotent.
+    pub(super) fn enter_full(&self, cause: &EngineError) {
+        if self.inner.full.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let released = self.inner.store.release_reserve();
+        tracing::warn!(error = %cause, released_bytes = ?released.as_ref().ok(),
+            "the pool's device is full: data writes fail with ENOSPC until space is freed; reads, deletes and trims go on, and the cleaner works from the reserve");
+        self.wake_maintenance();
+    }
+
+    /// The way out of the full state: clean one segment, delete what two
+    /// checkpoints allow, and take the reserve back once there is room.
+    fn free_space(&self) -> Result<()> {
+        {
+            let _m = self.inner.maintenance_lock.lock();
+            // One victim a pass: it needs room only for its own live data,
+            // and its deletion frees more than that.
+            self.relocate_pass(1)?;
+            self.checkpoint_until_deleted()?;
+        }
+        self.leave_full_if_room();
+        Ok(())
+    }
+
+    /// Writes the checkpoints that let every waiting victim go. Returns
+    /// (segments deleted, bytes freed). The caller holds the maintenance lock.
+    fn checkpoint_until_deleted(&self) -> Result<(u64, u64)> {
+        let (mut deleted, mut freed) = (0, 0);
+        for _ in 0..CHECKPOINTS_BEFORE_DELETE {
+            if self.inner.relocated_victims.lock().is_empty() {
+                break;
+            }
+            let (d, f) = self.checkpoint_locked()?;
+            deleted += d;
+            freed += f;
+        }
+        Ok((deleted, freed))
+    }
+
+    /// Takes the reserve back and lets data writes in, if the device has
+    /// room for the reserve twice over.
+    fn leave_full_if_room(&self) {
+        let want = self.reserve_target_bytes();
+        if self
+            .inner
+            .store
+            .free_bytes()
+            .is_some_and(|f| f < want.saturating_mul(2))
+        {
+            return;
+        }
+        if self.inner.store.restore_reserve(want).is_ok() {
+            self.inner.full.store(false, Ordering::Release);
+            tracing::info!(
+                reserve_bytes = want,
+                "the pool's device has room again: data writes are accepted"
+            );
+        }
+    }
+
+    /// Grows the reserve to its target when the device can spare it.
+    pub(super) fn restore_reserve(&self) {
+        let want = self.reserve_target_bytes();
+        if self.inner.store.reserve_bytes() >= want {
+            return;
+        }
+        if let Err(e) = self.inner.store.restore_reserve(want) {
+            tracing::warn!(error = %e, reserve_bytes = want,
+                "could not reserve space for the cleaner; a full device may need space freed by hand");
+        }
+    }
+
+    /// What the cleaner may need on a full device: room to copy a victim's
+    /// live data (two segments) and to write a checkpoint next to the old
+    /// copies (twice its size).
+    pub(super) fn reserve_target_bytes(&self) -> u64 {
+        let ckpt = self.inner.last_checkpoint_bytes.load(Ordering::Relaxed);
+        2 * self.inner.config.segment_target_bytes + 2 * ckpt
+    }
+
+    /// One cleaner pass, to the end: picks sealed segments whose live
+    /// fraction is below the configured threshold, copies their live blocks
+    /// to the head of the log, and checkpoints until they are deleted
+    /// (with any segments emptied by earlier background passes).
+    pub fn clean(&self) -> Result<CleanReport> {
+        let _m = self.inner.maintenance_lock.lock();
+        let relocated = self.relocate_pass(self.inner.config.clean_max_segments_per_pass)?;
+        let (segments_deleted, bytes_freed) = self.checkpoint_until_deleted()?;
+        let report = CleanReport {
+            bytes_relocated: relocated,
+            segments_deleted,
+            bytes_freed,
+        };
+        tracing::debug!(?report, "cleaner pass");
+        Ok(report)
+    }
+
+    /// Picks up to `max` victims and relocates their live data; they are
+    /// deleted by later checkpoints. Returns the bytes relocated. The
+    /// caller holds the maintenance lock.
+    fn relocate_pass(&self, max: usize) -> Result<u64> {
+        let victims = self.pick_victims(max);
+        let mut relocated = 0;
+        for (id, info) in victims {
+            if info.refs > 0 {
+                match self.relocate_live(id, info.size_bytes)? {
+                    Some(n) => relocated += n,
+                    None => continue,
+                }
+            }
+            self.inner.relocated_victims.lock().push(Victim {
+                id,
+                checkpoints: 0,
+                since: Instant::now(),
+            });
+        }
+        self.inner
+            .counters
+            .bytes_relocated
+            .fetch_add(relocated, Ordering::Relaxed);
+        Ok(relocated)
+    }
+
+    /// Sealed, synced segments whose live fraction is under the threshold,
+    /// emptiest first, leaving out damaged ones and those already waiting.
+    fn pick_victims(&self, max: usize) -> Vec<(SegmentId, SegInfo)> {
+        let waiting: Vec<SegmentId> = self
+            .inner
+            .relocated_victims
+            .lock()
+            .iter()
+            .map(|v| v.id)
+            .collect();
+        let damaged = self.inner.damage.lock().segments.clone();
+        let mut st = self.inner.state.lock();
+        st.apply_pending_refs();
+        let open = st.open.id();
+        let unsynced: Vec<SegmentId> = st.unsynced.iter().map(|s| s.id()).collect();
+        let threshold = self.inner.config.clean_below_live_fraction;
+        let mut v: Vec<(SegmentId, SegInfo, f64)> = st
+            .segments
+            .iter()
+            .filter(|(id, _)| {
+                **id < open
+                    && !unsynced.contains(id)
+                    && !waiting.contains(id)
+                    && !damaged.contains(id)
+            })
+            .map(|(&id, &s)| {
+                // Shared blocks count once per map: sharing makes a
+                // segment look fuller than it is, never emptier.
+                let live = (s.refs.max(0) as u64 * BLOCK_SIZE) as f64 / s.size_bytes.max(1) as f64;
+                (id, s, live)
+            })
+            .filter(|(_, _, live)| *live < threshold)
+            .collect();
+        v.sort_by(|a, b| a.2.total_cmp(&b.2));
+        v.truncate(max);
+        v.into_iter().map(|(id, s, _)| (id, s)).collect()
+    }
+
+    /// Copies the blocks of segment `id` that any map (volume or snapshot)
+    /// still points at to new `Relocate` records, which repoint every such
+    /// map. Returns the bytes copied, or `None` if the segment is damaged
+    /// where it is live: it is then left alone (and remembered), since the
+    /// engine never writes a record that does not verify.
+    fn relocate_live(&self, id: SegmentId, size_bytes: u64) -> Result<Option<u64>> {
+        let mut image = vec![0u8; usize::try_from(size_bytes).expect("segment fits memory")];
+        self.inner.store.read_at(id, 0, &mut image)?;
+        let Some(records) = self.live_records(id, &image) else {
+            return Ok(None);
+        };
+        let mut copied = 0u64;
+        for (off, h) in records {
+            let here = record_data_loc(id, off as u64, h.nblocks);
+            let mut st = self.writable_state()?;
+            let live = live_blocks(&mut st, &h, here);
+            let mut i = 0;
+            while i < live.len() {
+                if !live[i] {
+                    i += 1;
+                    continue;
+                }
+                let run = live[i..].iter().take_while(|&&l| l).count();
+                let (crcs, data) = run_bytes(&image, here, i, run);
+                let nh = relocate_header(id, &h, here.advance(i as u64), i, run, crcs);
+                self.append_and_apply(&mut st, nh, &[crcs, data])?;
+                copied += (run as u64) * BLOCK_SIZE;
+                i += run;
+            }
+        }
+        Ok(Some(copied))
+    }
+
+    /// The write and relocate records of a sealed segment image, or `None`
+    /// (after remembering the segment as damaged) if one that maps still
+    /// point into cannot be read whole.
+    fn live_records(&self, id: SegmentId, image: &[u8]) -> Option<Vec<(usize, RecordHeader)>> {
+        let mut out = Vec::new();
+        let mut off = SEGMENT_HEADER_LEN as usize;
+        while let Some(found) = record::scan_record(image, off) {
+            match found {
+                Scanned::Record { header, .. } => {
+                    if matches!(header.kind, RecordKind::Write | RecordKind::Relocate) {
+                        out.push((off, header));
+                    }
+                    off += header.record_len() as usize;
+                }
+                Scanned::Damaged { header, error, .. } => {
+                    let here = record_data_loc(id, off as u64, header.nblocks);
+                    let data = matches!(header.kind, RecordKind::Write | RecordKind::Relocate);
+                    let mut st = self.inner.state.lock();
+                    if data && live_blocks(&mut st, &header, here).contains(&true) {
+                        drop(st);
+                        self.note_damaged_segment(id, off, &error.to_string());
+                        return None;
+                    }
+                    off += header.record_len() as usize;
+                }
+                Scanned::Broken { error } => {
+                    self.note_damaged_segment(id, off, &error.to_string());
+                    return None;
+                }
+            }
+        }
+        Some(out)
+    }
+
+    fn note_damaged_segment(&self, id: SegmentId, off: usize, why: &str) {
+        if self.inner.damage.lock().segments.insert(id) {
+            tracing::error!(segment = %id, offset = off, error = why,
+                "the cleaner found damage in a sealed segment; it keeps the segment (reads of damaged blocks fail) and cleans around it");
+        }
+    }
+}
+
+/// The end of the log: the open segment's length.
+fn end_of_log(st: &State) -> LogPosition {
+    LogPosition {
+        seg: st.open.id(),
+        offset: st.open.appended.load(Ordering::Acquire),
+    }
+}
+
+/// How far the log is known durable: every segment before the first one
+/// with unsynced bytes is synced whole (flushes go in log order).
+fn durable_position(st: &State) -> LogPosition {
+    let first: &Arc<LogSeg> = st
+        .unsynced
+        .iter()
+        .find(|s| !s.is_synced())
+        .unwrap_or(&st.open);
+    LogPosition {
+        seg: first.id(),
+        offset: first.synced.load(Ordering::Acquire),
+    }
+}
+
+fn mark_header(covers: LogPosition) -> RecordHeader {
+    RecordHeader {
+        kind: RecordKind::Mark,
+        seq: 0,
+        volume: VolumeId(0),
+        block: 0,
+        nblocks: 0,
+        payload_len: 0,
+        arg: covers.seg.0,
+        payload_crc: crc32c::crc32c(&[]),
+        arg2: u32::try_from(covers.offset).expect("segment under 4 GiB"),
+        arg3: 0,
+    }
+}
+
+/// The pool's state as a checkpoint: O(volumes + snapshots) under the
+/// lock, since maps are persistent (a clone is O(1)).
+fn capture(st: &State) -> Checkpoint {
+    let volumes = st
+        .volumes
+        .iter()
+        .map(|(&id, v)| VolumeCheckpoint {
+            id,
+            name: v.name.clone(),
+            size_bytes: v.size_bytes,
+            map: v.map.clone(),
+            parent: v.parent.clone(),
+            ephemeral: v.ephemeral,
+            snapshots: v
+                .snapshots
+                .iter()
+                .map(|(name, s)| SnapshotCheckpoint {
+                    name: name.clone(),
+                    size_bytes: s.size_bytes,
+                    seq: s.seq,
+                    map: s.map.clone(),
+                })
+                .collect(),
+        })
+        .collect();
+    Checkpoint {
+        position: end_of_log(st),
+        next_seq: st.next_seq,
+        next_volume_id: st.next_volume_id,
+        next_segment_id: st.next_segment_id,
+        volumes,
+    }
+}
+
+/// Which of a record's blocks any map (volume or snapshot) points at.
+fn live_blocks(st: &mut State, h: &RecordHeader, here: super::DataLoc) -> Vec<bool> {
+    st.apply_pending_refs();
+    let n = h.nblocks as usize;
+    let mut live = vec![false; n];
+    for vol in st.volumes.values() {
+        let maps = std::iter::once(&vol.map).chain(vol.snapshots.values().map(|s| &s.map));
+        for map in maps {
+            for p in map.lookup(h.block, n as u64) {
+                if let Some(Target::Data(d)) = p.target {
+                    let k = p.start_block - h.block;
+                    if d == here.advance(k) {
+                        live[k as usize..(k + p.len_blocks) as usize].fill(true);
+                    }
+                }
+            }
+        }
+    }
+    live
+}
+
+/// The checksums and data of `run` blocks from block `i` of a record.
+fn run_bytes(image: &[u8], here: super::DataLoc, i: usize, run: usize) -> (&[u8], &[u8]) {
+    let crcs = &image[here.crc_off as usize + i * CRC_LEN..][..run * CRC_LEN];
+    let bs = BLOCK_SIZE as usize;
+    let data = &image[here.data_off as usize + i * bs..][..run * bs];
+    (crcs, data)
+}
+
+fn relocate_header(
+    id: SegmentId,
+    h: &RecordHeader,
+    old: super::DataLoc,
+    i: usize,
+    run: usize,
+    crcs: &[u8],
+) -> RecordHeader {
+    RecordHeader {
+        kind: RecordKind::Relocate,
+        seq: 0,
+        volume: h.volume,
+        block: h.block + i as u64,
+        nblocks: run as u32,
+        payload_len: record::write_payload_len(run as u32) as u32,
+        arg: id.0,
+        payload_crc: crc32c::crc32c(crcs),
+        arg2: old.data_off,
+        arg3: old.crc_off,
+    }
+}
+
+/// Pause after the `failures`-th failure in a row: the period, doubling,
+/// at most a minute.
+fn backoff(period: Duration, failures: u32) -> Duration {
+    let factor = 1u32 << failures.min(8).saturating_sub(1);
+    (period * factor).min(Duration::from_secs(60))
+}
