@@ -9,6 +9,12 @@
 //!   they survive restarts and crashes and travel with the pool. Writes to a
 //!   sealed volume are refused: over the API with `409 read_only`, over NBD
 //!   by exporting it read-only (`EPERM`).
+//! - **Imports in progress** (persisted, in the same blob): a volume whose
+//!   content an import (or an incremental import) is replacing is marked
+//!   before the first byte is written and unmarked after the last one is
+//!   flushed, so a volume half-imported when the daemon or the CLI died is
+//!   shown as incomplete, and NBD refuses to serve it, instead of passing
+//!   for a whole disk.
 //! - **Users** (in memory): per volume id, how many NBD connections have it
 //!   open for writing or reading, and how many API requests are changing it
 //!   right now. Rollback is refused while NBD writers are connected, sealing
@@ -79,6 +85,9 @@ impl TemplateRecord {
 struct TemplatesFile {
     version: u32,
     templates: BTreeMap<String, TemplateRecord>,
+    /// Volumes an import is writing into (name: volume id).
+    #[serde(default)]
+    importing: BTreeMap<String, u64>,
 }
 
 /// How an NBD connection holds a volume.
@@ -109,6 +118,7 @@ impl Users {
 #[derive(Default)]
 struct Inner {
     templates: BTreeMap<String, TemplateRecord>,
+    importing: BTreeMap<String, u64>,
     users: HashMap<u64, Users>,
 }
 
@@ -163,8 +173,8 @@ impl Catalog {
     /// Loads the template records from the pool's store; they are saved
     /// back there on every change.
     pub fn open(store: Arc<dyn SegmentStore>) -> Result<Catalog, CatalogError> {
-        let templates = match store.get_meta(TEMPLATES_META_NAME)? {
-            None => BTreeMap::new(),
+        let (templates, importing) = match store.get_meta(TEMPLATES_META_NAME)? {
+            None => (BTreeMap::new(), BTreeMap::new()),
             Some(bytes) => {
                 let f: TemplatesFile = serde_json::from_slice(&bytes)
                     .map_err(|e| CatalogError::Corrupt(e.to_string()))?;
@@ -174,12 +184,13 @@ impl Catalog {
                         f.version
                     )));
                 }
-                f.templates
+                (f.templates, f.importing)
             }
         };
         Ok(Catalog {
             inner: Mutex::new(Inner {
                 templates,
+                importing,
                 users: HashMap::new(),
             }),
             store: Some(store),
@@ -199,6 +210,7 @@ impl Catalog {
         let f = TemplatesFile {
             version: TEMPLATES_VERSION,
             templates: inner.templates.clone(),
+            importing: inner.importing.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&f)
             .map_err(|e| ApiError::internal(format!("encoding the template records: {e}")))?;
@@ -308,8 +320,13 @@ impl Catalog {
     /// was deleted or a seal failed.
     pub fn forget(&self, volume: &str, id: u64) {
         let mut g = self.lock();
-        if g.sealed(volume, id).is_some() {
-            g.templates.remove(volume);
+        let importing = g.importing.get(volume) == Some(&id);
+        if importing {
+            g.importing.remove(volume);
+        }
+        if g.sealed(volume, id).is_some() || importing {
+            g.templates
+                .retain(|n, t| !(n == volume && t.volume_id == id));
             if let Err(e) = self.persist(&g) {
                 // The stale record names a volume id that no longer exists;
                 // the next start drops it.
@@ -349,11 +366,48 @@ impl Catalog {
                 }
             }
         }
+        let marks: Vec<(String, u64)> = self.lock().importing.clone().into_iter().collect();
+        for (name, id) in marks {
+            if pool.volume_info(&name).is_ok_and(|i| i.id.0 == id) {
+                tracing::warn!(volume = %name, "an import into this volume did not finish: it is incomplete until imported again or deleted");
+                continue;
+            }
+            self.lock().importing.remove(&name);
+            changed = true;
+        }
         if changed {
             let g = self.lock();
             self.persist(&g)?;
         }
         Ok(())
+    }
+
+    // ----- imports -----
+
+    /// Marks volume `volume` (id `id`) as being imported into, durably,
+    /// before the import writes anything.
+    pub fn begin_import(&self, volume: &str, id: u64) -> Result<(), ApiError> {
+        let mut g = self.lock();
+        if g.importing.get(volume) == Some(&id) {
+            return Ok(());
+        }
+        g.importing.insert(volume.to_string(), id);
+        self.persist(&g)
+    }
+
+    /// The import into `volume` finished (its data is flushed).
+    pub fn end_import(&self, volume: &str, id: u64) -> Result<(), ApiError> {
+        let mut g = self.lock();
+        if g.importing.get(volume) != Some(&id) {
+            return Ok(());
+        }
+        g.importing.remove(volume);
+        self.persist(&g)
+    }
+
+    /// True if an import into `volume` (id `id`) began and never finished.
+    pub fn import_incomplete(&self, volume: &str, id: u64) -> bool {
+        self.lock().importing.get(volume) == Some(&id)
     }
 
     // ----- users -----

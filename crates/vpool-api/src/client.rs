@@ -18,9 +18,9 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{ErrorBody, ErrorKind};
 use crate::types::{
-    Allocation, CacheInfo, CleanResult, CloneRequest, CreateSnapshotRequest, CreateVolumeRequest,
-    Diff, DiffExtent, PinInfo, PinList, PinRequest, PoolInfo, ResizeVolumeRequest, SnapshotInfo,
-    SnapshotList, VolumeInfo, VolumeList,
+    Allocation, CacheInfo, CheckResult, CleanResult, CloneRequest, CreateSnapshotRequest,
+    CreateVolumeRequest, Diff, DiffExtent, PinInfo, PinList, PinRequest, PoolInfo,
+    ResizeVolumeRequest, SnapshotInfo, SnapshotList, VolumeInfo, VolumeList,
 };
 use crate::{MAX_DATA_BYTES, MAX_JSON_BODY_BYTES};
 
@@ -177,6 +177,13 @@ impl Client {
         self.json_call("GET", "/v1/pool", None::<&()>)
     }
 
+    /// Checks the whole pool (`repair`: trims damaged volume ranges). Reads
+    /// every segment: give the client a timeout to match the pool's size.
+    pub fn pool_check(&self, repair: bool) -> Result<CheckResult, ClientError> {
+        let path = format!("/v1/pool/check?repair={repair}");
+        self.json_call("POST", &path, None::<&()>)
+    }
+
     pub fn flush(&self) -> Result<(), ClientError> {
         self.empty_call("POST", "/v1/flush", &[])
     }
@@ -251,21 +258,38 @@ impl Client {
         self.json_call("GET", &volume_path(name, ""), None::<&()>)
     }
 
+    /// `force`: shrink even while NBD clients write to the volume.
     pub fn resize_volume(
         &self,
         name: &str,
         size_bytes: u64,
         allow_shrink: bool,
+        force: bool,
     ) -> Result<VolumeInfo, ClientError> {
         let req = ResizeVolumeRequest {
             size_bytes,
             allow_shrink,
+            force,
         };
         self.json_call("PATCH", &volume_path(name, ""), Some(&req))
     }
 
-    pub fn delete_volume(&self, name: &str) -> Result<(), ClientError> {
-        self.empty_call("DELETE", &volume_path(name, ""), &[])
+    /// Marks `name` as being imported into (incomplete until
+    /// [`Client::end_import`]). `force`: even under NBD writers.
+    pub fn begin_import(&self, name: &str, force: bool) -> Result<(), ClientError> {
+        let path = format!("{}?force={force}", volume_path(name, "/import"));
+        self.empty_call("POST", &path, &[])
+    }
+
+    /// The import into `name` is done: the daemon flushes and unmarks it.
+    pub fn end_import(&self, name: &str) -> Result<(), ClientError> {
+        self.empty_call("DELETE", &volume_path(name, "/import"), &[])
+    }
+
+    /// `force`: delete even while NBD clients write to the volume.
+    pub fn delete_volume(&self, name: &str, force: bool) -> Result<(), ClientError> {
+        let path = format!("{}?force={force}", volume_path(name, ""));
+        self.empty_call("DELETE", &path, &[])
     }
 
     // ----- snapshots, templates, clones -----
@@ -383,14 +407,24 @@ impl Client {
 
     /// Writes `data` (at most [`MAX_DATA_BYTES`]) at `offset`. Not durable
     /// until [`Client::flush`].
-    pub fn write(&self, name: &str, offset: u64, data: &[u8]) -> Result<(), ClientError> {
+    /// `force`: write even while NBD clients write to the volume.
+    pub fn write(
+        &self,
+        name: &str,
+        offset: u64,
+        data: &[u8],
+        force: bool,
+    ) -> Result<(), ClientError> {
         if data.len() > MAX_DATA_BYTES {
             return Err(ClientError::Invalid(format!(
                 "a write carries at most {MAX_DATA_BYTES} bytes, not {}",
                 data.len()
             )));
         }
-        let path = format!("{}?offset={offset}", volume_path(name, "/data"));
+        let path = format!(
+            "{}?offset={offset}&force={force}",
+            volume_path(name, "/data")
+        );
         self.empty_call("PUT", &path, data)
     }
 
@@ -431,15 +465,17 @@ impl Client {
 
     /// Makes `[offset, offset + length)` read as zeros; with `unmap`, whole
     /// blocks are freed.
+    /// `force`: zero even while NBD clients write to the volume.
     pub fn zero(
         &self,
         name: &str,
         offset: u64,
         length: u64,
         unmap: bool,
+        force: bool,
     ) -> Result<(), ClientError> {
         let path = format!(
-            "{}?offset={offset}&length={length}&unmap={unmap}",
+            "{}?offset={offset}&length={length}&unmap={unmap}&force={force}",
             volume_path(name, "/zero")
         );
         self.empty_call("POST", &path, &[])

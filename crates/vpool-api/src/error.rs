@@ -174,7 +174,9 @@ impl From<EngineError> for ApiError {
             EngineError::Corrupt { .. }
             | EngineError::CorruptMeta { .. }
             | EngineError::Damaged(_) => ErrorKind::Corrupt,
-            EngineError::Failed(_) | EngineError::Closed => ErrorKind::Failed,
+            EngineError::Failed(_) | EngineError::Closed | EngineError::Cancelled(_) => {
+                ErrorKind::Failed
+            }
             EngineError::Store(StoreError::NoSpace { .. }) | EngineError::PoolFull { .. } => {
                 ErrorKind::NoSpace
             }

@@ -33,10 +33,10 @@ use crate::cache::CacheControl;
 use crate::catalog::{Catalog, TEMPLATE_SNAPSHOT, read_only_template};
 use crate::error::{ApiError, ErrorKind};
 use crate::types::{
-    Allocation, AllocationExtent, CacheInfo, CleanResult, CloneRequest, CreateSnapshotRequest,
-    CreateVolumeRequest, Diff, DiffExtent, DiffQuery, PinList, PinRequest, PoolInfo, RangeQuery,
-    ResizeVolumeRequest, RollbackQuery, SnapshotInfo, SnapshotList, VolumeInfo, VolumeList,
-    WriteQuery, ZeroQuery,
+    Allocation, AllocationExtent, CacheInfo, CheckQuery, CheckResult, CleanResult, CloneRequest,
+    CreateSnapshotRequest, CreateVolumeRequest, Diff, DiffExtent, DiffQuery, ForceQuery, PinList,
+    PinRequest, PoolInfo, RangeQuery, ResizeVolumeRequest, RollbackQuery, SnapshotInfo,
+    SnapshotList, VolumeInfo, VolumeList, WriteQuery, ZeroQuery,
 };
 use crate::{
     MAX_ALLOCATION_EXTENTS, MAX_ALLOCATION_SPAN_BYTES, MAX_DATA_BYTES, MAX_DIFF_EXTENTS,
@@ -186,6 +186,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/pool", get(pool_info))
         .route("/v1/pool/clean", post(pool_clean))
         .route("/v1/pool/checkpoint", post(pool_checkpoint))
+        .route("/v1/pool/check", post(pool_check))
         .route("/v1/flush", post(flush))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route(
@@ -193,6 +194,10 @@ pub fn router(state: ApiState) -> Router {
             get(volume_info).patch(resize_volume).delete(delete_volume),
         )
         .route("/v1/volumes/{name}/zero", post(zero_range))
+        .route(
+            "/v1/volumes/{name}/import",
+            post(begin_import).delete(end_import),
+        )
         .route("/v1/volumes/{name}/allocation", get(allocation))
         .route(
             "/v1/volumes/{name}/snapshots",
@@ -404,6 +409,18 @@ async fn pool_clean(State(s): State<ApiState>) -> Result<Json<CleanResult>, ApiE
     Ok(Json(r.into()))
 }
 
+/// `POST /v1/pool/check`: reads the whole pool; stops if the client
+/// leaves (see [`CancelOnDrop`]).
+async fn pool_check(
+    State(s): State<ApiState>,
+    ApiQuery(q): ApiQuery<CheckQuery>,
+) -> Result<Json<CheckResult>, ApiError> {
+    let cancel = CancelOnDrop(Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let (pool, flag) = (s.pool.clone(), cancel.0.clone());
+    let r = blocking(move || pool.check(q.repair, &flag)).await?;
+    Ok(Json(r.into()))
+}
+
 async fn pool_checkpoint(State(s): State<ApiState>) -> Result<StatusCode, ApiError> {
     let pool = s.pool.clone();
     blocking(move || pool.checkpoint()).await?;
@@ -501,8 +518,10 @@ impl ApiState {
     /// The API's view of an engine volume: adds what the catalog knows.
     fn view(&self, v: vpool_engine::VolumeInfo) -> VolumeInfo {
         let template = self.catalog.template(&v.name, v.id.0).map(|t| t.info());
+        let incomplete = self.catalog.import_incomplete(&v.name, v.id.0);
         VolumeInfo {
             template,
+            incomplete,
             ..VolumeInfo::from(v)
         }
     }
@@ -516,6 +535,17 @@ impl ApiState {
     ) -> Result<crate::catalog::ApiWriteGuard, ApiError> {
         let id = self.pool.volume_info(name)?.id.0;
         self.catalog.api_write(name, id, what)
+    }
+
+    /// Refuses to change volume `name` under its NBD writers (a running
+    /// VM's disk changing, or going, under it) unless `force`.
+    fn check_no_writers(&self, name: &str, force: bool, what: &str) -> Result<(), ApiError> {
+        let id = self.pool.volume_info(name)?.id.0;
+        let writers = self.catalog.nbd_writers(id);
+        if writers > 0 && !force {
+            return Err(open_for_writing(name, writers, &format!("{what} refused")));
+        }
+        Ok(())
     }
 }
 
@@ -564,20 +594,51 @@ async fn create_volume(
     Ok(created(&info, &loc))
 }
 
+/// Space accounting gives up after this long: the answer then leaves the
+/// exclusive and shared figures out instead of keeping a thread busy.
+const SPACE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Sets its flag when dropped: when the request's future is dropped (the
+/// client left, or the server is shutting down), the blocking work that
+/// watches the flag stops.
+struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Exclusive and shared bytes of `name` and its snapshots, or `None` if
+/// that took longer than [`SPACE_DEADLINE`]. Stops working when the
+/// request is dropped.
+async fn space_of(pool: &Pool, name: &str) -> Result<Option<vpool_engine::VolumeSpace>, ApiError> {
+    let cancel = CancelOnDrop(Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let (pool, name, flag) = (pool.clone(), name.to_string(), cancel.0.clone());
+    let work = blocking(move || pool.volume_space_until(&name, &flag));
+    match tokio::time::timeout(SPACE_DEADLINE, work).await {
+        Ok(r) => r.map(Some),
+        Err(_) => {
+            tracing::warn!(
+                "space accounting took over {} s; answered without exclusive and shared bytes",
+                SPACE_DEADLINE.as_secs()
+            );
+            Ok(None)
+        }
+    }
+}
+
 async fn volume_info(
     State(s): State<ApiState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<VolumeInfo>, ApiError> {
     let pool = s.pool.clone();
-    let (info, space) = blocking(move || {
-        let info = pool.volume_info(&name)?;
-        let space = pool.volume_space(&name)?;
-        Ok((info, space))
-    })
-    .await?;
+    let n = name.clone();
+    let info = blocking(move || pool.volume_info(&n)).await?;
+    let space = space_of(&s.pool, &name).await?;
     let mut info = s.view(info);
-    info.exclusive_bytes = Some(space.volume.exclusive_bytes);
-    info.shared_bytes = Some(space.volume.shared_bytes);
+    info.exclusive_bytes = space.as_ref().map(|sp| sp.volume.exclusive_bytes);
+    info.shared_bytes = space.as_ref().map(|sp| sp.volume.shared_bytes);
     Ok(Json(info))
 }
 
@@ -589,6 +650,10 @@ async fn resize_volume(
     let st = s.clone();
     let info = blocking_api(move || {
         let _w = st.admit_write(&name, "resize")?;
+        let shrinks = req.size_bytes < st.pool.volume_info(&name)?.size_bytes;
+        if shrinks && req.allow_shrink {
+            st.check_no_writers(&name, req.force, "shrinking")?;
+        }
         Ok(st
             .pool
             .resize_volume(&name, req.size_bytes, req.allow_shrink)?)
@@ -600,8 +665,10 @@ async fn resize_volume(
 async fn delete_volume(
     State(s): State<ApiState>,
     ApiPath(name): ApiPath<String>,
+    ApiQuery(q): ApiQuery<ForceQuery>,
 ) -> Result<StatusCode, ApiError> {
     blocking_api(move || {
+        s.check_no_writers(&name, q.force, "delete")?;
         let id = s.pool.volume_info(&name)?.id.0;
         s.pool.delete_volume(&name)?;
         s.catalog.forget(&name, id);
@@ -617,14 +684,14 @@ async fn list_snapshots(
     State(s): State<ApiState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<SnapshotList>, ApiError> {
-    let (snaps, space) = blocking(move || {
-        let snaps = s.pool.list_snapshots(&name)?;
-        let space = s.pool.volume_space(&name)?;
-        Ok((snaps, space))
-    })
-    .await?;
+    let pool = s.pool.clone();
+    let n = name.clone();
+    let snaps = blocking(move || pool.list_snapshots(&n)).await?;
     let space: std::collections::HashMap<String, vpool_engine::ImageSpace> =
-        space.snapshots.into_iter().collect();
+        match space_of(&s.pool, &name).await? {
+            Some(sp) => sp.snapshots.into_iter().collect(),
+            None => Default::default(),
+        };
     Ok(Json(SnapshotList {
         snapshots: snaps
             .into_iter()
@@ -889,6 +956,7 @@ async fn write_data(
     range_end(q.offset, body.len() as u64)?;
     blocking_api(move || {
         let _w = s.admit_write(&name, "write")?;
+        s.check_no_writers(&name, q.force, "write through the API")?;
         Ok(s.pool.volume(&name)?.write(q.offset, &body)?)
     })
     .await?;
@@ -936,9 +1004,42 @@ async fn zero_range(
     range_end(q.offset, q.length)?;
     blocking_api(move || {
         let _w = s.admit_write(&name, "zero")?;
+        s.check_no_writers(&name, q.force, "zeroing through the API")?;
         Ok(s.pool
             .volume(&name)?
             .write_zeroes(q.offset, q.length, q.unmap)?)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/volumes/{name}/import`: an import is about to replace the
+/// volume's content; until `DELETE` says it finished, the volume is
+/// incomplete (see the catalog).
+async fn begin_import(
+    State(s): State<ApiState>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(q): ApiQuery<ForceQuery>,
+) -> Result<StatusCode, ApiError> {
+    blocking_api(move || {
+        s.check_no_writers(&name, q.force, "import")?;
+        let id = s.pool.volume_info(&name)?.id.0;
+        s.catalog.begin_import(&name, id)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `DELETE /v1/volumes/{name}/import`: the import finished, its data is
+/// flushed.
+async fn end_import(
+    State(s): State<ApiState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    blocking_api(move || {
+        s.pool.flush()?;
+        let id = s.pool.volume_info(&name)?.id.0;
+        s.catalog.end_import(&name, id)
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)

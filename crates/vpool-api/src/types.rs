@@ -32,6 +32,11 @@ pub struct VolumeInfo {
     /// Set when the volume is a sealed template (read-only gold master).
     #[serde(default)]
     pub template: Option<TemplateInfo>,
+    /// An import into the volume began and did not finish (the daemon or
+    /// the CLI died): its content is partly old, partly new. NBD does not
+    /// serve it until an import completes (or it is deleted).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub incomplete: bool,
     /// Of `allocated_bytes`: bytes no snapshot or clone shares (freed if the
     /// volume is deleted), and bytes shared. Only in `GET
     /// /v1/volumes/{name}` (they cost a walk of the maps).
@@ -54,6 +59,7 @@ impl From<vpool_engine::VolumeInfo> for VolumeInfo {
             snapshots: v.snapshots,
             ephemeral: v.ephemeral,
             template: None,
+            incomplete: false,
             exclusive_bytes: None,
             shared_bytes: None,
         }
@@ -100,6 +106,9 @@ pub struct ResizeVolumeRequest {
     /// Shrinking drops the data past the new end, so it must be asked for.
     #[serde(default)]
     pub allow_shrink: bool,
+    /// Shrink even while NBD clients have the volume open for writing.
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// The cleaner's lifetime counters.
@@ -135,6 +144,18 @@ pub struct PoolInfo {
     /// `null` when it serves NBD only on `<pool>/nbd.sock`.
     #[serde(default)]
     pub nbd_tcp_addr: Option<std::net::SocketAddr>,
+    /// Bytes the pool holds back on its device so the cleaner can free
+    /// space when the device is full (0 while released).
+    #[serde(default)]
+    pub reserve_bytes: u64,
+    /// The device is full: data writes fail with ENOSPC until space comes
+    /// back (deletes, trims and the cleaner go on).
+    #[serde(default)]
+    pub full: bool,
+    /// Blocks known to fail their checksum that a volume or snapshot still
+    /// refers to (reads of them fail): see `vpool pool check`.
+    #[serde(default)]
+    pub damaged_blocks: u64,
 }
 
 impl From<vpool_engine::PoolStats> for PoolInfo {
@@ -155,8 +176,147 @@ impl From<vpool_engine::PoolStats> for PoolInfo {
                 bytes_relocated: s.bytes_relocated,
             },
             nbd_tcp_addr: None,
+            reserve_bytes: s.reserve_bytes,
+            full: s.full,
+            damaged_blocks: s.damaged_blocks,
         }
     }
+}
+
+/// A range of a volume or snapshot whose data fails its checksum.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DamagedRange {
+    /// `volume` or `volume@snapshot`.
+    pub image: String,
+    pub offset_bytes: u64,
+    pub len_bytes: u64,
+    /// Where its first block is stored: segment id and byte in it.
+    pub segment: u64,
+    pub segment_offset: u64,
+}
+
+impl From<vpool_engine::DamagedRange> for DamagedRange {
+    fn from(r: vpool_engine::DamagedRange) -> DamagedRange {
+        DamagedRange {
+            image: r.image,
+            offset_bytes: r.offset_bytes,
+            len_bytes: r.len_bytes,
+            segment: r.segment.0,
+            segment_offset: r.segment_offset,
+        }
+    }
+}
+
+/// A place in the log that is not a readable record, or damage recovery
+/// found there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogDamage {
+    pub segment: u64,
+    pub offset: u64,
+    pub what: String,
+    /// Records were lost: the pool opens only with repair, which drops them.
+    #[serde(default)]
+    pub loses_records: bool,
+}
+
+impl From<vpool_engine::Damage> for LogDamage {
+    fn from(d: vpool_engine::Damage) -> LogDamage {
+        LogDamage {
+            segment: d.segment.0,
+            offset: d.offset,
+            loses_records: d.needs_repair(),
+            what: d.to_string(),
+        }
+    }
+}
+
+impl From<vpool_engine::BadRecord> for LogDamage {
+    fn from(b: vpool_engine::BadRecord) -> LogDamage {
+        LogDamage {
+            segment: b.segment.0,
+            offset: b.offset,
+            what: b.why,
+            loses_records: false,
+        }
+    }
+}
+
+/// One copy of the checkpoint, as `pool check` found it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointCopy {
+    pub name: String,
+    /// The next sequence number it records (newer copies have more).
+    pub next_seq: Option<u64>,
+    /// Why it cannot be read, if it cannot.
+    pub error: Option<String>,
+}
+
+/// `POST /v1/pool/check`: what the check found (and with `repair`, did).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckResult {
+    /// Nothing wrong was found.
+    pub clean: bool,
+    pub segments_checked: u64,
+    pub records_checked: u64,
+    pub bytes_checked: u64,
+    pub blocks_verified: u64,
+    /// Damage recovery met when the pool was opened (offline checks).
+    #[serde(default)]
+    pub recovery: Vec<LogDamage>,
+    /// Recovery dropped lost records to open the pool (`--repair`).
+    #[serde(default)]
+    pub recovery_repaired: bool,
+    pub bad_records: Vec<LogDamage>,
+    pub damaged_ranges: Vec<DamagedRange>,
+    pub map_errors: Vec<String>,
+    pub refcount_errors: Vec<String>,
+    pub checkpoints: Vec<CheckpointCopy>,
+    /// Damaged ranges repair trimmed (they read as zeros now).
+    pub repaired: Vec<DamagedRange>,
+}
+
+impl From<vpool_engine::CheckReport> for CheckResult {
+    fn from(r: vpool_engine::CheckReport) -> CheckResult {
+        CheckResult {
+            clean: r.clean(),
+            segments_checked: r.segments_checked,
+            records_checked: r.records_checked,
+            bytes_checked: r.bytes_checked,
+            blocks_verified: r.blocks_verified,
+            recovery: Vec::new(),
+            recovery_repaired: false,
+            bad_records: r.bad_records.into_iter().map(Into::into).collect(),
+            damaged_ranges: r.damaged_ranges.into_iter().map(Into::into).collect(),
+            map_errors: r.map_errors,
+            refcount_errors: r.refcount_errors,
+            checkpoints: r
+                .checkpoints
+                .into_iter()
+                .map(|(name, res)| match res {
+                    Ok(seq) => CheckpointCopy {
+                        name,
+                        next_seq: Some(seq),
+                        error: None,
+                    },
+                    Err(e) => CheckpointCopy {
+                        name,
+                        next_seq: None,
+                        error: Some(e),
+                    },
+                })
+                .collect(),
+            repaired: r.repaired.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+/// Query of `POST /v1/pool/check`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckQuery {
+    /// Trim the damaged ranges of volumes (they read as zeros afterwards).
+    #[serde(default)]
+    pub repair: bool,
 }
 
 /// `POST /v1/pool/clean`: what one cleaner pass did.
@@ -182,6 +342,9 @@ impl From<vpool_engine::CleanReport> for CleanResult {
 #[serde(deny_unknown_fields)]
 pub struct WriteQuery {
     pub offset: u64,
+    /// Write even while NBD clients have the volume open for writing.
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// Query of `GET /v1/volumes/{name}/data` and `…/allocation`.
@@ -209,6 +372,9 @@ pub struct ZeroQuery {
     /// On by default: in a thin pool, zeroing is how space is given back.
     #[serde(default = "default_true")]
     pub unmap: bool,
+    /// Zero even while NBD clients have the volume open for writing.
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// One run of blocks with the same allocation state.
@@ -284,12 +450,15 @@ pub struct CreateSnapshotRequest {
 /// Query of `POST /v1/volumes/{name}/snapshots/{snap}/rollback`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RollbackQuery {
-    /// Roll back even while NBD clients have the volume open for writing
-    /// (they see the disk change under them).
+pub struct ForceQuery {
+    /// Go ahead even while NBD clients have the volume open for writing
+    /// (they see their disk change, or go, under them).
     #[serde(default)]
     pub force: bool,
 }
+
+/// Query of rollback and commit: see [`ForceQuery`].
+pub type RollbackQuery = ForceQuery;
 
 /// `POST /v1/volumes/{name}/clone`: a copy-on-write clone of one of the
 /// volume's snapshots, or of a template's sealed image.
@@ -532,6 +701,9 @@ mod tests {
                 bytes_relocated: 10,
             },
             nbd_tcp_addr: Some("127.0.0.1:10809".parse().unwrap()),
+            reserve_bytes: 11,
+            full: true,
+            damaged_blocks: 12,
         };
         let s = serde_json::to_string(&p).unwrap();
         assert!(s.contains(r#""free_bytes":null"#));

@@ -171,14 +171,18 @@ fn volume_lifecycle() {
 
     // Grow, refuse to shrink, shrink when allowed.
     assert_eq!(
-        c.resize_volume("web1", 32 * MIB, false).unwrap().size_bytes,
+        c.resize_volume("web1", 32 * MIB, false, false)
+            .unwrap()
+            .size_bytes,
         32 * MIB
     );
-    let (status, kind) = api_kind(c.resize_volume("web1", 8 * MIB, false).unwrap_err());
+    let (status, kind) = api_kind(c.resize_volume("web1", 8 * MIB, false, false).unwrap_err());
     assert_eq!((status, kind), (409, ErrorKind::ShrinkRefused));
     assert_eq!(c.volume_info("web1").unwrap().size_bytes, 32 * MIB);
     assert_eq!(
-        c.resize_volume("web1", 8 * MIB, true).unwrap().size_bytes,
+        c.resize_volume("web1", 8 * MIB, true, false)
+            .unwrap()
+            .size_bytes,
         8 * MIB
     );
 
@@ -192,11 +196,11 @@ fn volume_lifecycle() {
         (404, ErrorKind::NotFound)
     );
     assert_eq!(
-        api_kind(c.delete_volume("nope").unwrap_err()),
+        api_kind(c.delete_volume("nope", false).unwrap_err()),
         (404, ErrorKind::NotFound)
     );
     assert_eq!(
-        api_kind(c.resize_volume("nope", 4096, false).unwrap_err()),
+        api_kind(c.resize_volume("nope", 4096, false, false).unwrap_err()),
         (404, ErrorKind::NotFound)
     );
     assert_eq!(
@@ -212,11 +216,11 @@ fn volume_lifecycle() {
         (400, ErrorKind::Invalid)
     );
     assert_eq!(
-        api_kind(c.resize_volume("web1", 100, false).unwrap_err()),
+        api_kind(c.resize_volume("web1", 100, false, false).unwrap_err()),
         (400, ErrorKind::Invalid)
     );
 
-    c.delete_volume("web1").unwrap();
+    c.delete_volume("web1", false).unwrap();
     assert_eq!(
         api_kind(c.volume_info("web1").unwrap_err()),
         (404, ErrorKind::NotFound)
@@ -255,7 +259,7 @@ fn data_read_write_zero_allocation() {
         (7 * MIB as usize, 512),
     ] {
         let data: Vec<u8> = (0..len).map(|_| rng.r#gen()).collect();
-        c.write("d", off as u64, &data).unwrap();
+        c.write("d", off as u64, &data, false).unwrap();
         model[off..off + len].copy_from_slice(&data);
     }
     assert_eq!(c.read("d", 0, MAX_DATA_BYTES).unwrap(), model);
@@ -263,11 +267,11 @@ fn data_read_write_zero_allocation() {
     assert!(c.read("d", 100, 0).unwrap().is_empty());
 
     // Zero a range inside the big write: whole blocks become holes.
-    c.zero("d", (1 << 20) + 4096, 1 << 20, true).unwrap();
+    c.zero("d", (1 << 20) + 4096, 1 << 20, true, false).unwrap();
     model[(1 << 20) + 4096..(2 << 20) + 4096].fill(0);
     assert_eq!(c.read("d", 0, MAX_DATA_BYTES).unwrap(), model);
     // Allocated zeros (no unmap) read as zeros too.
-    c.zero("d", 0, 4096, false).unwrap();
+    c.zero("d", 0, 4096, false, false).unwrap();
     model[..4096].fill(0);
     assert_eq!(c.read("d", 0, 4096).unwrap(), model[..4096]);
 
@@ -315,11 +319,11 @@ fn data_errors() {
 
     // Out of range: past the end, straddling the end.
     assert_eq!(
-        api_kind(c.write("d", MIB, &[1; 512]).unwrap_err()),
+        api_kind(c.write("d", MIB, &[1; 512], false).unwrap_err()),
         (416, ErrorKind::OutOfRange)
     );
     assert_eq!(
-        api_kind(c.write("d", MIB - 512, &[1; 1024]).unwrap_err()),
+        api_kind(c.write("d", MIB - 512, &[1; 1024], false).unwrap_err()),
         (416, ErrorKind::OutOfRange)
     );
     assert_eq!(
@@ -327,7 +331,7 @@ fn data_errors() {
         (416, ErrorKind::OutOfRange)
     );
     assert_eq!(
-        api_kind(c.zero("d", 0, 2 * MIB, true).unwrap_err()),
+        api_kind(c.zero("d", 0, 2 * MIB, true, false).unwrap_err()),
         (416, ErrorKind::OutOfRange)
     );
     assert_eq!(
@@ -336,7 +340,7 @@ fn data_errors() {
     );
     // Unknown volume.
     assert_eq!(
-        api_kind(c.write("zz", 0, &[1; 512]).unwrap_err()),
+        api_kind(c.write("zz", 0, &[1; 512], false).unwrap_err()),
         (404, ErrorKind::NotFound)
     );
     assert_eq!(
@@ -348,7 +352,7 @@ fn data_errors() {
         (404, ErrorKind::NotFound)
     );
     assert_eq!(
-        api_kind(c.zero("zz", 0, 512, true).unwrap_err()),
+        api_kind(c.zero("zz", 0, 512, true, false).unwrap_err()),
         (404, ErrorKind::NotFound)
     );
 
@@ -413,9 +417,9 @@ fn data_errors() {
         .unwrap();
     assert_error(&r, 413, ErrorKind::PayloadTooLarge);
     c.create_volume("big", 16 * MIB).unwrap();
-    c.write("big", 0, &big[..MAX_DATA_BYTES]).unwrap();
+    c.write("big", 0, &big[..MAX_DATA_BYTES], false).unwrap();
     assert!(
-        c.write("big", 0, &big).is_err(),
+        c.write("big", 0, &big, false).is_err(),
         "the client refuses over-limit writes itself"
     );
     // The server still works after all that.
@@ -497,8 +501,8 @@ fn pool_routes() {
     c.create_volume("a", 64 * MIB).unwrap();
     // Write 4 MiB twice over: the first copy becomes garbage.
     let data = vec![0x5au8; 4 * MIB as usize];
-    c.write("a", 0, &data).unwrap();
-    c.write("a", 0, &data).unwrap();
+    c.write("a", 0, &data, false).unwrap();
+    c.write("a", 0, &data, false).unwrap();
     c.flush().unwrap();
     let p = c.pool_info().unwrap();
     assert_eq!(p.volumes, 1);
@@ -559,7 +563,7 @@ fn tcp_requires_the_token() {
     let good = Client::tcp(addr, TOKEN).unwrap();
     good.create_volume("t", 8192).unwrap();
     assert_eq!(good.list_volumes().unwrap().len(), 1);
-    good.write("t", 0, &[3; 4096]).unwrap();
+    good.write("t", 0, &[3; 4096], false).unwrap();
     assert_eq!(good.read("t", 0, 4096).unwrap(), vec![3; 4096]);
 
     let wrong = Client::tcp(addr, "wrong-token-0123456789abcdef").unwrap();
@@ -575,7 +579,7 @@ fn tcp_requires_the_token() {
     );
     // Unauthenticated writes do not happen.
     assert_eq!(
-        api_kind(wrong.write("t", 0, &[9; 4096]).unwrap_err()).1,
+        api_kind(wrong.write("t", 0, &[9; 4096], false).unwrap_err()).1,
         ErrorKind::Unauthorized
     );
     assert_eq!(good.read("t", 0, 4096).unwrap(), vec![3; 4096]);
@@ -616,7 +620,7 @@ fn concurrent_clients() {
             std::thread::spawn(move || {
                 for i in 0..16u64 {
                     let off = (u64::from(t) * 16 + i) * 65536;
-                    c.write("c", off, &vec![t + 1; 65536]).unwrap();
+                    c.write("c", off, &vec![t + 1; 65536], false).unwrap();
                 }
             })
         })
@@ -669,7 +673,7 @@ fn snapshot_routes() {
     let srv = TestServer::start(Listen::Unix);
     let c = srv.client();
     c.create_volume("web1", 4 * MIB).unwrap();
-    c.write("web1", 0, &vec![1u8; MIB as usize]).unwrap();
+    c.write("web1", 0, &vec![1u8; MIB as usize], false).unwrap();
 
     // Create: 201 with a Location; the snapshot info.
     let r = c
@@ -684,8 +688,8 @@ fn snapshot_routes() {
     let a: vpool_api::SnapshotInfo = serde_json::from_slice(&r.body).unwrap();
     assert_eq!((a.volume.as_str(), a.name.as_str()), ("web1", "a"));
     assert_eq!((a.size_bytes, a.allocated_bytes), (4 * MIB, MIB));
-    c.write("web1", 0, &vec![2u8; 4096]).unwrap();
-    c.resize_volume("web1", 8 * MIB, false).unwrap();
+    c.write("web1", 0, &vec![2u8; 4096], false).unwrap();
+    c.resize_volume("web1", 8 * MIB, false, false).unwrap();
     let b = c.create_snapshot("web1", "b").unwrap();
     assert!(b.seq > a.seq);
     assert_eq!(b.size_bytes, 8 * MIB);
@@ -833,7 +837,7 @@ fn snapshot_routes() {
         ErrorKind::InUse,
         &["web1@a", "kid"],
     );
-    c.delete_volume("kid").unwrap();
+    c.delete_volume("kid", false).unwrap();
     let r = c
         .request("DELETE", "/v1/volumes/web1/snapshots/a", None)
         .unwrap();
@@ -851,8 +855,8 @@ fn template_routes() {
     c.create_volume("deb", size).unwrap();
     let mut rng = StdRng::seed_from_u64(3);
     let data: Vec<u8> = (0..2 * MIB).map(|_| rng.r#gen()).collect();
-    c.write("deb", MIB, &data).unwrap();
-    c.zero("deb", 2 * MIB, 4096, false).unwrap();
+    c.write("deb", MIB, &data, false).unwrap();
+    c.zero("deb", 2 * MIB, 4096, false, false).unwrap();
     let mut image = vec![0u8; size as usize];
     image[MIB as usize..3 * MIB as usize].copy_from_slice(&data);
     image[2 * MIB as usize..2 * MIB as usize + 4096].fill(0);
@@ -888,19 +892,19 @@ fn template_routes() {
 
     // Every change is refused with read_only; nothing changed.
     assert_api_err(
-        c.write("deb", 0, &[1; 4096]).unwrap_err(),
+        c.write("deb", 0, &[1; 4096], false).unwrap_err(),
         409,
         ErrorKind::ReadOnly,
         &["template"],
     );
     assert_api_err(
-        c.zero("deb", 0, 4096, true).unwrap_err(),
+        c.zero("deb", 0, 4096, true, false).unwrap_err(),
         409,
         ErrorKind::ReadOnly,
         &[],
     );
     assert_api_err(
-        c.resize_volume("deb", 8 * MIB, false).unwrap_err(),
+        c.resize_volume("deb", 8 * MIB, false, false).unwrap_err(),
         409,
         ErrorKind::ReadOnly,
         &[],
@@ -936,7 +940,7 @@ fn template_routes() {
     assert_eq!(w2.parent.as_deref(), Some("deb@template"));
     assert!(w2.template.is_none());
     assert_eq!(read_all(&c, "web2", None, size), image);
-    c.write("web2", 0, &[9; 4096]).unwrap();
+    c.write("web2", 0, &[9; 4096], false).unwrap();
     c.create_snapshot("web2", "s").unwrap();
     let w3 = c.clone_volume("web2", Some("s"), "web3").unwrap();
     assert_eq!(w3.parent.as_deref(), Some("web2@s"));
@@ -985,7 +989,7 @@ fn template_routes() {
     // Deleting the template (or its image) is refused while clones depend
     // on it, naming them.
     assert_api_err(
-        c.delete_volume("deb").unwrap_err(),
+        c.delete_volume("deb", false).unwrap_err(),
         409,
         ErrorKind::InUse,
         &["web2"],
@@ -997,7 +1001,7 @@ fn template_routes() {
         &["web2"],
     );
     c.flatten("web2").unwrap();
-    c.delete_volume("deb").unwrap();
+    c.delete_volume("deb", false).unwrap();
     assert_api_err(
         c.volume_info("deb").unwrap_err(),
         404,
@@ -1007,7 +1011,7 @@ fn template_routes() {
     // A new volume of the same name is not a template.
     c.create_volume("deb", 4096).unwrap();
     assert!(c.volume_info("deb").unwrap().template.is_none());
-    c.write("deb", 0, &[1; 4096]).unwrap();
+    c.write("deb", 0, &[1; 4096], false).unwrap();
     // Sealing errors: missing, ephemeral.
     assert_api_err(
         c.make_template("nope").unwrap_err(),
@@ -1082,13 +1086,13 @@ fn clone_flatten_commit_routes() {
     let srv = TestServer::start(Listen::Unix);
     let c = srv.client();
     c.create_volume("base", 2 * MIB).unwrap();
-    c.write("base", 0, &[1; 8192]).unwrap();
+    c.write("base", 0, &[1; 8192], false).unwrap();
     c.create_snapshot("base", "s").unwrap();
     let k = c.clone_volume("base", Some("s"), "kid").unwrap();
     assert_eq!(k.parent.as_deref(), Some("base@s"));
     assert_eq!(c.read("kid", 0, 8192).unwrap(), vec![1; 8192]);
-    c.write("kid", 4096, &[5; 4096]).unwrap();
-    c.resize_volume("kid", 3 * MIB, false).unwrap();
+    c.write("kid", 4096, &[5; 4096], false).unwrap();
+    c.resize_volume("kid", 3 * MIB, false, false).unwrap();
     assert_eq!(c.read("base", 4096, 4096).unwrap(), vec![1; 4096]);
     for body in [r#"{}"#, r#"{"name":"x","snap":"s"}"#] {
         let r = c
@@ -1148,14 +1152,14 @@ fn diff_routes() {
     let srv = TestServer::start(Listen::Unix);
     let c = srv.client();
     c.create_volume("w", 4 * MIB).unwrap();
-    c.write("w", 0, &[1; 65536]).unwrap();
-    c.write("w", MIB, &[1; 65536]).unwrap();
+    c.write("w", 0, &[1; 65536], false).unwrap();
+    c.write("w", MIB, &[1; 65536], false).unwrap();
     c.create_snapshot("w", "a").unwrap();
-    c.write("w", 8192, &[2; 4096]).unwrap();
-    c.zero("w", MIB, 65536, true).unwrap();
+    c.write("w", 8192, &[2; 4096], false).unwrap();
+    c.zero("w", MIB, 65536, true, false).unwrap();
     c.create_snapshot("w", "b").unwrap();
-    c.resize_volume("w", 8 * MIB, false).unwrap();
-    c.write("w", 6 * MIB, &[3; 4096]).unwrap();
+    c.resize_volume("w", 8 * MIB, false, false).unwrap();
+    c.write("w", 6 * MIB, &[3; 4096], false).unwrap();
 
     let d = c.diff("w", Some("a"), Some("b")).unwrap();
     let ext: Vec<(u64, u64, DiffKind)> = d

@@ -289,6 +289,19 @@ fn snapshots(
         lat_us.push(t.elapsed().as_secs_f64() * 1e6);
     }
     lat_us.sort_by(f64::total_cmp);
+    // Space accounting (`vol info`, `snap list`): exclusive and shared bytes
+    // of the volume and every snapshot, beside the brute-force oracle (the
+    // algorithm before, O(images^2 x extents); only where it ends soon).
+    let t = Instant::now();
+    pool.volume_space("big")?;
+    let space_ms = t.elapsed().as_secs_f64() * 1e3;
+    let brute_ms = if count * extents <= 50_000_000 {
+        let t = Instant::now();
+        pool.volume_space_brute_force("big")?;
+        t.elapsed().as_secs_f64() * 1e3
+    } else {
+        f64::NAN
+    };
     // Reads after `count` snapshots vs a plain volume of the same layout.
     pool.create_volume("plain", 64 << 20)?;
     pool.create_volume("c0", 64 << 20)?;
@@ -349,7 +362,7 @@ fn snapshots(
         v[v.len() / 2]
     };
     println!(
-        "{{\"written_gib\": {written_gib}, \"extents\": {extents}, \"snapshot_create_us_p50\": {:.0}, \"snapshot_create_us_p99\": {:.0}, \"read_ratio_clone_depth_100_vs_plain\": {:.2}, \"snapshots\": {count}, \"read_ratio_after_snapshots_vs_plain\": {:.2}, \"clones_100_seconds\": {clone_secs:.3}, \"clones_100_new_bytes\": {}}}",
+        "{{\"written_gib\": {written_gib}, \"extents\": {extents}, \"snapshot_create_us_p50\": {:.0}, \"snapshot_create_us_p99\": {:.0}, \"read_ratio_clone_depth_100_vs_plain\": {:.2}, \"snapshots\": {count}, \"read_ratio_after_snapshots_vs_plain\": {:.2}, \"clones_100_seconds\": {clone_secs:.3}, \"clones_100_new_bytes\": {}, \"space_ms\": {space_ms:.1}, \"space_brute_force_ms\": {brute_ms:.1}}}",
         percentile(&lat_us, 0.5),
         percentile(&lat_us, 0.99),
         median(&mut deep_r) / median(&mut plain_r),

@@ -62,6 +62,9 @@ pub enum EngineError {
     Failed(String),
     #[error("the pool is closed")]
     Closed,
+    /// Long work given up: its caller left, or the pool is closing.
+    #[error("{0} cancelled: the caller left or the pool is closing")]
+    Cancelled(&'static str),
     /// Recovery found damage in log data that was durable (not a torn
     /// tail) that it cannot attribute or keep: nothing was changed. Opening
     /// with repair drops what is lost; the report says what that is.

@@ -51,6 +51,7 @@ use crate::types::{BLOCK_SIZE, VolumeId, validate_volume_name, validate_volume_s
 mod check;
 mod maintenance;
 mod recovery;
+mod space;
 
 pub use check::{BadRecord, CheckReport, DamagedRange};
 pub use recovery::{Damage, DamageKind, RecoveryReport};
@@ -1203,75 +1204,6 @@ impl Pool {
             }
             if pos == y.start_block + y.len_blocks {
                 j += 1;
-            }
-        }
-        Ok(out)
-    }
-
-    /// Exclusive and shared bytes of a volume and its snapshots. A block is
-    /// shared when another image (a snapshot, the volume, a clone or its
-    /// snapshots) refers to the same stored copy. Costs O(extents x images)
-    /// outside the lock: an on-demand report, not a hot path.
-    pub fn volume_space(&self, volume: &str) -> Result<VolumeSpace> {
-        let (mine, others) = {
-            let st = self.inner.state.lock();
-            let id = lookup_name(&st, volume)?;
-            let vol = st.vol(id)?;
-            let mut snaps: Vec<(&String, &Snap)> = vol.snapshots.iter().collect();
-            snaps.sort_by_key(|(_, s)| s.seq);
-            let mut mine: Vec<(Option<String>, ExtentMap)> = vec![(None, vol.map.clone())];
-            mine.extend(
-                snaps
-                    .iter()
-                    .map(|(n, s)| (Some((*n).clone()), s.map.clone())),
-            );
-            let others: Vec<ExtentMap> = st
-                .volumes
-                .iter()
-                .filter(|(vid, _)| **vid != id)
-                .flat_map(|(_, v)| {
-                    std::iter::once(v.map.clone())
-                        .chain(v.snapshots.values().map(|s| s.map.clone()))
-                })
-                .collect();
-            (mine, others)
-        };
-        let mut out = VolumeSpace::default();
-        for (i, (name, map)) in mine.iter().enumerate() {
-            let mut space = ImageSpace::default();
-            for p in map.iter() {
-                let Some(Target::Data(d)) = p.target else {
-                    continue;
-                };
-                space.allocated_bytes += p.len_blocks * BLOCK_SIZE;
-                // Per block of the piece: does any other image hold this copy?
-                let mut shared = vec![false; p.len_blocks as usize];
-                let candidates = mine
-                    .iter()
-                    .enumerate()
-                    .filter(|(j, _)| *j != i)
-                    .map(|(_, (_, m))| m)
-                    .chain(others.iter());
-                for other in candidates {
-                    for q in other.lookup(p.start_block, p.len_blocks) {
-                        if let Some(Target::Data(e)) = q.target {
-                            let k = q.start_block - p.start_block;
-                            if e == d.advance(k) {
-                                shared[k as usize..(k + q.len_blocks) as usize].fill(true);
-                            }
-                        }
-                    }
-                    if shared.iter().all(|&b| b) {
-                        break;
-                    }
-                }
-                let n_shared = shared.iter().filter(|&&b| b).count() as u64;
-                space.shared_bytes += n_shared * BLOCK_SIZE;
-                space.exclusive_bytes += (p.len_blocks - n_shared) * BLOCK_SIZE;
-            }
-            match name {
-                None => out.volume = space,
-                Some(n) => out.snapshots.push((n.clone(), space)),
             }
         }
         Ok(out)

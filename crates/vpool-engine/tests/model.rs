@@ -350,6 +350,11 @@ fn run(ops: Vec<Op>) -> u64 {
         }
         for name in model.keys() {
             let space = pool.volume_space(name).unwrap();
+            assert_eq!(
+                space,
+                pool.volume_space_brute_force(name).unwrap(),
+                "space of {name}"
+            );
             let info = pool.volume_info(name).unwrap();
             assert_eq!(space.volume.allocated_bytes, info.allocated_bytes);
             let images = std::iter::once(space.volume).chain(space.snapshots.iter().map(|s| s.1));

@@ -115,9 +115,18 @@ pub enum VolCommand {
         /// Allow shrinking, which drops the data past the new end.
         #[arg(long)]
         allow_shrink: bool,
+        /// Shrink even while NBD clients have the volume open for writing.
+        #[arg(long)]
+        force: bool,
     },
     /// Delete a volume and its data.
-    Delete { name: String },
+    Delete {
+        name: String,
+        /// Even while NBD clients have it open for writing (a running VM
+        /// loses its disk).
+        #[arg(long)]
+        force: bool,
+    },
     /// Copy a raw disk image into a volume (created if missing); holes and
     /// zero blocks are skipped.
     Import {
@@ -127,6 +136,10 @@ pub enum VolCommand {
         /// rounded up to 4K).
         #[arg(long, value_parser = parse_volume_size)]
         size: Option<u64>,
+        /// Even while NBD clients have the volume open for writing (its
+        /// content is replaced under them).
+        #[arg(long)]
+        force: bool,
     },
     /// Copy a volume (or a snapshot, VOLUME@SNAPSHOT) into a sparse raw
     /// image file.
@@ -174,7 +187,13 @@ pub enum VolCommand {
     },
     /// Apply a .vdiff file to a volume holding its base image: the volume
     /// is resized to the target size and becomes the target image.
-    ImportDiff { name: String, file: PathBuf },
+    ImportDiff {
+        name: String,
+        file: PathBuf,
+        /// Even while NBD clients have the volume open for writing.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -261,10 +280,136 @@ fn hint_force(e: ClientError) -> ClientError {
     }
 }
 
+/// How long a check through the daemon may take: it reads the whole pool.
+const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// `vpool pool check`: through the daemon, or in this process when none
+/// runs.
+fn run_check(client: &Client, pool_dir: &Path, json: bool, repair: bool) -> anyhow::Result<()> {
+    let r = match client
+        .clone()
+        .with_timeout(CHECK_TIMEOUT)
+        .pool_check(repair)
+    {
+        Err(ClientError::NoDaemon { .. }) => crate::daemon::check_offline(pool_dir, repair)?,
+        r => r?,
+    };
+    if json {
+        print_json(&r)?;
+    } else {
+        print!("{}", render_check(&r, repair));
+    }
+    let repaired_all = repair
+        && r.bad_records.is_empty()
+        && r.map_errors.is_empty()
+        && r.refcount_errors.is_empty()
+        && r.damaged_ranges.iter().all(|d| r.repaired.contains(d))
+        && r.recovery
+            .iter()
+            .all(|d| !d.loses_records || r.recovery_repaired);
+    if r.clean || repaired_all {
+        return Ok(());
+    }
+    let next = if repair {
+        "what is left cannot be repaired in place (snapshots never change: delete a damaged one to drop it)"
+    } else {
+        "`vpool pool check --repair` drops what is damaged"
+    };
+    anyhow::bail!("the pool has damage (see above); {next}")
+}
+
+/// The text of a check's report.
+pub fn render_check(r: &vpool_api::CheckResult, repair: bool) -> String {
+    let mut out = format!(
+        "checked {} segments ({}), {} records, {} mapped blocks\n",
+        r.segments_checked,
+        format_size(r.bytes_checked),
+        r.records_checked,
+        r.blocks_verified
+    );
+    if r.segments_checked == 0 && !r.recovery.is_empty() {
+        out.push_str(
+            "the pool does not open: recovery found records lost in data that was durable\n",
+        );
+    }
+    for d in &r.recovery {
+        let what = if d.loses_records && r.recovery_repaired {
+            "dropped by repair"
+        } else if d.loses_records {
+            "records lost: opens only with --repair"
+        } else {
+            "kept; reads of damaged blocks fail"
+        };
+        out.push_str(&format!("recovery: {} ({what})\n", d.what));
+    }
+    for b in &r.bad_records {
+        out.push_str(&format!(
+            "unreadable log: seg-{:016x} at byte {}: {}\n",
+            b.segment, b.offset, b.what
+        ));
+    }
+    for d in &r.damaged_ranges {
+        let done = if r.repaired.contains(d) {
+            " (trimmed: reads zeros now)"
+        } else if repair && d.image.contains('@') {
+            " (a snapshot: not changed; delete it to drop this)"
+        } else {
+            ""
+        };
+        out.push_str(&format!(
+            "damaged: {} bytes {}..{} (stored in seg-{:016x} at byte {}){done}\n",
+            d.image,
+            d.offset_bytes,
+            d.offset_bytes + d.len_bytes,
+            d.segment,
+            d.segment_offset
+        ));
+    }
+    for e in r.map_errors.iter().chain(&r.refcount_errors) {
+        out.push_str(&format!("inconsistent: {e}\n"));
+    }
+    for c in &r.checkpoints {
+        match (&c.error, c.next_seq) {
+            (Some(e), _) => out.push_str(&format!(
+                "checkpoint {}: unreadable ({e}); the next checkpoint rewrites it\n",
+                c.name
+            )),
+            (None, Some(seq)) => {
+                out.push_str(&format!("checkpoint {}: ok (next seq {seq})\n", c.name))
+            }
+            (None, None) => {}
+        }
+    }
+    if r.clean {
+        out.push_str("no damage found\n");
+    }
+    out
+}
+
+/// [`hint_force`] for an error that came back through `anyhow` (import).
+fn hint_force_anyhow(e: anyhow::Error) -> anyhow::Error {
+    match e.downcast::<ClientError>() {
+        Ok(c) => hint_force(c).into(),
+        Err(e) => e,
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum PoolCommand {
     /// Space and log figures: logical vs physical bytes, garbage, free space.
     Info,
+    /// Check the whole pool (an fsck): every record of every segment, every
+    /// block a volume or snapshot refers to against its checksum, every
+    /// reference count, both checkpoint copies. Through the daemon if one
+    /// runs, else in this process. Exits 1 if damage remains.
+    Check {
+        /// Drop what is damaged: the damaged ranges of volumes are trimmed
+        /// (read as zeros afterwards), and a pool that does not open
+        /// because records were lost opens without them. The report says
+        /// what was dropped.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Create a pool on S3-compatible object storage, with its host cache
     /// in a local directory (the pool directory). Runs without a daemon;
     /// `vpool --pool NAME serve` then serves it.
@@ -427,6 +572,7 @@ pub fn run_client_command(pool_dir: &Path, json: bool, cmd: &Command) -> anyhow:
             }
         }
         Command::Cache(c) => run_cache_command(&client, pool_dir, json, c),
+        Command::Pool(PoolCommand::Check { repair }) => run_check(&client, pool_dir, json, *repair),
         Command::Pool(PoolCommand::Info) => {
             let p = client.pool_info()?;
             if json {
@@ -487,25 +633,24 @@ pub fn run_client_command(pool_dir: &Path, json: bool, cmd: &Command) -> anyhow:
                 name,
                 size,
                 allow_shrink,
+                force,
             } => {
-                let info =
-                    client
-                        .resize_volume(name, *size, *allow_shrink)
-                        .map_err(|e| match e {
-                            // Name the flag; the daemon's message cannot know it.
-                            ClientError::Api {
-                                status,
-                                kind: kind @ ErrorKind::ShrinkRefused,
-                                message,
-                            } => ClientError::Api {
-                                status,
-                                kind,
-                                message: format!(
-                                    "{message}; pass --allow-shrink to shrink it anyway"
-                                ),
-                            },
-                            e => e,
-                        })?;
+                let info = client
+                    .resize_volume(name, *size, *allow_shrink, *force)
+                    .map_err(hint_force)
+                    .map_err(|e| match e {
+                        // Name the flag; the daemon's message cannot know it.
+                        ClientError::Api {
+                            status,
+                            kind: kind @ ErrorKind::ShrinkRefused,
+                            message,
+                        } => ClientError::Api {
+                            status,
+                            kind,
+                            message: format!("{message}; pass --allow-shrink to shrink it anyway"),
+                        },
+                        e => e,
+                    })?;
                 if json {
                     print_json(&info)
                 } else {
@@ -517,8 +662,8 @@ pub fn run_client_command(pool_dir: &Path, json: bool, cmd: &Command) -> anyhow:
                     Ok(())
                 }
             }
-            VolCommand::Delete { name } => {
-                client.delete_volume(name)?;
+            VolCommand::Delete { name, force } => {
+                client.delete_volume(name, *force).map_err(hint_force)?;
                 if json {
                     print_json(&serde_json::json!({ "deleted": name }))
                 } else {
@@ -526,8 +671,14 @@ pub fn run_client_command(pool_dir: &Path, json: bool, cmd: &Command) -> anyhow:
                     Ok(())
                 }
             }
-            VolCommand::Import { name, file, size } => {
-                let r = transfer::import(&client, name, file, *size, show_progress)?;
+            VolCommand::Import {
+                name,
+                file,
+                size,
+                force,
+            } => {
+                let r = transfer::import(&client, name, file, *size, *force, show_progress)
+                    .map_err(hint_force_anyhow)?;
                 if json {
                     print_json(&r)
                 } else {
@@ -663,8 +814,9 @@ pub fn run_client_command(pool_dir: &Path, json: bool, cmd: &Command) -> anyhow:
                     Ok(())
                 }
             }
-            VolCommand::ImportDiff { name, file } => {
-                let r = vdiff::import_diff(&client, name, file, show_progress)?;
+            VolCommand::ImportDiff { name, file, force } => {
+                let r = vdiff::import_diff(&client, name, file, *force, show_progress)
+                    .map_err(hint_force_anyhow)?;
                 if json {
                     print_json(&r)
                 } else {
@@ -1073,7 +1225,11 @@ pub fn render_volume_table(vols: &[VolumeInfo]) -> String {
         .iter()
         .map(|v| {
             [
-                v.name.clone(),
+                if v.incomplete {
+                    format!("{} (INCOMPLETE)", v.name)
+                } else {
+                    v.name.clone()
+                },
                 format_size(v.size_bytes),
                 format_size(v.allocated_bytes),
                 format_size(v.zero_bytes),
@@ -1131,6 +1287,11 @@ pub fn render_volume_info(v: &VolumeInfo) -> String {
             "no"
         },
     );
+    if v.incomplete {
+        out.push_str(
+            "INCOMPLETE: an import into it did not finish; NBD does not serve it until it is imported again or deleted\n",
+        );
+    }
     if let (Some(x), Some(sh)) = (v.exclusive_bytes, v.shared_bytes) {
         out.push_str(&format!(
             "exclusive:  {} (freed if deleted)\nshared:     {} (with snapshots or clones)\n",
@@ -1292,8 +1453,24 @@ pub fn render_pool_info(p: &PoolInfo) -> String {
         Some(b) => format_size(b),
         None => "unknown".to_string(),
     };
-    format!(
-        "volumes:        {}\n\
+    let mut state = String::new();
+    if p.full {
+        state.push_str("state:          FULL: data writes fail with ENOSPC until space is freed (delete or trim data, or grow the device); the cleaner works from the reserve\n");
+    }
+    if p.damaged_blocks > 0 {
+        state.push_str(&format!(
+            "damage:         {} blocks fail their checksum (reads of them fail): see `vpool pool check`\n",
+            p.damaged_blocks
+        ));
+    }
+    let reserve = format!(
+        "reserve:        {} held back so the cleaner can free space on a full device\n",
+        format_size(p.reserve_bytes)
+    );
+    state
+        + &reserve
+        + &format!(
+            "volumes:        {}\n\
          logical size:   {} (sum of volume sizes)\n\
          physical size:  {} in {} segments\n\
          live data:      {}\n\
@@ -1302,19 +1479,19 @@ pub fn render_pool_info(p: &PoolInfo) -> String {
          extents:        {}\n\
          checkpoints:    {} written; {} of log since the last\n\
          cleaner:        {} segments cleaned, {} relocated\n",
-        p.volumes,
-        format_size(p.logical_bytes),
-        format_size(p.physical_bytes),
-        p.segments,
-        format_size(p.live_data_bytes),
-        p.garbage_ratio * 100.0,
-        free,
-        p.extents,
-        p.checkpoints_written,
-        format_size(p.log_bytes_since_checkpoint),
-        p.cleaner.segments_cleaned,
-        format_size(p.cleaner.bytes_relocated),
-    )
+            p.volumes,
+            format_size(p.logical_bytes),
+            format_size(p.physical_bytes),
+            p.segments,
+            format_size(p.live_data_bytes),
+            p.garbage_ratio * 100.0,
+            free,
+            p.extents,
+            p.checkpoints_written,
+            format_size(p.log_bytes_since_checkpoint),
+            p.cleaner.segments_cleaned,
+            format_size(p.cleaner.bytes_relocated),
+        )
 }
 
 #[cfg(test)]
@@ -1549,6 +1726,7 @@ mod tests {
             snapshots: 0,
             ephemeral: false,
             template: None,
+            incomplete: false,
             exclusive_bytes: Some(1 << 29),
             shared_bytes: Some(1 << 30),
         };

@@ -30,7 +30,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use vpool_api::{ApiState, AuthToken, CacheControl, Catalog, serve_tcp, serve_unix};
-use vpool_engine::{Pool, PoolConfig};
+use vpool_engine::{EngineError, Pool, PoolConfig, RecoveryReport};
 use vpool_s3::S3Store;
 use vpool_store::{LocalDirStore, SegmentStore, StoreError};
 
@@ -271,44 +271,9 @@ async fn open_pool(config: &DaemonConfig) -> anyhow::Result<OpenedPool> {
     // Opening an S3 pool talks to the object store, and the store owns a
     // runtime that must not be dropped on this one's threads: everything,
     // including the drop on failure, happens on a blocking thread.
-    let opened = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let s3 = match PoolFile::load(&dir)? {
-            Some(file) => {
-                tracing::info!(pool = %dir.display(), remote = %file.url, force = takeover, "opening the pool on object storage");
-                Some(crate::s3pool::open_store(&dir, &file, takeover)?)
-            }
-            None => {
-                if takeover {
-                    tracing::warn!(pool = %dir.display(), "--force only applies to pools on S3; ignored for this local pool");
-                }
-                if crate::s3pool::looks_like_s3_cache(&dir) {
-                    bail!(
-                        "{} is the cache of a pool on S3 but its {} is missing; restore it (or `vpool pool attach` a new cache directory)",
-                        dir.display(),
-                        crate::s3pool::POOL_FILE
-                    );
-                }
-                None
-            }
-        };
-        let store: Arc<dyn SegmentStore> = match &s3 {
-            Some(s) => Arc::new(s.clone()),
-            None => Arc::new(open_local_store(&dir)?),
-        };
-        let (pool, report) = Pool::open(store.clone(), pool_config)
-            .with_context(|| format!("recovering the pool at {}", dir.display()))?;
-        if let Some(s) = &s3 {
-            // Uploads start only now that recovery has cut any torn tail.
-            if let Err(e) = s.start() {
-                let _ = pool.close();
-                let _ = s.close();
-                return Err(anyhow::Error::new(e).context("starting the uploader"));
-            }
-        }
-        Ok((pool, report, store, s3))
-    })
-    .await
-    .context("the pool-open task failed")??;
+    let opened = tokio::task::spawn_blocking(move || open_blocking(&dir, pool_config, takeover))
+        .await
+        .context("the pool-open task failed")??;
     let (pool, report, store, s3) = opened;
     tracing::info!(
         pool = %config.pool_dir.display(),
@@ -321,6 +286,97 @@ async fn open_pool(config: &DaemonConfig) -> anyhow::Result<OpenedPool> {
         "pool open"
     );
     Ok(OpenedPool { pool, store, s3 })
+}
+
+/// What [`open_blocking`] returns: the engine, its recovery report, the
+/// store under it, and for a pool on S3 the store's own handle.
+type Opened = (Pool, RecoveryReport, Arc<dyn SegmentStore>, Option<S3Store>);
+
+/// Opens the pool in `dir` (local, or on S3 by its pool.json) and recovers
+/// it. Blocking: an S3 store owns a runtime that must not be dropped on an
+/// async runtime's threads, including on failure.
+fn open_blocking(dir: &Path, pool_config: PoolConfig, takeover: bool) -> anyhow::Result<Opened> {
+    let s3 = match PoolFile::load(dir)? {
+        Some(file) => {
+            tracing::info!(pool = %dir.display(), remote = %file.url, force = takeover, "opening the pool on object storage");
+            Some(crate::s3pool::open_store(dir, &file, takeover)?)
+        }
+        None => {
+            if takeover {
+                tracing::warn!(pool = %dir.display(), "--force only applies to pools on S3; ignored for this local pool");
+            }
+            if crate::s3pool::looks_like_s3_cache(dir) {
+                bail!(
+                    "{} is the cache of a pool on S3 but its {} is missing; restore it (or `vpool pool attach` a new cache directory)",
+                    dir.display(),
+                    crate::s3pool::POOL_FILE
+                );
+            }
+            None
+        }
+    };
+    let store: Arc<dyn SegmentStore> = match &s3 {
+        Some(s) => Arc::new(s.clone()),
+        None => Arc::new(open_local_store(dir)?),
+    };
+    let (pool, report) = Pool::open(store.clone(), pool_config).map_err(|e| {
+        let hint = matches!(e, EngineError::Damaged(_)).then_some(
+            "; `vpool pool check` lists the damage, `vpool pool check --repair` opens the pool without what is lost",
+        );
+        anyhow::Error::new(e).context(format!(
+            "recovering the pool at {}{}",
+            dir.display(),
+            hint.unwrap_or("")
+        ))
+    })?;
+    if let Some(s) = &s3 {
+        // Uploads start only now that recovery has cut any torn tail.
+        if let Err(e) = s.start() {
+            let _ = pool.close();
+            let _ = s.close();
+            return Err(anyhow::Error::new(e).context("starting the uploader"));
+        }
+    }
+    Ok((pool, report, store, s3))
+}
+
+/// `vpool pool check` without a daemon: opens the pool in this process
+/// (taking its lock, as `serve` does), checks it and closes it. A pool
+/// whose recovery refuses to open (records lost in durable data) is
+/// reported as such, unchanged, unless `repair`.
+pub fn check_offline(dir: &Path, repair: bool) -> anyhow::Result<vpool_api::CheckResult> {
+    if !dir.join("segments").is_dir() && PoolFile::load(dir)?.is_none() {
+        bail!("no pool at {} (and no daemon serving one)", dir.display());
+    }
+    let config = PoolConfig {
+        repair_damaged_log: repair,
+        background: false,
+        ..PoolConfig::default()
+    };
+    let (pool, report, _store, s3) = match open_blocking(dir, config, false) {
+        Ok(o) => o,
+        Err(e) => match e.downcast_ref::<EngineError>() {
+            Some(EngineError::Damaged(report)) => {
+                return Ok(vpool_api::CheckResult {
+                    recovery: report.damage.iter().cloned().map(Into::into).collect(),
+                    ..Default::default()
+                });
+            }
+            _ => return Err(e),
+        },
+    };
+    let checked = pool.check(repair, &std::sync::atomic::AtomicBool::new(false));
+    let closed = pool.close();
+    drop(pool);
+    if let Some(s) = &s3 {
+        s.close();
+    }
+    let mut result: vpool_api::CheckResult = checked.context("checking the pool")?.into();
+    closed.context("closing the pool")?;
+    result.recovery = report.damage.into_iter().map(Into::into).collect();
+    result.recovery_repaired = report.repaired;
+    result.clean = result.clean && result.recovery.is_empty();
+    Ok(result)
 }
 
 /// Opens the local pool directory `dir` (created if missing), taking its

@@ -64,6 +64,9 @@ fn init_logging(json: bool) {
 
 fn serve(cli: &Cli, pool: &std::path::Path, args: &ServeArgs) -> anyhow::Result<()> {
     init_logging(cli.json);
+    // Everything the daemon creates (pool files, sockets, pool.json) is
+    // its owner's alone: volume names and data are nobody else's business.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let mut config = DaemonConfig::new(pool);
     config.nbd_tcp = args.nbd_listen;
     config.takeover = args.force;
@@ -88,10 +91,17 @@ fn read_token(path: &std::path::Path) -> anyhow::Result<AuthToken> {
     use std::os::unix::fs::PermissionsExt;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the API token from {}", path.display()))?;
-    if let Ok(m) = std::fs::metadata(path)
-        && m.permissions().mode() & 0o077 != 0
-    {
-        tracing::warn!(file = %path.display(), "the API token file is readable by others; chmod 600 it");
+    let mode = std::fs::metadata(path)
+        .with_context(|| format!("reading the mode of {}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        // Anyone who can read the token can drive the API over TCP.
+        anyhow::bail!(
+            "the API token file {} is readable by others (mode {:o}): chmod 600 it",
+            path.display(),
+            mode & 0o777
+        );
     }
     AuthToken::new(&text).with_context(|| format!("the token in {}", path.display()))
 }

@@ -106,6 +106,11 @@ impl ExportRegistry for PoolExports {
             .volume_info(volume)
             .map_err(|e| open_error(name, e))?;
         let id = info.id.0;
+        if self.catalog.import_incomplete(volume, id) {
+            return Err(DeviceError::not_found(format!(
+                "volume {volume} is incomplete: an import into it did not finish; import it again (vpool vol import {volume} FILE --force) or delete it"
+            )));
+        }
         let access = self.catalog.nbd_open(volume, id, want);
         let guard = Registration {
             pool: self.pool.clone(),

@@ -157,6 +157,7 @@ pub fn import(
     name: &str,
     path: &Path,
     size: Option<u64>,
+    force: bool,
     show_progress: bool,
 ) -> anyhow::Result<ImportReport> {
     let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -182,11 +183,6 @@ pub fn import(
                     format_size(len)
                 );
             }
-            // The image replaces the volume's content: clear it, so what the
-            // image has as holes does not show old data.
-            client
-                .zero(name, 0, info.size_bytes, true)
-                .with_context(|| format!("clearing volume {name} before the import"))?;
             (false, info.size_bytes)
         }
         Err(e) if e.kind() == Some(ErrorKind::NotFound) => {
@@ -214,6 +210,17 @@ pub fn import(
 
     let regions = data_regions(&file, len)
         .with_context(|| format!("finding the data in {}", path.display()))?;
+    // From here until the last byte is flushed, the volume is incomplete.
+    client
+        .begin_import(name, force)
+        .with_context(|| format!("marking volume {name} as being imported into"))?;
+    if !created {
+        // The image replaces the volume's content: clear it, so what the
+        // image has as holes does not show old data.
+        client
+            .zero(name, 0, volume_size, true, force)
+            .with_context(|| format!("clearing volume {name} before the import"))?;
+    }
     let bar = progress_bar(len, show_progress, "import");
     let mut buf = vec![0u8; CHUNK_BYTES];
     let mut data_bytes = 0u64;
@@ -238,7 +245,7 @@ pub fn import(
             chunk[got..].fill(0);
             for (s, e) in nonzero_runs(chunk) {
                 client
-                    .write(name, pos + s as u64, &chunk[s..e])
+                    .write(name, pos + s as u64, &chunk[s..e], force)
                     .with_context(|| {
                         format!("writing to volume {name} at offset {}", pos + s as u64)
                     })?;
@@ -249,7 +256,9 @@ pub fn import(
         }
         sent_to = sent_to.max(pos);
     }
-    client.flush().context("flushing the imported data")?;
+    client
+        .end_import(name)
+        .context("flushing the imported data")?;
     bar.set_position(len);
     bar.finish_and_clear();
     Ok(ImportReport {

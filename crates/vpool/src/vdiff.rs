@@ -582,15 +582,20 @@ pub fn import_diff(
     client: &Client,
     volume: &str,
     path: &Path,
+    force: bool,
     show_progress: bool,
 ) -> anyhow::Result<ImportDiffReport> {
     let summary = scan(path, |_, _| Ok(()))?;
     let h = &summary.header;
     let info = client.volume_info(volume)?;
     let resized = info.size_bytes != h.target_size;
+    // Until the diff is applied whole, the volume is neither image.
+    client
+        .begin_import(volume, force)
+        .with_context(|| format!("marking volume {volume} as being imported into"))?;
     if resized {
         client
-            .resize_volume(volume, h.target_size, true)
+            .resize_volume(volume, h.target_size, true, force)
             .with_context(|| format!("resizing {volume} to the diff's target size"))?;
     }
     let bar = progress_bar(h.target_size, show_progress, "import-diff");
@@ -598,13 +603,13 @@ pub fn import_diff(
         match rec {
             Record::Zero { offset, len } => {
                 client
-                    .zero(volume, offset, len, true)
+                    .zero(volume, offset, len, true, force)
                     .with_context(|| format!("zeroing {volume} at offset {offset}"))?;
                 bar.set_position(offset + len);
             }
             Record::Data { offset, data } => {
                 client
-                    .write(volume, offset, data)
+                    .write(volume, offset, data, force)
                     .with_context(|| format!("writing {volume} at offset {offset}"))?;
                 bar.set_position(offset + data.len() as u64);
             }
@@ -623,7 +628,9 @@ pub fn import_diff(
             path.display()
         );
     }
-    client.flush().context("flushing the applied diff")?;
+    client
+        .end_import(volume)
+        .context("flushing the applied diff")?;
     bar.finish_and_clear();
     Ok(ImportDiffReport {
         volume: volume.to_string(),

@@ -138,6 +138,36 @@ fn pool_info_command() {
         "{p}"
     );
     assert!(p["free_bytes"].as_u64().unwrap() > 0, "{p}");
+    // The cleaner's reserve is held and shown.
+    assert!(p["reserve_bytes"].as_u64().unwrap() >= 64 << 20, "{p}");
+    assert_eq!(p["full"], false);
+    assert!(text.contains("reserve:"), "{text}");
+}
+
+/// The pool directory, its metadata and the daemon's sockets are the
+/// owner's alone: volume names leak through file names and checkpoints.
+#[test]
+fn pool_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let d = Daemon::start(&pool, &[]);
+    run_ok(&pool, &["vol", "create", "secret-name", "--size", "1M"]);
+    run_ok(&pool, &["snap", "create", "secret-name@s"]);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    for p in [pool.clone(), pool.join("meta"), pool.join("segments")] {
+        assert_eq!(mode(&p), 0o700, "{}", p.display());
+    }
+    for sub in ["meta", "segments"] {
+        for e in std::fs::read_dir(pool.join(sub)).unwrap() {
+            let p = e.unwrap().path();
+            assert_eq!(mode(&p) & 0o077, 0, "{} is readable by others", p.display());
+        }
+    }
+    for s in [d.socket(), d.nbd_socket()] {
+        assert_eq!(mode(&s) & 0o077, 0, "{}", s.display());
+    }
+    assert!(d.terminate().success());
 }
 
 /// Writes a sparse test image: random data regions, regions written as
@@ -384,7 +414,7 @@ fn sigterm_finishes_requests_and_closes_the_pool() {
         let mut acked = Vec::new();
         for i in 0..512u64 {
             let block = vec![(i % 251) as u8 + 1; 64 * 1024];
-            match c.write("v", i * 64 * 1024, &block) {
+            match c.write("v", i * 64 * 1024, &block, false) {
                 Ok(()) => acked.push(i),
                 Err(_) => break,
             }
@@ -434,6 +464,24 @@ fn serve_on_tcp_with_a_token() {
         .unwrap()
         .port();
     let addr = format!("127.0.0.1:{port}");
+    // A token others can read is refused, not just warned about.
+    let private = |mode: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    private(0o644);
+    let out = vpool_cmd(&pool)
+        .args(["serve", "--api-listen", &addr, "--api-token-file"])
+        .arg(&token_file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("readable by others") && err.contains("chmod 600"),
+        "{err}"
+    );
+    private(0o600);
     let d = Daemon::start(
         &pool,
         &[
@@ -580,14 +628,14 @@ fn snapshot_commands() {
     let d = Daemon::start(&pool, &[]);
     let c = d.client();
     run_ok(&pool, &["vol", "create", "web1", "--size", "4M"]);
-    c.write("web1", 0, &vec![1u8; 1 << 20]).unwrap();
+    c.write("web1", 0, &vec![1u8; 1 << 20], false).unwrap();
 
     // create: text and JSON.
     assert_eq!(
         run_ok(&pool, &["snap", "create", "web1@before-upgrade"]),
         "created snapshot web1@before-upgrade (4 MiB, 1 MiB of data)\n"
     );
-    c.write("web1", 0, &[2u8; 4096]).unwrap();
+    c.write("web1", 0, &[2u8; 4096], false).unwrap();
     let s = run_json(&pool, &["snap", "create", "web1@b"]);
     assert_eq!(s["volume"], "web1");
     assert_eq!(s["name"], "b");
@@ -678,7 +726,8 @@ fn template_clone_flatten_commit_commands() {
     let d = Daemon::start(&pool, &[]);
     let c = d.client();
     run_ok(&pool, &["vol", "create", "debian12", "--size", "8M"]);
-    c.write("debian12", 4096, &vec![0x5au8; 3 << 20]).unwrap();
+    c.write("debian12", 4096, &vec![0x5au8; 3 << 20], false)
+        .unwrap();
 
     // template: the digest is sha256sum of the exported raw image.
     let out = run_ok(&pool, &["vol", "template", "debian12"]);
@@ -707,7 +756,7 @@ fn template_clone_flatten_commit_commands() {
     let (kind, _) = run_json_err(&pool, &["vol", "template", "nope"]);
     assert_eq!(kind, "not_found");
     // Read-only from now on: writes, imports, resizes.
-    let e = c.write("debian12", 0, &[1; 4096]).unwrap_err();
+    let e = c.write("debian12", 0, &[1; 4096], false).unwrap_err();
     assert_eq!(e.kind(), Some(vpool_api::ErrorKind::ReadOnly), "{e}");
     let (kind, msg) = run_json_err(&pool, &["vol", "import", "debian12", raw.to_str().unwrap()]);
     assert_eq!(kind, "read_only", "{msg}");
@@ -730,7 +779,7 @@ fn template_clone_flatten_commit_commands() {
         "created volume web2 (8 MiB) as a copy-on-write clone of template debian12\n"
     );
     assert_eq!(c.read("web2", 4096, 4096).unwrap(), vec![0x5a; 4096]);
-    c.write("web2", 0, &[7; 4096]).unwrap();
+    c.write("web2", 0, &[7; 4096], false).unwrap();
     run_ok(&pool, &["snap", "create", "web2@s"]);
     let j = run_json(&pool, &["vol", "clone", "web2@s", "web3"]);
     assert_eq!(j["name"], "web3");
@@ -744,7 +793,7 @@ fn template_clone_flatten_commit_commands() {
     assert_eq!(kind, "not_found");
 
     // commit: the parent takes the clone's content.
-    c.write("web3", 8192, &[8; 4096]).unwrap();
+    c.write("web3", 8192, &[8; 4096], false).unwrap();
     let out = run_ok(&pool, &["vol", "commit", "web3"]);
     assert_eq!(
         out,
@@ -784,7 +833,7 @@ fn template_clone_flatten_commit_commands() {
     let c = d.client();
     let j = run_json(&pool, &["vol", "info", "debian12"]);
     assert_eq!(j["template"]["digest"], digest.as_str());
-    let e = c.write("debian12", 0, &[1; 4096]).unwrap_err();
+    let e = c.write("debian12", 0, &[1; 4096], false).unwrap_err();
     assert_eq!(e.kind(), Some(vpool_api::ErrorKind::ReadOnly), "{e}");
     run_ok(&pool, &["vol", "clone", "debian12", "web9"]);
     // Nothing depends on it any more: it can go.
@@ -802,14 +851,14 @@ fn diff_and_vdiff_commands() {
     run_ok(&pool, &["vol", "create", "web1", "--size", "16M"]);
     let mut rng = StdRng::seed_from_u64(11);
     let data: Vec<u8> = (0..(4 << 20)).map(|_| rng.r#gen()).collect();
-    c.write("web1", 0, &data).unwrap();
+    c.write("web1", 0, &data, false).unwrap();
     run_ok(&pool, &["snap", "create", "web1@a"]);
-    c.write("web1", 8192, &data[..65536]).unwrap();
-    c.zero("web1", MIB, 65536, true).unwrap();
+    c.write("web1", 8192, &data[..65536], false).unwrap();
+    c.zero("web1", MIB, 65536, true, false).unwrap();
     // Written zeros travel as zero records.
-    c.write("web1", 2 * MIB, &[0u8; 8192]).unwrap();
-    c.resize_volume("web1", 20 * MIB, false).unwrap();
-    c.write("web1", 18 * MIB, &[9u8; 4096]).unwrap();
+    c.write("web1", 2 * MIB, &[0u8; 8192], false).unwrap();
+    c.resize_volume("web1", 20 * MIB, false, false).unwrap();
+    c.write("web1", 18 * MIB, &[9u8; 4096], false).unwrap();
     run_ok(&pool, &["snap", "create", "web1@b"]);
 
     // diff: text and JSON.
@@ -828,7 +877,7 @@ fn diff_and_vdiff_commands() {
     );
     assert_eq!(j["size_bytes"], 20 * MIB);
     // Against the live volume.
-    c.write("web1", 12 * MIB, &[1u8; 4096]).unwrap();
+    c.write("web1", 12 * MIB, &[1u8; 4096], false).unwrap();
     let j = run_json(&pool, &["vol", "diff", "web1@b", "web1"]);
     assert_eq!(
         j["extents"],

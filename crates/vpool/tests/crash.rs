@@ -125,7 +125,7 @@ fn workload(
             for b in start..start + n {
                 model.writes[b as usize].push(0);
             }
-            client.zero(VOLUME, start * BLOCK as u64, n * BLOCK as u64, true)
+            client.zero(VOLUME, start * BLOCK as u64, n * BLOCK as u64, true, false)
         } else if choice < 21 {
             client.checkpoint()
         } else {
@@ -139,7 +139,7 @@ fn workload(
                 block_pattern(tag, b, chunk);
                 model.writes[b as usize].push(tag);
             }
-            client.write(VOLUME, start * BLOCK as u64, data)
+            client.write(VOLUME, start * BLOCK as u64, data, false)
         };
         if result.is_err() {
             break;

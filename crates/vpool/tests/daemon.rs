@@ -77,7 +77,7 @@ fn in_process_daemon_lifecycle() {
     assert_eq!(d.ready.api_socket, pool.join("api.sock"));
     let c = Client::unix(&d.ready.api_socket);
     c.create_volume("v", 1 << 20).unwrap();
-    c.write("v", 4096, b"in-process").unwrap();
+    c.write("v", 4096, b"in-process", false).unwrap();
 
     // A second daemon on the same pool fails with AlreadyRunning, and the
     // first keeps serving.

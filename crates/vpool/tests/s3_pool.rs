@@ -201,8 +201,9 @@ fn s3_pool_serves_volumes_caches_and_pins() {
     let c = d.client();
     w.ok(&a, &["vol", "create", "db1", "--size", "64M"]);
     let data = random(3 << 20, 1);
-    c.write("db1", 0, &data).unwrap();
-    c.write("db1", 32 * MIB, &data[..MIB as usize]).unwrap();
+    c.write("db1", 0, &data, false).unwrap();
+    c.write("db1", 32 * MIB, &data[..MIB as usize], false)
+        .unwrap();
     c.flush().unwrap();
     assert_eq!(c.read("db1", 0, data.len()).unwrap(), data);
     w.ok(&a, &["snap", "create", "db1@suspended"]);
@@ -394,7 +395,7 @@ fn a_second_daemon_is_refused_then_takes_over_with_force() {
     let ca = da.client();
     w.ok(&a, &["vol", "create", "v", "--size", "16M"]);
     let data = random(MIB as usize, 2);
-    ca.write("v", 0, &data).unwrap();
+    ca.write("v", 0, &data, false).unwrap();
     ca.flush().unwrap();
     wait_uploaded(&ca);
 
@@ -422,7 +423,7 @@ fn a_second_daemon_is_refused_then_takes_over_with_force() {
     let e: serde_json::Value = serde_json::from_str(&last).unwrap();
     assert_eq!(e["error"]["kind"], "held", "{e}");
     // The first daemon did not notice.
-    ca.write("v", 0, &data).unwrap();
+    ca.write("v", 0, &data, false).unwrap();
     ca.flush().unwrap();
     wait_uploaded(&ca);
 
@@ -435,7 +436,7 @@ fn a_second_daemon_is_refused_then_takes_over_with_force() {
     // from then on, and its log says why.
     let deadline = Instant::now() + Duration::from_secs(30);
     let err = loop {
-        let r = ca.write("v", 0, &data).and_then(|()| ca.flush());
+        let r = ca.write("v", 0, &data, false).and_then(|()| ca.flush());
         if let Err(e) = r {
             break e;
         }
@@ -444,7 +445,7 @@ fn a_second_daemon_is_refused_then_takes_over_with_force() {
     };
     assert_eq!(err.kind(), Some(ErrorKind::Failed), "{err}");
     assert!(err.to_string().contains("fenced"), "{err}");
-    assert!(ca.write("v", 0, &data).is_err());
+    assert!(ca.write("v", 0, &data, false).is_err());
     wait_for("the fenced log line", Duration::from_secs(10), || {
         da.log_text().contains("fenced")
     });
@@ -454,7 +455,7 @@ fn a_second_daemon_is_refused_then_takes_over_with_force() {
 
     // The new holder writes and reads.
     let new = random(MIB as usize, 3);
-    cb.write("v", MIB, &new).unwrap();
+    cb.write("v", MIB, &new, false).unwrap();
     cb.flush().unwrap();
     assert_eq!(cb.read("v", MIB, new.len()).unwrap(), new);
     assert_eq!(cb.read("v", 0, data.len()).unwrap(), data);

@@ -481,7 +481,7 @@ fn cache_lost_after_sigkill_reopens_as_a_prefix_from_the_bucket() {
     );
 
     // The pool goes on from there.
-    d.client().write("v", 0, &[7u8; 4096]).unwrap();
+    d.client().write("v", 0, &[7u8; 4096], false).unwrap();
     d.client().flush().unwrap();
     assert!(d.terminate().success());
 }

@@ -396,6 +396,57 @@ fn rollback_waits_for_writers_unless_forced() {
     assert!(d.terminate().success());
 }
 
+/// Delete, import (which zeroes and rewrites the disk), import-diff and
+/// shrinking under a running VM's writes are refused unless forced, as
+/// rollback and commit are.
+#[test]
+fn destructive_commands_wait_for_writers_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let d = Daemon::start(&pool, &[]);
+    d.client().create_volume("web1", 4 * MIB).unwrap();
+    let img = dir.path().join("img.raw");
+    std::fs::write(&img, vec![0x44u8; MIB as usize]).unwrap();
+    run_ok(&pool, &["snap", "create", "web1@a"]);
+    d.client()
+        .write("web1", 8192, &[0x33; 4096], false)
+        .unwrap();
+    let diff = dir.path().join("d.vdiff");
+    run_ok(
+        &pool,
+        &["vol", "export-diff", "web1@a", "web1", path_str(&diff)],
+    );
+    let mut writer = Holder::start(
+        dir.path(),
+        "w",
+        &d.nbd_uri("web1"),
+        "h.pwrite(b'\\x22' * 4096, 0); h.flush()",
+        "",
+    );
+    let refused: [&[&str]; 4] = [
+        &["vol", "delete", "web1"],
+        &["vol", "import", "web1", path_str(&img)],
+        &["vol", "import-diff", "web1", path_str(&diff)],
+        &["vol", "resize", "web1", "--size", "1M", "--allow-shrink"],
+    ];
+    for args in refused {
+        let err = run_err(&pool, args);
+        assert!(
+            err.contains("open for writing by 1 NBD client") && err.contains("--force"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(d.client().read("web1", 0, 4096).unwrap(), vec![0x22; 4096]);
+    assert_eq!(d.client().volume_info("web1").unwrap().size_bytes, 4 * MIB);
+    // Growing changes nothing the VM has: no force needed.
+    run_ok(&pool, &["vol", "resize", "web1", "--size", "8M"]);
+    run_ok(&pool, &["vol", "import", "web1", path_str(&img), "--force"]);
+    assert_eq!(d.client().read("web1", 0, 4096).unwrap(), vec![0x44; 4096]);
+    run_ok(&pool, &["vol", "delete", "web1", "--force"]);
+    writer.finish();
+    assert!(d.terminate().success());
+}
+
 #[test]
 fn template_refuses_nbd_writes_and_clones_work() {
     let dir = tempfile::tempdir().unwrap();

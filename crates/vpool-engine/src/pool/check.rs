@@ -16,6 +16,7 @@
 //! `PoolConfig::repair_damaged_log`.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use vpool_store::SegmentId;
 
@@ -98,7 +99,9 @@ struct DataRecord {
 impl Pool {
     /// Checks the whole pool (see the module doc). O(pool bytes) reads,
     /// one segment in memory at a time; the pool keeps serving meanwhile.
-    pub fn check(&self, repair: bool) -> Result<CheckReport> {
+    /// Gives up with [`crate::EngineError::Cancelled`] once `cancel` is set
+    /// or the pool is closing.
+    pub fn check(&self, repair: bool, cancel: &AtomicBool) -> Result<CheckReport> {
         let mut report = CheckReport::default();
         let (images, segments, refs) = self.capture_for_check(&mut report);
         // By segment: (image index, extent start block, blocks, location).
@@ -118,6 +121,9 @@ impl Pool {
             // Segments stay while the check reads them.
             let _gate = self.inner.delete_gate.read();
             for &(id, len) in &segments {
+                if cancel.load(Ordering::Relaxed) || self.inner.shutdown.load(Ordering::Relaxed) {
+                    return Err(crate::EngineError::Cancelled("pool check"));
+                }
                 let empty = Vec::new();
                 let ext = extents.get(&id).unwrap_or(&empty);
                 self.check_segment(id, len, ext, &images, &mut report, &mut bad_blocks)?;

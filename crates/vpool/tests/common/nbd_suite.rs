@@ -118,7 +118,7 @@ pub fn qemu_img_info_convert_compare_map(d: Daemon, dir: &Path) -> Daemon {
     );
 
     // A change makes compare fail (the helper can fail).
-    d.client().write("disk", 4096, b"changed!").unwrap();
+    d.client().write("disk", 4096, b"changed!", false).unwrap();
     assert!(!qemu_img_compare(&uri, &src));
 
     // Holes: discard the second MiB; qemu-img map shows it as a hole.
@@ -256,7 +256,7 @@ pub fn nbdinfo_list_map_and_flags_unix_and_tcp(d: Daemon, _dir: &Path) -> Daemon
     // A volume created while the daemon runs is an export at once, and a
     // deleted one is gone.
     create(&d, "late", 8192);
-    d.client().delete_volume("a.b_c-d").unwrap();
+    d.client().delete_volume("a.b_c-d", false).unwrap();
     let names: Vec<String> = parse_list(&nbdinfo(&["--list", &d.nbd_uri("")]))
         .into_iter()
         .map(|(n, _)| n)
@@ -272,7 +272,9 @@ pub fn nbdinfo_list_map_and_flags_unix_and_tcp(d: Daemon, _dir: &Path) -> Daemon
     }
 
     // --map: data where written, holes elsewhere, the whole size covered.
-    d.client().write("db", MIB, &vec![7u8; 65536]).unwrap();
+    d.client()
+        .write("db", MIB, &vec![7u8; 65536], false)
+        .unwrap();
     let map = nbdinfo_map(&d.nbd_uri("db"));
     assert!(
         map.iter()
@@ -297,7 +299,7 @@ pub fn nbdcopy_both_ways_sparse_multi_conn(d: Daemon, dir: &Path) -> Daemon {
     create(&d, "disk", size);
     // Garbage first, so zero regions must really be written as zeros.
     d.client()
-        .write("disk", 0, &vec![0xee; 4 * MIB as usize])
+        .write("disk", 0, &vec![0xee; 4 * MIB as usize], false)
         .unwrap();
     let uri = d.nbd_uri("disk");
     let src = dir.join("src.img");
