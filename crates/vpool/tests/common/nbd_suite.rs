@@ -514,7 +514,7 @@ except nbd.Error as e:
 # connection never reaches a new volume of the same name, the server lives.
 g = connect("gone")
 g.pwrite(b"\x55" * 4096, 0)
-subprocess.run(VPOOL + ["vol", "delete", "gone"], check=True, stdout=subprocess.DEVNULL)
+subprocess.run(VPOOL + ["vol", "delete", "gone", "--force"], check=True, stdout=subprocess.DEVNULL)
 expect_err(lambda: g.pread(4096, 0), errno.EIO, "read of a deleted volume")
 subprocess.run(VPOOL + ["vol", "create", "gone", "--size", "1M"], check=True, stdout=subprocess.DEVNULL)
 expect_err(lambda: g.pwrite(b"\x66" * 4096, 0), errno.EIO, "write to a deleted volume")
