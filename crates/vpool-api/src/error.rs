@@ -47,6 +47,8 @@ pub enum ErrorKind {
     /// This pool cannot do that: cache commands on a local pool (it has no
     /// cache).
     NotSupported,
+    /// The client took too long to send its request body.
+    Timeout,
     /// A kind this client does not know (sent by a newer server).
     #[serde(other)]
     Unknown,
@@ -71,6 +73,7 @@ impl ErrorKind {
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorKind::Timeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -91,6 +94,7 @@ impl ErrorKind {
             ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
             ErrorKind::NotSupported => "not_supported",
+            ErrorKind::Timeout => "timeout",
             ErrorKind::Unknown => "unknown",
         }
     }

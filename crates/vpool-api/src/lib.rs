@@ -9,6 +9,8 @@
 //!   storage (stats and pins), as the daemon provides it.
 //! - [`server`]: the axum server, started on a Unix socket (trusted: file
 //!   permissions guard it) or a TCP listener (bearer token required).
+//! - [`limits`]: [`ApiLimits`] (connections per listener, header, body and
+//!   response timeouts) and the accept loop that enforces them.
 //! - [`client`]: a small synchronous client speaking HTTP/1.1 by hand over a
 //!   Unix or TCP stream; the CLI uses it.
 //!
@@ -19,6 +21,8 @@ pub mod cache;
 pub mod catalog;
 pub mod client;
 pub mod error;
+pub mod limits;
+pub mod ratelog;
 pub mod server;
 pub mod types;
 
@@ -26,6 +30,7 @@ pub use cache::CacheControl;
 pub use catalog::{Access, Catalog, TEMPLATE_SNAPSHOT};
 pub use client::{Client, ClientError, RawResponse};
 pub use error::{ApiError, ErrorBody, ErrorDetail, ErrorKind};
+pub use limits::ApiLimits;
 pub use server::{ApiState, AuthToken, ServeError, router, serve_tcp, serve_unix};
 pub use types::*;
 

@@ -11,11 +11,12 @@
 //!
 //! Two ways in: [`serve_unix`] trusts whoever can open the socket (its file
 //! mode guards it); [`serve_tcp`] requires `Authorization: Bearer <token>` on
-//! every request.
+//! every request. Both run under the state's [`ApiLimits`] (see
+//! [`crate::limits`]).
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
@@ -32,6 +33,7 @@ use vpool_engine::{EngineError, Pool, STATE_HOLE, STATE_ZERO};
 use crate::cache::CacheControl;
 use crate::catalog::{Catalog, TEMPLATE_SNAPSHOT, read_only_template};
 use crate::error::{ApiError, ErrorKind};
+use crate::limits::{ApiLimits, serve_limited};
 use crate::types::{
     Allocation, AllocationExtent, CacheInfo, CheckQuery, CheckResult, CleanResult, CloneRequest,
     CreateSnapshotRequest, CreateVolumeRequest, Diff, DiffExtent, DiffQuery, ForceQuery, PinList,
@@ -60,6 +62,7 @@ pub struct ApiState {
     catalog: Arc<Catalog>,
     nbd_tcp_addr: Option<std::net::SocketAddr>,
     cache: Option<Arc<dyn CacheControl>>,
+    limits: ApiLimits,
 }
 
 impl ApiState {
@@ -71,7 +74,18 @@ impl ApiState {
             catalog: Arc::new(Catalog::in_memory()),
             nbd_tcp_addr: None,
             cache: None,
+            limits: ApiLimits::default(),
         }
+    }
+
+    /// Serves under `limits` instead of [`ApiLimits::default`].
+    pub fn with_limits(mut self, limits: ApiLimits) -> ApiState {
+        self.limits = limits;
+        self
+    }
+
+    pub fn limits(&self) -> &ApiLimits {
+        &self.limits
     }
 
     /// Serves the `/v1/cache` routes from `cache` (without one, they answer
@@ -114,6 +128,8 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
     #[error("invalid API token: {0}")]
     BadToken(String),
+    #[error("invalid API limits: {0}")]
+    BadLimits(String),
 }
 
 /// A bearer token for the TCP listener, checked in constant time.
@@ -234,9 +250,9 @@ pub async fn serve_unix(
     state: ApiState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let limits = state.limits.clone();
+    limits.validate()?;
+    serve_limited(listener, router(state), &limits, shutdown, "unix").await;
     Ok(())
 }
 
@@ -248,10 +264,10 @@ pub async fn serve_tcp(
     token: AuthToken,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let limits = state.limits.clone();
+    limits.validate()?;
     let app = router(state).layer(middleware::from_fn_with_state(token, require_token));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    serve_limited(listener, app, &limits, shutdown, "tcp").await;
     Ok(())
 }
 
@@ -306,12 +322,13 @@ async fn wrong_method(req: Request) -> ApiError {
 /// `curl -d` sends form encoding by default.
 struct ApiJson<T>(T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+impl<T: DeserializeOwned> FromRequest<ApiState> for ApiJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state)
-            .await
+    async fn from_request(req: Request, state: &ApiState) -> Result<Self, Self::Rejection> {
+        let limit = state.limits.body_read_timeout;
+        let bytes = read_body_by(limit, Bytes::from_request(req, state))
+            .await?
             .map_err(|r| ApiError::from_rejection(r.status(), "request body", r.body_text()))?;
         serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| {
             ApiError::invalid(format!(
@@ -324,12 +341,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 /// A raw body, within the route's [`DefaultBodyLimit`].
 struct ApiBytes(Bytes);
 
-impl<S: Send + Sync> FromRequest<S> for ApiBytes {
+impl FromRequest<ApiState> for ApiBytes {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        Bytes::from_request(req, state)
-            .await
+    async fn from_request(req: Request, state: &ApiState) -> Result<Self, Self::Rejection> {
+        let limit = state.limits.body_read_timeout;
+        read_body_by(limit, Bytes::from_request(req, state))
+            .await?
             .map(ApiBytes)
             .map_err(|r| {
                 let text = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -342,6 +360,31 @@ impl<S: Send + Sync> FromRequest<S> for ApiBytes {
                 ApiError::from_rejection(r.status(), "request body", text)
             })
     }
+}
+
+/// Runs `read` (the reading of a request body) within `limit`
+/// ([`ApiLimits::body_read_timeout`]). A body that does not arrive in time
+/// fails the request; the rest of it is never read, so hyper closes the
+/// connection after the response.
+async fn read_body_by<R>(limit: Duration, read: impl Future<Output = R>) -> Result<R, ApiError> {
+    static TIMEOUTS: crate::ratelog::RateLimitedLog =
+        crate::ratelog::RateLimitedLog::new(crate::ratelog::LOG_PERIOD);
+    tokio::time::timeout(limit, read).await.map_err(|_| {
+        if let Some(suppressed) = TIMEOUTS.check() {
+            tracing::warn!(
+                limit_s = limit.as_secs_f64(),
+                suppressed,
+                "API limit: a request body did not arrive in time; failing the request"
+            );
+        }
+        ApiError::new(
+            ErrorKind::Timeout,
+            format!(
+                "the request body did not arrive within {} s",
+                limit.as_secs_f64()
+            ),
+        )
+    })
 }
 
 struct ApiQuery<T>(T);

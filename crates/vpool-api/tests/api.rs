@@ -10,8 +10,8 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use vpool_api::{
-    Access, ApiState, AuthToken, Catalog, Client, ClientError, DiffKind, ErrorKind, MAX_DATA_BYTES,
-    RawResponse, serve_tcp, serve_unix,
+    Access, ApiLimits, ApiState, AuthToken, Catalog, Client, ClientError, DiffKind, ErrorKind,
+    MAX_DATA_BYTES, RawResponse, serve_tcp, serve_unix,
 };
 use vpool_engine::{Pool, PoolConfig};
 use vpool_store::LocalDirStore;
@@ -40,6 +40,10 @@ struct TestServer {
 
 impl TestServer {
     fn start(listen: Listen) -> TestServer {
+        TestServer::start_with(listen, ApiLimits::default())
+    }
+
+    fn start_with(listen: Listen, limits: ApiLimits) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn vpool_store::SegmentStore> =
             Arc::new(LocalDirStore::open(dir.path().join("pool")).unwrap());
@@ -54,7 +58,9 @@ impl TestServer {
         let catalog = Arc::new(Catalog::open(store).unwrap());
         let socket = dir.path().join("api.sock");
         let (tx, rx) = oneshot::channel::<()>();
-        let state = ApiState::new(pool.clone()).with_catalog(catalog.clone());
+        let state = ApiState::new(pool.clone())
+            .with_catalog(catalog.clone())
+            .with_limits(limits);
         // Bind on this thread so the socket accepts as soon as start returns.
         let (unix, tcp, tcp_addr) = match listen {
             Listen::Unix => {
@@ -1263,4 +1269,188 @@ fn without_space(mut v: vpool_api::VolumeInfo) -> vpool_api::VolumeInfo {
     v.exclusive_bytes = None;
     v.shared_bytes = None;
     v
+}
+
+// ----- limits on what a client holds -----
+
+mod limits {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    fn connect(srv: &TestServer) -> UnixStream {
+        let s = UnixStream::connect(&srv.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    }
+
+    /// Reads until the server closes the connection; `None` if it did not
+    /// within the socket's read timeout. Returns what was read.
+    fn read_until_closed(s: &mut UnixStream) -> Option<Vec<u8>> {
+        let mut all = Vec::new();
+        let mut b = [0u8; 65536];
+        loop {
+            match s.read(&mut b) {
+                Ok(0) => return Some(all),
+                Ok(n) => all.extend_from_slice(&b[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Some(all),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Writes `bytes` one at a time, `every` apart, on a clone of `s`, until
+    /// the socket fails or all are sent.
+    fn trickle(s: &UnixStream, bytes: Vec<u8>, every: Duration) -> JoinHandle<()> {
+        let mut w = s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for b in bytes {
+                if w.write_all(&[b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(every);
+            }
+        })
+    }
+
+    fn short(header_ms: u64) -> ApiLimits {
+        ApiLimits {
+            header_read_timeout: Duration::from_millis(header_ms),
+            ..ApiLimits::default()
+        }
+    }
+
+    #[test]
+    fn silent_and_slow_header_connections_are_dropped() {
+        let srv = TestServer::start_with(Listen::Unix, short(500));
+        // Silent.
+        let mut s = connect(&srv);
+        let t0 = Instant::now();
+        assert_eq!(read_until_closed(&mut s), Some(Vec::new()));
+        assert!(
+            t0.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            t0.elapsed()
+        );
+        // A request head sent a byte every 50 ms: it would take 3 s.
+        let mut s = connect(&srv);
+        let head = b"GET /v1/pool HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+        let t0 = Instant::now();
+        let t = trickle(&s, head.to_vec(), Duration::from_millis(50));
+        assert!(
+            read_until_closed(&mut s).is_some(),
+            "a slow head was waited for"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            t0.elapsed()
+        );
+        t.join().unwrap();
+        srv.client().pool_info().unwrap();
+    }
+
+    #[test]
+    fn an_idle_keep_alive_connection_is_closed() {
+        let srv = TestServer::start_with(Listen::Unix, short(500));
+        let mut s = connect(&srv);
+        s.write_all(b"GET /v1/pool HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let t0 = Instant::now();
+        let got = read_until_closed(&mut s).expect("an idle keep-alive connection stayed open");
+        assert!(
+            got.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+        assert!(
+            t0.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            t0.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_connection_flood_is_capped() {
+        let limits = ApiLimits {
+            max_connections: 4,
+            ..short(1000)
+        };
+        let srv = TestServer::start_with(Listen::Unix, limits);
+        let flood: Vec<UnixStream> = (0..4).map(|_| connect(&srv)).collect();
+        // Let the server accept them before the fifth arrives.
+        std::thread::sleep(Duration::from_millis(100));
+        let mut fifth = connect(&srv);
+        let t0 = Instant::now();
+        assert_eq!(read_until_closed(&mut fifth), Some(Vec::new()));
+        assert!(
+            t0.elapsed() < Duration::from_millis(500),
+            "the fifth connection was not closed at once but after {:?}",
+            t0.elapsed()
+        );
+        // The flood's silent connections go at the header timeout, and the
+        // CLI gets in again.
+        std::thread::sleep(Duration::from_millis(1200));
+        srv.client().pool_info().unwrap();
+        drop(flood);
+    }
+
+    #[test]
+    fn a_slow_body_fails_with_timeout() {
+        let limits = ApiLimits {
+            body_read_timeout: Duration::from_millis(500),
+            ..ApiLimits::default()
+        };
+        let srv = TestServer::start_with(Listen::Unix, limits);
+        srv.client().create_volume("v", MIB).unwrap();
+        let heads = [
+            "PUT /v1/volumes/v/data?offset=0 HTTP/1.1\r\nHost: x\r\nContent-Length: 4096\r\n\r\n",
+            "POST /v1/volumes HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{",
+        ];
+        for head in heads {
+            let mut s = connect(&srv);
+            s.write_all(head.as_bytes()).unwrap();
+            let t0 = Instant::now();
+            let t = trickle(&s, vec![b' '; 60], Duration::from_millis(50));
+            let got = read_until_closed(&mut s).expect("a slow body was waited for");
+            let text = String::from_utf8_lossy(&got);
+            assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+            assert!(text.contains(r#""kind":"timeout""#), "{text}");
+            assert!(
+                t0.elapsed() < Duration::from_millis(2000),
+                "{:?}",
+                t0.elapsed()
+            );
+            t.join().unwrap();
+        }
+        assert_eq!(srv.client().read("v", 0, 4096).unwrap(), vec![0; 4096]);
+    }
+
+    #[test]
+    fn a_response_the_client_does_not_read_is_abandoned() {
+        let limits = ApiLimits {
+            response_write_timeout: Duration::from_millis(500),
+            ..ApiLimits::default()
+        };
+        let srv = TestServer::start_with(Listen::Unix, limits);
+        let len = MAX_DATA_BYTES;
+        srv.client().create_volume("v", len as u64).unwrap();
+        let mut s = connect(&srv);
+        write!(
+            s,
+            "GET /v1/volumes/v/data?offset=0&length={len} HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        let got = read_until_closed(&mut s).expect("the server kept the connection");
+        assert!(got.starts_with(b"HTTP/1.1 200"));
+        assert!(
+            got.len() < len,
+            "the whole response ({} bytes) was kept for a client that did not read",
+            got.len()
+        );
+        srv.client().pool_info().unwrap();
+    }
 }

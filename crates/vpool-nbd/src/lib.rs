@@ -30,12 +30,19 @@
 //!
 //! # Limits
 //!
-//! Everything a client sends is distrusted; the limits are
-//! [`ServerConfig`] fields (connections, requests in flight, request size,
-//! block sizes, handshake timeout) and constants in [`proto`]
-//! ([`proto::MAX_OPTION_LEN`], [`proto::MAX_OPTIONS_PER_HANDSHAKE`],
-//! [`proto::MAX_STRING_LEN`], [`proto::MAX_META_QUERIES`],
-//! [`proto::MAX_BLOCK_STATUS_EXTENTS`]).
+//! Everything a client sends is distrusted, and everything a client can hold
+//! has a limit and a timeout, all [`ServerConfig`] fields with their defaults
+//! and consequences documented there (and tabulated in the workspace's
+//! `ARCHITECTURE.md`): connections in total and per client
+//! ([`ClientKey`]: a TCP address or a Unix-socket process), with eviction
+//! of idle connections when a cap is reached; a deadline for the whole
+//! handshake; requests and bytes in flight per connection and in total;
+//! deadlines for receiving a payload and writing a reply; TCP keepalive.
+//! Hitting a limit logs a WARN line, at most one per kind per 10 s
+//! ([`ratelog`]), and counts it in [`ServerStats`]. Parsing limits are
+//! constants in [`proto`] ([`proto::MAX_OPTION_LEN`],
+//! [`proto::MAX_OPTIONS_PER_HANDSHAKE`], [`proto::MAX_STRING_LEN`],
+//! [`proto::MAX_META_QUERIES`], [`proto::MAX_BLOCK_STATUS_EXTENTS`]).
 //!
 //! # Benchmarks and fuzzing
 //!
@@ -61,15 +68,18 @@
 pub mod config;
 pub mod device;
 pub mod handshake;
+mod limits;
 pub mod mem;
 pub mod net;
 pub mod proto;
+pub mod ratelog;
 pub mod server;
 mod transmission;
 pub mod wire;
 
 pub use config::{ConfigError, ServerConfig, TlsMode};
 pub use device::{BlockDevice, DeviceError, DeviceErrorKind, ExportInfo, ExportRegistry};
+pub use limits::ClientKey;
 pub use mem::{MemDevice, MemRegistry};
 pub use net::{ListenAddr, Listener};
-pub use server::{ServerError, ServerHandle, ShutdownSignal, run, spawn};
+pub use server::{ServerError, ServerHandle, ServerStats, ShutdownSignal, run, spawn};

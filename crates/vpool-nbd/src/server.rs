@@ -1,4 +1,6 @@
-//! Accept loop, connection bookkeeping and graceful shutdown.
+//! Accept loop, connection bookkeeping (caps per client and in total, with
+//! eviction of idle connections), the handshake deadline, and graceful
+//! shutdown.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -6,7 +8,7 @@ use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -16,7 +18,9 @@ use tracing::{debug, error, info, warn};
 use crate::config::{ConfigError, ServerConfig};
 use crate::device::ExportRegistry;
 use crate::handshake::{self, HandshakeError};
-use crate::net::{ListenAddr, Listener, Stream};
+use crate::limits::{Activity, ByteBudget, Candidate, ClientKey, choose_victim};
+use crate::net::{DeadlineStream, ListenAddr, Listener, Stream};
+use crate::ratelog::RateLimitedLog;
 use crate::transmission;
 
 /// A one-shot, clonable shutdown trigger. [`run`] returns after
@@ -71,13 +75,213 @@ pub enum ServerError {
     Io(#[from] io::Error),
 }
 
+/// What the server has counted since it started; see [`ServerHandle::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServerStats {
+    /// Connections open now (handshake or transmission, including ones
+    /// being closed to make room).
+    pub connections: usize,
+    /// Bytes of READ replies and WRITE payloads held in memory now, all
+    /// connections together (bounded by
+    /// [`ServerConfig::max_in_flight_bytes_total`]).
+    pub in_flight_bytes: usize,
+    /// Connections closed at accept because a connection cap was reached
+    /// and no idle connection could make room.
+    pub refused_connections: u64,
+    /// Idle connections closed to make room for a new one.
+    pub evicted_connections: u64,
+    /// Handshakes that did not finish within
+    /// [`ServerConfig::handshake_timeout`].
+    pub handshake_timeouts: u64,
+    /// Connections closed because a payload did not arrive within
+    /// [`ServerConfig::request_read_timeout`] or a reply could not be
+    /// written within [`ServerConfig::reply_write_timeout`].
+    pub io_timeouts: u64,
+}
+
+/// Server-wide limit state shared with every connection: the byte budget of
+/// all connections, the counters behind [`ServerStats`], and the
+/// rate-limited log lines of each kind of limit.
+#[derive(Debug)]
+pub(crate) struct Counters {
+    pub(crate) total_budget: ByteBudget,
+    connections: AtomicUsize,
+    refused: AtomicU64,
+    evicted: AtomicU64,
+    handshake_timeouts: AtomicU64,
+    io_timeouts: AtomicU64,
+    log_refused_total: RateLimitedLog,
+    log_refused_client: RateLimitedLog,
+    log_evicted: RateLimitedLog,
+    log_handshake: RateLimitedLog,
+    log_io_timeout: RateLimitedLog,
+    log_accept: RateLimitedLog,
+}
+
+impl Counters {
+    fn new(cfg: &ServerConfig) -> Self {
+        Counters {
+            total_budget: ByteBudget::new(cfg.max_in_flight_bytes_total),
+            connections: AtomicUsize::new(0),
+            refused: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+            handshake_timeouts: AtomicU64::new(0),
+            io_timeouts: AtomicU64::new(0),
+            log_refused_total: RateLimitedLog::default(),
+            log_refused_client: RateLimitedLog::default(),
+            log_evicted: RateLimitedLog::default(),
+            log_handshake: RateLimitedLog::default(),
+            log_io_timeout: RateLimitedLog::default(),
+            log_accept: RateLimitedLog::default(),
+        }
+    }
+
+    fn stats(&self) -> ServerStats {
+        ServerStats {
+            connections: self.connections.load(Ordering::SeqCst),
+            in_flight_bytes: self.total_budget.used_bytes(),
+            refused_connections: self.refused.load(Ordering::SeqCst),
+            evicted_connections: self.evicted.load(Ordering::SeqCst),
+            handshake_timeouts: self.handshake_timeouts.load(Ordering::SeqCst),
+            io_timeouts: self.io_timeouts.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Count a connection closed by `request_read_timeout` or
+    /// `reply_write_timeout`, and say so (rate-limited).
+    pub(crate) fn io_timeout(&self, conn: u64, peer: &str, what: &str) {
+        self.io_timeouts.fetch_add(1, Ordering::SeqCst);
+        if let Some(suppressed) = self.log_io_timeout.check() {
+            warn!(
+                conn,
+                peer, suppressed, "NBD limit: {what} timed out; closing the connection"
+            );
+        }
+    }
+}
+
+/// One registered connection.
+struct Entry {
+    stream: Arc<Stream>,
+    client: ClientKey,
+    peer: String,
+    activity: Arc<Activity>,
+    /// Closed to make room; its threads are still winding down.
+    evicted: bool,
+}
+
+/// What the server keeps per client: its connections (not counting evicted
+/// ones) and the byte budget they share.
+struct ClientSlot {
+    connections: usize,
+    budget: Arc<ByteBudget>,
+}
+
+/// Every connection, and how many each client holds. Evicted connections
+/// stay listed until their threads finish (so shutdown waits for them) but
+/// no longer count against either cap.
+#[derive(Default)]
+struct ConnTable {
+    conns: HashMap<u64, Entry>,
+    per_client: HashMap<ClientKey, ClientSlot>,
+    evicting: usize,
+}
+
+/// Why a new connection was refused.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    ClientCap,
+    TotalCap,
+}
+
+impl ConnTable {
+    fn counted(&self) -> usize {
+        self.conns.len() - self.evicting
+    }
+
+    fn client_count(&self, client: &ClientKey) -> usize {
+        self.per_client.get(client).map_or(0, |c| c.connections)
+    }
+
+    /// Register a connection; returns its client's byte budget.
+    fn insert(&mut self, id: u64, entry: Entry, client_limit_bytes: usize) -> Arc<ByteBudget> {
+        let slot = self
+            .per_client
+            .entry(entry.client)
+            .or_insert_with(|| ClientSlot {
+                connections: 0,
+                budget: Arc::new(ByteBudget::new(client_limit_bytes)),
+            });
+        slot.connections += 1;
+        let budget = Arc::clone(&slot.budget);
+        let old = self.conns.insert(id, entry);
+        assert!(old.is_none(), "connection id {id} reused");
+        budget
+    }
+
+    fn uncount(&mut self, client: &ClientKey) {
+        let slot = self
+            .per_client
+            .get_mut(client)
+            .expect("a registered connection's client is counted");
+        slot.connections -= 1;
+        if slot.connections == 0 {
+            // Its connections still hold the budget; a new connection of the
+            // client starts a new one.
+            self.per_client.remove(client);
+        }
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Entry> {
+        let e = self.conns.remove(&id)?;
+        if e.evicted {
+            self.evicting -= 1;
+        } else {
+            self.uncount(&e.client);
+        }
+        Some(e)
+    }
+
+    /// Idle connections that may make room, of `only` client if given.
+    fn candidates(&self, only: Option<&ClientKey>) -> Vec<Candidate> {
+        self.conns
+            .iter()
+            .filter(|(_, e)| !e.evicted && only.is_none_or(|c| *c == e.client))
+            .filter_map(|(&id, e)| {
+                Some(Candidate {
+                    id,
+                    client_connections: self.client_count(&e.client),
+                    idle: e.activity.idle()?,
+                })
+            })
+            .collect()
+    }
+
+    /// Close connection `id` to make room; returns its peer and idle time.
+    fn evict(&mut self, id: u64) -> (String, Duration) {
+        let e = self.conns.get_mut(&id).expect("victim is registered");
+        assert!(!e.evicted, "connection {id} evicted twice");
+        e.evicted = true;
+        e.stream.shutdown(Shutdown::Both);
+        let (client, peer) = (e.client, e.peer.clone());
+        let idle = e.activity.idle().map_or(Duration::ZERO, |i| i.idle_for);
+        self.evicting += 1;
+        self.uncount(&client);
+        (peer, idle)
+    }
+}
+
 struct Shared {
     cfg: ServerConfig,
     registry: Arc<dyn ExportRegistry>,
-    conns: Mutex<HashMap<u64, Arc<Stream>>>,
+    table: Mutex<ConnTable>,
     conns_cv: Condvar,
     shutting_down: AtomicBool,
     next_id: AtomicU64,
+    /// Time origin of every connection's [`Activity`].
+    epoch: Instant,
+    counters: Arc<Counters>,
 }
 
 /// Serve NBD on `listener` until `shutdown` fires.
@@ -96,7 +300,17 @@ pub fn run(
     shutdown: ShutdownSignal,
 ) -> Result<(), ServerError> {
     config.validate()?;
-    let listener = listener.into();
+    let counters = Arc::new(Counters::new(&config));
+    run_counted(listener.into(), registry, config, shutdown, counters)
+}
+
+fn run_counted(
+    listener: Listener,
+    registry: Arc<dyn ExportRegistry>,
+    config: ServerConfig,
+    shutdown: ShutdownSignal,
+    counters: Arc<Counters>,
+) -> Result<(), ServerError> {
     // Non-blocking accept so that a client resetting between poll and accept
     // cannot block the loop.
     listener.set_nonblocking(true)?;
@@ -105,10 +319,12 @@ pub fn run(
     let shared = Arc::new(Shared {
         cfg: config,
         registry,
-        conns: Mutex::new(HashMap::new()),
+        table: Mutex::new(ConnTable::default()),
         conns_cv: Condvar::new(),
         shutting_down: AtomicBool::new(false),
         next_id: AtomicU64::new(1),
+        epoch: Instant::now(),
+        counters,
     });
 
     let result = accept_loop(&listener, &shared, &shutdown);
@@ -118,7 +334,6 @@ pub fn run(
     info!(?addr, "NBD server stopped");
     result.map_err(ServerError::Io)
 }
-
 fn accept_loop(
     listener: &Listener,
     shared: &Arc<Shared>,
@@ -161,14 +376,16 @@ fn accept_loop(
             continue;
         }
         match listener.accept() {
-            Ok((stream, peer)) => admit(shared, stream, peer),
+            Ok((stream, client, peer)) => admit(shared, stream, client, peer),
             Err(e)
                 if e.kind() == io::ErrorKind::WouldBlock
                     || e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if is_transient_accept_error(&e) => {
                 // Out of fds or memory, or the client already reset: log,
                 // back off briefly, keep serving existing clients.
-                warn!(error = %e, "accept failed; retrying");
+                if let Some(suppressed) = shared.counters.log_accept.check() {
+                    warn!(error = %e, suppressed, "NBD limit: accept failed (out of file descriptors or memory?); retrying");
+                }
                 std::thread::sleep(Duration::from_millis(50));
             }
             Err(e) => {
@@ -197,43 +414,136 @@ fn is_transient_accept_error(e: &io::Error) -> bool {
     )
 }
 
-fn admit(shared: &Arc<Shared>, stream: Stream, peer: String) {
+fn admit(shared: &Arc<Shared>, stream: Stream, client: ClientKey, peer: String) {
+    let accepted = Instant::now();
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let stream = Arc::new(stream);
-    {
-        let mut conns = shared.conns.lock();
-        if conns.len() >= shared.cfg.max_connections {
-            warn!(peer = %peer, limit = shared.cfg.max_connections, "connection limit reached; refusing client");
+    let activity = Arc::new(Activity::new(shared.epoch));
+    let client_budget = {
+        let mut table = shared.table.lock();
+        if let Err(why) = make_room(shared, &mut table, &client) {
+            drop(table);
+            refuse(shared, why, &client, &peer);
             stream.shutdown(Shutdown::Both);
             return;
         }
-        conns.insert(id, Arc::clone(&stream));
-    }
+        let entry = Entry {
+            stream: Arc::clone(&stream),
+            client,
+            peer: peer.clone(),
+            activity: Arc::clone(&activity),
+            evicted: false,
+        };
+        let budget = table.insert(id, entry, shared.cfg.max_in_flight_bytes_per_client);
+        let n = table.conns.len();
+        shared.counters.connections.store(n, Ordering::SeqCst);
+        budget
+    };
     debug!(conn = id, peer = %peer, "client connected");
     let sh = Arc::clone(shared);
+    let conn = Admitted {
+        id,
+        stream,
+        peer,
+        activity,
+        client_budget,
+        accepted,
+    };
     let spawned = std::thread::Builder::new()
         .name(format!("nbd-conn-{id}"))
-        .spawn(move || connection_main(sh, id, stream, peer));
+        .spawn(move || connection_main(sh, conn));
     if let Err(e) = spawned {
         warn!(conn = id, error = %e, "cannot spawn connection thread; dropping client");
         unregister(shared, id);
     }
 }
 
-fn unregister(shared: &Shared, id: u64) {
-    let mut conns = shared.conns.lock();
-    if let Some(s) = conns.remove(&id) {
-        s.shutdown(Shutdown::Both);
+/// Make room for one more connection of `client` under both caps, closing
+/// an idle connection if a cap is reached (see
+/// [`ServerConfig::evict_idle_after`]).
+fn make_room(shared: &Shared, table: &mut ConnTable, client: &ClientKey) -> Result<(), Refusal> {
+    let cfg = &shared.cfg;
+    let (only, why) = if table.client_count(client) >= cfg.max_connections_per_client {
+        (Some(client), Refusal::ClientCap)
+    } else if table.counted() >= cfg.max_connections {
+        (None, Refusal::TotalCap)
+    } else {
+        return Ok(());
+    };
+    let victim = choose_victim(table.candidates(only), cfg.evict_idle_after).ok_or(why)?;
+    let (victim_peer, idle) = table.evict(victim);
+    let c = &shared.counters;
+    c.evicted.fetch_add(1, Ordering::SeqCst);
+    if let Some(suppressed) = c.log_evicted.check() {
+        warn!(conn = victim, peer = %victim_peer, idle_s = idle.as_secs(), new_client = %client,
+              ?why, suppressed, "NBD limit: connection cap reached; closing the idle connection to make room");
     }
+    assert!(table.client_count(client) < cfg.max_connections_per_client);
+    assert!(table.counted() < cfg.max_connections);
+    Ok(())
+}
+
+/// Count and log (rate-limited) a connection refused at accept.
+fn refuse(shared: &Shared, why: Refusal, client: &ClientKey, peer: &str) {
+    let c = &shared.counters;
+    c.refused.fetch_add(1, Ordering::SeqCst);
+    let (log, limit, what) = match why {
+        Refusal::ClientCap => (
+            &c.log_refused_client,
+            shared.cfg.max_connections_per_client,
+            "NBD limit: per-client connection cap reached and none of its connections is idle; refusing",
+        ),
+        Refusal::TotalCap => (
+            &c.log_refused_total,
+            shared.cfg.max_connections,
+            "NBD limit: connection cap reached and no connection is idle; refusing",
+        ),
+    };
+    if let Some(suppressed) = log.check() {
+        warn!(peer, client = %client, limit, suppressed, "{what}");
+    }
+}
+
+fn unregister(shared: &Shared, id: u64) {
+    let mut table = shared.table.lock();
+    if let Some(e) = table.remove(id) {
+        e.stream.shutdown(Shutdown::Both);
+    }
+    let n = table.conns.len();
+    shared.counters.connections.store(n, Ordering::SeqCst);
     shared.conns_cv.notify_all();
 }
 
-fn connection_main(shared: Arc<Shared>, id: u64, stream: Arc<Stream>, peer: String) {
-    let setup = stream
-        .set_blocking()
-        .and_then(|()| stream.set_nodelay())
-        .and_then(|()| stream.set_read_timeout(Some(shared.cfg.handshake_timeout)));
-    if let Err(e) = setup {
+/// Socket options for a new connection, before the handshake.
+fn setup_socket(shared: &Shared, stream: &Stream) -> io::Result<()> {
+    stream.set_blocking()?;
+    stream.set_nodelay()?;
+    if let Some(idle) = shared.cfg.tcp_keepalive {
+        stream.set_keepalive(idle)?;
+    }
+    Ok(())
+}
+
+/// A connection admitted by [`admit`], for its thread.
+struct Admitted {
+    id: u64,
+    stream: Arc<Stream>,
+    peer: String,
+    activity: Arc<Activity>,
+    client_budget: Arc<ByteBudget>,
+    accepted: Instant,
+}
+
+fn connection_main(shared: Arc<Shared>, conn: Admitted) {
+    let Admitted {
+        id,
+        stream,
+        peer,
+        activity,
+        client_budget,
+        accepted,
+    } = conn;
+    if let Err(e) = setup_socket(&shared, &stream) {
         warn!(conn = id, error = %e, "socket setup failed");
         unregister(&shared, id);
         return;
@@ -242,7 +552,10 @@ fn connection_main(shared: Arc<Shared>, id: u64, stream: Arc<Stream>, peer: Stri
     // only shuts down sockets it can see, and this one is registered.
     let sd = Arc::clone(&shared);
     let negotiated = {
-        let mut s: &Stream = &stream;
+        let mut s = DeadlineStream {
+            stream: &stream,
+            deadline: accepted + shared.cfg.handshake_timeout,
+        };
         handshake::negotiate(&mut s, shared.registry.as_ref(), &shared.cfg, &move || {
             sd.shutting_down.load(Ordering::SeqCst)
         })
@@ -250,28 +563,17 @@ fn connection_main(shared: Arc<Shared>, id: u64, stream: Arc<Stream>, peer: Stri
     let n = match negotiated {
         Ok(n) => n,
         Err(e) => {
-            match &e {
-                HandshakeError::Io(io) if io.kind() == io::ErrorKind::UnexpectedEof => {
-                    debug!(conn = id, peer = %peer, "client left during handshake")
-                }
-                HandshakeError::Aborted => {
-                    debug!(conn = id, peer = %peer, "client aborted handshake")
-                }
-                HandshakeError::Io(io)
-                    if matches!(
-                        io.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    warn!(conn = id, peer = %peer, "handshake timed out")
-                }
-                other => warn!(conn = id, peer = %peer, error = %other, "handshake failed"),
-            }
+            log_handshake_error(&shared, id, &peer, &e);
             unregister(&shared, id);
             return;
         }
     };
-    if let Err(e) = stream.set_read_timeout(None) {
+    // Transmission: no read timeout between requests (a VM may idle for
+    // days); every reply write is bounded.
+    let setup = stream
+        .set_read_timeout(None)
+        .and_then(|()| stream.set_write_timeout(Some(shared.cfg.reply_write_timeout)));
+    if let Err(e) = setup {
         warn!(conn = id, error = %e, "socket setup failed");
         unregister(&shared, id);
         return;
@@ -281,56 +583,93 @@ fn connection_main(shared: Arc<Shared>, id: u64, stream: Arc<Stream>, peer: Stri
     if shared.shutting_down.load(Ordering::SeqCst) {
         stream.shutdown(Shutdown::Read);
     }
+    activity.enter_transmission();
     let sh = Arc::clone(&shared);
-    let cfg = shared.cfg.clone();
-    transmission::serve(
+    let session = transmission::Session {
         id,
         peer,
-        n.export_name,
+        export: n.export_name,
         stream,
-        n.device,
-        n.params,
-        &cfg,
-        Box::new(move || unregister(&sh, id)),
-    );
+        device: n.device,
+        params: n.params,
+        activity,
+        client_budget,
+        counters: Arc::clone(&shared.counters),
+        on_close: Box::new(move || unregister(&sh, id)),
+    };
+    transmission::serve(session, &shared.cfg);
+}
+
+/// Log a failed handshake. Clients can fail handshakes at will, so the
+/// lines that are not routine are rate-limited.
+fn log_handshake_error(shared: &Shared, id: u64, peer: &str, e: &HandshakeError) {
+    let c = &shared.counters;
+    match e {
+        HandshakeError::Io(io) if io.kind() == io::ErrorKind::UnexpectedEof => {
+            debug!(conn = id, peer, "client left during handshake")
+        }
+        HandshakeError::Aborted => debug!(conn = id, peer, "client aborted handshake"),
+        HandshakeError::Io(io)
+            if matches!(
+                io.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            c.handshake_timeouts.fetch_add(1, Ordering::SeqCst);
+            if let Some(suppressed) = c.log_handshake.check() {
+                warn!(
+                    conn = id,
+                    peer,
+                    limit_s = shared.cfg.handshake_timeout.as_secs_f64(),
+                    suppressed,
+                    "NBD limit: handshake not finished by its deadline; closing the connection"
+                );
+            }
+        }
+        other => {
+            if let Some(suppressed) = c.log_handshake.check() {
+                warn!(conn = id, peer, error = %other, suppressed, "handshake failed");
+            }
+        }
+    }
 }
 
 /// Wind down all connections (see [`run`]).
 fn drain(shared: &Shared) {
-    let mut conns = shared.conns.lock();
-    if conns.is_empty() {
+    let mut table = shared.table.lock();
+    if table.conns.is_empty() {
         return;
     }
     info!(
-        connections = conns.len(),
+        connections = table.conns.len(),
         "shutting down: finishing in-flight requests"
     );
-    for s in conns.values() {
-        transmission::Connection::shutdown_read(s);
+    for e in table.conns.values() {
+        transmission::Connection::shutdown_read(&e.stream);
     }
     let deadline = Instant::now() + shared.cfg.shutdown_grace;
-    while !conns.is_empty() {
-        if shared.conns_cv.wait_until(&mut conns, deadline).timed_out() {
+    while !table.conns.is_empty() {
+        if shared.conns_cv.wait_until(&mut table, deadline).timed_out() {
             break;
         }
     }
-    if !conns.is_empty() {
+    if !table.conns.is_empty() {
         warn!(
-            connections = conns.len(),
+            connections = table.conns.len(),
             "shutdown grace period over: forcing connections closed"
         );
-        for s in conns.values() {
-            s.shutdown(Shutdown::Both);
+        for e in table.conns.values() {
+            e.stream.shutdown(Shutdown::Both);
         }
-        while !conns.is_empty() {
+        while !table.conns.is_empty() {
             // Threads blocked inside a device call finish on their own time.
             if shared
                 .conns_cv
-                .wait_for(&mut conns, Duration::from_secs(10))
+                .wait_for(&mut table, Duration::from_secs(10))
                 .timed_out()
             {
                 warn!(
-                    connections = conns.len(),
+                    connections = table.conns.len(),
                     "still waiting for connections stuck in device calls"
                 );
             }
@@ -343,6 +682,7 @@ fn drain(shared: &Shared) {
 pub struct ServerHandle {
     addr: ListenAddr,
     shutdown: ShutdownSignal,
+    counters: Arc<Counters>,
     thread: Option<JoinHandle<Result<(), ServerError>>>,
 }
 
@@ -355,6 +695,11 @@ impl ServerHandle {
     /// An NBD URI for `export` on this server.
     pub fn uri(&self, export: &str) -> String {
         self.addr.uri(export)
+    }
+
+    /// What the server has counted: connections, bytes in flight, limits hit.
+    pub fn stats(&self) -> ServerStats {
+        self.counters.stats()
     }
 
     /// The signal that stops this server.
@@ -397,12 +742,15 @@ pub fn spawn(
     let addr = listener.local_addr()?;
     let shutdown = ShutdownSignal::new()?;
     let sd = shutdown.clone();
+    let counters = Arc::new(Counters::new(&config));
+    let c = Arc::clone(&counters);
     let thread = std::thread::Builder::new()
         .name("nbd-accept".into())
-        .spawn(move || run(listener, registry, config, sd))?;
+        .spawn(move || run_counted(listener, registry, config, sd, c))?;
     Ok(ServerHandle {
         addr,
         shutdown,
+        counters,
         thread: Some(thread),
     })
 }

@@ -29,6 +29,20 @@
 //! idle connections cost no CPU; the fast path costs one atomic store and one
 //! atomic load per request.
 //!
+//! # Limits
+//!
+//! Bytes of READ data and WRITE payloads are taken from the byte budgets of
+//! the connection, its client and the server before the buffer is
+//! allocated, and given back once the reply is written (see [`Held`]). When
+//! one is spent the reading thread waits, so nothing more is read from that
+//! connection until its client's (or others') requests are answered. A
+//! WRITE payload must arrive within `request_read_timeout` of its header;
+//! each reply must be written within `reply_write_timeout` (the socket's
+//! send timeout, shortened after a partial write). Between requests a
+//! connection may idle forever; its watcher marks it idle in the shared
+//! [`Activity`] when it parks, which is what lets the server evict it when a
+//! connection cap is reached.
+//!
 //! # Errors
 //!
 //! Invalid requests are answered with the protocol's error (see
@@ -41,15 +55,17 @@ use std::io::{self, IoSlice, Read};
 use std::net::Shutdown;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 use tracing::{debug, info, warn};
 
 use crate::config::ServerConfig;
 use crate::device::{BlockDevice, DeviceError, DeviceErrorKind};
+use crate::limits::{Activity, ByteBudget, Held};
 use crate::net::Stream;
 use crate::proto::*;
+use crate::server::Counters;
 use crate::wire::{self, Command, RequestError, TransmissionParams};
 
 /// Bytes read from the socket at a time; many small requests fit in one read.
@@ -73,6 +89,9 @@ struct Input {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
+    /// A payload read left a receive timeout on the socket; it must be
+    /// cleared before waiting for the next request.
+    rcv_timeout_set: bool,
 }
 
 enum Fill {
@@ -86,9 +105,15 @@ impl Input {
         self.end - self.start
     }
 
-    /// Ensure `n <= INPUT_BUFFER` bytes are buffered. Flushes corked replies
+    /// Ensure `n <= INPUT_BUFFER` bytes are buffered, by `deadline` if one
+    /// is given (else waiting as long as it takes). Flushes corked replies
     /// before blocking, so the client always sees every answer it can get.
-    fn fill(&mut self, n: usize, out: &Mutex<Output>) -> io::Result<Fill> {
+    fn fill(
+        &mut self,
+        n: usize,
+        out: &Mutex<Output>,
+        deadline: Option<Instant>,
+    ) -> io::Result<Fill> {
         if self.buffered() >= n {
             return Ok(Fill::Ready);
         }
@@ -98,8 +123,19 @@ impl Input {
             self.start = 0;
         }
         out.lock().flush()?;
+        if deadline.is_none() && self.rcv_timeout_set {
+            self.stream.set_read_timeout(None)?;
+            self.rcv_timeout_set = false;
+        }
         while self.buffered() < n {
-            match (&*self.stream).read(&mut self.buf[self.end..]) {
+            let r = match deadline {
+                None => (&*self.stream).read(&mut self.buf[self.end..]),
+                Some(d) => {
+                    self.rcv_timeout_set = true;
+                    self.stream.read_by(&mut self.buf[self.end..], d)
+                }
+            };
+            match r {
                 Ok(0) => {
                     return if self.buffered() == 0 {
                         Ok(Fill::Eof)
@@ -118,8 +154,8 @@ impl Input {
         Ok(Fill::Ready)
     }
 
-    fn must_fill(&mut self, n: usize, out: &Mutex<Output>) -> io::Result<()> {
-        match self.fill(n, out)? {
+    fn must_fill(&mut self, n: usize, out: &Mutex<Output>, deadline: Instant) -> io::Result<()> {
+        match self.fill(n, out, Some(deadline))? {
             Fill::Ready => Ok(()),
             Fill::Eof => Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -135,33 +171,51 @@ impl Input {
         h
     }
 
-    /// Read a request payload into `dst`.
-    fn read_payload(&mut self, dst: &mut [u8], out: &Mutex<Output>) -> io::Result<()> {
+    /// Read a request payload into `dst`; what is not buffered yet must
+    /// arrive within `timeout`.
+    fn read_payload(
+        &mut self,
+        dst: &mut [u8],
+        out: &Mutex<Output>,
+        timeout: Duration,
+    ) -> io::Result<()> {
         let have = self.buffered().min(dst.len());
         dst[..have].copy_from_slice(&self.buf[self.start..self.start + have]);
         self.start += have;
-        let rest = &mut dst[have..];
+        let mut rest = &mut dst[have..];
         if rest.is_empty() {
             return Ok(());
         }
+        // Only a payload that is not all here yet pays for a clock read.
+        let deadline = Instant::now() + timeout;
         if rest.len() <= self.buf.len() / 2 {
             // Small remainder: refill the buffer, which also reads ahead.
-            self.must_fill(rest.len(), out)?;
+            self.must_fill(rest.len(), out, deadline)?;
             let n = rest.len();
             rest.copy_from_slice(&self.buf[self.start..self.start + n]);
             self.start += n;
-            Ok(())
-        } else {
-            out.lock().flush()?;
-            (&*self.stream).read_exact(rest)
+            return Ok(());
         }
+        out.lock().flush()?;
+        self.rcv_timeout_set = true;
+        while !rest.is_empty() {
+            match self.stream.read_by(rest, deadline) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => rest = &mut rest[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
-    /// Discard `n` payload bytes of a rejected WRITE.
-    fn skip(&mut self, mut n: usize, out: &Mutex<Output>) -> io::Result<()> {
+    /// Discard `n` payload bytes of a rejected WRITE, within `timeout`.
+    fn skip(&mut self, mut n: usize, out: &Mutex<Output>, timeout: Duration) -> io::Result<()> {
+        let mut deadline = None;
         while n > 0 {
             if self.buffered() == 0 {
-                self.must_fill(1, out)?;
+                let d = *deadline.get_or_insert_with(|| Instant::now() + timeout);
+                self.must_fill(1, out, d)?;
             }
             let k = self.buffered().min(n);
             self.start += k;
@@ -180,6 +234,10 @@ struct Output {
     stream: Arc<Stream>,
     buf: Vec<u8>,
     broken: bool,
+    /// `reply_write_timeout`, also the socket's send timeout.
+    write_timeout: Duration,
+    /// A write failed because the client did not read for `write_timeout`.
+    timed_out: bool,
 }
 
 impl Output {
@@ -195,7 +253,7 @@ impl Output {
         }
         let r = self
             .stream
-            .write_all_vectored(&mut [IoSlice::new(&self.buf)]);
+            .write_all_vectored(&mut [IoSlice::new(&self.buf)], self.write_timeout);
         self.buf.clear();
         self.check(r)
     }
@@ -209,18 +267,22 @@ impl Output {
             ));
         }
         let pending = std::mem::take(&mut self.buf);
-        let r = self.stream.write_all_vectored(&mut [
-            IoSlice::new(&pending),
-            IoSlice::new(header),
-            IoSlice::new(data),
-        ]);
+        let r = self.stream.write_all_vectored(
+            &mut [
+                IoSlice::new(&pending),
+                IoSlice::new(header),
+                IoSlice::new(data),
+            ],
+            self.write_timeout,
+        );
         self.buf = pending;
         self.buf.clear();
         self.check(r)
     }
 
     fn check(&mut self, r: io::Result<()>) -> io::Result<()> {
-        if r.is_err() {
+        if let Err(e) = &r {
+            self.timed_out |= e.kind() == io::ErrorKind::TimedOut;
             // The client is gone or stuck; wake the reader so the connection
             // winds down instead of executing requests nobody will see.
             self.broken = true;
@@ -274,6 +336,8 @@ pub(crate) struct Connection {
     params: TransmissionParams,
     stall: Duration,
     max_in_flight: usize,
+    /// `request_read_timeout`: how long a WRITE payload may take to arrive.
+    payload_timeout: Duration,
     stream: Arc<Stream>,
     input: Mutex<Input>,
     output: Mutex<Output>,
@@ -287,23 +351,47 @@ pub(crate) struct Connection {
     closing: AtomicBool,
     dirty: AtomicBool,
     rejections: AtomicU32,
+    /// Bytes this connection's requests hold (READ data, WRITE payloads).
+    budget: ByteBudget,
+    /// The same, for all connections of this connection's client.
+    client_budget: Arc<ByteBudget>,
+    /// Idleness, as the server sees it for eviction.
+    activity: Arc<Activity>,
+    counters: Arc<Counters>,
     on_close: Box<dyn Fn() + Send + Sync>,
+}
+
+/// A negotiated connection, handed from the server to [`serve`].
+pub(crate) struct Session {
+    pub(crate) id: u64,
+    pub(crate) peer: String,
+    pub(crate) export: String,
+    pub(crate) stream: Arc<Stream>,
+    pub(crate) device: Arc<dyn BlockDevice>,
+    pub(crate) params: TransmissionParams,
+    pub(crate) activity: Arc<Activity>,
+    pub(crate) client_budget: Arc<ByteBudget>,
+    pub(crate) counters: Arc<Counters>,
+    /// Called once, when the connection's last thread is done.
+    pub(crate) on_close: Box<dyn Fn() + Send + Sync>,
 }
 
 /// Start serving a negotiated connection. The calling thread becomes the
 /// first leader and returns when it stops leading; the connection finishes
 /// on whichever of its threads exits last, calling `on_close`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn serve(
-    id: u64,
-    peer: String,
-    export: String,
-    stream: Arc<Stream>,
-    device: Arc<dyn BlockDevice>,
-    params: TransmissionParams,
-    cfg: &ServerConfig,
-    on_close: Box<dyn Fn() + Send + Sync>,
-) {
+pub(crate) fn serve(session: Session, cfg: &ServerConfig) {
+    let Session {
+        id,
+        peer,
+        export,
+        stream,
+        device,
+        params,
+        activity,
+        client_budget,
+        counters,
+        on_close,
+    } = session;
     let conn = Arc::new(Connection {
         id,
         peer,
@@ -312,16 +400,20 @@ pub(crate) fn serve(
         params,
         stall: cfg.stall_threshold,
         max_in_flight: cfg.max_in_flight_per_connection,
+        payload_timeout: cfg.request_read_timeout,
         input: Mutex::new(Input {
             stream: Arc::clone(&stream),
             buf: vec![0u8; INPUT_BUFFER].into_boxed_slice(),
             start: 0,
             end: 0,
+            rcv_timeout_set: false,
         }),
         output: Mutex::new(Output {
             stream: Arc::clone(&stream),
             buf: Vec::with_capacity(OUTPUT_FLUSH_AT),
             broken: false,
+            write_timeout: cfg.reply_write_timeout,
+            timed_out: false,
         }),
         stream,
         state: AtomicU64::new(0),
@@ -334,6 +426,10 @@ pub(crate) fn serve(
         closing: AtomicBool::new(false),
         dirty: AtomicBool::new(false),
         rejections: AtomicU32::new(0),
+        budget: ByteBudget::new(cfg.max_in_flight_bytes_per_connection),
+        client_budget,
+        activity,
+        counters,
         on_close,
     });
     {
@@ -343,11 +439,13 @@ pub(crate) fn serve(
     Connection::thread_main(conn, Role::Leader);
 }
 
-enum Next {
+enum Next<'a> {
     Exec {
         cmd: Command,
         handle: u64,
         more: bool,
+        /// The request's share of the byte budgets, until it is answered.
+        held: Option<Held<'a>>,
     },
     Reject {
         handle: u64,
@@ -405,7 +503,14 @@ impl Connection {
 
     /// Runs on the last thread of the connection.
     fn finish(&self) {
-        let flush_res = self.output.lock().flush();
+        let (flush_res, timed_out) = {
+            let mut out = self.output.lock();
+            (out.flush(), out.timed_out)
+        };
+        if timed_out {
+            self.counters
+                .io_timeout(self.id, &self.peer, "writing a reply (client not reading)");
+        }
         if self.dirty.load(Ordering::SeqCst)
             && let Err(e) = self.device.flush()
         {
@@ -426,8 +531,8 @@ impl Connection {
     }
 
     /// Read, validate and (for WRITE) receive the next request.
-    fn next_request(&self, input: &mut Input, scratch: &mut Scratch) -> Next {
-        match input.fill(REQUEST_HEADER_LEN, &self.output) {
+    fn next_request(&self, input: &mut Input, scratch: &mut Scratch) -> Next<'_> {
+        match input.fill(REQUEST_HEADER_LEN, &self.output, None) {
             Ok(Fill::Ready) => {}
             Ok(Fill::Eof) => return Next::Close("client disconnected"),
             Err(e) => {
@@ -445,25 +550,29 @@ impl Connection {
         };
         match wire::decode_request(&h, &self.params) {
             Ok(cmd) => {
-                if let Command::Write { len, .. } = cmd {
-                    let buf = scratch.data(len as usize);
-                    if let Err(e) = input.read_payload(buf, &self.output) {
-                        debug!(conn = self.id, error = %e, "reading write payload failed");
-                        return Next::Close("client vanished mid-payload");
+                // In flight from here (until `lead` has answered it), so the
+                // server never takes this connection for idle while a
+                // request waits for memory or runs.
+                self.activity.begin_request();
+                match self.receive(cmd, input, scratch) {
+                    Ok(held) => Next::Exec {
+                        cmd,
+                        handle: h.handle,
+                        more: input.has_header(),
+                        held,
+                    },
+                    Err(close) => {
+                        self.activity.end_request();
+                        close
                     }
-                }
-                Next::Exec {
-                    cmd,
-                    handle: h.handle,
-                    more: input.has_header(),
                 }
             }
             Err(err) => {
                 if !err.disconnect
-                    && let Err(e) = input.skip(h.payload_len() as usize, &self.output)
+                    && let Err(e) =
+                        input.skip(h.payload_len() as usize, &self.output, self.payload_timeout)
                 {
-                    debug!(conn = self.id, error = %e, "skipping rejected payload failed");
-                    return Next::Close("client vanished mid-payload");
+                    return self.payload_failed(&e);
                 }
                 Next::Reject {
                     handle: h.handle,
@@ -472,6 +581,57 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Take the memory a valid request needs from the byte budgets and, for
+    /// a WRITE, read its payload.
+    fn receive(
+        &self,
+        cmd: Command,
+        input: &mut Input,
+        scratch: &mut Scratch,
+    ) -> Result<Option<Held<'_>>, Next<'_>> {
+        let len = match cmd {
+            Command::Read { len, .. } | Command::Write { len, .. } => len as usize,
+            _ => return Ok(None),
+        };
+        let held = self
+            .hold(len)
+            .ok_or(Next::Close("closed while waiting for memory"))?;
+        if let Command::Write { .. } = cmd {
+            let buf = scratch.data(len);
+            if let Err(e) = input.read_payload(buf, &self.output, self.payload_timeout) {
+                return Err(self.payload_failed(&e));
+            }
+        }
+        Ok(Some(held))
+    }
+
+    /// Take `bytes` from the connection's, the client's and the server's
+    /// budgets, waiting as long as they are spent (which stops reading from
+    /// this client).
+    /// Corked replies go out first: the client may be waiting for them.
+    fn hold(&self, bytes: usize) -> Option<Held<'_>> {
+        let keep_waiting = || {
+            let flushed = self.output.lock().flush();
+            flushed.is_ok() && !self.closing.load(Ordering::SeqCst)
+        };
+        let budgets = [
+            &self.budget,
+            &*self.client_budget,
+            &self.counters.total_budget,
+        ];
+        Held::take(budgets, bytes, &keep_waiting)
+    }
+
+    fn payload_failed(&self, e: &io::Error) -> Next<'_> {
+        if e.kind() == io::ErrorKind::TimedOut {
+            self.counters
+                .io_timeout(self.id, &self.peer, "reading a request payload");
+            return Next::Close("request payload timed out");
+        }
+        debug!(conn = self.id, error = %e, "reading a request payload failed");
+        Next::Close("client vanished mid-payload")
     }
 
     fn lead(&self, scratch: &mut Scratch) -> Role {
@@ -500,19 +660,28 @@ impl Connection {
                     cmd: Command::Disconnect,
                     ..
                 } => {
+                    self.activity.end_request();
                     self.begin_close("NBD_CMD_DISC");
                     return Role::Exit;
                 }
-                Next::Exec { cmd, handle, more } => {
+                Next::Exec {
+                    cmd,
+                    handle,
+                    more,
+                    held,
+                } => {
                     let s = self.state.load(Ordering::Relaxed);
                     let busy = (((s >> 1) + 1) << 1) | 1;
                     self.state.store(busy, Ordering::SeqCst);
                     if self.watcher_parked.load(Ordering::SeqCst) {
                         let _g = self.ctl.lock();
                         self.watcher_parked.store(false, Ordering::SeqCst);
+                        self.activity.mark_busy();
                         self.ctl_cv.notify_all();
                     }
                     self.execute(cmd, handle, scratch, more);
+                    drop(held);
+                    self.activity.end_request();
                     scratch.trim();
                     if self
                         .state
@@ -578,6 +747,7 @@ impl Connection {
                 // checks "parked". One of the two sees the other.
                 this.watcher_parked.store(true, Ordering::SeqCst);
                 if this.state.load(Ordering::SeqCst) == s {
+                    this.activity.mark_idle();
                     while this.watcher_parked.load(Ordering::SeqCst)
                         && !this.closing.load(Ordering::SeqCst)
                     {

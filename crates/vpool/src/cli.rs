@@ -88,6 +88,23 @@ pub struct ServeArgs {
     /// is fenced: its writes fail from then on.
     #[arg(long)]
     pub force: bool,
+
+    /// Most NBD connections on each NBD listener (default 256). At the cap
+    /// a connection idle for a minute is closed to make room, else the new
+    /// one is refused.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub nbd_max_connections: Option<u32>,
+
+    /// Most NBD connections of one client: one TCP address, or one process
+    /// on the Unix socket (default 64). Raise it for a hypervisor host
+    /// that runs more VM disks than that from one address.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub nbd_max_connections_per_client: Option<u32>,
+
+    /// Most API connections on each API listener (default 128); over it a
+    /// new connection is closed at once.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub api_max_connections: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -29,7 +29,7 @@ use anyhow::{Context, bail};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use vpool_api::{ApiState, AuthToken, CacheControl, Catalog, serve_tcp, serve_unix};
+use vpool_api::{ApiLimits, ApiState, AuthToken, CacheControl, Catalog, serve_tcp, serve_unix};
 use vpool_engine::{EngineError, Pool, PoolConfig, RecoveryReport};
 use vpool_s3::S3Store;
 use vpool_store::{LocalDirStore, SegmentStore, StoreError};
@@ -83,6 +83,9 @@ pub struct DaemonConfig {
     /// NBD also on TCP at this address (`--nbd-listen`).
     pub nbd_tcp: Option<SocketAddr>,
     pub nbd_config: vpool_nbd::ServerConfig,
+    /// Limits of each API listener (connections, header/body/response
+    /// timeouts).
+    pub api_limits: ApiLimits,
     /// For a pool on S3: take its write lease even from another daemon
     /// (`vpool serve --force`), which is fenced.
     pub takeover: bool,
@@ -101,8 +104,57 @@ impl DaemonConfig {
             pool_config: PoolConfig::default(),
             nbd_tcp: None,
             nbd_config: nbd_server_config(),
+            api_limits: ApiLimits::default(),
             takeover: false,
         }
+    }
+
+    /// File descriptors the daemon may need with every connection cap
+    /// reached: each NBD and API listener has its own cap, plus the store's
+    /// open segment files and some slack.
+    pub fn fds_needed(&self) -> u64 {
+        let nbd_listeners = 1 + u64::from(self.nbd_tcp.is_some());
+        let api_listeners = 1 + u64::from(self.tcp.is_some());
+        nbd_listeners * self.nbd_config.max_connections as u64
+            + api_listeners * self.api_limits.max_connections as u64
+            + STORE_FDS
+    }
+}
+
+/// Descriptors the store and the rest of the daemon may hold besides
+/// client connections: `vpool-store` caches up to 256 open segment files;
+/// the rest covers listeners, the cache of an S3 pool, logs and slack.
+const STORE_FDS: u64 = 512;
+
+/// Raises the soft limit on open files to the hard limit (Linux's default
+/// soft limit, 1024, is below what the connection caps allow), and warns if
+/// even the hard limit is below `needed`: then a flood of clients could use
+/// up descriptors the pool needs, and a VM's write would fail with EIO.
+pub fn raise_fd_limit(needed: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit the call writes into.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: `raised` is a valid rlimit the call reads.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        }
+    }
+    if lim.rlim_cur < needed {
+        tracing::warn!(
+            limit = lim.rlim_cur,
+            needed,
+            "the open-file limit is below what the connection caps allow: raise it (LimitNOFILE=) or lower the caps"
+        );
     }
 }
 
@@ -504,7 +556,8 @@ async fn serve_pool(
     let state = ApiState::new(pool.clone())
         .with_catalog(catalog.clone())
         .with_nbd_tcp_addr(nbd_tcp_addr)
-        .with_cache(cache);
+        .with_cache(cache)
+        .with_limits(config.api_limits.clone());
     servers.spawn({
         let fut = serve_unix(unix, state.clone(), stopped(stop_rx.clone()));
         async move { ("API (unix socket)", fut.await.map_err(anyhow::Error::new)) }

@@ -70,12 +70,22 @@ fn serve(cli: &Cli, pool: &std::path::Path, args: &ServeArgs) -> anyhow::Result<
     let mut config = DaemonConfig::new(pool);
     config.nbd_tcp = args.nbd_listen;
     config.takeover = args.force;
+    if let Some(n) = args.nbd_max_connections {
+        config.nbd_config.max_connections = n as usize;
+    }
+    if let Some(n) = args.nbd_max_connections_per_client {
+        config.nbd_config.max_connections_per_client = n as usize;
+    }
+    if let Some(n) = args.api_max_connections {
+        config.api_limits.max_connections = n as usize;
+    }
     if let (Some(listen), Some(token_file)) = (args.api_listen, &args.api_token_file) {
         config.tcp = Some(TcpApiConfig {
             listen,
             token: read_token(token_file)?,
         });
     }
+    vpool::daemon::raise_fd_limit(config.fds_needed());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("vpool-rt")

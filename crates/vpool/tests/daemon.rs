@@ -7,8 +7,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
-use vpool::daemon::{AlreadyRunning, DaemonConfig, Ready, run_daemon, run_daemon_notify};
-use vpool_api::Client;
+use vpool::daemon::{
+    AlreadyRunning, DaemonConfig, Ready, TcpApiConfig, run_daemon, run_daemon_notify,
+};
+use vpool_api::{ApiLimits, AuthToken, Client};
 
 /// A daemon on its own thread and runtime.
 struct InProcess {
@@ -19,7 +21,10 @@ struct InProcess {
 
 impl InProcess {
     fn start(pool: &Path) -> InProcess {
-        let config = DaemonConfig::new(pool);
+        InProcess::start_with(DaemonConfig::new(pool))
+    }
+
+    fn start_with(config: DaemonConfig) -> InProcess {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (ready_tx, ready_rx) = mpsc::channel::<Ready>();
         let thread = std::thread::spawn(move || {
@@ -144,4 +149,51 @@ fn too_long_socket_path_is_refused_clearly() {
         .block_on(run_daemon(DaemonConfig::new(&pool), std::future::pending()))
         .unwrap_err();
     assert!(format!("{err:#}").contains("shorter --pool"), "{err:#}");
+}
+
+#[test]
+fn an_api_flood_on_tcp_leaves_the_unix_socket_and_nbd_alone() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = DaemonConfig::new(dir.path().join("pool"));
+    let token = "flood-test-token-0123456789";
+    config.tcp = Some(TcpApiConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        token: AuthToken::new(token).unwrap(),
+    });
+    config.api_limits = ApiLimits {
+        max_connections: 4,
+        ..ApiLimits::default()
+    };
+    let d = InProcess::start_with(config);
+    let addr = d.ready.tcp_addr.unwrap();
+    // Silent connections: no token needed to hold one.
+    let flood: Vec<_> = (0..4)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut fifth = std::net::TcpStream::connect(addr).unwrap();
+    fifth
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let closed = match fifth.read(&mut [0u8; 64]) {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    assert!(
+        closed && t0.elapsed() < Duration::from_secs(1),
+        "the fifth TCP connection was not closed at once"
+    );
+    // The unix socket has its own cap: the CLI is served meanwhile, and so
+    // are NBD clients.
+    let c = Client::unix(&d.ready.api_socket);
+    c.create_volume("v", 1 << 20).unwrap();
+    let nbd = std::os::unix::net::UnixStream::connect(&d.ready.nbd_socket).unwrap();
+    nbd.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut greeting = [0u8; 18];
+    (&nbd).read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    drop(flood);
+    d.stop().unwrap();
 }

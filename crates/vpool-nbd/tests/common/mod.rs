@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod clients;
+pub mod raw;
 
 use std::path::PathBuf;
 use std::sync::Arc;
