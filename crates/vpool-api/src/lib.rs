@@ -22,7 +22,7 @@ pub mod catalog;
 pub mod client;
 pub mod error;
 pub mod limits;
-pub mod ratelog;
+pub use vpool_ratelog as ratelog;
 pub mod server;
 pub mod types;
 

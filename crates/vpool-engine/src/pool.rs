@@ -37,6 +37,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, RwLock};
+use vpool_ratelog::{LOG_PERIOD, RateLimitedLog};
 use vpool_store::{OpenSegment, SegmentId, SegmentStore};
 
 use crate::checkpoint::{Checkpoint, LogPosition, SnapshotCheckpoint, VolumeCheckpoint};
@@ -312,10 +313,13 @@ struct State {
     /// When the open segment got its first record; the store may ask for it
     /// to be sealed after a while ([`SegmentStore::seal_after`]).
     open_since: Option<Instant>,
-    /// When the last record was appended.
-    last_append: Option<Instant>,
-    /// Where the log ended after the last durable mark was appended: a
-    /// new mark is due once records follow it.
+    /// Records other than marks appended since the last durable mark was
+    /// (a mark is due only when there is something new to vouch for:
+    /// rolls and marks alone never call for one, or an idle pool on an
+    /// object store would seal and ship a segment holding one mark after
+    /// another).
+    records_since_mark: u64,
+    /// The position the last durable mark vouched for.
     marked_to: Option<LogPosition>,
     /// When the last durable mark was appended.
     last_mark: Option<Instant>,
@@ -1484,7 +1488,9 @@ impl Pool {
         st.open.appended.store(off + len, Ordering::Release);
         let now = Instant::now();
         st.open_since.get_or_insert(now);
-        st.last_append = Some(now);
+        if h.kind != RecordKind::Mark {
+            st.records_since_mark += 1;
+        }
         st.segments
             .get_mut(&seg)
             .expect("open segment is known")
@@ -1592,7 +1598,11 @@ impl Pool {
                                 segment_offset: u64::from(d.data_off) + i as u64 * BLOCK_SIZE,
                                 detail: "block checksum mismatch".into(),
                             };
-                            tracing::error!(error = %err, "corruption detected");
+                            // A guest retries such a read at will.
+                            static CORRUPT: RateLimitedLog = RateLimitedLog::new(LOG_PERIOD);
+                            if let Some(suppressed) = CORRUPT.check() {
+                                tracing::error!(error = %err, suppressed, "corruption detected");
+                            }
                             return Err(err);
                         }
                     }

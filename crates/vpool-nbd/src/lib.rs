@@ -72,7 +72,7 @@ mod limits;
 pub mod mem;
 pub mod net;
 pub mod proto;
-pub mod ratelog;
+pub use vpool_ratelog as ratelog;
 pub mod server;
 mod transmission;
 pub mod wire;

@@ -65,6 +65,7 @@ use crate::device::{BlockDevice, DeviceError, DeviceErrorKind};
 use crate::limits::{Activity, ByteBudget, Held};
 use crate::net::Stream;
 use crate::proto::*;
+use crate::ratelog::{LOG_PERIOD, RateLimitedLog};
 use crate::server::Counters;
 use crate::wire::{self, Command, RequestError, TransmissionParams};
 
@@ -544,7 +545,11 @@ impl Connection {
         let h = match wire::parse_request_header(&raw) {
             Ok(h) => h,
             Err(magic) => {
-                warn!(conn = self.id, peer = %self.peer, magic = format_args!("{magic:#010x}"), "bad request magic; disconnecting");
+                // A client can reconnect and do it again at will.
+                static BAD_MAGIC: RateLimitedLog = RateLimitedLog::new(LOG_PERIOD);
+                if let Some(suppressed) = BAD_MAGIC.check() {
+                    warn!(conn = self.id, peer = %self.peer, magic = format_args!("{magic:#010x}"), suppressed, "bad request magic; disconnecting");
+                }
                 return Next::Close("bad request magic");
             }
         };
@@ -801,8 +806,18 @@ impl Connection {
             (Command::WriteZeroes { fast: true, .. }, DeviceErrorKind::NotSupported) => NBD_ENOTSUP,
             _ => e.kind.errno(),
         };
+        // A guest retries a failing read (a damaged block) as fast as it
+        // likes: one line per period, with the count of the rest.
+        static DEVICE_ERRORS: RateLimitedLog = RateLimitedLog::new(LOG_PERIOD);
         if matches!(e.kind, DeviceErrorKind::Io) {
-            warn!(conn = self.id, export = %self.export, ?cmd, error = %e, "device error");
+            match DEVICE_ERRORS.check() {
+                Some(suppressed) => {
+                    warn!(conn = self.id, export = %self.export, ?cmd, error = %e, suppressed, "device error")
+                }
+                None => {
+                    debug!(conn = self.id, export = %self.export, ?cmd, error = %e, "device error")
+                }
+            }
         } else {
             debug!(conn = self.id, export = %self.export, ?cmd, error = %e, "device refused request");
         }

@@ -243,6 +243,9 @@ struct Inner {
     fetching: Vec<Mutex<()>>,
     fenced: Mutex<Option<String>>,
     stop: AtomicBool,
+    /// The engine's durable marks hold for this cache: it held this host's
+    /// latest log when opened (see `SegmentStore::durable_marks_hold`).
+    marks_hold: AtomicBool,
     counters: Counters,
     uploader: Mutex<Option<JoinHandle<()>>>,
     prefetcher: Mutex<Option<JoinHandle<()>>>,
@@ -504,6 +507,7 @@ impl S3Store {
                 fetching: (0..FETCH_STRIPES).map(|_| Mutex::new(())).collect(),
                 fenced: Mutex::new(None),
                 stop: AtomicBool::new(false),
+                marks_hold: AtomicBool::new(true),
                 counters: Counters::default(),
                 uploader: Mutex::new(None),
                 prefetcher: Mutex::new(None),
@@ -584,6 +588,7 @@ impl S3Store {
         // Metadata: the bucket's, unless the cache has a newer one to send.
         let mut ops = VecDeque::new();
         let needs = dirty.keys().next_back().copied().unwrap_or(0);
+        let mut from_bucket = false;
         for (name, r) in &m.meta {
             let local = inner.local.get_meta(name)?;
             let same = local
@@ -610,9 +615,13 @@ impl S3Store {
                         )));
                     }
                     inner.local.put_meta(name, &d)?;
+                    from_bucket = true;
                 }
             }
         }
+        // The engine's metadata came from the bucket: the cache did not hold
+        // this host's latest log, and the bucket's copy may end earlier.
+        inner.marks_hold.store(!from_bucket, Ordering::Release);
         for name in engine_meta_names(&inner.local)? {
             if !m.meta.contains_key(&name)
                 && let Some(d) = inner.local.get_meta(&name)?
@@ -1786,6 +1795,10 @@ impl SegmentStore for S3Store {
 
     fn seal_after(&self) -> Option<Duration> {
         Some(self.inner.opts.seal_after)
+    }
+
+    fn durable_marks_hold(&self) -> bool {
+        self.inner.marks_hold.load(Ordering::Acquire)
     }
 }
 

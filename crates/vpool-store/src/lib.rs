@@ -155,6 +155,14 @@ pub trait SegmentStore: Send + Sync {
     fn restore_reserve(&self, _bytes: u64) -> Result<()> {
         Ok(())
     }
+    /// Whether every byte the engine synced through this store is still in
+    /// the segments it lists, so that the engine's durable marks hold. A
+    /// store rebuilt from a remote copy that lags (a pool on S3 whose cache
+    /// was lost) answers false: a break in its log is where the remote
+    /// copy ends, not damage, and recovery takes it for a torn tail.
+    fn durable_marks_hold(&self) -> bool {
+        true
+    }
     /// Makes the effect of earlier [`SegmentStore::delete_segment`] calls
     /// durable, so that a deleted segment cannot come back after a crash.
     fn sync_deletions(&self) -> Result<()> {

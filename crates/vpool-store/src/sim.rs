@@ -193,6 +193,18 @@ impl SimStore {
             .collect()
     }
 
+    /// Puts segment `id` with `bytes` in the store, durable, as if a pool
+    /// had written and synced it (fuzzing recovery on crafted logs).
+    pub fn put_segment(&self, id: SegmentId, bytes: Vec<u8>) {
+        let seg = SimSegment {
+            live: bytes.clone(),
+            durable: bytes,
+            pending: Vec::new(),
+            created_durably: true,
+        };
+        self.state.lock().segments.insert(id, seg);
+    }
+
     /// Flips one bit of metadata blob `name` (corruption tests).
     pub fn corrupt_meta(&self, name: &str, offset: usize) {
         let mut st = self.state.lock();

@@ -252,13 +252,16 @@ impl Pool {
     /// Syncs the log and appends a durable mark when one is due (see the
     /// module doc), then syncs the mark.
     fn sync_and_mark(&self) -> Result<()> {
-        let due = {
+        let (due, records) = {
             let st = self.inner.state.lock();
-            let appended = st.marked_to.is_none_or(|m| m < end_of_log(&st));
             let sealed = !st.unsynced.is_empty();
             let interval = self.inner.config.durable_mark_interval;
             let old = st.last_mark.is_none_or(|t| t.elapsed() >= interval);
-            st.failed.is_none() && !st.closed && appended && (sealed || old)
+            let new = st.records_since_mark > 0;
+            (
+                st.failed.is_none() && !st.closed && new && (sealed || old),
+                st.records_since_mark,
+            )
         };
         if !due {
             return Ok(());
@@ -277,7 +280,9 @@ impl Pool {
                 Err(e) if e.is_no_space() => return Ok(()),
                 Err(e) => return Err(e),
             }
-            st.marked_to = Some(end_of_log(&st));
+            // Records appended while the flush ran are not vouched for yet.
+            st.records_since_mark = st.records_since_mark.saturating_sub(records);
+            st.marked_to = Some(covers);
             st.last_mark = Some(Instant::now());
         }
         self.flush()

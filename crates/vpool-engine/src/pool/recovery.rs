@@ -261,7 +261,7 @@ pub(super) fn state_from(
         roll_before_next_append: false,
         half_rolled: None,
         open_since: None,
-        last_append: None,
+        records_since_mark: 0,
         marked_to: None,
         last_mark: None,
         pending_refs: Vec::new(),
@@ -344,6 +344,8 @@ pub(super) struct Replay<'a> {
     window: Vec<(SegmentId, u64)>,
     from: LogPosition,
     repair: bool,
+    /// Whether durable marks count (see [`SegmentStore::durable_marks_hold`]).
+    trust_marks: bool,
     /// Every byte of the log before this was durable: the checkpoint's
     /// position, then each durable mark replayed.
     proven_to: LogPosition,
@@ -400,6 +402,7 @@ impl<'a> Replay<'a> {
             }
         };
         Replay {
+            trust_marks: store.durable_marks_hold(),
             store,
             window,
             from,
@@ -576,7 +579,7 @@ impl<'a> Replay<'a> {
     ) {
         if let Err(e) = st.apply(id, off as u64, h, payload) {
             self.damage(id, off as u64, lost(h.seq, Some(1), &e.to_string()));
-        } else if h.kind == RecordKind::Mark {
+        } else if h.kind == RecordKind::Mark && self.trust_marks {
             self.proven_to = self.proven_to.max(mark_position(h));
         }
         st.next_seq = h.seq + 1;
@@ -638,6 +641,9 @@ impl<'a> Replay<'a> {
     fn is_proven(&mut self, at: LogPosition, ahead_from: usize, rest: Rest<'_>) -> Result<bool> {
         if self.proven_to >= at {
             return Ok(true);
+        }
+        if !self.trust_marks {
+            return Ok(false);
         }
         let here = match rest {
             Rest::None => None,

@@ -6,9 +6,8 @@
 //! period and counts the rest, so the next line says how many were
 //! suppressed.
 //!
-//! `vpool-nbd` has an identical copy (`vpool_nbd::ratelog`): the two crates
-//! share no dependency where it could live, and it is too small to be a
-//! crate of its own.
+//! Shared by the NBD server, the API and the engine (a VM retrying a read
+//! of a damaged block, a full device).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
