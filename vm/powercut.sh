@@ -228,7 +228,8 @@ for lib in $(ldd "$vpool_bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ 
 done
 token_file=$workdir/api-token
 od -An -N24 -tx1 /dev/urandom | tr -d ' \n' > "$token_file"
-cp "$token_file" "$ird/etc/vpool-token"
+chmod 600 "$token_file"
+install -m 600 "$token_file" "$ird/etc/vpool-token"
 (cd "$ird" && find . -print0 | cpio --null -o -H newc --quiet | gzip -1) > "$workdir/initramfs.cpio.gz"
 rm -rf "$ird"
 
