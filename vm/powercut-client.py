@@ -40,6 +40,14 @@ later write to s; with none durable, base[s] or any write to s. Anything else
 (an older value, another sector's data, a torn sector, garbage) is a failure.
 A failure because a durable write is missing is reported as LOST-FLUSHED.
 
+Then the prefix rule (vpool's log is cut at the first hole after a crash, so
+the pool is as it was at one moment): if any write of this round is seen, let
+w be the one sent last; every write acknowledged before w was sent must be
+there too, as if a flush had covered it. A failure of this rule is reported
+as NOT-A-PREFIX. (A sector can show w's data through a later record that
+read-modify-wrote its 4 KiB block; that record comes after w in the log, so
+the rule holds all the same.)
+
 Snapshots: every snapshot whose create returned must be there, unless a
 delete of it returned; a snapshot whose delete returned must not be there;
 a snapshot whose create or delete was in flight may or may not be. A
@@ -209,6 +217,10 @@ class Model:
         acked_n = [0] * n  # how many of writes[s] were acknowledged
         sent = {}  # line of W/Z -> (start, [index in writes[s] per sector])
         acked = []  # acknowledged requests (W/Z lines), in order
+        self.ack_lines = []  # the line of each acknowledgement in `acked`
+        self.sent = sent
+        self.acked = acked
+        self.tag_line = {}  # tag -> line of its W
         self.snap_lo = {}  # name -> acked_n when its create was sent
         self.snap_hi = {}  # name -> len(writes[s]) when it returned
         self.snap_state = {}  # name -> "sent" | "done" | "failed"
@@ -250,6 +262,8 @@ class Model:
                     self.writes[s].append(tag)
                     idx.append(len(self.writes[s]) - 1)
                 sent[lineno] = (start, idx)
+                if tag:
+                    self.tag_line[tag] = lineno
                 self.counts["sent"] += 1
             elif kind in ("A", "AF"):
                 req = int(f[1])
@@ -257,6 +271,7 @@ class Model:
                 for i, k in enumerate(idx):
                     acked_n[start + i] = k + 1
                 acked.append(req)
+                self.ack_lines.append(lineno)
                 self.counts["acked"] += 1
                 if kind == "AF":
                     # FUA: this write alone is durable.
@@ -296,6 +311,35 @@ class Model:
     def acceptable(self, s):
         w = self.writes[s]
         d = self.durable[s]
+        if d == 0:
+            return [self.base[s]] + w
+        return w[d - 1:]
+
+    def prefix_durable(self, tags):
+        """The prefix property: vpool appends a write to its log before it
+        acknowledges it, and a crash leaves a prefix of the log. So if a write
+        of this round is seen after the crash (its own record, or a later one
+        that carries its sector, survived), every write acknowledged before
+        it was sent must be there too. Returns (durable, witness): `durable`
+        extended by that rule, and the tag of the latest-sent write seen."""
+        witness, at = None, -1
+        for t in set(tags):
+            line = self.tag_line.get(t)
+            if line is not None and line > at:
+                witness, at = t, line
+        durable = list(self.durable)
+        for req, line in zip(self.acked, self.ack_lines):
+            if line > at:
+                break
+            start, idx = self.sent[req]
+            for i, k in enumerate(idx):
+                if durable[start + i] < k + 1:
+                    durable[start + i] = k + 1
+        return durable, witness
+
+    def acceptable_with(self, durable, s):
+        w = self.writes[s]
+        d = durable[s]
         if d == 0:
             return [self.base[s]] + w
         return w[d - 1:]
@@ -552,6 +596,17 @@ def cmd_check(a):
     tags, errs, lost_v = check_image(data, n, m.acceptable, "volume", durable=m.durable, writes=m.writes)
     errors += errs
     lost += lost_v
+    prefix_extra = 0
+    if not errs:
+        # The prefix property (see Model.prefix_durable).
+        durable2, witness = m.prefix_durable(tags)
+        prefix_extra = sum(1 for a, b in zip(durable2, m.durable) if a != b)
+        for s in range(n):
+            ok = m.acceptable_with(durable2, s)
+            if tags[s] not in ok:
+                errors.append("volume sector %d: holds tag %#x, but write %#x was acknowledged before write %#x "
+                              "was sent, and that one survived NOT-A-PREFIX" % (
+                                  s, tags[s], m.writes[s][durable2[s] - 1], witness))
 
     # Snapshots.
     present = api.snapshots()
@@ -607,8 +662,9 @@ def cmd_check(a):
     st.save()
     durable = sum(1 for d in m.durable if d)
     written = sum(1 for w in m.writes if w)
-    print("check OK: %d sectors (%d written last round, %d with a durable write), %d snapshots (%s); pool: %s"
-          % (n, written, durable, checked, " ".join(present), json.dumps(pool, sort_keys=True)))
+    print("check OK: %d sectors (%d written last round, %d with a durable write, %d more by the prefix rule), "
+          "%d snapshots (%s); pool: %s"
+          % (n, written, durable, prefix_extra, checked, " ".join(present), json.dumps(pool, sort_keys=True)))
 
 
 def cmd_selftest(_a):
@@ -633,6 +689,9 @@ def cmd_selftest(_a):
         "W 15 3 1",     # 11
         "SD a",         # 12: snapshot a done: write 12 durable
         "A 11",         # 13
+        "W 16 12 1",    # 14
+        "A 14",         # 15: not durable: no flush after it
+        "W 17 13 1",    # 16: never acknowledged
         "error killed",
     ])
     m = Model(base, log)
@@ -673,7 +732,24 @@ def cmd_selftest(_a):
     img[3 * SECTOR + 256:4 * SECTOR] = sector_bytes(12, 3)[256:]
     _, errs, _ = check_image(bytes(img), n, m.acceptable, "v", durable=m.durable, writes=m.writes)
     assert len(errs) == 1, errs
-    print("oracle self-test OK: accepts the possible outcomes, rejects a lost flushed write, another sector's data, a torn sector")
+    # The prefix rule: if write 17 (sent at line 16) is seen, write 16
+    # (acknowledged at line 15, never flushed) must be there too.
+    assert m.acceptable(12) == [0, 16], m.acceptable(12)
+    d2, witness = m.prefix_durable(good)
+    assert witness == 15 and m.acceptable_with(d2, 12) == [0, 16], (witness, d2)
+    bad = list(good)
+    bad[13] = 17
+    _, errs, _ = check_image(image(bad), n, m.acceptable, "v", durable=m.durable, writes=m.writes)
+    assert not errs, errs  # per sector, sector 12 may still be 0 ...
+    d2, witness = m.prefix_durable(bad)
+    assert witness == 17 and m.acceptable_with(d2, 12) == [16], (witness, m.acceptable_with(d2, 12))  # ... but not as a prefix
+    bad[12] = 16
+    d2, witness = m.prefix_durable(bad)
+    assert all(bad[s] in m.acceptable_with(d2, s) for s in range(n))
+    # With nothing of this round seen, the rule adds nothing.
+    d2, witness = m.prefix_durable([0] * n)
+    assert witness is None and d2 == m.durable
+    print("oracle self-test OK: accepts the possible outcomes, rejects a lost flushed write, another sector's data, a torn sector, a non-prefix")
 
 
 def main():
