@@ -31,7 +31,8 @@
 #           a QEMU (TCG) VM on ext4 on a virtio disk backed by a host file;
 #           the VM's power is cut (QEMU SIGKILLed) 4 times under NBD writes,
 #           flushes and snapshots, once also during recovery; after each cut
-#           the VM boots again and every flushed write is checked. Then one
+#           the VM boots again and every flushed write (and the prefix
+#           property, as far as the client can see it) is checked. Then one
 #           round on a disk that ignores flushes, which the checker must
 #           catch. POWERCUT_ROUNDS changes the count (bench/powercut.sh is
 #           the long run).

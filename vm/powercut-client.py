@@ -390,6 +390,11 @@ def cmd_wait(a):
     while time.monotonic() < deadline:
         if a.qemu_pid and not os.path.exists("/proc/%d" % a.qemu_pid):
             die("QEMU exited before the API answered (last error: %s)" % last)
+        if a.console and os.path.exists(a.console):
+            with open(a.console, "rb") as f:
+                for line in f.read().decode("utf-8", "replace").splitlines():
+                    if "POWERCUT-GUEST: FAIL" in line:
+                        die("the guest says: %s" % line.strip())
         try:
             info = api.call("GET", "/v1/pool")
             print(json.dumps(info, sort_keys=True))
@@ -760,6 +765,7 @@ def main():
     w.add_argument("--token", required=True)
     w.add_argument("--timeout", type=float, default=300)
     w.add_argument("--qemu-pid", type=int, default=0)
+    w.add_argument("--console", default="", help="the guest's console log: give up on a FAIL line")
     i = sub.add_parser("init")
     i.add_argument("--api", type=int, required=True)
     i.add_argument("--token", required=True)

@@ -329,7 +329,8 @@ for ((r = 1; r <= total + 1; r++)); do
         boot_vm "$dir" "$mode" "$wb"
     fi
     if ! timeout -k 5 $((boot_timeout + 10)) "$py" "$CLIENT" wait --api "$api_port" --token "$token_file" \
-            --timeout "$boot_timeout" --qemu-pid "$qemu_pid" >"$dir/pool-at-boot.json" 2>"$dir/wait.err"; then
+            --timeout "$boot_timeout" --qemu-pid "$qemu_pid" --console "$dir/console.log" \
+            >"$dir/pool-at-boot.json" 2>"$dir/wait.err"; then
         cat "$dir/wait.err" >&2
         grep -a 'POWERCUT-GUEST\|vpool\|ERROR\|panic' "$dir/console.log" | tail -n 30 >&2 || true
         die "boot $r: the daemon did not come up (console: $dir/console.log)"
