@@ -28,6 +28,8 @@ out=$REPO/bench/out/powercut
 run=$out/$(date -u +%Y%m%dT%H%M%SZ)-seed$seed
 mkdir -p "$run"
 start=$(date +%s)
+commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+git -C "$REPO" diff --quiet HEAD 2>/dev/null || commit="$commit+dirty"
 "$REPO/vm/powercut.sh" --rounds "$rounds" --seed "$seed" --self-test --workdir "$run" "${pass[@]}" 2>&1 |
     tee "$run/powercut.log"
 rc=${PIPESTATUS[0]}
@@ -41,6 +43,6 @@ recovery_cuts=$(grep -c 'power cut during recovery' "$run/powercut.log" || true)
 [ "$result" = FAIL ] || rm -f "$run/pool.img" "$run/initramfs.cpio.gz"
 printf '{"date":"%s","rounds":%d,"result":"%s","seconds":%d,"seed":%s,"cuts_checked":%d,"recovery_cuts":%d,"commit":"%s","dir":"%s"}\n' \
     "$(date -u +%FT%TZ)" "$rounds" "$result" "$secs" "$seed" "$checked" "$recovery_cuts" \
-    "$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)" "$run" >> "$out/runs.jsonl"
+    "$commit" "$run" >> "$out/runs.jsonl"
 echo "powercut rounds=$rounds cuts_checked=$checked recovery_cuts=$recovery_cuts result=$result seconds=$secs seed=$seed (log: $run/powercut.log)"
 exit "$rc"
