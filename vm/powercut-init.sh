@@ -10,8 +10,8 @@
 #
 # Kernel command line: vpool_writeback=lazy|default. lazy turns off the
 # kernel's background writeback and makes ext4 commit its journal only every
-# 10 minutes, so that what vpool did not fsync is still only in the guest's
-# page cache when the power goes; default leaves the kernel's settings
+# 10 minutes, so that what vpool did not fsync is (nearly always) still only
+# in the guest's page cache when the power goes; default leaves the kernel's settings
 # (writeback of dirty pages after 30 s, ext4 commit every 5 s).
 /bin/busybox --install -s /bin
 export PATH=/bin
