@@ -3,7 +3,7 @@
 #
 #   scripts/test.sh                 all stages
 #   scripts/test.sh --skip fuzz     leave out a stage (repeatable):
-#                                   deps fmt clippy ceph test fuzz vm
+#                                   deps fmt clippy ceph test fuzz vm powercut
 #   scripts/test.sh --only test     run just these stages (repeatable)
 #
 # Stages, in order, each timed:
@@ -27,6 +27,15 @@
 #           volume served over NBD; the server is SIGKILLed between the
 #           boots. VM_SERVER=qemu-nbd runs the same boots against qemu-nbd
 #           (to check the harness itself).
+#   powercut vm/powercut.sh --rounds 4 --self-test --debug: vpool serve inside
+#           a QEMU (TCG) VM on ext4 on a virtio disk backed by a host file;
+#           the VM's power is cut (QEMU SIGKILLed) 4 times under NBD writes,
+#           flushes and snapshots, once also during recovery; after each cut
+#           the VM boots again and every flushed write (and the prefix
+#           property, as far as the client can see it) is checked. Then one
+#           round on a disk that ignores flushes, which the checker must
+#           catch. POWERCUT_ROUNDS changes the count (bench/powercut.sh is
+#           the long run).
 # Every stage runs even if an earlier one failed. The last line is
 # `N passed, N failed[, N skipped]` counting stages; exit status 1 if any
 # failed. The whole run is meant to take under TEST_BUDGET_SECS (1800);
@@ -36,7 +45,7 @@ set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 1
 
-all_stages=(deps fmt clippy ceph test fuzz vm)
+all_stages=(deps fmt clippy ceph test fuzz vm powercut)
 skip=()
 only=()
 while [ $# -gt 0 ]; do
@@ -162,6 +171,11 @@ if wanted vm; then
             run_stage vm "server qemu-nbd" vm/boot-test.sh --server qemu-nbd ;;
         *) echo "test.sh: VM_SERVER must be vpool or qemu-nbd" >&2; failed=$((failed + 1)) ;;
     esac
+fi
+
+if wanted powercut; then
+    run_stage powercut "${POWERCUT_ROUNDS:-4} power cuts + self-test (dev build)" \
+        vm/powercut.sh --rounds "${POWERCUT_ROUNDS:-4}" --self-test --debug
 fi
 
 total=$(secs_since "$start")

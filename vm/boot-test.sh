@@ -148,93 +148,9 @@ trap 'exit 130' INT TERM
 t_start=$(now)
 
 # ---------------------------------------------------------------- kernel
-# The cache holds, per kernel package: vmlinuz, modules/*.ko (only the ones
-# the guest needs) and modules/order (load order, dependencies first).
-mkdir -p "$cache"
-resolve_kernel_pkg() {
-    local p
-    p=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
-        awk '$1 == "Depends:" && $2 ~ /^linux-image-.*-cloud-amd64$/ { print $2; exit }')
-    if [ -z "$p" ]; then
-        p=$(apt-cache search --names-only '^linux-image-[0-9].*-cloud-amd64$' 2>/dev/null |
-            awk '{ print $1 }' | sort -V | tail -n 1)
-    fi
-    printf '%s' "$p"
-}
-if [ -z "$kernel_pkg" ]; then
-    kernel_pkg=$(cd "$cache" && ls -1d linux-image-*/.complete 2>/dev/null | sed 's#/.complete$##' | sort -V | tail -n 1 || true)
-fi
-if [ -z "$kernel_pkg" ]; then
-    command -v apt-get >/dev/null 2>&1 || die "no cached kernel in $cache and no apt-get to fetch one"
-    kernel_pkg=$(resolve_kernel_pkg)
-    if [ -z "$kernel_pkg" ]; then
-        log "apt lists have no cloud kernel; running apt-get update"
-        apt-get update -qq >/dev/null 2>&1 || true
-        kernel_pkg=$(resolve_kernel_pkg)
-    fi
-    [ -n "$kernel_pkg" ] || die "cannot find a linux-image-*-cloud-amd64 package (apt-cache search)"
-fi
-kdir=$cache/$kernel_pkg
-if [ ! -f "$kdir/.complete" ]; then
-    log "fetching kernel package $kernel_pkg into $cache"
-    t=$(now)
-    tmp=$(mktemp -d "$cache/.fetch.XXXXXX")
-    fetch_tmp=$tmp
-    download() { (cd "$tmp" && apt-get download -o APT::Sandbox::User=root "$kernel_pkg" >download.log 2>&1); }
-    if ! download; then
-        # Stale apt lists name a .deb the mirror no longer has: refresh, retry.
-        log "apt-get download $kernel_pkg failed; running apt-get update and retrying"
-        apt-get update -qq >/dev/null 2>&1 || true
-        if [ -z "${VPOOL_VM_KERNEL_PKG:-}" ]; then
-            kernel_pkg=$(resolve_kernel_pkg)
-            kdir=$cache/$kernel_pkg
-        fi
-        download || { cat "$tmp/download.log" >&2; rm -rf "$tmp"; die "apt-get download $kernel_pkg failed"; }
-    fi
-    dpkg-deb -x "$tmp"/*.deb "$tmp/x" || { rm -rf "$tmp"; die "dpkg-deb -x failed"; }
-    mkdir -p "$tmp/out/modules"
-    cp "$tmp"/x/boot/vmlinuz-* "$tmp/out/vmlinuz"
-    cp "$tmp"/x/boot/config-* "$tmp/out/config"
-    moddir=$(ls -d "$tmp"/x/lib/modules/* | head -n 1)
-    # Find a module file by name (module names use _; files may use -).
-    find_ko() {
-        local n=$1 alt=${1//_/-}
-        find "$moddir/kernel" \( -name "$n.ko" -o -name "$n.ko.xz" -o -name "$n.ko.zst" \
-            -o -name "$alt.ko" -o -name "$alt.ko.xz" -o -name "$alt.ko.zst" \) -print -quit
-    }
-    is_builtin() {
-        grep -qE "/($1|${1//_/-})\.ko$" "$moddir/modules.builtin" 2>/dev/null
-    }
-    declare -A seen=()
-    add_module() {
-        local n=$1 f deps d
-        [ -z "${seen[$n]:-}" ] || return 0
-        seen[$n]=1
-        f=$(find_ko "$n")
-        if [ -z "$f" ]; then
-            is_builtin "$n" && return 0
-            die "kernel module $n is neither in $kernel_pkg nor built in"
-        fi
-        case "$f" in
-            *.ko) cp "$f" "$tmp/out/modules/$n.ko" ;;
-            *.ko.xz) xz -dc "$f" > "$tmp/out/modules/$n.ko" ;;
-            *.ko.zst) zstd -qdc "$f" > "$tmp/out/modules/$n.ko" ;;
-        esac
-        deps=$(tr '\0' '\n' < "$tmp/out/modules/$n.ko" | sed -n 's/^depends=//p' | head -n 1)
-        for d in ${deps//,/ }; do add_module "$d"; done
-        echo "$n.ko" >> "$tmp/out/modules/order"
-    }
-    : > "$tmp/out/modules/order"
-    # virtio_pci + virtio_blk for /dev/vda, ext4 + crc32c for the root fs
-    # (the cloud kernel builds ext4 and crc32c in; add_module skips built-ins).
-    for m in virtio_pci virtio_blk crc32c_generic ext4; do add_module "$m"; done
-    rm -rf "$kdir"
-    mv "$tmp/out" "$kdir"
-    rm -rf "$tmp"
-    fetch_tmp=
-    touch "$kdir/.complete"
-    log "kernel cached in $kdir ($(elapsed "$t") s)"
-fi
+# shellcheck source=vm/kernel.sh
+. "$VM_DIR/kernel.sh"
+vm_kernel_prepare
 log "kernel $kernel_pkg, modules: $(tr '\n' ' ' < "$kdir/modules/order")"
 
 # ---------------------------------------------------------------- initramfs

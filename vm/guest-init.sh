@@ -12,7 +12,8 @@ mount -t sysfs sysfs /sys 2>/dev/null
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 
 phase=
-for arg in $(cat /proc/cmdline); do
+read -r cmdline < /proc/cmdline
+for arg in $cmdline; do
     case "$arg" in
         vpool_phase=*) phase=${arg#vpool_phase=} ;;
     esac
