@@ -334,6 +334,17 @@ pub enum Scanned<'a> {
     Broken { error: DecodeError },
 }
 
+impl Scanned<'_> {
+    /// The header of a record whose length is known (valid or damaged):
+    /// what a walk steps over. `None` where no record starts.
+    pub fn header(&self) -> Option<RecordHeader> {
+        match self {
+            Scanned::Record { header, .. } | Scanned::Damaged { header, .. } => Some(*header),
+            Scanned::Broken { .. } => None,
+        }
+    }
+}
+
 /// Reads the record at `pos` of a segment image; `None` at the image's end.
 pub fn scan_record(image: &[u8], pos: usize) -> Option<Scanned<'_>> {
     let rest = image.get(pos..).filter(|r| !r.is_empty())?;

@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use vpool_engine::checkpoint::CHECKPOINT_SLOTS;
-use vpool_engine::record::{self, RecordKind, Scanned};
+use vpool_engine::record::{self, RecordKind};
 use vpool_engine::store::{SegmentId, SegmentStore, SimCrashMode, SimStore};
 use vpool_engine::{BLOCK_SIZE, EngineError, Pool, PoolConfig};
 
@@ -318,11 +318,7 @@ fn last_mark(sim: &SimStore) -> Option<(SegmentId, u64)> {
     let mut best = None;
     for (_, image) in sim.segment_images() {
         let mut off = record::SEGMENT_HEADER_LEN as usize;
-        while let Some(found) = record::scan_record(&image, off) {
-            let h = match found {
-                Scanned::Record { header, .. } | Scanned::Damaged { header, .. } => header,
-                Scanned::Broken { .. } => break,
-            };
+        while let Some(h) = record::scan_record(&image, off).and_then(|f| f.header()) {
             if h.kind == RecordKind::Mark {
                 best = best.max(Some((SegmentId(h.arg), u64::from(h.arg2))));
             }

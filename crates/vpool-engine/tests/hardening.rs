@@ -3,6 +3,10 @@
 //! Real files (and a small tmpfs) where the file system matters, the
 //! simulated store where a fault has to hit an exact moment.
 
+#[path = "common/small_fs.rs"]
+mod small_fs;
+use small_fs::SmallFs;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,37 +42,6 @@ fn segment_files(dir: &Path) -> Vec<PathBuf> {
         .collect();
     v.sort();
     v
-}
-
-/// A small file system, unmounted when dropped.
-struct SmallFs(PathBuf);
-
-impl SmallFs {
-    /// `None` (the test skips) only when not root: CI runs as root, where a
-    /// failed mount fails the test.
-    fn mount(path: &Path, size_mib: u64) -> Option<SmallFs> {
-        std::fs::create_dir_all(path).unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
-            .arg(path)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            assert!(
-                unsafe { libc::geteuid() } != 0,
-                "root could not mount a tmpfs for the full-disk test"
-            );
-            eprintln!("skipped: mounting a tmpfs needs root");
-            return None;
-        }
-        Some(SmallFs(path.to_path_buf()))
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
 }
 
 fn small_config() -> PoolConfig {

@@ -3,6 +3,10 @@
 //! injected by [`vpool_s3::faults::FaultyStore`]. The same properties are
 //! checked against a real Ceph RGW in `rgw.rs`.
 
+#[path = "../../vpool-engine/tests/common/small_fs.rs"]
+mod small_fs;
+use small_fs::SmallFs;
+
 mod common;
 
 use common::*;
@@ -461,37 +465,6 @@ fn objects_no_manifest_names_are_collected_at_open() {
     );
     assert_eq!(log.check_prefix(&pool.volume("v").unwrap(), 1024), 512);
     close(pool, store);
-}
-
-/// A small filesystem for the cache directory, unmounted when dropped.
-struct SmallFs(std::path::PathBuf);
-
-impl SmallFs {
-    /// `None` (the test skips) only when not root: CI runs as root, where a
-    /// failed mount fails the test.
-    fn mount(path: &std::path::Path, size_mib: u64) -> Option<SmallFs> {
-        std::fs::create_dir_all(path).unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
-            .arg(path)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            assert!(
-                unsafe { libc::geteuid() } != 0,
-                "root could not mount a tmpfs for the full-disk test"
-            );
-            eprintln!("skipped: mounting a tmpfs needs root");
-            return None;
-        }
-        Some(SmallFs(path.to_path_buf()))
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
 }
 
 #[test]

@@ -1,6 +1,9 @@
 //! The hardening issue's defects, through the real daemon and real NBD
 //! clients: bit rot in durable data, a full device, a half-finished import.
 
+#[path = "../../vpool-engine/tests/common/small_fs.rs"]
+mod small_fs;
+use small_fs::SmallFs;
 mod common;
 #[path = "../../vpool-nbd/tests/common/mod.rs"]
 mod nbd_common;
@@ -129,37 +132,6 @@ fn bit_rot_in_durable_data_costs_one_block_not_the_log() {
     );
     run_ok(&pool, &["pool", "check"]);
     assert!(d.terminate().success());
-}
-
-/// A small file system, unmounted when dropped.
-struct SmallFs(PathBuf);
-
-impl SmallFs {
-    /// `None` (the test skips) only when not root: CI runs as root, where a
-    /// failed mount fails the test.
-    fn mount(path: &Path, size_mib: u64) -> Option<SmallFs> {
-        std::fs::create_dir_all(path).unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
-            .arg(path)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            assert!(
-                unsafe { libc::geteuid() } != 0,
-                "root could not mount a tmpfs for the full-disk test"
-            );
-            eprintln!("skipped: mounting a tmpfs needs root");
-            return None;
-        }
-        Some(SmallFs(path.to_path_buf()))
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
 }
 
 /// Writes 1 MiB at a time until the server answers ENOSPC; prints how many

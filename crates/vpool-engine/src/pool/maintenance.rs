@@ -60,13 +60,7 @@ impl Pool {
     pub(super) fn checkpoint_locked(&self) -> Result<(u64, u64)> {
         // Victims relocated before the capture below: this checkpoint no
         // longer refers to them and its replay starts after them.
-        let before: Vec<SegmentId> = self
-            .inner
-            .relocated_victims
-            .lock()
-            .iter()
-            .map(|v| v.id)
-            .collect();
+        let before = self.waiting_victims();
         let (ckpt, log_bytes) = {
             let mut st = self.inner.state.lock();
             let c = capture(&st);
@@ -109,6 +103,12 @@ impl Pool {
                 .collect()
         };
         self.delete_victims(&due)
+    }
+
+    /// The segments the cleaner emptied that wait for deletion.
+    fn waiting_victims(&self) -> Vec<SegmentId> {
+        let victims = self.inner.relocated_victims.lock();
+        victims.iter().map(|v| v.id).collect()
     }
 
     /// Deletes emptied segments, waiting for readers that looked up a
@@ -415,13 +415,7 @@ impl Pool {
     /// Sealed, synced segments whose live fraction is under the threshold,
     /// emptiest first, leaving out damaged ones and those already waiting.
     fn pick_victims(&self, max: usize) -> Vec<(SegmentId, SegInfo)> {
-        let waiting: Vec<SegmentId> = self
-            .inner
-            .relocated_victims
-            .lock()
-            .iter()
-            .map(|v| v.id)
-            .collect();
+        let waiting = self.waiting_victims();
         let damaged = self.inner.damage.lock().segments.clone();
         let mut st = self.inner.state.lock();
         st.apply_pending_refs();

@@ -790,11 +790,7 @@ pub(super) fn mark_position(h: &RecordHeader) -> LogPosition {
 /// vouches only for bytes before itself, so one claiming more is ignored.
 fn marks_in(image: &[u8], mut from: usize, seg: Option<SegmentId>) -> Option<LogPosition> {
     let mut best = None;
-    while let Some(found) = record::scan_record(image, from) {
-        let h = match found {
-            Scanned::Record { header, .. } | Scanned::Damaged { header, .. } => header,
-            Scanned::Broken { .. } => break,
-        };
+    while let Some(h) = record::scan_record(image, from).and_then(|f| f.header()) {
         if h.kind == RecordKind::Mark {
             let m = mark_position(&h);
             let here = seg.map(|s| pos(s, from));
@@ -839,9 +835,8 @@ fn resync(image: &[u8], mut from: usize, min_seq: u64) -> Option<usize> {
 
 fn chains_to_end(image: &[u8], mut at: usize, mut seq: u64) -> bool {
     while let Some(found) = record::scan_record(image, at) {
-        let h = match found {
-            Scanned::Record { header, .. } | Scanned::Damaged { header, .. } => header,
-            Scanned::Broken { .. } => return false,
+        let Some(h) = found.header() else {
+            return false;
         };
         if h.seq != seq {
             return false;

@@ -35,6 +35,21 @@ struct Image {
     data_blocks: u64,
 }
 
+impl Image {
+    /// Adds this image's figures, given its exclusive blocks, to `out`.
+    fn record(&self, out: &mut VolumeSpace, exclusive_blocks: u64) {
+        let space = ImageSpace {
+            allocated_bytes: self.data_blocks * BLOCK_SIZE,
+            exclusive_bytes: exclusive_blocks * BLOCK_SIZE,
+            shared_bytes: (self.data_blocks - exclusive_blocks) * BLOCK_SIZE,
+        };
+        match &self.name {
+            None => out.volume = space,
+            Some(n) => out.snapshots.push((n.clone(), space)),
+        }
+    }
+}
+
 impl Pool {
     /// [`ImageSpace`] of a volume and each of its snapshots (see the module
     /// doc). Runs outside the pool's lock.
@@ -66,16 +81,7 @@ impl Pool {
                     exclusive += exclusive_blocks(&images, k, &others, p);
                 }
             }
-            let img = &images[k];
-            let space = ImageSpace {
-                allocated_bytes: img.data_blocks * BLOCK_SIZE,
-                exclusive_bytes: exclusive * BLOCK_SIZE,
-                shared_bytes: (img.data_blocks - exclusive) * BLOCK_SIZE,
-            };
-            match &img.name {
-                None => out.volume = space,
-                Some(n) => out.snapshots.push((n.clone(), space)),
-            }
+            images[k].record(&mut out, exclusive);
         }
         Ok(out)
     }
@@ -92,15 +98,7 @@ impl Pool {
                 .iter()
                 .map(|p| exclusive_blocks(&images, k, &others, p))
                 .sum();
-            let space = ImageSpace {
-                allocated_bytes: img.data_blocks * BLOCK_SIZE,
-                exclusive_bytes: exclusive * BLOCK_SIZE,
-                shared_bytes: (img.data_blocks - exclusive) * BLOCK_SIZE,
-            };
-            match &img.name {
-                None => out.volume = space,
-                Some(n) => out.snapshots.push((n.clone(), space)),
-            }
+            img.record(&mut out, exclusive);
         }
         Ok(out)
     }
