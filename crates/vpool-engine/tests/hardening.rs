@@ -471,3 +471,40 @@ fn the_cleaner_cleans_around_a_damaged_segment() {
         "the damaged segment was deleted"
     );
 }
+
+/// A full device given more room (a bigger file system): the pool takes
+/// writes again by itself, nothing deleted, no restart.
+#[test]
+fn a_full_device_that_grows_takes_writes_again() {
+    let t = tempfile::tempdir().unwrap();
+    let Some(fs) = SmallFs::mount(&t.path().join("fs"), 16) else {
+        return;
+    };
+    let dir = fs.0.join("pool");
+    let pool = open_local(&dir, small_config());
+    pool.create_volume("v", 64 * MIB).unwrap();
+    let written = fill(&pool, "v", 9);
+    assert!(pool.stats().full);
+    let grown = std::process::Command::new("mount")
+        .args(["-o", "remount,size=64m"])
+        .arg(&fs.0)
+        .status()
+        .unwrap();
+    assert!(grown.success());
+    let vol = pool.volume("v").unwrap();
+    wait_until("writes are accepted again", || {
+        vol.write(written * 4096, &noise(9 + written, 4096)).is_ok()
+    });
+    for b in written + 1..written + 1000 {
+        vol.write(b * 4096, &noise(9 + b, 4096)).unwrap();
+    }
+    pool.flush().unwrap();
+    let mut buf = vec![0u8; 4096];
+    for b in (0..written + 1000).step_by(97) {
+        vol.read(b * 4096, &mut buf).unwrap();
+        assert_eq!(buf, noise(9 + b, 4096), "block {b}");
+    }
+    pool.close().unwrap();
+    drop((vol, pool));
+    drop(fs);
+}

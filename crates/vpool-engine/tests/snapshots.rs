@@ -263,3 +263,35 @@ fn exclusive_and_shared_bytes() {
         (0, 4 * b)
     );
 }
+
+/// Space accounting is work a client asks for and may walk away from: it
+/// stops when told to, and when the pool closes, instead of running on.
+#[test]
+fn space_accounting_stops_when_cancelled_or_closing() {
+    use std::sync::atomic::AtomicBool;
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(dir.path());
+    pool.create_volume("v", 64 << 20).unwrap();
+    let vol = pool.volume("v").unwrap();
+    // Every other block: one extent each, thousands of pieces to walk.
+    for i in (0..8192).step_by(2) {
+        vol.write(i * BLOCK_SIZE, &block(i)).unwrap();
+    }
+    let cancelled = AtomicBool::new(true);
+    assert!(matches!(
+        pool.volume_space_until("v", &cancelled),
+        Err(vpool_engine::EngineError::Cancelled(_))
+    ));
+    let go_on = AtomicBool::new(false);
+    let s = pool.volume_space_until("v", &go_on).unwrap();
+    assert_eq!(s.volume.exclusive_bytes, 4096 * BLOCK_SIZE);
+    pool.close().unwrap();
+    assert!(matches!(
+        pool.volume_space_until("v", &go_on),
+        Err(vpool_engine::EngineError::Cancelled(_))
+    ));
+    assert!(matches!(
+        pool.check(false, &go_on),
+        Err(vpool_engine::EngineError::Cancelled(_))
+    ));
+}
