@@ -273,6 +273,10 @@ pub struct CheckResult {
     pub checkpoints: Vec<CheckpointCopy>,
     /// Damaged ranges repair trimmed (they read as zeros now).
     pub repaired: Vec<DamagedRange>,
+    /// Segments with damage whose live data repair moved before deleting
+    /// them (the damage is gone, not only known).
+    #[serde(default)]
+    pub evacuated_segments: Vec<u64>,
 }
 
 impl From<vpool_engine::CheckReport> for CheckResult {
@@ -306,6 +310,7 @@ impl From<vpool_engine::CheckReport> for CheckResult {
                 })
                 .collect(),
             repaired: r.repaired.into_iter().map(Into::into).collect(),
+            evacuated_segments: r.evacuated.into_iter().map(|s| s.0).collect(),
         }
     }
 }

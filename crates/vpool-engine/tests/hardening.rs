@@ -349,6 +349,20 @@ fn a_damaged_record_header_refuses_the_open_until_repair_and_deletes_nothing() {
         }
     }
     assert_eq!(bad, 16);
+    // The check finds the unreadable bytes; its repair moves what is live
+    // out of that segment and deletes it, and the next check is clean.
+    let no = std::sync::atomic::AtomicBool::new(false);
+    let found = pool.check(false, &no).unwrap();
+    assert_eq!(found.bad_records.len(), 1, "{found:?}");
+    let repaired = pool.check(true, &no).unwrap();
+    assert_eq!(repaired.evacuated.len(), 1, "{repaired:?}");
+    let again = pool.check(false, &no).unwrap();
+    assert!(again.clean(), "{again:?}");
+    for blk in 0..blocks {
+        vol.read(blk * 4096, &mut b).unwrap();
+        assert!(b == noise(blk, 4096) || b == vec![0u8; 4096], "block {blk}");
+    }
+    pool.self_check();
     pool.close().unwrap();
     drop((vol, pool));
     // Repaired for good: a plain open works now.

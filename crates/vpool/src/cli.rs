@@ -317,7 +317,9 @@ fn run_check(client: &Client, pool_dir: &Path, json: bool, repair: bool) -> anyh
         print!("{}", render_check(&r, repair));
     }
     let repaired_all = repair
-        && r.bad_records.is_empty()
+        && r.bad_records
+            .iter()
+            .all(|b| r.evacuated_segments.contains(&b.segment))
         && r.map_errors.is_empty()
         && r.refcount_errors.is_empty()
         && r.damaged_ranges.iter().all(|d| r.repaired.contains(d))
@@ -380,6 +382,11 @@ pub fn render_check(r: &vpool_api::CheckResult, repair: bool) -> String {
             d.offset_bytes + d.len_bytes,
             d.segment,
             d.segment_offset
+        ));
+    }
+    for s in &r.evacuated_segments {
+        out.push_str(&format!(
+            "repaired: seg-{s:016x}: its live data moved, the damaged segment deleted\n"
         ));
     }
     for e in r.map_errors.iter().chain(&r.refcount_errors) {

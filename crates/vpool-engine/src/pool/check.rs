@@ -65,6 +65,9 @@ pub struct CheckReport {
     pub checkpoints: Vec<(String, std::result::Result<u64, String>)>,
     /// Ranges repair trimmed (volumes only).
     pub repaired: Vec<DamagedRange>,
+    /// Segments with damage that repair emptied (their live data moved)
+    /// and deleted.
+    pub evacuated: Vec<SegmentId>,
 }
 
 impl CheckReport {
@@ -240,6 +243,26 @@ impl Pool {
             let st = self.inner.state.lock();
             let still = referenced(&st, &damage.bad_blocks);
             damage.bad_blocks = still;
+        }
+        // Segments holding damage nothing refers to any more (or unreadable
+        // bytes with nothing live in them): move what is live and delete
+        // them, so that the damage is gone rather than only known.
+        let mut damaged: BTreeSet<SegmentId> = self.inner.damage.lock().segments.clone();
+        damaged.extend(report.bad_records.iter().map(|b| b.segment));
+        damaged.extend(report.damaged_ranges.iter().map(|r| r.segment));
+        let still_bad: BTreeSet<SegmentId> = self
+            .inner
+            .damage
+            .lock()
+            .bad_blocks
+            .iter()
+            .map(|b| b.0)
+            .collect();
+        for id in damaged.into_iter().filter(|id| !still_bad.contains(id)) {
+            if self.evacuate(id)? {
+                tracing::warn!(segment = %id, "repair: moved the live data out of a damaged segment and deleted it");
+                report.evacuated.push(id);
+            }
         }
         Ok(())
     }

@@ -459,7 +459,7 @@ impl Pool {
         for (off, h) in records {
             let here = record_data_loc(id, off as u64, h.nblocks);
             let mut st = self.writable_state()?;
-            let live = live_blocks(&mut st, &h, here);
+            let live: Vec<bool> = map_refs(&mut st, &h, here).iter().map(|&n| n > 0).collect();
             let mut i = 0;
             while i < live.len() {
                 if !live[i] {
@@ -478,24 +478,30 @@ impl Pool {
     }
 
     /// The write and relocate records of a sealed segment image, or `None`
-    /// (after remembering the segment as damaged) if one that maps still
-    /// point into cannot be read whole.
+    /// (after remembering the segment as damaged) if a map still points
+    /// into a record that cannot be read whole. Past bytes that are not a
+    /// record, reading resumes where records run in sequence to the end;
+    /// the segment can then be cleaned only if the records found hold every
+    /// reference the segment counts (nothing live hides in what was not
+    /// read).
     fn live_records(&self, id: SegmentId, image: &[u8]) -> Option<Vec<(usize, RecordHeader)>> {
         let mut out = Vec::new();
+        let mut broken = None;
         let mut off = SEGMENT_HEADER_LEN as usize;
         while let Some(found) = record::scan_record(image, off) {
+            let data =
+                |h: &RecordHeader| matches!(h.kind, RecordKind::Write | RecordKind::Relocate);
             match found {
                 Scanned::Record { header, .. } => {
-                    if matches!(header.kind, RecordKind::Write | RecordKind::Relocate) {
+                    if data(&header) {
                         out.push((off, header));
                     }
                     off += header.record_len() as usize;
                 }
                 Scanned::Damaged { header, error, .. } => {
                     let here = record_data_loc(id, off as u64, header.nblocks);
-                    let data = matches!(header.kind, RecordKind::Write | RecordKind::Relocate);
                     let mut st = self.inner.state.lock();
-                    if data && live_blocks(&mut st, &header, here).contains(&true) {
+                    if data(&header) && map_refs(&mut st, &header, here).iter().any(|&n| n > 0) {
                         drop(st);
                         self.note_damaged_segment(id, off, &error.to_string());
                         return None;
@@ -503,12 +509,65 @@ impl Pool {
                     off += header.record_len() as usize;
                 }
                 Scanned::Broken { error } => {
-                    self.note_damaged_segment(id, off, &error.to_string());
-                    return None;
+                    broken.get_or_insert((off, error));
+                    match super::recovery::resync(image, off + 1, 0) {
+                        Some(next) => off = next,
+                        None => break,
+                    }
                 }
             }
         }
+        if let Some((at, error)) = broken {
+            let mut st = self.inner.state.lock();
+            let found: i64 = out
+                .iter()
+                .map(|(o, h)| {
+                    let here = record_data_loc(id, *o as u64, h.nblocks);
+                    map_refs(&mut st, h, here)
+                        .iter()
+                        .map(|&n| i64::from(n))
+                        .sum::<i64>()
+                })
+                .sum();
+            let counted = st.segments.get(&id).map_or(0, |s| s.refs);
+            drop(st);
+            if found != counted {
+                self.note_damaged_segment(id, at, &error.to_string());
+                return None;
+            }
+        }
         Some(out)
+    }
+
+    /// Moves the live data out of segment `id` and queues it for deletion
+    /// (by the next two checkpoints), if that can be done without copying
+    /// damage: `pool check --repair` on a segment that holds unreadable
+    /// bytes. Returns whether it was queued.
+    pub(super) fn evacuate(&self, id: SegmentId) -> Result<bool> {
+        let _m = self.inner.maintenance_lock.lock();
+        let info = {
+            let mut st = self.inner.state.lock();
+            st.apply_pending_refs();
+            let sealed = id < st.open.id() && !st.unsynced.iter().any(|s| s.id() == id);
+            match st.segments.get(&id) {
+                Some(s) if sealed => *s,
+                _ => return Ok(false),
+            }
+        };
+        if self.waiting_victims().contains(&id) {
+            return Ok(true);
+        }
+        self.inner.damage.lock().segments.remove(&id);
+        if self.relocate_live(id, info.size_bytes)?.is_none() {
+            return Ok(false);
+        }
+        self.inner.relocated_victims.lock().push(Victim {
+            id,
+            checkpoints: 0,
+            since: Instant::now(),
+        });
+        self.checkpoint_until_deleted()?;
+        Ok(true)
     }
 
     fn note_damaged_segment(&self, id: SegmentId, off: usize, why: &str) {
@@ -590,11 +649,13 @@ fn capture(st: &State) -> Checkpoint {
     }
 }
 
-/// Which of a record's blocks any map (volume or snapshot) points at.
-fn live_blocks(st: &mut State, h: &RecordHeader, here: super::DataLoc) -> Vec<bool> {
+/// For each block of a record, how many maps (volumes and snapshots)
+/// point at it: a block is live if any does; summed, what the segment's
+/// reference count holds for the record.
+fn map_refs(st: &mut State, h: &RecordHeader, here: super::DataLoc) -> Vec<u32> {
     st.apply_pending_refs();
     let n = h.nblocks as usize;
-    let mut live = vec![false; n];
+    let mut refs = vec![0u32; n];
     for vol in st.volumes.values() {
         let maps = std::iter::once(&vol.map).chain(vol.snapshots.values().map(|s| &s.map));
         for map in maps {
@@ -602,13 +663,15 @@ fn live_blocks(st: &mut State, h: &RecordHeader, here: super::DataLoc) -> Vec<bo
                 if let Some(Target::Data(d)) = p.target {
                     let k = p.start_block - h.block;
                     if d == here.advance(k) {
-                        live[k as usize..(k + p.len_blocks) as usize].fill(true);
+                        for r in &mut refs[k as usize..(k + p.len_blocks) as usize] {
+                            *r += 1;
+                        }
                     }
                 }
             }
         }
     }
-    live
+    refs
 }
 
 /// The checksums and data of `run` blocks from block `i` of a record.

@@ -823,7 +823,7 @@ fn marks_scanned(image: &[u8], mut from: usize, seg: SegmentId) -> Option<LogPos
 /// must end exactly where the segment ends, in sequence, is not found
 /// inside a payload by chance. If none is found, the rest of the segment
 /// is lost (repair mode reports it so).
-fn resync(image: &[u8], mut from: usize, min_seq: u64) -> Option<usize> {
+pub(super) fn resync(image: &[u8], mut from: usize, min_seq: u64) -> Option<usize> {
     while let Some((at, h)) = record::find_next_header(image, from, min_seq) {
         if chains_to_end(image, at, h.seq) {
             return Some(at);
