@@ -9,53 +9,16 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use vpool_engine::EngineError;
-use vpool_store::StoreError;
 
-/// The class of a failure. Serialized in `snake_case`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorKind {
-    /// No such volume (or no such route).
-    NotFound,
-    /// A volume with that name exists.
-    AlreadyExists,
-    /// The request is malformed: bad JSON, a missing or unknown field, a bad
-    /// query string, a name or size the pool does not accept.
-    Invalid,
-    /// The byte range lies (partly) outside the volume.
-    OutOfRange,
-    /// Shrinking a volume needs `allow_shrink`.
-    ShrinkRefused,
-    /// Something depends on what was to be deleted (clones on a snapshot).
-    InUse,
-    /// A write-type request to something read-only (a snapshot).
-    ReadOnly,
-    /// Stored data failed its checksum.
-    Corrupt,
-    /// The pool's device is full.
-    NoSpace,
-    /// The pool stopped taking writes (a sync failed, or it is closing).
-    Failed,
-    /// A bug or an unexpected backend error.
-    Internal,
-    /// The request body is over the route's limit.
-    PayloadTooLarge,
-    /// A TCP request without the right bearer token.
-    Unauthorized,
-    /// The route exists but not with this method.
-    MethodNotAllowed,
-    /// This pool cannot do that: cache commands on a local pool (it has no
-    /// cache).
-    NotSupported,
-    /// The client took too long to send its request body.
-    Timeout,
-    /// A kind this client does not know (sent by a newer server).
-    #[serde(other)]
-    Unknown,
+pub use vpool_service::ErrorKind;
+
+/// The HTTP status an error kind answers with.
+pub trait HttpStatus {
+    fn status(self) -> StatusCode;
 }
 
-impl ErrorKind {
-    pub fn status(self) -> StatusCode {
+impl HttpStatus for ErrorKind {
+    fn status(self) -> StatusCode {
         match self {
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::AlreadyExists
@@ -75,34 +38,6 @@ impl ErrorKind {
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::Timeout => StatusCode::REQUEST_TIMEOUT,
         }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorKind::NotFound => "not_found",
-            ErrorKind::AlreadyExists => "already_exists",
-            ErrorKind::Invalid => "invalid",
-            ErrorKind::OutOfRange => "out_of_range",
-            ErrorKind::ShrinkRefused => "shrink_refused",
-            ErrorKind::InUse => "in_use",
-            ErrorKind::ReadOnly => "read_only",
-            ErrorKind::Corrupt => "corrupt",
-            ErrorKind::NoSpace => "no_space",
-            ErrorKind::Failed => "failed",
-            ErrorKind::Internal => "internal",
-            ErrorKind::PayloadTooLarge => "payload_too_large",
-            ErrorKind::Unauthorized => "unauthorized",
-            ErrorKind::MethodNotAllowed => "method_not_allowed",
-            ErrorKind::NotSupported => "not_supported",
-            ErrorKind::Timeout => "timeout",
-            ErrorKind::Unknown => "unknown",
-        }
-    }
-}
-
-impl std::fmt::Display for ErrorKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -161,45 +96,18 @@ impl ApiError {
     }
 }
 
+impl From<vpool_service::Error> for ApiError {
+    fn from(e: vpool_service::Error) -> ApiError {
+        ApiError {
+            kind: e.kind,
+            message: e.message,
+        }
+    }
+}
+
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> ApiError {
-        let kind = match &e {
-            EngineError::VolumeNotFound(_) | EngineError::SnapshotNotFound { .. } => {
-                ErrorKind::NotFound
-            }
-            EngineError::VolumeExists(_) | EngineError::SnapshotExists { .. } => {
-                ErrorKind::AlreadyExists
-            }
-            EngineError::InUse { .. } => ErrorKind::InUse,
-            EngineError::ReadOnly(_) => ErrorKind::ReadOnly,
-            EngineError::Invalid { .. } => ErrorKind::Invalid,
-            EngineError::OutOfRange { .. } => ErrorKind::OutOfRange,
-            EngineError::ShrinkRefused { .. } => ErrorKind::ShrinkRefused,
-            EngineError::Corrupt { .. }
-            | EngineError::CorruptMeta { .. }
-            | EngineError::Damaged(_) => ErrorKind::Corrupt,
-            EngineError::Failed(_) | EngineError::Closed | EngineError::Cancelled(_) => {
-                ErrorKind::Failed
-            }
-            EngineError::Store(StoreError::NoSpace { .. }) | EngineError::PoolFull { .. } => {
-                ErrorKind::NoSpace
-            }
-            // Another host took the pool over, or the object store behind
-            // the cache does not answer: nothing this request can fix.
-            EngineError::Store(
-                StoreError::Crashed | StoreError::Fenced { .. } | StoreError::Unavailable { .. },
-            ) => ErrorKind::Failed,
-            EngineError::Store(_) => ErrorKind::Internal,
-        };
-        // The full chain, so "I/O error while X" also says what the OS said.
-        let mut message = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            source = s.source();
-        }
-        ApiError { kind, message }
+        vpool_service::Error::from(e).into()
     }
 }
 
@@ -237,25 +145,7 @@ impl IntoResponse for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn kinds_serialize_as_documented() {
-        for (kind, s) in [
-            (ErrorKind::NotFound, "not_found"),
-            (ErrorKind::AlreadyExists, "already_exists"),
-            (ErrorKind::ShrinkRefused, "shrink_refused"),
-            (ErrorKind::InUse, "in_use"),
-            (ErrorKind::ReadOnly, "read_only"),
-            (ErrorKind::NoSpace, "no_space"),
-            (ErrorKind::OutOfRange, "out_of_range"),
-            (ErrorKind::NotSupported, "not_supported"),
-        ] {
-            assert_eq!(serde_json::to_string(&kind).unwrap(), format!("\"{s}\""));
-            assert_eq!(kind.as_str(), s);
-        }
-        let k: ErrorKind = serde_json::from_str("\"from_the_future\"").unwrap();
-        assert_eq!(k, ErrorKind::Unknown);
-    }
+    use vpool_store::StoreError;
 
     #[test]
     fn engine_errors_map_to_statuses() {

@@ -3,8 +3,8 @@
 //! - [`types`]: the wire types, shared by the server and the client, so the
 //!   two cannot drift apart.
 //! - [`error`]: the JSON error body, its kinds and their HTTP statuses.
-//! - [`catalog`]: what the daemon keeps beside the engine: templates
-//!   (persisted) and who has each volume open.
+//! - [`catalog`]: re-exported from `vpool-service`, which owns the rules;
+//!   the handlers here are thin calls into its `PoolService`.
 //! - [`cache`]: [`CacheControl`], the host cache of a pool on object
 //!   storage (stats and pins), as the daemon provides it.
 //! - [`server`]: the axum server, started on a Unix socket (trusted: file
@@ -18,7 +18,7 @@
 //! sit beside this one.
 
 pub mod cache;
-pub mod catalog;
+pub use vpool_service::catalog;
 pub mod client;
 pub mod error;
 pub mod limits;

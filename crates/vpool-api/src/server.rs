@@ -30,8 +30,9 @@ use serde::de::DeserializeOwned;
 use tokio::net::{TcpListener, UnixListener};
 use vpool_engine::{EngineError, Pool, STATE_HOLE, STATE_ZERO};
 
+use vpool_service::{Catalog, PoolService};
+
 use crate::cache::CacheControl;
-use crate::catalog::{Catalog, TEMPLATE_SNAPSHOT, read_only_template};
 use crate::error::{ApiError, ErrorKind};
 use crate::limits::{ApiLimits, serve_limited};
 use crate::types::{
@@ -58,8 +59,7 @@ pub const MAX_TOKEN_LEN: usize = 1024;
 /// object storage).
 #[derive(Clone)]
 pub struct ApiState {
-    pool: Pool,
-    catalog: Arc<Catalog>,
+    service: Arc<PoolService>,
     nbd_tcp_addr: Option<std::net::SocketAddr>,
     cache: Option<Arc<dyn CacheControl>>,
     limits: ApiLimits,
@@ -69,9 +69,16 @@ impl ApiState {
     /// State over `pool` with an in-memory catalog (templates are not
     /// persisted; see [`ApiState::with_catalog`]).
     pub fn new(pool: Pool) -> ApiState {
-        ApiState {
+        ApiState::for_service(Arc::new(PoolService::new(
             pool,
-            catalog: Arc::new(Catalog::in_memory()),
+            Arc::new(Catalog::in_memory()),
+        )))
+    }
+
+    /// State over a pool service (which carries the pool and its catalog).
+    pub fn for_service(service: Arc<PoolService>) -> ApiState {
+        ApiState {
+            service,
             nbd_tcp_addr: None,
             cache: None,
             limits: ApiLimits::default(),
@@ -102,12 +109,17 @@ impl ApiState {
 
     /// Uses `catalog`, shared with the NBD exports.
     pub fn with_catalog(mut self, catalog: Arc<Catalog>) -> ApiState {
-        self.catalog = catalog;
+        let pool = self.service.pool().clone();
+        self.service = Arc::new(PoolService::new(pool, catalog));
         self
     }
 
     pub fn catalog(&self) -> &Arc<Catalog> {
-        &self.catalog
+        self.service.catalog()
+    }
+
+    pub fn service(&self) -> &Arc<PoolService> {
+        &self.service
     }
 
     /// Reports `addr` as the daemon's NBD TCP listener in the pool info.
@@ -117,7 +129,7 @@ impl ApiState {
     }
 
     pub fn pool(&self) -> &Pool {
-        &self.pool
+        self.service.pool()
     }
 }
 
@@ -413,18 +425,6 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath
     }
 }
 
-/// Runs engine work on the blocking pool.
-async fn blocking<T, F>(f: F) -> Result<T, ApiError>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T, EngineError> + Send + 'static,
-{
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(ApiError::from),
-        Err(e) => Err(ApiError::internal(format!("engine task failed: {e}"))),
-    }
-}
-
 /// `offset + length`, or `invalid` if it does not fit in a `u64`. Checked
 /// here because the engine computes range ends before it range-checks.
 fn range_end(offset: u64, length: u64) -> Result<u64, ApiError> {
@@ -438,8 +438,8 @@ fn range_end(offset: u64, length: u64) -> Result<u64, ApiError> {
 // ----- pool routes -----
 
 async fn pool_info(State(s): State<ApiState>) -> Result<Json<PoolInfo>, ApiError> {
-    let pool = s.pool.clone();
-    let stats = blocking(move || Ok(pool.stats())).await?;
+    let svc = s.service.clone();
+    let stats = service(move || Ok(svc.stats())).await?;
     Ok(Json(PoolInfo {
         nbd_tcp_addr: s.nbd_tcp_addr,
         ..stats.into()
@@ -447,8 +447,7 @@ async fn pool_info(State(s): State<ApiState>) -> Result<Json<PoolInfo>, ApiError
 }
 
 async fn pool_clean(State(s): State<ApiState>) -> Result<Json<CleanResult>, ApiError> {
-    let pool = s.pool.clone();
-    let r = blocking(move || pool.clean()).await?;
+    let r = service(move || s.service.clean()).await?;
     Ok(Json(r.into()))
 }
 
@@ -459,20 +458,18 @@ async fn pool_check(
     ApiQuery(q): ApiQuery<CheckQuery>,
 ) -> Result<Json<CheckResult>, ApiError> {
     let cancel = CancelOnDrop(Arc::new(std::sync::atomic::AtomicBool::new(false)));
-    let (pool, flag) = (s.pool.clone(), cancel.0.clone());
-    let r = blocking(move || pool.check(q.repair, &flag)).await?;
+    let flag = cancel.0.clone();
+    let r = service(move || s.service.check(q.repair, &flag)).await?;
     Ok(Json(r.into()))
 }
 
 async fn pool_checkpoint(State(s): State<ApiState>) -> Result<StatusCode, ApiError> {
-    let pool = s.pool.clone();
-    blocking(move || pool.checkpoint()).await?;
+    service(move || s.service.checkpoint()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn flush(State(s): State<ApiState>) -> Result<StatusCode, ApiError> {
-    let pool = s.pool.clone();
-    blocking(move || pool.flush()).await?;
+    service(move || s.service.flush()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -557,42 +554,19 @@ async fn remove_pin(
 
 // ----- volume routes -----
 
-impl ApiState {
-    /// The API's view of an engine volume: adds what the catalog knows.
-    fn view(&self, v: vpool_engine::VolumeInfo) -> VolumeInfo {
-        let template = self.catalog.template(&v.name, v.id.0).map(|t| t.info());
-        let incomplete = self.catalog.import_incomplete(&v.name, v.id.0);
-        VolumeInfo {
-            template,
-            incomplete,
-            ..VolumeInfo::from(v)
-        }
-    }
-
-    /// Admits a request that changes volume `name`'s content or size:
-    /// refused for a template; sealing waits while the guard lives.
-    fn admit_write(
-        &self,
-        name: &str,
-        what: &str,
-    ) -> Result<crate::catalog::ApiWriteGuard, ApiError> {
-        let id = self.pool.volume_info(name)?.id.0;
-        self.catalog.api_write(name, id, what)
-    }
-
-    /// Refuses to change volume `name` under its NBD writers (a running
-    /// VM's disk changing, or going, under it) unless `force`.
-    fn check_no_writers(&self, name: &str, force: bool, what: &str) -> Result<(), ApiError> {
-        let id = self.pool.volume_info(name)?.id.0;
-        let writers = self.catalog.nbd_writers(id);
-        if writers > 0 && !force {
-            return Err(open_for_writing(name, writers, &format!("{what} refused")));
-        }
-        Ok(())
+/// Runs service work (blocking: engine calls, syncs) on the blocking pool.
+async fn service<T, F>(f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> vpool_service::Result<T> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(ApiError::internal(format!("engine task failed: {e}"))),
     }
 }
 
-/// Runs catalog-and-engine work (which answers [`ApiError`]s) on the
+/// Runs API-side work (cache control, which answers [`ApiError`]s) on the
 /// blocking pool.
 async fn blocking_api<T, F>(f: F) -> Result<T, ApiError>
 where
@@ -615,10 +589,9 @@ fn created(body: impl serde::Serialize, location: &str) -> Response {
 }
 
 async fn list_volumes(State(s): State<ApiState>) -> Result<Json<VolumeList>, ApiError> {
-    let pool = s.pool.clone();
-    let vols = blocking(move || Ok(pool.list_volumes())).await?;
+    let vols = service(move || Ok(s.service.list_volumes())).await?;
     Ok(Json(VolumeList {
-        volumes: vols.into_iter().map(|v| s.view(v)).collect(),
+        volumes: vols.into_iter().map(VolumeInfo::from).collect(),
     }))
 }
 
@@ -626,13 +599,12 @@ async fn create_volume(
     State(s): State<ApiState>,
     ApiJson(req): ApiJson<CreateVolumeRequest>,
 ) -> Result<Response, ApiError> {
-    let pool = s.pool.clone();
-    let options = vpool_engine::VolumeOptions {
-        ephemeral: req.ephemeral,
-    };
-    let info =
-        blocking(move || pool.create_volume_with(&req.name, req.size_bytes, options)).await?;
-    let info = s.view(info);
+    let info = service(move || {
+        s.service
+            .create_volume(&req.name, req.size_bytes, req.ephemeral)
+    })
+    .await?;
+    let info = VolumeInfo::from(info);
     let loc = format!("/v1/volumes/{}", info.name);
     Ok(created(&info, &loc))
 }
@@ -655,10 +627,13 @@ impl Drop for CancelOnDrop {
 /// Exclusive and shared bytes of `name` and its snapshots, or `None` if
 /// that took longer than [`SPACE_DEADLINE`]. Stops working when the
 /// request is dropped.
-async fn space_of(pool: &Pool, name: &str) -> Result<Option<vpool_engine::VolumeSpace>, ApiError> {
+async fn space_of(
+    svc: &Arc<PoolService>,
+    name: &str,
+) -> Result<Option<vpool_engine::VolumeSpace>, ApiError> {
     let cancel = CancelOnDrop(Arc::new(std::sync::atomic::AtomicBool::new(false)));
-    let (pool, name, flag) = (pool.clone(), name.to_string(), cancel.0.clone());
-    let work = blocking(move || pool.volume_space_until(&name, &flag));
+    let (svc, name, flag) = (svc.clone(), name.to_string(), cancel.0.clone());
+    let work = service(move || svc.volume_space(&name, &flag));
     match tokio::time::timeout(SPACE_DEADLINE, work).await {
         Ok(r) => r.map(Some),
         Err(_) => {
@@ -675,11 +650,10 @@ async fn volume_info(
     State(s): State<ApiState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<VolumeInfo>, ApiError> {
-    let pool = s.pool.clone();
-    let n = name.clone();
-    let info = blocking(move || pool.volume_info(&n)).await?;
-    let space = space_of(&s.pool, &name).await?;
-    let mut info = s.view(info);
+    let (svc, n) = (s.service.clone(), name.clone());
+    let view = service(move || svc.volume(&n)).await?;
+    let space = space_of(&s.service, &name).await?;
+    let mut info = VolumeInfo::from(view);
     info.exclusive_bytes = space.as_ref().map(|sp| sp.volume.exclusive_bytes);
     info.shared_bytes = space.as_ref().map(|sp| sp.volume.shared_bytes);
     Ok(Json(info))
@@ -690,19 +664,12 @@ async fn resize_volume(
     ApiPath(name): ApiPath<String>,
     ApiJson(req): ApiJson<ResizeVolumeRequest>,
 ) -> Result<Json<VolumeInfo>, ApiError> {
-    let st = s.clone();
-    let info = blocking_api(move || {
-        let _w = st.admit_write(&name, "resize")?;
-        let shrinks = req.size_bytes < st.pool.volume_info(&name)?.size_bytes;
-        if shrinks && req.allow_shrink {
-            st.check_no_writers(&name, req.force, "shrinking")?;
-        }
-        Ok(st
-            .pool
-            .resize_volume(&name, req.size_bytes, req.allow_shrink)?)
+    let info = service(move || {
+        s.service
+            .resize_volume(&name, req.size_bytes, req.allow_shrink, req.force)
     })
     .await?;
-    Ok(Json(s.view(info)))
+    Ok(Json(info.into()))
 }
 
 async fn delete_volume(
@@ -710,14 +677,7 @@ async fn delete_volume(
     ApiPath(name): ApiPath<String>,
     ApiQuery(q): ApiQuery<ForceQuery>,
 ) -> Result<StatusCode, ApiError> {
-    blocking_api(move || {
-        s.check_no_writers(&name, q.force, "delete")?;
-        let id = s.pool.volume_info(&name)?.id.0;
-        s.pool.delete_volume(&name)?;
-        s.catalog.forget(&name, id);
-        Ok(())
-    })
-    .await?;
+    service(move || s.service.delete_volume(&name, q.force)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -727,11 +687,10 @@ async fn list_snapshots(
     State(s): State<ApiState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<SnapshotList>, ApiError> {
-    let pool = s.pool.clone();
-    let n = name.clone();
-    let snaps = blocking(move || pool.list_snapshots(&n)).await?;
+    let (svc, n) = (s.service.clone(), name.clone());
+    let snaps = service(move || svc.list_snapshots(&n)).await?;
     let space: std::collections::HashMap<String, vpool_engine::ImageSpace> =
-        match space_of(&s.pool, &name).await? {
+        match space_of(&s.service, &name).await? {
             Some(sp) => sp.snapshots.into_iter().collect(),
             None => Default::default(),
         };
@@ -754,12 +713,7 @@ async fn create_snapshot(
     ApiPath(name): ApiPath<String>,
     ApiJson(req): ApiJson<CreateSnapshotRequest>,
 ) -> Result<Response, ApiError> {
-    if req.name == TEMPLATE_SNAPSHOT {
-        return Err(ApiError::invalid(format!(
-            "the snapshot name {TEMPLATE_SNAPSHOT:?} is reserved for templates (vpool vol template {name})"
-        )));
-    }
-    let snap = blocking(move || s.pool.create_snapshot(&name, &req.name)).await?;
+    let snap = service(move || s.service.create_snapshot(&name, &req.name)).await?;
     let loc = format!("/v1/volumes/{}/snapshots/{}", snap.volume, snap.name);
     Ok(created(SnapshotInfo::from(snap), &loc))
 }
@@ -768,17 +722,7 @@ async fn snapshot_info(
     State(s): State<ApiState>,
     ApiPath((name, snap)): ApiPath<(String, String)>,
 ) -> Result<Json<SnapshotInfo>, ApiError> {
-    let info = blocking(move || {
-        s.pool
-            .list_snapshots(&name)?
-            .into_iter()
-            .find(|i| i.name == snap)
-            .ok_or(EngineError::SnapshotNotFound {
-                volume: name,
-                snapshot: snap,
-            })
-    })
-    .await?;
+    let info = service(move || s.service.snapshot(&name, &snap)).await?;
     Ok(Json(info.into()))
 }
 
@@ -786,45 +730,8 @@ async fn delete_snapshot(
     State(s): State<ApiState>,
     ApiPath((name, snap)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    blocking_api(move || {
-        let id = s.pool.volume_info(&name)?.id.0;
-        if snap == TEMPLATE_SNAPSHOT && s.catalog.template(&name, id).is_some() {
-            // The engine names the clones if there are any; that says more.
-            let clones: Vec<String> = s
-                .pool
-                .list_volumes()
-                .into_iter()
-                .filter(|v| v.parent.as_deref() == Some(&format!("{name}@{snap}")))
-                .map(|v| v.name)
-                .collect();
-            if !clones.is_empty() {
-                return Err(EngineError::InUse {
-                    what: format!("snapshot {name}@{snap}"),
-                    users: clones,
-                }
-                .into());
-            }
-            return Err(ApiError::new(
-                ErrorKind::ReadOnly,
-                format!(
-                    "{name}@{snap} holds the sealed image of template {name}; delete the template itself (vpool vol delete {name})"
-                ),
-            ));
-        }
-        Ok(s.pool.delete_snapshot(&name, &snap)?)
-    })
-    .await?;
+    service(move || s.service.delete_snapshot(&name, &snap)).await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// The refusal for changing a volume under its NBD writers.
-fn open_for_writing(volume: &str, writers: usize, what: &str) -> ApiError {
-    ApiError::new(
-        ErrorKind::InUse,
-        format!(
-            "{what}: volume {volume} is open for writing by {writers} NBD client(s), whose disk would change under them; disconnect them first (or ask with force=true)"
-        ),
-    )
 }
 
 async fn rollback(
@@ -832,20 +739,8 @@ async fn rollback(
     ApiPath((name, snap)): ApiPath<(String, String)>,
     ApiQuery(q): ApiQuery<RollbackQuery>,
 ) -> Result<Json<VolumeInfo>, ApiError> {
-    let st = s.clone();
-    let info = blocking_api(move || {
-        let _w = st.admit_write(&name, "rollback")?;
-        let id = st.pool.volume_info(&name)?.id.0;
-        let writers = st.catalog.nbd_writers(id);
-        if writers > 0 && !q.force {
-            // Say which error comes first: a missing snapshot.
-            st.pool.snapshot(&name, &snap)?;
-            return Err(open_for_writing(&name, writers, "rollback refused"));
-        }
-        Ok(st.pool.rollback(&name, &snap)?)
-    })
-    .await?;
-    Ok(Json(s.view(info)))
+    let info = service(move || s.service.rollback(&name, &snap, q.force)).await?;
+    Ok(Json(info.into()))
 }
 
 // ----- templates and clones -----
@@ -854,13 +749,8 @@ async fn make_template(
     State(s): State<ApiState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<VolumeInfo>, ApiError> {
-    let st = s.clone();
-    let info = blocking_api(move || {
-        st.catalog.seal(&st.pool, &name)?;
-        Ok(st.pool.volume_info(&name)?)
-    })
-    .await?;
-    Ok(Json(s.view(info)))
+    let info = service(move || s.service.make_template(&name)).await?;
+    Ok(Json(info.into()))
 }
 
 async fn clone_volume(
@@ -868,24 +758,12 @@ async fn clone_volume(
     ApiPath(name): ApiPath<String>,
     ApiJson(req): ApiJson<CloneRequest>,
 ) -> Result<Response, ApiError> {
-    let st = s.clone();
-    let info = blocking_api(move || {
-        let snapshot = match req.snapshot {
-            Some(snap) => snap,
-            None => {
-                let id = st.pool.volume_info(&name)?.id.0;
-                if st.catalog.template(&name, id).is_none() {
-                    return Err(ApiError::invalid(format!(
-                        "volume {name} is not a template: clone one of its snapshots (VOLUME@SNAPSHOT), or seal it first (vpool vol template {name})"
-                    )));
-                }
-                TEMPLATE_SNAPSHOT.to_string()
-            }
-        };
-        Ok(st.pool.clone_volume(&name, &snapshot, &req.name)?)
+    let info = service(move || {
+        s.service
+            .clone_volume(&name, req.snapshot.as_deref(), &req.name)
     })
     .await?;
-    let info = s.view(info);
+    let info = VolumeInfo::from(info);
     let loc = format!("/v1/volumes/{}", info.name);
     Ok(created(&info, &loc))
 }
@@ -894,9 +772,8 @@ async fn flatten(
     State(s): State<ApiState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<VolumeInfo>, ApiError> {
-    let pool = s.pool.clone();
-    let info = blocking(move || pool.flatten(&name)).await?;
-    Ok(Json(s.view(info)))
+    let info = service(move || s.service.flatten(&name)).await?;
+    Ok(Json(info.into()))
 }
 
 async fn commit(
@@ -904,33 +781,8 @@ async fn commit(
     ApiPath(name): ApiPath<String>,
     ApiQuery(q): ApiQuery<RollbackQuery>,
 ) -> Result<Json<VolumeInfo>, ApiError> {
-    let st = s.clone();
-    let info = blocking_api(move || {
-        let clone = st.pool.volume_info(&name)?;
-        let Some(parent) = clone.parent.as_deref() else {
-            // The engine's own words.
-            return Ok(st.pool.commit(&name)?);
-        };
-        let parent = parent
-            .split_once('@')
-            .map_or(parent, |(v, _)| v)
-            .to_string();
-        let pid = st.pool.volume_info(&parent)?.id.0;
-        if st.catalog.template(&parent, pid).is_some() {
-            return Err(read_only_template(
-                &parent,
-                &format!("commit of {name} into its parent refused"),
-            ));
-        }
-        let _w = st.admit_write(&parent, "commit")?;
-        let writers = st.catalog.nbd_writers(pid);
-        if writers > 0 && !q.force {
-            return Err(open_for_writing(&parent, writers, "commit refused"));
-        }
-        Ok(st.pool.commit(&name)?)
-    })
-    .await?;
-    Ok(Json(s.view(info)))
+    let info = service(move || s.service.commit(&name, q.force)).await?;
+    Ok(Json(info.into()))
 }
 
 async fn diff(
@@ -938,57 +790,45 @@ async fn diff(
     ApiPath(name): ApiPath<String>,
     ApiQuery(q): ApiQuery<DiffQuery>,
 ) -> Result<Json<Diff>, ApiError> {
-    blocking_api(move || {
-        let size_of = |snap: Option<&str>| -> Result<u64, EngineError> {
-            match snap {
-                Some(sn) => s.pool.snapshot(&name, sn)?.size_bytes(),
-                None => Ok(s.pool.volume_info(&name)?.size_bytes),
-            }
-        };
-        let from_size = size_of(q.from.as_deref())?;
-        let all = s.pool.diff(&name, q.from.as_deref(), q.to.as_deref())?;
-        let size = size_of(q.to.as_deref())?;
-        let mut extents = Vec::new();
-        let mut next_offset = None;
-        for e in all {
-            let end = e.offset + e.len;
-            if end <= q.offset {
-                continue;
-            }
-            if extents.len() == MAX_DIFF_EXTENTS {
-                next_offset = Some(e.offset.max(q.offset));
-                break;
-            }
-            let mut x = DiffExtent::from(e);
-            if x.offset < q.offset {
-                x.length = end - q.offset;
-                x.offset = q.offset;
-            }
-            extents.push(x);
+    let (svc, n, from, to) = (
+        s.service.clone(),
+        name.clone(),
+        q.from.clone(),
+        q.to.clone(),
+    );
+    let (all, from_size, size) =
+        service(move || svc.diff(&n, from.as_deref(), to.as_deref())).await?;
+    let mut extents = Vec::new();
+    let mut next_offset = None;
+    for e in all {
+        let end = e.offset + e.len;
+        if end <= q.offset {
+            continue;
         }
-        Ok(Json(Diff {
-            volume: name,
-            from: q.from,
-            to: q.to,
-            from_size_bytes: from_size,
-            size_bytes: size,
-            offset: q.offset,
-            extents,
-            next_offset,
-        }))
-    })
-    .await
+        if extents.len() == MAX_DIFF_EXTENTS {
+            next_offset = Some(e.offset.max(q.offset));
+            break;
+        }
+        let mut x = DiffExtent::from(e);
+        if x.offset < q.offset {
+            x.length = end - q.offset;
+            x.offset = q.offset;
+        }
+        extents.push(x);
+    }
+    Ok(Json(Diff {
+        volume: name,
+        from: q.from,
+        to: q.to,
+        from_size_bytes: from_size,
+        size_bytes: size,
+        offset: q.offset,
+        extents,
+        next_offset,
+    }))
 }
 
 // ----- data routes -----
-
-/// The volume, or its snapshot `snap`, for reading.
-fn image(pool: &Pool, name: &str, snap: Option<&str>) -> Result<vpool_engine::Volume, EngineError> {
-    match snap {
-        Some(sn) => pool.snapshot(name, sn),
-        None => pool.volume(name),
-    }
-}
 
 async fn write_data(
     State(s): State<ApiState>,
@@ -997,12 +837,7 @@ async fn write_data(
     ApiBytes(body): ApiBytes,
 ) -> Result<StatusCode, ApiError> {
     range_end(q.offset, body.len() as u64)?;
-    blocking_api(move || {
-        let _w = s.admit_write(&name, "write")?;
-        s.check_no_writers(&name, q.force, "write through the API")?;
-        Ok(s.pool.volume(&name)?.write(q.offset, &body)?)
-    })
-    .await?;
+    service(move || s.service.write(&name, q.offset, &body, q.force)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1021,14 +856,7 @@ async fn read_data(
                 q.length
             ))
         })?;
-    let pool = s.pool.clone();
-    let buf = blocking(move || {
-        let vol = image(&pool, &name, q.snapshot.as_deref())?;
-        let mut buf = vec![0u8; len];
-        vol.read(q.offset, &mut buf)?;
-        Ok(buf)
-    })
-    .await?;
+    let buf = service(move || s.service.read(&name, q.snapshot.as_deref(), q.offset, len)).await?;
     Ok((
         [(
             header::CONTENT_TYPE,
@@ -1045,14 +873,7 @@ async fn zero_range(
     ApiQuery(q): ApiQuery<ZeroQuery>,
 ) -> Result<StatusCode, ApiError> {
     range_end(q.offset, q.length)?;
-    blocking_api(move || {
-        let _w = s.admit_write(&name, "zero")?;
-        s.check_no_writers(&name, q.force, "zeroing through the API")?;
-        Ok(s.pool
-            .volume(&name)?
-            .write_zeroes(q.offset, q.length, q.unmap)?)
-    })
-    .await?;
+    service(move || s.service.zero(&name, q.offset, q.length, q.unmap, q.force)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1064,12 +885,7 @@ async fn begin_import(
     ApiPath(name): ApiPath<String>,
     ApiQuery(q): ApiQuery<ForceQuery>,
 ) -> Result<StatusCode, ApiError> {
-    blocking_api(move || {
-        s.check_no_writers(&name, q.force, "import")?;
-        let id = s.pool.volume_info(&name)?.id.0;
-        s.catalog.begin_import(&name, id)
-    })
-    .await?;
+    service(move || s.service.begin_import(&name, q.force)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1079,12 +895,7 @@ async fn end_import(
     State(s): State<ApiState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    blocking_api(move || {
-        s.pool.flush()?;
-        let id = s.pool.volume_info(&name)?.id.0;
-        s.catalog.end_import(&name, id)
-    })
-    .await?;
+    service(move || s.service.end_import(&name)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1094,11 +905,10 @@ async fn allocation(
     ApiQuery(q): ApiQuery<RangeQuery>,
 ) -> Result<Json<Allocation>, ApiError> {
     range_end(q.offset, q.length)?;
-    let pool = s.pool.clone();
     let offset = q.offset;
     let asked = q.length;
-    let raw = blocking(move || {
-        let vol = image(&pool, &name, q.snapshot.as_deref())?;
+    let raw = service(move || {
+        let vol = s.service.image(&name, q.snapshot.as_deref())?;
         // Range-check the whole asked range, so a bad request fails the same
         // way whatever part of it this answer would cover.
         let size = vol.size_bytes()?;
@@ -1109,10 +919,11 @@ async fn allocation(
                 offset,
                 len: asked,
                 size_bytes: size,
-            });
+            }
+            .into());
         }
         let span = asked.min(MAX_ALLOCATION_SPAN_BYTES);
-        vol.block_status(offset, span, MAX_ALLOCATION_EXTENTS)
+        Ok(vol.block_status(offset, span, MAX_ALLOCATION_EXTENTS)?)
     })
     .await?;
     let mut extents = Vec::with_capacity(raw.len());

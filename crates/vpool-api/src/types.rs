@@ -66,6 +66,26 @@ impl From<vpool_engine::VolumeInfo> for VolumeInfo {
     }
 }
 
+impl From<vpool_service::VolumeView> for VolumeInfo {
+    fn from(v: vpool_service::VolumeView) -> VolumeInfo {
+        VolumeInfo {
+            template: v.template.as_ref().map(TemplateInfo::from),
+            incomplete: v.incomplete,
+            ..VolumeInfo::from(v.info)
+        }
+    }
+}
+
+impl From<&vpool_service::TemplateRecord> for TemplateInfo {
+    fn from(t: &vpool_service::TemplateRecord) -> TemplateInfo {
+        TemplateInfo {
+            snapshot: vpool_service::TEMPLATE_SNAPSHOT.to_string(),
+            digest: t.digest.clone(),
+            sealed_at_unix: t.sealed_at_unix,
+        }
+    }
+}
+
 /// What makes a volume a template: the snapshot clones are made from, and
 /// the digest of its content taken when it was sealed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -569,9 +569,10 @@ async fn serve_pool(
 
     // NBD: the vpool-nbd server runs on plain threads; each listener gets a
     // blocking task and a shutdown signal fired when `stop_rx` flips.
-    let registry: Arc<dyn vpool_nbd::ExportRegistry> = Arc::new(
-        crate::nbd_export::PoolExports::new(pool.clone(), catalog.clone()),
-    );
+    let registry: Arc<dyn vpool_nbd::ExportRegistry> = Arc::new(vpool_service::PoolExports::new(
+        pool.clone(),
+        catalog.clone(),
+    ));
     for (name, listener) in nbd_listeners {
         let signal =
             vpool_nbd::ShutdownSignal::new().context("creating the NBD shutdown signal")?;

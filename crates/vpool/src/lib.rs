@@ -6,7 +6,6 @@
 //! - [`cache`]: the host cache of an S3 pool as the API serves it: stats and
 //!   pins.
 //! - [`registry`]: named pools (`--pool NAME`).
-//! - [`nbd_export`]: volumes as NBD exports.
 //! - [`cli`]: argument definitions and the client commands.
 //! - [`transfer`]: sparse `vol import` / `vol export`.
 //! - [`vdiff`]: the `.vdiff` incremental backup format, `vol export-diff` /
@@ -16,7 +15,6 @@
 pub mod cache;
 pub mod cli;
 pub mod daemon;
-pub mod nbd_export;
 pub mod registry;
 pub mod s3pool;
 pub mod size;

@@ -760,6 +760,11 @@ fn template_clone_flatten_commit_commands() {
     assert_eq!(e.kind(), Some(vpool_api::ErrorKind::ReadOnly), "{e}");
     let (kind, msg) = run_json_err(&pool, &["vol", "import", "debian12", raw.to_str().unwrap()]);
     assert_eq!(kind, "read_only", "{msg}");
+    let j = run_json(&pool, &["vol", "info", "debian12"]);
+    assert!(
+        j.get("incomplete").is_none(),
+        "a refused import marked a template: {j}"
+    );
     let err = run_err(&pool, &["vol", "resize", "debian12", "--size", "16M"]);
     assert!(err.contains("template"), "{err}");
     // A template's JSON creation output, from another volume.

@@ -22,7 +22,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use vpool_api::{Access, Catalog};
+use crate::catalog::{Access, Catalog};
 use vpool_engine::{EngineError, Pool, Volume};
 use vpool_nbd::{BlockDevice, DeviceError, DeviceErrorKind, ExportInfo, ExportRegistry};
 

@@ -43,8 +43,7 @@ use sha2::{Digest, Sha256};
 use vpool_engine::{EngineError, Pool, STATE_ZERO, Volume};
 use vpool_store::SegmentStore;
 
-use crate::error::{ApiError, ErrorKind};
-use crate::types::TemplateInfo;
+use crate::error::{Error, ErrorKind};
 
 /// The snapshot that holds a template's sealed image. The name is reserved:
 /// users cannot create a snapshot of that name on any volume.
@@ -69,16 +68,6 @@ pub struct TemplateRecord {
     /// that short: [`Catalog::reconcile`] computes it).
     pub digest: Option<String>,
     pub sealed_at_unix: u64,
-}
-
-impl TemplateRecord {
-    pub fn info(&self) -> TemplateInfo {
-        TemplateInfo {
-            snapshot: TEMPLATE_SNAPSHOT.to_string(),
-            digest: self.digest.clone(),
-            sealed_at_unix: self.sealed_at_unix,
-        }
-    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -162,7 +151,7 @@ fn now_unix() -> u64 {
 
 impl Catalog {
     /// A catalog whose template records are lost when it is dropped (tests,
-    /// and an [`crate::ApiState`] built without one).
+    /// and a pool service built without a store for them).
     pub fn in_memory() -> Catalog {
         Catalog {
             inner: Mutex::new(Inner::default()),
@@ -203,7 +192,7 @@ impl Catalog {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn persist(&self, inner: &Inner) -> Result<(), ApiError> {
+    fn persist(&self, inner: &Inner) -> Result<(), Error> {
         let Some(store) = &self.store else {
             return Ok(());
         };
@@ -213,10 +202,10 @@ impl Catalog {
             importing: inner.importing.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&f)
-            .map_err(|e| ApiError::internal(format!("encoding the template records: {e}")))?;
-        store.put_meta(TEMPLATES_META_NAME, &bytes).map_err(|e| {
-            ApiError::from(EngineError::Store(e)).context("saving the template records")
-        })
+            .map_err(|e| Error::internal(format!("encoding the template records: {e}")))?;
+        store
+            .put_meta(TEMPLATES_META_NAME, &bytes)
+            .map_err(|e| Error::from(EngineError::Store(e)).context("saving the template records"))
     }
 
     // ----- templates -----
@@ -238,11 +227,11 @@ impl Catalog {
     /// Calling it again on a template whose digest is missing (a failed or
     /// interrupted seal) completes it; on a complete template it is refused
     /// with `already_exists`.
-    pub fn seal(&self, pool: &Pool, volume: &str) -> Result<TemplateRecord, ApiError> {
+    pub fn seal(&self, pool: &Pool, volume: &str) -> Result<TemplateRecord, Error> {
         let info = pool.volume_info(volume)?;
         let id = info.id.0;
         if info.ephemeral {
-            return Err(ApiError::invalid(format!(
+            return Err(Error::invalid(format!(
                 "volume {volume} is ephemeral (deleted at the next restart); a template must last"
             )));
         }
@@ -250,7 +239,7 @@ impl Catalog {
             let mut g = self.lock();
             if let Some(t) = g.sealed(volume, id) {
                 if t.digest.is_some() {
-                    return Err(ApiError::new(
+                    return Err(Error::new(
                         ErrorKind::AlreadyExists,
                         format!("volume {volume} is already a template"),
                     ));
@@ -261,7 +250,7 @@ impl Catalog {
                 let nbd = u.map_or(0, |u| u.nbd_writers);
                 let api = u.map_or(0, |u| u.api_writes);
                 if nbd > 0 || api > 0 {
-                    return Err(ApiError::new(
+                    return Err(Error::new(
                         ErrorKind::InUse,
                         format!(
                             "volume {volume} is being written ({nbd} NBD client(s) with it open for writing, {api} API request(s) in flight); disconnect them before sealing it"
@@ -273,7 +262,7 @@ impl Catalog {
                     .iter()
                     .any(|s| s.name == TEMPLATE_SNAPSHOT)
                 {
-                    return Err(ApiError::new(
+                    return Err(Error::new(
                         ErrorKind::AlreadyExists,
                         format!(
                             "volume {volume} already has a snapshot named {TEMPLATE_SNAPSHOT:?}, the name a template's image takes; delete it first (vpool snap delete {volume}@{TEMPLATE_SNAPSHOT})"
@@ -338,7 +327,7 @@ impl Catalog {
     /// Brings the records in line with the pool, at daemon start: drops
     /// those of volumes that are gone, finishes seals a crash interrupted.
     /// Blocking.
-    pub fn reconcile(&self, pool: &Pool) -> Result<(), ApiError> {
+    pub fn reconcile(&self, pool: &Pool) -> Result<(), Error> {
         let records = self.templates();
         let mut changed = false;
         for (name, rec) in records {
@@ -386,8 +375,14 @@ impl Catalog {
 
     /// Marks volume `volume` (id `id`) as being imported into, durably,
     /// before the import writes anything.
-    pub fn begin_import(&self, volume: &str, id: u64) -> Result<(), ApiError> {
+    /// Refused while NBD clients have it open for writing, unless `force`
+    /// (checked under the same lock an NBD open takes).
+    pub fn begin_import(&self, volume: &str, id: u64, force: bool) -> Result<(), Error> {
         let mut g = self.lock();
+        let writers = g.users.get(&id).map_or(0, |u| u.nbd_writers);
+        if writers > 0 && !force {
+            return Err(open_for_writing(volume, writers, "import"));
+        }
         if g.importing.get(volume) == Some(&id) {
             return Ok(());
         }
@@ -396,7 +391,7 @@ impl Catalog {
     }
 
     /// The import into `volume` finished (its data is flushed).
-    pub fn end_import(&self, volume: &str, id: u64) -> Result<(), ApiError> {
+    pub fn end_import(&self, volume: &str, id: u64) -> Result<(), Error> {
         let mut g = self.lock();
         if g.importing.get(volume) != Some(&id) {
             return Ok(());
@@ -461,6 +456,32 @@ impl Catalog {
         }
     }
 
+    /// Runs `change` (an engine operation that changes volume `volume`,
+    /// id `id`, under its users' feet; it must not call the catalog, whose
+    /// lock it runs under) with the catalog locked, after
+    /// checking that no NBD client has the volume open for writing unless
+    /// `force`. An NBD open registers under the same lock, so no writer can
+    /// attach between the check and the change.
+    pub fn change_without_writers<T>(
+        &self,
+        volume: &str,
+        id: u64,
+        force: bool,
+        what: &str,
+        change: impl FnOnce() -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let g = self.lock();
+        let writers = g.users.get(&id).map_or(0, |u| u.nbd_writers);
+        if writers > 0 && !force {
+            return Err(open_for_writing(volume, writers, what));
+        }
+        #[cfg(test)]
+        tests::hook::between_check_and_change();
+        let out = change();
+        drop(g);
+        out
+    }
+
     /// NBD connections that have volume `id` open for writing.
     pub fn nbd_writers(&self, id: u64) -> usize {
         self.lock().users.get(&id).map_or(0, |u| u.nbd_writers)
@@ -482,7 +503,7 @@ impl Catalog {
         volume: &str,
         id: u64,
         what: &str,
-    ) -> Result<ApiWriteGuard, ApiError> {
+    ) -> Result<ApiWriteGuard, Error> {
         let mut g = self.lock();
         if g.sealed(volume, id).is_some() {
             return Err(read_only_template(volume, what));
@@ -495,9 +516,19 @@ impl Catalog {
     }
 }
 
+/// The refusal for changing a volume under its NBD writers.
+pub fn open_for_writing(volume: &str, writers: usize, what: &str) -> Error {
+    Error::new(
+        ErrorKind::InUse,
+        format!(
+            "{what} refused: volume {volume} is open for writing by {writers} NBD client(s), whose disk would change under them; disconnect them first (or ask with force=true)"
+        ),
+    )
+}
+
 /// The error for a change refused because `volume` is a template.
-pub fn read_only_template(volume: &str, what: &str) -> ApiError {
-    ApiError::new(
+pub fn read_only_template(volume: &str, what: &str) -> Error {
+    Error::new(
         ErrorKind::ReadOnly,
         format!(
             "{what}: volume {volume} is a template (sealed, read-only); clone it (vpool vol clone {volume} NEW) and change the clone"
@@ -579,6 +610,71 @@ pub fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A test's foot in the door between a check and the change it guards.
+    pub(super) mod hook {
+        use std::cell::RefCell;
+
+        thread_local! {
+            static HOOK: RefCell<Option<Box<dyn FnMut()>>> = const { RefCell::new(None) };
+        }
+
+        pub fn set(f: impl FnMut() + 'static) {
+            HOOK.with(|h| *h.borrow_mut() = Some(Box::new(f)));
+        }
+
+        pub fn between_check_and_change() {
+            HOOK.with(|h| {
+                if let Some(f) = h.borrow_mut().as_mut() {
+                    f();
+                }
+            });
+        }
+    }
+
+    /// The race the issue names: a writer attaching between "no NBD
+    /// writers" and the rollback. Checking with one call and changing after
+    /// it (what the API did) lets it in; `change_without_writers` does not.
+    #[test]
+    fn no_writer_attaches_between_the_check_and_the_change() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::Duration;
+        // Starts a thread that attaches a writer, and gives it time to.
+        fn attach_a_writer(c: &Arc<Catalog>, attached: &Arc<AtomicBool>) {
+            let (c, attached) = (Arc::clone(c), Arc::clone(attached));
+            std::thread::spawn(move || {
+                c.nbd_open("v", 1, Access::Write);
+                attached.store(true, Ordering::SeqCst);
+            });
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let c = Arc::new(Catalog::in_memory());
+        let attached = Arc::new(AtomicBool::new(false));
+        // The old way: check, then change.
+        assert_eq!(c.nbd_writers(1), 0);
+        attach_a_writer(&c, &attached);
+        assert!(
+            attached.load(Ordering::SeqCst),
+            "the test cannot show the race: the writer never got in"
+        );
+        c.nbd_close(1, Access::Write, || {});
+        // The service's way: the change runs with the writer kept out.
+        let attached = Arc::new(AtomicBool::new(false));
+        let (c2, a2) = (Arc::clone(&c), Arc::clone(&attached));
+        hook::set(move || attach_a_writer(&c2, &a2));
+        let saw = c
+            .change_without_writers("v", 1, false, "rollback", || {
+                Ok(attached.load(Ordering::SeqCst))
+            })
+            .unwrap();
+        assert!(!saw, "a writer attached between the check and the change");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(c.nbd_writers(1), 1, "the writer attaches after the change");
+        let e = c
+            .change_without_writers("v", 1, false, "rollback", || Ok(()))
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InUse);
+    }
 
     #[test]
     fn hex_digits() {
