@@ -17,6 +17,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{ErrorBody, ErrorKind};
+use crate::routes::{self, escape};
 use crate::types::{
     Allocation, CacheInfo, CheckResult, CleanResult, CloneRequest, CreateSnapshotRequest,
     CreateVolumeRequest, Diff, DiffExtent, PinInfo, PinList, PinRequest, PoolInfo,
@@ -174,38 +175,38 @@ impl Client {
     // ----- pool -----
 
     pub fn pool_info(&self) -> Result<PoolInfo, ClientError> {
-        self.json_call("GET", "/v1/pool", None::<&()>)
+        self.json_call("GET", routes::POOL, None::<&()>)
     }
 
     /// Checks the whole pool (`repair`: trims damaged volume ranges). Reads
     /// every segment: give the client a timeout to match the pool's size.
     pub fn pool_check(&self, repair: bool) -> Result<CheckResult, ClientError> {
-        let path = format!("/v1/pool/check?repair={repair}");
+        let path = format!("{}?repair={repair}", routes::POOL_CHECK);
         self.json_call("POST", &path, None::<&()>)
     }
 
     pub fn flush(&self) -> Result<(), ClientError> {
-        self.empty_call("POST", "/v1/flush", &[])
+        self.empty_call("POST", routes::FLUSH, &[])
     }
 
     pub fn clean(&self) -> Result<CleanResult, ClientError> {
-        self.json_call("POST", "/v1/pool/clean", None::<&()>)
+        self.json_call("POST", routes::POOL_CLEAN, None::<&()>)
     }
 
     pub fn checkpoint(&self) -> Result<(), ClientError> {
-        self.empty_call("POST", "/v1/pool/checkpoint", &[])
+        self.empty_call("POST", routes::POOL_CHECKPOINT, &[])
     }
 
     // ----- the host cache (pools on S3) -----
 
     /// The cache's figures; `not_supported` on a local pool.
     pub fn cache_stats(&self) -> Result<CacheInfo, ClientError> {
-        self.json_call("GET", "/v1/cache", None::<&()>)
+        self.json_call("GET", routes::CACHE, None::<&()>)
     }
 
     /// The pins, in the order they were made.
     pub fn cache_pins(&self) -> Result<Vec<PinInfo>, ClientError> {
-        let l: PinList = self.json_call("GET", "/v1/cache/pins", None::<&()>)?;
+        let l: PinList = self.json_call("GET", routes::CACHE_PINS, None::<&()>)?;
         Ok(l.pins)
     }
 
@@ -215,22 +216,18 @@ impl Client {
             volume: volume.to_string(),
             snapshot: snapshot.map(str::to_string),
         };
-        self.json_call("POST", "/v1/cache/pins", Some(&req))
+        self.json_call("POST", routes::CACHE_PINS, Some(&req))
     }
 
     /// Removes the pin of `volume` (or of its `snapshot`).
     pub fn unpin(&self, volume: &str, snapshot: Option<&str>) -> Result<(), ClientError> {
-        let image = match snapshot {
-            Some(s) => format!("{}@{}", escape(volume), escape(s)),
-            None => escape(volume),
-        };
-        self.empty_call("DELETE", &format!("/v1/cache/pins/{image}"), &[])
+        self.empty_call("DELETE", &routes::cache_pin(volume, snapshot), &[])
     }
 
     // ----- volumes -----
 
     pub fn list_volumes(&self) -> Result<Vec<VolumeInfo>, ClientError> {
-        let l: VolumeList = self.json_call("GET", "/v1/volumes", None::<&()>)?;
+        let l: VolumeList = self.json_call("GET", routes::VOLUMES, None::<&()>)?;
         Ok(l.volumes)
     }
 
@@ -251,11 +248,11 @@ impl Client {
             size_bytes,
             ephemeral,
         };
-        self.json_call("POST", "/v1/volumes", Some(&req))
+        self.json_call("POST", routes::VOLUMES, Some(&req))
     }
 
     pub fn volume_info(&self, name: &str) -> Result<VolumeInfo, ClientError> {
-        self.json_call("GET", &volume_path(name, ""), None::<&()>)
+        self.json_call("GET", &routes::volume(name), None::<&()>)
     }
 
     /// `force`: shrink even while NBD clients write to the volume.
@@ -271,24 +268,24 @@ impl Client {
             allow_shrink,
             force,
         };
-        self.json_call("PATCH", &volume_path(name, ""), Some(&req))
+        self.json_call("PATCH", &routes::volume(name), Some(&req))
     }
 
     /// Marks `name` as being imported into (incomplete until
     /// [`Client::end_import`]). `force`: even under NBD writers.
     pub fn begin_import(&self, name: &str, force: bool) -> Result<(), ClientError> {
-        let path = format!("{}?force={force}", volume_path(name, "/import"));
+        let path = format!("{}?force={force}", routes::volume_import(name));
         self.empty_call("POST", &path, &[])
     }
 
     /// The import into `name` is done: the daemon flushes and unmarks it.
     pub fn end_import(&self, name: &str) -> Result<(), ClientError> {
-        self.empty_call("DELETE", &volume_path(name, "/import"), &[])
+        self.empty_call("DELETE", &routes::volume_import(name), &[])
     }
 
     /// `force`: delete even while NBD clients write to the volume.
     pub fn delete_volume(&self, name: &str, force: bool) -> Result<(), ClientError> {
-        let path = format!("{}?force={force}", volume_path(name, ""));
+        let path = format!("{}?force={force}", routes::volume(name));
         self.empty_call("DELETE", &path, &[])
     }
 
@@ -298,24 +295,22 @@ impl Client {
         let req = CreateSnapshotRequest {
             name: name.to_string(),
         };
-        self.json_call("POST", &volume_path(volume, "/snapshots"), Some(&req))
+        self.json_call("POST", &routes::volume_snapshots(volume), Some(&req))
     }
 
     /// The volume's snapshots, oldest first.
     pub fn list_snapshots(&self, volume: &str) -> Result<Vec<SnapshotInfo>, ClientError> {
         let l: SnapshotList =
-            self.json_call("GET", &volume_path(volume, "/snapshots"), None::<&()>)?;
+            self.json_call("GET", &routes::volume_snapshots(volume), None::<&()>)?;
         Ok(l.snapshots)
     }
 
     pub fn snapshot_info(&self, volume: &str, name: &str) -> Result<SnapshotInfo, ClientError> {
-        let path = volume_path(volume, &format!("/snapshots/{}", escape(name)));
-        self.json_call("GET", &path, None::<&()>)
+        self.json_call("GET", &routes::snapshot(volume, name), None::<&()>)
     }
 
     pub fn delete_snapshot(&self, volume: &str, name: &str) -> Result<(), ClientError> {
-        let path = volume_path(volume, &format!("/snapshots/{}", escape(name)));
-        self.empty_call("DELETE", &path, &[])
+        self.empty_call("DELETE", &routes::snapshot(volume, name), &[])
     }
 
     /// Makes `volume` equal to its snapshot `name`. Refused while NBD
@@ -326,16 +321,13 @@ impl Client {
         name: &str,
         force: bool,
     ) -> Result<VolumeInfo, ClientError> {
-        let path = volume_path(
-            volume,
-            &format!("/snapshots/{}/rollback?force={force}", escape(name)),
-        );
+        let path = format!("{}?force={force}", routes::snapshot_rollback(volume, name));
         self.json_call("POST", &path, None::<&()>)
     }
 
     /// Seals `volume` as a template (read-only from then on).
     pub fn make_template(&self, volume: &str) -> Result<VolumeInfo, ClientError> {
-        self.json_call("POST", &volume_path(volume, "/template"), None::<&()>)
+        self.json_call("POST", &routes::volume_template(volume), None::<&()>)
     }
 
     /// Creates `new_name` as a clone of `volume@snapshot`, or of template
@@ -350,16 +342,16 @@ impl Client {
             name: new_name.to_string(),
             snapshot: snapshot.map(str::to_string),
         };
-        self.json_call("POST", &volume_path(volume, "/clone"), Some(&req))
+        self.json_call("POST", &routes::volume_clone(volume), Some(&req))
     }
 
     pub fn flatten(&self, volume: &str) -> Result<VolumeInfo, ClientError> {
-        self.json_call("POST", &volume_path(volume, "/flatten"), None::<&()>)
+        self.json_call("POST", &routes::volume_flatten(volume), None::<&()>)
     }
 
     /// Merges clone `volume` into its parent volume; returns the parent.
     pub fn commit(&self, volume: &str, force: bool) -> Result<VolumeInfo, ClientError> {
-        let path = format!("{}?force={force}", volume_path(volume, "/commit"));
+        let path = format!("{}?force={force}", routes::volume_commit(volume));
         self.json_call("POST", &path, None::<&()>)
     }
 
@@ -372,7 +364,7 @@ impl Client {
         to: Option<&str>,
         offset: u64,
     ) -> Result<Diff, ClientError> {
-        let mut path = format!("{}?offset={offset}", volume_path(volume, "/diff"));
+        let mut path = format!("{}?offset={offset}", routes::volume_diff(volume));
         if let Some(f) = from {
             path.push_str(&format!("&from={}", escape(f)));
         }
@@ -423,7 +415,7 @@ impl Client {
         }
         let path = format!(
             "{}?offset={offset}&force={force}",
-            volume_path(name, "/data")
+            routes::volume_data(name)
         );
         self.empty_call("PUT", &path, data)
     }
@@ -448,7 +440,7 @@ impl Client {
         }
         let mut path = format!(
             "{}?offset={offset}&length={length}",
-            volume_path(name, "/data")
+            routes::volume_data(name)
         );
         if let Some(s) = snapshot {
             path.push_str(&format!("&snapshot={}", escape(s)));
@@ -476,7 +468,7 @@ impl Client {
     ) -> Result<(), ClientError> {
         let path = format!(
             "{}?offset={offset}&length={length}&unmap={unmap}&force={force}",
-            volume_path(name, "/zero")
+            routes::volume_zero(name)
         );
         self.empty_call("POST", &path, &[])
     }
@@ -502,7 +494,7 @@ impl Client {
     ) -> Result<Allocation, ClientError> {
         let mut path = format!(
             "{}?offset={offset}&length={length}",
-            volume_path(name, "/allocation")
+            routes::volume_allocation(name)
         );
         if let Some(s) = snapshot {
             path.push_str(&format!("&snapshot={}", escape(s)));
@@ -678,26 +670,6 @@ impl Client {
         out.extend_from_slice(b"\r\n");
         Ok(())
     }
-}
-
-/// `/v1/volumes/<name><suffix>`, with the name percent-encoded (valid names
-/// need none; an invalid one must still not break the request line).
-fn volume_path(name: &str, suffix: &str) -> String {
-    format!("/v1/volumes/{}{suffix}", escape(name))
-}
-
-/// Percent-encodes all but unreserved characters, for a path segment or a
-/// query value.
-fn escape(s: &str) -> String {
-    let mut p = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            p.push(b as char);
-        } else {
-            p.push_str(&format!("%{b:02X}"));
-        }
-    }
-    p
 }
 
 /// Appends a page of diff extents, merging a range split at the page
@@ -892,15 +864,6 @@ mod tests {
     fn body_until_close_without_length() {
         let raw = b"HTTP/1.1 200 OK\r\n\r\nhello";
         assert_eq!(read_response(&raw[..]).unwrap().body, b"hello");
-    }
-
-    #[test]
-    fn volume_paths_are_escaped() {
-        assert_eq!(
-            volume_path("web-1.a_b", "/data"),
-            "/v1/volumes/web-1.a_b/data"
-        );
-        assert_eq!(volume_path("a b/c", ""), "/v1/volumes/a%20b%2Fc");
     }
 
     #[test]

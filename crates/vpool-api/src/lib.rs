@@ -13,6 +13,8 @@
 //!   response timeouts) and the accept loop that enforces them.
 //! - [`client`]: a small synchronous client speaking HTTP/1.1 by hand over a
 //!   Unix or TCP stream; the CLI uses it.
+//! - [`routes`]: every route path, defined once: the patterns the server
+//!   routes and the functions that build the client's paths from them.
 //!
 //! Every route lives under [`API_PREFIX`] so a later, incompatible API can
 //! sit beside this one.
@@ -22,6 +24,7 @@ pub use vpool_service::catalog;
 pub mod client;
 pub mod error;
 pub mod limits;
+pub mod routes;
 pub use vpool_ratelog as ratelog;
 pub mod server;
 pub mod types;

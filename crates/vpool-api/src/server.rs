@@ -35,6 +35,7 @@ use vpool_service::{Catalog, PoolService};
 use crate::cache::CacheControl;
 use crate::error::{ApiError, ErrorKind};
 use crate::limits::{ApiLimits, serve_limited};
+use crate::routes;
 use crate::types::{
     Allocation, AllocationExtent, CacheInfo, CheckQuery, CheckResult, CleanResult, CloneRequest,
     CreateSnapshotRequest, CreateVolumeRequest, Diff, DiffExtent, DiffQuery, ForceQuery, PinList,
@@ -208,45 +209,36 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// The API's routes over `state`, without authentication.
 pub fn router(state: ApiState) -> Router {
     let data = Router::new()
-        .route("/v1/volumes/{name}/data", get(read_data).put(write_data))
+        .route(routes::VOLUME_DATA, get(read_data).put(write_data))
         .layer(DefaultBodyLimit::max(MAX_DATA_BYTES));
     Router::new()
-        .route("/v1/pool", get(pool_info))
-        .route("/v1/pool/clean", post(pool_clean))
-        .route("/v1/pool/checkpoint", post(pool_checkpoint))
-        .route("/v1/pool/check", post(pool_check))
-        .route("/v1/flush", post(flush))
-        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route(routes::POOL, get(pool_info))
+        .route(routes::POOL_CLEAN, post(pool_clean))
+        .route(routes::POOL_CHECKPOINT, post(pool_checkpoint))
+        .route(routes::POOL_CHECK, post(pool_check))
+        .route(routes::FLUSH, post(flush))
+        .route(routes::VOLUMES, get(list_volumes).post(create_volume))
         .route(
-            "/v1/volumes/{name}",
+            routes::VOLUME,
             get(volume_info).patch(resize_volume).delete(delete_volume),
         )
-        .route("/v1/volumes/{name}/zero", post(zero_range))
+        .route(routes::VOLUME_ZERO, post(zero_range))
+        .route(routes::VOLUME_IMPORT, post(begin_import).delete(end_import))
+        .route(routes::VOLUME_ALLOCATION, get(allocation))
         .route(
-            "/v1/volumes/{name}/import",
-            post(begin_import).delete(end_import),
-        )
-        .route("/v1/volumes/{name}/allocation", get(allocation))
-        .route(
-            "/v1/volumes/{name}/snapshots",
+            routes::VOLUME_SNAPSHOTS,
             get(list_snapshots).post(create_snapshot),
         )
-        .route(
-            "/v1/volumes/{name}/snapshots/{snap}",
-            get(snapshot_info).delete(delete_snapshot),
-        )
-        .route(
-            "/v1/volumes/{name}/snapshots/{snap}/rollback",
-            post(rollback),
-        )
-        .route("/v1/volumes/{name}/template", post(make_template))
-        .route("/v1/volumes/{name}/clone", post(clone_volume))
-        .route("/v1/volumes/{name}/flatten", post(flatten))
-        .route("/v1/volumes/{name}/commit", post(commit))
-        .route("/v1/volumes/{name}/diff", get(diff))
-        .route("/v1/cache", get(cache_stats))
-        .route("/v1/cache/pins", get(list_pins).post(add_pin))
-        .route("/v1/cache/pins/{image}", delete(remove_pin))
+        .route(routes::SNAPSHOT, get(snapshot_info).delete(delete_snapshot))
+        .route(routes::SNAPSHOT_ROLLBACK, post(rollback))
+        .route(routes::VOLUME_TEMPLATE, post(make_template))
+        .route(routes::VOLUME_CLONE, post(clone_volume))
+        .route(routes::VOLUME_FLATTEN, post(flatten))
+        .route(routes::VOLUME_COMMIT, post(commit))
+        .route(routes::VOLUME_DIFF, get(diff))
+        .route(routes::CACHE, get(cache_stats))
+        .route(routes::CACHE_PINS, get(list_pins).post(add_pin))
+        .route(routes::CACHE_PIN, delete(remove_pin))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
         .merge(data)
         .fallback(no_route)
@@ -526,7 +518,7 @@ async fn add_pin(
     }
     let (pin, new) = blocking_api(move || cache.pin(&req.volume, req.snapshot.as_deref())).await?;
     if new {
-        let loc = format!("/v1/cache/pins/{}", pin.image());
+        let loc = routes::cache_pin(&pin.volume, pin.snapshot.as_deref());
         Ok(created(&pin, &loc))
     } else {
         Ok(Json(pin).into_response())
@@ -581,7 +573,7 @@ where
 
 fn created(body: impl serde::Serialize, location: &str) -> Response {
     let mut resp = (StatusCode::CREATED, Json(body)).into_response();
-    // Names are restricted to URL-safe characters, so no escaping is needed.
+    // The route builders percent-encode names (valid names need none).
     if let Ok(loc) = HeaderValue::from_str(location) {
         resp.headers_mut().insert(header::LOCATION, loc);
     }
@@ -605,7 +597,7 @@ async fn create_volume(
     })
     .await?;
     let info = VolumeInfo::from(info);
-    let loc = format!("/v1/volumes/{}", info.name);
+    let loc = routes::volume(&info.name);
     Ok(created(&info, &loc))
 }
 
@@ -714,7 +706,7 @@ async fn create_snapshot(
     ApiJson(req): ApiJson<CreateSnapshotRequest>,
 ) -> Result<Response, ApiError> {
     let snap = service(move || s.service.create_snapshot(&name, &req.name)).await?;
-    let loc = format!("/v1/volumes/{}/snapshots/{}", snap.volume, snap.name);
+    let loc = routes::snapshot(&snap.volume, &snap.name);
     Ok(created(SnapshotInfo::from(snap), &loc))
 }
 
@@ -764,7 +756,7 @@ async fn clone_volume(
     })
     .await?;
     let info = VolumeInfo::from(info);
-    let loc = format!("/v1/volumes/{}", info.name);
+    let loc = routes::volume(&info.name);
     Ok(created(&info, &loc))
 }
 

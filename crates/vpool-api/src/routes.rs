@@ -1,0 +1,610 @@
+//! Every route path of the API, defined once.
+//!
+//! The constants are the patterns the server's [`router`](crate::router)
+//! matches (axum syntax: `{name}` captures one path segment). The functions
+//! build the concrete paths the [`Client`](crate::Client) sends, by filling
+//! a pattern's captures in order with percent-encoded names, so a path and
+//! its pattern cannot drift apart. Valid names need no encoding; an invalid
+//! one still makes a well-formed request line and stays one segment, and
+//! the server answers it with an error rather than a wrong route.
+//!
+//! Query strings are not part of a route: the client writes them from the
+//! fields of the query types in [`crate::types`].
+
+/// `GET`: pool figures.
+pub const POOL: &str = "/v1/pool";
+/// `POST`: a cleaner pass.
+pub const POOL_CLEAN: &str = "/v1/pool/clean";
+/// `POST`: a checkpoint.
+pub const POOL_CHECKPOINT: &str = "/v1/pool/checkpoint";
+/// `POST`: check the whole pool.
+pub const POOL_CHECK: &str = "/v1/pool/check";
+/// `POST`: sync the log.
+pub const FLUSH: &str = "/v1/flush";
+/// `GET`: list; `POST`: create.
+pub const VOLUMES: &str = "/v1/volumes";
+/// `GET`: info; `PATCH`: resize; `DELETE`: delete. See [`volume`].
+pub const VOLUME: &str = "/v1/volumes/{name}";
+/// `GET`: read; `PUT`: write. See [`volume_data`].
+pub const VOLUME_DATA: &str = "/v1/volumes/{name}/data";
+/// `POST`: zero a range. See [`volume_zero`].
+pub const VOLUME_ZERO: &str = "/v1/volumes/{name}/zero";
+/// `POST`: an import begins; `DELETE`: it ended. See [`volume_import`].
+pub const VOLUME_IMPORT: &str = "/v1/volumes/{name}/import";
+/// `GET`: allocation map. See [`volume_allocation`].
+pub const VOLUME_ALLOCATION: &str = "/v1/volumes/{name}/allocation";
+/// `GET`: list; `POST`: create. See [`volume_snapshots`].
+pub const VOLUME_SNAPSHOTS: &str = "/v1/volumes/{name}/snapshots";
+/// `GET`: info; `DELETE`: delete. See [`snapshot`].
+pub const SNAPSHOT: &str = "/v1/volumes/{name}/snapshots/{snap}";
+/// `POST`: roll the volume back. See [`snapshot_rollback`].
+pub const SNAPSHOT_ROLLBACK: &str = "/v1/volumes/{name}/snapshots/{snap}/rollback";
+/// `POST`: seal as a template. See [`volume_template`].
+pub const VOLUME_TEMPLATE: &str = "/v1/volumes/{name}/template";
+/// `POST`: clone. See [`volume_clone`].
+pub const VOLUME_CLONE: &str = "/v1/volumes/{name}/clone";
+/// `POST`: drop the parent link. See [`volume_flatten`].
+pub const VOLUME_FLATTEN: &str = "/v1/volumes/{name}/flatten";
+/// `POST`: merge into the parent. See [`volume_commit`].
+pub const VOLUME_COMMIT: &str = "/v1/volumes/{name}/commit";
+/// `GET`: diff between two images. See [`volume_diff`].
+pub const VOLUME_DIFF: &str = "/v1/volumes/{name}/diff";
+/// `GET`: cache figures.
+pub const CACHE: &str = "/v1/cache";
+/// `GET`: list; `POST`: pin.
+pub const CACHE_PINS: &str = "/v1/cache/pins";
+/// `DELETE`: unpin; the image is `VOLUME` or `VOLUME@SNAPSHOT`. See
+/// [`cache_pin`].
+pub const CACHE_PIN: &str = "/v1/cache/pins/{image}";
+
+/// Every pattern above.
+pub const ALL: &[&str] = &[
+    POOL,
+    POOL_CLEAN,
+    POOL_CHECKPOINT,
+    POOL_CHECK,
+    FLUSH,
+    VOLUMES,
+    VOLUME,
+    VOLUME_DATA,
+    VOLUME_ZERO,
+    VOLUME_IMPORT,
+    VOLUME_ALLOCATION,
+    VOLUME_SNAPSHOTS,
+    SNAPSHOT,
+    SNAPSHOT_ROLLBACK,
+    VOLUME_TEMPLATE,
+    VOLUME_CLONE,
+    VOLUME_FLATTEN,
+    VOLUME_COMMIT,
+    VOLUME_DIFF,
+    CACHE,
+    CACHE_PINS,
+    CACHE_PIN,
+];
+
+/// [`VOLUME`] of volume `name`.
+pub fn volume(name: &str) -> String {
+    fill(VOLUME, &[&escape(name)])
+}
+
+/// [`VOLUME_DATA`] of volume `name`.
+pub fn volume_data(name: &str) -> String {
+    fill(VOLUME_DATA, &[&escape(name)])
+}
+
+/// [`VOLUME_ZERO`] of volume `name`.
+pub fn volume_zero(name: &str) -> String {
+    fill(VOLUME_ZERO, &[&escape(name)])
+}
+
+/// [`VOLUME_IMPORT`] of volume `name`.
+pub fn volume_import(name: &str) -> String {
+    fill(VOLUME_IMPORT, &[&escape(name)])
+}
+
+/// [`VOLUME_ALLOCATION`] of volume `name`.
+pub fn volume_allocation(name: &str) -> String {
+    fill(VOLUME_ALLOCATION, &[&escape(name)])
+}
+
+/// [`VOLUME_SNAPSHOTS`] of volume `name`.
+pub fn volume_snapshots(name: &str) -> String {
+    fill(VOLUME_SNAPSHOTS, &[&escape(name)])
+}
+
+/// [`SNAPSHOT`]: snapshot `snap` of volume `volume`.
+pub fn snapshot(volume: &str, snap: &str) -> String {
+    fill(SNAPSHOT, &[&escape(volume), &escape(snap)])
+}
+
+/// [`SNAPSHOT_ROLLBACK`]: rolls `volume` back to its snapshot `snap`.
+pub fn snapshot_rollback(volume: &str, snap: &str) -> String {
+    fill(SNAPSHOT_ROLLBACK, &[&escape(volume), &escape(snap)])
+}
+
+/// [`VOLUME_TEMPLATE`] of volume `name`.
+pub fn volume_template(name: &str) -> String {
+    fill(VOLUME_TEMPLATE, &[&escape(name)])
+}
+
+/// [`VOLUME_CLONE`] of volume `name`.
+pub fn volume_clone(name: &str) -> String {
+    fill(VOLUME_CLONE, &[&escape(name)])
+}
+
+/// [`VOLUME_FLATTEN`] of volume `name`.
+pub fn volume_flatten(name: &str) -> String {
+    fill(VOLUME_FLATTEN, &[&escape(name)])
+}
+
+/// [`VOLUME_COMMIT`] of volume `name`.
+pub fn volume_commit(name: &str) -> String {
+    fill(VOLUME_COMMIT, &[&escape(name)])
+}
+
+/// [`VOLUME_DIFF`] of volume `name`.
+pub fn volume_diff(name: &str) -> String {
+    fill(VOLUME_DIFF, &[&escape(name)])
+}
+
+/// [`CACHE_PIN`] of `volume`, or of its `snapshot`: the image segment is
+/// `VOLUME` or `VOLUME@SNAPSHOT`, each name encoded, the `@` not.
+pub fn cache_pin(volume: &str, snapshot: Option<&str>) -> String {
+    let image = match snapshot {
+        Some(s) => format!("{}@{}", escape(volume), escape(s)),
+        None => escape(volume),
+    };
+    fill(CACHE_PIN, &[&image])
+}
+
+/// `pattern` with its captures replaced, in order, by `segments` (already
+/// encoded). Every builder above passes one segment per capture (tested).
+fn fill(pattern: &str, segments: &[&str]) -> String {
+    let mut out =
+        String::with_capacity(pattern.len() + segments.iter().map(|s| s.len()).sum::<usize>());
+    let mut segments = segments.iter();
+    let mut rest = pattern;
+    while let Some((literal, capture)) = rest.split_once('{') {
+        out.push_str(literal);
+        out.push_str(segments.next().copied().unwrap_or_default());
+        rest = capture.split_once('}').map_or("", |(_, tail)| tail);
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Percent-encodes all but unreserved characters, for a path segment or a
+/// query value.
+pub fn escape(s: &str) -> String {
+    let mut p = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            p.push(b as char);
+        } else {
+            p.push_str(&format!("%{b:02X}"));
+        }
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use axum::extract::{FromRequestParts, MatchedPath, RawPathParams, Request};
+    use axum::middleware::{self, Next};
+    use axum::response::Response;
+
+    use super::*;
+    use crate::{ApiState, Client, router};
+
+    /// Percent-decoding, as the server does it.
+    fn unescape(s: &str) -> String {
+        let b = s.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' {
+                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+                i += 3;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    /// The captures of `path` under `pattern`, decoded, or `None` if it
+    /// does not match: as many segments, literals equal, captures
+    /// non-empty.
+    fn captures(pattern: &str, path: &str) -> Option<Vec<String>> {
+        let (p, s): (Vec<&str>, Vec<&str>) =
+            (pattern.split('/').collect(), path.split('/').collect());
+        if p.len() != s.len() {
+            return None;
+        }
+        let mut out = Vec::new();
+        for (p, s) in p.iter().zip(&s) {
+            if p.starts_with('{') && p.ends_with('}') {
+                if s.is_empty() {
+                    return None;
+                }
+                out.push(unescape(s));
+            } else if p != s {
+                return None;
+            }
+        }
+        Some(out)
+    }
+
+    const ODD: &[&str] = &["web-1.a_b~", "a b/c", "x@y?z#", "100%", "ü/..", "{name}"];
+
+    #[test]
+    fn every_builder_fills_its_pattern() {
+        type One = fn(&str) -> String;
+        let one: &[(&str, One)] = &[
+            (VOLUME, volume),
+            (VOLUME_DATA, volume_data),
+            (VOLUME_ZERO, volume_zero),
+            (VOLUME_IMPORT, volume_import),
+            (VOLUME_ALLOCATION, volume_allocation),
+            (VOLUME_SNAPSHOTS, volume_snapshots),
+            (VOLUME_TEMPLATE, volume_template),
+            (VOLUME_CLONE, volume_clone),
+            (VOLUME_FLATTEN, volume_flatten),
+            (VOLUME_COMMIT, volume_commit),
+            (VOLUME_DIFF, volume_diff),
+        ];
+        type Two = fn(&str, &str) -> String;
+        let two: &[(&str, Two)] = &[(SNAPSHOT, snapshot), (SNAPSHOT_ROLLBACK, snapshot_rollback)];
+        for &a in ODD {
+            for &(pattern, build) in one {
+                assert_eq!(
+                    captures(pattern, &build(a)),
+                    Some(vec![a.to_string()]),
+                    "{pattern} {a:?}"
+                );
+            }
+            for &b in ODD {
+                for &(pattern, build) in two {
+                    let want = vec![a.to_string(), b.to_string()];
+                    assert_eq!(
+                        captures(pattern, &build(a, b)),
+                        Some(want),
+                        "{pattern} {a:?} {b:?}"
+                    );
+                }
+                let pin = cache_pin(a, Some(b));
+                assert_eq!(
+                    captures(CACHE_PIN, &pin),
+                    Some(vec![format!("{a}@{b}")]),
+                    "{pin}"
+                );
+            }
+            assert_eq!(
+                captures(CACHE_PIN, &cache_pin(a, None)),
+                Some(vec![a.to_string()])
+            );
+        }
+        // Valid names travel as they are.
+        assert_eq!(volume_data("web-1.a_b"), "/v1/volumes/web-1.a_b/data");
+        assert_eq!(
+            snapshot_rollback("web1", "mon"),
+            "/v1/volumes/web1/snapshots/mon/rollback"
+        );
+        assert_eq!(cache_pin("web1", Some("mon")), "/v1/cache/pins/web1@mon");
+        assert_eq!(volume("a b/c"), "/v1/volumes/a%20b%2Fc");
+    }
+
+    #[test]
+    fn patterns_are_distinct_and_versioned() {
+        for (i, p) in ALL.iter().enumerate() {
+            assert!(
+                p.starts_with(crate::API_PREFIX) && p[crate::API_PREFIX.len()..].starts_with('/'),
+                "{p}"
+            );
+            assert!(!ALL[..i].contains(p), "{p} twice");
+            // Captures are whole segments.
+            for seg in p.split('/') {
+                assert!(
+                    !seg.contains('{') || (seg.starts_with('{') && seg.ends_with('}')),
+                    "{p}"
+                );
+            }
+        }
+    }
+
+    /// One request as the router saw it.
+    #[derive(Clone, Debug)]
+    struct Seen {
+        method: String,
+        matched: Option<String>,
+        captures: Vec<String>,
+        status: u16,
+    }
+
+    /// Every client method against the real router: each sends one request,
+    /// which must reach the route it means (the pattern matched, the method
+    /// allowed, the names decoded back to what the client was given), and
+    /// together they reach every route.
+    #[test]
+    fn every_client_call_is_routed_to_its_handler() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn vpool_store::SegmentStore> =
+            Arc::new(vpool_store::LocalDirStore::open(dir.path().join("pool")).unwrap());
+        let config = vpool_engine::PoolConfig {
+            background: false,
+            ..vpool_engine::PoolConfig::default()
+        };
+        let (pool, _) = vpool_engine::Pool::open(store, config).unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let log = seen.clone();
+        let app = router(ApiState::new(pool.clone())).layer(middleware::from_fn(
+            move |req: Request, next: Next| {
+                let log = log.clone();
+                async move {
+                    let method = req.method().to_string();
+                    let matched = req
+                        .extensions()
+                        .get::<MatchedPath>()
+                        .map(|m| m.as_str().to_string());
+                    let (mut parts, body) = req.into_parts();
+                    let captures = match RawPathParams::from_request_parts(&mut parts, &()).await {
+                        Ok(p) => p.iter().map(|(_, v)| v.to_string()).collect(),
+                        Err(_) => Vec::new(),
+                    };
+                    let resp: Response = next.run(Request::from_parts(parts, body)).await;
+                    log.lock().unwrap().push(Seen {
+                        method,
+                        matched,
+                        captures,
+                        status: resp.status().as_u16(),
+                    });
+                    resp
+                }
+            },
+        ));
+        let socket = dir.path().join("api.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let l = tokio::net::UnixListener::from_std(listener).unwrap();
+                let shutdown = async {
+                    let _ = stopped.await;
+                };
+                crate::limits::serve_limited(
+                    l,
+                    app,
+                    &crate::ApiLimits::default(),
+                    shutdown,
+                    "test",
+                )
+                .await;
+            });
+        });
+
+        let c = Client::unix(&socket);
+        type Call = Box<dyn Fn(&Client, &str, &str)>;
+        // (method, pattern, captures as names: "V" the volume, "S" the
+        // snapshot, "V@S" both, the call).
+        let calls: Vec<(&str, &str, &[&str], Call)> = vec![
+            ("GET", POOL, &[], Box::new(|c, _, _| drop(c.pool_info()))),
+            (
+                "POST",
+                POOL_CHECK,
+                &[],
+                Box::new(|c, _, _| drop(c.pool_check(false))),
+            ),
+            ("POST", FLUSH, &[], Box::new(|c, _, _| drop(c.flush()))),
+            ("POST", POOL_CLEAN, &[], Box::new(|c, _, _| drop(c.clean()))),
+            (
+                "POST",
+                POOL_CHECKPOINT,
+                &[],
+                Box::new(|c, _, _| drop(c.checkpoint())),
+            ),
+            ("GET", CACHE, &[], Box::new(|c, _, _| drop(c.cache_stats()))),
+            (
+                "GET",
+                CACHE_PINS,
+                &[],
+                Box::new(|c, _, _| drop(c.cache_pins())),
+            ),
+            (
+                "POST",
+                CACHE_PINS,
+                &[],
+                Box::new(|c, v, s| drop(c.pin(v, Some(s)))),
+            ),
+            (
+                "DELETE",
+                CACHE_PIN,
+                &["V@S"],
+                Box::new(|c, v, s| drop(c.unpin(v, Some(s)))),
+            ),
+            (
+                "DELETE",
+                CACHE_PIN,
+                &["V"],
+                Box::new(|c, v, _| drop(c.unpin(v, None))),
+            ),
+            (
+                "GET",
+                VOLUMES,
+                &[],
+                Box::new(|c, _, _| drop(c.list_volumes())),
+            ),
+            (
+                "POST",
+                VOLUMES,
+                &[],
+                Box::new(|c, v, _| drop(c.create_volume(v, 1 << 20))),
+            ),
+            (
+                "GET",
+                VOLUME,
+                &["V"],
+                Box::new(|c, v, _| drop(c.volume_info(v))),
+            ),
+            (
+                "PATCH",
+                VOLUME,
+                &["V"],
+                Box::new(|c, v, _| drop(c.resize_volume(v, 2 << 20, false, false))),
+            ),
+            (
+                "POST",
+                VOLUME_IMPORT,
+                &["V"],
+                Box::new(|c, v, _| drop(c.begin_import(v, false))),
+            ),
+            (
+                "DELETE",
+                VOLUME_IMPORT,
+                &["V"],
+                Box::new(|c, v, _| drop(c.end_import(v))),
+            ),
+            (
+                "PUT",
+                VOLUME_DATA,
+                &["V"],
+                Box::new(|c, v, _| drop(c.write(v, 0, &[1; 4096], false))),
+            ),
+            (
+                "POST",
+                VOLUME_ZERO,
+                &["V"],
+                Box::new(|c, v, _| drop(c.zero(v, 4096, 4096, true, false))),
+            ),
+            (
+                "POST",
+                VOLUME_SNAPSHOTS,
+                &["V"],
+                Box::new(|c, v, s| drop(c.create_snapshot(v, s))),
+            ),
+            (
+                "GET",
+                VOLUME_SNAPSHOTS,
+                &["V"],
+                Box::new(|c, v, _| drop(c.list_snapshots(v))),
+            ),
+            (
+                "GET",
+                SNAPSHOT,
+                &["V", "S"],
+                Box::new(|c, v, s| drop(c.snapshot_info(v, s))),
+            ),
+            (
+                "GET",
+                VOLUME_DATA,
+                &["V"],
+                Box::new(|c, v, s| drop(c.read_image(v, Some(s), 0, 4096))),
+            ),
+            (
+                "GET",
+                VOLUME_ALLOCATION,
+                &["V"],
+                Box::new(|c, v, s| drop(c.allocation_of(v, Some(s), 0, 4096))),
+            ),
+            (
+                "GET",
+                VOLUME_DIFF,
+                &["V"],
+                Box::new(|c, v, s| drop(c.diff_page(v, Some(s), None, 0))),
+            ),
+            (
+                "POST",
+                SNAPSHOT_ROLLBACK,
+                &["V", "S"],
+                Box::new(|c, v, s| drop(c.rollback(v, s, false))),
+            ),
+            (
+                "POST",
+                VOLUME_CLONE,
+                &["V"],
+                Box::new(|c, v, s| drop(c.clone_volume(v, Some(s), "copy"))),
+            ),
+            (
+                "POST",
+                VOLUME_FLATTEN,
+                &["V"],
+                Box::new(|c, _, _| drop(c.flatten("copy"))),
+            ),
+            (
+                "POST",
+                VOLUME_COMMIT,
+                &["V"],
+                Box::new(|c, _, _| drop(c.commit("copy", false))),
+            ),
+            (
+                "POST",
+                VOLUME_TEMPLATE,
+                &["V"],
+                Box::new(|c, v, _| drop(c.make_template(v))),
+            ),
+            (
+                "DELETE",
+                SNAPSHOT,
+                &["V", "S"],
+                Box::new(|c, v, s| drop(c.delete_snapshot(v, s))),
+            ),
+            (
+                "DELETE",
+                VOLUME,
+                &["V"],
+                Box::new(|c, v, _| drop(c.delete_volume(v, true))),
+            ),
+        ];
+        let mut reached = std::collections::BTreeSet::new();
+        // Valid names (the calls mostly succeed), then names the client
+        // must encode (the server refuses them, after routing).
+        for (v, s) in [("web1", "mon"), ("a b/c", "x@y?z#"), ("100%", "ü/..")] {
+            for (method, pattern, names, call) in &calls {
+                let before = seen.lock().unwrap().len();
+                call(&c, v, s);
+                let got = seen.lock().unwrap()[before..].to_vec();
+                let what = format!("{method} {pattern} with {v:?}, {s:?}: {got:?}");
+                assert_eq!(got.len(), 1, "one request: {what}");
+                let got = &got[0];
+                assert_eq!(got.method, *method, "{what}");
+                assert_eq!(got.matched.as_deref(), Some(*pattern), "{what}");
+                assert_ne!(got.status, 405, "method not allowed: {what}");
+                let want: Vec<String> = names
+                    .iter()
+                    .map(|n| match *n {
+                        "V" if *pattern == VOLUME_FLATTEN || *pattern == VOLUME_COMMIT => {
+                            "copy".to_string()
+                        }
+                        "V" => v.to_string(),
+                        "S" => s.to_string(),
+                        _ => format!("{v}@{s}"),
+                    })
+                    .collect();
+                assert_eq!(got.captures, want, "{what}");
+                reached.insert(*pattern);
+            }
+        }
+        let all: std::collections::BTreeSet<&str> = ALL.iter().copied().collect();
+        assert_eq!(reached, all, "routes no client call reaches");
+        // The valid-name pass did real work: the routes reached their handlers.
+        let ok = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| (200..300).contains(&s.status))
+            .count();
+        assert!(ok >= 15, "{ok} successful calls");
+
+        stop.send(()).unwrap();
+        server.join().unwrap();
+        pool.close().unwrap();
+    }
+}
