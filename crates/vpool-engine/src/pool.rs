@@ -43,10 +43,7 @@ use vpool_store::{OpenSegment, SegmentId, SegmentStore};
 use crate::checkpoint::{Checkpoint, LogPosition, SnapshotCheckpoint, VolumeCheckpoint};
 use crate::error::{EngineError, Result};
 use crate::extent_map::{DataLoc, ExtentMap, Piece, Target};
-use crate::record::{
-    self, CRC_LEN, MAX_RECORD_BLOCKS, RECORD_HEADER_LEN, RecordHeader, RecordKind,
-    SEGMENT_HEADER_LEN,
-};
+use crate::record::{self, Blocks, CRC_LEN, LogRecord, MAX_RECORD_BLOCKS, SEGMENT_HEADER_LEN};
 use crate::types::{BLOCK_SIZE, VolumeId, validate_volume_name, validate_volume_size};
 
 mod check;
@@ -330,6 +327,14 @@ struct State {
     pending_refs: Vec<(ExtentMap, i64)>,
 }
 
+/// Where a record lies in the log, and its sequence number.
+#[derive(Clone, Copy, Debug)]
+struct RecordAt {
+    seg: SegmentId,
+    off: u64,
+    seq: u64,
+}
+
 /// A segment the cleaner emptied, waiting for deletion.
 #[derive(Clone, Copy, Debug)]
 struct Victim {
@@ -426,6 +431,10 @@ impl State {
         self.volumes.get(&id).ok_or_else(|| vol_not_found(id))
     }
 
+    fn vol_mut(&mut self, id: VolumeId) -> Result<&mut Vol> {
+        self.volumes.get_mut(&id).ok_or_else(|| vol_not_found(id))
+    }
+
     /// Maps blocks of a volume, keeping every counter in step.
     fn set_blocks(&mut self, id: VolumeId, start: u64, len: u64, target: Option<Target>) {
         let State {
@@ -502,209 +511,238 @@ impl State {
         })
     }
 
-    /// Applies a record (live or replayed) whose header is at `rec_off` in
-    /// segment `seg`. The caller has validated the header.
-    fn apply(
-        &mut self,
-        seg: SegmentId,
-        rec_off: u64,
-        h: &RecordHeader,
-        payload: &[u8],
-    ) -> Result<()> {
-        match h.kind {
-            RecordKind::Write => {
-                self.check_record_range(h)?;
-                let loc = record_data_loc(seg, rec_off, h.nblocks);
-                self.set_blocks(
-                    h.volume,
-                    h.block,
-                    u64::from(h.nblocks),
-                    Some(Target::Data(loc)),
-                );
+    /// Applies a record (live, right after its append, or replayed) that
+    /// lies at `at` in the log: changes volumes, snapshots and reference
+    /// counts the way it says, and nothing else.
+    fn apply(&mut self, at: RecordAt, rec: &LogRecord<'_>) -> Result<()> {
+        match *rec {
+            LogRecord::Write {
+                volume,
+                block,
+                blocks,
+            } => {
+                let n = blocks.nblocks();
+                self.check_record_range(volume, block, n)?;
+                let loc = record::data_loc(at.seg, at.off, n);
+                self.set_blocks(volume, block, u64::from(n), Some(Target::Data(loc)));
             }
-            RecordKind::Zero => {
-                self.check_record_range(h)?;
-                self.set_blocks(h.volume, h.block, u64::from(h.nblocks), Some(Target::Zero));
+            LogRecord::Zero {
+                volume,
+                block,
+                nblocks,
+            } => {
+                self.check_record_range(volume, block, nblocks)?;
+                self.set_blocks(volume, block, u64::from(nblocks), Some(Target::Zero));
             }
-            RecordKind::Trim => {
-                self.check_record_range(h)?;
-                self.set_blocks(h.volume, h.block, u64::from(h.nblocks), None);
+            LogRecord::Trim {
+                volume,
+                block,
+                nblocks,
+            } => {
+                self.check_record_range(volume, block, nblocks)?;
+                self.set_blocks(volume, block, u64::from(nblocks), None);
             }
-            RecordKind::CreateVolume => {
-                let name = std::str::from_utf8(payload)
-                    .map_err(|_| meta_error("create record", "name is not UTF-8"))?
-                    .to_string();
-                if self.volumes.contains_key(&h.volume) || self.names.contains_key(&name) {
-                    return Err(meta_error("create record", "volume exists"));
-                }
-                self.names.insert(name.clone(), h.volume);
-                self.volumes.insert(
-                    h.volume,
-                    Vol {
-                        name,
-                        size_bytes: h.arg,
-                        map: ExtentMap::new(),
-                        data_blocks: 0,
-                        zero_blocks: 0,
-                        snapshots: BTreeMap::new(),
-                        parent: None,
-                        ephemeral: h.arg2 & record::CREATE_EPHEMERAL != 0,
-                    },
-                );
-                self.next_volume_id = self.next_volume_id.max(h.volume.0 + 1);
+            LogRecord::CreateVolume {
+                volume,
+                size_bytes,
+                name,
+                ephemeral,
+            } => self.create_volume(volume, size_bytes, name, ephemeral)?,
+            LogRecord::ResizeVolume { volume, size_bytes } => {
+                self.resize_volume(volume, size_bytes)?
             }
-            RecordKind::FlattenVolume => {
-                self.volumes
-                    .get_mut(&h.volume)
-                    .ok_or_else(|| vol_not_found(h.volume))?
-                    .parent = None;
+            LogRecord::DeleteVolume { volume } => self.delete_volume(volume)?,
+            LogRecord::CreateSnapshot { volume, name } => {
+                self.create_snapshot(volume, name, at.seq)?
             }
-            RecordKind::CommitVolume => {
-                let clone = self.vol(h.volume)?;
-                let (parent, _) = clone
-                    .parent
-                    .clone()
-                    .ok_or_else(|| meta_error("commit record", "not a clone"))?;
-                let (map, size, data, zero) = (
-                    clone.map.clone(),
-                    clone.size_bytes,
-                    clone.data_blocks,
-                    clone.zero_blocks,
-                );
-                let p = self
-                    .volumes
-                    .get_mut(&parent)
-                    .ok_or_else(|| vol_not_found(parent))?;
-                let old = std::mem::replace(&mut p.map, map.clone());
-                p.size_bytes = size;
-                p.data_blocks = data;
-                p.zero_blocks = zero;
-                // Increments first, so no count dips below zero.
-                self.pending_refs.push((map, 1));
-                self.pending_refs.push((old, -1));
-            }
-            RecordKind::ResizeVolume => {
-                let old = self.vol(h.volume)?.size_bytes;
-                if h.arg < old {
-                    let start = h.arg / BLOCK_SIZE;
-                    self.set_blocks(h.volume, start, old / BLOCK_SIZE - start, None);
-                }
-                self.volumes.get_mut(&h.volume).expect("checked").size_bytes = h.arg;
-            }
-            RecordKind::DeleteVolume => {
-                let size = self.vol(h.volume)?.size_bytes;
-                if size > 0 {
-                    self.set_blocks(h.volume, 0, size / BLOCK_SIZE, None);
-                }
-                let vol = self.volumes.remove(&h.volume).expect("checked");
-                self.names.remove(&vol.name);
-                for snap in vol.snapshots.into_values() {
-                    self.pending_refs.push((snap.map, -1));
-                }
-            }
-            RecordKind::CreateSnapshot => {
-                let name = utf8(payload)?;
-                let seq = h.seq;
-                let vol = self
-                    .volumes
-                    .get_mut(&h.volume)
-                    .ok_or_else(|| vol_not_found(h.volume))?;
-                if vol.snapshots.contains_key(&name) {
-                    return Err(meta_error("snapshot record", "snapshot exists"));
-                }
-                let snap = Snap {
-                    size_bytes: vol.size_bytes,
-                    map: vol.map.clone(),
-                    data_blocks: vol.data_blocks,
-                    zero_blocks: vol.zero_blocks,
-                    seq,
-                };
-                self.pending_refs.push((snap.map.clone(), 1));
-                vol.snapshots.insert(name, snap);
-            }
-            RecordKind::DeleteSnapshot => {
-                let name = utf8(payload)?;
-                let vol = self
-                    .volumes
-                    .get_mut(&h.volume)
-                    .ok_or_else(|| vol_not_found(h.volume))?;
-                let snap = vol
-                    .snapshots
-                    .remove(&name)
-                    .ok_or_else(|| meta_error("snapshot record", "no such snapshot"))?;
-                self.pending_refs.push((snap.map, -1));
-            }
-            RecordKind::Rollback => {
-                let name = utf8(payload)?;
-                let vol = self
-                    .volumes
-                    .get_mut(&h.volume)
-                    .ok_or_else(|| vol_not_found(h.volume))?;
-                let snap = vol
-                    .snapshots
-                    .get(&name)
-                    .ok_or_else(|| meta_error("rollback record", "no such snapshot"))?
-                    .clone();
-                let old = std::mem::replace(&mut vol.map, snap.map.clone());
-                vol.size_bytes = snap.size_bytes;
-                vol.data_blocks = snap.data_blocks;
-                vol.zero_blocks = snap.zero_blocks;
-                // Increments first, so no count dips below zero.
-                self.pending_refs.push((snap.map, 1));
-                self.pending_refs.push((old, -1));
-            }
-            RecordKind::CloneVolume => {
-                let names = utf8(payload)?;
-                let (new_name, snap_name) = names
-                    .split_once('/')
-                    .ok_or_else(|| meta_error("clone record", "no '/' between names"))?;
-                let source = VolumeId(h.arg);
-                if self.volumes.contains_key(&h.volume) || self.names.contains_key(new_name) {
-                    return Err(meta_error("clone record", "volume exists"));
-                }
-                let snap = self
-                    .vol(source)?
-                    .snapshots
-                    .get(snap_name)
-                    .ok_or_else(|| meta_error("clone record", "no such snapshot"))?
-                    .clone();
-                self.pending_refs.push((snap.map.clone(), 1));
-                self.names.insert(new_name.to_string(), h.volume);
-                self.volumes.insert(
-                    h.volume,
-                    Vol {
-                        name: new_name.to_string(),
-                        size_bytes: snap.size_bytes,
-                        map: snap.map,
-                        data_blocks: snap.data_blocks,
-                        zero_blocks: snap.zero_blocks,
-                        snapshots: BTreeMap::new(),
-                        parent: Some((source, snap_name.to_string())),
-                        ephemeral: false,
-                    },
-                );
-                self.next_volume_id = self.next_volume_id.max(h.volume.0 + 1);
-            }
-            RecordKind::Relocate => self.apply_relocate(seg, rec_off, h, &[]),
+            LogRecord::DeleteSnapshot { volume, name } => self.delete_snapshot(volume, name)?,
+            LogRecord::Rollback { volume, snapshot } => self.rollback(volume, snapshot)?,
+            LogRecord::CloneVolume {
+                volume,
+                source,
+                name,
+                snapshot,
+            } => self.clone_volume(volume, source, name, snapshot)?,
+            LogRecord::Relocate {
+                block, blocks, old, ..
+            } => self.apply_relocate(at, block, blocks.nblocks(), old, &[]),
+            LogRecord::FlattenVolume { volume } => self.vol_mut(volume)?.parent = None,
+            LogRecord::CommitVolume { volume } => self.commit(volume)?,
             // A mark changes no volume: only recovery reads it.
-            RecordKind::Mark => {}
+            LogRecord::Mark { .. } => {}
         }
         Ok(())
     }
 
-    /// Applies a relocate record, except for the blocks at the indexes in
-    /// `skip` (whose copy failed its checksum): maps pointing at those keep
-    /// the original.
-    fn apply_relocate(&mut self, seg: SegmentId, rec_off: u64, h: &RecordHeader, skip: &[u32]) {
+    fn create_volume(
+        &mut self,
+        id: VolumeId,
+        size_bytes: u64,
+        name: &str,
+        ephemeral: bool,
+    ) -> Result<()> {
+        if self.volumes.contains_key(&id) || self.names.contains_key(name) {
+            return Err(meta_error("create record", "volume exists"));
+        }
+        self.names.insert(name.to_string(), id);
+        let vol = Vol {
+            name: name.to_string(),
+            size_bytes,
+            map: ExtentMap::new(),
+            data_blocks: 0,
+            zero_blocks: 0,
+            snapshots: BTreeMap::new(),
+            parent: None,
+            ephemeral,
+        };
+        self.volumes.insert(id, vol);
+        self.next_volume_id = self.next_volume_id.max(id.0 + 1);
+        Ok(())
+    }
+
+    fn resize_volume(&mut self, id: VolumeId, size_bytes: u64) -> Result<()> {
+        let old = self.vol(id)?.size_bytes;
+        if size_bytes < old {
+            let start = size_bytes / BLOCK_SIZE;
+            self.set_blocks(id, start, old / BLOCK_SIZE - start, None);
+        }
+        self.vol_mut(id)?.size_bytes = size_bytes;
+        Ok(())
+    }
+
+    fn delete_volume(&mut self, id: VolumeId) -> Result<()> {
+        let size = self.vol(id)?.size_bytes;
+        if size > 0 {
+            self.set_blocks(id, 0, size / BLOCK_SIZE, None);
+        }
+        let vol = self.volumes.remove(&id).expect("checked");
+        self.names.remove(&vol.name);
+        for snap in vol.snapshots.into_values() {
+            self.pending_refs.push((snap.map, -1));
+        }
+        Ok(())
+    }
+
+    /// Freezes the volume's map under `name`; `seq` is the record's.
+    fn create_snapshot(&mut self, id: VolumeId, name: &str, seq: u64) -> Result<()> {
+        let vol = self.vol_mut(id)?;
+        if vol.snapshots.contains_key(name) {
+            return Err(meta_error("snapshot record", "snapshot exists"));
+        }
+        let snap = Snap {
+            size_bytes: vol.size_bytes,
+            map: vol.map.clone(),
+            data_blocks: vol.data_blocks,
+            zero_blocks: vol.zero_blocks,
+            seq,
+        };
+        vol.snapshots.insert(name.to_string(), snap.clone());
+        self.pending_refs.push((snap.map, 1));
+        Ok(())
+    }
+
+    fn delete_snapshot(&mut self, id: VolumeId, name: &str) -> Result<()> {
+        let snap = self
+            .vol_mut(id)?
+            .snapshots
+            .remove(name)
+            .ok_or_else(|| meta_error("snapshot record", "no such snapshot"))?;
+        self.pending_refs.push((snap.map, -1));
+        Ok(())
+    }
+
+    /// The volume takes its snapshot's map, size and counters.
+    fn rollback(&mut self, id: VolumeId, snapshot: &str) -> Result<()> {
+        let vol = self.vol_mut(id)?;
+        let snap = vol
+            .snapshots
+            .get(snapshot)
+            .ok_or_else(|| meta_error("rollback record", "no such snapshot"))?
+            .clone();
+        let old = std::mem::replace(&mut vol.map, snap.map.clone());
+        vol.size_bytes = snap.size_bytes;
+        vol.data_blocks = snap.data_blocks;
+        vol.zero_blocks = snap.zero_blocks;
+        // Increments first, so no count dips below zero.
+        self.pending_refs.push((snap.map, 1));
+        self.pending_refs.push((old, -1));
+        Ok(())
+    }
+
+    /// A new volume `id` whose map starts as `source`'s snapshot's.
+    fn clone_volume(
+        &mut self,
+        id: VolumeId,
+        source: VolumeId,
+        name: &str,
+        snapshot: &str,
+    ) -> Result<()> {
+        if self.volumes.contains_key(&id) || self.names.contains_key(name) {
+            return Err(meta_error("clone record", "volume exists"));
+        }
+        let snap = self
+            .vol(source)?
+            .snapshots
+            .get(snapshot)
+            .ok_or_else(|| meta_error("clone record", "no such snapshot"))?
+            .clone();
+        self.pending_refs.push((snap.map.clone(), 1));
+        self.names.insert(name.to_string(), id);
+        let vol = Vol {
+            name: name.to_string(),
+            size_bytes: snap.size_bytes,
+            map: snap.map,
+            data_blocks: snap.data_blocks,
+            zero_blocks: snap.zero_blocks,
+            snapshots: BTreeMap::new(),
+            parent: Some((source, snapshot.to_string())),
+            ephemeral: false,
+        };
+        self.volumes.insert(id, vol);
+        self.next_volume_id = self.next_volume_id.max(id.0 + 1);
+        Ok(())
+    }
+
+    /// The clone's parent volume takes the clone's map, size and counters.
+    fn commit(&mut self, id: VolumeId) -> Result<()> {
+        let clone = self.vol(id)?;
+        let (parent, _) = clone
+            .parent
+            .clone()
+            .ok_or_else(|| meta_error("commit record", "not a clone"))?;
+        let (map, size, data, zero) = (
+            clone.map.clone(),
+            clone.size_bytes,
+            clone.data_blocks,
+            clone.zero_blocks,
+        );
+        let p = self.vol_mut(parent)?;
+        let old = std::mem::replace(&mut p.map, map.clone());
+        p.size_bytes = size;
+        p.data_blocks = data;
+        p.zero_blocks = zero;
+        // Increments first, so no count dips below zero.
+        self.pending_refs.push((map, 1));
+        self.pending_refs.push((old, -1));
+        Ok(())
+    }
+
+    /// Applies a relocate record at `at` that copied `nblocks` blocks from
+    /// `old` (blocks `block..` of the maps that point there), except the
+    /// blocks at the indexes in `skip` (whose copy failed its checksum):
+    /// maps pointing at those keep the original.
+    fn apply_relocate(
+        &mut self,
+        at: RecordAt,
+        block: u64,
+        nblocks: u32,
+        old: DataLoc,
+        skip: &[u32],
+    ) {
         // Counts must be exact before maps change under them.
         self.apply_pending_refs();
-        let new = record_data_loc(seg, rec_off, h.nblocks);
-        let old = DataLoc {
-            seg: SegmentId(h.arg),
-            data_off: h.arg2,
-            crc_off: h.arg3,
-        };
-        let (b, n) = (h.block, u64::from(h.nblocks));
+        let new = record::data_loc(at.seg, at.off, nblocks);
+        let (b, n) = (block, u64::from(nblocks));
         let mut moved = 0i64;
         for map in self.all_maps_mut() {
             for p in map.lookup(b, n) {
@@ -729,23 +767,20 @@ impl State {
         if let Some(s) = self.segments.get_mut(&old.seg) {
             s.refs -= moved;
         }
-        self.segments.get_mut(&seg).expect("segment is known").refs += moved;
+        self.segments
+            .get_mut(&at.seg)
+            .expect("segment is known")
+            .refs += moved;
     }
 
-    fn check_record_range(&self, h: &RecordHeader) -> Result<()> {
-        let vol = self.vol(h.volume)?;
-        let end = h.block + u64::from(h.nblocks);
+    fn check_record_range(&self, volume: VolumeId, block: u64, nblocks: u32) -> Result<()> {
+        let vol = self.vol(volume)?;
+        let end = block + u64::from(nblocks);
         if end > vol.size_bytes / BLOCK_SIZE {
             return Err(meta_error("record", "block range past the volume's end"));
         }
         Ok(())
     }
-}
-
-fn utf8(payload: &[u8]) -> Result<String> {
-    std::str::from_utf8(payload)
-        .map(str::to_string)
-        .map_err(|_| meta_error("record", "name is not UTF-8"))
 }
 
 fn meta_error(what: &str, detail: &'static str) -> EngineError {
@@ -931,23 +966,13 @@ impl Pool {
             }
             let id = VolumeId(st.next_volume_id);
             st.next_volume_id += 1;
-            let h = RecordHeader {
-                kind: RecordKind::CreateVolume,
-                seq: 0,
+            let rec = LogRecord::CreateVolume {
                 volume: id,
-                block: 0,
-                nblocks: 0,
-                payload_len: name.len() as u32,
-                arg: size_bytes,
-                payload_crc: crc32c::crc32c(name.as_bytes()),
-                arg2: if options.ephemeral {
-                    record::CREATE_EPHEMERAL
-                } else {
-                    0
-                },
-                arg3: 0,
+                size_bytes,
+                name,
+                ephemeral: options.ephemeral,
             };
-            self.append_and_apply(st, h, &[name.as_bytes()])?;
+            self.append_and_apply(st, rec)?;
             Ok(info_of(st, id, st.vol(id)?))
         })
     }
@@ -975,8 +1000,11 @@ impl Pool {
                 });
             }
             if size_bytes != old {
-                let h = meta_header(RecordKind::ResizeVolume, id, size_bytes);
-                self.append_and_apply(st, h, &[])?;
+                let rec = LogRecord::ResizeVolume {
+                    volume: id,
+                    size_bytes,
+                };
+                self.append_and_apply(st, rec)?;
             }
             Ok(info_of(st, id, st.vol(id)?))
         })
@@ -994,8 +1022,7 @@ impl Pool {
                     users: clones,
                 });
             }
-            let h = meta_header(RecordKind::DeleteVolume, id, 0);
-            self.append_and_apply(st, h, &[])?;
+            self.append_and_apply(st, LogRecord::DeleteVolume { volume: id })?;
             Ok(())
         })?;
         self.wake_maintenance();
@@ -1018,8 +1045,11 @@ impl Pool {
                     snapshot: snapshot.to_string(),
                 });
             }
-            let h = named_header(RecordKind::CreateSnapshot, id, 0, snapshot.as_bytes());
-            self.append_and_apply(st, h, &[snapshot.as_bytes()])?;
+            let rec = LogRecord::CreateSnapshot {
+                volume: id,
+                name: snapshot,
+            };
+            self.append_and_apply(st, rec)?;
             Ok(snapshot_info(
                 volume,
                 snapshot,
@@ -1055,8 +1085,11 @@ impl Pool {
                     users: clones,
                 });
             }
-            let h = named_header(RecordKind::DeleteSnapshot, id, 0, snapshot.as_bytes());
-            self.append_and_apply(st, h, &[snapshot.as_bytes()])?;
+            let rec = LogRecord::DeleteSnapshot {
+                volume: id,
+                name: snapshot,
+            };
+            self.append_and_apply(st, rec)?;
             Ok(())
         })?;
         self.wake_maintenance();
@@ -1070,8 +1103,13 @@ impl Pool {
         self.durable_op(|st| {
             let id = lookup_name(st, volume)?;
             snap_of(st, id, volume, snapshot)?;
-            let h = named_header(RecordKind::Rollback, id, 0, snapshot.as_bytes());
-            self.append_and_apply(st, h, &[snapshot.as_bytes()])?;
+            self.append_and_apply(
+                st,
+                LogRecord::Rollback {
+                    volume: id,
+                    snapshot,
+                },
+            )?;
             Ok(info_of(st, id, st.vol(id)?))
         })
     }
@@ -1093,9 +1131,13 @@ impl Pool {
             }
             let id = VolumeId(st.next_volume_id);
             st.next_volume_id += 1;
-            let payload = format!("{new_name}/{snapshot}");
-            let h = named_header(RecordKind::CloneVolume, id, source.0, payload.as_bytes());
-            self.append_and_apply(st, h, &[payload.as_bytes()])?;
+            let rec = LogRecord::CloneVolume {
+                volume: id,
+                source,
+                name: new_name,
+                snapshot,
+            };
+            self.append_and_apply(st, rec)?;
             Ok(info_of(st, id, st.vol(id)?))
         })
     }
@@ -1112,7 +1154,7 @@ impl Pool {
                     why: format!("volume {volume} is not a clone"),
                 });
             }
-            self.append_and_apply(st, meta_header(RecordKind::FlattenVolume, id, 0), &[])?;
+            self.append_and_apply(st, LogRecord::FlattenVolume { volume: id })?;
             Ok(info_of(st, id, st.vol(id)?))
         })
     }
@@ -1129,7 +1171,7 @@ impl Pool {
                     why: format!("volume {volume} is not a clone"),
                 });
             };
-            self.append_and_apply(st, meta_header(RecordKind::CommitVolume, id, 0), &[])?;
+            self.append_and_apply(st, LogRecord::CommitVolume { volume: id })?;
             Ok(info_of(st, parent, st.vol(parent)?))
         })
     }
@@ -1450,8 +1492,8 @@ impl Pool {
 
     /// Appends a record to the log and applies it to the state. A device
     /// that is out of space puts the pool in its full state.
-    fn append_and_apply(&self, st: &mut State, h: RecordHeader, payload: &[&[u8]]) -> Result<()> {
-        let result = self.append_and_apply_inner(st, h, payload);
+    fn append_and_apply(&self, st: &mut State, rec: LogRecord<'_>) -> Result<()> {
+        let result = self.append_and_apply_inner(st, rec);
         if let Err(e) = &result
             && e.is_no_space()
         {
@@ -1460,23 +1502,19 @@ impl Pool {
         result
     }
 
-    fn append_and_apply_inner(
-        &self,
-        st: &mut State,
-        mut h: RecordHeader,
-        payload: &[&[u8]],
-    ) -> Result<()> {
+    fn append_and_apply_inner(&self, st: &mut State, rec: LogRecord<'_>) -> Result<()> {
         if st.roll_before_next_append
             || st.open.appended.load(Ordering::Acquire) >= self.inner.config.segment_target_bytes
         {
             self.roll(st)?;
         }
-        h.seq = st.next_seq;
+        let seq = st.next_seq;
+        let h = rec.header(seq);
         let hdr = h.encode();
         let off = st.open.appended.load(Ordering::Acquire);
-        let mut bufs: Vec<&[u8]> = Vec::with_capacity(1 + payload.len());
+        let mut bufs: Vec<&[u8]> = Vec::with_capacity(4);
         bufs.push(&hdr);
-        bufs.extend_from_slice(payload);
+        bufs.extend(rec.payload().into_iter().filter(|p| !p.is_empty()));
         if let Err(e) = st.open.handle.append_at(off, &bufs) {
             // Part of the record may be on disk past the segment's end: never
             // append after it (recovery stops at it anyway).
@@ -1488,7 +1526,7 @@ impl Pool {
         st.open.appended.store(off + len, Ordering::Release);
         let now = Instant::now();
         st.open_since.get_or_insert(now);
-        if h.kind != RecordKind::Mark {
+        if !matches!(rec, LogRecord::Mark { .. }) {
             st.records_since_mark += 1;
         }
         st.segments
@@ -1497,16 +1535,7 @@ impl Pool {
             .size_bytes = off + len;
         st.next_seq += 1;
         st.log_bytes_since_checkpoint += len;
-        // Data records are applied from their header alone; the others need
-        // their payload (names).
-        let joined;
-        let payload_bytes: &[u8] = if matches!(h.kind, RecordKind::Write | RecordKind::Relocate) {
-            &[]
-        } else {
-            joined = payload.concat();
-            &joined
-        };
-        st.apply(seg, off, &h, payload_bytes)
+        st.apply(RecordAt { seg, off, seq }, &rec)
     }
 
     /// Seals the open segment and starts the next one. A segment created
@@ -1659,41 +1688,11 @@ fn open_first_segment(store: &dyn SegmentStore, st: &mut State) -> Result<()> {
     Ok(())
 }
 
-fn meta_header(kind: RecordKind, volume: VolumeId, arg: u64) -> RecordHeader {
-    RecordHeader {
-        kind,
-        seq: 0,
-        volume,
-        block: 0,
-        nblocks: 0,
-        payload_len: 0,
-        arg,
-        payload_crc: crc32c::crc32c(&[]),
-        arg2: 0,
-        arg3: 0,
-    }
-}
-
 fn lookup_name(st: &State, name: &str) -> Result<VolumeId> {
     st.names
         .get(name)
         .copied()
         .ok_or_else(|| EngineError::VolumeNotFound(name.to_string()))
-}
-
-fn named_header(kind: RecordKind, volume: VolumeId, arg: u64, payload: &[u8]) -> RecordHeader {
-    RecordHeader {
-        kind,
-        seq: 0,
-        volume,
-        block: 0,
-        nblocks: 0,
-        payload_len: payload.len() as u32,
-        arg,
-        payload_crc: crc32c::crc32c(payload),
-        arg2: 0,
-        arg3: 0,
-    }
 }
 
 fn snap_of<'a>(st: &'a State, id: VolumeId, volume: &str, snapshot: &str) -> Result<&'a Snap> {
@@ -1726,18 +1725,6 @@ fn snapshot_info(volume: &str, name: &str, s: &Snap) -> SnapshotInfo {
         size_bytes: s.size_bytes,
         allocated_bytes: s.data_blocks * BLOCK_SIZE,
         seq: s.seq,
-    }
-}
-
-/// Where the data of a write or relocate record at `rec_off` of `seg`
-/// starts: its checksums follow the header, its blocks follow them.
-fn record_data_loc(seg: SegmentId, rec_off: u64, nblocks: u32) -> DataLoc {
-    let crc_off = rec_off + RECORD_HEADER_LEN as u64;
-    let data_off = crc_off + u64::from(nblocks) * CRC_LEN as u64;
-    DataLoc {
-        seg,
-        data_off: u32::try_from(data_off).expect("segment under 4 GiB"),
-        crc_off: u32::try_from(crc_off).expect("segment under 4 GiB"),
     }
 }
 
@@ -1974,20 +1961,15 @@ impl Volume {
             .zip(crcs.chunks(max * CRC_LEN))
             .enumerate()
         {
-            let n = (chunk.len() / bs) as u32;
-            let h = RecordHeader {
-                kind: RecordKind::Write,
-                seq: 0,
+            let rec = LogRecord::Write {
                 volume: self.id,
                 block: first_block + (i * max) as u64,
-                nblocks: n,
-                payload_len: record::write_payload_len(n) as u32,
-                arg: 0,
-                payload_crc: crc32c::crc32c(chunk_crcs),
-                arg2: 0,
-                arg3: 0,
+                blocks: Blocks {
+                    crcs: chunk_crcs,
+                    data: chunk,
+                },
             };
-            self.pool.append_and_apply(st, h, &[chunk_crcs, chunk])?;
+            self.pool.append_and_apply(st, rec)?;
         }
         Ok(())
     }
@@ -2003,7 +1985,7 @@ impl Volume {
         let first = offset.div_ceil(BLOCK_SIZE);
         let end = (offset + len) / BLOCK_SIZE;
         if end > first {
-            self.zero_blocks_locked(&mut st, first, end - first, RecordKind::Trim)?;
+            self.zero_blocks_locked(&mut st, first, end - first, true)?;
         }
         Ok(())
     }
@@ -2036,39 +2018,32 @@ impl Volume {
         }
         let mut st = self.pool.writable_state()?;
         self.check_range(&st, "write_zeroes", offset, len)?;
-        let kind = if may_unmap {
-            RecordKind::Trim
-        } else {
-            RecordKind::Zero
-        };
-        self.zero_blocks_locked(&mut st, first, end - first, kind)
+        self.zero_blocks_locked(&mut st, first, end - first, may_unmap)
     }
 
-    fn zero_blocks_locked(
-        &self,
-        st: &mut State,
-        first: u64,
-        n: u64,
-        kind: RecordKind,
-    ) -> Result<()> {
+    /// Appends `Trim` records (`unmap`) or `Zero` records for blocks
+    /// `first..first + n`.
+    fn zero_blocks_locked(&self, st: &mut State, first: u64, n: u64, unmap: bool) -> Result<()> {
         // One record covers up to u32::MAX blocks (16 TiB).
         let mut pos = first;
         let end = first + n;
         while pos < end {
             let chunk = (end - pos).min(u64::from(u32::MAX));
-            let h = RecordHeader {
-                kind,
-                seq: 0,
-                volume: self.id,
-                block: pos,
-                nblocks: chunk as u32,
-                payload_len: 0,
-                arg: 0,
-                payload_crc: crc32c::crc32c(&[]),
-                arg2: 0,
-                arg3: 0,
+            let (volume, block, nblocks) = (self.id, pos, chunk as u32);
+            let rec = if unmap {
+                LogRecord::Trim {
+                    volume,
+                    block,
+                    nblocks,
+                }
+            } else {
+                LogRecord::Zero {
+                    volume,
+                    block,
+                    nblocks,
+                }
             };
-            self.pool.append_and_apply(st, h, &[])?;
+            self.pool.append_and_apply(st, rec)?;
             pos += chunk;
         }
         Ok(())

@@ -20,11 +20,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use vpool_store::SegmentId;
 
-use super::{Pool, State, record_data_loc};
+use super::{Pool, State};
 use crate::checkpoint::{CHECKPOINT_SLOTS, Checkpoint};
 use crate::error::Result;
 use crate::extent_map::{DataLoc, ExtentMap, Target};
-use crate::record::{self, CRC_LEN, RecordKind, SEGMENT_HEADER_LEN, Scanned};
+use crate::record::{self, CRC_LEN, RecordKind, SEGMENT_HEADER_LEN, Scanned, data_loc};
 use crate::types::BLOCK_SIZE;
 
 /// A range of a volume or snapshot whose data fails its checksum.
@@ -357,7 +357,7 @@ fn walk(id: SegmentId, image: &[u8], report: &mut CheckReport) -> Vec<DataRecord
         };
         report.records_checked += 1;
         if matches!(h.kind, RecordKind::Write | RecordKind::Relocate) {
-            let loc = record_data_loc(id, off as u64, h.nblocks);
+            let loc = data_loc(id, off as u64, h.nblocks);
             out.push(DataRecord {
                 crc_off: loc.crc_off,
                 data_off: loc.data_off,

@@ -3,7 +3,7 @@
 //!
 //! # Durable marks
 //! After it has synced the log, the maintenance thread appends a
-//! [`RecordKind::Mark`] naming the position up to which the log is known
+//! [`LogRecord::Mark`] naming the position up to which the log is known
 //! durable, and syncs again. Recovery trusts every byte before the last
 //! mark it finds: a bad record there is corruption to report, not a torn
 //! tail to cut (see `recovery`). A mark is due when a segment has been
@@ -33,13 +33,16 @@ use vpool_store::SegmentId;
 
 use super::{
     Checkpoint, CleanReport, LogPosition, LogSeg, Pool, SegInfo, SnapshotCheckpoint, State, Victim,
-    VolumeCheckpoint, record_data_loc,
+    VolumeCheckpoint,
 };
 use crate::checkpoint::CHECKPOINT_SLOTS;
 use crate::error::{EngineError, Result};
 use crate::extent_map::Target;
-use crate::record::{self, CRC_LEN, RecordHeader, RecordKind, SEGMENT_HEADER_LEN, Scanned};
-use crate::types::{BLOCK_SIZE, VolumeId};
+use crate::record::{
+    self, Blocks, CRC_LEN, LogRecord, RecordHeader, RecordKind, SEGMENT_HEADER_LEN, Scanned,
+    data_loc,
+};
+use crate::types::BLOCK_SIZE;
 
 /// Checkpoints captured after a relocation before its victim is deleted.
 const CHECKPOINTS_BEFORE_DELETE: u32 = 2;
@@ -273,8 +276,7 @@ impl Pool {
             if st.marked_to.is_some_and(|m| m >= covers) {
                 return Ok(());
             }
-            let h = mark_header(covers);
-            match self.append_and_apply(&mut st, h, &[]) {
+            match self.append_and_apply(&mut st, LogRecord::Mark { covers }) {
                 Ok(()) => {}
                 // Full: the mark waits until there is room again.
                 Err(e) if e.is_no_space() => return Ok(()),
@@ -457,7 +459,7 @@ impl Pool {
         };
         let mut copied = 0u64;
         for (off, h) in records {
-            let here = record_data_loc(id, off as u64, h.nblocks);
+            let here = data_loc(id, off as u64, h.nblocks);
             let mut st = self.writable_state()?;
             let live: Vec<bool> = map_refs(&mut st, &h, here).iter().map(|&n| n > 0).collect();
             let mut i = 0;
@@ -468,8 +470,13 @@ impl Pool {
                 }
                 let run = live[i..].iter().take_while(|&&l| l).count();
                 let (crcs, data) = run_bytes(&image, here, i, run);
-                let nh = relocate_header(id, &h, here.advance(i as u64), i, run, crcs);
-                self.append_and_apply(&mut st, nh, &[crcs, data])?;
+                let rec = LogRecord::Relocate {
+                    volume: h.volume,
+                    block: h.block + i as u64,
+                    blocks: Blocks { crcs, data },
+                    old: here.advance(i as u64),
+                };
+                self.append_and_apply(&mut st, rec)?;
                 copied += (run as u64) * BLOCK_SIZE;
                 i += run;
             }
@@ -499,7 +506,7 @@ impl Pool {
                     off += header.record_len() as usize;
                 }
                 Scanned::Damaged { header, error, .. } => {
-                    let here = record_data_loc(id, off as u64, header.nblocks);
+                    let here = data_loc(id, off as u64, header.nblocks);
                     let mut st = self.inner.state.lock();
                     if data(&header) && map_refs(&mut st, &header, here).iter().any(|&n| n > 0) {
                         drop(st);
@@ -522,7 +529,7 @@ impl Pool {
             let found: i64 = out
                 .iter()
                 .map(|(o, h)| {
-                    let here = record_data_loc(id, *o as u64, h.nblocks);
+                    let here = data_loc(id, *o as u64, h.nblocks);
                     map_refs(&mut st, h, here)
                         .iter()
                         .map(|&n| i64::from(n))
@@ -600,21 +607,6 @@ fn durable_position(st: &State) -> LogPosition {
     }
 }
 
-fn mark_header(covers: LogPosition) -> RecordHeader {
-    RecordHeader {
-        kind: RecordKind::Mark,
-        seq: 0,
-        volume: VolumeId(0),
-        block: 0,
-        nblocks: 0,
-        payload_len: 0,
-        arg: covers.seg.0,
-        payload_crc: crc32c::crc32c(&[]),
-        arg2: u32::try_from(covers.offset).expect("segment under 4 GiB"),
-        arg3: 0,
-    }
-}
-
 /// The pool's state as a checkpoint: O(volumes + snapshots) under the
 /// lock, since maps are persistent (a clone is O(1)).
 fn capture(st: &State) -> Checkpoint {
@@ -680,28 +672,6 @@ fn run_bytes(image: &[u8], here: super::DataLoc, i: usize, run: usize) -> (&[u8]
     let bs = BLOCK_SIZE as usize;
     let data = &image[here.data_off as usize + i * bs..][..run * bs];
     (crcs, data)
-}
-
-fn relocate_header(
-    id: SegmentId,
-    h: &RecordHeader,
-    old: super::DataLoc,
-    i: usize,
-    run: usize,
-    crcs: &[u8],
-) -> RecordHeader {
-    RecordHeader {
-        kind: RecordKind::Relocate,
-        seq: 0,
-        volume: h.volume,
-        block: h.block + i as u64,
-        nblocks: run as u32,
-        payload_len: record::write_payload_len(run as u32) as u32,
-        arg: id.0,
-        payload_crc: crc32c::crc32c(crcs),
-        arg2: old.data_off,
-        arg3: old.crc_off,
-    }
 }
 
 /// Pause after the `failures`-th failure in a row: the period, doubling,

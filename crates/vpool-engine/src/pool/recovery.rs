@@ -10,7 +10,7 @@
 //!    sequence numbers one after another, every record whole.
 //! 3. **Torn tail or corruption.** Where the chain breaks, recovery asks
 //!    whether the bytes there were durable. A *durable mark* (a
-//!    [`RecordKind::Mark`] record, written by the maintenance thread after
+//!    [`LogRecord::Mark`] record, written by the maintenance thread after
 //!    a sync) vouches that every byte of the log before its position was
 //!    synced; so does the checkpoint's position. A break that no mark
 //!    vouches for is a torn tail: the log ends there, as it ended when the
@@ -35,11 +35,11 @@ use std::time::Duration;
 
 use vpool_store::{SegmentId, SegmentStore};
 
-use super::{SegInfo, Snap, State, Vol, block_counts, meta_error};
+use super::{RecordAt, SegInfo, Snap, State, Vol, block_counts, meta_error};
 use crate::checkpoint::{CHECKPOINT_SLOTS, Checkpoint, LogPosition, VolumeCheckpoint};
 use crate::error::{EngineError, Result};
 use crate::extent_map::Target;
-use crate::record::{self, RecordHeader, RecordKind, SEGMENT_HEADER_LEN, Scanned};
+use crate::record::{self, LogRecord, RecordHeader, SEGMENT_HEADER_LEN, Scanned};
 use crate::types::VolumeId;
 
 /// How recovery went (for logs, `pool check` and the recovery benchmark).
@@ -577,10 +577,14 @@ impl<'a> Replay<'a> {
         h: &RecordHeader,
         payload: &[u8],
     ) {
-        if let Err(e) = st.apply(id, off as u64, h, payload) {
-            self.damage(id, off as u64, lost(h.seq, Some(1), &e.to_string()));
-        } else if h.kind == RecordKind::Mark && self.trust_marks {
-            self.proven_to = self.proven_to.max(mark_position(h));
+        let at = record_at(id, off, h);
+        let applied = decode(h, payload).and_then(|rec| st.apply(at, &rec).map(|()| rec));
+        match applied {
+            Err(e) => self.damage(id, off as u64, lost(h.seq, Some(1), &e.to_string())),
+            Ok(LogRecord::Mark { covers }) if self.trust_marks => {
+                self.proven_to = self.proven_to.max(covers);
+            }
+            Ok(_) => {}
         }
         st.next_seq = h.seq + 1;
         self.report.records_replayed += 1;
@@ -598,31 +602,34 @@ impl<'a> Replay<'a> {
         why: &str,
     ) {
         st.next_seq = h.seq + 1;
-        let healed = match h.kind {
-            RecordKind::Write => false,
-            RecordKind::Relocate => true,
-            _ => {
-                self.damage(id, off as u64, lost(h.seq, Some(1), why));
-                return;
-            }
+        let rec = match decode(h, payload) {
+            Ok(rec @ (LogRecord::Write { .. } | LogRecord::Relocate { .. })) => rec,
+            Ok(_) => return self.damage(id, off as u64, lost(h.seq, Some(1), why)),
+            Err(e) => return self.damage(id, off as u64, lost(h.seq, Some(1), &e.to_string())),
         };
+        let at = record_at(id, off, h);
         let bad = record::bad_blocks(h, payload);
         tracing::error!(segment = %id, offset = off, volume = %h.volume, block = h.block,
             bad_blocks = bad.len(), "durable data fails its checksum");
-        if healed {
-            st.apply_relocate(id, off as u64, h, &bad);
+        let healed = if let LogRecord::Relocate {
+            block, blocks, old, ..
+        } = rec
+        {
+            st.apply_relocate(at, block, blocks.nblocks(), old, &bad);
+            true
         } else {
             // Maps point at the record: reads of its bad blocks fail.
-            if let Err(e) = st.apply(id, off as u64, h, payload) {
+            if let Err(e) = st.apply(at, &rec) {
                 self.damage(id, off as u64, lost(h.seq, Some(1), &e.to_string()));
                 return;
             }
-            let loc = super::record_data_loc(id, off as u64, h.nblocks);
+            let loc = record::data_loc(id, off as u64, h.nblocks);
             for &b in &bad {
                 self.bad_blocks
                     .insert((id, loc.advance(u64::from(b)).data_off));
             }
-        }
+            false
+        };
         let kind = DamageKind::BadBlocks {
             volume: h.volume,
             first_block: h.block,
@@ -776,12 +783,30 @@ fn pos(seg: SegmentId, offset: usize) -> LogPosition {
     }
 }
 
-/// The position a mark record vouches for.
-pub(super) fn mark_position(h: &RecordHeader) -> LogPosition {
-    debug_assert_eq!(h.kind, RecordKind::Mark);
-    LogPosition {
-        seg: SegmentId(h.arg),
-        offset: u64::from(h.arg2),
+/// Where a record whose header `h` is at byte `off` of segment `id` lies.
+fn record_at(id: SegmentId, off: usize, h: &RecordHeader) -> RecordAt {
+    RecordAt {
+        seg: id,
+        off: off as u64,
+        seq: h.seq,
+    }
+}
+
+/// The typed form of a replayed record. One that cannot be read as one
+/// (a name that is not UTF-8, a clone record without its '/') is lost
+/// like a record that does not fit the state.
+fn decode<'p>(h: &RecordHeader, payload: &'p [u8]) -> Result<LogRecord<'p>> {
+    LogRecord::decode(h, payload).map_err(|source| EngineError::CorruptMeta {
+        what: format!("{:?} record", h.kind),
+        source,
+    })
+}
+
+/// The position a mark record vouches for; `None` for other records.
+fn mark_covers(h: &RecordHeader) -> Option<LogPosition> {
+    match LogRecord::decode(h, &[]) {
+        Ok(LogRecord::Mark { covers }) => Some(covers),
+        _ => None,
     }
 }
 
@@ -791,8 +816,7 @@ pub(super) fn mark_position(h: &RecordHeader) -> LogPosition {
 fn marks_in(image: &[u8], mut from: usize, seg: Option<SegmentId>) -> Option<LogPosition> {
     let mut best = None;
     while let Some(h) = record::scan_record(image, from).and_then(|f| f.header()) {
-        if h.kind == RecordKind::Mark {
-            let m = mark_position(&h);
+        if let Some(m) = mark_covers(&h) {
             let here = seg.map(|s| pos(s, from));
             if here.is_none_or(|here| m <= here) {
                 best = best.max(Some(m));
@@ -808,8 +832,8 @@ fn marks_in(image: &[u8], mut from: usize, seg: Option<SegmentId>) -> Option<Log
 fn marks_scanned(image: &[u8], mut from: usize, seg: SegmentId) -> Option<LogPosition> {
     let mut best = None;
     while let Some((at, h)) = record::find_next_header(image, from, 0) {
-        if h.kind == RecordKind::Mark && mark_position(&h) <= pos(seg, at) {
-            best = best.max(Some(mark_position(&h)));
+        if let Some(m) = mark_covers(&h).filter(|&m| m <= pos(seg, at)) {
+            best = best.max(Some(m));
         }
         from = at + 1;
     }
