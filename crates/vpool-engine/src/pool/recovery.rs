@@ -35,7 +35,8 @@ use std::time::Duration;
 
 use vpool_store::{SegmentId, SegmentStore};
 
-use super::{RecordAt, SegInfo, Snap, State, Vol, block_counts, meta_error};
+use super::log::{LogSeg, LogState};
+use super::state::{RecordAt, SegInfo, Snap, State, Table, Vol, block_counts, meta_error};
 use crate::checkpoint::{CHECKPOINT_SLOTS, Checkpoint, LogPosition, VolumeCheckpoint};
 use crate::error::{EngineError, Result};
 use crate::extent_map::Target;
@@ -232,7 +233,7 @@ fn fits_log(c: &Checkpoint, sizes: &BTreeMap<SegmentId, u64>) -> Result<(), Stri
 pub(super) fn state_from(
     checkpoint: Option<Checkpoint>,
     listed: &[(SegmentId, u64)],
-    open: std::sync::Arc<super::LogSeg>,
+    open: std::sync::Arc<LogSeg>,
 ) -> Result<State> {
     let segments: BTreeMap<SegmentId, SegInfo> = listed
         .iter()
@@ -247,39 +248,24 @@ pub(super) fn state_from(
         })
         .collect();
     let mut st = State {
-        volumes: BTreeMap::new(),
-        names: BTreeMap::new(),
-        open,
-        unsynced: Vec::new(),
-        segments,
-        next_seq: 1,
-        next_volume_id: 1,
-        next_segment_id: 1,
-        log_bytes_since_checkpoint: 0,
-        failed: None,
-        closed: false,
-        roll_before_next_append: false,
-        half_rolled: None,
-        open_since: None,
-        records_since_mark: 0,
-        marked_to: None,
-        last_mark: None,
-        pending_refs: Vec::new(),
+        table: Table::new(segments),
+        log: LogState::new(open),
     };
     if let Some(c) = checkpoint {
-        st.next_seq = c.next_seq;
-        st.next_volume_id = c.next_volume_id;
-        st.next_segment_id = c.next_segment_id;
+        st.log.next_seq = c.next_seq;
+        st.table.next_volume_id = c.next_volume_id;
+        st.log.next_segment_id = c.next_segment_id;
         for v in c.volumes {
             let (id, vol) = vol_from(v);
-            st.names.insert(vol.name.clone(), id);
-            st.volumes.insert(id, vol);
+            st.table.names.insert(vol.name.clone(), id);
+            st.table.volumes.insert(id, vol);
         }
     }
     if let Some(&(last, _)) = listed.last() {
-        st.next_segment_id = st.next_segment_id.max(last.0 + 1);
+        st.log.next_segment_id = st.log.next_segment_id.max(last.0 + 1);
     }
     let maps: Vec<_> = st
+        .table
         .volumes
         .values()
         .flat_map(|v| {
@@ -289,7 +275,7 @@ pub(super) fn state_from(
     for map in &maps {
         for p in map.iter() {
             if let Some(Target::Data(d)) = p.target {
-                let s = st.segments.get_mut(&d.seg).ok_or_else(|| {
+                let s = st.table.segments.get_mut(&d.seg).ok_or_else(|| {
                     meta_error("checkpoint", "an extent refers to a missing segment")
                 })?;
                 s.refs += p.len_blocks as i64;
@@ -471,7 +457,7 @@ impl<'a> Replay<'a> {
             self.damage(SegmentId(id), 0, DamageKind::MissingSegment);
         }
         // If the next record continues the chain, nothing was lost.
-        self.begin_loss(expected, 0, st.next_seq, "a segment is missing");
+        self.begin_loss(expected, 0, st.log.next_seq, "a segment is missing");
         Ok(true)
     }
 
@@ -518,8 +504,8 @@ impl<'a> Replay<'a> {
                         return Ok(false);
                     }
                     let why = format!("unreadable record: {error}");
-                    self.begin_loss(id, off as u64, st.next_seq, &why);
-                    match resync(image, off + 1, st.next_seq) {
+                    self.begin_loss(id, off as u64, st.log.next_seq, &why);
+                    match resync(image, off + 1, st.log.next_seq) {
                         Some(y) => off = y,
                         None => break,
                     }
@@ -540,18 +526,18 @@ impl<'a> Replay<'a> {
         next: usize,
     ) -> Result<Seq> {
         let id = self.window[i].0;
-        if h.seq == st.next_seq {
+        if h.seq == st.log.next_seq {
             self.close_loss(h.seq);
             return Ok(Seq::Apply);
         }
         if !self.is_proven(pos(id, off), i + 1, Rest::Parse(image, next, id))? {
-            tracing::warn!(segment = %id, offset = off, seq = h.seq, expected = st.next_seq,
+            tracing::warn!(segment = %id, offset = off, seq = h.seq, expected = st.log.next_seq,
                 "sequence break; the log ends here");
             self.end_at(id, off, "sequence break");
             return Ok(Seq::End);
         }
-        if h.seq < st.next_seq {
-            let why = format!("out of sequence (expected {})", st.next_seq);
+        if h.seq < st.log.next_seq {
+            let why = format!("out of sequence (expected {})", st.log.next_seq);
             self.damage(id, off as u64, lost(h.seq, Some(1), &why));
             return Ok(Seq::Skip);
         }
@@ -559,12 +545,12 @@ impl<'a> Replay<'a> {
             self.begin_loss(
                 id,
                 off as u64,
-                st.next_seq,
+                st.log.next_seq,
                 "records missing before this one",
             );
         }
         self.close_loss(h.seq);
-        st.next_seq = h.seq;
+        st.log.next_seq = h.seq;
         Ok(Seq::Apply)
     }
 
@@ -578,7 +564,7 @@ impl<'a> Replay<'a> {
         payload: &[u8],
     ) {
         let at = record_at(id, off, h);
-        let applied = decode(h, payload).and_then(|rec| st.apply(at, &rec).map(|()| rec));
+        let applied = decode(h, payload).and_then(|rec| st.table.apply(at, &rec).map(|()| rec));
         match applied {
             Err(e) => self.damage(id, off as u64, lost(h.seq, Some(1), &e.to_string())),
             Ok(LogRecord::Mark { covers }) if self.trust_marks => {
@@ -586,7 +572,7 @@ impl<'a> Replay<'a> {
             }
             Ok(_) => {}
         }
-        st.next_seq = h.seq + 1;
+        st.log.next_seq = h.seq + 1;
         self.report.records_replayed += 1;
         self.report.bytes_replayed += h.record_len();
     }
@@ -601,7 +587,7 @@ impl<'a> Replay<'a> {
         payload: &[u8],
         why: &str,
     ) {
-        st.next_seq = h.seq + 1;
+        st.log.next_seq = h.seq + 1;
         let rec = match decode(h, payload) {
             Ok(rec @ (LogRecord::Write { .. } | LogRecord::Relocate { .. })) => rec,
             Ok(_) => return self.damage(id, off as u64, lost(h.seq, Some(1), why)),
@@ -615,11 +601,12 @@ impl<'a> Replay<'a> {
             block, blocks, old, ..
         } = rec
         {
-            st.apply_relocate(at, block, blocks.nblocks(), old, &bad);
+            st.table
+                .apply_relocate(at, block, blocks.nblocks(), old, &bad);
             true
         } else {
             // Maps point at the record: reads of its bad blocks fail.
-            if let Err(e) = st.apply(at, &rec) {
+            if let Err(e) = st.table.apply(at, &rec) {
                 self.damage(id, off as u64, lost(h.seq, Some(1), &e.to_string()));
                 return;
             }
@@ -739,19 +726,19 @@ impl<'a> Replay<'a> {
         let Some(cut) = self.cut else {
             return Ok(());
         };
-        st.apply_pending_refs();
-        if let Some(s) = st.segments.get_mut(&cut.seg) {
+        st.table.apply_pending_refs();
+        if let Some(s) = st.table.segments.get_mut(&cut.seg) {
             self.store.truncate_segment(cut.seg, cut.offset)?;
             self.report.torn_tail_bytes += s.size_bytes.saturating_sub(cut.offset);
             s.size_bytes = s.size_bytes.min(cut.offset);
         }
         for &(id, size) in self.window.iter().filter(|w| w.0 > cut.seg) {
-            if st.segments.get(&id).is_some_and(|s| s.refs > 0) {
+            if st.table.segments.get(&id).is_some_and(|s| s.refs > 0) {
                 return Err(meta_error("log", "a discarded segment holds live data"));
             }
             tracing::warn!(segment = %id, bytes = size, "discarding segment after the end of the log");
             self.store.delete_segment(id)?;
-            st.segments.remove(&id);
+            st.table.segments.remove(&id);
             self.report.segments_discarded += 1;
             self.report.torn_tail_bytes += size;
         }
