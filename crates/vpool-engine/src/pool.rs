@@ -19,9 +19,10 @@
 //! # Recovery
 //! Load the checkpoint, replay records after its position in log order,
 //! stop at the first record that is torn, fails a checksum, or breaks the
-//! sequence-number chain; cut the log there. Everything flushed lies before
-//! that point, because a flush syncs the segments in log order before it
-//! returns.
+//! sequence-number chain; cut the log there, unless a durable mark proves
+//! those bytes were synced (then it is damage, reported and kept: see
+//! `recovery`). Everything flushed lies before the cut, because a flush
+//! syncs the segments in log order before it returns.
 //!
 //! # Cleaning
 //! Each segment counts its live blocks. The cleaner copies the live blocks
@@ -252,6 +253,7 @@ struct DamageState {
     segments: std::collections::BTreeSet<SegmentId>,
 }
 
+/// Figures for [`PoolStats`], counted as things happen.
 struct Counters {
     checkpoints_written: AtomicU64,
     segments_cleaned: AtomicU64,
@@ -271,7 +273,8 @@ struct Inner {
     /// of checkpoints captured since. One is deleted once two have been:
     /// then neither checkpoint copy refers to it or replays through it.
     relocated_victims: Mutex<Vec<Victim>>,
-    /// Which of [`CHECKPOINT_SLOTS`] the next checkpoint goes to: never the
+    /// Which of [`CHECKPOINT_SLOTS`](crate::checkpoint::CHECKPOINT_SLOTS)
+    /// the next checkpoint goes to: never the
     /// one holding the newest good copy.
     next_checkpoint_slot: Mutex<usize>,
     /// The device ran out of space: data writes are refused until the

@@ -535,14 +535,21 @@ impl<'a> LogRecord<'a> {
             });
         }
         let (volume, block, nblocks) = (h.volume, h.block, h.nblocks);
-        let name = || {
-            std::str::from_utf8(payload).map_err(|_| DecodeError::Inconsistent("name is not UTF-8"))
-        };
         Ok(match h.kind {
             RecordKind::Write => LogRecord::Write {
                 volume,
                 block,
                 blocks: blocks_of(h, payload)?,
+            },
+            RecordKind::Relocate => LogRecord::Relocate {
+                volume,
+                block,
+                blocks: blocks_of(h, payload)?,
+                old: DataLoc {
+                    seg: SegmentId(h.arg),
+                    data_off: h.arg2,
+                    crc_off: h.arg3,
+                },
             },
             RecordKind::Zero => LogRecord::Zero {
                 volume,
@@ -554,31 +561,49 @@ impl<'a> LogRecord<'a> {
                 block,
                 nblocks,
             },
-            RecordKind::CreateVolume => LogRecord::CreateVolume {
-                volume,
-                size_bytes: h.arg,
-                name: name()?,
-                ephemeral: h.arg2 & CREATE_EPHEMERAL != 0,
-            },
             RecordKind::ResizeVolume => LogRecord::ResizeVolume {
                 volume,
                 size_bytes: h.arg,
             },
             RecordKind::DeleteVolume => LogRecord::DeleteVolume { volume },
-            RecordKind::CreateSnapshot => LogRecord::CreateSnapshot {
-                volume,
-                name: name()?,
+            RecordKind::FlattenVolume => LogRecord::FlattenVolume { volume },
+            RecordKind::CommitVolume => LogRecord::CommitVolume { volume },
+            RecordKind::Mark => LogRecord::Mark {
+                covers: LogPosition {
+                    seg: SegmentId(h.arg),
+                    offset: u64::from(h.arg2),
+                },
             },
-            RecordKind::DeleteSnapshot => LogRecord::DeleteSnapshot {
+            RecordKind::CreateVolume
+            | RecordKind::CreateSnapshot
+            | RecordKind::DeleteSnapshot
+            | RecordKind::Rollback
+            | RecordKind::CloneVolume => {
+                let name = std::str::from_utf8(payload)
+                    .map_err(|_| DecodeError::Inconsistent("name is not UTF-8"))?;
+                LogRecord::decode_named(h, name)?
+            }
+        })
+    }
+
+    /// [`LogRecord::decode`] of the kinds whose payload is a name.
+    fn decode_named(h: &RecordHeader, name: &'a str) -> Result<LogRecord<'a>, DecodeError> {
+        let volume = h.volume;
+        Ok(match h.kind {
+            RecordKind::CreateVolume => LogRecord::CreateVolume {
                 volume,
-                name: name()?,
+                size_bytes: h.arg,
+                name,
+                ephemeral: h.arg2 & CREATE_EPHEMERAL != 0,
             },
+            RecordKind::CreateSnapshot => LogRecord::CreateSnapshot { volume, name },
+            RecordKind::DeleteSnapshot => LogRecord::DeleteSnapshot { volume, name },
             RecordKind::Rollback => LogRecord::Rollback {
                 volume,
-                snapshot: name()?,
+                snapshot: name,
             },
             RecordKind::CloneVolume => {
-                let (name, snapshot) = name()?
+                let (name, snapshot) = name
                     .split_once('/')
                     .ok_or(DecodeError::Inconsistent("no '/' between names"))?;
                 LogRecord::CloneVolume {
@@ -588,24 +613,8 @@ impl<'a> LogRecord<'a> {
                     snapshot,
                 }
             }
-            RecordKind::Relocate => LogRecord::Relocate {
-                volume,
-                block,
-                blocks: blocks_of(h, payload)?,
-                old: DataLoc {
-                    seg: SegmentId(h.arg),
-                    data_off: h.arg2,
-                    crc_off: h.arg3,
-                },
-            },
-            RecordKind::FlattenVolume => LogRecord::FlattenVolume { volume },
-            RecordKind::CommitVolume => LogRecord::CommitVolume { volume },
-            RecordKind::Mark => LogRecord::Mark {
-                covers: LogPosition {
-                    seg: SegmentId(h.arg),
-                    offset: u64::from(h.arg2),
-                },
-            },
+            // `decode` passes only the kinds above; a decoder never panics.
+            _ => return Err(DecodeError::Inconsistent("not a record with a name")),
         })
     }
 }

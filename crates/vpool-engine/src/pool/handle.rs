@@ -13,7 +13,7 @@ use vpool_ratelog::{LOG_PERIOD, RateLimitedLog};
 use super::Pool;
 use super::state::State;
 use crate::error::{EngineError, Result};
-use crate::extent_map::{ExtentMap, Piece, Target};
+use crate::extent_map::{DataLoc, ExtentMap, Piece, Target};
 use crate::record::{self, Blocks, CRC_LEN, LogRecord, MAX_RECORD_BLOCKS};
 use crate::types::{BLOCK_SIZE, VolumeId};
 
@@ -350,6 +350,8 @@ impl Volume {
 }
 
 impl Pool {
+    /// Reads `pieces` (a lookup from `first_block`) into `out`, checking
+    /// every block against its checksum. `volume` names the image in errors.
     fn read_pieces(
         &self,
         volume: &str,
@@ -357,55 +359,67 @@ impl Pool {
         pieces: &[Piece],
         out: &mut [u8],
     ) -> Result<()> {
-        let mut crc_buf = Vec::new();
+        let mut crcs = Vec::new();
         for p in pieces {
             let at = ((p.start_block - first_block) * BLOCK_SIZE) as usize;
             let dst = &mut out[at..at + (p.len_blocks * BLOCK_SIZE) as usize];
             match p.target {
                 None | Some(Target::Zero) => dst.fill(0),
                 Some(Target::Data(d)) => {
-                    let n = p.len_blocks as usize;
-                    crc_buf.resize(n * CRC_LEN, 0);
-                    if u64::from(d.crc_off) + (n * CRC_LEN) as u64 == u64::from(d.data_off) {
-                        // The piece is a whole record: its checksums sit right
-                        // before its data, so one read fetches both.
-                        let mut both = vec![0u8; n * CRC_LEN + dst.len()];
-                        self.inner
-                            .store
-                            .read_at(d.seg, u64::from(d.crc_off), &mut both)?;
-                        crc_buf.copy_from_slice(&both[..n * CRC_LEN]);
-                        dst.copy_from_slice(&both[n * CRC_LEN..]);
-                    } else {
-                        self.inner
-                            .store
-                            .read_at(d.seg, u64::from(d.crc_off), &mut crc_buf)?;
-                        self.inner
-                            .store
-                            .read_at(d.seg, u64::from(d.data_off), dst)?;
-                    }
-                    for (i, block) in dst.chunks_exact(BLOCK_SIZE as usize).enumerate() {
-                        let want = u32::from_le_bytes(
-                            crc_buf[i * CRC_LEN..][..CRC_LEN].try_into().expect("4"),
-                        );
-                        if crc32c::crc32c(block) != want {
-                            let err = EngineError::Corrupt {
-                                volume: volume.to_string(),
-                                offset: (p.start_block + i as u64) * BLOCK_SIZE,
-                                segment: d.seg,
-                                segment_offset: u64::from(d.data_off) + i as u64 * BLOCK_SIZE,
-                                detail: "block checksum mismatch".into(),
-                            };
-                            // A guest retries such a read at will.
-                            static CORRUPT: RateLimitedLog = RateLimitedLog::new(LOG_PERIOD);
-                            if let Some(suppressed) = CORRUPT.check() {
-                                tracing::error!(error = %err, suppressed, "corruption detected");
-                            }
-                            return Err(err);
-                        }
-                    }
+                    crcs.resize(p.len_blocks as usize * CRC_LEN, 0);
+                    self.read_data(d, &mut crcs, dst)?;
+                    verify_blocks(volume, p.start_block, d, &crcs, dst)?;
                 }
             }
         }
         Ok(())
     }
+
+    /// Reads the blocks at `d` into `dst` and their checksums into `crcs`.
+    fn read_data(&self, d: DataLoc, crcs: &mut [u8], dst: &mut [u8]) -> Result<()> {
+        let store = &self.inner.store;
+        if u64::from(d.crc_off) + crcs.len() as u64 == u64::from(d.data_off) {
+            // The piece is a whole record: its checksums sit right before
+            // its data, so one read fetches both.
+            let mut both = vec![0u8; crcs.len() + dst.len()];
+            store.read_at(d.seg, u64::from(d.crc_off), &mut both)?;
+            crcs.copy_from_slice(&both[..crcs.len()]);
+            dst.copy_from_slice(&both[crcs.len()..]);
+        } else {
+            store.read_at(d.seg, u64::from(d.crc_off), crcs)?;
+            store.read_at(d.seg, u64::from(d.data_off), dst)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks blocks read from `d` (volume blocks from `start_block`) against
+/// their checksums: a mismatch is an error naming where, never data.
+fn verify_blocks(
+    volume: &str,
+    start_block: u64,
+    d: DataLoc,
+    crcs: &[u8],
+    data: &[u8],
+) -> Result<()> {
+    for (i, block) in data.chunks_exact(BLOCK_SIZE as usize).enumerate() {
+        let want = u32::from_le_bytes(crcs[i * CRC_LEN..][..CRC_LEN].try_into().expect("4"));
+        if crc32c::crc32c(block) == want {
+            continue;
+        }
+        let err = EngineError::Corrupt {
+            volume: volume.to_string(),
+            offset: (start_block + i as u64) * BLOCK_SIZE,
+            segment: d.seg,
+            segment_offset: u64::from(d.data_off) + i as u64 * BLOCK_SIZE,
+            detail: "block checksum mismatch".into(),
+        };
+        // A guest retries such a read at will.
+        static CORRUPT: RateLimitedLog = RateLimitedLog::new(LOG_PERIOD);
+        if let Some(suppressed) = CORRUPT.check() {
+            tracing::error!(error = %err, suppressed, "corruption detected");
+        }
+        return Err(err);
+    }
+    Ok(())
 }

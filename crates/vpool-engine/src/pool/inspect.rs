@@ -1,18 +1,18 @@
 //! Looking at the pool: space and log figures, the invariants the tests
 //! check after every step, and which log bytes an image reads.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
 use vpool_store::SegmentId;
 
 use super::{Pool, PoolStats};
 use crate::error::Result;
-use crate::extent_map::{ExtentMap, Target};
+use crate::extent_map::Target;
 use crate::record::CRC_LEN;
 use crate::types::BLOCK_SIZE;
 
 impl Pool {
+    /// Space and log figures; O(volumes + segments) under the state lock.
     pub fn stats(&self) -> PoolStats {
         let mut st = self.inner.state.lock();
         let (live, physical, garbage_ratio) = st.table.space();
@@ -44,73 +44,15 @@ impl Pool {
         }
     }
 
-    /// Checks the pool's invariants (tests call it after every step).
+    /// Checks the pool's invariants, panicking on the first that does not
+    /// hold (tests call it after every step): extents never overlap, are
+    /// never empty, never run past their image's end nor their segment's;
+    /// every volume's and snapshot's block counts equal its map's; every
+    /// segment's reference count equals the blocks the maps point into it;
+    /// the name index and the volumes agree; a clone's parent snapshot
+    /// exists.
     pub fn self_check(&self) {
-        let mut st = self.inner.state.lock();
-        st.table.apply_pending_refs();
-        let mut refs: BTreeMap<SegmentId, i64> = BTreeMap::new();
-        let mut check_map = |map: &ExtentMap, size_bytes: u64, what: &str| -> (u64, u64) {
-            map.self_check();
-            let (mut data, mut zero) = (0, 0);
-            for p in map.iter() {
-                assert!(
-                    (p.start_block + p.len_blocks) * BLOCK_SIZE <= size_bytes,
-                    "extent past the end of {what}"
-                );
-                match p.target.expect("mapped") {
-                    Target::Zero => zero += p.len_blocks,
-                    Target::Data(d) => {
-                        data += p.len_blocks;
-                        *refs.entry(d.seg).or_default() += p.len_blocks as i64;
-                        let s = st
-                            .table
-                            .segments
-                            .get(&d.seg)
-                            .expect("extent's segment exists");
-                        assert!(u64::from(d.data_off) + p.len_blocks * BLOCK_SIZE <= s.size_bytes);
-                    }
-                }
-            }
-            (data, zero)
-        };
-        for (id, v) in &st.table.volumes {
-            assert_eq!(st.table.names.get(&v.name), Some(id), "name index");
-            let counts = check_map(&v.map, v.size_bytes, &v.name);
-            assert_eq!(
-                (v.data_blocks, v.zero_blocks),
-                counts,
-                "block counts of {}",
-                v.name
-            );
-            for (name, snap) in &v.snapshots {
-                let counts = check_map(&snap.map, snap.size_bytes, name);
-                assert_eq!(
-                    (snap.data_blocks, snap.zero_blocks),
-                    counts,
-                    "block counts of {}@{name}",
-                    v.name
-                );
-            }
-            if let Some((parent, snap)) = &v.parent {
-                let p = st
-                    .table
-                    .volumes
-                    .get(parent)
-                    .expect("a clone's parent volume exists");
-                assert!(
-                    p.snapshots.contains_key(snap),
-                    "a clone's parent snapshot exists"
-                );
-            }
-        }
-        assert_eq!(st.table.names.len(), st.table.volumes.len());
-        for (id, s) in &st.table.segments {
-            assert_eq!(
-                s.refs,
-                refs.get(id).copied().unwrap_or(0),
-                "reference count of {id}"
-            );
-        }
+        self.inner.state.lock().table.self_check();
     }
 
     /// The byte ranges of the log that reading all of `volume` (or of its

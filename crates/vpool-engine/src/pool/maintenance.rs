@@ -8,7 +8,7 @@
 //! mark it finds: a bad record there is corruption to report, not a torn
 //! tail to cut (see `recovery`). A mark is due when a segment has been
 //! sealed, or when records were appended and the last mark is older than
-//! [`PoolConfig::durable_mark_interval`].
+//! [`PoolConfig::durable_mark_interval`](super::PoolConfig::durable_mark_interval).
 //!
 //! # Checkpoints
 //! A checkpoint goes to the older of the two slots ([`CHECKPOINT_SLOTS`]).

@@ -60,6 +60,14 @@ impl Pool {
         Ok(v)
     }
 
+    /// A read-only handle on a snapshot (served over NBD as `VOL@SNAP`).
+    pub fn snapshot(&self, volume: &str, snapshot: &str) -> Result<Volume> {
+        let st = self.inner.state.lock();
+        let id = st.table.id_of(volume)?;
+        st.table.snap(id, volume, snapshot)?;
+        Ok(Volume::new(self.clone(), id, volume, Some(snapshot)))
+    }
+
     /// Deletes a snapshot; its blocks that nothing else uses are reclaimed by
     /// the cleaner. Refused while a clone was made from it.
     pub fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<()> {
@@ -98,7 +106,7 @@ impl Pool {
                     snapshot,
                 },
             )?;
-            Ok(info_of(&st.table, id, st.table.vol(id)?))
+            info_of(&st.table, id)
         })
     }
 
@@ -126,7 +134,7 @@ impl Pool {
                 snapshot,
             };
             self.append_and_apply(st, rec)?;
-            Ok(info_of(&st.table, id, st.table.vol(id)?))
+            info_of(&st.table, id)
         })
     }
 
@@ -143,7 +151,7 @@ impl Pool {
                 });
             }
             self.append_and_apply(st, LogRecord::FlattenVolume { volume: id })?;
-            Ok(info_of(&st.table, id, st.table.vol(id)?))
+            info_of(&st.table, id)
         })
     }
 
@@ -160,7 +168,7 @@ impl Pool {
                 });
             };
             self.append_and_apply(st, LogRecord::CommitVolume { volume: id })?;
-            Ok(info_of(&st.table, parent, st.table.vol(parent)?))
+            info_of(&st.table, parent)
         })
     }
 
@@ -191,66 +199,16 @@ impl Pool {
         let (a, a_size) = image(from)?;
         let (b, b_size) = image(to)?;
         drop(st);
-        let blocks = b_size / BLOCK_SIZE;
-        let (pa, pb) = (a.lookup(0, blocks), b.lookup(0, blocks));
-        let a_blocks = a_size / BLOCK_SIZE;
-        let mut out: Vec<DiffExtent> = Vec::new();
-        let (mut i, mut j, mut pos) = (0usize, 0usize, 0u64);
-        while pos < blocks {
-            let (x, y) = (&pa[i], &pb[j]);
-            let end = (x.start_block + x.len_blocks).min(y.start_block + y.len_blocks);
-            let tx = x.target.map(|t| t.advance(pos - x.start_block));
-            let ty = y.target.map(|t| t.advance(pos - y.start_block));
-            let zero = |t: Option<Target>| matches!(t, None | Some(Target::Zero));
-            // Past the old image's end everything written counts as new.
-            let mut pieces = vec![(pos, end)];
-            if pos < a_blocks && end > a_blocks {
-                pieces = vec![(pos, a_blocks), (a_blocks, end)];
-            }
-            for (s, e) in pieces {
-                let beyond_old = s >= a_blocks;
-                let changed = if beyond_old {
-                    !zero(ty)
-                } else {
-                    tx != ty && !(zero(tx) && zero(ty))
-                };
-                if changed {
-                    let kind = if zero(ty) {
-                        DiffKind::Zero
-                    } else {
-                        DiffKind::Data
-                    };
-                    match out.last_mut() {
-                        Some(l) if l.kind == kind && l.offset + l.len == s * BLOCK_SIZE => {
-                            l.len += (e - s) * BLOCK_SIZE
-                        }
-                        _ => out.push(DiffExtent {
-                            offset: s * BLOCK_SIZE,
-                            len: (e - s) * BLOCK_SIZE,
-                            kind,
-                        }),
-                    }
-                }
-            }
-            pos = end;
-            if pos == x.start_block + x.len_blocks {
-                i += 1;
-            }
-            if pos == y.start_block + y.len_blocks {
-                j += 1;
-            }
-        }
-        Ok(out)
-    }
-    /// A read-only handle on a snapshot (served over NBD as `VOL@SNAP`).
-    pub fn snapshot(&self, volume: &str, snapshot: &str) -> Result<Volume> {
-        let st = self.inner.state.lock();
-        let id = st.table.id_of(volume)?;
-        st.table.snap(id, volume, snapshot)?;
-        Ok(Volume::new(self.clone(), id, volume, Some(snapshot)))
+        Ok(diff_images(
+            &a,
+            a_size / BLOCK_SIZE,
+            &b,
+            b_size / BLOCK_SIZE,
+        ))
     }
 }
 
+/// What snapshot `name` of `volume` looks like from outside.
 fn snapshot_info(volume: &str, name: &str, s: &Snap) -> SnapshotInfo {
     SnapshotInfo {
         volume: volume.to_string(),
@@ -258,5 +216,63 @@ fn snapshot_info(volume: &str, name: &str, s: &Snap) -> SnapshotInfo {
         size_bytes: s.size_bytes,
         allocated_bytes: s.data_blocks * BLOCK_SIZE,
         seq: s.seq,
+    }
+}
+
+/// The ranges where image `b` (of `b_blocks` blocks) differs from image
+/// `a` (of `a_blocks`), walking both maps' pieces side by side.
+fn diff_images(a: &ExtentMap, a_blocks: u64, b: &ExtentMap, b_blocks: u64) -> Vec<DiffExtent> {
+    let (pa, pb) = (a.lookup(0, b_blocks), b.lookup(0, b_blocks));
+    let mut out: Vec<DiffExtent> = Vec::new();
+    let (mut i, mut j, mut pos) = (0usize, 0usize, 0u64);
+    while pos < b_blocks {
+        let (x, y) = (&pa[i], &pb[j]);
+        let end = (x.start_block + x.len_blocks).min(y.start_block + y.len_blocks);
+        let tx = x.target.map(|t| t.advance(pos - x.start_block));
+        let ty = y.target.map(|t| t.advance(pos - y.start_block));
+        let zero = |t: Option<Target>| matches!(t, None | Some(Target::Zero));
+        // Past the old image's end everything written counts as new.
+        let mut pieces = vec![(pos, end)];
+        if pos < a_blocks && end > a_blocks {
+            pieces = vec![(pos, a_blocks), (a_blocks, end)];
+        }
+        for (s, e) in pieces {
+            let changed = if s >= a_blocks {
+                !zero(ty)
+            } else {
+                tx != ty && !(zero(tx) && zero(ty))
+            };
+            if changed {
+                let kind = if zero(ty) {
+                    DiffKind::Zero
+                } else {
+                    DiffKind::Data
+                };
+                push_change(&mut out, s, e, kind);
+            }
+        }
+        pos = end;
+        if pos == x.start_block + x.len_blocks {
+            i += 1;
+        }
+        if pos == y.start_block + y.len_blocks {
+            j += 1;
+        }
+    }
+    out
+}
+
+/// Adds blocks `s..e` to the diff, merged with the last range when it
+/// continues it with the same kind.
+fn push_change(out: &mut Vec<DiffExtent>, s: u64, e: u64, kind: DiffKind) {
+    match out.last_mut() {
+        Some(l) if l.kind == kind && l.offset + l.len == s * BLOCK_SIZE => {
+            l.len += (e - s) * BLOCK_SIZE
+        }
+        _ => out.push(DiffExtent {
+            offset: s * BLOCK_SIZE,
+            len: (e - s) * BLOCK_SIZE,
+            kind,
+        }),
     }
 }

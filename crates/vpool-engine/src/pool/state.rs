@@ -488,6 +488,69 @@ impl Table {
     }
 }
 
+/// The table's invariants, asserted (the property tests check them after
+/// every step, through `Pool::self_check`).
+impl Table {
+    /// Asserts the invariants listed at `Pool::self_check`.
+    pub(super) fn self_check(&mut self) {
+        self.apply_pending_refs();
+        let mut refs: BTreeMap<SegmentId, i64> = BTreeMap::new();
+        for (id, v) in &self.volumes {
+            assert_eq!(self.names.get(&v.name), Some(id), "name index");
+            let counts = self.check_map(&v.map, v.size_bytes, &v.name, &mut refs);
+            let want = (v.data_blocks, v.zero_blocks);
+            assert_eq!(want, counts, "block counts of {}", v.name);
+            for (name, snap) in &v.snapshots {
+                let counts = self.check_map(&snap.map, snap.size_bytes, name, &mut refs);
+                let want = (snap.data_blocks, snap.zero_blocks);
+                assert_eq!(want, counts, "block counts of {}@{name}", v.name);
+            }
+            if let Some((parent, snap)) = &v.parent {
+                let p = self.volumes.get(parent);
+                let p = p.expect("a clone's parent volume exists");
+                assert!(
+                    p.snapshots.contains_key(snap),
+                    "a clone's parent snapshot exists"
+                );
+            }
+        }
+        assert_eq!(self.names.len(), self.volumes.len());
+        for (id, s) in &self.segments {
+            let counted = refs.get(id).copied().unwrap_or(0);
+            assert_eq!(s.refs, counted, "reference count of {id}");
+        }
+    }
+
+    /// Checks one map of an image of `size_bytes` named `what`, adding its
+    /// references to `refs`. Returns its (data, zero) block counts.
+    fn check_map(
+        &self,
+        map: &ExtentMap,
+        size_bytes: u64,
+        what: &str,
+        refs: &mut BTreeMap<SegmentId, i64>,
+    ) -> (u64, u64) {
+        map.self_check();
+        let (mut data, mut zero) = (0, 0);
+        for p in map.iter() {
+            assert!(
+                (p.start_block + p.len_blocks) * BLOCK_SIZE <= size_bytes,
+                "extent past the end of {what}"
+            );
+            match p.target.expect("mapped") {
+                Target::Zero => zero += p.len_blocks,
+                Target::Data(d) => {
+                    data += p.len_blocks;
+                    *refs.entry(d.seg).or_default() += p.len_blocks as i64;
+                    let s = self.segments.get(&d.seg).expect("extent's segment exists");
+                    assert!(u64::from(d.data_off) + p.len_blocks * BLOCK_SIZE <= s.size_bytes);
+                }
+            }
+        }
+        (data, zero)
+    }
+}
+
 fn vol_not_found(id: VolumeId) -> EngineError {
     EngineError::VolumeNotFound(id.to_string())
 }
@@ -529,4 +592,104 @@ pub(super) fn block_counts(map: &ExtentMap) -> (u64, u64) {
         }
     }
     (data, zero)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{Blocks, block_crcs};
+
+    fn at(seg: u64, off: u64, seq: u64) -> RecordAt {
+        RecordAt {
+            seg: SegmentId(seg),
+            off,
+            seq,
+        }
+    }
+
+    fn seg(size_bytes: u64) -> SegInfo {
+        SegInfo {
+            size_bytes,
+            refs: 0,
+        }
+    }
+
+    /// The table takes records with no store and no log at all (what lets
+    /// replay rebuild it), keeps every count in step, and refuses a record
+    /// that does not fit without changing anything.
+    #[test]
+    fn apply_needs_no_store_and_keeps_counts() {
+        let mut t = Table::new(BTreeMap::from([(SegmentId(1), seg(1 << 20))]));
+        let v = VolumeId(1);
+        let create = LogRecord::CreateVolume {
+            volume: v,
+            size_bytes: 16 * BLOCK_SIZE,
+            name: "a",
+            ephemeral: false,
+        };
+        t.apply(at(1, 64, 1), &create).unwrap();
+        let data = vec![7u8; 2 * BLOCK_SIZE as usize];
+        let crcs = block_crcs(&data);
+        let blocks = Blocks {
+            crcs: &crcs,
+            data: &data,
+        };
+        let write = LogRecord::Write {
+            volume: v,
+            block: 2,
+            blocks,
+        };
+        t.apply(at(1, 128, 2), &write).unwrap();
+        let snap = LogRecord::CreateSnapshot {
+            volume: v,
+            name: "s",
+        };
+        t.apply(at(1, 8400, 3), &snap).unwrap();
+        let trim = LogRecord::Trim {
+            volume: v,
+            block: 0,
+            nblocks: 16,
+        };
+        t.apply(at(1, 8500, 4), &trim).unwrap();
+        t.self_check();
+        assert_eq!(t.segments[&SegmentId(1)].refs, 2, "the snapshot's blocks");
+
+        // The cleaner's copy repoints the snapshot.
+        t.segments.insert(SegmentId(2), seg(1 << 20));
+        let relocate = LogRecord::Relocate {
+            volume: v,
+            block: 2,
+            blocks,
+            old: record::data_loc(SegmentId(1), 128, 2),
+        };
+        t.apply(at(2, 64, 5), &relocate).unwrap();
+        t.self_check();
+        assert_eq!(t.segments[&SegmentId(1)].refs, 0);
+        assert_eq!(t.segments[&SegmentId(2)].refs, 2);
+
+        let rollback = LogRecord::Rollback {
+            volume: v,
+            snapshot: "s",
+        };
+        t.apply(at(2, 8400, 6), &rollback).unwrap();
+        t.self_check();
+        assert_eq!(t.vol(v).unwrap().data_blocks, 2);
+
+        // Past the volume's end, or a name taken: refused, nothing changed.
+        let past_end = LogRecord::Write {
+            volume: v,
+            block: 15,
+            blocks,
+        };
+        assert!(t.apply(at(2, 8500, 7), &past_end).is_err());
+        assert!(t.apply(at(2, 8500, 7), &create).is_err());
+        t.self_check();
+        assert_eq!(t.vol(v).unwrap().data_blocks, 2);
+
+        t.apply(at(2, 8500, 7), &LogRecord::DeleteVolume { volume: v })
+            .unwrap();
+        t.self_check();
+        assert!(t.volumes.is_empty() && t.names.is_empty());
+        assert!(t.segments.values().all(|s| s.refs == 0));
+    }
 }

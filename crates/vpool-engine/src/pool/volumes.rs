@@ -5,7 +5,7 @@
 //! flushed: a volume operation is durable when it returns.
 
 use super::handle::Volume;
-use super::state::{Table, Vol};
+use super::state::Table;
 use super::{Pool, VolumeInfo, VolumeOptions};
 use crate::error::{EngineError, Result};
 use crate::record::LogRecord;
@@ -46,7 +46,7 @@ impl Pool {
                 ephemeral: options.ephemeral,
             };
             self.append_and_apply(st, rec)?;
-            Ok(info_of(&st.table, id, st.table.vol(id)?))
+            info_of(&st.table, id)
         })
     }
 
@@ -79,7 +79,7 @@ impl Pool {
                 };
                 self.append_and_apply(st, rec)?;
             }
-            Ok(info_of(&st.table, id, st.table.vol(id)?))
+            info_of(&st.table, id)
         })
     }
 
@@ -108,14 +108,14 @@ impl Pool {
         st.table
             .names
             .values()
-            .map(|&id| info_of(&st.table, id, &st.table.volumes[&id]))
+            .map(|&id| info_of(&st.table, id).expect("the name index and the volumes agree"))
             .collect()
     }
 
     pub fn volume_info(&self, name: &str) -> Result<VolumeInfo> {
         let st = self.inner.state.lock();
         let id = st.table.id_of(name)?;
-        Ok(info_of(&st.table, id, st.table.vol(id)?))
+        info_of(&st.table, id)
     }
 
     /// A handle for I/O on a volume. It stays valid until the volume is
@@ -127,9 +127,10 @@ impl Pool {
     }
 }
 
-/// What volume `id` (whose entry is `v`) looks like from outside.
-pub(super) fn info_of(table: &Table, id: VolumeId, v: &Vol) -> VolumeInfo {
-    VolumeInfo {
+/// What volume `id` looks like from outside.
+pub(super) fn info_of(table: &Table, id: VolumeId) -> Result<VolumeInfo> {
+    let v = table.vol(id)?;
+    Ok(VolumeInfo {
         parent: v.parent.as_ref().map(|(p, s)| {
             let pname = table
                 .volumes
@@ -146,5 +147,5 @@ pub(super) fn info_of(table: &Table, id: VolumeId, v: &Vol) -> VolumeInfo {
         allocated_bytes: v.data_blocks * BLOCK_SIZE,
         zero_bytes: v.zero_blocks * BLOCK_SIZE,
         extents: v.map.extent_count() as u64,
-    }
+    })
 }
