@@ -1,13 +1,17 @@
 //! vpool's storage engine: volumes as extent maps over a log of immutable
 //! segments.
 //!
-//! - [`record`]: the log's on-disk format (segment headers, records).
+//! - [`record`]: the log's on-disk format (segment headers, records) and
+//!   [`record::LogRecord`], the typed form the engine builds and applies.
 //! - [`extent_map`]: a volume's map from blocks to segment bytes.
 //! - [`checkpoint`]: the whole metadata as of one log position.
-//! - [`pool`]: the pool, its volumes, flush and the write path; its
-//!   submodules `recovery` (checkpoint fallback, replay, torn tail vs
-//!   corruption), `maintenance` (durable marks, checkpoints, the cleaner,
-//!   a full device) and `check` (the fsck behind `vpool pool check`).
+//! - [`pool`]: the pool; its module doc says where each part lives (the
+//!   volume table and the apply of a record, the log, volumes, snapshots,
+//!   the `Volume` handle, recovery, maintenance, the fsck, space).
+//!
+//! A panic aborts a release build (see `pool`'s module doc): the state
+//! lock does not poison, so unwinding could leave a half-applied record
+//! for other threads to serve.
 //!
 //! The engine talks to its backend only through
 //! [`vpool_store::SegmentStore`], so the same engine runs on a local

@@ -4,7 +4,14 @@
 //! Everything here is pure (no I/O) so the decoders can be fuzzed; every
 //! decoder distrusts its input and returns [`DecodeError`] rather than
 //! panicking.
+//!
+//! Two levels: [`RecordHeader`] is the 64 bytes as they lie on disk (with
+//! the generic `arg`, `arg2`, `arg3` whose meaning depends on the kind), and
+//! [`LogRecord`] is what a record means, in typed fields. The engine only
+//! ever builds and applies [`LogRecord`]s; the conversion both ways is here.
 
+use crate::checkpoint::LogPosition;
+use crate::extent_map::DataLoc;
 use crate::types::{BLOCK_SIZE, VolumeId};
 use vpool_store::SegmentId;
 
@@ -264,6 +271,376 @@ impl RecordHeader {
     }
 }
 
+/// The blocks a `Write` or `Relocate` record carries, as they follow its
+/// header on disk: one CRC-32C per block (little-endian), then the blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Blocks<'a> {
+    pub crcs: &'a [u8],
+    pub data: &'a [u8],
+}
+
+impl Blocks<'_> {
+    /// Blocks carried: one checksum each.
+    pub fn nblocks(&self) -> u32 {
+        u32::try_from(self.crcs.len() / CRC_LEN).expect("at most MAX_RECORD_BLOCKS")
+    }
+}
+
+/// A log record as the engine means it: what each kind does, in typed
+/// fields rather than the header's `arg`, `arg2` and `arg3`.
+///
+/// The engine builds records only as `LogRecord`s and applies only
+/// `LogRecord`s. [`LogRecord::header`] and [`LogRecord::payload`] are the
+/// one place that lays a record out on disk, and [`LogRecord::decode`] the
+/// one place that reads it back, so the two cannot drift apart; a unit test
+/// pins the bytes to the format of `docs/on-disk-format.md`. Names and data
+/// are borrowed (from the caller when appending, from the segment image
+/// when replaying): appending a write copies nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogRecord<'a> {
+    /// Data for `blocks.nblocks()` blocks of `volume` from `block`.
+    Write {
+        volume: VolumeId,
+        block: u64,
+        blocks: Blocks<'a>,
+    },
+    /// Blocks read as zeros and stay allocated.
+    Zero {
+        volume: VolumeId,
+        block: u64,
+        nblocks: u32,
+    },
+    /// Blocks become unmapped.
+    Trim {
+        volume: VolumeId,
+        block: u64,
+        nblocks: u32,
+    },
+    /// A new volume (`ephemeral`: deleted when the pool is next opened).
+    CreateVolume {
+        volume: VolumeId,
+        size_bytes: u64,
+        name: &'a str,
+        ephemeral: bool,
+    },
+    /// The volume's new size; blocks past it are dropped.
+    ResizeVolume {
+        volume: VolumeId,
+        size_bytes: u64,
+    },
+    /// The volume goes, with its blocks and snapshots.
+    DeleteVolume {
+        volume: VolumeId,
+    },
+    /// The volume's current map is frozen under `name`.
+    CreateSnapshot {
+        volume: VolumeId,
+        name: &'a str,
+    },
+    DeleteSnapshot {
+        volume: VolumeId,
+        name: &'a str,
+    },
+    /// The volume takes the content and size of its snapshot.
+    Rollback {
+        volume: VolumeId,
+        snapshot: &'a str,
+    },
+    /// `volume` (a new id) named `name` starts as a copy-on-write clone of
+    /// `source`'s snapshot `snapshot`.
+    CloneVolume {
+        volume: VolumeId,
+        source: VolumeId,
+        name: &'a str,
+        snapshot: &'a str,
+    },
+    /// The cleaner's copy of blocks that were at `old` (a block run of a
+    /// write or relocate record of `volume`): every map that points at
+    /// `old` then points here.
+    Relocate {
+        volume: VolumeId,
+        block: u64,
+        blocks: Blocks<'a>,
+        old: DataLoc,
+    },
+    /// The clone forgets its parent link.
+    FlattenVolume {
+        volume: VolumeId,
+    },
+    /// The clone's parent volume takes the clone's content and size.
+    CommitVolume {
+        volume: VolumeId,
+    },
+    /// Durable mark: every byte of the log before `covers` was synced
+    /// before this record was appended.
+    Mark {
+        covers: LogPosition,
+    },
+}
+
+impl<'a> LogRecord<'a> {
+    pub fn kind(&self) -> RecordKind {
+        match self {
+            LogRecord::Write { .. } => RecordKind::Write,
+            LogRecord::Zero { .. } => RecordKind::Zero,
+            LogRecord::Trim { .. } => RecordKind::Trim,
+            LogRecord::CreateVolume { .. } => RecordKind::CreateVolume,
+            LogRecord::ResizeVolume { .. } => RecordKind::ResizeVolume,
+            LogRecord::DeleteVolume { .. } => RecordKind::DeleteVolume,
+            LogRecord::CreateSnapshot { .. } => RecordKind::CreateSnapshot,
+            LogRecord::DeleteSnapshot { .. } => RecordKind::DeleteSnapshot,
+            LogRecord::Rollback { .. } => RecordKind::Rollback,
+            LogRecord::CloneVolume { .. } => RecordKind::CloneVolume,
+            LogRecord::Relocate { .. } => RecordKind::Relocate,
+            LogRecord::FlattenVolume { .. } => RecordKind::FlattenVolume,
+            LogRecord::CommitVolume { .. } => RecordKind::CommitVolume,
+            LogRecord::Mark { .. } => RecordKind::Mark,
+        }
+    }
+
+    /// The payload as it follows the header, in up to three parts (empty
+    /// parts are unused): they go to the store as they are, with the header,
+    /// in one vectored write.
+    pub fn payload(&self) -> [&'a [u8]; 3] {
+        match *self {
+            LogRecord::Write { blocks, .. } | LogRecord::Relocate { blocks, .. } => {
+                [blocks.crcs, blocks.data, &[]]
+            }
+            LogRecord::CreateVolume { name, .. }
+            | LogRecord::CreateSnapshot { name, .. }
+            | LogRecord::DeleteSnapshot { name, .. }
+            | LogRecord::Rollback { snapshot: name, .. } => [name.as_bytes(), &[], &[]],
+            LogRecord::CloneVolume { name, snapshot, .. } => {
+                [name.as_bytes(), b"/", snapshot.as_bytes()]
+            }
+            LogRecord::Zero { .. }
+            | LogRecord::Trim { .. }
+            | LogRecord::ResizeVolume { .. }
+            | LogRecord::DeleteVolume { .. }
+            | LogRecord::FlattenVolume { .. }
+            | LogRecord::CommitVolume { .. }
+            | LogRecord::Mark { .. } => [&[], &[], &[]],
+        }
+    }
+
+    /// The header of this record with sequence number `seq`: payload length
+    /// and checksum included. Fields a kind does not use are zero.
+    pub fn header(&self, seq: u64) -> RecordHeader {
+        let mut h = RecordHeader {
+            kind: self.kind(),
+            seq,
+            volume: VolumeId(0),
+            block: 0,
+            nblocks: 0,
+            payload_len: 0,
+            arg: 0,
+            payload_crc: 0,
+            arg2: 0,
+            arg3: 0,
+        };
+        self.fill_fields(&mut h);
+        let parts = self.payload();
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        h.payload_len = u32::try_from(len).expect("a record's payload is under 4 GiB");
+        h.payload_crc = match self {
+            // A data record's checksum covers its checksum array; each block
+            // is covered by its own entry there.
+            LogRecord::Write { blocks, .. } | LogRecord::Relocate { blocks, .. } => {
+                crc32c::crc32c(blocks.crcs)
+            }
+            _ => parts.iter().fold(0, |c, p| crc32c::crc32c_append(c, p)),
+        };
+        h
+    }
+
+    /// Sets the header fields that carry this record's own arguments.
+    fn fill_fields(&self, h: &mut RecordHeader) {
+        match *self {
+            LogRecord::Write {
+                volume,
+                block,
+                blocks,
+            } => {
+                debug_assert_eq!(
+                    blocks.data.len(),
+                    blocks.nblocks() as usize * BLOCK_SIZE as usize
+                );
+                (h.volume, h.block, h.nblocks) = (volume, block, blocks.nblocks());
+            }
+            LogRecord::Zero {
+                volume,
+                block,
+                nblocks,
+            }
+            | LogRecord::Trim {
+                volume,
+                block,
+                nblocks,
+            } => (h.volume, h.block, h.nblocks) = (volume, block, nblocks),
+            LogRecord::CreateVolume {
+                volume,
+                size_bytes,
+                ephemeral,
+                ..
+            } => {
+                (h.volume, h.arg) = (volume, size_bytes);
+                h.arg2 = if ephemeral { CREATE_EPHEMERAL } else { 0 };
+            }
+            LogRecord::ResizeVolume { volume, size_bytes } => {
+                (h.volume, h.arg) = (volume, size_bytes)
+            }
+            LogRecord::CloneVolume { volume, source, .. } => (h.volume, h.arg) = (volume, source.0),
+            LogRecord::Relocate {
+                volume,
+                block,
+                blocks,
+                old,
+            } => {
+                (h.volume, h.block, h.nblocks) = (volume, block, blocks.nblocks());
+                (h.arg, h.arg2, h.arg3) = (old.seg.0, old.data_off, old.crc_off);
+            }
+            LogRecord::Mark { covers } => {
+                h.arg = covers.seg.0;
+                h.arg2 = u32::try_from(covers.offset).expect("segments are under 4 GiB");
+            }
+            LogRecord::DeleteVolume { volume }
+            | LogRecord::CreateSnapshot { volume, .. }
+            | LogRecord::DeleteSnapshot { volume, .. }
+            | LogRecord::Rollback { volume, .. }
+            | LogRecord::FlattenVolume { volume }
+            | LogRecord::CommitVolume { volume } => h.volume = volume,
+        }
+    }
+
+    /// The whole record, header then payload (for tests and tools; the
+    /// engine writes the parts without joining them).
+    pub fn encode(&self, seq: u64) -> Vec<u8> {
+        let mut out = self.header(seq).encode().to_vec();
+        for part in self.payload() {
+            out.extend_from_slice(part);
+        }
+        out
+    }
+
+    /// Reads a record back from its header and payload. The header is one
+    /// [`RecordHeader::decode`] accepted (so its lengths agree with its
+    /// kind); checksums are [`verify_payload`]'s business, not this: a
+    /// write whose data is damaged still decodes, so that recovery can say
+    /// which blocks are bad. Fields the kind does not use are ignored.
+    pub fn decode(h: &RecordHeader, payload: &'a [u8]) -> Result<LogRecord<'a>, DecodeError> {
+        if payload.len() != h.payload_len as usize {
+            return Err(DecodeError::Short {
+                need: h.payload_len as usize,
+                have: payload.len(),
+            });
+        }
+        let (volume, block, nblocks) = (h.volume, h.block, h.nblocks);
+        Ok(match h.kind {
+            RecordKind::Write => LogRecord::Write {
+                volume,
+                block,
+                blocks: blocks_of(h, payload)?,
+            },
+            RecordKind::Relocate => LogRecord::Relocate {
+                volume,
+                block,
+                blocks: blocks_of(h, payload)?,
+                old: DataLoc {
+                    seg: SegmentId(h.arg),
+                    data_off: h.arg2,
+                    crc_off: h.arg3,
+                },
+            },
+            RecordKind::Zero => LogRecord::Zero {
+                volume,
+                block,
+                nblocks,
+            },
+            RecordKind::Trim => LogRecord::Trim {
+                volume,
+                block,
+                nblocks,
+            },
+            RecordKind::ResizeVolume => LogRecord::ResizeVolume {
+                volume,
+                size_bytes: h.arg,
+            },
+            RecordKind::DeleteVolume => LogRecord::DeleteVolume { volume },
+            RecordKind::FlattenVolume => LogRecord::FlattenVolume { volume },
+            RecordKind::CommitVolume => LogRecord::CommitVolume { volume },
+            RecordKind::Mark => LogRecord::Mark {
+                covers: LogPosition {
+                    seg: SegmentId(h.arg),
+                    offset: u64::from(h.arg2),
+                },
+            },
+            RecordKind::CreateVolume
+            | RecordKind::CreateSnapshot
+            | RecordKind::DeleteSnapshot
+            | RecordKind::Rollback
+            | RecordKind::CloneVolume => {
+                let name = std::str::from_utf8(payload)
+                    .map_err(|_| DecodeError::Inconsistent("name is not UTF-8"))?;
+                LogRecord::decode_named(h, name)?
+            }
+        })
+    }
+
+    /// [`LogRecord::decode`] of the kinds whose payload is a name.
+    fn decode_named(h: &RecordHeader, name: &'a str) -> Result<LogRecord<'a>, DecodeError> {
+        let volume = h.volume;
+        Ok(match h.kind {
+            RecordKind::CreateVolume => LogRecord::CreateVolume {
+                volume,
+                size_bytes: h.arg,
+                name,
+                ephemeral: h.arg2 & CREATE_EPHEMERAL != 0,
+            },
+            RecordKind::CreateSnapshot => LogRecord::CreateSnapshot { volume, name },
+            RecordKind::DeleteSnapshot => LogRecord::DeleteSnapshot { volume, name },
+            RecordKind::Rollback => LogRecord::Rollback {
+                volume,
+                snapshot: name,
+            },
+            RecordKind::CloneVolume => {
+                let (name, snapshot) = name
+                    .split_once('/')
+                    .ok_or(DecodeError::Inconsistent("no '/' between names"))?;
+                LogRecord::CloneVolume {
+                    volume,
+                    source: VolumeId(h.arg),
+                    name,
+                    snapshot,
+                }
+            }
+            // `decode` passes only the kinds above; a decoder never panics.
+            _ => return Err(DecodeError::Inconsistent("not a record with a name")),
+        })
+    }
+}
+
+/// A data record's payload split into its checksums and its blocks.
+fn blocks_of<'a>(h: &RecordHeader, payload: &'a [u8]) -> Result<Blocks<'a>, DecodeError> {
+    let n = h.nblocks as usize;
+    match payload.split_at_checked(n * CRC_LEN) {
+        Some((crcs, data)) if data.len() == n * BLOCK_SIZE as usize => Ok(Blocks { crcs, data }),
+        _ => Err(DecodeError::Inconsistent("write record block count")),
+    }
+}
+
+/// Where the data of a write or relocate record of `nblocks` blocks at
+/// byte `rec_off` of segment `seg` lies: its checksums follow the header,
+/// its blocks follow them.
+pub fn data_loc(seg: SegmentId, rec_off: u64, nblocks: u32) -> DataLoc {
+    let crc_off = rec_off + RECORD_HEADER_LEN as u64;
+    let data_off = crc_off + u64::from(nblocks) * CRC_LEN as u64;
+    DataLoc {
+        seg,
+        data_off: u32::try_from(data_off).expect("segment under 4 GiB"),
+        crc_off: u32::try_from(crc_off).expect("segment under 4 GiB"),
+    }
+}
+
 /// Payload bytes of a write record of `nblocks` blocks: checksums, then data.
 pub fn write_payload_len(nblocks: u32) -> usize {
     nblocks as usize * (CRC_LEN + BLOCK_SIZE as usize)
@@ -507,13 +884,280 @@ mod tests {
         ));
     }
 
+    /// One record of every kind, with every field set to something that
+    /// shows up in the bytes.
+    fn every_kind<'a>(crcs: &'a [u8], data: &'a [u8]) -> Vec<LogRecord<'a>> {
+        let v = VolumeId(7);
+        let blocks = Blocks { crcs, data };
+        vec![
+            LogRecord::Write {
+                volume: v,
+                block: 10,
+                blocks,
+            },
+            LogRecord::Zero {
+                volume: v,
+                block: 11,
+                nblocks: 3,
+            },
+            LogRecord::Trim {
+                volume: v,
+                block: 12,
+                nblocks: u32::MAX,
+            },
+            LogRecord::CreateVolume {
+                volume: v,
+                size_bytes: 1 << 30,
+                name: "disk-0",
+                ephemeral: false,
+            },
+            LogRecord::CreateVolume {
+                volume: VolumeId(8),
+                size_bytes: 4096,
+                name: "scratch",
+                ephemeral: true,
+            },
+            LogRecord::ResizeVolume {
+                volume: v,
+                size_bytes: 2 << 30,
+            },
+            LogRecord::DeleteVolume { volume: v },
+            LogRecord::CreateSnapshot {
+                volume: v,
+                name: "s1",
+            },
+            LogRecord::DeleteSnapshot {
+                volume: v,
+                name: "s1",
+            },
+            LogRecord::Rollback {
+                volume: v,
+                snapshot: "s2",
+            },
+            LogRecord::CloneVolume {
+                volume: VolumeId(9),
+                source: v,
+                name: "clone",
+                snapshot: "s2",
+            },
+            LogRecord::Relocate {
+                volume: v,
+                block: 13,
+                blocks,
+                old: DataLoc {
+                    seg: SegmentId(5),
+                    data_off: 4096 + 64,
+                    crc_off: 64 + 64,
+                },
+            },
+            LogRecord::FlattenVolume { volume: v },
+            LogRecord::CommitVolume { volume: v },
+            LogRecord::Mark {
+                covers: LogPosition {
+                    seg: SegmentId(6),
+                    offset: 123_456,
+                },
+            },
+        ]
+    }
+
+    #[test]
+    fn every_kind_round_trips_through_the_log_format() {
+        let data = [[3u8; 4096], [4u8; 4096]].concat();
+        let crcs = block_crcs(&data);
+        let records = every_kind(&crcs, &data);
+        let kinds: std::collections::BTreeSet<u8> =
+            records.iter().map(|r| r.kind() as u8).collect();
+        assert_eq!(kinds.len(), 14, "every kind is covered");
+        for (i, rec) in records.iter().enumerate() {
+            let seq = 100 + i as u64;
+            let bytes = rec.encode(seq);
+            let found = scan_record(&bytes, 0).expect("a record");
+            let Scanned::Record { header, payload } = found else {
+                panic!("{rec:?} does not verify: {found:?}");
+            };
+            assert_eq!(header, rec.header(seq));
+            assert_eq!(header.seq, seq);
+            assert_eq!(header.record_len(), bytes.len() as u64);
+            assert_eq!(LogRecord::decode(&header, payload).as_ref(), Ok(rec));
+        }
+    }
+
+    // The hand-built headers the engine wrote before records were typed,
+    // kept verbatim: the typed form must write the very same bytes.
+    fn old_meta_header(kind: RecordKind, volume: VolumeId, arg: u64) -> RecordHeader {
+        RecordHeader {
+            kind,
+            seq: 0,
+            volume,
+            block: 0,
+            nblocks: 0,
+            payload_len: 0,
+            arg,
+            payload_crc: crc32c::crc32c(&[]),
+            arg2: 0,
+            arg3: 0,
+        }
+    }
+
+    fn old_named_header(
+        kind: RecordKind,
+        volume: VolumeId,
+        arg: u64,
+        payload: &[u8],
+    ) -> RecordHeader {
+        RecordHeader {
+            kind,
+            seq: 0,
+            volume,
+            block: 0,
+            nblocks: 0,
+            payload_len: payload.len() as u32,
+            arg,
+            payload_crc: crc32c::crc32c(payload),
+            arg2: 0,
+            arg3: 0,
+        }
+    }
+
+    /// The old encoding of each record of [`every_kind`], in order.
+    fn old_encodings(crcs: &[u8], data: &[u8]) -> Vec<(RecordHeader, Vec<u8>)> {
+        let v = VolumeId(7);
+        let n = (crcs.len() / CRC_LEN) as u32;
+        let write = RecordHeader {
+            kind: RecordKind::Write,
+            seq: 0,
+            volume: v,
+            block: 10,
+            nblocks: n,
+            payload_len: write_payload_len(n) as u32,
+            arg: 0,
+            payload_crc: crc32c::crc32c(crcs),
+            arg2: 0,
+            arg3: 0,
+        };
+        let zero = |kind, block, nblocks| RecordHeader {
+            kind,
+            seq: 0,
+            volume: v,
+            block,
+            nblocks,
+            payload_len: 0,
+            arg: 0,
+            payload_crc: crc32c::crc32c(&[]),
+            arg2: 0,
+            arg3: 0,
+        };
+        let create = |volume, size, name: &str, ephemeral| RecordHeader {
+            kind: RecordKind::CreateVolume,
+            seq: 0,
+            volume,
+            block: 0,
+            nblocks: 0,
+            payload_len: name.len() as u32,
+            arg: size,
+            payload_crc: crc32c::crc32c(name.as_bytes()),
+            arg2: if ephemeral { CREATE_EPHEMERAL } else { 0 },
+            arg3: 0,
+        };
+        let relocate = RecordHeader {
+            kind: RecordKind::Relocate,
+            seq: 0,
+            volume: v,
+            block: 13,
+            nblocks: n,
+            payload_len: write_payload_len(n) as u32,
+            arg: 5,
+            payload_crc: crc32c::crc32c(crcs),
+            arg2: 4096 + 64,
+            arg3: 64 + 64,
+        };
+        let mark = RecordHeader {
+            kind: RecordKind::Mark,
+            seq: 0,
+            volume: VolumeId(0),
+            block: 0,
+            nblocks: 0,
+            payload_len: 0,
+            arg: 6,
+            payload_crc: crc32c::crc32c(&[]),
+            arg2: u32::try_from(123_456u64).unwrap(),
+            arg3: 0,
+        };
+        let named = |kind, name: &str| (old_named_header(kind, v, 0, name.as_bytes()), name.into());
+        let clone = format!("{}/{}", "clone", "s2");
+        let none = Vec::new;
+        vec![
+            (write, [crcs, data].concat()),
+            (zero(RecordKind::Zero, 11, 3), none()),
+            (zero(RecordKind::Trim, 12, u32::MAX), none()),
+            (create(v, 1 << 30, "disk-0", false), b"disk-0".to_vec()),
+            (
+                create(VolumeId(8), 4096, "scratch", true),
+                b"scratch".to_vec(),
+            ),
+            (
+                old_meta_header(RecordKind::ResizeVolume, v, 2 << 30),
+                none(),
+            ),
+            (old_meta_header(RecordKind::DeleteVolume, v, 0), none()),
+            named(RecordKind::CreateSnapshot, "s1"),
+            named(RecordKind::DeleteSnapshot, "s1"),
+            named(RecordKind::Rollback, "s2"),
+            (
+                old_named_header(RecordKind::CloneVolume, VolumeId(9), v.0, clone.as_bytes()),
+                clone.into_bytes(),
+            ),
+            (relocate, [crcs, data].concat()),
+            (old_meta_header(RecordKind::FlattenVolume, v, 0), none()),
+            (old_meta_header(RecordKind::CommitVolume, v, 0), none()),
+            (mark, none()),
+        ]
+    }
+
+    #[test]
+    fn typed_records_write_the_bytes_hand_built_headers_did() {
+        let data = [[3u8; 4096], [4u8; 4096]].concat();
+        let crcs = block_crcs(&data);
+        let records = every_kind(&crcs, &data);
+        let old = old_encodings(&crcs, &data);
+        assert_eq!(records.len(), old.len());
+        for (rec, (mut h, payload)) in records.iter().zip(old) {
+            h.seq = 42;
+            let mut want = h.encode().to_vec();
+            want.extend_from_slice(&payload);
+            assert_eq!(rec.encode(42), want, "{rec:?}");
+        }
+    }
+
+    #[test]
+    fn decode_refuses_what_no_engine_wrote() {
+        let clone = old_named_header(RecordKind::CloneVolume, VolumeId(2), 1, b"no-slash");
+        assert_eq!(
+            LogRecord::decode(&clone, b"no-slash"),
+            Err(DecodeError::Inconsistent("no '/' between names"))
+        );
+        let snap = old_named_header(RecordKind::CreateSnapshot, VolumeId(2), 0, &[0xff, 0xfe]);
+        assert_eq!(
+            LogRecord::decode(&snap, &[0xff, 0xfe]),
+            Err(DecodeError::Inconsistent("name is not UTF-8"))
+        );
+        assert!(matches!(
+            LogRecord::decode(&snap, b"x"),
+            Err(DecodeError::Short { need: 2, have: 1 })
+        ));
+    }
+
     #[test]
     fn decoders_reject_garbage_without_panicking() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         for len in 0..200 {
             let buf: Vec<u8> = (0..len).map(|_| rng.r#gen()).collect();
-            let _ = RecordHeader::decode(&buf);
+            if let Ok(h) = RecordHeader::decode(&buf) {
+                let payload = buf.get(RECORD_HEADER_LEN..).unwrap_or_default();
+                let _ = LogRecord::decode(&h, payload);
+            }
             let _ = decode_segment_header(&buf);
             let _ = RecordIter::new(&buf, 0).count();
         }

@@ -20,11 +20,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use vpool_store::SegmentId;
 
-use super::{Pool, State, record_data_loc};
+use super::Pool;
+use super::state::State;
 use crate::checkpoint::{CHECKPOINT_SLOTS, Checkpoint};
 use crate::error::Result;
 use crate::extent_map::{DataLoc, ExtentMap, Target};
-use crate::record::{self, CRC_LEN, RecordKind, SEGMENT_HEADER_LEN, Scanned};
+use crate::record::{self, CRC_LEN, RecordKind, SEGMENT_HEADER_LEN, Scanned, data_loc};
 use crate::types::BLOCK_SIZE;
 
 /// A range of a volume or snapshot whose data fails its checksum.
@@ -162,14 +163,20 @@ impl Pool {
     /// Images, segments (id, length) and reference counts, as of now.
     fn capture_for_check(&self, report: &mut CheckReport) -> Captured {
         let mut st = self.inner.state.lock();
-        st.apply_pending_refs();
+        st.table.apply_pending_refs();
         let images = images_of(&st);
         let segments: Vec<(SegmentId, u64)> = st
+            .table
             .segments
             .iter()
             .map(|(id, s)| (*id, s.size_bytes))
             .collect();
-        let refs = st.segments.iter().map(|(id, s)| (*id, s.refs)).collect();
+        let refs = st
+            .table
+            .segments
+            .iter()
+            .map(|(id, s)| (*id, s.refs))
+            .collect();
         report.segments_checked = segments.len() as u64;
         (images, segments, refs)
     }
@@ -297,7 +304,7 @@ impl Pool {
 /// Every image of the pool: volumes, then their snapshots.
 fn images_of(st: &State) -> Vec<Image> {
     let mut out = Vec::new();
-    for v in st.volumes.values() {
+    for v in st.table.volumes.values() {
         out.push(Image {
             name: v.name.clone(),
             map: v.map.clone(),
@@ -357,7 +364,7 @@ fn walk(id: SegmentId, image: &[u8], report: &mut CheckReport) -> Vec<DataRecord
         };
         report.records_checked += 1;
         if matches!(h.kind, RecordKind::Write | RecordKind::Relocate) {
-            let loc = record_data_loc(id, off as u64, h.nblocks);
+            let loc = data_loc(id, off as u64, h.nblocks);
             out.push(DataRecord {
                 crc_off: loc.crc_off,
                 data_off: loc.data_off,

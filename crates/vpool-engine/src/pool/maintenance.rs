@@ -3,12 +3,12 @@
 //!
 //! # Durable marks
 //! After it has synced the log, the maintenance thread appends a
-//! [`RecordKind::Mark`] naming the position up to which the log is known
+//! [`LogRecord::Mark`] naming the position up to which the log is known
 //! durable, and syncs again. Recovery trusts every byte before the last
 //! mark it finds: a bad record there is corruption to report, not a torn
 //! tail to cut (see `recovery`). A mark is due when a segment has been
 //! sealed, or when records were appended and the last mark is older than
-//! [`PoolConfig::durable_mark_interval`].
+//! [`PoolConfig::durable_mark_interval`](super::PoolConfig::durable_mark_interval).
 //!
 //! # Checkpoints
 //! A checkpoint goes to the older of the two slots ([`CHECKPOINT_SLOTS`]).
@@ -31,21 +31,35 @@ use std::time::{Duration, Instant};
 
 use vpool_store::SegmentId;
 
-use super::{
-    Checkpoint, CleanReport, LogPosition, LogSeg, Pool, SegInfo, SnapshotCheckpoint, State, Victim,
-    VolumeCheckpoint, record_data_loc,
+use super::log::LogSeg;
+use super::state::{SegInfo, State};
+use super::{CleanReport, Pool};
+use crate::checkpoint::{
+    CHECKPOINT_SLOTS, Checkpoint, LogPosition, SnapshotCheckpoint, VolumeCheckpoint,
 };
-use crate::checkpoint::CHECKPOINT_SLOTS;
 use crate::error::{EngineError, Result};
-use crate::extent_map::Target;
-use crate::record::{self, CRC_LEN, RecordHeader, RecordKind, SEGMENT_HEADER_LEN, Scanned};
-use crate::types::{BLOCK_SIZE, VolumeId};
+use crate::extent_map::{DataLoc, Target};
+use crate::record::{
+    self, Blocks, CRC_LEN, LogRecord, RecordHeader, RecordKind, SEGMENT_HEADER_LEN, Scanned,
+    data_loc,
+};
+use crate::types::BLOCK_SIZE;
 
 /// Checkpoints captured after a relocation before its victim is deleted.
 const CHECKPOINTS_BEFORE_DELETE: u32 = 2;
 /// An emptied segment waits at most about this long for the checkpoints
 /// that delete it, however little the log grows.
 const VICTIM_MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// A segment the cleaner emptied, waiting for deletion.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Victim {
+    id: SegmentId,
+    /// Checkpoints captured since its live data was relocated.
+    checkpoints: u32,
+    /// When its live data was relocated.
+    since: Instant,
+}
 
 impl Pool {
     /// Writes a checkpoint: recovery will start from the current end of log.
@@ -64,7 +78,7 @@ impl Pool {
         let (ckpt, log_bytes) = {
             let mut st = self.inner.state.lock();
             let c = capture(&st);
-            (c, std::mem::take(&mut st.log_bytes_since_checkpoint))
+            (c, std::mem::take(&mut st.log.log_bytes_since_checkpoint))
         };
         let slot = *self.inner.next_checkpoint_slot.lock();
         let encoded = ckpt.encode();
@@ -77,7 +91,7 @@ impl Pool {
                 .map_err(EngineError::from)
         });
         if let Err(e) = result {
-            self.inner.state.lock().log_bytes_since_checkpoint += log_bytes;
+            self.inner.state.lock().log.log_bytes_since_checkpoint += log_bytes;
             if e.is_no_space() {
                 self.enter_full(&e);
             }
@@ -122,15 +136,15 @@ impl Pool {
         for v in due {
             let s = {
                 let mut st = self.inner.state.lock();
-                st.apply_pending_refs();
-                st.segments.get(&v.id).copied().unwrap_or_default()
+                st.table.apply_pending_refs();
+                st.table.segments.get(&v.id).copied().unwrap_or_default()
             };
             // New data only ever goes to the open segment, and a snapshot or
             // clone taken since the relocation copied maps that no longer
             // point at the victim: nothing can refer to it now.
             assert_eq!(s.refs, 0, "victim {} is referenced after relocation", v.id);
             self.inner.store.delete_segment(v.id)?;
-            self.inner.state.lock().segments.remove(&v.id);
+            self.inner.state.lock().table.segments.remove(&v.id);
             self.inner.relocated_victims.lock().retain(|x| x.id != v.id);
             deleted += 1;
             freed += s.size_bytes;
@@ -147,7 +161,7 @@ impl Pool {
     pub fn close(&self) -> Result<()> {
         self.stop_maintenance();
         self.checkpoint()?;
-        self.inner.state.lock().closed = true;
+        self.inner.state.lock().log.closed = true;
         Ok(())
     }
 
@@ -203,7 +217,7 @@ impl Pool {
         }
         // Clean only when garbage is worth it: a pass costs a read of each
         // victim and a rewrite of its live data.
-        if self.inner.state.lock().space().2 > self.inner.config.clean_when_garbage_above {
+        if self.inner.state.lock().table.space().2 > self.inner.config.clean_when_garbage_above {
             let _m = self.inner.maintenance_lock.lock();
             self.relocate_pass(self.inner.config.clean_max_segments_per_pass)?;
         }
@@ -218,7 +232,7 @@ impl Pool {
             let want = self.reserve_target_bytes().saturating_mul(4);
             self.inner.store.free_bytes().is_some_and(|f| f < want)
         };
-        let due = self.inner.state.lock().log_bytes_since_checkpoint
+        let due = self.inner.state.lock().log.log_bytes_since_checkpoint
             >= self.inner.config.checkpoint_interval_bytes
             || waiting >= self.inner.config.clean_max_segments_per_pass
             || oldest.is_some_and(|t| t.elapsed() >= VICTIM_MAX_WAIT)
@@ -235,9 +249,9 @@ impl Pool {
             return Ok(());
         };
         let mut st = self.inner.state.lock();
-        let old = st.open_since.is_some_and(|t| t.elapsed() >= age);
-        if st.failed.is_none()
-            && !st.closed
+        let old = st.log.open_since.is_some_and(|t| t.elapsed() >= age);
+        if st.log.failed.is_none()
+            && !st.log.closed
             && old
             && let Err(e) = self.roll(&mut st)
         {
@@ -254,13 +268,13 @@ impl Pool {
     fn sync_and_mark(&self) -> Result<()> {
         let (due, records) = {
             let st = self.inner.state.lock();
-            let sealed = !st.unsynced.is_empty();
+            let sealed = !st.log.unsynced.is_empty();
             let interval = self.inner.config.durable_mark_interval;
-            let old = st.last_mark.is_none_or(|t| t.elapsed() >= interval);
-            let new = st.records_since_mark > 0;
+            let old = st.log.last_mark.is_none_or(|t| t.elapsed() >= interval);
+            let new = st.log.records_since_mark > 0;
             (
-                st.failed.is_none() && !st.closed && new && (sealed || old),
-                st.records_since_mark,
+                st.log.failed.is_none() && !st.log.closed && new && (sealed || old),
+                st.log.records_since_mark,
             )
         };
         if !due {
@@ -270,20 +284,19 @@ impl Pool {
         {
             let mut st = self.writable_state()?;
             let covers = durable_position(&st);
-            if st.marked_to.is_some_and(|m| m >= covers) {
+            if st.log.marked_to.is_some_and(|m| m >= covers) {
                 return Ok(());
             }
-            let h = mark_header(covers);
-            match self.append_and_apply(&mut st, h, &[]) {
+            match self.append_and_apply(&mut st, LogRecord::Mark { covers }) {
                 Ok(()) => {}
                 // Full: the mark waits until there is room again.
                 Err(e) if e.is_no_space() => return Ok(()),
                 Err(e) => return Err(e),
             }
             // Records appended while the flush ran are not vouched for yet.
-            st.records_since_mark = st.records_since_mark.saturating_sub(records);
-            st.marked_to = Some(covers);
-            st.last_mark = Some(Instant::now());
+            st.log.records_since_mark = st.log.records_since_mark.saturating_sub(records);
+            st.log.marked_to = Some(covers);
+            st.log.last_mark = Some(Instant::now());
         }
         self.flush()
     }
@@ -418,11 +431,12 @@ impl Pool {
         let waiting = self.waiting_victims();
         let damaged = self.inner.damage.lock().segments.clone();
         let mut st = self.inner.state.lock();
-        st.apply_pending_refs();
-        let open = st.open.id();
-        let unsynced: Vec<SegmentId> = st.unsynced.iter().map(|s| s.id()).collect();
+        st.table.apply_pending_refs();
+        let open = st.log.open.id();
+        let unsynced: Vec<SegmentId> = st.log.unsynced.iter().map(|s| s.id()).collect();
         let threshold = self.inner.config.clean_below_live_fraction;
         let mut v: Vec<(SegmentId, SegInfo, f64)> = st
+            .table
             .segments
             .iter()
             .filter(|(id, _)| {
@@ -457,7 +471,7 @@ impl Pool {
         };
         let mut copied = 0u64;
         for (off, h) in records {
-            let here = record_data_loc(id, off as u64, h.nblocks);
+            let here = data_loc(id, off as u64, h.nblocks);
             let mut st = self.writable_state()?;
             let live: Vec<bool> = map_refs(&mut st, &h, here).iter().map(|&n| n > 0).collect();
             let mut i = 0;
@@ -468,8 +482,13 @@ impl Pool {
                 }
                 let run = live[i..].iter().take_while(|&&l| l).count();
                 let (crcs, data) = run_bytes(&image, here, i, run);
-                let nh = relocate_header(id, &h, here.advance(i as u64), i, run, crcs);
-                self.append_and_apply(&mut st, nh, &[crcs, data])?;
+                let rec = LogRecord::Relocate {
+                    volume: h.volume,
+                    block: h.block + i as u64,
+                    blocks: Blocks { crcs, data },
+                    old: here.advance(i as u64),
+                };
+                self.append_and_apply(&mut st, rec)?;
                 copied += (run as u64) * BLOCK_SIZE;
                 i += run;
             }
@@ -499,7 +518,7 @@ impl Pool {
                     off += header.record_len() as usize;
                 }
                 Scanned::Damaged { header, error, .. } => {
-                    let here = record_data_loc(id, off as u64, header.nblocks);
+                    let here = data_loc(id, off as u64, header.nblocks);
                     let mut st = self.inner.state.lock();
                     if data(&header) && map_refs(&mut st, &header, here).iter().any(|&n| n > 0) {
                         drop(st);
@@ -522,14 +541,14 @@ impl Pool {
             let found: i64 = out
                 .iter()
                 .map(|(o, h)| {
-                    let here = record_data_loc(id, *o as u64, h.nblocks);
+                    let here = data_loc(id, *o as u64, h.nblocks);
                     map_refs(&mut st, h, here)
                         .iter()
                         .map(|&n| i64::from(n))
                         .sum::<i64>()
                 })
                 .sum();
-            let counted = st.segments.get(&id).map_or(0, |s| s.refs);
+            let counted = st.table.segments.get(&id).map_or(0, |s| s.refs);
             drop(st);
             if found != counted {
                 self.note_damaged_segment(id, at, &error.to_string());
@@ -547,9 +566,9 @@ impl Pool {
         let _m = self.inner.maintenance_lock.lock();
         let info = {
             let mut st = self.inner.state.lock();
-            st.apply_pending_refs();
-            let sealed = id < st.open.id() && !st.unsynced.iter().any(|s| s.id() == id);
-            match st.segments.get(&id) {
+            st.table.apply_pending_refs();
+            let sealed = id < st.log.open.id() && !st.log.unsynced.iter().any(|s| s.id() == id);
+            match st.table.segments.get(&id) {
                 Some(s) if sealed => *s,
                 _ => return Ok(false),
             }
@@ -581,8 +600,8 @@ impl Pool {
 /// The end of the log: the open segment's length.
 fn end_of_log(st: &State) -> LogPosition {
     LogPosition {
-        seg: st.open.id(),
-        offset: st.open.appended.load(Ordering::Acquire),
+        seg: st.log.open.id(),
+        offset: st.log.open.appended.load(Ordering::Acquire),
     }
 }
 
@@ -590,28 +609,14 @@ fn end_of_log(st: &State) -> LogPosition {
 /// with unsynced bytes is synced whole (flushes go in log order).
 fn durable_position(st: &State) -> LogPosition {
     let first: &Arc<LogSeg> = st
+        .log
         .unsynced
         .iter()
         .find(|s| !s.is_synced())
-        .unwrap_or(&st.open);
+        .unwrap_or(&st.log.open);
     LogPosition {
         seg: first.id(),
         offset: first.synced.load(Ordering::Acquire),
-    }
-}
-
-fn mark_header(covers: LogPosition) -> RecordHeader {
-    RecordHeader {
-        kind: RecordKind::Mark,
-        seq: 0,
-        volume: VolumeId(0),
-        block: 0,
-        nblocks: 0,
-        payload_len: 0,
-        arg: covers.seg.0,
-        payload_crc: crc32c::crc32c(&[]),
-        arg2: u32::try_from(covers.offset).expect("segment under 4 GiB"),
-        arg3: 0,
     }
 }
 
@@ -619,6 +624,7 @@ fn mark_header(covers: LogPosition) -> RecordHeader {
 /// lock, since maps are persistent (a clone is O(1)).
 fn capture(st: &State) -> Checkpoint {
     let volumes = st
+        .table
         .volumes
         .iter()
         .map(|(&id, v)| VolumeCheckpoint {
@@ -642,9 +648,9 @@ fn capture(st: &State) -> Checkpoint {
         .collect();
     Checkpoint {
         position: end_of_log(st),
-        next_seq: st.next_seq,
-        next_volume_id: st.next_volume_id,
-        next_segment_id: st.next_segment_id,
+        next_seq: st.log.next_seq,
+        next_volume_id: st.table.next_volume_id,
+        next_segment_id: st.log.next_segment_id,
         volumes,
     }
 }
@@ -652,11 +658,11 @@ fn capture(st: &State) -> Checkpoint {
 /// For each block of a record, how many maps (volumes and snapshots)
 /// point at it: a block is live if any does; summed, what the segment's
 /// reference count holds for the record.
-fn map_refs(st: &mut State, h: &RecordHeader, here: super::DataLoc) -> Vec<u32> {
-    st.apply_pending_refs();
+fn map_refs(st: &mut State, h: &RecordHeader, here: DataLoc) -> Vec<u32> {
+    st.table.apply_pending_refs();
     let n = h.nblocks as usize;
     let mut refs = vec![0u32; n];
-    for vol in st.volumes.values() {
+    for vol in st.table.volumes.values() {
         let maps = std::iter::once(&vol.map).chain(vol.snapshots.values().map(|s| &s.map));
         for map in maps {
             for p in map.lookup(h.block, n as u64) {
@@ -675,33 +681,11 @@ fn map_refs(st: &mut State, h: &RecordHeader, here: super::DataLoc) -> Vec<u32> 
 }
 
 /// The checksums and data of `run` blocks from block `i` of a record.
-fn run_bytes(image: &[u8], here: super::DataLoc, i: usize, run: usize) -> (&[u8], &[u8]) {
+fn run_bytes(image: &[u8], here: DataLoc, i: usize, run: usize) -> (&[u8], &[u8]) {
     let crcs = &image[here.crc_off as usize + i * CRC_LEN..][..run * CRC_LEN];
     let bs = BLOCK_SIZE as usize;
     let data = &image[here.data_off as usize + i * bs..][..run * bs];
     (crcs, data)
-}
-
-fn relocate_header(
-    id: SegmentId,
-    h: &RecordHeader,
-    old: super::DataLoc,
-    i: usize,
-    run: usize,
-    crcs: &[u8],
-) -> RecordHeader {
-    RecordHeader {
-        kind: RecordKind::Relocate,
-        seq: 0,
-        volume: h.volume,
-        block: h.block + i as u64,
-        nblocks: run as u32,
-        payload_len: record::write_payload_len(run as u32) as u32,
-        arg: id.0,
-        payload_crc: crc32c::crc32c(crcs),
-        arg2: old.data_off,
-        arg3: old.crc_off,
-    }
 }
 
 /// Pause after the `failures`-th failure in a row: the period, doubling,

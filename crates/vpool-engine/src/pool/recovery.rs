@@ -10,7 +10,7 @@
 //!    sequence numbers one after another, every record whole.
 //! 3. **Torn tail or corruption.** Where the chain breaks, recovery asks
 //!    whether the bytes there were durable. A *durable mark* (a
-//!    [`RecordKind::Mark`] record, written by the maintenance thread after
+//!    [`LogRecord::Mark`] record, written by the maintenance thread after
 //!    a sync) vouches that every byte of the log before its position was
 //!    synced; so does the checkpoint's position. A break that no mark
 //!    vouches for is a torn tail: the log ends there, as it ended when the
@@ -35,11 +35,12 @@ use std::time::Duration;
 
 use vpool_store::{SegmentId, SegmentStore};
 
-use super::{SegInfo, Snap, State, Vol, block_counts, meta_error};
+use super::log::{LogSeg, LogState};
+use super::state::{RecordAt, SegInfo, Snap, State, Table, Vol, block_counts, meta_error};
 use crate::checkpoint::{CHECKPOINT_SLOTS, Checkpoint, LogPosition, VolumeCheckpoint};
 use crate::error::{EngineError, Result};
 use crate::extent_map::Target;
-use crate::record::{self, RecordHeader, RecordKind, SEGMENT_HEADER_LEN, Scanned};
+use crate::record::{self, LogRecord, RecordHeader, SEGMENT_HEADER_LEN, Scanned};
 use crate::types::VolumeId;
 
 /// How recovery went (for logs, `pool check` and the recovery benchmark).
@@ -232,7 +233,7 @@ fn fits_log(c: &Checkpoint, sizes: &BTreeMap<SegmentId, u64>) -> Result<(), Stri
 pub(super) fn state_from(
     checkpoint: Option<Checkpoint>,
     listed: &[(SegmentId, u64)],
-    open: std::sync::Arc<super::LogSeg>,
+    open: std::sync::Arc<LogSeg>,
 ) -> Result<State> {
     let segments: BTreeMap<SegmentId, SegInfo> = listed
         .iter()
@@ -247,39 +248,24 @@ pub(super) fn state_from(
         })
         .collect();
     let mut st = State {
-        volumes: BTreeMap::new(),
-        names: BTreeMap::new(),
-        open,
-        unsynced: Vec::new(),
-        segments,
-        next_seq: 1,
-        next_volume_id: 1,
-        next_segment_id: 1,
-        log_bytes_since_checkpoint: 0,
-        failed: None,
-        closed: false,
-        roll_before_next_append: false,
-        half_rolled: None,
-        open_since: None,
-        records_since_mark: 0,
-        marked_to: None,
-        last_mark: None,
-        pending_refs: Vec::new(),
+        table: Table::new(segments),
+        log: LogState::new(open),
     };
     if let Some(c) = checkpoint {
-        st.next_seq = c.next_seq;
-        st.next_volume_id = c.next_volume_id;
-        st.next_segment_id = c.next_segment_id;
+        st.log.next_seq = c.next_seq;
+        st.table.next_volume_id = c.next_volume_id;
+        st.log.next_segment_id = c.next_segment_id;
         for v in c.volumes {
             let (id, vol) = vol_from(v);
-            st.names.insert(vol.name.clone(), id);
-            st.volumes.insert(id, vol);
+            st.table.names.insert(vol.name.clone(), id);
+            st.table.volumes.insert(id, vol);
         }
     }
     if let Some(&(last, _)) = listed.last() {
-        st.next_segment_id = st.next_segment_id.max(last.0 + 1);
+        st.log.next_segment_id = st.log.next_segment_id.max(last.0 + 1);
     }
     let maps: Vec<_> = st
+        .table
         .volumes
         .values()
         .flat_map(|v| {
@@ -289,7 +275,7 @@ pub(super) fn state_from(
     for map in &maps {
         for p in map.iter() {
             if let Some(Target::Data(d)) = p.target {
-                let s = st.segments.get_mut(&d.seg).ok_or_else(|| {
+                let s = st.table.segments.get_mut(&d.seg).ok_or_else(|| {
                     meta_error("checkpoint", "an extent refers to a missing segment")
                 })?;
                 s.refs += p.len_blocks as i64;
@@ -471,7 +457,7 @@ impl<'a> Replay<'a> {
             self.damage(SegmentId(id), 0, DamageKind::MissingSegment);
         }
         // If the next record continues the chain, nothing was lost.
-        self.begin_loss(expected, 0, st.next_seq, "a segment is missing");
+        self.begin_loss(expected, 0, st.log.next_seq, "a segment is missing");
         Ok(true)
     }
 
@@ -518,8 +504,8 @@ impl<'a> Replay<'a> {
                         return Ok(false);
                     }
                     let why = format!("unreadable record: {error}");
-                    self.begin_loss(id, off as u64, st.next_seq, &why);
-                    match resync(image, off + 1, st.next_seq) {
+                    self.begin_loss(id, off as u64, st.log.next_seq, &why);
+                    match resync(image, off + 1, st.log.next_seq) {
                         Some(y) => off = y,
                         None => break,
                     }
@@ -540,18 +526,18 @@ impl<'a> Replay<'a> {
         next: usize,
     ) -> Result<Seq> {
         let id = self.window[i].0;
-        if h.seq == st.next_seq {
+        if h.seq == st.log.next_seq {
             self.close_loss(h.seq);
             return Ok(Seq::Apply);
         }
         if !self.is_proven(pos(id, off), i + 1, Rest::Parse(image, next, id))? {
-            tracing::warn!(segment = %id, offset = off, seq = h.seq, expected = st.next_seq,
+            tracing::warn!(segment = %id, offset = off, seq = h.seq, expected = st.log.next_seq,
                 "sequence break; the log ends here");
             self.end_at(id, off, "sequence break");
             return Ok(Seq::End);
         }
-        if h.seq < st.next_seq {
-            let why = format!("out of sequence (expected {})", st.next_seq);
+        if h.seq < st.log.next_seq {
+            let why = format!("out of sequence (expected {})", st.log.next_seq);
             self.damage(id, off as u64, lost(h.seq, Some(1), &why));
             return Ok(Seq::Skip);
         }
@@ -559,12 +545,12 @@ impl<'a> Replay<'a> {
             self.begin_loss(
                 id,
                 off as u64,
-                st.next_seq,
+                st.log.next_seq,
                 "records missing before this one",
             );
         }
         self.close_loss(h.seq);
-        st.next_seq = h.seq;
+        st.log.next_seq = h.seq;
         Ok(Seq::Apply)
     }
 
@@ -577,12 +563,16 @@ impl<'a> Replay<'a> {
         h: &RecordHeader,
         payload: &[u8],
     ) {
-        if let Err(e) = st.apply(id, off as u64, h, payload) {
-            self.damage(id, off as u64, lost(h.seq, Some(1), &e.to_string()));
-        } else if h.kind == RecordKind::Mark && self.trust_marks {
-            self.proven_to = self.proven_to.max(mark_position(h));
+        let at = record_at(id, off, h);
+        let applied = decode(h, payload).and_then(|rec| st.table.apply(at, &rec).map(|()| rec));
+        match applied {
+            Err(e) => self.damage(id, off as u64, lost(h.seq, Some(1), &e.to_string())),
+            Ok(LogRecord::Mark { covers }) if self.trust_marks => {
+                self.proven_to = self.proven_to.max(covers);
+            }
+            Ok(_) => {}
         }
-        st.next_seq = h.seq + 1;
+        st.log.next_seq = h.seq + 1;
         self.report.records_replayed += 1;
         self.report.bytes_replayed += h.record_len();
     }
@@ -597,32 +587,36 @@ impl<'a> Replay<'a> {
         payload: &[u8],
         why: &str,
     ) {
-        st.next_seq = h.seq + 1;
-        let healed = match h.kind {
-            RecordKind::Write => false,
-            RecordKind::Relocate => true,
-            _ => {
-                self.damage(id, off as u64, lost(h.seq, Some(1), why));
-                return;
-            }
+        st.log.next_seq = h.seq + 1;
+        let rec = match decode(h, payload) {
+            Ok(rec @ (LogRecord::Write { .. } | LogRecord::Relocate { .. })) => rec,
+            Ok(_) => return self.damage(id, off as u64, lost(h.seq, Some(1), why)),
+            Err(e) => return self.damage(id, off as u64, lost(h.seq, Some(1), &e.to_string())),
         };
+        let at = record_at(id, off, h);
         let bad = record::bad_blocks(h, payload);
         tracing::error!(segment = %id, offset = off, volume = %h.volume, block = h.block,
             bad_blocks = bad.len(), "durable data fails its checksum");
-        if healed {
-            st.apply_relocate(id, off as u64, h, &bad);
+        let healed = if let LogRecord::Relocate {
+            block, blocks, old, ..
+        } = rec
+        {
+            st.table
+                .apply_relocate(at, block, blocks.nblocks(), old, &bad);
+            true
         } else {
             // Maps point at the record: reads of its bad blocks fail.
-            if let Err(e) = st.apply(id, off as u64, h, payload) {
+            if let Err(e) = st.table.apply(at, &rec) {
                 self.damage(id, off as u64, lost(h.seq, Some(1), &e.to_string()));
                 return;
             }
-            let loc = super::record_data_loc(id, off as u64, h.nblocks);
+            let loc = record::data_loc(id, off as u64, h.nblocks);
             for &b in &bad {
                 self.bad_blocks
                     .insert((id, loc.advance(u64::from(b)).data_off));
             }
-        }
+            false
+        };
         let kind = DamageKind::BadBlocks {
             volume: h.volume,
             first_block: h.block,
@@ -732,19 +726,19 @@ impl<'a> Replay<'a> {
         let Some(cut) = self.cut else {
             return Ok(());
         };
-        st.apply_pending_refs();
-        if let Some(s) = st.segments.get_mut(&cut.seg) {
+        st.table.apply_pending_refs();
+        if let Some(s) = st.table.segments.get_mut(&cut.seg) {
             self.store.truncate_segment(cut.seg, cut.offset)?;
             self.report.torn_tail_bytes += s.size_bytes.saturating_sub(cut.offset);
             s.size_bytes = s.size_bytes.min(cut.offset);
         }
         for &(id, size) in self.window.iter().filter(|w| w.0 > cut.seg) {
-            if st.segments.get(&id).is_some_and(|s| s.refs > 0) {
+            if st.table.segments.get(&id).is_some_and(|s| s.refs > 0) {
                 return Err(meta_error("log", "a discarded segment holds live data"));
             }
             tracing::warn!(segment = %id, bytes = size, "discarding segment after the end of the log");
             self.store.delete_segment(id)?;
-            st.segments.remove(&id);
+            st.table.segments.remove(&id);
             self.report.segments_discarded += 1;
             self.report.torn_tail_bytes += size;
         }
@@ -776,12 +770,30 @@ fn pos(seg: SegmentId, offset: usize) -> LogPosition {
     }
 }
 
-/// The position a mark record vouches for.
-pub(super) fn mark_position(h: &RecordHeader) -> LogPosition {
-    debug_assert_eq!(h.kind, RecordKind::Mark);
-    LogPosition {
-        seg: SegmentId(h.arg),
-        offset: u64::from(h.arg2),
+/// Where a record whose header `h` is at byte `off` of segment `id` lies.
+fn record_at(id: SegmentId, off: usize, h: &RecordHeader) -> RecordAt {
+    RecordAt {
+        seg: id,
+        off: off as u64,
+        seq: h.seq,
+    }
+}
+
+/// The typed form of a replayed record. One that cannot be read as one
+/// (a name that is not UTF-8, a clone record without its '/') is lost
+/// like a record that does not fit the state.
+fn decode<'p>(h: &RecordHeader, payload: &'p [u8]) -> Result<LogRecord<'p>> {
+    LogRecord::decode(h, payload).map_err(|source| EngineError::CorruptMeta {
+        what: format!("{:?} record", h.kind),
+        source,
+    })
+}
+
+/// The position a mark record vouches for; `None` for other records.
+fn mark_covers(h: &RecordHeader) -> Option<LogPosition> {
+    match LogRecord::decode(h, &[]) {
+        Ok(LogRecord::Mark { covers }) => Some(covers),
+        _ => None,
     }
 }
 
@@ -791,8 +803,7 @@ pub(super) fn mark_position(h: &RecordHeader) -> LogPosition {
 fn marks_in(image: &[u8], mut from: usize, seg: Option<SegmentId>) -> Option<LogPosition> {
     let mut best = None;
     while let Some(h) = record::scan_record(image, from).and_then(|f| f.header()) {
-        if h.kind == RecordKind::Mark {
-            let m = mark_position(&h);
+        if let Some(m) = mark_covers(&h) {
             let here = seg.map(|s| pos(s, from));
             if here.is_none_or(|here| m <= here) {
                 best = best.max(Some(m));
@@ -808,8 +819,8 @@ fn marks_in(image: &[u8], mut from: usize, seg: Option<SegmentId>) -> Option<Log
 fn marks_scanned(image: &[u8], mut from: usize, seg: SegmentId) -> Option<LogPosition> {
     let mut best = None;
     while let Some((at, h)) = record::find_next_header(image, from, 0) {
-        if h.kind == RecordKind::Mark && mark_position(&h) <= pos(seg, at) {
-            best = best.max(Some(mark_position(&h)));
+        if let Some(m) = mark_covers(&h).filter(|&m| m <= pos(seg, at)) {
+            best = best.max(Some(m));
         }
         from = at + 1;
     }

@@ -19,7 +19,8 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{ImageSpace, Pool, Snap, VolumeSpace, lookup_name};
+use super::state::Snap;
+use super::{ImageSpace, Pool, VolumeSpace};
 use crate::error::{EngineError, Result};
 use crate::extent_map::{ExtentMap, Target};
 use crate::types::BLOCK_SIZE;
@@ -107,8 +108,8 @@ impl Pool {
     /// every other volume's images, captured under the lock in O(images).
     fn images_for_space(&self, volume: &str) -> Result<(Vec<Image>, Vec<ExtentMap>)> {
         let st = self.inner.state.lock();
-        let id = lookup_name(&st, volume)?;
-        let vol = st.vol(id)?;
+        let id = st.table.id_of(volume)?;
+        let vol = st.table.vol(id)?;
         let mut snaps: Vec<(&String, &Snap)> = vol.snapshots.iter().collect();
         snaps.sort_by_key(|(_, s)| s.seq);
         let mut images: Vec<Image> = snaps
@@ -125,6 +126,7 @@ impl Pool {
             data_blocks: vol.data_blocks,
         });
         let others = st
+            .table
             .volumes
             .iter()
             .filter(|(vid, _)| **vid != id)
