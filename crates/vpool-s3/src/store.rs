@@ -194,6 +194,26 @@ struct Up {
     last_error: Option<String>,
 }
 
+impl Up {
+    /// Sealed bytes not yet in the bucket, and the age in seconds of the
+    /// oldest sealed segment among them.
+    fn upload_lag(&self) -> (u64, f64) {
+        let sealed: Vec<&Dirty> = self
+            .dirty
+            .iter()
+            .filter(|(id, _)| self.open != Some(**id))
+            .map(|(_, d)| d)
+            .collect();
+        let age = sealed
+            .iter()
+            .filter_map(|d| d.sealed_at)
+            .min()
+            .map(|t| t.elapsed().as_secs_f64())
+            .unwrap_or(0.0);
+        (sealed.iter().map(|d| d.len).sum(), age)
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     read_hits: AtomicU64,
@@ -232,6 +252,45 @@ struct Inner {
     counters: Counters,
     uploader: Mutex<Option<JoinHandle<()>>>,
     prefetcher: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Inner {
+    fn new(
+        local: LocalDirStore,
+        remote: Arc<Remote>,
+        opts: S3PoolOptions,
+        holder: Holder,
+        manifest: Manifest,
+    ) -> Inner {
+        Inner {
+            local,
+            remote,
+            holder,
+            index: Mutex::new(CacheIndex::new(opts.cache_size_bytes)),
+            opts,
+            up: Mutex::new(Up {
+                manifest,
+                dirty: BTreeMap::new(),
+                open: None,
+                ops: VecDeque::new(),
+                hidden: BTreeSet::new(),
+                dirty_bytes: 0,
+                draining: false,
+                last_error: None,
+            }),
+            up_cv: Condvar::new(),
+            punch: RwLock::new(()),
+            files: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
+            fetching: (0..read::FETCH_STRIPES).map(|_| Mutex::new(())).collect(),
+            fenced: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            marks_hold: AtomicBool::new(true),
+            counters: Counters::default(),
+            uploader: Mutex::new(None),
+            prefetcher: Mutex::new(None),
+        }
+    }
 }
 
 /// A pool backend on an object store with a local cache. Cheap to clone.
@@ -315,26 +374,15 @@ impl S3Store {
         self.inner.up.lock().manifest.generation
     }
 
+    /// The cache's figures, for `vpool cache stats`.
     pub fn stats(&self) -> CacheStats {
         let inner = &self.inner;
         let c = &inner.counters;
-        let (dirty_bytes, lag_bytes, lag_s, gen_, nsegs, fencing, last_error) = {
+        let (dirty_bytes, (lag_bytes, lag_s), gen_, nsegs, fencing, last_error) = {
             let up = inner.up.lock();
-            let sealed: Vec<&Dirty> = up
-                .dirty
-                .iter()
-                .filter(|(id, _)| up.open != Some(**id))
-                .map(|(_, d)| d)
-                .collect();
             (
                 up.dirty_bytes,
-                sealed.iter().map(|d| d.len).sum(),
-                sealed
-                    .iter()
-                    .filter_map(|d| d.sealed_at)
-                    .min()
-                    .map(|t| t.elapsed().as_secs_f64())
-                    .unwrap_or(0.0),
+                up.upload_lag(),
                 up.manifest.generation,
                 up.manifest.segments.len() as u64,
                 format!("{:?}", up.manifest.fencing).to_lowercase(),

@@ -1,11 +1,24 @@
-//! The engine's view: [`SegmentStore`] and [`OpenSegment`] on an [`S3Store`].
+//! The engine's view of an [`S3Store`]: [`SegmentStore`] and
+//! [`OpenSegment`].
+//!
+//! Where each call goes:
+//!
+//! - appends and syncs go to the cache's local copy of the open segment,
+//!   and the dirty figures follow (`writeback`);
+//! - a read of a dirty segment is a local read (the cache holds all of it);
+//!   a read of an uploaded one goes through the read cache (`read`); a
+//!   segment the engine deleted and the bucket still holds is not found;
+//! - deletions and metadata blobs are queued for the uploader (`upload`),
+//!   which commits them in order;
+//! - once the store is fenced, creating, appending, syncing, truncating and
+//!   metadata updates fail with `StoreError::Fenced`.
 
-use super::{Dirty, Op, S3Store, unavailable};
-use std::sync::Arc;
+use super::S3Store;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vpool_store::{OpenSegment, Result, SegmentId, SegmentStore, StoreError};
 
+/// The open segment: the cache's local one, with the store's bookkeeping.
 struct S3OpenSegment {
     store: S3Store,
     local: Box<dyn OpenSegment>,
@@ -19,44 +32,20 @@ impl OpenSegment for S3OpenSegment {
     fn append_at(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
         self.store.check_fenced()?;
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-        let deadline = Instant::now() + self.store.inner.opts.backpressure_timeout;
-        loop {
-            match self.local.append_at(offset, bufs) {
-                Ok(()) => break,
-                Err(StoreError::NoSpace { context, source }) => {
-                    // The cache's disk is full: give back clean copies and
-                    // wait for uploads to turn dirty bytes clean.
-                    if Instant::now() >= deadline {
-                        return Err(StoreError::NoSpace { context, source });
-                    }
-                    tracing::warn!("cache disk full; evicting clean data and waiting for uploads");
-                    self.store.evict_all_clean();
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        self.store.append_making_room(&*self.local, offset, bufs)?;
         let id = self.local.id().0;
-        let mut up = self.store.inner.up.lock();
-        if let Some(d) = up.dirty.get_mut(&id) {
-            let new_len = d.len.max(offset + total);
-            let grew = new_len - d.len;
-            d.len = new_len;
-            up.dirty_bytes += grew;
-        }
+        self.store.inner.up.lock().appended(id, offset + total);
         Ok(())
     }
 
     fn sync(&self) -> Result<()> {
         self.store.check_fenced()?;
         let id = self.local.id().0;
+        // Only what was written before the sync is known durable after it.
         let len = self.store.inner.up.lock().dirty.get(&id).map(|d| d.len);
         self.local.sync()?;
         if let Some(len) = len {
-            let mut up = self.store.inner.up.lock();
-            if let Some(d) = up.dirty.get_mut(&id) {
-                d.synced = d.synced.max(len);
-            }
+            self.store.inner.up.lock().synced(id, len);
         }
         self.store.inner.up_cv.notify_all();
         Ok(())
@@ -75,22 +64,7 @@ impl SegmentStore for S3Store {
             }
         }
         let local = self.inner.local.create_segment(id)?;
-        let mut up = self.inner.up.lock();
-        if let Some(prev) = up.open.replace(id.0)
-            && let Some(d) = up.dirty.get_mut(&prev)
-        {
-            d.sealed_at = Some(Instant::now());
-        }
-        up.dirty.insert(
-            id.0,
-            Dirty {
-                len: 0,
-                synced: 0,
-                sealed_at: None,
-                uploading: false,
-            },
-        );
-        drop(up);
+        self.inner.up.lock().opened(id.0);
         self.inner.up_cv.notify_all();
         Ok(Box::new(S3OpenSegment {
             store: self.clone(),
@@ -145,35 +119,19 @@ impl SegmentStore for S3Store {
             });
         }
         self.inner.local.truncate_segment(id, len)?;
-        if let Some(d) = up.dirty.get_mut(&id.0)
-            && d.len > len
-        {
-            let cut = d.len - len;
-            d.len = len;
-            d.synced = d.synced.min(len);
-            up.dirty_bytes -= cut;
-        }
+        up.truncated(id.0, len);
         Ok(())
     }
 
     fn delete_segment(&self, id: SegmentId) -> Result<()> {
         let mut up = self.inner.up.lock();
-        if let Some(d) = up.dirty.get(&id.0)
-            && !d.uploading
-        {
-            // Never reached the bucket: nothing there needs it (a commit's
-            // checkpoint never refers to a segment the engine deleted, and a
-            // gap only shortens the prefix the bucket recovers to).
-            let len = d.len;
-            up.dirty.remove(&id.0);
-            up.dirty_bytes -= len;
+        if up.forget_unsent(id.0) {
             drop(up);
             self.inner.up_cv.notify_all();
             self.inner.files.lock().remove(&id.0);
             return self.inner.local.delete_segment(id);
         }
-        up.hidden.insert(id.0);
-        up.ops.push_back(Op::Delete(id.0));
+        up.queue_delete(id.0);
         drop(up);
         self.inner.up_cv.notify_all();
         Ok(())
@@ -186,34 +144,7 @@ impl SegmentStore for S3Store {
             "meta names starting s3- are the store's"
         );
         self.inner.local.put_meta(name, data)?;
-        let mut up = self.inner.up.lock();
-        let needs = up
-            .open
-            .or_else(|| up.dirty.keys().next_back().copied())
-            .unwrap_or(0);
-        let data = Arc::new(data.to_vec());
-        // A newer version of a blob that is still queued replaces it in
-        // place: it refers to no segment deleted after the older one did.
-        let queued = up.ops.iter_mut().find_map(|op| match op {
-            Op::Meta {
-                name: n,
-                data: d,
-                needs: w,
-            } if n == name => Some((d, w)),
-            _ => None,
-        });
-        match queued {
-            Some((d, w)) => {
-                *d = data;
-                *w = (*w).max(needs);
-            }
-            None => up.ops.push_back(Op::Meta {
-                name: name.to_string(),
-                data,
-                needs,
-            }),
-        }
-        drop(up);
+        self.inner.up.lock().queue_meta(name, data);
         self.inner.up_cv.notify_all();
         Ok(())
     }
@@ -227,42 +158,7 @@ impl SegmentStore for S3Store {
     }
 
     fn admit_write(&self, bytes: u64) -> Result<()> {
-        let limit = self.dirty_limit();
-        let deadline = Instant::now() + self.inner.opts.backpressure_timeout;
-        let mut up = self.inner.up.lock();
-        let mut warned = false;
-        while up.dirty_bytes + bytes > limit {
-            self.check_fenced()?;
-            if Instant::now() >= deadline {
-                return Err(unavailable(
-                    "waiting for write-back space",
-                    format!(
-                        "{} dirty bytes of a {limit}-byte limit have not reached the object store in {} s",
-                        up.dirty_bytes,
-                        self.inner.opts.backpressure_timeout.as_secs()
-                    ),
-                ));
-            }
-            if !warned {
-                tracing::warn!(
-                    dirty_bytes = up.dirty_bytes,
-                    limit,
-                    "write-back cache full; writes wait for uploads"
-                );
-                warned = true;
-            }
-            self.inner
-                .up_cv
-                .wait_for(&mut up, Duration::from_millis(100));
-        }
-        // Dirty and clean bytes share the cache's hard limit: growing the
-        // one shrinks the other.
-        let dirty = up.dirty_bytes + bytes;
-        drop(up);
-        if dirty + self.inner.index.lock().used_bytes() > self.inner.opts.cache_size_bytes {
-            self.evict();
-        }
-        Ok(())
+        self.admit(bytes)
     }
 
     fn seal_after(&self) -> Option<Duration> {

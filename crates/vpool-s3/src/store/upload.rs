@@ -1,5 +1,27 @@
-//! The uploader: sealed segments go up in order, and each batch is
-//! committed in a new manifest with the metadata and deletions it allows.
+//! The uploader: one thread that moves sealed segments into the bucket in
+//! log order and commits each batch in a new manifest.
+//!
+//! A round:
+//!
+//! 1. **Pick** the sealed, synced segments at the front of the dirty list
+//!    (at most `upload_parallelism`) and the queued operations that may be
+//!    committed with them: a metadata blob once every segment up to the one
+//!    that was open when it was written goes up in this round or already
+//!    did, a deletion once every blob queued before it goes too.
+//! 2. **Upload** the segments in parallel, then PUT each metadata blob under
+//!    a new key. PUTs retry until they succeed or the store stops or is
+//!    fenced: an outage only makes the round longer.
+//! 3. **Commit**: create the next manifest generation. Finding it taken
+//!    means another host took the pool over: the store is fenced for good.
+//! 4. **Apply**: the segments are clean now (their files join the read
+//!    index), deleted segments leave the cache, and what no manifest names
+//!    any more is deleted from the bucket, best effort.
+//!
+//! Nothing is listed before it is in the bucket, and nothing leaves the
+//! bucket before a commit stops naming it: every committed manifest is a
+//! prefix of the log (`docs/s3-pools.md`, "The commit protocol"). The
+//! queue's ordering rules are all here, including how the engine's calls
+//! fill it (`Up::queue_meta`, `Up::queue_delete`).
 
 use super::{Dirty, Op, S3Store, Up};
 use crate::manifest::{
@@ -9,6 +31,7 @@ use crate::remote::RemoteError;
 use bytes::Bytes;
 use std::collections::BTreeSet;
 use std::fs::File;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use vpool_store::{Result, SegmentId, SegmentStore, StoreError};
@@ -16,9 +39,116 @@ use vpool_store::{Result, SegmentId, SegmentStore, StoreError};
 /// Old manifests kept behind the current one, for inspection.
 const MANIFESTS_KEPT: u64 = 4;
 
+/// What one round uploads and commits.
+struct Work {
+    /// (id, length) of each segment, in id order.
+    segments: Vec<(u64, u64)>,
+    ops: Vec<Op>,
+}
+
+/// A manifest ready to be committed, and what it no longer names (deleted
+/// from the bucket once it is committed).
+struct Commit {
+    manifest: Manifest,
+    dropped_segments: Vec<SegmentEntry>,
+    dropped_meta: Vec<String>,
+}
+
 impl Up {
+    /// Whether dirty segment `id` may go up: sealed (or the store is closing
+    /// and it is the last one) and synced to its end, because the bucket
+    /// must never hold bytes a crash of this host could still lose.
     fn sealed_ready(&self, id: u64, d: &Dirty) -> bool {
         (d.sealed_at.is_some() || (self.draining && self.open == Some(id))) && d.synced >= d.len
+    }
+
+    /// Takes the next round's work off the queue; `None` if nothing is
+    /// ready. The segments taken are marked uploading: from now on the
+    /// engine's deletion of one is queued behind the commit that lists it.
+    fn take_work(&mut self, parallelism: usize) -> Option<Work> {
+        let mut segments: Vec<(u64, u64)> = Vec::new();
+        for (&id, d) in &self.dirty {
+            if segments.len() >= parallelism || !self.sealed_ready(id, d) {
+                break;
+            }
+            segments.push((id, d.len));
+        }
+        // Every dirty segment up to `id` goes up in this round.
+        let after_batch = |id: u64| {
+            self.dirty
+                .range(..=id)
+                .all(|(k, _)| segments.iter().any(|(b, _)| b == k))
+        };
+        // In queue order: an operation that must wait holds back the rest.
+        let n_ops = self
+            .ops
+            .iter()
+            .take_while(|op| match op {
+                Op::Meta { needs, .. } => after_batch(*needs),
+                Op::Delete(id) => after_batch(*id),
+            })
+            .count();
+        if segments.is_empty() && n_ops == 0 {
+            return None;
+        }
+        for (id, _) in &segments {
+            self.dirty.get_mut(id).expect("dirty").uploading = true;
+        }
+        let ops = self.ops.drain(..n_ops).collect();
+        Some(Work { segments, ops })
+    }
+
+    /// Gives a failed round's work back, in its place at the front.
+    fn put_back(&mut self, work: Work, error: String) {
+        self.last_error = Some(error);
+        for (id, _) in &work.segments {
+            if let Some(d) = self.dirty.get_mut(id) {
+                d.uploading = false;
+            }
+        }
+        for op in work.ops.into_iter().rev() {
+            self.ops.push_front(op);
+        }
+    }
+
+    /// Queues metadata blob `name` (the engine's checkpoint) for upload. It
+    /// is committed only once every segment up to the one open now is in
+    /// the bucket: its maps may point anywhere up to there.
+    pub(super) fn queue_meta(&mut self, name: &str, data: &[u8]) {
+        let needs = self
+            .open
+            .or_else(|| self.dirty.keys().next_back().copied())
+            .unwrap_or(0);
+        let data = Arc::new(data.to_vec());
+        // A newer version of a blob that is still queued replaces it in
+        // place: it refers to no segment deleted after the older one did.
+        let queued = self.ops.iter_mut().find_map(|op| match op {
+            Op::Meta {
+                name: n,
+                data: d,
+                needs: w,
+            } if n == name => Some((d, w)),
+            _ => None,
+        });
+        match queued {
+            Some((d, w)) => {
+                *d = data;
+                *w = (*w).max(needs);
+            }
+            None => self.ops.push_back(Op::Meta {
+                name: name.to_string(),
+                data,
+                needs,
+            }),
+        }
+    }
+
+    /// Queues the deletion of a segment that is (or is going) in the bucket.
+    /// The engine stops seeing it now; the bucket keeps it until a commit
+    /// after every metadata blob queued before, which no longer refer to it.
+    pub(super) fn queue_delete(&mut self, id: u64) {
+        self.hidden.insert(id);
+        self.ops.push_back(Op::Delete(id));
     }
 }
 
@@ -59,83 +189,18 @@ impl S3Store {
         }
     }
 
+    /// The uploader thread: rounds until the store stops or is fenced.
     fn upload_loop(&self) {
         let inner = &self.inner;
-        loop {
-            // Phase 1: pick work.
-            let (batch, ops, epoch) = {
-                let mut up = inner.up.lock();
-                loop {
-                    if inner.stop.load(Ordering::SeqCst) || inner.fenced.lock().is_some() {
-                        return;
-                    }
-                    let mut batch: Vec<(u64, u64)> = Vec::new();
-                    for (&id, d) in &up.dirty {
-                        if batch.len() >= inner.opts.upload_parallelism || !up.sealed_ready(id, d) {
-                            break;
-                        }
-                        batch.push((id, d.len));
-                    }
-                    let after_batch = |id: u64| {
-                        up.dirty
-                            .range(..=id)
-                            .all(|(k, _)| batch.iter().any(|(b, _)| b == k))
-                    };
-                    let mut n_ops = 0;
-                    for op in &up.ops {
-                        let ready = match op {
-                            Op::Meta { needs, .. } => after_batch(*needs),
-                            Op::Delete(id) => after_batch(*id),
-                        };
-                        if !ready {
-                            break;
-                        }
-                        n_ops += 1;
-                    }
-                    if !batch.is_empty() || n_ops > 0 {
-                        for (id, _) in &batch {
-                            up.dirty.get_mut(id).expect("dirty").uploading = true;
-                        }
-                        let ops: Vec<Op> = up.ops.drain(..n_ops).collect();
-                        break (batch, ops, inner.holder.epoch);
-                    }
-                    inner.up_cv.wait_for(&mut up, Duration::from_millis(500));
-                }
-            };
-            // Phase 2: upload segments and metadata blobs.
-            let give_up = || inner.stop.load(Ordering::SeqCst) || inner.fenced.lock().is_some();
+        let give_up = || inner.stop.load(Ordering::SeqCst) || inner.fenced.lock().is_some();
+        let epoch = inner.holder.epoch;
+        while let Some(work) = self.next_work() {
             let started = Instant::now();
-            let results: Vec<std::result::Result<(), String>> = std::thread::scope(|s| {
-                let handles: Vec<_> = batch
-                    .iter()
-                    .map(|&(id, len)| {
-                        s.spawn(move || self.upload_segment(id, len, epoch, &give_up))
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join()
-                            .unwrap_or_else(|_| Err("upload thread panicked".into()))
-                    })
-                    .collect()
-            });
-            if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+            if let Err(e) = self.upload_segments(&work.segments, epoch, &give_up) {
                 // PUTs retry until stop or fencing; what else fails here is
                 // reading the cache's own file. Put everything back, in
                 // order, and try again (or leave it to the next open).
-                {
-                    let mut up = inner.up.lock();
-                    up.last_error = Some(e.clone());
-                    for (id, _) in &batch {
-                        if let Some(d) = up.dirty.get_mut(id) {
-                            d.uploading = false;
-                        }
-                    }
-                    for op in ops.into_iter().rev() {
-                        up.ops.push_front(op);
-                    }
-                }
+                inner.up.lock().put_back(work, e.clone());
                 if give_up() {
                     return;
                 }
@@ -143,111 +208,180 @@ impl S3Store {
                 std::thread::sleep(Duration::from_secs(1));
                 continue;
             }
-            let batch_bytes: u64 = batch.iter().map(|(_, l)| l).sum();
-            if batch_bytes > 0 {
+            if work.segments.iter().any(|&(_, len)| len > 0) {
                 inner
                     .counters
                     .upload_nanos
                     .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
             }
-            let mut m = inner.up.lock().manifest.clone();
-            let generation = m.generation + 1;
-            for &(id, len) in &batch {
-                m.segments.push(SegmentEntry { id, len, epoch });
-            }
-            m.segments.sort_by_key(|s| s.id);
-            let mut dropped_segments: Vec<SegmentEntry> = Vec::new();
-            let mut dropped_meta: Vec<String> = Vec::new();
-            for op in &ops {
-                match op {
-                    Op::Meta { name, data, .. } => {
-                        let key = meta_key(name, epoch, generation);
-                        if let Err(e) =
-                            inner
-                                .remote
-                                .put(&key, Bytes::from(data.to_vec()), None, &give_up)
-                        {
-                            inner.up.lock().last_error = Some(e.to_string());
-                            return;
-                        }
-                        let r = MetaRef {
-                            key,
-                            len: data.len() as u64,
-                            crc32c: crc32c::crc32c(data),
-                        };
-                        if let Some(old) = m.meta.insert(name.clone(), r) {
-                            dropped_meta.push(old.key);
-                        }
-                    }
-                    Op::Delete(id) => {
-                        if let Ok(i) = m.segments.binary_search_by_key(id, |s| s.id) {
-                            dropped_segments.push(m.segments.remove(i));
-                        }
-                    }
-                }
-            }
-            // Phase 3: commit.
-            m.generation = generation;
-            m.holder = Some(inner.holder.clone());
-            if !self.commit(&m, &give_up) {
+            let Some(commit) = self.prepare_commit(&work, epoch, &give_up) else {
+                return;
+            };
+            if !self.commit(&commit.manifest, &give_up) {
                 return;
             }
+            let generation = commit.manifest.generation;
             let _ = self.save_state(generation);
-            // Phase 4: the bucket has it; update the cache.
-            {
-                let mut up = inner.up.lock();
-                for &(id, len) in &batch {
-                    if up.dirty.remove(&id).is_some() {
-                        up.dirty_bytes -= len;
-                    }
-                }
-                for s in &dropped_segments {
-                    up.hidden.remove(&s.id);
-                }
-                up.manifest = m;
-                up.last_error = None;
-            }
-            inner.up_cv.notify_all();
-            inner
-                .counters
-                .segments_uploaded
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            inner
-                .counters
-                .bytes_uploaded
-                .fetch_add(batch_bytes, Ordering::Relaxed);
-            {
-                let _g = inner.punch.write();
-                let mut ix = inner.index.lock();
-                for &(id, len) in &batch {
-                    if len > 0 {
-                        ix.insert(id, 0..len, len);
-                    }
-                }
-                for s in &dropped_segments {
-                    ix.remove_segment(s.id);
-                }
-            }
-            for s in &dropped_segments {
-                inner.files.lock().remove(&s.id);
-                if let Err(e) = inner.local.delete_segment(SegmentId(s.id)) {
-                    tracing::warn!(segment = s.id, error = %e, "could not delete a cached segment");
-                }
-            }
+            let Commit {
+                manifest,
+                dropped_segments,
+                dropped_meta,
+            } = commit;
+            self.apply_commit(&work.segments, manifest, &dropped_segments);
             self.evict();
-            // Best effort: what no manifest names any more.
-            let soon = Instant::now() + Duration::from_secs(10);
-            for s in &dropped_segments {
-                let _ = inner.remote.delete(&segment_key(s.id, s.epoch), soon);
+            self.delete_unlisted(&dropped_segments, &dropped_meta, generation);
+        }
+    }
+
+    /// Waits for the next round's work; `None` once the store stops or is
+    /// fenced.
+    fn next_work(&self) -> Option<Work> {
+        let inner = &self.inner;
+        let mut up = inner.up.lock();
+        loop {
+            if inner.stop.load(Ordering::SeqCst) || inner.fenced.lock().is_some() {
+                return None;
             }
-            for k in &dropped_meta {
-                let _ = inner.remote.delete(k, soon);
+            if let Some(work) = up.take_work(inner.opts.upload_parallelism) {
+                return Some(work);
             }
-            if generation > MANIFESTS_KEPT {
-                let _ = inner
-                    .remote
-                    .delete(&manifest_key(generation - MANIFESTS_KEPT - 1), soon);
+            inner.up_cv.wait_for(&mut up, Duration::from_millis(500));
+        }
+    }
+
+    /// PUTs the segments, one thread each; the first failure, in id order.
+    fn upload_segments(
+        &self,
+        segments: &[(u64, u64)],
+        epoch: u64,
+        give_up: &(impl Fn() -> bool + Sync),
+    ) -> std::result::Result<(), String> {
+        let results: Vec<std::result::Result<(), String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = segments
+                .iter()
+                .map(|&(id, len)| s.spawn(move || self.upload_segment(id, len, epoch, give_up)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err("upload thread panicked".into()))
+                })
+                .collect()
+        });
+        results.into_iter().find(|r| r.is_err()).unwrap_or(Ok(()))
+    }
+
+    /// The manifest that commits a round: the current one with the round's
+    /// segments listed in id order, each metadata blob PUT under a key of
+    /// this epoch and generation (never over a key a manifest names) and
+    /// each deleted segment dropped. `None` if a PUT gave up: the store is
+    /// stopping or fenced, and the uploader ends.
+    fn prepare_commit(
+        &self,
+        work: &Work,
+        epoch: u64,
+        give_up: &dyn Fn() -> bool,
+    ) -> Option<Commit> {
+        let inner = &self.inner;
+        let mut m = inner.up.lock().manifest.clone();
+        let generation = m.generation + 1;
+        for &(id, len) in &work.segments {
+            m.segments.push(SegmentEntry { id, len, epoch });
+        }
+        m.segments.sort_by_key(|s| s.id);
+        let mut dropped_segments: Vec<SegmentEntry> = Vec::new();
+        let mut dropped_meta: Vec<String> = Vec::new();
+        for op in &work.ops {
+            match op {
+                Op::Meta { name, data, .. } => {
+                    let key = meta_key(name, epoch, generation);
+                    let body = Bytes::from(data.to_vec());
+                    if let Err(e) = inner.remote.put(&key, body, None, give_up) {
+                        inner.up.lock().last_error = Some(e.to_string());
+                        return None;
+                    }
+                    let r = MetaRef {
+                        key,
+                        len: data.len() as u64,
+                        crc32c: crc32c::crc32c(data),
+                    };
+                    if let Some(old) = m.meta.insert(name.clone(), r) {
+                        dropped_meta.push(old.key);
+                    }
+                }
+                Op::Delete(id) => {
+                    if let Ok(i) = m.segments.binary_search_by_key(id, |s| s.id) {
+                        dropped_segments.push(m.segments.remove(i));
+                    }
+                }
             }
+        }
+        m.generation = generation;
+        m.holder = Some(inner.holder.clone());
+        Some(Commit {
+            manifest: m,
+            dropped_segments,
+            dropped_meta,
+        })
+    }
+
+    /// After a commit: the round's segments are clean, and their cache
+    /// files, whole, join the read index; deleted segments leave the cache.
+    fn apply_commit(&self, segments: &[(u64, u64)], m: Manifest, dropped: &[SegmentEntry]) {
+        let inner = &self.inner;
+        {
+            let mut up = inner.up.lock();
+            for &(id, len) in segments {
+                if up.dirty.remove(&id).is_some() {
+                    up.dirty_bytes -= len;
+                }
+            }
+            for s in dropped {
+                up.hidden.remove(&s.id);
+            }
+            up.manifest = m;
+            up.last_error = None;
+        }
+        inner.up_cv.notify_all();
+        let c = &inner.counters;
+        let bytes: u64 = segments.iter().map(|(_, l)| l).sum();
+        c.segments_uploaded
+            .fetch_add(segments.len() as u64, Ordering::Relaxed);
+        c.bytes_uploaded.fetch_add(bytes, Ordering::Relaxed);
+        {
+            let _g = inner.punch.write();
+            let mut ix = inner.index.lock();
+            for &(id, len) in segments {
+                if len > 0 {
+                    ix.insert(id, 0..len, len);
+                }
+            }
+            for s in dropped {
+                ix.remove_segment(s.id);
+            }
+        }
+        for s in dropped {
+            inner.files.lock().remove(&s.id);
+            if let Err(e) = inner.local.delete_segment(SegmentId(s.id)) {
+                tracing::warn!(segment = s.id, error = %e, "could not delete a cached segment");
+            }
+        }
+    }
+
+    /// Best effort, after a commit: deletes from the bucket what no manifest
+    /// names any more, and the manifests older than the few kept.
+    fn delete_unlisted(&self, segments: &[SegmentEntry], meta: &[String], generation: u64) {
+        let remote = &self.inner.remote;
+        let soon = Instant::now() + Duration::from_secs(10);
+        for s in segments {
+            let _ = remote.delete(&segment_key(s.id, s.epoch), soon);
+        }
+        for k in meta {
+            let _ = remote.delete(k, soon);
+        }
+        if generation > MANIFESTS_KEPT {
+            let _ = remote.delete(&manifest_key(generation - MANIFESTS_KEPT - 1), soon);
         }
     }
 
