@@ -54,7 +54,7 @@ mod segment_store;
 mod upload;
 mod writeback;
 
-pub use open::{is_cache_dir, probe_fencing};
+pub use open::is_cache_dir;
 
 use crate::manifest::{Holder, Manifest};
 use crate::remote::{Remote, RemoteError};
@@ -338,7 +338,8 @@ fn now_unix_nanos() -> u128 {
         .unwrap_or(0)
 }
 
-fn random_id() -> String {
+/// A fresh random id (pool ids, holder ids, probe keys).
+pub(crate) fn random_id() -> String {
     format!("{:032x}", rand::random::<u128>() ^ now_unix_nanos())
 }
 
@@ -425,7 +426,7 @@ impl S3Store {
             last_error,
             generation: gen_,
             segments_in_bucket: nsegs,
-            holder: format!("{}:{}", inner.holder.host, inner.holder.pid),
+            holder: inner.holder.name(),
             fencing,
             fenced: self.fenced(),
         }

@@ -24,16 +24,15 @@ use super::{
     Dirty, INDEX_META, Inner, Op, OpenError, OpenMode, S3PoolOptions, S3Store, STATE_META,
     hostname, random_id,
 };
-use crate::manifest::{
-    Fencing, Holder, MANIFEST_DIR, Manifest, MetaRef, manifest_key, parse_manifest_key,
-};
+use crate::bucket::{latest_generation, probe_fencing, read_manifest};
+use crate::manifest::{Fencing, Holder, Manifest, MetaRef, manifest_key};
 use crate::remote::{Remote, RemoteError};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use vpool_cache::CacheIndex;
 use vpool_store::{LocalDirStore, Result, SegmentId, SegmentStore, StoreError};
@@ -54,47 +53,6 @@ struct LocalState {
     holder_id: String,
     /// The last generation this cache committed.
     generation: u64,
-}
-
-/// Checks that the store's create-only PUT is atomic: a repeat create must
-/// fail, and of several racing creates of one key exactly one may win.
-pub fn probe_fencing(remote: &Remote) -> std::result::Result<Fencing, String> {
-    let key = format!("probe/{}", random_id());
-    let deadline = || Some(Instant::now() + Duration::from_secs(30));
-    remote
-        .put_create(&key, Bytes::from_static(b"1"), deadline(), &|| false)
-        .map_err(|e| format!("a create-only PUT failed: {e}"))?;
-    let verdict = match remote.put_create(&key, Bytes::from_static(b"2"), deadline(), &|| false) {
-        Err(RemoteError::AlreadyExists { .. }) => {
-            // Race: every thread creates the same fresh key.
-            let race_key = format!("probe/{}", random_id());
-            let wins = AtomicU64::new(0);
-            std::thread::scope(|s| {
-                for i in 0..8u8 {
-                    let (race_key, wins) = (&race_key, &wins);
-                    s.spawn(move || {
-                        if remote
-                            .put_create(race_key, Bytes::from(vec![i]), deadline(), &|| false)
-                            .is_ok()
-                        {
-                            wins.fetch_add(1, Ordering::SeqCst);
-                        }
-                    });
-                }
-            });
-            let _ = remote.delete(&race_key, Instant::now() + Duration::from_secs(10));
-            match wins.load(Ordering::SeqCst) {
-                1 => Ok(Fencing::Atomic),
-                n => Err(format!(
-                    "{n} of 8 racing create-only PUTs of one key succeeded"
-                )),
-            }
-        }
-        Ok(()) => Err("a second create-only PUT of an existing key succeeded".into()),
-        Err(e) => Err(format!("a create-only PUT failed: {e}")),
-    };
-    let _ = remote.delete(&key, Instant::now() + Duration::from_secs(10));
-    verdict
 }
 
 impl S3Store {
@@ -508,39 +466,6 @@ fn read_state(
             .map_err(|e| OpenError::Corrupt(format!("{dir}/meta/{STATE_META}: {e}"))),
         None => Ok(None),
     }
-}
-
-/// The generation of the bucket's latest manifest; `None`: no pool there.
-fn latest_generation(
-    remote: &Remote,
-    deadline: Instant,
-) -> std::result::Result<Option<u64>, RemoteError> {
-    Ok(remote
-        .list(MANIFEST_DIR, deadline)?
-        .iter()
-        .filter_map(|(k, _)| parse_manifest_key(k))
-        .max())
-}
-
-/// Manifest `generation`, read and checked.
-fn read_manifest(
-    remote: &Remote,
-    generation: u64,
-    deadline: Instant,
-) -> std::result::Result<Manifest, OpenError> {
-    let g = generation;
-    let bytes = remote
-        .get(&manifest_key(g), deadline)?
-        .ok_or_else(|| OpenError::Corrupt(format!("manifest {g} vanished")))?;
-    let m =
-        Manifest::decode(&bytes).map_err(|e| OpenError::Corrupt(format!("manifest {g}: {e}")))?;
-    if m.generation != g {
-        return Err(OpenError::Corrupt(format!(
-            "manifest {g} says it is generation {}",
-            m.generation
-        )));
-    }
-    Ok(m)
 }
 
 /// The first manifest of a new pool, once the cache directory is found
