@@ -58,8 +58,8 @@ pub use open::is_cache_dir;
 
 use crate::manifest::{Holder, Manifest};
 use crate::remote::{Remote, RemoteError};
+use crate::stats::CacheStats;
 use parking_lot::{Condvar, Mutex, RwLock};
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::File;
 use std::path::PathBuf;
@@ -299,38 +299,6 @@ pub struct S3Store {
     inner: Arc<Inner>,
 }
 
-/// What `vpool cache stats` shows.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct CacheStats {
-    pub remote: String,
-    pub cache_dir: String,
-    pub cache_size_bytes: u64,
-    pub cached_bytes: u64,
-    pub dirty_bytes: u64,
-    pub dirty_limit_bytes: u64,
-    pub pinned_bytes: u64,
-    pub read_hits: u64,
-    pub read_misses: u64,
-    pub hit_ratio: f64,
-    pub bytes_read: u64,
-    pub bytes_fetched: u64,
-    pub read_errors: u64,
-    pub segments_uploaded: u64,
-    pub bytes_uploaded: u64,
-    pub upload_mb_per_s: f64,
-    /// Sealed bytes not yet in the bucket.
-    pub upload_lag_bytes: u64,
-    /// Age of the oldest sealed segment not yet in the bucket.
-    pub upload_lag_seconds: f64,
-    pub remote_errors: u64,
-    pub last_error: Option<String>,
-    pub generation: u64,
-    pub segments_in_bucket: u64,
-    pub holder: String,
-    pub fencing: String,
-    pub fenced: Option<String>,
-}
-
 fn now_unix_nanos() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -403,6 +371,7 @@ impl S3Store {
             dirty_bytes,
             dirty_limit_bytes: self.dirty_limit(),
             pinned_bytes: ix.pinned_bytes,
+            pins: 0,
             read_hits: hits,
             read_misses: misses,
             hit_ratio: if hits + misses == 0 {
