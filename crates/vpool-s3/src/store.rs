@@ -163,34 +163,50 @@ pub enum OpenError {
     Store(#[from] StoreError),
 }
 
+/// A segment not in the bucket yet: the open one, or sealed and waiting for
+/// its upload.
 #[derive(Debug)]
 struct Dirty {
+    /// Bytes written.
     len: u64,
+    /// Bytes known durable in the cache: an upload waits for all of them.
     synced: u64,
+    /// When the engine moved on to the next segment; `None` while open.
     sealed_at: Option<Instant>,
+    /// In the uploader's current round: a deletion then waits for a commit.
     uploading: bool,
 }
 
+/// An operation waiting to be committed, in queue order.
 enum Op {
+    /// Upload a metadata blob (the checkpoint) and name it.
     Meta {
         name: String,
         data: Arc<Vec<u8>>,
         /// Every segment up to this one must be in the bucket first.
         needs: u64,
     },
+    /// Stop naming a segment.
     Delete(u64),
 }
 
+/// The write-back and upload state, under one mutex: what the bucket
+/// holds, what it does not yet, and what is to be committed.
 struct Up {
+    /// The manifest last committed.
     manifest: Manifest,
+    /// Segments not in the bucket yet, by id.
     dirty: BTreeMap<u64, Dirty>,
+    /// The segment the engine appends to.
     open: Option<u64>,
     ops: VecDeque<Op>,
     /// Deleted by the engine, still in the bucket until a commit drops it.
     hidden: BTreeSet<u64>,
+    /// The sum of the dirty segments' lengths.
     dirty_bytes: u64,
     /// Closing: the engine is done, the open segment counts as sealed.
     draining: bool,
+    /// The last upload or commit failure, for the stats; a commit clears it.
     last_error: Option<String>,
 }
 
@@ -226,25 +242,34 @@ struct Counters {
     upload_nanos: AtomicU64,
 }
 
+/// What every handle of an [`S3Store`] shares.
 struct Inner {
+    /// The cache directory, an ordinary local pool.
     local: LocalDirStore,
     remote: Arc<Remote>,
     opts: S3PoolOptions,
+    /// This store, as the manifests it commits name it.
     holder: Holder,
     up: Mutex<Up>,
+    /// Signalled when `up` changes: the uploader and waiting writers wake.
     up_cv: Condvar,
+    /// Which sectors of uploaded segments the cache holds; eviction.
     index: Mutex<CacheIndex>,
     /// Readers hold it shared from "is it present" to "read it"; eviction
     /// holds it exclusive from choosing victims to punching them.
     punch: RwLock<()>,
+    /// Writable descriptors of cache files, by segment.
     files: Mutex<HashMap<u64, Arc<File>>>,
+    /// Read-ahead, by segment: where the last read ended, and the window.
     streams: Mutex<HashMap<u64, (u64, u64)>>,
     /// One fetch at a time per 4 MiB region (striped): concurrent misses on
     /// the same bytes (a sequential stream read at queue depth 8) wait for
     /// the first fetch and find the data present, instead of each fetching
     /// it again.
     fetching: Vec<Mutex<()>>,
+    /// Set, with the reason, once another host took the pool over.
     fenced: Mutex<Option<String>>,
+    /// Closing: the uploader and the prefetcher end.
     stop: AtomicBool,
     /// The engine's durable marks hold for this cache: it held this host's
     /// latest log when opened (see `SegmentStore::durable_marks_hold`).

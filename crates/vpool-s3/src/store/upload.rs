@@ -4,10 +4,11 @@
 //! A round:
 //!
 //! 1. **Pick** the sealed, synced segments at the front of the dirty list
-//!    (at most `upload_parallelism`) and the queued operations that may be
-//!    committed with them: a metadata blob once every segment up to the one
-//!    that was open when it was written goes up in this round or already
-//!    did, a deletion once every blob queued before it goes too.
+//!    (at most `upload_parallelism`) and the operations at the front of the
+//!    queue that may be committed with them: a metadata blob once every
+//!    segment up to the one that was open when it was written is listed or
+//!    goes up in this round; a deletion likewise for its segment, and only
+//!    behind everything queued before it (the checkpoint that dropped it).
 //! 2. **Upload** the segments in parallel, then PUT each metadata blob under
 //!    a new key. PUTs retry until they succeed or the store stops or is
 //!    fenced: an outage only makes the round longer.
