@@ -4,8 +4,10 @@
 //! create-only PUT that a new pool must pass before vpool trusts it to
 //! fence a second writer.
 //!
-//! Everything that decodes a manifest read from a bucket goes through
-//! [`read_manifest`], which checks it names the generation it was read as.
+//! Opening a pool ([`S3Store::open`](crate::S3Store::open)) and
+//! [`pool_summary`] find the latest manifest the same way:
+//! [`latest_generation`], then [`read_manifest`], which also checks that
+//! the manifest is the generation its key says.
 
 use crate::manifest::{Fencing, MANIFEST_DIR, Manifest, manifest_key, parse_manifest_key};
 use crate::remote::{Remote, RemoteError};
