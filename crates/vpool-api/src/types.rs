@@ -563,58 +563,11 @@ pub struct Diff {
     pub next_offset: Option<u64>,
 }
 
-/// `GET /v1/cache`: the host cache of a pool on object storage (S3). Every
-/// field defaults, so a client reads an answer from a daemon that has fewer.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct CacheInfo {
-    /// Where the pool lives: `s3://bucket/prefix` (never credentials).
-    pub remote: String,
-    /// The cache directory (the pool directory of this daemon).
-    pub cache_dir: String,
-    /// The cache's limit: dirty log plus cached copies.
-    pub cache_size_bytes: u64,
-    /// Bytes of uploaded segments held in the cache.
-    pub cached_bytes: u64,
-    /// Bytes written here and not yet in the object store.
-    pub dirty_bytes: u64,
-    /// Writes wait (back-pressure) while dirty bytes are at this limit.
-    pub dirty_limit_bytes: u64,
-    /// Bytes kept resident for pinned volumes and snapshots.
-    pub pinned_bytes: u64,
-    /// Pins (`vpool cache pins`).
-    pub pins: u64,
-    pub read_hits: u64,
-    pub read_misses: u64,
-    /// `read_hits / (read_hits + read_misses)`, 0 before any read.
-    pub hit_ratio: f64,
-    /// Bytes read from the cache by the engine.
-    pub bytes_read: u64,
-    /// Bytes fetched from the object store to fill the cache.
-    pub bytes_fetched: u64,
-    pub read_errors: u64,
-    pub segments_uploaded: u64,
-    pub bytes_uploaded: u64,
-    /// Upload throughput while uploading, in MB/s (10^6 bytes).
-    pub upload_mb_per_s: f64,
-    /// Sealed bytes not yet in the object store.
-    pub upload_lag_bytes: u64,
-    /// Age of the oldest sealed segment not yet in the object store.
-    pub upload_lag_seconds: f64,
-    /// Failed object store requests (each retry counts).
-    pub remote_errors: u64,
-    pub last_error: Option<String>,
-    /// The generation of the pool's manifest last committed by this host.
-    pub generation: u64,
-    pub segments_in_bucket: u64,
-    /// This daemon, as the manifest names it: `host:pid`.
-    pub holder: String,
-    /// Whether the object store enforces the single writer (`atomic`) or
-    /// the pool was created with `--unsafe-single-host` (`unsafe`).
-    pub fencing: String,
-    /// Set once another host took the pool over: this daemon's writes fail.
-    pub fenced: Option<String>,
-}
+/// `GET /v1/cache`: the host cache of a pool on object storage (S3). The
+/// store's own figures type, so the two cannot drift apart; `vpool-s3`
+/// builds it without its object store stack. Every field defaults, so a
+/// client reads an answer from a daemon that has fewer.
+pub use vpool_s3::CacheStats as CacheInfo;
 
 /// `POST /v1/cache/pins`: keep a volume, or one of its snapshots, resident
 /// in the cache.

@@ -4,33 +4,41 @@
 //! - [`remote`]: the object store with deadlines and retries, blocking.
 //! - [`manifest`]: the pool's root object, its key layout and the commit and
 //!   fencing protocol.
+//! - [`bucket`]: what a bucket says without opening its pool: the latest
+//!   manifest, a pool's summary, the probe of the store's create-only PUT.
 //! - [`store`]: [`S3Store`], the engine's [`vpool_store::SegmentStore`] on an
 //!   object store: write-back log, ordered upload, read cache, back-pressure.
+//! - [`stats`]: [`CacheStats`], the cache's figures, also the API's wire
+//!   type for them.
 //! - [`faults`]: an object store wrapper that injects failures, for tests.
 //!
 //! Where the bytes come from is [`object_store`]'s business, so the same
 //! code runs on S3 (AWS, Ceph RGW, MinIO, Garage), on a local directory
 //! (`file://`) and in memory (`memory://`, tests).
-
 //!
-//! Without the default `remote` feature only [`manifest`] is built (the
-//! fuzzer uses it so).
+//! Without the default `remote` feature only [`manifest`] and [`stats`] are
+//! built: the fuzzer needs the manifest's decoder and the API crate the
+//! figures, neither an HTTP stack.
 
+#[cfg(feature = "remote")]
+pub mod bucket;
 #[cfg(feature = "remote")]
 pub mod faults;
 pub mod manifest;
 #[cfg(feature = "remote")]
 pub mod remote;
+pub mod stats;
 #[cfg(feature = "remote")]
 pub mod store;
 
 #[cfg(feature = "remote")]
-pub use remote::{Remote, RemoteError, RetryPolicy};
+pub use bucket::{PoolSummary, pool_summary, probe_fencing};
+pub use manifest::Fencing;
 #[cfg(feature = "remote")]
-pub use store::{
-    CacheStats, OpenError, OpenMode, S3PoolOptions, S3Store, STATE_META, is_cache_dir,
-    probe_fencing,
-};
+pub use remote::{Remote, RemoteError, RetryPolicy};
+pub use stats::CacheStats;
+#[cfg(feature = "remote")]
+pub use store::{OpenError, OpenMode, S3PoolOptions, S3Store, STATE_META, is_cache_dir};
 
 #[cfg(feature = "remote")]
 use object_store::ObjectStore;

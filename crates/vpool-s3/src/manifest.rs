@@ -162,6 +162,13 @@ pub fn key_epoch(key: &str) -> Option<u64> {
     u64::from_str_radix(epoch, 16).ok()
 }
 
+impl Holder {
+    /// `host:pid`, as messages and `vpool cache stats` name a holder.
+    pub fn name(&self) -> String {
+        format!("{}:{}", self.host, self.pid)
+    }
+}
+
 impl Manifest {
     pub fn new(pool_id: String, fencing: Fencing) -> Manifest {
         Manifest {

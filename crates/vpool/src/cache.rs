@@ -278,34 +278,9 @@ impl Drop for Refresher {
 
 impl CacheControl for S3Cache {
     fn stats(&self) -> CacheInfo {
-        let s = self.store.stats();
         CacheInfo {
-            remote: s.remote,
-            cache_dir: s.cache_dir,
-            cache_size_bytes: s.cache_size_bytes,
-            cached_bytes: s.cached_bytes,
-            dirty_bytes: s.dirty_bytes,
-            dirty_limit_bytes: s.dirty_limit_bytes,
-            pinned_bytes: s.pinned_bytes,
             pins: lock(&self.pins).len() as u64,
-            read_hits: s.read_hits,
-            read_misses: s.read_misses,
-            hit_ratio: s.hit_ratio,
-            bytes_read: s.bytes_read,
-            bytes_fetched: s.bytes_fetched,
-            read_errors: s.read_errors,
-            segments_uploaded: s.segments_uploaded,
-            bytes_uploaded: s.bytes_uploaded,
-            upload_mb_per_s: s.upload_mb_per_s,
-            upload_lag_bytes: s.upload_lag_bytes,
-            upload_lag_seconds: s.upload_lag_seconds,
-            remote_errors: s.remote_errors,
-            last_error: s.last_error,
-            generation: s.generation,
-            segments_in_bucket: s.segments_in_bucket,
-            holder: s.holder,
-            fencing: s.fencing,
-            fenced: s.fenced,
+            ..self.store.stats()
         }
     }
 

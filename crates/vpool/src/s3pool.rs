@@ -29,11 +29,11 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
-use vpool_s3::{OpenError, OpenMode, PoolUrl, S3Access, S3PoolOptions, S3Store};
+use vpool_s3::{Fencing, OpenError, OpenMode, PoolUrl, S3Access, S3PoolOptions, S3Store};
 use vpool_store::StoreError;
 
 use crate::daemon::AlreadyRunning;
@@ -410,34 +410,19 @@ pub fn create(
 pub fn attach(name: Option<&str>, settings: &S3PoolSettings) -> anyhow::Result<PoolReport> {
     let (file, dir) = pool_file(name, settings, false)?;
     let remote = file.connect()?;
-    let latest = remote
-        .list(
-            vpool_s3::manifest::MANIFEST_DIR,
-            Instant::now() + Duration::from_secs(60),
-        )
-        .with_context(|| format!("listing the pool at {}", file.url))?
-        .iter()
-        .filter_map(|(k, _)| vpool_s3::manifest::parse_manifest_key(k))
-        .max();
-    let Some(generation) = latest else {
-        bail!(
-            "no vpool pool at {} (no manifest); make one with `vpool pool create --s3 {}`",
-            remote.display(),
+    let pool = match vpool_s3::pool_summary(&remote) {
+        Ok(p) => p,
+        Err(OpenError::NoPool { url }) => bail!(
+            "no vpool pool at {url} (no manifest); make one with `vpool pool create --s3 {}`",
             file.url
-        );
+        ),
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!("reading the pool at {}", file.url)));
+        }
     };
-    let manifest = remote
-        .get(
-            &vpool_s3::manifest::manifest_key(generation),
-            Instant::now() + Duration::from_secs(60),
-        )
-        .with_context(|| format!("reading the manifest of {}", file.url))?
-        .with_context(|| format!("the manifest of {} vanished while reading it", file.url))?;
-    let manifest = vpool_s3::manifest::Manifest::decode(&manifest)
-        .map_err(|e| anyhow::anyhow!("the manifest of {} is not valid: {e}", file.url))?;
-    let held_by = manifest.holder.map(|h| format!("{}:{}", h.host, h.pid));
+    let held_by = pool.held_by;
     let file = PoolFile {
-        unsafe_single_host: matches!(manifest.fencing, vpool_s3::manifest::Fencing::Unsafe),
+        unsafe_single_host: pool.fencing == Fencing::Unsafe,
         ..file
     };
     let created_dir = prepare_cache_dir(&dir)?;
