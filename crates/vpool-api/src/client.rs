@@ -19,9 +19,10 @@ use serde::de::DeserializeOwned;
 use crate::error::{ErrorBody, ErrorKind};
 use crate::routes::{self, escape};
 use crate::types::{
-    Allocation, CacheInfo, CheckResult, CleanResult, CloneRequest, CreateSnapshotRequest,
-    CreateVolumeRequest, Diff, DiffExtent, PinInfo, PinList, PinRequest, PoolInfo,
-    ResizeVolumeRequest, SnapshotInfo, SnapshotList, VolumeInfo, VolumeList,
+    AddPoolRequest, Allocation, CacheInfo, CheckResult, CleanResult, CloneRequest,
+    CreateSnapshotRequest, CreateVolumeRequest, Diff, DiffExtent, PinInfo, PinList, PinRequest,
+    PoolInfo, PoolList, PoolStatus, ResizeVolumeRequest, SnapshotInfo, SnapshotList, VolumeInfo,
+    VolumeList,
 };
 use crate::{MAX_DATA_BYTES, MAX_JSON_BODY_BYTES};
 
@@ -123,6 +124,10 @@ pub struct Client {
     endpoint: Endpoint,
     token: Option<String>,
     timeout: Duration,
+    /// The pool that pool-level calls and bare volume names address
+    /// (`None`: the daemon's default pool). A `POOL/VOLUME` name always
+    /// says its own pool.
+    pool: Option<String>,
 }
 
 impl Client {
@@ -132,6 +137,7 @@ impl Client {
             endpoint: Endpoint::Unix(path.as_ref().to_path_buf()),
             token: None,
             timeout: DEFAULT_TIMEOUT,
+            pool: None,
         }
     }
 
@@ -163,6 +169,7 @@ impl Client {
             endpoint: Endpoint::Tcp { addrs, shown },
             token: Some(token.to_string()),
             timeout: DEFAULT_TIMEOUT,
+            pool: None,
         })
     }
 
@@ -172,62 +179,112 @@ impl Client {
         self
     }
 
+    /// The same client, addressing pool `pool` for pool-level calls and
+    /// bare volume names (`None`: the daemon's default pool).
+    pub fn in_pool(mut self, pool: Option<&str>) -> Client {
+        self.pool = pool.map(str::to_string);
+        self
+    }
+
+    /// `name` with this client's pool in front when it names none.
+    fn qualify(&self, name: &str) -> String {
+        match (&self.pool, name.contains('/')) {
+            (Some(p), false) => format!("{p}/{name}"),
+            _ => name.to_string(),
+        }
+    }
+
+    /// A pool-level path of this client's pool.
+    fn at_pool(&self, pattern: &str) -> String {
+        routes::pool_path(pattern, self.pool.as_deref())
+    }
+
+    // ----- the pools of the host -----
+
+    /// Every pool the daemon holds.
+    pub fn list_pools(&self) -> Result<Vec<PoolStatus>, ClientError> {
+        let l: PoolList = self.json_call("GET", routes::POOLS, None::<&()>)?;
+        Ok(l.pools)
+    }
+
+    /// Adds a pool to the daemon (see [`AddPoolRequest`]).
+    pub fn add_pool(&self, req: &AddPoolRequest) -> Result<PoolStatus, ClientError> {
+        self.json_call("POST", routes::POOLS, Some(req))
+    }
+
+    /// Closes pool `name` and forgets it (its data stays).
+    pub fn detach_pool(&self, name: &str) -> Result<(), ClientError> {
+        self.empty_call("POST", &routes::pool_detach(name), &[])
+    }
+
+    /// Opens pool `name` again (`force`: take a pool on S3 over).
+    pub fn open_pool(&self, name: &str, force: bool) -> Result<PoolStatus, ClientError> {
+        let path = format!("{}?force={force}", routes::pool_open(name));
+        self.json_call("POST", &path, None::<&()>)
+    }
+
     // ----- pool -----
 
     pub fn pool_info(&self) -> Result<PoolInfo, ClientError> {
-        self.json_call("GET", routes::POOL, None::<&()>)
+        self.json_call("GET", &self.at_pool(routes::POOL), None::<&()>)
     }
 
     /// Checks the whole pool (`repair`: trims damaged volume ranges). Reads
     /// every segment: give the client a timeout to match the pool's size.
     pub fn pool_check(&self, repair: bool) -> Result<CheckResult, ClientError> {
-        let path = format!("{}?repair={repair}", routes::POOL_CHECK);
+        let path = format!("{}?repair={repair}", self.at_pool(routes::POOL_CHECK));
         self.json_call("POST", &path, None::<&()>)
     }
 
     pub fn flush(&self) -> Result<(), ClientError> {
-        self.empty_call("POST", routes::FLUSH, &[])
+        self.empty_call("POST", &self.at_pool(routes::FLUSH), &[])
     }
 
     pub fn clean(&self) -> Result<CleanResult, ClientError> {
-        self.json_call("POST", routes::POOL_CLEAN, None::<&()>)
+        self.json_call("POST", &self.at_pool(routes::POOL_CLEAN), None::<&()>)
     }
 
     pub fn checkpoint(&self) -> Result<(), ClientError> {
-        self.empty_call("POST", routes::POOL_CHECKPOINT, &[])
+        self.empty_call("POST", &self.at_pool(routes::POOL_CHECKPOINT), &[])
     }
 
     // ----- the host cache (pools on S3) -----
 
     /// The cache's figures; `not_supported` on a local pool.
     pub fn cache_stats(&self) -> Result<CacheInfo, ClientError> {
-        self.json_call("GET", routes::CACHE, None::<&()>)
+        self.json_call("GET", &self.at_pool(routes::CACHE), None::<&()>)
     }
 
     /// The pins, in the order they were made.
     pub fn cache_pins(&self) -> Result<Vec<PinInfo>, ClientError> {
-        let l: PinList = self.json_call("GET", routes::CACHE_PINS, None::<&()>)?;
+        let l: PinList = self.json_call("GET", &self.at_pool(routes::CACHE_PINS), None::<&()>)?;
         Ok(l.pins)
     }
 
-    /// Keeps `volume` (or its `snapshot`) resident in the cache.
+    /// Keeps `volume` (`POOL/VOLUME` or `VOLUME`, or its `snapshot`)
+    /// resident in the cache.
     pub fn pin(&self, volume: &str, snapshot: Option<&str>) -> Result<PinInfo, ClientError> {
+        let volume = self.qualify(volume);
+        let (pool, bare) = routes::split_pool(&volume);
         let req = PinRequest {
-            volume: volume.to_string(),
+            volume: bare.to_string(),
             snapshot: snapshot.map(str::to_string),
         };
-        self.json_call("POST", routes::CACHE_PINS, Some(&req))
+        let path = routes::pool_path(routes::CACHE_PINS, pool);
+        self.json_call("POST", &path, Some(&req))
     }
 
     /// Removes the pin of `volume` (or of its `snapshot`).
     pub fn unpin(&self, volume: &str, snapshot: Option<&str>) -> Result<(), ClientError> {
-        self.empty_call("DELETE", &routes::cache_pin(volume, snapshot), &[])
+        let path = routes::cache_pin(&self.qualify(volume), snapshot);
+        self.empty_call("DELETE", &path, &[])
     }
 
     // ----- volumes -----
 
     pub fn list_volumes(&self) -> Result<Vec<VolumeInfo>, ClientError> {
-        let l: VolumeList = self.json_call("GET", routes::VOLUMES, None::<&()>)?;
+        let path = routes::volumes(self.pool.as_deref());
+        let l: VolumeList = self.json_call("GET", &path, None::<&()>)?;
         Ok(l.volumes)
     }
 
@@ -243,16 +300,18 @@ impl Client {
         size_bytes: u64,
         ephemeral: bool,
     ) -> Result<VolumeInfo, ClientError> {
+        let name = self.qualify(name);
+        let (pool, bare) = routes::split_pool(&name);
         let req = CreateVolumeRequest {
-            name: name.to_string(),
+            name: bare.to_string(),
             size_bytes,
             ephemeral,
         };
-        self.json_call("POST", routes::VOLUMES, Some(&req))
+        self.json_call("POST", &routes::volumes(pool), Some(&req))
     }
 
     pub fn volume_info(&self, name: &str) -> Result<VolumeInfo, ClientError> {
-        self.json_call("GET", &routes::volume(name), None::<&()>)
+        self.json_call("GET", &routes::volume(&self.qualify(name)), None::<&()>)
     }
 
     /// `force`: shrink even while NBD clients write to the volume.
@@ -268,24 +327,27 @@ impl Client {
             allow_shrink,
             force,
         };
-        self.json_call("PATCH", &routes::volume(name), Some(&req))
+        self.json_call("PATCH", &routes::volume(&self.qualify(name)), Some(&req))
     }
 
     /// Marks `name` as being imported into (incomplete until
     /// [`Client::end_import`]). `force`: even under NBD writers.
     pub fn begin_import(&self, name: &str, force: bool) -> Result<(), ClientError> {
-        let path = format!("{}?force={force}", routes::volume_import(name));
+        let path = format!(
+            "{}?force={force}",
+            routes::volume_import(&self.qualify(name))
+        );
         self.empty_call("POST", &path, &[])
     }
 
     /// The import into `name` is done: the daemon flushes and unmarks it.
     pub fn end_import(&self, name: &str) -> Result<(), ClientError> {
-        self.empty_call("DELETE", &routes::volume_import(name), &[])
+        self.empty_call("DELETE", &routes::volume_import(&self.qualify(name)), &[])
     }
 
     /// `force`: delete even while NBD clients write to the volume.
     pub fn delete_volume(&self, name: &str, force: bool) -> Result<(), ClientError> {
-        let path = format!("{}?force={force}", routes::volume(name));
+        let path = format!("{}?force={force}", routes::volume(&self.qualify(name)));
         self.empty_call("DELETE", &path, &[])
     }
 
@@ -295,22 +357,37 @@ impl Client {
         let req = CreateSnapshotRequest {
             name: name.to_string(),
         };
-        self.json_call("POST", &routes::volume_snapshots(volume), Some(&req))
+        self.json_call(
+            "POST",
+            &routes::volume_snapshots(&self.qualify(volume)),
+            Some(&req),
+        )
     }
 
     /// The volume's snapshots, oldest first.
     pub fn list_snapshots(&self, volume: &str) -> Result<Vec<SnapshotInfo>, ClientError> {
-        let l: SnapshotList =
-            self.json_call("GET", &routes::volume_snapshots(volume), None::<&()>)?;
+        let l: SnapshotList = self.json_call(
+            "GET",
+            &routes::volume_snapshots(&self.qualify(volume)),
+            None::<&()>,
+        )?;
         Ok(l.snapshots)
     }
 
     pub fn snapshot_info(&self, volume: &str, name: &str) -> Result<SnapshotInfo, ClientError> {
-        self.json_call("GET", &routes::snapshot(volume, name), None::<&()>)
+        self.json_call(
+            "GET",
+            &routes::snapshot(&self.qualify(volume), name),
+            None::<&()>,
+        )
     }
 
     pub fn delete_snapshot(&self, volume: &str, name: &str) -> Result<(), ClientError> {
-        self.empty_call("DELETE", &routes::snapshot(volume, name), &[])
+        self.empty_call(
+            "DELETE",
+            &routes::snapshot(&self.qualify(volume), name),
+            &[],
+        )
     }
 
     /// Makes `volume` equal to its snapshot `name`. Refused while NBD
@@ -321,13 +398,20 @@ impl Client {
         name: &str,
         force: bool,
     ) -> Result<VolumeInfo, ClientError> {
-        let path = format!("{}?force={force}", routes::snapshot_rollback(volume, name));
+        let path = format!(
+            "{}?force={force}",
+            routes::snapshot_rollback(&self.qualify(volume), name)
+        );
         self.json_call("POST", &path, None::<&()>)
     }
 
     /// Seals `volume` as a template (read-only from then on).
     pub fn make_template(&self, volume: &str) -> Result<VolumeInfo, ClientError> {
-        self.json_call("POST", &routes::volume_template(volume), None::<&()>)
+        self.json_call(
+            "POST",
+            &routes::volume_template(&self.qualify(volume)),
+            None::<&()>,
+        )
     }
 
     /// Creates `new_name` as a clone of `volume@snapshot`, or of template
@@ -338,20 +422,36 @@ impl Client {
         snapshot: Option<&str>,
         new_name: &str,
     ) -> Result<VolumeInfo, ClientError> {
+        // A clone lives in its source's pool: `POOL/NEW` must name that one.
+        let source = self.qualify(volume);
+        let (pool, _) = routes::split_pool(&source);
+        let (new_pool, new_bare) = routes::split_pool(new_name);
+        if new_pool.is_some() && new_pool != pool {
+            return Err(ClientError::Invalid(format!(
+                "a clone is made in its source's pool: {new_name} is not in the pool of {source}"
+            )));
+        }
         let req = CloneRequest {
-            name: new_name.to_string(),
+            name: new_bare.to_string(),
             snapshot: snapshot.map(str::to_string),
         };
-        self.json_call("POST", &routes::volume_clone(volume), Some(&req))
+        self.json_call("POST", &routes::volume_clone(&source), Some(&req))
     }
 
     pub fn flatten(&self, volume: &str) -> Result<VolumeInfo, ClientError> {
-        self.json_call("POST", &routes::volume_flatten(volume), None::<&()>)
+        self.json_call(
+            "POST",
+            &routes::volume_flatten(&self.qualify(volume)),
+            None::<&()>,
+        )
     }
 
     /// Merges clone `volume` into its parent volume; returns the parent.
     pub fn commit(&self, volume: &str, force: bool) -> Result<VolumeInfo, ClientError> {
-        let path = format!("{}?force={force}", routes::volume_commit(volume));
+        let path = format!(
+            "{}?force={force}",
+            routes::volume_commit(&self.qualify(volume))
+        );
         self.json_call("POST", &path, None::<&()>)
     }
 
@@ -364,7 +464,10 @@ impl Client {
         to: Option<&str>,
         offset: u64,
     ) -> Result<Diff, ClientError> {
-        let mut path = format!("{}?offset={offset}", routes::volume_diff(volume));
+        let mut path = format!(
+            "{}?offset={offset}",
+            routes::volume_diff(&self.qualify(volume))
+        );
         if let Some(f) = from {
             path.push_str(&format!("&from={}", escape(f)));
         }
@@ -415,7 +518,7 @@ impl Client {
         }
         let path = format!(
             "{}?offset={offset}&force={force}",
-            routes::volume_data(name)
+            routes::volume_data(&self.qualify(name))
         );
         self.empty_call("PUT", &path, data)
     }
@@ -440,7 +543,7 @@ impl Client {
         }
         let mut path = format!(
             "{}?offset={offset}&length={length}",
-            routes::volume_data(name)
+            routes::volume_data(&self.qualify(name))
         );
         if let Some(s) = snapshot {
             path.push_str(&format!("&snapshot={}", escape(s)));
@@ -468,7 +571,7 @@ impl Client {
     ) -> Result<(), ClientError> {
         let path = format!(
             "{}?offset={offset}&length={length}&unmap={unmap}&force={force}",
-            routes::volume_zero(name)
+            routes::volume_zero(&self.qualify(name))
         );
         self.empty_call("POST", &path, &[])
     }
@@ -494,7 +597,7 @@ impl Client {
     ) -> Result<Allocation, ClientError> {
         let mut path = format!(
             "{}?offset={offset}&length={length}",
-            routes::volume_allocation(name)
+            routes::volume_allocation(&self.qualify(name))
         );
         if let Some(s) = snapshot {
             path.push_str(&format!("&snapshot={}", escape(s)));

@@ -10,6 +10,14 @@
 //!
 //! Query strings are not part of a route: the client writes them from the
 //! fields of the query types in [`crate::types`].
+//!
+//! # Pools
+//! A daemon holds several pools. Every pattern below that starts `/v1/`
+//! addresses its default pool; the same pattern under `/v1/pools/{pool}`
+//! ([`scoped`]) addresses pool `pool` (`/v1/pool` itself becomes
+//! `/v1/pools/{pool}`). The builders take a volume as `POOL/VOLUME` or a
+//! bare `VOLUME` (the default pool) and build the matching form, as `rbd`
+//! names `POOL/IMAGE`.
 
 /// `GET`: pool figures.
 pub const POOL: &str = "/v1/pool";
@@ -57,7 +65,16 @@ pub const CACHE_PINS: &str = "/v1/cache/pins";
 /// [`cache_pin`].
 pub const CACHE_PIN: &str = "/v1/cache/pins/{image}";
 
-/// Every pattern above.
+/// `GET`: the pools the daemon holds; `POST`: add one.
+pub const POOLS: &str = "/v1/pools";
+/// `POST`: close a pool and forget it (its data stays).
+pub const POOL_DETACH: &str = "/v1/pools/{pool}/detach";
+/// `POST`: open a pool that could not be opened (`?force=true` takes a pool
+/// on S3 over).
+pub const POOL_OPEN: &str = "/v1/pools/{pool}/open";
+
+/// Every pattern above that addresses the default pool, and has a
+/// [`scoped`] twin.
 pub const ALL: &[&str] = &[
     POOL,
     POOL_CLEAN,
@@ -83,79 +100,147 @@ pub const ALL: &[&str] = &[
     CACHE_PIN,
 ];
 
+/// The pattern `pattern` (one of [`ALL`]) for pool `{pool}`.
+pub fn scoped(pattern: &str) -> String {
+    let rest = pattern
+        .strip_prefix("/v1")
+        .expect("every route is under /v1");
+    match rest.strip_prefix("/pool") {
+        Some(tail) if tail.is_empty() || tail.starts_with('/') => {
+            format!("/v1/pools/{{pool}}{tail}")
+        }
+        _ => format!("/v1/pools/{{pool}}{rest}"),
+    }
+}
+
+/// `path` (a default-pool path) for `pool`, or as it is for `None`.
+pub fn in_pool(pool: Option<&str>, path: String) -> String {
+    let Some(pool) = pool else {
+        return path;
+    };
+    let rest = &path["/v1".len()..];
+    match rest.strip_prefix("/pool") {
+        Some(tail) if tail.is_empty() || tail.starts_with('/') || tail.starts_with('?') => {
+            format!("/v1/pools/{}{tail}", escape(pool))
+        }
+        _ => format!("/v1/pools/{}{rest}", escape(pool)),
+    }
+}
+
+/// A pool-level path (`pattern` without captures, e.g. [`POOL`]) of pool
+/// `pool` (`None`: the default pool).
+pub fn pool_path(pattern: &str, pool: Option<&str>) -> String {
+    in_pool(pool, pattern.to_string())
+}
+
+/// `pattern` for volume `name` (`POOL/VOLUME` or `VOLUME`), its other
+/// captures filled with `more`.
+fn for_volume(pattern: &str, name: &str, more: &[&str]) -> String {
+    let (pool, volume) = split_pool(name);
+    let mut segments = vec![escape(volume)];
+    segments.extend(more.iter().map(|s| escape(s)));
+    let refs: Vec<&str> = segments.iter().map(String::as_str).collect();
+    in_pool(pool, fill(pattern, &refs))
+}
+
+/// `POOL/NAME` as (`Some(POOL)`, `NAME`), `NAME` as (`None`, `NAME`).
+pub fn split_pool(name: &str) -> (Option<&str>, &str) {
+    match name.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, name),
+    }
+}
+
+/// [`POOL_DETACH`] of pool `pool`.
+pub fn pool_detach(pool: &str) -> String {
+    fill(POOL_DETACH, &[&escape(pool)])
+}
+
+/// [`POOL_OPEN`] of pool `pool`.
+pub fn pool_open(pool: &str) -> String {
+    fill(POOL_OPEN, &[&escape(pool)])
+}
+
 /// [`VOLUME`] of volume `name`.
 pub fn volume(name: &str) -> String {
-    fill(VOLUME, &[&escape(name)])
+    for_volume(VOLUME, name, &[])
+}
+
+/// [`VOLUMES`] of pool `pool` (`None`: the default pool).
+pub fn volumes(pool: Option<&str>) -> String {
+    pool_path(VOLUMES, pool)
 }
 
 /// [`VOLUME_DATA`] of volume `name`.
 pub fn volume_data(name: &str) -> String {
-    fill(VOLUME_DATA, &[&escape(name)])
+    for_volume(VOLUME_DATA, name, &[])
 }
 
 /// [`VOLUME_ZERO`] of volume `name`.
 pub fn volume_zero(name: &str) -> String {
-    fill(VOLUME_ZERO, &[&escape(name)])
+    for_volume(VOLUME_ZERO, name, &[])
 }
 
 /// [`VOLUME_IMPORT`] of volume `name`.
 pub fn volume_import(name: &str) -> String {
-    fill(VOLUME_IMPORT, &[&escape(name)])
+    for_volume(VOLUME_IMPORT, name, &[])
 }
 
 /// [`VOLUME_ALLOCATION`] of volume `name`.
 pub fn volume_allocation(name: &str) -> String {
-    fill(VOLUME_ALLOCATION, &[&escape(name)])
+    for_volume(VOLUME_ALLOCATION, name, &[])
 }
 
 /// [`VOLUME_SNAPSHOTS`] of volume `name`.
 pub fn volume_snapshots(name: &str) -> String {
-    fill(VOLUME_SNAPSHOTS, &[&escape(name)])
+    for_volume(VOLUME_SNAPSHOTS, name, &[])
 }
 
 /// [`SNAPSHOT`]: snapshot `snap` of volume `volume`.
 pub fn snapshot(volume: &str, snap: &str) -> String {
-    fill(SNAPSHOT, &[&escape(volume), &escape(snap)])
+    for_volume(SNAPSHOT, volume, &[snap])
 }
 
 /// [`SNAPSHOT_ROLLBACK`]: rolls `volume` back to its snapshot `snap`.
 pub fn snapshot_rollback(volume: &str, snap: &str) -> String {
-    fill(SNAPSHOT_ROLLBACK, &[&escape(volume), &escape(snap)])
+    for_volume(SNAPSHOT_ROLLBACK, volume, &[snap])
 }
 
 /// [`VOLUME_TEMPLATE`] of volume `name`.
 pub fn volume_template(name: &str) -> String {
-    fill(VOLUME_TEMPLATE, &[&escape(name)])
+    for_volume(VOLUME_TEMPLATE, name, &[])
 }
 
 /// [`VOLUME_CLONE`] of volume `name`.
 pub fn volume_clone(name: &str) -> String {
-    fill(VOLUME_CLONE, &[&escape(name)])
+    for_volume(VOLUME_CLONE, name, &[])
 }
 
 /// [`VOLUME_FLATTEN`] of volume `name`.
 pub fn volume_flatten(name: &str) -> String {
-    fill(VOLUME_FLATTEN, &[&escape(name)])
+    for_volume(VOLUME_FLATTEN, name, &[])
 }
 
 /// [`VOLUME_COMMIT`] of volume `name`.
 pub fn volume_commit(name: &str) -> String {
-    fill(VOLUME_COMMIT, &[&escape(name)])
+    for_volume(VOLUME_COMMIT, name, &[])
 }
 
 /// [`VOLUME_DIFF`] of volume `name`.
 pub fn volume_diff(name: &str) -> String {
-    fill(VOLUME_DIFF, &[&escape(name)])
+    for_volume(VOLUME_DIFF, name, &[])
 }
 
-/// [`CACHE_PIN`] of `volume`, or of its `snapshot`: the image segment is
-/// `VOLUME` or `VOLUME@SNAPSHOT`, each name encoded, the `@` not.
+/// [`CACHE_PIN`] of `volume` (`POOL/VOLUME` or `VOLUME`), or of its
+/// `snapshot`: the image segment is `VOLUME` or `VOLUME@SNAPSHOT`, each
+/// name encoded, the `@` not.
 pub fn cache_pin(volume: &str, snapshot: Option<&str>) -> String {
+    let (pool, volume) = split_pool(volume);
     let image = match snapshot {
         Some(s) => format!("{}@{}", escape(volume), escape(s)),
         None => escape(volume),
     };
-    fill(CACHE_PIN, &[&image])
+    in_pool(pool, fill(CACHE_PIN, &[&image]))
 }
 
 /// `pattern` with its captures replaced, in order, by `segments` (already
@@ -259,12 +344,18 @@ mod tests {
         ];
         type Two = fn(&str, &str) -> String;
         let two: &[(&str, Two)] = &[(SNAPSHOT, snapshot), (SNAPSHOT_ROLLBACK, snapshot_rollback)];
-        for &a in ODD {
+        // A volume name with `/` names its pool first (`POOL/VOLUME`).
+        for &a in ODD.iter().filter(|n| !n.contains('/')) {
             for &(pattern, build) in one {
                 assert_eq!(
                     captures(pattern, &build(a)),
                     Some(vec![a.to_string()]),
                     "{pattern} {a:?}"
+                );
+                assert_eq!(
+                    captures(&scoped(pattern), &build(&format!("p q/{a}"))),
+                    Some(vec!["p q".to_string(), a.to_string()]),
+                    "{pattern} p q/{a:?}"
                 );
             }
             for &b in ODD {
@@ -295,7 +386,12 @@ mod tests {
             "/v1/volumes/web1/snapshots/mon/rollback"
         );
         assert_eq!(cache_pin("web1", Some("mon")), "/v1/cache/pins/web1@mon");
-        assert_eq!(volume("a b/c"), "/v1/volumes/a%20b%2Fc");
+        assert_eq!(volume("a b"), "/v1/volumes/a%20b");
+        assert_eq!(volume("cold/a b"), "/v1/pools/cold/volumes/a%20b");
+        assert_eq!(pool_path(POOL, Some("cold")), "/v1/pools/cold");
+        assert_eq!(pool_path(POOL_CHECK, Some("cold")), "/v1/pools/cold/check");
+        assert_eq!(scoped(POOL), "/v1/pools/{pool}");
+        assert_eq!(scoped(CACHE_PIN), "/v1/pools/{pool}/cache/pins/{image}");
     }
 
     #[test]
@@ -566,7 +662,7 @@ mod tests {
         let mut reached = std::collections::BTreeSet::new();
         // Valid names (the calls mostly succeed), then names the client
         // must encode (the server refuses them, after routing).
-        for (v, s) in [("web1", "mon"), ("a b/c", "x@y?z#"), ("100%", "ü/..")] {
+        for (v, s) in [("web1", "mon"), ("a b", "x@y?z#"), ("100%", "ü/..")] {
             for (method, pattern, names, call) in &calls {
                 let before = seen.lock().unwrap().len();
                 call(&c, v, s);

@@ -19,28 +19,31 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, Query, RawPathParams, Request, State,
+};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{MethodRouter, delete, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use tokio::net::{TcpListener, UnixListener};
 use vpool_engine::{EngineError, Pool, STATE_HOLE, STATE_ZERO};
 
-use vpool_service::{Catalog, PoolService};
+use vpool_service::{Catalog, Host, PoolCtx, PoolService};
 
 use crate::cache::CacheControl;
 use crate::error::{ApiError, ErrorKind};
 use crate::limits::{ApiLimits, serve_limited};
 use crate::routes;
 use crate::types::{
-    Allocation, AllocationExtent, CacheInfo, CheckQuery, CheckResult, CleanResult, CloneRequest,
-    CreateSnapshotRequest, CreateVolumeRequest, Diff, DiffExtent, DiffQuery, ForceQuery, PinList,
-    PinRequest, PoolInfo, RangeQuery, ResizeVolumeRequest, RollbackQuery, SnapshotInfo,
-    SnapshotList, VolumeInfo, VolumeList, WriteQuery, ZeroQuery,
+    AddPoolRequest, Allocation, AllocationExtent, CacheInfo, CheckQuery, CheckResult, CleanResult,
+    CloneRequest, CreateSnapshotRequest, CreateVolumeRequest, Diff, DiffExtent, DiffQuery,
+    ForceQuery, PinList, PinRequest, PoolInfo, PoolList, PoolStatus, RangeQuery,
+    ResizeVolumeRequest, RollbackQuery, SnapshotInfo, SnapshotList, VolumeInfo, VolumeList,
+    WriteQuery, ZeroQuery,
 };
 use crate::{
     MAX_ALLOCATION_EXTENTS, MAX_ALLOCATION_SPAN_BYTES, MAX_DATA_BYTES, MAX_DIFF_EXTENTS,
@@ -54,34 +57,29 @@ pub const MIN_TOKEN_LEN: usize = 16;
 /// Longest bearer token accepted; a header line has to fit in a request.
 pub const MAX_TOKEN_LEN: usize = 1024;
 
-/// What the handlers share: the pool, the daemon's [`Catalog`] (templates,
-/// open NBD handles), where the daemon serves NBD on TCP (reported by
-/// `GET /v1/pool`), and the pool's host cache if it has one (a pool on
-/// object storage).
+/// What the handlers share: the [`Host`] (the pools the daemon holds, each
+/// with its service, catalog and cache), where the daemon serves NBD on TCP
+/// (reported by the pool info), and the limits.
 #[derive(Clone)]
 pub struct ApiState {
-    service: Arc<PoolService>,
+    host: Arc<Host>,
     nbd_tcp_addr: Option<std::net::SocketAddr>,
-    cache: Option<Arc<dyn CacheControl>>,
     limits: ApiLimits,
 }
 
 impl ApiState {
-    /// State over `pool` with an in-memory catalog (templates are not
-    /// persisted; see [`ApiState::with_catalog`]).
+    /// State over one pool, `local`, with an in-memory catalog (templates
+    /// are not persisted; see [`ApiState::with_catalog`]).
     pub fn new(pool: Pool) -> ApiState {
-        ApiState::for_service(Arc::new(PoolService::new(
-            pool,
-            Arc::new(Catalog::in_memory()),
-        )))
+        let host = Host::single("local", pool, Arc::new(Catalog::in_memory()), None);
+        ApiState::for_host(Arc::new(host))
     }
 
-    /// State over a pool service (which carries the pool and its catalog).
-    pub fn for_service(service: Arc<PoolService>) -> ApiState {
+    /// State over the pools of `host`.
+    pub fn for_host(host: Arc<Host>) -> ApiState {
         ApiState {
-            service,
+            host,
             nbd_tcp_addr: None,
-            cache: None,
             limits: ApiLimits::default(),
         }
     }
@@ -96,31 +94,45 @@ impl ApiState {
         &self.limits
     }
 
-    /// Serves the `/v1/cache` routes from `cache` (without one, they answer
-    /// `not_supported`: a local pool has no cache).
-    pub fn with_cache(mut self, cache: Option<Arc<dyn CacheControl>>) -> ApiState {
-        self.cache = cache;
+    /// For a one-pool state ([`ApiState::new`]): serves the cache routes
+    /// from `cache` (without one, they answer `not_supported`).
+    pub fn with_cache(self, cache: Option<Arc<dyn CacheControl>>) -> ApiState {
+        let ctx = self.default_ctx();
+        let catalog = Arc::clone(ctx.service.catalog());
+        self.rebuilt(ctx.service.pool().clone(), catalog, cache)
+    }
+
+    /// For a one-pool state ([`ApiState::new`]): uses `catalog`, shared
+    /// with the NBD exports.
+    pub fn with_catalog(self, catalog: Arc<Catalog>) -> ApiState {
+        let ctx = self.default_ctx();
+        self.rebuilt(ctx.service.pool().clone(), catalog, ctx.cache.clone())
+    }
+
+    fn rebuilt(
+        mut self,
+        pool: Pool,
+        catalog: Arc<Catalog>,
+        cache: Option<Arc<dyn CacheControl>>,
+    ) -> ApiState {
+        let name = self.host.default_name().to_string();
+        self.host = Arc::new(Host::single(&name, pool, catalog, cache));
         self
     }
 
-    /// The pool's host cache, if it has one.
-    pub fn cache(&self) -> Option<&Arc<dyn CacheControl>> {
-        self.cache.as_ref()
+    fn default_ctx(&self) -> Arc<PoolCtx> {
+        self.host
+            .pool(None)
+            .expect("a one-pool state's pool is open")
     }
 
-    /// Uses `catalog`, shared with the NBD exports.
-    pub fn with_catalog(mut self, catalog: Arc<Catalog>) -> ApiState {
-        let pool = self.service.pool().clone();
-        self.service = Arc::new(PoolService::new(pool, catalog));
-        self
+    /// The default pool's catalog.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        Arc::clone(self.default_ctx().service.catalog())
     }
 
-    pub fn catalog(&self) -> &Arc<Catalog> {
-        self.service.catalog()
-    }
-
-    pub fn service(&self) -> &Arc<PoolService> {
-        &self.service
+    pub fn host(&self) -> &Arc<Host> {
+        &self.host
     }
 
     /// Reports `addr` as the daemon's NBD TCP listener in the pool info.
@@ -129,8 +141,68 @@ impl ApiState {
         self
     }
 
-    pub fn pool(&self) -> &Pool {
-        self.service.pool()
+    /// The default pool's engine.
+    pub fn pool(&self) -> Pool {
+        self.default_ctx().service.pool().clone()
+    }
+}
+
+/// The `{pool}` capture of a host route (`detach`, `open`), whether that
+/// pool is open or not.
+struct PoolName(String);
+
+impl FromRequestParts<ApiState> for PoolName {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &ApiState,
+    ) -> Result<Self, Self::Rejection> {
+        let params = RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|r| ApiError::from_rejection(r.status(), "path", r.body_text()))?;
+        let name = params
+            .iter()
+            .find(|(k, _)| *k == "pool")
+            .map(|(_, v)| v.to_string());
+        name.map(PoolName)
+            .ok_or_else(|| ApiError::internal("a host route without a {pool} capture"))
+    }
+}
+
+/// What a request addresses: the open pool its `{pool}` capture names (the
+/// default pool on routes without one), and its other captures (empty
+/// where the route has none).
+struct At {
+    ctx: Arc<PoolCtx>,
+    name: String,
+    snap: String,
+    image: String,
+}
+
+impl FromRequestParts<ApiState> for At {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &ApiState,
+    ) -> Result<Self, Self::Rejection> {
+        let params = RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|r| ApiError::from_rejection(r.status(), "path", r.body_text()))?;
+        let get = |key: &str| {
+            params
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.to_string())
+        };
+        let ctx = state.host.pool(get("pool").as_deref())?;
+        Ok(At {
+            ctx,
+            name: get("name").unwrap_or_default(),
+            snap: get("snap").unwrap_or_default(),
+            image: get("image").unwrap_or_default(),
+        })
     }
 }
 
@@ -206,40 +278,58 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-/// The API's routes over `state`, without authentication.
-pub fn router(state: ApiState) -> Router {
-    let data = Router::new()
-        .route(routes::VOLUME_DATA, get(read_data).put(write_data))
-        .layer(DefaultBodyLimit::max(MAX_DATA_BYTES));
-    Router::new()
-        .route(routes::POOL, get(pool_info))
-        .route(routes::POOL_CLEAN, post(pool_clean))
-        .route(routes::POOL_CHECKPOINT, post(pool_checkpoint))
-        .route(routes::POOL_CHECK, post(pool_check))
-        .route(routes::FLUSH, post(flush))
-        .route(routes::VOLUMES, get(list_volumes).post(create_volume))
-        .route(
+/// The routes of one pool: each pattern of [`routes::ALL`] with its
+/// handlers, to be mounted as it is (the default pool) and
+/// [`routes::scoped`] (any pool).
+fn pool_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
+    vec![
+        (routes::POOL, get(pool_info)),
+        (routes::POOL_CLEAN, post(pool_clean)),
+        (routes::POOL_CHECKPOINT, post(pool_checkpoint)),
+        (routes::POOL_CHECK, post(pool_check)),
+        (routes::FLUSH, post(flush)),
+        (routes::VOLUMES, get(list_volumes).post(create_volume)),
+        (
             routes::VOLUME,
             get(volume_info).patch(resize_volume).delete(delete_volume),
-        )
-        .route(routes::VOLUME_ZERO, post(zero_range))
-        .route(routes::VOLUME_IMPORT, post(begin_import).delete(end_import))
-        .route(routes::VOLUME_ALLOCATION, get(allocation))
-        .route(
+        ),
+        (routes::VOLUME_ZERO, post(zero_range)),
+        (routes::VOLUME_IMPORT, post(begin_import).delete(end_import)),
+        (routes::VOLUME_ALLOCATION, get(allocation)),
+        (
             routes::VOLUME_SNAPSHOTS,
             get(list_snapshots).post(create_snapshot),
-        )
-        .route(routes::SNAPSHOT, get(snapshot_info).delete(delete_snapshot))
-        .route(routes::SNAPSHOT_ROLLBACK, post(rollback))
-        .route(routes::VOLUME_TEMPLATE, post(make_template))
-        .route(routes::VOLUME_CLONE, post(clone_volume))
-        .route(routes::VOLUME_FLATTEN, post(flatten))
-        .route(routes::VOLUME_COMMIT, post(commit))
-        .route(routes::VOLUME_DIFF, get(diff))
-        .route(routes::CACHE, get(cache_stats))
-        .route(routes::CACHE_PINS, get(list_pins).post(add_pin))
-        .route(routes::CACHE_PIN, delete(remove_pin))
-        .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
+        ),
+        (routes::SNAPSHOT, get(snapshot_info).delete(delete_snapshot)),
+        (routes::SNAPSHOT_ROLLBACK, post(rollback)),
+        (routes::VOLUME_TEMPLATE, post(make_template)),
+        (routes::VOLUME_CLONE, post(clone_volume)),
+        (routes::VOLUME_FLATTEN, post(flatten)),
+        (routes::VOLUME_COMMIT, post(commit)),
+        (routes::VOLUME_DIFF, get(diff)),
+        (routes::CACHE, get(cache_stats)),
+        (routes::CACHE_PINS, get(list_pins).post(add_pin)),
+        (routes::CACHE_PIN, delete(remove_pin)),
+    ]
+}
+
+/// The API's routes over `state`, without authentication.
+pub fn router(state: ApiState) -> Router {
+    let data_get = get(read_data).put(write_data);
+    let data = Router::new()
+        .route(routes::VOLUME_DATA, data_get.clone())
+        .route(&routes::scoped(routes::VOLUME_DATA), data_get)
+        .layer(DefaultBodyLimit::max(MAX_DATA_BYTES));
+    let mut r = Router::new()
+        .route(routes::POOLS, get(list_pools).post(add_pool))
+        .route(routes::POOL_DETACH, post(detach_pool))
+        .route(routes::POOL_OPEN, post(open_pool));
+    for (pattern, handlers) in pool_routes() {
+        r = r
+            .route(pattern, handlers.clone())
+            .route(&routes::scoped(pattern), handlers);
+    }
+    r.layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
         .merge(data)
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
@@ -404,19 +494,6 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
-struct ApiPath<T>(T);
-
-impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        Path::<T>::from_request_parts(parts, state)
-            .await
-            .map(|Path(p)| ApiPath(p))
-            .map_err(|r| ApiError::from_rejection(r.status(), "path", r.body_text()))
-    }
-}
-
 /// `offset + length`, or `invalid` if it does not fit in a `u64`. Checked
 /// here because the engine computes range ends before it range-checks.
 fn range_end(offset: u64, length: u64) -> Result<u64, ApiError> {
@@ -427,10 +504,117 @@ fn range_end(offset: u64, length: u64) -> Result<u64, ApiError> {
     })
 }
 
+// ----- host routes: the pools -----
+
+fn pool_status(host: &Host, slot: vpool_service::PoolSlot) -> PoolStatus {
+    let default = slot.name == host.default_name();
+    let mut out = PoolStatus {
+        name: slot.name,
+        dir: slot.dir.display().to_string(),
+        default,
+        kind: None,
+        state: "open".into(),
+        reason: None,
+        volumes: None,
+        logical_bytes: None,
+        physical_bytes: None,
+        free_bytes: None,
+    };
+    match slot.state {
+        vpool_service::PoolState::Open(ctx) => {
+            let stats = ctx.service.stats();
+            out.kind = Some(ctx.kind);
+            out.volumes = Some(stats.volumes);
+            out.logical_bytes = Some(stats.logical_bytes);
+            out.physical_bytes = Some(stats.physical_bytes);
+            out.free_bytes = stats.free_bytes;
+        }
+        vpool_service::PoolState::Failed { reason, .. } => {
+            out.state = "failed".into();
+            out.reason = Some(reason);
+        }
+    }
+    out
+}
+
+async fn list_pools(State(s): State<ApiState>) -> Result<Json<PoolList>, ApiError> {
+    let host = Arc::clone(&s.host);
+    let pools = service(move || {
+        Ok(host
+            .pools()
+            .into_iter()
+            .map(|slot| pool_status(&host, slot))
+            .collect())
+    })
+    .await?;
+    Ok(Json(PoolList { pools }))
+}
+
+/// `POST /v1/pools`: a new local pool, an existing pool directory taken
+/// over, or a pool on S3 (created, or attached from another host).
+async fn add_pool(
+    State(s): State<ApiState>,
+    ApiJson(req): ApiJson<AddPoolRequest>,
+) -> Result<Response, ApiError> {
+    let host = Arc::clone(&s.host);
+    let status = service(move || {
+        let dir = match &req.dir {
+            Some(d) => std::path::PathBuf::from(d),
+            None => host.default_dir(&req.name),
+        };
+        match &req.s3 {
+            Some(spec) => {
+                host.add_s3_pool(&req.name, &dir, spec, req.attach, req.unsafe_single_host)?
+            }
+            None => host.add_pool(&req.name, &dir)?,
+        };
+        let slot = host
+            .pools()
+            .into_iter()
+            .find(|p| p.name == req.name)
+            .expect("the pool was just added");
+        Ok(pool_status(&host, slot))
+    })
+    .await?;
+    let loc = routes::pool_path(routes::POOL, Some(&status.name));
+    Ok(created(&status, &loc))
+}
+
+async fn detach_pool(
+    State(s): State<ApiState>,
+    PoolName(name): PoolName,
+) -> Result<StatusCode, ApiError> {
+    let host = Arc::clone(&s.host);
+    service(move || host.detach_pool(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn open_pool(
+    State(s): State<ApiState>,
+    PoolName(name): PoolName,
+    ApiQuery(q): ApiQuery<ForceQuery>,
+) -> Result<Json<PoolStatus>, ApiError> {
+    let host = Arc::clone(&s.host);
+    let status = service(move || {
+        host.open_pool(&name, q.force)?;
+        let slot = host
+            .pools()
+            .into_iter()
+            .find(|p| p.name == name)
+            .expect("listed");
+        Ok(pool_status(&host, slot))
+    })
+    .await?;
+    Ok(Json(status))
+}
+
 // ----- pool routes -----
 
-async fn pool_info(State(s): State<ApiState>) -> Result<Json<PoolInfo>, ApiError> {
-    let svc = s.service.clone();
+async fn pool_info(
+    State(s): State<ApiState>,
+    At { ctx, .. }: At,
+) -> Result<Json<PoolInfo>, ApiError> {
+    let svc = ctx.service.clone();
     let stats = service(move || Ok(svc.stats())).await?;
     Ok(Json(PoolInfo {
         nbd_tcp_addr: s.nbd_tcp_addr,
@@ -438,46 +622,47 @@ async fn pool_info(State(s): State<ApiState>) -> Result<Json<PoolInfo>, ApiError
     }))
 }
 
-async fn pool_clean(State(s): State<ApiState>) -> Result<Json<CleanResult>, ApiError> {
-    let r = service(move || s.service.clean()).await?;
+async fn pool_clean(At { ctx, .. }: At) -> Result<Json<CleanResult>, ApiError> {
+    let r = service(move || ctx.service.clean()).await?;
     Ok(Json(r.into()))
 }
 
 /// `POST /v1/pool/check`: reads the whole pool; stops if the client
 /// leaves (see [`CancelOnDrop`]).
 async fn pool_check(
-    State(s): State<ApiState>,
+    At { ctx, .. }: At,
     ApiQuery(q): ApiQuery<CheckQuery>,
 ) -> Result<Json<CheckResult>, ApiError> {
     let cancel = CancelOnDrop(Arc::new(std::sync::atomic::AtomicBool::new(false)));
     let flag = cancel.0.clone();
-    let r = service(move || s.service.check(q.repair, &flag)).await?;
+    let r = service(move || ctx.service.check(q.repair, &flag)).await?;
     Ok(Json(r.into()))
 }
 
-async fn pool_checkpoint(State(s): State<ApiState>) -> Result<StatusCode, ApiError> {
-    service(move || s.service.checkpoint()).await?;
+async fn pool_checkpoint(At { ctx, .. }: At) -> Result<StatusCode, ApiError> {
+    service(move || ctx.service.checkpoint()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn flush(State(s): State<ApiState>) -> Result<StatusCode, ApiError> {
-    service(move || s.service.flush()).await?;
+async fn flush(At { ctx, .. }: At) -> Result<StatusCode, ApiError> {
+    service(move || ctx.service.flush()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 // ----- cache routes -----
 
-impl ApiState {
-    /// The cache, or the refusal of a pool without one.
-    fn need_cache(&self) -> Result<Arc<dyn CacheControl>, ApiError> {
-        self.cache.clone().ok_or_else(|| {
-            ApiError::new(
-                ErrorKind::NotSupported,
-                "this is a local pool: it has no cache (cache commands are for pools on S3, \
+/// The pool's cache, or the refusal of a pool without one.
+fn need_cache(ctx: &PoolCtx) -> Result<Arc<dyn CacheControl>, ApiError> {
+    ctx.cache.clone().ok_or_else(|| {
+        ApiError::new(
+            ErrorKind::NotSupported,
+            format!(
+                "{} is a local pool: it has no cache (cache commands are for pools on S3, \
                  made with `vpool pool create --s3`)",
-            )
-        })
-    }
+                ctx.name
+            ),
+        )
+    })
 }
 
 /// Checks a volume or snapshot name of a pin request: the engine checks the
@@ -495,28 +680,28 @@ fn check_pin_name(what: &str, name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn cache_stats(State(s): State<ApiState>) -> Result<Json<CacheInfo>, ApiError> {
-    let cache = s.need_cache()?;
-    let info = blocking_api(move || Ok(cache.stats())).await?;
+async fn cache_stats(At { ctx, .. }: At) -> Result<Json<CacheInfo>, ApiError> {
+    let cache = need_cache(&ctx)?;
+    let info = service(move || Ok(cache.stats())).await?;
     Ok(Json(info))
 }
 
-async fn list_pins(State(s): State<ApiState>) -> Result<Json<PinList>, ApiError> {
-    let cache = s.need_cache()?;
-    let pins = blocking_api(move || Ok(cache.pins())).await?;
+async fn list_pins(At { ctx, .. }: At) -> Result<Json<PinList>, ApiError> {
+    let cache = need_cache(&ctx)?;
+    let pins = service(move || Ok(cache.pins())).await?;
     Ok(Json(PinList { pins }))
 }
 
 async fn add_pin(
-    State(s): State<ApiState>,
+    At { ctx, .. }: At,
     ApiJson(req): ApiJson<PinRequest>,
 ) -> Result<Response, ApiError> {
-    let cache = s.need_cache()?;
+    let cache = need_cache(&ctx)?;
     check_pin_name("volume", &req.volume)?;
     if let Some(snap) = &req.snapshot {
         check_pin_name("snapshot", snap)?;
     }
-    let (pin, new) = blocking_api(move || cache.pin(&req.volume, req.snapshot.as_deref())).await?;
+    let (pin, new) = service(move || cache.pin(&req.volume, req.snapshot.as_deref())).await?;
     if new {
         let loc = routes::cache_pin(&pin.volume, pin.snapshot.as_deref());
         Ok(created(&pin, &loc))
@@ -527,11 +712,8 @@ async fn add_pin(
 
 /// `DELETE /v1/cache/pins/{image}`, the image being `VOLUME` or
 /// `VOLUME@SNAPSHOT` (as NBD exports name snapshots).
-async fn remove_pin(
-    State(s): State<ApiState>,
-    ApiPath(image): ApiPath<String>,
-) -> Result<StatusCode, ApiError> {
-    let cache = s.need_cache()?;
+async fn remove_pin(At { ctx, image, .. }: At) -> Result<StatusCode, ApiError> {
+    let cache = need_cache(&ctx)?;
     let (volume, snapshot) = match image.split_once('@') {
         Some((v, snap)) => (v.to_string(), Some(snap.to_string())),
         None => (image.clone(), None),
@@ -540,7 +722,7 @@ async fn remove_pin(
     if let Some(snap) = &snapshot {
         check_pin_name("snapshot", snap)?;
     }
-    blocking_api(move || cache.unpin(&volume, snapshot.as_deref())).await?;
+    service(move || cache.unpin(&volume, snapshot.as_deref())).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -558,19 +740,6 @@ where
     }
 }
 
-/// Runs API-side work (cache control, which answers [`ApiError`]s) on the
-/// blocking pool.
-async fn blocking_api<T, F>(f: F) -> Result<T, ApiError>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
-{
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r,
-        Err(e) => Err(ApiError::internal(format!("engine task failed: {e}"))),
-    }
-}
-
 fn created(body: impl serde::Serialize, location: &str) -> Response {
     let mut resp = (StatusCode::CREATED, Json(body)).into_response();
     // The route builders percent-encode names (valid names need none).
@@ -580,19 +749,19 @@ fn created(body: impl serde::Serialize, location: &str) -> Response {
     resp
 }
 
-async fn list_volumes(State(s): State<ApiState>) -> Result<Json<VolumeList>, ApiError> {
-    let vols = service(move || Ok(s.service.list_volumes())).await?;
+async fn list_volumes(At { ctx, .. }: At) -> Result<Json<VolumeList>, ApiError> {
+    let vols = service(move || Ok(ctx.service.list_volumes())).await?;
     Ok(Json(VolumeList {
         volumes: vols.into_iter().map(VolumeInfo::from).collect(),
     }))
 }
 
 async fn create_volume(
-    State(s): State<ApiState>,
+    At { ctx, .. }: At,
     ApiJson(req): ApiJson<CreateVolumeRequest>,
 ) -> Result<Response, ApiError> {
     let info = service(move || {
-        s.service
+        ctx.service
             .create_volume(&req.name, req.size_bytes, req.ephemeral)
     })
     .await?;
@@ -638,13 +807,10 @@ async fn space_of(
     }
 }
 
-async fn volume_info(
-    State(s): State<ApiState>,
-    ApiPath(name): ApiPath<String>,
-) -> Result<Json<VolumeInfo>, ApiError> {
-    let (svc, n) = (s.service.clone(), name.clone());
+async fn volume_info(At { ctx, name, .. }: At) -> Result<Json<VolumeInfo>, ApiError> {
+    let (svc, n) = (ctx.service.clone(), name.clone());
     let view = service(move || svc.volume(&n)).await?;
-    let space = space_of(&s.service, &name).await?;
+    let space = space_of(&ctx.service, &name).await?;
     let mut info = VolumeInfo::from(view);
     info.exclusive_bytes = space.as_ref().map(|sp| sp.volume.exclusive_bytes);
     info.shared_bytes = space.as_ref().map(|sp| sp.volume.shared_bytes);
@@ -652,12 +818,11 @@ async fn volume_info(
 }
 
 async fn resize_volume(
-    State(s): State<ApiState>,
-    ApiPath(name): ApiPath<String>,
+    At { ctx, name, .. }: At,
     ApiJson(req): ApiJson<ResizeVolumeRequest>,
 ) -> Result<Json<VolumeInfo>, ApiError> {
     let info = service(move || {
-        s.service
+        ctx.service
             .resize_volume(&name, req.size_bytes, req.allow_shrink, req.force)
     })
     .await?;
@@ -665,24 +830,20 @@ async fn resize_volume(
 }
 
 async fn delete_volume(
-    State(s): State<ApiState>,
-    ApiPath(name): ApiPath<String>,
+    At { ctx, name, .. }: At,
     ApiQuery(q): ApiQuery<ForceQuery>,
 ) -> Result<StatusCode, ApiError> {
-    service(move || s.service.delete_volume(&name, q.force)).await?;
+    service(move || ctx.service.delete_volume(&name, q.force)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 // ----- snapshots -----
 
-async fn list_snapshots(
-    State(s): State<ApiState>,
-    ApiPath(name): ApiPath<String>,
-) -> Result<Json<SnapshotList>, ApiError> {
-    let (svc, n) = (s.service.clone(), name.clone());
+async fn list_snapshots(At { ctx, name, .. }: At) -> Result<Json<SnapshotList>, ApiError> {
+    let (svc, n) = (ctx.service.clone(), name.clone());
     let snaps = service(move || svc.list_snapshots(&n)).await?;
     let space: std::collections::HashMap<String, vpool_engine::ImageSpace> =
-        match space_of(&s.service, &name).await? {
+        match space_of(&ctx.service, &name).await? {
             Some(sp) => sp.snapshots.into_iter().collect(),
             None => Default::default(),
         };
@@ -701,57 +862,55 @@ async fn list_snapshots(
 }
 
 async fn create_snapshot(
-    State(s): State<ApiState>,
-    ApiPath(name): ApiPath<String>,
+    At { ctx, name, .. }: At,
     ApiJson(req): ApiJson<CreateSnapshotRequest>,
 ) -> Result<Response, ApiError> {
-    let snap = service(move || s.service.create_snapshot(&name, &req.name)).await?;
+    let snap = service(move || ctx.service.create_snapshot(&name, &req.name)).await?;
     let loc = routes::snapshot(&snap.volume, &snap.name);
     Ok(created(SnapshotInfo::from(snap), &loc))
 }
 
 async fn snapshot_info(
-    State(s): State<ApiState>,
-    ApiPath((name, snap)): ApiPath<(String, String)>,
+    At {
+        ctx, name, snap, ..
+    }: At,
 ) -> Result<Json<SnapshotInfo>, ApiError> {
-    let info = service(move || s.service.snapshot(&name, &snap)).await?;
+    let info = service(move || ctx.service.snapshot(&name, &snap)).await?;
     Ok(Json(info.into()))
 }
 
 async fn delete_snapshot(
-    State(s): State<ApiState>,
-    ApiPath((name, snap)): ApiPath<(String, String)>,
+    At {
+        ctx, name, snap, ..
+    }: At,
 ) -> Result<StatusCode, ApiError> {
-    service(move || s.service.delete_snapshot(&name, &snap)).await?;
+    service(move || ctx.service.delete_snapshot(&name, &snap)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn rollback(
-    State(s): State<ApiState>,
-    ApiPath((name, snap)): ApiPath<(String, String)>,
+    At {
+        ctx, name, snap, ..
+    }: At,
     ApiQuery(q): ApiQuery<RollbackQuery>,
 ) -> Result<Json<VolumeInfo>, ApiError> {
-    let info = service(move || s.service.rollback(&name, &snap, q.force)).await?;
+    let info = service(move || ctx.service.rollback(&name, &snap, q.force)).await?;
     Ok(Json(info.into()))
 }
 
 // ----- templates and clones -----
 
-async fn make_template(
-    State(s): State<ApiState>,
-    ApiPath(name): ApiPath<String>,
-) -> Result<Json<VolumeInfo>, ApiError> {
-    let info = service(move || s.service.make_template(&name)).await?;
+async fn make_template(At { ctx, name, .. }: At) -> Result<Json<VolumeInfo>, ApiError> {
+    let info = service(move || ctx.service.make_template(&name)).await?;
     Ok(Json(info.into()))
 }
 
 async fn clone_volume(
-    State(s): State<ApiState>,
-    ApiPath(name): ApiPath<String>,
+    At { ctx, name, .. }: At,
     ApiJson(req): ApiJson<CloneRequest>,
 ) -> Result<Response, ApiError> {
     let info = service(move || {
-        s.service
+        ctx.service
             .clone_volume(&name, req.snapshot.as_deref(), &req.name)
     })
     .await?;
@@ -760,30 +919,25 @@ async fn clone_volume(
     Ok(created(&info, &loc))
 }
 
-async fn flatten(
-    State(s): State<ApiState>,
-    ApiPath(name): ApiPath<String>,
-) -> Result<Json<VolumeInfo>, ApiError> {
-    let info = service(move || s.service.flatten(&name)).await?;
+async fn flatten(At { ctx, name, .. }: At) -> Result<Json<VolumeInfo>, ApiError> {
+    let info = service(move || ctx.service.flatten(&name)).await?;
     Ok(Json(info.into()))
 }
 
 async fn commit(
-    State(s): State<ApiState>,
-    ApiPath(name): ApiPath<String>,
+    At { ctx, name, .. }: At,
     ApiQuery(q): ApiQuery<RollbackQuery>,
 ) -> Result<Json<VolumeInfo>, ApiError> {
-    let info = service(move || s.service.commit(&name, q.force)).await?;
+    let info = service(move || ctx.service.commit(&name, q.force)).await?;
     Ok(Json(info.into()))
 }
 
 async fn diff(
-    State(s): State<ApiState>,
-    ApiPath(name): ApiPath<String>,
+    At { ctx, name, .. }: At,
     ApiQuery(q): ApiQuery<DiffQuery>,
 ) -> Result<Json<Diff>, ApiError> {
     let (svc, n, from, to) = (
-        s.service.clone(),
+        ctx.service.clone(),
         name.clone(),
         q.from.clone(),
         q.to.clone(),
@@ -823,19 +977,17 @@ async fn diff(
 // ----- data routes -----
 
 async fn write_data(
-    State(s): State<ApiState>,
-    ApiPath(name): ApiPath<String>,
+    At { ctx, name, .. }: At,
     ApiQuery(q): ApiQuery<WriteQuery>,
     ApiBytes(body): ApiBytes,
 ) -> Result<StatusCode, ApiError> {
     range_end(q.offset, body.len() as u64)?;
-    service(move || s.service.write(&name, q.offset, &body, q.force)).await?;
+    service(move || ctx.service.write(&name, q.offset, &body, q.force)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn read_data(
-    State(s): State<ApiState>,
-    ApiPath(name): ApiPath<String>,
+    At { ctx, name, .. }: At,
     ApiQuery(q): ApiQuery<RangeQuery>,
 ) -> Result<Response, ApiError> {
     range_end(q.offset, q.length)?;
@@ -848,7 +1000,11 @@ async fn read_data(
                 q.length
             ))
         })?;
-    let buf = service(move || s.service.read(&name, q.snapshot.as_deref(), q.offset, len)).await?;
+    let buf = service(move || {
+        ctx.service
+            .read(&name, q.snapshot.as_deref(), q.offset, len)
+    })
+    .await?;
     Ok((
         [(
             header::CONTENT_TYPE,
@@ -860,12 +1016,15 @@ async fn read_data(
 }
 
 async fn zero_range(
-    State(s): State<ApiState>,
-    ApiPath(name): ApiPath<String>,
+    At { ctx, name, .. }: At,
     ApiQuery(q): ApiQuery<ZeroQuery>,
 ) -> Result<StatusCode, ApiError> {
     range_end(q.offset, q.length)?;
-    service(move || s.service.zero(&name, q.offset, q.length, q.unmap, q.force)).await?;
+    service(move || {
+        ctx.service
+            .zero(&name, q.offset, q.length, q.unmap, q.force)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -873,34 +1032,29 @@ async fn zero_range(
 /// volume's content; until `DELETE` says it finished, the volume is
 /// incomplete (see the catalog).
 async fn begin_import(
-    State(s): State<ApiState>,
-    ApiPath(name): ApiPath<String>,
+    At { ctx, name, .. }: At,
     ApiQuery(q): ApiQuery<ForceQuery>,
 ) -> Result<StatusCode, ApiError> {
-    service(move || s.service.begin_import(&name, q.force)).await?;
+    service(move || ctx.service.begin_import(&name, q.force)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// `DELETE /v1/volumes/{name}/import`: the import finished, its data is
 /// flushed.
-async fn end_import(
-    State(s): State<ApiState>,
-    ApiPath(name): ApiPath<String>,
-) -> Result<StatusCode, ApiError> {
-    service(move || s.service.end_import(&name)).await?;
+async fn end_import(At { ctx, name, .. }: At) -> Result<StatusCode, ApiError> {
+    service(move || ctx.service.end_import(&name)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn allocation(
-    State(s): State<ApiState>,
-    ApiPath(name): ApiPath<String>,
+    At { ctx, name, .. }: At,
     ApiQuery(q): ApiQuery<RangeQuery>,
 ) -> Result<Json<Allocation>, ApiError> {
     range_end(q.offset, q.length)?;
     let offset = q.offset;
     let asked = q.length;
     let raw = service(move || {
-        let vol = s.service.image(&name, q.snapshot.as_deref())?;
+        let vol = ctx.service.image(&name, q.snapshot.as_deref())?;
         // Range-check the whole asked range, so a bad request fails the same
         // way whatever part of it this answer would cover.
         let size = vol.size_bytes()?;

@@ -203,6 +203,58 @@ impl From<vpool_engine::PoolStats> for PoolInfo {
     }
 }
 
+/// One pool the daemon holds (`GET /v1/pools`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    pub name: String,
+    /// Its directory: a local pool, or the cache of a pool on S3.
+    pub dir: String,
+    /// Bare volume names (and NBD exports) mean this pool.
+    #[serde(default)]
+    pub default: bool,
+    /// `local` or `s3`; `null` while the pool is not open.
+    #[serde(default)]
+    pub kind: Option<vpool_service::PoolKind>,
+    /// `open`, or `failed` (see `reason`; `vpool pool open NAME` retries).
+    pub state: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub volumes: Option<u64>,
+    #[serde(default)]
+    pub logical_bytes: Option<u64>,
+    #[serde(default)]
+    pub physical_bytes: Option<u64>,
+    #[serde(default)]
+    pub free_bytes: Option<u64>,
+}
+
+/// `GET /v1/pools`: the default pool first, then by name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolList {
+    pub pools: Vec<PoolStatus>,
+}
+
+/// `POST /v1/pools`: a pool for the daemon to hold. Without `s3`: the local
+/// pool in `dir` (made if the directory is missing or empty; an existing
+/// pool directory, local or an S3 cache, is taken over as it is). With
+/// `s3`: a new pool on S3 (`attach`: one that exists, from another host),
+/// its cache in `dir`. `dir` defaults to `<home>/pools/NAME`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddPoolRequest {
+    pub name: String,
+    #[serde(default)]
+    pub dir: Option<String>,
+    #[serde(default)]
+    pub s3: Option<vpool_service::S3Spec>,
+    #[serde(default)]
+    pub attach: bool,
+    /// Accept an object store that cannot enforce a single writer.
+    #[serde(default)]
+    pub unsafe_single_host: bool,
+}
+
 /// A range of a volume or snapshot whose data fails its checksum.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DamagedRange {
@@ -581,31 +633,8 @@ pub struct PinRequest {
     pub snapshot: Option<String>,
 }
 
-/// One pin, as `GET /v1/cache/pins` shows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PinInfo {
-    pub volume: String,
-    #[serde(default)]
-    pub snapshot: Option<String>,
-    /// Bytes of the pool's log the image's data lives in, as of the last
-    /// refresh (every 10 s); `null` before the first one.
-    #[serde(default)]
-    pub bytes: Option<u64>,
-    /// Why the last refresh could not pin it (the volume or snapshot is
-    /// gone); `null` when it is pinned.
-    #[serde(default)]
-    pub error: Option<String>,
-}
-
-impl PinInfo {
-    /// `VOLUME` or `VOLUME@SNAPSHOT`.
-    pub fn image(&self) -> String {
-        match &self.snapshot {
-            Some(s) => format!("{}@{s}", self.volume),
-            None => self.volume.clone(),
-        }
-    }
-}
+/// One pin, as `GET /v1/cache/pins` shows it (the service's type).
+pub use vpool_service::PinInfo;
 
 /// `GET /v1/cache/pins`, in the order they were pinned.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

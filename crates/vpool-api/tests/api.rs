@@ -209,8 +209,13 @@ fn volume_lifecycle() {
         api_kind(c.resize_volume("nope", 4096, false, false).unwrap_err()),
         (404, ErrorKind::NotFound)
     );
+    // `a/b` is volume b of pool a, which this server does not hold.
     assert_eq!(
         api_kind(c.create_volume("a/b", 4096).unwrap_err()),
+        (404, ErrorKind::NotFound)
+    );
+    assert_eq!(
+        api_kind(c.create_volume("a@b", 4096).unwrap_err()),
         (400, ErrorKind::Invalid)
     );
     assert_eq!(

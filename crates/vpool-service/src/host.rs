@@ -9,9 +9,9 @@
 //! They are opened at start, in the order listed; one that cannot be (its
 //! bucket unreachable, its lease held elsewhere, its log damaged) is kept
 //! with its state and the reason, and its volumes answer with that reason
-//! until it is opened by hand ([`Host::open_pool`]). Only a default pool
-//! whose directory another daemon holds stops the host: that is the other
-//! daemon's home.
+//! until it is opened by hand ([`Host::open_pool`]). The home's own pool is
+//! different: it is the daemon's identity (its lock says which daemon owns
+//! the home), so if it cannot be opened the daemon does not start.
 //!
 //! Pools are added (created or taken over from a directory) and detached
 //! at runtime; `host.json` is replaced atomically after each change, under
@@ -59,12 +59,45 @@ pub struct OpenedPool {
     pub close_store: Box<dyn FnOnce() + Send>,
 }
 
-/// Turns a pool directory into an open pool. Blocking (recovery, the
-/// object store).
+/// Where a pool on S3 is and how its cache behaves (`pool create --s3`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Spec {
+    /// `s3://BUCKET/PREFIX` (or `file:///DIR`).
+    pub url: String,
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub region: Option<String>,
+    /// A file of `key = value` credentials; without it, the daemon's
+    /// environment. Never the secrets themselves.
+    #[serde(default)]
+    pub credentials_file: Option<PathBuf>,
+    pub cache_size_bytes: u64,
+    #[serde(default)]
+    pub seal_after_secs: Option<f64>,
+    #[serde(default)]
+    pub backpressure_timeout_secs: Option<f64>,
+    #[serde(default)]
+    pub read_timeout_secs: Option<f64>,
+}
+
+/// Turns a pool directory into an open pool, and a directory into the
+/// cache of a pool on S3. Blocking (recovery, the object store).
 pub trait Opener: Send + Sync {
     /// Opens the pool in `dir`; `force` takes a pool on S3 over from the
     /// host that holds its lease (that host is fenced).
     fn open(&self, dir: &Path, force: bool) -> Result<OpenedPool>;
+
+    /// Makes `dir` the cache of a pool on S3 (writes its `pool.json`): a
+    /// new pool, or with `attach` one that exists.
+    fn prepare_s3(
+        &self,
+        dir: &Path,
+        spec: &S3Spec,
+        attach: bool,
+        unsafe_single_host: bool,
+    ) -> Result<()>;
 }
 
 /// An open pool and everything served from it.
@@ -102,12 +135,19 @@ impl PoolCtx {
     /// Closes the pool (a final checkpoint), then its store. Blocking;
     /// once only (later calls do nothing).
     pub fn close(&self) -> Result<()> {
-        let Some(close_store) = self.close_store.lock().unwrap_or_else(|e| e.into_inner()).take()
+        let Some(close_store) = self
+            .close_store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
         else {
             return Ok(());
         };
         let closed = self.service.pool().close();
         close_store();
+        if closed.is_ok() {
+            tracing::info!(pool = %self.name, dir = %self.dir.display(), "pool closed");
+        }
         closed.map_err(|e| Error::from(e).context(&format!("closing pool {}", self.name)))
     }
 }
@@ -117,7 +157,10 @@ impl PoolCtx {
 pub enum PoolState {
     Open(Arc<PoolCtx>),
     /// Could not be opened: why, and the kind of that error.
-    Failed { reason: String, kind: ErrorKind },
+    Failed {
+        reason: String,
+        kind: ErrorKind,
+    },
 }
 
 /// A pool the host holds, open or not.
@@ -152,11 +195,17 @@ pub struct Host {
 }
 
 impl Host {
-    /// Opens the default pool (the home) and every pool `host.json` lists.
-    /// Fails only if the default pool cannot be opened because it is
-    /// another daemon's (its directory is locked), or `host.json` cannot be
-    /// read. Blocking.
-    pub fn open(home: &Path, default: &str, opener: Arc<dyn Opener>) -> Result<Host> {
+    /// The host of `home`, whose own pool `default` is already open (the
+    /// caller opened it: if the home's pool cannot be opened, the daemon
+    /// does not start), and every pool `host.json` lists, opened now; one
+    /// that cannot be is kept with the reason. Fails only if `host.json`
+    /// cannot be read. Blocking.
+    pub fn open(
+        home: &Path,
+        default: &str,
+        default_pool: OpenedPool,
+        opener: Arc<dyn Opener>,
+    ) -> Result<Host> {
         crate::names::check_pool_name(default)?;
         let entries = read_host_file(home)?;
         let host = Host {
@@ -166,13 +215,8 @@ impl Host {
             pools: RwLock::new(BTreeMap::new()),
             admin: Mutex::new(()),
         };
-        let state = host.open_dir(default, home, false);
-        if let PoolState::Failed { reason, kind } = &state
-            && *kind == ErrorKind::AlreadyExists
-        {
-            return Err(Error::new(*kind, reason.clone()));
-        }
-        host.insert(default, home, state);
+        let ctx = Arc::new(PoolCtx::new(default, home, default_pool));
+        host.insert(default, home, PoolState::Open(ctx));
         for e in entries {
             let state = host.open_dir(&e.name, &e.dir, false);
             host.insert(&e.name, &e.dir, state);
@@ -180,8 +224,66 @@ impl Host {
         Ok(host)
     }
 
+    /// A host of one already open pool, with no home and no way to add
+    /// pools (tests, and an API served over a single pool).
+    pub fn single(
+        name: &str,
+        pool: Pool,
+        catalog: Arc<Catalog>,
+        cache: Option<Arc<dyn crate::CacheControl>>,
+    ) -> Host {
+        let opened = OpenedPool {
+            pool,
+            catalog,
+            kind: if cache.is_some() {
+                PoolKind::S3
+            } else {
+                PoolKind::Local
+            },
+            cache,
+            close_store: Box::new(|| {}),
+        };
+        let host = Host {
+            home: PathBuf::new(),
+            default: name.to_string(),
+            opener: Arc::new(NoOpener),
+            pools: RwLock::new(BTreeMap::new()),
+            admin: Mutex::new(()),
+        };
+        let ctx = Arc::new(PoolCtx::new(name, Path::new(""), opened));
+        host.insert(name, Path::new(""), PoolState::Open(ctx));
+        host
+    }
+
     pub fn home(&self) -> &Path {
         &self.home
+    }
+
+    /// Where a pool added without a directory goes: `<home>/pools/NAME`.
+    pub fn default_dir(&self, name: &str) -> PathBuf {
+        self.home.join("pools").join(name)
+    }
+
+    /// Adds a pool on S3 (new, or with `attach` one that exists) with its
+    /// cache in `dir`. Blocking.
+    pub fn add_s3_pool(
+        &self,
+        name: &str,
+        dir: &Path,
+        spec: &S3Spec,
+        attach: bool,
+        unsafe_single_host: bool,
+    ) -> Result<Arc<PoolCtx>> {
+        crate::names::check_pool_name(name)?;
+        if self.read_pools().contains_key(name) {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("this host already has a pool named {name}"),
+            ));
+        }
+        self.opener
+            .prepare_s3(dir, spec, attach, unsafe_single_host)?;
+        self.add_pool(name, dir)
     }
 
     /// The name of the default pool (bare volume names mean it).
@@ -299,7 +401,10 @@ impl Host {
         }
         let _admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         let slot = self.write_pools().remove(name).ok_or_else(|| {
-            Error::new(ErrorKind::NotFound, format!("no pool named {name:?} on this host"))
+            Error::new(
+                ErrorKind::NotFound,
+                format!("no pool named {name:?} on this host"),
+            )
         })?;
         if let Err(e) = self.save() {
             self.write_pools().insert(name.to_string(), slot);
@@ -373,6 +478,28 @@ impl Host {
     }
 }
 
+/// The opener of a [`Host::single`]: it has nothing to open.
+struct NoOpener;
+
+impl Opener for NoOpener {
+    fn open(&self, dir: &Path, _force: bool) -> Result<OpenedPool> {
+        Err(Error::new(
+            ErrorKind::NotSupported,
+            format!(
+                "this server holds one pool and opens no other ({})",
+                dir.display()
+            ),
+        ))
+    }
+
+    fn prepare_s3(&self, _: &Path, _: &S3Spec, _: bool, _: bool) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::NotSupported,
+            "this server holds one pool and adds no other",
+        ))
+    }
+}
+
 fn read_host_file(home: &Path) -> Result<Vec<PoolEntry>> {
     let path = home.join(HOST_FILE);
     let bytes = match std::fs::read(&path) {
@@ -396,7 +523,8 @@ fn read_host_file(home: &Path) -> Result<Vec<PoolEntry>> {
 /// the directory. A crash leaves the old file or the new one.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let io = |what: &str, e: std::io::Error| Error::internal(format!("{what} {}: {e}", path.display()));
+    let io =
+        |what: &str, e: std::io::Error| Error::internal(format!("{what} {}: {e}", path.display()));
     let tmp = path.with_extension("json.tmp");
     let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating a temporary for", e))?;
     f.write_all(bytes).map_err(|e| io("writing", e))?;
@@ -414,5 +542,60 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
         _ => a == b,
+    }
+}
+
+/// Every open pool's volumes and snapshots as NBD exports of one server:
+/// `POOL/VOLUME` and `POOL/VOLUME@SNAPSHOT`, and for the default pool the
+/// bare `VOLUME` and `VOLUME@SNAPSHOT` (so URIs from before pools had names
+/// keep working; the listing shows those, and `POOL/` names open them too). Volume names cannot contain `/`, so a name with one
+/// is always pool-qualified.
+pub struct HostExports {
+    host: Arc<Host>,
+}
+
+impl HostExports {
+    pub fn new(host: Arc<Host>) -> HostExports {
+        HostExports { host }
+    }
+}
+
+impl vpool_nbd::ExportRegistry for HostExports {
+    fn list(&self) -> Vec<vpool_nbd::ExportInfo> {
+        let mut out = Vec::new();
+        for slot in self.host.pools() {
+            let PoolState::Open(ctx) = slot.state else {
+                continue;
+            };
+            let exports = ctx.exports.list();
+            // The default pool's exports are listed by their bare names
+            // (`POOL/NAME` opens them too).
+            if slot.name == self.host.default {
+                out.extend(exports);
+                continue;
+            }
+            out.extend(exports.into_iter().map(|mut e| {
+                e.name = format!("{}/{}", slot.name, e.name);
+                e
+            }));
+        }
+        out
+    }
+
+    fn open(
+        &self,
+        name: &str,
+    ) -> std::result::Result<Arc<dyn vpool_nbd::BlockDevice>, vpool_nbd::DeviceError> {
+        let (pool, image) = crate::names::split_pool(name);
+        match self.host.pool(pool) {
+            Ok(ctx) => ctx.exports.open(image),
+            Err(e) if e.kind == ErrorKind::NotFound => {
+                Err(vpool_nbd::DeviceError::not_found(e.message))
+            }
+            Err(e) => Err(vpool_nbd::DeviceError::new(
+                vpool_nbd::DeviceErrorKind::Io,
+                e.message,
+            )),
+        }
     }
 }

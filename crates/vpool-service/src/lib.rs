@@ -20,12 +20,19 @@
 //! The API crate (`vpool-api`) keeps the wire types, the routes, thin
 //! handlers and the client; the binary keeps `main` and the CLI.
 
+pub mod cache;
 pub mod catalog;
 pub mod error;
 pub mod exports;
+pub mod host;
+pub mod names;
 pub mod pool;
 
+pub use cache::{CacheControl, CacheInfo, PinInfo};
 pub use catalog::{Access, Catalog, TEMPLATE_SNAPSHOT, TemplateRecord};
 pub use error::{Error, ErrorKind, Result};
 pub use exports::PoolExports;
+pub use host::{
+    Host, HostExports, OpenedPool, Opener, PoolCtx, PoolKind, PoolSlot, PoolState, S3Spec,
+};
 pub use pool::{PoolService, VolumeView};

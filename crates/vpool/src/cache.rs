@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use vpool_api::{ApiError, CacheControl, CacheInfo, PinInfo};
 use vpool_engine::Pool;
 use vpool_s3::S3Store;
+use vpool_service::{CacheControl, CacheInfo, Error, ErrorKind, PinInfo};
 use vpool_store::SegmentId;
 
 /// The pin list's file in the pool directory.
@@ -288,7 +288,7 @@ impl CacheControl for S3Cache {
         lock(&self.pins).iter().map(Pin::info).collect()
     }
 
-    fn pin(&self, volume: &str, snapshot: Option<&str>) -> Result<(PinInfo, bool), ApiError> {
+    fn pin(&self, volume: &str, snapshot: Option<&str>) -> vpool_service::Result<(PinInfo, bool)> {
         let _r = lock(&self.refresh);
         // A missing volume or snapshot is refused now (not_found), not
         // found out at the next refresh.
@@ -308,7 +308,7 @@ impl CacheControl for S3Cache {
             });
             if let Err(e) = self.save(&pins) {
                 pins.pop();
-                return Err(ApiError::internal(format!("saving the pin list: {e:#}")));
+                return Err(Error::internal(format!("saving the pin list: {e:#}")));
             }
         }
         tracing::info!(pin = %image(volume, snapshot), "pinned");
@@ -321,20 +321,20 @@ impl CacheControl for S3Cache {
         Ok((p.info(), true))
     }
 
-    fn unpin(&self, volume: &str, snapshot: Option<&str>) -> Result<(), ApiError> {
+    fn unpin(&self, volume: &str, snapshot: Option<&str>) -> vpool_service::Result<()> {
         let _r = lock(&self.refresh);
         {
             let mut pins = lock(&self.pins);
             let Some(i) = pins.iter().position(|p| p.key.is(volume, snapshot)) else {
-                return Err(ApiError::new(
-                    vpool_api::ErrorKind::NotFound,
+                return Err(Error::new(
+                    ErrorKind::NotFound,
                     format!("{} is not pinned", image(volume, snapshot)),
                 ));
             };
             let removed = pins.remove(i);
             if let Err(e) = self.save(&pins) {
                 pins.insert(i, removed);
-                return Err(ApiError::internal(format!("saving the pin list: {e:#}")));
+                return Err(Error::internal(format!("saving the pin list: {e:#}")));
             }
         }
         tracing::info!(pin = %image(volume, snapshot), "unpinned");

@@ -29,9 +29,12 @@ use anyhow::{Context, bail};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use vpool_api::{ApiLimits, ApiState, AuthToken, CacheControl, Catalog, serve_tcp, serve_unix};
+use vpool_api::{ApiLimits, ApiState, AuthToken, serve_tcp, serve_unix};
 use vpool_engine::{EngineError, Pool, PoolConfig, RecoveryReport};
 use vpool_s3::S3Store;
+use vpool_service::{
+    CacheControl, Catalog, Host, HostExports, OpenedPool, Opener, PoolKind, S3Spec,
+};
 use vpool_store::{LocalDirStore, SegmentStore, StoreError};
 
 use crate::cache::S3Cache;
@@ -223,121 +226,163 @@ pub async fn run_daemon_notify(
             config.api_socket.display()
         );
     }
-    let opened = open_pool(&config).await?;
-    let (pool, store) = (opened.pool.clone(), opened.store.clone());
-    // From here on the pool is closed on every path, error or not.
-    let mut refresher = None;
-    let served = async {
-        let catalog = open_catalog(&pool, store).await?;
-        let cache: Option<Arc<dyn CacheControl>> = match &opened.s3 {
-            Some(s3) => {
-                let (cache, r) = start_cache(&pool, s3, &config.pool_dir).await?;
-                refresher = Some(r);
-                Some(cache)
-            }
-            None => None,
-        };
-        serve_pool(&config, &pool, &catalog, cache, shutdown, on_ready).await
-    }
-    .await;
-    let closed = tokio::task::spawn_blocking(move || {
-        // The refresher reads the pool; it stops first.
-        if let Some(r) = refresher {
-            r.stop();
-        }
-        let closed = pool.close();
-        drop(pool);
-        let released = opened.s3.as_ref().map(S3Store::close);
-        // The last handle on an S3 store goes here, off the async runtime:
-        // it owns a runtime of its own, which may not be dropped inside one.
-        drop(opened);
-        (closed, released)
-    })
-    .await;
+    let host = open_host(&config).await?;
+    let served = serve_host(&config, &host, shutdown, on_ready).await;
+    let closed = tokio::task::spawn_blocking(move || host.close_all()).await;
     served?;
-    let (closed, released) = closed.context("the pool's close task failed")?;
-    closed.context("closing the pool (final checkpoint)")?;
-    match released {
-        Some(true) => tracing::info!(
-            pool = %config.pool_dir.display(),
-            "everything is in the object store; the pool's lease is released"
-        ),
-        Some(false) => tracing::warn!(
-            pool = %config.pool_dir.display(),
-            "not everything reached the object store (or this daemon was fenced): what is left stays in the cache and goes up when the pool is next served from this directory"
-        ),
-        None => {}
-    }
-    tracing::info!(pool = %config.pool_dir.display(), "pool closed; daemon stopped");
+    closed
+        .context("the close task failed")?
+        .map_err(|e| anyhow::anyhow!("{}", e.message))
+        .context("closing the pools (final checkpoints)")?;
+    tracing::info!(home = %config.pool_dir.display(), "pools closed; daemon stopped");
     Ok(())
 }
 
-/// The cache's API handle, its pins applied, and its background thread.
-async fn start_cache(
-    pool: &Pool,
-    store: &S3Store,
-    pool_dir: &Path,
-) -> anyhow::Result<(Arc<dyn CacheControl>, crate::cache::Refresher)> {
-    let (pool, store, dir) = (pool.clone(), store.clone(), pool_dir.to_path_buf());
+/// The name of the pool in the daemon's home.
+pub const DEFAULT_POOL: &str = "local";
+
+/// Opens the host: the pool in the home and every pool `host.json` lists.
+/// The home held by another daemon is [`AlreadyRunning`].
+async fn open_host(config: &DaemonConfig) -> anyhow::Result<Arc<Host>> {
+    let home = config.pool_dir.clone();
+    let opener = DirOpener {
+        pool_config: config.pool_config.clone(),
+    };
+    let force = config.takeover;
+    // Everything, including the drop on failure, on a blocking thread: an
+    // S3 store owns a runtime that must not be dropped on this one's.
     tokio::task::spawn_blocking(move || {
-        let cache = Arc::new(S3Cache::open(pool, store, &dir)?);
-        cache.refresh();
-        let refresher = cache.start_refresher()?;
-        Ok((cache as Arc<dyn CacheControl>, refresher))
+        let default = opener.open_dir(&home, force)?;
+        Host::open(&home, DEFAULT_POOL, default, Arc::new(opener))
+            .map(Arc::new)
+            .map_err(|e| anyhow::anyhow!("{}", e.message))
     })
     .await
-    .context("the cache task failed")?
+    .context("the host-open task failed")?
 }
 
-/// Loads the daemon's catalog (template records) from the pool's metadata
-/// and reconciles it with the pool: finishes seals a crash interrupted,
-/// drops records of volumes that are gone.
-async fn open_catalog(
-    pool: &Pool,
-    store: Arc<dyn vpool_store::SegmentStore>,
-) -> anyhow::Result<Arc<Catalog>> {
-    let pool = pool.clone();
-    tokio::task::spawn_blocking(move || {
-        let catalog = Catalog::open(store).context("loading the template records")?;
-        catalog
-            .reconcile(&pool)
-            .context("reconciling the template records with the pool")?;
-        Ok(Arc::new(catalog))
-    })
-    .await
-    .context("the catalog task failed")?
+/// Opens pool directories for the [`Host`]: a local pool, or the cache of a
+/// pool on S3 (with its store, uploader and cache), and prepares S3 caches.
+struct DirOpener {
+    pool_config: PoolConfig,
 }
 
-/// An open pool: the engine, the store under it, and for a pool on S3 the
-/// store's own handle (closed after the engine).
-struct OpenedPool {
-    pool: Pool,
-    store: Arc<dyn SegmentStore>,
+impl DirOpener {
+    /// Opens the pool in `dir` with the error as the binary reports it
+    /// (another daemon's home, a pool on S3 held elsewhere, a damaged log).
+    fn open_dir(&self, dir: &Path, force: bool) -> anyhow::Result<OpenedPool> {
+        let (pool, _report, store, s3) = open_blocking(dir, self.pool_config.clone(), force)?;
+        let finish = || -> anyhow::Result<OpenedPool> {
+            let catalog =
+                Catalog::open(Arc::clone(&store)).context("loading the template records")?;
+            catalog
+                .reconcile(&pool)
+                .map_err(|e| anyhow::anyhow!("{}", e.message))
+                .context("reconciling the template records with the pool")?;
+            let (cache, refresher) = match &s3 {
+                Some(s) => {
+                    let cache = Arc::new(S3Cache::open(pool.clone(), s.clone(), dir)?);
+                    cache.refresh();
+                    let r = cache.start_refresher()?;
+                    (Some(cache as Arc<dyn CacheControl>), Some(r))
+                }
+                None => (None, None),
+            };
+            Ok(OpenedPool {
+                pool: pool.clone(),
+                catalog: Arc::new(catalog),
+                kind: if s3.is_some() {
+                    PoolKind::S3
+                } else {
+                    PoolKind::Local
+                },
+                cache,
+                close_store: close_store(dir, s3.clone(), refresher),
+            })
+        };
+        finish().inspect_err(|_| {
+            let _ = pool.close();
+            if let Some(s) = &s3 {
+                s.close();
+            }
+        })
+    }
+}
+
+impl Opener for DirOpener {
+    fn open(&self, dir: &Path, force: bool) -> vpool_service::Result<OpenedPool> {
+        self.open_dir(dir, force).map_err(service_error)
+    }
+
+    fn prepare_s3(
+        &self,
+        dir: &Path,
+        spec: &S3Spec,
+        attach: bool,
+        unsafe_single_host: bool,
+    ) -> vpool_service::Result<()> {
+        let settings = crate::s3pool::S3PoolSettings {
+            url: spec.url.clone(),
+            endpoint: spec.endpoint.clone(),
+            region: spec.region.clone(),
+            credentials_file: spec.credentials_file.clone(),
+            cache_dir: dir.to_path_buf(),
+            cache_size_bytes: spec.cache_size_bytes,
+            seal_after_secs: spec.seal_after_secs,
+            backpressure_timeout_secs: spec.backpressure_timeout_secs,
+            read_timeout_secs: spec.read_timeout_secs,
+        };
+        let made = if attach {
+            crate::s3pool::attach(None, &settings)
+        } else {
+            crate::s3pool::create(None, &settings, unsafe_single_host)
+        };
+        made.map(|_| ()).map_err(service_error)
+    }
+}
+
+/// What closes a pool's store after its engine: the cache's refresher
+/// (it reads the pool), then for a pool on S3 the store, which uploads what
+/// is left and releases the lease.
+fn close_store(
+    dir: &Path,
     s3: Option<S3Store>,
+    refresher: Option<crate::cache::Refresher>,
+) -> Box<dyn FnOnce() + Send> {
+    let dir = dir.to_path_buf();
+    Box::new(move || {
+        if let Some(r) = refresher {
+            r.stop();
+        }
+        match s3.as_ref().map(S3Store::close) {
+            Some(true) => tracing::info!(
+                pool = %dir.display(),
+                "everything is in the object store; the pool's lease is released"
+            ),
+            Some(false) => tracing::warn!(
+                pool = %dir.display(),
+                "not everything reached the object store (or this daemon was fenced): what is left stays in the cache and goes up when the pool is next served from this directory"
+            ),
+            None => {}
+        }
+    })
 }
 
-async fn open_pool(config: &DaemonConfig) -> anyhow::Result<OpenedPool> {
-    let dir = config.pool_dir.clone();
-    let pool_config = config.pool_config.clone();
-    let takeover = config.takeover;
-    // Opening an S3 pool talks to the object store, and the store owns a
-    // runtime that must not be dropped on this one's threads: everything,
-    // including the drop on failure, happens on a blocking thread.
-    let opened = tokio::task::spawn_blocking(move || open_blocking(&dir, pool_config, takeover))
-        .await
-        .context("the pool-open task failed")??;
-    let (pool, report, store, s3) = opened;
-    tracing::info!(
-        pool = %config.pool_dir.display(),
-        backend = if s3.is_some() { "s3" } else { "local" },
-        checkpoint = report.checkpoint_loaded,
-        records_replayed = report.records_replayed,
-        bytes_replayed = report.bytes_replayed,
-        torn_tail_bytes = report.torn_tail_bytes,
-        ms = report.duration.as_millis() as u64,
-        "pool open"
-    );
-    Ok(OpenedPool { pool, store, s3 })
+/// An error of the binary's open path, as the service reports it: its kind
+/// says what the host does with it (another daemon's home stops the host).
+fn service_error(e: anyhow::Error) -> vpool_service::Error {
+    use vpool_service::ErrorKind;
+    let kind = if e.downcast_ref::<AlreadyRunning>().is_some() {
+        ErrorKind::AlreadyExists
+    } else if matches!(
+        e.downcast_ref::<EngineError>(),
+        Some(EngineError::Damaged(_))
+    ) {
+        ErrorKind::Corrupt
+    } else {
+        ErrorKind::Failed
+    };
+    vpool_service::Error::new(kind, format!("{e:#}"))
 }
 
 /// What [`open_blocking`] returns: the engine, its recovery report, the
@@ -487,11 +532,9 @@ impl Drop for SocketFile {
     }
 }
 
-async fn serve_pool(
+async fn serve_host(
     config: &DaemonConfig,
-    pool: &Pool,
-    catalog: &Arc<Catalog>,
-    cache: Option<Arc<dyn CacheControl>>,
+    host: &Arc<Host>,
     shutdown: impl Future<Output = ()>,
     on_ready: impl FnOnce(&Ready),
 ) -> anyhow::Result<()> {
@@ -553,10 +596,8 @@ async fn serve_pool(
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let mut servers: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
-    let state = ApiState::new(pool.clone())
-        .with_catalog(catalog.clone())
+    let state = ApiState::for_host(Arc::clone(host))
         .with_nbd_tcp_addr(nbd_tcp_addr)
-        .with_cache(cache)
         .with_limits(config.api_limits.clone());
     servers.spawn({
         let fut = serve_unix(unix, state.clone(), stopped(stop_rx.clone()));
@@ -569,10 +610,7 @@ async fn serve_pool(
 
     // NBD: the vpool-nbd server runs on plain threads; each listener gets a
     // blocking task and a shutdown signal fired when `stop_rx` flips.
-    let registry: Arc<dyn vpool_nbd::ExportRegistry> = Arc::new(vpool_service::PoolExports::new(
-        pool.clone(),
-        catalog.clone(),
-    ));
+    let registry: Arc<dyn vpool_nbd::ExportRegistry> = Arc::new(HostExports::new(Arc::clone(host)));
     for (name, listener) in nbd_listeners {
         let signal =
             vpool_nbd::ShutdownSignal::new().context("creating the NBD shutdown signal")?;

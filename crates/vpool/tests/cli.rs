@@ -42,8 +42,11 @@ fn volume_commands() {
     let err = run_err(&pool, &["vol", "create", "x", "--size", "512"]);
     assert!(err.contains("not a multiple of 4096"), "{err}");
     // A name the engine refuses.
-    let err = run_err(&pool, &["vol", "create", "bad/name", "--size", "4K"]);
+    let err = run_err(&pool, &["vol", "create", "bad@name", "--size", "4K"]);
     assert!(err.contains("volume name"), "{err}");
+    // POOL/VOLUME: a pool this daemon does not hold.
+    let err = run_err(&pool, &["vol", "create", "nopool/x", "--size", "4K"]);
+    assert!(err.contains("no pool named \"nopool\""), "{err}");
     let err = run_err(&pool, &["vol", "create", "web1", "--size", "4K"]);
     assert!(err.contains("already exists"), "{err}");
 
