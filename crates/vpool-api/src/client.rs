@@ -212,9 +212,11 @@ impl Client {
         self.json_call("POST", routes::POOLS, Some(req))
     }
 
-    /// Closes pool `name` and forgets it (its data stays).
-    pub fn detach_pool(&self, name: &str) -> Result<(), ClientError> {
-        self.empty_call("POST", &routes::pool_detach(name), &[])
+    /// Closes pool `name` and forgets it (its data stays); `force`: even
+    /// while NBD clients have its volumes open.
+    pub fn detach_pool(&self, name: &str, force: bool) -> Result<(), ClientError> {
+        let path = format!("{}?force={force}", routes::pool_detach(name));
+        self.empty_call("POST", &path, &[])
     }
 
     /// Opens pool `name` again (`force`: take a pool on S3 over).

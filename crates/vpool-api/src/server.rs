@@ -520,19 +520,16 @@ fn pool_status(host: &Host, slot: vpool_service::PoolSlot) -> PoolStatus {
         physical_bytes: None,
         free_bytes: None,
     };
-    match slot.state {
-        vpool_service::PoolState::Open(ctx) => {
-            let stats = ctx.service.stats();
-            out.kind = Some(ctx.kind);
-            out.volumes = Some(stats.volumes);
-            out.logical_bytes = Some(stats.logical_bytes);
-            out.physical_bytes = Some(stats.physical_bytes);
-            out.free_bytes = stats.free_bytes;
-        }
-        vpool_service::PoolState::Failed { reason, .. } => {
-            out.state = "failed".into();
-            out.reason = Some(reason);
-        }
+    let (state, reason) = slot.state.describe();
+    out.state = state.into();
+    out.reason = reason;
+    if let vpool_service::PoolState::Open(ctx) = slot.state {
+        let stats = ctx.service.stats();
+        out.kind = Some(ctx.kind);
+        out.volumes = Some(stats.volumes);
+        out.logical_bytes = Some(stats.logical_bytes);
+        out.physical_bytes = Some(stats.physical_bytes);
+        out.free_bytes = stats.free_bytes;
     }
     out
 }
@@ -572,7 +569,12 @@ async fn add_pool(
             .pools()
             .into_iter()
             .find(|p| p.name == req.name)
-            .expect("the pool was just added");
+            .ok_or_else(|| {
+                vpool_service::Error::new(
+                    ErrorKind::NotFound,
+                    format!("pool {} was detached as it was added", req.name),
+                )
+            })?;
         Ok(pool_status(&host, slot))
     })
     .await?;
@@ -583,9 +585,10 @@ async fn add_pool(
 async fn detach_pool(
     State(s): State<ApiState>,
     PoolName(name): PoolName,
+    ApiQuery(q): ApiQuery<ForceQuery>,
 ) -> Result<StatusCode, ApiError> {
     let host = Arc::clone(&s.host);
-    service(move || host.detach_pool(&name)).await?;
+    service(move || host.detach_pool(&name, q.force)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -601,7 +604,12 @@ async fn open_pool(
             .pools()
             .into_iter()
             .find(|p| p.name == name)
-            .expect("listed");
+            .ok_or_else(|| {
+                vpool_service::Error::new(
+                    ErrorKind::NotFound,
+                    format!("pool {name} was detached as it was opened"),
+                )
+            })?;
         Ok(pool_status(&host, slot))
     })
     .await?;
@@ -657,8 +665,8 @@ fn need_cache(ctx: &PoolCtx) -> Result<Arc<dyn CacheControl>, ApiError> {
         ApiError::new(
             ErrorKind::NotSupported,
             format!(
-                "{} is a local pool: it has no cache (cache commands are for pools on S3, \
-                 made with `vpool pool create --s3`)",
+                "pool {} is a local pool: it has no cache (cache commands are for pools on S3, \
+                 made with `vpool pool create NAME --s3 ...`)",
                 ctx.name
             ),
         )

@@ -215,7 +215,9 @@ pub struct PoolStatus {
     /// `local` or `s3`; `null` while the pool is not open.
     #[serde(default)]
     pub kind: Option<vpool_service::PoolKind>,
-    /// `open`, or `failed` (see `reason`; `vpool pool open NAME` retries).
+    /// `open`, `opening` (an attempt runs: at start, a retry, or `pool
+    /// open`) or `failed` (see `reason`: why, and when it is retried;
+    /// `vpool pool open NAME` tries now).
     pub state: String,
     #[serde(default)]
     pub reason: Option<String>,

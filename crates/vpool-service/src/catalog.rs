@@ -495,6 +495,15 @@ impl Catalog {
             .map_or(0, |u| u.nbd_writers + u.nbd_readers)
     }
 
+    /// NBD connections open to any volume of the pool.
+    pub fn nbd_connections_total(&self) -> usize {
+        self.lock()
+            .users
+            .values()
+            .map(|u| u.nbd_writers + u.nbd_readers)
+            .sum()
+    }
+
     /// Admits an API request that changes volume `volume` (id `id`): refused
     /// with `read_only` for a template. Sealing waits for none of these to
     /// be in flight. The guard ends it.

@@ -30,16 +30,17 @@ use crate::{transfer, vdiff};
 #[derive(Debug, Parser)]
 #[command(name = "vpool", version, about, propagate_version = true)]
 pub struct Cli {
-    /// The pool directory (the daemon's API socket is <pool>/api.sock), or
-    /// the NAME of a pool made with `vpool pool create NAME`.
+    /// The daemon's home: the directory of its default pool, `local`, and of
+    /// its sockets (<home>/api.sock, <home>/nbd.sock) and `host.json` (the
+    /// other pools it holds).
     #[arg(
         long,
         global = true,
         env = "VPOOL_HOME",
         default_value = "vpool-data",
-        value_name = "DIR|NAME"
+        value_name = "DIR"
     )]
-    pub pool: PathBuf,
+    pub home: PathBuf,
 
     /// Machine-readable JSON output (for `serve`: JSON log lines).
     #[arg(long, global = true)]
@@ -51,7 +52,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the daemon on the pool (created if missing).
+    /// Run the daemon: the default pool in the home (created if missing)
+    /// and every pool in its host.json.
     Serve(ServeArgs),
     /// Manage volumes.
     #[command(subcommand)]
@@ -59,7 +61,8 @@ pub enum Command {
     /// Manage snapshots (named VOLUME@SNAPSHOT).
     #[command(subcommand)]
     Snap(SnapCommand),
-    /// Pool-wide information; pools on S3.
+    /// The pools the daemon holds: list, create, attach, detach, open;
+    /// pool-wide figures and checks.
     #[command(subcommand)]
     Pool(PoolCommand),
     /// The host cache of a pool on S3: figures, and what it keeps resident.
@@ -120,8 +123,15 @@ pub enum VolCommand {
         #[arg(long)]
         ephemeral: bool,
     },
-    /// List the volumes.
-    List,
+    /// List the volumes of the default pool, of one pool, or of all.
+    List {
+        /// The pool's volumes (default: the default pool's).
+        #[arg(long, value_name = "POOL")]
+        pool: Option<String>,
+        /// Every open pool's volumes, named POOL/VOLUME.
+        #[arg(long, conflicts_with = "pool")]
+        all: bool,
+    },
     /// Show one volume, and how to attach it to a VM (NBD URI, libvirt XML).
     Info { name: String },
     /// Change a volume's size.
@@ -297,18 +307,227 @@ fn hint_force(e: ClientError) -> ClientError {
     }
 }
 
+/// How long adding, opening or detaching a pool may take: recovery of a
+/// big pool, or the upload of what a pool on S3 still holds.
+const POOL_OP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// `vpool pool ...`.
+fn run_pool_command(
+    client: &Client,
+    home: &Path,
+    json: bool,
+    cmd: &PoolCommand,
+) -> anyhow::Result<()> {
+    let slow = client.clone().with_timeout(POOL_OP_TIMEOUT);
+    match cmd {
+        PoolCommand::List => {
+            let pools = client.list_pools()?;
+            if json {
+                return print_json(&vpool_api::PoolList { pools });
+            }
+            print!("{}", render_pool_list(&pools));
+            Ok(())
+        }
+        PoolCommand::Info { pool } => {
+            let p = client.clone().in_pool(pool.as_deref()).pool_info()?;
+            if json {
+                return print_json(&p);
+            }
+            print!("{}", render_pool_info(&p));
+            Ok(())
+        }
+        PoolCommand::Check { pool, repair } => {
+            run_check(client, home, pool.as_deref(), json, *repair)
+        }
+        PoolCommand::Create {
+            name: None,
+            dir,
+            s3,
+            unsafe_single_host,
+        } => {
+            if dir.is_some() || s3.url.is_none() {
+                anyhow::bail!(
+                    "name the pool: `vpool pool create NAME [--dir DIR | --s3 URL ...]` adds it to the running daemon"
+                );
+            }
+            let r = crate::s3pool::create(None, &s3.settings(home)?, *unsafe_single_host)?;
+            print_pool_report(&r, "created", json)
+        }
+        PoolCommand::Attach { name: None, s3 } => {
+            let r = crate::s3pool::attach(None, &s3.settings(home)?)?;
+            print_pool_report(&r, "attached", json)
+        }
+        PoolCommand::Create {
+            name: Some(name),
+            dir,
+            s3,
+            unsafe_single_host,
+        } => {
+            let dir = dir.as_deref().or(s3.cache.as_deref());
+            let s3 = s3.url.is_some().then(|| s3.spec()).transpose()?;
+            add_pool(&slow, json, name, dir, s3, false, *unsafe_single_host)
+        }
+        PoolCommand::Attach {
+            name: Some(name),
+            s3,
+        } => add_pool(
+            &slow,
+            json,
+            name,
+            s3.cache.as_deref(),
+            Some(s3.spec()?),
+            true,
+            false,
+        ),
+        PoolCommand::Detach { name, force } => {
+            slow.detach_pool(name, *force)
+                .map_err(hint_force)
+                .map_err(daemon_needed)?;
+            if json {
+                return print_json(&serde_json::json!({ "detached": name }));
+            }
+            println!("detached pool {name}: its data stays where it is");
+            Ok(())
+        }
+        PoolCommand::Open { name, force } => {
+            let p = slow.open_pool(name, *force).map_err(daemon_needed)?;
+            if json {
+                return print_json(&p);
+            }
+            print!("{}", render_pool_list(std::slice::from_ref(&p)));
+            Ok(())
+        }
+    }
+}
+
+/// `pool create NAME` / `pool attach NAME`: the daemon adds the pool.
+fn add_pool(
+    client: &Client,
+    json: bool,
+    name: &str,
+    dir: Option<&Path>,
+    s3: Option<vpool_service::S3Spec>,
+    attach: bool,
+    unsafe_single_host: bool,
+) -> anyhow::Result<()> {
+    vpool_service::names::check_pool_name(name)?;
+    let dir = match dir {
+        Some(d) => Some(
+            absolute(d)
+                .into_os_string()
+                .into_string()
+                .map_err(|d| anyhow::anyhow!("the directory {d:?} is not UTF-8"))?,
+        ),
+        None => None,
+    };
+    let req = vpool_api::AddPoolRequest {
+        name: name.to_string(),
+        dir,
+        s3,
+        attach,
+        unsafe_single_host,
+    };
+    let p = client.add_pool(&req).map_err(daemon_needed)?;
+    if json {
+        return print_json(&p);
+    }
+    let done = if attach { "attached" } else { "added" };
+    println!(
+        "{done} pool {} ({}) in {}; its volumes are {}/VOLUME",
+        p.name,
+        p.kind.map_or("?", |k| k.as_str()),
+        p.dir,
+        p.name
+    );
+    Ok(())
+}
+
+/// Says that pools are added to a running daemon, when none runs.
+fn daemon_needed(e: ClientError) -> anyhow::Error {
+    match e {
+        ClientError::NoDaemon { .. } => anyhow::Error::new(e).context(
+            "pools are added, opened and detached by the running daemon: start `vpool serve` first",
+        ),
+        e => e.into(),
+    }
+}
+
+/// Every open pool's volumes, each named `POOL/VOLUME`.
+fn every_pools_volumes(client: &Client) -> anyhow::Result<Vec<VolumeInfo>> {
+    let mut all = Vec::new();
+    for p in client.list_pools()? {
+        if p.state != "open" {
+            continue;
+        }
+        for mut v in client.clone().in_pool(Some(&p.name)).list_volumes()? {
+            v.name = format!("{}/{}", p.name, v.name);
+            all.push(v);
+        }
+    }
+    Ok(all)
+}
+
+fn print_pool_report(r: &PoolReport, done: &str, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(r);
+    }
+    print!("{}", render_pool_report(r, done));
+    Ok(())
+}
+
+/// The `pool list` table.
+pub fn render_pool_list(pools: &[vpool_api::PoolStatus]) -> String {
+    let mut out = format!(
+        "{:<16} {:<6} {:<7} {:>7} {:>10} {:>10}  {}\n",
+        "NAME", "KIND", "STATE", "VOLUMES", "SIZE", "USED", "DIR"
+    );
+    let size = |b: Option<u64>| b.map_or_else(|| "-".to_string(), format_size);
+    for p in pools {
+        let name = if p.default {
+            format!("{} *", p.name)
+        } else {
+            p.name.clone()
+        };
+        out.push_str(&format!(
+            "{:<16} {:<6} {:<7} {:>7} {:>10} {:>10}  {}\n",
+            name,
+            p.kind.map_or("-", |k| k.as_str()),
+            p.state,
+            p.volumes.map_or_else(|| "-".to_string(), |n| n.to_string()),
+            size(p.logical_bytes),
+            size(p.physical_bytes),
+            p.dir
+        ));
+        if let Some(r) = &p.reason {
+            out.push_str(&format!("  {}: {r}\n", p.name));
+        }
+    }
+    out.push_str("(* the default pool: bare volume names mean it)\n");
+    out
+}
+
 /// How long a check through the daemon may take: it reads the whole pool.
 const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// `vpool pool check`: through the daemon, or in this process when none
 /// runs.
-fn run_check(client: &Client, pool_dir: &Path, json: bool, repair: bool) -> anyhow::Result<()> {
+fn run_check(
+    client: &Client,
+    home: &Path,
+    pool: Option<&str>,
+    json: bool,
+    repair: bool,
+) -> anyhow::Result<()> {
     let r = match client
         .clone()
         .with_timeout(CHECK_TIMEOUT)
+        .in_pool(pool)
         .pool_check(repair)
     {
-        Err(ClientError::NoDaemon { .. }) => crate::daemon::check_offline(pool_dir, repair)?,
+        Err(ClientError::NoDaemon { .. }) => {
+            let dir = crate::daemon::pool_dir_offline(home, pool)?;
+            crate::daemon::check_offline(&dir, repair)?
+        }
         r => r?,
     };
     if json {
@@ -420,13 +639,20 @@ fn hint_force_anyhow(e: anyhow::Error) -> anyhow::Error {
 
 #[derive(Debug, Subcommand)]
 pub enum PoolCommand {
+    /// Every pool the daemon holds: name, kind, state, size, used, volumes.
+    List,
     /// Space and log figures: logical vs physical bytes, garbage, free space.
-    Info,
+    Info {
+        /// The pool (default: the default pool, `local`).
+        pool: Option<String>,
+    },
     /// Check the whole pool (an fsck): every record of every segment, every
     /// block a volume or snapshot refers to against its checksum, every
     /// reference count, both checkpoint copies. Through the daemon if one
     /// runs, else in this process. Exits 1 if damage remains.
     Check {
+        /// The pool (default: the default pool, `local`).
+        pool: Option<String>,
         /// Drop what is damaged: the damaged ranges of volumes are trimmed
         /// (read as zeros afterwards), and a pool that does not open
         /// because records were lost opens without them. The report says
@@ -434,28 +660,53 @@ pub enum PoolCommand {
         #[arg(long)]
         repair: bool,
     },
-    /// Create a pool on S3-compatible object storage, with its host cache
-    /// in a local directory (the pool directory). Runs without a daemon;
-    /// `vpool --pool NAME serve` then serves it.
+    /// Add a pool to the running daemon: a local pool in a directory
+    /// (`--dir`, default <home>/pools/NAME; an existing pool directory is
+    /// taken over as it is), or a new pool on S3-compatible object storage
+    /// with its host cache (`--s3`). Without NAME and with `--s3`, the home
+    /// itself becomes the cache of a pool on S3 (run that before `serve`).
     Create {
-        /// A name for the pool: `--pool NAME` then finds its directory.
+        /// The pool's name on this host: `NAME/VOLUME` then names its
+        /// volumes.
         name: Option<String>,
+        /// The local pool's directory.
+        #[arg(long, value_name = "DIR", conflicts_with = "url")]
+        dir: Option<PathBuf>,
         #[command(flatten)]
         s3: S3PoolArgs,
         /// Accept an object store that cannot enforce a single writer
         /// (no atomic create-only PUT): only ever serve this pool from one
         /// host at a time.
-        #[arg(long)]
+        #[arg(long, requires = "url")]
         unsafe_single_host: bool,
     },
-    /// Use a pool that is already on S3 from this host, with a new cache
-    /// directory: writes its pool.json only. `vpool serve` then takes the
-    /// pool (with --force from a daemon that still holds it).
+    /// Add a pool that is already on S3 (made from another host) to the
+    /// running daemon, with a new cache directory. The daemon takes its
+    /// lease when no other host holds it; `vpool pool open NAME --force`
+    /// takes it over from one that does. Without NAME, the home itself
+    /// becomes its cache (run that before `serve`).
     Attach {
-        /// A name for the pool: `--pool NAME` then finds its directory.
         name: Option<String>,
         #[command(flatten)]
         s3: S3PoolArgs,
+    },
+    /// Close a pool and forget it (a pool on S3 uploads what is left and
+    /// releases its lease first). Its data stays where it is: `pool create
+    /// NAME --dir DIR` takes it back. Refused while NBD clients have its
+    /// volumes open, unless --force.
+    Detach {
+        name: String,
+        /// Even while NBD clients have its volumes open (their disks fail).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Open a pool that failed to open (its bucket was down, its lease was
+    /// held): `--force` takes a pool on S3 over from the host that holds it,
+    /// which is fenced.
+    Open {
+        name: String,
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -464,55 +715,79 @@ pub enum PoolCommand {
 pub struct S3PoolArgs {
     /// Where the pool lives: s3://BUCKET/PREFIX (or file:///DIR, a local
     /// directory standing in for a bucket).
-    #[arg(long = "s3", value_name = "URL")]
-    pub url: String,
+    #[arg(long = "s3", value_name = "URL", requires = "cache_size")]
+    pub url: Option<String>,
     /// The S3 endpoint, for stores other than AWS (Ceph RGW, MinIO,
     /// Garage): http://127.0.0.1:7480.
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", requires = "url")]
     pub endpoint: Option<String>,
     /// The S3 region (default: $AWS_REGION, else us-east-1).
-    #[arg(long)]
+    #[arg(long, requires = "url")]
     pub region: Option<String>,
     /// A file of `key = value` lines (access_key_id, secret_access_key,
     /// and optionally endpoint, region). Without it, credentials come from
-    /// the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...).
-    /// pool.json records the file's path, never the secrets.
-    #[arg(long, value_name = "FILE")]
+    /// the daemon's environment (AWS_ACCESS_KEY_ID, ...). pool.json records
+    /// the file's path, never the secrets.
+    #[arg(long, value_name = "FILE", requires = "url")]
     pub credentials: Option<PathBuf>,
-    /// The cache directory, which is the pool directory (default: --pool).
-    #[arg(long, value_name = "DIR")]
+    /// The cache directory (default: <home>/pools/NAME; without NAME, the
+    /// home).
+    #[arg(long, value_name = "DIR", requires = "url")]
     pub cache: Option<PathBuf>,
     /// The cache's size limit (write-back log plus cached reads): 20G.
     /// At least 256M.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub cache_size: u64,
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "url")]
+    pub cache_size: Option<u64>,
     /// Seal the log segment being written after it held data this long, so
     /// the bucket lags the cache by about that much (default 5).
-    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, requires = "url")]
     pub seal_after: Option<f64>,
     /// How long a write waits for uploads to make room in the cache before
     /// it fails (default 120).
-    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, requires = "url")]
     pub backpressure_timeout: Option<f64>,
     /// How long a read of data not in the cache may take before it fails
     /// (default 30).
-    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, requires = "url")]
     pub read_timeout: Option<f64>,
 }
 
 impl S3PoolArgs {
-    fn settings(&self, pool_dir: &Path) -> S3PoolSettings {
-        S3PoolSettings {
-            url: self.url.clone(),
+    /// The settings for a pool whose cache is `--cache`, else `cache_dir`.
+    fn settings(&self, cache_dir: &Path) -> anyhow::Result<S3PoolSettings> {
+        let (Some(url), Some(cache_size_bytes)) = (&self.url, self.cache_size) else {
+            anyhow::bail!("give the pool's place on S3: --s3 URL --cache-size SIZE");
+        };
+        Ok(S3PoolSettings {
+            url: url.clone(),
             endpoint: self.endpoint.clone(),
             region: self.region.clone(),
             credentials_file: self.credentials.clone(),
-            cache_dir: self.cache.clone().unwrap_or_else(|| pool_dir.to_path_buf()),
-            cache_size_bytes: self.cache_size,
+            cache_dir: self
+                .cache
+                .clone()
+                .unwrap_or_else(|| cache_dir.to_path_buf()),
+            cache_size_bytes,
             seal_after_secs: self.seal_after,
             backpressure_timeout_secs: self.backpressure_timeout,
             read_timeout_secs: self.read_timeout,
-        }
+        })
+    }
+
+    /// The request body for the daemon: paths made absolute (the daemon's
+    /// working directory is not this one).
+    fn spec(&self) -> anyhow::Result<vpool_service::S3Spec> {
+        let s = self.settings(Path::new("."))?;
+        Ok(vpool_service::S3Spec {
+            url: s.url,
+            endpoint: s.endpoint,
+            region: s.region,
+            credentials_file: s.credentials_file.as_deref().map(absolute),
+            cache_size_bytes: s.cache_size_bytes,
+            seal_after_secs: s.seal_after_secs,
+            backpressure_timeout_secs: s.backpressure_timeout_secs,
+            read_timeout_secs: s.read_timeout_secs,
+        })
     }
 }
 
@@ -532,7 +807,11 @@ fn parse_secs(s: &str) -> Result<f64, String> {
 pub enum CacheCommand {
     /// Hit ratio, cached, dirty and pinned bytes, upload lag and speed,
     /// errors, and who holds the pool.
-    Stats,
+    Stats {
+        /// The pool (default: the default pool).
+        #[arg(long, value_name = "POOL")]
+        pool: Option<String>,
+    },
     /// Keep a volume, or a snapshot (VOLUME@SNAPSHOT, e.g. a suspended
     /// VM's state), resident in the cache; missing parts are fetched now.
     Pin {
@@ -545,12 +824,16 @@ pub enum CacheCommand {
         image: String,
     },
     /// List the pins and how much data each keeps resident.
-    Pins,
+    Pins {
+        /// The pool (default: the default pool).
+        #[arg(long, value_name = "POOL")]
+        pool: Option<String>,
+    },
 }
 
-/// The client of the daemon serving `pool_dir`.
-pub fn client_for(pool_dir: &Path) -> Client {
-    Client::unix(api_socket_path(pool_dir))
+/// The client of the daemon whose home is `home`.
+pub fn client_for(home: &Path) -> Client {
+    Client::unix(api_socket_path(home))
 }
 
 fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
@@ -562,50 +845,15 @@ fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
 }
 
 /// Runs a client command (anything but `serve`).
-pub fn run_client_command(pool_dir: &Path, json: bool, cmd: &Command) -> anyhow::Result<()> {
-    let client = client_for(pool_dir);
+pub fn run_client_command(home: &Path, json: bool, cmd: &Command) -> anyhow::Result<()> {
+    let client = client_for(home);
     // Progress bars only for a person watching: not in JSON mode, not when
     // stderr goes to a file or a pipe.
     let show_progress = !json && std::io::stderr().is_terminal();
     match cmd {
         Command::Serve(_) => anyhow::bail!("`serve` is not a client command"),
-        Command::Pool(PoolCommand::Create {
-            name,
-            s3,
-            unsafe_single_host,
-        }) => {
-            let r = crate::s3pool::create(
-                name.as_deref(),
-                &s3.settings(pool_dir),
-                *unsafe_single_host,
-            )?;
-            if json {
-                print_json(&r)
-            } else {
-                print!("{}", render_pool_report(&r, "created"));
-                Ok(())
-            }
-        }
-        Command::Pool(PoolCommand::Attach { name, s3 }) => {
-            let r = crate::s3pool::attach(name.as_deref(), &s3.settings(pool_dir))?;
-            if json {
-                print_json(&r)
-            } else {
-                print!("{}", render_pool_report(&r, "attached"));
-                Ok(())
-            }
-        }
-        Command::Cache(c) => run_cache_command(&client, pool_dir, json, c),
-        Command::Pool(PoolCommand::Check { repair }) => run_check(&client, pool_dir, json, *repair),
-        Command::Pool(PoolCommand::Info) => {
-            let p = client.pool_info()?;
-            if json {
-                print_json(&p)
-            } else {
-                print!("{}", render_pool_info(&p));
-                Ok(())
-            }
-        }
+        Command::Pool(p) => run_pool_command(&client, home, json, p),
+        Command::Cache(c) => run_cache_command(&client, json, c),
         Command::Vol(v) => match v {
             VolCommand::Create {
                 name,
@@ -631,8 +879,12 @@ pub fn run_client_command(pool_dir: &Path, json: bool, cmd: &Command) -> anyhow:
                     Ok(())
                 }
             }
-            VolCommand::List => {
-                let vols = client.list_volumes()?;
+            VolCommand::List { pool, all } => {
+                let vols = if *all {
+                    every_pools_volumes(&client)?
+                } else {
+                    client.clone().in_pool(pool.as_deref()).list_volumes()?
+                };
                 if json {
                     print_json(&vpool_api::VolumeList { volumes: vols })
                 } else {
@@ -644,7 +896,13 @@ pub fn run_client_command(pool_dir: &Path, json: bool, cmd: &Command) -> anyhow:
                 let info = client.volume_info(name)?;
                 // The pool info says whether the daemon also serves NBD on TCP.
                 let nbd_tcp = client.pool_info()?.nbd_tcp_addr;
-                let attach = Attach::new(&info.name, pool_dir, nbd_tcp);
+                // The export is the volume's name as the user wrote it:
+                // `POOL/VOLUME`, or bare for the default pool.
+                let export = match vpool_api::routes::split_pool(name) {
+                    (Some(pool), _) => format!("{pool}/{}", info.name),
+                    (None, _) => info.name.clone(),
+                };
+                let attach = Attach::new(&export, home, nbd_tcp);
                 if json {
                     print_json(&VolumeInfoWithAttach { info, attach })
                 } else {
@@ -921,32 +1179,10 @@ fn run_snap_command(client: &Client, json: bool, cmd: &SnapCommand) -> anyhow::R
     }
 }
 
-fn run_cache_command(
-    client: &Client,
-    pool_dir: &Path,
-    json: bool,
-    cmd: &CacheCommand,
-) -> anyhow::Result<()> {
-    // Name the pool in the refusal of a local one: the daemon cannot know
-    // what the user called it.
-    let local = |e: ClientError| match e {
-        ClientError::Api {
-            status,
-            kind: kind @ ErrorKind::NotSupported,
-            ..
-        } => ClientError::Api {
-            status,
-            kind,
-            message: format!(
-                "pool {} is a local pool: it has no cache (cache commands are for pools on S3, made with `vpool pool create --s3`)",
-                pool_dir.display()
-            ),
-        },
-        e => e,
-    };
+fn run_cache_command(client: &Client, json: bool, cmd: &CacheCommand) -> anyhow::Result<()> {
     match cmd {
-        CacheCommand::Stats => {
-            let c = client.cache_stats().map_err(local)?;
+        CacheCommand::Stats { pool } => {
+            let c = client.clone().in_pool(pool.as_deref()).cache_stats()?;
             if json {
                 print_json(&c)
             } else {
@@ -954,8 +1190,8 @@ fn run_cache_command(
                 Ok(())
             }
         }
-        CacheCommand::Pins => {
-            let pins = client.cache_pins().map_err(local)?;
+        CacheCommand::Pins { pool } => {
+            let pins = client.clone().in_pool(pool.as_deref()).cache_pins()?;
             if json {
                 print_json(&vpool_api::PinList { pins })
             } else {
@@ -965,7 +1201,7 @@ fn run_cache_command(
         }
         CacheCommand::Pin { image } => {
             let (vol, snap) = parse_image(image)?;
-            let p = client.pin(vol, snap).map_err(local)?;
+            let p = client.pin(vol, snap)?;
             if json {
                 print_json(&p)
             } else {
@@ -979,7 +1215,7 @@ fn run_cache_command(
         }
         CacheCommand::Unpin { image } => {
             let (vol, snap) = parse_image(image)?;
-            client.unpin(vol, snap).map_err(local)?;
+            client.unpin(vol, snap)?;
             if json {
                 print_json(&serde_json::json!({ "unpinned": image }))
             } else {
@@ -993,10 +1229,6 @@ fn run_cache_command(
 /// The `pool create` / `pool attach` text.
 pub fn render_pool_report(r: &PoolReport, done: &str) -> String {
     let c = &r.config;
-    let pool_arg = match &c.name {
-        Some(n) => n.clone(),
-        None => r.pool_dir.display().to_string(),
-    };
     let mut out = format!(
         "{done} pool {} on {}
 cache:       {} ({})
@@ -1020,13 +1252,6 @@ cache:       {} ({})
             None => "from the environment".to_string(),
         }
     ));
-    if let Some(reg) = &r.registry {
-        out.push_str(&format!(
-            "registered:  {pool_arg} in {}
-",
-            reg.display()
-        ));
-    }
     if let Some(h) = &r.held_by {
         out.push_str(&format!(
             "held by:     {h} (serving it here needs that daemon stopped, or `serve --force`)
@@ -1034,8 +1259,9 @@ cache:       {} ({})
         ));
     }
     out.push_str(&format!(
-        "serve it:    vpool --pool {pool_arg} serve
-"
+        "serve it:    vpool --home {} serve
+",
+        r.pool_dir.display()
     ));
     out
 }
@@ -1360,10 +1586,11 @@ pub struct Attach {
 }
 
 impl Attach {
-    /// The attach details of volume `name` of the pool at `pool_dir`, whose
-    /// daemon serves NBD on TCP at `nbd_tcp` if that is set.
-    pub fn new(name: &str, pool_dir: &Path, nbd_tcp: Option<SocketAddr>) -> Attach {
-        let socket = absolute(pool_dir).join(NBD_SOCKET_NAME);
+    /// The attach details of export `name` (`VOLUME` of the default pool,
+    /// or `POOL/VOLUME`) of the daemon whose home is `home`, which serves
+    /// NBD on TCP at `nbd_tcp` if that is set.
+    pub fn new(name: &str, home: &Path, nbd_tcp: Option<SocketAddr>) -> Attach {
+        let socket = absolute(home).join(NBD_SOCKET_NAME);
         let socket_str = socket.to_string_lossy();
         let nbd_uri = format!(
             "nbd+unix:///{}?socket={}",
@@ -1531,11 +1758,11 @@ mod tests {
     #[test]
     fn parses_sizes_and_globals() {
         let c = Cli::try_parse_from([
-            "vpool", "vol", "create", "web1", "--size", "20G", "--json", "--pool", "/p",
+            "vpool", "vol", "create", "web1", "--size", "20G", "--json", "--home", "/p",
         ])
         .unwrap();
         assert!(c.json);
-        assert_eq!(c.pool, PathBuf::from("/p"));
+        assert_eq!(c.home, PathBuf::from("/p"));
         match c.command {
             Command::Vol(VolCommand::Create {
                 name,
@@ -1574,22 +1801,59 @@ mod tests {
         match c.command {
             Command::Pool(PoolCommand::Create {
                 name,
+                dir,
                 s3,
                 unsafe_single_host,
             }) => {
                 assert_eq!(name.as_deref(), Some("cold"));
-                assert_eq!(s3.cache_size, 20 << 30);
+                assert_eq!(dir, None);
+                assert_eq!(s3.cache_size, Some(20 << 30));
                 assert_eq!(s3.seal_after, Some(0.5));
                 assert!(!unsafe_single_host);
-                let st = s3.settings(Path::new("/p"));
+                let st = s3.settings(Path::new("/p")).unwrap();
                 assert_eq!(st.cache_dir, PathBuf::from("/var/cache/vpool"));
+                let spec = s3.spec().unwrap();
+                assert_eq!(spec.cache_size_bytes, 20 << 30);
+                assert_eq!(spec.endpoint.as_deref(), Some("http://127.0.0.1:7480"));
             }
             other => panic!("{other:?}"),
         }
-        // --cache defaults to --pool.
+        // A local pool in a directory; --dir and --s3 exclude each other,
+        // and S3 options need --s3.
+        let c =
+            Cli::try_parse_from(["vpool", "pool", "create", "fast", "--dir", "/mnt/nvme"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Pool(PoolCommand::Create { dir: Some(d), .. }) if d == Path::new("/mnt/nvme")
+        ));
+        for bad in [
+            &[
+                "vpool",
+                "pool",
+                "create",
+                "x",
+                "--dir",
+                "/d",
+                "--s3",
+                "s3://b",
+                "--cache-size",
+                "1G",
+            ][..],
+            &["vpool", "pool", "create", "x", "--cache-size", "1G"],
+            &["vpool", "pool", "create", "x", "--s3", "s3://b"],
+            &["vpool", "vol", "list", "--pool", "a", "--all"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+        let c = Cli::try_parse_from(["vpool", "vol", "list", "--pool", "cold"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Vol(VolCommand::List { pool: Some(p), all: false }) if p == "cold"
+        ));
+        // --cache defaults to --home.
         let c = Cli::try_parse_from([
             "vpool",
-            "--pool",
+            "--home",
             "/p",
             "pool",
             "attach",
@@ -1601,7 +1865,7 @@ mod tests {
         .unwrap();
         match c.command {
             Command::Pool(PoolCommand::Attach { s3, .. }) => {
-                assert_eq!(s3.settings(&c.pool).cache_dir, PathBuf::from("/p"));
+                assert_eq!(s3.settings(&c.home).unwrap().cache_dir, PathBuf::from("/p"));
             }
             other => panic!("{other:?}"),
         }

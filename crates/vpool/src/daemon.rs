@@ -197,7 +197,7 @@ impl std::fmt::Display for AlreadyRunning {
         };
         write!(
             f,
-            "pool {} is already served by {who}: it holds the lock on {}; stop that daemon first, or use another --pool",
+            "pool {} is already served by {who}: it holds the lock on {}; stop that daemon first, or use another --home",
             self.pool, self.lock_file
         )
     }
@@ -222,7 +222,7 @@ pub async fn run_daemon_notify(
     let socket_len = config.api_socket.as_os_str().len();
     if socket_len > MAX_UNIX_SOCKET_PATH_BYTES {
         bail!(
-            "the API socket path {} is {socket_len} bytes; Unix sockets allow {MAX_UNIX_SOCKET_PATH_BYTES}: use a shorter --pool path",
+            "the API socket path {} is {socket_len} bytes; Unix sockets allow {MAX_UNIX_SOCKET_PATH_BYTES}: use a shorter --home path",
             config.api_socket.display()
         );
     }
@@ -254,7 +254,6 @@ async fn open_host(config: &DaemonConfig) -> anyhow::Result<Arc<Host>> {
     tokio::task::spawn_blocking(move || {
         let default = opener.open_dir(&home, force)?;
         Host::open(&home, DEFAULT_POOL, default, Arc::new(opener))
-            .map(Arc::new)
             .map_err(|e| anyhow::anyhow!("{}", e.message))
     })
     .await
@@ -316,6 +315,7 @@ impl Opener for DirOpener {
 
     fn prepare_s3(
         &self,
+        name: &str,
         dir: &Path,
         spec: &S3Spec,
         attach: bool,
@@ -332,10 +332,12 @@ impl Opener for DirOpener {
             backpressure_timeout_secs: spec.backpressure_timeout_secs,
             read_timeout_secs: spec.read_timeout_secs,
         };
+        crate::s3pool::check_settings(&settings)
+            .map_err(|e| vpool_service::Error::invalid(format!("{e:#}")))?;
         let made = if attach {
-            crate::s3pool::attach(None, &settings)
+            crate::s3pool::attach(Some(name), &settings)
         } else {
-            crate::s3pool::create(None, &settings, unsafe_single_host)
+            crate::s3pool::create(Some(name), &settings, unsafe_single_host)
         };
         made.map(|_| ()).map_err(service_error)
     }
@@ -435,6 +437,21 @@ fn open_blocking(dir: &Path, pool_config: PoolConfig, takeover: bool) -> anyhow:
         }
     }
     Ok((pool, report, store, s3))
+}
+
+/// The directory of pool `pool` of the daemon whose home is `home`, read
+/// from its `host.json` (for work on a pool while no daemon runs). The
+/// default pool, or none named, is the home itself.
+pub fn pool_dir_offline(home: &Path, pool: Option<&str>) -> anyhow::Result<PathBuf> {
+    let Some(name) = pool.filter(|p| *p != DEFAULT_POOL) else {
+        return Ok(home.to_path_buf());
+    };
+    vpool_service::host::listed_pools(home)
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, dir)| dir)
+        .ok_or_else(|| anyhow::anyhow!("no pool named {name} in {}", home.display()))
 }
 
 /// `vpool pool check` without a daemon: opens the pool in this process

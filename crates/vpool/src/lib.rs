@@ -5,7 +5,7 @@
 //!   opening the store for `serve`.
 //! - [`cache`]: the host cache of an S3 pool as the API serves it: stats and
 //!   pins.
-//! - [`registry`]: named pools (`--pool NAME`).
+//! - [`registry`]: pool names of earlier releases (`--home NAME`).
 //! - [`cli`]: argument definitions and the client commands.
 //! - [`transfer`]: sparse `vol import` / `vol export`.
 //! - [`vdiff`]: the `.vdiff` incremental backup format, `vol export-diff` /

@@ -16,10 +16,11 @@ const DEFAULT_LOG_FILTER: &str = "info";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // `--pool` is a directory, or the name of a registered pool.
-    let result = vpool::registry::resolve_pool(&cli.pool).and_then(|pool| match &cli.command {
-        Command::Serve(args) => serve(&cli, &pool, args),
-        cmd => run_client_command(&pool, cli.json, cmd),
+    // `--home` is a directory (or the name of a pool registered by an
+    // earlier release).
+    let result = vpool::registry::resolve_home(&cli.home).and_then(|home| match &cli.command {
+        Command::Serve(args) => serve(&cli, &home, args),
+        cmd => run_client_command(&home, cli.json, cmd),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,16 +1,19 @@
-//! Named pools: `vpool pool create cold --s3 ...` records `cold -> DIR` in a
-//! small registry file, and `--pool cold` finds DIR through it.
+//! The pool names of earlier releases, read so their directories keep
+//! working: before one daemon held many pools, `vpool pool create cold
+//! --s3 ...` recorded `cold -> DIR` in a small registry file, and `--pool
+//! cold` (now `--home cold`) found DIR through it. Nothing writes the
+//! registry any more: a daemon's pools are in its `host.json`
+//! ([`vpool_service::Host`]).
 //!
 //! The registry is `$VPOOL_CONFIG_DIR/pools.json` (default
 //! `$XDG_CONFIG_HOME/vpool/pools.json`, else `~/.config/vpool/pools.json`):
-//! `{"pools": {"cold": "/var/cache/vpool"}}`. `--pool X` is looked up there
-//! only when X has no `/` and is not an existing directory, so every way of
-//! naming a pool by its directory works as before.
+//! `{"pools": {"cold": "/var/cache/vpool"}}`. `--home X` is looked up there
+//! only when X has no `/` and is not an existing directory.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 /// The registry's file name in the config directory.
@@ -42,22 +45,6 @@ pub fn registry_path() -> Option<PathBuf> {
     config_dir().map(|d| d.join(REGISTRY_FILE))
 }
 
-/// A pool name: what a volume name may be (letters, digits, `.`, `_`, `-`),
-/// not starting with `.` or `-`.
-pub fn check_pool_name(name: &str) -> anyhow::Result<()> {
-    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
-    if name.is_empty()
-        || name.len() > 64
-        || !name.chars().all(ok_char)
-        || name.starts_with(['.', '-'])
-    {
-        bail!(
-            "{name:?} is not a pool name: use 1 to 64 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
-        );
-    }
-    Ok(())
-}
-
 impl Registry {
     /// Reads the registry at `path`; a missing file is an empty registry.
     pub fn load_from(path: &Path) -> anyhow::Result<Registry> {
@@ -70,21 +57,11 @@ impl Registry {
             }
         }
     }
-
-    /// Writes the registry to `path` atomically.
-    pub fn save_to(&self, path: &Path) -> anyhow::Result<()> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating the config directory {}", dir.display()))?;
-        }
-        let bytes = serde_json::to_vec_pretty(self).context("encoding the pool registry")?;
-        crate::s3pool::write_file_atomic(path, &bytes)
-    }
 }
 
-/// The pool directory `--pool ARG` means: ARG itself, unless it is a bare
-/// name (no `/`) that is not an existing directory and is registered.
-pub fn resolve_pool(arg: &Path) -> anyhow::Result<PathBuf> {
+/// The directory `--home ARG` means: ARG itself, unless it is a bare name
+/// (no `/`) that is not an existing directory and is registered.
+pub fn resolve_home(arg: &Path) -> anyhow::Result<PathBuf> {
     let Some(name) = arg.to_str() else {
         return Ok(arg.to_path_buf());
     };
@@ -102,58 +79,9 @@ pub fn resolve_pool(arg: &Path) -> anyhow::Result<PathBuf> {
         .unwrap_or_else(|| arg.to_path_buf()))
 }
 
-/// Records `name -> dir` (absolute). Registering a name again for the same
-/// directory is a no-op; for another directory, an error.
-pub fn register(name: &str, dir: &Path) -> anyhow::Result<PathBuf> {
-    check_pool_name(name)?;
-    let path = registry_path()
-        .context("no config directory for the pool registry: set VPOOL_CONFIG_DIR (or HOME)")?;
-    let mut reg = Registry::load_from(&path)?;
-    match reg.pools.get(name) {
-        Some(d) if d == dir => return Ok(path),
-        Some(d) => bail!(
-            "the pool name {name} is already registered for {} (in {}); choose another name, or remove it from that file",
-            d.display(),
-            path.display()
-        ),
-        None => {}
-    }
-    reg.pools.insert(name.to_string(), dir.to_path_buf());
-    reg.save_to(&path)?;
-    Ok(path)
-}
-
-/// Fails if `name` is registered for a directory other than `dir`; run
-/// before creating a pool, so a taken name is refused before anything is
-/// made.
-pub fn check_available(name: &str, dir: &Path) -> anyhow::Result<()> {
-    check_pool_name(name)?;
-    let Some(path) = registry_path() else {
-        return Ok(());
-    };
-    match Registry::load_from(&path)?.pools.get(name) {
-        Some(d) if d != dir => bail!(
-            "the pool name {name} is already registered for {} (in {}); choose another name, or remove it from that file",
-            d.display(),
-            path.display()
-        ),
-        _ => Ok(()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names() {
-        for ok in ["cold", "pool-1", "a.b_c"] {
-            check_pool_name(ok).unwrap();
-        }
-        for bad in ["", "a/b", ".x", "-x", "a b", "x@y"] {
-            assert!(check_pool_name(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn registry_round_trips() {
@@ -162,7 +90,8 @@ mod tests {
         assert_eq!(Registry::load_from(&path).unwrap(), Registry::default());
         let mut r = Registry::default();
         r.pools.insert("cold".into(), "/var/cache/vpool".into());
-        r.save_to(&path).unwrap();
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, br#"{"pools": {"cold": "/var/cache/vpool"}}"#).unwrap();
         assert_eq!(Registry::load_from(&path).unwrap(), r);
         std::fs::write(&path, b"{not json").unwrap();
         let e = Registry::load_from(&path).unwrap_err().to_string();

@@ -78,7 +78,8 @@ fn default_read_timeout() -> f64 {
 pub struct PoolFile {
     /// `s3`.
     pub backend: String,
-    /// The name given at creation (`--pool NAME` finds the directory).
+    /// The host's name for the pool when it was created or attached
+    /// (informational: the daemon's `host.json` is what names its pools).
     #[serde(default)]
     pub name: Option<String>,
     /// `s3://bucket/prefix` (or `file:///dir`).
@@ -261,10 +262,8 @@ pub struct S3PoolSettings {
 /// What `pool create` / `pool attach` did (`--json`). Never secrets.
 #[derive(Clone, Debug, Serialize)]
 pub struct PoolReport {
-    /// The pool directory (the cache): `--pool` takes it, or the name.
+    /// The pool directory (the cache): `--home` takes it, or the name.
     pub pool_dir: PathBuf,
-    /// The registry file the name was recorded in.
-    pub registry: Option<PathBuf>,
     /// For `attach`: who holds the pool now (`host:pid`), if anyone.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub held_by: Option<String>,
@@ -279,9 +278,6 @@ fn pool_file(
     s: &S3PoolSettings,
     unsafe_single_host: bool,
 ) -> anyhow::Result<(PoolFile, PathBuf)> {
-    if let Some(n) = name {
-        crate::registry::check_pool_name(n)?;
-    }
     let credentials_file = match &s.credentials_file {
         Some(p) => Some(
             std::fs::canonicalize(p)
@@ -307,10 +303,13 @@ fn pool_file(
     f.validate()?;
     let dir = std::path::absolute(&s.cache_dir)
         .with_context(|| format!("the cache directory {}", s.cache_dir.display()))?;
-    if let Some(n) = name {
-        crate::registry::check_available(n, &dir)?;
-    }
     Ok((f, dir))
+}
+
+/// Checks what `pool create` / `pool attach` were given, before anything
+/// is made: a bad value is the caller's mistake, not a failure.
+pub fn check_settings(settings: &S3PoolSettings) -> anyhow::Result<()> {
+    pool_file(None, settings, false).map(|_| ())
 }
 
 /// Refuses a directory that already holds a pool (S3 or local) or a
@@ -318,7 +317,7 @@ fn pool_file(
 fn prepare_cache_dir(dir: &Path) -> anyhow::Result<bool> {
     if dir.join(POOL_FILE).exists() {
         bail!(
-            "{} already holds a pool ({} is there); use another --cache directory, or serve this one with `vpool --pool {} serve`",
+            "{} already holds a pool ({} is there); use another --cache directory, or serve this one with `vpool --home {} serve`",
             dir.display(),
             POOL_FILE,
             dir.display()
@@ -387,18 +386,13 @@ pub fn create(
     drop(store);
     if !released {
         bail!(
-            "the pool was created in {} but could not be released cleanly; `vpool --pool {} serve` will finish",
+            "the pool was created in {} but could not be released cleanly; `vpool --home {} serve` will finish",
             file.url,
             dir.display()
         );
     }
-    let registry = match name {
-        Some(n) => Some(crate::registry::register(n, &dir)?),
-        None => None,
-    };
     Ok(PoolReport {
         pool_dir: dir,
-        registry,
         held_by: None,
         config: file,
     })
@@ -430,13 +424,8 @@ pub fn attach(name: Option<&str>, settings: &S3PoolSettings) -> anyhow::Result<P
         undo(&dir, created_dir);
         return Err(e);
     }
-    let registry = match name {
-        Some(n) => Some(crate::registry::register(n, &dir)?),
-        None => None,
-    };
     Ok(PoolReport {
         pool_dir: dir,
-        registry,
         held_by,
         config: file,
     })
@@ -558,7 +547,6 @@ mod tests {
         let e = pool_file(None, &s, false).unwrap_err().to_string();
         assert!(e.contains("--seal-after"), "{e}");
         assert!(pool_file(None, &settings("ftp://x"), false).is_err());
-        assert!(pool_file(Some("a/b"), &settings("s3://vms/p"), false).is_err());
     }
 
     #[test]

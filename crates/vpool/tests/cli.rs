@@ -392,7 +392,7 @@ fn no_daemon_says_so() {
     let out = run(&pool, &["vol", "list", "--json"]);
     let e: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
     assert_eq!(e["error"]["kind"], "no_daemon");
-    // $VPOOL_HOME finds the pool when --pool is not given.
+    // $VPOOL_HOME finds the pool when --home is not given.
     let out = std::process::Command::new(common::vpool_bin())
         .args(["vol", "list"])
         .env("VPOOL_HOME", &pool)
@@ -520,7 +520,7 @@ fn serve_on_tcp_with_a_token() {
 }
 
 /// `vol info` shows how to attach the volume: the NBD URI (Unix socket,
-/// absolute even for a relative --pool; TCP with --nbd-listen) and a libvirt
+/// absolute even for a relative --home; TCP with --nbd-listen) and a libvirt
 /// `<disk>` element.
 #[test]
 fn vol_info_shows_how_to_attach() {
@@ -541,10 +541,10 @@ fn vol_info_shows_how_to_attach() {
          </disk>\n"
     );
 
-    // A relative --pool still gives absolute paths.
+    // A relative --home still gives absolute paths.
     let out = std::process::Command::new(common::vpool_bin())
         .current_dir(dir.path())
-        .args(["--pool", "pool", "vol", "info", "web1"])
+        .args(["--home", "pool", "vol", "info", "web1"])
         .env_remove("VPOOL_HOME")
         .output()
         .unwrap();

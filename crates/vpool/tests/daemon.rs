@@ -148,7 +148,7 @@ fn too_long_socket_path_is_refused_clearly() {
     let err = rt
         .block_on(run_daemon(DaemonConfig::new(&pool), std::future::pending()))
         .unwrap_err();
-    assert!(format!("{err:#}").contains("shorter --pool"), "{err:#}");
+    assert!(format!("{err:#}").contains("shorter --home"), "{err:#}");
 }
 
 #[test]

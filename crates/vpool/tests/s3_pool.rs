@@ -478,10 +478,7 @@ fn local_pool_has_no_cache() {
     ] {
         let e = w.err(&pool, args);
         assert!(
-            e.contains(&format!(
-                "pool {} is a local pool: it has no cache",
-                pool.display()
-            )),
+            e.contains("pool local is a local pool: it has no cache"),
             "{args:?}: {e}"
         );
         let e = w.json_err(&pool, args);
@@ -563,34 +560,35 @@ fn pool_create_checks_names_and_keeps_secrets_out() {
     assert!(e.contains("no vpool pool at"), "{e}");
     assert!(!nowhere.exists());
 
-    // A named pool with a credentials file: the file's path is recorded,
-    // its secrets are not, anywhere.
+    // A named pool is added by the running daemon; with a credentials
+    // file, the file's path is recorded, its secrets are not, anywhere.
+    let home = w.path("home");
     let cred = w.path("s3.cred");
     std::fs::write(
         &cred,
         "access_key_id = AKIDEXAMPLE\nsecret_access_key = wJalrXUtnFEMI\n",
     )
     .unwrap();
-    let out = w.ok(
-        &nowhere,
-        &[
-            "pool",
-            "create",
-            "cold",
-            "--s3",
-            &url,
-            "--cache",
-            &cache_s,
-            "--cache-size",
-            "1G",
-            "--credentials",
-            cred.to_str().unwrap(),
-            "--seal-after",
-            "0.3",
-        ],
-    );
-    assert!(out.contains("created pool cold on"), "{out}");
-    assert!(out.contains("vpool --pool cold serve"), "{out}");
+    let create_cold = [
+        "pool",
+        "create",
+        "cold",
+        "--s3",
+        &url,
+        "--cache",
+        &cache_s,
+        "--cache-size",
+        "1G",
+        "--credentials",
+        cred.to_str().unwrap(),
+        "--seal-after",
+        "0.3",
+    ];
+    let e = w.err(&home, &create_cold);
+    assert!(e.contains("start `vpool serve` first"), "{e}");
+    let d = Daemon::start(&home, &[]);
+    let out = w.ok(&home, &create_cold);
+    assert!(out.contains("added pool cold (s3)"), "{out}");
     let file = std::fs::read_to_string(cache.join("pool.json")).unwrap();
     assert!(file.contains("s3.cred"), "{file}");
     for text in [&out, &file] {
@@ -599,29 +597,24 @@ fn pool_create_checks_names_and_keeps_secrets_out() {
             "{text}"
         );
     }
-    let reg = std::fs::read_to_string(w.path("config").join("pools.json")).unwrap();
-    let reg: serde_json::Value = serde_json::from_str(&reg).unwrap();
-    assert_eq!(reg["pools"]["cold"], cache_s);
-
-    // `--pool NAME` finds the directory: serve and use it by name.
-    let cold = Path::new("cold");
-    let mut serve = w.cmd(cold);
-    serve.arg("serve");
-    let d = Daemon::start_cmd(&cache, serve);
-    w.ok(cold, &["vol", "create", "v", "--size", "4M"]);
-    assert!(w.ok(cold, &["vol", "list"]).contains('v'));
-    let s = w.json(cold, &["cache", "stats"]);
-    assert_eq!(s["cache_dir"], cache_s);
-    let log = d.log_text();
+    // Its volumes are cold/VOLUME; its cache answers by the pool's name.
+    w.ok(&home, &["vol", "create", "cold/v", "--size", "4M"]);
     assert!(
-        !log.contains("AKIDEXAMPLE") && !log.contains("wJalrXUtnFEMI"),
-        "{log}"
+        w.ok(&home, &["vol", "list", "--pool", "cold"])
+            .contains('v')
     );
-    // The name is taken: not for another directory.
-    let other = w.path("other-cache");
+    assert_eq!(w.ok(&home, &["vol", "list"]), "no volumes\n");
+    let s = w.json(&home, &["cache", "stats", "--pool", "cold"]);
+    assert_eq!(s["cache_dir"], cache_s);
+    let l = w.json(&home, &["pool", "list"]);
+    assert_eq!(l["pools"][1]["name"], "cold", "{l}");
+    assert_eq!(l["pools"][1]["kind"], "s3", "{l}");
+    assert_eq!(l["pools"][1]["state"], "open", "{l}");
+    // The name is taken; bad settings are the caller's mistake, and leave
+    // nothing behind.
     let bucket2 = format!("file://{}", w.path("bucket2").display());
     let e = w.err(
-        &other,
+        &home,
         &[
             "pool",
             "create",
@@ -632,7 +625,26 @@ fn pool_create_checks_names_and_keeps_secrets_out() {
             "1G",
         ],
     );
-    assert!(e.contains("already registered"), "{e}");
+    assert!(e.contains("already has a pool named cold"), "{e}");
+    let e = w.json_err(
+        &home,
+        &[
+            "pool",
+            "create",
+            "c2",
+            "--s3",
+            &bucket2,
+            "--cache-size",
+            "255M",
+        ],
+    );
+    assert_eq!(e["error"]["kind"], "invalid", "{e}");
+    assert!(!home.join("pools").join("c2").exists());
+    let log = d.log_text();
+    assert!(
+        !log.contains("AKIDEXAMPLE") && !log.contains("wJalrXUtnFEMI"),
+        "{log}"
+    );
     assert!(d.terminate().success());
 
     // A cache directory without its pool.json is not served as a local

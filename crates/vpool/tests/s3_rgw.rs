@@ -16,6 +16,10 @@
 //!   into the cache, cold reads fail with EIO in bounded time, the uploads
 //!   catch up by themselves and the data verifies.
 //!
+//! - One daemon holding the default local pool, a second local pool and a
+//!   pool on RGW: real clients through the one NBD socket, pools detached
+//!   and added under I/O, a restart with radosgw down.
+//!
 //! The tests share one radosgw, which one of them stops and starts: they
 //! take a lock, and each pool has its own key prefix
 //! (`s3://BUCKET/test-NAME-RANDOM`).
@@ -34,8 +38,10 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, run_json};
-use nbd_common::clients::{nbdcopy, nbdsh_script, qemu_img_compare};
+use common::{Daemon, run, run_err, run_json, run_ok};
+use nbd_common::clients::{
+    fio_verify, nbdcopy, nbdinfo, nbdsh_script, qemu_img_compare, qemu_img_convert_to,
+};
 use nbd_common::pattern;
 use nbd_suite::{MIB, checksum, path_str};
 
@@ -602,4 +608,221 @@ fn rgw_outage_under_an_nbd_writer() {
     assert_eq!(check_prefix(&image, nblocks), last + 1);
     assert!(qemu_img_compare(&d.nbd_uri("cold"), &src));
     assert!(d.terminate().success());
+}
+
+/// The pools `vpool pool list --json` shows, as (name, kind, state).
+fn pool_states(home: &Path) -> Vec<(String, String, String)> {
+    let l = run_json(home, &["pool", "list"]);
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+    l["pools"]
+        .as_array()
+        .expect("a list of pools")
+        .iter()
+        .map(|p| (s(&p["name"]), s(&p["kind"]), s(&p["state"])))
+        .collect()
+}
+
+fn pools_are(home: &Path, want: &[(&str, &str, &str)]) {
+    let got = pool_states(home);
+    let want: Vec<(String, String, String)> = want
+        .iter()
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .collect();
+    assert_eq!(got, want);
+}
+
+/// Waits until pool `pool` of the daemon at `home` is in `state`.
+fn wait_for_state(home: &Path, pool: &str, state: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let states = pool_states(home);
+        if states.iter().any(|(n, _, s)| n == pool && s == state) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pool {pool} was not {state} within {timeout:?}: {}",
+            run_json(home, &["pool", "list"])
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// One daemon holds the default local pool, a second local pool and a pool
+/// on RGW at once; real clients reach volumes of all three through the one
+/// NBD socket. Pools are detached, re-added and added while fio verifies
+/// on the others. After a restart with radosgw down, the S3 pool is listed
+/// as not open with its reason while the others serve, and it opens by
+/// itself once radosgw is back.
+#[test]
+fn one_daemon_serves_two_local_pools_and_an_rgw_pool() {
+    let Some(rgw) = rgw() else { return };
+    let _g = serial();
+    let t = tempfile::tempdir().unwrap();
+    let home = t.path().join("home");
+    let fast = t.path().join("fast");
+    let cold_cache = t.path().join("cold-cache");
+    let url = rgw.url("multi");
+    let d = Daemon::start(&home, &[]);
+    run_ok(&home, &["pool", "create", "fast", "--dir", path_str(&fast)]);
+    run_ok(
+        &home,
+        &[
+            "pool",
+            "create",
+            "cold",
+            "--s3",
+            &url,
+            "--endpoint",
+            &rgw.endpoint,
+            "--cache",
+            path_str(&cold_cache),
+            "--cache-size",
+            "1G",
+            "--seal-after",
+            "0.5",
+        ],
+    );
+    pools_are(
+        &home,
+        &[
+            ("local", "local", "open"),
+            ("cold", "s3", "open"),
+            ("fast", "local", "open"),
+        ],
+    );
+
+    // A volume in each pool, written by qemu-img and read back by nbdcopy
+    // through the one socket, which lists them all.
+    let vols = ["web", "fast/db", "cold/arch"];
+    let mut images = Vec::new();
+    for (i, v) in vols.iter().enumerate() {
+        run_ok(&home, &["vol", "create", v, "--size", "24M"]);
+        let img = t.path().join(format!("image{i}"));
+        std::fs::write(&img, pattern((24 * MIB) as usize, i as u64 + 1)).unwrap();
+        qemu_img_convert_to(&img, &d.nbd_uri(v));
+        let back = t.path().join(format!("back{i}"));
+        nbdcopy(&d.nbd_uri(v), path_str(&back), &[]);
+        assert!(
+            std::fs::read(&back).unwrap() == std::fs::read(&img).unwrap(),
+            "{v}: nbdcopy read back something else"
+        );
+        images.push(img);
+    }
+    let list = nbdinfo(&["--list", "--json", &d.nbd_uri("")]);
+    for v in vols {
+        assert!(list.contains(&format!("\"{v}\"")), "{v} not listed: {list}");
+    }
+    assert!(
+        run_ok(&home, &["vol", "list", "--all"]).contains("cold/arch"),
+        "vol list --all"
+    );
+
+    // Detach is refused while an NBD client has a volume of the pool open.
+    let held = nbd_common::raw::open_export(&d.nbd_socket(), "fast/db");
+    let e = run_err(&home, &["pool", "detach", "fast"]);
+    assert!(e.contains("NBD client") && e.contains("--force"), "{e}");
+    drop(held);
+
+    // fio verifies on the default pool and on the S3 pool, round after
+    // round, while the second local pool is detached, re-added, and a new
+    // pool is added and detached.
+    for v in ["fio", "cold/fio"] {
+        run_ok(&home, &["vol", "create", v, "--size", "32M"]);
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = ["fio", "cold/fio"]
+        .into_iter()
+        .map(|v| {
+            let uri = d.nbd_uri(v);
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut rounds = 0;
+                while rounds == 0 || !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    fio_verify(&uri, "8M", "4k", 8);
+                    rounds += 1;
+                }
+                rounds
+            })
+        })
+        .collect();
+    wait_for(
+        "the NBD client of fast/db to go",
+        Duration::from_secs(10),
+        || run(&home, &["pool", "detach", "fast"]).status.success(),
+    );
+    let e = run_err(&home, &["vol", "info", "fast/db"]);
+    assert!(e.contains("no pool named \"fast\""), "{e}");
+    assert!(!nbdinfo(&["--list", &d.nbd_uri("")]).contains("fast/db"));
+    run_ok(&home, &["pool", "create", "fast", "--dir", path_str(&fast)]);
+    assert!(qemu_img_compare(&d.nbd_uri("fast/db"), &images[1]));
+    run_ok(&home, &["pool", "create", "extra"]);
+    run_ok(&home, &["vol", "create", "extra/x", "--size", "4M"]);
+    assert!(home.join("pools/extra/segments").is_dir());
+    run_ok(&home, &["pool", "detach", "extra"]);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for w in workers {
+        assert!(w.join().expect("fio worker") >= 1);
+    }
+    wait_uploaded_in(&home, "cold", Duration::from_secs(60));
+    assert!(d.terminate().success());
+
+    // Restart with radosgw down: the daemon starts, the S3 pool is listed
+    // as failed with the reason, its volumes answer with a clear error,
+    // and the local pools serve.
+    let down = RgwDown::stop();
+    let started = Instant::now();
+    let d = Daemon::start(&home, &[]);
+    eprintln!(
+        "the daemon started in {:?} with radosgw down",
+        started.elapsed()
+    );
+    // Opening the S3 pool runs in the background: the daemon does not wait
+    // for the bucket's timeouts.
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "the daemon waited {:?} for the unreachable bucket",
+        started.elapsed()
+    );
+    let states = pool_states(&home);
+    assert_eq!(states[0], ("local".into(), "local".into(), "open".into()));
+    assert_eq!(states[2], ("fast".into(), "local".into(), "open".into()));
+    assert_eq!((states[1].0.as_str(), states[1].1.as_str()), ("cold", "-"));
+    assert!(
+        ["opening", "failed"].contains(&states[1].2.as_str()),
+        "{states:?}"
+    );
+    let l = run_json(&home, &["pool", "list"]);
+    assert!(l["pools"][1]["reason"].as_str().is_some(), "{l}");
+    let e = run_err(&home, &["vol", "list", "--pool", "cold"]);
+    assert!(e.contains("pool cold is not open"), "{e}");
+    assert!(qemu_img_compare(&d.nbd_uri("web"), &images[0]));
+    assert!(qemu_img_compare(&d.nbd_uri("fast/db"), &images[1]));
+    let out = run(&home, &["vol", "info", "cold/arch"]);
+    assert!(!out.status.success());
+    // Once it has failed, it is retried by itself: bring radosgw back and
+    // the pool opens without an operator.
+    wait_for_state(&home, "cold", "failed", Duration::from_secs(120));
+    drop(down);
+    wait_for_state(&home, "cold", "open", Duration::from_secs(150));
+    // `pool open` on an open pool leaves it as it is.
+    run_ok(&home, &["pool", "open", "cold"]);
+    assert!(qemu_img_compare(&d.nbd_uri("cold/arch"), &images[2]));
+    assert!(d.terminate().success());
+}
+
+/// [`wait_uploaded`] for pool `pool` of the daemon at `home`.
+fn wait_uploaded_in(home: &Path, pool: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = run_json(home, &["cache", "stats", "--pool", pool]);
+        if s["upload_lag_bytes"] == 0 && s["dirty_bytes"].as_u64().is_some_and(|d| d < 4096) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the uploads did not catch up within {timeout:?}: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

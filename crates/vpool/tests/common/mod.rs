@@ -19,16 +19,17 @@ pub fn vpool_bin() -> &'static str {
     env!("CARGO_BIN_EXE_vpool")
 }
 
-/// A `vpool` command on `pool`, isolated from the caller's environment.
+/// A `vpool` command on the daemon whose home is `pool`, isolated from the
+/// caller's environment.
 pub fn vpool_cmd(pool: &Path) -> Command {
     let mut c = Command::new(vpool_bin());
-    c.arg("--pool").arg(pool);
+    c.arg("--home").arg(pool);
     c.env_remove("VPOOL_HOME");
     c.env("VPOOL_LOG", "warn");
     c
 }
 
-/// Runs `vpool --pool <pool> <args>` to completion.
+/// Runs `vpool --home <pool> <args>` to completion.
 pub fn run(pool: &Path, args: &[&str]) -> Output {
     vpool_cmd(pool)
         .args(args)
@@ -84,7 +85,7 @@ impl Daemon {
         Daemon::start_cmd(pool, cmd)
     }
 
-    /// Starts `cmd`, a prepared `vpool ... serve` (its own `--pool`,
+    /// Starts `cmd`, a prepared `vpool ... serve` (its own `--home`,
     /// environment), whose pool directory is `pool`, and waits until its API
     /// answers.
     pub fn start_cmd(pool: &Path, mut cmd: Command) -> Daemon {

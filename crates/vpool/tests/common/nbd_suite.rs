@@ -359,7 +359,7 @@ const EDGE_SCRIPT: &str = r#"
 import errno, os, subprocess, nbd
 
 SOCK = os.environ["SOCK"]
-VPOOL = [os.environ["VPOOL"], "--pool", os.environ["POOL"]]
+VPOOL = [os.environ["VPOOL"], "--home", os.environ["POOL"]]
 
 def uri(name):
     return "nbd+unix:///%s?socket=%s" % (name, SOCK)

@@ -20,9 +20,15 @@
 //! How a directory becomes an open pool (local or S3, recovery, the cache)
 //! is the [`Opener`]'s business.
 
+mod exports;
+mod file;
+mod opening;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use vpool_engine::Pool;
@@ -32,10 +38,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::exports::PoolExports;
 use crate::pool::PoolService;
 
-/// The file in the home that lists the pools besides the default one.
-pub const HOST_FILE: &str = "host.json";
-/// Version of `host.json` this code writes and reads.
-const HOST_FILE_VERSION: u32 = 1;
+pub use exports::HostExports;
+pub use file::{HOST_FILE, listed_pools};
 /// Most pools a host holds (each holds a lock, descriptors, threads).
 pub const MAX_POOLS: usize = 64;
 
@@ -45,6 +49,16 @@ pub const MAX_POOLS: usize = 64;
 pub enum PoolKind {
     Local,
     S3,
+}
+
+impl PoolKind {
+    /// Its name on the wire and in tables: `local`, `s3`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolKind::Local => "local",
+            PoolKind::S3 => "s3",
+        }
+    }
 }
 
 /// A pool directory, opened: what the [`Opener`] returns.
@@ -93,6 +107,7 @@ pub trait Opener: Send + Sync {
     /// new pool, or with `attach` one that exists.
     fn prepare_s3(
         &self,
+        name: &str,
         dir: &Path,
         spec: &S3Spec,
         attach: bool,
@@ -156,11 +171,51 @@ impl PoolCtx {
 #[derive(Clone)]
 pub enum PoolState {
     Open(Arc<PoolCtx>),
-    /// Could not be opened: why, and the kind of that error.
+    /// An attempt to open it runs (at start, a retry, or `pool open`).
+    /// `last_error`: why the attempt before it failed.
+    Opening {
+        since: Instant,
+        last_error: Option<String>,
+    },
+    /// Not open: why, the kind of that error, how many attempts failed in
+    /// a row, and when the host tries again by itself (`None`: only by
+    /// hand, for what retrying cannot fix).
     Failed {
         reason: String,
         kind: ErrorKind,
+        attempts: u32,
+        retry_at: Option<Instant>,
     },
+}
+
+impl PoolState {
+    /// `open`, `opening` or `failed`, and what a person needs to know
+    /// about a pool that is not open.
+    pub fn describe(&self) -> (&'static str, Option<String>) {
+        match self {
+            PoolState::Open(_) => ("open", None),
+            PoolState::Opening { since, last_error } => {
+                let secs = since.elapsed().as_secs();
+                let why = match last_error {
+                    Some(e) => format!("opening for {secs} s; the attempt before failed: {e}"),
+                    None => format!("opening for {secs} s"),
+                };
+                ("opening", Some(why))
+            }
+            PoolState::Failed {
+                reason, retry_at, ..
+            } => {
+                let next = match retry_at {
+                    Some(at) => format!(
+                        "; retried in {} s",
+                        at.saturating_duration_since(Instant::now()).as_secs()
+                    ),
+                    None => String::new(),
+                };
+                ("failed", Some(format!("{reason}{next}")))
+            }
+        }
+    }
 }
 
 /// A pool the host holds, open or not.
@@ -169,18 +224,9 @@ pub struct PoolSlot {
     pub name: String,
     pub dir: PathBuf,
     pub state: PoolState,
-}
-
-#[derive(Serialize, Deserialize)]
-struct HostFile {
-    version: u32,
-    pools: Vec<PoolEntry>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct PoolEntry {
-    name: String,
-    dir: PathBuf,
+    /// Which attempt to open the pool owns its state: an attempt records
+    /// its outcome only if no other attempt (or a detach) came since.
+    epoch: u64,
 }
 
 /// The pools one daemon holds; see the module doc.
@@ -192,36 +238,53 @@ pub struct Host {
     /// Serializes adding, detaching and opening pools, and writing
     /// `host.json`.
     admin: Mutex<()>,
+    /// The next [`PoolSlot::epoch`].
+    next_epoch: AtomicU64,
+    /// Set by [`Host::close_all`]: no attempt to open a pool records its
+    /// outcome after it, and the retries stop.
+    closing: AtomicBool,
 }
 
 impl Host {
     /// The host of `home`, whose own pool `default` is already open (the
     /// caller opened it: if the home's pool cannot be opened, the daemon
-    /// does not start), and every pool `host.json` lists, opened now; one
-    /// that cannot be is kept with the reason. Fails only if `host.json`
-    /// cannot be read. Blocking.
+    /// does not start), and every pool `host.json` lists, being opened in
+    /// the background: this waits for them up to [`opening::START_WAIT`],
+    /// so a host with an unreachable bucket starts serving its other pools
+    /// anyway. One that cannot be opened is kept with the reason and
+    /// retried. Fails only if `host.json` cannot be read. Blocking.
     pub fn open(
         home: &Path,
         default: &str,
         default_pool: OpenedPool,
         opener: Arc<dyn Opener>,
-    ) -> Result<Host> {
+    ) -> Result<Arc<Host>> {
         crate::names::check_pool_name(default)?;
-        let entries = read_host_file(home)?;
-        let host = Host {
+        let entries = file::read_host_file(home)?;
+        // Absolute, so the pools' default directories under it stay where
+        // they are whatever the daemon's working directory.
+        let home = std::path::absolute(home)
+            .map_err(|e| Error::internal(format!("the home directory {}: {e}", home.display())))?;
+        let host = Arc::new(Host::new(&home, default, opener));
+        let ctx = Arc::new(PoolCtx::new(default, &home, default_pool));
+        host.insert(default, &home, PoolState::Open(ctx));
+        for e in entries {
+            host.insert(&e.name, &e.dir, opening::waiting());
+        }
+        opening::start(&host);
+        Ok(host)
+    }
+
+    fn new(home: &Path, default: &str, opener: Arc<dyn Opener>) -> Host {
+        Host {
             home: home.to_path_buf(),
             default: default.to_string(),
             opener,
             pools: RwLock::new(BTreeMap::new()),
             admin: Mutex::new(()),
-        };
-        let ctx = Arc::new(PoolCtx::new(default, home, default_pool));
-        host.insert(default, home, PoolState::Open(ctx));
-        for e in entries {
-            let state = host.open_dir(&e.name, &e.dir, false);
-            host.insert(&e.name, &e.dir, state);
+            next_epoch: AtomicU64::new(1),
+            closing: AtomicBool::new(false),
         }
-        Ok(host)
     }
 
     /// A host of one already open pool, with no home and no way to add
@@ -243,13 +306,7 @@ impl Host {
             cache,
             close_store: Box::new(|| {}),
         };
-        let host = Host {
-            home: PathBuf::new(),
-            default: name.to_string(),
-            opener: Arc::new(NoOpener),
-            pools: RwLock::new(BTreeMap::new()),
-            admin: Mutex::new(()),
-        };
+        let host = Host::new(Path::new(""), name, Arc::new(NoOpener));
         let ctx = Arc::new(PoolCtx::new(name, Path::new(""), opened));
         host.insert(name, Path::new(""), PoolState::Open(ctx));
         host
@@ -275,6 +332,7 @@ impl Host {
         unsafe_single_host: bool,
     ) -> Result<Arc<PoolCtx>> {
         crate::names::check_pool_name(name)?;
+        check_absolute(dir)?;
         if self.read_pools().contains_key(name) {
             return Err(Error::new(
                 ErrorKind::AlreadyExists,
@@ -282,7 +340,7 @@ impl Host {
             ));
         }
         self.opener
-            .prepare_s3(dir, spec, attach, unsafe_single_host)?;
+            .prepare_s3(name, dir, spec, attach, unsafe_single_host)?;
         self.add_pool(name, dir)
     }
 
@@ -296,6 +354,7 @@ impl Host {
             name: name.to_string(),
             dir: dir.to_path_buf(),
             state,
+            epoch: self.next_epoch.fetch_add(1, Ordering::Relaxed),
         };
         self.write_pools().insert(name.to_string(), slot);
     }
@@ -306,23 +365,6 @@ impl Host {
 
     fn write_pools(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, PoolSlot>> {
         self.pools.write().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Opens `dir` as pool `name`; a failure becomes the pool's state.
-    fn open_dir(&self, name: &str, dir: &Path, force: bool) -> PoolState {
-        match self.opener.open(dir, force) {
-            Ok(opened) => {
-                tracing::info!(pool = name, dir = %dir.display(), "pool open");
-                PoolState::Open(Arc::new(PoolCtx::new(name, dir, opened)))
-            }
-            Err(e) => {
-                tracing::error!(pool = name, dir = %dir.display(), error = %e.message, "pool could not be opened; it stays listed with the reason");
-                PoolState::Failed {
-                    reason: e.message,
-                    kind: e.kind,
-                }
-            }
-        }
     }
 
     /// Every pool the host holds, the default first, then by name.
@@ -345,6 +387,13 @@ impl Host {
                     "pool {name} is not open: {reason}; open it with `vpool pool open {name}` (with --force to take a pool on S3 over)"
                 ),
             )),
+            Some(PoolState::Opening { since, .. }) => Err(Error::new(
+                ErrorKind::Failed,
+                format!(
+                    "pool {name} is not open yet: it has been opening for {} s (`vpool pool list` shows when it is open)",
+                    since.elapsed().as_secs()
+                ),
+            )),
             None => Err(Error::new(
                 ErrorKind::NotFound,
                 format!("no pool named {name:?} on this host (`vpool pool list`)"),
@@ -357,6 +406,7 @@ impl Host {
     /// an S3 cache, opens as it is) under `name`, and records it. Blocking.
     pub fn add_pool(&self, name: &str, dir: &Path) -> Result<Arc<PoolCtx>> {
         crate::names::check_pool_name(name)?;
+        check_absolute(dir)?;
         let _admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         {
             let pools = self.read_pools();
@@ -378,6 +428,9 @@ impl Host {
                 )));
             }
         }
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(Error::new(ErrorKind::Failed, "the daemon is stopping"));
+        }
         let opened = self.opener.open(dir, false)?;
         let ctx = Arc::new(PoolCtx::new(name, dir, opened));
         self.insert(name, dir, PoolState::Open(Arc::clone(&ctx)));
@@ -392,20 +445,40 @@ impl Host {
 
     /// Closes pool `name` (for a pool on S3: uploads what is left and
     /// releases its lease) and forgets it; its data stays. The default pool
-    /// cannot be detached. Blocking.
-    pub fn detach_pool(&self, name: &str) -> Result<()> {
+    /// cannot be detached. Refused while NBD clients have its volumes open,
+    /// unless `force` (their I/O fails from then on). Blocking.
+    pub fn detach_pool(&self, name: &str, force: bool) -> Result<()> {
         if name == self.default {
             return Err(Error::invalid(format!(
                 "{name} is this host's default pool (its home): it cannot be detached"
             )));
         }
         let _admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = self.write_pools().remove(name).ok_or_else(|| {
-            Error::new(
-                ErrorKind::NotFound,
-                format!("no pool named {name:?} on this host"),
-            )
-        })?;
+        let slot = {
+            // Under the pools' write lock no NBD open can find the pool, so
+            // none starts between the count and the removal.
+            let mut pools = self.write_pools();
+            let slot = pools.get(name).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("no pool named {name:?} on this host"),
+                )
+            })?;
+            if let PoolState::Open(ctx) = &slot.state {
+                let n = ctx.service.catalog().nbd_connections_total();
+                if n > 0 && !force {
+                    return Err(Error::new(
+                        ErrorKind::InUse,
+                        format!(
+                            "detach refused: pool {name} has {n} NBD client connection(s) to its volumes, whose disks would fail; disconnect them first (or ask with force=true)"
+                        ),
+                    ));
+                }
+            }
+            pools
+                .remove(name)
+                .expect("the pool was found under this lock")
+        };
         if let Err(e) = self.save() {
             self.write_pools().insert(name.to_string(), slot);
             return Err(e);
@@ -413,38 +486,40 @@ impl Host {
         if let PoolState::Open(ctx) = slot.state {
             ctx.close()?;
         }
-        tracing::info!(pool = name, dir = %slot.dir.display(), "pool detached");
+        tracing::info!(pool = name, dir = %slot.dir.display(), force, "pool detached");
         Ok(())
     }
 
-    /// Opens pool `name` again after it failed to open (`force`: take a
-    /// pool on S3 over). An open pool is left as it is. Blocking.
+    /// Opens pool `name` now, after it failed to open (`force`: take a
+    /// pool on S3 over from the host that holds it). An open pool is left
+    /// as it is; one being opened is refused (the attempt under way
+    /// decides). Blocking.
     pub fn open_pool(&self, name: &str, force: bool) -> Result<Arc<PoolCtx>> {
         let _admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
-        let dir = match self.read_pools().get(name) {
-            Some(PoolSlot {
-                state: PoolState::Open(ctx),
-                ..
-            }) => return Ok(Arc::clone(ctx)),
-            Some(slot) => slot.dir.clone(),
-            None => {
-                return Err(Error::new(
-                    ErrorKind::NotFound,
-                    format!("no pool named {name:?} on this host"),
-                ));
-            }
+        let (dir, epoch, attempts) = match opening::claim(self, name)? {
+            opening::Claim::Open(ctx) => return Ok(ctx),
+            opening::Claim::Mine {
+                dir,
+                epoch,
+                attempts,
+            } => (dir, epoch, attempts),
         };
-        let state = self.open_dir(name, &dir, force);
-        self.insert(name, &dir, state.clone());
-        match state {
+        match opening::attempt(self, name, &dir, epoch, attempts, force) {
             PoolState::Open(ctx) => Ok(ctx),
-            PoolState::Failed { reason, kind } => Err(Error::new(kind, reason)),
+            PoolState::Failed { reason, kind, .. } => Err(Error::new(kind, reason)),
+            PoolState::Opening { .. } => Err(Error::internal(format!(
+                "pool {name}: an attempt to open it ended without an outcome"
+            ))),
         }
     }
 
-    /// Closes every open pool (at shutdown). Blocking. Returns the first
-    /// error, after trying them all.
+    /// Closes every open pool (at shutdown), after waiting a little for the
+    /// attempts to open pools that are under way (one that finishes later
+    /// closes what it opened). Blocking. Returns the first error, after
+    /// trying them all.
     pub fn close_all(&self) -> Result<()> {
+        self.closing.store(true, Ordering::SeqCst);
+        opening::wait_for_attempts(self, opening::STOP_WAIT);
         let mut first = None;
         for slot in self.pools() {
             if let PoolState::Open(ctx) = slot.state
@@ -455,26 +530,6 @@ impl Host {
             }
         }
         first.map_or(Ok(()), Err)
-    }
-
-    /// Writes `host.json`: every pool but the default.
-    fn save(&self) -> Result<()> {
-        let pools = self
-            .pools()
-            .into_iter()
-            .filter(|s| s.name != self.default)
-            .map(|s| PoolEntry {
-                name: s.name,
-                dir: s.dir,
-            })
-            .collect();
-        let file = HostFile {
-            version: HOST_FILE_VERSION,
-            pools,
-        };
-        let bytes = serde_json::to_vec_pretty(&file)
-            .map_err(|e| Error::internal(format!("encoding {HOST_FILE}: {e}")))?;
-        write_atomically(&self.home.join(HOST_FILE), &bytes)
     }
 }
 
@@ -492,7 +547,7 @@ impl Opener for NoOpener {
         ))
     }
 
-    fn prepare_s3(&self, _: &Path, _: &S3Spec, _: bool, _: bool) -> Result<()> {
+    fn prepare_s3(&self, _: &str, _: &Path, _: &S3Spec, _: bool, _: bool) -> Result<()> {
         Err(Error::new(
             ErrorKind::NotSupported,
             "this server holds one pool and adds no other",
@@ -500,40 +555,17 @@ impl Opener for NoOpener {
     }
 }
 
-fn read_host_file(home: &Path) -> Result<Vec<PoolEntry>> {
-    let path = home.join(HOST_FILE);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::internal(format!("reading {}: {e}", path.display()))),
-    };
-    let file: HostFile = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::invalid(format!("{} is not valid: {e}", path.display())))?;
-    if file.version != HOST_FILE_VERSION {
-        return Err(Error::invalid(format!(
-            "{} has version {} (this vpool reads version {HOST_FILE_VERSION})",
-            path.display(),
-            file.version
-        )));
+/// Refuses a relative pool directory: it would mean another place when
+/// the daemon restarts from another working directory.
+fn check_absolute(dir: &Path) -> Result<()> {
+    if dir.is_absolute() {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "the pool directory {} is not an absolute path",
+            dir.display()
+        )))
     }
-    Ok(file.pools)
-}
-
-/// Replaces `path` with `bytes`: write a temporary file, sync, rename, sync
-/// the directory. A crash leaves the old file or the new one.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let io =
-        |what: &str, e: std::io::Error| Error::internal(format!("{what} {}: {e}", path.display()));
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating a temporary for", e))?;
-    f.write_all(bytes).map_err(|e| io("writing", e))?;
-    f.sync_all().map_err(|e| io("syncing", e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io("replacing", e))?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io("syncing the directory of", e))
 }
 
 /// Whether two paths name the same directory (after resolving them, when
@@ -545,57 +577,18 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Every open pool's volumes and snapshots as NBD exports of one server:
-/// `POOL/VOLUME` and `POOL/VOLUME@SNAPSHOT`, and for the default pool the
-/// bare `VOLUME` and `VOLUME@SNAPSHOT` (so URIs from before pools had names
-/// keep working; the listing shows those, and `POOL/` names open them too). Volume names cannot contain `/`, so a name with one
-/// is always pool-qualified.
-pub struct HostExports {
-    host: Arc<Host>,
-}
-
-impl HostExports {
-    pub fn new(host: Arc<Host>) -> HostExports {
-        HostExports { host }
+impl Host {
+    /// Writes `host.json`: every pool but the default.
+    fn save(&self) -> Result<()> {
+        let pools = self
+            .pools()
+            .into_iter()
+            .filter(|s| s.name != self.default)
+            .map(|s| (s.name, s.dir))
+            .collect();
+        file::write_host_file(&self.home, pools)
     }
 }
 
-impl vpool_nbd::ExportRegistry for HostExports {
-    fn list(&self) -> Vec<vpool_nbd::ExportInfo> {
-        let mut out = Vec::new();
-        for slot in self.host.pools() {
-            let PoolState::Open(ctx) = slot.state else {
-                continue;
-            };
-            let exports = ctx.exports.list();
-            // The default pool's exports are listed by their bare names
-            // (`POOL/NAME` opens them too).
-            if slot.name == self.host.default {
-                out.extend(exports);
-                continue;
-            }
-            out.extend(exports.into_iter().map(|mut e| {
-                e.name = format!("{}/{}", slot.name, e.name);
-                e
-            }));
-        }
-        out
-    }
-
-    fn open(
-        &self,
-        name: &str,
-    ) -> std::result::Result<Arc<dyn vpool_nbd::BlockDevice>, vpool_nbd::DeviceError> {
-        let (pool, image) = crate::names::split_pool(name);
-        match self.host.pool(pool) {
-            Ok(ctx) => ctx.exports.open(image),
-            Err(e) if e.kind == ErrorKind::NotFound => {
-                Err(vpool_nbd::DeviceError::not_found(e.message))
-            }
-            Err(e) => Err(vpool_nbd::DeviceError::new(
-                vpool_nbd::DeviceErrorKind::Io,
-                e.message,
-            )),
-        }
-    }
-}
+#[cfg(test)]
+mod tests;

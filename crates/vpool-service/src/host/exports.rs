@@ -1,0 +1,63 @@
+//! [`HostExports`]: every open pool's volumes as the exports of the one NBD
+//! server of a host.
+
+use std::sync::Arc;
+
+use super::{Host, PoolState};
+use crate::error::ErrorKind;
+
+/// Every open pool's volumes and snapshots as NBD exports of one server:
+/// `POOL/VOLUME` and `POOL/VOLUME@SNAPSHOT`, and for the default pool the
+/// bare `VOLUME` and `VOLUME@SNAPSHOT` (so URIs from before pools had names
+/// keep working; the listing shows those, and `POOL/` names open them
+/// too). Volume names cannot contain `/`, so a name with one is always
+/// pool-qualified.
+pub struct HostExports {
+    host: Arc<Host>,
+}
+
+impl HostExports {
+    pub fn new(host: Arc<Host>) -> HostExports {
+        HostExports { host }
+    }
+}
+
+impl vpool_nbd::ExportRegistry for HostExports {
+    fn list(&self) -> Vec<vpool_nbd::ExportInfo> {
+        let mut out = Vec::new();
+        for slot in self.host.pools() {
+            let PoolState::Open(ctx) = slot.state else {
+                continue;
+            };
+            let exports = ctx.exports.list();
+            // The default pool's exports are listed by their bare names
+            // (`POOL/NAME` opens them too).
+            if slot.name == self.host.default {
+                out.extend(exports);
+                continue;
+            }
+            out.extend(exports.into_iter().map(|mut e| {
+                e.name = format!("{}/{}", slot.name, e.name);
+                e
+            }));
+        }
+        out
+    }
+
+    fn open(
+        &self,
+        name: &str,
+    ) -> std::result::Result<Arc<dyn vpool_nbd::BlockDevice>, vpool_nbd::DeviceError> {
+        let (pool, image) = crate::names::split_pool(name);
+        match self.host.pool(pool) {
+            Ok(ctx) => ctx.exports.open(image),
+            Err(e) if e.kind == ErrorKind::NotFound => {
+                Err(vpool_nbd::DeviceError::not_found(e.message))
+            }
+            Err(e) => Err(vpool_nbd::DeviceError::new(
+                vpool_nbd::DeviceErrorKind::Io,
+                e.message,
+            )),
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! The host's pools opening in the background, with an opener that fails
+//! on cue (fault injection; the pools themselves are real local pools).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vpool_engine::{Pool, PoolConfig};
+use vpool_store::{LocalDirStore, SegmentStore};
+
+use super::opening::{FIRST_RETRY, START_WAIT};
+use super::*;
+
+/// What the opener does for one directory, in turn; when the script is
+/// done it opens the pool.
+enum Step {
+    Fail(ErrorKind),
+    /// Blocks until the sender is dropped or sends.
+    Block(mpsc::Receiver<()>),
+}
+
+#[derive(Default)]
+struct ScriptedOpener {
+    script: Mutex<HashMap<PathBuf, Vec<Step>>>,
+    /// Set when the store of the pool in a directory is closed.
+    closed: Mutex<HashMap<PathBuf, Arc<AtomicBool>>>,
+    opens: Mutex<Vec<PathBuf>>,
+}
+
+impl ScriptedOpener {
+    fn then(&self, dir: &Path, step: Step) {
+        let mut s = self.script.lock().unwrap();
+        s.entry(dir.to_path_buf()).or_default().push(step);
+    }
+
+    fn closed(&self, dir: &Path) -> bool {
+        self.closed
+            .lock()
+            .unwrap()
+            .get(dir)
+            .is_some_and(|f| f.load(Ordering::SeqCst))
+    }
+}
+
+fn open_local(dir: &Path) -> Result<OpenedPool> {
+    let store: Arc<dyn SegmentStore> =
+        Arc::new(LocalDirStore::open(dir).map_err(|e| Error::internal(e.to_string()))?);
+    let config = PoolConfig {
+        background: false,
+        ..PoolConfig::default()
+    };
+    let (pool, _) = Pool::open(Arc::clone(&store), config).map_err(Error::from)?;
+    let catalog = Arc::new(Catalog::open(store).map_err(|e| Error::internal(e.to_string()))?);
+    Ok(OpenedPool {
+        pool,
+        catalog,
+        kind: PoolKind::Local,
+        cache: None,
+        close_store: Box::new(|| {}),
+    })
+}
+
+impl Opener for ScriptedOpener {
+    fn open(&self, dir: &Path, _force: bool) -> Result<OpenedPool> {
+        self.opens.lock().unwrap().push(dir.to_path_buf());
+        let step = {
+            let mut s = self.script.lock().unwrap();
+            s.get_mut(dir)
+                .and_then(|steps| (!steps.is_empty()).then(|| steps.remove(0)))
+        };
+        match step {
+            Some(Step::Fail(kind)) => return Err(Error::new(kind, "scripted failure")),
+            Some(Step::Block(rx)) => {
+                let _ = rx.recv();
+            }
+            None => {}
+        }
+        let mut opened = open_local(dir)?;
+        let flag = Arc::new(AtomicBool::new(false));
+        self.closed
+            .lock()
+            .unwrap()
+            .insert(dir.to_path_buf(), Arc::clone(&flag));
+        opened.close_store = Box::new(move || flag.store(true, Ordering::SeqCst));
+        Ok(opened)
+    }
+
+    fn prepare_s3(&self, _: &str, _: &Path, _: &S3Spec, _: bool, _: bool) -> Result<()> {
+        Err(Error::new(ErrorKind::NotSupported, "no S3 here"))
+    }
+}
+
+/// A home listing pool `other` in `<tmp>/other`, opened with `opener`.
+fn host_with(tmp: &Path, opener: &Arc<ScriptedOpener>) -> (Arc<Host>, PathBuf) {
+    let home = tmp.join("home");
+    let other = tmp.join("other");
+    std::fs::create_dir_all(&home).unwrap();
+    file::write_host_file(&home, vec![("other".to_string(), other.clone())]).unwrap();
+    let default = open_local(&home).unwrap();
+    let dyn_opener: Arc<dyn Opener> = Arc::clone(opener) as Arc<dyn Opener>;
+    let host = Host::open(&home, "local", default, dyn_opener).unwrap();
+    (host, other)
+}
+
+fn state_of(host: &Host, name: &str) -> (&'static str, Option<String>) {
+    let slot = host.pools().into_iter().find(|s| s.name == name).unwrap();
+    let (state, reason) = slot.state.describe();
+    (state, reason)
+}
+
+fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_pool_that_fails_to_open_is_retried_until_it_opens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opener = Arc::new(ScriptedOpener::default());
+    opener.then(&tmp.path().join("other"), Step::Fail(ErrorKind::Failed));
+    let (host, _) = host_with(tmp.path(), &opener);
+    let (state, reason) = state_of(&host, "other");
+    assert_eq!(state, "failed");
+    assert!(reason.unwrap().contains("scripted failure; retried in"));
+    assert!(host.pool(Some("other")).is_err());
+    host.pool(None).expect("the default pool serves meanwhile");
+    wait_until("the retry", FIRST_RETRY + Duration::from_secs(5), || {
+        state_of(&host, "other").0 == "open"
+    });
+    assert_eq!(opener.opens.lock().unwrap().len(), 2);
+    host.close_all().unwrap();
+}
+
+#[test]
+fn what_waiting_cannot_fix_waits_for_an_operator() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opener = Arc::new(ScriptedOpener::default());
+    opener.then(&tmp.path().join("other"), Step::Fail(ErrorKind::Corrupt));
+    let (host, _) = host_with(tmp.path(), &opener);
+    let (state, reason) = state_of(&host, "other");
+    assert_eq!(
+        (state, reason.as_deref()),
+        ("failed", Some("scripted failure"))
+    );
+    std::thread::sleep(FIRST_RETRY + Duration::from_secs(1));
+    assert_eq!(state_of(&host, "other").0, "failed", "retried by itself");
+    host.open_pool("other", false).expect("opened by hand");
+    assert_eq!(state_of(&host, "other").0, "open");
+    host.close_all().unwrap();
+}
+
+#[test]
+fn a_slow_pool_does_not_hold_the_host_back_and_a_detach_closes_it_late() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opener = Arc::new(ScriptedOpener::default());
+    let (release, rx) = mpsc::channel();
+    let other = tmp.path().join("other");
+    opener.then(&other, Step::Block(rx));
+    let started = Instant::now();
+    let (host, _) = host_with(tmp.path(), &opener);
+    assert!(started.elapsed() < START_WAIT + Duration::from_secs(2));
+    assert_eq!(state_of(&host, "other").0, "opening");
+    let Err(e) = host.open_pool("other", false) else {
+        panic!("opened while an attempt runs")
+    };
+    assert_eq!(e.kind, ErrorKind::InUse, "{}", e.message);
+    host.detach_pool("other", false)
+        .expect("a pool being opened detaches");
+    assert!(host.pools().iter().all(|s| s.name != "other"));
+    release.send(()).unwrap();
+    // The attempt ends after the detach: it closes what it opened.
+    wait_until("the late close", Duration::from_secs(10), || {
+        opener.closed(&other)
+    });
+    host.close_all().unwrap();
+}
+
+#[test]
+fn stopping_waits_for_an_attempt_and_closes_what_it_opened() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opener = Arc::new(ScriptedOpener::default());
+    let (release, rx) = mpsc::channel::<()>();
+    let other = tmp.path().join("other");
+    opener.then(&other, Step::Block(rx));
+    let (host, _) = host_with(tmp.path(), &opener);
+    assert_eq!(state_of(&host, "other").0, "opening");
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        drop(release);
+    });
+    let stopping = Instant::now();
+    host.close_all().unwrap();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "close_all waited {:?}",
+        stopping.elapsed()
+    );
+    assert!(
+        opener.closed(&other),
+        "the pool opened during the stop is closed"
+    );
+    assert_eq!(state_of(&host, "other").0, "failed");
+    releaser.join().unwrap();
+}
