@@ -201,13 +201,13 @@ trap 'exit 143' TERM
 # start_daemon NAME DIR: `vpool serve` on DIR, until its API answers.
 start_daemon() {
   local name=$1 dir=$2
-  "$vpool" --pool "$dir" serve >"$work/$name.log" 2>&1 &
+  "$vpool" --home "$dir" serve >"$work/$name.log" 2>&1 &
   dpid[$name]=$!
   for _ in $(seq 600); do
     if ! kill -0 "${dpid[$name]}" 2>/dev/null; then
       echo "vpool serve ($name) exited during startup; its log:" >&2; cat "$work/$name.log" >&2; return 1
     fi
-    [ -S "$dir/api.sock" ] && "$vpool" --pool "$dir" vol list >/dev/null 2>&1 && return 0
+    [ -S "$dir/api.sock" ] && "$vpool" --home "$dir" vol list >/dev/null 2>&1 && return 0
     sleep 0.1
   done
   echo "vpool serve ($name) did not answer within 60 s; its log:" >&2; cat "$work/$name.log" >&2; return 1
@@ -234,7 +234,7 @@ new_cache() {
 # stats DIR FIELD...: those fields of `vpool cache stats --json`, space-separated.
 stats() {
   local dir=$1; shift
-  "$vpool" --pool "$dir" cache stats --json | python3 -c '
+  "$vpool" --home "$dir" cache stats --json | python3 -c '
 import json, sys
 j = json.load(sys.stdin)
 print(" ".join(str(j[k]) for k in sys.argv[1:]))' "$@"
@@ -332,7 +332,7 @@ print(d["iops"], d["bw_bytes"] / 1e6, d["io_bytes"])
 start_daemon warm "$work/cache-warm"
 start_daemon local "$work/local"
 s3dir=$work/cache-warm s3name=warm
-for d in "$work/local" "$s3dir"; do "$vpool" --pool "$d" vol create bench --size "$size_bytes" >/dev/null; done
+for d in "$work/local" "$s3dir"; do "$vpool" --home "$d" vol create bench --size "$size_bytes" >/dev/null; done
 declare -A uri=([s3]="nbd+unix:///bench?socket=$s3dir/nbd.sock"
                 [local]="nbd+unix:///bench?socket=$work/local/nbd.sock")
 declare -A pid_of=([s3]=warm [local]=local)
@@ -476,7 +476,7 @@ raw_get() {
 # over the time from the first write until the daemon has stopped.
 cold_write() {
   local r=$1 vol=cold$1 t0 t1 u0 u1 out mbps_stat wmbps new_bytes
-  "$vpool" --pool "$s3dir" vol create "$vol" --size "$cold_bytes" >/dev/null
+  "$vpool" --home "$s3dir" vol create "$vol" --size "$cold_bytes" >/dev/null
   list_keys "$prefix/cold/segments/" | sort >"$work/before-$r.keys"
   u0=$(stats "$s3dir" bytes_uploaded)
   t0=$(now)
@@ -530,7 +530,7 @@ for r in $(seq "$rounds"); do
   new_cache "rand-$r"
   cold_rand "$r"
   # This daemon writes the next round's cold volume.
-  "$vpool" --pool "$work/cache-rand-$r" vol delete "cold$r" >/dev/null
+  "$vpool" --home "$work/cache-rand-$r" vol delete "cold$r" >/dev/null
   s3dir=$work/cache-rand-$r s3name=rand-$r
   rgw_gc
   echo "  cold round $r done ($(uptime | sed 's/.*load average/load average/'))" >&2

@@ -651,7 +651,8 @@ fn wait_for_state(home: &Path, pool: &str, state: &str, timeout: Duration) {
 /// One daemon holds the default local pool, a second local pool and a pool
 /// on RGW at once; real clients reach volumes of all three through the one
 /// NBD socket. Pools are detached, re-added and added while fio verifies
-/// on the others. After a restart with radosgw down, the S3 pool is listed
+/// on the others; the S3 pool is detached (its lease released) and
+/// attached from a new cache directory. After a restart with radosgw down, the S3 pool is listed
 /// as not open with its reason while the others serve, and it opens by
 /// itself once radosgw is back.
 #[test]
@@ -765,6 +766,49 @@ fn one_daemon_serves_two_local_pools_and_an_rgw_pool() {
         assert!(w.join().expect("fio worker") >= 1);
     }
     wait_uploaded_in(&home, "cold", Duration::from_secs(60));
+
+    // The S3 pool is detached (its lease released) and attached again from
+    // a new cache directory, as another host would, while fio verifies on
+    // the second local pool.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    run_ok(&home, &["vol", "create", "fast/fio", "--size", "32M"]);
+    let worker = {
+        let uri = d.nbd_uri("fast/fio");
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut rounds = 0;
+            while rounds == 0 || !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                fio_verify(&uri, "8M", "4k", 8);
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    run_ok(&home, &["pool", "detach", "cold"]);
+    let e = run_err(&home, &["vol", "info", "cold/arch"]);
+    assert!(e.contains("no pool named \"cold\""), "{e}");
+    let cold_cache2 = t.path().join("cold-cache2");
+    run_ok(
+        &home,
+        &[
+            "pool",
+            "attach",
+            "cold",
+            "--s3",
+            &url,
+            "--endpoint",
+            &rgw.endpoint,
+            "--cache",
+            path_str(&cold_cache2),
+            "--cache-size",
+            "1G",
+            "--seal-after",
+            "0.5",
+        ],
+    );
+    assert!(qemu_img_compare(&d.nbd_uri("cold/arch"), &images[2]));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(worker.join().expect("fio worker") >= 1);
     assert!(d.terminate().success());
 
     // Restart with radosgw down: the daemon starts, the S3 pool is listed

@@ -6,9 +6,9 @@
 //! one whose bucket does not answer does not hold the others back (nor the
 //! daemon's start). A pool that fails to open is retried by one reopener
 //! thread, after [`FIRST_RETRY`], doubling up to [`MAX_RETRY`], unless what
-//! failed cannot be fixed by waiting (a damaged log, a bad `pool.json`, a
-//! directory that is already another pool's): those wait for an operator
-//! (`vpool pool open NAME [--force]`).
+//! failed cannot be fixed by waiting (a damaged log, a directory another
+//! process holds locked, settings refused as invalid; see [`retryable`]):
+//! those wait for an operator (`vpool pool open NAME [--force]`).
 //!
 //! Who may record an outcome: each attempt is given the slot's *epoch*
 //! when it claims it (the slot goes to [`PoolState::Opening`]); it records
