@@ -5,10 +5,12 @@
 //! {"version": 1, "pools": [{"name": "cold", "dir": "/var/cache/vpool/cold"}]}
 //! ```
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::MAX_POOLS;
 use crate::error::{Error, Result};
 
 /// The file in the home that lists the pools besides the default one.
@@ -53,7 +55,38 @@ pub(super) fn read_host_file(home: &Path) -> Result<Vec<PoolEntry>> {
             file.version
         )));
     }
+    check_entries(&file.pools)
+        .map_err(|e| Error::invalid(format!("{} is not valid: {}", path.display(), e.message)))?;
     Ok(file.pools)
+}
+
+/// What `host.json` may list: at most [`MAX_POOLS`] pools (beside the
+/// default one), each with a valid name and an absolute directory, no name
+/// or directory twice. A hand-edited file gets a clear refusal rather than
+/// two pools on one directory.
+fn check_entries(entries: &[PoolEntry]) -> Result<()> {
+    if entries.len() >= MAX_POOLS {
+        return Err(Error::invalid(format!(
+            "it lists {} pools; a host holds at most {MAX_POOLS}",
+            entries.len()
+        )));
+    }
+    let mut names = HashSet::new();
+    let mut dirs = HashSet::new();
+    for e in entries {
+        crate::names::check_pool_name(&e.name)?;
+        super::check_absolute(&e.dir)?;
+        if !names.insert(e.name.as_str()) {
+            return Err(Error::invalid(format!("pool {} is listed twice", e.name)));
+        }
+        if !dirs.insert(e.dir.as_path()) {
+            return Err(Error::invalid(format!(
+                "the directory {} is listed twice",
+                e.dir.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Replaces `path` with `bytes`: write a temporary file, sync, rename, sync
@@ -67,10 +100,14 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     f.write_all(bytes).map_err(|e| io("writing", e))?;
     f.sync_all().map_err(|e| io("syncing", e))?;
     std::fs::rename(&tmp, path).map_err(|e| io("replacing", e))?;
+    // The new file is in place: from here on, failing would make the
+    // caller undo a change the file already shows. A failed directory sync
+    // only means a crash may bring the old file back.
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io("syncing the directory of", e))
+    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::warn!(file = %path.display(), error = %e, "syncing the directory failed: a crash may bring the previous file back");
+    }
+    Ok(())
 }
 
 /// Writes `host.json` in `home`: `pools`, `(name, directory)` each.

@@ -259,12 +259,33 @@ impl Host {
         default_pool: OpenedPool,
         opener: Arc<dyn Opener>,
     ) -> Result<Arc<Host>> {
-        crate::names::check_pool_name(default)?;
-        let entries = file::read_host_file(home)?;
-        // Absolute, so the pools' default directories under it stay where
-        // they are whatever the daemon's working directory.
-        let home = std::path::absolute(home)
-            .map_err(|e| Error::internal(format!("the home directory {}: {e}", home.display())))?;
+        let checked = crate::names::check_pool_name(default)
+            .and_then(|()| file::read_host_file(home))
+            .and_then(|entries| match entries.iter().find(|e| e.name == default) {
+                Some(e) => Err(Error::invalid(format!(
+                    "{HOST_FILE} lists a pool named {default}, the name of the home's own pool ({})",
+                    e.dir.display()
+                ))),
+                None => Ok(entries),
+            })
+            // Absolute, so the pools' default directories under it stay
+            // where they are whatever the daemon's working directory.
+            .and_then(|entries| {
+                let home = std::path::absolute(home).map_err(|e| {
+                    Error::internal(format!("the home directory {}: {e}", home.display()))
+                })?;
+                Ok((entries, home))
+            });
+        let (entries, home) = match checked {
+            Ok(v) => v,
+            Err(e) => {
+                // Nobody else will close the home's pool: its final
+                // checkpoint, and for a pool on S3 its uploads and lease.
+                let _ = default_pool.pool.close();
+                (default_pool.close_store)();
+                return Err(e);
+            }
+        };
         let host = Arc::new(Host::new(&home, default, opener));
         let ctx = Arc::new(PoolCtx::new(default, &home, default_pool));
         host.insert(default, &home, PoolState::Open(ctx));
@@ -359,6 +380,23 @@ impl Host {
         self.write_pools().insert(name.to_string(), slot);
     }
 
+    /// [`Host::insert`], unless the host is closing (checked under the
+    /// pools' lock, which `close_all` takes to list what it closes).
+    fn insert_unless_closing(&self, name: &str, dir: &Path, state: PoolState) -> bool {
+        let mut pools = self.write_pools();
+        if self.closing.load(Ordering::SeqCst) {
+            return false;
+        }
+        let slot = PoolSlot {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            state,
+            epoch: self.next_epoch.fetch_add(1, Ordering::Relaxed),
+        };
+        pools.insert(name.to_string(), slot);
+        true
+    }
+
     fn read_pools(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, PoolSlot>> {
         self.pools.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -429,11 +467,16 @@ impl Host {
             }
         }
         if self.closing.load(Ordering::SeqCst) {
-            return Err(Error::new(ErrorKind::Failed, "the daemon is stopping"));
+            return Err(stopping());
         }
         let opened = self.opener.open(dir, false)?;
         let ctx = Arc::new(PoolCtx::new(name, dir, opened));
-        self.insert(name, dir, PoolState::Open(Arc::clone(&ctx)));
+        if !self.insert_unless_closing(name, dir, PoolState::Open(Arc::clone(&ctx))) {
+            // The daemon began to stop while the pool opened: close it
+            // here, as `close_all` will not see it.
+            let _ = ctx.close();
+            return Err(stopping());
+        }
         if let Err(e) = self.save() {
             self.write_pools().remove(name);
             let _ = ctx.close();
@@ -480,7 +523,14 @@ impl Host {
                 .expect("the pool was found under this lock")
         };
         if let Err(e) = self.save() {
-            self.write_pools().insert(name.to_string(), slot);
+            // Put it back. An attempt to open it that ended meanwhile found
+            // no slot and closed what it opened: the pool waits for its
+            // next attempt rather than stay `Opening` with no owner.
+            let state = match slot.state {
+                PoolState::Opening { .. } => opening::waiting(),
+                s => s,
+            };
+            self.insert(name, &slot.dir, state);
             return Err(e);
         }
         if let PoolState::Open(ctx) = slot.state {
@@ -519,6 +569,9 @@ impl Host {
     /// trying them all.
     pub fn close_all(&self) -> Result<()> {
         self.closing.store(true, Ordering::SeqCst);
+        // An add, open or detach under way finishes first (an add that
+        // ends after this closes its own pool: see `insert_unless_closing`).
+        let _admin = self.lock_admin_for(opening::STOP_WAIT);
         opening::wait_for_attempts(self, opening::STOP_WAIT);
         let mut first = None;
         for slot in self.pools() {
@@ -531,6 +584,32 @@ impl Host {
         }
         first.map_or(Ok(()), Err)
     }
+}
+
+impl Host {
+    /// The admin lock, waiting for it at most `limit` (`None` after that).
+    fn lock_admin_for(&self, limit: std::time::Duration) -> Option<std::sync::MutexGuard<'_, ()>> {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.admin.try_lock() {
+                Ok(g) => return Some(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    tracing::warn!(
+                        "a pool operation still runs after {limit:?}; closing the pools without waiting for it"
+                    );
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+fn stopping() -> Error {
+    Error::new(ErrorKind::Failed, "the daemon is stopping")
 }
 
 /// The opener of a [`Host::single`]: it has nothing to open.

@@ -63,6 +63,9 @@ pub(super) enum Claim {
 /// `Opening` under a new epoch. Refused while another attempt runs.
 pub(super) fn claim(host: &Host, name: &str) -> Result<Claim> {
     let mut pools = host.write_pools();
+    if host.closing.load(Ordering::SeqCst) {
+        return Err(Error::new(ErrorKind::Failed, "the daemon is stopping"));
+    }
     let slot = pools.get_mut(name).ok_or_else(|| {
         Error::new(
             ErrorKind::NotFound,

@@ -211,3 +211,73 @@ fn stopping_waits_for_an_attempt_and_closes_what_it_opened() {
     assert_eq!(state_of(&host, "other").0, "failed");
     releaser.join().unwrap();
 }
+
+#[test]
+fn a_host_file_that_lists_the_default_pool_or_a_pool_twice_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let cases = [
+        vec![("local", tmp.path().join("a"))],
+        vec![("a", tmp.path().join("a")), ("a", tmp.path().join("b"))],
+        vec![("a", tmp.path().join("a")), ("b", tmp.path().join("a"))],
+        vec![("a", PathBuf::from("relative"))],
+        vec![("bad/name", tmp.path().join("a"))],
+    ];
+    for entries in cases {
+        let entries: Vec<(String, PathBuf)> = entries
+            .into_iter()
+            .map(|(n, d)| (n.to_string(), d))
+            .collect();
+        file::write_host_file(&home, entries.clone()).unwrap();
+        let mut default = open_local(&home).unwrap();
+        let closed = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&closed);
+        default.close_store = Box::new(move || flag.store(true, Ordering::SeqCst));
+        let opener: Arc<dyn Opener> = Arc::new(ScriptedOpener::default());
+        let Err(e) = Host::open(&home, "local", default, opener) else {
+            panic!("{entries:?} accepted")
+        };
+        assert_eq!(e.kind, ErrorKind::Invalid, "{entries:?}: {}", e.message);
+        assert!(e.message.contains(HOST_FILE), "{}", e.message);
+        assert!(
+            closed.load(Ordering::SeqCst),
+            "the home's pool was not closed"
+        );
+    }
+}
+
+#[test]
+fn a_pool_added_while_the_host_stops_is_closed_by_the_add() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opener = Arc::new(ScriptedOpener::default());
+    let (host, _) = host_with(tmp.path(), &opener);
+    let late = tmp.path().join("late");
+    let (release, rx) = mpsc::channel::<()>();
+    opener.then(&late, Step::Block(rx));
+    let adder = {
+        let host = Arc::clone(&host);
+        let late = late.clone();
+        std::thread::spawn(move || host.add_pool("late", &late).map(|_| ()))
+    };
+    wait_until("the add to start", Duration::from_secs(5), || {
+        opener.opens.lock().unwrap().contains(&late)
+    });
+    let closer = {
+        let host = Arc::clone(&host);
+        std::thread::spawn(move || host.close_all())
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    release.send(()).unwrap();
+    let added = adder.join().unwrap();
+    closer.join().unwrap().unwrap();
+    // Either the add finished before the stop took the admin lock (and the
+    // stop closed the pool), or it saw the stop and closed it itself.
+    assert!(
+        opener.closed(&late),
+        "the pool added during the stop stays open"
+    );
+    if let Err(e) = added {
+        assert!(e.message.contains("stopping"), "{}", e.message);
+    }
+}

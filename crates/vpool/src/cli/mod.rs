@@ -1,0 +1,254 @@
+//! The command line: argument definitions and the commands that talk to
+//! the daemon.
+//!
+//! Every command but `serve` is a client of the daemon's API socket at
+//! `<home>/api.sock`; none of them opens a pool itself, so they work while
+//! the daemon holds it and say so plainly when no daemon is running.
+//! `--json` switches every command to machine-readable output on stdout.
+//!
+//! The exceptions: `pool create --s3` and `pool attach` without a NAME set
+//! up the home as the cache of a pool on S3 before any daemon runs
+//! ([`crate::s3pool`]), and `pool check` checks a pool in this process when
+//! no daemon serves it.
+//!
+//! One module per command group ([`vol`], [`snap`], [`pool`], [`cache`]:
+//! its arguments and what it does), the text output in [`render`] and
+//! [`attach`] (how a VM attaches a volume).
+
+mod attach;
+mod cache;
+mod pool;
+mod render;
+mod snap;
+mod vol;
+
+#[cfg(test)]
+mod tests;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+use vpool_api::{Client, ClientError, ErrorKind};
+
+use crate::daemon::api_socket_path;
+
+pub use attach::{Attach, VolumeInfoWithAttach, render_attach};
+pub use cache::CacheCommand;
+pub use pool::{PoolCommand, S3PoolArgs};
+pub use render::*;
+pub use snap::SnapCommand;
+pub use vol::VolCommand;
+
+/// vpool: a storage server for virtual machine disks.
+#[derive(Debug, Parser)]
+#[command(name = "vpool", version, about, propagate_version = true)]
+pub struct Cli {
+    /// The daemon's home: the directory of its default pool, `local`, and of
+    /// its sockets (<home>/api.sock, <home>/nbd.sock) and `host.json` (the
+    /// other pools it holds).
+    #[arg(
+        long,
+        global = true,
+        env = "VPOOL_HOME",
+        default_value = "vpool-data",
+        value_name = "DIR"
+    )]
+    pub home: PathBuf,
+
+    /// Machine-readable JSON output (for `serve`: JSON log lines).
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: the default pool in the home (created if missing)
+    /// and every pool in its host.json.
+    Serve(ServeArgs),
+    /// Manage volumes.
+    #[command(subcommand)]
+    Vol(VolCommand),
+    /// Manage snapshots (named VOLUME@SNAPSHOT).
+    #[command(subcommand)]
+    Snap(SnapCommand),
+    /// The pools the daemon holds: list, create, attach, detach, open;
+    /// pool-wide figures and checks.
+    #[command(subcommand)]
+    Pool(PoolCommand),
+    /// The host cache of a pool on S3: figures, and what it keeps resident.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Also serve the API on TCP at this address (e.g. 127.0.0.1:7070);
+    /// needs --api-token-file.
+    #[arg(long, value_name = "ADDR", requires = "api_token_file")]
+    pub api_listen: Option<std::net::SocketAddr>,
+
+    /// File holding the bearer token TCP clients must send.
+    #[arg(long, value_name = "FILE", requires = "api_listen")]
+    pub api_token_file: Option<PathBuf>,
+
+    /// Also serve NBD on TCP at this address (e.g. 0.0.0.0:10809). NBD has
+    /// no authentication without TLS: listen only on a trusted network.
+    #[arg(long, value_name = "ADDR")]
+    pub nbd_listen: Option<std::net::SocketAddr>,
+
+    /// For a pool on S3 held by another daemon (on another host, or one
+    /// that died without letting go): take the pool over. The other daemon
+    /// is fenced: its writes fail from then on.
+    #[arg(long)]
+    pub force: bool,
+
+    /// Most NBD connections on each NBD listener (default 256). At the cap
+    /// a connection idle for a minute is closed to make room, else the new
+    /// one is refused.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub nbd_max_connections: Option<u32>,
+
+    /// Most NBD connections of one client: one TCP address, or one process
+    /// on the Unix socket (default 64). Raise it for a hypervisor host
+    /// that runs more VM disks than that from one address.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub nbd_max_connections_per_client: Option<u32>,
+
+    /// Most API connections on each API listener (default 128); over it a
+    /// new connection is closed at once.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub api_max_connections: Option<u32>,
+}
+
+/// Splits `VOLUME@SNAPSHOT`.
+pub fn parse_snapshot_name(s: &str) -> anyhow::Result<(&str, &str)> {
+    match s.split_once('@') {
+        Some((v, snap)) if !v.is_empty() && !snap.is_empty() && !snap.contains('@') => {
+            Ok((v, snap))
+        }
+        _ => anyhow::bail!(
+            "{s:?} is not a snapshot name: write it VOLUME@SNAPSHOT, e.g. web1@before-upgrade"
+        ),
+    }
+}
+
+/// Splits `VOLUME` or `VOLUME@SNAPSHOT` (an image: a volume now, or one of
+/// its snapshots).
+pub fn parse_image(s: &str) -> anyhow::Result<(&str, Option<&str>)> {
+    if s.contains('@') {
+        let (v, snap) = parse_snapshot_name(s)?;
+        Ok((v, Some(snap)))
+    } else if s.is_empty() {
+        anyhow::bail!("an empty image name: write VOLUME or VOLUME@SNAPSHOT")
+    } else {
+        Ok((s, None))
+    }
+}
+
+/// The two images of one volume a diff is between.
+fn parse_diff_images<'a>(
+    from: &'a str,
+    to: &'a str,
+) -> anyhow::Result<(&'a str, Option<&'a str>, Option<&'a str>)> {
+    let (fv, fs) = parse_image(from)?;
+    let (tv, ts) = parse_image(to)?;
+    if fv != tv {
+        anyhow::bail!(
+            "a diff is between two images of one volume, not {fv} and {tv}: e.g. `{fv}@a {fv}@b`, or `{fv}@a {fv}` against the live volume"
+        );
+    }
+    Ok((fv, fs, ts))
+}
+
+/// Adds the flag that overrides an `in_use` refusal to the daemon's message.
+fn hint_force(e: ClientError) -> ClientError {
+    match e {
+        ClientError::Api {
+            status,
+            kind: kind @ ErrorKind::InUse,
+            message,
+        } if message.contains("NBD client") => ClientError::Api {
+            status,
+            kind,
+            message: format!(
+                "{}; pass --force to do it anyway",
+                message.trim_end_matches(" (or ask with force=true)")
+            ),
+        },
+        e => e,
+    }
+}
+
+/// [`hint_force`] for an error that came back through `anyhow` (import).
+fn hint_force_anyhow(e: anyhow::Error) -> anyhow::Error {
+    match e.downcast::<ClientError>() {
+        Ok(c) => hint_force(c).into(),
+        Err(e) => e,
+    }
+}
+
+/// The client of the daemon whose home is `home`.
+pub fn client_for(home: &Path) -> Client {
+    Client::unix(api_socket_path(home))
+}
+
+fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).context("encoding JSON output")?
+    );
+    Ok(())
+}
+
+/// `path` made absolute against the current directory (without resolving
+/// symlinks when the path does not exist; canonical when it does).
+fn absolute(path: &Path) -> PathBuf {
+    if let Ok(p) = std::fs::canonicalize(path) {
+        return p;
+    }
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Runs a client command (anything but `serve`).
+pub fn run_client_command(home: &Path, json: bool, cmd: &Command) -> anyhow::Result<()> {
+    let client = client_for(home);
+    // Progress bars only for a person watching: not in JSON mode, not when
+    // stderr goes to a file or a pipe.
+    let show_progress = !json && std::io::stderr().is_terminal();
+    let out = Output { json };
+    match cmd {
+        Command::Serve(_) => anyhow::bail!("`serve` is not a client command"),
+        Command::Pool(p) => pool::run(&client, home, out, p),
+        Command::Cache(c) => cache::run(&client, out, c),
+        Command::Vol(v) => vol::run(&client, home, out, show_progress, v),
+        Command::Snap(c) => snap::run(&client, out, c),
+    }
+}
+
+/// Where a command's result goes: JSON on stdout, or text for a person.
+#[derive(Clone, Copy)]
+struct Output {
+    json: bool,
+}
+
+impl Output {
+    /// Prints `value` as JSON, or the text `human` makes of it.
+    fn emit<T: Serialize>(self, value: &T, human: impl FnOnce(&T) -> String) -> anyhow::Result<()> {
+        if self.json {
+            return print_json(value);
+        }
+        let text = human(value);
+        if text.ends_with('\n') {
+            print!("{text}");
+        } else {
+            println!("{text}");
+        }
+        Ok(())
+    }
+}

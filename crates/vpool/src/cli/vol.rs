@@ -1,0 +1,400 @@
+//! `vpool vol ...`: volumes.
+
+use std::path::{Path, PathBuf};
+
+use clap::Subcommand;
+use vpool_api::{Client, ClientError, ErrorKind, VolumeInfo};
+
+use super::pool::every_pools_volumes;
+use super::{
+    Attach, CommitReport, FlattenReport, Output, VolumeInfoWithAttach, hint_force,
+    hint_force_anyhow, parse_diff_images, parse_image, render_attach, render_diff,
+    render_volume_info, render_volume_table,
+};
+use crate::size::{format_size, parse_volume_size};
+use crate::{transfer, vdiff};
+
+#[derive(Debug, Subcommand)]
+pub enum VolCommand {
+    /// Create a thin volume (it takes no space until written).
+    Create {
+        name: String,
+        /// Size: 512, 4K, 20G, 1.5T (binary units; a multiple of 4K).
+        #[arg(long, value_parser = parse_volume_size)]
+        size: u64,
+        /// A scratch disk: deleted when its last NBD client disconnects,
+        /// or when the daemon restarts.
+        #[arg(long)]
+        ephemeral: bool,
+    },
+    /// List the volumes of the default pool, of one pool, or of all.
+    List {
+        /// The pool's volumes (default: the default pool's).
+        #[arg(long, value_name = "POOL")]
+        pool: Option<String>,
+        /// Every open pool's volumes, named POOL/VOLUME.
+        #[arg(long, conflicts_with = "pool")]
+        all: bool,
+    },
+    /// Show one volume, and how to attach it to a VM (NBD URI, libvirt XML).
+    Info { name: String },
+    /// Change a volume's size.
+    Resize {
+        name: String,
+        #[arg(long, value_parser = parse_volume_size)]
+        size: u64,
+        /// Allow shrinking, which drops the data past the new end.
+        #[arg(long)]
+        allow_shrink: bool,
+        /// Shrink even while NBD clients have the volume open for writing.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Delete a volume and its data.
+    Delete {
+        name: String,
+        /// Even while NBD clients have it open for writing (a running VM
+        /// loses its disk).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Copy a raw disk image into a volume (created if missing); holes and
+    /// zero blocks are skipped.
+    Import {
+        name: String,
+        file: PathBuf,
+        /// Size of the volume if it is created (default: the file's size,
+        /// rounded up to 4K).
+        #[arg(long, value_parser = parse_volume_size)]
+        size: Option<u64>,
+        /// Even while NBD clients have the volume open for writing (its
+        /// content is replaced under them).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Copy a volume (or a snapshot, VOLUME@SNAPSHOT) into a sparse raw
+    /// image file.
+    Export {
+        name: String,
+        file: PathBuf,
+        /// Overwrite the file if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Seal a volume as a template (gold master): read-only from then on;
+    /// the SHA-256 digest of its content is recorded.
+    Template { name: String },
+    /// Create a copy-on-write clone of a template, or of a snapshot
+    /// (VOLUME@SNAPSHOT). Instant, whatever the size.
+    Clone {
+        /// A template's name, or VOLUME@SNAPSHOT.
+        source: String,
+        /// The new volume's name.
+        name: String,
+    },
+    /// Detach a clone from the snapshot it came from (instant in vpool:
+    /// clones never read through their parent, so nothing is copied).
+    Flatten { name: String },
+    /// Merge a clone into its parent volume: the parent takes the clone's
+    /// content, atomically. The clone stays.
+    Commit {
+        name: String,
+        /// Even while NBD clients have the parent open for writing.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List the extents that changed between two images of a volume:
+    /// `web1@a web1@b`, or `web1@a web1` against the live volume.
+    Diff { from: String, to: String },
+    /// Write the changes between two images of a volume to a .vdiff file
+    /// (an incremental backup).
+    ExportDiff {
+        from: String,
+        to: String,
+        file: PathBuf,
+        /// Overwrite the file if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Apply a .vdiff file to a volume holding its base image: the volume
+    /// is resized to the target size and becomes the target image.
+    ImportDiff {
+        name: String,
+        file: PathBuf,
+        /// Even while NBD clients have the volume open for writing.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `vpool vol ...`.
+pub(super) fn run(
+    client: &Client,
+    home: &Path,
+    out: Output,
+    show_progress: bool,
+    cmd: &VolCommand,
+) -> anyhow::Result<()> {
+    match cmd {
+        VolCommand::Create {
+            name,
+            size,
+            ephemeral,
+        } => {
+            let info = client.create_volume_with(name, *size, *ephemeral)?;
+            out.emit(&info, created_text)
+        }
+        VolCommand::List { pool, all } => {
+            let vols = if *all {
+                every_pools_volumes(client)?
+            } else {
+                client.clone().in_pool(pool.as_deref()).list_volumes()?
+            };
+            out.emit(&vpool_api::VolumeList { volumes: vols }, |l| {
+                render_volume_table(&l.volumes)
+            })
+        }
+        VolCommand::Info { name } => info(client, home, out, name),
+        VolCommand::Resize {
+            name,
+            size,
+            allow_shrink,
+            force,
+        } => resize(client, out, name, *size, *allow_shrink, *force),
+        VolCommand::Delete { name, force } => {
+            client.delete_volume(name, *force).map_err(hint_force)?;
+            out.emit(&serde_json::json!({ "deleted": name }), |_| {
+                format!("deleted volume {name}")
+            })
+        }
+        VolCommand::Import {
+            name,
+            file,
+            size,
+            force,
+        } => {
+            let r = transfer::import(client, name, file, *size, *force, show_progress)
+                .map_err(hint_force_anyhow)?;
+            out.emit(&r, |r| {
+                format!(
+                    "imported {} ({}) into {} volume {}: {} of data sent, {} skipped as holes or zeros",
+                    r.file,
+                    format_size(r.file_bytes),
+                    if r.created { "new" } else { "existing" },
+                    r.volume,
+                    format_size(r.data_bytes),
+                    format_size(r.skipped_bytes)
+                )
+            })
+        }
+        VolCommand::Export { name, file, force } => {
+            let (vol, snap) = parse_image(name)?;
+            let r = transfer::export(client, vol, snap, file, *force, show_progress)?;
+            out.emit(&r, |r| {
+                format!(
+                    "exported volume {} ({}) to {}: {} of data, the rest left as holes",
+                    r.volume,
+                    format_size(r.size_bytes),
+                    r.file,
+                    format_size(r.data_bytes)
+                )
+            })
+        }
+        other => run_lineage(client, out, show_progress, other),
+    }
+}
+
+/// The commands about a volume's relatives: templates, clones, commits,
+/// diffs.
+fn run_lineage(
+    client: &Client,
+    out: Output,
+    show_progress: bool,
+    cmd: &VolCommand,
+) -> anyhow::Result<()> {
+    match cmd {
+        VolCommand::Template { name } => {
+            let info = client.make_template(name)?;
+            out.emit(&info, template_text)
+        }
+        VolCommand::Clone { source, name } => {
+            let (vol, snap) = parse_image(source)?;
+            let info = client.clone_volume(vol, snap, name)?;
+            let from = match snap {
+                Some(_) => source.clone(),
+                None => format!("template {vol}"),
+            };
+            out.emit(&info, |info| {
+                format!(
+                    "created volume {} ({}) as a copy-on-write clone of {from}",
+                    info.name,
+                    format_size(info.size_bytes)
+                )
+            })
+        }
+        VolCommand::Flatten { name } => flatten(client, out, name),
+        VolCommand::Commit { name, force } => {
+            let parent = client.commit(name, *force).map_err(hint_force)?;
+            let report = CommitReport {
+                clone: name.clone(),
+                parent,
+            };
+            out.emit(&report, |r| {
+                format!(
+                    "committed {name} into its parent: volume {} now holds {name}'s content ({})",
+                    r.parent.name,
+                    format_size(r.parent.size_bytes)
+                )
+            })
+        }
+        VolCommand::Diff { from, to } => {
+            let (vol, f, t) = parse_diff_images(from, to)?;
+            let d = client.diff(vol, f, t)?;
+            out.emit(&d, render_diff)
+        }
+        VolCommand::ExportDiff {
+            from,
+            to,
+            file,
+            force,
+        } => {
+            let (vol, f, t) = parse_diff_images(from, to)?;
+            let r = vdiff::export_diff(client, vol, f, t, file, *force, show_progress)?;
+            out.emit(&r, |r| {
+                format!(
+                    "wrote {}: {from} -> {to} ({} target), {} records: {} of data, {} zeroed; file {}",
+                    r.file,
+                    format_size(r.target_size_bytes),
+                    r.records,
+                    format_size(r.data_bytes),
+                    format_size(r.zero_bytes),
+                    format_size(r.file_bytes)
+                )
+            })
+        }
+        VolCommand::ImportDiff { name, file, force } => {
+            let r = vdiff::import_diff(client, name, file, *force, show_progress)
+                .map_err(hint_force_anyhow)?;
+            out.emit(&r, import_diff_text)
+        }
+        other => unreachable!("{other:?} is run by `run`"),
+    }
+}
+
+fn created_text(info: &VolumeInfo) -> String {
+    if info.ephemeral {
+        format!(
+            "created ephemeral volume {} ({}): deleted when its last NBD client disconnects, or when the daemon restarts",
+            info.name,
+            format_size(info.size_bytes)
+        )
+    } else {
+        format!(
+            "created volume {} ({})",
+            info.name,
+            format_size(info.size_bytes)
+        )
+    }
+}
+
+/// `vol info`: the volume, and how a VM attaches it.
+fn info(client: &Client, home: &Path, out: Output, name: &str) -> anyhow::Result<()> {
+    let info = client.volume_info(name)?;
+    // The pool info says whether the daemon also serves NBD on TCP.
+    let nbd_tcp = client.pool_info()?.nbd_tcp_addr;
+    // The export is the volume's name as the user wrote it: `POOL/VOLUME`,
+    // or bare for the default pool.
+    let export = match vpool_api::routes::split_pool(name) {
+        (Some(pool), _) => format!("{pool}/{}", info.name),
+        (None, _) => info.name.clone(),
+    };
+    let attach = Attach::new(&export, home, nbd_tcp);
+    out.emit(&VolumeInfoWithAttach { info, attach }, |v| {
+        format!(
+            "{}{}",
+            render_volume_info(&v.info),
+            render_attach(&v.attach)
+        )
+    })
+}
+
+fn resize(
+    client: &Client,
+    out: Output,
+    name: &str,
+    size: u64,
+    allow_shrink: bool,
+    force: bool,
+) -> anyhow::Result<()> {
+    let info = client
+        .resize_volume(name, size, allow_shrink, force)
+        .map_err(hint_force)
+        .map_err(|e| match e {
+            // Name the flag; the daemon's message cannot know it.
+            ClientError::Api {
+                status,
+                kind: kind @ ErrorKind::ShrinkRefused,
+                message,
+            } => ClientError::Api {
+                status,
+                kind,
+                message: format!("{message}; pass --allow-shrink to shrink it anyway"),
+            },
+            e => e,
+        })?;
+    out.emit(&info, |info| {
+        format!(
+            "volume {} is now {}",
+            info.name,
+            format_size(info.size_bytes)
+        )
+    })
+}
+
+fn template_text(info: &VolumeInfo) -> String {
+    let digest = info
+        .template
+        .as_ref()
+        .and_then(|t| t.digest.clone())
+        .unwrap_or_else(|| "(pending)".into());
+    format!(
+        "sealed volume {} as a template: read-only from now on; clone it with `vpool vol clone {} NEW`\ndigest: {digest}",
+        info.name, info.name
+    )
+}
+
+fn flatten(client: &Client, out: Output, name: &str) -> anyhow::Result<()> {
+    let before = client.volume_info(name)?;
+    let info = client.flatten(name)?;
+    let report = FlattenReport {
+        detached_from: before.parent,
+        instant: true,
+        bytes_copied: 0,
+        volume: info,
+    };
+    out.emit(&report, |r| {
+        format!(
+            "flattened {}: it no longer depends on {}. Instant in vpool: a clone never reads through its parent, so nothing was copied.",
+            r.volume.name,
+            r.detached_from.as_deref().unwrap_or("its parent")
+        )
+    })
+}
+
+fn import_diff_text(r: &vdiff::ImportDiffReport) -> String {
+    format!(
+        "applied {} ({} -> {}) to volume {}: {} records, {} of data written, {} zeroed{}",
+        r.file,
+        vdiff::image_name(&r.diff_volume, r.diff_from.as_deref()),
+        vdiff::image_name(&r.diff_volume, r.diff_to.as_deref()),
+        r.volume,
+        r.records,
+        format_size(r.data_bytes),
+        format_size(r.zero_bytes),
+        if r.resized {
+            format!("; resized to {}", format_size(r.size_bytes))
+        } else {
+            String::new()
+        }
+    )
+}
