@@ -158,15 +158,30 @@ impl FromRequestParts<ApiState> for PoolName {
         parts: &mut Parts,
         state: &ApiState,
     ) -> Result<Self, Self::Rejection> {
-        let params = RawPathParams::from_request_parts(parts, state)
-            .await
-            .map_err(|r| ApiError::from_rejection(r.status(), "path", r.body_text()))?;
-        let name = params
-            .iter()
-            .find(|(k, _)| *k == "pool")
-            .map(|(_, v)| v.to_string());
-        name.map(PoolName)
+        let captures = Captures::from_request_parts(parts, state).await?;
+        captures
+            .get("pool")
+            .map(PoolName)
             .ok_or_else(|| ApiError::internal("a host route without a {pool} capture"))
+    }
+}
+
+/// A route's path captures (`{pool}`, `{name}`, ...), decoded.
+struct Captures(RawPathParams);
+
+impl Captures {
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        RawPathParams::from_request_parts(parts, state)
+            .await
+            .map(Captures)
+            .map_err(|r| ApiError::from_rejection(r.status(), "path", r.body_text()))
+    }
+
+    fn get(&self, key: &str) -> Option<String> {
+        self.0
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.to_string())
     }
 }
 
@@ -187,21 +202,13 @@ impl FromRequestParts<ApiState> for At {
         parts: &mut Parts,
         state: &ApiState,
     ) -> Result<Self, Self::Rejection> {
-        let params = RawPathParams::from_request_parts(parts, state)
-            .await
-            .map_err(|r| ApiError::from_rejection(r.status(), "path", r.body_text()))?;
-        let get = |key: &str| {
-            params
-                .iter()
-                .find(|(k, _)| *k == key)
-                .map(|(_, v)| v.to_string())
-        };
-        let ctx = state.host.pool(get("pool").as_deref())?;
+        let captures = Captures::from_request_parts(parts, state).await?;
+        let ctx = state.host.pool(captures.get("pool").as_deref())?;
         Ok(At {
             ctx,
-            name: get("name").unwrap_or_default(),
-            snap: get("snap").unwrap_or_default(),
-            image: get("image").unwrap_or_default(),
+            name: captures.get("name").unwrap_or_default(),
+            snap: captures.get("snap").unwrap_or_default(),
+            image: captures.get("image").unwrap_or_default(),
         })
     }
 }

@@ -322,15 +322,8 @@ impl Opener for DirOpener {
         unsafe_single_host: bool,
     ) -> vpool_service::Result<()> {
         let settings = crate::s3pool::S3PoolSettings {
-            url: spec.url.clone(),
-            endpoint: spec.endpoint.clone(),
-            region: spec.region.clone(),
-            credentials_file: spec.credentials_file.clone(),
+            spec: spec.clone(),
             cache_dir: dir.to_path_buf(),
-            cache_size_bytes: spec.cache_size_bytes,
-            seal_after_secs: spec.seal_after_secs,
-            backpressure_timeout_secs: spec.backpressure_timeout_secs,
-            read_timeout_secs: spec.read_timeout_secs,
         };
         crate::s3pool::check_settings(&settings)
             .map_err(|e| vpool_service::Error::invalid(format!("{e:#}")))?;

@@ -245,18 +245,13 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What `pool create` and `pool attach` were given (beside the name).
+/// What `pool create` and `pool attach` were given (beside the name):
+/// where the pool is on S3 and how its cache behaves (what the daemon's
+/// API takes), and the cache directory.
 #[derive(Clone, Debug)]
 pub struct S3PoolSettings {
-    pub url: String,
-    pub endpoint: Option<String>,
-    pub region: Option<String>,
-    pub credentials_file: Option<PathBuf>,
+    pub spec: vpool_service::S3Spec,
     pub cache_dir: PathBuf,
-    pub cache_size_bytes: u64,
-    pub seal_after_secs: Option<f64>,
-    pub backpressure_timeout_secs: Option<f64>,
-    pub read_timeout_secs: Option<f64>,
 }
 
 /// What `pool create` / `pool attach` did (`--json`). Never secrets.
@@ -275,9 +270,10 @@ pub struct PoolReport {
 /// absolute.
 fn pool_file(
     name: Option<&str>,
-    s: &S3PoolSettings,
+    settings: &S3PoolSettings,
     unsafe_single_host: bool,
 ) -> anyhow::Result<(PoolFile, PathBuf)> {
+    let s = &settings.spec;
     let credentials_file = match &s.credentials_file {
         Some(p) => Some(
             std::fs::canonicalize(p)
@@ -301,8 +297,8 @@ fn pool_file(
         unsafe_single_host,
     };
     f.validate()?;
-    let dir = std::path::absolute(&s.cache_dir)
-        .with_context(|| format!("the cache directory {}", s.cache_dir.display()))?;
+    let dir = std::path::absolute(&settings.cache_dir)
+        .with_context(|| format!("the cache directory {}", settings.cache_dir.display()))?;
     Ok((f, dir))
 }
 
@@ -511,15 +507,17 @@ mod tests {
 
     fn settings(url: &str) -> S3PoolSettings {
         S3PoolSettings {
-            url: url.into(),
-            endpoint: None,
-            region: None,
-            credentials_file: None,
+            spec: vpool_service::S3Spec {
+                url: url.into(),
+                endpoint: None,
+                region: None,
+                credentials_file: None,
+                cache_size_bytes: 1 << 30,
+                seal_after_secs: None,
+                backpressure_timeout_secs: None,
+                read_timeout_secs: None,
+            },
             cache_dir: "/tmp/x".into(),
-            cache_size_bytes: 1 << 30,
-            seal_after_secs: None,
-            backpressure_timeout_secs: None,
-            read_timeout_secs: None,
         }
     }
 
@@ -529,7 +527,7 @@ mod tests {
         assert_eq!(dir, PathBuf::from("/tmp/x"));
         assert_eq!(f.seal_after_secs, default_seal_after());
         let mut s = settings("s3://vms/pool1");
-        s.cache_size_bytes = 255 << 20;
+        s.spec.cache_size_bytes = 255 << 20;
         let e = pool_file(None, &s, false).unwrap_err().to_string();
         assert!(e.contains("below the minimum of 256 MiB"), "{e}");
         let e = pool_file(None, &settings("s3://AKID:hush@vms/p"), false)
@@ -540,10 +538,10 @@ mod tests {
             "{e}"
         );
         let mut s = settings("s3://vms/p");
-        s.endpoint = Some("http://a:b@host:7480".into());
+        s.spec.endpoint = Some("http://a:b@host:7480".into());
         assert!(pool_file(None, &s, false).is_err());
         let mut s = settings("s3://vms/p");
-        s.seal_after_secs = Some(0.0);
+        s.spec.seal_after_secs = Some(0.0);
         let e = pool_file(None, &s, false).unwrap_err().to_string();
         assert!(e.contains("--seal-after"), "{e}");
         assert!(pool_file(None, &settings("ftp://x"), false).is_err());
@@ -559,8 +557,8 @@ mod tests {
         )
         .unwrap();
         let mut s = settings("s3://vms/p");
-        s.credentials_file = Some(cred.clone());
-        s.endpoint = Some("http://127.0.0.1:7480".into());
+        s.spec.credentials_file = Some(cred.clone());
+        s.spec.endpoint = Some("http://127.0.0.1:7480".into());
         let (f, _) = pool_file(Some("cold"), &s, false).unwrap();
         f.save(dir.path()).unwrap();
         let text = std::fs::read_to_string(dir.path().join(POOL_FILE)).unwrap();

@@ -631,6 +631,23 @@ fn pools_are(home: &Path, want: &[(&str, &str, &str)]) {
     assert_eq!(got, want);
 }
 
+/// A thread running fio verify rounds on `uri` until `stop` (at least
+/// one); it returns how many it ran.
+fn fio_until(
+    uri: String,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u32> {
+    let stop = std::sync::Arc::clone(stop);
+    std::thread::spawn(move || {
+        let mut rounds = 0;
+        while rounds == 0 || !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            fio_verify(&uri, "8M", "4k", 8);
+            rounds += 1;
+        }
+        rounds
+    })
+}
+
 /// Waits until pool `pool` of the daemon at `home` is in `state`.
 fn wait_for_state(home: &Path, pool: &str, state: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
@@ -734,18 +751,7 @@ fn one_daemon_serves_two_local_pools_and_an_rgw_pool() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let workers: Vec<_> = ["fio", "cold/fio"]
         .into_iter()
-        .map(|v| {
-            let uri = d.nbd_uri(v);
-            let stop = std::sync::Arc::clone(&stop);
-            std::thread::spawn(move || {
-                let mut rounds = 0;
-                while rounds == 0 || !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                    fio_verify(&uri, "8M", "4k", 8);
-                    rounds += 1;
-                }
-                rounds
-            })
-        })
+        .map(|v| fio_until(d.nbd_uri(v), &stop))
         .collect();
     wait_for(
         "the NBD client of fast/db to go",
@@ -772,18 +778,7 @@ fn one_daemon_serves_two_local_pools_and_an_rgw_pool() {
     // the second local pool.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     run_ok(&home, &["vol", "create", "fast/fio", "--size", "32M"]);
-    let worker = {
-        let uri = d.nbd_uri("fast/fio");
-        let stop = std::sync::Arc::clone(&stop);
-        std::thread::spawn(move || {
-            let mut rounds = 0;
-            while rounds == 0 || !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                fio_verify(&uri, "8M", "4k", 8);
-                rounds += 1;
-            }
-            rounds
-        })
-    };
+    let worker = fio_until(d.nbd_uri("fast/fio"), &stop);
     run_ok(&home, &["pool", "detach", "cold"]);
     let e = run_err(&home, &["vol", "info", "cold/arch"]);
     assert!(e.contains("no pool named \"cold\""), "{e}");

@@ -497,31 +497,33 @@ impl Host {
             )));
         }
         let _admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = {
-            // Under the pools' write lock no NBD open can find the pool, so
-            // none starts between the count and the removal.
-            let mut pools = self.write_pools();
-            let slot = pools.get(name).ok_or_else(|| {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!("no pool named {name:?} on this host"),
-                )
-            })?;
-            if let PoolState::Open(ctx) = &slot.state {
-                let n = ctx.service.catalog().nbd_connections_total();
-                if n > 0 && !force {
-                    return Err(Error::new(
-                        ErrorKind::InUse,
-                        format!(
-                            "detach refused: pool {name} has {n} NBD client connection(s) to its volumes, whose disks would fail; disconnect them first (or ask with force=true)"
-                        ),
-                    ));
-                }
-            }
-            pools
-                .remove(name)
-                .expect("the pool was found under this lock")
+        // The count is taken before the pools' write lock: the catalog's
+        // lock can be held across engine work, and every request waits for
+        // the pools' lock. An NBD client that connects between the count
+        // and the removal gets an error at its first request (the pool is
+        // closed under it), as with `force`.
+        let ctx = match self.read_pools().get(name).map(|s| &s.state) {
+            Some(PoolState::Open(ctx)) => Some(Arc::clone(ctx)),
+            Some(_) => None,
+            None => return Err(no_such_pool(name)),
         };
+        if let Some(ctx) = ctx {
+            let n = ctx.service.catalog().nbd_connections_total();
+            if n > 0 && !force {
+                return Err(Error::new(
+                    ErrorKind::InUse,
+                    format!(
+                        "detach refused: pool {name} has {n} NBD client connection(s) to its volumes, whose disks would fail; disconnect them first (or ask with force=true)"
+                    ),
+                ));
+            }
+        }
+        // Opens and adds hold the admin lock too, so the slot is still
+        // there (a background attempt may have changed its state).
+        let slot = self
+            .write_pools()
+            .remove(name)
+            .ok_or_else(|| no_such_pool(name))?;
         if let Err(e) = self.save() {
             // Put it back. An attempt to open it that ended meanwhile found
             // no slot and closed what it opened: the pool waits for its
@@ -606,6 +608,13 @@ impl Host {
             }
         }
     }
+}
+
+fn no_such_pool(name: &str) -> Error {
+    Error::new(
+        ErrorKind::NotFound,
+        format!("no pool named {name:?} on this host"),
+    )
 }
 
 fn stopping() -> Error {

@@ -350,38 +350,31 @@ pub struct S3PoolArgs {
 impl S3PoolArgs {
     /// The settings for a pool whose cache is `--cache`, else `cache_dir`.
     pub(super) fn settings(&self, cache_dir: &Path) -> anyhow::Result<S3PoolSettings> {
-        let (Some(url), Some(cache_size_bytes)) = (&self.url, self.cache_size) else {
-            anyhow::bail!("give the pool's place on S3: --s3 URL --cache-size SIZE");
-        };
         Ok(S3PoolSettings {
-            url: url.clone(),
-            endpoint: self.endpoint.clone(),
-            region: self.region.clone(),
-            credentials_file: self.credentials.clone(),
+            spec: self.spec()?,
             cache_dir: self
                 .cache
                 .clone()
                 .unwrap_or_else(|| cache_dir.to_path_buf()),
+        })
+    }
+
+    /// Where the pool is and how its cache behaves, as the daemon's API
+    /// takes it: paths made absolute (the daemon's working directory is
+    /// not this one).
+    pub(super) fn spec(&self) -> anyhow::Result<vpool_service::S3Spec> {
+        let (Some(url), Some(cache_size_bytes)) = (&self.url, self.cache_size) else {
+            anyhow::bail!("give the pool's place on S3: --s3 URL --cache-size SIZE");
+        };
+        Ok(vpool_service::S3Spec {
+            url: url.clone(),
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            credentials_file: self.credentials.as_deref().map(absolute),
             cache_size_bytes,
             seal_after_secs: self.seal_after,
             backpressure_timeout_secs: self.backpressure_timeout,
             read_timeout_secs: self.read_timeout,
-        })
-    }
-
-    /// The request body for the daemon: paths made absolute (the daemon's
-    /// working directory is not this one).
-    pub(super) fn spec(&self) -> anyhow::Result<vpool_service::S3Spec> {
-        let s = self.settings(Path::new("."))?;
-        Ok(vpool_service::S3Spec {
-            url: s.url,
-            endpoint: s.endpoint,
-            region: s.region,
-            credentials_file: s.credentials_file.as_deref().map(absolute),
-            cache_size_bytes: s.cache_size_bytes,
-            seal_after_secs: s.seal_after_secs,
-            backpressure_timeout_secs: s.backpressure_timeout_secs,
-            read_timeout_secs: s.read_timeout_secs,
         })
     }
 }
