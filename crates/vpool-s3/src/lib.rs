@@ -38,7 +38,9 @@ pub use manifest::Fencing;
 pub use remote::{Remote, RemoteError, RetryPolicy};
 pub use stats::CacheStats;
 #[cfg(feature = "remote")]
-pub use store::{OpenError, OpenMode, S3PoolOptions, S3Store, STATE_META, is_cache_dir};
+pub use store::{
+    LeaseTiming, OpenError, OpenMode, S3PoolOptions, S3Store, STATE_META, is_cache_dir,
+};
 
 #[cfg(feature = "remote")]
 use object_store::ObjectStore;

@@ -4,6 +4,7 @@
 //! <prefix>/manifest/<generation, 20 decimal digits>   one object per commit, never overwritten
 //! <prefix>/segments/<id 16 hex>-<epoch 16 hex>.seg    sealed segments, immutable
 //! <prefix>/meta/<name>-<epoch 16 hex>-<generation 16 hex>   metadata blobs (the engine's checkpoint)
+//! <prefix>/lease/<epoch 16 hex>                      the holder's heartbeat (`store::lease`)
 //! ```
 //!
 //! A manifest object is an 16-byte envelope followed by a JSON body:
@@ -38,7 +39,14 @@ const ENVELOPE_LEN: usize = 16;
 /// segments' worth, far beyond what one pool should hold).
 pub const MAX_MANIFEST_BYTES: usize = 1 << 30;
 
+/// The bounds of a holder's `lease_expire_ms`: a lease shorter than a
+/// second would expire under ordinary jitter; one longer than an hour
+/// would keep a dead host's pool unreachable for too long.
+pub const MIN_LEASE_EXPIRE_MS: u64 = 1_000;
+pub const MAX_LEASE_EXPIRE_MS: u64 = 3_600_000;
+
 pub const MANIFEST_DIR: &str = "manifest";
+pub const LEASE_DIR: &str = "lease";
 pub const SEGMENT_DIR: &str = "segments";
 pub const META_DIR: &str = "meta";
 
@@ -53,6 +61,12 @@ pub struct Holder {
     /// The generation of the manifest that took the lease. Part of every
     /// key this holder writes.
     pub epoch: u64,
+    /// The holder renews its lease (`lease/<epoch>`, see `store::lease`)
+    /// and stops writing if it could not for a while: another host may
+    /// take the lease over once it saw no renewal for this long. `None`
+    /// (a holder from before leases expired): never, only by force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_expire_ms: Option<u64>,
 }
 
 /// Whether the store's conditional create was found atomic when the pool
@@ -243,6 +257,11 @@ impl Manifest {
         {
             return bad("the holder's epoch is after the manifest's generation");
         }
+        if let Some(ms) = self.holder.as_ref().and_then(|h| h.lease_expire_ms)
+            && !(MIN_LEASE_EXPIRE_MS..=MAX_LEASE_EXPIRE_MS).contains(&ms)
+        {
+            return bad("the holder's lease expiry is out of range");
+        }
         for (name, r) in &self.meta {
             if name.is_empty() || name.contains('/') || !r.key.starts_with(META_DIR) {
                 return bad("bad meta entry");
@@ -272,6 +291,7 @@ mod tests {
             host: "x".into(),
             pid: 1,
             epoch: 3,
+            lease_expire_ms: Some(30_000),
         });
         m.segments = vec![
             SegmentEntry {

@@ -48,12 +48,14 @@
 //! [`SegmentStore`]: vpool_store::SegmentStore
 //! [`SegmentStore::admit_write`]: vpool_store::SegmentStore::admit_write
 
+mod lease;
 mod open;
 mod read;
 mod segment_store;
 mod upload;
 mod writeback;
 
+pub use lease::{DEFAULT_LEASE_EXPIRE, LeaseTiming, MAX_WATCH, Watch, lease_key, wait_for_expiry};
 pub use open::is_cache_dir;
 
 use crate::manifest::{Holder, Manifest};
@@ -110,6 +112,8 @@ pub struct S3PoolOptions {
     pub drain_timeout: Duration,
     pub readahead_max_bytes: u64,
     pub mode: OpenMode,
+    /// How the lease is renewed, and when it expires.
+    pub lease: LeaseTiming,
 }
 
 impl S3PoolOptions {
@@ -124,6 +128,7 @@ impl S3PoolOptions {
             drain_timeout: Duration::from_secs(60),
             readahead_max_bytes: 4 << 20,
             mode,
+            lease: LeaseTiming::default(),
         }
     }
 }
@@ -136,14 +141,16 @@ pub enum OpenError {
     #[error("a vpool pool already exists at {url}")]
     PoolExists { url: String },
     #[error(
-        "pool {url} is held by {host} (pid {pid}, since manifest generation {epoch}); \
-         pass --force to take it over (the other host is fenced and stops writing)"
+        "pool {url} is held by {host} (pid {pid}, since manifest generation {epoch}): {lease}; \
+         pass --force to take it over now (the other host is fenced and stops writing)"
     )]
     Held {
         url: String,
         host: String,
         pid: u32,
         epoch: u64,
+        /// Whether its lease is renewed, or for how long it has not been.
+        lease: String,
     },
     #[error(
         "the object store at {url} does not enforce create-only PUTs (If-None-Match: *) atomically: \
@@ -277,6 +284,12 @@ struct Inner {
     counters: Counters,
     uploader: Mutex<Option<JoinHandle<()>>>,
     prefetcher: Mutex<Option<JoinHandle<()>>>,
+    renewer: Mutex<Option<JoinHandle<()>>>,
+    /// The origin of [`Inner::clock_ns`].
+    clock_base: Instant,
+    /// When the heartbeat of the last renewal that succeeded was sent
+    /// (`clock_ns`); the lease taken at open counts as one.
+    renewed_at_ns: AtomicU64,
 }
 
 impl Inner {
@@ -314,7 +327,17 @@ impl Inner {
             counters: Counters::default(),
             uploader: Mutex::new(None),
             prefetcher: Mutex::new(None),
+            renewer: Mutex::new(None),
+            clock_base: Instant::now(),
+            renewed_at_ns: AtomicU64::new(0),
         }
+    }
+
+    /// Nanoseconds on this store's monotonic clock, which runs while the
+    /// process is stopped (SIGSTOP), so a paused holder wakes knowing how
+    /// long it slept.
+    fn clock_ns(&self) -> u64 {
+        u64::try_from(self.clock_base.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 }
 

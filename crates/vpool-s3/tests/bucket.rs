@@ -510,3 +510,119 @@ fn a_full_cache_disk_waits_for_uploads_and_loses_nothing() {
     close(pool, store);
     drop(fs);
 }
+
+/// A lease that expires after 1.2 s: renewed every 0.2 s, valid 0.8 s.
+fn short_lease(mut o: vpool_s3::S3PoolOptions) -> vpool_s3::S3PoolOptions {
+    o.lease = vpool_s3::LeaseTiming::expiring_after(Duration::from_millis(1200));
+    o
+}
+
+#[test]
+fn a_holder_cut_off_from_the_bucket_stops_its_io_and_resumes_with_it() {
+    let t = tempfile::tempdir().unwrap();
+    let bucket = Bucket::new(&t.path().join("bucket"));
+    let (pool, store) = open(
+        bucket.remote(),
+        short_lease(opts(&t.path().join("c1"), 64 * MIB, create())),
+    );
+    pool.create_volume("v", 4 * MIB).unwrap();
+    let vol = pool.volume("v").unwrap();
+    let mut log = WriteLog::default();
+    for b in 0..64 {
+        log.write(&vol, b);
+    }
+    pool.flush().unwrap();
+
+    bucket.faults.down.store(true, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1500));
+    let data = block_data(999, 0);
+    let e = vol.write(0, &data).expect_err("a write past the lease");
+    assert!(e.to_string().contains("not renewed"), "{e}");
+    let e = pool.flush().expect_err("a flush past the lease");
+    assert!(e.to_string().contains("not renewed"), "{e}");
+    let mut buf = vec![0u8; BLOCK as usize];
+    let e = vol.read(0, &mut buf).expect_err("a read past the lease");
+    assert!(e.to_string().contains("not renewed"), "{e}");
+
+    // The bucket answers again: the next renewal lets I/O go on, and the
+    // pool did not take the refused flush for a failed sync.
+    bucket.faults.down.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vol.write(0, &block_data(1000, 0)).is_err() {
+        assert!(Instant::now() < deadline, "I/O did not resume");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for b in 64..128 {
+        log.write(&vol, b);
+    }
+    pool.flush().unwrap();
+    assert!(store.fenced().is_none());
+    drop(vol);
+    close(pool, store);
+}
+
+#[test]
+fn a_partitioned_holder_is_taken_over_after_its_lease_and_finds_itself_fenced() {
+    let t = tempfile::tempdir().unwrap();
+    let bucket = Bucket::new(&t.path().join("bucket"));
+    let (remote_a, cut_a) = bucket.own_remote();
+    let (pool_a, store_a) = open(
+        remote_a,
+        short_lease(opts(&t.path().join("a"), 64 * MIB, create())),
+    );
+    pool_a.create_volume("v", 4 * MIB).unwrap();
+    let vol_a = pool_a.volume("v").unwrap();
+    let mut log = WriteLog::default();
+    for b in 0..100 {
+        log.write(&vol_a, b);
+    }
+    pool_a.flush().unwrap();
+    assert!(store_a.wait_uploaded(Duration::from_secs(20)));
+
+    // While A renews, B is refused.
+    let err = S3Store::open(
+        bucket.remote(),
+        short_lease(opts(&t.path().join("b0"), 64 * MIB, open_mode(false))),
+    )
+    .expect_err("A renews its lease");
+    assert!(err.to_string().contains("being renewed"), "{err}");
+
+    // A is cut off: B watches its lease expire and takes over.
+    cut_a.down.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let (pool_b, store_b) = open(
+        bucket.remote(),
+        short_lease(opts(&t.path().join("b"), 64 * MIB, open_mode(false))),
+    );
+    assert!(started.elapsed() >= Duration::from_millis(1200));
+    let vol_b = pool_b.volume("v").unwrap();
+    assert_eq!(log.check_prefix(&vol_b, 100), 100);
+    vol_b.write(0, &block_data(7777, 0)).unwrap();
+    pool_b.flush().unwrap();
+    assert!(store_b.wait_uploaded(Duration::from_secs(20)));
+
+    // A already refused I/O (its lease lapsed); back in touch, it finds
+    // B's manifest and is fenced for good.
+    assert!(vol_a.write(4096, &block_data(8888, 1)).is_err());
+    cut_a.down.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store_a.fenced().is_none() {
+        assert!(Instant::now() < deadline, "A never found itself fenced");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let e = vol_a.write(4096, &block_data(8888, 1)).expect_err("fenced");
+    assert!(e.to_string().contains("taken over"), "{e}");
+    assert!(pool_a.flush().is_err());
+    drop(vol_a);
+    let _ = pool_a.close();
+    assert!(!store_a.close(), "a fenced store releases nothing");
+
+    // The bucket holds B's write, never A's.
+    let mut buf = vec![0u8; BLOCK as usize];
+    vol_b.read(4096, &mut buf).unwrap();
+    assert_eq!(writer_of(&buf, 1), 2, "block 1 is still A's write number 2");
+    vol_b.read(0, &mut buf).unwrap();
+    assert_eq!(writer_of(&buf, 0), 7777, "block 0 is B's");
+    drop(vol_b);
+    close(pool_b, store_b);
+}

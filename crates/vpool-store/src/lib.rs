@@ -132,6 +132,13 @@ pub trait SegmentStore: Send + Sync {
     fn admit_write(&self, _bytes: u64) -> Result<()> {
         Ok(())
     }
+    /// Called before a flush, outside the engine's lock. A store that may
+    /// not make writes durable right now (an object store's lease that
+    /// could not be renewed) refuses here: unlike a failed sync, which
+    /// stops the pool's writes for good, the refusal is the flush's alone.
+    fn admit_flush(&self) -> Result<()> {
+        Ok(())
+    }
     /// A store that ships sealed segments elsewhere (an object store) asks
     /// the engine to seal the open segment once it has held data this long,
     /// which bounds how far the remote copy lags. `None`: seal by size only.

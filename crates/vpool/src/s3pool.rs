@@ -11,7 +11,8 @@
 //!  "endpoint": "http://127.0.0.1:7480", "region": null,
 //!  "credentials_file": "/etc/vpool/s3.cred", "cache_size_bytes": 21474836480,
 //!  "seal_after_secs": 5.0, "backpressure_timeout_secs": 120.0,
-//!  "read_timeout_secs": 30.0, "unsafe_single_host": false}
+//!  "read_timeout_secs": 30.0, "lease_expire_secs": 30.0,
+//!  "unsafe_single_host": false}
 //! ```
 //!
 //! Credentials are never written there, nor logged or printed: they come
@@ -73,6 +74,15 @@ fn default_read_timeout() -> f64 {
     default_options().read_timeout.as_secs_f64()
 }
 
+fn default_lease_expire() -> f64 {
+    default_options().lease.expire.as_secs_f64()
+}
+
+/// The shortest and longest lease expiry accepted, in seconds (the bounds
+/// the manifest's decoder enforces).
+const MIN_LEASE_EXPIRE_SECS: f64 = (vpool_s3::manifest::MIN_LEASE_EXPIRE_MS / 1000) as f64;
+const MAX_LEASE_EXPIRE_SECS: f64 = (vpool_s3::manifest::MAX_LEASE_EXPIRE_MS / 1000) as f64;
+
 /// `pool.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PoolFile {
@@ -102,6 +112,11 @@ pub struct PoolFile {
     /// How long a read of data not in the cache may take before it fails.
     #[serde(default = "default_read_timeout")]
     pub read_timeout_secs: f64,
+    /// Another host may take the pool over once it saw this host's lease
+    /// not renewed for this long; this host stops I/O after two thirds
+    /// of it without a renewal.
+    #[serde(default = "default_lease_expire")]
+    pub lease_expire_secs: f64,
     /// Created with `--unsafe-single-host` (the object store cannot fence
     /// a second writer).
     #[serde(default)]
@@ -177,6 +192,12 @@ impl PoolFile {
         check_secs("--seal-after", self.seal_after_secs)?;
         check_secs("--backpressure-timeout", self.backpressure_timeout_secs)?;
         check_secs("--read-timeout", self.read_timeout_secs)?;
+        if !(MIN_LEASE_EXPIRE_SECS..=MAX_LEASE_EXPIRE_SECS).contains(&self.lease_expire_secs) {
+            bail!(
+                "--lease-expire must be between {MIN_LEASE_EXPIRE_SECS} and {MAX_LEASE_EXPIRE_SECS} seconds, not {}",
+                self.lease_expire_secs
+            );
+        }
         Ok(())
     }
 
@@ -207,6 +228,8 @@ impl PoolFile {
         o.seal_after = Duration::from_secs_f64(self.seal_after_secs);
         o.backpressure_timeout = Duration::from_secs_f64(self.backpressure_timeout_secs);
         o.read_timeout = Duration::from_secs_f64(self.read_timeout_secs);
+        o.lease =
+            vpool_s3::LeaseTiming::expiring_after(Duration::from_secs_f64(self.lease_expire_secs));
         o
     }
 
@@ -294,6 +317,7 @@ fn pool_file(
             .backpressure_timeout_secs
             .unwrap_or_else(default_backpressure_timeout),
         read_timeout_secs: s.read_timeout_secs.unwrap_or_else(default_read_timeout),
+        lease_expire_secs: s.lease_expire_secs.unwrap_or_else(default_lease_expire),
         unsafe_single_host,
     };
     f.validate()?;
@@ -434,14 +458,16 @@ pub struct PoolHeld {
     pub host: String,
     pub pid: u32,
     pub generation: u64,
+    /// Whether its lease is renewed, or for how long it has not been.
+    pub lease: String,
 }
 
 impl std::fmt::Display for PoolHeld {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "pool {} is held by {} (pid {}) since manifest generation {}: another vpool daemon serves it; stop that daemon first, or pass --force to take the pool over (that daemon is then fenced: its writes fail from then on)",
-            self.url, self.host, self.pid, self.generation
+            "pool {} is held by {} (pid {}) since manifest generation {}: {}; stop that daemon first, or pass --force to take the pool over now (that daemon is then fenced: its writes fail from then on)",
+            self.url, self.host, self.pid, self.generation, self.lease
         )
     }
 }
@@ -456,11 +482,13 @@ fn open_error(e: OpenError, file: &PoolFile, dir: &Path) -> anyhow::Error {
             host,
             pid,
             epoch,
+            lease,
         } => PoolHeld {
             url,
             host,
             pid,
             generation: epoch,
+            lease,
         }
         .into(),
         OpenError::Store(StoreError::Locked { path, lock_file }) => {
@@ -516,6 +544,7 @@ mod tests {
                 seal_after_secs: None,
                 backpressure_timeout_secs: None,
                 read_timeout_secs: None,
+                lease_expire_secs: None,
             },
             cache_dir: "/tmp/x".into(),
         }

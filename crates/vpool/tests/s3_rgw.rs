@@ -409,7 +409,8 @@ fn cache_lost_after_sigkill_reopens_as_a_prefix_from_the_bucket() {
     let t = tempfile::tempdir().unwrap();
     let cache = t.path().join("cache");
     let url = rgw.url("cacheloss");
-    rgw.create(&url, &cache, &[]);
+    // The lease expires 5 s after its holder stops renewing it.
+    rgw.create(&url, &cache, &["--lease-expire", "5"]);
     let d = Daemon::start(&cache, &[]);
     let size = 64 * MIB;
     let nblocks = 4096; // the first 16 MiB: writes often hit a block again
@@ -453,21 +454,19 @@ fn cache_lost_after_sigkill_reopens_as_a_prefix_from_the_bucket() {
     );
 
     // The cache is lost. A new one on the same directory: the dead daemon
-    // still holds the pool, so `serve` is refused, and `--force` takes it.
+    // still holds the pool, and nobody renews its lease; `serve` watches it
+    // and takes the pool over once it expired (no `--force`).
+    let killed = Instant::now();
     std::fs::remove_dir_all(&cache).unwrap();
     let held = rgw.attach(&url, &cache, &[]);
     assert!(held.is_some(), "the dead daemon's lease is gone");
-    let out = nbd_common::clients::run(
-        common::vpool_cmd(&cache).arg("serve"),
-        Duration::from_secs(60),
-    );
-    let e = String::from_utf8_lossy(&out.stderr);
+    let d = Daemon::start(&cache, &[]);
     assert!(
-        !out.status.success() && e.contains("is held by") && e.contains("--force"),
-        "{}: {e}",
-        out.status
+        killed.elapsed() >= Duration::from_secs(5),
+        "served {:?} after the kill, before the lease expired",
+        killed.elapsed()
     );
-    let d = Daemon::start(&cache, &["--force"]);
+    assert!(d.log_text().contains("lease expired"), "{}", d.log_text());
     let image = read_volume(&d, "v", &t.path().join("v.img"));
     assert_eq!(image.len() as u64, size);
     let k = check_prefix(&image, nblocks);
@@ -864,4 +863,222 @@ fn wait_uploaded_in(home: &Path, pool: &str, timeout: Duration) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `pool create|attach NAME --s3 URL` through the daemon at `home`, with
+/// its cache at `cache` and a lease that expires after `lease_s`.
+fn pool_through(
+    rgw: &Rgw,
+    home: &Path,
+    verb: &str,
+    name: &str,
+    url: &str,
+    cache: &Path,
+    lease_s: &str,
+) -> std::process::Output {
+    run(
+        home,
+        &[
+            "pool",
+            verb,
+            name,
+            "--s3",
+            url,
+            "--endpoint",
+            &rgw.endpoint,
+            "--cache",
+            path_str(cache),
+            "--cache-size",
+            "1G",
+            "--seal-after",
+            "0.5",
+            "--lease-expire",
+            lease_s,
+        ],
+    )
+}
+
+/// One NBD write of `len` bytes of `byte` at `offset` and a flush, over a
+/// fresh connection: the errno of each (0: done).
+fn nbd_write_and_flush(socket: &Path, export: &str, offset: u64, len: u32, byte: u8) -> (u32, u32) {
+    use std::io::Write;
+    const NBD_CMD_WRITE: u16 = 1;
+    const NBD_CMD_FLUSH: u16 = 3;
+    let mut s = nbd_common::raw::open_export(socket, export);
+    let mut req = nbd_common::raw::request(NBD_CMD_WRITE, 0, 1, offset, len);
+    req.extend(std::iter::repeat_n(byte, len as usize));
+    s.write_all(&req).unwrap();
+    let (write_err, _) = nbd_common::raw::simple_reply(&mut s);
+    s.write_all(&nbd_common::raw::request(NBD_CMD_FLUSH, 0, 2, 0, 0))
+        .unwrap();
+    let (flush_err, _) = nbd_common::raw::simple_reply(&mut s);
+    (write_err, flush_err)
+}
+
+/// A pool on RGW whose holder dies (SIGKILL) is taken over by another
+/// host's daemon without `--force` once the holder's lease expired, and
+/// serves everything the bucket had; while the holder lived, the other
+/// host was refused.
+#[test]
+fn a_dead_holder_s_pool_is_taken_over_once_its_lease_expired() {
+    let Some(rgw) = rgw() else { return };
+    let _g = serial();
+    let t = tempfile::tempdir().unwrap();
+    let (home_a, home_b) = (t.path().join("a"), t.path().join("b"));
+    let url = rgw.url("expiry");
+    let a = Daemon::start(&home_a, &[]);
+    let b = Daemon::start(&home_b, &[]);
+    let out = pool_through(
+        &rgw,
+        &home_a,
+        "create",
+        "shared",
+        &url,
+        &t.path().join("ca"),
+        "3",
+    );
+    assert!(out.status.success(), "{out:?}");
+    run_ok(&home_a, &["vol", "create", "shared/v", "--size", "16M"]);
+    let img = t.path().join("image");
+    std::fs::write(&img, pattern((16 * MIB) as usize, 7)).unwrap();
+    qemu_img_convert_to(&img, &a.nbd_uri("shared/v"));
+    wait_uploaded_in(&home_a, "shared", Duration::from_secs(60));
+
+    // While A lives, B is refused: A renews its lease.
+    let out = pool_through(
+        &rgw,
+        &home_b,
+        "attach",
+        "shared",
+        &url,
+        &t.path().join("cb1"),
+        "3",
+    );
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("held by") && e.contains("renewed"),
+        "{e}"
+    );
+
+    a.crash();
+    let killed = Instant::now();
+    let out = pool_through(
+        &rgw,
+        &home_b,
+        "attach",
+        "shared",
+        &url,
+        &t.path().join("cb2"),
+        "3",
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(qemu_img_compare(&b.nbd_uri("shared/v"), &img));
+    eprintln!(
+        "FIGURE takeover: the pool served on host B {:.1} s after SIGKILL of its holder (lease expiry 3 s)",
+        killed.elapsed().as_secs_f64()
+    );
+    assert!(
+        killed.elapsed() >= Duration::from_secs(3),
+        "taken before expiry"
+    );
+    assert!(b.terminate().success());
+}
+
+/// A holder paused (SIGSTOP) past its lease is taken over; when it wakes
+/// (SIGCONT) its writes and flushes fail, it finds itself fenced, and
+/// nothing it writes reaches what the bucket's manifests list.
+#[test]
+fn a_paused_holder_wakes_fenced() {
+    let Some(rgw) = rgw() else { return };
+    let _g = serial();
+    let t = tempfile::tempdir().unwrap();
+    let (home_a, home_b, home_c) = (t.path().join("a"), t.path().join("b"), t.path().join("c"));
+    let url = rgw.url("paused");
+    let a = Daemon::start(&home_a, &[]);
+    let out = pool_through(
+        &rgw,
+        &home_a,
+        "create",
+        "shared",
+        &url,
+        &t.path().join("ca"),
+        "3",
+    );
+    assert!(out.status.success(), "{out:?}");
+    run_ok(&home_a, &["vol", "create", "shared/v", "--size", "8M"]);
+    assert_eq!(
+        nbd_write_and_flush(&a.nbd_socket(), "shared/v", 0, 65536, 0xaa),
+        (0, 0)
+    );
+    wait_uploaded_in(&home_a, "shared", Duration::from_secs(60));
+
+    a.signal(libc::SIGSTOP);
+    let b = Daemon::start(&home_b, &[]);
+    let out = pool_through(
+        &rgw,
+        &home_b,
+        "attach",
+        "shared",
+        &url,
+        &t.path().join("cb"),
+        "3",
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        nbd_write_and_flush(&b.nbd_socket(), "shared/v", 0, 65536, 0xbb),
+        (0, 0)
+    );
+    wait_uploaded_in(&home_b, "shared", Duration::from_secs(60));
+
+    a.signal(libc::SIGCONT);
+    // At once: the lease lapsed while A slept, so I/O is refused before A
+    // has even asked the bucket.
+    let (w, f) = nbd_write_and_flush(&a.nbd_socket(), "shared/v", 65536, 65536, 0xcc);
+    assert!(
+        w != 0 && f != 0,
+        "A wrote ({w}) or flushed ({f}) after it woke"
+    );
+    // Then its renewal finds B's manifest: fenced for good.
+    wait_for("A to find itself fenced", Duration::from_secs(30), || {
+        run_json(&home_a, &["cache", "stats", "--pool", "shared"])["fenced"].is_string()
+    });
+    let (w, f) = nbd_write_and_flush(&a.nbd_socket(), "shared/v", 65536, 65536, 0xdd);
+    assert!(
+        w != 0 && f != 0,
+        "A wrote ({w}) or flushed ({f}) once fenced"
+    );
+    let log = a.log_text();
+    assert!(
+        log.contains("not renewed") && log.contains("taken over"),
+        "A's log does not say why it stopped:\n{log}"
+    );
+    // A fenced daemon stops with an error: what it held never reached the
+    // bucket.
+    a.terminate();
+
+    // What the bucket holds is B's: a third host reads 0xbb, never A's.
+    assert!(b.terminate().success());
+    let c = Daemon::start(&home_c, &[]);
+    let out = pool_through(
+        &rgw,
+        &home_c,
+        "attach",
+        "shared",
+        &url,
+        &t.path().join("cc"),
+        "3",
+    );
+    assert!(out.status.success(), "{out:?}");
+    let back = t.path().join("back");
+    nbdcopy(&c.nbd_uri("shared/v"), path_str(&back), &[]);
+    let data = std::fs::read(&back).unwrap();
+    assert!(
+        data[..65536].iter().all(|&x| x == 0xbb),
+        "B's write is not there"
+    );
+    assert!(
+        data[65536..131072].iter().all(|&x| x == 0),
+        "A's writes reached the bucket"
+    );
+    assert!(c.terminate().success());
 }

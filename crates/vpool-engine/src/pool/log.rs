@@ -156,6 +156,7 @@ impl LogState {
 impl Pool {
     /// Makes every write that completed before this call durable.
     pub fn flush(&self) -> Result<()> {
+        self.inner.store.admit_flush()?;
         let segs: Vec<Arc<LogSeg>> = {
             let st = self.inner.state.lock();
             st.log.check_writable()?;

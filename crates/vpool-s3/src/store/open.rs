@@ -19,6 +19,7 @@
 //! Closing drains the uploads, commits a manifest with no holder (the
 //! next open, from any host, needs no `force`) and saves the read index.
 
+use super::lease::{Watch, wait_for_expiry};
 use super::read::punch_file;
 use super::{
     Dirty, INDEX_META, Inner, Op, OpenError, OpenMode, S3PoolOptions, S3Store, STATE_META,
@@ -124,12 +125,14 @@ impl S3Store {
             host: hostname(),
             pid: std::process::id(),
             epoch: base.generation + 1,
+            lease_expire_ms: Some(u64::try_from(opts.lease.expire.as_millis()).unwrap_or(u64::MAX)),
         };
         let store = S3Store {
             inner: Arc::new(Inner::new(local, remote, opts, holder, base)),
         };
         store.reconcile(stale)?;
         store.take_lease()?;
+        store.start_renewer()?;
         Ok(store)
     }
 
@@ -141,6 +144,8 @@ impl S3Store {
         let mut m = inner.up.lock().manifest.clone();
         m.generation = generation;
         m.holder = Some(inner.holder.clone());
+        // Taking the lease is its first renewal, as of when it was sent.
+        let sent_ns = inner.clock_ns();
         match inner.remote.put_create(
             &manifest_key(generation),
             Bytes::from(m.encode()),
@@ -156,6 +161,7 @@ impl S3Store {
             Err(e) => return Err(e.into()),
         }
         inner.up.lock().manifest = m;
+        inner.renewed_at_ns.store(sent_ns, Ordering::Release);
         self.save_state(generation)?;
         tracing::info!(store = %inner.remote.display(), generation, "pool lease taken");
         Ok(())
@@ -421,6 +427,9 @@ impl S3Store {
         if let Some(h) = self.inner.prefetcher.lock().take() {
             let _ = h.join();
         }
+        if let Some(h) = self.inner.renewer.lock().take() {
+            let _ = h.join();
+        }
     }
 
     /// Commits `m`'s successor with no holder. Best effort: if it fails,
@@ -520,15 +529,34 @@ fn existing_pool(
     if let Some(h) = &m.holder
         && h.id != holder_id
     {
-        if !force {
-            return Err(OpenError::Held {
-                url,
-                host: h.host.clone(),
-                pid: h.pid,
-                epoch: h.epoch,
-            });
+        if force {
+            tracing::warn!(store = %url, host = %h.host, pid = h.pid, epoch = h.epoch, "taking the pool over (forced); the old holder is fenced");
+            return Ok(m);
         }
-        tracing::warn!(store = %url, host = %h.host, pid = h.pid, epoch = h.epoch, "taking the pool over; the old holder is fenced");
+        let lease = match wait_for_expiry(remote, h)? {
+            Watch::Expired => {
+                tracing::warn!(store = %url, host = %h.host, pid = h.pid, epoch = h.epoch, "the holder's lease expired (no renewal seen): taking the pool over; the old holder is fenced");
+                return Ok(m);
+            }
+            Watch::Renewed => match h.lease_expire_ms {
+                Some(_) => "its lease is being renewed".to_string(),
+                None => {
+                    "its lease does not expire (a vpool from before leases expired)".to_string()
+                }
+            },
+            Watch::Unchanged(d) => format!(
+                "its lease has not been renewed for {} s; it expires after {} s without renewal, and a later open takes it over",
+                d.as_secs(),
+                h.lease_expire_ms.unwrap_or(0) / 1000
+            ),
+        };
+        return Err(OpenError::Held {
+            url,
+            host: h.host.clone(),
+            pid: h.pid,
+            epoch: h.epoch,
+            lease,
+        });
     }
     Ok(m)
 }

@@ -11,7 +11,9 @@
 //! - deletions and metadata blobs are queued for the uploader (`upload`),
 //!   which commits them in order;
 //! - once the store is fenced, creating, appending, syncing, truncating and
-//!   metadata updates fail with `StoreError::Fenced`.
+//!   metadata updates fail with `StoreError::Fenced`;
+//! - while its lease is not renewed (`lease`), writes, flushes and reads
+//!   are refused (`StoreError::Unavailable`), until it is.
 
 use super::S3Store;
 use std::sync::atomic::Ordering;
@@ -73,6 +75,7 @@ impl SegmentStore for S3Store {
     }
 
     fn read_at(&self, id: SegmentId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_lease()?;
         let seg_len = {
             let up = self.inner.up.lock();
             if up.hidden.contains(&id.0) {
@@ -158,7 +161,12 @@ impl SegmentStore for S3Store {
     }
 
     fn admit_write(&self, bytes: u64) -> Result<()> {
+        self.check_lease()?;
         self.admit(bytes)
+    }
+
+    fn admit_flush(&self) -> Result<()> {
+        self.check_lease()
     }
 
     fn seal_after(&self) -> Option<Duration> {

@@ -421,11 +421,37 @@ impl S3Store {
                 }
             }
         }
+        deleted += self.collect_old_heartbeats(epoch);
         if deleted > 0 {
             tracing::info!(
                 objects = deleted,
                 "deleted objects no manifest names (left by a crash or a takeover)"
             );
+        }
+        deleted
+    }
+
+    /// Deletes the heartbeats of earlier holders (`lease/<epoch>` before
+    /// ours): nobody reads them once their holder was succeeded.
+    fn collect_old_heartbeats(&self, epoch: u64) -> u64 {
+        let inner = &self.inner;
+        let deadline = || Instant::now() + Duration::from_secs(30);
+        let Ok(keys) = inner.remote.list(crate::manifest::LEASE_DIR, deadline()) else {
+            return 0;
+        };
+        let mut deleted = 0;
+        for (key, _) in keys {
+            let old = key
+                .strip_prefix(crate::manifest::LEASE_DIR)
+                .and_then(|k| k.strip_prefix('/'))
+                .and_then(|k| u64::from_str_radix(k, 16).ok())
+                .is_some_and(|e| e < epoch);
+            if old
+                && !inner.stop.load(Ordering::SeqCst)
+                && inner.remote.delete(&key, deadline()).is_ok()
+            {
+                deleted += 1;
+            }
         }
         deleted
     }

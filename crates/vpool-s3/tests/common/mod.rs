@@ -47,6 +47,20 @@ impl Bucket {
     }
 }
 
+impl Bucket {
+    /// The same bucket through a fault injector of its own: a host that
+    /// can be cut off (`down`) while the others reach the bucket.
+    #[allow(dead_code)]
+    pub fn own_remote(&self) -> (Remote, Arc<Faults>) {
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(&self.dir).unwrap();
+        let (faulty, faults) = FaultyStore::new(Arc::new(fs));
+        let mut r = Remote::new(faulty, "pool", format!("file://{}", self.dir.display())).unwrap();
+        r.policy.attempt_timeout = Duration::from_secs(2);
+        r.policy.backoff_max = Duration::from_millis(200);
+        (r, faults)
+    }
+}
+
 pub fn opts(cache: &Path, cache_size_bytes: u64, mode: OpenMode) -> S3PoolOptions {
     let mut o = S3PoolOptions::new(cache, cache_size_bytes, mode);
     o.seal_after = Duration::from_millis(100);

@@ -94,6 +94,10 @@ pub struct S3Spec {
     pub backpressure_timeout_secs: Option<f64>,
     #[serde(default)]
     pub read_timeout_secs: Option<f64>,
+    /// How long another host waits for this host's lease to be renewed
+    /// before it may take the pool over (default 30).
+    #[serde(default)]
+    pub lease_expire_secs: Option<f64>,
 }
 
 /// Turns a pool directory into an open pool, and a directory into the

@@ -345,6 +345,11 @@ pub struct S3PoolArgs {
     /// (default 30).
     #[arg(long, value_name = "SECS", value_parser = parse_secs, requires = "url")]
     pub read_timeout: Option<f64>,
+    /// How long another host must see this host's lease not renewed
+    /// before it may take the pool over (default 30; 1 to 3600). This host
+    /// stops I/O after two thirds of it without a renewal.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, requires = "url")]
+    pub lease_expire: Option<f64>,
 }
 
 impl S3PoolArgs {
@@ -375,6 +380,7 @@ impl S3PoolArgs {
             seal_after_secs: self.seal_after,
             backpressure_timeout_secs: self.backpressure_timeout,
             read_timeout_secs: self.read_timeout,
+            lease_expire_secs: self.lease_expire,
         })
     }
 }
