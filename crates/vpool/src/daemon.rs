@@ -334,6 +334,10 @@ impl Opener for DirOpener {
         };
         made.map(|_| ()).map_err(service_error)
     }
+
+    fn discard_s3(&self, dir: &Path) {
+        crate::s3pool::discard_attach(dir);
+    }
 }
 
 /// What closes a pool's store after its engine: the cache's refresher

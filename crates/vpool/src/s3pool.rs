@@ -371,6 +371,24 @@ fn undo(dir: &Path, created_dir: bool) {
     }
 }
 
+/// Undoes [`attach`] on a cache directory whose pool never opened (no
+/// store state in it): its `pool.json`, the empty layout an attempt to
+/// open it made, and the directory if that leaves it empty. Best effort.
+pub fn discard_attach(dir: &Path) {
+    if vpool_s3::is_cache_dir(dir) {
+        return;
+    }
+    let _ = std::fs::remove_file(dir.join(POOL_FILE));
+    // Only empty directories go: anything with data in it stays.
+    for sub in ["segments", "meta"] {
+        let _ = std::fs::remove_dir(dir.join(sub));
+    }
+    if !dir.join("segments").exists() && !dir.join("meta").exists() {
+        let _ = std::fs::remove_file(dir.join("LOCK"));
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
 /// `vpool pool create [NAME] --s3 URL ...`: a new pool in the bucket, with
 /// its cache at `settings.cache_dir`.
 pub fn create(

@@ -959,6 +959,13 @@ fn a_dead_holder_s_pool_is_taken_over_once_its_lease_expired() {
         !out.status.success() && e.contains("held by") && e.contains("renewed"),
         "{e}"
     );
+    // The refused attach left nothing behind: the same command works later.
+    assert!(!t.path().join("cb1").exists());
+    assert!(
+        run_ok(&home_b, &["pool", "list"])
+            .lines()
+            .all(|l| !l.starts_with("shared"))
+    );
 
     a.crash();
     let killed = Instant::now();
@@ -968,7 +975,7 @@ fn a_dead_holder_s_pool_is_taken_over_once_its_lease_expired() {
         "attach",
         "shared",
         &url,
-        &t.path().join("cb2"),
+        &t.path().join("cb1"),
         "3",
     );
     assert!(out.status.success(), "{out:?}");

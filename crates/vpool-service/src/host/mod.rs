@@ -117,6 +117,10 @@ pub trait Opener: Send + Sync {
         attach: bool,
         unsafe_single_host: bool,
     ) -> Result<()>;
+
+    /// Undoes [`Opener::prepare_s3`] with `attach` for a cache that was
+    /// never opened. Best effort.
+    fn discard_s3(&self, dir: &Path);
 }
 
 /// An open pool and everything served from it.
@@ -366,7 +370,18 @@ impl Host {
         }
         self.opener
             .prepare_s3(name, dir, spec, attach, unsafe_single_host)?;
-        self.add_pool(name, dir)
+        self.add_pool(name, dir).map_err(|e| {
+            if attach {
+                // Nothing was taken: leave the directory as it was, so the
+                // same command can be run again.
+                self.opener.discard_s3(dir);
+                return e;
+            }
+            let dir = dir.display();
+            e.context(&format!(
+                "the pool was made in the bucket, with its cache in {dir}, but could not be opened; `vpool pool create {name} --dir {dir}` opens it"
+            ))
+        })
     }
 
     /// The name of the default pool (bare volume names mean it).
@@ -645,6 +660,8 @@ impl Opener for NoOpener {
             "this server holds one pool and adds no other",
         ))
     }
+
+    fn discard_s3(&self, _: &Path) {}
 }
 
 /// Refuses a relative pool directory: it would mean another place when

@@ -91,6 +91,8 @@ impl Opener for ScriptedOpener {
     fn prepare_s3(&self, _: &str, _: &Path, _: &S3Spec, _: bool, _: bool) -> Result<()> {
         Err(Error::new(ErrorKind::NotSupported, "no S3 here"))
     }
+
+    fn discard_s3(&self, _: &Path) {}
 }
 
 /// A home listing pool `other` in `<tmp>/other`, opened with `opener`.
