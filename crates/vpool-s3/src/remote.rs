@@ -22,6 +22,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+/// The shortest attempt a call with a deadline makes, even when the
+/// deadline is closer: one round trip.
+const MIN_ATTEMPT: Duration = Duration::from_millis(100);
+
 /// What a remote call can end with, besides success.
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
@@ -219,6 +223,13 @@ impl Remote {
         loop {
             attempts += 1;
             let fut = attempt();
+            // No attempt outlives the deadline.
+            let per_attempt = match deadline {
+                Some(d) => per_attempt
+                    .min(d.saturating_duration_since(Instant::now()))
+                    .max(MIN_ATTEMPT),
+                None => per_attempt,
+            };
             let result = self.block(async move { tokio::time::timeout(per_attempt, fut).await });
             let last = match result {
                 Ok(Ok(v)) => return Ok(v),

@@ -55,7 +55,9 @@ mod segment_store;
 mod upload;
 mod writeback;
 
-pub use lease::{DEFAULT_LEASE_EXPIRE, LeaseTiming, MAX_WATCH, Watch, lease_key, wait_for_expiry};
+pub use lease::{
+    DEFAULT_LEASE_EXPIRE, LeaseTiming, MAX_WATCH, Watch, heartbeat_is, lease_key, wait_for_expiry,
+};
 pub use open::is_cache_dir;
 
 use crate::manifest::{Holder, Manifest};
@@ -285,8 +287,6 @@ struct Inner {
     uploader: Mutex<Option<JoinHandle<()>>>,
     prefetcher: Mutex<Option<JoinHandle<()>>>,
     renewer: Mutex<Option<JoinHandle<()>>>,
-    /// The origin of [`Inner::clock_ns`].
-    clock_base: Instant,
     /// When the heartbeat of the last renewal that succeeded was sent
     /// (`clock_ns`); the lease taken at open counts as one.
     renewed_at_ns: AtomicU64,
@@ -328,16 +328,15 @@ impl Inner {
             uploader: Mutex::new(None),
             prefetcher: Mutex::new(None),
             renewer: Mutex::new(None),
-            clock_base: Instant::now(),
-            renewed_at_ns: AtomicU64::new(0),
+            renewed_at_ns: AtomicU64::new(lease::boottime_ns()),
         }
     }
 
-    /// Nanoseconds on this store's monotonic clock, which runs while the
-    /// process is stopped (SIGSTOP), so a paused holder wakes knowing how
-    /// long it slept.
+    /// Nanoseconds on `CLOCK_BOOTTIME`, which runs while the process is
+    /// stopped (SIGSTOP) and while the machine is suspended, so a paused
+    /// holder wakes knowing how long it slept.
     fn clock_ns(&self) -> u64 {
-        u64::try_from(self.clock_base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        lease::boottime_ns()
     }
 }
 

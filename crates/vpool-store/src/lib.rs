@@ -139,6 +139,12 @@ pub trait SegmentStore: Send + Sync {
     fn admit_flush(&self) -> Result<()> {
         Ok(())
     }
+    /// Called before a read or a block-status query, which may be answered
+    /// without the store (holes): a store whose data may be stale (an
+    /// object store's lapsed lease) refuses here.
+    fn admit_read(&self) -> Result<()> {
+        Ok(())
+    }
     /// A store that ships sealed segments elsewhere (an object store) asks
     /// the engine to seal the open segment once it has held data this long,
     /// which bounds how far the remote copy lags. `None`: seal by size only.

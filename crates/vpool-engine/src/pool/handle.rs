@@ -127,6 +127,8 @@ impl Volume {
         if buf.is_empty() {
             return Ok(());
         }
+        // Holes read as zeros without the store: it is asked first.
+        self.pool.inner.store.admit_read()?;
         let len = buf.len() as u64;
         let first = offset / BLOCK_SIZE;
         let last = (offset + len - 1) / BLOCK_SIZE;
@@ -231,6 +233,8 @@ impl Volume {
     pub fn trim(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable_view()?;
         self.check_overflow("trim", offset, len)?;
+        // A change, though it stores no data.
+        self.pool.inner.store.admit_write(0)?;
         let mut st = self.pool.writable_state()?;
         self.check_range(&st, "trim", offset, len)?;
         let first = offset.div_ceil(BLOCK_SIZE);
@@ -250,6 +254,7 @@ impl Volume {
         if len == 0 {
             return Ok(());
         }
+        self.pool.inner.store.admit_write(0)?;
         let first = offset.div_ceil(BLOCK_SIZE);
         let end = (offset + len) / BLOCK_SIZE;
         {
@@ -318,6 +323,7 @@ impl Volume {
         if len == 0 {
             return Ok(Vec::new());
         }
+        self.pool.inner.store.admit_read()?;
         let first = offset / BLOCK_SIZE;
         let last = (offset + len - 1) / BLOCK_SIZE;
         let pieces = {

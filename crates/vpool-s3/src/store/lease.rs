@@ -15,14 +15,23 @@
 //!   for good.
 //! - **Expiry, seen by the taker** ([`wait_for_expiry`]): the heartbeat
 //!   unchanged for the holder's `lease_expire_ms`, by the taker's own
-//!   monotonic clock, watched over one or more attempts to open. `valid` is two thirds of the expiry, so the holder has
-//!   stopped before a taker starts unless the two clocks' rates differ by
-//!   half.
+//!   clock, watched over one or more attempts to open. `valid` is two
+//!   thirds of the expiry, so the holder has stopped before a taker starts
+//!   unless the two clocks' rates differ by half. Just before it commits,
+//!   the taker reads the heartbeat once more, and once more after: a
+//!   holder that renewed in between is given its `valid` to find out.
+//!
+//! Both clocks are `CLOCK_BOOTTIME`, which keeps running while the process
+//! is stopped (SIGSTOP) and while the machine is suspended. A virtual
+//! machine paused by its hypervisor is another matter: its clock may not
+//! run while paused; vpool on a VM that can be paused must rely on the
+//! fencing by generation alone (see `docs/multi-host.md`).
 //!
 //! The heartbeat's content is opaque: a taker only compares it with what it
 //! read before, so nothing here decodes bytes from the bucket.
 
 use super::{Inner, S3Store, unavailable};
+use crate::bucket::latest_generation;
 use crate::manifest::{Holder, LEASE_DIR, Manifest, manifest_key};
 use crate::remote::{Remote, RemoteError};
 use bytes::Bytes;
@@ -81,8 +90,10 @@ pub enum Watch {
     /// Not renewed for this long so far (less than the expiry): try again
     /// later; the watch goes on from where it was.
     Unchanged(Duration),
-    /// Unchanged for the whole expiry: the lease may be taken.
-    Expired,
+    /// Unchanged for the whole expiry: the lease may be taken. The
+    /// heartbeat as it stood (`None`: absent), to check again just before
+    /// and after the taking.
+    Expired(Option<Bytes>),
 }
 
 /// The longest one call of [`wait_for_expiry`] watches: a lease of the
@@ -90,7 +101,8 @@ pub enum Watch {
 /// attempts (the host retries), so that no open blocks for the whole of it.
 pub const MAX_WATCH: Duration = Duration::from_secs(60);
 /// Most heartbeats watched at once in this process (a bound on
-/// [`WATCHED`]; the oldest watch is dropped beyond it and starts over).
+/// [`WATCHED`]; beyond it one watch is dropped, and starts over if that
+/// pool is opened again).
 const MAX_WATCHED: usize = 1024;
 
 /// A heartbeat as last seen: its content (`None`: absent) and since when
@@ -121,12 +133,15 @@ pub fn wait_for_expiry(
     let started = Instant::now();
     tracing::info!(store = %remote.display(), holder = %holder.name(), expire_s = expire.as_secs_f64(), "the pool is held: watching its holder's lease");
     loop {
-        let content = remote.get(&key, Instant::now() + MAX_WATCH)?;
+        // What a GET answers was true at some moment after it was sent:
+        // "unchanged" is known only up to the sending.
+        let asked = Instant::now();
+        let content = remote.get(&key, asked + MAX_WATCH)?;
         let unchanged_for = {
             let mut watched = WATCHED.lock().unwrap_or_else(|e| e.into_inner());
             let seen = watched.get(&watch_key);
             match seen {
-                Some(s) if s.content == content => s.since.elapsed(),
+                Some(s) if s.content == content => asked.saturating_duration_since(s.since),
                 _ => {
                     let first = seen.is_none();
                     if watched.len() >= MAX_WATCHED
@@ -134,10 +149,12 @@ pub fn wait_for_expiry(
                     {
                         watched.remove(&k);
                     }
+                    // Changed (or first seen): the holder may have renewed
+                    // as late as the answer came.
                     watched.insert(
                         watch_key.clone(),
                         Seen {
-                            content,
+                            content: content.clone(),
                             since: Instant::now(),
                         },
                     );
@@ -153,13 +170,31 @@ pub fn wait_for_expiry(
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&watch_key);
-            return Ok(Watch::Expired);
+            return Ok(Watch::Expired(content));
         }
         if started.elapsed() >= MAX_WATCH {
             return Ok(Watch::Unchanged(unchanged_for));
         }
         std::thread::sleep(WATCH_INTERVAL);
     }
+}
+
+/// Whether the heartbeat of `holder` still reads `seen` (the lease the
+/// taker is taking is still the expired one).
+pub fn heartbeat_is(
+    remote: &Remote,
+    holder: &Holder,
+    seen: &Option<Bytes>,
+) -> std::result::Result<bool, RemoteError> {
+    let now = remote.get(&lease_key(holder.epoch), Instant::now() + MAX_WATCH)?;
+    Ok(&now == seen)
+}
+
+/// Nanoseconds on `CLOCK_BOOTTIME`.
+pub(super) fn boottime_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    let ns = i128::from(t.tv_sec) * 1_000_000_000 + i128::from(t.tv_nsec);
+    u64::try_from(ns).unwrap_or(0)
 }
 
 impl S3Store {
@@ -219,33 +254,42 @@ impl S3Store {
         self.check_not_taken(deadline)
     }
 
-    /// Fails, and fences the store, if a manifest after the last one this
-    /// store committed exists and is not its own: a taker creates exactly
-    /// that generation.
+    /// Fails, and fences the store, if the latest manifest is after the
+    /// last one this store committed and is not its own: only a taker
+    /// creates one. (The latest, listed, not `g + 1`, which the taker's
+    /// clean-up deletes after a few commits.)
     fn check_not_taken(&self, deadline: Instant) -> std::result::Result<(), String> {
         let inner = &self.inner;
-        let next = inner.up.lock().manifest.generation + 1;
-        let found = inner
-            .remote
-            .get(&manifest_key(next), deadline)
-            .map_err(|e| format!("reading manifest {next}: {e}"))?;
-        let Some(bytes) = found else {
+        let ours = inner.up.lock().manifest.generation;
+        let latest = latest_generation(&inner.remote, deadline)
+            .map_err(|e| format!("listing manifests: {e}"))?
+            .ok_or_else(|| "the bucket lists no manifest".to_string())?;
+        if latest <= ours {
             return Ok(());
-        };
+        }
+        let bytes = inner
+            .remote
+            .get(&manifest_key(latest), deadline)
+            .map_err(|e| format!("reading manifest {latest}: {e}"))?
+            .ok_or_else(|| format!("manifest {latest} vanished"))?;
         // Our uploader may have committed it just now.
         let theirs = Manifest::decode(&bytes).ok().and_then(|m| m.holder);
         if theirs.as_ref().is_some_and(|h| h.id == inner.holder.id) {
             return Ok(());
         }
         let who = theirs.map_or_else(|| "another host".to_string(), |h| h.name());
-        let detail = format!(
-            "pool {} was taken over by {who} at manifest generation {next} (this host's lease had expired); this host stopped writing to it",
+        self.fence(format!(
+            "pool {} was taken over by {who} (manifest generation {latest}; this host's lease had expired); this host stopped writing to it",
             inner.remote.display()
-        );
+        ));
+        Err("taken over".to_string())
+    }
+
+    /// Fences the store for good, with `detail` as the reason.
+    pub(super) fn fence(&self, detail: String) {
         tracing::error!(%detail, "fenced");
-        *inner.fenced.lock() = Some(detail.clone());
-        inner.up_cv.notify_all();
-        Err(detail)
+        *self.inner.fenced.lock() = Some(detail);
+        self.inner.up_cv.notify_all();
     }
 }
 
@@ -263,7 +307,9 @@ fn renew_loop(weak: Weak<Inner>) {
         let store = S3Store { inner };
         counter += 1;
         let sent_ns = store.inner.clock_ns();
-        match store.renew_once(counter) {
+        let sent_at = Instant::now();
+        let renewed = store.renew_once(counter);
+        match &renewed {
             Ok(()) => {
                 store
                     .inner
@@ -285,9 +331,11 @@ fn renew_loop(weak: Weak<Inner>) {
             }
         }
         drop(store);
+        // From the send time, not the end of the attempt: a slow attempt
+        // does not push the next one back. After a failure, sooner.
+        let next = sent_at + if renewed.is_ok() { renew } else { renew / 4 };
         // Not on `up_cv`: every append signals it. Holding no reference
         // while asleep, so a dropped store ends this thread.
-        let next = Instant::now() + renew;
         while Instant::now() < next {
             std::thread::sleep(Duration::from_millis(20).min(renew));
             match weak.upgrade() {

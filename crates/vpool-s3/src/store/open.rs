@@ -19,7 +19,7 @@
 //! Closing drains the uploads, commits a manifest with no holder (the
 //! next open, from any host, needs no `force`) and saves the read index.
 
-use super::lease::{Watch, wait_for_expiry};
+use super::lease::{LeaseTiming, Watch, heartbeat_is, wait_for_expiry};
 use super::read::punch_file;
 use super::{
     Dirty, INDEX_META, Inner, Op, OpenError, OpenMode, S3PoolOptions, S3Store, STATE_META,
@@ -85,6 +85,14 @@ impl S3Store {
         opts: S3PoolOptions,
     ) -> std::result::Result<S3Store, OpenError> {
         assert!(opts.upload_parallelism >= 1 && opts.upload_parallelism <= 64);
+        let lease = opts.lease;
+        assert!(
+            lease.renew < lease.valid
+                && lease.valid < lease.expire
+                && (crate::manifest::MIN_LEASE_EXPIRE_MS..=crate::manifest::MAX_LEASE_EXPIRE_MS)
+                    .contains(&u64::try_from(lease.expire.as_millis()).unwrap_or(u64::MAX)),
+            "a lease the manifest cannot carry: {lease:?}"
+        );
         let url = remote.display().to_string();
         let local = LocalDirStore::open(&opts.cache_dir)?;
         let dir = opts.cache_dir.display().to_string();
@@ -94,6 +102,8 @@ impl S3Store {
             .as_ref()
             .map(|s| s.holder_id.clone())
             .unwrap_or_else(random_id);
+        // The holder whose lease expired, and its heartbeat as it stood.
+        let mut expired = None;
         let (base, fresh_pool) = match (opts.mode, latest) {
             (OpenMode::Create { .. }, Some(_)) => return Err(OpenError::PoolExists { url }),
             (OpenMode::Open { .. }, None) => return Err(OpenError::NoPool { url }),
@@ -107,7 +117,9 @@ impl S3Store {
                 (m, true)
             }
             (OpenMode::Open { force }, Some(g)) => {
-                let m = existing_pool(&remote, g, &dir, state.as_ref(), &holder_id, force)?;
+                let (m, lapsed) =
+                    existing_pool(&remote, g, &dir, state.as_ref(), &holder_id, force)?;
+                expired = lapsed;
                 (m, false)
             }
         };
@@ -131,7 +143,13 @@ impl S3Store {
             inner: Arc::new(Inner::new(local, remote, opts, holder, base)),
         };
         store.reconcile(stale)?;
+        if let Some((old, seen)) = &expired {
+            check_still_expired(&store.inner.remote, old, seen)?;
+        }
         store.take_lease()?;
+        if let Some((old, seen)) = &expired {
+            wait_if_renewed_meanwhile(&store.inner.remote, old, seen);
+        }
         store.start_renewer()?;
         Ok(store)
     }
@@ -505,9 +523,14 @@ fn new_pool(
     Ok(Manifest::new(random_id(), fencing))
 }
 
+/// The holder whose lease a taker watched expire, and its heartbeat as it
+/// stood then.
+type Expired = Option<(Holder, Option<Bytes>)>;
+
 /// The latest manifest (generation `g`) of an existing pool, once this
 /// cache may open it: it is this cache's pool, and no other holder has it
-/// (or `force` takes it over: the old holder is fenced at its next commit).
+/// (or `force` takes it over, or its lease expired: the old holder is
+/// fenced at its next commit or renewal).
 fn existing_pool(
     remote: &Remote,
     g: u64,
@@ -515,7 +538,7 @@ fn existing_pool(
     state: Option<&LocalState>,
     holder_id: &str,
     force: bool,
-) -> std::result::Result<Manifest, OpenError> {
+) -> std::result::Result<(Manifest, Expired), OpenError> {
     let url = remote.display().to_string();
     let m = read_manifest(remote, g, Instant::now() + OPEN_CALL_TIMEOUT)?;
     if let Some(s) = state
@@ -526,39 +549,67 @@ fn existing_pool(
             other: s.pool_id.clone(),
         });
     }
-    if let Some(h) = &m.holder
-        && h.id != holder_id
-    {
-        if force {
-            tracing::warn!(store = %url, host = %h.host, pid = h.pid, epoch = h.epoch, "taking the pool over (forced); the old holder is fenced");
-            return Ok(m);
-        }
-        let lease = match wait_for_expiry(remote, h)? {
-            Watch::Expired => {
-                tracing::warn!(store = %url, host = %h.host, pid = h.pid, epoch = h.epoch, "the holder's lease expired (no renewal seen): taking the pool over; the old holder is fenced");
-                return Ok(m);
-            }
-            Watch::Renewed => match h.lease_expire_ms {
-                Some(_) => "its lease is being renewed".to_string(),
-                None => {
-                    "its lease does not expire (a vpool from before leases expired)".to_string()
-                }
-            },
-            Watch::Unchanged(d) => format!(
-                "its lease has not been renewed for {} s; it expires after {} s without renewal, and a later open takes it over",
-                d.as_secs(),
-                h.lease_expire_ms.unwrap_or(0) / 1000
-            ),
-        };
-        return Err(OpenError::Held {
-            url,
-            host: h.host.clone(),
-            pid: h.pid,
-            epoch: h.epoch,
-            lease,
-        });
+    let Some(h) = m.holder.clone().filter(|h| h.id != holder_id) else {
+        return Ok((m, None));
+    };
+    if force {
+        tracing::warn!(store = %url, host = %h.host, pid = h.pid, epoch = h.epoch, "taking the pool over (forced); the old holder is fenced");
+        return Ok((m, None));
     }
-    Ok(m)
+    let lease = match wait_for_expiry(remote, &h)? {
+        Watch::Expired(seen) => {
+            tracing::warn!(store = %url, host = %h.host, pid = h.pid, epoch = h.epoch, "the holder's lease expired (no renewal seen): taking the pool over; the old holder is fenced");
+            return Ok((m, Some((h, seen))));
+        }
+        Watch::Renewed => match h.lease_expire_ms {
+            Some(_) => "its lease is being renewed".to_string(),
+            None => "its lease does not expire (a vpool from before leases expired)".to_string(),
+        },
+        Watch::Unchanged(d) => format!(
+            "its lease has not been renewed for {} s; it expires after {} s without renewal, and a later open takes it over",
+            d.as_secs(),
+            h.lease_expire_ms.unwrap_or(0) / 1000
+        ),
+    };
+    Err(held(&url, &h, lease))
+}
+
+fn held(url: &str, h: &Holder, lease: String) -> OpenError {
+    OpenError::Held {
+        url: url.to_string(),
+        host: h.host.clone(),
+        pid: h.pid,
+        epoch: h.epoch,
+        lease,
+    }
+}
+
+/// Just before the commit that takes an expired lease: refuses if the old
+/// holder renewed since (it woke while this cache was being brought in
+/// line).
+fn check_still_expired(
+    remote: &Remote,
+    old: &Holder,
+    seen: &Option<Bytes>,
+) -> std::result::Result<(), OpenError> {
+    if heartbeat_is(remote, old, seen)? {
+        return Ok(());
+    }
+    let url = remote.display().to_string();
+    Err(held(&url, old, "it renewed its lease just now".to_string()))
+}
+
+/// Just after that commit: if the old holder renewed between the check
+/// and the commit, it may acknowledge I/O until its next renewal finds
+/// this commit, at most its `valid` time: wait that long before serving.
+fn wait_if_renewed_meanwhile(remote: &Remote, old: &Holder, seen: &Option<Bytes>) {
+    if let Ok(true) = heartbeat_is(remote, old, seen) {
+        return;
+    }
+    let expire = Duration::from_millis(old.lease_expire_ms.unwrap_or(0));
+    let valid = LeaseTiming::expiring_after(expire.max(Duration::from_secs(1))).valid;
+    tracing::warn!(store = %remote.display(), holder = %old.name(), wait_s = valid.as_secs_f64(), "the old holder renewed its lease as this host took it over; waiting for it to stop");
+    std::thread::sleep(valid);
 }
 
 /// True if `dir` is (or was) the cache directory of an S3 pool: serving it

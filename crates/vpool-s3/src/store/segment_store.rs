@@ -92,7 +92,11 @@ impl SegmentStore for S3Store {
         match seg_len {
             // Not uploaded yet: the cache holds all of it.
             None => self.inner.local.read_at(id, offset, buf),
-            Some(len) => self.read_uploaded(id.0, len, offset, buf),
+            Some(len) => {
+                self.read_uploaded(id.0, len, offset, buf)?;
+                // A fetch may have outlasted the lease.
+                self.check_lease()
+            }
         }
     }
 
@@ -162,10 +166,16 @@ impl SegmentStore for S3Store {
 
     fn admit_write(&self, bytes: u64) -> Result<()> {
         self.check_lease()?;
-        self.admit(bytes)
+        self.admit(bytes)?;
+        // The wait for write-back space may have outlasted the lease.
+        self.check_lease()
     }
 
     fn admit_flush(&self) -> Result<()> {
+        self.check_lease()
+    }
+
+    fn admit_read(&self) -> Result<()> {
         self.check_lease()
     }
 

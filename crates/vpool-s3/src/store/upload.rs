@@ -25,6 +25,7 @@
 //! fill it (`Up::queue_meta`, `Up::queue_delete`).
 
 use super::{Dirty, Op, S3Store, Up};
+use crate::bucket::latest_generation;
 use crate::manifest::{
     Manifest, MetaRef, SEGMENT_DIR, SegmentEntry, manifest_key, meta_key, segment_key,
 };
@@ -487,9 +488,13 @@ impl S3Store {
             .map_err(|e| e.to_string())
     }
 
-    /// Creates manifest `m.generation`. False if fenced or stopping.
+    /// Creates manifest `m.generation`. False if fenced or stopping, or
+    /// if the lease is not known valid (then the round is tried again).
     fn commit(&self, m: &Manifest, give_up: &dyn Fn() -> bool) -> bool {
         let inner = &self.inner;
+        if !self.may_commit(m.generation) {
+            return false;
+        }
         let key = manifest_key(m.generation);
         let bytes = m.encode();
         match inner
@@ -522,6 +527,34 @@ impl S3Store {
                 inner.up_cv.notify_all();
                 false
             }
+            Err(e) => {
+                inner.up.lock().last_error = Some(e.to_string());
+                false
+            }
+        }
+    }
+
+    /// Before creating manifest `generation`: the lease is valid (a holder
+    /// that was paused past it finds out from its renewal first), and no
+    /// later manifest exists: a taker's generations are after ours, and the
+    /// one right after ours may already be deleted by the taker's clean-up,
+    /// so the create-only PUT alone would not fence us.
+    fn may_commit(&self, generation: u64) -> bool {
+        let inner = &self.inner;
+        if let Err(e) = self.check_lease() {
+            inner.up.lock().last_error = Some(e.to_string());
+            return false;
+        }
+        match latest_generation(&inner.remote, Instant::now() + Duration::from_secs(30)) {
+            Ok(Some(latest)) if latest > generation => {
+                self.fence(format!(
+                    "pool {} was taken over: manifest generation {latest} exists, after this host's {}; this host stopped writing to it",
+                    inner.remote.display(),
+                    generation - 1
+                ));
+                false
+            }
+            Ok(_) => true,
             Err(e) => {
                 inner.up.lock().last_error = Some(e.to_string());
                 false

@@ -115,34 +115,42 @@ pub(super) fn attempt(
         Ok(opened) => PoolState::Open(Arc::new(PoolCtx::new(name, dir, opened))),
         Err(e) => failed(e, attempts.saturating_add(1)),
     };
-    let recorded = {
+    // Under the pools' lock: still ours (no detach, no later attempt)? And
+    // is the daemon stopping?
+    let (ours, stopping) = {
         let mut pools = host.write_pools();
         match pools.get_mut(name) {
             Some(slot) if slot.epoch == epoch => {
-                if host.closing.load(Ordering::SeqCst) {
-                    // Not `Opening` any more (the daemon waits for that),
-                    // and not open: what was opened is closed below.
-                    slot.state = PoolState::Failed {
-                        reason: "the daemon began to stop before the pool opened".to_string(),
-                        kind: ErrorKind::Failed,
-                        attempts,
-                        retry_at: None,
-                    };
-                    false
-                } else {
+                let stopping = host.closing.load(Ordering::SeqCst);
+                if !stopping {
                     slot.state = outcome.clone();
-                    true
                 }
+                (true, stopping)
             }
-            _ => false,
+            _ => (false, false),
         }
     };
+    let recorded = ours && !stopping;
     log(name, dir, &outcome, started.elapsed(), recorded);
     if !recorded && let PoolState::Open(ctx) = &outcome {
         // Nobody else knows of this pool: close it, or its lease and lock
         // would stay held until the process ends.
         if let Err(e) = ctx.close() {
             tracing::warn!(pool = name, error = %e.message, "closing a pool opened too late failed");
+        }
+    }
+    if ours && stopping {
+        // Only now, once it is closed, does the slot stop being `Opening`:
+        // the daemon's stop waits for that before it ends.
+        if let Some(slot) = host.write_pools().get_mut(name)
+            && slot.epoch == epoch
+        {
+            slot.state = PoolState::Failed {
+                reason: "the daemon began to stop before the pool opened".to_string(),
+                kind: ErrorKind::Failed,
+                attempts,
+                retry_at: None,
+            };
         }
     }
     outcome
