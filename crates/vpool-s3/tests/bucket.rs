@@ -604,14 +604,13 @@ fn a_partitioned_holder_is_taken_over_after_its_lease_and_finds_itself_fenced() 
     // the lease: A must not be able to create that generation as its own.
     let took = store_b.generation();
     for i in 0..8 {
-        vol_b.write((8 + i) * BLOCK, &block_data(9000 + i, 8 + i)).unwrap();
+        vol_b
+            .write((8 + i) * BLOCK, &block_data(9000 + i, 8 + i))
+            .unwrap();
         pool_b.flush().unwrap();
         assert!(store_b.wait_uploaded(Duration::from_secs(20)));
     }
-    let taking_manifest = bucket
-        .dir
-        .join("pool/manifest")
-        .join(format!("{took:020}"));
+    let taking_manifest = bucket.dir.join("pool/manifest").join(format!("{took:020}"));
     assert!(
         store_b.generation() > took + 6 && !taking_manifest.exists(),
         "B's clean-up kept manifest {took} (now at {})",

@@ -926,17 +926,13 @@ fn a_dead_holder_s_pool_is_taken_over_once_its_lease_expired() {
     let t = tempfile::tempdir().unwrap();
     let (home_a, home_b) = (t.path().join("a"), t.path().join("b"));
     let url = rgw.url("expiry");
+    // `pool VERB shared` with its cache in CACHE and a 3 s lease.
+    let shared = |home: &Path, verb: &str, cache: &str| {
+        pool_through(&rgw, home, verb, "shared", &url, &t.path().join(cache), "3")
+    };
     let a = Daemon::start(&home_a, &[]);
     let b = Daemon::start(&home_b, &[]);
-    let out = pool_through(
-        &rgw,
-        &home_a,
-        "create",
-        "shared",
-        &url,
-        &t.path().join("ca"),
-        "3",
-    );
+    let out = shared(&home_a, "create", "ca");
     assert!(out.status.success(), "{out:?}");
     run_ok(&home_a, &["vol", "create", "shared/v", "--size", "16M"]);
     let img = t.path().join("image");
@@ -945,15 +941,7 @@ fn a_dead_holder_s_pool_is_taken_over_once_its_lease_expired() {
     wait_uploaded_in(&home_a, "shared", Duration::from_secs(60));
 
     // While A lives, B is refused: A renews its lease.
-    let out = pool_through(
-        &rgw,
-        &home_b,
-        "attach",
-        "shared",
-        &url,
-        &t.path().join("cb1"),
-        "3",
-    );
+    let out = shared(&home_b, "attach", "cb1");
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && e.contains("held by") && e.contains("renewed"),
@@ -969,15 +957,7 @@ fn a_dead_holder_s_pool_is_taken_over_once_its_lease_expired() {
 
     a.crash();
     let killed = Instant::now();
-    let out = pool_through(
-        &rgw,
-        &home_b,
-        "attach",
-        "shared",
-        &url,
-        &t.path().join("cb1"),
-        "3",
-    );
+    let out = shared(&home_b, "attach", "cb1");
     assert!(out.status.success(), "{out:?}");
     assert!(qemu_img_compare(&b.nbd_uri("shared/v"), &img));
     eprintln!(
@@ -1001,16 +981,12 @@ fn a_paused_holder_wakes_fenced() {
     let t = tempfile::tempdir().unwrap();
     let (home_a, home_b, home_c) = (t.path().join("a"), t.path().join("b"), t.path().join("c"));
     let url = rgw.url("paused");
+    // `pool VERB shared` with its cache in CACHE and a 3 s lease.
+    let shared = |home: &Path, verb: &str, cache: &str| {
+        pool_through(&rgw, home, verb, "shared", &url, &t.path().join(cache), "3")
+    };
     let a = Daemon::start(&home_a, &[]);
-    let out = pool_through(
-        &rgw,
-        &home_a,
-        "create",
-        "shared",
-        &url,
-        &t.path().join("ca"),
-        "3",
-    );
+    let out = shared(&home_a, "create", "ca");
     assert!(out.status.success(), "{out:?}");
     run_ok(&home_a, &["vol", "create", "shared/v", "--size", "8M"]);
     assert_eq!(
@@ -1021,15 +997,7 @@ fn a_paused_holder_wakes_fenced() {
 
     a.signal(libc::SIGSTOP);
     let b = Daemon::start(&home_b, &[]);
-    let out = pool_through(
-        &rgw,
-        &home_b,
-        "attach",
-        "shared",
-        &url,
-        &t.path().join("cb"),
-        "3",
-    );
+    let out = shared(&home_b, "attach", "cb");
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
         nbd_write_and_flush(&b.nbd_socket(), "shared/v", 0, 65536, 0xbb),
@@ -1066,15 +1034,7 @@ fn a_paused_holder_wakes_fenced() {
     // What the bucket holds is B's: a third host reads 0xbb, never A's.
     assert!(b.terminate().success());
     let c = Daemon::start(&home_c, &[]);
-    let out = pool_through(
-        &rgw,
-        &home_c,
-        "attach",
-        "shared",
-        &url,
-        &t.path().join("cc"),
-        "3",
-    );
+    let out = shared(&home_c, "attach", "cc");
     assert!(out.status.success(), "{out:?}");
     let back = t.path().join("back");
     nbdcopy(&c.nbd_uri("shared/v"), path_str(&back), &[]);
