@@ -167,7 +167,7 @@ impl S3Cache {
             pins: pins.iter().map(|p| p.key.clone()).collect(),
         };
         let bytes = serde_json::to_vec_pretty(&file).context("encoding the pin list")?;
-        crate::s3pool::write_file_atomic(&self.pins_path, &bytes)
+        crate::atomic_file::write_file_atomic(&self.pins_path, &bytes)
     }
 
     /// Recomputes every pin's ranges and hands their union to the store.

@@ -38,6 +38,7 @@ use vpool_service::{
 use vpool_store::{LocalDirStore, SegmentStore, StoreError};
 
 use crate::cache::S3Cache;
+pub use crate::lock::AlreadyRunning;
 use crate::s3pool::PoolFile;
 
 /// The API socket's file name inside the pool directory.
@@ -180,30 +181,6 @@ pub struct Ready {
     pub nbd_socket: PathBuf,
     pub nbd_tcp_addr: Option<SocketAddr>,
 }
-
-/// Another process holds the pool's lock.
-#[derive(Debug)]
-pub struct AlreadyRunning {
-    pub pool: String,
-    pub lock_file: String,
-    pub pid: Option<u32>,
-}
-
-impl std::fmt::Display for AlreadyRunning {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let who = match self.pid {
-            Some(pid) => format!("another vpool process (pid {pid})"),
-            None => "another vpool process".to_string(),
-        };
-        write!(
-            f,
-            "pool {} is already served by {who}: it holds the lock on {}; stop that daemon first, or use another --home",
-            self.pool, self.lock_file
-        )
-    }
-}
-
-impl std::error::Error for AlreadyRunning {}
 
 /// Runs the daemon until `shutdown` completes; see the module docs.
 pub async fn run_daemon(

@@ -11,10 +11,14 @@
 //! - [`vdiff`]: the `.vdiff` incremental backup format, `vol export-diff` /
 //!   `vol import-diff`.
 //! - [`size`]: parsing and printing sizes (`20G`, `1.5 TiB`).
+//! - [`lock`], [`atomic_file`]: a pool directory locked by another process;
+//!   replacing a small file atomically.
 
+pub mod atomic_file;
 pub mod cache;
 pub mod cli;
 pub mod daemon;
+pub mod lock;
 pub mod registry;
 pub mod s3pool;
 pub mod size;

@@ -28,7 +28,6 @@
 //!   write lease; [`PoolHeld`] when another daemon holds it and `--force`
 //!   was not given.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -37,7 +36,8 @@ use serde::{Deserialize, Serialize};
 use vpool_s3::{Fencing, OpenError, OpenMode, PoolUrl, S3Access, S3PoolOptions, S3Store};
 use vpool_store::StoreError;
 
-use crate::daemon::AlreadyRunning;
+use crate::atomic_file::write_file_atomic;
+use crate::lock::AlreadyRunning;
 use crate::size::format_size;
 
 /// The pool's configuration file in the pool (cache) directory.
@@ -238,34 +238,6 @@ impl PoolFile {
         let access = self.access()?;
         Ok(vpool_s3::connect(&self.url, &access)?)
     }
-}
-
-/// Writes `path` atomically (a temporary file beside it, fsync'ed, renamed
-/// over it) and durably (the directory is fsync'ed too).
-pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} is not a file path", path.display()))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".tmp.{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let result = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(&dir)?.sync_all()
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("writing {}", path.display()));
-    }
-    Ok(())
 }
 
 /// What `pool create` and `pool attach` were given (beside the name):

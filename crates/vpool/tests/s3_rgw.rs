@@ -110,9 +110,14 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 /// cache stats --json` tells: no sealed segment waits for upload and the
 /// open one holds no data.
 fn wait_uploaded(pool: &Path, timeout: Duration) {
+    wait_uploaded_of(pool, &["cache", "stats"], timeout)
+}
+
+/// [`wait_uploaded`], asking with `stats_cmd` (`cache stats [--pool P]`).
+fn wait_uploaded_of(home: &Path, stats_cmd: &[&str], timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
-        let s = run_json(pool, &["cache", "stats"]);
+        let s = run_json(home, stats_cmd);
         if s["upload_lag_bytes"] == 0 && s["dirty_bytes"].as_u64().is_some_and(|d| d < 4096) {
             return;
         }
@@ -851,18 +856,7 @@ fn one_daemon_serves_two_local_pools_and_an_rgw_pool() {
 
 /// [`wait_uploaded`] for pool `pool` of the daemon at `home`.
 fn wait_uploaded_in(home: &Path, pool: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let s = run_json(home, &["cache", "stats", "--pool", pool]);
-        if s["upload_lag_bytes"] == 0 && s["dirty_bytes"].as_u64().is_some_and(|d| d < 4096) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the uploads did not catch up within {timeout:?}: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_uploaded_of(home, &["cache", "stats", "--pool", pool], timeout)
 }
 
 /// `pool create|attach NAME --s3 URL` through the daemon at `home`, with

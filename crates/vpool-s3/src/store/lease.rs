@@ -21,8 +21,9 @@
 //!   the taker reads the heartbeat once more, and once more after: a
 //!   holder that renewed in between is given its `valid` to find out.
 //!
-//! Both clocks are `CLOCK_BOOTTIME`, which keeps running while the process
-//! is stopped (SIGSTOP) and while the machine is suspended. A virtual
+//! The holder's clock is `CLOCK_BOOTTIME`, which keeps running while the
+//! process is stopped (SIGSTOP) and while the machine is suspended; the
+//! taker's is `Instant` (monotonic), which can only make it wait longer. A virtual
 //! machine paused by its hypervisor is another matter: its clock may not
 //! run while paused; vpool on a VM that can be paused must rely on the
 //! fencing by generation alone (see `docs/multi-host.md`).
