@@ -511,9 +511,12 @@ fn a_full_cache_disk_waits_for_uploads_and_loses_nothing() {
     drop(fs);
 }
 
-/// A lease that expires after 1.2 s: renewed every 0.2 s, valid 0.8 s.
+/// The lease of these tests: short, yet long enough that a loaded
+/// machine renews it in time (renewed every 0.5 s, valid 2 s).
+const TEST_LEASE: Duration = Duration::from_secs(3);
+
 fn short_lease(mut o: vpool_s3::S3PoolOptions) -> vpool_s3::S3PoolOptions {
-    o.lease = vpool_s3::LeaseTiming::expiring_after(Duration::from_millis(1200));
+    o.lease = vpool_s3::LeaseTiming::expiring_after(TEST_LEASE);
     o
 }
 
@@ -534,7 +537,8 @@ fn a_holder_cut_off_from_the_bucket_stops_its_io_and_resumes_with_it() {
     pool.flush().unwrap();
 
     bucket.faults.down.store(true, Ordering::SeqCst);
-    std::thread::sleep(Duration::from_millis(1500));
+    // Past `valid` (2 s), short of the expiry.
+    std::thread::sleep(Duration::from_millis(2500));
     let data = block_data(999, 0);
     let e = vol.write(0, &data).expect_err("a write past the lease");
     assert!(e.to_string().contains("not renewed"), "{e}");
@@ -594,7 +598,7 @@ fn a_partitioned_holder_is_taken_over_after_its_lease_and_finds_itself_fenced() 
         bucket.remote(),
         short_lease(opts(&t.path().join("b"), 64 * MIB, open_mode(false))),
     );
-    assert!(started.elapsed() >= Duration::from_millis(1200));
+    assert!(started.elapsed() >= TEST_LEASE);
     let vol_b = pool_b.volume("v").unwrap();
     assert_eq!(log.check_prefix(&vol_b, 100), 100);
     vol_b.write(0, &block_data(7777, 0)).unwrap();

@@ -65,7 +65,7 @@ impl SegmentStore for S3Store {
                 });
             }
         }
-        let local = self.inner.local.create_segment(id)?;
+        let local = self.making_room(|| self.inner.local.create_segment(id))?;
         self.inner.up.lock().opened(id.0);
         self.inner.up_cv.notify_all();
         Ok(Box::new(S3OpenSegment {
@@ -150,7 +150,7 @@ impl SegmentStore for S3Store {
             !name.starts_with("s3-"),
             "meta names starting s3- are the store's"
         );
-        self.inner.local.put_meta(name, data)?;
+        self.making_room(|| self.inner.local.put_meta(name, data))?;
         self.inner.up.lock().queue_meta(name, data);
         self.inner.up_cv.notify_all();
         Ok(())

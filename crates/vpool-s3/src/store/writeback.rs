@@ -76,19 +76,27 @@ impl S3Store {
         Ok(())
     }
 
-    /// Appends to the cache's copy of the open segment. A full cache disk
-    /// is waited out until the back-pressure timeout: clean copies are
-    /// given back at once, and uploads turn dirty bytes clean.
+    /// Appends to the cache's copy of the open segment, making room on a
+    /// full cache disk ([`S3Store::making_room`]).
     pub(super) fn append_making_room(
         &self,
         local: &dyn OpenSegment,
         offset: u64,
         bufs: &[&[u8]],
     ) -> Result<()> {
+        self.making_room(|| local.append_at(offset, bufs))
+    }
+
+    /// Runs `op`, a write to the cache disk; a full disk is waited out
+    /// until the back-pressure timeout: clean copies are given back at
+    /// once, and uploads turn dirty bytes clean. Appends, new segments and
+    /// metadata (the checkpoint) all go through here: on a pool whose
+    /// cache can make room, a full disk is a wait, not the engine's full
+    /// state.
+    pub(super) fn making_room<T>(&self, mut op: impl FnMut() -> Result<T>) -> Result<T> {
         let deadline = Instant::now() + self.inner.opts.backpressure_timeout;
         loop {
-            match local.append_at(offset, bufs) {
-                Ok(()) => return Ok(()),
+            match op() {
                 Err(StoreError::NoSpace { context, source }) => {
                     if Instant::now() >= deadline {
                         return Err(StoreError::NoSpace { context, source });
@@ -97,7 +105,7 @@ impl S3Store {
                     self.evict_all_clean();
                     std::thread::sleep(Duration::from_millis(200));
                 }
-                Err(e) => return Err(e),
+                other => return other,
             }
         }
     }
