@@ -488,11 +488,11 @@ impl S3Store {
             .map_err(|e| e.to_string())
     }
 
-    /// Creates manifest `m.generation`. False if fenced or stopping, or
-    /// if the lease is not known valid (then the round is tried again).
+    /// Creates manifest `m.generation`, once the lease is known valid.
+    /// False if fenced or stopping.
     fn commit(&self, m: &Manifest, give_up: &dyn Fn() -> bool) -> bool {
         let inner = &self.inner;
-        if !self.may_commit(m.generation) {
+        if !self.may_commit(m.generation, give_up) {
             return false;
         }
         let key = manifest_key(m.generation);
@@ -534,30 +534,41 @@ impl S3Store {
         }
     }
 
-    /// Before creating manifest `generation`: the lease is valid (a holder
-    /// that was paused past it finds out from its renewal first), and no
-    /// later manifest exists: a taker's generations are after ours, and the
-    /// one right after ours may already be deleted by the taker's clean-up,
-    /// so the create-only PUT alone would not fence us.
-    fn may_commit(&self, generation: u64) -> bool {
+    /// Before creating manifest `generation`: waits until the lease is
+    /// valid (a holder that was paused past it finds out from its renewal
+    /// first) and checks that no later manifest exists: a taker's
+    /// generations are after ours, and the one right after ours may
+    /// already be deleted by the taker's clean-up, so the create-only PUT
+    /// alone would not fence us. False once fenced or stopping.
+    fn may_commit(&self, generation: u64, give_up: &dyn Fn() -> bool) -> bool {
         let inner = &self.inner;
-        if let Err(e) = self.check_lease() {
-            inner.up.lock().last_error = Some(e.to_string());
-            return false;
-        }
-        match latest_generation(&inner.remote, Instant::now() + Duration::from_secs(30)) {
-            Ok(Some(latest)) if latest > generation => {
-                self.fence(format!(
-                    "pool {} was taken over: manifest generation {latest} exists, after this host's {}; this host stopped writing to it",
-                    inner.remote.display(),
-                    generation - 1
-                ));
-                false
+        loop {
+            if give_up() {
+                return false;
             }
-            Ok(_) => true,
-            Err(e) => {
-                inner.up.lock().last_error = Some(e.to_string());
-                false
+            let checked = self
+                .check_lease()
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    latest_generation(&inner.remote, Instant::now() + Duration::from_secs(30))
+                        .map_err(|e| e.to_string())
+                });
+            match checked {
+                Ok(Some(latest)) if latest > generation => {
+                    self.fence(format!(
+                        "pool {} was taken over: manifest generation {latest} exists, after this host's {}; this host stopped writing to it",
+                        inner.remote.display(),
+                        generation - 1
+                    ));
+                    return false;
+                }
+                Ok(_) => return true,
+                Err(e) => {
+                    // A lapsed lease or an unreachable bucket: wait, as
+                    // the uploads do.
+                    inner.up.lock().last_error = Some(e);
+                    std::thread::sleep(Duration::from_millis(200));
+                }
             }
         }
     }
