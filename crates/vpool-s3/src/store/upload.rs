@@ -522,9 +522,7 @@ impl S3Store {
                     inner.remote.display(),
                     m.generation
                 );
-                tracing::error!(%detail, "fenced");
-                *inner.fenced.lock() = Some(detail);
-                inner.up_cv.notify_all();
+                self.fence(detail);
                 false
             }
             Err(e) => {

@@ -390,12 +390,7 @@ impl Host {
     }
 
     fn insert(&self, name: &str, dir: &Path, state: PoolState) {
-        let slot = PoolSlot {
-            name: name.to_string(),
-            dir: dir.to_path_buf(),
-            state,
-            epoch: self.next_epoch.fetch_add(1, Ordering::Relaxed),
-        };
+        let slot = self.new_slot(name, dir, state);
         self.write_pools().insert(name.to_string(), slot);
     }
 
@@ -406,14 +401,18 @@ impl Host {
         if self.closing.load(Ordering::SeqCst) {
             return false;
         }
-        let slot = PoolSlot {
+        pools.insert(name.to_string(), self.new_slot(name, dir, state));
+        true
+    }
+
+    /// A slot for pool `name` in `state`, under a new epoch.
+    fn new_slot(&self, name: &str, dir: &Path, state: PoolState) -> PoolSlot {
+        PoolSlot {
             name: name.to_string(),
             dir: dir.to_path_buf(),
             state,
             epoch: self.next_epoch.fetch_add(1, Ordering::Relaxed),
-        };
-        pools.insert(name.to_string(), slot);
-        true
+        }
     }
 
     fn read_pools(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, PoolSlot>> {
