@@ -21,8 +21,8 @@ use crate::routes::{self, escape};
 use crate::types::{
     AddPoolRequest, Allocation, CacheInfo, CheckResult, CleanResult, CloneRequest,
     CreateSnapshotRequest, CreateVolumeRequest, Diff, DiffExtent, PinInfo, PinList, PinRequest,
-    PoolInfo, PoolList, PoolStatus, ResizeVolumeRequest, SnapshotInfo, SnapshotList, VolumeInfo,
-    VolumeList,
+    PoolInfo, PoolList, PoolStatus, ResizeVolumeRequest, SharedVolumeStatus, SnapshotInfo,
+    SnapshotList, VolumeInfo, VolumeList,
 };
 use crate::{MAX_DATA_BYTES, MAX_JSON_BODY_BYTES};
 
@@ -288,6 +288,45 @@ impl Client {
         let path = routes::volumes(self.pool.as_deref());
         let l: VolumeList = self.json_call("GET", &path, None::<&()>)?;
         Ok(l.volumes)
+    }
+
+    /// The volumes of a pool with, for a shared pool, every volume's
+    /// owner.
+    pub fn list_volumes_full(&self) -> Result<VolumeList, ClientError> {
+        let path = routes::volumes(self.pool.as_deref());
+        self.json_call("GET", &path, None::<&()>)
+    }
+
+    /// Who owns volume `name` of a shared pool (`POOL/VOLUME`).
+    pub fn volume_owner(&self, name: &str) -> Result<SharedVolumeStatus, ClientError> {
+        let path = routes::volume_owner(&self.qualify(name));
+        self.json_call("GET", &path, None::<&()>)
+    }
+
+    /// Makes this host the owner of volume `name` of a shared pool
+    /// (`force`: without waiting for the owner's lease to expire; it is
+    /// fenced). Waits up to a minute for an expiry: give the client a
+    /// timeout to match.
+    pub fn takeover_volume(
+        &self,
+        name: &str,
+        force: bool,
+    ) -> Result<SharedVolumeStatus, ClientError> {
+        let path = format!(
+            "{}?force={force}",
+            routes::volume_takeover(&self.qualify(name))
+        );
+        self.json_call("POST", &path, None::<&()>)
+    }
+
+    /// Gives volume `name` of a shared pool up (`force`: even with NBD
+    /// clients).
+    pub fn release_volume(&self, name: &str, force: bool) -> Result<(), ClientError> {
+        let path = format!(
+            "{}?force={force}",
+            routes::volume_release(&self.qualify(name))
+        );
+        self.empty_call("POST", &path, &[])
     }
 
     pub fn create_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo, ClientError> {

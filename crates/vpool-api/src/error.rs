@@ -25,7 +25,8 @@ impl HttpStatus for ErrorKind {
             | ErrorKind::ShrinkRefused
             | ErrorKind::InUse
             | ErrorKind::ReadOnly
-            | ErrorKind::NotSupported => StatusCode::CONFLICT,
+            | ErrorKind::NotSupported
+            | ErrorKind::NotOwner => StatusCode::CONFLICT,
             ErrorKind::Invalid => StatusCode::BAD_REQUEST,
             ErrorKind::OutOfRange => StatusCode::RANGE_NOT_SATISFIABLE,
             ErrorKind::Corrupt | ErrorKind::Internal | ErrorKind::Unknown => {

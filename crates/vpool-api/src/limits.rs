@@ -56,6 +56,11 @@ pub struct ApiLimits {
     /// it within this time, or the connection is closed. Default 60 s (a
     /// response is at most 8 MiB).
     pub response_write_timeout: Duration,
+    /// Space accounting (the exclusive and shared bytes in `vol info` and
+    /// `snap list`, O(snapshots x extents)) gives up after this long: the
+    /// answer then leaves those figures out instead of keeping a thread
+    /// busy. Default 10 s.
+    pub space_accounting_timeout: Duration,
 }
 
 impl Default for ApiLimits {
@@ -65,6 +70,7 @@ impl Default for ApiLimits {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(60),
             response_write_timeout: Duration::from_secs(60),
+            space_accounting_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -79,6 +85,7 @@ impl ApiLimits {
             self.header_read_timeout,
             self.body_read_timeout,
             self.response_write_timeout,
+            self.space_accounting_timeout,
         ];
         if timeouts.iter().any(Duration::is_zero) {
             return Err(ServeError::BadLimits("timeouts must be > 0".into()));

@@ -57,6 +57,15 @@ pub const VOLUME_FLATTEN: &str = "/v1/volumes/{name}/flatten";
 pub const VOLUME_COMMIT: &str = "/v1/volumes/{name}/commit";
 /// `GET`: diff between two images. See [`volume_diff`].
 pub const VOLUME_DIFF: &str = "/v1/volumes/{name}/diff";
+/// `GET`: who owns a volume of a shared pool. See [`volume_owner`].
+pub const VOLUME_OWNER: &str = "/v1/volumes/{name}/owner";
+/// `POST`: this host takes a volume of a shared pool over (`?force=true`:
+/// without waiting for the owner's lease to expire). See
+/// [`volume_takeover`].
+pub const VOLUME_TAKEOVER: &str = "/v1/volumes/{name}/takeover";
+/// `POST`: this host gives a volume of a shared pool up (`?force=true`:
+/// even with NBD clients). See [`volume_release`].
+pub const VOLUME_RELEASE: &str = "/v1/volumes/{name}/release";
 /// `GET`: cache figures.
 pub const CACHE: &str = "/v1/cache";
 /// `GET`: list; `POST`: pin.
@@ -95,6 +104,9 @@ pub const ALL: &[&str] = &[
     VOLUME_FLATTEN,
     VOLUME_COMMIT,
     VOLUME_DIFF,
+    VOLUME_OWNER,
+    VOLUME_TAKEOVER,
+    VOLUME_RELEASE,
     CACHE,
     CACHE_PINS,
     CACHE_PIN,
@@ -149,6 +161,21 @@ pub fn split_pool(name: &str) -> (Option<&str>, &str) {
         Some((p, n)) => (Some(p), n),
         None => (None, name),
     }
+}
+
+/// [`VOLUME_OWNER`] of `POOL/VOLUME`.
+pub fn volume_owner(name: &str) -> String {
+    for_volume(VOLUME_OWNER, name, &[])
+}
+
+/// [`VOLUME_TAKEOVER`] of `POOL/VOLUME`.
+pub fn volume_takeover(name: &str) -> String {
+    for_volume(VOLUME_TAKEOVER, name, &[])
+}
+
+/// [`VOLUME_RELEASE`] of `POOL/VOLUME`.
+pub fn volume_release(name: &str) -> String {
+    for_volume(VOLUME_RELEASE, name, &[])
 }
 
 /// [`POOL_DETACH`] of pool `pool`.
@@ -645,6 +672,24 @@ mod tests {
                 VOLUME_TEMPLATE,
                 &["V"],
                 Box::new(|c, v, _| drop(c.make_template(v))),
+            ),
+            (
+                "GET",
+                VOLUME_OWNER,
+                &["V"],
+                Box::new(|c, v, _| drop(c.volume_owner(v))),
+            ),
+            (
+                "POST",
+                VOLUME_TAKEOVER,
+                &["V"],
+                Box::new(|c, v, _| drop(c.takeover_volume(v, false))),
+            ),
+            (
+                "POST",
+                VOLUME_RELEASE,
+                &["V"],
+                Box::new(|c, v, _| drop(c.release_volume(v, false))),
             ),
             (
                 "DELETE",

@@ -1,8 +1,11 @@
-//! The API server: axum routes over a [`vpool_engine::Pool`].
+//! The API server: axum routes over a [`Host`] (every pool this daemon
+//! holds; `/v1/pools/{pool}/...` addresses one, the bare routes the
+//! default pool). Handlers only parse and answer: the rules are the
+//! service layer's ([`Host`], `PoolService`, `SharedCtx`).
 //!
-//! Engine calls are synchronous and may wait on fsync, so every handler runs
-//! its engine work on tokio's blocking pool ([`blocking`]); a panic there
-//! becomes a 500, never a dead server.
+//! Service calls are synchronous and may wait on fsync or the object
+//! store, so every handler runs them on tokio's blocking pool
+//! ([`blocking`]); a panic there becomes a 500, never a dead server.
 //!
 //! Request bodies and query strings go through the `Api*` extractors below,
 //! which turn every rejection (bad JSON, missing fields, a number that does
@@ -190,6 +193,8 @@ impl Captures {
 /// where the route has none).
 struct At {
     ctx: Arc<PoolCtx>,
+    /// The `{pool}` capture (`None`: the default pool).
+    pool: Option<String>,
     name: String,
     snap: String,
     image: String,
@@ -203,12 +208,40 @@ impl FromRequestParts<ApiState> for At {
         state: &ApiState,
     ) -> Result<Self, Self::Rejection> {
         let captures = Captures::from_request_parts(parts, state).await?;
-        let ctx = state.host.pool(captures.get("pool").as_deref())?;
+        let pool = captures.get("pool");
+        // A volume route of a shared pool addresses the volume's family.
+        let ctx = match captures.get("name") {
+            Some(volume) => state.host.volume_pool(pool.as_deref(), &volume)?,
+            None => state.host.pool(pool.as_deref())?,
+        };
         Ok(At {
             ctx,
+            pool,
             name: captures.get("name").unwrap_or_default(),
             snap: captures.get("snap").unwrap_or_default(),
             image: captures.get("image").unwrap_or_default(),
+        })
+    }
+}
+
+/// A route's `{pool}` (`None`: the default pool) and `{name}` captures,
+/// for the routes that handle a shared pool themselves.
+struct Named {
+    pool: Option<String>,
+    name: String,
+}
+
+impl FromRequestParts<ApiState> for Named {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &ApiState,
+    ) -> Result<Self, Self::Rejection> {
+        let captures = Captures::from_request_parts(parts, state).await?;
+        Ok(Named {
+            pool: captures.get("pool"),
+            name: captures.get("name").unwrap_or_default(),
         })
     }
 }
@@ -314,6 +347,9 @@ fn pool_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
         (routes::VOLUME_FLATTEN, post(flatten)),
         (routes::VOLUME_COMMIT, post(commit)),
         (routes::VOLUME_DIFF, get(diff)),
+        (routes::VOLUME_OWNER, get(volume_owner)),
+        (routes::VOLUME_TAKEOVER, post(volume_takeover)),
+        (routes::VOLUME_RELEASE, post(volume_release)),
         (routes::CACHE, get(cache_stats)),
         (routes::CACHE_PINS, get(list_pins).post(add_pin)),
         (routes::CACHE_PIN, delete(remove_pin)),
@@ -530,13 +566,26 @@ fn pool_status(host: &Host, slot: vpool_service::PoolSlot) -> PoolStatus {
     let (state, reason) = slot.state.describe();
     out.state = state.into();
     out.reason = reason;
-    if let vpool_service::PoolState::Open(ctx) = slot.state {
-        let stats = ctx.service.stats();
-        out.kind = Some(ctx.kind);
-        out.volumes = Some(stats.volumes);
-        out.logical_bytes = Some(stats.logical_bytes);
-        out.physical_bytes = Some(stats.physical_bytes);
-        out.free_bytes = stats.free_bytes;
+    match slot.state {
+        vpool_service::PoolState::Open(ctx) => {
+            let stats = ctx.service.stats();
+            out.kind = Some(ctx.kind);
+            out.volumes = Some(stats.volumes);
+            out.logical_bytes = Some(stats.logical_bytes);
+            out.physical_bytes = Some(stats.physical_bytes);
+            out.free_bytes = stats.free_bytes;
+        }
+        vpool_service::PoolState::Shared(sh) => {
+            // Figures of the volumes this host owns (the pool's other
+            // volumes are other hosts' business).
+            out.kind = Some(vpool_service::PoolKind::Shared);
+            let owned = sh.owned();
+            out.volumes = Some(owned.len() as u64);
+            let stats: Vec<_> = owned.iter().map(|f| f.service.stats()).collect();
+            out.logical_bytes = Some(stats.iter().map(|s| s.logical_bytes).sum());
+            out.physical_bytes = Some(stats.iter().map(|s| s.physical_bytes).sum());
+        }
+        _ => {}
     }
     out
 }
@@ -764,30 +813,99 @@ fn created(body: impl serde::Serialize, location: &str) -> Response {
     resp
 }
 
-async fn list_volumes(At { ctx, .. }: At) -> Result<Json<VolumeList>, ApiError> {
-    let vols = service(move || Ok(ctx.service.list_volumes())).await?;
-    Ok(Json(VolumeList {
-        volumes: vols.into_iter().map(VolumeInfo::from).collect(),
-    }))
+async fn list_volumes(
+    State(s): State<ApiState>,
+    Named { pool, .. }: Named,
+) -> Result<Json<VolumeList>, ApiError> {
+    let host = Arc::clone(&s.host);
+    let list = service(move || {
+        let Some(sh) = host.shared(pool.as_deref()) else {
+            let ctx = host.pool(pool.as_deref())?;
+            let vols = ctx.service.list_volumes();
+            return Ok(VolumeList {
+                volumes: vols.into_iter().map(VolumeInfo::from).collect(),
+                shared: None,
+            });
+        };
+        let volumes = sh
+            .owned()
+            .iter()
+            .flat_map(|f| f.service.list_volumes())
+            .map(VolumeInfo::from)
+            .collect();
+        Ok(VolumeList {
+            volumes,
+            shared: Some(sh.list()?),
+        })
+    })
+    .await?;
+    Ok(Json(list))
 }
 
 async fn create_volume(
-    At { ctx, .. }: At,
+    State(s): State<ApiState>,
+    Named { pool, .. }: Named,
     ApiJson(req): ApiJson<CreateVolumeRequest>,
 ) -> Result<Response, ApiError> {
-    let info = service(move || {
-        ctx.service
-            .create_volume(&req.name, req.size_bytes, req.ephemeral)
+    let host = Arc::clone(&s.host);
+    let at = pool.clone();
+    let info = service(move || match host.shared(pool.as_deref()) {
+        Some(sh) if req.ephemeral => Err(vpool_service::Error::invalid(format!(
+            "pool {} is shared: its volumes are not ephemeral",
+            sh.name
+        ))),
+        Some(sh) => host.create_shared_volume(&sh, &req.name, req.size_bytes),
+        None => host.pool(pool.as_deref())?.service.create_volume(
+            &req.name,
+            req.size_bytes,
+            req.ephemeral,
+        ),
     })
     .await?;
     let info = VolumeInfo::from(info);
-    let loc = routes::volume(&info.name);
+    let loc = match at {
+        Some(p) => routes::volume(&format!("{p}/{}", info.name)),
+        None => routes::volume(&info.name),
+    };
     Ok(created(&info, &loc))
 }
 
-/// Space accounting gives up after this long: the answer then leaves the
-/// exclusive and shared figures out instead of keeping a thread busy.
-const SPACE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+/// `GET .../volumes/{name}/owner`: who owns a volume of a shared pool.
+async fn volume_owner(
+    State(s): State<ApiState>,
+    Named { pool, name }: Named,
+) -> Result<Json<vpool_service::SharedVolumeStatus>, ApiError> {
+    let host = Arc::clone(&s.host);
+    let status = service(move || host.need_shared(pool.as_deref())?.status(&name)).await?;
+    Ok(Json(status))
+}
+
+/// `POST .../volumes/{name}/takeover`: this host owns the volume from now.
+async fn volume_takeover(
+    State(s): State<ApiState>,
+    Named { pool, name }: Named,
+    ApiQuery(q): ApiQuery<ForceQuery>,
+) -> Result<Json<vpool_service::SharedVolumeStatus>, ApiError> {
+    let host = Arc::clone(&s.host);
+    let status = service(move || {
+        let sh = host.need_shared(pool.as_deref())?;
+        host.takeover_volume(&sh.name, &name, q.force)?;
+        sh.status(&name)
+    })
+    .await?;
+    Ok(Json(status))
+}
+
+/// `POST .../volumes/{name}/release`: this host gives the volume up.
+async fn volume_release(
+    State(s): State<ApiState>,
+    Named { pool, name }: Named,
+    ApiQuery(q): ApiQuery<ForceQuery>,
+) -> Result<StatusCode, ApiError> {
+    let host = Arc::clone(&s.host);
+    service(move || host.need_shared(pool.as_deref())?.release(&name, q.force)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
 
 /// Sets its flag when dropped: when the request's future is dropped (the
 /// client left, or the server is shutting down), the blocking work that
@@ -801,31 +919,39 @@ impl Drop for CancelOnDrop {
 }
 
 /// Exclusive and shared bytes of `name` and its snapshots, or `None` if
-/// that took longer than [`SPACE_DEADLINE`]. Stops working when the
+/// that took longer than `deadline`
+/// ([`ApiLimits::space_accounting_timeout`]). Stops working when the
 /// request is dropped.
 async fn space_of(
     svc: &Arc<PoolService>,
     name: &str,
+    deadline: std::time::Duration,
 ) -> Result<Option<vpool_engine::VolumeSpace>, ApiError> {
     let cancel = CancelOnDrop(Arc::new(std::sync::atomic::AtomicBool::new(false)));
-    let (svc, name, flag) = (svc.clone(), name.to_string(), cancel.0.clone());
-    let work = service(move || svc.volume_space(&name, &flag));
-    match tokio::time::timeout(SPACE_DEADLINE, work).await {
+    let (svc, owned, flag) = (svc.clone(), name.to_string(), cancel.0.clone());
+    let work = service(move || svc.volume_space(&owned, &flag));
+    match tokio::time::timeout(deadline, work).await {
         Ok(r) => r.map(Some),
         Err(_) => {
+            // The work stops too: `cancel` is dropped on return.
             tracing::warn!(
-                "space accounting took over {} s; answered without exclusive and shared bytes",
-                SPACE_DEADLINE.as_secs()
+                volume = name,
+                "API limit: space accounting took over {} ms; answered without exclusive and shared bytes",
+                deadline.as_millis()
             );
             Ok(None)
         }
     }
 }
 
-async fn volume_info(At { ctx, name, .. }: At) -> Result<Json<VolumeInfo>, ApiError> {
+async fn volume_info(
+    State(s): State<ApiState>,
+    At { ctx, name, .. }: At,
+) -> Result<Json<VolumeInfo>, ApiError> {
     let (svc, n) = (ctx.service.clone(), name.clone());
     let view = service(move || svc.volume(&n)).await?;
-    let space = space_of(&ctx.service, &name).await?;
+    let deadline = s.limits.space_accounting_timeout;
+    let space = space_of(&ctx.service, &name, deadline).await?;
     let mut info = VolumeInfo::from(view);
     info.exclusive_bytes = space.as_ref().map(|sp| sp.volume.exclusive_bytes);
     info.shared_bytes = space.as_ref().map(|sp| sp.volume.shared_bytes);
@@ -845,20 +971,31 @@ async fn resize_volume(
 }
 
 async fn delete_volume(
-    At { ctx, name, .. }: At,
+    State(s): State<ApiState>,
+    At {
+        ctx, name, pool, ..
+    }: At,
     ApiQuery(q): ApiQuery<ForceQuery>,
 ) -> Result<StatusCode, ApiError> {
-    service(move || ctx.service.delete_volume(&name, q.force)).await?;
+    let host = Arc::clone(&s.host);
+    service(move || match host.shared(pool.as_deref()) {
+        Some(sh) => sh.delete(&name, q.force),
+        None => ctx.service.delete_volume(&name, q.force),
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 // ----- snapshots -----
 
-async fn list_snapshots(At { ctx, name, .. }: At) -> Result<Json<SnapshotList>, ApiError> {
+async fn list_snapshots(
+    State(s): State<ApiState>,
+    At { ctx, name, .. }: At,
+) -> Result<Json<SnapshotList>, ApiError> {
     let (svc, n) = (ctx.service.clone(), name.clone());
     let snaps = service(move || svc.list_snapshots(&n)).await?;
     let space: std::collections::HashMap<String, vpool_engine::ImageSpace> =
-        match space_of(&ctx.service, &name).await? {
+        match space_of(&ctx.service, &name, s.limits.space_accounting_timeout).await? {
             Some(sp) => sp.snapshots.into_iter().collect(),
             None => Default::default(),
         };
@@ -921,10 +1058,15 @@ async fn make_template(At { ctx, name, .. }: At) -> Result<Json<VolumeInfo>, Api
 }
 
 async fn clone_volume(
-    At { ctx, name, .. }: At,
+    State(s): State<ApiState>,
+    At {
+        ctx, name, pool, ..
+    }: At,
     ApiJson(req): ApiJson<CloneRequest>,
 ) -> Result<Response, ApiError> {
+    let host = Arc::clone(&s.host);
     let info = service(move || {
+        host.refuse_if_shared(pool.as_deref(), "clones")?;
         ctx.service
             .clone_volume(&name, req.snapshot.as_deref(), &req.name)
     })

@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use vpool_service::{FamilyOwner, SharedVolumeStatus};
+
 /// A volume as the API shows it (`GET /v1/volumes/{name}` and friends).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeInfo {
@@ -103,7 +105,11 @@ pub struct TemplateInfo {
 /// `GET /v1/volumes`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeList {
+    /// For a shared pool: the volumes this host owns.
     pub volumes: Vec<VolumeInfo>,
+    /// For a shared pool: every volume, with its owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared: Option<Vec<SharedVolumeStatus>>,
 }
 
 /// `POST /v1/volumes`.

@@ -243,6 +243,9 @@ pub struct CleanReport {
     pub bytes_freed: u64,
 }
 
+/// Most damaged ranges named one by one in the log when a pool opens.
+const MAX_DAMAGE_LINES: usize = 32;
+
 /// What is known to be damaged (from recovery or a check).
 #[derive(Default)]
 struct DamageState {
@@ -353,7 +356,27 @@ impl Pool {
             ms = report.duration.as_millis() as u64,
             "pool recovered"
         );
+        pool.log_damaged_ranges();
         Ok((pool, report))
+    }
+
+    /// Names, after recovery, each volume and snapshot range whose data
+    /// fails its checksum (recovery's own lines name segments and internal
+    /// volume ids, which an operator cannot act on). At most
+    /// [`MAX_DAMAGE_LINES`] lines.
+    fn log_damaged_ranges(&self) {
+        let ranges = self.damaged_ranges();
+        for r in ranges.iter().take(MAX_DAMAGE_LINES) {
+            tracing::error!(image = %r.image, offset_bytes = r.offset_bytes, len_bytes = r.len_bytes,
+                segment = %r.segment, "damaged data: reads of this range fail until it is rewritten (`vpool pool check --repair` trims it)");
+        }
+        if ranges.len() > MAX_DAMAGE_LINES {
+            let more = ranges.len() - MAX_DAMAGE_LINES;
+            tracing::error!(
+                more,
+                "more damaged ranges: `vpool pool check` lists them all"
+            );
+        }
     }
 
     fn start(

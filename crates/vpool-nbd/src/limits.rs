@@ -70,6 +70,10 @@ impl ByteBudget {
         }
     }
 
+    pub(crate) fn limit_bytes(&self) -> usize {
+        self.limit_bytes
+    }
+
     pub(crate) fn used_bytes(&self) -> usize {
         self.used_bytes.load(Ordering::SeqCst)
     }
@@ -94,14 +98,20 @@ impl ByteBudget {
         }
     }
 
-    /// Take `n` bytes, waiting while they do not fit. `keep_waiting` is
-    /// called (without any lock held) before each wait, and every
-    /// [`BUDGET_RECHECK`] while waiting; when it returns false nothing is
-    /// taken and `take` returns false.
-    pub(crate) fn take(&self, n: usize, keep_waiting: &dyn Fn() -> bool) -> bool {
+    /// Take `n` bytes, waiting while they do not fit. `on_wait` is called
+    /// once if it must wait. `keep_waiting` is called (without any lock
+    /// held) before each wait, and every [`BUDGET_RECHECK`] while waiting;
+    /// when it returns false nothing is taken and `take` returns false.
+    pub(crate) fn take(
+        &self,
+        n: usize,
+        keep_waiting: &dyn Fn() -> bool,
+        on_wait: &dyn Fn(),
+    ) -> bool {
         if self.try_take(n) {
             return true;
         }
+        on_wait();
         // Announce before re-checking: a release either sees the waiter and
         // notifies under the lock, or happened before the re-check.
         self.waiters.fetch_add(1, Ordering::SeqCst);
@@ -144,15 +154,17 @@ pub(crate) struct Held<'a> {
 impl<'a> Held<'a> {
     /// Take `bytes` from each of `budgets` (connection, client, server), in
     /// that order: waiting on the connection's is what stops reading from a
-    /// client over its limit. `None` if `keep_waiting` returns false while
-    /// waiting.
+    /// client over its limit. `on_wait` is called with the index of each
+    /// budget it has to wait for. `None` if `keep_waiting` returns false
+    /// while waiting.
     pub(crate) fn take(
         budgets: [&'a ByteBudget; 3],
         bytes: usize,
         keep_waiting: &dyn Fn() -> bool,
+        on_wait: &dyn Fn(usize),
     ) -> Option<Held<'a>> {
         for (i, b) in budgets.iter().enumerate() {
-            if !b.take(bytes, keep_waiting) {
+            if !b.take(bytes, keep_waiting, &|| on_wait(i)) {
                 for taken in &budgets[..i] {
                     taken.release(bytes);
                 }
@@ -320,28 +332,49 @@ mod tests {
     #[test]
     fn budget_admits_one_oversized_request_and_waits() {
         let b = ByteBudget::new(10);
-        assert!(b.take(25, &|| false), "an idle budget admits anything");
-        assert!(!b.take(1, &|| false), "a full budget makes callers wait");
+        let waits = AtomicUsize::new(0);
+        let on_wait = || {
+            waits.fetch_add(1, Ordering::SeqCst);
+        };
+        assert!(
+            b.take(25, &|| false, &on_wait),
+            "an idle budget admits anything"
+        );
+        assert!(
+            !b.take(1, &|| false, &on_wait),
+            "a full budget makes callers wait"
+        );
         b.release(25);
-        assert!(b.take(6, &|| false));
-        assert!(b.take(4, &|| false));
+        assert!(b.take(6, &|| false, &on_wait));
+        assert!(b.take(4, &|| false, &on_wait));
         assert_eq!(b.used_bytes(), 10);
+        assert_eq!(
+            waits.load(Ordering::SeqCst),
+            1,
+            "only the refused take waited"
+        );
         std::thread::scope(|s| {
-            let waiter = s.spawn(|| b.take(5, &|| true));
+            let waiter = s.spawn(|| b.take(5, &|| true, &on_wait));
             std::thread::sleep(Duration::from_millis(20));
             b.release(6);
             assert!(waiter.join().unwrap());
         });
         assert_eq!(b.used_bytes(), 9);
+        assert_eq!(waits.load(Ordering::SeqCst), 2);
     }
 
     #[test]
     fn held_takes_all_or_nothing() {
         let (conn, client, total) = (ByteBudget::new(8), ByteBudget::new(8), ByteBudget::new(8));
-        let first = Held::take([&conn, &client, &total], 6, &|| false).unwrap();
+        let first = Held::take([&conn, &client, &total], 6, &|| false, &|_| {}).unwrap();
         let other = ByteBudget::new(8);
         // The server's budget is spent: nothing stays taken from the others.
-        assert!(Held::take([&other, &client, &total], 4, &|| false).is_none());
+        let waited = Mutex::new(Vec::new());
+        let taken = Held::take([&other, &client, &total], 4, &|| false, &|i| {
+            waited.lock().push(i)
+        });
+        assert!(taken.is_none());
+        assert_eq!(*waited.lock(), vec![1], "the client's budget was spent");
         assert_eq!((other.used_bytes(), client.used_bytes()), (0, 6));
         drop(first);
         assert_eq!((conn.used_bytes(), total.used_bytes()), (0, 0));

@@ -98,6 +98,14 @@ pub struct ServerStats {
     /// [`ServerConfig::request_read_timeout`] or a reply could not be
     /// written within [`ServerConfig::reply_write_timeout`].
     pub io_timeouts: u64,
+    /// Requests whose reading waited because a byte budget (the
+    /// connection's, its client's or the server's) was spent.
+    pub budget_waits: u64,
+    /// Times a connection's
+    /// [`ServerConfig::max_in_flight_per_connection`] requests were all
+    /// executing and slow, so its next request was not read until one
+    /// finished.
+    pub request_cap_stalls: u64,
 }
 
 /// Server-wide limit state shared with every connection: the byte budget of
@@ -111,12 +119,16 @@ pub(crate) struct Counters {
     evicted: AtomicU64,
     handshake_timeouts: AtomicU64,
     io_timeouts: AtomicU64,
+    budget_waits: AtomicU64,
+    request_cap_stalls: AtomicU64,
     log_refused_total: RateLimitedLog,
     log_refused_client: RateLimitedLog,
     log_evicted: RateLimitedLog,
     log_handshake: RateLimitedLog,
     log_io_timeout: RateLimitedLog,
     log_accept: RateLimitedLog,
+    log_budget: RateLimitedLog,
+    log_request_cap: RateLimitedLog,
 }
 
 impl Counters {
@@ -128,12 +140,16 @@ impl Counters {
             evicted: AtomicU64::new(0),
             handshake_timeouts: AtomicU64::new(0),
             io_timeouts: AtomicU64::new(0),
+            budget_waits: AtomicU64::new(0),
+            request_cap_stalls: AtomicU64::new(0),
             log_refused_total: RateLimitedLog::default(),
             log_refused_client: RateLimitedLog::default(),
             log_evicted: RateLimitedLog::default(),
             log_handshake: RateLimitedLog::default(),
             log_io_timeout: RateLimitedLog::default(),
             log_accept: RateLimitedLog::default(),
+            log_budget: RateLimitedLog::default(),
+            log_request_cap: RateLimitedLog::default(),
         }
     }
 
@@ -145,6 +161,37 @@ impl Counters {
             evicted_connections: self.evicted.load(Ordering::SeqCst),
             handshake_timeouts: self.handshake_timeouts.load(Ordering::SeqCst),
             io_timeouts: self.io_timeouts.load(Ordering::SeqCst),
+            budget_waits: self.budget_waits.load(Ordering::SeqCst),
+            request_cap_stalls: self.request_cap_stalls.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Count a request that waits for memory because byte budget `which`
+    /// is spent, and say so (rate-limited).
+    pub(crate) fn budget_wait(&self, conn: u64, peer: &str, which: &str, limit_bytes: usize) {
+        self.budget_waits.fetch_add(1, Ordering::SeqCst);
+        if let Some(suppressed) = self.log_budget.check() {
+            warn!(
+                conn,
+                peer,
+                limit_bytes,
+                suppressed,
+                "NBD limit: the {which}'s bytes in flight are spent; reading its next request waits"
+            );
+        }
+    }
+
+    /// Count a connection whose every request slot is busy with a slow
+    /// request, and say so (rate-limited).
+    pub(crate) fn request_cap_stall(&self, conn: u64, limit: usize) {
+        self.request_cap_stalls.fetch_add(1, Ordering::SeqCst);
+        if let Some(suppressed) = self.log_request_cap.check() {
+            warn!(
+                conn,
+                limit,
+                suppressed,
+                "NBD limit: every request slot of the connection runs a slow request; reading waits for one to finish"
+            );
         }
     }
 

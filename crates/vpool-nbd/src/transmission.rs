@@ -326,6 +326,8 @@ enum Role {
 struct Ctl {
     threads: usize,
     watcher: bool,
+    /// The current stall at the request cap was counted and logged.
+    cap_reported: bool,
 }
 
 /// One client connection in transmission phase.
@@ -421,6 +423,7 @@ pub(crate) fn serve(session: Session, cfg: &ServerConfig) {
         ctl: Mutex::new(Ctl {
             threads: 1,
             watcher: false,
+            cap_reported: false,
         }),
         ctl_cv: Condvar::new(),
         watcher_parked: AtomicBool::new(false),
@@ -626,7 +629,12 @@ impl Connection {
             &*self.client_budget,
             &self.counters.total_budget,
         ];
-        Held::take(budgets, bytes, &keep_waiting)
+        let on_wait = |i: usize| {
+            let which = ["connection", "client", "server"][i];
+            self.counters
+                .budget_wait(self.id, &self.peer, which, budgets[i].limit_bytes());
+        };
+        Held::take(budgets, bytes, &keep_waiting, &on_wait)
     }
 
     fn payload_failed(&self, e: &io::Error) -> Next<'_> {
@@ -722,7 +730,15 @@ impl Connection {
             // leader and released ones still finishing); after a steal this
             // watcher executes too, so stealing is allowed only while that
             // keeps the count within max_in_flight.
-            if s & 1 == 1 && s == last && ctl.threads <= this.max_in_flight {
+            let stalled = s & 1 == 1 && s == last;
+            if stalled && ctl.threads > this.max_in_flight && !ctl.cap_reported {
+                // Once per stall: it lasts until the leader's request ends.
+                ctl.cap_reported = true;
+                this.counters.request_cap_stall(this.id, this.max_in_flight);
+            } else if !stalled {
+                ctl.cap_reported = false;
+            }
+            if stalled && ctl.threads <= this.max_in_flight {
                 let stolen = ((s >> 1) + 1) << 1;
                 if this
                     .state

@@ -294,13 +294,18 @@ fn a_client_that_never_reads_replies_holds_bounded_memory() {
         peak > 0 && peak <= per_conn,
         "one connection holds {peak} bytes"
     );
-    // A second connection of the same client (this process).
+    // A second connection of the same client (this process) adds to what
+    // the first holds (which it never gives back: nothing is read), within
+    // the client's budget. How much each holds depends on how many of its
+    // requests were read before its replies blocked, so the first need
+    // not have filled its own budget.
+    let one = srv.handle.stats().in_flight_bytes;
     let mut b = open_export(&path, "disk");
     b.write_all(&batch).unwrap();
-    let peak = peak_in_flight(&srv.handle, per_conn);
+    let peak = peak_in_flight(&srv.handle, one);
     assert!(
-        peak > per_conn && peak <= per_client,
-        "the client holds {peak} bytes"
+        peak > one && peak <= per_client,
+        "the client holds {peak} bytes, its first connection {one}"
     );
     // Another client (a real one) still has memory to be served at once,
     // not after the write timeout.
@@ -312,9 +317,9 @@ fn a_client_that_never_reads_replies_holds_bounded_memory() {
         "{:?}",
         t0.elapsed()
     );
-    // A read that does not fit in what is left of the total waits (it does
-    // not fail) until the never-reading connections are dropped at the
-    // write timeout.
+    // A read that does not fit in what is left of the total (when the two
+    // hold more than 5 MiB) waits, and does not fail, until the
+    // never-reading connections are dropped at the write timeout.
     let out = qemu_io(&srv.uri("disk"), &["read -P 0 0 2M"]);
     assert!(out.contains("read 2097152/2097152"), "{out}");
     // Both are dropped (reading from one before would make it a client
@@ -337,7 +342,6 @@ fn wait_for_stats(h: &ServerHandle, done: impl Fn(&ServerStats) -> bool) -> Serv
     }
 }
 
-/// The most bytes in flight seen while sampling for `period`.
 /// The most bytes in flight seen: sampled until more than `above` is held
 /// (at most 5 s: a loaded machine can be slow to read the requests), then
 /// 300 ms more to catch an overshoot.
@@ -383,4 +387,92 @@ fn a_write_payload_must_arrive_in_time() {
     let st = srv.handle.stats();
     assert_eq!((st.io_timeouts, st.in_flight_bytes), (2, 0));
     assert_healthy(&path);
+}
+
+#[test]
+fn a_connection_s_slow_requests_are_capped_and_the_stall_is_reported() {
+    let reg = Arc::new(vpool_nbd::MemRegistry::new());
+    let inner = Arc::new(vpool_nbd::MemDevice::new(4 * u64::from(MIB)));
+    let delay = Duration::from_millis(400);
+    reg.insert(
+        "disk",
+        "",
+        Arc::new(SlowDevice {
+            inner,
+            slow_from: 0,
+            delay,
+        }),
+    );
+    let cap = 4;
+    let cfg = ServerConfig {
+        max_in_flight_per_connection: cap,
+        ..ServerConfig::default()
+    };
+    let srv = start_unix(reg, cfg);
+    let path = srv.socket_path().unwrap();
+    let mut s = open_export(&path, "disk");
+    let mut batch = Vec::new();
+    for h in 0..(2 * cap as u64) {
+        batch.extend(request(NBD_CMD_READ, 0, h, h * 4096, 512));
+    }
+    let t0 = Instant::now();
+    s.write_all(&batch).unwrap();
+    for _ in 0..2 * cap {
+        let (e, _) = simple_reply(&mut s);
+        assert_eq!(e, 0);
+        read_exact(&mut s, 512);
+    }
+    let took = t0.elapsed();
+    // Concurrent up to the cap: two rounds of the delay, not eight.
+    assert!(took < delay * 6, "8 slow reads at a cap of 4 took {took:?}");
+    let st = srv.handle.stats();
+    assert!(
+        st.request_cap_stalls >= 1,
+        "the cap was reached but not reported: {st:?}"
+    );
+    // Counted once per stall, not once per watcher tick.
+    assert!(st.request_cap_stalls <= 2 * cap as u64, "{st:?}");
+    flush_ok(&mut s, 99);
+}
+
+#[test]
+fn a_connection_over_its_byte_budget_waits_and_it_is_reported() {
+    let reg = Arc::new(vpool_nbd::MemRegistry::new());
+    let inner = Arc::new(vpool_nbd::MemDevice::new(16 * u64::from(MIB)));
+    reg.insert(
+        "disk",
+        "",
+        Arc::new(SlowDevice {
+            inner,
+            slow_from: 0,
+            delay: Duration::from_millis(300),
+        }),
+    );
+    let cfg = ServerConfig {
+        max_in_flight_bytes_per_connection: 2 * MIB as usize,
+        ..ServerConfig::default()
+    };
+    let srv = start_unix(reg, cfg);
+    let path = srv.socket_path().unwrap();
+    let mut s = open_export(&path, "disk");
+    // Six slow 1 MiB reads: two fit the budget, the rest wait for them.
+    let mut batch = Vec::new();
+    for h in 0..6u64 {
+        batch.extend(request(NBD_CMD_READ, 0, h, h * u64::from(MIB), MIB));
+    }
+    s.write_all(&batch).unwrap();
+    let mut peak = 0;
+    for _ in 0..6 {
+        peak = peak.max(srv.handle.stats().in_flight_bytes);
+        let (e, _) = simple_reply(&mut s);
+        assert_eq!(e, 0);
+        read_exact(&mut s, MIB as usize);
+    }
+    assert!(peak <= 2 * MIB as usize, "{peak} bytes in flight");
+    let st = srv.handle.stats();
+    assert!(
+        st.budget_waits >= 1,
+        "the budget was spent but no wait reported: {st:?}"
+    );
+    flush_ok(&mut s, 99);
 }

@@ -8,6 +8,8 @@
 //!   manifest, a pool's summary, the probe of the store's create-only PUT.
 //! - [`store`]: [`S3Store`], the engine's [`vpool_store::SegmentStore`] on an
 //!   object store: write-back log, ordered upload, read cache, back-pressure.
+//! - [`shared`]: shared pools (many hosts, a family per volume): the
+//!   pool's identity, its volume names, who owns each family.
 //! - [`stats`]: [`CacheStats`], the cache's figures, also the API's wire
 //!   type for them.
 //! - [`faults`]: an object store wrapper that injects failures, for tests.
@@ -27,6 +29,7 @@ pub mod faults;
 pub mod manifest;
 #[cfg(feature = "remote")]
 pub mod remote;
+pub mod shared;
 pub mod stats;
 #[cfg(feature = "remote")]
 pub mod store;

@@ -93,7 +93,8 @@ pub struct Remote {
     /// Always `Some` until drop, which shuts it down without blocking: the
     /// last handle may go away on an async thread, where a blocking
     /// runtime drop panics.
-    rt: Option<tokio::runtime::Runtime>,
+    /// Shared with the [`Remote::child`]ren of this remote.
+    rt: Option<Arc<tokio::runtime::Runtime>>,
     pub policy: RetryPolicy,
     pub counters: RemoteCounters,
     /// For messages: `s3://bucket/prefix`, never credentials.
@@ -102,7 +103,7 @@ pub struct Remote {
 
 impl Drop for Remote {
     fn drop(&mut self) {
-        if let Some(rt) = self.rt.take() {
+        if let Some(rt) = self.rt.take().and_then(|rt| Arc::try_unwrap(rt).ok()) {
             rt.shutdown_background();
         }
     }
@@ -173,11 +174,30 @@ impl Remote {
         Ok(Remote {
             store,
             prefix: prefix.trim_matches('/').to_string(),
-            rt: Some(rt),
+            rt: Some(Arc::new(rt)),
             policy: RetryPolicy::default(),
             counters: RemoteCounters::default(),
             display,
         })
+    }
+
+    /// The same object store under `<prefix>/<sub>`, on this remote's
+    /// runtime (a shared pool reads its volumes' families this way),
+    /// with counters of its own.
+    pub fn child(&self, sub: &str) -> Remote {
+        let sub = sub.trim_matches('/');
+        let join = |a: &str| match a.is_empty() {
+            true => sub.to_string(),
+            false => format!("{a}/{sub}"),
+        };
+        Remote {
+            store: Arc::clone(&self.store),
+            prefix: join(&self.prefix),
+            rt: self.rt.clone(),
+            policy: self.policy.clone(),
+            counters: RemoteCounters::default(),
+            display: format!("{}/{sub}", self.display.trim_end_matches('/')),
+        }
     }
 
     pub fn display(&self) -> &str {

@@ -46,6 +46,9 @@ pub enum ErrorKind {
     NotSupported,
     /// The request did not arrive in time (a body sent too slowly).
     Timeout,
+    /// A volume of a shared pool that another host owns (or none does):
+    /// it is served, and changed, only by its owner.
+    NotOwner,
     /// A kind this client does not know (sent by a newer server).
     #[serde(other)]
     Unknown,
@@ -70,6 +73,7 @@ impl ErrorKind {
             ErrorKind::MethodNotAllowed => "method_not_allowed",
             ErrorKind::NotSupported => "not_supported",
             ErrorKind::Timeout => "timeout",
+            ErrorKind::NotOwner => "not_owner",
             ErrorKind::Unknown => "unknown",
         }
     }

@@ -33,6 +33,7 @@ pub use catalog::{Access, Catalog, TEMPLATE_SNAPSHOT, TemplateRecord};
 pub use error::{Error, ErrorKind, Result};
 pub use exports::PoolExports;
 pub use host::{
-    Host, HostExports, OpenedPool, Opener, PoolCtx, PoolKind, PoolSlot, PoolState, S3Spec,
+    FamilyOwner, Host, HostExports, Opened, OpenedPool, Opener, PoolCtx, PoolKind, PoolSlot,
+    PoolState, S3Spec, SharedCtx, SharedStore, SharedVolumeStatus,
 };
 pub use pool::{PoolService, VolumeView};

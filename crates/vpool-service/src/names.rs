@@ -24,6 +24,12 @@ pub fn check_pool_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// A volume name (what the engine accepts), checked before it names
+/// anything outside the engine: a shared pool's key, a cache directory.
+pub fn check_volume_name(name: &str) -> Result<()> {
+    vpool_engine::types::validate_volume_name(name).map_err(Error::invalid)
+}
+
 /// Splits `POOL/REST` into the pool and the rest; a name without `/` is in
 /// the default pool (`None`).
 pub fn split_pool(name: &str) -> (Option<&str>, &str) {

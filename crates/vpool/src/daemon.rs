@@ -33,7 +33,7 @@ use vpool_api::{ApiLimits, ApiState, AuthToken, serve_tcp, serve_unix};
 use vpool_engine::{EngineError, Pool, PoolConfig, RecoveryReport};
 use vpool_s3::S3Store;
 use vpool_service::{
-    CacheControl, Catalog, Host, HostExports, OpenedPool, Opener, PoolKind, S3Spec,
+    CacheControl, Catalog, Host, HostExports, Opened, OpenedPool, Opener, PoolKind, S3Spec,
 };
 use vpool_store::{LocalDirStore, SegmentStore, StoreError};
 
@@ -247,6 +247,12 @@ impl DirOpener {
     /// Opens the pool in `dir` with the error as the binary reports it
     /// (another daemon's home, a pool on S3 held elsewhere, a damaged log).
     fn open_dir(&self, dir: &Path, force: bool) -> anyhow::Result<OpenedPool> {
+        if crate::shared::is_shared_dir(dir)?.is_some() {
+            bail!(
+                "{} holds a shared pool, which cannot be a daemon's home pool: attach it to a daemon with `vpool pool attach NAME --s3 URL`",
+                dir.display()
+            );
+        }
         let (pool, _report, store, s3) = open_blocking(dir, self.pool_config.clone(), force)?;
         let finish = || -> anyhow::Result<OpenedPool> {
             let catalog =
@@ -286,8 +292,20 @@ impl DirOpener {
 }
 
 impl Opener for DirOpener {
-    fn open(&self, dir: &Path, force: bool) -> vpool_service::Result<OpenedPool> {
-        self.open_dir(dir, force).map_err(service_error)
+    fn open(&self, dir: &Path, force: bool) -> vpool_service::Result<Opened> {
+        let shared = crate::shared::is_shared_dir(dir).map_err(service_error)?;
+        match shared {
+            Some(file) => {
+                let name = crate::shared::pool_name(dir, &file);
+                let store =
+                    crate::shared::BucketShared::open(&name, file).map_err(service_error)?;
+                Ok(Opened::Shared(Arc::new(store)))
+            }
+            None => self
+                .open_dir(dir, force)
+                .map(Opened::Pool)
+                .map_err(service_error),
+        }
     }
 
     fn prepare_s3(
@@ -363,12 +381,16 @@ fn service_error(e: anyhow::Error) -> vpool_service::Error {
 
 /// What [`open_blocking`] returns: the engine, its recovery report, the
 /// store under it, and for a pool on S3 the store's own handle.
-type Opened = (Pool, RecoveryReport, Arc<dyn SegmentStore>, Option<S3Store>);
+type OpenedParts = (Pool, RecoveryReport, Arc<dyn SegmentStore>, Option<S3Store>);
 
 /// Opens the pool in `dir` (local, or on S3 by its pool.json) and recovers
 /// it. Blocking: an S3 store owns a runtime that must not be dropped on an
 /// async runtime's threads, including on failure.
-fn open_blocking(dir: &Path, pool_config: PoolConfig, takeover: bool) -> anyhow::Result<Opened> {
+fn open_blocking(
+    dir: &Path,
+    pool_config: PoolConfig,
+    takeover: bool,
+) -> anyhow::Result<OpenedParts> {
     let s3 = match PoolFile::load(dir)? {
         Some(file) => {
             tracing::info!(pool = %dir.display(), remote = %file.url, force = takeover, "opening the pool on object storage");
@@ -523,50 +545,51 @@ impl Drop for SocketFile {
     }
 }
 
-async fn serve_host(
-    config: &DaemonConfig,
-    host: &Arc<Host>,
-    shutdown: impl Future<Output = ()>,
-    on_ready: impl FnOnce(&Ready),
-) -> anyhow::Result<()> {
+/// The daemon's bound listeners, and the socket files that go with them.
+struct Listeners {
+    api_unix: UnixListener,
+    api_tcp: Option<(TcpListener, AuthToken)>,
+    nbd: Vec<(&'static str, vpool_nbd::Listener)>,
+    ready: Ready,
+    _socket_files: [SocketFile; 2],
+}
+
+/// Binds the API and NBD listeners. NBD listeners are bound before the API
+/// answers, so a client that saw the API up (or the pool info's NBD
+/// address) can connect at once.
+async fn bind_listeners(config: &DaemonConfig) -> anyhow::Result<Listeners> {
     remove_stale_socket(&config.api_socket)?;
-    let unix = UnixListener::bind(&config.api_socket)
+    let api_unix = UnixListener::bind(&config.api_socket)
         .with_context(|| format!("listening on {}", config.api_socket.display()))?;
-    let _socket_file = SocketFile(config.api_socket.clone());
+    let api_file = SocketFile(config.api_socket.clone());
     std::fs::set_permissions(
         &config.api_socket,
         std::fs::Permissions::from_mode(API_SOCKET_MODE),
     )
     .with_context(|| format!("restricting {}", config.api_socket.display()))?;
-    let tcp = match &config.tcp {
-        Some(t) => Some((
-            TcpListener::bind(t.listen)
-                .await
-                .with_context(|| format!("listening on {}", t.listen))?,
-            t.token.clone(),
-        )),
-        None => None,
-    };
-    let tcp_addr = match &tcp {
-        Some((l, _)) => Some(
+    let mut api_tcp = None;
+    let mut tcp_addr = None;
+    if let Some(t) = &config.tcp {
+        let l = TcpListener::bind(t.listen)
+            .await
+            .with_context(|| format!("listening on {}", t.listen))?;
+        tcp_addr = Some(
             l.local_addr()
                 .context("reading the TCP listener's address")?,
-        ),
-        None => None,
-    };
+        );
+        api_tcp = Some((l, t.token.clone()));
+    }
 
-    // NBD listeners are bound before the API answers, so a client that saw
-    // the API up (or the pool info's NBD address) can connect at once.
     remove_stale_socket(&config.nbd_socket)?;
     let nbd_unix = std::os::unix::net::UnixListener::bind(&config.nbd_socket)
         .with_context(|| format!("listening for NBD on {}", config.nbd_socket.display()))?;
-    let _nbd_socket_file = SocketFile(config.nbd_socket.clone());
+    let nbd_file = SocketFile(config.nbd_socket.clone());
     std::fs::set_permissions(
         &config.nbd_socket,
         std::fs::Permissions::from_mode(NBD_SOCKET_MODE),
     )
     .with_context(|| format!("restricting {}", config.nbd_socket.display()))?;
-    let mut nbd_listeners: Vec<(&'static str, vpool_nbd::Listener)> =
+    let mut nbd: Vec<(&'static str, vpool_nbd::Listener)> =
         vec![("NBD (unix socket)", nbd_unix.into())];
     let mut nbd_tcp_addr = None;
     if let Some(addr) = config.nbd_tcp {
@@ -576,33 +599,38 @@ async fn serve_host(
             l.local_addr()
                 .context("reading the NBD listener's address")?,
         );
-        nbd_listeners.push(("NBD (tcp)", l.into()));
+        nbd.push(("NBD (tcp)", l.into()));
     }
-
-    // Every listener waits on this; flipping it to true starts a graceful
-    // shutdown of all of them at once.
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        // An error means the sender is gone, which also means stop.
-        let _ = rx.wait_for(|stop| *stop).await;
+    let ready = Ready {
+        api_socket: config.api_socket.clone(),
+        tcp_addr,
+        nbd_socket: config.nbd_socket.clone(),
+        nbd_tcp_addr,
     };
-    let mut servers: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
-    let state = ApiState::for_host(Arc::clone(host))
-        .with_nbd_tcp_addr(nbd_tcp_addr)
-        .with_limits(config.api_limits.clone());
-    servers.spawn({
-        let fut = serve_unix(unix, state.clone(), stopped(stop_rx.clone()));
-        async move { ("API (unix socket)", fut.await.map_err(anyhow::Error::new)) }
-    });
-    if let Some((listener, token)) = tcp {
-        let fut = serve_tcp(listener, state.clone(), token, stopped(stop_rx.clone()));
-        servers.spawn(async move { ("API (tcp)", fut.await.map_err(anyhow::Error::new)) });
-    }
+    Ok(Listeners {
+        api_unix,
+        api_tcp,
+        nbd,
+        ready,
+        _socket_files: [api_file, nbd_file],
+    })
+}
 
-    // NBD: the vpool-nbd server runs on plain threads; each listener gets a
-    // blocking task and a shutdown signal fired when `stop_rx` flips.
+/// The servers' tasks, each naming its listener when it ends.
+type Servers = JoinSet<(&'static str, anyhow::Result<()>)>;
+
+/// Starts one NBD server per listener: the vpool-nbd server runs on plain
+/// threads, so each gets a blocking task and a shutdown signal fired when
+/// `stop_rx` flips.
+fn spawn_nbd(
+    servers: &mut Servers,
+    listeners: Vec<(&'static str, vpool_nbd::Listener)>,
+    host: &Arc<Host>,
+    nbd_config: &vpool_nbd::ServerConfig,
+    stop_rx: &watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let registry: Arc<dyn vpool_nbd::ExportRegistry> = Arc::new(HostExports::new(Arc::clone(host)));
-    for (name, listener) in nbd_listeners {
+    for (name, listener) in listeners {
         let signal =
             vpool_nbd::ShutdownSignal::new().context("creating the NBD shutdown signal")?;
         let trigger = signal.clone();
@@ -612,7 +640,7 @@ async fn serve_host(
             trigger.trigger();
         });
         let registry = registry.clone();
-        let nbd_config = config.nbd_config.clone();
+        let nbd_config = nbd_config.clone();
         servers.spawn(async move {
             let r = tokio::task::spawn_blocking(move || {
                 vpool_nbd::run(listener, registry, nbd_config, signal)
@@ -625,13 +653,44 @@ async fn serve_host(
             (name, r)
         });
     }
+    Ok(())
+}
 
-    let ready = Ready {
-        api_socket: config.api_socket.clone(),
-        tcp_addr,
-        nbd_socket: config.nbd_socket.clone(),
-        nbd_tcp_addr,
+async fn serve_host(
+    config: &DaemonConfig,
+    host: &Arc<Host>,
+    shutdown: impl Future<Output = ()>,
+    on_ready: impl FnOnce(&Ready),
+) -> anyhow::Result<()> {
+    let listeners = bind_listeners(config).await?;
+    // Every listener waits on this; flipping it to true starts a graceful
+    // shutdown of all of them at once.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        // An error means the sender is gone, which also means stop.
+        let _ = rx.wait_for(|stop| *stop).await;
     };
+    let mut servers = Servers::new();
+    let state = ApiState::for_host(Arc::clone(host))
+        .with_nbd_tcp_addr(listeners.ready.nbd_tcp_addr)
+        .with_limits(config.api_limits.clone());
+    servers.spawn({
+        let fut = serve_unix(listeners.api_unix, state.clone(), stopped(stop_rx.clone()));
+        async move { ("API (unix socket)", fut.await.map_err(anyhow::Error::new)) }
+    });
+    if let Some((listener, token)) = listeners.api_tcp {
+        let fut = serve_tcp(listener, state.clone(), token, stopped(stop_rx.clone()));
+        servers.spawn(async move { ("API (tcp)", fut.await.map_err(anyhow::Error::new)) });
+    }
+    spawn_nbd(
+        &mut servers,
+        listeners.nbd,
+        host,
+        &config.nbd_config,
+        &stop_rx,
+    )?;
+
+    let ready = &listeners.ready;
     tracing::info!(
         pool = %config.pool_dir.display(),
         socket = %ready.api_socket.display(),
@@ -640,27 +699,40 @@ async fn serve_host(
         nbd_tcp = ?ready.nbd_tcp_addr,
         "vpool daemon ready"
     );
-    on_ready(&ready);
+    on_ready(ready);
+    let result = run_until_stopped(&mut servers, shutdown).await;
+    let _ = stop_tx.send(true);
+    drain(servers).await;
+    result
+}
 
-    let mut failure: Option<anyhow::Error> = None;
-    tokio::pin!(shutdown);
+/// Waits for `shutdown`, or for a server to end (which none does on its
+/// own: that is a failure, and the others are stopped too).
+async fn run_until_stopped(
+    servers: &mut Servers,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     tokio::select! {
-        () = &mut shutdown => {
+        () = shutdown => {
             tracing::info!("shutting down: no new connections; finishing requests in flight");
+            Ok(())
         }
         Some(ended) = servers.join_next() => {
-            // A listener never ends on its own; if one did, stop the rest.
             let err = match ended {
                 Ok((name, Ok(()))) => anyhow::anyhow!("the {name} server stopped unexpectedly"),
                 Ok((name, Err(e))) => e.context(format!("the {name} server failed")),
                 Err(e) => anyhow::Error::new(e).context("a server task failed"),
             };
             tracing::error!(error = format!("{err:#}"), "shutting down");
-            failure = Some(err);
+            Err(err)
         }
     }
-    let _ = stop_tx.send(true);
-    let drain = async {
+}
+
+/// Lets the stopping servers finish the requests in flight, for at most
+/// [`SHUTDOWN_GRACE`].
+async fn drain(mut servers: Servers) {
+    let all = async {
         while let Some(ended) = servers.join_next().await {
             match ended {
                 Ok((_, Ok(()))) => {}
@@ -671,15 +743,11 @@ async fn serve_host(
             }
         }
     };
-    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, all).await.is_err() {
         tracing::warn!(
             grace_s = SHUTDOWN_GRACE.as_secs(),
             "requests still in flight after the grace period; closing the pool anyway"
         );
         servers.abort_all();
-    }
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(()),
     }
 }

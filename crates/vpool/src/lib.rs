@@ -21,6 +21,7 @@ pub mod daemon;
 pub mod lock;
 pub mod registry;
 pub mod s3pool;
+pub mod shared;
 pub mod size;
 pub mod transfer;
 pub mod vdiff;

@@ -121,6 +121,10 @@ pub struct PoolFile {
     /// a second writer).
     #[serde(default)]
     pub unsafe_single_host: bool,
+    /// A shared pool (`docs/multi-host.md`): the directory holds the
+    /// caches of the volumes this host owns, each in `vols/<volume>`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
 }
 
 /// Secrets must not ride in URLs, where they would land in `pool.json`,
@@ -291,7 +295,13 @@ fn pool_file(
         read_timeout_secs: s.read_timeout_secs.unwrap_or_else(default_read_timeout),
         lease_expire_secs: s.lease_expire_secs.unwrap_or_else(default_lease_expire),
         unsafe_single_host,
+        shared: s.shared,
     };
+    if f.shared && unsafe_single_host {
+        bail!(
+            "a shared pool is for many hosts: it needs an object store that fences (no --unsafe-single-host)"
+        );
+    }
     f.validate()?;
     let dir = std::path::absolute(&settings.cache_dir)
         .with_context(|| format!("the cache directory {}", settings.cache_dir.display()))?;
@@ -377,6 +387,17 @@ pub fn create(
         undo(&dir, created_dir);
         return Err(e);
     }
+    if file.shared {
+        if let Err(e) = vpool_s3::shared::create_shared(&remote) {
+            undo(&dir, created_dir);
+            return Err(open_error(e, &file, &dir));
+        }
+        return Ok(PoolReport {
+            pool_dir: dir,
+            held_by: None,
+            config: file,
+        });
+    }
     let opts = file.options(
         &dir,
         OpenMode::Create {
@@ -414,6 +435,26 @@ pub fn create(
 pub fn attach(name: Option<&str>, settings: &S3PoolSettings) -> anyhow::Result<PoolReport> {
     let (file, dir) = pool_file(name, settings, false)?;
     let remote = file.connect()?;
+    // A shared pool says so (its identity object); `--shared` need not.
+    match vpool_s3::shared::check_shared(&remote) {
+        Ok(_) => {
+            return attach_shared(
+                PoolFile {
+                    shared: true,
+                    ..file
+                },
+                dir,
+            );
+        }
+        Err(OpenError::NoPool { .. }) if !file.shared => {}
+        Err(OpenError::NoPool { url }) => bail!(
+            "no shared vpool pool at {url}; make one with `vpool pool create NAME --shared --s3 {}`",
+            file.url
+        ),
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!("reading the pool at {}", file.url)));
+        }
+    }
     let pool = match vpool_s3::pool_summary(&remote) {
         Ok(p) => p,
         Err(OpenError::NoPool { url }) => bail!(
@@ -429,6 +470,21 @@ pub fn attach(name: Option<&str>, settings: &S3PoolSettings) -> anyhow::Result<P
         unsafe_single_host: pool.fencing == Fencing::Unsafe,
         ..file
     };
+    save_attached(file, dir, held_by)
+}
+
+/// [`attach`] of a shared pool: its cache directory, which will hold the
+/// caches of the volumes this host owns.
+fn attach_shared(file: PoolFile, dir: PathBuf) -> anyhow::Result<PoolReport> {
+    save_attached(file, dir, None)
+}
+
+/// Makes the cache directory with its `pool.json` (undone if that fails).
+fn save_attached(
+    file: PoolFile,
+    dir: PathBuf,
+    held_by: Option<String>,
+) -> anyhow::Result<PoolReport> {
     let created_dir = prepare_cache_dir(&dir)?;
     if let Err(e) = file.save(&dir) {
         undo(&dir, created_dir);
@@ -535,6 +591,7 @@ mod tests {
                 backpressure_timeout_secs: None,
                 read_timeout_secs: None,
                 lease_expire_secs: None,
+                shared: false,
             },
             cache_dir: "/tmp/x".into(),
         }

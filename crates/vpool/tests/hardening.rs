@@ -11,7 +11,7 @@ mod nbd_common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, run, run_json, run_ok};
+use common::{Daemon, run, run_json, run_ok, vpool_cmd, wait_timeout};
 use nbd_common::clients::{nbdinfo, nbdsh_script, qemu_img_convert_to};
 
 const MIB: u64 = 1 << 20;
@@ -105,6 +105,14 @@ fn bit_rot_in_durable_data_costs_one_block_not_the_log() {
     let d = Daemon::start(&pool, &[]);
     let info = run_json(&pool, &["pool", "info"]);
     assert_eq!(info["damaged_blocks"], 1, "{info}");
+    // The log names the damage as an operator knows it: volume and bytes.
+    let log = d.log_text();
+    assert!(
+        log.contains("damaged data")
+            && log.contains("image=v")
+            && log.contains(&format!("offset_bytes={damaged}")),
+        "{log}"
+    );
     let out = nbdsh_script(
         READ_ALL,
         &[("URI", &d.nbd_uri("v")), ("FILE", src.to_str().unwrap())],
@@ -247,5 +255,80 @@ fn an_unfinished_import_leaves_the_volume_incomplete() {
     let info = run_json(&pool, &["vol", "info", "v"]);
     assert!(info.get("incomplete").is_none(), "{info}");
     assert!(nbdinfo(&[&d.nbd_uri("v")]).contains("export-size: 4194304"));
+    assert!(d.terminate().success());
+}
+
+/// A record header flipped in durable data loses records nobody can
+/// attribute: the daemon refuses to start (and changes nothing), `pool
+/// check` without a daemon says why, and `pool check --repair` opens the
+/// pool without the lost record, after which the daemon serves it.
+#[test]
+fn a_pool_that_refuses_to_open_is_checked_and_repaired_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let d = Daemon::start(&pool, &[]);
+    let size = 96 * MIB;
+    d.client().create_volume("v", size).unwrap();
+    let src = dir.path().join("src.raw");
+    let data = noise(size as usize, 11);
+    std::fs::write(&src, &data).unwrap();
+    qemu_img_convert_to(&src, &d.nbd_uri("v"));
+    // The maintenance thread marks what is durable within a few seconds.
+    std::thread::sleep(Duration::from_secs(3));
+    d.crash();
+
+    // The header of the record holding the volume's byte 40 MiB.
+    let files = segment_files(&pool);
+    assert!(files.len() >= 3, "{files:?}");
+    let at_vol = (40 * MIB) as usize;
+    let needle = &data[at_vol..at_vol + 64];
+    let (file, mut seg, at) = files
+        .iter()
+        .find_map(|f| {
+            let seg = std::fs::read(f).unwrap();
+            let at = seg.windows(64).position(|w| w == needle)?;
+            Some((f.clone(), seg, at))
+        })
+        .expect("the data is in a segment");
+    let magic = 0x5650_5231u32.to_le_bytes();
+    let header = seg[..at]
+        .windows(4)
+        .rposition(|w| w == magic)
+        .expect("a record header before the data");
+    seg[header + 8] ^= 0xff; // its seq: the header's CRC fails
+    std::fs::write(&file, &seg).unwrap();
+    let before = std::fs::read(&file).unwrap();
+
+    let mut serve = vpool_cmd(&pool)
+        .arg("serve")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_timeout(&mut serve, Duration::from_secs(120)).expect("serve ends");
+    let mut err = String::new();
+    std::io::Read::read_to_string(serve.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "a pool that lost records opened: {err}");
+    assert!(err.contains("pool check --repair"), "{err}");
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        before,
+        "the refusal changed the log"
+    );
+
+    let check = run(&pool, &["pool", "check"]);
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(!check.status.success(), "{text}");
+    assert!(
+        text.contains("the pool does not open") && text.contains("opens only with --repair"),
+        "{text}"
+    );
+    let text = run_ok(&pool, &["pool", "check", "--repair"]);
+    assert!(text.contains("dropped by repair"), "{text}");
+
+    let d = Daemon::start(&pool, &[]);
+    let got = d.client().read("v", 0, 4096).unwrap();
+    assert_eq!(got, data[..4096], "the data before the loss is there");
+    run_ok(&pool, &["pool", "check"]);
     assert!(d.terminate().success());
 }

@@ -892,21 +892,9 @@ fn pool_through(
     )
 }
 
-/// One NBD write of `len` bytes of `byte` at `offset` and a flush, over a
-/// fresh connection: the errno of each (0: done).
+/// One NBD write and flush; see [`nbd_common::raw::write_and_flush`].
 fn nbd_write_and_flush(socket: &Path, export: &str, offset: u64, len: u32, byte: u8) -> (u32, u32) {
-    use std::io::Write;
-    const NBD_CMD_WRITE: u16 = 1;
-    const NBD_CMD_FLUSH: u16 = 3;
-    let mut s = nbd_common::raw::open_export(socket, export);
-    let mut req = nbd_common::raw::request(NBD_CMD_WRITE, 0, 1, offset, len);
-    req.extend(std::iter::repeat_n(byte, len as usize));
-    s.write_all(&req).unwrap();
-    let (write_err, _) = nbd_common::raw::simple_reply(&mut s);
-    s.write_all(&nbd_common::raw::request(NBD_CMD_FLUSH, 0, 2, 0, 0))
-        .unwrap();
-    let (flush_err, _) = nbd_common::raw::simple_reply(&mut s);
-    (write_err, flush_err)
+    nbd_common::raw::write_and_flush(socket, export, offset, len, byte)
 }
 
 /// A pool on RGW whose holder dies (SIGKILL) is taken over by another
@@ -1042,4 +1030,69 @@ fn a_paused_holder_wakes_fenced() {
         "A's writes reached the bucket"
     );
     assert!(c.terminate().success());
+}
+
+/// `pool open NAME --force` takes a pool another host holds and renews:
+/// without `--force` the open is refused naming the holder; with it, this
+/// host serves the pool and the old holder is fenced (its writes and
+/// flushes fail, `cache stats` says so).
+#[test]
+fn pool_open_force_takes_a_held_pool_over_and_fences_the_holder() {
+    let Some(rgw) = rgw() else { return };
+    let _g = serial();
+    let t = tempfile::tempdir().unwrap();
+    let (home_a, home_b) = (t.path().join("a"), t.path().join("b"));
+    let url = rgw.url("forced");
+    // `pool VERB p` with its cache in CACHE and a 30 s lease (it never
+    // expires during the test: only --force takes it).
+    let p = |home: &Path, verb: &str, cache: &str| {
+        let out = pool_through(&rgw, home, verb, "p", &url, &t.path().join(cache), "30");
+        assert!(out.status.success(), "{out:?}");
+    };
+    let a = Daemon::start(&home_a, &[]);
+    p(&home_a, "create", "ca");
+    run_ok(&home_a, &["vol", "create", "p/v", "--size", "8M"]);
+    assert_eq!(
+        nbd_write_and_flush(&a.nbd_socket(), "p/v", 0, 65536, 0xaa),
+        (0, 0)
+    );
+    wait_uploaded_in(&home_a, "p", Duration::from_secs(60));
+    run_ok(&home_a, &["pool", "detach", "p"]);
+
+    // B holds it once, so its host.json lists it; then A takes it back.
+    let b = Daemon::start(&home_b, &[]);
+    p(&home_b, "attach", "cb");
+    assert!(b.terminate().success());
+    p(&home_a, "attach", "ca2");
+
+    // B restarts: its pool is held by A, which renews the lease.
+    let b = Daemon::start(&home_b, &[]);
+    wait_for_state(&home_b, "p", "failed", Duration::from_secs(60));
+    let e = run_err(&home_b, &["pool", "open", "p"]);
+    assert!(e.contains("held by"), "{e}");
+    run_ok(&home_b, &["pool", "open", "p", "--force"]);
+    assert_eq!(pool_states(&home_b)[1].2, "open");
+    let back = t.path().join("back");
+    nbdcopy(&b.nbd_uri("p/v"), path_str(&back), &[]);
+    assert!(
+        std::fs::read(&back).unwrap()[..65536]
+            .iter()
+            .all(|&x| x == 0xaa)
+    );
+    assert_eq!(
+        nbd_write_and_flush(&b.nbd_socket(), "p/v", 0, 65536, 0xbb),
+        (0, 0)
+    );
+
+    // A is fenced: at its next renewal or commit, for good.
+    wait_for("A to find itself fenced", Duration::from_secs(60), || {
+        run_json(&home_a, &["cache", "stats", "--pool", "p"])["fenced"].is_string()
+    });
+    let (w, f) = nbd_write_and_flush(&a.nbd_socket(), "p/v", 65536, 65536, 0xcc);
+    assert!(
+        w != 0 && f != 0,
+        "A wrote ({w}) or flushed ({f}) once fenced"
+    );
+    a.terminate();
+    assert!(b.terminate().success());
 }

@@ -359,7 +359,15 @@ fn walk(id: SegmentId, image: &[u8], report: &mut CheckReport) -> Vec<DataRecord
             }
             Scanned::Broken { error } => {
                 report.bad_records.push(bad(id, off, &error.to_string()));
-                break;
+                // Records after the break are read as recovery reads them
+                // (a repaired pool's maps point into them).
+                match super::recovery::resync(image, off + 1, 0) {
+                    Some(next) => {
+                        off = next;
+                        continue;
+                    }
+                    None => break,
+                }
             }
         };
         report.records_checked += 1;

@@ -118,3 +118,16 @@ pub fn assert_healthy(path: &Path) {
     s.write_all(&request(NBD_CMD_DISC, 0, 3, 0, 0)).unwrap();
     assert!(closed_by_server(&mut s));
 }
+
+/// One WRITE of `len` bytes of `byte` at `offset`, then a FLUSH, over a
+/// fresh connection to export `name`: the errno of each (0: done).
+pub fn write_and_flush(path: &Path, name: &str, offset: u64, len: u32, byte: u8) -> (u32, u32) {
+    let mut s = open_export(path, name);
+    let mut req = request(NBD_CMD_WRITE, 0, 1, offset, len);
+    req.extend(std::iter::repeat_n(byte, len as usize));
+    s.write_all(&req).unwrap();
+    let (write_err, _) = simple_reply(&mut s);
+    s.write_all(&request(NBD_CMD_FLUSH, 0, 2, 0, 0)).unwrap();
+    let (flush_err, _) = simple_reply(&mut s);
+    (write_err, flush_err)
+}

@@ -26,10 +26,13 @@ impl vpool_nbd::ExportRegistry for HostExports {
     fn list(&self) -> Vec<vpool_nbd::ExportInfo> {
         let mut out = Vec::new();
         for slot in self.host.pools() {
-            let PoolState::Open(ctx) = slot.state else {
-                continue;
+            let exports = match slot.state {
+                PoolState::Open(ctx) => ctx.exports.list(),
+                // Each family's one volume (and its snapshots) is already
+                // named `VOLUME`: the pool's name goes in front below.
+                PoolState::Shared(sh) => sh.owned().iter().flat_map(|f| f.exports.list()).collect(),
+                _ => continue,
             };
-            let exports = ctx.exports.list();
             // The default pool's exports are listed by their bare names
             // (`POOL/NAME` opens them too).
             if slot.name == self.host.default {
@@ -49,9 +52,11 @@ impl vpool_nbd::ExportRegistry for HostExports {
         name: &str,
     ) -> std::result::Result<Arc<dyn vpool_nbd::BlockDevice>, vpool_nbd::DeviceError> {
         let (pool, image) = crate::names::split_pool(name);
-        match self.host.pool(pool) {
+        // A shared pool's image `VOLUME[@SNAP]` is in family VOLUME.
+        let volume = image.split('@').next().unwrap_or(image);
+        match self.host.volume_pool(pool, volume) {
             Ok(ctx) => ctx.exports.open(image),
-            Err(e) if e.kind == ErrorKind::NotFound => {
+            Err(e) if matches!(e.kind, ErrorKind::NotFound | ErrorKind::NotOwner) => {
                 Err(vpool_nbd::DeviceError::not_found(e.message))
             }
             Err(e) => Err(vpool_nbd::DeviceError::new(

@@ -23,6 +23,7 @@
 mod exports;
 mod file;
 mod opening;
+mod shared;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,6 +41,7 @@ use crate::pool::PoolService;
 
 pub use exports::HostExports;
 pub use file::{HOST_FILE, listed_pools};
+pub use shared::{FamilyOwner, MAX_OWNED, SharedCtx, SharedStore, SharedVolumeStatus};
 /// Most pools a host holds (each holds a lock, descriptors, threads).
 pub const MAX_POOLS: usize = 64;
 
@@ -49,6 +51,8 @@ pub const MAX_POOLS: usize = 64;
 pub enum PoolKind {
     Local,
     S3,
+    /// On S3, attached by many hosts, each volume owned by one of them.
+    Shared,
 }
 
 impl PoolKind {
@@ -57,6 +61,7 @@ impl PoolKind {
         match self {
             PoolKind::Local => "local",
             PoolKind::S3 => "s3",
+            PoolKind::Shared => "shared",
         }
     }
 }
@@ -71,6 +76,15 @@ pub struct OpenedPool {
     /// Closes what the engine does not own (an S3 store, a cache
     /// refresher), after the engine's close. Blocking.
     pub close_store: Box<dyn FnOnce() + Send>,
+}
+
+/// What an [`Opener`] made of a pool directory.
+pub enum Opened {
+    /// A pool (local or on S3), open.
+    Pool(OpenedPool),
+    /// A shared pool: its bucket; the volumes this host owns are opened
+    /// from it.
+    Shared(Arc<dyn SharedStore>),
 }
 
 /// Where a pool on S3 is and how its cache behaves (`pool create --s3`).
@@ -98,6 +112,11 @@ pub struct S3Spec {
     /// before it may take the pool over (default 30).
     #[serde(default)]
     pub lease_expire_secs: Option<f64>,
+    /// A shared pool (`pool create --shared`): every host attaches it,
+    /// each volume is owned by one host at a time. `pool attach` finds
+    /// out by itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
 }
 
 /// Turns a pool directory into an open pool, and a directory into the
@@ -105,7 +124,7 @@ pub struct S3Spec {
 pub trait Opener: Send + Sync {
     /// Opens the pool in `dir`; `force` takes a pool on S3 over from the
     /// host that holds its lease (that host is fenced).
-    fn open(&self, dir: &Path, force: bool) -> Result<OpenedPool>;
+    fn open(&self, dir: &Path, force: bool) -> Result<Opened>;
 
     /// Makes `dir` the cache of a pool on S3 (writes its `pool.json`): a
     /// new pool, or with `attach` one that exists.
@@ -179,6 +198,8 @@ impl PoolCtx {
 #[derive(Clone)]
 pub enum PoolState {
     Open(Arc<PoolCtx>),
+    /// A shared pool, attached: the volumes this host owns are open.
+    Shared(Arc<SharedCtx>),
     /// An attempt to open it runs (at start, a retry, or `pool open`).
     /// `last_error`: why the attempt before it failed.
     Opening {
@@ -201,7 +222,7 @@ impl PoolState {
     /// about a pool that is not open.
     pub fn describe(&self) -> (&'static str, Option<String>) {
         match self {
-            PoolState::Open(_) => ("open", None),
+            PoolState::Open(_) | PoolState::Shared(_) => ("open", None),
             PoolState::Opening { since, last_error } => {
                 let secs = since.elapsed().as_secs();
                 let why = match last_error {
@@ -222,6 +243,31 @@ impl PoolState {
                 };
                 ("failed", Some(format!("{reason}{next}")))
             }
+        }
+    }
+}
+
+impl PoolState {
+    /// NBD connections to the pool's volumes (those owned here, for a
+    /// shared pool); 0 when it is not open.
+    pub fn nbd_connections(&self) -> usize {
+        match self {
+            PoolState::Open(ctx) => ctx.service.catalog().nbd_connections_total(),
+            PoolState::Shared(sh) => sh
+                .owned()
+                .iter()
+                .map(|f| f.service.catalog().nbd_connections_total())
+                .sum(),
+            _ => 0,
+        }
+    }
+
+    /// Closes what is open (nothing for a pool that is not). Blocking.
+    pub fn close(&self) -> Result<()> {
+        match self {
+            PoolState::Open(ctx) => ctx.close(),
+            PoolState::Shared(sh) => sh.close(),
+            _ => Ok(()),
         }
     }
 }
@@ -359,7 +405,7 @@ impl Host {
         spec: &S3Spec,
         attach: bool,
         unsafe_single_host: bool,
-    ) -> Result<Arc<PoolCtx>> {
+    ) -> Result<PoolState> {
         crate::names::check_pool_name(name)?;
         check_absolute(dir)?;
         if self.read_pools().contains_key(name) {
@@ -437,6 +483,12 @@ impl Host {
         let pools = self.read_pools();
         match pools.get(name).map(|s| &s.state) {
             Some(PoolState::Open(ctx)) => Ok(Arc::clone(ctx)),
+            Some(PoolState::Shared(_)) => Err(Error::new(
+                ErrorKind::NotSupported,
+                format!(
+                    "pool {name} is a shared pool: each of its volumes is a pool of its own, addressed as {name}/VOLUME"
+                ),
+            )),
             Some(PoolState::Failed { reason, .. }) => Err(Error::new(
                 ErrorKind::Failed,
                 format!(
@@ -457,10 +509,77 @@ impl Host {
         }
     }
 
+    /// The shared pool `name` (`None`: the default pool), if it is one
+    /// and attached.
+    pub fn shared(&self, name: Option<&str>) -> Option<Arc<SharedCtx>> {
+        let name = name.unwrap_or(&self.default);
+        match self.read_pools().get(name).map(|s| &s.state) {
+            Some(PoolState::Shared(sh)) => Some(Arc::clone(sh)),
+            _ => None,
+        }
+    }
+
+    /// The open pool that holds volume `volume` of pool `pool` (`None`:
+    /// the default pool): the pool itself, or for a shared pool the
+    /// volume's family if this host owns it (`not_owner` if not).
+    pub fn volume_pool(&self, pool: Option<&str>, volume: &str) -> Result<Arc<PoolCtx>> {
+        match self.shared(pool) {
+            Some(sh) => sh.family(volume),
+            None => self.pool(pool),
+        }
+    }
+
+    /// The shared pool `name`, or an error that says it is not one.
+    pub fn need_shared(&self, name: Option<&str>) -> Result<Arc<SharedCtx>> {
+        self.shared(name).ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotSupported,
+                format!(
+                    "pool {} is not a shared pool (or not open); only a shared pool's volumes move between hosts",
+                    name.unwrap_or(&self.default)
+                ),
+            )
+        })
+    }
+
+    /// Refuses `what` (clones, templates) on a shared pool's volumes:
+    /// a clone would be a second volume in its parent's family, invisible
+    /// to the other hosts (clones across families are not built yet).
+    pub fn refuse_if_shared(&self, pool: Option<&str>, what: &str) -> Result<()> {
+        match self.shared(pool) {
+            Some(sh) => Err(Error::new(
+                ErrorKind::NotSupported,
+                format!(
+                    "{what} of a shared pool's volumes are not built yet (pool {})",
+                    sh.name
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Creates volume `volume` in shared pool `pool`; this host owns it.
+    /// Blocking.
+    pub fn create_shared_volume(
+        &self,
+        pool: &SharedCtx,
+        volume: &str,
+        size_bytes: u64,
+    ) -> Result<crate::pool::VolumeView> {
+        pool.create_volume(&*self.opener, volume, size_bytes)
+    }
+
+    /// Makes this host the owner of volume `volume` of shared pool `pool`
+    /// (see [`SharedCtx::takeover`]). Blocking.
+    pub fn takeover_volume(&self, pool: &str, volume: &str, force: bool) -> Result<()> {
+        let sh = self.need_shared(Some(pool))?;
+        sh.takeover(&*self.opener, volume, force).map(|_| ())
+    }
+
     /// Adds the pool in `dir` (a new local pool is made there if the
     /// directory is empty or missing; an existing pool directory, local or
     /// an S3 cache, opens as it is) under `name`, and records it. Blocking.
-    pub fn add_pool(&self, name: &str, dir: &Path) -> Result<Arc<PoolCtx>> {
+    pub fn add_pool(&self, name: &str, dir: &Path) -> Result<PoolState> {
         crate::names::check_pool_name(name)?;
         check_absolute(dir)?;
         let _admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
@@ -487,21 +606,31 @@ impl Host {
         if self.closing.load(Ordering::SeqCst) {
             return Err(stopping());
         }
-        let opened = self.opener.open(dir, false)?;
-        let ctx = Arc::new(PoolCtx::new(name, dir, opened));
-        if !self.insert_unless_closing(name, dir, PoolState::Open(Arc::clone(&ctx))) {
+        let state = self.state_of(name, dir, self.opener.open(dir, false)?);
+        if !self.insert_unless_closing(name, dir, state.clone()) {
             // The daemon began to stop while the pool opened: close it
             // here, as `close_all` will not see it.
-            let _ = ctx.close();
+            let _ = state.close();
             return Err(stopping());
         }
         if let Err(e) = self.save() {
             self.write_pools().remove(name);
-            let _ = ctx.close();
+            let _ = state.close();
             return Err(e);
         }
         tracing::info!(pool = name, dir = %dir.display(), "pool added");
-        Ok(ctx)
+        Ok(state)
+    }
+
+    /// What an opened directory becomes in a slot (a shared pool opens the
+    /// volumes it owned here again). Blocking.
+    fn state_of(&self, name: &str, dir: &Path, opened: Opened) -> PoolState {
+        match opened {
+            Opened::Pool(p) => PoolState::Open(Arc::new(PoolCtx::new(name, dir, p))),
+            Opened::Shared(store) => {
+                PoolState::Shared(Arc::new(SharedCtx::open(name, dir, store, &*self.opener)))
+            }
+        }
     }
 
     /// Closes pool `name` (for a pool on S3: uploads what is left and
@@ -520,13 +649,12 @@ impl Host {
         // the pools' lock. An NBD client that connects between the count
         // and the removal gets an error at its first request (the pool is
         // closed under it), as with `force`.
-        let ctx = match self.read_pools().get(name).map(|s| &s.state) {
-            Some(PoolState::Open(ctx)) => Some(Arc::clone(ctx)),
-            Some(_) => None,
+        let state = match self.read_pools().get(name) {
+            Some(s) => s.state.clone(),
             None => return Err(no_such_pool(name)),
         };
-        if let Some(ctx) = ctx {
-            let n = ctx.service.catalog().nbd_connections_total();
+        {
+            let n = state.nbd_connections();
             if n > 0 && !force {
                 return Err(Error::new(
                     ErrorKind::InUse,
@@ -553,9 +681,7 @@ impl Host {
             self.insert(name, &slot.dir, state);
             return Err(e);
         }
-        if let PoolState::Open(ctx) = slot.state {
-            ctx.close()?;
-        }
+        slot.state.close()?;
         tracing::info!(pool = name, dir = %slot.dir.display(), force, "pool detached");
         Ok(())
     }
@@ -564,10 +690,10 @@ impl Host {
     /// pool on S3 over from the host that holds it). An open pool is left
     /// as it is; one being opened is refused (the attempt under way
     /// decides). Blocking.
-    pub fn open_pool(&self, name: &str, force: bool) -> Result<Arc<PoolCtx>> {
+    pub fn open_pool(&self, name: &str, force: bool) -> Result<PoolState> {
         let _admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         let (dir, epoch, attempts) = match opening::claim(self, name)? {
-            opening::Claim::Open(ctx) => return Ok(ctx),
+            opening::Claim::Open(state) => return Ok(state),
             opening::Claim::Mine {
                 dir,
                 epoch,
@@ -575,7 +701,7 @@ impl Host {
             } => (dir, epoch, attempts),
         };
         match opening::attempt(self, name, &dir, epoch, attempts, force) {
-            PoolState::Open(ctx) => Ok(ctx),
+            s @ (PoolState::Open(_) | PoolState::Shared(_)) => Ok(s),
             PoolState::Failed { reason, kind, .. } => Err(Error::new(kind, reason)),
             PoolState::Opening { .. } => Err(Error::internal(format!(
                 "pool {name}: an attempt to open it ended without an outcome"
@@ -595,9 +721,7 @@ impl Host {
         opening::wait_for_attempts(self, opening::STOP_WAIT);
         let mut first = None;
         for slot in self.pools() {
-            if let PoolState::Open(ctx) = slot.state
-                && let Err(e) = ctx.close()
-            {
+            if let Err(e) = slot.state.close() {
                 tracing::error!(pool = %slot.name, error = %e.message, "closing the pool failed");
                 first.get_or_insert(e);
             }
@@ -643,7 +767,7 @@ fn stopping() -> Error {
 struct NoOpener;
 
 impl Opener for NoOpener {
-    fn open(&self, dir: &Path, _force: bool) -> Result<OpenedPool> {
+    fn open(&self, dir: &Path, _force: bool) -> Result<Opened> {
         Err(Error::new(
             ErrorKind::NotSupported,
             format!(

@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use super::{Host, PoolCtx, PoolState};
+use super::{Host, PoolState};
 use crate::error::{Error, ErrorKind, Result};
 
 /// How long [`Host::open`] waits for the pools it lists to open.
@@ -49,8 +49,8 @@ pub(super) fn waiting() -> PoolState {
 
 /// What [`claim`] found.
 pub(super) enum Claim {
-    /// The pool is open already.
-    Open(Arc<PoolCtx>),
+    /// The pool is open already (its state).
+    Open(PoolState),
     /// The caller now owns an attempt to open it: it is `Opening`.
     Mine {
         dir: PathBuf,
@@ -73,7 +73,7 @@ pub(super) fn claim(host: &Host, name: &str) -> Result<Claim> {
         )
     })?;
     let (last_error, attempts) = match &slot.state {
-        PoolState::Open(ctx) => return Ok(Claim::Open(Arc::clone(ctx))),
+        s @ (PoolState::Open(_) | PoolState::Shared(_)) => return Ok(Claim::Open(s.clone())),
         PoolState::Opening { since, .. } => {
             return Err(Error::new(
                 ErrorKind::InUse,
@@ -112,7 +112,7 @@ pub(super) fn attempt(
 ) -> PoolState {
     let started = Instant::now();
     let outcome = match host.opener.open(dir, force) {
-        Ok(opened) => PoolState::Open(Arc::new(PoolCtx::new(name, dir, opened))),
+        Ok(opened) => host.state_of(name, dir, opened),
         Err(e) => failed(e, attempts.saturating_add(1)),
     };
     // Under the pools' lock: still ours (no detach, no later attempt)? And
@@ -132,10 +132,10 @@ pub(super) fn attempt(
     };
     let recorded = ours && !stopping;
     log(name, dir, &outcome, started.elapsed(), recorded);
-    if !recorded && let PoolState::Open(ctx) = &outcome {
+    if !recorded {
         // Nobody else knows of this pool: close it, or its lease and lock
         // would stay held until the process ends.
-        if let Err(e) = ctx.close() {
+        if let Err(e) = outcome.close() {
             tracing::warn!(pool = name, error = %e.message, "closing a pool opened too late failed");
         }
     }
@@ -187,7 +187,7 @@ fn backoff(attempts: u32) -> Duration {
 fn log(name: &str, dir: &Path, outcome: &PoolState, took: Duration, recorded: bool) {
     let took_ms = took.as_millis() as u64;
     match (outcome, recorded) {
-        (PoolState::Open(_), true) => {
+        (PoolState::Open(_) | PoolState::Shared(_), true) => {
             tracing::info!(pool = name, dir = %dir.display(), took_ms, "pool opened")
         }
         (

@@ -64,7 +64,7 @@ fn open_local(dir: &Path) -> Result<OpenedPool> {
 }
 
 impl Opener for ScriptedOpener {
-    fn open(&self, dir: &Path, _force: bool) -> Result<OpenedPool> {
+    fn open(&self, dir: &Path, _force: bool) -> Result<Opened> {
         self.opens.lock().unwrap().push(dir.to_path_buf());
         let step = {
             let mut s = self.script.lock().unwrap();
@@ -85,7 +85,7 @@ impl Opener for ScriptedOpener {
             .unwrap()
             .insert(dir.to_path_buf(), Arc::clone(&flag));
         opened.close_store = Box::new(move || flag.store(true, Ordering::SeqCst));
-        Ok(opened)
+        Ok(Opened::Pool(opened))
     }
 
     fn prepare_s3(&self, _: &str, _: &Path, _: &S3Spec, _: bool, _: bool) -> Result<()> {

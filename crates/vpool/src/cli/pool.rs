@@ -350,6 +350,12 @@ pub struct S3PoolArgs {
     /// stops I/O after two thirds of it without a renewal.
     #[arg(long, value_name = "SECS", value_parser = parse_secs, requires = "url")]
     pub lease_expire: Option<f64>,
+    /// A shared pool: attached by every host, each volume owned by one host
+    /// at a time and moved with `vol takeover`/`vol release`
+    /// (`--cache-size` is then each owned volume's cache). `pool attach`
+    /// finds out by itself.
+    #[arg(long, requires = "url")]
+    pub shared: bool,
 }
 
 impl S3PoolArgs {
@@ -381,6 +387,7 @@ impl S3PoolArgs {
             backpressure_timeout_secs: self.backpressure_timeout,
             read_timeout_secs: self.read_timeout,
             lease_expire_secs: self.lease_expire,
+            shared: self.shared,
         })
     }
 }

@@ -352,6 +352,69 @@ fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// Who owns a volume of a shared pool, in a few words.
+pub fn owner_text(s: &vpool_api::SharedVolumeStatus) -> String {
+    match (&s.owner.holder, s.owner.epoch, s.owner.generation) {
+        (Some(h), Some(e), _) => format!("{h}, epoch {e}"),
+        (_, _, None) => "no family yet: being created, or its creation failed".to_string(),
+        _ => "released: no owner".to_string(),
+    }
+}
+
+/// `vol list` of a shared pool: every volume with its owner.
+pub fn render_shared_table(vols: &[vpool_api::SharedVolumeStatus]) -> String {
+    if vols.is_empty() {
+        return "no volumes\n".to_string();
+    }
+    let rows: Vec<Vec<String>> = vols
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                v.owner.holder.clone().unwrap_or_else(|| "-".into()),
+                v.owner.epoch.map_or("-".into(), |e| e.to_string()),
+                if v.here { "yes" } else { "no" }.to_string(),
+                v.size_bytes.map_or("-".into(), format_size),
+                v.unuploaded_bytes.map_or("-".into(), format_size),
+            ]
+        })
+        .collect();
+    render_table(
+        &["NAME", "OWNER", "EPOCH", "HERE", "SIZE", "NOT_IN_BUCKET"],
+        &rows,
+    )
+}
+
+/// `vol status` of a volume of a shared pool.
+pub fn render_shared_status(s: &vpool_api::SharedVolumeStatus) -> String {
+    let mut out = format!(
+        "volume:         {}\nowner:          {}\n",
+        s.name,
+        owner_text(s)
+    );
+    if let Some(ms) = s.owner.lease_expire_ms {
+        out.push_str(&format!(
+            "lease expires:  {} s without renewal\n",
+            ms / 1000
+        ));
+    }
+    out.push_str(&format!("in the bucket:  {} segments\n", s.owner.segments));
+    out.push_str(&format!(
+        "owned here:     {}\n",
+        if s.here { "yes" } else { "no" }
+    ));
+    if let Some(b) = s.size_bytes {
+        out.push_str(&format!("size:           {}\n", format_size(b)));
+    }
+    if let Some(n) = s.nbd_connections {
+        out.push_str(&format!("NBD clients:    {n}\n"));
+    }
+    if let Some(b) = s.unuploaded_bytes {
+        out.push_str(&format!("not in bucket:  {}\n", format_size(b)));
+    }
+    out
+}
+
 /// The `vol list` table.
 pub fn render_volume_table(vols: &[VolumeInfo]) -> String {
     if vols.is_empty() {

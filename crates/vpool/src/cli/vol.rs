@@ -8,9 +8,10 @@ use vpool_api::{Client, ClientError, ErrorKind, VolumeInfo};
 use super::pool::every_pools_volumes;
 use super::{
     Attach, CommitReport, FlattenReport, Output, VolumeInfoWithAttach, hint_force,
-    hint_force_anyhow, parse_diff_images, parse_image, render_attach, render_diff,
-    render_volume_info, render_volume_table,
+    hint_force_anyhow, owner_text, parse_diff_images, parse_image, render_attach, render_diff,
+    render_shared_status, render_shared_table, render_volume_info, render_volume_table,
 };
+
 use crate::size::{format_size, parse_volume_size};
 use crate::{transfer, vdiff};
 
@@ -38,6 +39,27 @@ pub enum VolCommand {
     },
     /// Show one volume, and how to attach it to a VM (NBD URI, libvirt XML).
     Info { name: String },
+    /// Who owns a volume of a shared pool (POOL/VOLUME): host, epoch, and
+    /// on the owner its clients and bytes not yet in the bucket.
+    Status { name: String },
+    /// Make this host the owner of a volume of a shared pool: at once if
+    /// its owner released it, once the owner's lease expired if the owner
+    /// is gone (waits up to a minute), or at once with --force.
+    Takeover {
+        name: String,
+        /// Take it now, whether or not its owner renews its lease: the
+        /// owner is fenced (its writes and flushes fail from then on).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Give up a volume of a shared pool this host owns: uploads what is
+    /// left and releases its lease, so another host's takeover is at once.
+    Release {
+        name: String,
+        /// Even while NBD clients have it open (their I/O fails).
+        #[arg(long)]
+        force: bool,
+    },
     /// Change a volume's size.
     Resize {
         name: String,
@@ -127,6 +149,11 @@ pub enum VolCommand {
     },
 }
 
+/// How long `vol takeover` and `vol release` may take: a takeover waits
+/// for the owner's lease to expire (up to a minute), a release uploads
+/// what is left.
+const TAKEOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// `vpool vol ...`.
 pub(super) fn run(
     client: &Client,
@@ -144,17 +171,11 @@ pub(super) fn run(
             let info = client.create_volume_with(name, *size, *ephemeral)?;
             out.emit(&info, created_text)
         }
-        VolCommand::List { pool, all } => {
-            let vols = if *all {
-                every_pools_volumes(client)?
-            } else {
-                client.clone().in_pool(pool.as_deref()).list_volumes()?
-            };
-            out.emit(&vpool_api::VolumeList { volumes: vols }, |l| {
-                render_volume_table(&l.volumes)
-            })
-        }
+        VolCommand::List { pool, all } => list(client, out, pool.as_deref(), *all),
         VolCommand::Info { name } => info(client, home, out, name),
+        VolCommand::Status { .. } | VolCommand::Takeover { .. } | VolCommand::Release { .. } => {
+            ownership(client, out, cmd)
+        }
         VolCommand::Resize {
             name,
             size,
@@ -201,6 +222,50 @@ pub(super) fn run(
             })
         }
         other => run_lineage(client, out, show_progress, other),
+    }
+}
+
+/// `vol list`: one pool's volumes (with owners, for a shared pool), or
+/// every pool's.
+fn list(client: &Client, out: Output, pool: Option<&str>, all: bool) -> anyhow::Result<()> {
+    let list = if all {
+        vpool_api::VolumeList {
+            volumes: every_pools_volumes(client)?,
+            shared: None,
+        }
+    } else {
+        client.clone().in_pool(pool).list_volumes_full()?
+    };
+    out.emit(&list, |l| match &l.shared {
+        Some(shared) => render_shared_table(shared),
+        None => render_volume_table(&l.volumes),
+    })
+}
+
+/// `vol status`, `vol takeover`, `vol release`: who owns a volume of a
+/// shared pool, and moving it.
+fn ownership(client: &Client, out: Output, cmd: &VolCommand) -> anyhow::Result<()> {
+    let slow = client.clone().with_timeout(TAKEOVER_TIMEOUT);
+    match cmd {
+        VolCommand::Status { name } => {
+            let st = client.volume_owner(name)?;
+            out.emit(&st, render_shared_status)
+        }
+        VolCommand::Takeover { name, force } => {
+            let st = slow.takeover_volume(name, *force)?;
+            out.emit(&st, |s| {
+                format!("{name}: owned by this host ({})\n", owner_text(s))
+            })
+        }
+        VolCommand::Release { name, force } => {
+            slow.release_volume(name, *force).map_err(hint_force)?;
+            out.emit(&serde_json::json!({ "released": name }), |_| {
+                format!(
+                    "released volume {name}: everything is in the bucket and its lease is free\n"
+                )
+            })
+        }
+        _ => unreachable!("ownership() is called for status, takeover and release only"),
     }
 }
 

@@ -1,0 +1,177 @@
+//! Shared pools on S3 as the binary opens them: [`BucketShared`], the
+//! host's [`SharedStore`] on `vpool-s3` (the layout and why are in
+//! `vpool_s3::shared` and `docs/multi-host.md`).
+//!
+//! The shared pool's directory holds its `pool.json` (`"shared": true`)
+//! and, in `vols/<volume>/`, the cache of each volume this host owns: an
+//! ordinary S3 pool cache whose `pool.json` names the family's prefix
+//! (`<pool URL>/vols/<id>`) and repeats the shared pool's settings.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use vpool_s3::shared::{self, FamilyOwner as BucketOwner};
+use vpool_s3::{OpenError, Remote};
+use vpool_service::{ErrorKind, FamilyOwner, S3Spec, SharedStore};
+
+use crate::s3pool::{PoolFile, S3PoolSettings};
+
+/// A shared pool's bucket; see the module doc.
+pub struct BucketShared {
+    name: String,
+    file: PoolFile,
+    remote: Remote,
+}
+
+impl BucketShared {
+    /// The shared pool whose directory's `pool.json` is `file`: connects
+    /// and checks the bucket holds a shared pool. Blocking.
+    pub fn open(name: &str, file: PoolFile) -> anyhow::Result<BucketShared> {
+        let remote = file.connect()?;
+        shared::check_shared(&remote)
+            .with_context(|| format!("opening the shared pool at {}", file.url))?;
+        Ok(BucketShared {
+            name: name.to_string(),
+            file,
+            remote,
+        })
+    }
+
+    /// What `pool create`/`attach` of family `id` are given: the shared
+    /// pool's settings at the family's URL, its cache in `dir`.
+    fn family_settings(&self, id: &str, dir: &Path) -> S3PoolSettings {
+        let f = &self.file;
+        S3PoolSettings {
+            spec: S3Spec {
+                url: format!(
+                    "{}/{}",
+                    f.url.trim_end_matches('/'),
+                    shared::family_prefix(id)
+                ),
+                endpoint: f.endpoint.clone(),
+                region: f.region.clone(),
+                credentials_file: f.credentials_file.clone(),
+                cache_size_bytes: f.cache_size_bytes,
+                seal_after_secs: Some(f.seal_after_secs),
+                backpressure_timeout_secs: Some(f.backpressure_timeout_secs),
+                read_timeout_secs: Some(f.read_timeout_secs),
+                lease_expire_secs: Some(f.lease_expire_secs),
+                shared: false,
+            },
+            cache_dir: dir.to_path_buf(),
+        }
+    }
+
+    fn id_of(&self, vol: &str) -> vpool_service::Result<String> {
+        shared::lookup(&self.remote, vol)
+            .map_err(bucket_error)?
+            .ok_or_else(|| {
+                vpool_service::Error::new(
+                    ErrorKind::NotFound,
+                    format!("shared pool {} has no volume {vol}", self.name),
+                )
+            })
+    }
+
+    fn family_name(&self, vol: &str) -> String {
+        format!("{}/{vol}", self.name)
+    }
+}
+
+fn bucket_error(e: OpenError) -> vpool_service::Error {
+    let kind = match &e {
+        OpenError::Corrupt(_) => ErrorKind::Corrupt,
+        _ => ErrorKind::Failed,
+    };
+    vpool_service::Error::new(kind, e.to_string())
+}
+
+fn failed(e: anyhow::Error) -> vpool_service::Error {
+    vpool_service::Error::new(ErrorKind::Failed, format!("{e:#}"))
+}
+
+impl SharedStore for BucketShared {
+    fn names(&self) -> vpool_service::Result<Vec<String>> {
+        shared::list_names(&self.remote).map_err(bucket_error)
+    }
+
+    fn owner(&self, vol: &str) -> vpool_service::Result<FamilyOwner> {
+        let id = self.id_of(vol)?;
+        let family = self.remote.child(&shared::family_prefix(&id));
+        let o: BucketOwner = shared::family_owner(&family).map_err(bucket_error)?;
+        Ok(FamilyOwner {
+            holder: o.holder,
+            host: o.host,
+            epoch: o.epoch,
+            generation: o.generation,
+            lease_expire_ms: o.lease_expire_ms,
+            segments: o.segments,
+        })
+    }
+
+    fn create(&self, vol: &str, dir: &Path) -> vpool_service::Result<()> {
+        let Some(id) = shared::claim_name(&self.remote, vol).map_err(bucket_error)? else {
+            return Err(vpool_service::Error::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "shared pool {} has a volume {vol} already (`vpool vol status {}/{vol}` says who owns it)",
+                    self.name, self.name
+                ),
+            ));
+        };
+        let settings = self.family_settings(&id, dir);
+        crate::s3pool::create(Some(&self.family_name(vol)), &settings, false)
+            .map(|_| ())
+            .map_err(|e| {
+                failed(e.context(format!(
+                    "the name {vol} is claimed (family {id}) but its family could not be made"
+                )))
+            })
+    }
+
+    fn attach(&self, vol: &str, dir: &Path) -> vpool_service::Result<()> {
+        let id = self.id_of(vol)?;
+        let settings = self.family_settings(&id, dir);
+        crate::s3pool::attach(Some(&self.family_name(vol)), &settings)
+            .map(|_| ())
+            .map_err(failed)
+    }
+
+    fn delete_name(&self, vol: &str) -> vpool_service::Result<String> {
+        shared::delete_name(&self.remote, vol)
+            .map_err(bucket_error)?
+            .ok_or_else(|| {
+                vpool_service::Error::new(
+                    ErrorKind::NotFound,
+                    format!("shared pool {} has no volume {vol}", self.name),
+                )
+            })
+    }
+
+    fn delete_family(&self, id: &str) -> vpool_service::Result<()> {
+        let n = shared::delete_family(&self.remote, id).map_err(bucket_error)?;
+        tracing::info!(pool = %self.name, family = id, objects = n, "family deleted from the bucket");
+        Ok(())
+    }
+
+    fn forget(&self, dir: &Path) {
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not remove a released volume's cache");
+        }
+    }
+}
+
+/// Whether `dir` is a shared pool's directory (its `pool.json` says so).
+pub fn is_shared_dir(dir: &Path) -> anyhow::Result<Option<PoolFile>> {
+    Ok(PoolFile::load(dir)?.filter(|f| f.shared))
+}
+
+/// The name a shared pool's directory had when it was attached (for
+/// messages), else its directory's name.
+pub fn pool_name(dir: &Path, file: &PoolFile) -> String {
+    file.name.clone().unwrap_or_else(|| {
+        dir.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| PathBuf::from(dir).display().to_string())
+    })
+}
