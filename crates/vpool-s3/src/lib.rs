@@ -8,6 +8,7 @@
 //!   manifest, a pool's summary, the probe of the store's create-only PUT.
 //! - [`store`]: [`S3Store`], the engine's [`vpool_store::SegmentStore`] on an
 //!   object store: write-back log, ordered upload, read cache, back-pressure.
+//! - [`journal`]: the flush journal of a pool with remote durability.
 //! - [`shared`]: shared pools (many hosts, a family per volume): the
 //!   pool's identity, its volume names, who owns each family.
 //! - [`stats`]: [`CacheStats`], the cache's figures, also the API's wire
@@ -18,14 +19,15 @@
 //! code runs on S3 (AWS, Ceph RGW, MinIO, Garage), on a local directory
 //! (`file://`) and in memory (`memory://`, tests).
 //!
-//! Without the default `remote` feature only [`manifest`] and [`stats`] are
-//! built: the fuzzer needs the manifest's decoder and the API crate the
-//! figures, neither an HTTP stack.
+//! Without the default `remote` feature only [`manifest`], [`journal`],
+//! [`shared`] and [`stats`] are built: the fuzzer needs their decoders and
+//! the API crate the figures, neither an HTTP stack.
 
 #[cfg(feature = "remote")]
 pub mod bucket;
 #[cfg(feature = "remote")]
 pub mod faults;
+pub mod journal;
 pub mod manifest;
 #[cfg(feature = "remote")]
 pub mod remote;
@@ -36,6 +38,7 @@ pub mod store;
 
 #[cfg(feature = "remote")]
 pub use bucket::{PoolSummary, pool_summary, probe_fencing};
+pub use journal::Durability;
 pub use manifest::Fencing;
 #[cfg(feature = "remote")]
 pub use remote::{Remote, RemoteError, RetryPolicy};

@@ -60,6 +60,12 @@ pub struct CacheStats {
     pub fencing: String,
     /// Set once another host took the pool over: this daemon's writes fail.
     pub fenced: Option<String>,
+    /// What a FLUSH promises: `host` (durable in this cache) or `remote`
+    /// (durable in the bucket, through the flush journal).
+    pub durability: String,
+    /// Flush-journal entries this daemon wrote, and their bytes.
+    pub journal_entries: u64,
+    pub journal_bytes: u64,
 }
 
 #[cfg(test)]
@@ -79,7 +85,7 @@ mod tests {
             r#""bytes_uploaded":0,"upload_mb_per_s":0.0,"upload_lag_bytes":0,"#,
             r#""upload_lag_seconds":0.0,"remote_errors":0,"last_error":null,"#,
             r#""generation":0,"segments_in_bucket":0,"holder":"","fencing":"","#,
-            r#""fenced":null}"#
+            r#""fenced":null,"durability":"","journal_entries":0,"journal_bytes":0}"#
         );
         assert_eq!(text, want);
         let c: CacheStats =

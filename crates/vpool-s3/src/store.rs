@@ -40,7 +40,10 @@
 //! - `read`: the read cache: fetches, read-ahead, eviction by punching
 //!   holes, pins;
 //! - `writeback`: dirty bytes and their bound;
-//! - `segment_store`: the engine's view, `SegmentStore` and `OpenSegment`.
+//! - `segment_store`: the engine's view, `SegmentStore` and `OpenSegment`;
+//! - `journal`: remote durability: a FLUSH writes the flush journal
+//!   (`crate::journal`) before it is acknowledged; opening fences the old
+//!   holder's journal and replays it; commits drop what they cover.
 //!
 //! Lock order: `punch` (RwLock) before `index`; `up` is never held across
 //! I/O to the remote.
@@ -48,6 +51,7 @@
 //! [`SegmentStore`]: vpool_store::SegmentStore
 //! [`SegmentStore::admit_write`]: vpool_store::SegmentStore::admit_write
 
+mod journal;
 mod lease;
 mod open;
 mod read;
@@ -60,6 +64,7 @@ pub use lease::{
 };
 pub use open::is_cache_dir;
 
+use crate::journal::Durability;
 use crate::manifest::{Holder, Manifest};
 use crate::remote::{Remote, RemoteError};
 use crate::stats::CacheStats;
@@ -116,6 +121,8 @@ pub struct S3PoolOptions {
     pub mode: OpenMode,
     /// How the lease is renewed, and when it expires.
     pub lease: LeaseTiming,
+    /// What a FLUSH promises (`journal`).
+    pub durability: Durability,
 }
 
 impl S3PoolOptions {
@@ -131,6 +138,7 @@ impl S3PoolOptions {
             readahead_max_bytes: 4 << 20,
             mode,
             lease: LeaseTiming::default(),
+            durability: Durability::Host,
         }
     }
 }
@@ -184,6 +192,8 @@ struct Dirty {
     sealed_at: Option<Instant>,
     /// In the uploader's current round: a deletion then waits for a commit.
     uploading: bool,
+    /// Bytes in the flush journal (remote durability); from the start.
+    journaled: u64,
 }
 
 /// An operation waiting to be committed, in queue order.
@@ -249,6 +259,8 @@ struct Counters {
     segments_uploaded: AtomicU64,
     bytes_uploaded: AtomicU64,
     upload_nanos: AtomicU64,
+    journal_entries: AtomicU64,
+    journal_bytes: AtomicU64,
 }
 
 /// What every handle of an [`S3Store`] shares.
@@ -290,6 +302,8 @@ struct Inner {
     /// When the heartbeat of the last renewal that succeeded was sent
     /// (`clock_ns`); the lease taken at open counts as one.
     renewed_at_ns: AtomicU64,
+    /// The flush journal: one writer at a time (group commit).
+    journal: Mutex<journal::JournalState>,
 }
 
 impl Inner {
@@ -329,6 +343,7 @@ impl Inner {
             prefetcher: Mutex::new(None),
             renewer: Mutex::new(None),
             renewed_at_ns: AtomicU64::new(lease::boottime_ns()),
+            journal: Mutex::new(journal::JournalState::default()),
         }
     }
 
@@ -445,6 +460,9 @@ impl S3Store {
             holder: inner.holder.name(),
             fencing,
             fenced: self.fenced(),
+            durability: inner.opts.durability.to_string(),
+            journal_entries: c.journal_entries.load(Ordering::Relaxed),
+            journal_bytes: c.journal_bytes.load(Ordering::Relaxed),
         }
     }
 }

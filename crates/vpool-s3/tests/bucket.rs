@@ -13,7 +13,7 @@ use common::*;
 use rand::{Rng, SeedableRng};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use vpool_s3::{OpenError, OpenMode, S3Store};
+use vpool_s3::{Durability, OpenError, OpenMode, S3Store};
 use vpool_store::StoreError;
 
 const MIB: u64 = 1 << 20;
@@ -118,6 +118,134 @@ fn the_bucket_is_always_a_prefix_of_the_history() {
         "uploads happened during the run"
     );
     close(pool, store);
+}
+
+/// Options of a pool with remote durability whose segments are sealed
+/// after `seal_after_ms` (the journal carries what is not uploaded).
+fn remote_opts(
+    cache: &std::path::Path,
+    mode: OpenMode,
+    seal_after_ms: u64,
+) -> vpool_s3::S3PoolOptions {
+    let mut o = opts(cache, 256 * MIB, mode);
+    o.durability = Durability::Remote;
+    o.seal_after = Duration::from_millis(seal_after_ms);
+    o
+}
+
+/// Remote durability, crashed at random moments: a copy of the bucket
+/// frozen at any moment, opened by a new host (the writer and its cache
+/// lost), holds every write flushed before the copy began, and is a
+/// prefix of the history. Uploads, the cleaner and the journal's deletion
+/// run meanwhile.
+#[test]
+fn remote_durability_keeps_every_flushed_write_in_the_bucket() {
+    let t = tempfile::tempdir().unwrap();
+    let bucket = Bucket::new(&t.path().join("bucket"));
+    let (pool, store) = open(
+        bucket.remote(),
+        remote_opts(&t.path().join("c1"), create(), 400),
+    );
+    let blocks = 1024;
+    pool.create_volume("v", blocks * BLOCK).unwrap();
+    let vol = pool.volume("v").unwrap();
+    let mut log = WriteLog::default();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let mut frozen = Vec::new();
+    for round in 0..10 {
+        for _ in 0..rng.gen_range(100..900) {
+            log.write(&vol, rng.gen_range(0..blocks));
+            if rng.gen_ratio(1, 32) {
+                pool.flush().unwrap();
+            }
+        }
+        pool.flush().unwrap();
+        let flushed = log.writes.len() as u64;
+        // Writes after the last flush may or may not be there.
+        for _ in 0..rng.gen_range(0..40) {
+            log.write(&vol, rng.gen_range(0..blocks));
+        }
+        bucket.faults.down.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(200));
+        let copy = t.path().join(format!("frozen{round}"));
+        copy_tree(&bucket.dir, &copy);
+        bucket.faults.down.store(false, Ordering::SeqCst);
+        frozen.push((copy, flushed));
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..600)));
+    }
+    let s = store.stats();
+    assert!(s.journal_entries > 0 && s.segments_uploaded > 0, "{s:?}");
+    for (i, (copy, flushed)) in frozen.iter().enumerate() {
+        let b = Bucket::new(copy);
+        let (p, st) = open(
+            b.remote(),
+            remote_opts(&t.path().join(format!("cc{i}")), open_mode(true), 400),
+        );
+        let k = log.check_prefix(&p.volume("v").unwrap(), blocks);
+        assert!(
+            k >= *flushed,
+            "copy {i}: {k} writes recovered, {flushed} were flushed"
+        );
+        p.close().unwrap();
+        st.close();
+    }
+    close(pool, store);
+    // A clean close leaves no journal behind (only the bucket's segments).
+    let left: Vec<_> = std::fs::read_dir(bucket.dir.join("journal"))
+        .map(|d| {
+            d.flatten()
+                .flat_map(|e| std::fs::read_dir(e.path()).unwrap().flatten())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "journal entries left after a clean close: {left:?}"
+    );
+}
+
+/// A takeover closes the old holder's journal with a tombstone: the new
+/// holder has every write the old one flushed before, and the old one is
+/// fenced by its next flush, before its lease is even renewed.
+#[test]
+fn a_takeover_s_tombstone_fences_the_old_holder_s_next_flush() {
+    let t = tempfile::tempdir().unwrap();
+    let bucket = Bucket::new(&t.path().join("bucket"));
+    // Nothing is sealed by time: only the journal holds A's writes.
+    let (pool_a, store_a) = open(
+        bucket.remote(),
+        remote_opts(&t.path().join("a"), create(), 600_000),
+    );
+    pool_a.create_volume("v", 4 * MIB).unwrap();
+    let vol_a = pool_a.volume("v").unwrap();
+    let mut log = WriteLog::default();
+    for b in 0..100 {
+        log.write(&vol_a, b);
+    }
+    pool_a.flush().unwrap();
+    assert_eq!(store_a.stats().segments_uploaded, 0);
+
+    let (pool_b, store_b) = open(
+        bucket.remote(),
+        remote_opts(&t.path().join("b"), open_mode(true), 600_000),
+    );
+    assert_eq!(log.check_prefix(&pool_b.volume("v").unwrap(), 1024), 100);
+
+    // Its next write or flush fails (its maintenance thread's own flush
+    // may have met the tombstone first).
+    let e = vol_a
+        .write(0, &block_data(999, 0))
+        .and_then(|()| pool_a.flush())
+        .expect_err("the old holder must be fenced");
+    assert!(
+        e.to_string().contains("fenced") || e.to_string().contains("tombstone"),
+        "{e}"
+    );
+    assert!(store_a.fenced().is_some());
+    assert_eq!(log.check_prefix(&pool_b.volume("v").unwrap(), 1024), 100);
+    let _ = pool_a.close();
+    assert!(!store_a.close());
+    close(pool_b, store_b);
 }
 
 #[test]

@@ -127,6 +127,31 @@ impl LocalDirStore {
         sync_dir(&self.segments_dir)
     }
 
+    /// Writes `data` at `offset` of segment `id`, creating its file if
+    /// missing: bytes recovered from elsewhere (an object store's flush
+    /// journal) for a segment this directory does not hold whole. Durable
+    /// on return.
+    pub fn write_recovered(&self, id: SegmentId, offset: u64, data: &[u8]) -> Result<()> {
+        let path = self.segment_path(id);
+        let existed = path.exists();
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| StoreError::io(format!("opening {}", path.display()), e))?;
+        file.write_all_at(data, offset)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| StoreError::io(format!("writing {}", path.display()), e))?;
+        self.read_files.lock().remove(&id);
+        if existed {
+            Ok(())
+        } else {
+            sync_dir(&self.segments_dir)
+        }
+    }
+
     fn read_file(&self, id: SegmentId) -> Result<Arc<File>> {
         if let Some(f) = self.read_files.lock().get(&id) {
             return Ok(f.clone());

@@ -125,6 +125,9 @@ pub struct PoolFile {
     /// caches of the volumes this host owns, each in `vols/<volume>`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shared: bool,
+    /// What a FLUSH promises: `host` or `remote` (the flush journal).
+    #[serde(default)]
+    pub durability: vpool_s3::Durability,
 }
 
 /// Secrets must not ride in URLs, where they would land in `pool.json`,
@@ -234,6 +237,7 @@ impl PoolFile {
         o.read_timeout = Duration::from_secs_f64(self.read_timeout_secs);
         o.lease =
             vpool_s3::LeaseTiming::expiring_after(Duration::from_secs_f64(self.lease_expire_secs));
+        o.durability = self.durability;
         o
     }
 
@@ -296,6 +300,10 @@ fn pool_file(
         lease_expire_secs: s.lease_expire_secs.unwrap_or_else(default_lease_expire),
         unsafe_single_host,
         shared: s.shared,
+        durability: match &s.durability {
+            Some(d) => d.parse().map_err(|e: String| anyhow::anyhow!(e))?,
+            None => vpool_s3::Durability::Host,
+        },
     };
     if f.shared && unsafe_single_host {
         bail!(
@@ -592,6 +600,7 @@ mod tests {
                 read_timeout_secs: None,
                 lease_expire_secs: None,
                 shared: false,
+                durability: None,
             },
             cache_dir: "/tmp/x".into(),
         }

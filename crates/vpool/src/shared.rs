@@ -57,6 +57,7 @@ impl BucketShared {
                 read_timeout_secs: Some(f.read_timeout_secs),
                 lease_expire_secs: Some(f.lease_expire_secs),
                 shared: false,
+                durability: Some(f.durability.to_string()),
             },
             cache_dir: dir.to_path_buf(),
         }

@@ -139,9 +139,14 @@ impl S3Store {
             epoch: base.generation + 1,
             lease_expire_ms: Some(u64::try_from(opts.lease.expire.as_millis()).unwrap_or(u64::MAX)),
         };
+        if let Some((old, seen)) = &expired {
+            // Before the journal's tombstone fences the old holder.
+            check_still_expired(&remote, old, seen)?;
+        }
         let store = S3Store {
-            inner: Arc::new(Inner::new(local, remote, opts, holder, base)),
+            inner: Arc::new(Inner::new(local, remote, opts, holder, base.clone())),
         };
+        store.replay_journal(&base)?;
         store.reconcile(stale)?;
         if let Some((old, seen)) = &expired {
             check_still_expired(&store.inner.remote, old, seen)?;
@@ -248,6 +253,7 @@ impl S3Store {
         local_segs: &BTreeMap<u64, u64>,
     ) -> std::result::Result<BTreeMap<u64, Dirty>, OpenError> {
         let max_uploaded = m.segments.last().map(|s| s.id).unwrap_or(0);
+        let replayed = self.inner.journal.lock().replayed.clone();
         let mut dirty = BTreeMap::new();
         for (&id, &len) in local_segs {
             if m.segment(id).is_some() {
@@ -264,6 +270,7 @@ impl S3Store {
                     synced: len,
                     sealed_at: Some(Instant::now()),
                     uploading: false,
+                    journaled: replayed.get(&id).copied().unwrap_or(0).min(len),
                 },
             );
         }

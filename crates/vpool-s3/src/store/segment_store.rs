@@ -13,9 +13,12 @@
 //! - once the store is fenced, creating, appending, syncing, truncating and
 //!   metadata updates fail with `StoreError::Fenced`;
 //! - while its lease is not renewed (`lease`), writes, flushes and reads
-//!   are refused (`StoreError::Unavailable`), until it is.
+//!   are refused (`StoreError::Unavailable`), until it is;
+//! - with remote durability, a flush is admitted once the flush journal
+//!   holds every byte appended before it (`journal`).
 
 use super::S3Store;
+use crate::journal::Durability;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use vpool_store::{OpenSegment, Result, SegmentId, SegmentStore, StoreError};
@@ -132,7 +135,10 @@ impl SegmentStore for S3Store {
 
     fn delete_segment(&self, id: SegmentId) -> Result<()> {
         let mut up = self.inner.up.lock();
-        if up.forget_unsent(id.0) {
+        // With remote durability a segment is uploaded even if deleted: a
+        // gap in the bucket's history would cut the journaled log after it.
+        let may_forget = self.inner.opts.durability == Durability::Host;
+        if may_forget && up.forget_unsent(id.0) {
             drop(up);
             self.inner.up_cv.notify_all();
             self.inner.files.lock().remove(&id.0);
@@ -172,7 +178,14 @@ impl SegmentStore for S3Store {
     }
 
     fn admit_flush(&self) -> Result<()> {
-        self.check_lease()
+        self.check_lease()?;
+        if self.inner.opts.durability == Durability::Remote {
+            self.check_fenced()?;
+            self.journal_flush()?;
+            // The journal's PUTs may have outlasted the lease.
+            self.check_lease()?;
+        }
+        Ok(())
     }
 
     fn admit_read(&self) -> Result<()> {

@@ -229,7 +229,9 @@ impl S3Store {
                 dropped_segments,
                 dropped_meta,
             } = commit;
+            let max_listed = manifest.segments.last().map_or(0, |s| s.id);
             self.apply_commit(&work.segments, manifest, &dropped_segments);
+            self.collect_journal(max_listed);
             self.evict();
             self.delete_unlisted(&dropped_segments, &dropped_meta, generation);
         }

@@ -127,6 +127,7 @@ impl Up {
                 synced: 0,
                 sealed_at: None,
                 uploading: false,
+                journaled: 0,
             },
         );
     }
@@ -157,6 +158,7 @@ impl Up {
             let cut = d.len - len;
             d.len = len;
             d.synced = d.synced.min(len);
+            d.journaled = d.journaled.min(len);
             self.dirty_bytes -= cut;
         }
     }

@@ -117,6 +117,10 @@ pub struct S3Spec {
     /// out by itself.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shared: bool,
+    /// What a FLUSH promises: `host` (the default: durable in this host's
+    /// cache) or `remote` (durable in the bucket).
+    #[serde(default)]
+    pub durability: Option<String>,
 }
 
 /// Turns a pool directory into an open pool, and a directory into the

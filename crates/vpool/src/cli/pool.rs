@@ -356,6 +356,12 @@ pub struct S3PoolArgs {
     /// finds out by itself.
     #[arg(long, requires = "url")]
     pub shared: bool,
+    /// What a FLUSH promises: `host` (default; durable in this host's
+    /// cache, the bucket lags by the seal interval) or `remote` (durable
+    /// in the bucket: a flush writes the flush journal first, so losing
+    /// this host loses no flushed write).
+    #[arg(long, value_name = "host|remote", requires = "url")]
+    pub durability: Option<vpool_s3::Durability>,
 }
 
 impl S3PoolArgs {
@@ -388,6 +394,7 @@ impl S3PoolArgs {
             read_timeout_secs: self.read_timeout,
             lease_expire_secs: self.lease_expire,
             shared: self.shared,
+            durability: self.durability.map(|d| d.to_string()),
         })
     }
 }

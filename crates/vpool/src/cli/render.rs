@@ -175,6 +175,7 @@ pub fn render_cache_stats(c: &CacheInfo) -> String {
          generation:   {} ({} segments in the bucket)\n\
          holder:       {} (fencing: {})\n\
          fenced:       {}\n\
+         durability:   {}\n\
 ",
         c.remote,
         c.cache_dir,
@@ -208,6 +209,15 @@ pub fn render_cache_stats(c: &CacheInfo) -> String {
         match &c.fenced {
             Some(why) => format!("YES: another host took the pool over; writes fail ({why})"),
             None => "no".to_string(),
+        },
+        if c.durability == "remote" {
+            format!(
+                "remote: a flush is in the bucket when acknowledged ({} journal entries, {})",
+                c.journal_entries,
+                format_size(c.journal_bytes)
+            )
+        } else {
+            "host: a flush is in this cache; the bucket lags by the seal interval".to_string()
         },
     )
 }

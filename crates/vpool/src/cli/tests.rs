@@ -168,12 +168,22 @@ fn renders_cache_stats_and_pins() {
     assert!(t.contains("pinned:       1 GiB (2 pins)\n"), "{t}");
     assert!(t.contains("upload lag:   32 MiB, 3.1 s\n"), "{t}");
     assert!(t.contains("85.2 MB/s"), "{t}");
-    assert!(t.ends_with("fenced:       no\n"), "{t}");
+    assert!(t.contains("fenced:       no\n"), "{t}");
+    assert!(
+        t.ends_with(
+            "durability:   host: a flush is in this cache; the bucket lags by the seal interval\n"
+        ),
+        "{t}"
+    );
     let t = render_cache_stats(&CacheInfo {
         fenced: Some("taken over by host2".into()),
+        durability: "remote".into(),
+        journal_entries: 12,
+        journal_bytes: 3 << 20,
         ..c
     });
     assert!(t.contains("fenced:       YES"), "{t}");
+    assert!(t.contains("durability:   remote: a flush is in the bucket when acknowledged (12 journal entries, 3 MiB)\n"), "{t}");
     assert_eq!(render_pins(&[]), "no pins\n");
     let t = render_pins(&[
         PinInfo {
