@@ -9,7 +9,13 @@ use vpool_s3::journal::{EntryKind, JournalEntry, MAX_ENTRY_DATA};
 fuzz_target!(|data: &[u8]| {
     if let Ok(e) = JournalEntry::decode(data) {
         assert_eq!(e.encode(), data);
-        if let EntryKind::Data { offset, data, segment } = &e.kind {
+        if let EntryKind::Data {
+            offset,
+            data,
+            segment,
+            ..
+        } = &e.kind
+        {
             assert!(*segment != 0 && !data.is_empty());
             assert!(data.len() as u64 <= MAX_ENTRY_DATA);
             assert!(offset.checked_add(data.len() as u64).is_some());

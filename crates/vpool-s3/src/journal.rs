@@ -9,14 +9,21 @@
 //! ```text
 //! journal/<epoch:016x>/<seq:016x>      create-only; seq 1, 2, 3, ... per epoch
 //!
-//!  0        8       16      24        32       40      48        52     56     60      64
-//!  +--------+-------+-------+---------+--------+-------+---------+------+------+-------+----------+
-//!  | magic  | epoch |  seq  | segment | offset |  len  |data_crc | kind | zero |h_crc  | data ... |
-//!  |VPJNL001|  u64  |  u64  |   u64   |  u64   |  u64  |   u32   | u32  | u32  | u32   | len bytes|
-//!  +--------+-------+-------+---------+--------+-------+---------+------+------+-------+----------+
+//!  0        8       16      24        32       40      48        52     56      60      64
+//!  +--------+-------+-------+---------+--------+-------+---------+------+-------+-------+----------+
+//!  | magic  | epoch |  seq  | segment | offset |  len  |data_crc | kind | flags |h_crc  | data ... |
+//!  |VPJNL001|  u64  |  u64  |   u64   |  u64   |  u64  |   u32   | u32  |  u32  | u32   | len bytes|
+//!  +--------+-------+-------+---------+--------+-------+---------+------+-------+-------+----------+
 //!  little-endian; h_crc = CRC-32C of bytes 0..60; data_crc = CRC-32C of the data
 //!  kind 1: data (segment's bytes [offset, offset + len)); kind 2: tombstone (no data)
+//!  flags bit 0 (data only): the last piece of a flush
 //! ```
+//!
+//! A flush may need several pieces (several segments, or more than
+//! [`MAX_ENTRY_DATA`]); only its last ends where a record ends. Replay
+//! applies the pieces of a flush only once it has its last one, so a host
+//! that died between two pieces leaves no torn record behind (which a
+//! later recovery would take for the log's end, and cut what follows).
 //!
 //! **Fencing.** A host that takes a volume over first creates the old
 //! holder's next entry as a *tombstone*. Create-only decides the race: an
@@ -42,6 +49,7 @@ pub const MAX_ENTRY_DATA: u64 = 16 << 20;
 const MAGIC: &[u8; 8] = b"VPJNL001";
 const KIND_DATA: u32 = 1;
 const KIND_TOMBSTONE: u32 = 2;
+const FLAG_END_OF_FLUSH: u32 = 1;
 
 /// What a FLUSH of a pool on S3 promises.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -84,6 +92,9 @@ pub enum EntryKind {
         segment: u64,
         offset: u64,
         data: Vec<u8>,
+        /// The last piece of its flush: the bytes up to here end where a
+        /// record ends.
+        end_of_flush: bool,
     },
     /// The holder of this epoch was fenced here: nothing after it counts.
     Tombstone,
@@ -119,13 +130,20 @@ pub fn parse_entry_key(key: &str) -> Option<(u64, u64)> {
 impl JournalEntry {
     /// The object's bytes.
     pub fn encode(&self) -> Vec<u8> {
-        let (kind, segment, offset, data): (u32, u64, u64, &[u8]) = match &self.kind {
+        let (kind, segment, offset, data, flags): (u32, u64, u64, &[u8], u32) = match &self.kind {
             EntryKind::Data {
                 segment,
                 offset,
                 data,
-            } => (KIND_DATA, *segment, *offset, data),
-            EntryKind::Tombstone => (KIND_TOMBSTONE, 0, 0, &[]),
+                end_of_flush,
+            } => (
+                KIND_DATA,
+                *segment,
+                *offset,
+                data,
+                if *end_of_flush { FLAG_END_OF_FLUSH } else { 0 },
+            ),
+            EntryKind::Tombstone => (KIND_TOMBSTONE, 0, 0, &[], 0),
         };
         let mut out = Vec::with_capacity(HEADER_LEN + data.len());
         out.extend_from_slice(MAGIC);
@@ -134,7 +152,7 @@ impl JournalEntry {
         }
         out.extend_from_slice(&crc32c::crc32c(data).to_le_bytes());
         out.extend_from_slice(&kind.to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&flags.to_le_bytes());
         let h_crc = crc32c::crc32c(&out[..60]);
         out.extend_from_slice(&h_crc.to_le_bytes());
         debug_assert_eq!(out.len(), HEADER_LEN);
@@ -166,8 +184,9 @@ impl JournalEntry {
         if crc32c::crc32c(data) != u32_at(48) {
             return Err("data checksum mismatch".into());
         }
-        if u32_at(56) != 0 {
-            return Err("reserved field is not zero".into());
+        let flags = u32_at(56);
+        if flags & !FLAG_END_OF_FLUSH != 0 {
+            return Err(format!("unknown flags {flags:#x}"));
         }
         let kind = match u32_at(52) {
             KIND_DATA => {
@@ -181,9 +200,12 @@ impl JournalEntry {
                     segment,
                     offset,
                     data: data.to_vec(),
+                    end_of_flush: flags == FLAG_END_OF_FLUSH,
                 }
             }
-            KIND_TOMBSTONE if len == 0 && segment == 0 && offset == 0 => EntryKind::Tombstone,
+            KIND_TOMBSTONE if len == 0 && segment == 0 && offset == 0 && flags == 0 => {
+                EntryKind::Tombstone
+            }
             k => return Err(format!("unknown kind {k} (or a tombstone with data)")),
         };
         Ok(JournalEntry { epoch, seq, kind })
@@ -203,6 +225,7 @@ mod tests {
                 segment: 12,
                 offset: 4096,
                 data: vec![5; 1000],
+                end_of_flush: true,
             },
         };
         let bytes = e.encode();

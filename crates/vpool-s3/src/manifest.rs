@@ -67,6 +67,10 @@ pub struct Holder {
     /// (a holder from before leases expired): never, only by force.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_expire_ms: Option<u64>,
+    /// When this holder took the lease (Unix milliseconds, its own clock);
+    /// informational (`vol list` shows it), never used to decide anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_unix_ms: Option<u64>,
 }
 
 /// Whether the store's conditional create was found atomic when the pool
@@ -292,6 +296,7 @@ mod tests {
             pid: 1,
             epoch: 3,
             lease_expire_ms: Some(30_000),
+            since_unix_ms: Some(1_765_000_000_000),
         });
         m.segments = vec![
             SegmentEntry {

@@ -267,6 +267,8 @@ pub struct FamilyOwner {
     pub epoch: Option<u64>,
     /// The holder's lease expiry, in milliseconds.
     pub lease_expire_ms: Option<u64>,
+    /// When the holder took the lease (Unix milliseconds, its clock).
+    pub since_unix_ms: Option<u64>,
     /// Segments in the bucket.
     pub segments: u64,
 }
@@ -281,6 +283,7 @@ pub fn family_owner(family: &Remote) -> Result<FamilyOwner, OpenError> {
             host: None,
             epoch: None,
             lease_expire_ms: None,
+            since_unix_ms: None,
             segments: 0,
         });
     };
@@ -291,6 +294,7 @@ pub fn family_owner(family: &Remote) -> Result<FamilyOwner, OpenError> {
         host: m.holder.as_ref().map(|h| h.host.clone()),
         epoch: m.holder.as_ref().map(|h| h.epoch),
         lease_expire_ms: m.holder.as_ref().and_then(|h| h.lease_expire_ms),
+        since_unix_ms: m.holder.as_ref().and_then(|h| h.since_unix_ms),
         segments: m.segments.len() as u64,
     })
 }

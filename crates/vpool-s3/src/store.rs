@@ -304,6 +304,8 @@ struct Inner {
     renewed_at_ns: AtomicU64,
     /// The flush journal: one writer at a time (group commit).
     journal: Mutex<journal::JournalState>,
+    /// The journal's entries a commit may make useless.
+    journal_entries: Mutex<journal::JournalEntries>,
 }
 
 impl Inner {
@@ -344,6 +346,7 @@ impl Inner {
             renewer: Mutex::new(None),
             renewed_at_ns: AtomicU64::new(lease::boottime_ns()),
             journal: Mutex::new(journal::JournalState::default()),
+            journal_entries: Mutex::new(Vec::new()),
         }
     }
 

@@ -204,6 +204,34 @@ fn remote_durability_keeps_every_flushed_write_in_the_bucket() {
     );
 }
 
+/// After B took the pool over from A (each a (pool, store)): A's next
+/// write or flush fails, fenced, and B holds the first `n` writes of `log`
+/// and none of A's later ones. Closes both.
+fn old_holder_is_fenced(
+    a: (vpool_engine::Pool, S3Store),
+    b: (vpool_engine::Pool, S3Store),
+    log: &WriteLog,
+    n: u64,
+) {
+    let (pool_a, store_a) = a;
+    let (pool_b, store_b) = b;
+    // Its maintenance thread's own flush may meet the tombstone first.
+    let e = pool_a
+        .volume("v")
+        .and_then(|v| v.write(0, &block_data(999, 0)))
+        .and_then(|()| pool_a.flush())
+        .expect_err("the old holder must be fenced");
+    assert!(
+        e.to_string().contains("fenced") || e.to_string().contains("tombstone"),
+        "{e}"
+    );
+    assert!(store_a.fenced().is_some());
+    assert_eq!(log.check_prefix(&pool_b.volume("v").unwrap(), 1024), n);
+    let _ = pool_a.close();
+    assert!(!store_a.close());
+    close(pool_b, store_b);
+}
+
 /// A takeover closes the old holder's journal with a tombstone: the new
 /// holder has every write the old one flushed before, and the old one is
 /// fenced by its next flush, before its lease is even renewed.
@@ -230,22 +258,114 @@ fn a_takeover_s_tombstone_fences_the_old_holder_s_next_flush() {
         remote_opts(&t.path().join("b"), open_mode(true), 600_000),
     );
     assert_eq!(log.check_prefix(&pool_b.volume("v").unwrap(), 1024), 100);
+    old_holder_is_fenced((pool_a, store_a), (pool_b, store_b), &log, 100);
+}
 
-    // Its next write or flush fails (its maintenance thread's own flush
-    // may have met the tombstone first).
-    let e = vol_a
-        .write(0, &block_data(999, 0))
-        .and_then(|()| pool_a.flush())
-        .expect_err("the old holder must be fenced");
-    assert!(
-        e.to_string().contains("fenced") || e.to_string().contains("tombstone"),
-        "{e}"
+/// The tombstone must land above the old holder's next entry even when
+/// commits deleted its journal (its segments uploaded): the holder keeps
+/// its newest entry, so a taker knows where it stands, and the old
+/// holder's next flush fails instead of being acknowledged unseen.
+#[test]
+fn a_takeover_after_uploads_still_fences_the_old_holder_s_journal() {
+    let t = tempfile::tempdir().unwrap();
+    let bucket = Bucket::new(&t.path().join("bucket"));
+    let (pool_a, store_a) = open(
+        bucket.remote(),
+        remote_opts(&t.path().join("a"), create(), 100),
     );
-    assert!(store_a.fenced().is_some());
+    pool_a.create_volume("v", 4 * MIB).unwrap();
+    let vol_a = pool_a.volume("v").unwrap();
+    let mut log = WriteLog::default();
+    for b in 0..100 {
+        log.write(&vol_a, b);
+        if b % 10 == 9 {
+            pool_a.flush().unwrap();
+        }
+    }
+    assert!(store_a.wait_uploaded(Duration::from_secs(20)));
+    // Commits deleted every entry of A but its newest.
+    let epoch_dir = std::fs::read_dir(bucket.dir.join("pool/journal"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(&epoch_dir).unwrap().count() > 1 {
+        assert!(Instant::now() < deadline, "A's journal was not collected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(std::fs::read_dir(&epoch_dir).unwrap().count(), 1);
+
+    let (pool_b, store_b) = open(
+        bucket.remote(),
+        remote_opts(&t.path().join("b"), open_mode(true), 100),
+    );
     assert_eq!(log.check_prefix(&pool_b.volume("v").unwrap(), 1024), 100);
-    let _ = pool_a.close();
-    assert!(!store_a.close());
+    old_holder_is_fenced((pool_a, store_a), (pool_b, store_b), &log, 100);
+}
+
+/// A holder that died between two pieces of one flush (the flush was never
+/// acknowledged) leaves a piece without the end-of-flush flag: replay must
+/// not apply it, or the next recovery would find a torn record and cut
+/// what follows. Here the torn piece claims a new segment: it must not
+/// appear, and everything flushed before is there.
+#[test]
+fn a_flush_torn_between_its_pieces_is_not_replayed() {
+    use vpool_s3::journal::{EntryKind, JournalEntry, entry_key};
+    let t = tempfile::tempdir().unwrap();
+    let bucket = Bucket::new(&t.path().join("bucket"));
+    let (pool_a, store_a) = open(
+        bucket.remote(),
+        remote_opts(&t.path().join("a"), create(), 600_000),
+    );
+    pool_a.create_volume("v", 4 * MIB).unwrap();
+    let vol_a = pool_a.volume("v").unwrap();
+    let mut log = WriteLog::default();
+    for b in 0..50 {
+        log.write(&vol_a, b);
+    }
+    pool_a.flush().unwrap();
+    // A dies: its bucket as it stands, frozen.
+    bucket.faults.down.store(true, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(200));
+    let copy = t.path().join("frozen");
+    copy_tree(&bucket.dir, &copy);
+    bucket.faults.down.store(false, Ordering::SeqCst);
+    let frozen = Bucket::new(&copy);
+    // A's next entry, as if A died after sending the first piece of a
+    // flush: garbage for a segment far ahead, no end-of-flush flag.
+    let epoch = store_a.generation();
+    let epoch_dir = copy.join(format!("pool/journal/{epoch:016x}"));
+    let next = std::fs::read_dir(&epoch_dir).unwrap().count() as u64 + 1;
+    let torn = JournalEntry {
+        epoch,
+        seq: next,
+        kind: EntryKind::Data {
+            segment: 9999,
+            offset: 0,
+            data: vec![0xee; 4096],
+            end_of_flush: false,
+        },
+    };
+    frozen
+        .remote()
+        .put_create(&entry_key(epoch, next), torn.encode().into(), None, &|| {
+            false
+        })
+        .unwrap();
+    let (pool_b, store_b) = open(
+        frozen.remote(),
+        remote_opts(&t.path().join("b"), open_mode(true), 600_000),
+    );
+    assert_eq!(log.check_prefix(&pool_b.volume("v").unwrap(), 1024), 50);
+    let seg = t
+        .path()
+        .join("b/segments")
+        .join(format!("{:016x}.seg", 9999));
+    assert!(!seg.exists(), "the torn piece was replayed");
     close(pool_b, store_b);
+    close(pool_a, store_a);
 }
 
 #[test]

@@ -106,6 +106,7 @@ impl SharedStore for BucketShared {
             epoch: o.epoch,
             generation: o.generation,
             lease_expire_ms: o.lease_expire_ms,
+            since_unix_ms: o.since_unix_ms,
             segments: o.segments,
         })
     }

@@ -124,12 +124,28 @@ fn a_shared_pool_s_volumes_move_between_hosts() {
         for v in vols {
             assert_eq!(v["here"], v["name"] == mine, "{l}");
             assert!(v["holder"].is_string() && v["epoch"].is_u64(), "{l}");
+            // Taken within the last minutes, by this machine's clock.
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64;
+            let since = v["since_unix_ms"].as_u64().expect("since when");
+            assert!(since <= now_ms && now_ms - since < 600_000, "{l}");
+            let durability = if v["here"] == true { "host" } else { "null" };
+            assert_eq!(
+                v["durability"].to_string().trim_matches('"'),
+                durability,
+                "{l}"
+            );
         }
         assert_eq!(l["volumes"].as_array().unwrap().len(), 1, "{l}");
     }
     let table = run_ok(&home_a, &["vol", "list", "--pool", "shared"]);
     assert!(
-        table.contains("OWNER") && table.contains("db1") && table.contains("web"),
+        table.contains("OWNER")
+            && table.contains("SINCE")
+            && table.contains("db1")
+            && table.contains("web"),
         "{table}"
     );
 

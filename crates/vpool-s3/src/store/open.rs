@@ -138,6 +138,7 @@ impl S3Store {
             pid: std::process::id(),
             epoch: base.generation + 1,
             lease_expire_ms: Some(u64::try_from(opts.lease.expire.as_millis()).unwrap_or(u64::MAX)),
+            since_unix_ms: Some(u64::try_from(super::now_unix_nanos() / 1_000_000).unwrap_or(0)),
         };
         if let Some((old, seen)) = &expired {
             // Before the journal's tombstone fences the old holder.
@@ -415,6 +416,9 @@ impl S3Store {
         }
         if drained {
             self.release(m);
+            // Released: no taker needs this epoch's newest entry to place
+            // a tombstone, and every segment is in the bucket.
+            self.collect_journal(u64::MAX, true);
         } else {
             tracing::warn!(
                 "closing with data not yet in the object store; it stays in the cache and is uploaded when the pool is next opened"

@@ -231,7 +231,7 @@ impl S3Store {
             } = commit;
             let max_listed = manifest.segments.last().map_or(0, |s| s.id);
             self.apply_commit(&work.segments, manifest, &dropped_segments);
-            self.collect_journal(max_listed);
+            self.collect_journal(max_listed, false);
             self.evict();
             self.delete_unlisted(&dropped_segments, &dropped_meta, generation);
         }

@@ -45,6 +45,9 @@ pub struct FamilyOwner {
     pub generation: Option<u64>,
     /// After how long without renewal another host may take it over.
     pub lease_expire_ms: Option<u64>,
+    /// When the owner took it (Unix milliseconds, the owner's clock).
+    #[serde(default)]
+    pub since_unix_ms: Option<u64>,
     /// Segments in the bucket.
     pub segments: u64,
 }
@@ -65,6 +68,9 @@ pub struct SharedVolumeStatus {
     pub nbd_connections: Option<u64>,
     #[serde(default)]
     pub unuploaded_bytes: Option<u64>,
+    /// When owned here: what a FLUSH promises (`host` or `remote`).
+    #[serde(default)]
+    pub durability: Option<String>,
 }
 
 /// What a shared pool's bucket does for the host. Blocking.
@@ -357,12 +363,15 @@ impl SharedCtx {
             size_bytes: None,
             nbd_connections: None,
             unuploaded_bytes: None,
+            durability: None,
         };
         if let Some(f) = self.read_owned().get(vol).cloned() {
             out.here = true;
             out.size_bytes = f.service.volume(vol).ok().map(|v| v.info.size_bytes);
             out.nbd_connections = Some(f.service.catalog().nbd_connections_total() as u64);
-            out.unuploaded_bytes = f.cache.as_ref().map(|c| c.stats().dirty_bytes);
+            let stats = f.cache.as_ref().map(|c| c.stats());
+            out.unuploaded_bytes = stats.as_ref().map(|s| s.dirty_bytes);
+            out.durability = stats.map(|s| s.durability);
         }
         Ok(out)
     }

@@ -371,6 +371,24 @@ pub fn owner_text(s: &vpool_api::SharedVolumeStatus) -> String {
     }
 }
 
+/// How long ago `since_unix_ms` was, roughly: `42s`, `5m`, `3h`, `12d`
+/// (`-` if unknown; clocks of two hosts may disagree a little).
+fn age_text(since_unix_ms: Option<u64>) -> String {
+    let Some(since) = since_unix_ms else {
+        return "-".into();
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let s = now_ms.saturating_sub(since) / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
 /// `vol list` of a shared pool: every volume with its owner.
 pub fn render_shared_table(vols: &[vpool_api::SharedVolumeStatus]) -> String {
     if vols.is_empty() {
@@ -383,6 +401,10 @@ pub fn render_shared_table(vols: &[vpool_api::SharedVolumeStatus]) -> String {
                 v.name.clone(),
                 v.owner.holder.clone().unwrap_or_else(|| "-".into()),
                 v.owner.epoch.map_or("-".into(), |e| e.to_string()),
+                match v.owner.holder {
+                    Some(_) => age_text(v.owner.since_unix_ms),
+                    None => "-".into(),
+                },
                 if v.here { "yes" } else { "no" }.to_string(),
                 v.size_bytes.map_or("-".into(), format_size),
                 v.unuploaded_bytes.map_or("-".into(), format_size),
@@ -390,7 +412,15 @@ pub fn render_shared_table(vols: &[vpool_api::SharedVolumeStatus]) -> String {
         })
         .collect();
     render_table(
-        &["NAME", "OWNER", "EPOCH", "HERE", "SIZE", "NOT_IN_BUCKET"],
+        &[
+            "NAME",
+            "OWNER",
+            "EPOCH",
+            "SINCE",
+            "HERE",
+            "SIZE",
+            "NOT_IN_BUCKET",
+        ],
         &rows,
     )
 }
@@ -402,6 +432,12 @@ pub fn render_shared_status(s: &vpool_api::SharedVolumeStatus) -> String {
         s.name,
         owner_text(s)
     );
+    if s.owner.holder.is_some() && s.owner.since_unix_ms.is_some() {
+        out.push_str(&format!(
+            "owned for:      {}\n",
+            age_text(s.owner.since_unix_ms)
+        ));
+    }
     if let Some(ms) = s.owner.lease_expire_ms {
         out.push_str(&format!(
             "lease expires:  {} s without renewal\n",
@@ -421,6 +457,9 @@ pub fn render_shared_status(s: &vpool_api::SharedVolumeStatus) -> String {
     }
     if let Some(b) = s.unuploaded_bytes {
         out.push_str(&format!("not in bucket:  {}\n", format_size(b)));
+    }
+    if let Some(d) = &s.durability {
+        out.push_str(&format!("durability:     {d}\n"));
     }
     out
 }
