@@ -208,6 +208,13 @@ impl RecordHeader {
             return Err(DecodeError::HeaderChecksum);
         }
         let kind = RecordKind::from_u8(b[4]).ok_or(DecodeError::UnknownKind(b[4]))?;
+        // The flags byte and the two after it are written as zeros (no flag
+        // is defined): anything else is not a header this format wrote.
+        if b[5..8] != [0, 0, 0] {
+            return Err(DecodeError::Inconsistent(
+                "reserved header bytes are not zero",
+            ));
+        }
         let h = RecordHeader {
             kind,
             seq: le_u64(b, 8),
@@ -861,6 +868,22 @@ mod tests {
         out.extend_from_slice(&crcs);
         out.extend_from_slice(data);
         out
+    }
+
+    /// Found by the fuzzer: a header with its flags or reserved bytes set
+    /// (and a checksum that covers them) decoded, and re-encoded to other
+    /// bytes.
+    #[test]
+    fn reserved_header_bytes_must_be_zero() {
+        let rec = write_record(1, &[1u8; 4096]);
+        assert!(RecordHeader::decode(&rec).is_ok());
+        for i in 5..8 {
+            let mut h = rec[..RECORD_HEADER_LEN].to_vec();
+            h[i] = 1;
+            let crc = crc32c::crc32c(&h[..60]);
+            h[60..64].copy_from_slice(&crc.to_le_bytes());
+            assert!(RecordHeader::decode(&h).is_err(), "byte {i}");
+        }
     }
 
     #[test]
