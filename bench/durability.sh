@@ -37,15 +37,8 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-endpoint=${VPOOL_TEST_S3_ENDPOINT:?no S3 endpoint: . /tmp/vpool-ceph/env}
-bucket=${VPOOL_TEST_S3_BUCKET:?no S3 bucket}
-region=${AWS_REGION:-us-east-1}
-# shellcheck source=bench/s3-keys.sh
-. bench/s3-keys.sh
-fio --enghelp=nbd >/dev/null 2>&1 || { echo "this fio has no nbd engine" >&2; exit 1; }
-
-cargo build -q --release -p vpool
-vpool=$PWD/target/release/vpool
+# shellcheck source=bench/s3-bench.sh
+. bench/s3-bench.sh
 work=${BENCH_DIR:-$PWD/bench/out/durability}
 rm -rf "$work"; mkdir -p "$work"
 home=$work/home

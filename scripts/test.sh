@@ -3,7 +3,7 @@
 #
 #   scripts/test.sh                 all stages
 #   scripts/test.sh --skip fuzz     leave out a stage (repeatable):
-#                                   deps fmt clippy ceph test fuzz vm powercut
+#                                   deps fmt clippy ceph test fuzz vm migrate powercut
 #   scripts/test.sh --only test     run just these stages (repeatable)
 #
 # Stages, in order, each timed:
@@ -27,6 +27,11 @@
 #           volume served over NBD; the server is SIGKILLed between the
 #           boots. VM_SERVER=qemu-nbd runs the same boots against qemu-nbd
 #           (to check the harness itself).
+#   migrate vm/migrate.sh --hosts 2: a Linux VM (TCG) whose root disk is a
+#           volume of a shared pool on the RGW, live-migrated ten times
+#           between two vpool daemons (hosts A and B, a peer link each)
+#           while it writes and syncs checksummed records; every record is
+#           checked, and ownership must follow the VM. Needs the ceph stage.
 #   powercut vm/powercut.sh --rounds 4 --self-test --debug: vpool serve inside
 #           a QEMU (TCG) VM on ext4 on a virtio disk backed by a host file;
 #           the VM's power is cut (QEMU SIGKILLed) 4 times under NBD writes,
@@ -45,7 +50,7 @@ set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 1
 
-all_stages=(deps fmt clippy ceph test fuzz vm powercut)
+all_stages=(deps fmt clippy ceph test fuzz vm migrate powercut)
 skip=()
 only=()
 while [ $# -gt 0 ]; do
@@ -171,6 +176,14 @@ if wanted vm; then
             run_stage vm "server qemu-nbd" vm/boot-test.sh --server qemu-nbd ;;
         *) echo "test.sh: VM_SERVER must be vpool or qemu-nbd" >&2; failed=$((failed + 1)) ;;
     esac
+fi
+
+if wanted migrate; then
+    if [ -n "${VPOOL_TEST_S3_ENDPOINT:-}" ]; then
+        run_stage migrate "10 live migrations between two hosts" vm/migrate.sh --hosts 2
+    else
+        skip_stage migrate "no S3 endpoint (the ceph stage did not run)"
+    fi
 fi
 
 if wanted powercut; then

@@ -13,7 +13,9 @@
 set -euo pipefail
 
 VM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO=$(cd "$VM_DIR/.." && pwd)
+VM_PROG=boot-test
+# shellcheck source=vm/lib.sh
+. "$VM_DIR/lib.sh"
 
 server=vpool
 vpool_bin=
@@ -25,8 +27,6 @@ restart_signal=TERM
 boot_timeout=${VPOOL_VM_BOOT_TIMEOUT:-600}
 mem=${VPOOL_VM_MEM:-256}
 vol=root
-cache=${VPOOL_VM_CACHE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/vpool-vm}
-kernel_pkg=${VPOOL_VM_KERNEL_PKG:-}
 
 usage() {
     cat <<EOF
@@ -66,16 +66,13 @@ EOF
 }
 
 while [ $# -gt 0 ]; do
+    if common_option "$@"; then shift "$opt_shift"; continue; fi
     case "$1" in
         --server) server=${2:?--server needs a value}; shift 2 ;;
         --server=*) server=${1#*=}; shift ;;
-        --vpool-bin) vpool_bin=${2:?--vpool-bin needs a value}; shift 2 ;;
         --release) vpool_profile=release; shift ;;
-        --workdir) workdir=${2:?--workdir needs a value}; shift 2 ;;
-        --keep) keep=1; shift ;;
         --no-restart-server) restart_server=0; shift ;;
         --kill-server) restart_signal=KILL; shift ;;
-        --timeout) boot_timeout=${2:?--timeout needs a value}; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "boot-test: unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -85,100 +82,34 @@ case "$server" in
     *) echo "boot-test: --server must be vpool or qemu-nbd, not '$server'" >&2; exit 2 ;;
 esac
 
-log() { printf 'boot-test: %s\n' "$*"; }
-die() { printf 'boot-test: FAIL: %s\n' "$*" >&2; exit 1; }
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
-
-for tool in qemu-system-x86_64 qemu-img cpio gzip mkfs.ext4 debugfs sha256sum timeout; do
-    command -v "$tool" >/dev/null 2>&1 || die "$tool not found (run scripts/install-deps.sh)"
-done
-busybox=
-for b in /bin/busybox /usr/bin/busybox; do
-    if [ -x "$b" ] && ! ldd "$b" >/dev/null 2>&1; then busybox=$b; break; fi
-done
-[ -n "$busybox" ] || die "no static busybox found (apt-get install busybox-static)"
+need_tools qemu-system-x86_64 qemu-img cpio gzip mkfs.ext4 debugfs sha256sum timeout
+find_busybox
 if [ "$server" = qemu-nbd ]; then
     command -v qemu-nbd >/dev/null 2>&1 || die "qemu-nbd not found (apt-get install qemu-utils)"
 fi
 
 # ---------------------------------------------------------------- work dir
-if [ -z "$workdir" ]; then
-    workdir=$(mktemp -d "${TMPDIR:-/tmp}/vpool-vm.XXXXXX")
-    [ "$keep" = 1 ] || cleanup_workdir=1
-else
-    mkdir -p "$workdir"
-    workdir=$(cd "$workdir" && pwd)
-fi
+make_workdir vpool-vm
 server_pid=
 # stop_server [SIGNAL]: TERM (default) and wait up to 20 s, then KILL.
-stop_server() {
-    local sig=${1:-TERM} i=0 rc=0
-    [ -n "$server_pid" ] || return 0
-    # stderr off for the whole block: bash reports a child killed by a signal
-    # ("Killed") when it reaps it, which may happen during the polling.
-    {
-        kill "-$sig" "$server_pid" || true
-        while kill -0 "$server_pid" && [ $i -lt 200 ]; do sleep 0.1; i=$((i + 1)); done
-        if kill -0 "$server_pid"; then
-            log "warning: $server did not exit within 20 s of SIG$sig; killing it"
-            kill -KILL "$server_pid" || true
-        fi
-        wait "$server_pid" || rc=$?
-    } 2>/dev/null
-    if [ "$sig" = TERM ] && [ $rc -ne 0 ]; then
-        log "warning: $server exited with status $rc after SIGTERM (log: $workdir/server.log)"
-    fi
-    server_pid=
-}
-cleanup() {
-    local rc=$?
-    stop_server
-    [ -z "${fetch_tmp:-}" ] || rm -rf "$fetch_tmp"
-    if [ "${cleanup_workdir:-0}" = 1 ] && [ $rc -eq 0 ]; then
-        rm -rf "$workdir"
-    elif [ $rc -ne 0 ]; then
-        echo "boot-test: logs and images kept in $workdir" >&2
-    fi
-    exit $rc
-}
+stop_server() { stop_process server_pid "$server" "$workdir/server.log" "${1:-TERM}"; }
+stop_all() { stop_server; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 t_start=$(now)
 
 # ---------------------------------------------------------------- kernel
-# shellcheck source=vm/kernel.sh
-. "$VM_DIR/kernel.sh"
 vm_kernel_prepare
 log "kernel $kernel_pkg, modules: $(tr '\n' ' ' < "$kdir/modules/order")"
 
 # ---------------------------------------------------------------- initramfs
 t=$(now)
-ird=$workdir/initramfs
-rm -rf "$ird"
-mkdir -p "$ird"/{bin,dev,proc,sys,newroot,lib/modules}
-cp "$busybox" "$ird/bin/busybox"
-ln -s busybox "$ird/bin/sh"
-cp "$VM_DIR/initramfs-init.sh" "$ird/init"
-chmod 755 "$ird/init"
-cp "$kdir"/modules/*.ko "$ird/lib/modules/" 2>/dev/null || true
-cp "$kdir/modules/order" "$ird/lib/modules/order"
-(cd "$ird" && find . -print0 | cpio --null -o -H newc --quiet | gzip -1) > "$workdir/initramfs.cpio.gz"
+initramfs_start initramfs-init.sh newroot
+initramfs_pack
 
 # ---------------------------------------------------------------- root fs
-rfd=$workdir/rootdir
-rm -rf "$rfd"
-mkdir -p "$rfd"/{bin,sbin,dev,proc,sys,tmp,data,etc}
-cp "$busybox" "$rfd/bin/busybox"
-for applet in $("$busybox" --list); do
-    [ "$applet" = busybox ] || ln -sf busybox "$rfd/bin/$applet"
-done
-cp "$VM_DIR/guest-init.sh" "$rfd/sbin/init"
-chmod 755 "$rfd/sbin/init"
-rm -f "$workdir/rootfs.img"
-truncate -s 64M "$workdir/rootfs.img"
-mkfs.ext4 -q -F -L vpoolroot -d "$rfd" "$workdir/rootfs.img" >/dev/null
+build_rootfs guest-init.sh 64
 log "initramfs and 64 MiB ext4 root fs built ($(elapsed "$t") s)"
 
 # ---------------------------------------------------------------- server
@@ -188,24 +119,7 @@ log "initramfs and 64 MiB ext4 root fs built ($(elapsed "$t") s)"
 sock=
 nbd_url() { printf 'nbd+unix:///%s?socket=%s' "$vol" "$sock"; }
 # wait_for DESC CMD...: until CMD succeeds, while the server lives, 60 s max.
-wait_for() {
-    local desc=$1 i=0
-    shift
-    until "$@" >/dev/null 2>&1; do
-        if ! kill -0 "$server_pid" 2>/dev/null; then
-            wait "$server_pid" 2>/dev/null || true
-            server_pid=
-            tail -n 20 "$workdir/server.log" >&2
-            die "$server exited while waiting for $desc (log: $workdir/server.log)"
-        fi
-        i=$((i + 1))
-        if [ $i -ge 600 ]; then
-            tail -n 20 "$workdir/server.log" >&2
-            die "$server: no $desc after 60 s (log: $workdir/server.log)"
-        fi
-        sleep 0.1
-    done
-}
+wait_for() { wait_alive server_pid "$server" "$workdir/server.log" "$@"; }
 start_server() {
     echo "=== start $server ($(date -u +%T))" >>"$workdir/server.log"
     case "$server" in
@@ -228,24 +142,8 @@ start_server() {
 wait_export() { wait_for "NBD export '$vol' on $sock" qemu-img info -f raw "$(nbd_url)"; }
 
 if [ "$server" = vpool ]; then
-    if [ -z "$vpool_bin" ]; then
-        t=$(now)
-        log "building vpool ($vpool_profile)"
-        profile_flag=()
-        [ "$vpool_profile" = release ] && profile_flag=(--release)
-        (cd "$REPO" && cargo build -q -p vpool --bin vpool "${profile_flag[@]}") ||
-            die "cargo build -p vpool failed"
-        target_dir=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
-            sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
-        vpool_bin=${target_dir:-$REPO/target}/$vpool_profile/vpool
-        log "vpool built ($(elapsed "$t") s)"
-    fi
-    [ -x "$vpool_bin" ] || die "vpool binary $vpool_bin not found"
-    vpool_bin=$(cd "$(dirname "$vpool_bin")" && pwd)/$(basename "$vpool_bin")
-    help=$("$vpool_bin" --help 2>&1 || true)
-    if ! grep -qw serve <<<"$help" || ! grep -qw vol <<<"$help"; then
-        die "$vpool_bin has no 'serve'/'vol' commands yet (vpool --help says: $(head -n 3 <<<"$help" | tr '\n' ' '))"
-    fi
+    find_vpool
+    need_vpool_cli
     export VPOOL_HOME=$workdir/vpool-home
     rm -rf "$VPOOL_HOME"
     mkdir -p "$VPOOL_HOME"
@@ -256,15 +154,7 @@ if [ "$server" = vpool ]; then
     log "imported rootfs.img as vpool volume '$vol' ($(elapsed "$t") s)"
     # The guest must see the volume, not the original file.
     mv "$workdir/rootfs.img" "$workdir/rootfs.orig.img"
-    i=0
-    while [ ! -S "$sock" ]; do
-        kill -0 "$server_pid" 2>/dev/null || wait_for "nbd.sock" false
-        i=$((i + 1))
-        if [ $i -ge 300 ]; then
-            die "vpool serve created no $sock within 30 s"
-        fi
-        sleep 0.1
-    done
+    wait_daemon_socket server_pid "vpool serve" "$workdir/server.log" "$sock"
 else
     start_server
 fi

@@ -7,27 +7,12 @@
 #   VPOOL-BOOT-TEST: PASS sha256=...
 #   VPOOL-BOOT-TEST: FAIL (...)
 export PATH=/bin:/sbin
-mount -t proc proc /proc 2>/dev/null
-mount -t sysfs sysfs /sys 2>/dev/null
-mount -t devtmpfs devtmpfs /dev 2>/dev/null
+# guest_mounts, kernel_arg, finish (flush, print the marker, power off).
+# shellcheck source=vm/guest-lib.sh
+. /lib/guest-lib.sh
+guest_mounts
 
-phase=
-read -r cmdline < /proc/cmdline
-for arg in $cmdline; do
-    case "$arg" in
-        vpool_phase=*) phase=${arg#vpool_phase=} ;;
-    esac
-done
-
-finish() {
-    # Flush the filesystem to the NBD server before the VM disappears.
-    sync
-    mount -o remount,ro / || echo "guest: remount ro failed"
-    sync
-    echo "$1"
-    sync
-    poweroff -f
-}
+phase=$(kernel_arg vpool_phase '')
 
 root_dev=$(awk '$2 == "/" && $1 != "rootfs" { print $1 }' /proc/mounts | tail -n 1)
 echo "guest: root is $root_dev, phase=$phase"

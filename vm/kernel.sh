@@ -1,9 +1,9 @@
 # shellcheck shell=bash disable=SC2012,SC2034,SC2154
-# The guest kernel for the VM tests (vm/boot-test.sh, vm/powercut.sh):
-# Debian's cloud kernel, fetched once with `apt-get download` and cached with
-# only the modules the guests need. Sourced; the caller defines log, die,
-# now and elapsed, and sets `cache` (the cache directory) and `kernel_pkg`
-# (a package to pin, or empty). `vm_kernel_prepare` sets `kernel_pkg` and
+# The guest kernel for the VM tests (vm/boot-test.sh, vm/migrate.sh,
+# vm/powercut.sh): Debian's cloud kernel, fetched once with `apt-get download`
+# and cached with only the modules the guests need. Sourced by vm/lib.sh,
+# which defines log, die, now and elapsed, and sets `cache` (the cache
+# directory) and `kernel_pkg` (a package to pin, or empty). `vm_kernel_prepare` sets `kernel_pkg` and
 # `kdir` (the package's cache directory: vmlinuz, config, modules/*.ko and
 # modules/order, the load order, dependencies first). While it downloads,
 # `fetch_tmp` names a directory the caller's exit trap should remove.

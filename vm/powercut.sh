@@ -14,7 +14,9 @@
 set -euo pipefail
 
 VM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO=$(cd "$VM_DIR/.." && pwd)
+VM_PROG=powercut
+# shellcheck source=vm/lib.sh
+. "$VM_DIR/lib.sh"
 CLIENT=$VM_DIR/powercut-client.py
 
 rounds=3
@@ -34,8 +36,6 @@ vpool_bin=
 vpool_profile=release
 workdir=
 keep=0
-cache=${VPOOL_VM_CACHE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/vpool-vm}
-kernel_pkg=${VPOOL_VM_KERNEL_PKG:-}
 
 usage() {
     cat <<EOF
@@ -97,6 +97,7 @@ EOF
 }
 
 while [ $# -gt 0 ]; do
+    if common_option "$@"; then shift "$opt_shift"; continue; fi
     case "$1" in
         --rounds) rounds=${2:?}; shift 2 ;;
         --seed) seed=${2:?}; shift 2 ;;
@@ -108,11 +109,7 @@ while [ $# -gt 0 ]; do
         --sectors) sectors=${2:?}; shift 2 ;;
         --mem) mem=${2:?}; shift 2 ;;
         --smp) smp=${2:?}; shift 2 ;;
-        --vpool-bin) vpool_bin=${2:?}; shift 2 ;;
         --debug) vpool_profile=debug; shift ;;
-        --workdir) workdir=${2:?}; shift 2 ;;
-        --keep) keep=1; shift ;;
-        --timeout) boot_timeout=${2:?}; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "powercut: unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -128,33 +125,16 @@ fi
 [ -n "$seed" ] || seed=$(( (RANDOM << 15) | RANDOM ))
 RANDOM=$seed
 
-log() { printf 'powercut: %s\n' "$*"; }
-die() { printf 'powercut: FAIL: %s\n' "$*" >&2; exit 1; }
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
-
 py=/usr/bin/python3
-for tool in qemu-system-x86_64 cpio gzip mkfs.ext4 ldd timeout; do
-    command -v "$tool" >/dev/null 2>&1 || die "$tool not found (run scripts/install-deps.sh)"
-done
+need_tools qemu-system-x86_64 cpio gzip mkfs.ext4 ldd timeout
 "$py" -c 'import nbd' 2>/dev/null || die "$py has no nbd module (apt-get install python3-libnbd)"
 if [ "$disk" != direct ] || [ "$self_test" = 1 ]; then
     command -v nbdkit >/dev/null 2>&1 || die "nbdkit not found (apt-get install nbdkit)"
 fi
-busybox=
-for b in /bin/busybox /usr/bin/busybox; do
-    if [ -x "$b" ] && ! ldd "$b" >/dev/null 2>&1; then busybox=$b; break; fi
-done
-[ -n "$busybox" ] || die "no static busybox found (apt-get install busybox-static)"
+find_busybox
 
 # ---------------------------------------------------------------- work dir
-if [ -z "$workdir" ]; then
-    workdir=$(mktemp -d "${TMPDIR:-/tmp}/vpool-powercut.XXXXXX")
-    [ "$keep" = 1 ] || cleanup_workdir=1
-else
-    mkdir -p "$workdir"
-    workdir=$(cd "$workdir" && pwd)
-fi
+make_workdir vpool-powercut
 qemu_pid='' nbdkit_pid='' client_pid=''
 # power_cut: SIGKILL QEMU, then the disk behind it (nbdkit): nothing the guest
 # had not written to its disk, and nothing the disk had not written to the
@@ -166,17 +146,9 @@ power_cut() {
     } 2>/dev/null || true
     qemu_pid='' nbdkit_pid=''
 }
-cleanup() {
-    local rc=$?
+stop_all() {
     power_cut
     [ -z "$client_pid" ] || { kill "$client_pid" 2>/dev/null; wait "$client_pid" 2>/dev/null; } || true
-    [ -z "${fetch_tmp:-}" ] || rm -rf "$fetch_tmp"
-    if [ "${cleanup_workdir:-0}" = 1 ] && [ $rc -eq 0 ]; then
-        rm -rf "$workdir"
-    elif [ $rc -ne 0 ]; then
-        echo "powercut: logs and images kept in $workdir" >&2
-    fi
-    exit $rc
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -185,38 +157,18 @@ t_start=$(now)
 log "seed $seed (--seed $seed replays the choices), work dir $workdir"
 
 # ---------------------------------------------------------------- kernel
-# shellcheck source=vm/kernel.sh
-. "$VM_DIR/kernel.sh"
 vm_kernel_prepare
 log "kernel $kernel_pkg"
 
 # ---------------------------------------------------------------- vpool
-if [ -z "$vpool_bin" ]; then
-    t=$(now)
-    log "building vpool ($vpool_profile)"
-    profile_flag=()
-    [ "$vpool_profile" = release ] && profile_flag=(--release)
-    (cd "$REPO" && cargo build -q -p vpool --bin vpool "${profile_flag[@]}") || die "cargo build -p vpool failed"
-    target_dir=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
-        sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
-    vpool_bin=${target_dir:-$REPO/target}/$vpool_profile/vpool
-    log "vpool built ($(elapsed "$t") s)"
-fi
-[ -x "$vpool_bin" ] || die "vpool binary $vpool_bin not found"
+find_vpool
 "$vpool_bin" serve --help 2>&1 | grep -q -- --nbd-listen || die "$vpool_bin serve has no --nbd-listen"
 
 # ---------------------------------------------------------------- initramfs
 # busybox, /init, the modules, vpool and the shared libraries it needs (as
 # ldd lists them, with the dynamic loader), the API token.
 t=$(now)
-ird=$workdir/initramfs
-rm -rf "$ird"
-mkdir -p "$ird"/{bin,dev,proc,sys,pool,etc,tmp,lib/modules}
-cp "$busybox" "$ird/bin/busybox"
-ln -s busybox "$ird/bin/sh"
-cp "$VM_DIR/powercut-init.sh" "$ird/init"
-chmod 755 "$ird/init"
-cp "$kdir"/modules/*.ko "$kdir/modules/order" "$ird/lib/modules/"
+initramfs_start powercut-init.sh pool etc tmp
 if command -v strip >/dev/null 2>&1; then
     strip -o "$ird/bin/vpool" "$vpool_bin"
 else
@@ -230,7 +182,7 @@ token_file=$workdir/api-token
 od -An -N24 -tx1 /dev/urandom | tr -d ' \n' > "$token_file"
 chmod 600 "$token_file"
 install -m 600 "$token_file" "$ird/etc/vpool-token"
-(cd "$ird" && find . -print0 | cpio --null -o -H newc --quiet | gzip -1) > "$workdir/initramfs.cpio.gz"
+initramfs_pack
 rm -rf "$ird"
 
 # The pool's disk: an ext4 filesystem on a sparse raw file, made here.
@@ -240,7 +192,6 @@ truncate -s "$pool_size" "$pool_img"
 mkfs.ext4 -q -F -L vpoolpool -E lazy_itable_init=0,lazy_journal_init=0 "$pool_img" >/dev/null
 log "initramfs ($(du -k "$workdir/initramfs.cpio.gz" | cut -f1) KiB) and $pool_size ext4 pool disk made ($(elapsed "$t") s)"
 
-free_port() { "$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 nbd_port=$(free_port)
 api_port=$(free_port)
 [ "$api_port" != "$nbd_port" ] || api_port=$(free_port)

@@ -341,12 +341,25 @@ impl Client {
         size_bytes: u64,
         ephemeral: bool,
     ) -> Result<VolumeInfo, ClientError> {
+        self.create_volume_durable(name, size_bytes, ephemeral, None)
+    }
+
+    /// [`Client::create_volume_with`], and for a shared pool's volume its
+    /// own `durability` (`host` or `remote`).
+    pub fn create_volume_durable(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        ephemeral: bool,
+        durability: Option<&str>,
+    ) -> Result<VolumeInfo, ClientError> {
         let name = self.qualify(name);
         let (pool, bare) = routes::split_pool(&name);
         let req = CreateVolumeRequest {
             name: bare.to_string(),
             size_bytes,
             ephemeral,
+            durability: durability.map(str::to_string),
         };
         self.json_call("POST", &routes::volumes(pool), Some(&req))
     }

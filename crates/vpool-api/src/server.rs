@@ -854,7 +854,12 @@ async fn create_volume(
             "pool {} is shared: its volumes are not ephemeral",
             sh.name
         ))),
-        Some(sh) => host.create_shared_volume(&sh, &req.name, req.size_bytes),
+        Some(sh) => {
+            host.create_shared_volume(&sh, &req.name, req.size_bytes, req.durability.as_deref())
+        }
+        None if req.durability.is_some() => Err(vpool_service::Error::invalid(
+            "durability is set per volume only in a shared pool; other pools have the pool's (`pool create --durability`)",
+        )),
         None => host.pool(pool.as_deref())?.service.create_volume(
             &req.name,
             req.size_bytes,

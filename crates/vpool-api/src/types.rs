@@ -122,6 +122,11 @@ pub struct CreateVolumeRequest {
     /// doing I/O), or when the daemon next starts.
     #[serde(default)]
     pub ephemeral: bool,
+    /// For a volume of a shared pool: what a FLUSH promises (`host` or
+    /// `remote`) on whichever host owns it. Other pools' durability is
+    /// the pool's (`pool create --durability`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durability: Option<String>,
 }
 
 /// `PATCH /v1/volumes/{name}`.

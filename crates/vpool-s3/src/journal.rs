@@ -33,8 +33,11 @@
 //! exists, and the taker has it.
 //!
 //! **Replay.** Opening replays, after the manifest's segments, every
-//! epoch's entries in (epoch, seq) order up to its first gap or tombstone,
-//! writing the data of segments the bucket does not hold into the cache.
+//! epoch's entries in (epoch, seq) order up to its tombstone, a whole flush
+//! at a time (the pieces of a flush whose end-of-flush piece is missing
+//! are dropped; missing seqs are entries that commits deleted, not an
+//! end), writing the data of segments the bucket does not hold into the
+//! cache.
 //! **Deletion.** Once a commit lists a segment, its entries are dropped.
 //!
 //! Everything here comes from the bucket and is checked

@@ -71,6 +71,11 @@ pub struct Holder {
     /// informational (`vol list` shows it), never used to decide anything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since_unix_ms: Option<u64>,
+    /// Where the holder's daemon serves the peer link (`host:port`), so
+    /// that hosts without the volume forward their clients' I/O to it;
+    /// `None`: it serves no peer link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
 }
 
 /// Whether the store's conditional create was found atomic when the pool
@@ -180,6 +185,15 @@ pub fn key_epoch(key: &str) -> Option<u64> {
     u64::from_str_radix(epoch, 16).ok()
 }
 
+/// Whether `s` may be a peer link address: `host:port`, at most 255
+/// printable ASCII bytes (it is given to the resolver, never to a shell).
+pub fn is_peer_address(s: &str) -> bool {
+    s.len() <= 255
+        && s.bytes().all(|b| b.is_ascii_graphic())
+        && s.rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0))
+}
+
 impl Holder {
     /// `host:pid`, as messages and `vpool cache stats` name a holder.
     pub fn name(&self) -> String {
@@ -266,6 +280,11 @@ impl Manifest {
         {
             return bad("the holder's lease expiry is out of range");
         }
+        if let Some(p) = self.holder.as_ref().and_then(|h| h.peer.as_deref())
+            && !is_peer_address(p)
+        {
+            return bad("the holder's peer address is not host:port");
+        }
         for (name, r) in &self.meta {
             if name.is_empty() || name.contains('/') || !r.key.starts_with(META_DIR) {
                 return bad("bad meta entry");
@@ -297,6 +316,7 @@ mod tests {
             epoch: 3,
             lease_expire_ms: Some(30_000),
             since_unix_ms: Some(1_765_000_000_000),
+            peer: Some("127.0.0.1:7000".into()),
         });
         m.segments = vec![
             SegmentEntry {

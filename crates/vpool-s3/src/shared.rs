@@ -7,6 +7,7 @@
 //! <prefix>/pool                  the shared pool's identity (create-only)
 //! <prefix>/names/<volume name>   {"id": "<32 hex>"}: the name's family (create-only)
 //! <prefix>/vols/<id>/...         the family: manifest/, segments/, meta/, lease/
+//! <prefix>/peer-secret           the peer link's secret, 64 hex digits (create-only)
 //! ```
 //!
 //! Names are claimed with a create-only PUT, so of two hosts creating one
@@ -36,6 +37,8 @@ pub const POOL_KEY: &str = "pool";
 pub const NAMES_DIR: &str = "names";
 /// Where the families are.
 pub const VOLS_DIR: &str = "vols";
+/// The peer link's secret.
+pub const PEER_SECRET_KEY: &str = "peer-secret";
 /// The identity's `kind`.
 pub const KIND: &str = "vpool-shared-pool";
 /// Most volumes a shared pool lists (each is a GET when listed).
@@ -68,6 +71,10 @@ pub struct SharedIdentity {
 pub struct NameRecord {
     /// The family's id: 32 lowercase hex digits (it is part of keys).
     pub id: String,
+    /// What a FLUSH of this volume promises (`host` or `remote`), on
+    /// whichever host owns it; `None`: the owner's setting for the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durability: Option<String>,
 }
 
 fn is_id(s: &str) -> bool {
@@ -87,6 +94,11 @@ impl NameRecord {
         let r: NameRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
         if !is_id(&r.id) {
             return Err(format!("{:?} is not a family id", r.id));
+        }
+        if let Some(d) = &r.durability
+            && !matches!(d.as_str(), "host" | "remote")
+        {
+            return Err(format!("durability {d:?} is not host or remote"));
         }
         Ok(r)
     }
@@ -171,9 +183,16 @@ pub fn check_shared(remote: &Remote) -> Result<SharedIdentity, OpenError> {
 #[cfg(feature = "remote")]
 /// Claims `name` for a new family; returns its id, or `None` if the name
 /// is taken.
-pub fn claim_name(remote: &Remote, name: &str) -> Result<Option<String>, OpenError> {
+pub fn claim_name(
+    remote: &Remote,
+    name: &str,
+    durability: Option<crate::Durability>,
+) -> Result<Option<String>, OpenError> {
     check_name(name)?;
-    let rec = NameRecord { id: random_id() };
+    let rec = NameRecord {
+        id: random_id(),
+        durability: durability.map(|d| d.to_string()),
+    };
     let body = serde_json::to_vec(&rec).expect("the record encodes");
     match remote.put_create(
         &name_key(name),
@@ -190,12 +209,18 @@ pub fn claim_name(remote: &Remote, name: &str) -> Result<Option<String>, OpenErr
 #[cfg(feature = "remote")]
 /// The id of the family named `name`; `None`: no such volume.
 pub fn lookup(remote: &Remote, name: &str) -> Result<Option<String>, OpenError> {
+    Ok(lookup_record(remote, name)?.map(|r| r.id))
+}
+
+#[cfg(feature = "remote")]
+/// The name record of volume `name`; `None`: no such volume.
+pub fn lookup_record(remote: &Remote, name: &str) -> Result<Option<NameRecord>, OpenError> {
     check_name(name)?;
     let Some(bytes) = remote.get(&name_key(name), deadline())? else {
         return Ok(None);
     };
     NameRecord::decode(&bytes)
-        .map(|r| Some(r.id))
+        .map(Some)
         .map_err(|e| OpenError::Corrupt(format!("{NAMES_DIR}/{name}: {e}")))
 }
 
@@ -271,6 +296,8 @@ pub struct FamilyOwner {
     pub since_unix_ms: Option<u64>,
     /// Segments in the bucket.
     pub segments: u64,
+    /// The holder's peer link address.
+    pub peer: Option<String>,
 }
 
 #[cfg(feature = "remote")]
@@ -285,6 +312,7 @@ pub fn family_owner(family: &Remote) -> Result<FamilyOwner, OpenError> {
             lease_expire_ms: None,
             since_unix_ms: None,
             segments: 0,
+            peer: None,
         });
     };
     let m = read_manifest(family, g, deadline())?;
@@ -296,7 +324,51 @@ pub fn family_owner(family: &Remote) -> Result<FamilyOwner, OpenError> {
         lease_expire_ms: m.holder.as_ref().and_then(|h| h.lease_expire_ms),
         since_unix_ms: m.holder.as_ref().and_then(|h| h.since_unix_ms),
         segments: m.segments.len() as u64,
+        peer: m.holder.as_ref().and_then(|h| h.peer.clone()),
     })
+}
+
+#[cfg(feature = "remote")]
+/// The shared pool's peer secret: 32 random bytes in `<prefix>/peer-secret`
+/// (64 hex digits), made by the first host that asks (create-only, so
+/// every host gets the same one). Whoever can read the bucket knows it:
+/// the peer link trusts the bucket's readers, as the data does.
+pub fn peer_secret(remote: &Remote) -> Result<[u8; 32], OpenError> {
+    for _ in 0..3 {
+        if let Some(bytes) = remote.get(PEER_SECRET_KEY, deadline())? {
+            return decode_secret(&bytes).ok_or_else(|| {
+                OpenError::Corrupt(format!("{PEER_SECRET_KEY}: not 64 hex digits"))
+            });
+        }
+        let fresh: [u8; 32] = rand::random();
+        let hex: String = fresh.iter().map(|b| format!("{b:02x}")).collect();
+        match remote.put_create(PEER_SECRET_KEY, Bytes::from(hex), Some(deadline()), &|| {
+            false
+        }) {
+            Ok(()) => return Ok(fresh),
+            Err(RemoteError::AlreadyExists { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(OpenError::Corrupt(format!(
+        "{PEER_SECRET_KEY}: created but not readable"
+    )))
+}
+
+/// 32 bytes from 64 lowercase hex digits.
+pub fn decode_secret(bytes: &[u8]) -> Option<[u8; 32]> {
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks(2).enumerate() {
+        let s = std::str::from_utf8(pair).ok()?;
+        if !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return None;
+        }
+        out[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
 }
 
 #[cfg(all(test, feature = "remote"))]
@@ -321,16 +393,20 @@ mod tests {
             create_shared(&r),
             Err(OpenError::PoolExists { .. })
         ));
-        let a = claim_name(&r, "db1")
+        let a = claim_name(&r, "db1", None)
             .unwrap()
             .expect("the first claim wins");
-        assert_eq!(claim_name(&r, "db1").unwrap(), None);
-        let b = claim_name(&r, "web").unwrap().unwrap();
+        assert_eq!(claim_name(&r, "db1", None).unwrap(), None);
+        let b = claim_name(&r, "web", Some(crate::Durability::Remote))
+            .unwrap()
+            .unwrap();
+        let rec = lookup_record(&r, "web").unwrap().unwrap();
+        assert_eq!(rec.durability.as_deref(), Some("remote"));
         assert_ne!(a, b);
         assert_eq!(lookup(&r, "db1").unwrap(), Some(a));
         assert_eq!(lookup(&r, "nope").unwrap(), None);
         assert_eq!(list_names(&r).unwrap(), vec!["db1", "web"]);
-        assert!(claim_name(&r, "../x").is_err());
+        assert!(claim_name(&r, "../x", None).is_err());
         let fam = Remote::new(
             bucket.clone(),
             &format!("shared/{}", family_prefix(&b)),
@@ -345,20 +421,36 @@ mod tests {
         assert_eq!(delete_family(&r, &b).unwrap(), 1);
         assert!(fam.list("", deadline()).unwrap().is_empty());
         assert_eq!(list_names(&r).unwrap(), vec!["db1"]);
+        let secret = peer_secret(&r).unwrap();
+        assert_eq!(
+            peer_secret(&r).unwrap(),
+            secret,
+            "every host gets the first one"
+        );
     }
 
     #[test]
     fn records_from_the_bucket_are_checked() {
         assert!(NameRecord::decode(br#"{"id":"0123456789abcdef0123456789abcdef"}"#).is_ok());
+        assert!(
+            NameRecord::decode(
+                br#"{"id":"0123456789abcdef0123456789abcdef","durability":"remote"}"#
+            )
+            .is_ok()
+        );
         for bad in [
             &br#"{"id":"../../x"}"#[..],
             br#"{"id":"0123456789ABCDEF0123456789abcdef"}"#,
             br#"{"id":"1","more":1}"#,
+            br#"{"id":"0123456789abcdef0123456789abcdef","durability":"disk"}"#,
             b"not json",
             &[b' '; 5000],
         ] {
             assert!(NameRecord::decode(bad).is_err(), "{bad:?}");
         }
         assert!(SharedIdentity::decode(br#"{"kind":"x","version":1,"id":"0"}"#).is_err());
+        assert_eq!(decode_secret(&[b'a'; 64]), Some([0xaa; 32]));
+        assert_eq!(decode_secret(&[b'A'; 64]), None);
+        assert_eq!(decode_secret(&[b'a'; 63]), None);
     }
 }

@@ -123,6 +123,9 @@ pub struct S3PoolOptions {
     pub lease: LeaseTiming,
     /// What a FLUSH promises (`journal`).
     pub durability: Durability,
+    /// This daemon's peer link address, recorded in the lease it takes
+    /// (`Holder::peer`).
+    pub peer: Option<String>,
 }
 
 impl S3PoolOptions {
@@ -139,6 +142,7 @@ impl S3PoolOptions {
             mode,
             lease: LeaseTiming::default(),
             durability: Durability::Host,
+            peer: None,
         }
     }
 }

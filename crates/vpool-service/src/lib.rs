@@ -33,7 +33,7 @@ pub use catalog::{Access, Catalog, TEMPLATE_SNAPSHOT, TemplateRecord};
 pub use error::{Error, ErrorKind, Result};
 pub use exports::PoolExports;
 pub use host::{
-    FamilyOwner, Host, HostExports, Opened, OpenedPool, Opener, PoolCtx, PoolKind, PoolSlot,
-    PoolState, S3Spec, SharedCtx, SharedStore, SharedVolumeStatus,
+    FamilyOwner, ForwardDevice, Host, HostExports, HostPeers, Opened, OpenedPool, Opener, PoolCtx,
+    PoolKind, PoolSlot, PoolState, S3Spec, SharedCtx, SharedStore, SharedVolumeStatus,
 };
 pub use pool::{PoolService, VolumeView};

@@ -93,6 +93,12 @@ pub struct DaemonConfig {
     /// For a pool on S3: take its write lease even from another daemon
     /// (`vpool serve --force`), which is fenced.
     pub takeover: bool,
+    /// Serve the peer link of shared pools here (`--peer-listen`): other
+    /// hosts forward their clients' I/O for the volumes this host owns.
+    pub peer_listen: Option<SocketAddr>,
+    /// The address other hosts reach the peer link at (`--peer-advertise`;
+    /// default: the bound address, which must then not be unspecified).
+    pub peer_advertise: Option<String>,
 }
 
 impl DaemonConfig {
@@ -110,6 +116,8 @@ impl DaemonConfig {
             nbd_config: nbd_server_config(),
             api_limits: ApiLimits::default(),
             takeover: false,
+            peer_listen: None,
+            peer_advertise: None,
         }
     }
 
@@ -180,6 +188,8 @@ pub struct Ready {
     pub tcp_addr: Option<SocketAddr>,
     pub nbd_socket: PathBuf,
     pub nbd_tcp_addr: Option<SocketAddr>,
+    /// The peer link's advertised address.
+    pub peer_addr: Option<String>,
 }
 
 /// Runs the daemon until `shutdown` completes; see the module docs.
@@ -203,8 +213,28 @@ pub async fn run_daemon_notify(
             config.api_socket.display()
         );
     }
-    let host = open_host(&config).await?;
-    let served = serve_host(&config, &host, shutdown, on_ready).await;
+    // Bound before the pools open: the leases they take record where it is.
+    let peer = bind_peer(&config)?;
+    let host = open_host(&config, peer.as_ref().map(|(_, a)| a.clone())).await?;
+    let peer_server = match peer {
+        Some((listener, addr)) => {
+            let backend = Arc::new(vpool_service::HostPeers::new(Arc::clone(&host)));
+            let server = vpool_peer::spawn(listener, backend).context("starting the peer link")?;
+            tracing::info!(listen = %server.addr(), advertised = %addr, "peer link serving");
+            Some((server, addr))
+        }
+        None => None,
+    };
+    let peer_addr = peer_server.as_ref().map(|(_, a)| a.clone());
+    let served = serve_host(&config, &host, shutdown, |ready: &Ready| {
+        let mut ready = ready.clone();
+        ready.peer_addr = peer_addr;
+        on_ready(&ready)
+    })
+    .await;
+    if let Some((server, _)) = peer_server {
+        server.shutdown();
+    }
     let closed = tokio::task::spawn_blocking(move || host.close_all()).await;
     served?;
     closed
@@ -218,12 +248,37 @@ pub async fn run_daemon_notify(
 /// The name of the pool in the daemon's home.
 pub const DEFAULT_POOL: &str = "local";
 
+/// Binds the peer link's listener (`--peer-listen`): the listener and the
+/// address other hosts reach it at.
+fn bind_peer(config: &DaemonConfig) -> anyhow::Result<Option<(std::net::TcpListener, String)>> {
+    let Some(listen) = config.peer_listen else {
+        return Ok(None);
+    };
+    let l = std::net::TcpListener::bind(listen)
+        .with_context(|| format!("listening for the peer link on {listen}"))?;
+    let bound = l
+        .local_addr()
+        .context("reading the peer listener's address")?;
+    let addr = match &config.peer_advertise {
+        Some(a) => a.clone(),
+        None if bound.ip().is_unspecified() => bail!(
+            "--peer-listen {listen} binds every address: say with --peer-advertise HOST:PORT where the other hosts reach this one"
+        ),
+        None => bound.to_string(),
+    };
+    if !vpool_s3::manifest::is_peer_address(&addr) {
+        bail!("the peer link address {addr:?} is not HOST:PORT");
+    }
+    Ok(Some((l, addr)))
+}
+
 /// Opens the host: the pool in the home and every pool `host.json` lists.
 /// The home held by another daemon is [`AlreadyRunning`].
-async fn open_host(config: &DaemonConfig) -> anyhow::Result<Arc<Host>> {
+async fn open_host(config: &DaemonConfig, peer: Option<String>) -> anyhow::Result<Arc<Host>> {
     let home = config.pool_dir.clone();
     let opener = DirOpener {
         pool_config: config.pool_config.clone(),
+        peer,
     };
     let force = config.takeover;
     // Everything, including the drop on failure, on a blocking thread: an
@@ -241,6 +296,8 @@ async fn open_host(config: &DaemonConfig) -> anyhow::Result<Arc<Host>> {
 /// pool on S3 (with its store, uploader and cache), and prepares S3 caches.
 struct DirOpener {
     pool_config: PoolConfig,
+    /// The peer link's address, recorded in the leases this host takes.
+    peer: Option<String>,
 }
 
 impl DirOpener {
@@ -253,7 +310,8 @@ impl DirOpener {
                 dir.display()
             );
         }
-        let (pool, _report, store, s3) = open_blocking(dir, self.pool_config.clone(), force)?;
+        let (pool, _report, store, s3) =
+            open_blocking(dir, self.pool_config.clone(), force, self.peer.as_deref())?;
         let finish = || -> anyhow::Result<OpenedPool> {
             let catalog =
                 Catalog::open(Arc::clone(&store)).context("loading the template records")?;
@@ -333,6 +391,10 @@ impl Opener for DirOpener {
     fn discard_s3(&self, dir: &Path) {
         crate::s3pool::discard_attach(dir);
     }
+
+    fn peer_addr(&self) -> Option<String> {
+        self.peer.clone()
+    }
 }
 
 /// What closes a pool's store after its engine: the cache's refresher
@@ -390,11 +452,12 @@ fn open_blocking(
     dir: &Path,
     pool_config: PoolConfig,
     takeover: bool,
+    peer: Option<&str>,
 ) -> anyhow::Result<OpenedParts> {
     let s3 = match PoolFile::load(dir)? {
         Some(file) => {
             tracing::info!(pool = %dir.display(), remote = %file.url, force = takeover, "opening the pool on object storage");
-            Some(crate::s3pool::open_store(dir, &file, takeover)?)
+            Some(crate::s3pool::open_store(dir, &file, takeover, peer)?)
         }
         None => {
             if takeover {
@@ -463,7 +526,7 @@ pub fn check_offline(dir: &Path, repair: bool) -> anyhow::Result<vpool_api::Chec
         background: false,
         ..PoolConfig::default()
     };
-    let (pool, report, _store, s3) = match open_blocking(dir, config, false) {
+    let (pool, report, _store, s3) = match open_blocking(dir, config, false, None) {
         Ok(o) => o,
         Err(e) => match e.downcast_ref::<EngineError>() {
             Some(EngineError::Damaged(report)) => {
@@ -606,6 +669,7 @@ async fn bind_listeners(config: &DaemonConfig) -> anyhow::Result<Listeners> {
         tcp_addr,
         nbd_socket: config.nbd_socket.clone(),
         nbd_tcp_addr,
+        peer_addr: None,
     };
     Ok(Listeners {
         api_unix,

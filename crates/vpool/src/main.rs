@@ -70,6 +70,8 @@ fn serve(cli: &Cli, pool: &std::path::Path, args: &ServeArgs) -> anyhow::Result<
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let mut config = DaemonConfig::new(pool);
     config.nbd_tcp = args.nbd_listen;
+    config.peer_listen = args.peer_listen;
+    config.peer_advertise = args.peer_advertise.clone();
     config.takeover = args.force;
     if let Some(n) = args.nbd_max_connections {
         config.nbd_config.max_connections = n as usize;

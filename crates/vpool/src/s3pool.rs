@@ -570,9 +570,15 @@ fn open_error(e: OpenError, file: &PoolFile, dir: &Path) -> anyhow::Error {
 
 /// Opens the S3 pool whose cache is `dir` for `vpool serve`, taking its
 /// write lease (from another holder too with `force`). Blocking.
-pub fn open_store(dir: &Path, file: &PoolFile, force: bool) -> anyhow::Result<S3Store> {
+pub fn open_store(
+    dir: &Path,
+    file: &PoolFile,
+    force: bool,
+    peer: Option<&str>,
+) -> anyhow::Result<S3Store> {
     let remote = file.connect()?;
-    let opts = file.options(dir, OpenMode::Open { force });
+    let mut opts = file.options(dir, OpenMode::Open { force });
+    opts.peer = peer.map(str::to_string);
     S3Store::open(remote, opts).map_err(|e| open_error(e, file, dir))
 }
 

@@ -39,8 +39,9 @@ impl BucketShared {
 
     /// What `pool create`/`attach` of family `id` are given: the shared
     /// pool's settings at the family's URL, its cache in `dir`.
-    fn family_settings(&self, id: &str, dir: &Path) -> S3PoolSettings {
+    fn family_settings(&self, id: &str, dir: &Path, durability: Option<&str>) -> S3PoolSettings {
         let f = &self.file;
+        let durability = durability.map_or_else(|| f.durability.to_string(), str::to_string);
         S3PoolSettings {
             spec: S3Spec {
                 url: format!(
@@ -57,14 +58,14 @@ impl BucketShared {
                 read_timeout_secs: Some(f.read_timeout_secs),
                 lease_expire_secs: Some(f.lease_expire_secs),
                 shared: false,
-                durability: Some(f.durability.to_string()),
+                durability: Some(durability),
             },
             cache_dir: dir.to_path_buf(),
         }
     }
 
-    fn id_of(&self, vol: &str) -> vpool_service::Result<String> {
-        shared::lookup(&self.remote, vol)
+    fn record_of(&self, vol: &str) -> vpool_service::Result<shared::NameRecord> {
+        shared::lookup_record(&self.remote, vol)
             .map_err(bucket_error)?
             .ok_or_else(|| {
                 vpool_service::Error::new(
@@ -97,8 +98,8 @@ impl SharedStore for BucketShared {
     }
 
     fn owner(&self, vol: &str) -> vpool_service::Result<FamilyOwner> {
-        let id = self.id_of(vol)?;
-        let family = self.remote.child(&shared::family_prefix(&id));
+        let rec = self.record_of(vol)?;
+        let family = self.remote.child(&shared::family_prefix(&rec.id));
         let o: BucketOwner = shared::family_owner(&family).map_err(bucket_error)?;
         Ok(FamilyOwner {
             holder: o.holder,
@@ -108,11 +109,18 @@ impl SharedStore for BucketShared {
             lease_expire_ms: o.lease_expire_ms,
             since_unix_ms: o.since_unix_ms,
             segments: o.segments,
+            peer: o.peer,
+            volume_durability: rec.durability,
         })
     }
 
-    fn create(&self, vol: &str, dir: &Path) -> vpool_service::Result<()> {
-        let Some(id) = shared::claim_name(&self.remote, vol).map_err(bucket_error)? else {
+    fn create(&self, vol: &str, dir: &Path, durability: Option<&str>) -> vpool_service::Result<()> {
+        let parsed = durability
+            .map(str::parse::<vpool_s3::Durability>)
+            .transpose()
+            .map_err(vpool_service::Error::invalid)?;
+        let claimed = shared::claim_name(&self.remote, vol, parsed).map_err(bucket_error)?;
+        let Some(id) = claimed else {
             return Err(vpool_service::Error::new(
                 ErrorKind::AlreadyExists,
                 format!(
@@ -121,7 +129,7 @@ impl SharedStore for BucketShared {
                 ),
             ));
         };
-        let settings = self.family_settings(&id, dir);
+        let settings = self.family_settings(&id, dir, durability);
         crate::s3pool::create(Some(&self.family_name(vol)), &settings, false)
             .map(|_| ())
             .map_err(|e| {
@@ -132,8 +140,8 @@ impl SharedStore for BucketShared {
     }
 
     fn attach(&self, vol: &str, dir: &Path) -> vpool_service::Result<()> {
-        let id = self.id_of(vol)?;
-        let settings = self.family_settings(&id, dir);
+        let rec = self.record_of(vol)?;
+        let settings = self.family_settings(&rec.id, dir, rec.durability.as_deref());
         crate::s3pool::attach(Some(&self.family_name(vol)), &settings)
             .map(|_| ())
             .map_err(failed)
@@ -154,6 +162,10 @@ impl SharedStore for BucketShared {
         let n = shared::delete_family(&self.remote, id).map_err(bucket_error)?;
         tracing::info!(pool = %self.name, family = id, objects = n, "family deleted from the bucket");
         Ok(())
+    }
+
+    fn peer_secret(&self) -> vpool_service::Result<[u8; 32]> {
+        shared::peer_secret(&self.remote).map_err(bucket_error)
     }
 
     fn forget(&self, dir: &Path) {

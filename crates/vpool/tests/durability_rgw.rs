@@ -18,7 +18,7 @@ mod rgw_env;
 use std::path::Path;
 use std::time::Instant;
 
-use common::{Daemon, run_json, run_ok};
+use common::{Daemon, pool_on_s3, run_json, run_ok};
 use nbd_common::clients::nbdcopy;
 use nbd_common::raw::write_and_flush;
 use rgw_env::{RgwEnv as Rgw, rgw_env as rgw};
@@ -33,28 +33,15 @@ fn path_str(p: &Path) -> &str {
 /// `cache`, a 3 s lease, segments sealed only after 10 minutes (so nothing
 /// reaches the bucket but through the journal), durability `durability`.
 fn pool(rgw: &Rgw, home: &Path, verb: &str, url: &str, cache: &Path, durability: &str) {
-    run_ok(
-        home,
-        &[
-            "pool",
-            verb,
-            "p",
-            "--s3",
-            url,
-            "--endpoint",
-            &rgw.endpoint,
-            "--cache",
-            path_str(cache),
-            "--cache-size",
-            "256M",
-            "--seal-after",
-            "600",
-            "--lease-expire",
-            "3",
-            "--durability",
-            durability,
-        ],
-    );
+    let extra = [
+        "--seal-after",
+        "600",
+        "--lease-expire",
+        "3",
+        "--durability",
+        durability,
+    ];
+    pool_on_s3(home, verb, "p", url, &rgw.endpoint, cache, &extra);
 }
 
 /// The byte written at the `i`th place.

@@ -18,42 +18,22 @@ mod rgw_env;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, run_err, run_json, run_ok};
+use common::{Daemon, pool_on_s3, run_err, run_json, run_ok};
 use nbd_common::clients::{qemu_img_compare, qemu_img_convert_to};
 use nbd_common::pattern;
 use rgw_env::{RgwEnv as Rgw, rgw_env as rgw};
 
 const MIB: usize = 1 << 20;
 
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("test paths are UTF-8")
-}
-
 /// `pool VERB shared --s3 URL` through the daemon at `home` (`--shared`
 /// for `create`; `attach` finds out by itself), its cache in `cache`, a
 /// lease that expires after `lease_s`.
 fn shared_pool(rgw: &Rgw, home: &Path, verb: &str, url: &str, cache: &Path, lease_s: &str) {
-    let mut args = vec![
-        "pool",
-        verb,
-        "shared",
-        "--s3",
-        url,
-        "--endpoint",
-        &rgw.endpoint,
-        "--cache",
-        path_str(cache),
-        "--cache-size",
-        "256M",
-        "--seal-after",
-        "0.5",
-        "--lease-expire",
-        lease_s,
-    ];
+    let mut extra = vec!["--seal-after", "0.5", "--lease-expire", lease_s];
     if verb == "create" {
-        args.push("--shared");
+        extra.push("--shared");
     }
-    run_ok(home, &args);
+    pool_on_s3(home, verb, "shared", url, &rgw.endpoint, cache, &extra);
 }
 
 /// `vol status POOL/VOL --json` on `home`.

@@ -139,6 +139,7 @@ impl S3Store {
             epoch: base.generation + 1,
             lease_expire_ms: Some(u64::try_from(opts.lease.expire.as_millis()).unwrap_or(u64::MAX)),
             since_unix_ms: Some(u64::try_from(super::now_unix_nanos() / 1_000_000).unwrap_or(0)),
+            peer: opts.peer.clone(),
         };
         if let Some((old, seen)) = &expired {
             // Before the journal's tombstone fences the old holder.

@@ -23,6 +23,17 @@ pub struct Bucket {
 }
 
 impl Bucket {
+    /// Copies the bucket as it stands into `to`: calls in flight finish
+    /// (300 ms), new ones fail meanwhile, so the copy is one moment's
+    /// bucket, as a host that died then left it.
+    pub fn frozen_copy(&self, to: &Path) {
+        use std::sync::atomic::Ordering;
+        self.faults.down.store(true, Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        copy_tree(&self.dir, to);
+        self.faults.down.store(false, Ordering::SeqCst);
+    }
+
     pub fn new(dir: &Path) -> Bucket {
         std::fs::create_dir_all(dir).unwrap();
         let fs = object_store::local::LocalFileSystem::new_with_prefix(dir).unwrap();

@@ -52,7 +52,9 @@ impl vpool_nbd::ExportRegistry for HostExports {
         name: &str,
     ) -> std::result::Result<Arc<dyn vpool_nbd::BlockDevice>, vpool_nbd::DeviceError> {
         let (pool, image) = crate::names::split_pool(name);
-        // A shared pool's image `VOLUME[@SNAP]` is in family VOLUME.
+        if let Some(sh) = self.host.shared(pool) {
+            return sh.serve(&self.host.opener, image);
+        }
         let volume = image.split('@').next().unwrap_or(image);
         match self.host.volume_pool(pool, volume) {
             Ok(ctx) => ctx.exports.open(image),

@@ -22,7 +22,9 @@
 
 mod exports;
 mod file;
+mod forward;
 mod opening;
+mod peers;
 mod shared;
 
 use std::collections::BTreeMap;
@@ -41,6 +43,8 @@ use crate::pool::PoolService;
 
 pub use exports::HostExports;
 pub use file::{HOST_FILE, listed_pools};
+pub use forward::ForwardDevice;
+pub use peers::HostPeers;
 pub use shared::{FamilyOwner, MAX_OWNED, SharedCtx, SharedStore, SharedVolumeStatus};
 /// Most pools a host holds (each holds a lock, descriptors, threads).
 pub const MAX_POOLS: usize = 64;
@@ -144,6 +148,12 @@ pub trait Opener: Send + Sync {
     /// Undoes [`Opener::prepare_s3`] with `attach` for a cache that was
     /// never opened. Best effort.
     fn discard_s3(&self, dir: &Path);
+
+    /// This daemon's peer link address, which the leases it takes record
+    /// (`None`: it serves no peer link).
+    fn peer_addr(&self) -> Option<String> {
+        None
+    }
 }
 
 /// An open pool and everything served from it.
@@ -569,8 +579,9 @@ impl Host {
         pool: &SharedCtx,
         volume: &str,
         size_bytes: u64,
+        durability: Option<&str>,
     ) -> Result<crate::pool::VolumeView> {
-        pool.create_volume(&*self.opener, volume, size_bytes)
+        pool.create_volume(&*self.opener, volume, size_bytes, durability)
     }
 
     /// Makes this host the owner of volume `volume` of shared pool `pool`

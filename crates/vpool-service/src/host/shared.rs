@@ -18,10 +18,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use serde::{Deserialize, Serialize};
+use vpool_nbd::{BlockDevice, DeviceError, ExportRegistry};
+use vpool_peer::Secret;
 
+use super::forward::{Forward, Owner};
 use super::{Opened, Opener, PoolCtx};
 use crate::error::{Error, ErrorKind, Result};
 
@@ -50,6 +53,14 @@ pub struct FamilyOwner {
     pub since_unix_ms: Option<u64>,
     /// Segments in the bucket.
     pub segments: u64,
+    /// Where the holder serves the peer link; `None`: it serves none, so
+    /// other hosts cannot forward to it.
+    #[serde(default)]
+    pub peer: Option<String>,
+    /// The volume's own durability (`vol create --durability`), whichever
+    /// host owns it; `None`: the owner's setting for the pool.
+    #[serde(default)]
+    pub volume_durability: Option<String>,
 }
 
 /// A volume of a shared pool, as `vol list` and `vol status` show it.
@@ -68,7 +79,8 @@ pub struct SharedVolumeStatus {
     pub nbd_connections: Option<u64>,
     #[serde(default)]
     pub unuploaded_bytes: Option<u64>,
-    /// When owned here: what a FLUSH promises (`host` or `remote`).
+    /// What a FLUSH promises (`host` or `remote`): as the family runs
+    /// when owned here; elsewhere the volume's own setting, if it has one.
     #[serde(default)]
     pub durability: Option<String>,
 }
@@ -80,8 +92,10 @@ pub trait SharedStore: Send + Sync {
     /// Who owns volume `name`; `not_found` if there is no such volume.
     fn owner(&self, name: &str) -> Result<FamilyOwner>;
     /// Claims `name` (`already_exists` if taken) and makes its family in
-    /// the bucket, with its cache in `dir`; leaves it closed.
-    fn create(&self, name: &str, dir: &Path) -> Result<()>;
+    /// the bucket, with its cache in `dir`; leaves it closed. `durability`
+    /// (`host` or `remote`) is the volume's own, recorded with its name
+    /// for every host that will own it; `None`: each owner's pool setting.
+    fn create(&self, name: &str, dir: &Path, durability: Option<&str>) -> Result<()>;
     /// Makes `dir` the cache of volume `name`'s family (`not_found` if
     /// there is none); takes nothing.
     fn attach(&self, name: &str, dir: &Path) -> Result<()>;
@@ -93,6 +107,8 @@ pub trait SharedStore: Send + Sync {
     fn delete_name(&self, name: &str) -> Result<String>;
     /// Deletes every object of family `id`. Blocking.
     fn delete_family(&self, id: &str) -> Result<()>;
+    /// The pool's peer link secret (made by the first host that asks).
+    fn peer_secret(&self) -> Result<[u8; 32]>;
 }
 
 /// A shared pool on this host; see the module doc.
@@ -104,6 +120,13 @@ pub struct SharedCtx {
     owned: RwLock<BTreeMap<String, Arc<PoolCtx>>>,
     /// Serializes create, takeover and release.
     admin: Mutex<()>,
+    /// This host's peer link address (`None`: it serves none, and does
+    /// not forward either).
+    my_peer: Option<String>,
+    secret: OnceLock<Secret>,
+    /// The volumes this host forwards to their owners, while clients use
+    /// them.
+    forwards: Mutex<BTreeMap<String, Weak<Forward>>>,
 }
 
 impl SharedCtx {
@@ -121,6 +144,9 @@ impl SharedCtx {
             store,
             owned: RwLock::new(BTreeMap::new()),
             admin: Mutex::new(()),
+            my_peer: opener.peer_addr(),
+            secret: OnceLock::new(),
+            forwards: Mutex::new(BTreeMap::new()),
         };
         for vol in ctx.cached_families() {
             match ctx.open_family(opener, &vol, false) {
@@ -177,11 +203,43 @@ impl SharedCtx {
         self.read_owned().values().cloned().collect()
     }
 
+    /// The family of `vol` if this host owns it and was not fenced. A
+    /// fenced one (another host took the volume over while this one was
+    /// paused or cut off) is dropped from the owned ones and closed in the
+    /// background, so that this host's new clients are forwarded to the
+    /// new owner; its old clients' I/O keeps failing.
+    fn owned_family(&self, vol: &str) -> Option<Arc<PoolCtx>> {
+        let f = self.read_owned().get(vol).cloned()?;
+        let fenced = f.cache.as_ref().and_then(|c| c.stats().fenced);
+        let Some(why) = fenced else {
+            return Some(f);
+        };
+        let removed = {
+            let mut owned = self.write_owned();
+            match owned.get(vol) {
+                Some(g) if Arc::ptr_eq(g, &f) => owned.remove(vol),
+                _ => None,
+            }
+        };
+        if let Some(f) = removed {
+            tracing::warn!(pool = %self.name, volume = vol, fenced = %why, "another host took this volume over: this host closes it and forwards its new clients");
+            let closing = std::thread::Builder::new()
+                .name("close-fenced".into())
+                .spawn(move || {
+                    let _ = f.close();
+                });
+            if let Err(e) = closing {
+                tracing::warn!(volume = vol, error = %e, "no thread to close a fenced volume");
+            }
+        }
+        None
+    }
+
     /// The open family of volume `vol` if this host owns it; otherwise an
     /// error that says who does (a GET of its manifest).
     pub fn family(&self, vol: &str) -> Result<Arc<PoolCtx>> {
-        if let Some(f) = self.read_owned().get(vol) {
-            return Ok(Arc::clone(f));
+        if let Some(f) = self.owned_family(vol) {
+            return Ok(f);
         }
         let owner = self.store.owner(vol)?;
         let who = match (&owner.holder, owner.epoch) {
@@ -197,13 +255,18 @@ impl SharedCtx {
         ))
     }
 
-    /// The open family of `vol`, which this host must own, for `what`
-    /// (release, delete): refused while NBD clients have it open, unless
-    /// `force`.
-    fn owned_idle(&self, vol: &str, what: &str, force: bool) -> Result<Arc<PoolCtx>> {
+    /// The open family of `vol`, which this host must own, taken out of
+    /// the owned ones for `what` (release, delete): refused while NBD
+    /// clients have it open, unless `force`. Taken out before the count,
+    /// so a client that comes meanwhile is forwarded (and waits for the
+    /// new owner) instead of opening a family being closed.
+    fn take_idle(&self, vol: &str, what: &str, force: bool) -> Result<Arc<PoolCtx>> {
         let family = self.family(vol)?;
+        self.write_owned().remove(vol);
         let n = family.service.catalog().nbd_connections_total();
         if n > 0 && !force {
+            self.write_owned()
+                .insert(vol.to_string(), Arc::clone(&family));
             return Err(Error::new(
                 ErrorKind::InUse,
                 format!(
@@ -248,8 +311,16 @@ impl SharedCtx {
         opener: &dyn Opener,
         vol: &str,
         size_bytes: u64,
+        durability: Option<&str>,
     ) -> Result<crate::pool::VolumeView> {
         crate::names::check_volume_name(vol)?;
+        if let Some(d) = durability
+            && !matches!(d, "host" | "remote")
+        {
+            return Err(Error::invalid(format!(
+                "durability is host or remote, not {d:?}"
+            )));
+        }
         let _admin = self.lock_admin();
         self.check_room()?;
         let dir = self.family_dir(vol);
@@ -262,7 +333,7 @@ impl SharedCtx {
                 ),
             ));
         }
-        self.store.create(vol, &dir)?;
+        self.store.create(vol, &dir, durability)?;
         let family = self.open_family(opener, vol, false)?;
         let view = family.service.create_volume(vol, size_bytes, false);
         self.write_owned().insert(vol.to_string(), family);
@@ -276,8 +347,8 @@ impl SharedCtx {
     pub fn takeover(&self, opener: &dyn Opener, vol: &str, force: bool) -> Result<Arc<PoolCtx>> {
         crate::names::check_volume_name(vol)?;
         let _admin = self.lock_admin();
-        if let Some(f) = self.read_owned().get(vol) {
-            return Ok(Arc::clone(f));
+        if let Some(f) = self.owned_family(vol) {
+            return Ok(f);
         }
         self.check_room()?;
         let dir = self.family_dir(vol);
@@ -305,8 +376,9 @@ impl SharedCtx {
     /// while NBD clients have it open, unless `force`. Blocking.
     pub fn release(&self, vol: &str, force: bool) -> Result<()> {
         let _admin = self.lock_admin();
-        let family = self.owned_idle(vol, "release", force)?;
-        self.write_owned().remove(vol);
+        let family = self.take_idle(vol, "release", force)?;
+        let unuploaded_bytes = family.cache.as_ref().map_or(0, |c| c.stats().dirty_bytes);
+        let started = std::time::Instant::now();
         family.close()?;
         let clean = self.store.owner(vol).is_ok_and(|o| o.holder.is_none());
         if clean {
@@ -314,7 +386,7 @@ impl SharedCtx {
         } else {
             tracing::warn!(pool = %self.name, volume = vol, dir = %family.dir.display(), "the volume was not released cleanly: its cache is kept");
         }
-        tracing::info!(pool = %self.name, volume = vol, "volume released");
+        tracing::info!(pool = %self.name, volume = vol, unuploaded_bytes, close_ms = started.elapsed().as_millis() as u64, "volume released");
         Ok(())
     }
 
@@ -324,9 +396,14 @@ impl SharedCtx {
     /// it open, unless `force`. Blocking.
     pub fn delete(&self, vol: &str, force: bool) -> Result<()> {
         let _admin = self.lock_admin();
-        let family = self.owned_idle(vol, "delete", force)?;
-        let id = self.store.delete_name(vol)?;
-        self.write_owned().remove(vol);
+        let family = self.take_idle(vol, "delete", force)?;
+        let id = match self.store.delete_name(vol) {
+            Ok(id) => id,
+            Err(e) => {
+                self.write_owned().insert(vol.to_string(), family);
+                return Err(e);
+            }
+        };
         // Its data goes with the objects: the close's uploads are wasted
         // work, but the close must end the uploader before the deletion.
         if let Err(e) = family.close() {
@@ -336,6 +413,81 @@ impl SharedCtx {
         self.store.forget(&family.dir);
         tracing::info!(pool = %self.name, volume = vol, family = %id, "volume deleted");
         Ok(())
+    }
+
+    /// A device for export `image` (`VOLUME` or `VOLUME@SNAPSHOT`) of this
+    /// pool: the local one where this host owns the volume, else one that
+    /// forwards to its owner (`host::forward`), or takes the volume here
+    /// if nobody holds it. Blocking.
+    pub fn serve(
+        self: &Arc<Self>,
+        opener: &Arc<dyn Opener>,
+        image: &str,
+    ) -> std::result::Result<Arc<dyn BlockDevice>, DeviceError> {
+        let vol = image.split('@').next().unwrap_or(image);
+        crate::names::check_volume_name(vol).map_err(|e| DeviceError::not_found(e.message))?;
+        if let Some(f) = self.owned_family(vol) {
+            return f.exports.open(image);
+        }
+        if self.my_peer.is_none() {
+            let e = self.family(vol).err().map(|e| e.message);
+            return Err(DeviceError::not_found(format!(
+                "{}; this daemon runs without --peer-listen, so it does not forward",
+                e.unwrap_or_default()
+            )));
+        }
+        let fwd = {
+            let mut map = self.forwards.lock().unwrap_or_else(|e| e.into_inner());
+            map.retain(|_, w| w.strong_count() > 0);
+            match map.get(vol).and_then(Weak::upgrade) {
+                Some(f) => f,
+                None => {
+                    let f = Forward::start(Arc::clone(self), Arc::clone(opener), vol);
+                    map.insert(vol.to_string(), Arc::downgrade(&f));
+                    f
+                }
+            }
+        };
+        fwd.device(image)
+    }
+
+    /// Where volume `vol` is: here, free, or at another host's peer
+    /// address (a GET of its manifest).
+    pub(super) fn owner_route(&self, vol: &str) -> Result<Owner> {
+        if self.owned_family(vol).is_some() {
+            return Ok(Owner::Here);
+        }
+        let o = self.store.owner(vol)?;
+        match (&o.holder, o.peer) {
+            (None, _) if o.generation.is_some() => Ok(Owner::Free),
+            (None, _) => Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "volume {}/{vol} has no family yet (being created, or its creation died)",
+                    self.name
+                ),
+            )),
+            // This host's address but not owned here: a release under way
+            // here, or a holder from before this daemon restarted.
+            (Some(_), Some(p)) if Some(&p) == self.my_peer.as_ref() => Ok(Owner::Gone(p)),
+            (Some(_), Some(p)) => Ok(Owner::Peer(p)),
+            (Some(h), None) => Err(Error::new(
+                ErrorKind::NotOwner,
+                format!(
+                    "volume {}/{vol} is owned by {h}, which serves no peer link (its daemon runs without --peer-listen); `vpool vol takeover` moves it here",
+                    self.name
+                ),
+            )),
+        }
+    }
+
+    /// The pool's peer link secret, read once from the bucket.
+    pub fn peer_secret(&self) -> Result<Secret> {
+        if let Some(s) = self.secret.get() {
+            return Ok(s.clone());
+        }
+        let s = Secret(self.store.peer_secret()?);
+        Ok(self.secret.get_or_init(|| s).clone())
     }
 
     /// Every volume of the pool with its owner (a LIST and a GET per
@@ -365,13 +517,15 @@ impl SharedCtx {
             unuploaded_bytes: None,
             durability: None,
         };
-        if let Some(f) = self.read_owned().get(vol).cloned() {
+        if let Some(f) = self.owned_family(vol) {
             out.here = true;
             out.size_bytes = f.service.volume(vol).ok().map(|v| v.info.size_bytes);
             out.nbd_connections = Some(f.service.catalog().nbd_connections_total() as u64);
             let stats = f.cache.as_ref().map(|c| c.stats());
             out.unuploaded_bytes = stats.as_ref().map(|s| s.dirty_bytes);
             out.durability = stats.map(|s| s.durability);
+        } else {
+            out.durability = out.owner.volume_durability.clone();
         }
         Ok(out)
     }

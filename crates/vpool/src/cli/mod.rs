@@ -102,6 +102,19 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ADDR")]
     pub nbd_listen: Option<std::net::SocketAddr>,
 
+    /// Serve the peer link of shared pools on TCP at this address (e.g.
+    /// 0.0.0.0:7071): the other hosts of a shared pool forward their
+    /// clients' I/O for the volumes this host owns through it, and
+    /// ownership moves to the host whose clients remain. Authenticated
+    /// with the pool's secret (in its bucket), not encrypted.
+    #[arg(long, value_name = "ADDR")]
+    pub peer_listen: Option<std::net::SocketAddr>,
+
+    /// Where the other hosts reach this host's peer link (HOST:PORT);
+    /// default: the --peer-listen address.
+    #[arg(long, value_name = "HOST:PORT", requires = "peer_listen")]
+    pub peer_advertise: Option<String>,
+
     /// For a pool on S3 held by another daemon (on another host, or one
     /// that died without letting go): take the pool over. The other daemon
     /// is fenced: its writes fail from then on.

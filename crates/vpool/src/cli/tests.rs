@@ -23,10 +23,12 @@ fn parses_sizes_and_globals() {
             name,
             size,
             ephemeral,
+            durability,
         }) => {
             assert_eq!(name, "web1");
             assert_eq!(size, 20 << 30);
             assert!(!ephemeral);
+            assert_eq!(durability, None);
         }
         other => panic!("{other:?}"),
     }

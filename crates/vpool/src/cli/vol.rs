@@ -27,6 +27,11 @@ pub enum VolCommand {
         /// or when the daemon restarts.
         #[arg(long)]
         ephemeral: bool,
+        /// In a shared pool: what a FLUSH of this volume promises on any
+        /// host that owns it, `host` (durable in its cache) or `remote`
+        /// (durable in the bucket). Default: each owner's pool setting.
+        #[arg(long, value_name = "host|remote")]
+        durability: Option<String>,
     },
     /// List the volumes of the default pool, of one pool, or of all.
     List {
@@ -167,8 +172,10 @@ pub(super) fn run(
             name,
             size,
             ephemeral,
+            durability,
         } => {
-            let info = client.create_volume_with(name, *size, *ephemeral)?;
+            let info =
+                client.create_volume_durable(name, *size, *ephemeral, durability.as_deref())?;
             out.emit(&info, created_text)
         }
         VolCommand::List { pool, all } => list(client, out, pool.as_deref(), *all),

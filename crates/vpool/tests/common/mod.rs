@@ -62,6 +62,30 @@ pub fn run_err(pool: &Path, args: &[&str]) -> String {
     String::from_utf8(out.stderr).expect("stderr is UTF-8")
 }
 
+/// A URL no other test run uses: `s3://BUCKET/test-WHAT-<random>`.
+pub fn test_url(bucket: &str, what: &str) -> String {
+    format!("s3://{bucket}/test-{what}-{:x}", rand::random::<u64>())
+}
+
+/// `pool VERB NAME --s3 URL --endpoint ENDPOINT --cache CACHE
+/// --cache-size 256M EXTRA...` through the daemon at `home` (`create` or
+/// `attach`; `--shared`, `--lease-expire`, `--durability` go in `extra`).
+pub fn pool_on_s3(
+    home: &Path,
+    verb: &str,
+    name: &str,
+    url: &str,
+    endpoint: &str,
+    cache: &Path,
+    extra: &[&str],
+) -> String {
+    let cache = cache.to_str().expect("test paths are UTF-8");
+    let mut args = vec!["pool", verb, name, "--s3", url, "--endpoint", endpoint];
+    args.extend(["--cache", cache, "--cache-size", "256M"]);
+    args.extend_from_slice(extra);
+    run_ok(home, &args)
+}
+
 pub fn run_json(pool: &Path, args: &[&str]) -> serde_json::Value {
     let mut a = args.to_vec();
     a.push("--json");

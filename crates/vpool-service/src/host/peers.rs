@@ -1,0 +1,82 @@
+//! [`HostPeers`]: what this host does for the other hosts of its shared
+//! pools over the peer link (`vpool-peer`): run their clients' requests on
+//! the volumes it owns, say how many clients a volume has, release one.
+
+use std::sync::Arc;
+
+use vpool_nbd::{BlockDevice, DeviceError, ExportRegistry};
+use vpool_peer::{PeerBackend, Refusal, Secret};
+
+use super::Host;
+use super::shared::SharedCtx;
+use crate::error::ErrorKind;
+
+/// The host as its peers see it.
+pub struct HostPeers {
+    host: Arc<Host>,
+}
+
+impl HostPeers {
+    pub fn new(host: Arc<Host>) -> HostPeers {
+        HostPeers { host }
+    }
+
+    fn shared(&self, pool: &str) -> Result<Arc<SharedCtx>, Refusal> {
+        self.host.shared(Some(pool)).ok_or_else(|| {
+            Refusal::Device(DeviceError::not_found(format!(
+                "this host has no shared pool {pool} open"
+            )))
+        })
+    }
+}
+
+/// An error of the service as the peer sees it: a volume this host does
+/// not own (any more) is "busy", so the peer asks the bucket again.
+fn refusal(e: crate::Error) -> Refusal {
+    match e.kind {
+        ErrorKind::NotOwner => Refusal::Busy(e.message),
+        ErrorKind::NotFound => Refusal::Device(DeviceError::not_found(e.message)),
+        _ => Refusal::Device(DeviceError::io(e.message)),
+    }
+}
+
+impl PeerBackend for HostPeers {
+    fn secret(&self, pool: &str) -> Option<Secret> {
+        let sh = self.host.shared(Some(pool))?;
+        sh.peer_secret()
+            .inspect_err(|e| tracing::warn!(pool, error = %e.message, "peer link: the pool's secret cannot be read"))
+            .ok()
+    }
+
+    fn open(&self, pool: &str, image: &str) -> Result<Arc<dyn BlockDevice>, Refusal> {
+        let vol = image.split('@').next().unwrap_or(image);
+        // Only what this host owns: it never forwards what was forwarded.
+        let family = self.shared(pool)?.family(vol).map_err(refusal)?;
+        family.exports.open(image).map_err(Refusal::Device)
+    }
+
+    fn connections(&self, pool: &str, volume: &str) -> Result<u64, DeviceError> {
+        let sh = self.shared(pool).map_err(|r| match r {
+            Refusal::Device(e) => e,
+            Refusal::Busy(m) => DeviceError::io(m),
+        })?;
+        let family = sh.family(volume).map_err(|e| DeviceError::io(e.message))?;
+        Ok(family.service.catalog().nbd_connections_total() as u64)
+    }
+
+    fn release(&self, pool: &str, volume: &str) -> Result<(), Refusal> {
+        let sh = self.shared(pool)?;
+        match sh.release(volume, false) {
+            Ok(()) => {
+                tracing::info!(
+                    pool,
+                    volume,
+                    "volume released to the peer whose clients use it"
+                );
+                Ok(())
+            }
+            Err(e) if e.kind == ErrorKind::InUse => Err(Refusal::Busy(e.message)),
+            Err(e) => Err(refusal(e)),
+        }
+    }
+}
