@@ -10,6 +10,12 @@
 #   source, `query-migrate` until completed, the destination running, QMP
 #   `quit` on the source (as libvirt does). After each, the guest must go on
 #   writing on the destination.
+#   Then one cancelled migration: to a destination QEMU on the other host,
+#   throttled (max-bandwidth 1 MiB/s) so it cannot complete, QMP
+#   `migrate_cancel` 2 s after RAM started to flow, the normal bandwidth set
+#   back, the source still running (`cont` if paused), the destination
+#   quit. The guest must go on writing on the source for 3 s, and (--hosts
+#   2) the source's host must still (or again within 30 s) own the volume.
 #   Then the host sends STOP (a line on the guest's second serial port); the
 #   guest drops its page cache, compares the file on disk with the copy it
 #   kept in RAM and prints `VPOOL-MIG: PASS n=N` or `VPOOL-MIG: FAIL (...)`.
@@ -23,8 +29,9 @@
 #              follow the VM (the peer link, `vpool serve --peer-listen`).
 #
 # Usage: vm/migrate.sh [--hosts 1|2] [options]   (see --help)
-# Exit status: 0 only if every migration completed, the guest printed PASS
-# and the host-side check agreed (and, with --hosts 2, the owner followed).
+# Exit status: 0 only if every migration completed (and the cancelled one
+# was cancelled with the source running on), the guest printed PASS and the
+# host-side check agreed (and, with --hosts 2, the owner followed).
 set -euo pipefail
 
 VM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -45,6 +52,9 @@ mig_timeout=${VPOOL_MIG_TIMEOUT:-180}
 mem=${VPOOL_VM_MEM:-192}
 slots=1024
 bandwidth_mib=1024
+cancel_bw=$((1024 * 1024))  # the cancelled migration's max-bandwidth (bytes/s)
+cancel_hold=2               # ... cancelled this long after RAM started to flow
+cancel_run=3                # the guest writes this long on the source after it
 ceph_env=${VPOOL_MIG_CEPH_ENV:-${VPOOL_CEPH_DIR:-/tmp/vpool-ceph}/env}
 serve_args=${VPOOL_MIG_SERVE_ARGS:-}
 pool_args=${VPOOL_MIG_POOL_ARGS:-}
@@ -56,8 +66,13 @@ Usage: vm/migrate.sh [options]
 Boots Linux (Debian's cloud kernel) under qemu-system-x86_64 (TCG) with its
 root disk on a vpool volume over NBD, and live-migrates it between two QEMU
 processes $migrations times while the guest writes and flushes numbered,
-checksummed records; then the guest verifies every record. Exits 0 only on
-PASS.
+checksummed records; then starts one more migration to the other host,
+throttled to $((cancel_bw / 1024)) KiB/s, and cancels it (QMP migrate_cancel)
+$cancel_hold s after RAM started to flow: the source must run on (\`cont\` if
+paused), the destination QEMU is quit, the guest must go on writing on the
+source for $cancel_run s and, with --hosts 2, the source's host must own the
+volume (still, or again within 30 s). Then the guest verifies every record.
+Exits 0 only on PASS.
 
 Options:
   --hosts 1|2              1 (default): one vpool daemon, both QEMUs on its
@@ -178,6 +193,15 @@ cat > "$helper" <<'PYEOF'
                                     -incoming on URI), max-bandwidth BW bytes/s;
                                     wait until DST runs (`cont` if paused), QMP
                                     `quit` SRC; print a JSON summary
+  migrate-cancel SRC DST URI HOLD LOW BW
+                                    start a migration from QMP SRC to QMP DST
+                                    throttled to max-bandwidth LOW bytes/s,
+                                    `migrate_cancel` it HOLD s after RAM
+                                    started to flow, wait until `cancelled`,
+                                    set max-bandwidth back to BW, make sure
+                                    SRC runs (`cont` if paused), QMP `quit`
+                                    DST (if it has not exited); print a JSON
+                                    summary
   send SOCK TEXT                    connect to a unix socket and send TEXT
   check FILE SLOTS N                check the records of the guest's seq.bin
 """
@@ -305,6 +329,93 @@ def migrate(src_path, dst_path, uri, timeout, bandwidth):
     }))
 
 
+def migrate_cancel(src_path, dst_path, uri, hold, low_bw, bandwidth):
+    dst = Qmp(dst_path)
+    st = status(dst)
+    if st != "inmigrate":
+        raise RuntimeError(f"destination is {st!r}, not 'inmigrate'")
+    src = Qmp(src_path)
+    st = status(src)
+    if st != "running":
+        raise RuntimeError(f"source is {st!r}, not 'running'")
+    # Throttled so that it cannot complete before it is cancelled: the
+    # first pass alone (~90 MiB) takes minutes at LOW.
+    src.cmd("migrate-set-parameters", {"max-bandwidth": low_bw})
+    t0 = time.monotonic()
+    src.cmd("migrate", {"uri": uri})
+    t_flow = None
+    while True:
+        q = src.cmd("query-migrate")
+        s = q.get("status")
+        t = time.monotonic()
+        if s == "active":
+            if t_flow is None and (q.get("ram", {}).get("transferred") or 0) > 0:
+                t_flow = t
+            if t_flow is not None and t - t_flow >= hold:
+                break
+        elif s != "setup":
+            raise RuntimeError(f"migration {s} before it was cancelled: {q.get('error-desc', q)}")
+        if t > t0 + 60:
+            raise RuntimeError(f"migration not active with RAM sent after 60 s: {q}")
+        time.sleep(0.05)
+    q_at_cancel = q
+    t_cancel = time.monotonic()
+    src.cmd("migrate_cancel")
+    while True:
+        q = src.cmd("query-migrate")
+        s = q.get("status")
+        if s == "cancelled":
+            break
+        if s not in ("active", "cancelling", "device", "pre-switchover"):
+            raise RuntimeError(f"migration {s} after migrate_cancel, not 'cancelled': {q.get('error-desc', q)}")
+        if time.monotonic() > t_cancel + 30:
+            raise RuntimeError(f"migration not cancelled 30 s after migrate_cancel: {q}")
+        time.sleep(0.05)
+    t_cancelled = time.monotonic()
+    src.cmd("migrate-set-parameters", {"max-bandwidth": bandwidth})
+    bw_after = src.cmd("query-migrate-parameters").get("max-bandwidth")
+    if bw_after != bandwidth:
+        raise RuntimeError(f"max-bandwidth is {bw_after} after restoring it to {bandwidth}")
+    # The source must run on; `cont` if it is paused (as libvirt would).
+    conts = 0
+    src_state_after = status(src)
+    while True:
+        st = status(src)
+        if st == "running":
+            break
+        if st in ("paused", "postmigrate", "finish-migrate") and conts < 3:
+            src.cmd("cont")
+            conts += 1
+        elif st not in ("paused", "postmigrate", "finish-migrate"):
+            raise RuntimeError(f"source is {st!r} after the cancelled migration")
+        if time.monotonic() > t_cancelled + 30:
+            raise RuntimeError(f"source not running 30 s after the cancel ({st!r})")
+        time.sleep(0.05)
+    # The destination: QEMU 7.2 exits by itself when the stream breaks
+    # ("load of migration failed"); `quit` it if it has not yet.
+    try:
+        dst_state = status(dst)
+        dst.cmd("quit")
+    except (EOFError, OSError, RuntimeError):
+        dst_state = "exited"
+    src.close()
+    dst.close()
+    ram = q_at_cancel.get("ram", {})
+    print(json.dumps({
+        "status": q.get("status"),
+        "status_at_cancel": q_at_cancel.get("status"),
+        "flowing_s": round(t_cancel - t_flow, 3),
+        "wall_s": round(t_cancel - t0, 3),
+        "cancel_ms": round((t_cancelled - t_cancel) * 1000),
+        "ram_transferred": ram.get("transferred"),
+        "ram_total": ram.get("total"),
+        "source_state_after_cancel": src_state_after,
+        "source_conts": conts,
+        "dest_state": dst_state,
+        "max_bandwidth_after": bw_after,
+    }))
+
+
 def check(path, slots, n):
     """seq.bin after n records in `slots` slots: slot s holds the newest
     record m <= n with (m - 1) % slots == s; header `VPOOLREC m sha256`."""
@@ -340,6 +451,8 @@ def main():
         print(status(Qmp(a[0], float(a[1]))))
     elif cmd == "migrate":
         migrate(a[0], a[1], a[2], float(a[3]), int(a[4]))
+    elif cmd == "migrate-cancel":
+        migrate_cancel(a[0], a[1], a[2], float(a[3]), int(a[4]), int(a[5]))
     elif cmd == "send":
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(10)
@@ -627,6 +740,82 @@ for m in $(seq 1 "$migrations"); do
 done
 log "after $migrations migrations: record $(last_synced "$cur") synced on QEMU $cur (host ${qemu_host[$cur]})"
 
+# ---------------------------------------------------------------- cancelled migration
+# After the normal migrations, one more to a destination QEMU on the other
+# host (with --hosts 1 the same daemon), throttled to cancel_bw (1 MiB/s:
+# the first pass alone, ~90 MiB, would take minutes) and cancelled (QMP
+# migrate_cancel) cancel_hold (2 s) after RAM started to flow; then the
+# normal max-bandwidth is set back, the source must run (`cont` if paused)
+# and the destination QEMU is quit. It had the volume open all along: with
+# --hosts 2 a client of B while A, the owner, keeps its own. Then the guest
+# must go on syncing records on the source for cancel_run (3 s), with
+# --hosts 2 the source's host must own the volume (still, or again within
+# 30 s), and the final verification below follows.
+wait_records() { # IDX N SECS TIMEOUT: until console-IDX.log has SYNCED n>=N and SECS s passed
+    local i=$1 want=$2 secs=$3 limit=$4 t0 c
+    t0=$(now)
+    while :; do
+        qemu_alive "$i" || guest_died "$i" "while the guest should be writing"
+        c=$(last_synced "$i")
+        if [ "${c:-0}" -ge "$want" ] && awk -v a="$t0" -v b="$(now)" -v s="$secs" 'BEGIN { exit !(b - a >= s) }'; then
+            return 0
+        fi
+        if awk -v a="$t0" -v b="$(now)" -v s="$limit" 'BEGIN { exit !(b - a >= s) }'; then
+            tail -n 20 "$workdir/console-$i.log" >&2 || true
+            die "QEMU $i (host ${qemu_host[$i]}): at record ${c:-0} after $limit s, not $want"
+        fi
+        sleep 0.2
+    done
+}
+next=$((cur + 1))
+cancelled=$next
+src_h=${qemu_host[$cur]}
+dst_h=$(other "$src_h")
+start_qemu "$next" "$dst_h" incoming
+n_before=$(last_synced "$cur")
+t=$(now)
+out=$(helper migrate-cancel "$workdir/qmp-$cur.sock" "$workdir/qmp-$next.sock" \
+    "unix:$workdir/mig-$next.sock" "$cancel_hold" "$cancel_bw" "$bw" 2>&1) || {
+    tail -n 10 "$workdir/console-$cur.log" >&2 || true
+    cat "$workdir/qemu-$cur.log" "$workdir/qemu-$next.log" >&2 || true
+    die "cancelled migration ($src_h -> $dst_h, QEMU $cur -> $next): $out"; }
+secs=$(elapsed "$t")
+wait_exit "$next" 15 || { log "warning: destination QEMU $next did not exit 15 s after quit; killing it"; kill_qemu "$next"; }
+qemu_alive "$cur" || guest_died "$cur" "after the cancelled migration"
+c=$(count_synced "$next")
+[ "${c:-0}" = 0 ] || die "the guest ran on QEMU $next, the destination of the cancelled migration ($c records synced there)"
+n_src=$(last_synced "$cur")
+xfer=$(field ram_transferred)
+line=$(printf 'cancelled migration: %s -> %s (QEMU %d -> %d)  cancelled after %s s of RAM flowing at %s KiB/s (%s MiB sent; %s at cancel), cancel took %s ms; source %s after it%s; destination %s  (%s s; guest at record %s, was %s when it started)' \
+    "$src_h" "$dst_h" "$cur" "$next" "$(field flowing_s)" "$((cancel_bw / 1024))" \
+    "$(awk -v b="$xfer" 'BEGIN { if (b ~ /^[0-9]+$/) printf "%.1f", b / 1048576; else print "?" }')" \
+    "$(field status_at_cancel)" "$(field cancel_ms)" "$(field source_state_after_cancel)" \
+    "$([ "$(field source_conts)" = 0 ] || echo ", cont x$(field source_conts)")" "$(d=$(field dest_state); if [ "$d" = exited ]; then echo "had exited by itself"; else echo "was $d, quit"; fi)" \
+    "$secs" "$n_src" "$n_before")
+log "$line"
+summary+=("$line")
+# The guest must go on writing (and flushing) on the source.
+t=$(now)
+wait_records "$cur" $((n_src + min_records)) "$cancel_run" 120
+line="  after the cancel: the guest synced records $n_src..$(last_synced "$cur") on QEMU $cur (host $src_h) in $(elapsed "$t") s"
+if [ "$hosts" = 2 ]; then
+    # The source's host must own the volume: still, or again within 30 s.
+    t=$(now)
+    o=$(owner)
+    first_owner=$o
+    until [ "$o" = "$src_h" ]; do
+        if awk -v a="$t" -v b="$(now)" 'BEGIN { exit !(b - a >= 30) }'; then
+            for h in A B; do log "vol status on $h: $(vp "$h" vol status "$export" --json 2>&1 | tr -d '\n')"; done
+            die "owner of $export is '$o', not host $src_h (where the VM runs) 30 s after the cancelled migration"
+        fi
+        sleep 0.5
+        o=$(owner)
+    done
+    line+="; owner $first_owner$([ "$first_owner" = "$src_h" ] || echo ", $src_h after $(elapsed "$t") s")"
+fi
+log "$line"
+summary+=("$line")
+
 # ---------------------------------------------------------------- stop, verify
 t=$(now)
 k=0
@@ -645,8 +834,8 @@ wait_exit "$cur" "$boot_timeout" || {
     tail -n 20 "$workdir/console-$cur.log" >&2 || true
     die "the guest did not power off within $boot_timeout s of STOP"; }
 # One log of the guest's whole run.
-for i in $(seq 1 "$cur"); do
-    echo "=== QEMU $i (host ${qemu_host[$i]})"
+for i in $(printf '%s\n' "${!qemu_host[@]}" | sort -n); do
+    echo "=== QEMU $i (host ${qemu_host[$i]})$([ "$i" != "$cancelled" ] || echo ": destination of the cancelled migration")"
     cat "$workdir/console-$i.log" 2>/dev/null || true
 done > "$workdir/console.log"
 verdict=$(marker "$cur" '(PASS|FAIL)')
@@ -694,4 +883,4 @@ if [ "$hosts" = 2 ]; then
 fi
 log "summary:"
 for line in "${summary[@]}"; do log "  $line"; done
-log "PASS with --hosts $hosts: $migrations migrations, $final_n records written and flushed, all verified; total $(elapsed "$t_start") s"
+log "PASS with --hosts $hosts: $migrations migrations and 1 cancelled, $final_n records written and flushed, all verified; total $(elapsed "$t_start") s"

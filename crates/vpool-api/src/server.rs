@@ -161,10 +161,8 @@ impl FromRequestParts<ApiState> for PoolName {
         parts: &mut Parts,
         state: &ApiState,
     ) -> Result<Self, Self::Rejection> {
-        let captures = Captures::from_request_parts(parts, state).await?;
-        captures
-            .get("pool")
-            .map(PoolName)
+        let Named { pool, .. } = Named::from_request_parts(parts, state).await?;
+        pool.map(PoolName)
             .ok_or_else(|| ApiError::internal("a host route without a {pool} capture"))
     }
 }

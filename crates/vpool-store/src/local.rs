@@ -134,13 +134,7 @@ impl LocalDirStore {
     pub fn write_recovered(&self, id: SegmentId, offset: u64, data: &[u8]) -> Result<()> {
         let path = self.segment_path(id);
         let existed = path.exists();
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| StoreError::io(format!("opening {}", path.display()), e))?;
+        let file = open_for_write(&path)?;
         file.write_all_at(data, offset)
             .and_then(|()| file.sync_data())
             .map_err(|e| StoreError::io(format!("writing {}", path.display()), e))?;
@@ -456,13 +450,7 @@ impl SegmentStore for LocalDirStore {
 
     fn restore_reserve(&self, bytes: u64) -> Result<()> {
         let path = self.root.join(RESERVE_FILE);
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| StoreError::io(format!("opening {}", path.display()), e))?;
+        let file = open_for_write(&path)?;
         let had = file
             .metadata()
             .map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?
@@ -488,4 +476,16 @@ impl SegmentStore for LocalDirStore {
     fn sync_deletions(&self) -> Result<()> {
         sync_dir(&self.segments_dir)
     }
+}
+
+/// Opens `path` for writing, creating it (owner-only) if it is missing,
+/// keeping what it holds.
+fn open_for_write(path: &Path) -> Result<std::fs::File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| StoreError::io(format!("opening {}", path.display()), e))
 }

@@ -187,19 +187,31 @@ fn any_host_serves_a_volume_and_ownership_follows_the_clients() {
 /// URL: created on A, attached on B, caches in `t/ca` and `t/cb`, a 3 s
 /// lease, segments sealed after `seal_after_s`.
 fn two_hosts(rgw: &rgw_env::RgwEnv, what: &str, seal_after_s: &str) -> (TempDir, Daemon, Daemon) {
+    let (t, mut hosts) = hosts(rgw, what, seal_after_s, 2);
+    let b = hosts.pop().expect("two hosts");
+    let a = hosts.pop().expect("two hosts");
+    (t, a, b)
+}
+
+/// `n` daemons as [`two_hosts`] makes two: homes `t/a`, `t/b`, `t/c`...,
+/// the pool created on the first and attached on the others.
+fn hosts(rgw: &rgw_env::RgwEnv, what: &str, seal_after_s: &str, n: u8) -> (TempDir, Vec<Daemon>) {
     let t = tempfile::tempdir().unwrap();
     let url = test_url(&rgw.bucket, what);
-    let a = Daemon::start(&t.path().join("a"), &PEER);
-    let b = Daemon::start(&t.path().join("b"), &PEER);
-    for (home, verb, cache) in [("a", "create", "ca"), ("b", "attach", "cb")] {
+    let mut daemons = Vec::new();
+    for i in 0..n {
+        let name = char::from(b'a' + i).to_string();
+        let home = t.path().join(&name);
+        daemons.push(Daemon::start(&home, &PEER));
+        let verb = if i == 0 { "create" } else { "attach" };
         let mut args = vec!["--seal-after", seal_after_s, "--lease-expire", "3"];
-        if verb == "create" {
+        if i == 0 {
             args.push("--shared");
         }
-        let (home, cache) = (t.path().join(home), t.path().join(cache));
+        let cache = t.path().join(format!("c{name}"));
         pool_on_s3(&home, verb, "shared", &url, &rgw.endpoint, &cache, &args);
     }
-    (t, a, b)
+    (t, daemons)
 }
 
 /// A client on B, forwarded to A, goes on when A dies with its cache:
@@ -249,7 +261,14 @@ fn a_forwarded_client_survives_the_owner_s_death() {
         ],
     );
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(status(&home_b, "shared/db1")["here"], false, "still on A");
+    let st = status(&home_b, "shared/db1");
+    assert_eq!(st["here"], false, "still on A: {st}");
+    assert_eq!(st["forwarded_clients"], 1, "{st}");
+    let st = status(&home_a, "shared/db1");
+    assert_eq!(
+        st["nbd_connections"], 2,
+        "A's own client and B's session: {st}"
+    );
     a.crash();
     let killed = Instant::now();
     let _ = pin.kill();
@@ -356,4 +375,47 @@ fn a_paused_owner_wakes_fenced_and_forwards_its_new_clients() {
     );
     assert!(a.terminate().success());
     assert!(b.terminate().success());
+}
+
+/// A volume with clients on two hosts other than its owner stays with the
+/// owner (each forwards); once one of them is gone, it moves to the host
+/// whose client remains.
+#[test]
+fn a_volume_used_from_two_hosts_moves_only_when_one_is_left() {
+    let Some(rgw) = rgw() else { return };
+    let (t, hosts) = hosts(&rgw, "three", "0.5", 3);
+    let (home_a, home_c) = (t.path().join("a"), t.path().join("c"));
+    run_ok(&home_a, &["vol", "create", "shared/db1", "--size", "16M"]);
+    let on_b = qemu_io_in_background(
+        hosts[1].nbd_uri("shared/db1"),
+        &["write -P 0x61 0 64k", "sleep 4000", "read -P 0x61 0 64k"],
+    );
+    let on_c = qemu_io_in_background(
+        hosts[2].nbd_uri("shared/db1"),
+        &[
+            "write -P 0x62 1M 64k",
+            "sleep 9000",
+            "read -P 0x62 1M 64k",
+            "read -P 0x61 0 64k",
+        ],
+    );
+    // Both forward for 4 s: A keeps it (its watchers ask every second).
+    std::thread::sleep(Duration::from_millis(3000));
+    let st = status(&home_a, "shared/db1");
+    assert_eq!(st["here"], true, "{st}");
+    assert_eq!(
+        st["nbd_connections"], 2,
+        "a session from B and one from C: {st}"
+    );
+    on_b.join().unwrap();
+    let moved = wait_owned(&home_c, "shared/db1");
+    on_c.join().unwrap();
+    eprintln!(
+        "FIGURE three hosts: moved to C {:.1} s after B's client left",
+        moved.as_secs_f64()
+    );
+    assert_eq!(status(&home_a, "shared/db1")["here"], false);
+    for d in hosts {
+        assert!(d.terminate().success());
+    }
 }

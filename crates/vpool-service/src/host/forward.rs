@@ -120,6 +120,8 @@ pub(super) struct Forward {
     freed: Condvar,
     /// No takeover of an unreachable owner's volume before this.
     next_failover: Mutex<Instant>,
+    /// Devices (NBD clients of this host) alive on this volume.
+    clients: AtomicUsize,
     /// The sockets of the sessions running a request, by a serial: a
     /// failover shuts them down, so that requests waiting for an owner
     /// that stopped answering give up their share of the route lock.
@@ -154,6 +156,7 @@ impl Forward {
             busy: Mutex::new(0),
             freed: Condvar::new(),
             next_failover: Mutex::new(Instant::now()),
+            clients: AtomicUsize::new(0),
             in_flight: Mutex::new((0, BTreeMap::new())),
         });
         let weak = Arc::downgrade(&f);
@@ -172,6 +175,11 @@ impl Forward {
 
     fn write_route(&self) -> std::sync::RwLockWriteGuard<'_, Route> {
         self.route.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// This host's clients of the volume that go through forwarding.
+    pub(super) fn clients(&self) -> usize {
+        self.clients.load(Ordering::SeqCst)
     }
 
     fn is_local(&self) -> bool {
@@ -195,6 +203,7 @@ impl Forward {
             };
             match self.settle(opened, deadline)? {
                 Some((size_bytes, read_only)) => {
+                    self.clients.fetch_add(1, Ordering::SeqCst);
                     return Ok(Arc::new(ForwardDevice {
                         fwd: Arc::clone(self),
                         image: image.to_string(),
@@ -217,10 +226,17 @@ impl Forward {
     ) -> Result<Option<T>, DeviceError> {
         match tried {
             Ok(v) => Ok(Some(v)),
-            Err(Hop::GoLocal) => {
-                self.go_local()?;
-                Ok(None)
-            }
+            // Free when asked, but another host may take it first: then
+            // the next try forwards to that host.
+            Err(Hop::GoLocal) => match self.go_local() {
+                Ok(()) => Ok(None),
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(volume = %self.volume, error = %e.message, "taking the volume here failed: asking the bucket again");
+                    std::thread::sleep(Duration::from_millis(200));
+                    Ok(None)
+                }
+                Err(e) => Err(e),
+            },
             Err(Hop::Peer(PeerError::Device(e))) => Err(e),
             Err(Hop::Peer(e)) => {
                 if Instant::now() >= deadline {
@@ -513,6 +529,12 @@ impl ForwardDevice {
         let d = fam.exports.open(&self.image)?;
         *local = Some(Arc::clone(&d));
         Ok(d)
+    }
+}
+
+impl Drop for ForwardDevice {
+    fn drop(&mut self) {
+        self.fwd.clients.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

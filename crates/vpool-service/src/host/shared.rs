@@ -83,6 +83,11 @@ pub struct SharedVolumeStatus {
     /// when owned here; elsewhere the volume's own setting, if it has one.
     #[serde(default)]
     pub durability: Option<String>,
+    /// When another host owns it: this host's NBD clients of the volume,
+    /// whose I/O it forwards to the owner (the owner counts them among its
+    /// `nbd_connections`, one per session).
+    #[serde(default)]
+    pub forwarded_clients: Option<u64>,
 }
 
 /// What a shared pool's bucket does for the host. Blocking.
@@ -481,6 +486,14 @@ impl SharedCtx {
         }
     }
 
+    /// This host's NBD clients of `vol` that it forwards to the owner.
+    fn forwarded_clients(&self, vol: &str) -> u64 {
+        let map = self.forwards.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(vol)
+            .and_then(Weak::upgrade)
+            .map_or(0, |f| f.clients() as u64)
+    }
+
     /// The pool's peer link secret, read once from the bucket.
     pub fn peer_secret(&self) -> Result<Secret> {
         if let Some(s) = self.secret.get() {
@@ -516,6 +529,7 @@ impl SharedCtx {
             nbd_connections: None,
             unuploaded_bytes: None,
             durability: None,
+            forwarded_clients: None,
         };
         if let Some(f) = self.owned_family(vol) {
             out.here = true;
@@ -526,6 +540,7 @@ impl SharedCtx {
             out.durability = stats.map(|s| s.durability);
         } else {
             out.durability = out.owner.volume_durability.clone();
+            out.forwarded_clients = Some(self.forwarded_clients(vol));
         }
         Ok(out)
     }

@@ -453,7 +453,12 @@ pub fn render_shared_status(s: &vpool_api::SharedVolumeStatus) -> String {
         out.push_str(&format!("size:           {}\n", format_size(b)));
     }
     if let Some(n) = s.nbd_connections {
-        out.push_str(&format!("NBD clients:    {n}\n"));
+        out.push_str(&format!("NBD clients:    {n} (its own and forwarded)\n"));
+    }
+    if let Some(n) = s.forwarded_clients {
+        out.push_str(&format!(
+            "NBD clients:    {n} here, forwarded to the owner\n"
+        ));
     }
     if let Some(b) = s.unuploaded_bytes {
         out.push_str(&format!("not in bucket:  {}\n", format_size(b)));
