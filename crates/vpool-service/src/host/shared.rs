@@ -16,9 +16,9 @@
 //! (those it owned when it stopped); one another host took over meanwhile
 //! is left closed, with a warning, and `vol takeover` brings it back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, Weak};
 
 use serde::{Deserialize, Serialize};
 use vpool_nbd::{BlockDevice, DeviceError, ExportRegistry};
@@ -123,8 +123,14 @@ pub struct SharedCtx {
     store: Arc<dyn SharedStore>,
     /// The families this host owns, by volume name.
     owned: RwLock<BTreeMap<String, Arc<PoolCtx>>>,
-    /// Serializes create, takeover and release.
-    admin: Mutex<()>,
+    /// The volumes a create, takeover, release or delete runs on: one at
+    /// a time per volume, so a takeover that waits for a lapsing lease
+    /// does not hold up another volume's (a failover of many volumes).
+    admin: Mutex<BTreeSet<String>>,
+    admin_done: Condvar,
+    /// Volumes being opened here (create, takeover): with the owned ones,
+    /// at most [`MAX_OWNED`].
+    opening: Mutex<usize>,
     /// This host's peer link address (`None`: it serves none, and does
     /// not forward either).
     my_peer: Option<String>,
@@ -148,7 +154,9 @@ impl SharedCtx {
             dir: dir.to_path_buf(),
             store,
             owned: RwLock::new(BTreeMap::new()),
-            admin: Mutex::new(()),
+            admin: Mutex::new(BTreeSet::new()),
+            admin_done: Condvar::new(),
+            opening: Mutex::new(0),
             my_peer: opener.peer_addr(),
             secret: OnceLock::new(),
             forwards: Mutex::new(BTreeMap::new()),
@@ -199,8 +207,18 @@ impl SharedCtx {
         self.owned.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn lock_admin(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.admin.lock().unwrap_or_else(|e| e.into_inner())
+    /// Waits until no create, takeover, release or delete runs on `vol`,
+    /// and runs this one: until the guard is dropped.
+    fn lock_volume(&self, vol: &str) -> AdminGuard<'_> {
+        let mut busy = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        while busy.contains(vol) {
+            busy = self
+                .admin_done
+                .wait(busy)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        busy.insert(vol.to_string());
+        AdminGuard(self, vol.to_string())
     }
 
     /// The families this host owns.
@@ -299,14 +317,18 @@ impl SharedCtx {
         }
     }
 
-    fn check_room(&self) -> Result<()> {
-        if self.read_owned().len() >= MAX_OWNED {
+    /// Reserves room for one more owned volume (given back when the guard
+    /// goes, by then counted among the owned ones if it was opened).
+    fn check_room(&self) -> Result<RoomGuard<'_>> {
+        let mut opening = self.opening.lock().unwrap_or_else(|e| e.into_inner());
+        if self.read_owned().len() + *opening >= MAX_OWNED {
             return Err(Error::invalid(format!(
                 "this host owns {MAX_OWNED} volumes of pool {} already (the most it opens)",
                 self.name
             )));
         }
-        Ok(())
+        *opening += 1;
+        Ok(RoomGuard(self))
     }
 
     /// Creates volume `vol` of `size_bytes` in the bucket; this host owns
@@ -326,8 +348,8 @@ impl SharedCtx {
                 "durability is host or remote, not {d:?}"
             )));
         }
-        let _admin = self.lock_admin();
-        self.check_room()?;
+        let _admin = self.lock_volume(vol);
+        let _room = self.check_room()?;
         let dir = self.family_dir(vol);
         if dir.exists() {
             return Err(Error::new(
@@ -351,11 +373,11 @@ impl SharedCtx {
     /// expiry takes up to a minute.
     pub fn takeover(&self, opener: &dyn Opener, vol: &str, force: bool) -> Result<Arc<PoolCtx>> {
         crate::names::check_volume_name(vol)?;
-        let _admin = self.lock_admin();
+        let _admin = self.lock_volume(vol);
         if let Some(f) = self.owned_family(vol) {
             return Ok(f);
         }
-        self.check_room()?;
+        let _room = self.check_room()?;
         let dir = self.family_dir(vol);
         let made = !dir.exists();
         if made {
@@ -380,7 +402,7 @@ impl SharedCtx {
     /// another host's takeover is immediate) and drops its cache. Refused
     /// while NBD clients have it open, unless `force`. Blocking.
     pub fn release(&self, vol: &str, force: bool) -> Result<()> {
-        let _admin = self.lock_admin();
+        let _admin = self.lock_volume(vol);
         let family = self.take_idle(vol, "release", force)?;
         let unuploaded_bytes = family.cache.as_ref().map_or(0, |c| c.stats().dirty_bytes);
         let started = std::time::Instant::now();
@@ -400,7 +422,7 @@ impl SharedCtx {
     /// object of it deleted) and its cache. Refused while NBD clients have
     /// it open, unless `force`. Blocking.
     pub fn delete(&self, vol: &str, force: bool) -> Result<()> {
-        let _admin = self.lock_admin();
+        let _admin = self.lock_volume(vol);
         let family = self.take_idle(vol, "delete", force)?;
         let id = match self.store.delete_name(vol) {
             Ok(id) => id,
@@ -559,5 +581,26 @@ impl SharedCtx {
             }
         }
         first.map_or(Ok(()), Err)
+    }
+}
+
+/// A create, takeover, release or delete running on one volume.
+struct AdminGuard<'a>(&'a SharedCtx, String);
+
+impl Drop for AdminGuard<'_> {
+    fn drop(&mut self) {
+        let mut busy = self.0.admin.lock().unwrap_or_else(|e| e.into_inner());
+        busy.remove(&self.1);
+        self.0.admin_done.notify_all();
+    }
+}
+
+/// Room reserved for a volume being opened.
+struct RoomGuard<'a>(&'a SharedCtx);
+
+impl Drop for RoomGuard<'_> {
+    fn drop(&mut self) {
+        let mut opening = self.0.opening.lock().unwrap_or_else(|e| e.into_inner());
+        *opening -= 1;
     }
 }

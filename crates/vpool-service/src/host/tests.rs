@@ -283,3 +283,85 @@ fn a_pool_added_while_the_host_stops_is_closed_by_the_add() {
         assert!(e.message.contains("stopping"), "{}", e.message);
     }
 }
+
+/// A shared pool's bucket, in memory: volumes exist once attached.
+#[derive(Default)]
+struct MemShared;
+
+impl SharedStore for MemShared {
+    fn names(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+    fn owner(&self, name: &str) -> Result<FamilyOwner> {
+        Err(Error::new(ErrorKind::NotFound, format!("no volume {name}")))
+    }
+    fn create(&self, _: &str, dir: &Path, _: Option<&str>) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::internal(e.to_string()))
+    }
+    fn attach(&self, _: &str, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::internal(e.to_string()))
+    }
+    fn forget(&self, _: &Path) {}
+    fn delete_name(&self, name: &str) -> Result<String> {
+        Ok(name.to_string())
+    }
+    fn delete_family(&self, _: &str) -> Result<()> {
+        Ok(())
+    }
+    fn peer_secret(&self) -> Result<[u8; 32]> {
+        Ok([0; 32])
+    }
+}
+
+/// A takeover that waits (for a lapsing lease: here an open that blocks)
+/// holds up the admin calls on its own volume only: a host that fails
+/// over many volumes at once takes them in parallel.
+#[test]
+fn a_takeover_that_waits_does_not_hold_up_another_volume_s() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opener = Arc::new(ScriptedOpener::default());
+    let sh = Arc::new(SharedCtx::open(
+        "shared",
+        tmp.path(),
+        Arc::new(MemShared),
+        &*opener,
+    ));
+    let slow_dir = tmp.path().join("vols/slow");
+    let (release, rx) = mpsc::channel::<()>();
+    opener.then(&slow_dir, Step::Block(rx));
+    let slow = {
+        let (sh, opener) = (Arc::clone(&sh), Arc::clone(&opener));
+        std::thread::spawn(move || sh.takeover(&*opener, "slow", false).map(|_| ()))
+    };
+    wait_until("the slow takeover to start", Duration::from_secs(5), || {
+        opener.opens.lock().unwrap().contains(&slow_dir)
+    });
+    // Another volume: taken over, released, while the slow one waits.
+    let fast = {
+        let (sh, opener) = (Arc::clone(&sh), Arc::clone(&opener));
+        std::thread::spawn(move || {
+            sh.takeover(&*opener, "fast", false)?;
+            sh.release("fast", false)
+        })
+    };
+    wait_until(
+        "another volume's takeover and release",
+        Duration::from_secs(5),
+        || fast.is_finished(),
+    );
+    fast.join().unwrap().unwrap();
+    // The slow volume's own release waits for its takeover.
+    let releasing = {
+        let sh = Arc::clone(&sh);
+        std::thread::spawn(move || sh.release("slow", false))
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !releasing.is_finished(),
+        "a release ran during its volume's takeover"
+    );
+    release.send(()).unwrap();
+    slow.join().unwrap().unwrap();
+    releasing.join().unwrap().unwrap();
+    assert!(sh.owned().is_empty());
+}
