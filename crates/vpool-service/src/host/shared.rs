@@ -423,6 +423,9 @@ impl SharedCtx {
     /// it open, unless `force`. Blocking.
     pub fn delete(&self, vol: &str, force: bool) -> Result<()> {
         let _admin = self.lock_volume(vol);
+        if self.owned_family(vol).is_none() {
+            return self.delete_unmade(vol, force);
+        }
         let family = self.take_idle(vol, "delete", force)?;
         let id = match self.store.delete_name(vol) {
             Ok(id) => id,
@@ -439,6 +442,35 @@ impl SharedCtx {
         self.store.delete_family(&id)?;
         self.store.forget(&family.dir);
         tracing::info!(pool = %self.name, volume = vol, family = %id, "volume deleted");
+        Ok(())
+    }
+
+    /// Deletes volume `vol`, which this host does not own: only a name
+    /// whose family was never made (its creation died half way, or runs
+    /// on another host now: hence `force`), with whatever objects the
+    /// creation left. A volume with a family is deleted by its owner.
+    fn delete_unmade(&self, vol: &str, force: bool) -> Result<()> {
+        let owner = self.store.owner(vol)?;
+        if owner.generation.is_some() {
+            return Err(self.family(vol).err().unwrap_or_else(|| {
+                Error::new(
+                    ErrorKind::NotOwner,
+                    format!("volume {}/{vol} moved here meanwhile; ask again", self.name),
+                )
+            }));
+        }
+        if !force {
+            return Err(Error::new(
+                ErrorKind::InUse,
+                format!(
+                    "volume {}/{vol} has no family yet: its creation is under way on a host, or died half way; `vpool vol delete --force {}/{vol}` removes its name",
+                    self.name, self.name
+                ),
+            ));
+        }
+        let id = self.store.delete_name(vol)?;
+        self.store.delete_family(&id)?;
+        tracing::warn!(pool = %self.name, volume = vol, family = %id, "name without a family deleted (by force)");
         Ok(())
     }
 

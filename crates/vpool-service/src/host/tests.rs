@@ -284,15 +284,21 @@ fn a_pool_added_while_the_host_stops_is_closed_by_the_add() {
     }
 }
 
-/// A shared pool's bucket, in memory: volumes exist once attached.
+/// A shared pool's bucket, in memory: volumes exist once attached; the
+/// names in `unmade` are claimed, without a family.
 #[derive(Default)]
-struct MemShared;
+struct MemShared {
+    unmade: Mutex<Vec<String>>,
+}
 
 impl SharedStore for MemShared {
     fn names(&self) -> Result<Vec<String>> {
         Ok(Vec::new())
     }
     fn owner(&self, name: &str) -> Result<FamilyOwner> {
+        if self.unmade.lock().unwrap().iter().any(|n| n == name) {
+            return Ok(FamilyOwner::default());
+        }
         Err(Error::new(ErrorKind::NotFound, format!("no volume {name}")))
     }
     fn create(&self, _: &str, dir: &Path, _: Option<&str>) -> Result<()> {
@@ -303,6 +309,7 @@ impl SharedStore for MemShared {
     }
     fn forget(&self, _: &Path) {}
     fn delete_name(&self, name: &str) -> Result<String> {
+        self.unmade.lock().unwrap().retain(|n| n != name);
         Ok(name.to_string())
     }
     fn delete_family(&self, _: &str) -> Result<()> {
@@ -323,7 +330,7 @@ fn a_takeover_that_waits_does_not_hold_up_another_volume_s() {
     let sh = Arc::new(SharedCtx::open(
         "shared",
         tmp.path(),
-        Arc::new(MemShared),
+        Arc::new(MemShared::default()),
         &*opener,
     ));
     let slow_dir = tmp.path().join("vols/slow");
@@ -364,4 +371,29 @@ fn a_takeover_that_waits_does_not_hold_up_another_volume_s() {
     slow.join().unwrap().unwrap();
     releasing.join().unwrap().unwrap();
     assert!(sh.owned().is_empty());
+}
+
+/// A name whose family was never made (its creation died) is deleted
+/// only by force, from any host; a name that does not exist is not found.
+#[test]
+fn a_name_without_a_family_is_deleted_by_force_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opener = ScriptedOpener::default();
+    let store = Arc::new(MemShared::default());
+    store.unmade.lock().unwrap().push("half".to_string());
+    let sh = SharedCtx::open(
+        "shared",
+        tmp.path(),
+        Arc::clone(&store) as Arc<dyn SharedStore>,
+        &opener,
+    );
+    let e = sh.delete("half", false).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InUse, "{}", e.message);
+    assert!(e.message.contains("--force"), "{}", e.message);
+    sh.delete("half", true).unwrap();
+    assert!(store.unmade.lock().unwrap().is_empty());
+    assert_eq!(
+        sh.delete("half", true).unwrap_err().kind,
+        ErrorKind::NotFound
+    );
 }
