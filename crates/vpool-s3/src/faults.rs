@@ -5,6 +5,9 @@
 //! while a workload runs:
 //!
 //! - `down`: every call fails at once, as with a refused connection;
+//! - `down_at_call`: from the n-th call on (counting every call since the
+//!   store was made), `down` is set: the bucket as a host that crashed
+//!   after n - 1 calls left it;
 //! - `fail_one_in`: every n-th call fails as a 503 would;
 //! - `delay_ms`: every call waits first (a slow store; past the attempt
 //!   timeout it is a timeout);
@@ -27,6 +30,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 #[derive(Default, Debug)]
 pub struct Faults {
     pub down: AtomicBool,
+    /// 0: off.
+    pub down_at_call: AtomicU64,
     pub fail_one_in: AtomicU64,
     pub delay_ms: AtomicU64,
     pub short_read_one_in: AtomicU64,
@@ -60,6 +65,10 @@ impl FaultyStore {
         let delay = self.faults.delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
+        let at = self.faults.down_at_call.load(Ordering::SeqCst);
+        if at > 0 && n >= at {
+            self.faults.down.store(true, Ordering::SeqCst);
         }
         let every = self.faults.fail_one_in.load(Ordering::SeqCst);
         if self.faults.down.load(Ordering::SeqCst) || (every > 0 && n.is_multiple_of(every)) {

@@ -131,6 +131,73 @@ fn remote_opts(
     o
 }
 
+/// A release (the first half of a handover) crashed at every step: the
+/// bucket as the owner left it after each number of its calls (from one
+/// to all of them), opened by a new host, holds every flushed write
+/// (remote durability) and is a prefix of the history.
+#[test]
+fn a_release_crashed_at_every_step_keeps_every_flushed_write() {
+    let steps = release_cut_after(None);
+    assert!(steps > 3, "a release makes several calls: {steps}");
+    for n in 1..=steps {
+        release_cut_after(Some(n));
+    }
+}
+
+/// Writes and flushes with remote durability, then closes (releases) the
+/// pool with the bucket going down at the `cut`-th call of the close (the
+/// owner crashed there), and checks a new host's view. Returns how many
+/// calls the close made.
+fn release_cut_after(cut: Option<u64>) -> u64 {
+    let t = tempfile::tempdir().unwrap();
+    let bucket = Bucket::new(&t.path().join("bucket"));
+    // Short waits: a close cut from its bucket gives up quickly.
+    let mut o = short_lease(remote_opts(&t.path().join("c1"), create(), 60_000));
+    o.drain_timeout = Duration::from_millis(300);
+    o.read_timeout = Duration::from_secs(1);
+    o.backpressure_timeout = Duration::from_secs(1);
+    let (pool, store) = open(bucket.remote(), o);
+    let blocks = 512;
+    pool.create_volume("v", blocks * BLOCK).unwrap();
+    let vol = pool.volume("v").unwrap();
+    let mut log = WriteLog::default();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    for i in 0..600 {
+        log.write(&vol, rng.gen_range(0..blocks));
+        if i % 100 == 99 {
+            pool.flush().unwrap();
+        }
+    }
+    let flushed = log.writes.len() as u64;
+    drop(vol);
+    let before = bucket.faults.calls.load(Ordering::SeqCst);
+    if let Some(n) = cut {
+        bucket
+            .faults
+            .down_at_call
+            .store(before + n, Ordering::SeqCst);
+    }
+    let started = Instant::now();
+    let _ = pool.close();
+    store.close();
+    let calls = bucket.faults.calls.load(Ordering::SeqCst) - before;
+    let closed_in = started.elapsed();
+    let b = Bucket::new(&bucket.dir);
+    let (p, st) = open(
+        b.remote(),
+        remote_opts(&t.path().join("c2"), open_mode(true), 60_000),
+    );
+    let k = log.check_prefix(&p.volume("v").unwrap(), blocks);
+    assert!(
+        k >= flushed,
+        "cut at call {cut:?}: {k} writes recovered, {flushed} flushed"
+    );
+    p.close().unwrap();
+    st.close();
+    eprintln!("release cut at call {cut:?}: closed in {closed_in:?}");
+    calls
+}
+
 /// A handover (`vol release` on the owner, then a takeover elsewhere)
 /// crashed at any moment of the release: copies of the bucket frozen at
 /// random moments while the owner closes (seals, uploads, commits the
