@@ -279,6 +279,7 @@ async fn open_host(config: &DaemonConfig, peer: Option<String>) -> anyhow::Resul
     let opener = DirOpener {
         pool_config: config.pool_config.clone(),
         peer,
+        shared: std::sync::Mutex::new(Vec::new()),
     };
     let force = config.takeover;
     // Everything, including the drop on failure, on a blocking thread: an
@@ -298,6 +299,11 @@ struct DirOpener {
     pool_config: PoolConfig,
     /// The peer link's address, recorded in the leases this host takes.
     peer: Option<String>,
+    /// The shared pools opened, by URL, with their connection to the
+    /// bucket: the families of a shared pool run on its runtime, so a
+    /// host's S3 threads grow with its shared pools, not with the volumes
+    /// it owns. At most one entry per pool URL (`MAX_POOLS`).
+    shared: std::sync::Mutex<Vec<(String, Arc<vpool_s3::Remote>)>>,
 }
 
 impl DirOpener {
@@ -310,8 +316,15 @@ impl DirOpener {
                 dir.display()
             );
         }
-        let (pool, _report, store, s3) =
-            open_blocking(dir, self.pool_config.clone(), force, self.peer.as_deref())?;
+        let on = S3Parts {
+            peer: self.peer.as_deref(),
+            shared: &self
+                .shared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        };
+        let (pool, _report, store, s3) = open_blocking(dir, self.pool_config.clone(), force, on)?;
         let finish = || -> anyhow::Result<OpenedPool> {
             let catalog =
                 Catalog::open(Arc::clone(&store)).context("loading the template records")?;
@@ -357,6 +370,10 @@ impl Opener for DirOpener {
                 let name = crate::shared::pool_name(dir, &file);
                 let store =
                     crate::shared::BucketShared::open(&name, file).map_err(service_error)?;
+                let (url, remote) = store.connection();
+                let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+                shared.retain(|(u, _)| *u != url);
+                shared.push((url, remote));
                 Ok(Opened::Shared(Arc::new(store)))
             }
             None => self
@@ -448,16 +465,34 @@ type OpenedParts = (Pool, RecoveryReport, Arc<dyn SegmentStore>, Option<S3Store>
 /// Opens the pool in `dir` (local, or on S3 by its pool.json) and recovers
 /// it. Blocking: an S3 store owns a runtime that must not be dropped on an
 /// async runtime's threads, including on failure.
+/// What opening a pool on S3 takes from the host: its peer link address
+/// (recorded in the lease) and the connections of its shared pools (a
+/// family under one of their URLs runs on that pool's runtime).
+#[derive(Default)]
+struct S3Parts<'a> {
+    peer: Option<&'a str>,
+    shared: &'a [(String, Arc<vpool_s3::Remote>)],
+}
+
 fn open_blocking(
     dir: &Path,
     pool_config: PoolConfig,
     takeover: bool,
-    peer: Option<&str>,
+    on: S3Parts<'_>,
 ) -> anyhow::Result<OpenedParts> {
     let s3 = match PoolFile::load(dir)? {
         Some(file) => {
             tracing::info!(pool = %dir.display(), remote = %file.url, force = takeover, "opening the pool on object storage");
-            Some(crate::s3pool::open_store(dir, &file, takeover, peer)?)
+            let parent = on.shared.iter().find_map(|(url, remote)| {
+                let sub = file
+                    .url
+                    .strip_prefix(url.trim_end_matches('/'))?
+                    .strip_prefix('/')?;
+                Some(remote.child(sub))
+            });
+            Some(crate::s3pool::open_store(
+                dir, &file, takeover, on.peer, parent,
+            )?)
         }
         None => {
             if takeover {
@@ -526,7 +561,7 @@ pub fn check_offline(dir: &Path, repair: bool) -> anyhow::Result<vpool_api::Chec
         background: false,
         ..PoolConfig::default()
     };
-    let (pool, report, _store, s3) = match open_blocking(dir, config, false, None) {
+    let (pool, report, _store, s3) = match open_blocking(dir, config, false, S3Parts::default()) {
         Ok(o) => o,
         Err(e) => match e.downcast_ref::<EngineError>() {
             Some(EngineError::Damaged(report)) => {

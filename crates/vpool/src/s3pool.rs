@@ -575,8 +575,12 @@ pub fn open_store(
     file: &PoolFile,
     force: bool,
     peer: Option<&str>,
+    remote: Option<vpool_s3::Remote>,
 ) -> anyhow::Result<S3Store> {
-    let remote = file.connect()?;
+    let remote = match remote {
+        Some(r) => r,
+        None => file.connect()?,
+    };
     let mut opts = file.options(dir, OpenMode::Open { force });
     opts.peer = peer.map(str::to_string);
     S3Store::open(remote, opts).map_err(|e| open_error(e, file, dir))

@@ -8,6 +8,7 @@
 //! (`<pool URL>/vols/<id>`) and repeats the shared pool's settings.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use vpool_s3::shared::{self, FamilyOwner as BucketOwner};
@@ -20,7 +21,7 @@ use crate::s3pool::{PoolFile, S3PoolSettings};
 pub struct BucketShared {
     name: String,
     file: PoolFile,
-    remote: Remote,
+    remote: Arc<Remote>,
 }
 
 impl BucketShared {
@@ -33,8 +34,14 @@ impl BucketShared {
         Ok(BucketShared {
             name: name.to_string(),
             file,
-            remote,
+            remote: Arc::new(remote),
         })
+    }
+
+    /// The pool's URL and its connection to the bucket, on whose runtime
+    /// the families this host opens run too (`DirOpener`).
+    pub fn connection(&self) -> (String, Arc<Remote>) {
+        (self.file.url.clone(), Arc::clone(&self.remote))
     }
 
     /// What `pool create`/`attach` of family `id` are given: the shared

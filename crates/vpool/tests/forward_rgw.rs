@@ -386,6 +386,14 @@ fn a_volume_used_from_two_hosts_moves_only_when_one_is_left() {
     let (t, hosts) = hosts(&rgw, "three", "0.5", 3);
     let (home_a, home_c) = (t.path().join("a"), t.path().join("c"));
     run_ok(&home_a, &["vol", "create", "shared/db1", "--size", "16M"]);
+    run_ok(&home_a, &["vol", "create", "shared/db2", "--size", "16M"]);
+    // A's two volumes run on the shared pool's S3 runtime (2 threads).
+    let io_threads = std::fs::read_dir(format!("/proc/{}/task", hosts[0].child.id()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "vpool-s3-io")
+        .count();
+    assert_eq!(io_threads, 2, "one runtime for the shared pool");
     let on_b = qemu_io_in_background(
         hosts[1].nbd_uri("shared/db1"),
         &["write -P 0x61 0 64k", "sleep 4000", "read -P 0x61 0 64k"],

@@ -378,6 +378,10 @@ impl Forward {
                 return false;
             }
         };
+        if !self.shared.has_room() {
+            // It would be released and then owned by nobody.
+            return false;
+        }
         let attempt = || -> Result<bool, PeerError> {
             let secret = self.shared.peer_secret()?;
             let mut ctl = Session::connect(&addr, &self.shared.name, &secret)?;

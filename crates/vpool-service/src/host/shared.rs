@@ -317,6 +317,14 @@ impl SharedCtx {
         }
     }
 
+    /// Whether this host may own one more volume of the pool now (a
+    /// forwarding host does not ask an owner to let go of a volume it
+    /// could not take).
+    pub(super) fn has_room(&self) -> bool {
+        let opening = self.opening.lock().unwrap_or_else(|e| e.into_inner());
+        self.read_owned().len() + *opening < MAX_OWNED
+    }
+
     /// Reserves room for one more owned volume (given back when the guard
     /// goes, by then counted among the owned ones if it was opened).
     fn check_room(&self) -> Result<RoomGuard<'_>> {
