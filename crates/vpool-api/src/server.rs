@@ -906,7 +906,7 @@ async fn volume_release(
     ApiQuery(q): ApiQuery<ForceQuery>,
 ) -> Result<StatusCode, ApiError> {
     let host = Arc::clone(&s.host);
-    service(move || host.need_shared(pool.as_deref())?.release(&name, q.force)).await?;
+    service(move || host.release_volume(pool.as_deref(), &name, q.force)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -427,3 +427,40 @@ fn a_volume_used_from_two_hosts_moves_only_when_one_is_left() {
         assert!(d.terminate().success());
     }
 }
+
+/// A client whose host took the volume over while it was idle still
+/// counts there: a client that comes to the old owner meanwhile is
+/// forwarded, the volume does not move back under the idle one, whose
+/// next reads and writes go on.
+#[test]
+fn an_idle_client_of_the_new_owner_keeps_the_volume_there() {
+    let Some(rgw) = rgw() else { return };
+    let (t, a, b) = two_hosts(&rgw, "idle", "0.5");
+    let (home_a, home_b) = (t.path().join("a"), t.path().join("b"));
+    run_ok(&home_a, &["vol", "create", "shared/db1", "--size", "16M"]);
+    let on_b = qemu_io_in_background(
+        b.nbd_uri("shared/db1"),
+        &[
+            "write -P 0x71 0 64k",
+            "sleep 6000",
+            "read -P 0x71 0 64k",
+            "write -P 0x72 64k 64k",
+            "flush",
+        ],
+    );
+    wait_owned(&home_b, "shared/db1");
+    let on_a = qemu_io_in_background(
+        a.nbd_uri("shared/db1"),
+        &["read -P 0x71 0 64k", "sleep 5000", "read -P 0x72 64k 64k"],
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        status(&home_b, "shared/db1")["here"],
+        true,
+        "B keeps it for its idle client"
+    );
+    on_b.join().unwrap();
+    on_a.join().unwrap();
+    assert!(a.terminate().success());
+    assert!(b.terminate().success());
+}

@@ -159,14 +159,33 @@ impl Forward {
             clients: AtomicUsize::new(0),
             in_flight: Mutex::new((0, BTreeMap::new())),
         });
-        let weak = Arc::downgrade(&f);
+        f.spawn_watcher();
+        f
+    }
+
+    fn spawn_watcher(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
         let spawned = std::thread::Builder::new()
             .name("handover".into())
             .spawn(move || watch(weak));
         if let Err(e) = spawned {
-            tracing::warn!(volume, error = %e, "no thread to watch for a handover; the volume stays forwarded");
+            tracing::warn!(volume = %self.volume, error = %e, "no thread to watch for a handover; the volume stays forwarded");
         }
-        f
+    }
+
+    /// The family the route points at is no longer the one owned here
+    /// (released to another host, dropped when fenced): route to the
+    /// owner again, and watch for a handover again.
+    fn back_to_remote(self: &Arc<Self>, stale: &Arc<PoolCtx>) {
+        let mut route = self.write_route();
+        if let Route::Local(f) = &*route
+            && Arc::ptr_eq(f, stale)
+        {
+            *route = Route::Remote;
+            drop(route);
+            tracing::info!(pool = %self.shared.name, volume = %self.volume, "the volume is no longer owned here: its clients here are forwarded again");
+            self.spawn_watcher();
+        }
     }
 
     fn read_route(&self) -> std::sync::RwLockReadGuard<'_, Route> {
@@ -182,7 +201,7 @@ impl Forward {
         self.clients.load(Ordering::SeqCst)
     }
 
-    fn is_local(&self) -> bool {
+    pub(super) fn is_local(&self) -> bool {
         matches!(*self.read_route(), Route::Local(_))
     }
 
@@ -197,7 +216,13 @@ impl Forward {
             let opened = {
                 let route = self.read_route();
                 if let Route::Local(fam) = &*route {
-                    return fam.exports.open(image);
+                    if let Some(dev) = self.shared.open_owned(fam, &self.volume, image) {
+                        return dev;
+                    }
+                    let stale = Arc::clone(fam);
+                    drop(route);
+                    self.back_to_remote(&stale);
+                    continue;
                 }
                 self.with_session(image, &mut |s: &mut Session| s.open(image))
             };
@@ -497,9 +522,13 @@ pub struct ForwardDevice {
     image: String,
     size_bytes: u64,
     read_only: bool,
-    /// The local device, once the volume is owned here.
-    local: Mutex<Option<Arc<dyn BlockDevice>>>,
+    /// The local device, once the volume is owned here, with the family
+    /// it was opened on.
+    local: Mutex<Option<LocalDevice>>,
 }
+
+/// A device opened on an owned family, with that family.
+type LocalDevice = (Arc<PoolCtx>, Arc<dyn BlockDevice>);
 
 impl ForwardDevice {
     /// Runs a request: on the local device once the volume is here, else
@@ -514,8 +543,15 @@ impl ForwardDevice {
             let tried = {
                 let route = self.fwd.read_route();
                 if let Route::Local(fam) = &*route {
-                    let dev = self.local_device(fam)?;
-                    return local(&*dev);
+                    if self.fwd.shared.still_owned(&self.fwd.volume, fam) {
+                        let dev = self.local_device(fam)?;
+                        return local(&*dev);
+                    }
+                    let stale = Arc::clone(fam);
+                    drop(route);
+                    *self.local.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    self.fwd.back_to_remote(&stale);
+                    continue;
                 }
                 self.fwd.with_session(&self.image, &mut remote)
             };
@@ -525,13 +561,15 @@ impl ForwardDevice {
         }
     }
 
-    fn local_device(&self, fam: &PoolCtx) -> Result<Arc<dyn BlockDevice>, DeviceError> {
+    fn local_device(&self, fam: &Arc<PoolCtx>) -> Result<Arc<dyn BlockDevice>, DeviceError> {
         let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(d) = &*local {
+        if let Some((f, d)) = &*local
+            && Arc::ptr_eq(f, fam)
+        {
             return Ok(Arc::clone(d));
         }
         let d = fam.exports.open(&self.image)?;
-        *local = Some(Arc::clone(&d));
+        *local = Some((Arc::clone(fam), Arc::clone(&d)));
         Ok(d)
     }
 }

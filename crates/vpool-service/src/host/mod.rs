@@ -591,6 +591,13 @@ impl Host {
         sh.takeover(&*self.opener, volume, force).map(|_| ())
     }
 
+    /// Gives volume `volume` of shared pool `pool` up (see
+    /// [`SharedCtx::release`]). Blocking.
+    pub fn release_volume(&self, pool: Option<&str>, volume: &str, force: bool) -> Result<()> {
+        let sh = self.need_shared(pool)?;
+        sh.release(&*self.opener, volume, force)
+    }
+
     /// Adds the pool in `dir` (a new local pool is made there if the
     /// directory is empty or missing; an existing pool directory, local or
     /// an S3 cache, opens as it is) under `name`, and records it. Blocking.

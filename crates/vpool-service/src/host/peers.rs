@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use vpool_nbd::{BlockDevice, DeviceError, ExportRegistry};
+use vpool_nbd::{BlockDevice, DeviceError};
 use vpool_peer::{PeerBackend, Refusal, Secret};
 
 use super::Host;
@@ -51,8 +51,14 @@ impl PeerBackend for HostPeers {
     fn open(&self, pool: &str, image: &str) -> Result<Arc<dyn BlockDevice>, Refusal> {
         let vol = image.split('@').next().unwrap_or(image);
         // Only what this host owns: it never forwards what was forwarded.
-        let family = self.shared(pool)?.family(vol).map_err(refusal)?;
-        family.exports.open(image).map_err(Refusal::Device)
+        let sh = self.shared(pool)?;
+        let family = sh.family(vol).map_err(refusal)?;
+        match sh.open_owned(&family, vol, image) {
+            Some(dev) => dev.map_err(Refusal::Device),
+            None => Err(Refusal::Busy(format!(
+                "volume {pool}/{vol} is being released by this host"
+            ))),
+        }
     }
 
     fn connections(&self, pool: &str, volume: &str) -> Result<u64, DeviceError> {
@@ -66,7 +72,7 @@ impl PeerBackend for HostPeers {
 
     fn release(&self, pool: &str, volume: &str) -> Result<(), Refusal> {
         let sh = self.shared(pool)?;
-        match sh.release(volume, false) {
+        match sh.release(&*self.host.opener, volume, false) {
             Ok(()) => {
                 tracing::info!(
                     pool,
@@ -75,7 +81,9 @@ impl PeerBackend for HostPeers {
                 );
                 Ok(())
             }
-            Err(e) if e.kind == ErrorKind::InUse => Err(Refusal::Busy(e.message)),
+            Err(e) if matches!(e.kind, ErrorKind::InUse | ErrorKind::Failed) => {
+                Err(Refusal::Busy(e.message))
+            }
             Err(e) => Err(refusal(e)),
         }
     }

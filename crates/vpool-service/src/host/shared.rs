@@ -286,7 +286,10 @@ impl SharedCtx {
     fn take_idle(&self, vol: &str, what: &str, force: bool) -> Result<Arc<PoolCtx>> {
         let family = self.family(vol)?;
         self.write_owned().remove(vol);
-        let n = family.service.catalog().nbd_connections_total();
+        // Clients whose forwarding device turned local count even before
+        // their first request opens the local device (some count twice:
+        // refusing is the safe side).
+        let n = family.service.catalog().nbd_connections_total() + self.local_forward_clients(vol);
         if n > 0 && !force {
             self.write_owned()
                 .insert(vol.to_string(), Arc::clone(&family));
@@ -409,20 +412,63 @@ impl SharedCtx {
     /// Gives volume `vol` up: uploads what is left, releases its lease (so
     /// another host's takeover is immediate) and drops its cache. Refused
     /// while NBD clients have it open, unless `force`. Blocking.
-    pub fn release(&self, vol: &str, force: bool) -> Result<()> {
+    pub fn release(&self, opener: &dyn Opener, vol: &str, force: bool) -> Result<()> {
         let _admin = self.lock_volume(vol);
         let family = self.take_idle(vol, "release", force)?;
         let unuploaded_bytes = family.cache.as_ref().map_or(0, |c| c.stats().dirty_bytes);
         let started = std::time::Instant::now();
-        family.close()?;
-        let clean = self.store.owner(vol).is_ok_and(|o| o.holder.is_none());
-        if clean {
-            self.store.forget(&family.dir);
-        } else {
-            tracing::warn!(pool = %self.name, volume = vol, dir = %family.dir.display(), "the volume was not released cleanly: its cache is kept");
+        let closed = family.close();
+        let released = self.store.owner(vol).is_ok_and(|o| o.holder.is_none());
+        if closed.is_err() || !released {
+            // Its directory's lock goes with the last handle.
+            drop(family);
+            return Err(self.keep_after_failed_release(
+                opener,
+                vol,
+                unuploaded_bytes,
+                closed.err(),
+            ));
         }
+        self.store.forget(&family.dir);
         tracing::info!(pool = %self.name, volume = vol, unuploaded_bytes, close_ms = started.elapsed().as_millis() as u64, "volume released");
         Ok(())
+    }
+
+    /// A release whose close did not get everything into the bucket (a
+    /// slow or failing bucket past the drain timeout) did not release the
+    /// lease either: the cache holds acknowledged writes the bucket lacks,
+    /// so this host opens the volume again from it (its own lease: no
+    /// wait) and goes on serving it, instead of leaving it to a taker that
+    /// would, once the lease lapsed, open the bucket without them.
+    fn keep_after_failed_release(
+        &self,
+        opener: &dyn Opener,
+        vol: &str,
+        unuploaded_bytes: u64,
+        closed: Option<Error>,
+    ) -> Error {
+        let why = closed.map_or_else(
+            || "the bucket does not have everything yet".to_string(),
+            |e| e.message,
+        );
+        tracing::warn!(pool = %self.name, volume = vol, unuploaded_bytes, reason = %why, "release did not finish: opening the volume again here");
+        let kept = match self.open_family(opener, vol, false) {
+            Ok(f) => {
+                self.write_owned().insert(vol.to_string(), f);
+                "it stays on this host"
+            }
+            Err(e) => {
+                tracing::error!(pool = %self.name, volume = vol, error = %e.message, "reopening after a failed release failed: `vpool vol takeover` on this host retries (its cache holds what the bucket lacks)");
+                "reopening it failed; `vpool vol takeover` on this host retries"
+            }
+        };
+        Error::new(
+            ErrorKind::Failed,
+            format!(
+                "release of volume {}/{vol} did not finish ({why}; {unuploaded_bytes} bytes were still to upload): {kept}",
+                self.name
+            ),
+        )
     }
 
     /// Deletes volume `vol`, which this host owns: its name first (no
@@ -493,8 +539,10 @@ impl SharedCtx {
     ) -> std::result::Result<Arc<dyn BlockDevice>, DeviceError> {
         let vol = image.split('@').next().unwrap_or(image);
         crate::names::check_volume_name(vol).map_err(|e| DeviceError::not_found(e.message))?;
-        if let Some(f) = self.owned_family(vol) {
-            return f.exports.open(image);
+        if let Some(f) = self.owned_family(vol)
+            && let Some(dev) = self.open_owned(&f, vol, image)
+        {
+            return dev;
         }
         if self.my_peer.is_none() {
             let e = self.family(vol).err().map(|e| e.message);
@@ -516,6 +564,29 @@ impl SharedCtx {
             }
         };
         fwd.device(image)
+    }
+
+    /// Opens export `image` of family `f` (volume `vol`), if `f` is still
+    /// the owned family once the device is registered: a release or
+    /// delete takes the family out of the owned ones before it counts
+    /// the clients, so a device registered after that count sees it gone
+    /// (and is dropped: `None`, the caller forwards or says busy).
+    pub(super) fn open_owned(
+        &self,
+        f: &Arc<PoolCtx>,
+        vol: &str,
+        image: &str,
+    ) -> Option<std::result::Result<Arc<dyn BlockDevice>, DeviceError>> {
+        let dev = f.exports.open(image);
+        self.still_owned(vol, f).then_some(dev)
+    }
+
+    /// Whether `f` is the family of `vol` this host owns (a cheap check:
+    /// no figures, no bucket).
+    pub(super) fn still_owned(&self, vol: &str, f: &Arc<PoolCtx>) -> bool {
+        self.read_owned()
+            .get(vol)
+            .is_some_and(|g| Arc::ptr_eq(g, f))
     }
 
     /// Where volume `vol` is: here, free, or at another host's peer
@@ -546,6 +617,16 @@ impl SharedCtx {
                 ),
             )),
         }
+    }
+
+    /// This host's clients of `vol` whose forwarding devices now route to
+    /// the family owned here.
+    fn local_forward_clients(&self, vol: &str) -> usize {
+        let fwd = {
+            let map = self.forwards.lock().unwrap_or_else(|e| e.into_inner());
+            map.get(vol).and_then(Weak::upgrade)
+        };
+        fwd.filter(|f| f.is_local()).map_or(0, |f| f.clients())
     }
 
     /// This host's NBD clients of `vol` that it forwards to the owner.

@@ -284,11 +284,15 @@ fn a_pool_added_while_the_host_stops_is_closed_by_the_add() {
     }
 }
 
-/// A shared pool's bucket, in memory: volumes exist once attached; the
-/// names in `unmade` are claimed, without a family.
+/// A shared pool's bucket, in memory: volumes exist once attached, and
+/// are released when closed, but those in `stuck` (a close that could not
+/// upload everything); the names in `unmade` are claimed, without a
+/// family.
 #[derive(Default)]
 struct MemShared {
     unmade: Mutex<Vec<String>>,
+    stuck: Mutex<Vec<String>>,
+    made: Mutex<Vec<String>>,
 }
 
 impl SharedStore for MemShared {
@@ -299,12 +303,21 @@ impl SharedStore for MemShared {
         if self.unmade.lock().unwrap().iter().any(|n| n == name) {
             return Ok(FamilyOwner::default());
         }
-        Err(Error::new(ErrorKind::NotFound, format!("no volume {name}")))
+        if !self.made.lock().unwrap().iter().any(|n| n == name) {
+            return Err(Error::new(ErrorKind::NotFound, format!("no volume {name}")));
+        }
+        let stuck = self.stuck.lock().unwrap().iter().any(|n| n == name);
+        Ok(FamilyOwner {
+            generation: Some(1),
+            holder: stuck.then(|| "this:1".to_string()),
+            ..FamilyOwner::default()
+        })
     }
-    fn create(&self, _: &str, dir: &Path, _: Option<&str>) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::internal(e.to_string()))
+    fn create(&self, name: &str, dir: &Path, _: Option<&str>) -> Result<()> {
+        self.attach(name, dir)
     }
-    fn attach(&self, _: &str, dir: &Path) -> Result<()> {
+    fn attach(&self, name: &str, dir: &Path) -> Result<()> {
+        self.made.lock().unwrap().push(name.to_string());
         std::fs::create_dir_all(dir).map_err(|e| Error::internal(e.to_string()))
     }
     fn forget(&self, _: &Path) {}
@@ -348,7 +361,7 @@ fn a_takeover_that_waits_does_not_hold_up_another_volume_s() {
         let (sh, opener) = (Arc::clone(&sh), Arc::clone(&opener));
         std::thread::spawn(move || {
             sh.takeover(&*opener, "fast", false)?;
-            sh.release("fast", false)
+            sh.release(&*opener, "fast", false)
         })
     };
     wait_until(
@@ -360,7 +373,8 @@ fn a_takeover_that_waits_does_not_hold_up_another_volume_s() {
     // The slow volume's own release waits for its takeover.
     let releasing = {
         let sh = Arc::clone(&sh);
-        std::thread::spawn(move || sh.release("slow", false))
+        let opener = Arc::clone(&opener);
+        std::thread::spawn(move || sh.release(&*opener, "slow", false))
     };
     std::thread::sleep(Duration::from_millis(200));
     assert!(
@@ -396,4 +410,29 @@ fn a_name_without_a_family_is_deleted_by_force_only() {
         sh.delete("half", true).unwrap_err().kind,
         ErrorKind::NotFound
     );
+}
+
+/// A release whose close could not get everything into the bucket (the
+/// lease is still this host's) fails, and the volume is open here again,
+/// served from the cache that holds what the bucket lacks.
+#[test]
+fn a_release_that_does_not_finish_keeps_the_volume_here() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opener = ScriptedOpener::default();
+    let store = Arc::new(MemShared::default());
+    store.stuck.lock().unwrap().push("db1".to_string());
+    let sh = SharedCtx::open(
+        "shared",
+        tmp.path(),
+        Arc::clone(&store) as Arc<dyn SharedStore>,
+        &opener,
+    );
+    sh.takeover(&opener, "db1", false).unwrap();
+    let e = sh.release(&opener, "db1", false).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Failed, "{}", e.message);
+    assert!(e.message.contains("stays on this host"), "{}", e.message);
+    assert!(sh.family("db1").is_ok(), "served here again");
+    store.stuck.lock().unwrap().clear();
+    sh.release(&opener, "db1", false).unwrap();
+    assert!(sh.owned().is_empty());
 }
