@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use vpool_nbd::{BlockDevice, DeviceError};
+use vpool_nbd::{BlockDevice, DeviceError, DeviceErrorKind};
 
 use crate::auth::{self, Secret, Side};
 use crate::wire::{
@@ -41,7 +41,12 @@ pub trait PeerBackend: Send + Sync + 'static {
     fn secret(&self, pool: &str) -> Option<Secret>;
     /// Export `image` of `pool`, which this host must own (a host never
     /// forwards what was forwarded to it): [`Refusal::Busy`] if it does
-    /// not (the forwarding host asks the bucket again and retries).
+    /// not (the forwarding host asks the bucket again and retries). A
+    /// device whose volume stops being served here (released, fenced)
+    /// answers its requests with a [`DeviceErrorKind::NotFound`] error
+    /// before doing anything, which the session turns into "busy": the
+    /// request was not run, and the forwarding host retries it at the new
+    /// owner.
     fn open(&self, pool: &str, image: &str) -> Result<Arc<dyn BlockDevice>, Refusal>;
     /// Clients of `volume` of `pool` on this host, forwarded ones included.
     fn connections(&self, pool: &str, volume: &str) -> Result<u64, DeviceError>;
@@ -206,7 +211,7 @@ fn handshake(
         .as_ref()
         .is_some_and(|s| auth::verify(s, Side::Client, &pool, &server_nonce, &client_nonce, &mac));
     let Some(secret) = secret.filter(|_| proven) else {
-        stream.write_all(&[1u8; 1 + MAC_BYTES])?;
+        // The caller counts the refusal, then answers it.
         return Err(SessionEnd::Auth(pool));
     };
     let mut answer = [0u8; 1 + MAC_BYTES];
@@ -236,6 +241,7 @@ fn serve_session(
         Err(SessionEnd::Auth(pool)) => {
             stats.refused_auth.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, %pool, "peer link: a peer failed authentication");
+            let _ = stream.write_all(&[1u8; 1 + MAC_BYTES]);
             return Err(SessionEnd::Auth(pool));
         }
         Err(e) => return Err(e),
@@ -330,8 +336,20 @@ impl Served<'_> {
         }
     }
 
-    /// A read, write, flush, trim or zeroing on the open export.
+    /// A read, write, flush, trim or zeroing on the open export; a device
+    /// that says its volume is not served here any more (`NotFound`) is
+    /// "busy": the request was not run.
     fn io(&mut self, req: &Request, payload: &[u8]) -> Result<(), Refusal> {
+        match self.run_io(req, payload) {
+            Err(Refusal::Device(e)) if e.kind == DeviceErrorKind::NotFound => {
+                self.device = None;
+                Err(Refusal::Busy(e.message))
+            }
+            other => other,
+        }
+    }
+
+    fn run_io(&mut self, req: &Request, payload: &[u8]) -> Result<(), Refusal> {
         let dev = self
             .device
             .as_ref()

@@ -35,7 +35,7 @@
 
 use std::collections::BTreeMap;
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -72,8 +72,9 @@ pub(super) enum Owner {
     Here,
     /// Nobody holds it: this host may take it at once.
     Free,
-    /// Another host, at this peer link address.
-    Peer(String),
+    /// Another host, at this peer link address, holding the lease of
+    /// this epoch.
+    Peer(String, u64),
     /// The bucket names this host's address, but the volume is not open
     /// here: released here just now, or held by this daemon before it
     /// restarted. Taken over once that lease lapsed (at once if released).
@@ -83,6 +84,12 @@ pub(super) enum Owner {
 /// Why a try on the link did not answer.
 enum Hop {
     Peer(PeerError),
+    /// The link broke after the request may have been sent to `engine`,
+    /// which may still run it.
+    Lost {
+        engine: String,
+        error: PeerError,
+    },
     /// The volume is here or free now: switch the route.
     GoLocal,
 }
@@ -97,6 +104,8 @@ impl From<PeerError> for Hop {
 struct Held {
     session: Session,
     image: String,
+    /// The owner's engine: `ADDR#EPOCH`.
+    engine: String,
     live: Arc<AtomicUsize>,
 }
 
@@ -122,10 +131,36 @@ pub(super) struct Forward {
     next_failover: Mutex<Instant>,
     /// Devices (NBD clients of this host) alive on this volume.
     clients: AtomicUsize,
+    /// The engine that acknowledged writes of this host's clients that no
+    /// flush covered yet, and whether writes went to more than one: a
+    /// flush answered by another engine (after a failover) cannot cover
+    /// them, and fails once, as a disk that lost its cache would.
+    unflushed: Mutex<Unflushed>,
+    /// How many times writes were lost that way; each device fails one
+    /// flush per loss it has not reported yet.
+    lost: AtomicU64,
     /// The sockets of the sessions running a request, by a serial: a
     /// failover shuts them down, so that requests waiting for an owner
     /// that stopped answering give up their share of the route lock.
     in_flight: Mutex<(u64, BTreeMap<u64, TcpStream>)>,
+}
+
+/// See [`Forward::unflushed`].
+#[derive(Default)]
+struct Unflushed {
+    engine: Option<String>,
+    mixed: bool,
+}
+
+/// What a request does to the volume: whether its retry is safe, and what
+/// a flush must cover.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    /// A write, trim or zeroing: not sent again to an engine that may
+    /// still run it.
+    Write,
+    Flush,
 }
 
 /// Removes a session's socket from [`Forward::in_flight`] when its request
@@ -157,6 +192,8 @@ impl Forward {
             freed: Condvar::new(),
             next_failover: Mutex::new(Instant::now()),
             clients: AtomicUsize::new(0),
+            unflushed: Mutex::new(Unflushed::default()),
+            lost: AtomicU64::new(0),
             in_flight: Mutex::new((0, BTreeMap::new())),
         });
         f.spawn_watcher();
@@ -196,6 +233,46 @@ impl Forward {
         self.route.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Writes acknowledged by an owner that was lost (a failover, or the
+    /// volume found at another engine) may be lost: every device of the
+    /// volume on this host fails its next flush once (with multi-conn a
+    /// flush on one connection answers for the writes of all).
+    fn lose_unflushed(&self) {
+        let u = std::mem::take(&mut *self.unflushed.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Some(engine) = u.engine {
+            tracing::warn!(pool = %self.shared.name, volume = %self.volume, acknowledged_by = %engine, "writes acknowledged by an owner lost since may be lost: each client's next flush fails");
+            self.lost.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// `engine` acknowledged a write.
+    fn note_write(&self, engine: &str) {
+        let mut u = self.unflushed.lock().unwrap_or_else(|e| e.into_inner());
+        match &u.engine {
+            None => u.engine = Some(engine.to_string()),
+            Some(e) if e != engine => u.mixed = true,
+            Some(_) => {}
+        }
+    }
+
+    /// A flush answered by `engine` covered every write since the last
+    /// one, unless some went to another engine: those are lost.
+    fn flushed_on(&self, engine: &str) {
+        let mixed = {
+            let u = self.unflushed.lock().unwrap_or_else(|e| e.into_inner());
+            u.mixed || u.engine.as_deref().is_some_and(|e| e != engine)
+        };
+        if mixed {
+            self.lose_unflushed();
+        } else {
+            self.forget_unflushed();
+        }
+    }
+
+    fn forget_unflushed(&self) {
+        *self.unflushed.lock().unwrap_or_else(|e| e.into_inner()) = Unflushed::default();
+    }
+
     /// This host's clients of the volume that go through forwarding.
     pub(super) fn clients(&self) -> usize {
         self.clients.load(Ordering::SeqCst)
@@ -224,10 +301,10 @@ impl Forward {
                     self.back_to_remote(&stale);
                     continue;
                 }
-                self.with_session(image, &mut |s: &mut Session| s.open(image))
+                self.with_session(image, None, &mut |s: &mut Session| s.open(image))
             };
             match self.settle(opened, deadline)? {
-                Some((size_bytes, read_only)) => {
+                Some(((size_bytes, read_only), _)) => {
                     self.clients.fetch_add(1, Ordering::SeqCst);
                     return Ok(Arc::new(ForwardDevice {
                         fwd: Arc::clone(self),
@@ -235,6 +312,7 @@ impl Forward {
                         size_bytes,
                         read_only,
                         local: Mutex::new(None),
+                        seen_lost: AtomicU64::new(self.lost.load(Ordering::SeqCst)),
                     }));
                 }
                 None => continue,
@@ -253,7 +331,7 @@ impl Forward {
             Ok(v) => Ok(Some(v)),
             // Free when asked, but another host may take it first: then
             // the next try forwards to that host.
-            Err(Hop::GoLocal) => match self.go_local() {
+            Err(Hop::GoLocal) => match self.go_local(true) {
                 Ok(()) => Ok(None),
                 Err(e) if Instant::now() < deadline => {
                     tracing::debug!(volume = %self.volume, error = %e.message, "taking the volume here failed: asking the bucket again");
@@ -263,7 +341,7 @@ impl Forward {
                 Err(e) => Err(e),
             },
             Err(Hop::Peer(PeerError::Device(e))) => Err(e),
-            Err(Hop::Peer(e)) => {
+            Err(Hop::Lost { error: e, .. } | Hop::Peer(e)) => {
                 if Instant::now() >= deadline {
                     tracing::warn!(pool = %self.shared.name, volume = %self.volume, error = %e, "forwarding failed for {} s", RETRY_FOR.as_secs());
                     return Err(DeviceError::io(format!(
@@ -279,16 +357,21 @@ impl Forward {
     }
 
     /// Runs `f` on a session to the owner with `image` open (an idle one,
-    /// or a new one); the session goes back to the idle list unless the
-    /// link broke. Call with the route read-locked as remote.
+    /// or a new one); returns its answer and the engine that gave it. The
+    /// session goes back to the idle list unless the link broke or the
+    /// owner said the volume moved. A session to engine `avoid` is not
+    /// used (a write whose fate there is unknown is not sent there again).
+    /// Call with the route read-locked as remote.
     fn with_session<T>(
         &self,
         image: &str,
+        avoid: Option<&str>,
         f: &mut dyn FnMut(&mut Session) -> Result<T, PeerError>,
-    ) -> Result<T, Hop> {
+    ) -> Result<(T, String), Hop> {
         let _slot = self.slot();
         let idle = {
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            idle.retain(|h| Some(h.engine.as_str()) != avoid);
             let at = idle.iter().position(|h| h.image == image);
             at.map(|i| idle.swap_remove(i))
         };
@@ -296,16 +379,38 @@ impl Forward {
             Some(h) => h,
             None => self.connect(image)?,
         };
+        if Some(held.engine.as_str()) == avoid {
+            return Err(Hop::Peer(PeerError::Link {
+                addr: held.engine.clone(),
+                message: "waiting for the volume's owner to change".into(),
+            }));
+        }
         let tracked = self.track(&held.session);
         let out = f(&mut held.session);
         drop(tracked);
-        if !matches!(out, Err(PeerError::Link { .. } | PeerError::Auth { .. })) {
-            self.idle
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(held);
+        match out {
+            Ok(v) => {
+                let engine = held.engine.clone();
+                self.put_idle(held);
+                Ok((v, engine))
+            }
+            Err(e @ PeerError::Device(_)) => {
+                self.put_idle(held);
+                Err(Hop::Peer(e))
+            }
+            Err(e @ (PeerError::Link { .. } | PeerError::Auth { .. })) => Err(Hop::Lost {
+                engine: held.engine.clone(),
+                error: e,
+            }),
+            Err(e) => Err(Hop::Peer(e)),
         }
-        Ok(out?)
+    }
+
+    fn put_idle(&self, held: Held) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(held);
     }
 
     /// Records the socket of a session about to run a request.
@@ -338,8 +443,8 @@ impl Forward {
 
     /// A new session to the owner the bucket names, with `image` open.
     fn connect(&self, image: &str) -> Result<Held, Hop> {
-        let addr = match self.shared.owner_route(&self.volume)? {
-            Owner::Peer(addr) => addr,
+        let (addr, epoch) = match self.shared.owner_route(&self.volume)? {
+            Owner::Peer(addr, epoch) => (addr, epoch),
             Owner::Here | Owner::Free => return Err(Hop::GoLocal),
             Owner::Gone(addr) => {
                 return Err(Hop::Peer(PeerError::Link {
@@ -354,6 +459,7 @@ impl Forward {
         let mut held = Held {
             session,
             image: image.to_string(),
+            engine: format!("{addr}#{epoch}"),
             live: Arc::clone(&self.live),
         };
         held.session.open(image)?;
@@ -361,8 +467,12 @@ impl Forward {
     }
 
     /// Routes the volume here: it is owned here already, or free (taken
-    /// over at once). An error if another host got it first.
-    fn go_local(&self) -> Result<(), DeviceError> {
+    /// over at once), or (a failover) its silent owner's lease lapsed. An
+    /// error if another host got it first. `clean`: the last owner let
+    /// it go with everything in the bucket, so the writes it acknowledged
+    /// are all there; after a failover they may not be (see
+    /// [`Forward::unflushed`]).
+    fn go_local(&self, clean: bool) -> Result<(), DeviceError> {
         let mut route = self.write_route();
         if matches!(*route, Route::Local(_)) {
             return Ok(());
@@ -372,6 +482,9 @@ impl Forward {
             .takeover(&*self.opener, &self.volume, false)
             .map_err(|e| DeviceError::io(e.message))?;
         self.drop_sessions();
+        if clean {
+            self.forget_unflushed();
+        }
         *route = Route::Local(fam);
         tracing::info!(pool = %self.shared.name, volume = %self.volume, "volume taken by this host, which serves its clients");
         Ok(())
@@ -389,8 +502,8 @@ impl Forward {
     /// volume is local now.
     fn try_handover(&self) -> bool {
         let addr = match self.shared.owner_route(&self.volume) {
-            Ok(Owner::Peer(addr)) => addr,
-            Ok(Owner::Here | Owner::Free) => return self.go_local().is_ok(),
+            Ok(Owner::Peer(addr, _)) => addr,
+            Ok(Owner::Here | Owner::Free) => return self.go_local(true).is_ok(),
             Ok(Owner::Gone(addr)) => {
                 let why = PeerError::Link {
                     addr: addr.clone(),
@@ -421,6 +534,8 @@ impl Forward {
                 tracing::info!(pool = %self.shared.name, volume = %self.volume, owner = %addr, error = %e, "handover refused; forwarding goes on");
                 return Ok(false);
             }
+            // Released: every write the owner acknowledged is in the bucket.
+            self.forget_unflushed();
             match self.shared.takeover(&*self.opener, &self.volume, false) {
                 Ok(fam) => *route = Route::Local(fam),
                 Err(e) => {
@@ -459,8 +574,11 @@ impl Forward {
         // lock (and the takeover with it) for their whole timeout: they
         // fail now, and are retried once the route is settled.
         self.cut_in_flight();
-        match self.go_local() {
-            Ok(()) => true,
+        match self.go_local(false) {
+            Ok(()) => {
+                self.lose_unflushed();
+                true
+            }
             Err(e) => {
                 tracing::warn!(pool = %self.shared.name, volume = %self.volume, error = %e.message, "takeover refused: forwarding goes on");
                 false
@@ -525,6 +643,9 @@ pub struct ForwardDevice {
     /// The local device, once the volume is owned here, with the family
     /// it was opened on.
     local: Mutex<Option<LocalDevice>>,
+    /// The losses of [`Forward::lost`] this device reported (or that came
+    /// before it was opened).
+    seen_lost: AtomicU64,
 }
 
 /// A device opened on an owned family, with that family.
@@ -532,20 +653,27 @@ type LocalDevice = (Arc<PoolCtx>, Arc<dyn BlockDevice>);
 
 impl ForwardDevice {
     /// Runs a request: on the local device once the volume is here, else
-    /// over the link, retrying a broken link for up to [`RETRY_FOR`].
+    /// over the link, retrying a broken link for up to [`RETRY_FOR`] (a
+    /// write whose link broke after it may have been sent is retried only
+    /// at another engine than the one that may still run it: after a
+    /// failover, or a handover).
     fn run<T>(
         &self,
+        kind: Kind,
         local: impl Fn(&dyn BlockDevice) -> Result<T, DeviceError>,
         mut remote: impl FnMut(&mut Session) -> Result<T, PeerError>,
     ) -> Result<T, DeviceError> {
         let deadline = Instant::now() + RETRY_FOR;
+        let mut avoid: Option<String> = None;
         loop {
             let tried = {
                 let route = self.fwd.read_route();
                 if let Route::Local(fam) = &*route {
                     if self.fwd.shared.still_owned(&self.fwd.volume, fam) {
                         let dev = self.local_device(fam)?;
-                        return local(&*dev);
+                        let v = local(&*dev)?;
+                        let engine = format!("local#{:p}", Arc::as_ptr(fam));
+                        return self.done(kind, &engine, v);
                     }
                     let stale = Arc::clone(fam);
                     drop(route);
@@ -553,12 +681,39 @@ impl ForwardDevice {
                     self.fwd.back_to_remote(&stale);
                     continue;
                 }
-                self.fwd.with_session(&self.image, &mut remote)
+                self.fwd
+                    .with_session(&self.image, avoid.as_deref(), &mut remote)
             };
-            if let Some(v) = self.fwd.settle(tried, deadline)? {
-                return Ok(v);
+            let tried = match tried {
+                Err(Hop::Lost { engine, error }) if kind == Kind::Write => {
+                    avoid = Some(engine);
+                    Err(Hop::Peer(error))
+                }
+                other => other,
+            };
+            if let Some((v, engine)) = self.fwd.settle(tried, deadline)? {
+                return self.done(kind, &engine, v);
             }
         }
+    }
+
+    /// Records what an answered request means for later flushes.
+    fn done<T>(&self, kind: Kind, engine: &str, v: T) -> Result<T, DeviceError> {
+        match kind {
+            Kind::Read => {}
+            Kind::Write => self.fwd.note_write(engine),
+            Kind::Flush => {
+                self.fwd.flushed_on(engine);
+                let lost = self.fwd.lost.load(Ordering::SeqCst);
+                if self.seen_lost.swap(lost, Ordering::SeqCst) < lost {
+                    return Err(DeviceError::io(format!(
+                        "volume {}/{}: writes acknowledged before this flush went to an owner lost since; they may be lost",
+                        self.fwd.shared.name, self.fwd.volume
+                    )));
+                }
+            }
+        }
+        Ok(v)
     }
 
     fn local_device(&self, fam: &Arc<PoolCtx>) -> Result<Arc<dyn BlockDevice>, DeviceError> {
@@ -593,25 +748,35 @@ impl BlockDevice for ForwardDevice {
         let len = buf.len();
         let cell = std::cell::RefCell::new(buf);
         self.run(
+            Kind::Read,
             |d| d.read(offset, &mut cell.borrow_mut()[..len]),
             |s| s.read(offset, &mut cell.borrow_mut()[..len]),
         )
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
-        self.run(|d| d.write(offset, data), |s| s.write(offset, data))
+        self.run(
+            Kind::Write,
+            |d| d.write(offset, data),
+            |s| s.write(offset, data),
+        )
     }
 
     fn flush(&self) -> Result<(), DeviceError> {
-        self.run(|d| d.flush(), |s| s.flush())
+        self.run(Kind::Flush, |d| d.flush(), |s| s.flush())
     }
 
     fn trim(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
-        self.run(|d| d.trim(offset, len), |s| s.trim(offset, len))
+        self.run(
+            Kind::Write,
+            |d| d.trim(offset, len),
+            |s| s.trim(offset, len),
+        )
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> Result<(), DeviceError> {
         self.run(
+            Kind::Write,
             |d| d.write_zeroes(offset, len, may_trim),
             |s| s.write_zeroes(offset, len, may_trim),
         )
@@ -620,7 +785,11 @@ impl BlockDevice for ForwardDevice {
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>, DeviceError> {
         // The link does not carry allocation: forwarded, everything reads
         // as data (what a server may always say).
-        self.run(|d| d.block_status(offset, len), |_| Ok(vec![(len, 0)]))
+        self.run(
+            Kind::Read,
+            |d| d.block_status(offset, len),
+            |_| Ok(vec![(len, 0)]),
+        )
     }
 
     fn can_multi_conn(&self) -> bool {

@@ -54,7 +54,12 @@ impl PeerBackend for HostPeers {
         let sh = self.shared(pool)?;
         let family = sh.family(vol).map_err(refusal)?;
         match sh.open_owned(&family, vol, image) {
-            Some(dev) => dev.map_err(Refusal::Device),
+            Some(dev) => Ok(Arc::new(Served {
+                dev: dev.map_err(Refusal::Device)?,
+                sh,
+                volume: vol.to_string(),
+                family,
+            })),
             None => Err(Refusal::Busy(format!(
                 "volume {pool}/{vol} is being released by this host"
             ))),
@@ -86,5 +91,64 @@ impl PeerBackend for HostPeers {
             }
             Err(e) => Err(refusal(e)),
         }
+    }
+}
+
+/// A device a peer forwards to: each request first checks that its family
+/// is still the one this host owns (an `RwLock` read), and refuses with
+/// `NotFound` (the link's "moved", run nowhere) once it was released or
+/// dropped, so no forwarded request runs on a closed or fenced family.
+struct Served {
+    dev: Arc<dyn BlockDevice>,
+    sh: Arc<SharedCtx>,
+    volume: String,
+    family: Arc<super::PoolCtx>,
+}
+
+impl Served {
+    fn check(&self) -> Result<(), DeviceError> {
+        if self.sh.still_owned(&self.volume, &self.family) {
+            return Ok(());
+        }
+        Err(DeviceError::not_found(format!(
+            "volume {}/{} is not served by this host any more",
+            self.sh.name, self.volume
+        )))
+    }
+}
+
+impl BlockDevice for Served {
+    fn size_bytes(&self) -> u64 {
+        self.dev.size_bytes()
+    }
+    fn read_only(&self) -> bool {
+        self.dev.read_only()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        self.check()?;
+        self.dev.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        self.check()?;
+        self.dev.write(offset, data)
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        self.check()?;
+        self.dev.flush()
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.check()?;
+        self.dev.trim(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> Result<(), DeviceError> {
+        self.check()?;
+        self.dev.write_zeroes(offset, len, may_trim)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>, DeviceError> {
+        self.check()?;
+        self.dev.block_status(offset, len)
+    }
+    fn can_multi_conn(&self) -> bool {
+        self.dev.can_multi_conn()
     }
 }

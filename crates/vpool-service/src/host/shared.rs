@@ -596,7 +596,7 @@ impl SharedCtx {
             return Ok(Owner::Here);
         }
         let o = self.store.owner(vol)?;
-        match (&o.holder, o.peer) {
+        match (&o.holder, o.peer.clone()) {
             (None, _) if o.generation.is_some() => Ok(Owner::Free),
             (None, _) => Err(Error::new(
                 ErrorKind::NotFound,
@@ -608,7 +608,7 @@ impl SharedCtx {
             // This host's address but not owned here: a release under way
             // here, or a holder from before this daemon restarted.
             (Some(_), Some(p)) if Some(&p) == self.my_peer.as_ref() => Ok(Owner::Gone(p)),
-            (Some(_), Some(p)) => Ok(Owner::Peer(p)),
+            (Some(_), Some(p)) => Ok(Owner::Peer(p, o.epoch.unwrap_or(0))),
             (Some(h), None) => Err(Error::new(
                 ErrorKind::NotOwner,
                 format!(
