@@ -30,9 +30,14 @@ use crate::wire::{
 pub const MAX_SESSIONS: usize = 256;
 /// How long a peer may take over its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connections in their handshake at once: strangers that connect
+/// and say nothing fill these, not the sessions of authenticated peers.
+pub const MAX_HANDSHAKES: u64 = 32;
 /// A session with no request for this long is closed (forwarding hosts
-/// open a new one when they need it).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// open a new one when they need it, and drop theirs idle for half of
+/// this): sessions of a forwarding host that died stop counting as
+/// clients of the volume within a minute.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What the owner does for its peers. Blocking.
 pub trait PeerBackend: Send + Sync + 'static {
@@ -61,6 +66,8 @@ pub struct PeerStats {
     pub sessions: AtomicU64,
     pub refused_auth: AtomicU64,
     pub requests: AtomicU64,
+    /// Connections in their handshake now (at most [`MAX_HANDSHAKES`]).
+    pub handshaking: AtomicU64,
 }
 
 /// A running peer server.
@@ -147,6 +154,10 @@ fn accept_loop(
         let Ok(registered) = stream.try_clone() else {
             continue;
         };
+        if stats.handshaking.load(Ordering::SeqCst) >= MAX_HANDSHAKES {
+            tracing::warn!(%peer, max = MAX_HANDSHAKES, "peer link: too many connections in their handshake; closing a new one");
+            continue;
+        }
         {
             let mut all = streams.lock().unwrap_or_else(|e| e.into_inner());
             if all.len() >= MAX_SESSIONS {
@@ -156,12 +167,13 @@ fn accept_loop(
             next_id += 1;
             all.insert(next_id, registered);
         }
-        let (id, backend, streams, stats) =
+        stats.handshaking.fetch_add(1, Ordering::SeqCst);
+        let (id, backend, streams, session_stats) =
             (next_id, backend.clone(), streams.clone(), stats.clone());
         let spawned = std::thread::Builder::new()
             .name("peer-session".into())
             .spawn(move || {
-                if let Err(e) = serve_session(stream, &*backend, &stats) {
+                if let Err(e) = serve_session(stream, &*backend, &session_stats) {
                     tracing::debug!(%peer, error = %e, "peer session ended");
                 }
                 streams
@@ -170,6 +182,7 @@ fn accept_loop(
                     .remove(&id);
             });
         if let Err(e) = spawned {
+            stats.handshaking.fetch_sub(1, Ordering::SeqCst);
             tracing::warn!(error = %e, "peer link: no thread for a session");
         }
     }
@@ -231,12 +244,16 @@ fn serve_session(
     backend: &dyn PeerBackend,
     stats: &PeerStats,
 ) -> Result<(), SessionEnd> {
-    stream.set_nodelay(true)?;
     let peer = stream
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let pool = match handshake(&mut stream, backend) {
+    let shaken = stream
+        .set_nodelay(true)
+        .map_err(SessionEnd::from)
+        .and_then(|()| handshake(&mut stream, backend));
+    stats.handshaking.fetch_sub(1, Ordering::SeqCst);
+    let pool = match shaken {
         Ok((pool, _)) => pool,
         Err(SessionEnd::Auth(pool)) => {
             stats.refused_auth.fetch_add(1, Ordering::Relaxed);

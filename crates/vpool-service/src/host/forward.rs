@@ -55,6 +55,9 @@ pub const RETRY_FOR: Duration = Duration::from_secs(90);
 /// After a failed attempt to take over a volume whose owner does not
 /// answer, how long before the next.
 pub const FAILOVER_BACKOFF: Duration = Duration::from_secs(5);
+/// An idle session older than this is closed, not used: half the owner's
+/// idle timeout (`vpool_peer::server::IDLE_TIMEOUT`).
+pub const MAX_IDLE: Duration = Duration::from_secs(30);
 /// Most sessions (requests in flight) one volume has open to its owner.
 pub const MAX_SESSIONS: usize = 16;
 
@@ -90,8 +93,11 @@ enum Hop {
         engine: String,
         error: PeerError,
     },
-    /// The volume is here or free now: switch the route.
-    GoLocal,
+    /// The volume is here or free now: switch the route (`clean`: free,
+    /// its last owner released it with everything in the bucket).
+    GoLocal {
+        clean: bool,
+    },
 }
 
 impl From<PeerError> for Hop {
@@ -103,6 +109,11 @@ impl From<PeerError> for Hop {
 /// A session to the owner with its export open; counted while it lives.
 struct Held {
     session: Session,
+    /// When it last answered: the owner closes a session idle for
+    /// `IDLE_TIMEOUT`, and a request sent on one it closed meanwhile would
+    /// be a write of unknown fate, so idle sessions are dropped well
+    /// before ([`MAX_IDLE`]).
+    used: Instant,
     image: String,
     /// The owner's engine: `ADDR#EPOCH`.
     engine: String,
@@ -331,7 +342,7 @@ impl Forward {
             Ok(v) => Ok(Some(v)),
             // Free when asked, but another host may take it first: then
             // the next try forwards to that host.
-            Err(Hop::GoLocal) => match self.go_local(true) {
+            Err(Hop::GoLocal { clean }) => match self.go_local(clean) {
                 Ok(()) => Ok(None),
                 Err(e) if Instant::now() < deadline => {
                     tracing::debug!(volume = %self.volume, error = %e.message, "taking the volume here failed: asking the bucket again");
@@ -371,7 +382,7 @@ impl Forward {
         let _slot = self.slot();
         let idle = {
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            idle.retain(|h| Some(h.engine.as_str()) != avoid);
+            idle.retain(|h| Some(h.engine.as_str()) != avoid && h.used.elapsed() < MAX_IDLE);
             let at = idle.iter().position(|h| h.image == image);
             at.map(|i| idle.swap_remove(i))
         };
@@ -406,7 +417,8 @@ impl Forward {
         }
     }
 
-    fn put_idle(&self, held: Held) {
+    fn put_idle(&self, mut held: Held) {
+        held.used = Instant::now();
         self.idle
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -445,7 +457,8 @@ impl Forward {
     fn connect(&self, image: &str) -> Result<Held, Hop> {
         let (addr, epoch) = match self.shared.owner_route(&self.volume)? {
             Owner::Peer(addr, epoch) => (addr, epoch),
-            Owner::Here | Owner::Free => return Err(Hop::GoLocal),
+            Owner::Here => return Err(Hop::GoLocal { clean: false }),
+            Owner::Free => return Err(Hop::GoLocal { clean: true }),
             Owner::Gone(addr) => {
                 return Err(Hop::Peer(PeerError::Link {
                     addr,
@@ -458,11 +471,14 @@ impl Forward {
         self.live.fetch_add(1, Ordering::SeqCst);
         let mut held = Held {
             session,
+            used: Instant::now(),
             image: image.to_string(),
             engine: format!("{addr}#{epoch}"),
             live: Arc::clone(&self.live),
         };
+        let tracked = self.track(&held.session);
         held.session.open(image)?;
+        drop(tracked);
         Ok(held)
     }
 
@@ -503,7 +519,8 @@ impl Forward {
     fn try_handover(&self) -> bool {
         let addr = match self.shared.owner_route(&self.volume) {
             Ok(Owner::Peer(addr, _)) => addr,
-            Ok(Owner::Here | Owner::Free) => return self.go_local(true).is_ok(),
+            Ok(Owner::Here) => return self.go_local(false).is_ok(),
+            Ok(Owner::Free) => return self.go_local(true).is_ok(),
             Ok(Owner::Gone(addr)) => {
                 let why = PeerError::Link {
                     addr: addr.clone(),
@@ -570,15 +587,22 @@ impl Forward {
             *next = Instant::now() + FAILOVER_BACKOFF;
         }
         tracing::warn!(pool = %self.shared.name, volume = %self.volume, owner = addr, error = %why, "the owner does not answer the peer link: taking the volume over once its lease lapses");
-        // Requests stuck on the silent owner would hold the route's read
-        // lock (and the takeover with it) for their whole timeout: they
-        // fail now, and are retried once the route is settled.
+        // The takeover first, without the route's lock: against an owner
+        // that is alive (it renews its lease) it is refused, and nothing
+        // here stalls or is cut.
+        if let Err(e) = self.shared.takeover(&*self.opener, &self.volume, false) {
+            tracing::warn!(pool = %self.shared.name, volume = %self.volume, error = %e.message, "takeover refused: forwarding goes on");
+            return false;
+        }
+        // The old owner is fenced now: what it acknowledged and nothing
+        // flushed may be lost (recorded before any request can route
+        // here). Requests stuck on it would hold the route's read lock for
+        // their whole timeout: they fail now and are retried here (writes
+        // too: the fenced owner cannot land them).
+        self.lose_unflushed();
         self.cut_in_flight();
         match self.go_local(false) {
-            Ok(()) => {
-                self.lose_unflushed();
-                true
-            }
+            Ok(()) => true,
             Err(e) => {
                 tracing::warn!(pool = %self.shared.name, volume = %self.volume, error = %e.message, "takeover refused: forwarding goes on");
                 false
