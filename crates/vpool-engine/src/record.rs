@@ -18,7 +18,7 @@ use vpool_store::SegmentId;
 /// "VPSEG001": the first 8 bytes of every segment.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"VPSEG001";
 /// Bytes taken by the segment header; records follow.
-pub const SEGMENT_HEADER_LEN: u64 = 64;
+pub const SEGMENT_HEADER_LEN: u64 = vpool_store::SEGMENT_HEADER_BYTES;
 /// Magic at the start of every record.
 pub const RECORD_MAGIC: u32 = 0x5650_5231; // "VPR1" read little-endian
 /// Bytes taken by a record header.

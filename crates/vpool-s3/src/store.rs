@@ -231,6 +231,8 @@ struct Up {
     draining: bool,
     /// The last upload or commit failure, for the stats; a commit clears it.
     last_error: Option<String>,
+    /// The uploader took work off the queue and has not committed it yet.
+    in_round: bool,
 }
 
 impl Up {
@@ -335,6 +337,7 @@ impl Inner {
                 dirty_bytes: 0,
                 draining: false,
                 last_error: None,
+                in_round: false,
             }),
             up_cv: Condvar::new(),
             punch: RwLock::new(()),
@@ -405,6 +408,12 @@ impl S3Store {
             }),
             None => Ok(()),
         }
+    }
+
+    /// This holder's epoch: the generation of the manifest that took the
+    /// lease, in every key it writes.
+    pub fn epoch(&self) -> u64 {
+        self.inner.holder.epoch
     }
 
     /// The manifest generation last committed.

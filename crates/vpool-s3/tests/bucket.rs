@@ -118,6 +118,60 @@ fn the_bucket_is_always_a_prefix_of_the_history() {
     close(pool, store);
 }
 
+/// A checkpoint taken while the open segment holds nothing but its header
+/// (an idle pool: the last data was sealed and shipped) is committed
+/// without waiting for more writes, and a new host recovers from it. (It
+/// used to wait for the open segment to be sealed, which needs data: an
+/// idle pool's last checkpoint, and the deletions queued behind it, stayed
+/// out of the bucket until the next write.)
+#[test]
+fn an_idle_pool_s_checkpoint_reaches_the_bucket() {
+    let t = tempfile::tempdir().unwrap();
+    let bucket = Bucket::new(&t.path().join("bucket"));
+    let (pool, store) = open(
+        bucket.remote(),
+        opts(&t.path().join("c1"), 64 * MIB, create()),
+    );
+    pool.create_volume("v", 256 * BLOCK).unwrap();
+    let vol = pool.volume("v").unwrap();
+    let mut log = WriteLog::default();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    for _ in 0..300 {
+        log.write(&vol, rng.gen_range(0..256));
+    }
+    pool.flush().unwrap();
+    assert!(store.wait_uploaded(Duration::from_secs(30)));
+    // Idle: the seal after `seal_after` and its durable mark settle.
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(store.wait_uploaded(Duration::from_secs(30)));
+    let generation = store.stats().generation;
+    pool.checkpoint().unwrap();
+    assert!(
+        store.wait_uploaded(Duration::from_secs(10)),
+        "the checkpoint was committed: {:?}",
+        store.stats()
+    );
+    assert!(store.stats().generation > generation, "{:?}", store.stats());
+    let copy = t.path().join("frozen");
+    bucket.frozen_copy(&copy);
+    let b = Bucket::new(&copy);
+    let s = S3Store::open(
+        b.remote(),
+        opts(&t.path().join("c2"), 64 * MIB, open_mode(true)),
+    )
+    .unwrap();
+    let (p, report) =
+        vpool_engine::Pool::open(std::sync::Arc::new(s.clone()), engine_config()).unwrap();
+    assert!(
+        report.checkpoints_rejected.is_empty() && report.checkpoint_loaded,
+        "{report:?}"
+    );
+    assert_eq!(log.check_prefix(&p.volume("v").unwrap(), 256), 300);
+    p.close().unwrap();
+    s.close();
+    close(pool, store);
+}
+
 /// Options of a pool with remote durability whose segments are sealed
 /// after `seal_after_ms` (the journal carries what is not uploaded).
 fn remote_opts(
@@ -452,7 +506,7 @@ fn a_flush_torn_between_its_pieces_is_not_replayed() {
     let frozen = Bucket::new(&copy);
     // A's next entry, as if A died after sending the first piece of a
     // flush: garbage for a segment far ahead, no end-of-flush flag.
-    let epoch = store_a.generation();
+    let epoch = store_a.epoch();
     let epoch_dir = copy.join(format!("pool/journal/{epoch:016x}"));
     let next = std::fs::read_dir(&epoch_dir).unwrap().count() as u64 + 1;
     let torn = JournalEntry {
@@ -971,7 +1025,7 @@ fn a_partitioned_holder_is_taken_over_after_its_lease_and_finds_itself_fenced() 
     assert!(store_b.wait_uploaded(Duration::from_secs(20)));
     // B commits on, until its clean-up has deleted the manifest that took
     // the lease: A must not be able to create that generation as its own.
-    let took = store_b.generation();
+    let took = store_b.epoch();
     for i in 0..8 {
         vol_b
             .write((8 + i) * BLOCK, &block_data(9000 + i, 8 + i))

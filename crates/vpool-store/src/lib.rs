@@ -24,6 +24,14 @@ pub use sim::{SimCrashMode, SimStore};
 use std::fmt;
 use std::io;
 
+/// Bytes at the start of every segment that the engine writes when it
+/// creates the segment (its header) and that nothing refers to: a segment
+/// this long holds nothing yet. A store that holds back metadata until the
+/// segments it refers to are shipped (the S3 store) needs to know this,
+/// since the engine's checkpoint may be taken at the start of an open
+/// segment that receives no record for a long time (an idle pool).
+pub const SEGMENT_HEADER_BYTES: u64 = 64;
+
 /// Identifies one segment of the log. Segment ids grow monotonically and are
 /// never reused, so a stale file can never be mistaken for a newer segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -36,7 +36,7 @@ use std::fs::File;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use vpool_store::{Result, SegmentId, SegmentStore, StoreError};
+use vpool_store::{Result, SEGMENT_HEADER_BYTES, SegmentId, SegmentStore, StoreError};
 
 /// Old manifests kept behind the current one, for inspection.
 const MANIFESTS_KEPT: u64 = 4;
@@ -97,12 +97,14 @@ impl Up {
             self.dirty.get_mut(id).expect("dirty").uploading = true;
         }
         let ops = self.ops.drain(..n_ops).collect();
+        self.in_round = true;
         Some(Work { segments, ops })
     }
 
     /// Gives a failed round's work back, in its place at the front.
     fn put_back(&mut self, work: Work, error: String) {
         self.last_error = Some(error);
+        self.in_round = false;
         for (id, _) in &work.segments {
             if let Some(d) = self.dirty.get_mut(id) {
                 d.uploading = false;
@@ -117,10 +119,15 @@ impl Up {
     /// is committed only once every segment up to the one open now is in
     /// the bucket: its maps may point anywhere up to there.
     pub(super) fn queue_meta(&mut self, name: &str, data: &[u8]) {
-        let needs = self
-            .open
-            .or_else(|| self.dirty.keys().next_back().copied())
-            .unwrap_or(0);
+        let needs = match self.open {
+            // An open segment with nothing but its header: the blob may
+            // name it as where the log goes on, but refers to nothing in
+            // it, and the engine's recovery accepts it missing (the log
+            // ends there). Waiting for it would wait for the next write.
+            Some(open) if self.holds_nothing(open) => open.saturating_sub(1),
+            Some(open) => open,
+            None => self.dirty.keys().next_back().copied().unwrap_or(0),
+        };
         let data = Arc::new(data.to_vec());
         // A newer version of a blob that is still queued replaces it in
         // place: it refers to no segment deleted after the older one did.
@@ -143,6 +150,13 @@ impl Up {
                 needs,
             }),
         }
+    }
+
+    /// Whether dirty segment `id` holds its header only (or is not dirty).
+    fn holds_nothing(&self, id: u64) -> bool {
+        self.dirty
+            .get(&id)
+            .is_none_or(|d| d.len <= SEGMENT_HEADER_BYTES)
     }
 
     /// Queues the deletion of a segment that is (or is going) in the bucket.
@@ -169,16 +183,18 @@ impl S3Store {
         Ok(())
     }
 
-    /// Waits until nothing sealed is waiting for upload, or `timeout`.
+    /// Waits until nothing sealed is waiting for upload or for the commit
+    /// of its round, or `timeout`.
     pub fn wait_uploaded(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
             {
                 let up = self.inner.up.lock();
                 let pending = up.ops.len()
+                    + usize::from(up.in_round)
                     + up.dirty
                         .iter()
-                        .filter(|(id, d)| up.open != Some(**id) || d.len > 64)
+                        .filter(|(id, _)| up.open != Some(**id) || !up.holds_nothing(**id))
                         .count();
                 if pending == 0 {
                     return true;
@@ -345,6 +361,7 @@ impl S3Store {
                 up.hidden.remove(&s.id);
             }
             up.manifest = m;
+            up.in_round = false;
             up.last_error = None;
         }
         inner.up_cv.notify_all();
