@@ -1055,8 +1055,12 @@ async fn rollback(
 
 // ----- templates and clones -----
 
-async fn make_template(At { ctx, name, .. }: At) -> Result<Json<VolumeInfo>, ApiError> {
-    let info = service(move || ctx.service.make_template(&name)).await?;
+async fn make_template(
+    State(s): State<ApiState>,
+    At { name, pool, .. }: At,
+) -> Result<Json<VolumeInfo>, ApiError> {
+    let host = Arc::clone(&s.host);
+    let info = service(move || host.make_template(pool.as_deref(), &name)).await?;
     Ok(Json(info.into()))
 }
 

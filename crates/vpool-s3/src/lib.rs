@@ -45,7 +45,7 @@ pub use remote::{Remote, RemoteError, RetryPolicy};
 pub use stats::CacheStats;
 #[cfg(feature = "remote")]
 pub use store::{
-    LeaseTiming, OpenError, OpenMode, S3PoolOptions, S3Store, STATE_META, is_cache_dir,
+    CacheBudget, LeaseTiming, OpenError, OpenMode, S3PoolOptions, S3Store, STATE_META, is_cache_dir,
 };
 
 #[cfg(feature = "remote")]

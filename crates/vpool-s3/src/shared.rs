@@ -7,6 +7,8 @@
 //! <prefix>/pool                  the shared pool's identity (create-only)
 //! <prefix>/names/<volume name>   {"id": "<32 hex>"}: the name's family (create-only)
 //! <prefix>/vols/<id>/...         the family: manifest/, segments/, meta/, lease/
+//! <prefix>/vols/<id>/sealed      the family is a sealed template, released for
+//!                                good: every host reads it, none writes (create-only)
 //! <prefix>/peer-secret           the peer link's secret, 64 hex digits (create-only)
 //! ```
 //!
@@ -326,6 +328,31 @@ pub fn family_owner(family: &Remote) -> Result<FamilyOwner, OpenError> {
         segments: m.segments.len() as u64,
         peer: m.holder.as_ref().and_then(|h| h.peer.clone()),
     })
+}
+
+/// The marker of a sealed family, under its prefix (its content: `sealed`).
+pub const SEALED_KEY: &str = "sealed";
+
+#[cfg(feature = "remote")]
+/// Marks the family at `family` (a [`Remote`] at its prefix) sealed: from
+/// now on hosts open it read-only and none takes it. Marking twice is not
+/// an error.
+pub fn mark_sealed(family: &Remote) -> Result<(), OpenError> {
+    match family.put_create(
+        SEALED_KEY,
+        Bytes::from_static(b"sealed"),
+        Some(deadline()),
+        &|| false,
+    ) {
+        Ok(()) | Err(RemoteError::AlreadyExists { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(feature = "remote")]
+/// Whether the family at `family` is sealed (see [`mark_sealed`]).
+pub fn is_sealed(family: &Remote) -> Result<bool, OpenError> {
+    Ok(family.get(SEALED_KEY, deadline())?.is_some())
 }
 
 #[cfg(feature = "remote")]

@@ -51,6 +51,7 @@
 //! [`SegmentStore`]: vpool_store::SegmentStore
 //! [`SegmentStore::admit_write`]: vpool_store::SegmentStore::admit_write
 
+mod budget;
 mod journal;
 mod lease;
 mod open;
@@ -59,6 +60,7 @@ mod segment_store;
 mod upload;
 mod writeback;
 
+pub use budget::CacheBudget;
 pub use lease::{
     DEFAULT_LEASE_EXPIRE, LeaseTiming, MAX_WATCH, Watch, heartbeat_is, lease_key, wait_for_expiry,
 };
@@ -99,6 +101,15 @@ pub enum OpenMode {
         /// next commit fails and it stops writing.
         force: bool,
     },
+    /// Open the pool as its latest manifest left it, to read it: no lease,
+    /// no uploader, nothing written to the bucket, any number of hosts at
+    /// once. For a pool that nobody writes (a sealed template's family,
+    /// released by its owner): one with a holder is refused, since the
+    /// holder's clean-up deletes what this view would read. The engine's
+    /// own bookkeeping (its new open segment, a checkpoint) stays in the
+    /// cache, which is emptied at every open; writes are
+    /// refused.
+    ReadOnly,
 }
 
 #[derive(Clone, Debug)]
@@ -126,6 +137,10 @@ pub struct S3PoolOptions {
     /// This daemon's peer link address, recorded in the lease it takes
     /// (`Holder::peer`).
     pub peer: Option<String>,
+    /// The host's cache budget this store shares with others (the
+    /// families of a shared pool): while open, its cache size is its
+    /// share, not `cache_size_bytes` (`budget`).
+    pub budget: Option<Arc<CacheBudget>>,
 }
 
 impl S3PoolOptions {
@@ -143,6 +158,7 @@ impl S3PoolOptions {
             lease: LeaseTiming::default(),
             durability: Durability::Host,
             peer: None,
+            budget: None,
         }
     }
 }
@@ -278,6 +294,9 @@ struct Inner {
     /// This store, as the manifests it commits name it.
     holder: Holder,
     up: Mutex<Up>,
+    /// The cache's hard limit now: `opts.cache_size_bytes`, or the share
+    /// of the host's budget.
+    cache_size_bytes: AtomicU64,
     /// Signalled when `up` changes: the uploader and waiting writers wake.
     up_cv: Condvar,
     /// Which sectors of uploaded segments the cache holds; eviction.
@@ -327,6 +346,7 @@ impl Inner {
             remote,
             holder,
             index: Mutex::new(CacheIndex::new(opts.cache_size_bytes)),
+            cache_size_bytes: AtomicU64::new(opts.cache_size_bytes),
             opts,
             up: Mutex::new(Up {
                 manifest,
@@ -416,6 +436,25 @@ impl S3Store {
         self.inner.holder.epoch
     }
 
+    /// Opened with [`OpenMode::ReadOnly`].
+    pub fn read_only(&self) -> bool {
+        self.inner.opts.mode == OpenMode::ReadOnly
+    }
+
+    /// Refuses `what` (a write) on a read-only view.
+    fn refuse_if_read_only(&self, what: &str) -> Result<()> {
+        if !self.read_only() {
+            return Ok(());
+        }
+        Err(StoreError::Io {
+            context: format!("a {what} to {}", self.inner.remote.display()),
+            source: std::io::Error::new(
+                std::io::ErrorKind::ReadOnlyFilesystem,
+                "the pool is open read-only",
+            ),
+        })
+    }
+
     /// The manifest generation last committed.
     pub fn generation(&self) -> u64 {
         self.inner.up.lock().manifest.generation
@@ -444,7 +483,7 @@ impl S3Store {
         CacheStats {
             remote: inner.remote.display().to_string(),
             cache_dir: inner.opts.cache_dir.display().to_string(),
-            cache_size_bytes: inner.opts.cache_size_bytes,
+            cache_size_bytes: self.cache_size(),
             cached_bytes: ix.used_bytes,
             dirty_bytes,
             dirty_limit_bytes: self.dirty_limit(),

@@ -28,22 +28,32 @@ fn open_mode(force: bool) -> OpenMode {
     OpenMode::Open { force }
 }
 
+/// A new pool in `bucket` (cache `t/c1`) with volume `v` of `blocks`
+/// blocks and `writes` random writes to it (from `seed`), flushed.
+fn written_pool(
+    t: &std::path::Path,
+    bucket: &Bucket,
+    blocks: u64,
+    writes: usize,
+    seed: u64,
+) -> (vpool_engine::Pool, S3Store, vpool_engine::Volume, WriteLog) {
+    let (pool, store) = open(bucket.remote(), opts(&t.join("c1"), 64 * MIB, create()));
+    pool.create_volume("v", blocks * BLOCK).unwrap();
+    let vol = pool.volume("v").unwrap();
+    let mut log = WriteLog::default();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for _ in 0..writes {
+        log.write(&vol, rng.gen_range(0..blocks));
+    }
+    pool.flush().unwrap();
+    (pool, store, vol, log)
+}
+
 #[test]
 fn data_survives_the_loss_of_the_cache() {
     let t = tempfile::tempdir().unwrap();
     let bucket = Bucket::new(&t.path().join("bucket"));
-    let (pool, store) = open(
-        bucket.remote(),
-        opts(&t.path().join("c1"), 64 * MIB, create()),
-    );
-    pool.create_volume("v", 16 * MIB).unwrap();
-    let vol = pool.volume("v").unwrap();
-    let mut log = WriteLog::default();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-    for _ in 0..1500 {
-        log.write(&vol, rng.gen_range(0..4096));
-    }
-    pool.flush().unwrap();
+    let (pool, store, vol, log) = written_pool(t.path(), &bucket, 4096, 1500, 1);
     let k = log.check_prefix(&vol, 4096);
     assert_eq!(k, 1500);
     close(pool, store);
@@ -128,18 +138,7 @@ fn the_bucket_is_always_a_prefix_of_the_history() {
 fn an_idle_pool_s_checkpoint_reaches_the_bucket() {
     let t = tempfile::tempdir().unwrap();
     let bucket = Bucket::new(&t.path().join("bucket"));
-    let (pool, store) = open(
-        bucket.remote(),
-        opts(&t.path().join("c1"), 64 * MIB, create()),
-    );
-    pool.create_volume("v", 256 * BLOCK).unwrap();
-    let vol = pool.volume("v").unwrap();
-    let mut log = WriteLog::default();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-    for _ in 0..300 {
-        log.write(&vol, rng.gen_range(0..256));
-    }
-    pool.flush().unwrap();
+    let (pool, store, _vol, log) = written_pool(t.path(), &bucket, 256, 300, 3);
     assert!(store.wait_uploaded(Duration::from_secs(30)));
     // Idle: the seal after `seal_after` and its durable mark settle.
     std::thread::sleep(Duration::from_millis(600));
@@ -169,6 +168,136 @@ fn an_idle_pool_s_checkpoint_reaches_the_bucket() {
     assert_eq!(log.check_prefix(&p.volume("v").unwrap(), 256), 300);
     p.close().unwrap();
     s.close();
+    close(pool, store);
+}
+
+/// Stores on one host budget (the families of a shared pool that a host
+/// owns) get equal shares of it: the one that filled the whole budget
+/// before the other opened gives back its clean bytes at once, and reads
+/// them again from the bucket; when the other closes, it has the whole
+/// budget again.
+#[test]
+fn stores_on_one_budget_share_it() {
+    let t = tempfile::tempdir().unwrap();
+    let budget = vpool_s3::CacheBudget::new(64 * MIB, 8 * MIB);
+    let on_budget = |dir: &str, mode| {
+        let mut o = opts(&t.path().join(dir), 64 * MIB, mode);
+        o.budget = Some(budget.clone());
+        o
+    };
+    let (bucket_a, bucket_b) = (
+        Bucket::new(&t.path().join("a")),
+        Bucket::new(&t.path().join("b")),
+    );
+    let (pool_a, store_a) = open(bucket_a.remote(), on_budget("ca", create()));
+    assert_eq!(store_a.stats().cache_size_bytes, 64 * MIB);
+    let blocks = 40 * MIB / BLOCK;
+    pool_a.create_volume("v", blocks * BLOCK).unwrap();
+    let vol = pool_a.volume("v").unwrap();
+    let mut log = WriteLog::default();
+    for b in 0..blocks {
+        log.write(&vol, b);
+    }
+    pool_a.flush().unwrap();
+    assert!(store_a.wait_uploaded(Duration::from_secs(60)));
+    let filled = store_a.stats();
+    assert!(filled.cached_bytes > 32 * MIB, "{filled:?}");
+
+    let (pool_b, store_b) = open(bucket_b.remote(), on_budget("cb", create()));
+    assert_eq!(budget.members(), 2);
+    let (a, b) = (store_a.stats(), store_b.stats());
+    assert_eq!(
+        (a.cache_size_bytes, b.cache_size_bytes),
+        (32 * MIB, 32 * MIB)
+    );
+    assert!(
+        a.cached_bytes + a.dirty_bytes <= 32 * MIB,
+        "A gave back what is over its share: {a:?}"
+    );
+    assert_eq!(log.check_prefix(&vol, blocks), blocks);
+    assert!(
+        store_a.stats().bytes_fetched > 0,
+        "read back from the bucket"
+    );
+
+    close(pool_b, store_b);
+    assert_eq!(budget.members(), 1);
+    assert_eq!(store_a.stats().cache_size_bytes, 64 * MIB);
+    close(pool_a, store_a);
+    assert_eq!(budget.members(), 0);
+}
+
+/// Every file under `dir`, relative, sorted: what a bucket directory holds.
+fn listing(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A pool nobody holds (its owner released it: a sealed template's
+/// family) is read by several hosts at once, read-only: no lease, nothing
+/// written to the bucket, writes refused. A held pool is refused, and a
+/// writer opens the pool afterwards as if nobody had read it.
+#[test]
+fn a_released_pool_is_read_by_many_hosts_at_once() {
+    let t = tempfile::tempdir().unwrap();
+    let bucket = Bucket::new(&t.path().join("bucket"));
+    let (pool, store, vol, log) = written_pool(t.path(), &bucket, 256, 400, 4);
+    let read_only = |dir: &str| opts(&t.path().join(dir), 64 * MIB, OpenMode::ReadOnly);
+    match S3Store::open(bucket.remote(), read_only("r0")) {
+        Err(OpenError::Held { .. }) => {}
+        other => panic!("a held pool opened read-only: {:?}", other.map(|_| ())),
+    }
+    drop(vol);
+    close(pool, store);
+
+    let before = listing(&bucket.dir);
+    let config = vpool_engine::PoolConfig {
+        background: false,
+        ..engine_config()
+    };
+    let readers: Vec<_> = ["r1", "r2"]
+        .iter()
+        .map(|dir| {
+            let s = S3Store::open(bucket.remote(), read_only(dir)).unwrap();
+            let (p, _) =
+                vpool_engine::Pool::open(std::sync::Arc::new(s.clone()), config.clone()).unwrap();
+            s.start().unwrap();
+            (p, s)
+        })
+        .collect();
+    for (p, s) in &readers {
+        let v = p.volume("v").unwrap();
+        assert_eq!(log.check_prefix(&v, 256), 400);
+        assert!(v.write(0, &block_data(9, 0)).is_err(), "a write was taken");
+        assert!(s.stats().bytes_fetched > 0, "read from the bucket");
+    }
+    for (p, s) in readers {
+        let _ = p.close();
+        assert!(s.close());
+    }
+    assert_eq!(
+        listing(&bucket.dir),
+        before,
+        "the readers wrote to the bucket"
+    );
+
+    let (pool, store) = open(
+        bucket.remote(),
+        opts(&t.path().join("c1"), 64 * MIB, open_mode(false)),
+    );
+    assert_eq!(log.check_prefix(&pool.volume("v").unwrap(), 256), 400);
     close(pool, store);
 }
 

@@ -285,7 +285,7 @@ async fn open_host(config: &DaemonConfig, peer: Option<String>) -> anyhow::Resul
     // Everything, including the drop on failure, on a blocking thread: an
     // S3 store owns a runtime that must not be dropped on this one's.
     tokio::task::spawn_blocking(move || {
-        let default = opener.open_dir(&home, force)?;
+        let default = opener.open_dir(&home, force, false)?;
         Host::open(&home, DEFAULT_POOL, default, Arc::new(opener))
             .map_err(|e| anyhow::anyhow!("{}", e.message))
     })
@@ -303,13 +303,25 @@ struct DirOpener {
     /// bucket: the families of a shared pool run on its runtime, so a
     /// host's S3 threads grow with its shared pools, not with the volumes
     /// it owns. At most one entry per pool URL (`MAX_POOLS`).
-    shared: std::sync::Mutex<Vec<(String, Arc<vpool_s3::Remote>)>>,
+    shared: std::sync::Mutex<Vec<SharedConn>>,
+}
+
+/// A shared pool as the families this host opens from it see it.
+#[derive(Clone)]
+struct SharedConn {
+    url: String,
+    remote: Arc<vpool_s3::Remote>,
+    /// The pool's `--cache-size`, which the families this host owns share
+    /// (`vpool_s3::CacheBudget`).
+    budget: Arc<vpool_s3::CacheBudget>,
 }
 
 impl DirOpener {
     /// Opens the pool in `dir` with the error as the binary reports it
     /// (another daemon's home, a pool on S3 held elsewhere, a damaged log).
-    fn open_dir(&self, dir: &Path, force: bool) -> anyhow::Result<OpenedPool> {
+    /// `read_only`: a pool on S3 opened without its lease, whose engine
+    /// runs no maintenance (a sealed template's family).
+    fn open_dir(&self, dir: &Path, force: bool, read_only: bool) -> anyhow::Result<OpenedPool> {
         if crate::shared::is_shared_dir(dir)?.is_some() {
             bail!(
                 "{} holds a shared pool, which cannot be a daemon's home pool: attach it to a daemon with `vpool pool attach NAME --s3 URL`",
@@ -323,8 +335,14 @@ impl DirOpener {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
+            read_only,
         };
-        let (pool, _report, store, s3) = open_blocking(dir, self.pool_config.clone(), force, on)?;
+        let config = PoolConfig {
+            // Nothing to clean or checkpoint in a pool nobody writes.
+            background: self.pool_config.background && !read_only,
+            ..self.pool_config.clone()
+        };
+        let (pool, _report, store, s3) = open_blocking(dir, config, force, on)?;
         let finish = || -> anyhow::Result<OpenedPool> {
             let catalog =
                 Catalog::open(Arc::clone(&store)).context("loading the template records")?;
@@ -370,17 +388,39 @@ impl Opener for DirOpener {
                 let name = crate::shared::pool_name(dir, &file);
                 let store =
                     crate::shared::BucketShared::open(&name, file).map_err(service_error)?;
-                let (url, remote) = store.connection();
+                let (url, remote, cache_size_bytes) = store.connection();
                 let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-                shared.retain(|(u, _)| *u != url);
-                shared.push((url, remote));
+                // Families still open on a budget keep it: a pool opened
+                // again shares the same host budget.
+                let budget = shared
+                    .iter()
+                    .find(|c| c.url == url && c.budget.total_bytes() == cache_size_bytes)
+                    .map(|c| Arc::clone(&c.budget))
+                    .unwrap_or_else(|| {
+                        vpool_s3::CacheBudget::new(
+                            cache_size_bytes,
+                            crate::s3pool::MIN_CACHE_SIZE_BYTES,
+                        )
+                    });
+                shared.retain(|c| c.url != url);
+                shared.push(SharedConn {
+                    url,
+                    remote,
+                    budget,
+                });
                 Ok(Opened::Shared(Arc::new(store)))
             }
             None => self
-                .open_dir(dir, force)
+                .open_dir(dir, force, false)
                 .map(Opened::Pool)
                 .map_err(service_error),
         }
+    }
+
+    fn open_read_only(&self, dir: &Path) -> vpool_service::Result<Opened> {
+        self.open_dir(dir, false, true)
+            .map(Opened::Pool)
+            .map_err(service_error)
     }
 
     fn prepare_s3(
@@ -471,7 +511,10 @@ type OpenedParts = (Pool, RecoveryReport, Arc<dyn SegmentStore>, Option<S3Store>
 #[derive(Default)]
 struct S3Parts<'a> {
     peer: Option<&'a str>,
-    shared: &'a [(String, Arc<vpool_s3::Remote>)],
+    shared: &'a [SharedConn],
+    /// Open it read-only (`vpool_s3::OpenMode::ReadOnly`): a sealed
+    /// template's family.
+    read_only: bool,
 }
 
 fn open_blocking(
@@ -483,15 +526,20 @@ fn open_blocking(
     let s3 = match PoolFile::load(dir)? {
         Some(file) => {
             tracing::info!(pool = %dir.display(), remote = %file.url, force = takeover, "opening the pool on object storage");
-            let parent = on.shared.iter().find_map(|(url, remote)| {
+            let parent = on.shared.iter().find_map(|c| {
                 let sub = file
                     .url
-                    .strip_prefix(url.trim_end_matches('/'))?
+                    .strip_prefix(c.url.trim_end_matches('/'))?
                     .strip_prefix('/')?;
-                Some(remote.child(sub))
+                Some((c.remote.child(sub), Arc::clone(&c.budget)))
             });
+            let mode = if on.read_only {
+                vpool_s3::OpenMode::ReadOnly
+            } else {
+                vpool_s3::OpenMode::Open { force: takeover }
+            };
             Some(crate::s3pool::open_store(
-                dir, &file, takeover, on.peer, parent,
+                dir, &file, mode, on.peer, parent,
             )?)
         }
         None => {

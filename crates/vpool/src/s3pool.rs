@@ -29,6 +29,7 @@
 //!   was not given.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -569,20 +570,23 @@ fn open_error(e: OpenError, file: &PoolFile, dir: &Path) -> anyhow::Error {
 }
 
 /// Opens the S3 pool whose cache is `dir` for `vpool serve`, taking its
-/// write lease (from another holder too with `force`). Blocking.
+/// write lease (from another holder too with `force`). A family of a
+/// shared pool comes with its `parent`: the pool's connection (a child of
+/// it) and the host's cache budget for the pool. Blocking.
 pub fn open_store(
     dir: &Path,
     file: &PoolFile,
-    force: bool,
+    mode: OpenMode,
     peer: Option<&str>,
-    remote: Option<vpool_s3::Remote>,
+    parent: Option<(vpool_s3::Remote, Arc<vpool_s3::CacheBudget>)>,
 ) -> anyhow::Result<S3Store> {
-    let remote = match remote {
-        Some(r) => r,
-        None => file.connect()?,
+    let (remote, budget) = match parent {
+        Some((r, b)) => (r, Some(b)),
+        None => (file.connect()?, None),
     };
-    let mut opts = file.options(dir, OpenMode::Open { force });
+    let mut opts = file.options(dir, mode);
     opts.peer = peer.map(str::to_string);
+    opts.budget = budget;
     S3Store::open(remote, opts).map_err(|e| open_error(e, file, dir))
 }
 

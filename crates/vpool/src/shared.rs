@@ -38,10 +38,15 @@ impl BucketShared {
         })
     }
 
-    /// The pool's URL and its connection to the bucket, on whose runtime
-    /// the families this host opens run too (`DirOpener`).
-    pub fn connection(&self) -> (String, Arc<Remote>) {
-        (self.file.url.clone(), Arc::clone(&self.remote))
+    /// The pool's URL, its connection to the bucket, on whose runtime
+    /// the families this host opens run too (`DirOpener`), and its cache
+    /// size, which those families share.
+    pub fn connection(&self) -> (String, Arc<Remote>, u64) {
+        (
+            self.file.url.clone(),
+            Arc::clone(&self.remote),
+            self.file.cache_size_bytes,
+        )
     }
 
     /// What `pool create`/`attach` of family `id` are given: the shared
@@ -80,6 +85,12 @@ impl BucketShared {
                     format!("shared pool {} has no volume {vol}", self.name),
                 )
             })
+    }
+
+    /// The bucket at volume `vol`'s family.
+    fn family_remote(&self, vol: &str) -> vpool_service::Result<Remote> {
+        let rec = self.record_of(vol)?;
+        Ok(self.remote.child(&shared::family_prefix(&rec.id)))
     }
 
     fn family_name(&self, vol: &str) -> String {
@@ -173,6 +184,14 @@ impl SharedStore for BucketShared {
 
     fn peer_secret(&self) -> vpool_service::Result<[u8; 32]> {
         shared::peer_secret(&self.remote).map_err(bucket_error)
+    }
+
+    fn sealed(&self, vol: &str) -> vpool_service::Result<bool> {
+        shared::is_sealed(&self.family_remote(vol)?).map_err(bucket_error)
+    }
+
+    fn mark_sealed(&self, vol: &str) -> vpool_service::Result<()> {
+        shared::mark_sealed(&self.family_remote(vol)?).map_err(bucket_error)
     }
 
     fn forget(&self, dir: &Path) {

@@ -26,10 +26,17 @@ use rgw_env::{RgwEnv as Rgw, rgw_env as rgw};
 const MIB: usize = 1 << 20;
 
 /// `pool VERB shared --s3 URL` through the daemon at `home` (`--shared`
-/// for `create`; `attach` finds out by itself), its cache in `cache`, a
-/// lease that expires after `lease_s`.
+/// for `create`; `attach` finds out by itself), its cache in `cache` (1
+/// GiB for the host), a lease that expires after `lease_s`.
 fn shared_pool(rgw: &Rgw, home: &Path, verb: &str, url: &str, cache: &Path, lease_s: &str) {
-    let mut extra = vec!["--seal-after", "0.5", "--lease-expire", lease_s];
+    let mut extra = vec![
+        "--seal-after",
+        "0.5",
+        "--lease-expire",
+        lease_s,
+        "--cache-size",
+        "1G",
+    ];
     if verb == "create" {
         extra.push("--shared");
     }
@@ -94,6 +101,23 @@ fn a_shared_pool_s_volumes_move_between_hosts() {
     run_ok(&home_b, &["vol", "create", "shared/web", "--size", "8M"]);
     let e = run_err(&home_b, &["vol", "create", "shared/db1", "--size", "8M"]);
     assert!(e.contains("already"), "{e}");
+
+    // The pool's --cache-size is the host's: the volumes A owns share it,
+    // again when one goes.
+    const GIB: u64 = 1 << 30;
+    let share = |vol: &str| status(&home_a, vol)["cache_size_bytes"].as_u64();
+    assert_eq!(share("shared/db1"), Some(GIB));
+    run_ok(&home_a, &["vol", "create", "shared/tmp", "--size", "8M"]);
+    assert_eq!(
+        (share("shared/db1"), share("shared/tmp")),
+        (Some(GIB / 2), Some(GIB / 2))
+    );
+    assert_eq!(
+        status(&home_b, "shared/db1")["cache_size_bytes"],
+        serde_json::Value::Null
+    );
+    run_ok(&home_a, &["vol", "delete", "shared/tmp"]);
+    assert_eq!(share("shared/db1"), Some(GIB));
 
     // Both hosts list both volumes, each with its owner.
     for (home, mine) in [(&home_a, "db1"), (&home_b, "web")] {
@@ -237,4 +261,61 @@ fn a_shared_pool_s_volumes_move_between_hosts() {
     assert!(e.contains("no volume web"), "{e}");
     assert!(a.terminate().success());
     assert!(b.terminate().success());
+}
+
+/// A template sealed on one host is served read-only by every host from
+/// the bucket, with no owner: `vol template` seals the volume, releases it
+/// and marks its family sealed; each host reads it through a read-only
+/// view of its own (its cache is the host's copy of the template's
+/// blocks); writes are refused, nobody takes it over, and a restarted
+/// host reads it again.
+#[test]
+fn a_sealed_template_is_read_by_every_host() {
+    let Some(rgw) = rgw() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let (home_a, home_b) = (t.path().join("a"), t.path().join("b"));
+    let url = common::test_url(&rgw.bucket, "template");
+    let a = Daemon::start(&home_a, &[]);
+    let b = Daemon::start(&home_b, &[]);
+    shared_pool(&rgw, &home_a, "create", &url, &t.path().join("ca"), "3");
+    shared_pool(&rgw, &home_b, "attach", &url, &t.path().join("cb"), "3");
+    run_ok(
+        &home_a,
+        &["vol", "create", "shared/golden", "--size", "16M"],
+    );
+    let img = t.path().join("image");
+    std::fs::write(&img, pattern(16 * MIB, 23)).unwrap();
+    qemu_img_convert_to(&img, &a.nbd_uri("shared/golden"));
+    assert_eq!(status(&home_a, "shared/golden")["sealed"], false);
+
+    let info = run_json(&home_a, &["vol", "template", "shared/golden"]);
+    assert!(info["template"].is_object(), "{info}");
+    for home in [&home_a, &home_b] {
+        let st = status(home, "shared/golden");
+        assert!(
+            st["sealed"] == true && st["here"] == false && st["holder"].is_null(),
+            "{st}"
+        );
+    }
+    for d in [&a, &b] {
+        assert!(qemu_img_compare(&d.nbd_uri("shared/golden"), &img));
+        let (write_err, _) = nbd_write_and_flush(&d.nbd_socket(), "shared/golden", 0, 4096, 1);
+        assert_ne!(write_err, 0, "a write to a sealed template was taken");
+    }
+    let e = run_err(&home_b, &["vol", "takeover", "shared/golden"]);
+    assert!(e.contains("sealed template"), "{e}");
+    let e = run_err(&home_b, &["vol", "takeover", "shared/golden", "--force"]);
+    assert!(e.contains("sealed template"), "{e}");
+    // Its API routes have no owner to answer them; clones are not built.
+    let e = run_err(&home_a, &["vol", "info", "shared/golden"]);
+    assert!(e.contains("sealed template"), "{e}");
+    let e = run_err(&home_b, &["vol", "clone", "shared/golden", "shared/web1"]);
+    assert!(e.contains("sealed template"), "{e}");
+
+    // A restarted host opens its view again; the template is unchanged.
+    assert!(b.terminate().success());
+    let b = Daemon::start(&home_b, &[]);
+    assert!(qemu_img_compare(&b.nbd_uri("shared/golden"), &img));
+    assert!(qemu_img_compare(&a.nbd_uri("shared/golden"), &img));
+    assert!(status(&home_b, "shared/golden")["holder"].is_null());
 }

@@ -204,6 +204,10 @@ impl S3Store {
     /// what this one wrote or read from then on could fork the volume.
     pub(super) fn check_lease(&self) -> Result<()> {
         self.check_fenced()?;
+        if self.read_only() {
+            // No lease: nobody writes the pool (`OpenMode::ReadOnly`).
+            return Ok(());
+        }
         let inner = &self.inner;
         let since_ns = inner
             .clock_ns()

@@ -106,7 +106,12 @@ impl S3Store {
         let mut expired = None;
         let (base, fresh_pool) = match (opts.mode, latest) {
             (OpenMode::Create { .. }, Some(_)) => return Err(OpenError::PoolExists { url }),
-            (OpenMode::Open { .. }, None) => return Err(OpenError::NoPool { url }),
+            (OpenMode::Open { .. } | OpenMode::ReadOnly, None) => {
+                return Err(OpenError::NoPool { url });
+            }
+            (OpenMode::ReadOnly, Some(g)) => {
+                return Self::open_read_only(remote, opts, local, state.as_ref(), g);
+            }
             (
                 OpenMode::Create {
                     allow_unsafe_fencing,
@@ -158,6 +163,56 @@ impl S3Store {
             wait_if_renewed_meanwhile(&store.inner.remote, old, seen);
         }
         store.start_renewer()?;
+        if let Some(budget) = &store.inner.opts.budget {
+            budget.join(&store);
+        }
+        Ok(store)
+    }
+
+    /// [`OpenMode::ReadOnly`]: the pool as manifest `g` left it, in an
+    /// emptied cache (what the engine wrote there last time is not the
+    /// bucket's); no lease taken, no thread started.
+    fn open_read_only(
+        remote: Arc<Remote>,
+        opts: S3PoolOptions,
+        local: LocalDirStore,
+        state: Option<&LocalState>,
+        g: u64,
+    ) -> std::result::Result<S3Store, OpenError> {
+        let url = remote.display().to_string();
+        let m = read_manifest(&remote, g, Instant::now() + OPEN_CALL_TIMEOUT)?;
+        if let Some(s) = state
+            && s.pool_id != m.pool_id
+        {
+            return Err(OpenError::ForeignCache {
+                dir: opts.cache_dir.display().to_string(),
+                other: s.pool_id.clone(),
+            });
+        }
+        if let Some(h) = &m.holder {
+            let why = "a pool opened read-only must have no holder: the holder's clean-up deletes what this view would read";
+            return Err(held(&url, h, why.to_string()));
+        }
+        clear_cache(&local)?;
+        let holder = Holder {
+            id: random_id(),
+            host: hostname(),
+            pid: std::process::id(),
+            epoch: m.generation,
+            lease_expire_ms: None,
+            since_unix_ms: None,
+            peer: None,
+        };
+        let generation = m.generation;
+        let store = S3Store {
+            inner: Arc::new(Inner::new(local, remote, opts, holder, m)),
+        };
+        store.reconcile(true)?;
+        store.save_state(generation)?;
+        if let Some(budget) = &store.inner.opts.budget {
+            budget.join(&store);
+        }
+        tracing::info!(store = %url, generation, "pool opened read-only");
         Ok(store)
     }
 
@@ -354,7 +409,7 @@ impl S3Store {
         stale: bool,
     ) -> std::result::Result<CacheIndex, OpenError> {
         let inner = &self.inner;
-        let capacity = inner.opts.cache_size_bytes;
+        let capacity = self.cache_size();
         // An empty blob is the marker left while a store is open.
         let saved = if stale {
             None
@@ -403,6 +458,14 @@ impl S3Store {
     /// index. Returns false if the store could not take everything in time:
     /// the rest stays in the cache and goes up when the pool is next opened.
     pub fn close(&self) -> bool {
+        if let Some(budget) = &self.inner.opts.budget {
+            budget.leave(self);
+        }
+        if self.read_only() {
+            // Nothing of it is the bucket's to upload.
+            self.stop_threads();
+            return true;
+        }
         self.drain();
         self.stop_threads();
         let (drained, m) = {
@@ -661,7 +724,12 @@ fn wipe_cache(local: &LocalDirStore, m: &Manifest) -> Result<()> {
             "the cache is from before another host wrote to the pool; discarding it (writes that never reached the bucket are lost to the takeover)"
         );
     }
-    for (id, _) in segs {
+    clear_cache(local)
+}
+
+/// Removes every segment and engine metadata blob from the cache.
+fn clear_cache(local: &LocalDirStore) -> Result<()> {
+    for (id, _) in local.list_segments()? {
         local.delete_segment(id)?;
     }
     for name in engine_meta_names(local)? {

@@ -171,6 +171,7 @@ impl SegmentStore for S3Store {
     }
 
     fn admit_write(&self, bytes: u64) -> Result<()> {
+        self.refuse_if_read_only("write")?;
         self.check_lease()?;
         self.admit(bytes)?;
         // The wait for write-back space may have outlasted the lease.
@@ -178,6 +179,8 @@ impl SegmentStore for S3Store {
     }
 
     fn admit_flush(&self) -> Result<()> {
+        // A read-only view's flush is the engine's own (its new open
+        // segment), to its cache: nothing for the bucket.
         self.check_lease()?;
         if self.inner.opts.durability == Durability::Remote {
             self.check_fenced()?;

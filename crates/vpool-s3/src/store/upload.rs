@@ -171,6 +171,11 @@ impl Up {
 impl S3Store {
     /// Starts the uploader. Call after the engine opened the pool.
     pub fn start(&self) -> Result<()> {
+        if self.read_only() {
+            // No uploads, and above all no collection of objects the
+            // manifest does not name: a read-only view owns nothing.
+            return Ok(());
+        }
         let s = self.clone();
         let h = std::thread::Builder::new()
             .name("vpool-s3-upload".into())

@@ -17,6 +17,7 @@
 //! this file; the uploader reads them to know what may go up.
 
 use super::{Dirty, S3Store, Up, unavailable};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use vpool_store::{OpenSegment, Result, StoreError};
 
@@ -26,12 +27,34 @@ const DIRTY_SHARE: f64 = 0.75;
 
 impl S3Store {
     pub(super) fn dirty_limit(&self) -> u64 {
-        (self.inner.opts.cache_size_bytes as f64 * DIRTY_SHARE) as u64
+        (self.cache_size() as f64 * DIRTY_SHARE) as u64
+    }
+
+    /// The cache's hard limit now (see [`super::CacheBudget`]).
+    pub(super) fn cache_size(&self) -> u64 {
+        self.inner.cache_size_bytes.load(Ordering::Acquire)
+    }
+
+    /// Sets the cache's hard limit: clean bytes over it are evicted at
+    /// once, dirty bytes over its dirty share hold writes back until they
+    /// are uploaded. Writes waiting for room look again.
+    pub fn set_cache_size(&self, bytes: u64) {
+        let old = self.inner.cache_size_bytes.swap(bytes, Ordering::AcqRel);
+        if old != bytes {
+            tracing::info!(
+                cache = %self.inner.opts.cache_dir.display(),
+                from_bytes = old,
+                to_bytes = bytes,
+                "cache size changed"
+            );
+        }
+        self.evict();
+        self.inner.up_cv.notify_all();
     }
 
     /// The read cache's budget while `dirty_bytes` are dirty.
     pub(super) fn clean_capacity(&self, dirty_bytes: u64) -> u64 {
-        self.inner.opts.cache_size_bytes.saturating_sub(dirty_bytes)
+        self.cache_size().saturating_sub(dirty_bytes)
     }
 
     /// `SegmentStore::admit_write`: waits until `bytes` more dirty bytes fit
@@ -70,7 +93,7 @@ impl S3Store {
         // one shrinks the other.
         let dirty = up.dirty_bytes + bytes;
         drop(up);
-        if dirty + self.inner.index.lock().used_bytes() > self.inner.opts.cache_size_bytes {
+        if dirty + self.inner.index.lock().used_bytes() > self.cache_size() {
             self.evict();
         }
         Ok(())

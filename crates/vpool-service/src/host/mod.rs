@@ -154,6 +154,15 @@ pub trait Opener: Send + Sync {
     fn peer_addr(&self) -> Option<String> {
         None
     }
+
+    /// Opens the pool on S3 in `dir` read-only: no lease, nothing written
+    /// to the bucket (a sealed template's family).
+    fn open_read_only(&self, dir: &Path) -> Result<Opened> {
+        Err(Error::new(
+            ErrorKind::NotSupported,
+            format!("{} cannot be opened read-only here", dir.display()),
+        ))
+    }
 }
 
 /// An open pool and everything served from it.
@@ -596,6 +605,19 @@ impl Host {
     pub fn release_volume(&self, pool: Option<&str>, volume: &str, force: bool) -> Result<()> {
         let sh = self.need_shared(pool)?;
         sh.release(&*self.opener, volume, force)
+    }
+
+    /// Seals `volume` as a template: in a shared pool, for every host (see
+    /// [`SharedCtx::seal`]), else in its pool. Blocking (hashes the image).
+    pub fn make_template(
+        &self,
+        pool: Option<&str>,
+        volume: &str,
+    ) -> Result<crate::pool::VolumeView> {
+        match self.shared(pool) {
+            Some(sh) => sh.seal(&*self.opener, volume),
+            None => self.pool(pool)?.service.make_template(volume),
+        }
     }
 
     /// Adds the pool in `dir` (a new local pool is made there if the

@@ -79,10 +79,17 @@ pub struct SharedVolumeStatus {
     pub nbd_connections: Option<u64>,
     #[serde(default)]
     pub unuploaded_bytes: Option<u64>,
+    /// When owned here: its share of the host's cache for the pool (the
+    /// pool's `--cache-size` split among the volumes this host owns).
+    #[serde(default)]
+    pub cache_size_bytes: Option<u64>,
     /// What a FLUSH promises (`host` or `remote`): as the family runs
     /// when owned here; elsewhere the volume's own setting, if it has one.
     #[serde(default)]
     pub durability: Option<String>,
+    /// A sealed template: every host serves it read-only, none owns it.
+    #[serde(default)]
+    pub sealed: bool,
     /// When another host owns it: this host's NBD clients of the volume,
     /// whose I/O it forwards to the owner (the owner counts them among its
     /// `nbd_connections`, one per session).
@@ -114,6 +121,18 @@ pub trait SharedStore: Send + Sync {
     fn delete_family(&self, id: &str) -> Result<()>;
     /// The pool's peer link secret (made by the first host that asks).
     fn peer_secret(&self) -> Result<[u8; 32]>;
+    /// Whether volume `name` is a sealed template: released for good,
+    /// read by every host, written by none.
+    fn sealed(&self, _name: &str) -> Result<bool> {
+        Ok(false)
+    }
+    /// Marks volume `name` sealed (its owner sealed and released it).
+    fn mark_sealed(&self, name: &str) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::NotSupported,
+            format!("this pool cannot seal {name}"),
+        ))
+    }
 }
 
 /// A shared pool on this host; see the module doc.
@@ -138,6 +157,10 @@ pub struct SharedCtx {
     /// The volumes this host forwards to their owners, while clients use
     /// them.
     forwards: Mutex<BTreeMap<String, Weak<Forward>>>,
+    /// The sealed templates open here, read-only, by volume name: one
+    /// view per host however many clients read it (its cache is the
+    /// host's copy of the template's blocks).
+    sealed: Mutex<BTreeMap<String, Arc<PoolCtx>>>,
 }
 
 impl SharedCtx {
@@ -160,6 +183,7 @@ impl SharedCtx {
             my_peer: opener.peer_addr(),
             secret: OnceLock::new(),
             forwards: Mutex::new(BTreeMap::new()),
+            sealed: Mutex::new(BTreeMap::new()),
         };
         for vol in ctx.cached_families() {
             match ctx.open_family(opener, &vol, false) {
@@ -267,6 +291,15 @@ impl SharedCtx {
         let owner = self.store.owner(vol)?;
         let who = match (&owner.holder, owner.epoch) {
             (Some(h), Some(e)) => format!("owned by {h} (epoch {e})"),
+            _ if self.store.sealed(vol)? => {
+                return Err(Error::new(
+                    ErrorKind::ReadOnly,
+                    format!(
+                        "volume {}/{vol} is a sealed template: every host serves it read-only over NBD, and no host owns it to change it (`vpool vol status {}/{vol}` describes it)",
+                        self.name, self.name
+                    ),
+                ));
+            }
             _ => "not owned by any host".to_string(),
         };
         Err(Error::new(
@@ -388,6 +421,15 @@ impl SharedCtx {
         if let Some(f) = self.owned_family(vol) {
             return Ok(f);
         }
+        if self.store.sealed(vol)? {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!(
+                    "volume {}/{vol} is a sealed template: every host serves it read-only, none takes it",
+                    self.name
+                ),
+            ));
+        }
         let _room = self.check_room()?;
         let dir = self.family_dir(vol);
         let made = !dir.exists();
@@ -414,6 +456,11 @@ impl SharedCtx {
     /// while NBD clients have it open, unless `force`. Blocking.
     pub fn release(&self, opener: &dyn Opener, vol: &str, force: bool) -> Result<()> {
         let _admin = self.lock_volume(vol);
+        self.release_locked(opener, vol, force)
+    }
+
+    /// [`SharedCtx::release`] under the volume's admin lock.
+    fn release_locked(&self, opener: &dyn Opener, vol: &str, force: bool) -> Result<()> {
         let family = self.take_idle(vol, "release", force)?;
         let unuploaded_bytes = family.cache.as_ref().map_or(0, |c| c.stats().dirty_bytes);
         let started = std::time::Instant::now();
@@ -469,6 +516,60 @@ impl SharedCtx {
                 self.name
             ),
         )
+    }
+
+    /// Seals volume `vol`, which this host owns, as a template, for every
+    /// host: seals it here (the template snapshot and the record of its
+    /// digest, in the family), releases it (everything in the bucket, no
+    /// holder) and marks its family sealed. From then on every host
+    /// serves it read-only from the bucket and none takes it over. Each
+    /// step may be run again: a crash between them leaves a volume that
+    /// `vol template` seals again. Refused while NBD clients have it open.
+    /// Blocking (hashes the image).
+    pub fn seal(&self, opener: &dyn Opener, vol: &str) -> Result<crate::pool::VolumeView> {
+        let _admin = self.lock_volume(vol);
+        let family = self.family(vol)?;
+        let sealed_here = family.service.volume(vol)?.template.is_some();
+        let view = if sealed_here {
+            family.service.volume(vol)?
+        } else {
+            family.service.make_template(vol)?
+        };
+        drop(family);
+        self.release_locked(opener, vol, false)?;
+        self.store.mark_sealed(vol)?;
+        tracing::info!(pool = %self.name, volume = vol, "volume sealed: every host serves it read-only");
+        Ok(view)
+    }
+
+    /// The read-only view of sealed template `vol` on this host, opened
+    /// at its first use (`None`: `vol` is not sealed). Blocking.
+    pub fn sealed_family(&self, opener: &dyn Opener, vol: &str) -> Result<Option<Arc<PoolCtx>>> {
+        let mut views = self.sealed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = views.get(vol) {
+            return Ok(Some(Arc::clone(f)));
+        }
+        if views.len() >= MAX_OWNED || !self.store.sealed(vol)? {
+            return Ok(None);
+        }
+        let dir = self.dir.join("templates").join(vol);
+        // Its cache is emptied at every open anyway; a pool.json from an
+        // earlier run is made again.
+        let _ = std::fs::remove_dir_all(&dir);
+        self.store.attach(vol, &dir)?;
+        let opened = match opener.open_read_only(&dir)? {
+            Opened::Pool(p) => p,
+            Opened::Shared(_) => {
+                return Err(Error::internal(format!(
+                    "{} holds a shared pool, not a template's family",
+                    dir.display()
+                )));
+            }
+        };
+        let f = Arc::new(PoolCtx::new(&format!("{}/{vol}", self.name), &dir, opened));
+        views.insert(vol.to_string(), Arc::clone(&f));
+        tracing::info!(pool = %self.name, volume = vol, "sealed template opened read-only");
+        Ok(Some(f))
     }
 
     /// Deletes volume `vol`, which this host owns: its name first (no
@@ -543,6 +644,11 @@ impl SharedCtx {
             && let Some(dev) = self.open_owned(&f, vol, image)
         {
             return dev;
+        }
+        match self.sealed_family(opener.as_ref(), vol) {
+            Ok(Some(f)) => return f.exports.open(image),
+            Ok(None) => {}
+            Err(e) => return Err(DeviceError::io(e.message)),
         }
         if self.my_peer.is_none() {
             let e = self.family(vol).err().map(|e| e.message);
@@ -671,7 +777,9 @@ impl SharedCtx {
             size_bytes: None,
             nbd_connections: None,
             unuploaded_bytes: None,
+            cache_size_bytes: None,
             durability: None,
+            sealed: self.store.sealed(vol)?,
             forwarded_clients: None,
         };
         if let Some(f) = self.owned_family(vol) {
@@ -680,6 +788,7 @@ impl SharedCtx {
             out.nbd_connections = Some(f.service.catalog().nbd_connections_total() as u64);
             let stats = f.cache.as_ref().map(|c| c.stats());
             out.unuploaded_bytes = stats.as_ref().map(|s| s.dirty_bytes);
+            out.cache_size_bytes = stats.as_ref().map(|s| s.cache_size_bytes);
             out.durability = stats.map(|s| s.durability);
         } else {
             out.durability = out.owner.volume_durability.clone();
@@ -692,9 +801,11 @@ impl SharedCtx {
     /// uploads and releases its lease, and keeps its cache so the host
     /// opens it again at its next start. Returns the first error.
     pub fn close(&self) -> Result<()> {
-        let owned: Vec<_> = std::mem::take(&mut *self.write_owned())
+        let mut owned: Vec<_> = std::mem::take(&mut *self.write_owned())
             .into_values()
             .collect();
+        let views = std::mem::take(&mut *self.sealed.lock().unwrap_or_else(|e| e.into_inner()));
+        owned.extend(views.into_values());
         let mut first = None;
         for f in owned {
             if let Err(e) = f.close() {

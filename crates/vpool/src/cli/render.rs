@@ -463,6 +463,15 @@ pub fn render_shared_status(s: &vpool_api::SharedVolumeStatus) -> String {
     if let Some(b) = s.unuploaded_bytes {
         out.push_str(&format!("not in bucket:  {}\n", format_size(b)));
     }
+    if s.sealed {
+        out.push_str("sealed:         yes: a template, served read-only by every host\n");
+    }
+    if let Some(b) = s.cache_size_bytes {
+        out.push_str(&format!(
+            "cache here:     {} (its share of the pool's --cache-size)\n",
+            format_size(b)
+        ));
+    }
     if let Some(d) = &s.durability {
         out.push_str(&format!("durability:     {d}\n"));
     }

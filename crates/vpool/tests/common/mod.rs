@@ -69,7 +69,8 @@ pub fn test_url(bucket: &str, what: &str) -> String {
 
 /// `pool VERB NAME --s3 URL --endpoint ENDPOINT --cache CACHE
 /// --cache-size 256M EXTRA...` through the daemon at `home` (`create` or
-/// `attach`; `--shared`, `--lease-expire`, `--durability` go in `extra`).
+/// `attach`; `--shared`, `--lease-expire`, `--durability` go in `extra`,
+/// and `--cache-size` there replaces the 256M).
 pub fn pool_on_s3(
     home: &Path,
     verb: &str,
@@ -81,7 +82,10 @@ pub fn pool_on_s3(
 ) -> String {
     let cache = cache.to_str().expect("test paths are UTF-8");
     let mut args = vec!["pool", verb, name, "--s3", url, "--endpoint", endpoint];
-    args.extend(["--cache", cache, "--cache-size", "256M"]);
+    args.extend(["--cache", cache]);
+    if !extra.contains(&"--cache-size") {
+        args.extend(["--cache-size", "256M"]);
+    }
     args.extend_from_slice(extra);
     run_ok(home, &args)
 }
