@@ -1,0 +1,283 @@
+//! A clone whose blocks it never wrote come from a read-only *base*: the
+//! device of a clone of a sealed template in another family
+//! (`docs/multi-host.md`, section 5), as RBD's layering and qcow2's
+//! backing files do it.
+//!
+//! The *top* is the clone's own volume, an ordinary engine volume that
+//! starts empty. Its allocation says where each block is:
+//!
+//! - **unmapped** in the top (`base:allocation` hole): the base's block
+//!   (zeros past the base's end, when the clone is larger);
+//! - **mapped** (data, or allocated zeros): the top's.
+//!
+//! So nothing may unmap a block of the top: a TRIM or a WRITE_ZEROES that
+//! may punch becomes allocated zeros (whole blocks only: a TRIM leaves its
+//! partial edge blocks alone, as the engine's does), and a write of part of
+//! an unmapped block first copies the base's block up (read, merge, write
+//! the whole block), since the engine would merge it with zeros.
+//!
+//! **Concurrency.** A copy-up must not overwrite a write that lands on the
+//! same block between its read of the base and its own write. Every write
+//! takes the locks of the blocks it touches (striped, in order: no
+//! deadlock) shared, and a copy-up takes its block's exclusively, then
+//! looks at the top again. Reads take no lock: a read concurrent with a
+//! write of the same bytes may return either content, as on any disk.
+//!
+//! Not built on it yet: the clone commands of shared pools. The device is
+//! tested against a model (`tests` below) on a real engine volume.
+
+use std::sync::{Arc, RwLock};
+use vpool_engine::BLOCK_SIZE;
+use vpool_nbd::{BlockDevice, DeviceError};
+
+/// Lock stripes: a write of up to 1 MiB touches at most 256 blocks, so a
+/// few dozen stripes keep unrelated writes apart.
+const STRIPES: usize = 64;
+
+/// `base:allocation` flag of an unmapped range.
+const STATE_HOLE: u32 = 1;
+/// `base:allocation` flag of a range that reads as zeros.
+const STATE_ZERO: u32 = 2;
+
+/// A clone over a read-only base; see the module doc.
+pub struct LayeredDevice {
+    top: Arc<dyn BlockDevice>,
+    base: Arc<dyn BlockDevice>,
+    stripes: Vec<RwLock<()>>,
+}
+
+impl LayeredDevice {
+    pub fn new(top: Arc<dyn BlockDevice>, base: Arc<dyn BlockDevice>) -> LayeredDevice {
+        LayeredDevice {
+            top,
+            base,
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+        }
+    }
+
+    /// The stripes of blocks `first..=last`, sorted and deduplicated.
+    fn stripes_of(&self, first: u64, last: u64) -> Vec<usize> {
+        let n = u64::try_from(STRIPES).expect("a small constant");
+        let mut s: Vec<usize> = if last - first + 1 >= n {
+            (0..STRIPES).collect()
+        } else {
+            (first..=last)
+                .map(|b| usize::try_from(b % n).expect("below STRIPES"))
+                .collect()
+        };
+        s.sort_unstable();
+        s.dedup();
+        s
+    }
+
+    /// Whether block `block` is unmapped in the top (reads the base).
+    fn unmapped(&self, block: u64) -> Result<bool, DeviceError> {
+        let st = self.top.block_status(block * BLOCK_SIZE, BLOCK_SIZE)?;
+        Ok(st.first().is_some_and(|e| e.1 & STATE_HOLE != 0))
+    }
+
+    /// Reads `buf.len()` bytes of the base at `offset`: zeros past its end.
+    fn read_base(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        buf.fill(0);
+        let size = self.base.size_bytes();
+        if offset >= size {
+            return Ok(());
+        }
+        let n = usize::try_from((size - offset).min(buf.len() as u64)).expect("fits the buffer");
+        self.base.read(offset, &mut buf[..n])
+    }
+
+    /// Writes `data` at `offset` inside block `block`, copying the base's
+    /// block up first if the top does not map it. Under the block's stripe,
+    /// exclusively.
+    fn write_partial(&self, block: u64, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        let stripe = self.stripes_of(block, block)[0];
+        let _g = self.stripes[stripe]
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if !self.unmapped(block)? {
+            return self.top.write(offset, data);
+        }
+        let start = block * BLOCK_SIZE;
+        let mut whole = vec![0u8; BLOCK_SIZE as usize];
+        self.read_base(start, &mut whole)?;
+        let at = usize::try_from(offset - start).expect("inside the block");
+        whole[at..at + data.len()].copy_from_slice(data);
+        self.top.write(start, &whole)
+    }
+
+    /// Runs `op` on the whole blocks `first..end` under their stripes,
+    /// shared.
+    fn on_whole_blocks(
+        &self,
+        first: u64,
+        end: u64,
+        op: impl FnOnce() -> Result<(), DeviceError>,
+    ) -> Result<(), DeviceError> {
+        if end <= first {
+            return Ok(());
+        }
+        let stripes = self.stripes_of(first, end - 1);
+        let _guards: Vec<_> = stripes
+            .iter()
+            .map(|&s| self.stripes[s].read().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        op()
+    }
+
+    /// Splits `[offset, offset + len)` into a partial head block, whole
+    /// blocks and a partial tail block: (head end, whole blocks, tail start).
+    fn split(offset: u64, len: u64) -> (u64, (u64, u64), u64) {
+        let end = offset + len;
+        let first = offset.div_ceil(BLOCK_SIZE);
+        let last = end / BLOCK_SIZE;
+        if first >= last {
+            // Within one or two partial blocks, no whole one.
+            return (end, (first, first), end);
+        }
+        (first * BLOCK_SIZE, (first, last), last * BLOCK_SIZE)
+    }
+
+    /// Writes `data` at `offset` where it covers part of a block only.
+    fn write_edges(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        let mut at = offset;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let block = at / BLOCK_SIZE;
+            let room = (block + 1) * BLOCK_SIZE - at;
+            let n = usize::try_from(room.min(rest.len() as u64)).expect("fits the buffer");
+            self.write_partial(block, at, &rest[..n])?;
+            at += n as u64;
+            rest = &rest[n..];
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice for LayeredDevice {
+    fn size_bytes(&self) -> u64 {
+        self.top.size_bytes()
+    }
+
+    fn read_only(&self) -> bool {
+        self.top.read_only()
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let extents = self.top.block_status(at, (buf.len() - done) as u64)?;
+            assert!(!extents.is_empty(), "block status covers a prefix");
+            for (len, flags) in extents {
+                let n = usize::try_from(len.min((buf.len() - done) as u64)).expect("fits");
+                let piece = &mut buf[done..done + n];
+                let here = offset + done as u64;
+                if flags & STATE_HOLE != 0 {
+                    self.read_base(here, piece)?;
+                } else {
+                    self.top.read(here, piece)?;
+                }
+                done += n;
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        let (head_end, (first, end), tail_start) = Self::split(offset, data.len() as u64);
+        let at = |o: u64| usize::try_from(o - offset).expect("inside the write");
+        self.write_edges(offset, &data[..at(head_end)])?;
+        self.on_whole_blocks(first, end, || {
+            self.top
+                .write(head_end, &data[at(head_end)..at(tail_start)])
+        })?;
+        if tail_start > head_end {
+            self.write_edges(tail_start, &data[at(tail_start)..])?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), DeviceError> {
+        self.top.flush()
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        // Whole blocks become allocated zeros (unmapped would show the
+        // base); partial edges are left as they are, as TRIM allows.
+        let (head_end, (first, end), tail_start) = Self::split(offset, len);
+        self.on_whole_blocks(first, end, || {
+            self.top
+                .write_zeroes(head_end, tail_start - head_end, false)
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, _may_trim: bool) -> Result<(), DeviceError> {
+        let (head_end, (first, end), tail_start) = Self::split(offset, len);
+        let zeros = |n: u64| vec![0u8; usize::try_from(n).expect("under a block")];
+        self.write_edges(offset, &zeros(head_end - offset))?;
+        self.on_whole_blocks(first, end, || {
+            self.top
+                .write_zeroes(head_end, tail_start - head_end, false)
+        })?;
+        if tail_start > head_end {
+            self.write_edges(tail_start, &zeros(offset + len - tail_start))?;
+        }
+        Ok(())
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>, DeviceError> {
+        let top = self.top.block_status(offset, len)?;
+        let mut out: Vec<(u64, u32)> = Vec::with_capacity(top.len());
+        let mut at = offset;
+        for (n, flags) in top {
+            let pieces = if flags & STATE_HOLE == 0 {
+                vec![(n, flags)]
+            } else {
+                self.base_status(at, n)?
+            };
+            for (m, f) in pieces {
+                match out.last_mut() {
+                    Some(last) if last.1 == f => last.0 += m,
+                    _ => out.push((m, f)),
+                }
+            }
+            at += n;
+        }
+        Ok(out)
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.top.cache(offset, len)
+    }
+
+    fn can_multi_conn(&self) -> bool {
+        self.top.can_multi_conn()
+    }
+}
+
+impl LayeredDevice {
+    /// The base's status of `[offset, offset + len)`, all of it (past the
+    /// base's end: a hole of zeros).
+    fn base_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>, DeviceError> {
+        let size = self.base.size_bytes();
+        let mut out = Vec::new();
+        let mut at = offset;
+        let end = offset + len;
+        while at < end.min(size) {
+            let got = self.base.block_status(at, end.min(size) - at)?;
+            assert!(!got.is_empty(), "block status covers a prefix");
+            for (n, f) in got {
+                out.push((n, f));
+                at += n;
+            }
+        }
+        if at < end {
+            out.push((end - at, STATE_HOLE | STATE_ZERO));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests;
