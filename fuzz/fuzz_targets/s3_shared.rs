@@ -10,6 +10,9 @@ use vpool_s3::shared::{NameRecord, SharedIdentity};
 fuzz_target!(|data: &[u8]| {
     if let Ok(r) = NameRecord::decode(data) {
         assert!(r.id.len() == 32 && r.id.bytes().all(|b| b.is_ascii_hexdigit()));
+        if let Some(b) = &r.base {
+            assert!(b.id.len() == 32 && !b.volume.is_empty() && !b.volume.contains('/'));
+        }
         let again = NameRecord::decode(&serde_json::to_vec(&r).unwrap()).unwrap();
         assert_eq!(again, r);
     }

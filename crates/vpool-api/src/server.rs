@@ -196,6 +196,28 @@ struct At {
     name: String,
     snap: String,
     image: String,
+    /// The volume is a clone of a shared pool's template: its engine
+    /// volume holds only what it wrote (`vpool_service::layered`).
+    layered: bool,
+}
+
+impl At {
+    /// Refuses `what` (a data route) on a clone of a shared pool's
+    /// template: the engine volume behind the API has only the clone's own
+    /// blocks; NBD serves the whole image.
+    fn refuse_layered(&self, what: &str) -> Result<(), ApiError> {
+        if !self.layered {
+            return Ok(());
+        }
+        Err(vpool_service::Error::new(
+            vpool_service::ErrorKind::NotSupported,
+            format!(
+                "{what} of {} is not built: it is a clone of a template of a shared pool, whose blocks it never wrote are the template's; NBD serves it whole",
+                self.name
+            ),
+        )
+        .into())
+    }
 }
 
 impl FromRequestParts<ApiState> for At {
@@ -212,10 +234,12 @@ impl FromRequestParts<ApiState> for At {
             Some(volume) => state.host.volume_pool(pool.as_deref(), &volume)?,
             None => state.host.pool(pool.as_deref())?,
         };
+        let name = captures.get("name").unwrap_or_default();
         Ok(At {
             ctx,
+            layered: state.host.is_shared_clone(pool.as_deref(), &name),
             pool,
-            name: captures.get("name").unwrap_or_default(),
+            name,
             snap: captures.get("snap").unwrap_or_default(),
             image: captures.get("image").unwrap_or_default(),
         })
@@ -1066,16 +1090,12 @@ async fn make_template(
 
 async fn clone_volume(
     State(s): State<ApiState>,
-    At {
-        ctx, name, pool, ..
-    }: At,
+    Named { pool, name }: Named,
     ApiJson(req): ApiJson<CloneRequest>,
 ) -> Result<Response, ApiError> {
     let host = Arc::clone(&s.host);
     let info = service(move || {
-        host.refuse_if_shared(pool.as_deref(), "clones")?;
-        ctx.service
-            .clone_volume(&name, req.snapshot.as_deref(), &req.name)
+        host.clone_volume(pool.as_deref(), &name, req.snapshot.as_deref(), &req.name)
     })
     .await?;
     let info = VolumeInfo::from(info);
@@ -1096,10 +1116,9 @@ async fn commit(
     Ok(Json(info.into()))
 }
 
-async fn diff(
-    At { ctx, name, .. }: At,
-    ApiQuery(q): ApiQuery<DiffQuery>,
-) -> Result<Json<Diff>, ApiError> {
+async fn diff(at: At, ApiQuery(q): ApiQuery<DiffQuery>) -> Result<Json<Diff>, ApiError> {
+    at.refuse_layered("a diff")?;
+    let At { ctx, name, .. } = at;
     let (svc, n, from, to) = (
         ctx.service.clone(),
         name.clone(),
@@ -1141,19 +1160,20 @@ async fn diff(
 // ----- data routes -----
 
 async fn write_data(
-    At { ctx, name, .. }: At,
+    at: At,
     ApiQuery(q): ApiQuery<WriteQuery>,
     ApiBytes(body): ApiBytes,
 ) -> Result<StatusCode, ApiError> {
+    at.refuse_layered("writing data over the API")?;
+    let At { ctx, name, .. } = at;
     range_end(q.offset, body.len() as u64)?;
     service(move || ctx.service.write(&name, q.offset, &body, q.force)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn read_data(
-    At { ctx, name, .. }: At,
-    ApiQuery(q): ApiQuery<RangeQuery>,
-) -> Result<Response, ApiError> {
+async fn read_data(at: At, ApiQuery(q): ApiQuery<RangeQuery>) -> Result<Response, ApiError> {
+    at.refuse_layered("reading data over the API")?;
+    let At { ctx, name, .. } = at;
     range_end(q.offset, q.length)?;
     let len = usize::try_from(q.length)
         .ok()
@@ -1179,10 +1199,9 @@ async fn read_data(
         .into_response())
 }
 
-async fn zero_range(
-    At { ctx, name, .. }: At,
-    ApiQuery(q): ApiQuery<ZeroQuery>,
-) -> Result<StatusCode, ApiError> {
+async fn zero_range(at: At, ApiQuery(q): ApiQuery<ZeroQuery>) -> Result<StatusCode, ApiError> {
+    at.refuse_layered("zeroing over the API")?;
+    let At { ctx, name, .. } = at;
     range_end(q.offset, q.length)?;
     service(move || {
         ctx.service
@@ -1195,10 +1214,9 @@ async fn zero_range(
 /// `POST /v1/volumes/{name}/import`: an import is about to replace the
 /// volume's content; until `DELETE` says it finished, the volume is
 /// incomplete (see the catalog).
-async fn begin_import(
-    At { ctx, name, .. }: At,
-    ApiQuery(q): ApiQuery<ForceQuery>,
-) -> Result<StatusCode, ApiError> {
+async fn begin_import(at: At, ApiQuery(q): ApiQuery<ForceQuery>) -> Result<StatusCode, ApiError> {
+    at.refuse_layered("an import")?;
+    let At { ctx, name, .. } = at;
     service(move || ctx.service.begin_import(&name, q.force)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -1211,9 +1229,11 @@ async fn end_import(At { ctx, name, .. }: At) -> Result<StatusCode, ApiError> {
 }
 
 async fn allocation(
-    At { ctx, name, .. }: At,
+    at: At,
     ApiQuery(q): ApiQuery<RangeQuery>,
 ) -> Result<Json<Allocation>, ApiError> {
+    at.refuse_layered("the allocation map")?;
+    let At { ctx, name, .. } = at;
     range_end(q.offset, q.length)?;
     let offset = q.offset;
     let asked = q.length;

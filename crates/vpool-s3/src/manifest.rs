@@ -117,6 +117,16 @@ pub struct Manifest {
     /// Strictly increasing ids.
     pub segments: Vec<SegmentEntry>,
     pub meta: BTreeMap<String, MetaRef>,
+    /// Released for good as a sealed template (a family of a shared
+    /// pool): hosts open it read-only, none takes it (`OpenMode::Open` is
+    /// refused). Set by the release that seals it, so the release and the
+    /// seal are one commit. Never with a holder.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub sealed: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -211,6 +221,7 @@ impl Manifest {
             fencing,
             segments: Vec::new(),
             meta: BTreeMap::new(),
+            sealed: false,
         }
     }
 
@@ -263,6 +274,9 @@ impl Manifest {
         }
         if self.generation == 0 {
             return bad("generation 0");
+        }
+        if self.sealed && self.holder.is_some() {
+            return bad("a sealed manifest with a holder");
         }
         if !self.segments.windows(2).all(|w| w[0].id < w[1].id) {
             return bad("segment ids not strictly increasing");

@@ -7,8 +7,7 @@
 //! <prefix>/pool                  the shared pool's identity (create-only)
 //! <prefix>/names/<volume name>   {"id": "<32 hex>"}: the name's family (create-only)
 //! <prefix>/vols/<id>/...         the family: manifest/, segments/, meta/, lease/
-//! <prefix>/vols/<id>/sealed      the family is a sealed template, released for
-//!                                good: every host reads it, none writes (create-only)
+//! <prefix>/vols/<id>/refs/<cid>  a clone (family <cid>) reads this template (create-only)
 //! <prefix>/peer-secret           the peer link's secret, 64 hex digits (create-only)
 //! ```
 //!
@@ -77,6 +76,19 @@ pub struct NameRecord {
     /// whichever host owns it; `None`: the owner's setting for the pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub durability: Option<String>,
+    /// A clone: the sealed template whose blocks it reads where it wrote
+    /// none (`docs/multi-host.md` section 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseRef>,
+}
+
+/// The sealed template a clone reads through: its name and family id,
+/// neither of which changes once it is sealed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseRef {
+    pub volume: String,
+    pub id: String,
 }
 
 fn is_id(s: &str) -> bool {
@@ -102,6 +114,11 @@ impl NameRecord {
         {
             return Err(format!("durability {d:?} is not host or remote"));
         }
+        if let Some(b) = &r.base
+            && !(is_id(&b.id) && name_ok(&b.volume))
+        {
+            return Err(format!("base {:?} ({:?}) is not a volume", b.volume, b.id));
+        }
         Ok(r)
     }
 }
@@ -126,12 +143,17 @@ impl SharedIdentity {
     }
 }
 
+/// Whether `name` may name a volume of a shared pool (it becomes a key).
+fn name_ok(name: &str) -> bool {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    !(name.is_empty() || name.len() > 128 || !name.chars().all(ok) || name.starts_with('.'))
+}
+
 #[cfg(feature = "remote")]
 /// A volume name as a key part: what the service layer accepts (letters,
 /// digits, `.`, `_`, `-`), checked again here because it becomes a key.
 fn check_name(name: &str) -> Result<(), OpenError> {
-    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
-    if name.is_empty() || name.len() > 128 || !name.chars().all(ok) || name.starts_with('.') {
+    if !name_ok(name) {
         return Err(OpenError::Corrupt(format!(
             "{name:?} cannot name a volume of a shared pool"
         )));
@@ -189,12 +211,20 @@ pub fn claim_name(
     remote: &Remote,
     name: &str,
     durability: Option<crate::Durability>,
+    base: Option<BaseRef>,
 ) -> Result<Option<String>, OpenError> {
     check_name(name)?;
     let rec = NameRecord {
         id: random_id(),
         durability: durability.map(|d| d.to_string()),
+        base,
     };
+    if let Some(b) = &rec.base {
+        // Before the name: a clone that exists is always listed in its
+        // template's refs (a ref whose name was never made, because the
+        // name was taken or the host died, names no clone: stale).
+        add_ref(&remote.child(&family_prefix(&b.id)), &rec.id)?;
+    }
     let body = serde_json::to_vec(&rec).expect("the record encodes");
     match remote.put_create(
         &name_key(name),
@@ -300,6 +330,8 @@ pub struct FamilyOwner {
     pub segments: u64,
     /// The holder's peer link address.
     pub peer: Option<String>,
+    /// A sealed template (the release that sealed it says so).
+    pub sealed: bool,
 }
 
 #[cfg(feature = "remote")]
@@ -315,6 +347,7 @@ pub fn family_owner(family: &Remote) -> Result<FamilyOwner, OpenError> {
             since_unix_ms: None,
             segments: 0,
             peer: None,
+            sealed: false,
         });
     };
     let m = read_manifest(family, g, deadline())?;
@@ -327,32 +360,30 @@ pub fn family_owner(family: &Remote) -> Result<FamilyOwner, OpenError> {
         since_unix_ms: m.holder.as_ref().and_then(|h| h.since_unix_ms),
         segments: m.segments.len() as u64,
         peer: m.holder.as_ref().and_then(|h| h.peer.clone()),
+        sealed: m.sealed,
     })
 }
 
-/// The marker of a sealed family, under its prefix (its content: `sealed`).
-pub const SEALED_KEY: &str = "sealed";
+/// Where a template's family records the clones that read it:
+/// `refs/<clone family id>`.
+pub const REFS_DIR: &str = "refs";
 
 #[cfg(feature = "remote")]
-/// Marks the family at `family` (a [`Remote`] at its prefix) sealed: from
-/// now on hosts open it read-only and none takes it. Marking twice is not
-/// an error.
-pub fn mark_sealed(family: &Remote) -> Result<(), OpenError> {
+/// Records, in the template's family at `family`, that clone `clone_id`
+/// reads it (create-only; recording twice is not an error). Made before
+/// the clone's name, so a template with clones always lists them: its
+/// deletion (not built) must refuse while any remains.
+pub fn add_ref(family: &Remote, clone_id: &str) -> Result<(), OpenError> {
+    let key = format!("{REFS_DIR}/{clone_id}");
     match family.put_create(
-        SEALED_KEY,
-        Bytes::from_static(b"sealed"),
+        &key,
+        Bytes::from_static(b"clone"),
         Some(deadline()),
         &|| false,
     ) {
         Ok(()) | Err(RemoteError::AlreadyExists { .. }) => Ok(()),
         Err(e) => Err(e.into()),
     }
-}
-
-#[cfg(feature = "remote")]
-/// Whether the family at `family` is sealed (see [`mark_sealed`]).
-pub fn is_sealed(family: &Remote) -> Result<bool, OpenError> {
-    Ok(family.get(SEALED_KEY, deadline())?.is_some())
 }
 
 #[cfg(feature = "remote")]
@@ -410,6 +441,30 @@ mod tests {
     }
 
     #[test]
+    fn a_clone_s_name_records_its_base_which_lists_it() {
+        let bucket: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let r = remote(&bucket);
+        create_shared(&r).unwrap();
+        let t = claim_name(&r, "golden", None, None).unwrap().unwrap();
+        let base = BaseRef {
+            volume: "golden".into(),
+            id: t.clone(),
+        };
+        let c = claim_name(&r, "web1", None, Some(base.clone()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(lookup_record(&r, "web1").unwrap().unwrap().base, Some(base));
+        let refs = r
+            .child(&family_prefix(&t))
+            .list(REFS_DIR, deadline())
+            .unwrap();
+        assert_eq!(refs.len(), 1, "{refs:?}");
+        assert!(refs[0].0.ends_with(&c), "{refs:?}");
+        let bad = br#"{"id":"0123456789abcdef0123456789abcdef","base":{"volume":"../x","id":"0123456789abcdef0123456789abcdef"}}"#;
+        assert!(NameRecord::decode(bad).is_err());
+    }
+
+    #[test]
     fn a_name_is_won_once_and_listed() {
         let bucket: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
         let r = remote(&bucket);
@@ -420,11 +475,11 @@ mod tests {
             create_shared(&r),
             Err(OpenError::PoolExists { .. })
         ));
-        let a = claim_name(&r, "db1", None)
+        let a = claim_name(&r, "db1", None, None)
             .unwrap()
             .expect("the first claim wins");
-        assert_eq!(claim_name(&r, "db1", None).unwrap(), None);
-        let b = claim_name(&r, "web", Some(crate::Durability::Remote))
+        assert_eq!(claim_name(&r, "db1", None, None).unwrap(), None);
+        let b = claim_name(&r, "web", Some(crate::Durability::Remote), None)
             .unwrap()
             .unwrap();
         let rec = lookup_record(&r, "web").unwrap().unwrap();
@@ -433,7 +488,7 @@ mod tests {
         assert_eq!(lookup(&r, "db1").unwrap(), Some(a));
         assert_eq!(lookup(&r, "nope").unwrap(), None);
         assert_eq!(list_names(&r).unwrap(), vec!["db1", "web"]);
-        assert!(claim_name(&r, "../x", None).is_err());
+        assert!(claim_name(&r, "../x", None, None).is_err());
         let fam = Remote::new(
             bucket.clone(),
             &format!("shared/{}", family_prefix(&b)),

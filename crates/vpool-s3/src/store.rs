@@ -192,6 +192,8 @@ pub enum OpenError {
     ForeignCache { dir: String, other: String },
     #[error("another host committed to {url} while this one was opening it; retry")]
     LostRace { url: String },
+    #[error("pool {url} is sealed (a template): it opens read-only, and no host writes it")]
+    Sealed { url: String },
     #[error("corrupt pool state: {0}")]
     Corrupt(String),
     #[error("object store: {0}")]
@@ -317,6 +319,8 @@ struct Inner {
     fenced: Mutex<Option<String>>,
     /// Closing: the uploader and the prefetcher end.
     stop: AtomicBool,
+    /// The release at close seals the pool ([`S3Store::seal_at_close`]).
+    seal_at_close: AtomicBool,
     /// The engine's durable marks hold for this cache: it held this host's
     /// latest log when opened (see `SegmentStore::durable_marks_hold`).
     marks_hold: AtomicBool,
@@ -366,6 +370,7 @@ impl Inner {
             fetching: (0..read::FETCH_STRIPES).map(|_| Mutex::new(())).collect(),
             fenced: Mutex::new(None),
             stop: AtomicBool::new(false),
+            seal_at_close: AtomicBool::new(false),
             marks_hold: AtomicBool::new(true),
             counters: Counters::default(),
             uploader: Mutex::new(None),
@@ -434,6 +439,14 @@ impl S3Store {
     /// lease, in every key it writes.
     pub fn epoch(&self) -> u64 {
         self.inner.holder.epoch
+    }
+
+    /// Makes the release at [`S3Store::close`] seal the pool: its
+    /// manifest says so, and from then on it opens read-only only. The
+    /// release and the seal are one commit; a close that cannot release
+    /// seals nothing.
+    pub fn seal_at_close(&self) {
+        self.inner.seal_at_close.store(true, Ordering::SeqCst);
     }
 
     /// Opened with [`OpenMode::ReadOnly`].

@@ -171,6 +171,41 @@ fn an_idle_pool_s_checkpoint_reaches_the_bucket() {
     close(pool, store);
 }
 
+/// A pool sealed by its release (a shared pool's template) opens
+/// read-only only: a writer's open is refused, forced too, and a reader
+/// sees everything the sealing host wrote.
+#[test]
+fn a_sealed_pool_opens_read_only_only() {
+    let t = tempfile::tempdir().unwrap();
+    let bucket = Bucket::new(&t.path().join("bucket"));
+    let (pool, store, vol, log) = written_pool(t.path(), &bucket, 256, 200, 5);
+    store.seal_at_close();
+    drop(vol);
+    close(pool, store);
+    for force in [false, true] {
+        match S3Store::open(
+            bucket.remote(),
+            opts(&t.path().join("w"), 64 * MIB, open_mode(force)),
+        ) {
+            Err(OpenError::Sealed { .. }) => {}
+            other => panic!("a sealed pool opened for writing: {:?}", other.map(|_| ())),
+        }
+    }
+    let s = S3Store::open(
+        bucket.remote(),
+        opts(&t.path().join("r"), 64 * MIB, OpenMode::ReadOnly),
+    )
+    .unwrap();
+    let config = vpool_engine::PoolConfig {
+        background: false,
+        ..engine_config()
+    };
+    let (p, _) = vpool_engine::Pool::open(std::sync::Arc::new(s.clone()), config).unwrap();
+    assert_eq!(log.check_prefix(&p.volume("v").unwrap(), 256), 200);
+    let _ = p.close();
+    assert!(s.close());
+}
+
 /// Stores on one host budget (the families of a shared pool that a host
 /// owns) get equal shares of it: the one that filled the whole budget
 /// before the other opened gives back its clean bytes at once, and reads

@@ -53,4 +53,13 @@ pub trait CacheControl: Send + Sync + 'static {
 
     /// Removes a pin; `not_found` if there is no such pin.
     fn unpin(&self, volume: &str, snapshot: Option<&str>) -> Result<()>;
+
+    /// Makes the release when the pool closes seal it (a shared pool's
+    /// template): it opens read-only from then on, on every host.
+    fn seal_at_close(&self) -> Result<()> {
+        Err(crate::error::Error::new(
+            crate::error::ErrorKind::NotSupported,
+            "this pool cannot be sealed".to_string(),
+        ))
+    }
 }

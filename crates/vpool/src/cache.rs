@@ -277,6 +277,11 @@ impl Drop for Refresher {
 }
 
 impl CacheControl for S3Cache {
+    fn seal_at_close(&self) -> vpool_service::Result<()> {
+        self.store.seal_at_close();
+        Ok(())
+    }
+
     fn stats(&self) -> CacheInfo {
         CacheInfo {
             pins: lock(&self.pins).len() as u64,

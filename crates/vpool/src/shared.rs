@@ -87,10 +87,37 @@ impl BucketShared {
             })
     }
 
-    /// The bucket at volume `vol`'s family.
-    fn family_remote(&self, vol: &str) -> vpool_service::Result<Remote> {
-        let rec = self.record_of(vol)?;
-        Ok(self.remote.child(&shared::family_prefix(&rec.id)))
+    /// Claims `vol` (a clone of `base` if given) and makes its family in
+    /// the bucket, with its cache in `dir`.
+    fn claim_and_make(
+        &self,
+        vol: &str,
+        dir: &Path,
+        durability: Option<&str>,
+        base: Option<shared::BaseRef>,
+    ) -> vpool_service::Result<()> {
+        let parsed = durability
+            .map(str::parse::<vpool_s3::Durability>)
+            .transpose()
+            .map_err(vpool_service::Error::invalid)?;
+        let claimed = shared::claim_name(&self.remote, vol, parsed, base).map_err(bucket_error)?;
+        let Some(id) = claimed else {
+            return Err(vpool_service::Error::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "shared pool {} has a volume {vol} already (`vpool vol status {}/{vol}` says who owns it)",
+                    self.name, self.name
+                ),
+            ));
+        };
+        let settings = self.family_settings(&id, dir, durability);
+        crate::s3pool::create(Some(&self.family_name(vol)), &settings, false)
+            .map(|_| ())
+            .map_err(|e| {
+                failed(e.context(format!(
+                    "the name {vol} is claimed (family {id}) but its family could not be made"
+                )))
+            })
     }
 
     fn family_name(&self, vol: &str) -> String {
@@ -129,32 +156,22 @@ impl SharedStore for BucketShared {
             segments: o.segments,
             peer: o.peer,
             volume_durability: rec.durability,
+            base: rec.base.map(|b| b.volume),
+            sealed: o.sealed,
         })
     }
 
     fn create(&self, vol: &str, dir: &Path, durability: Option<&str>) -> vpool_service::Result<()> {
-        let parsed = durability
-            .map(str::parse::<vpool_s3::Durability>)
-            .transpose()
-            .map_err(vpool_service::Error::invalid)?;
-        let claimed = shared::claim_name(&self.remote, vol, parsed).map_err(bucket_error)?;
-        let Some(id) = claimed else {
-            return Err(vpool_service::Error::new(
-                ErrorKind::AlreadyExists,
-                format!(
-                    "shared pool {} has a volume {vol} already (`vpool vol status {}/{vol}` says who owns it)",
-                    self.name, self.name
-                ),
-            ));
+        self.claim_and_make(vol, dir, durability, None)
+    }
+
+    fn create_clone(&self, vol: &str, dir: &Path, base: &str) -> vpool_service::Result<()> {
+        let rec = self.record_of(base)?;
+        let base = shared::BaseRef {
+            volume: base.to_string(),
+            id: rec.id,
         };
-        let settings = self.family_settings(&id, dir, durability);
-        crate::s3pool::create(Some(&self.family_name(vol)), &settings, false)
-            .map(|_| ())
-            .map_err(|e| {
-                failed(e.context(format!(
-                    "the name {vol} is claimed (family {id}) but its family could not be made"
-                )))
-            })
+        self.claim_and_make(vol, dir, None, Some(base))
     }
 
     fn attach(&self, vol: &str, dir: &Path) -> vpool_service::Result<()> {
@@ -187,11 +204,7 @@ impl SharedStore for BucketShared {
     }
 
     fn sealed(&self, vol: &str) -> vpool_service::Result<bool> {
-        shared::is_sealed(&self.family_remote(vol)?).map_err(bucket_error)
-    }
-
-    fn mark_sealed(&self, vol: &str) -> vpool_service::Result<()> {
-        shared::mark_sealed(&self.family_remote(vol)?).map_err(bucket_error)
+        Ok(self.owner(vol)?.sealed)
     }
 
     fn forget(&self, dir: &Path) {

@@ -240,11 +240,12 @@ fn a_shared_pool_s_volumes_move_between_hosts() {
     std::fs::write(&img, &want).unwrap();
     assert!(qemu_img_compare(&b.nbd_uri("shared/db1"), &img));
 
-    // Snapshots live in the volume's family; clones are not built yet.
+    // Snapshots live in the volume's family; a shared pool clones sealed
+    // templates only.
     run_ok(&home_b, &["snap", "create", "shared/db1@s1"]);
     assert!(qemu_img_compare(&b.nbd_uri("shared/db1@s1"), &img));
     let e = run_err(&home_b, &["vol", "clone", "shared/db1@s1", "c1"]);
-    assert!(e.contains("not built yet"), "{e}");
+    assert!(e.contains("sealed templates only"), "{e}");
 
     // Deleting a volume deletes its name, its family and its cache.
     run_ok(&home_b, &["vol", "delete", "shared/web"]);
@@ -268,7 +269,8 @@ fn a_shared_pool_s_volumes_move_between_hosts() {
 /// and marks its family sealed; each host reads it through a read-only
 /// view of its own (its cache is the host's copy of the template's
 /// blocks); writes are refused, nobody takes it over, and a restarted
-/// host reads it again.
+/// host reads it again. A clone of it is a volume of its own that reads
+/// the template where it wrote nothing, and moves between hosts.
 #[test]
 fn a_sealed_template_is_read_by_every_host() {
     let Some(rgw) = rgw() else { return };
@@ -306,11 +308,50 @@ fn a_sealed_template_is_read_by_every_host() {
     assert!(e.contains("sealed template"), "{e}");
     let e = run_err(&home_b, &["vol", "takeover", "shared/golden", "--force"]);
     assert!(e.contains("sealed template"), "{e}");
-    // Its API routes have no owner to answer them; clones are not built.
+    // Its API routes have no owner to answer them.
     let e = run_err(&home_a, &["vol", "info", "shared/golden"]);
     assert!(e.contains("sealed template"), "{e}");
-    let e = run_err(&home_b, &["vol", "clone", "shared/golden", "shared/web1"]);
-    assert!(e.contains("sealed template"), "{e}");
+
+    // A clone made on B: a volume of its own, owned by B, that reads the
+    // template's blocks where it wrote none.
+    run_ok(&home_b, &["vol", "clone", "shared/golden", "shared/web1"]);
+    let st = status(&home_b, "shared/web1");
+    assert!(st["here"] == true && st["base"] == "golden", "{st}");
+    assert!(qemu_img_compare(&b.nbd_uri("shared/web1"), &img));
+    // Part of a block (copied up from the template first), whole blocks.
+    let sock = b.nbd_socket();
+    assert_eq!(
+        nbd_write_and_flush(&sock, "shared/web1", 512, 1024, 0xcc),
+        (0, 0)
+    );
+    let at = 8 * MIB;
+    assert_eq!(
+        nbd_write_and_flush(&sock, "shared/web1", at as u64, 65536, 0xdd),
+        (0, 0)
+    );
+    let mut want = pattern(16 * MIB, 23);
+    want[512..1536].fill(0xcc);
+    want[at..at + 65536].fill(0xdd);
+    let clone_img = t.path().join("clone");
+    std::fs::write(&clone_img, &want).unwrap();
+    assert!(qemu_img_compare(&b.nbd_uri("shared/web1"), &clone_img));
+    assert!(
+        qemu_img_compare(&a.nbd_uri("shared/golden"), &img),
+        "the template changed"
+    );
+    let e = run_err(&home_b, &["vol", "template", "shared/web1"]);
+    assert!(e.contains("clone"), "{e}");
+    // The API's data routes would see only the clone's own blocks.
+    let out = t.path().join("export.raw");
+    let out = out.to_str().unwrap();
+    let e = run_err(&home_b, &["vol", "export", "shared/web1", out]);
+    assert!(e.contains("clone of a template"), "{e}");
+    let e = run_err(&home_b, &["vol", "clone", "shared/web1", "shared/web2"]);
+    assert!(e.contains("not a sealed template"), "{e}");
+    // It moves like any volume; A reads it through its own view.
+    run_ok(&home_b, &["vol", "release", "shared/web1"]);
+    run_ok(&home_a, &["vol", "takeover", "shared/web1"]);
+    assert!(qemu_img_compare(&a.nbd_uri("shared/web1"), &clone_img));
 
     // A restarted host opens its view again; the template is unchanged.
     assert!(b.terminate().success());
@@ -318,4 +359,5 @@ fn a_sealed_template_is_read_by_every_host() {
     assert!(qemu_img_compare(&b.nbd_uri("shared/golden"), &img));
     assert!(qemu_img_compare(&a.nbd_uri("shared/golden"), &img));
     assert!(status(&home_b, "shared/golden")["holder"].is_null());
+    assert!(qemu_img_compare(&a.nbd_uri("shared/web1"), &clone_img));
 }

@@ -262,6 +262,15 @@ pub(super) fn state_from(
         st.log.next_seq = c.next_seq;
         st.table.next_volume_id = c.next_volume_id;
         st.log.next_segment_id = c.next_segment_id;
+        if !listed.iter().any(|s| s.0 == c.position.seg) {
+            // A checkpoint at the start of a segment that never reached
+            // the store (`fits_log`): the next segment is that one, so
+            // the position names where the log goes on. (Skipping it
+            // would leave a gap that makes this checkpoint unusable, and
+            // a recovery from the older one would take the segments after
+            // the gap for a torn tail.)
+            st.log.next_segment_id = c.position.seg.0;
+        }
         for v in c.volumes {
             let (id, vol) = vol_from(v);
             st.table.names.insert(vol.name.clone(), id);

@@ -18,8 +18,11 @@
 //! host: closing families that have no client is not built).
 //!
 //! Bound: the host's cache for the pool is at most
-//! `max(total_bytes, members × min_share_bytes)`, members being at most
-//! the owned-volume limit of the service.
+//! `max(total_bytes, members × min_share_bytes)`; the members are the
+//! volumes the host owns and the read-only views of sealed templates it
+//! opened, each at most the service's `MAX_OWNED` (64). A store whose
+//! pool failed to open after it joined is dropped without leaving: the
+//! others' shares grow back at the next join or leave.
 
 use std::sync::{Arc, Mutex, Weak};
 

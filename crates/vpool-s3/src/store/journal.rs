@@ -73,6 +73,7 @@ impl S3Store {
     /// acknowledged; fails with `Fenced` if a taker's tombstone took this
     /// epoch's next key.
     pub(super) fn journal_flush(&self) -> Result<()> {
+        self.refuse_if_read_only("journal write")?;
         let inner = &self.inner;
         let mut js = inner.journal.lock();
         // Where each segment ends now: what the flush covers. Appends made

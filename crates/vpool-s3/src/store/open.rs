@@ -194,6 +194,11 @@ impl S3Store {
             return Err(held(&url, h, why.to_string()));
         }
         clear_cache(&local)?;
+        // Nothing it does is a flush the bucket must keep.
+        let opts = S3PoolOptions {
+            durability: crate::Durability::Host,
+            ..opts
+        };
         let holder = Holder {
             id: random_id(),
             host: hostname(),
@@ -530,6 +535,7 @@ impl S3Store {
     fn release(&self, mut m: Manifest) {
         m.generation += 1;
         m.holder = None;
+        m.sealed = self.inner.seal_at_close.load(Ordering::SeqCst);
         match self.inner.remote.put_create(
             &manifest_key(m.generation),
             Bytes::from(m.encode()),
@@ -623,6 +629,10 @@ fn existing_pool(
             dir: dir.to_string(),
             other: s.pool_id.clone(),
         });
+    }
+    if m.sealed {
+        // Forced too: a sealed template's readers rely on nobody writing.
+        return Err(OpenError::Sealed { url });
     }
     let Some(h) = m.holder.clone().filter(|h| h.id != holder_id) else {
         return Ok((m, None));

@@ -179,8 +179,11 @@ impl SegmentStore for S3Store {
     }
 
     fn admit_flush(&self) -> Result<()> {
-        // A read-only view's flush is the engine's own (its new open
-        // segment), to its cache: nothing for the bucket.
+        if self.read_only() {
+            // The engine's own flush (its new open segment), to the
+            // cache: nothing for the bucket, no journal.
+            return self.check_fenced();
+        }
         self.check_lease()?;
         if self.inner.opts.durability == Durability::Remote {
             self.check_fenced()?;

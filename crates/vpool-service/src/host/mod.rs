@@ -565,22 +565,6 @@ impl Host {
         })
     }
 
-    /// Refuses `what` (clones, templates) on a shared pool's volumes:
-    /// a clone would be a second volume in its parent's family, invisible
-    /// to the other hosts (clones across families are not built yet).
-    pub fn refuse_if_shared(&self, pool: Option<&str>, what: &str) -> Result<()> {
-        match self.shared(pool) {
-            Some(sh) => Err(Error::new(
-                ErrorKind::NotSupported,
-                format!(
-                    "{what} of a shared pool's volumes are not built yet (pool {})",
-                    sh.name
-                ),
-            )),
-            None => Ok(()),
-        }
-    }
-
     /// Creates volume `volume` in shared pool `pool`; this host owns it.
     /// Blocking.
     pub fn create_shared_volume(
@@ -605,6 +589,37 @@ impl Host {
     pub fn release_volume(&self, pool: Option<&str>, volume: &str, force: bool) -> Result<()> {
         let sh = self.need_shared(pool)?;
         sh.release(&*self.opener, volume, force)
+    }
+
+    /// A clone `new` of `volume@snapshot` (or of template `volume`'s
+    /// image) in the same pool. In a shared pool, only of a sealed
+    /// template, as a volume of its own (see [`SharedCtx::clone_volume`]).
+    /// Blocking.
+    pub fn clone_volume(
+        &self,
+        pool: Option<&str>,
+        volume: &str,
+        snapshot: Option<&str>,
+        new: &str,
+    ) -> Result<crate::pool::VolumeView> {
+        let Some(sh) = self.shared(pool) else {
+            return self
+                .volume_pool(pool, volume)?
+                .service
+                .clone_volume(volume, snapshot, new);
+        };
+        if let Some(s) = snapshot.filter(|s| *s != crate::catalog::TEMPLATE_SNAPSHOT) {
+            return Err(Error::invalid(format!(
+                "a shared pool clones sealed templates only, not snapshots ({volume}@{s}): seal a volume with `vpool vol template` and clone it"
+            )));
+        }
+        sh.clone_volume(&*self.opener, volume, new)
+    }
+
+    /// Whether `volume` of `pool` is a clone of a shared pool's template
+    /// that this host opened.
+    pub fn is_shared_clone(&self, pool: Option<&str>, volume: &str) -> bool {
+        self.shared(pool).is_some_and(|sh| sh.is_clone(volume))
     }
 
     /// Seals `volume` as a template: in a shared pool, for every host (see

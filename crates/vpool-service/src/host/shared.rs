@@ -27,6 +27,7 @@ use vpool_peer::Secret;
 use super::forward::{Forward, Owner};
 use super::{Opened, Opener, PoolCtx};
 use crate::error::{Error, ErrorKind, Result};
+use crate::layered::LayeredDevice;
 
 /// Most volumes one host owns in one shared pool (each is an open pool:
 /// threads, descriptors, a cache).
@@ -61,6 +62,13 @@ pub struct FamilyOwner {
     /// host owns it; `None`: the owner's setting for the pool.
     #[serde(default)]
     pub volume_durability: Option<String>,
+    /// A clone: the sealed template it reads where it wrote nothing.
+    #[serde(default)]
+    pub base: Option<String>,
+    /// A sealed template: every host serves it read-only, none owns it
+    /// (the release that sealed it says so).
+    #[serde(default)]
+    pub sealed: bool,
 }
 
 /// A volume of a shared pool, as `vol list` and `vol status` show it.
@@ -87,9 +95,6 @@ pub struct SharedVolumeStatus {
     /// when owned here; elsewhere the volume's own setting, if it has one.
     #[serde(default)]
     pub durability: Option<String>,
-    /// A sealed template: every host serves it read-only, none owns it.
-    #[serde(default)]
-    pub sealed: bool,
     /// When another host owns it: this host's NBD clients of the volume,
     /// whose I/O it forwards to the owner (the owner counts them among its
     /// `nbd_connections`, one per session).
@@ -126,11 +131,13 @@ pub trait SharedStore: Send + Sync {
     fn sealed(&self, _name: &str) -> Result<bool> {
         Ok(false)
     }
-    /// Marks volume `name` sealed (its owner sealed and released it).
-    fn mark_sealed(&self, name: &str) -> Result<()> {
+    /// Claims `name` for a clone of sealed template `base` and makes its
+    /// family, with its cache in `dir` (as [`SharedStore::create`]); the
+    /// template's family records the clone first.
+    fn create_clone(&self, name: &str, _dir: &Path, base: &str) -> Result<()> {
         Err(Error::new(
             ErrorKind::NotSupported,
-            format!("this pool cannot seal {name}"),
+            format!("this pool cannot make {name} a clone of {base}"),
         ))
     }
 }
@@ -161,6 +168,10 @@ pub struct SharedCtx {
     /// view per host however many clients read it (its cache is the
     /// host's copy of the template's blocks).
     sealed: Mutex<BTreeMap<String, Arc<PoolCtx>>>,
+    /// The clones this host opened, by volume name: their template's name
+    /// and its read-only view here, which their devices read through
+    /// (`crate::layered`).
+    bases: Mutex<BTreeMap<String, (String, Arc<PoolCtx>)>>,
 }
 
 impl SharedCtx {
@@ -184,6 +195,7 @@ impl SharedCtx {
             secret: OnceLock::new(),
             forwards: Mutex::new(BTreeMap::new()),
             sealed: Mutex::new(BTreeMap::new()),
+            bases: Mutex::new(BTreeMap::new()),
         };
         for vol in ctx.cached_families() {
             match ctx.open_family(opener, &vol, false) {
@@ -340,17 +352,58 @@ impl SharedCtx {
     /// Opens family `vol` from its cache (made by `create` or `attach`).
     fn open_family(&self, opener: &dyn Opener, vol: &str, force: bool) -> Result<Arc<PoolCtx>> {
         let dir = self.family_dir(vol);
-        match opener.open(&dir, force)? {
-            Opened::Pool(p) => Ok(Arc::new(PoolCtx::new(
-                &format!("{}/{vol}", self.name),
-                &dir,
-                p,
-            ))),
-            Opened::Shared(_) => Err(Error::internal(format!(
-                "{} holds a shared pool, not a volume's family",
-                dir.display()
-            ))),
+        let f = match opener.open(&dir, force)? {
+            Opened::Pool(p) => Arc::new(PoolCtx::new(&format!("{}/{vol}", self.name), &dir, p)),
+            Opened::Shared(_) => {
+                return Err(Error::internal(format!(
+                    "{} holds a shared pool, not a volume's family",
+                    dir.display()
+                )));
+            }
+        };
+        if let Err(e) = self.resolve_base(opener, vol) {
+            let _ = f.close();
+            return Err(e);
         }
+        Ok(f)
+    }
+
+    /// If `vol` is a clone, opens its template's view here (its device
+    /// reads through it) and remembers it.
+    fn resolve_base(&self, opener: &dyn Opener, vol: &str) -> Result<()> {
+        let Some(template) = self.store.owner(vol)?.base else {
+            return Ok(());
+        };
+        let view = self.sealed_family(opener, &template)?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "volume {}/{vol} is a clone of {template}, which is not a sealed template (any more)",
+                    self.name
+                ),
+            )
+        })?;
+        self.bases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(vol.to_string(), (template, view));
+        Ok(())
+    }
+
+    /// The template of clone `vol` and its view here, if `vol` is a clone
+    /// this host opened.
+    fn base_of(&self, vol: &str) -> Option<(String, Arc<PoolCtx>)> {
+        self.bases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(vol)
+            .cloned()
+    }
+
+    /// Whether `vol` is a clone of a template (its data is the template's
+    /// where it wrote none), as far as this host knows.
+    pub fn is_clone(&self, vol: &str) -> bool {
+        self.base_of(vol).is_some()
     }
 
     /// Whether this host may own one more volume of the pool now (a
@@ -392,6 +445,21 @@ impl SharedCtx {
                 "durability is host or remote, not {d:?}"
             )));
         }
+        self.make_owned(opener, vol, size_bytes, |dir| {
+            self.store.create(vol, dir, durability)
+        })
+    }
+
+    /// Makes volume `vol` of `size_bytes` in a family that `make` creates
+    /// in the bucket with its cache in the directory given, opens it and
+    /// owns it. Under `vol`'s admin lock, with room reserved.
+    fn make_owned(
+        &self,
+        opener: &dyn Opener,
+        vol: &str,
+        size_bytes: u64,
+        make: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<crate::pool::VolumeView> {
         let _admin = self.lock_volume(vol);
         let _room = self.check_room()?;
         let dir = self.family_dir(vol);
@@ -404,7 +472,7 @@ impl SharedCtx {
                 ),
             ));
         }
-        self.store.create(vol, &dir, durability)?;
+        make(&dir)?;
         let family = self.open_family(opener, vol, false)?;
         let view = family.service.create_volume(vol, size_bytes, false);
         self.write_owned().insert(vol.to_string(), family);
@@ -518,26 +586,73 @@ impl SharedCtx {
         )
     }
 
+    /// Creates volume `new`, a clone of sealed template `template`: a
+    /// family of its own, owned here, with an empty volume of the
+    /// template's size whose device reads the template's blocks where it
+    /// wrote none (`crate::layered`). The template records the clone
+    /// first (`refs/`). Blocking.
+    pub fn clone_volume(
+        &self,
+        opener: &dyn Opener,
+        template: &str,
+        new: &str,
+    ) -> Result<crate::pool::VolumeView> {
+        crate::names::check_volume_name(new)?;
+        let view = self.sealed_family(opener, template)?.ok_or_else(|| {
+            Error::invalid(format!(
+                "volume {}/{template} is not a sealed template: seal it first (`vpool vol template {}/{template}` on its owner)",
+                self.name, self.name
+            ))
+        })?;
+        let size_bytes = view.service.volume(template)?.info.size_bytes;
+        let out = self.make_owned(opener, new, size_bytes, |dir| {
+            self.store.create_clone(new, dir, template)
+        })?;
+        tracing::info!(pool = %self.name, volume = new, template, "clone created");
+        Ok(out)
+    }
+
     /// Seals volume `vol`, which this host owns, as a template, for every
     /// host: seals it here (the template snapshot and the record of its
-    /// digest, in the family), releases it (everything in the bucket, no
-    /// holder) and marks its family sealed. From then on every host
-    /// serves it read-only from the bucket and none takes it over. Each
-    /// step may be run again: a crash between them leaves a volume that
-    /// `vol template` seals again. Refused while NBD clients have it open.
-    /// Blocking (hashes the image).
+    /// digest, in the family), then releases it with a manifest that says
+    /// it is sealed (everything in the bucket, no holder; one commit). From
+    /// then on every host serves it read-only from the bucket and no host
+    /// opens it for writing. A crash before that commit leaves a volume
+    /// sealed in its own records but not released: `vol takeover` (once its
+    /// lease lapsed) then `vol template` finish. Refused while NBD clients
+    /// have it open. Blocking (hashes the image).
     pub fn seal(&self, opener: &dyn Opener, vol: &str) -> Result<crate::pool::VolumeView> {
         let _admin = self.lock_volume(vol);
         let family = self.family(vol)?;
+        if self.is_clone(vol) {
+            return Err(Error::invalid(format!(
+                "volume {}/{vol} is a clone: its blocks are partly its template's, so it cannot be sealed (flattening a clone is not built)",
+                self.name
+            )));
+        }
         let sealed_here = family.service.volume(vol)?.template.is_some();
         let view = if sealed_here {
             family.service.volume(vol)?
         } else {
             family.service.make_template(vol)?
         };
+        // The release that follows is the seal: one commit in the bucket.
+        family
+            .cache
+            .as_ref()
+            .ok_or_else(|| Error::internal(format!("volume {vol}'s family has no S3 cache")))?
+            .seal_at_close()?;
         drop(family);
         self.release_locked(opener, vol, false)?;
-        self.store.mark_sealed(vol)?;
+        if !self.store.sealed(vol)? {
+            return Err(Error::new(
+                ErrorKind::Failed,
+                format!(
+                    "volume {}/{vol} was released but its release did not seal it; `vpool vol takeover` then `vpool vol template` again",
+                    self.name
+                ),
+            ));
+        }
         tracing::info!(pool = %self.name, volume = vol, "volume sealed: every host serves it read-only");
         Ok(view)
     }
@@ -545,12 +660,25 @@ impl SharedCtx {
     /// The read-only view of sealed template `vol` on this host, opened
     /// at its first use (`None`: `vol` is not sealed). Blocking.
     pub fn sealed_family(&self, opener: &dyn Opener, vol: &str) -> Result<Option<Arc<PoolCtx>>> {
-        let mut views = self.sealed.lock().unwrap_or_else(|e| e.into_inner());
+        let lock = || self.sealed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = lock().get(vol) {
+            return Ok(Some(Arc::clone(f)));
+        }
+        // Asked without the lock: a lookup of another volume does not
+        // wait for the bucket. (The open below holds it, so that one
+        // view per template opens; a template's first open is rare.)
+        if !self.store.sealed(vol)? {
+            return Ok(None);
+        }
+        let mut views = lock();
         if let Some(f) = views.get(vol) {
             return Ok(Some(Arc::clone(f)));
         }
-        if views.len() >= MAX_OWNED || !self.store.sealed(vol)? {
-            return Ok(None);
+        if views.len() >= MAX_OWNED {
+            return Err(Error::invalid(format!(
+                "this host has {MAX_OWNED} templates of pool {} open already (the most it opens)",
+                self.name
+            )));
         }
         let dir = self.dir.join("templates").join(vol);
         // Its cache is emptied at every open anyway; a pool.json from an
@@ -648,6 +776,9 @@ impl SharedCtx {
         match self.sealed_family(opener.as_ref(), vol) {
             Ok(Some(f)) => return f.exports.open(image),
             Ok(None) => {}
+            Err(e) if e.kind == ErrorKind::NotFound => {
+                return Err(DeviceError::not_found(e.message));
+            }
             Err(e) => return Err(DeviceError::io(e.message)),
         }
         if self.my_peer.is_none() {
@@ -683,7 +814,16 @@ impl SharedCtx {
         vol: &str,
         image: &str,
     ) -> Option<std::result::Result<Arc<dyn BlockDevice>, DeviceError>> {
-        let dev = f.exports.open(image);
+        let dev = f
+            .exports
+            .open(image)
+            .and_then(|top| match self.base_of(vol) {
+                Some((template, view)) => {
+                    let base = view.exports.open(&template)?;
+                    Ok(Arc::new(LayeredDevice::new(top, base)) as Arc<dyn BlockDevice>)
+                }
+                None => Ok(top),
+            });
         self.still_owned(vol, f).then_some(dev)
     }
 
@@ -779,7 +919,6 @@ impl SharedCtx {
             unuploaded_bytes: None,
             cache_size_bytes: None,
             durability: None,
-            sealed: self.store.sealed(vol)?,
             forwarded_clients: None,
         };
         if let Some(f) = self.owned_family(vol) {

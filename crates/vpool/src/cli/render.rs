@@ -463,7 +463,12 @@ pub fn render_shared_status(s: &vpool_api::SharedVolumeStatus) -> String {
     if let Some(b) = s.unuploaded_bytes {
         out.push_str(&format!("not in bucket:  {}\n", format_size(b)));
     }
-    if s.sealed {
+    if let Some(t) = &s.owner.base {
+        out.push_str(&format!(
+            "clone of:       {t} (its blocks where this volume wrote none)\n"
+        ));
+    }
+    if s.owner.sealed {
         out.push_str("sealed:         yes: a template, served read-only by every host\n");
     }
     if let Some(b) = s.cache_size_bytes {
