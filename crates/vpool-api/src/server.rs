@@ -986,9 +986,14 @@ async fn volume_info(
 }
 
 async fn resize_volume(
-    At { ctx, name, .. }: At,
+    at: At,
     ApiJson(req): ApiJson<ResizeVolumeRequest>,
 ) -> Result<Json<VolumeInfo>, ApiError> {
+    if req.allow_shrink {
+        // Shrunk, then grown, it would show its template past the cut.
+        at.refuse_layered("shrinking")?;
+    }
+    let At { ctx, name, .. } = at;
     let info = service(move || {
         ctx.service
             .resize_volume(&name, req.size_bytes, req.allow_shrink, req.force)

@@ -17,14 +17,16 @@
 //! the whole block), since the engine would merge it with zeros.
 //!
 //! **Concurrency.** A copy-up must not overwrite a write that lands on the
-//! same block between its read of the base and its own write. Every write
-//! takes the locks of the blocks it touches (striped, in order: no
+//! same block between its read of the base and its own write, from this
+//! connection or any other (NBD multi-conn, the forwarding sessions). Every
+//! write takes the locks of the blocks it touches (striped, in order: no
 //! deadlock) shared, and a copy-up takes its block's exclusively, then
-//! looks at the top again. Reads take no lock: a read concurrent with a
-//! write of the same bytes may return either content, as on any disk.
+//! looks at the top again. The locks are the volume's ([`CopyUpLocks`]),
+//! shared by every device of it. Reads take no lock: a read concurrent
+//! with a write of the same bytes may return either content, as on any
+//! disk.
 //!
-//! Not built on it yet: the clone commands of shared pools. The device is
-//! tested against a model (`tests` below) on a real engine volume.
+//! Tested against a model (`tests` below) on a real engine volume.
 
 use std::sync::{Arc, RwLock};
 use vpool_engine::BLOCK_SIZE;
@@ -39,20 +41,38 @@ const STATE_HOLE: u32 = 1;
 /// `base:allocation` flag of a range that reads as zeros.
 const STATE_ZERO: u32 = 2;
 
+/// Most extents one BLOCK_STATUS answer carries (as the engine's).
+const MAX_EXTENTS: usize = 1024;
+
+/// The copy-up locks of one clone: every device of it shares them.
+pub struct CopyUpLocks {
+    stripes: Vec<RwLock<()>>,
+}
+
+impl CopyUpLocks {
+    pub fn new() -> Arc<CopyUpLocks> {
+        Arc::new(CopyUpLocks {
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+        })
+    }
+}
+
 /// A clone over a read-only base; see the module doc.
 pub struct LayeredDevice {
     top: Arc<dyn BlockDevice>,
     base: Arc<dyn BlockDevice>,
-    stripes: Vec<RwLock<()>>,
+    locks: Arc<CopyUpLocks>,
 }
 
 impl LayeredDevice {
-    pub fn new(top: Arc<dyn BlockDevice>, base: Arc<dyn BlockDevice>) -> LayeredDevice {
-        LayeredDevice {
-            top,
-            base,
-            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
-        }
+    /// A device of a clone: `top` its own image, `base` its template's,
+    /// `locks` the clone's (the same for every device of it).
+    pub fn new(
+        top: Arc<dyn BlockDevice>,
+        base: Arc<dyn BlockDevice>,
+        locks: Arc<CopyUpLocks>,
+    ) -> LayeredDevice {
+        LayeredDevice { top, base, locks }
     }
 
     /// The stripes of blocks `first..=last`, sorted and deduplicated.
@@ -92,7 +112,7 @@ impl LayeredDevice {
     /// exclusively.
     fn write_partial(&self, block: u64, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
         let stripe = self.stripes_of(block, block)[0];
-        let _g = self.stripes[stripe]
+        let _g = self.locks.stripes[stripe]
             .write()
             .unwrap_or_else(|e| e.into_inner());
         if !self.unmapped(block)? {
@@ -120,7 +140,11 @@ impl LayeredDevice {
         let stripes = self.stripes_of(first, end - 1);
         let _guards: Vec<_> = stripes
             .iter()
-            .map(|&s| self.stripes[s].read().unwrap_or_else(|e| e.into_inner()))
+            .map(|&s| {
+                self.locks.stripes[s]
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+            })
             .collect();
         op()
     }
@@ -230,15 +254,18 @@ impl BlockDevice for LayeredDevice {
         let top = self.top.block_status(offset, len)?;
         let mut out: Vec<(u64, u32)> = Vec::with_capacity(top.len());
         let mut at = offset;
-        for (n, flags) in top {
+        'top: for (n, flags) in top {
             let pieces = if flags & STATE_HOLE == 0 {
                 vec![(n, flags)]
             } else {
                 self.base_status(at, n)?
             };
             for (m, f) in pieces {
+                let full = out.len() == MAX_EXTENTS;
                 match out.last_mut() {
                     Some(last) if last.1 == f => last.0 += m,
+                    // A prefix is a whole answer; the client asks again.
+                    _ if full => break 'top,
                     _ => out.push((m, f)),
                 }
             }
@@ -264,13 +291,16 @@ impl LayeredDevice {
         let mut out = Vec::new();
         let mut at = offset;
         let end = offset + len;
-        while at < end.min(size) {
+        while at < end.min(size) && out.len() < MAX_EXTENTS {
             let got = self.base.block_status(at, end.min(size) - at)?;
             assert!(!got.is_empty(), "block status covers a prefix");
             for (n, f) in got {
                 out.push((n, f));
                 at += n;
             }
+        }
+        if out.len() >= MAX_EXTENTS {
+            return Ok(out);
         }
         if at < end {
             out.push((end - at, STATE_HOLE | STATE_ZERO));

@@ -490,3 +490,54 @@ fn an_idle_client_of_the_new_owner_keeps_the_volume_there() {
     assert!(a.terminate().success());
     assert!(b.terminate().success());
 }
+
+/// A clone of a sealed template reads its template's blocks on every path:
+/// through the host that forwards to its owner, and through that same
+/// client's device once the volume moved to the client's host (the
+/// forwarding device turned local).
+#[test]
+fn a_clone_reads_its_template_on_every_path() {
+    let Some(rgw) = rgw() else { return };
+    let (t, a, b) = two_hosts(&rgw, "clone", "0.5");
+    let (home_a, home_b) = (t.path().join("a"), t.path().join("b"));
+    run_ok(
+        &home_a,
+        &["vol", "create", "shared/golden", "--size", "16M"],
+    );
+    qemu_io(
+        &a.nbd_uri("shared/golden"),
+        &["write -P 0x33 0 16M", "flush"],
+    );
+    run_ok(&home_a, &["vol", "template", "shared/golden"]);
+    run_ok(&home_b, &["vol", "clone", "shared/golden", "shared/web1"]);
+    assert_eq!(status(&home_b, "shared/web1")["here"], true);
+
+    // A forwards to B, the owner, which layers the clone.
+    qemu_io(
+        &a.nbd_uri("shared/web1"),
+        &["read -P 0x33 0 16M", "write -P 0x44 1M 512", "flush"],
+    );
+    // A client stays on A; B has none: the clone moves to A while the
+    // client's device goes on, now local, and still layered.
+    let client = qemu_io_in_background(
+        a.nbd_uri("shared/web1"),
+        &[
+            "read -P 0x33 2M 4k",
+            "sleep 6000",
+            "read -P 0x33 8M 1M",
+            "read -P 0x44 1M 512",
+            "read -P 0x33 1049088 3584",
+            "write -P 0x55 10M 512",
+            "read -P 0x33 10486272 3584",
+            "flush",
+        ],
+    );
+    wait_owned(&home_a, "shared/web1");
+    client.join().unwrap();
+    qemu_io(
+        &b.nbd_uri("shared/web1"),
+        &["read -P 0x55 10M 512", "read -P 0x33 12M 4M"],
+    );
+    assert!(a.terminate().success());
+    assert!(b.terminate().success());
+}

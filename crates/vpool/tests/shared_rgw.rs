@@ -346,6 +346,18 @@ fn a_sealed_template_is_read_by_every_host() {
     let out = out.to_str().unwrap();
     let e = run_err(&home_b, &["vol", "export", "shared/web1", out]);
     assert!(e.contains("clone of a template"), "{e}");
+    let e = run_err(
+        &home_b,
+        &[
+            "vol",
+            "resize",
+            "shared/web1",
+            "--size",
+            "8M",
+            "--allow-shrink",
+        ],
+    );
+    assert!(e.contains("shrinking"), "{e}");
     let e = run_err(&home_b, &["vol", "clone", "shared/web1", "shared/web2"]);
     assert!(e.contains("not a sealed template"), "{e}");
     // It moves like any volume; A reads it through its own view.

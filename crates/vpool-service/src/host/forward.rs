@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use vpool_nbd::{BlockDevice, DeviceError, ExportRegistry};
+use vpool_nbd::{BlockDevice, DeviceError};
 use vpool_peer::{PeerError, Session};
 
 use super::shared::SharedCtx;
@@ -747,7 +747,11 @@ impl ForwardDevice {
         {
             return Ok(Arc::clone(d));
         }
-        let d = fam.exports.open(&self.image)?;
+        // Layered if the volume is a clone, as every local device.
+        let d = self
+            .fwd
+            .shared
+            .device_of(fam, &self.fwd.volume, &self.image)?;
         *local = Some((Arc::clone(fam), Arc::clone(&d)));
         Ok(d)
     }

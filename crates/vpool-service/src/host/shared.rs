@@ -27,7 +27,7 @@ use vpool_peer::Secret;
 use super::forward::{Forward, Owner};
 use super::{Opened, Opener, PoolCtx};
 use crate::error::{Error, ErrorKind, Result};
-use crate::layered::LayeredDevice;
+use crate::layered::{CopyUpLocks, LayeredDevice};
 
 /// Most volumes one host owns in one shared pool (each is an open pool:
 /// threads, descriptors, a cache).
@@ -168,10 +168,12 @@ pub struct SharedCtx {
     /// view per host however many clients read it (its cache is the
     /// host's copy of the template's blocks).
     sealed: Mutex<BTreeMap<String, Arc<PoolCtx>>>,
-    /// The clones this host opened, by volume name: their template's name
-    /// and its read-only view here, which their devices read through
-    /// (`crate::layered`).
-    bases: Mutex<BTreeMap<String, (String, Arc<PoolCtx>)>>,
+    /// The clones this host owns, by volume name: their template's name,
+    /// its read-only view here, which their devices read through, and the
+    /// clone's copy-up locks, which all its devices share
+    /// (`crate::layered`). An entry goes with its family (release,
+    /// delete), so there are at most [`MAX_OWNED`].
+    bases: Mutex<BTreeMap<String, Base>>,
 }
 
 impl SharedCtx {
@@ -372,6 +374,9 @@ impl SharedCtx {
     /// reads through it) and remembers it.
     fn resolve_base(&self, opener: &dyn Opener, vol: &str) -> Result<()> {
         let Some(template) = self.store.owner(vol)?.base else {
+            // Not a clone (any more: a volume of that name was deleted and
+            // made again).
+            self.forget_base(vol);
             return Ok(());
         };
         let view = self.sealed_family(opener, &template)?.ok_or_else(|| {
@@ -383,21 +388,53 @@ impl SharedCtx {
                 ),
             )
         })?;
+        let base = Base {
+            template,
+            view,
+            locks: CopyUpLocks::new(),
+        };
         self.bases
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(vol.to_string(), (template, view));
+            .insert(vol.to_string(), base);
         Ok(())
     }
 
-    /// The template of clone `vol` and its view here, if `vol` is a clone
-    /// this host opened.
-    fn base_of(&self, vol: &str) -> Option<(String, Arc<PoolCtx>)> {
+    /// The template of clone `vol` as this host reads it, if `vol` is a
+    /// clone this host owns.
+    fn base_of(&self, vol: &str) -> Option<Base> {
         self.bases
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(vol)
             .cloned()
+    }
+
+    /// Forgets `vol`'s template (its family is gone from this host).
+    fn forget_base(&self, vol: &str) {
+        self.bases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(vol);
+    }
+
+    /// Device of export `image` of family `f` (volume `vol`): layered over
+    /// its template if `vol` is a clone. Every NBD path to a volume this
+    /// host owns comes here.
+    pub(super) fn device_of(
+        &self,
+        f: &PoolCtx,
+        vol: &str,
+        image: &str,
+    ) -> std::result::Result<Arc<dyn BlockDevice>, DeviceError> {
+        let top = f.exports.open(image)?;
+        match self.base_of(vol) {
+            Some(b) => {
+                let base = b.view.exports.open(&b.template)?;
+                Ok(Arc::new(LayeredDevice::new(top, base, b.locks)) as Arc<dyn BlockDevice>)
+            }
+            None => Ok(top),
+        }
     }
 
     /// Whether `vol` is a clone of a template (its data is the template's
@@ -524,12 +561,33 @@ impl SharedCtx {
     /// while NBD clients have it open, unless `force`. Blocking.
     pub fn release(&self, opener: &dyn Opener, vol: &str, force: bool) -> Result<()> {
         let _admin = self.lock_volume(vol);
-        self.release_locked(opener, vol, force)
+        self.release_locked(opener, vol, force, false)
     }
 
     /// [`SharedCtx::release`] under the volume's admin lock.
-    fn release_locked(&self, opener: &dyn Opener, vol: &str, force: bool) -> Result<()> {
+    /// `seal`: the release seals the volume (`SharedCtx::seal`), asked only
+    /// once no client is left (a refused release seals nothing later).
+    fn release_locked(
+        &self,
+        opener: &dyn Opener,
+        vol: &str,
+        force: bool,
+        seal: bool,
+    ) -> Result<()> {
         let family = self.take_idle(vol, "release", force)?;
+        if seal {
+            let asked = match family.cache.as_ref() {
+                Some(c) => c.seal_at_close(),
+                None => Err(Error::internal(format!(
+                    "volume {vol}'s family has no S3 cache"
+                ))),
+            };
+            if let Err(e) = asked {
+                self.write_owned()
+                    .insert(vol.to_string(), Arc::clone(&family));
+                return Err(e);
+            }
+        }
         let unuploaded_bytes = family.cache.as_ref().map_or(0, |c| c.stats().dirty_bytes);
         let started = std::time::Instant::now();
         let closed = family.close();
@@ -545,6 +603,7 @@ impl SharedCtx {
             ));
         }
         self.store.forget(&family.dir);
+        self.forget_base(vol);
         tracing::info!(pool = %self.name, volume = vol, unuploaded_bytes, close_ms = started.elapsed().as_millis() as u64, "volume released");
         Ok(())
     }
@@ -636,15 +695,21 @@ impl SharedCtx {
         } else {
             family.service.make_template(vol)?
         };
-        // The release that follows is the seal: one commit in the bucket.
-        family
-            .cache
-            .as_ref()
-            .ok_or_else(|| Error::internal(format!("volume {vol}'s family has no S3 cache")))?
-            .seal_at_close()?;
         drop(family);
-        self.release_locked(opener, vol, false)?;
-        if !self.store.sealed(vol)? {
+        // The release is the seal: one commit in the bucket.
+        let released = self.release_locked(opener, vol, false, true);
+        let owner = self.store.owner(vol)?;
+        if let Err(e) = released {
+            if !(owner.sealed && owner.holder.is_none()) {
+                return Err(e);
+            }
+            // Sealed all the same (the engine's close failed after the
+            // store's release committed): the cache is of no more use.
+            tracing::warn!(pool = %self.name, volume = vol, error = %e.message, "the release reported an error but sealed the volume");
+            self.write_owned().remove(vol);
+            self.store.forget(&self.family_dir(vol));
+        }
+        if !owner.sealed {
             return Err(Error::new(
                 ErrorKind::Failed,
                 format!(
@@ -724,6 +789,7 @@ impl SharedCtx {
         }
         self.store.delete_family(&id)?;
         self.store.forget(&family.dir);
+        self.forget_base(vol);
         tracing::info!(pool = %self.name, volume = vol, family = %id, "volume deleted");
         Ok(())
     }
@@ -814,16 +880,7 @@ impl SharedCtx {
         vol: &str,
         image: &str,
     ) -> Option<std::result::Result<Arc<dyn BlockDevice>, DeviceError>> {
-        let dev = f
-            .exports
-            .open(image)
-            .and_then(|top| match self.base_of(vol) {
-                Some((template, view)) => {
-                    let base = view.exports.open(&template)?;
-                    Ok(Arc::new(LayeredDevice::new(top, base)) as Arc<dyn BlockDevice>)
-                }
-                None => Ok(top),
-            });
+        let dev = self.device_of(f, vol, image);
         self.still_owned(vol, f).then_some(dev)
     }
 
@@ -953,6 +1010,14 @@ impl SharedCtx {
         }
         first.map_or(Ok(()), Err)
     }
+}
+
+/// A clone's template, as this host reads it (`SharedCtx::bases`).
+#[derive(Clone)]
+struct Base {
+    template: String,
+    view: Arc<PoolCtx>,
+    locks: Arc<CopyUpLocks>,
 }
 
 /// A create, takeover, release or delete running on one volume.

@@ -159,7 +159,7 @@ proptest! {
     fn the_clone_reads_as_its_base_with_its_own_writes_over_it(ops in proptest::collection::vec(op(), 1..24)) {
         let t = tempfile::tempdir().unwrap();
         let (top, base, _pool) = devices(t.path());
-        let dev = LayeredDevice::new(top, base);
+        let dev = LayeredDevice::new(top, base, CopyUpLocks::new());
         let mut model = initial_image();
         let mut got = vec![0u8; model.len()];
         dev.read(0, &mut got).unwrap();
@@ -178,18 +178,25 @@ proptest! {
     }
 }
 
-/// Two writers copy the same unmapped blocks up at once, each its own
-/// sectors: both land, and the rest of each block is the base's.
+/// Two writers, each on a device of its own (two NBD connections), copy
+/// the same unmapped blocks up at once, each its own sectors: both land,
+/// and the rest of each block is the base's.
 #[test]
 fn concurrent_copy_ups_of_one_block_keep_both_writes() {
     let t = tempfile::tempdir().unwrap();
     let (top, base, _pool) = devices(t.path());
-    let dev = Arc::new(LayeredDevice::new(top, base));
+    let locks = CopyUpLocks::new();
+    let dev = Arc::new(LayeredDevice::new(
+        Arc::clone(&top),
+        Arc::clone(&base),
+        Arc::clone(&locks),
+    ));
+    let other = Arc::new(LayeredDevice::new(top, base, locks));
     let blocks: Vec<u64> = (0..BASE_BLOCKS).step_by(2).collect();
-    let writers: Vec<_> = [(0u64, 0xa1u8), (3, 0xb2)]
+    let writers: Vec<_> = [(0u64, 0xa1u8, &dev), (3, 0xb2, &other)]
         .into_iter()
-        .map(|(sector, byte)| {
-            let dev = Arc::clone(&dev);
+        .map(|(sector, byte, dev)| {
+            let dev = Arc::clone(dev);
             let blocks = blocks.clone();
             std::thread::spawn(move || {
                 for b in blocks {
