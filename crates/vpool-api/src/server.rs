@@ -1004,15 +1004,18 @@ async fn resize_volume(
 
 async fn delete_volume(
     State(s): State<ApiState>,
-    At {
-        ctx, name, pool, ..
-    }: At,
+    Named { pool, name }: Named,
     ApiQuery(q): ApiQuery<ForceQuery>,
 ) -> Result<StatusCode, ApiError> {
     let host = Arc::clone(&s.host);
+    // A shared pool's volume may be deleted from a host that does not own
+    // it (a template, a name without a family): no family to resolve.
     service(move || match host.shared(pool.as_deref()) {
         Some(sh) => sh.delete(&name, q.force),
-        None => ctx.service.delete_volume(&name, q.force),
+        None => host
+            .volume_pool(pool.as_deref(), &name)?
+            .service
+            .delete_volume(&name, q.force),
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)

@@ -369,6 +369,31 @@ pub fn family_owner(family: &Remote) -> Result<FamilyOwner, OpenError> {
 pub const REFS_DIR: &str = "refs";
 
 #[cfg(feature = "remote")]
+/// The clone family ids that the template's family at `family` lists in
+/// its refs (at most [`MAX_VOLUMES`]).
+pub fn list_refs(family: &Remote) -> Result<Vec<String>, OpenError> {
+    let listed = family.list(REFS_DIR, deadline())?;
+    Ok(listed
+        .into_iter()
+        .filter_map(|(k, _)| k.rsplit('/').next().map(str::to_string))
+        .filter(|id| is_id(id))
+        .take(MAX_VOLUMES)
+        .collect())
+}
+
+#[cfg(feature = "remote")]
+/// Removes clone `clone_id`'s ref from the template's family at `family`.
+pub fn drop_ref(family: &Remote, clone_id: &str) -> Result<(), OpenError> {
+    if !is_id(clone_id) {
+        return Err(OpenError::Corrupt(format!(
+            "{clone_id:?} is not a family id"
+        )));
+    }
+    family.delete(&format!("{REFS_DIR}/{clone_id}"), deadline())?;
+    Ok(())
+}
+
+#[cfg(feature = "remote")]
 /// Records, in the template's family at `family`, that clone `clone_id`
 /// reads it (create-only; recording twice is not an error). Made before
 /// the clone's name, so a template with clones always lists them: its

@@ -207,6 +207,29 @@ impl SharedStore for BucketShared {
         Ok(self.owner(vol)?.sealed)
     }
 
+    fn drop_ref(&self, vol: &str, clone_id: &str) -> vpool_service::Result<()> {
+        let id = self.record_of(vol)?.id;
+        let family = self.remote.child(&shared::family_prefix(&id));
+        shared::drop_ref(&family, clone_id).map_err(bucket_error)
+    }
+
+    fn clones_of(&self, vol: &str) -> vpool_service::Result<(Vec<String>, usize)> {
+        let id = self.record_of(vol)?.id;
+        let family = self.remote.child(&shared::family_prefix(&id));
+        let mut refs = shared::list_refs(&family).map_err(bucket_error)?;
+        let mut clones = Vec::new();
+        for name in self.names()? {
+            let Ok(rec) = self.record_of(&name) else {
+                continue;
+            };
+            if rec.base.is_some_and(|b| b.id == id) {
+                refs.retain(|r| *r != rec.id);
+                clones.push(name);
+            }
+        }
+        Ok((clones, refs.len()))
+    }
+
     fn forget(&self, dir: &Path) {
         if let Err(e) = std::fs::remove_dir_all(dir) {
             tracing::warn!(dir = %dir.display(), error = %e, "could not remove a released volume's cache");

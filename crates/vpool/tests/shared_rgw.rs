@@ -270,7 +270,8 @@ fn a_shared_pool_s_volumes_move_between_hosts() {
 /// view of its own (its cache is the host's copy of the template's
 /// blocks); writes are refused, nobody takes it over, and a restarted
 /// host reads it again. A clone of it is a volume of its own that reads
-/// the template where it wrote nothing, and moves between hosts.
+/// the template where it wrote nothing, and moves between hosts. The
+/// template is deleted once its clone is.
 #[test]
 fn a_sealed_template_is_read_by_every_host() {
     let Some(rgw) = rgw() else { return };
@@ -372,4 +373,19 @@ fn a_sealed_template_is_read_by_every_host() {
     assert!(qemu_img_compare(&a.nbd_uri("shared/golden"), &img));
     assert!(status(&home_b, "shared/golden")["holder"].is_null());
     assert!(qemu_img_compare(&a.nbd_uri("shared/web1"), &clone_img));
+
+    // Deleting the template: refused while a clone of it exists; once
+    // the clone is gone, from any host (nobody owns it). The other host's
+    // view goes at its next open.
+    let e = run_err(&home_b, &["vol", "delete", "shared/golden"]);
+    assert!(e.contains("has clones") && e.contains("web1"), "{e}");
+    run_ok(&home_a, &["vol", "delete", "shared/web1"]);
+    run_ok(&home_b, &["vol", "delete", "shared/golden"]);
+    let l = run_json(&home_a, &["vol", "list", "--pool", "shared"]);
+    assert!(l["shared"].as_array().unwrap().is_empty(), "{l}");
+    let out = std::process::Command::new("nbdinfo")
+        .arg(a.nbd_uri("shared/golden"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a deleted template was served");
 }

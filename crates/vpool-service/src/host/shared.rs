@@ -131,6 +131,17 @@ pub trait SharedStore: Send + Sync {
     fn sealed(&self, _name: &str) -> Result<bool> {
         Ok(false)
     }
+    /// The clones of template `name` (their names), and how many of its
+    /// refs name no volume (a clone being created, or whose creation
+    /// died).
+    fn clones_of(&self, _name: &str) -> Result<(Vec<String>, usize)> {
+        Ok((Vec::new(), 0))
+    }
+    /// Removes the ref of clone family `clone_id` from template `name`
+    /// (the clone was deleted).
+    fn drop_ref(&self, _name: &str, _clone_id: &str) -> Result<()> {
+        Ok(())
+    }
     /// Claims `name` for a clone of sealed template `base` and makes its
     /// family, with its cache in `dir` (as [`SharedStore::create`]); the
     /// template's family records the clone first.
@@ -726,15 +737,18 @@ impl SharedCtx {
     /// at its first use (`None`: `vol` is not sealed). Blocking.
     pub fn sealed_family(&self, opener: &dyn Opener, vol: &str) -> Result<Option<Arc<PoolCtx>>> {
         let lock = || self.sealed.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = lock().get(vol) {
-            return Ok(Some(Arc::clone(f)));
+        // Asked every time, without the lock (a lookup of another volume
+        // does not wait for the bucket): a template deleted from another
+        // host is not served from this host's view any more.
+        let sealed = self.store.sealed(vol);
+        if matches!(&sealed, Err(e) if e.kind == ErrorKind::NotFound) {
+            self.drop_view(vol);
         }
-        // Asked without the lock: a lookup of another volume does not
-        // wait for the bucket. (The open below holds it, so that one
-        // view per template opens; a template's first open is rare.)
-        if !self.store.sealed(vol)? {
+        if !sealed? {
             return Ok(None);
         }
+        // The open below holds the lock, so that one view per template
+        // opens; a template's first open is rare.
         let mut views = lock();
         if let Some(f) = views.get(vol) {
             return Ok(Some(Arc::clone(f)));
@@ -765,13 +779,71 @@ impl SharedCtx {
         Ok(Some(f))
     }
 
+    /// Closes this host's view of template `vol`, if it has one.
+    fn drop_view(&self, vol: &str) -> Option<Arc<PoolCtx>> {
+        let view = self
+            .sealed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(vol)?;
+        if let Err(e) = view.close() {
+            tracing::warn!(pool = %self.name, volume = vol, error = %e.message, "closing a template's view failed");
+        }
+        Some(view)
+    }
+
+    /// Deletes sealed template `vol` (from any host: nobody owns it):
+    /// refused while a clone of it exists, and, unless `force`, while a
+    /// clone's creation may be under way (a ref naming no volume) or this
+    /// host's NBD clients read it. Another host's clients of it fail from
+    /// then on. Blocking.
+    fn delete_template(&self, vol: &str, force: bool) -> Result<()> {
+        let (clones, pending) = self.store.clones_of(vol)?;
+        if !clones.is_empty() {
+            return Err(Error::new(
+                ErrorKind::InUse,
+                format!(
+                    "template {}/{vol} has clones ({}): delete them first (flattening a clone is not built)",
+                    self.name,
+                    clones.join(", ")
+                ),
+            ));
+        }
+        let readers = self
+            .sealed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(vol)
+            .map_or(0, |v| v.service.catalog().nbd_connections_total());
+        if (pending > 0 || readers > 0) && !force {
+            return Err(Error::new(
+                ErrorKind::InUse,
+                format!(
+                    "template {}/{vol}: {pending} clone(s) of it being created (or whose creation died) and {readers} NBD client(s) here",
+                    self.name
+                ),
+            ));
+        }
+        if let Some(view) = self.drop_view(vol) {
+            self.store.forget(&view.dir);
+        }
+        let id = self.store.delete_name(vol)?;
+        self.store.delete_family(&id)?;
+        tracing::info!(pool = %self.name, volume = vol, family = %id, "template deleted");
+        Ok(())
+    }
+
     /// Deletes volume `vol`, which this host owns: its name first (no
     /// host finds it from then on), then its family (closed, and every
-    /// object of it deleted) and its cache. Refused while NBD clients have
-    /// it open, unless `force`. Blocking.
+    /// object of it deleted) and its cache. A sealed template, which
+    /// nobody owns, is deleted from any host (`delete_template`). Refused
+    /// while NBD clients have it open, unless `force`. Blocking.
     pub fn delete(&self, vol: &str, force: bool) -> Result<()> {
         let _admin = self.lock_volume(vol);
         if self.owned_family(vol).is_none() {
+            if self.store.sealed(vol)? {
+                return self.delete_template(vol, force);
+            }
             return self.delete_unmade(vol, force);
         }
         let family = self.take_idle(vol, "delete", force)?;
@@ -789,6 +861,13 @@ impl SharedCtx {
         }
         self.store.delete_family(&id)?;
         self.store.forget(&family.dir);
+        if let Some(b) = self.base_of(vol) {
+            // Its template no longer counts it (best effort: a ref left
+            // behind only makes the template's deletion ask for --force).
+            if let Err(e) = self.store.drop_ref(&b.template, &id) {
+                tracing::warn!(pool = %self.name, volume = vol, error = %e.message, "could not remove a deleted clone's ref");
+            }
+        }
         self.forget_base(vol);
         tracing::info!(pool = %self.name, volume = vol, family = %id, "volume deleted");
         Ok(())
