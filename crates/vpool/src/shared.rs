@@ -156,7 +156,9 @@ impl SharedStore for BucketShared {
             segments: o.segments,
             peer: o.peer,
             volume_durability: rec.durability,
+            base_family: rec.base.as_ref().map(|b| b.id.clone()),
             base: rec.base.map(|b| b.volume),
+            family: Some(rec.id),
             sealed: o.sealed,
         })
     }

@@ -65,6 +65,14 @@ pub struct FamilyOwner {
     /// A clone: the sealed template it reads where it wrote nothing.
     #[serde(default)]
     pub base: Option<String>,
+    /// The family of that template when the clone was made: a template
+    /// deleted and made again under its name is another family, which
+    /// the clone must not read.
+    #[serde(default, skip_serializing)]
+    pub base_family: Option<String>,
+    /// This volume's family id (`None`: not known to the store).
+    #[serde(default, skip_serializing)]
+    pub family: Option<String>,
     /// A sealed template: every host serves it read-only, none owns it
     /// (the release that sealed it says so).
     #[serde(default)]
@@ -384,12 +392,23 @@ impl SharedCtx {
     /// If `vol` is a clone, opens its template's view here (its device
     /// reads through it) and remembers it.
     fn resolve_base(&self, opener: &dyn Opener, vol: &str) -> Result<()> {
-        let Some(template) = self.store.owner(vol)?.base else {
+        let owner = self.store.owner(vol)?;
+        let Some(template) = owner.base else {
             // Not a clone (any more: a volume of that name was deleted and
             // made again).
             self.forget_base(vol);
             return Ok(());
         };
+        let now = self.store.owner(&template).ok().and_then(|o| o.family);
+        if owner.base_family.is_some() && now != owner.base_family {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "volume {}/{vol} is a clone of a template {template} that was deleted (the volume of that name now is another one)",
+                    self.name
+                ),
+            ));
+        }
         let view = self.sealed_family(opener, &template)?.ok_or_else(|| {
             Error::new(
                 ErrorKind::Corrupt,
