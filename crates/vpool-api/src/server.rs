@@ -191,8 +191,6 @@ impl Captures {
 /// where the route has none).
 struct At {
     ctx: Arc<PoolCtx>,
-    /// The `{pool}` capture (`None`: the default pool).
-    pool: Option<String>,
     name: String,
     snap: String,
     image: String,
@@ -238,7 +236,6 @@ impl FromRequestParts<ApiState> for At {
         Ok(At {
             ctx,
             layered: state.host.is_shared_clone(pool.as_deref(), &name),
-            pool,
             name,
             snap: captures.get("snap").unwrap_or_default(),
             image: captures.get("image").unwrap_or_default(),
@@ -1089,7 +1086,7 @@ async fn rollback(
 
 async fn make_template(
     State(s): State<ApiState>,
-    At { name, pool, .. }: At,
+    Named { pool, name }: Named,
 ) -> Result<Json<VolumeInfo>, ApiError> {
     let host = Arc::clone(&s.host);
     let info = service(move || host.make_template(pool.as_deref(), &name)).await?;

@@ -396,8 +396,8 @@ pub fn drop_ref(family: &Remote, clone_id: &str) -> Result<(), OpenError> {
 #[cfg(feature = "remote")]
 /// Records, in the template's family at `family`, that clone `clone_id`
 /// reads it (create-only; recording twice is not an error). Made before
-/// the clone's name, so a template with clones always lists them: its
-/// deletion (not built) must refuse while any remains.
+/// the clone's name, so a template with clones always lists them (its
+/// deletion counts a ref that names no volume as a creation under way).
 pub fn add_ref(family: &Remote, clone_id: &str) -> Result<(), OpenError> {
     let key = format!("{REFS_DIR}/{clone_id}");
     match family.put_create(

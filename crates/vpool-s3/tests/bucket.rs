@@ -191,16 +191,7 @@ fn a_sealed_pool_opens_read_only_only() {
             other => panic!("a sealed pool opened for writing: {:?}", other.map(|_| ())),
         }
     }
-    let s = S3Store::open(
-        bucket.remote(),
-        opts(&t.path().join("r"), 64 * MIB, OpenMode::ReadOnly),
-    )
-    .unwrap();
-    let config = vpool_engine::PoolConfig {
-        background: false,
-        ..engine_config()
-    };
-    let (p, _) = vpool_engine::Pool::open(std::sync::Arc::new(s.clone()), config).unwrap();
+    let (p, s) = open_read_only(bucket.remote(), &t.path().join("r"));
     assert_eq!(log.check_prefix(&p.volume("v").unwrap(), 256), 200);
     let _ = p.close();
     assert!(s.close());
@@ -262,6 +253,22 @@ fn stores_on_one_budget_share_it() {
     assert_eq!(budget.members(), 0);
 }
 
+/// A read-only view of the pool at `remote`, its cache in `cache`: the
+/// store and an engine that runs no maintenance, as a daemon opens one.
+fn open_read_only(
+    remote: vpool_s3::Remote,
+    cache: &std::path::Path,
+) -> (vpool_engine::Pool, S3Store) {
+    let s = S3Store::open(remote, opts(cache, 64 * MIB, OpenMode::ReadOnly)).unwrap();
+    let config = vpool_engine::PoolConfig {
+        background: false,
+        ..engine_config()
+    };
+    let (p, _) = vpool_engine::Pool::open(std::sync::Arc::new(s.clone()), config).unwrap();
+    s.start().unwrap();
+    (p, s)
+}
+
 /// Every file under `dir`, relative, sorted: what a bucket directory holds.
 fn listing(dir: &std::path::Path) -> Vec<String> {
     let mut out = Vec::new();
@@ -289,8 +296,8 @@ fn a_released_pool_is_read_by_many_hosts_at_once() {
     let t = tempfile::tempdir().unwrap();
     let bucket = Bucket::new(&t.path().join("bucket"));
     let (pool, store, vol, log) = written_pool(t.path(), &bucket, 256, 400, 4);
-    let read_only = |dir: &str| opts(&t.path().join(dir), 64 * MIB, OpenMode::ReadOnly);
-    match S3Store::open(bucket.remote(), read_only("r0")) {
+    let r0 = opts(&t.path().join("r0"), 64 * MIB, OpenMode::ReadOnly);
+    match S3Store::open(bucket.remote(), r0) {
         Err(OpenError::Held { .. }) => {}
         other => panic!("a held pool opened read-only: {:?}", other.map(|_| ())),
     }
@@ -298,19 +305,9 @@ fn a_released_pool_is_read_by_many_hosts_at_once() {
     close(pool, store);
 
     let before = listing(&bucket.dir);
-    let config = vpool_engine::PoolConfig {
-        background: false,
-        ..engine_config()
-    };
     let readers: Vec<_> = ["r1", "r2"]
         .iter()
-        .map(|dir| {
-            let s = S3Store::open(bucket.remote(), read_only(dir)).unwrap();
-            let (p, _) =
-                vpool_engine::Pool::open(std::sync::Arc::new(s.clone()), config.clone()).unwrap();
-            s.start().unwrap();
-            (p, s)
-        })
+        .map(|dir| open_read_only(bucket.remote(), &t.path().join(dir)))
         .collect();
     for (p, s) in &readers {
         let v = p.volume("v").unwrap();

@@ -205,10 +205,6 @@ impl SharedStore for BucketShared {
         shared::peer_secret(&self.remote).map_err(bucket_error)
     }
 
-    fn sealed(&self, vol: &str) -> vpool_service::Result<bool> {
-        Ok(self.owner(vol)?.sealed)
-    }
-
     fn drop_ref(&self, vol: &str, clone_id: &str) -> vpool_service::Result<()> {
         let id = self.record_of(vol)?.id;
         let family = self.remote.child(&shared::family_prefix(&id));

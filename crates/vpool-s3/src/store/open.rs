@@ -74,7 +74,13 @@ impl S3Store {
                     tracing::info!(attempt, "another host committed while opening; retrying");
                     std::thread::sleep(Duration::from_millis(50 * attempt as u64));
                 }
-                other => return other,
+                Ok(store) => {
+                    if let Some(budget) = &store.inner.opts.budget {
+                        budget.join(&store);
+                    }
+                    return Ok(store);
+                }
+                Err(e) => return Err(e),
             }
         }
     }
@@ -163,9 +169,6 @@ impl S3Store {
             wait_if_renewed_meanwhile(&store.inner.remote, old, seen);
         }
         store.start_renewer()?;
-        if let Some(budget) = &store.inner.opts.budget {
-            budget.join(&store);
-        }
         Ok(store)
     }
 
@@ -181,14 +184,7 @@ impl S3Store {
     ) -> std::result::Result<S3Store, OpenError> {
         let url = remote.display().to_string();
         let m = read_manifest(&remote, g, Instant::now() + OPEN_CALL_TIMEOUT)?;
-        if let Some(s) = state
-            && s.pool_id != m.pool_id
-        {
-            return Err(OpenError::ForeignCache {
-                dir: opts.cache_dir.display().to_string(),
-                other: s.pool_id.clone(),
-            });
-        }
+        check_same_pool(state, &m, &opts.cache_dir.display().to_string())?;
         if let Some(h) = &m.holder {
             let why = "a pool opened read-only must have no holder: the holder's clean-up deletes what this view would read";
             return Err(held(&url, h, why.to_string()));
@@ -214,9 +210,6 @@ impl S3Store {
         };
         store.reconcile(true)?;
         store.save_state(generation)?;
-        if let Some(budget) = &store.inner.opts.budget {
-            budget.join(&store);
-        }
         tracing::info!(store = %url, generation, "pool opened read-only");
         Ok(store)
     }
@@ -622,14 +615,7 @@ fn existing_pool(
 ) -> std::result::Result<(Manifest, Expired), OpenError> {
     let url = remote.display().to_string();
     let m = read_manifest(remote, g, Instant::now() + OPEN_CALL_TIMEOUT)?;
-    if let Some(s) = state
-        && s.pool_id != m.pool_id
-    {
-        return Err(OpenError::ForeignCache {
-            dir: dir.to_string(),
-            other: s.pool_id.clone(),
-        });
-    }
+    check_same_pool(state, &m, dir)?;
     if m.sealed {
         // Forced too: a sealed template's readers rely on nobody writing.
         return Err(OpenError::Sealed { url });
@@ -657,6 +643,22 @@ fn existing_pool(
         ),
     };
     Err(held(&url, &h, lease))
+}
+
+/// Refuses a cache directory (`dir`, which remembers `state`) of another
+/// pool than `m`'s.
+fn check_same_pool(
+    state: Option<&LocalState>,
+    m: &Manifest,
+    dir: &str,
+) -> std::result::Result<(), OpenError> {
+    match state {
+        Some(s) if s.pool_id != m.pool_id => Err(OpenError::ForeignCache {
+            dir: dir.to_string(),
+            other: s.pool_id.clone(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn held(url: &str, h: &Holder, lease: String) -> OpenError {

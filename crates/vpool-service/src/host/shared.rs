@@ -134,11 +134,6 @@ pub trait SharedStore: Send + Sync {
     fn delete_family(&self, id: &str) -> Result<()>;
     /// The pool's peer link secret (made by the first host that asks).
     fn peer_secret(&self) -> Result<[u8; 32]>;
-    /// Whether volume `name` is a sealed template: released for good,
-    /// read by every host, written by none.
-    fn sealed(&self, _name: &str) -> Result<bool> {
-        Ok(false)
-    }
     /// The clones of template `name` (their names), and how many of its
     /// refs name no volume (a clone being created, or whose creation
     /// died).
@@ -324,7 +319,7 @@ impl SharedCtx {
         let owner = self.store.owner(vol)?;
         let who = match (&owner.holder, owner.epoch) {
             (Some(h), Some(e)) => format!("owned by {h} (epoch {e})"),
-            _ if self.store.sealed(vol)? => {
+            _ if owner.sealed => {
                 return Err(Error::new(
                     ErrorKind::ReadOnly,
                     format!(
@@ -399,7 +394,8 @@ impl SharedCtx {
             self.forget_base(vol);
             return Ok(());
         };
-        let now = self.store.owner(&template).ok().and_then(|o| o.family);
+        let of_template = self.store.owner(&template);
+        let now = of_template.as_ref().ok().and_then(|o| o.family.clone());
         if owner.base_family.is_some() && now != owner.base_family {
             return Err(Error::new(
                 ErrorKind::Corrupt,
@@ -409,7 +405,7 @@ impl SharedCtx {
                 ),
             ));
         }
-        let view = self.sealed_family(opener, &template)?.ok_or_else(|| {
+        let view = self.view_of(opener, &template, of_template)?.ok_or_else(|| {
             Error::new(
                 ErrorKind::Corrupt,
                 format!(
@@ -556,7 +552,9 @@ impl SharedCtx {
         if let Some(f) = self.owned_family(vol) {
             return Ok(f);
         }
-        if self.store.sealed(vol)? {
+        // (An unreadable owner is left to the open, which refuses a sealed
+        // pool itself.)
+        if self.store.owner(vol).is_ok_and(|o| o.sealed) {
             return Err(Error::new(
                 ErrorKind::ReadOnly,
                 format!(
@@ -719,9 +717,9 @@ impl SharedCtx {
                 self.name
             )));
         }
-        let sealed_here = family.service.volume(vol)?.template.is_some();
-        let view = if sealed_here {
-            family.service.volume(vol)?
+        let current = family.service.volume(vol)?;
+        let view = if current.template.is_some() {
+            current
         } else {
             family.service.make_template(vol)?
         };
@@ -755,20 +753,28 @@ impl SharedCtx {
     /// The read-only view of sealed template `vol` on this host, opened
     /// at its first use (`None`: `vol` is not sealed). Blocking.
     pub fn sealed_family(&self, opener: &dyn Opener, vol: &str) -> Result<Option<Arc<PoolCtx>>> {
-        let lock = || self.sealed.lock().unwrap_or_else(|e| e.into_inner());
         // Asked every time, without the lock (a lookup of another volume
         // does not wait for the bucket): a template deleted from another
         // host is not served from this host's view any more.
-        let sealed = self.store.sealed(vol);
-        if matches!(&sealed, Err(e) if e.kind == ErrorKind::NotFound) {
+        self.view_of(opener, vol, self.store.owner(vol))
+    }
+
+    /// [`SharedCtx::sealed_family`], with `owner` read from the bucket.
+    fn view_of(
+        &self,
+        opener: &dyn Opener,
+        vol: &str,
+        owner: Result<FamilyOwner>,
+    ) -> Result<Option<Arc<PoolCtx>>> {
+        if matches!(&owner, Err(e) if e.kind == ErrorKind::NotFound) {
             self.drop_view(vol);
         }
-        if !sealed? {
+        if !owner?.sealed {
             return Ok(None);
         }
         // The open below holds the lock, so that one view per template
         // opens; a template's first open is rare.
-        let mut views = lock();
+        let mut views = self.sealed.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(f) = views.get(vol) {
             return Ok(Some(Arc::clone(f)));
         }
@@ -860,10 +866,11 @@ impl SharedCtx {
     pub fn delete(&self, vol: &str, force: bool) -> Result<()> {
         let _admin = self.lock_volume(vol);
         if self.owned_family(vol).is_none() {
-            if self.store.sealed(vol)? {
+            let owner = self.store.owner(vol)?;
+            if owner.sealed {
                 return self.delete_template(vol, force);
             }
-            return self.delete_unmade(vol, force);
+            return self.delete_unmade(vol, &owner, force);
         }
         let family = self.take_idle(vol, "delete", force)?;
         let id = match self.store.delete_name(vol) {
@@ -896,8 +903,7 @@ impl SharedCtx {
     /// whose family was never made (its creation died half way, or runs
     /// on another host now: hence `force`), with whatever objects the
     /// creation left. A volume with a family is deleted by its owner.
-    fn delete_unmade(&self, vol: &str, force: bool) -> Result<()> {
-        let owner = self.store.owner(vol)?;
+    fn delete_unmade(&self, vol: &str, owner: &FamilyOwner, force: bool) -> Result<()> {
         if owner.generation.is_some() {
             return Err(self.family(vol).err().unwrap_or_else(|| {
                 Error::new(
