@@ -20,9 +20,9 @@ use crate::error::{ErrorBody, ErrorKind};
 use crate::routes::{self, escape};
 use crate::types::{
     AddPoolRequest, Allocation, CacheInfo, CheckResult, CleanResult, CloneRequest,
-    CreateSnapshotRequest, CreateVolumeRequest, Diff, DiffExtent, PinInfo, PinList, PinRequest,
-    PoolInfo, PoolList, PoolStatus, ResizeVolumeRequest, SharedVolumeStatus, SnapshotInfo,
-    SnapshotList, VolumeInfo, VolumeList,
+    CreateSnapshotRequest, CreateVolumeRequest, Diff, DiffExtent, FlattenReport, PinInfo, PinList,
+    PinRequest, PoolInfo, PoolList, PoolStatus, ResizeVolumeRequest, SharedVolumeStatus,
+    SnapshotInfo, SnapshotList, VolumeInfo, VolumeList,
 };
 use crate::{MAX_DATA_BYTES, MAX_JSON_BODY_BYTES};
 
@@ -492,7 +492,8 @@ impl Client {
         self.json_call("POST", &routes::volume_clone(&source), Some(&req))
     }
 
-    pub fn flatten(&self, volume: &str) -> Result<VolumeInfo, ClientError> {
+    /// Detaches clone `volume` from what it was cloned from.
+    pub fn flatten(&self, volume: &str) -> Result<FlattenReport, ClientError> {
         self.json_call(
             "POST",
             &routes::volume_flatten(&self.qualify(volume)),

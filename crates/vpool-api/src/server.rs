@@ -44,7 +44,7 @@ use crate::routes;
 use crate::types::{
     AddPoolRequest, Allocation, AllocationExtent, CacheInfo, CheckQuery, CheckResult, CleanResult,
     CloneRequest, CreateSnapshotRequest, CreateVolumeRequest, Diff, DiffExtent, DiffQuery,
-    ForceQuery, PinList, PinRequest, PoolInfo, PoolList, PoolStatus, RangeQuery,
+    FlattenReport, ForceQuery, PinList, PinRequest, PoolInfo, PoolList, PoolStatus, RangeQuery,
     ResizeVolumeRequest, RollbackQuery, SnapshotInfo, SnapshotList, VolumeInfo, VolumeList,
     WriteQuery, ZeroQuery,
 };
@@ -1108,9 +1108,13 @@ async fn clone_volume(
     Ok(created(&info, &loc))
 }
 
-async fn flatten(At { ctx, name, .. }: At) -> Result<Json<VolumeInfo>, ApiError> {
-    let info = service(move || ctx.service.flatten(&name)).await?;
-    Ok(Json(info.into()))
+async fn flatten(
+    State(s): State<ApiState>,
+    Named { pool, name }: Named,
+) -> Result<Json<FlattenReport>, ApiError> {
+    let host = Arc::clone(&s.host);
+    let done = service(move || host.flatten_volume(pool.as_deref(), &name)).await?;
+    Ok(Json(done.into()))
 }
 
 async fn commit(

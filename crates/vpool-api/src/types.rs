@@ -550,6 +550,29 @@ pub struct ForceQuery {
 /// Query of rollback and commit: see [`ForceQuery`].
 pub type RollbackQuery = ForceQuery;
 
+/// What `POST /v1/volumes/{name}/flatten` did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlattenReport {
+    /// What the clone no longer depends on: the `volume@snapshot` it was
+    /// cloned from in a pool, its template in a shared pool.
+    pub detached_from: Option<String>,
+    /// Bytes copied into the clone: none in a pool (a clone never reads
+    /// through its parent there), its template's blocks it read in a
+    /// shared pool.
+    pub bytes_copied: u64,
+    pub volume: VolumeInfo,
+}
+
+impl From<vpool_service::Flattened> for FlattenReport {
+    fn from(f: vpool_service::Flattened) -> FlattenReport {
+        FlattenReport {
+            detached_from: f.detached_from,
+            bytes_copied: f.bytes_copied,
+            volume: f.volume.into(),
+        }
+    }
+}
+
 /// `POST /v1/volumes/{name}/clone`: a copy-on-write clone of one of the
 /// volume's snapshots, or of a template's sealed image.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

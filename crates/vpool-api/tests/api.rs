@@ -1152,7 +1152,9 @@ fn clone_flatten_commit_routes() {
 
     // Flatten: instant, the parent snapshot is free to go.
     let f = c.flatten("kid").unwrap();
-    assert_eq!(f.parent, None);
+    assert_eq!(f.volume.parent, None);
+    assert_eq!(f.detached_from.as_deref(), Some("base@s"));
+    assert_eq!(f.bytes_copied, 0);
     assert_eq!(c.read("kid", 0, 8192).unwrap()[4096..], [5; 4096]);
     c.delete_snapshot("base", "s").unwrap();
     assert_api_err(

@@ -8,6 +8,7 @@
 //! <prefix>/names/<volume name>   {"id": "<32 hex>"}: the name's family (create-only)
 //! <prefix>/vols/<id>/...         the family: manifest/, segments/, meta/, lease/
 //! <prefix>/vols/<id>/refs/<cid>  a clone (family <cid>) reads this template (create-only)
+//! <prefix>/vols/<id>/flattened   this clone reads its template no more (create-only)
 //! <prefix>/peer-secret           the peer link's secret, 64 hex digits (create-only)
 //! ```
 //!
@@ -411,6 +412,39 @@ pub fn add_ref(family: &Remote, clone_id: &str) -> Result<(), OpenError> {
     }
 }
 
+/// In a clone's family: the clone holds every block of its template that
+/// it reads, and reads the template no more (`vol flatten`). Its name
+/// record, which is create-only, still names the template.
+pub const FLATTENED_KEY: &str = "flattened";
+
+#[cfg(feature = "remote")]
+/// Records in the clone's family at `family` that it was flattened from
+/// template family `base_id` (create-only; recording twice is not an
+/// error). Only once everything the flatten copied is in the bucket.
+pub fn mark_flattened(family: &Remote, base_id: &str) -> Result<(), OpenError> {
+    if !is_id(base_id) {
+        return Err(OpenError::Corrupt(format!(
+            "{base_id:?} is not a family id"
+        )));
+    }
+    match family.put_create(
+        FLATTENED_KEY,
+        Bytes::from(base_id.to_string()),
+        Some(deadline()),
+        &|| false,
+    ) {
+        Ok(()) | Err(RemoteError::AlreadyExists { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(feature = "remote")]
+/// Whether the clone's family at `family` was flattened (its content is
+/// not read: the key's presence is the record).
+pub fn is_flattened(family: &Remote) -> Result<bool, OpenError> {
+    Ok(family.get(FLATTENED_KEY, deadline())?.is_some())
+}
+
 #[cfg(feature = "remote")]
 /// The shared pool's peer secret: 32 random bytes in `<prefix>/peer-secret`
 /// (64 hex digits), made by the first host that asks (create-only, so
@@ -485,6 +519,12 @@ mod tests {
             .unwrap();
         assert_eq!(refs.len(), 1, "{refs:?}");
         assert!(refs[0].0.ends_with(&c), "{refs:?}");
+        let clone_family = r.child(&family_prefix(&c));
+        assert!(!is_flattened(&clone_family).unwrap());
+        mark_flattened(&clone_family, &t).unwrap();
+        mark_flattened(&clone_family, &t).unwrap();
+        assert!(is_flattened(&clone_family).unwrap());
+        assert!(mark_flattened(&clone_family, "../x").is_err());
         let bad = br#"{"id":"0123456789abcdef0123456789abcdef","base":{"volume":"../x","id":"0123456789abcdef0123456789abcdef"}}"#;
         assert!(NameRecord::decode(bad).is_err());
     }

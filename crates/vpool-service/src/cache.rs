@@ -56,6 +56,18 @@ pub trait CacheControl: Send + Sync + 'static {
 
     /// Makes the release when the pool closes seal it (a shared pool's
     /// template): it opens read-only from then on, on every host.
+    /// Waits until everything written and flushed before the call is in
+    /// the bucket, listed by a manifest that any later owner reads (the
+    /// open segment is sealed after the pool's `--seal-after`). An error
+    /// if that takes longer than `timeout` or this host was fenced.
+    fn wait_in_bucket(&self, timeout: std::time::Duration) -> Result<()> {
+        let _ = timeout;
+        Err(crate::error::Error::new(
+            crate::error::ErrorKind::NotSupported,
+            "this pool has no bucket".to_string(),
+        ))
+    }
+
     fn seal_at_close(&self) -> Result<()> {
         Err(crate::error::Error::new(
             crate::error::ErrorKind::NotSupported,

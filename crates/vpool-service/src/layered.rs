@@ -26,8 +26,17 @@
 //! with a write of the same bytes may return either content, as on any
 //! disk.
 //!
+//! **Flatten.** [`LayeredDevice::copy_up_all`] copies every block of the
+//! base that holds data and that the top does not map, a step of blocks
+//! at a time under their stripes held exclusively (so it is a copy-up of
+//! each, racing nothing). Then the top alone is the clone's image; once
+//! that is durable where it must be, [`CopyUpLocks::set_flattened`] makes
+//! every device of the clone pass straight to the top (a TRIM may unmap
+//! again), without the clients reconnecting.
+//!
 //! Tested against a model (`tests` below) on a real engine volume.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use vpool_engine::BLOCK_SIZE;
 use vpool_nbd::{BlockDevice, DeviceError};
@@ -44,23 +53,44 @@ const STATE_ZERO: u32 = 2;
 /// Most extents one BLOCK_STATUS answer carries (as the engine's).
 const MAX_EXTENTS: usize = 1024;
 
-/// The copy-up locks of one clone: every device of it shares them.
+/// Blocks a flatten copies per step, under their stripes (1 MiB: a write
+/// waits for at most one step).
+const FLATTEN_STEP_BLOCKS: u64 = 256;
+
+/// The copy-up locks of one clone, and whether it was flattened: every
+/// device of it shares them.
 pub struct CopyUpLocks {
     stripes: Vec<RwLock<()>>,
+    flattened: AtomicBool,
 }
 
 impl CopyUpLocks {
     pub fn new() -> Arc<CopyUpLocks> {
         Arc::new(CopyUpLocks {
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            flattened: AtomicBool::new(false),
         })
+    }
+
+    /// From now on the clone's devices use the top alone: call only once
+    /// [`LayeredDevice::copy_up_all`] finished and what it wrote is
+    /// durable, since a trim through a flattened device unmaps.
+    pub fn set_flattened(&self) {
+        self.flattened.store(true, Ordering::Release);
+    }
+
+    fn flattened(&self) -> bool {
+        self.flattened.load(Ordering::Acquire)
     }
 }
 
 /// A clone over a read-only base; see the module doc.
 pub struct LayeredDevice {
     top: Arc<dyn BlockDevice>,
-    base: Arc<dyn BlockDevice>,
+    /// `None` once the clone was flattened and this device noticed: it
+    /// holds the template's device (an NBD client of it, as the
+    /// template's deletion counts them) no longer.
+    base: RwLock<Option<Arc<dyn BlockDevice>>>,
     locks: Arc<CopyUpLocks>,
 }
 
@@ -72,7 +102,35 @@ impl LayeredDevice {
         base: Arc<dyn BlockDevice>,
         locks: Arc<CopyUpLocks>,
     ) -> LayeredDevice {
-        LayeredDevice { top, base, locks }
+        LayeredDevice {
+            top,
+            base: RwLock::new(Some(base)),
+            locks,
+        }
+    }
+
+    /// Whether the clone was flattened: then every request goes to the
+    /// top alone, and the base's device is let go.
+    fn flattened(&self) -> bool {
+        if !self.locks.flattened() {
+            return false;
+        }
+        if self
+            .base
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
+            self.base.write().unwrap_or_else(|e| e.into_inner()).take();
+        }
+        true
+    }
+
+    /// The base's device; `None` once it was let go (a flatten finished,
+    /// perhaps while this request ran: the top alone then holds the
+    /// clone's image, and the caller reads it instead).
+    fn base(&self) -> Option<Arc<dyn BlockDevice>> {
+        self.base.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The stripes of blocks `first..=last`, sorted and deduplicated.
@@ -98,13 +156,16 @@ impl LayeredDevice {
 
     /// Reads `buf.len()` bytes of the base at `offset`: zeros past its end.
     fn read_base(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        let Some(base) = self.base() else {
+            return self.top.read(offset, buf);
+        };
         buf.fill(0);
-        let size = self.base.size_bytes();
+        let size = base.size_bytes();
         if offset >= size {
             return Ok(());
         }
         let n = usize::try_from((size - offset).min(buf.len() as u64)).expect("fits the buffer");
-        self.base.read(offset, &mut buf[..n])
+        base.read(offset, &mut buf[..n])
     }
 
     /// Writes `data` at `offset` inside block `block`, copying the base's
@@ -188,6 +249,9 @@ impl BlockDevice for LayeredDevice {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        if self.flattened() {
+            return self.top.read(offset, buf);
+        }
         let mut done = 0usize;
         while done < buf.len() {
             let at = offset + done as u64;
@@ -209,6 +273,9 @@ impl BlockDevice for LayeredDevice {
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        if self.flattened() {
+            return self.top.write(offset, data);
+        }
         let (head_end, (first, end), tail_start) = Self::split(offset, data.len() as u64);
         let at = |o: u64| usize::try_from(o - offset).expect("inside the write");
         self.write_edges(offset, &data[..at(head_end)])?;
@@ -227,6 +294,9 @@ impl BlockDevice for LayeredDevice {
     }
 
     fn trim(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        if self.flattened() {
+            return self.top.trim(offset, len);
+        }
         // Whole blocks become allocated zeros (unmapped would show the
         // base); partial edges are left as they are, as TRIM allows.
         let (head_end, (first, end), tail_start) = Self::split(offset, len);
@@ -236,7 +306,10 @@ impl BlockDevice for LayeredDevice {
         })
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, _may_trim: bool) -> Result<(), DeviceError> {
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> Result<(), DeviceError> {
+        if self.flattened() {
+            return self.top.write_zeroes(offset, len, may_trim);
+        }
         let (head_end, (first, end), tail_start) = Self::split(offset, len);
         let zeros = |n: u64| vec![0u8; usize::try_from(n).expect("under a block")];
         self.write_edges(offset, &zeros(head_end - offset))?;
@@ -252,6 +325,9 @@ impl BlockDevice for LayeredDevice {
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>, DeviceError> {
         let top = self.top.block_status(offset, len)?;
+        if self.flattened() {
+            return Ok(top);
+        }
         let mut out: Vec<(u64, u32)> = Vec::with_capacity(top.len());
         let mut at = offset;
         'top: for (n, flags) in top {
@@ -284,15 +360,68 @@ impl BlockDevice for LayeredDevice {
 }
 
 impl LayeredDevice {
+    /// Copies every block of the base that holds data and that the top does
+    /// not map into the top (see the module doc): afterwards the top alone
+    /// reads as this device. Returns the bytes copied. Clients may write
+    /// meanwhile; an error leaves what was copied, which is harmless (a
+    /// copy-up a write would have made).
+    pub fn copy_up_all(&self) -> Result<u64, DeviceError> {
+        let Some(base) = self.base() else {
+            return Ok(0);
+        };
+        let end = base.size_bytes().min(self.top.size_bytes());
+        let step = FLATTEN_STEP_BLOCKS * BLOCK_SIZE;
+        let mut copied = 0u64;
+        let mut at = 0u64;
+        while at < end {
+            let len = step.min(end - at);
+            copied += self.copy_up_step(&*base, at, len)?;
+            at += len;
+        }
+        Ok(copied)
+    }
+
+    /// One step of [`LayeredDevice::copy_up_all`], under the stripes of its
+    /// blocks held exclusively.
+    fn copy_up_step(
+        &self,
+        base: &dyn BlockDevice,
+        offset: u64,
+        len: u64,
+    ) -> Result<u64, DeviceError> {
+        let stripes = self.stripes_of(offset / BLOCK_SIZE, (offset + len - 1) / BLOCK_SIZE);
+        let _guards: Vec<_> = stripes
+            .iter()
+            .map(|&s| {
+                self.locks.stripes[s]
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+            })
+            .collect();
+        let mut copied = 0u64;
+        for (at, n) in ranges_where(&*self.top, offset, len, |f| f & STATE_HOLE != 0)? {
+            for (from, m) in ranges_where(base, at, n, |f| f & STATE_ZERO == 0)? {
+                let mut buf = vec![0u8; usize::try_from(m).expect("at most one step")];
+                base.read(from, &mut buf)?;
+                self.top.write(from, &buf)?;
+                copied += m;
+            }
+        }
+        Ok(copied)
+    }
+
     /// The base's status of `[offset, offset + len)`, all of it (past the
     /// base's end: a hole of zeros).
     fn base_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>, DeviceError> {
-        let size = self.base.size_bytes();
+        let Some(base) = self.base() else {
+            return self.top.block_status(offset, len);
+        };
+        let size = base.size_bytes();
         let mut out = Vec::new();
         let mut at = offset;
         let end = offset + len;
         while at < end.min(size) && out.len() < MAX_EXTENTS {
-            let got = self.base.block_status(at, end.min(size) - at)?;
+            let got = base.block_status(at, end.min(size) - at)?;
             assert!(!got.is_empty(), "block status covers a prefix");
             for (n, f) in got {
                 out.push((n, f));
@@ -307,6 +436,38 @@ impl LayeredDevice {
         }
         Ok(out)
     }
+}
+
+/// The ranges `(offset, len)` of `[offset, offset + len)` whose
+/// `base:allocation` flags in `dev` satisfy `want`, merged.
+fn ranges_where(
+    dev: &dyn BlockDevice,
+    offset: u64,
+    len: u64,
+    want: impl Fn(u32) -> bool,
+) -> Result<Vec<(u64, u64)>, DeviceError> {
+    let end = offset + len;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut at = offset;
+    while at < end {
+        let got = dev.block_status(at, end - at)?;
+        assert!(!got.is_empty(), "block status covers a prefix");
+        for (n, f) in got {
+            assert!(n > 0, "an extent of no bytes");
+            let n = n.min(end - at);
+            if want(f) {
+                match out.last_mut() {
+                    Some(last) if last.0 + last.1 == at => last.1 += n,
+                    _ => out.push((at, n)),
+                }
+            }
+            at += n;
+            if at >= end {
+                break;
+            }
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -37,4 +37,4 @@ pub use host::{
     FamilyOwner, ForwardDevice, Host, HostExports, HostPeers, Opened, OpenedPool, Opener, PoolCtx,
     PoolKind, PoolSlot, PoolState, S3Spec, SharedCtx, SharedStore, SharedVolumeStatus,
 };
-pub use pool::{PoolService, VolumeView};
+pub use pool::{Flattened, PoolService, VolumeView};

@@ -41,6 +41,18 @@ pub struct VolumeView {
     pub incomplete: bool,
 }
 
+/// What a flatten did.
+#[derive(Clone, Debug)]
+pub struct Flattened {
+    /// What the clone no longer depends on: `volume@snapshot` in a pool,
+    /// the template's name in a shared pool.
+    pub detached_from: Option<String>,
+    /// Bytes copied into the clone (none in a pool: a clone there never
+    /// reads through its parent).
+    pub bytes_copied: u64,
+    pub volume: VolumeView,
+}
+
 /// One pool and the operations on it; see the module doc. Cheap to share
 /// (`Arc`), safe to call from any thread.
 pub struct PoolService {
@@ -335,8 +347,13 @@ impl PoolService {
         Ok(self.view(info))
     }
 
-    pub fn flatten(&self, volume: &str) -> Result<VolumeView> {
-        Ok(self.view(self.pool.flatten(volume)?))
+    pub fn flatten(&self, volume: &str) -> Result<Flattened> {
+        let detached_from = self.pool.volume_info(volume)?.parent;
+        Ok(Flattened {
+            detached_from,
+            bytes_copied: 0,
+            volume: self.view(self.pool.flatten(volume)?),
+        })
     }
 
     /// The clone's parent takes its content: refused for a template parent,

@@ -143,9 +143,12 @@ impl SharedStore for BucketShared {
     }
 
     fn owner(&self, vol: &str) -> vpool_service::Result<FamilyOwner> {
-        let rec = self.record_of(vol)?;
+        let mut rec = self.record_of(vol)?;
         let family = self.remote.child(&shared::family_prefix(&rec.id));
         let o: BucketOwner = shared::family_owner(&family).map_err(bucket_error)?;
+        if rec.base.is_some() && shared::is_flattened(&family).map_err(bucket_error)? {
+            rec.base = None;
+        }
         Ok(FamilyOwner {
             holder: o.holder,
             host: o.host,
@@ -221,11 +224,28 @@ impl SharedStore for BucketShared {
                 continue;
             };
             if rec.base.is_some_and(|b| b.id == id) {
+                // A flattened clone's ref names a volume too (its drop
+                // may have failed), but the clone reads nothing of it.
                 refs.retain(|r| *r != rec.id);
-                clones.push(name);
+                let clone = self.remote.child(&shared::family_prefix(&rec.id));
+                if !shared::is_flattened(&clone).map_err(bucket_error)? {
+                    clones.push(name);
+                }
             }
         }
         Ok((clones, refs.len()))
+    }
+
+    fn mark_flattened(&self, vol: &str) -> vpool_service::Result<()> {
+        let rec = self.record_of(vol)?;
+        let Some(base) = rec.base else {
+            return Err(vpool_service::Error::invalid(format!(
+                "volume {}/{vol} is not a clone of a template",
+                self.name
+            )));
+        };
+        let family = self.remote.child(&shared::family_prefix(&rec.id));
+        shared::mark_flattened(&family, &base.id).map_err(bucket_error)
     }
 
     fn forget(&self, dir: &Path) {

@@ -326,6 +326,35 @@ pub fn export(
             path.display()
         );
     }
+    let copied = export_into(client, name, snapshot, path, &file, size, show_progress);
+    if copied.is_err() && !force {
+        // A file of the volume's size that misses data would pass for an
+        // export: remove what this call made.
+        let _ = std::fs::remove_file(path);
+    }
+    let data_bytes = copied?;
+    Ok(ExportReport {
+        volume: match snapshot {
+            Some(s) => format!("{name}@{s}"),
+            None => name.to_string(),
+        },
+        file: path.display().to_string(),
+        size_bytes: size,
+        data_bytes,
+    })
+}
+
+/// Writes image `name` (or its `snapshot`), `size` bytes, into `file` at
+/// `path`: its data only, the rest holes. Returns the data bytes written.
+fn export_into(
+    client: &Client,
+    name: &str,
+    snapshot: Option<&str>,
+    path: &Path,
+    file: &std::fs::File,
+    size: u64,
+    show_progress: bool,
+) -> anyhow::Result<u64> {
     // A file of the volume's size that is all hole; only data is written.
     file.set_len(size)
         .with_context(|| format!("sizing {} to {}", path.display(), format_size(size)))?;
@@ -367,15 +396,7 @@ pub fn export(
     file.sync_all()
         .with_context(|| format!("syncing {}", path.display()))?;
     bar.finish_and_clear();
-    Ok(ExportReport {
-        volume: match snapshot {
-            Some(s) => format!("{name}@{s}"),
-            None => name.to_string(),
-        },
-        file: path.display().to_string(),
-        size_bytes: size,
-        data_bytes,
-    })
+    Ok(data_bytes)
 }
 
 #[cfg(test)]

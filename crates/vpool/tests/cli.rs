@@ -823,7 +823,7 @@ fn template_clone_flatten_commit_commands() {
     let out = run_ok(&pool, &["vol", "flatten", "web3"]);
     assert!(
         out.contains("flattened web3: it no longer depends on web2@s")
-            && out.contains("Instant in vpool")
+            && out.contains("Instant")
             && out.contains("nothing was copied"),
         "{out}"
     );

@@ -68,6 +68,56 @@ fn nbd_write_and_flush(socket: &Path, export: &str, offset: u64, len: u32, byte:
     nbd_common::raw::write_and_flush(socket, export, offset, len, byte)
 }
 
+/// An NBD client that reads a volume over and over, in 64 KiB reads, until
+/// stopped, each read checked against `want` (a failed or wrong read
+/// panics the test when it stops).
+struct NbdReader {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl NbdReader {
+    /// Connected when this returns.
+    fn start(socket: &Path, export: &str, want: Vec<u8>) -> NbdReader {
+        use std::io::Write;
+        use vpool_nbd::proto::NBD_CMD_READ;
+        let mut s = nbd_common::raw::open_export(socket, export);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            const LEN: usize = 65536;
+            let mut reads = 0u64;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let at = (reads as usize * LEN) % want.len();
+                s.write_all(&nbd_common::raw::request(
+                    NBD_CMD_READ,
+                    0,
+                    reads,
+                    at as u64,
+                    LEN as u32,
+                ))
+                .unwrap();
+                assert_eq!(
+                    nbd_common::raw::simple_reply(&mut s),
+                    (0, reads),
+                    "read at {at}"
+                );
+                let got = nbd_common::raw::read_exact(&mut s, LEN);
+                assert!(got == want[at..at + LEN], "a wrong read at {at}");
+                reads += 1;
+            }
+            reads
+        });
+        NbdReader { stop, thread }
+    }
+
+    /// Stops it; how many reads it made.
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("the reader failed")
+    }
+}
+
 /// Two hosts attach one shared pool; each creates a volume; each lists
 /// both with their owners; a volume is served only by its owner; it moves
 /// by release and takeover with its data; a dead owner's volume is taken
@@ -347,6 +397,7 @@ fn a_sealed_template_is_read_by_every_host() {
     let out = out.to_str().unwrap();
     let e = run_err(&home_b, &["vol", "export", "shared/web1", out]);
     assert!(e.contains("clone of a template"), "{e}");
+    assert!(!Path::new(out).exists(), "a failed export left its file");
     let e = run_err(
         &home_b,
         &[
@@ -375,16 +426,55 @@ fn a_sealed_template_is_read_by_every_host() {
     assert!(qemu_img_compare(&a.nbd_uri("shared/web1"), &clone_img));
 
     // Deleting the template: refused while a clone of it exists; once
-    // the clone is gone, from any host (nobody owns it). The other host's
-    // view goes at its next open.
+    // the clone is flattened or gone, from any host (nobody owns it). The
+    // other host's view goes at its next open.
     let e = run_err(&home_b, &["vol", "delete", "shared/golden"]);
     assert!(e.contains("has clones") && e.contains("web1"), "{e}");
-    run_ok(&home_a, &["vol", "delete", "shared/web1"]);
+    run_ok(&home_b, &["vol", "clone", "shared/golden", "shared/web2"]);
+    let e = run_err(&home_b, &["vol", "flatten", "shared/web1"]);
+    assert!(e.contains("owned by"), "{e}");
+    // Flattened on its owner while a client reads it: it holds every
+    // block it reads, so the API's data routes see the whole image.
+    let reader = NbdReader::start(&a.nbd_socket(), "shared/web1", want.clone());
+    let flat = run_json(&home_a, &["vol", "flatten", "shared/web1"]);
+    assert!(
+        flat["volume"]["name"] == "web1"
+            && flat["detached_from"] == "golden"
+            && flat["bytes_copied"].as_u64() > Some(0),
+        "{flat}"
+    );
+    assert!(status(&home_a, "shared/web1")["base"].is_null());
+    assert!(
+        reader.stop() > 0,
+        "the client read nothing during the flatten"
+    );
+    run_ok(&home_a, &["vol", "export", "shared/web1", out]);
+    assert!(
+        std::fs::read(out).unwrap() == want,
+        "the flattened volume misses blocks"
+    );
+    let e = run_err(&home_a, &["vol", "flatten", "shared/web1"]);
+    assert!(e.contains("not a clone"), "{e}");
+    let e = run_err(&home_b, &["vol", "delete", "shared/golden"]);
+    assert!(
+        e.contains("has clones") && e.contains("web2") && !e.contains("web1"),
+        "{e}"
+    );
+    run_ok(&home_b, &["vol", "delete", "shared/web2"]);
     run_ok(&home_b, &["vol", "delete", "shared/golden"]);
-    let l = run_json(&home_a, &["vol", "list", "--pool", "shared"]);
+    // The flattened clone reads the same without its template, on any
+    // host; what the flatten copied was in the bucket when it returned,
+    // so its owner may die with its cache at once.
+    assert!(qemu_img_compare(&a.nbd_uri("shared/web1"), &clone_img));
+    a.crash();
+    std::fs::remove_dir_all(t.path().join("ca")).unwrap();
+    run_ok(&home_b, &["vol", "takeover", "shared/web1"]);
+    assert!(qemu_img_compare(&b.nbd_uri("shared/web1"), &clone_img));
+    run_ok(&home_b, &["vol", "delete", "shared/web1"]);
+    let l = run_json(&home_b, &["vol", "list", "--pool", "shared"]);
     assert!(l["shared"].as_array().unwrap().is_empty(), "{l}");
     let out = std::process::Command::new("nbdinfo")
-        .arg(a.nbd_uri("shared/golden"))
+        .arg(b.nbd_uri("shared/golden"))
         .output()
         .unwrap();
     assert!(!out.status.success(), "a deleted template was served");

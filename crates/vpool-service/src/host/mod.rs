@@ -616,6 +616,20 @@ impl Host {
         sh.clone_volume(&*self.opener, volume, new)
     }
 
+    /// Makes clone `volume` independent of what it was cloned from: in a
+    /// shared pool, of its template (see [`SharedCtx::flatten`]), else of
+    /// its parent in its pool. Blocking (copies data).
+    pub fn flatten_volume(
+        &self,
+        pool: Option<&str>,
+        volume: &str,
+    ) -> Result<crate::pool::Flattened> {
+        match self.shared(pool) {
+            Some(sh) => sh.flatten(volume),
+            None => self.volume_pool(pool, volume)?.service.flatten(volume),
+        }
+    }
+
     /// Whether `volume` of `pool` is a clone of a shared pool's template
     /// that this host opened.
     pub fn is_shared_clone(&self, pool: Option<&str>, volume: &str) -> bool {

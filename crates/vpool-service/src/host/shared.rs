@@ -33,6 +33,9 @@ use crate::layered::{CopyUpLocks, LayeredDevice};
 /// threads, descriptors, a cache).
 pub const MAX_OWNED: usize = 64;
 
+/// How long a flatten waits for what it copied to reach the bucket.
+const FLATTEN_UPLOAD_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Who owns a volume of a shared pool, as its family's latest manifest
 /// says.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,6 +155,15 @@ pub trait SharedStore: Send + Sync {
         Err(Error::new(
             ErrorKind::NotSupported,
             format!("this pool cannot make {name} a clone of {base}"),
+        ))
+    }
+    /// Records that clone `name` holds all its template's blocks that it
+    /// reads: from then on [`SharedStore::owner`] names no base for it, and
+    /// [`SharedStore::clones_of`] does not count it.
+    fn mark_flattened(&self, name: &str) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::NotSupported,
+            format!("this pool cannot flatten {name}"),
         ))
     }
 }
@@ -699,6 +711,76 @@ impl SharedCtx {
         Ok(out)
     }
 
+    /// Flattens clone `vol`, which this host owns, while its clients run:
+    /// copies every block of its template that it reads into its own
+    /// volume, waits until that is in the bucket, then records in its
+    /// family that it has no template any more (its name record is
+    /// create-only) and drops its ref from the template. Its devices pass
+    /// straight to its own volume from then on. Refused for a clone with
+    /// snapshots (they hold its own blocks only, so they would read zeros
+    /// where the template's data was). Blocking: copies the template's
+    /// data, then waits for its upload.
+    pub fn flatten(&self, vol: &str) -> Result<crate::pool::Flattened> {
+        let _admin = self.lock_volume(vol);
+        let family = self.family(vol)?;
+        let base = self.base_of(vol).ok_or_else(|| {
+            Error::invalid(format!(
+                "volume {}/{vol} is not a clone of a template: it has nothing to flatten",
+                self.name
+            ))
+        })?;
+        self.refuse_snapshots(&family, vol)?;
+        let started = std::time::Instant::now();
+        let device = |e: DeviceError| Error::new(ErrorKind::Failed, e.to_string());
+        let top = family.exports.open(vol).map_err(device)?;
+        let template = base.view.exports.open(&base.template).map_err(device)?;
+        let layered = LayeredDevice::new(Arc::clone(&top), template, Arc::clone(&base.locks));
+        let copied_bytes = layered.copy_up_all().map_err(device)?;
+        // A snapshot taken during the copy may hold part of it only.
+        self.refuse_snapshots(&family, vol)?;
+        top.flush().map_err(device)?;
+        drop((layered, top));
+        let cache = family
+            .cache
+            .as_ref()
+            .ok_or_else(|| Error::internal(format!("volume {}/{vol} has no bucket", self.name)))?;
+        // The record below makes every later owner read this volume alone:
+        // what the copy wrote must be in the bucket first.
+        cache.wait_in_bucket(FLATTEN_UPLOAD_LIMIT)?;
+        self.store.mark_flattened(vol)?;
+        base.locks.set_flattened();
+        self.forget_base(vol);
+        if let Some(id) = self.store.owner(vol).ok().and_then(|o| o.family)
+            && let Err(e) = self.store.drop_ref(&base.template, &id)
+        {
+            // Harmless: a flattened clone's ref is not counted.
+            tracing::warn!(pool = %self.name, volume = vol, template = %base.template, error = %e.message, "could not drop a flattened clone's ref from its template");
+        }
+        tracing::info!(pool = %self.name, volume = vol, template = %base.template, copied_bytes, took_ms = started.elapsed().as_millis() as u64, "clone flattened");
+        Ok(crate::pool::Flattened {
+            detached_from: Some(base.template),
+            bytes_copied: copied_bytes,
+            volume: family.service.volume(vol)?,
+        })
+    }
+
+    /// Refuses to flatten clone `vol` while it has snapshots.
+    fn refuse_snapshots(&self, family: &PoolCtx, vol: &str) -> Result<()> {
+        let snaps = family.service.list_snapshots(vol)?;
+        if snaps.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = snaps.iter().map(|s| s.name.as_str()).collect();
+        Err(Error::new(
+            ErrorKind::InUse,
+            format!(
+                "clone {}/{vol} has snapshots ({}): they hold its own blocks only and would lose its template's; delete them first",
+                self.name,
+                names.join(", ")
+            ),
+        ))
+    }
+
     /// Seals volume `vol`, which this host owns, as a template, for every
     /// host: seals it here (the template snapshot and the record of its
     /// digest, in the family), then releases it with a manifest that says
@@ -713,7 +795,7 @@ impl SharedCtx {
         let family = self.family(vol)?;
         if self.is_clone(vol) {
             return Err(Error::invalid(format!(
-                "volume {}/{vol} is a clone: its blocks are partly its template's, so it cannot be sealed (flattening a clone is not built)",
+                "volume {}/{vol} is a clone: its blocks are partly its template's, so it cannot be sealed (`vpool vol flatten` it first)",
                 self.name
             )));
         }
@@ -828,7 +910,7 @@ impl SharedCtx {
             return Err(Error::new(
                 ErrorKind::InUse,
                 format!(
-                    "template {}/{vol} has clones ({}): delete them first (flattening a clone is not built)",
+                    "template {}/{vol} has clones ({}): delete or flatten them first",
                     self.name,
                     clones.join(", ")
                 ),

@@ -159,7 +159,8 @@ proptest! {
     fn the_clone_reads_as_its_base_with_its_own_writes_over_it(ops in proptest::collection::vec(op(), 1..24)) {
         let t = tempfile::tempdir().unwrap();
         let (top, base, _pool) = devices(t.path());
-        let dev = LayeredDevice::new(top, base, CopyUpLocks::new());
+        let locks = CopyUpLocks::new();
+        let dev = LayeredDevice::new(Arc::clone(&top), base, Arc::clone(&locks));
         let mut model = initial_image();
         let mut got = vec![0u8; model.len()];
         dev.read(0, &mut got).unwrap();
@@ -175,7 +176,76 @@ proptest! {
         let mut piece = vec![0u8; 3 * SECTOR as usize];
         dev.read(5 * SECTOR, &mut piece).unwrap();
         prop_assert!(piece[..] == model[(5 * SECTOR) as usize..(8 * SECTOR) as usize]);
+        // Flattened, the top alone is the image; and the device goes on
+        // as a plain one (a trim unmaps: zeros, not the base).
+        dev.copy_up_all().unwrap();
+        top.read(0, &mut got).unwrap();
+        prop_assert!(got == model, "the top alone after the flatten");
+        prop_assert_eq!(dev.copy_up_all().unwrap(), 0, "a second flatten copies nothing");
+        locks.set_flattened();
+        dev.read(0, &mut got).unwrap();
+        prop_assert!(got == model, "through the flattened device");
+        dev.trim(0, model.len() as u64).unwrap();
+        dev.read(0, &mut got).unwrap();
+        prop_assert!(got.iter().all(|&b| b == 0), "a trim of a flattened clone reads zeros");
     }
+}
+
+/// A flatten while a client writes parts of unmapped blocks: afterwards
+/// the top alone reads as the layered device does. (Repeated: the race is
+/// short.)
+#[test]
+fn a_flatten_racing_writes_leaves_the_top_whole() {
+    for _ in 0..10 {
+        flatten_racing_writes();
+    }
+}
+
+fn flatten_racing_writes() {
+    let t = tempfile::tempdir().unwrap();
+    let (top, base, _pool) = devices(t.path());
+    let locks = CopyUpLocks::new();
+    let dev = Arc::new(LayeredDevice::new(
+        Arc::clone(&top),
+        base,
+        Arc::clone(&locks),
+    ));
+    let writer = {
+        let dev = Arc::clone(&dev);
+        std::thread::spawn(move || {
+            for round in 0..4u64 {
+                for b in (0..BASE_BLOCKS).rev() {
+                    let sector = (b + round) % (BLOCK_SIZE / SECTOR);
+                    dev.write(
+                        b * BLOCK_SIZE + sector * SECTOR,
+                        &[0xe0 + round as u8; SECTOR as usize],
+                    )
+                    .unwrap();
+                }
+            }
+        })
+    };
+    let copied = dev.copy_up_all().unwrap();
+    writer.join().unwrap();
+    assert!(copied <= BASE_BLOCKS / 2 * BLOCK_SIZE, "copied {copied}");
+    let size = (TOP_BLOCKS * BLOCK_SIZE) as usize;
+    let (mut layered, mut alone) = (vec![0u8; size], vec![0u8; size]);
+    // Every write landed, whichever of it and the flatten's copy came
+    // first.
+    let mut want = initial_image();
+    for round in 0..4u64 {
+        for b in 0..BASE_BLOCKS {
+            let at = (b * BLOCK_SIZE + (b + round) % (BLOCK_SIZE / SECTOR) * SECTOR) as usize;
+            want[at..at + SECTOR as usize].fill(0xe0 + round as u8);
+        }
+    }
+    dev.read(0, &mut layered).unwrap();
+    assert!(layered == want, "a write was lost");
+    top.read(0, &mut alone).unwrap();
+    assert!(alone == want, "the top misses what the base gave");
+    locks.set_flattened();
+    dev.read(0, &mut alone).unwrap();
+    assert!(layered == alone);
 }
 
 /// Two writers, each on a device of its own (two NBD connections), copy

@@ -251,9 +251,10 @@ pub fn render_pins(pins: &[PinInfo]) -> String {
 pub struct FlattenReport {
     /// The `volume@snapshot` the clone no longer depends on.
     pub detached_from: Option<String>,
-    /// Always true: vpool clones never read through their parent.
+    /// Nothing was copied: a clone in a pool never reads through its
+    /// parent (a clone of a shared pool's template does).
     pub instant: bool,
-    /// Always 0, for the same reason.
+    /// Bytes of the template copied into a shared pool's clone.
     pub bytes_copied: u64,
     pub volume: VolumeInfo,
 }

@@ -436,20 +436,27 @@ fn template_text(info: &VolumeInfo) -> String {
 }
 
 fn flatten(client: &Client, out: Output, name: &str) -> anyhow::Result<()> {
-    let before = client.volume_info(name)?;
-    let info = client.flatten(name)?;
+    let done = client.flatten(name)?;
     let report = FlattenReport {
-        detached_from: before.parent,
-        instant: true,
-        bytes_copied: 0,
-        volume: info,
+        detached_from: done.detached_from,
+        instant: done.bytes_copied == 0,
+        bytes_copied: done.bytes_copied,
+        volume: done.volume,
     };
     out.emit(&report, |r| {
-        format!(
-            "flattened {}: it no longer depends on {}. Instant in vpool: a clone never reads through its parent, so nothing was copied.",
-            r.volume.name,
-            r.detached_from.as_deref().unwrap_or("its parent")
-        )
+        let from = r.detached_from.as_deref().unwrap_or("its parent");
+        if r.instant {
+            format!(
+                "flattened {}: it no longer depends on {from}. Instant: it never read through it, so nothing was copied.",
+                r.volume.name
+            )
+        } else {
+            format!(
+                "flattened {}: it no longer depends on {from}; {} of it copied in.",
+                r.volume.name,
+                format_size(r.bytes_copied)
+            )
+        }
     })
 }
 
