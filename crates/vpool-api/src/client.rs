@@ -19,10 +19,10 @@ use serde::de::DeserializeOwned;
 use crate::error::{ErrorBody, ErrorKind};
 use crate::routes::{self, escape};
 use crate::types::{
-    AddPoolRequest, Allocation, CacheInfo, CheckResult, CleanResult, CloneRequest,
-    CreateSnapshotRequest, CreateVolumeRequest, Diff, DiffExtent, FlattenReport, PinInfo, PinList,
-    PinRequest, PoolInfo, PoolList, PoolStatus, ResizeVolumeRequest, SharedVolumeStatus,
-    SnapshotInfo, SnapshotList, VolumeInfo, VolumeList,
+    AddPoolRequest, Allocation, CacheInfo, CheckResult, CleanResult, CloneRequest, CopyRequest,
+    CreateSnapshotRequest, CreateVolumeRequest, Diff, DiffExtent, FlattenReport, JobInfo, JobList,
+    PinInfo, PinList, PinRequest, PoolInfo, PoolList, PoolStatus, ResizeVolumeRequest,
+    SharedVolumeStatus, SnapshotInfo, SnapshotList, VolumeInfo, VolumeList,
 };
 use crate::{MAX_DATA_BYTES, MAX_JSON_BODY_BYTES};
 
@@ -490,6 +490,41 @@ impl Client {
             snapshot: snapshot.map(str::to_string),
         };
         self.json_call("POST", &routes::volume_clone(&source), Some(&req))
+    }
+
+    /// Starts copying `volume` (`POOL/NAME` or `NAME`), or its
+    /// `snapshot`, into `to` (`POOL/NAME`, or `NAME` in the same pool):
+    /// a job, whose id the answer has.
+    pub fn copy_volume(
+        &self,
+        volume: &str,
+        snapshot: Option<&str>,
+        to: &str,
+    ) -> Result<JobInfo, ClientError> {
+        let req = CopyRequest {
+            to: to.to_string(),
+            snapshot: snapshot.map(str::to_string),
+        };
+        self.json_call(
+            "POST",
+            &routes::volume_copy(&self.qualify(volume)),
+            Some(&req),
+        )
+    }
+
+    /// The daemon's jobs: running, and the latest finished ones.
+    pub fn jobs(&self) -> Result<JobList, ClientError> {
+        self.json_call("GET", routes::JOBS, None::<&()>)
+    }
+
+    /// Job `id`.
+    pub fn job(&self, id: u64) -> Result<JobInfo, ClientError> {
+        self.json_call("GET", &routes::job(id), None::<&()>)
+    }
+
+    /// Asks job `id` to stop; its state then.
+    pub fn cancel_job(&self, id: u64) -> Result<JobInfo, ClientError> {
+        self.json_call("POST", &routes::job_cancel(id), None::<&()>)
     }
 
     /// Detaches clone `volume` from what it was cloned from.

@@ -26,7 +26,8 @@ impl HttpStatus for ErrorKind {
             | ErrorKind::InUse
             | ErrorKind::ReadOnly
             | ErrorKind::NotSupported
-            | ErrorKind::NotOwner => StatusCode::CONFLICT,
+            | ErrorKind::NotOwner
+            | ErrorKind::Cancelled => StatusCode::CONFLICT,
             ErrorKind::Invalid => StatusCode::BAD_REQUEST,
             ErrorKind::OutOfRange => StatusCode::RANGE_NOT_SATISFIABLE,
             ErrorKind::Corrupt | ErrorKind::Internal | ErrorKind::Unknown => {

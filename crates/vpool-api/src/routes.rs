@@ -53,6 +53,8 @@ pub const VOLUME_TEMPLATE: &str = "/v1/volumes/{name}/template";
 pub const VOLUME_CLONE: &str = "/v1/volumes/{name}/clone";
 /// `POST`: drop the parent link. See [`volume_flatten`].
 pub const VOLUME_FLATTEN: &str = "/v1/volumes/{name}/flatten";
+/// `POST`: start copying into another pool (a job). See [`volume_copy`].
+pub const VOLUME_COPY: &str = "/v1/volumes/{name}/copy";
 /// `POST`: merge into the parent. See [`volume_commit`].
 pub const VOLUME_COMMIT: &str = "/v1/volumes/{name}/commit";
 /// `GET`: diff between two images. See [`volume_diff`].
@@ -82,6 +84,13 @@ pub const POOL_DETACH: &str = "/v1/pools/{pool}/detach";
 /// on S3 over).
 pub const POOL_OPEN: &str = "/v1/pools/{pool}/open";
 
+/// `GET`: the daemon's jobs (running, and the latest finished ones).
+pub const JOBS: &str = "/v1/jobs";
+/// `GET`: one job. See [`job`].
+pub const JOB: &str = "/v1/jobs/{id}";
+/// `POST`: ask a job to stop. See [`job_cancel`].
+pub const JOB_CANCEL: &str = "/v1/jobs/{id}/cancel";
+
 /// Every pattern above that addresses the default pool, and has a
 /// [`scoped`] twin.
 pub const ALL: &[&str] = &[
@@ -102,6 +111,7 @@ pub const ALL: &[&str] = &[
     VOLUME_TEMPLATE,
     VOLUME_CLONE,
     VOLUME_FLATTEN,
+    VOLUME_COPY,
     VOLUME_COMMIT,
     VOLUME_DIFF,
     VOLUME_OWNER,
@@ -248,6 +258,21 @@ pub fn volume_flatten(name: &str) -> String {
     for_volume(VOLUME_FLATTEN, name, &[])
 }
 
+/// [`VOLUME_COPY`] of volume `name`.
+pub fn volume_copy(name: &str) -> String {
+    for_volume(VOLUME_COPY, name, &[])
+}
+
+/// [`JOB`] of job `id`.
+pub fn job(id: u64) -> String {
+    fill(JOB, &[&id.to_string()])
+}
+
+/// [`JOB_CANCEL`] of job `id`.
+pub fn job_cancel(id: u64) -> String {
+    fill(JOB_CANCEL, &[&id.to_string()])
+}
+
 /// [`VOLUME_COMMIT`] of volume `name`.
 pub fn volume_commit(name: &str) -> String {
     for_volume(VOLUME_COMMIT, name, &[])
@@ -366,6 +391,7 @@ mod tests {
             (VOLUME_TEMPLATE, volume_template),
             (VOLUME_CLONE, volume_clone),
             (VOLUME_FLATTEN, volume_flatten),
+            (VOLUME_COPY, volume_copy),
             (VOLUME_COMMIT, volume_commit),
             (VOLUME_DIFF, volume_diff),
         ];
@@ -666,6 +692,12 @@ mod tests {
                 VOLUME_COMMIT,
                 &["V"],
                 Box::new(|c, _, _| drop(c.commit("copy", false))),
+            ),
+            (
+                "POST",
+                VOLUME_COPY,
+                &["V"],
+                Box::new(|c, v, s| drop(c.copy_volume(v, Some(s), "copy2"))),
             ),
             (
                 "POST",

@@ -43,10 +43,10 @@ use crate::limits::{ApiLimits, serve_limited};
 use crate::routes;
 use crate::types::{
     AddPoolRequest, Allocation, AllocationExtent, CacheInfo, CheckQuery, CheckResult, CleanResult,
-    CloneRequest, CreateSnapshotRequest, CreateVolumeRequest, Diff, DiffExtent, DiffQuery,
-    FlattenReport, ForceQuery, PinList, PinRequest, PoolInfo, PoolList, PoolStatus, RangeQuery,
-    ResizeVolumeRequest, RollbackQuery, SnapshotInfo, SnapshotList, VolumeInfo, VolumeList,
-    WriteQuery, ZeroQuery,
+    CloneRequest, CopyRequest, CreateSnapshotRequest, CreateVolumeRequest, Diff, DiffExtent,
+    DiffQuery, FlattenReport, ForceQuery, JobInfo, JobList, PinList, PinRequest, PoolInfo,
+    PoolList, PoolStatus, RangeQuery, ResizeVolumeRequest, RollbackQuery, SnapshotInfo,
+    SnapshotList, VolumeInfo, VolumeList, WriteQuery, ZeroQuery,
 };
 use crate::{
     MAX_ALLOCATION_EXTENTS, MAX_ALLOCATION_SPAN_BYTES, MAX_DATA_BYTES, MAX_DIFF_EXTENTS,
@@ -364,6 +364,7 @@ fn pool_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
         (routes::VOLUME_TEMPLATE, post(make_template)),
         (routes::VOLUME_CLONE, post(clone_volume)),
         (routes::VOLUME_FLATTEN, post(flatten)),
+        (routes::VOLUME_COPY, post(copy_volume)),
         (routes::VOLUME_COMMIT, post(commit)),
         (routes::VOLUME_DIFF, get(diff)),
         (routes::VOLUME_OWNER, get(volume_owner)),
@@ -385,7 +386,10 @@ pub fn router(state: ApiState) -> Router {
     let mut r = Router::new()
         .route(routes::POOLS, get(list_pools).post(add_pool))
         .route(routes::POOL_DETACH, post(detach_pool))
-        .route(routes::POOL_OPEN, post(open_pool));
+        .route(routes::POOL_OPEN, post(open_pool))
+        .route(routes::JOBS, get(list_jobs))
+        .route(routes::JOB, get(job_info))
+        .route(routes::JOB_CANCEL, post(cancel_job));
     for (pattern, handlers) in pool_routes() {
         r = r
             .route(pattern, handlers.clone())
@@ -1115,6 +1119,72 @@ async fn flatten(
     let host = Arc::clone(&s.host);
     let done = service(move || host.flatten_volume(pool.as_deref(), &name)).await?;
     Ok(Json(done.into()))
+}
+
+/// Starts a copy job: 202 with the job, `Location` its route.
+async fn copy_volume(
+    State(s): State<ApiState>,
+    Named { pool, name }: Named,
+    ApiJson(req): ApiJson<CopyRequest>,
+) -> Result<Response, ApiError> {
+    let host = Arc::clone(&s.host);
+    let job = service(move || {
+        let (to_pool, to) = match req.to.split_once('/') {
+            Some((p, n)) => (Some(p.to_string()), n.to_string()),
+            None => (pool.clone(), req.to.clone()),
+        };
+        host.copy_volume(
+            pool.as_deref(),
+            &name,
+            req.snapshot.as_deref(),
+            to_pool.as_deref(),
+            &to,
+        )
+    })
+    .await?;
+    let loc = routes::job(job.id);
+    let mut resp = created(&job, &loc);
+    *resp.status_mut() = StatusCode::ACCEPTED;
+    Ok(resp)
+}
+
+// ----- jobs -----
+
+async fn list_jobs(State(s): State<ApiState>) -> Json<JobList> {
+    Json(JobList {
+        jobs: s.host.jobs.list(),
+    })
+}
+
+/// A route's `{id}` capture: a job id, checked.
+struct JobId(u64);
+
+impl FromRequestParts<ApiState> for JobId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &ApiState,
+    ) -> Result<Self, Self::Rejection> {
+        let captures = Captures::from_request_parts(parts, state).await?;
+        let raw = captures.get("id").unwrap_or_default();
+        raw.parse().map(JobId).map_err(|_| {
+            ApiError::from(vpool_service::Error::invalid(format!(
+                "{raw:?} is not a job id (a number)"
+            )))
+        })
+    }
+}
+
+async fn job_info(State(s): State<ApiState>, JobId(id): JobId) -> Result<Json<JobInfo>, ApiError> {
+    Ok(Json(s.host.jobs.get(id)?))
+}
+
+async fn cancel_job(
+    State(s): State<ApiState>,
+    JobId(id): JobId,
+) -> Result<Json<JobInfo>, ApiError> {
+    Ok(Json(s.host.jobs.cancel(id)?))
 }
 
 async fn commit(

@@ -550,6 +550,24 @@ pub struct ForceQuery {
 /// Query of rollback and commit: see [`ForceQuery`].
 pub type RollbackQuery = ForceQuery;
 
+/// `POST /v1/volumes/{name}/copy`: copy the volume, or its `snapshot`,
+/// into volume `to` (`POOL/NAME`, or `NAME` in the volume's pool).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopyRequest {
+    pub to: String,
+    #[serde(default)]
+    pub snapshot: Option<String>,
+}
+
+pub use vpool_service::jobs::{JobInfo, JobState};
+
+/// `GET /v1/jobs`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobList {
+    pub jobs: Vec<JobInfo>,
+}
+
 /// What `POST /v1/volumes/{name}/flatten` did.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlattenReport {

@@ -54,12 +54,13 @@ pub trait CacheControl: Send + Sync + 'static {
     /// Removes a pin; `not_found` if there is no such pin.
     fn unpin(&self, volume: &str, snapshot: Option<&str>) -> Result<()>;
 
-    /// Makes the release when the pool closes seal it (a shared pool's
-    /// template): it opens read-only from then on, on every host.
-    /// Waits until everything written and flushed before the call is in
-    /// the bucket, listed by a manifest that any later owner reads (the
-    /// open segment is sealed after the pool's `--seal-after`). An error
-    /// if that takes longer than `timeout` or this host was fenced.
+    /// Waits until nothing written here is missing from the bucket: every
+    /// segment sealed and synced before is uploaded and listed by a
+    /// committed manifest that any later owner reads, with every
+    /// checkpoint queued (seal the open segment first, or it waits for the
+    /// pool's `--seal-after`). It waits for *everything*, so writes that go
+    /// on meanwhile can keep it waiting: hold them. An error if that takes
+    /// longer than `timeout` or this host is fenced.
     fn wait_in_bucket(&self, timeout: std::time::Duration) -> Result<()> {
         let _ = timeout;
         Err(crate::error::Error::new(
@@ -68,6 +69,8 @@ pub trait CacheControl: Send + Sync + 'static {
         ))
     }
 
+    /// Makes the release when the pool closes seal it (a shared pool's
+    /// template): it opens read-only from then on, on every host.
     fn seal_at_close(&self) -> Result<()> {
         Err(crate::error::Error::new(
             crate::error::ErrorKind::NotSupported,

@@ -49,6 +49,8 @@ pub enum ErrorKind {
     /// A volume of a shared pool that another host owns (or none does):
     /// it is served, and changed, only by its owner.
     NotOwner,
+    /// A job was cancelled before it finished (`vpool job cancel`).
+    Cancelled,
     /// A kind this client does not know (sent by a newer server).
     #[serde(other)]
     Unknown,
@@ -74,6 +76,7 @@ impl ErrorKind {
             ErrorKind::NotSupported => "not_supported",
             ErrorKind::Timeout => "timeout",
             ErrorKind::NotOwner => "not_owner",
+            ErrorKind::Cancelled => "cancelled",
             ErrorKind::Unknown => "unknown",
         }
     }

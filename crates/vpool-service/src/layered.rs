@@ -28,16 +28,19 @@
 //!
 //! **Flatten.** [`LayeredDevice::copy_up_all`] copies every block of the
 //! base that holds data and that the top does not map, a step of blocks
-//! at a time under their stripes held exclusively (so it is a copy-up of
-//! each, racing nothing). Then the top alone is the clone's image; once
-//! that is durable where it must be, [`CopyUpLocks::set_flattened`] makes
-//! every device of the clone pass straight to the top (a TRIM may unmap
-//! again), without the clients reconnecting.
+//! at a time: the base's data read first, then written under the step's
+//! stripes held exclusively where the top still does not map it (so it is
+//! a copy-up of each, racing nothing). Then the top alone is the clone's
+//! image; once that is durable where it must be,
+//! [`CopyUpLocks::set_flattened`] makes every device of the clone pass
+//! straight to the top (a TRIM may unmap again) and let go of the base,
+//! without the clients reconnecting. [`CopyUpLocks::quiesce`] holds every
+//! stripe, for the flatten's last pass.
 //!
 //! Tested against a model (`tests` below) on a real engine volume.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock, RwLockWriteGuard, Weak};
 use vpool_engine::BLOCK_SIZE;
 use vpool_nbd::{BlockDevice, DeviceError};
 
@@ -57,11 +60,18 @@ const MAX_EXTENTS: usize = 1024;
 /// waits for at most one step).
 const FLATTEN_STEP_BLOCKS: u64 = 256;
 
-/// The copy-up locks of one clone, and whether it was flattened: every
-/// device of it shares them.
+/// A device's hold on the base's device (`None` once let go).
+type BaseSlot = RwLock<Option<Arc<dyn BlockDevice>>>;
+
+/// The copy-up locks of one clone, whether it was flattened, and its
+/// devices' holds on the base: every device of it shares them.
 pub struct CopyUpLocks {
     stripes: Vec<RwLock<()>>,
     flattened: AtomicBool,
+    /// The live devices' base slots, emptied by the flatten (a device
+    /// held open by an idle client would hold the template's device, an
+    /// NBD client of it that its deletion counts).
+    slots: Mutex<Vec<Weak<BaseSlot>>>,
 }
 
 impl CopyUpLocks {
@@ -69,28 +79,54 @@ impl CopyUpLocks {
         Arc::new(CopyUpLocks {
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             flattened: AtomicBool::new(false),
+            slots: Mutex::new(Vec::new()),
         })
     }
 
-    /// From now on the clone's devices use the top alone: call only once
-    /// [`LayeredDevice::copy_up_all`] finished and what it wrote is
-    /// durable, since a trim through a flattened device unmaps.
+    /// From now on the clone's devices use the top alone, and let go of
+    /// the base: call only once the top holds every block of the base it
+    /// reads, durably, since a trim through a flattened device unmaps.
     pub fn set_flattened(&self) {
         self.flattened.store(true, Ordering::Release);
+        let slots = std::mem::take(&mut *self.slots.lock().unwrap_or_else(|e| e.into_inner()));
+        for slot in slots.iter().filter_map(Weak::upgrade) {
+            slot.write().unwrap_or_else(|e| e.into_inner()).take();
+        }
     }
 
     fn flattened(&self) -> bool {
         self.flattened.load(Ordering::Acquire)
     }
+
+    /// Every stripe, exclusively: no write through any device of the clone
+    /// runs until the guard goes.
+    pub fn quiesce(&self) -> Quiesced<'_> {
+        Quiesced(
+            self.stripes
+                .iter()
+                .map(|s| s.write().unwrap_or_else(|e| e.into_inner()))
+                .collect(),
+        )
+    }
+
+    /// Registers a device's base slot (dead ones are dropped: bounded by
+    /// the live devices).
+    fn register(&self, slot: &Arc<BaseSlot>) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.retain(|w| w.strong_count() > 0);
+        slots.push(Arc::downgrade(slot));
+    }
 }
+
+/// Every stripe of a clone held: see [`CopyUpLocks::quiesce`].
+pub struct Quiesced<'a>(#[allow(dead_code)] Vec<RwLockWriteGuard<'a, ()>>);
 
 /// A clone over a read-only base; see the module doc.
 pub struct LayeredDevice {
     top: Arc<dyn BlockDevice>,
-    /// `None` once the clone was flattened and this device noticed: it
-    /// holds the template's device (an NBD client of it, as the
-    /// template's deletion counts them) no longer.
-    base: RwLock<Option<Arc<dyn BlockDevice>>>,
+    /// `None` once the clone was flattened: the device holds the
+    /// template's device no longer.
+    base: Arc<BaseSlot>,
     locks: Arc<CopyUpLocks>,
 }
 
@@ -102,34 +138,27 @@ impl LayeredDevice {
         base: Arc<dyn BlockDevice>,
         locks: Arc<CopyUpLocks>,
     ) -> LayeredDevice {
-        LayeredDevice {
-            top,
-            base: RwLock::new(Some(base)),
-            locks,
-        }
+        let flattened = locks.flattened();
+        let base = Arc::new(RwLock::new((!flattened).then_some(base)));
+        locks.register(&base);
+        LayeredDevice { top, base, locks }
     }
 
     /// Whether the clone was flattened: then every request goes to the
-    /// top alone, and the base's device is let go.
+    /// top alone.
     fn flattened(&self) -> bool {
-        if !self.locks.flattened() {
-            return false;
-        }
-        if self
-            .base
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
-        {
-            self.base.write().unwrap_or_else(|e| e.into_inner()).take();
-        }
-        true
+        self.locks.flattened()
     }
 
-    /// The base's device; `None` once it was let go (a flatten finished,
-    /// perhaps while this request ran: the top alone then holds the
-    /// clone's image, and the caller reads it instead).
+    /// The base's device; `None` once the clone was flattened, perhaps
+    /// while this request ran: the top alone then holds the clone's image
+    /// (a block it does not map reads zeros, as the base's would), and the
+    /// caller uses it instead. Asked after the top said "unmapped", so a
+    /// trim through a flattened device is never answered with the base.
     fn base(&self) -> Option<Arc<dyn BlockDevice>> {
+        if self.locks.flattened() {
+            return None;
+        }
         self.base.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -366,6 +395,15 @@ impl LayeredDevice {
     /// meanwhile; an error leaves what was copied, which is harmless (a
     /// copy-up a write would have made).
     pub fn copy_up_all(&self) -> Result<u64, DeviceError> {
+        self.copy_up(true)
+    }
+
+    /// [`LayeredDevice::copy_up_all`] while every stripe is held already.
+    pub fn copy_up_all_quiesced(&self, _held: &Quiesced<'_>) -> Result<u64, DeviceError> {
+        self.copy_up(false)
+    }
+
+    fn copy_up(&self, lock: bool) -> Result<u64, DeviceError> {
         let Some(base) = self.base() else {
             return Ok(0);
         };
@@ -375,36 +413,59 @@ impl LayeredDevice {
         let mut at = 0u64;
         while at < end {
             let len = step.min(end - at);
-            copied += self.copy_up_step(&*base, at, len)?;
+            copied += self.copy_up_step(&*base, at, len, lock)?;
             at += len;
         }
         Ok(copied)
     }
 
-    /// One step of [`LayeredDevice::copy_up_all`], under the stripes of its
-    /// blocks held exclusively.
+    /// One step of [`LayeredDevice::copy_up`]. The base never changes, so
+    /// its data under the top's holes is read first, without locks (a read
+    /// of a cold template may wait for the bucket); then, under the step's
+    /// stripes (unless `lock` is false: the caller holds them all), the
+    /// pieces the top still does not map are written.
     fn copy_up_step(
         &self,
         base: &dyn BlockDevice,
         offset: u64,
         len: u64,
+        lock: bool,
     ) -> Result<u64, DeviceError> {
-        let stripes = self.stripes_of(offset / BLOCK_SIZE, (offset + len - 1) / BLOCK_SIZE);
-        let _guards: Vec<_> = stripes
-            .iter()
-            .map(|&s| {
-                self.locks.stripes[s]
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner())
-            })
-            .collect();
-        let mut copied = 0u64;
-        for (at, n) in ranges_where(&*self.top, offset, len, |f| f & STATE_HOLE != 0)? {
+        let is_hole = |f: u32| f & STATE_HOLE != 0;
+        let mut pieces: Vec<(u64, Vec<u8>)> = Vec::new();
+        for (at, n) in ranges_where(&*self.top, offset, len, is_hole)? {
             for (from, m) in ranges_where(base, at, n, |f| f & STATE_ZERO == 0)? {
                 let mut buf = vec![0u8; usize::try_from(m).expect("at most one step")];
                 base.read(from, &mut buf)?;
-                self.top.write(from, &buf)?;
-                copied += m;
+                pieces.push((from, buf));
+            }
+        }
+        if pieces.is_empty() {
+            return Ok(0);
+        }
+        let _guards: Vec<_> = if lock {
+            self.stripes_of(offset / BLOCK_SIZE, (offset + len - 1) / BLOCK_SIZE)
+                .into_iter()
+                .map(|s| {
+                    self.locks.stripes[s]
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut copied = 0u64;
+        for (at, n) in ranges_where(&*self.top, offset, len, is_hole)? {
+            for (from, data) in &pieces {
+                let s = at.max(*from);
+                let e = (at + n).min(from + data.len() as u64);
+                if s < e {
+                    let slice = &data[usize::try_from(s - from).expect("in the piece")
+                        ..usize::try_from(e - from).expect("in the piece")];
+                    self.top.write(s, slice)?;
+                    copied += e - s;
+                }
             }
         }
         Ok(copied)
@@ -451,9 +512,12 @@ fn ranges_where(
     let mut at = offset;
     while at < end {
         let got = dev.block_status(at, end - at)?;
-        assert!(!got.is_empty(), "block status covers a prefix");
+        if got.is_empty() || got.iter().any(|e| e.0 == 0) {
+            return Err(DeviceError::io(format!(
+                "block status at {at} answered no progress: {got:?}"
+            )));
+        }
         for (n, f) in got {
-            assert!(n > 0, "an extent of no bytes");
             let n = n.min(end - at);
             if want(f) {
                 match out.last_mut() {

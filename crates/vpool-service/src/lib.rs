@@ -25,6 +25,7 @@ pub mod catalog;
 pub mod error;
 pub mod exports;
 pub mod host;
+pub mod jobs;
 pub mod layered;
 pub mod names;
 pub mod pool;

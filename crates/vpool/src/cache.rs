@@ -277,24 +277,34 @@ impl Drop for Refresher {
 }
 
 impl CacheControl for S3Cache {
-    fn wait_in_bucket(&self, timeout: std::time::Duration) -> vpool_service::Result<()> {
-        let uploaded = self.store.wait_uploaded(timeout);
-        // Fenced, the queue never empties; but a store fenced after its
-        // last commit may look uploaded: what it committed is listed, yet
-        // say so rather than let the caller go on as the owner.
-        if let Some(why) = self.store.fenced() {
-            return Err(vpool_service::Error::new(ErrorKind::NotOwner, why));
+    fn wait_in_bucket(&self, timeout: Duration) -> vpool_service::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Fenced, the queue never empties; and a store fenced after its
+            // last commit must not let the caller go on as the owner.
+            if let Some(why) = self.store.fenced() {
+                return Err(vpool_service::Error::new(ErrorKind::NotOwner, why));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self
+                .store
+                .wait_uploaded(left.min(Duration::from_millis(200)))
+            {
+                if let Some(why) = self.store.fenced() {
+                    return Err(vpool_service::Error::new(ErrorKind::NotOwner, why));
+                }
+                return Ok(());
+            }
+            if left.is_zero() {
+                return Err(vpool_service::Error::new(
+                    ErrorKind::Failed,
+                    format!(
+                        "what was written is not all in the bucket after {} s (`vpool vol status` shows the bytes left to upload)",
+                        timeout.as_secs()
+                    ),
+                ));
+            }
         }
-        if !uploaded {
-            return Err(vpool_service::Error::new(
-                ErrorKind::Failed,
-                format!(
-                    "what was written is not all in the bucket after {} s (`vpool vol status` shows the bytes left to upload)",
-                    timeout.as_secs()
-                ),
-            ));
-        }
-        Ok(())
     }
 
     fn seal_at_close(&self) -> vpool_service::Result<()> {

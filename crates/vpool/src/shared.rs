@@ -22,6 +22,9 @@ pub struct BucketShared {
     name: String,
     file: PoolFile,
     remote: Arc<Remote>,
+    /// Clone families known flattened (the mark is never removed): not
+    /// asked again. Bounded by the pool's families.
+    flattened: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl BucketShared {
@@ -32,6 +35,7 @@ impl BucketShared {
         shared::check_shared(&remote)
             .with_context(|| format!("opening the shared pool at {}", file.url))?;
         Ok(BucketShared {
+            flattened: std::sync::Mutex::new(std::collections::BTreeSet::new()),
             name: name.to_string(),
             file,
             remote: Arc::new(remote),
@@ -120,6 +124,21 @@ impl BucketShared {
             })
     }
 
+    /// Whether clone family `id` was flattened (asked of the bucket until
+    /// it says yes).
+    fn is_flattened(&self, id: &str) -> vpool_service::Result<bool> {
+        let known = || self.flattened.lock().unwrap_or_else(|e| e.into_inner());
+        if known().contains(id) {
+            return Ok(true);
+        }
+        let family = self.remote.child(&shared::family_prefix(id));
+        let yes = shared::is_flattened(&family).map_err(bucket_error)?;
+        if yes {
+            known().insert(id.to_string());
+        }
+        Ok(yes)
+    }
+
     fn family_name(&self, vol: &str) -> String {
         format!("{}/{vol}", self.name)
     }
@@ -146,7 +165,7 @@ impl SharedStore for BucketShared {
         let mut rec = self.record_of(vol)?;
         let family = self.remote.child(&shared::family_prefix(&rec.id));
         let o: BucketOwner = shared::family_owner(&family).map_err(bucket_error)?;
-        if rec.base.is_some() && shared::is_flattened(&family).map_err(bucket_error)? {
+        if rec.base.is_some() && self.is_flattened(&rec.id)? {
             rec.base = None;
         }
         Ok(FamilyOwner {
@@ -227,8 +246,7 @@ impl SharedStore for BucketShared {
                 // A flattened clone's ref names a volume too (its drop
                 // may have failed), but the clone reads nothing of it.
                 refs.retain(|r| *r != rec.id);
-                let clone = self.remote.child(&shared::family_prefix(&rec.id));
-                if !shared::is_flattened(&clone).map_err(bucket_error)? {
+                if !self.is_flattened(&rec.id)? {
                     clones.push(name);
                 }
             }

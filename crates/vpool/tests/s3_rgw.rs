@@ -731,6 +731,16 @@ fn one_daemon_serves_two_local_pools_and_an_rgw_pool() {
         );
         images.push(img);
     }
+    // `vol copy` between the local pool and the S3 pool, both ways.
+    for (from, to, img) in [
+        ("fast/db", "cold/db2", &images[1]),
+        ("cold/arch", "fast/arch2", &images[2]),
+    ] {
+        let job = run_json(&home, &["vol", "copy", from, to]);
+        assert_eq!(job["state"], "succeeded", "{job}");
+        assert!(qemu_img_compare(&d.nbd_uri(to), img), "{from} -> {to}");
+        run_ok(&home, &["vol", "delete", to]);
+    }
     let list = nbdinfo(&["--list", "--json", &d.nbd_uri("")]);
     for v in vols {
         assert!(list.contains(&format!("\"{v}\"")), "{v} not listed: {list}");

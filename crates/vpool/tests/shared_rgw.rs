@@ -70,7 +70,8 @@ fn nbd_write_and_flush(socket: &Path, export: &str, offset: u64, len: u32, byte:
 
 /// An NBD client that reads a volume over and over, in 64 KiB reads, until
 /// stopped, each read checked against `want` (a failed or wrong read
-/// panics the test when it stops).
+/// panics the test when it stops); with `write_at`, it also writes the 64
+/// KiB of `want` there before each read.
 struct NbdReader {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: std::thread::JoinHandle<u64>,
@@ -78,31 +79,28 @@ struct NbdReader {
 
 impl NbdReader {
     /// Connected when this returns.
-    fn start(socket: &Path, export: &str, want: Vec<u8>) -> NbdReader {
+    fn start(socket: &Path, export: &str, want: Vec<u8>, write_at: Option<usize>) -> NbdReader {
+        use nbd_common::raw::{read_exact, request, simple_reply};
         use std::io::Write;
-        use vpool_nbd::proto::NBD_CMD_READ;
+        use vpool_nbd::proto::{NBD_CMD_READ, NBD_CMD_WRITE};
+        const LEN: usize = 65536;
         let mut s = nbd_common::raw::open_export(socket, export);
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = std::sync::Arc::clone(&stop);
         let thread = std::thread::spawn(move || {
-            const LEN: usize = 65536;
             let mut reads = 0u64;
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(w) = write_at {
+                    let mut req = request(NBD_CMD_WRITE, 0, u64::MAX, w as u64, LEN as u32);
+                    req.extend_from_slice(&want[w..w + LEN]);
+                    s.write_all(&req).unwrap();
+                    assert_eq!(simple_reply(&mut s), (0, u64::MAX), "write at {w}");
+                }
                 let at = (reads as usize * LEN) % want.len();
-                s.write_all(&nbd_common::raw::request(
-                    NBD_CMD_READ,
-                    0,
-                    reads,
-                    at as u64,
-                    LEN as u32,
-                ))
-                .unwrap();
-                assert_eq!(
-                    nbd_common::raw::simple_reply(&mut s),
-                    (0, reads),
-                    "read at {at}"
-                );
-                let got = nbd_common::raw::read_exact(&mut s, LEN);
+                s.write_all(&request(NBD_CMD_READ, 0, reads, at as u64, LEN as u32))
+                    .unwrap();
+                assert_eq!(simple_reply(&mut s), (0, reads), "read at {at}");
+                let got = read_exact(&mut s, LEN);
                 assert!(got == want[at..at + LEN], "a wrong read at {at}");
                 reads += 1;
             }
@@ -433,9 +431,12 @@ fn a_sealed_template_is_read_by_every_host() {
     run_ok(&home_b, &["vol", "clone", "shared/golden", "shared/web2"]);
     let e = run_err(&home_b, &["vol", "flatten", "shared/web1"]);
     assert!(e.contains("owned by"), "{e}");
-    // Flattened on its owner while a client reads it: it holds every
-    // block it reads, so the API's data routes see the whole image.
-    let reader = NbdReader::start(&a.nbd_socket(), "shared/web1", want.clone());
+    // Flattened on its owner while a client writes and reads it: it holds
+    // every block it reads, so the API's data routes see the whole image.
+    let w = 12 * MIB;
+    want[w..w + 65536].fill(0x5a);
+    std::fs::write(&clone_img, &want).unwrap();
+    let reader = NbdReader::start(&a.nbd_socket(), "shared/web1", want.clone(), Some(w));
     let flat = run_json(&home_a, &["vol", "flatten", "shared/web1"]);
     assert!(
         flat["volume"]["name"] == "web1"

@@ -243,6 +243,19 @@ impl Pool {
         Ok(())
     }
 
+    /// Seals the open segment now if it holds any record, and syncs it: a
+    /// store that ships sealed segments (S3) ships everything written
+    /// before without waiting for its `seal_after`.
+    pub fn seal_open_segment(&self) -> Result<()> {
+        {
+            let mut st = self.writable_state()?;
+            if st.log.open_since.is_some() {
+                self.roll(&mut st)?;
+            }
+        }
+        self.flush()
+    }
+
     /// Seals the open segment if the store wants it shipped by now.
     fn seal_if_old(&self) -> Result<()> {
         let Some(age) = self.inner.store.seal_after() else {

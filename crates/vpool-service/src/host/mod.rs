@@ -20,6 +20,7 @@
 //! How a directory becomes an open pool (local or S3, recovery, the cache)
 //! is the [`Opener`]'s business.
 
+mod copy;
 mod exports;
 mod file;
 mod forward;
@@ -306,6 +307,9 @@ pub struct PoolSlot {
     epoch: u64,
 }
 
+/// How long a stopping daemon waits for its jobs to stop.
+const JOBS_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The pools one daemon holds; see the module doc.
 pub struct Host {
     home: PathBuf,
@@ -320,6 +324,8 @@ pub struct Host {
     /// Set by [`Host::close_all`]: no attempt to open a pool records its
     /// outcome after it, and the retries stop.
     closing: AtomicBool,
+    /// The long operations running in the background (`vol copy`).
+    pub jobs: Arc<crate::jobs::Jobs>,
 }
 
 impl Host {
@@ -382,6 +388,7 @@ impl Host {
             admin: Mutex::new(()),
             next_epoch: AtomicU64::new(1),
             closing: AtomicBool::new(false),
+            jobs: Arc::new(crate::jobs::Jobs::new()),
         }
     }
 
@@ -788,6 +795,9 @@ impl Host {
     /// trying them all.
     pub fn close_all(&self) -> Result<()> {
         self.closing.store(true, Ordering::SeqCst);
+        // A job stops at its next step and undoes what it did, while its
+        // pools are still open.
+        self.jobs.cancel_all(JOBS_STOP_WAIT);
         // An add, open or detach under way finishes first (an add that
         // ends after this closes its own pool: see `insert_unless_closing`).
         let _admin = self.lock_admin_for(opening::STOP_WAIT);

@@ -33,8 +33,14 @@ use crate::layered::{CopyUpLocks, LayeredDevice};
 /// threads, descriptors, a cache).
 pub const MAX_OWNED: usize = 64;
 
-/// How long a flatten waits for what it copied to reach the bucket.
-const FLATTEN_UPLOAD_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
+/// Bytes a flatten leaves to upload while its clone's writes are held
+/// (the rest goes up while they run).
+const FLATTEN_LAG_BYTES: u64 = 64 << 20;
+/// How long a flatten holds its clone's writes, at most, for the last of
+/// its upload.
+const FLATTEN_HELD_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long the upload may make no progress before a flatten gives up.
+const FLATTEN_STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Who owns a volume of a shared pool, as its family's latest manifest
 /// says.
@@ -730,25 +736,35 @@ impl SharedCtx {
             ))
         })?;
         self.refuse_snapshots(&family, vol)?;
+        let cache = family
+            .cache
+            .as_ref()
+            .ok_or_else(|| Error::internal(format!("volume {}/{vol} has no bucket", self.name)))?;
         let started = std::time::Instant::now();
         let device = |e: DeviceError| Error::new(ErrorKind::Failed, e.to_string());
         let top = family.exports.open(vol).map_err(device)?;
         let template = base.view.exports.open(&base.template).map_err(device)?;
         let layered = LayeredDevice::new(Arc::clone(&top), template, Arc::clone(&base.locks));
-        let copied_bytes = layered.copy_up_all().map_err(device)?;
-        // A snapshot taken during the copy may hold part of it only.
-        self.refuse_snapshots(&family, vol)?;
+        // While the clients run: the copy, and most of its upload.
+        let mut copied_bytes = layered.copy_up_all().map_err(device)?;
         top.flush().map_err(device)?;
+        wait_for_upload_lag(&**cache, FLATTEN_LAG_BYTES)?;
+        // Then with their writes held: what is left to copy (blocks a
+        // rollback to a snapshot taken meanwhile unmapped again), sealed
+        // and in the bucket, listed by a manifest, before the mark that
+        // makes every later owner read the clone's volume alone.
+        {
+            let held = base.locks.quiesce();
+            self.refuse_snapshots(&family, vol)?;
+            copied_bytes += layered.copy_up_all_quiesced(&held).map_err(device)?;
+            // A snapshot taken since the check above holds a whole image.
+            self.refuse_snapshots(&family, vol)?;
+            family.service.pool().seal_open_segment()?;
+            cache.wait_in_bucket(FLATTEN_HELD_LIMIT)?;
+            self.store.mark_flattened(vol)?;
+            base.locks.set_flattened();
+        }
         drop((layered, top));
-        let cache = family
-            .cache
-            .as_ref()
-            .ok_or_else(|| Error::internal(format!("volume {}/{vol} has no bucket", self.name)))?;
-        // The record below makes every later owner read this volume alone:
-        // what the copy wrote must be in the bucket first.
-        cache.wait_in_bucket(FLATTEN_UPLOAD_LIMIT)?;
-        self.store.mark_flattened(vol)?;
-        base.locks.set_flattened();
         self.forget_base(vol);
         if let Some(id) = self.store.owner(vol).ok().and_then(|o| o.family)
             && let Err(e) = self.store.drop_ref(&base.template, &id)
@@ -1195,6 +1211,37 @@ impl SharedCtx {
             }
         }
         first.map_or(Ok(()), Err)
+    }
+}
+
+/// Waits until at most `lag_bytes` written here are not in the bucket:
+/// an error if this host is fenced, or if the upload makes no progress
+/// for [`FLATTEN_STALL_LIMIT`].
+fn wait_for_upload_lag(cache: &dyn crate::CacheControl, lag_bytes: u64) -> Result<()> {
+    let mut best = u64::MAX;
+    let mut progress_at = std::time::Instant::now();
+    loop {
+        let stats = cache.stats();
+        if let Some(why) = stats.fenced {
+            return Err(Error::new(ErrorKind::NotOwner, why));
+        }
+        if stats.dirty_bytes <= lag_bytes {
+            return Ok(());
+        }
+        if stats.dirty_bytes < best {
+            best = stats.dirty_bytes;
+            progress_at = std::time::Instant::now();
+        } else if progress_at.elapsed() >= FLATTEN_STALL_LIMIT {
+            return Err(Error::new(
+                ErrorKind::Failed,
+                format!(
+                    "the upload made no progress for {} s ({} bytes left); is the bucket reachable?",
+                    FLATTEN_STALL_LIMIT.as_secs(),
+                    stats.dirty_bytes
+                ),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
 

@@ -292,3 +292,30 @@ fn concurrent_copy_ups_of_one_block_keep_both_writes() {
         }
     }
 }
+
+/// A flatten lets every device of the clone go of the base's device, even
+/// one no request came to since (an idle client's), and a device made
+/// after it never holds it.
+#[test]
+fn a_flatten_lets_idle_devices_go_of_the_base() {
+    let t = tempfile::tempdir().unwrap();
+    let (top, base, _pool) = devices(t.path());
+    let locks = CopyUpLocks::new();
+    let idle = LayeredDevice::new(Arc::clone(&top), Arc::clone(&base), Arc::clone(&locks));
+    let busy = LayeredDevice::new(Arc::clone(&top), Arc::clone(&base), Arc::clone(&locks));
+    assert_eq!(Arc::strong_count(&base), 3);
+    busy.copy_up_all().unwrap();
+    {
+        let held = locks.quiesce();
+        assert_eq!(busy.copy_up_all_quiesced(&held).unwrap(), 0);
+        locks.set_flattened();
+    }
+    assert_eq!(Arc::strong_count(&base), 1, "a device still holds the base");
+    let late = LayeredDevice::new(Arc::clone(&top), Arc::clone(&base), Arc::clone(&locks));
+    assert_eq!(Arc::strong_count(&base), 1);
+    let mut a = vec![0u8; (TOP_BLOCKS * BLOCK_SIZE) as usize];
+    let mut b = a.clone();
+    idle.read(0, &mut a).unwrap();
+    late.read(0, &mut b).unwrap();
+    assert!(a == initial_image() && b == a);
+}

@@ -17,6 +17,7 @@
 
 mod attach;
 mod cache;
+mod job;
 mod pool;
 mod render;
 mod snap;
@@ -37,6 +38,7 @@ use crate::daemon::api_socket_path;
 
 pub use attach::{Attach, VolumeInfoWithAttach, render_attach};
 pub use cache::CacheCommand;
+pub use job::JobCommand;
 pub use pool::{PoolCommand, S3PoolArgs};
 pub use render::*;
 pub use snap::SnapCommand;
@@ -84,6 +86,9 @@ pub enum Command {
     /// The host cache of a pool on S3: figures, and what it keeps resident.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// The daemon's long operations (`vol copy`): progress, cancel, wait.
+    #[command(subcommand)]
+    Job(JobCommand),
 }
 
 #[derive(Debug, Args)]
@@ -241,6 +246,7 @@ pub fn run_client_command(home: &Path, json: bool, cmd: &Command) -> anyhow::Res
         Command::Cache(c) => cache::run(&client, out, c),
         Command::Vol(v) => vol::run(&client, home, out, show_progress, v),
         Command::Snap(c) => snap::run(&client, out, c),
+        Command::Job(c) => job::run(&client, out, show_progress, c),
     }
 }
 

@@ -340,7 +340,7 @@ pub fn render_diff(d: &Diff) -> String {
 }
 
 /// A left-aligned table with a header row, columns two spaces apart.
-fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
+pub(super) fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (w, cell) in widths.iter_mut().zip(r) {

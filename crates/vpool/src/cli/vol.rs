@@ -120,8 +120,23 @@ pub enum VolCommand {
         name: String,
     },
     /// Detach a clone from the snapshot it came from (instant in vpool:
-    /// clones never read through their parent, so nothing is copied).
+    /// clones never read through their parent, so nothing is copied; a
+    /// shared pool's clone copies its template's blocks in).
     Flatten { name: String },
+    /// Copy a volume, or one of its snapshots, into any pool the daemon
+    /// holds under a new name, as a job: `vpool vol copy local/db1@nightly
+    /// cold/db1-copy`. A live volume is copied as of a snapshot taken when
+    /// the copy starts; holes stay holes. Waits for the job, with its
+    /// progress, unless --detach.
+    Copy {
+        /// [POOL/]VOLUME or [POOL/]VOLUME@SNAPSHOT
+        source: String,
+        /// [POOL/]NAME; without a pool, the source's
+        dest: String,
+        /// Print the job and return at once (`vpool job wait ID`).
+        #[arg(long)]
+        detach: bool,
+    },
     /// Merge a clone into its parent volume: the parent takes the clone's
     /// content, atomically. The clone stays.
     Commit {
@@ -289,6 +304,11 @@ fn run_lineage(
             let info = client.make_template(name)?;
             out.emit(&info, template_text)
         }
+        VolCommand::Copy {
+            source,
+            dest,
+            detach,
+        } => copy(client, out, show_progress, source, dest, *detach),
         VolCommand::Clone { source, name } => {
             let (vol, snap) = parse_image(source)?;
             let info = client.clone_volume(vol, snap, name)?;
@@ -435,6 +455,47 @@ fn template_text(info: &VolumeInfo) -> String {
     )
 }
 
+/// `vol copy`: starts the job, and waits for it unless `detach`.
+fn copy(
+    client: &Client,
+    out: Output,
+    show_progress: bool,
+    source: &str,
+    dest: &str,
+    detach: bool,
+) -> anyhow::Result<()> {
+    let (vol, snap) = parse_image(source)?;
+    // A destination without a pool is in the source's pool.
+    let dest = match (dest.contains('/'), vol.split_once('/')) {
+        (false, Some((pool, _))) => format!("{pool}/{dest}"),
+        _ => dest.to_string(),
+    };
+    let job = client.copy_volume(vol, snap, &dest)?;
+    if detach {
+        return out.emit(&job, |j| {
+            format!(
+                "job {} copies {}; `vpool job wait {}` follows it, `vpool job cancel {}` stops it",
+                j.id, j.target, j.id, j.id
+            )
+        });
+    }
+    let job = super::job::wait(client, job.id, show_progress)?;
+    super::job::succeeded(&job)?;
+    out.emit(&job, |j| {
+        let data = j
+            .result
+            .as_ref()
+            .and_then(|r| r["data_bytes"].as_u64())
+            .unwrap_or(0);
+        format!(
+            "copied {} ({} of data) in job {}",
+            j.target,
+            format_size(data),
+            j.id
+        )
+    })
+}
+
 fn flatten(client: &Client, out: Output, name: &str) -> anyhow::Result<()> {
     let done = client.flatten(name)?;
     let report = FlattenReport {
@@ -447,7 +508,7 @@ fn flatten(client: &Client, out: Output, name: &str) -> anyhow::Result<()> {
         let from = r.detached_from.as_deref().unwrap_or("its parent");
         if r.instant {
             format!(
-                "flattened {}: it no longer depends on {from}. Instant: it never read through it, so nothing was copied.",
+                "flattened {}: it no longer depends on {from}. Instant: nothing was copied.",
                 r.volume.name
             )
         } else {
