@@ -21,7 +21,7 @@ use crate::routes::{self, escape};
 use crate::types::{
     AddPoolRequest, Allocation, CacheInfo, CheckResult, CleanResult, CloneRequest, CopyRequest,
     CreateSnapshotRequest, CreateVolumeRequest, Diff, DiffExtent, FlattenReport, JobInfo, JobList,
-    PinInfo, PinList, PinRequest, PoolInfo, PoolList, PoolStatus, ResizeVolumeRequest,
+    MoveRequest, PinInfo, PinList, PinRequest, PoolInfo, PoolList, PoolStatus, ResizeVolumeRequest,
     SharedVolumeStatus, SnapshotInfo, SnapshotList, VolumeInfo, VolumeList,
 };
 use crate::{MAX_DATA_BYTES, MAX_JSON_BODY_BYTES};
@@ -500,14 +500,37 @@ impl Client {
         volume: &str,
         snapshot: Option<&str>,
         to: &str,
+        max_rate_bytes_per_sec: Option<u64>,
     ) -> Result<JobInfo, ClientError> {
         let req = CopyRequest {
             to: to.to_string(),
             snapshot: snapshot.map(str::to_string),
+            max_rate_bytes_per_sec,
         };
         self.json_call(
             "POST",
             &routes::volume_copy(&self.qualify(volume)),
+            Some(&req),
+        )
+    }
+
+    /// Starts moving `volume` (`POOL/NAME` or `NAME`) into pool `to_pool`,
+    /// as `name` (default: its own), while its clients run: a job.
+    pub fn move_volume(
+        &self,
+        volume: &str,
+        to_pool: &str,
+        name: Option<&str>,
+        max_rate_bytes_per_sec: Option<u64>,
+    ) -> Result<JobInfo, ClientError> {
+        let req = MoveRequest {
+            to_pool: to_pool.to_string(),
+            name: name.map(str::to_string),
+            max_rate_bytes_per_sec,
+        };
+        self.json_call(
+            "POST",
+            &routes::volume_move(&self.qualify(volume)),
             Some(&req),
         )
     }

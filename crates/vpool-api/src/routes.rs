@@ -55,6 +55,9 @@ pub const VOLUME_CLONE: &str = "/v1/volumes/{name}/clone";
 pub const VOLUME_FLATTEN: &str = "/v1/volumes/{name}/flatten";
 /// `POST`: start copying into another pool (a job). See [`volume_copy`].
 pub const VOLUME_COPY: &str = "/v1/volumes/{name}/copy";
+/// `POST`: start moving into another pool, live (a job). See
+/// [`volume_move`].
+pub const VOLUME_MOVE: &str = "/v1/volumes/{name}/move";
 /// `POST`: merge into the parent. See [`volume_commit`].
 pub const VOLUME_COMMIT: &str = "/v1/volumes/{name}/commit";
 /// `GET`: diff between two images. See [`volume_diff`].
@@ -112,6 +115,7 @@ pub const ALL: &[&str] = &[
     VOLUME_CLONE,
     VOLUME_FLATTEN,
     VOLUME_COPY,
+    VOLUME_MOVE,
     VOLUME_COMMIT,
     VOLUME_DIFF,
     VOLUME_OWNER,
@@ -263,6 +267,11 @@ pub fn volume_copy(name: &str) -> String {
     for_volume(VOLUME_COPY, name, &[])
 }
 
+/// [`VOLUME_MOVE`] of volume `name`.
+pub fn volume_move(name: &str) -> String {
+    for_volume(VOLUME_MOVE, name, &[])
+}
+
 /// [`JOB`] of job `id`.
 pub fn job(id: u64) -> String {
     fill(JOB, &[&id.to_string()])
@@ -392,6 +401,7 @@ mod tests {
             (VOLUME_CLONE, volume_clone),
             (VOLUME_FLATTEN, volume_flatten),
             (VOLUME_COPY, volume_copy),
+            (VOLUME_MOVE, volume_move),
             (VOLUME_COMMIT, volume_commit),
             (VOLUME_DIFF, volume_diff),
         ];
@@ -697,7 +707,13 @@ mod tests {
                 "POST",
                 VOLUME_COPY,
                 &["V"],
-                Box::new(|c, v, s| drop(c.copy_volume(v, Some(s), "copy2"))),
+                Box::new(|c, v, s| drop(c.copy_volume(v, Some(s), "copy2", None))),
+            ),
+            (
+                "POST",
+                VOLUME_MOVE,
+                &["V"],
+                Box::new(|c, v, _| drop(c.move_volume(v, "elsewhere", None, None))),
             ),
             (
                 "POST",

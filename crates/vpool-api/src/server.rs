@@ -44,8 +44,8 @@ use crate::routes;
 use crate::types::{
     AddPoolRequest, Allocation, AllocationExtent, CacheInfo, CheckQuery, CheckResult, CleanResult,
     CloneRequest, CopyRequest, CreateSnapshotRequest, CreateVolumeRequest, Diff, DiffExtent,
-    DiffQuery, FlattenReport, ForceQuery, JobInfo, JobList, PinList, PinRequest, PoolInfo,
-    PoolList, PoolStatus, RangeQuery, ResizeVolumeRequest, RollbackQuery, SnapshotInfo,
+    DiffQuery, FlattenReport, ForceQuery, JobInfo, JobList, MoveRequest, PinList, PinRequest,
+    PoolInfo, PoolList, PoolStatus, RangeQuery, ResizeVolumeRequest, RollbackQuery, SnapshotInfo,
     SnapshotList, VolumeInfo, VolumeList, WriteQuery, ZeroQuery,
 };
 use crate::{
@@ -365,6 +365,7 @@ fn pool_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
         (routes::VOLUME_CLONE, post(clone_volume)),
         (routes::VOLUME_FLATTEN, post(flatten)),
         (routes::VOLUME_COPY, post(copy_volume)),
+        (routes::VOLUME_MOVE, post(move_volume)),
         (routes::VOLUME_COMMIT, post(commit)),
         (routes::VOLUME_DIFF, get(diff)),
         (routes::VOLUME_OWNER, get(volume_owner)),
@@ -1139,13 +1140,38 @@ async fn copy_volume(
             req.snapshot.as_deref(),
             to_pool.as_deref(),
             &to,
+            req.max_rate_bytes_per_sec,
         )
     })
     .await?;
-    let loc = routes::job(job.id);
-    let mut resp = created(&job, &loc);
+    Ok(accepted(&job))
+}
+
+/// Starts a move job: 202 with the job, `Location` its route.
+async fn move_volume(
+    State(s): State<ApiState>,
+    Named { pool, name }: Named,
+    ApiJson(req): ApiJson<MoveRequest>,
+) -> Result<Response, ApiError> {
+    let host = Arc::clone(&s.host);
+    let job = service(move || {
+        host.move_volume(
+            pool.as_deref(),
+            &name,
+            &req.to_pool,
+            req.name.as_deref(),
+            req.max_rate_bytes_per_sec,
+        )
+    })
+    .await?;
+    Ok(accepted(&job))
+}
+
+/// `202 Accepted` with job `job`, `Location` its route.
+fn accepted(job: &JobInfo) -> Response {
+    let mut resp = created(job, &routes::job(job.id));
     *resp.status_mut() = StatusCode::ACCEPTED;
-    Ok(resp)
+    resp
 }
 
 // ----- jobs -----

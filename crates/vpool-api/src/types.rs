@@ -558,6 +558,22 @@ pub struct CopyRequest {
     pub to: String,
     #[serde(default)]
     pub snapshot: Option<String>,
+    /// Bytes a second the copy may write at most (`None`: no limit).
+    #[serde(default)]
+    pub max_rate_bytes_per_sec: Option<u64>,
+}
+
+/// `POST /v1/volumes/{name}/move`: move the volume into pool `to_pool`,
+/// as `name` (default: its own name).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveRequest {
+    pub to_pool: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Bytes a second the move may copy at most (`None`: no limit).
+    #[serde(default)]
+    pub max_rate_bytes_per_sec: Option<u64>,
 }
 
 pub use vpool_service::jobs::{JobInfo, JobState};

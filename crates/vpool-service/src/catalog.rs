@@ -109,6 +109,9 @@ struct Inner {
     templates: BTreeMap<String, TemplateRecord>,
     importing: BTreeMap<String, u64>,
     users: HashMap<u64, Users>,
+    /// Volumes (ids) being moved to another pool: their data changes over
+    /// NBD only, which mirrors it (not kept: a restart ends a move).
+    moving: std::collections::BTreeSet<u64>,
 }
 
 impl Inner {
@@ -181,6 +184,7 @@ impl Catalog {
                 templates,
                 importing,
                 users: HashMap::new(),
+                moving: Default::default(),
             }),
             store: Some(store),
         })
@@ -504,6 +508,24 @@ impl Catalog {
             .sum()
     }
 
+    /// Marks volume `volume` (id `id`) as being moved, or no longer:
+    /// refused while an API change of it is in flight.
+    pub fn set_moving(&self, volume: &str, id: u64, moving: bool) -> Result<(), Error> {
+        let mut g = self.lock();
+        if !moving {
+            g.moving.remove(&id);
+            return Ok(());
+        }
+        if g.users.get(&id).is_some_and(|u| u.api_writes > 0) {
+            return Err(Error::new(
+                ErrorKind::InUse,
+                format!("volume {volume} is being changed through the API; try the move again"),
+            ));
+        }
+        g.moving.insert(id);
+        Ok(())
+    }
+
     /// Admits an API request that changes volume `volume` (id `id`): refused
     /// with `read_only` for a template. Sealing waits for none of these to
     /// be in flight. The guard ends it.
@@ -516,6 +538,14 @@ impl Catalog {
         let mut g = self.lock();
         if g.sealed(volume, id).is_some() {
             return Err(read_only_template(volume, what));
+        }
+        if g.moving.contains(&id) {
+            return Err(Error::new(
+                ErrorKind::InUse,
+                format!(
+                    "{what} refused: volume {volume} is being moved to another pool (`vpool job list`); its data changes over NBD only until the move ends"
+                ),
+            ));
         }
         g.users.entry(id).or_default().api_writes += 1;
         Ok(ApiWriteGuard {

@@ -91,6 +91,24 @@ impl ExportRegistry for PoolExports {
     }
 
     fn open(&self, name: &str) -> Result<Arc<dyn BlockDevice>, DeviceError> {
+        self.open_image(name, false)
+    }
+}
+
+impl PoolExports {
+    /// The device of volume `name` while it is marked incomplete: the
+    /// destination of a move, which writes it before anyone may open it.
+    pub(crate) fn open_incomplete(&self, name: &str) -> Result<Arc<dyn BlockDevice>, DeviceError> {
+        self.open_image(name, true)
+    }
+
+    /// Opens image `name` (`VOLUME` or `VOLUME@SNAPSHOT`), refusing a
+    /// volume marked incomplete unless `incomplete_ok`.
+    fn open_image(
+        &self,
+        name: &str,
+        incomplete_ok: bool,
+    ) -> Result<Arc<dyn BlockDevice>, DeviceError> {
         let (volume, vol, want) = match name.split_once('@') {
             Some((v, s)) => {
                 let handle = self.pool.snapshot(v, s).map_err(|e| open_error(name, e))?;
@@ -106,7 +124,7 @@ impl ExportRegistry for PoolExports {
             .volume_info(volume)
             .map_err(|e| open_error(name, e))?;
         let id = info.id.0;
-        if self.catalog.import_incomplete(volume, id) {
+        if !incomplete_ok && self.catalog.import_incomplete(volume, id) {
             return Err(DeviceError::not_found(format!(
                 "volume {volume} is incomplete: an import into it did not finish; import it again (vpool vol import {volume} FILE --force) or delete it"
             )));

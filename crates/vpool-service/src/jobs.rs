@@ -136,12 +136,34 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// What a job's closure holds: its progress and its cancel.
+/// What a job's closure holds: its progress, its cancel and its pace.
 pub struct JobCtl {
     job: Arc<Job>,
+    /// Bytes a second the job may move at most (`None`: as fast as it
+    /// can).
+    max_rate_bytes_per_sec: Option<u64>,
 }
 
 impl JobCtl {
+    /// Waits until `moved_bytes` (moved since the job started) are within
+    /// the job's rate; an error of kind `cancelled` if a cancel comes
+    /// meanwhile. Call between steps, holding nothing others wait for.
+    pub fn pace(&self, moved_bytes: u64) -> Result<()> {
+        self.check()?;
+        let Some(rate) = self.max_rate_bytes_per_sec.filter(|r| *r > 0) else {
+            return Ok(());
+        };
+        let due = Duration::from_secs_f64(moved_bytes as f64 / rate as f64);
+        loop {
+            let ahead = due.saturating_sub(self.job.started.elapsed());
+            if ahead.is_zero() {
+                return Ok(());
+            }
+            std::thread::sleep(ahead.min(Duration::from_millis(50)));
+            self.check()?;
+        }
+    }
+
     /// Sets the total the progress counts towards.
     pub fn set_total(&self, total_bytes: u64) {
         self.job.total_bytes.store(total_bytes, Ordering::Relaxed);
@@ -178,6 +200,8 @@ impl JobCtl {
 /// The jobs of one daemon; see the module doc.
 #[derive(Default)]
 pub struct Jobs {
+    /// Set when the daemon stops: no job starts from then on.
+    closed: AtomicBool,
     next_id: AtomicU64,
     /// Running and finished, oldest first.
     jobs: Mutex<VecDeque<Arc<Job>>>,
@@ -196,10 +220,17 @@ impl Jobs {
         self: &Arc<Self>,
         kind: &str,
         target: &str,
+        max_rate_bytes_per_sec: Option<u64>,
         work: impl FnOnce(&JobCtl) -> Result<serde_json::Value> + Send + 'static,
     ) -> Result<JobInfo> {
         let job = {
             let mut jobs = self.lock();
+            if self.closed.load(Ordering::SeqCst) {
+                return Err(Error::new(
+                    ErrorKind::Failed,
+                    "the daemon is stopping: no job starts",
+                ));
+            }
             let running = jobs.iter().filter(|j| !j.is_finished()).count();
             if running >= MAX_RUNNING {
                 return Err(Error::new(
@@ -228,6 +259,7 @@ impl Jobs {
         let jobs = Arc::clone(self);
         let ctl = JobCtl {
             job: Arc::clone(&job),
+            max_rate_bytes_per_sec,
         };
         let spawned = std::thread::Builder::new()
             .name(format!("job-{}", job.id))
@@ -316,6 +348,10 @@ impl Jobs {
     /// Asks every running job to stop (the daemon is stopping) and waits
     /// up to `limit` for them to end.
     pub fn cancel_all(&self, limit: Duration) {
+        // Under the list's lock: a start after this sees it.
+        let jobs = self.lock();
+        self.closed.store(true, Ordering::SeqCst);
+        drop(jobs);
         for j in self.lock().iter().filter(|j| !j.is_finished()) {
             j.cancel.store(true, Ordering::Relaxed);
         }
@@ -380,7 +416,7 @@ mod tests {
         let jobs = Arc::new(Jobs::new());
         let (go, gate) = std::sync::mpsc::channel::<()>();
         let started = jobs
-            .start("copy", "a -> b", move |ctl| {
+            .start("copy", "a -> b", None, move |ctl| {
                 ctl.set_total(100);
                 ctl.set_done(40);
                 gate.recv().unwrap();
@@ -403,15 +439,17 @@ mod tests {
     #[test]
     fn a_cancel_stops_a_job_at_its_next_step() {
         let jobs = Arc::new(Jobs::new());
-        jobs.start("copy", "x", |ctl| {
+        jobs.start("copy", "x", None, |ctl| {
             loop {
                 ctl.check()?;
                 std::thread::sleep(Duration::from_millis(5));
             }
         })
         .unwrap();
-        jobs.start("copy", "y", |_| Err(Error::new(ErrorKind::NoSpace, "full")))
-            .unwrap();
+        jobs.start("copy", "y", None, |_| {
+            Err(Error::new(ErrorKind::NoSpace, "full"))
+        })
+        .unwrap();
         assert!(jobs.cancel(1).unwrap().cancel_requested);
         assert_eq!(
             jobs.wait(1, Duration::from_secs(10)).unwrap().state,
@@ -423,20 +461,45 @@ mod tests {
     }
 
     #[test]
+    fn a_job_keeps_to_its_rate_and_a_stopping_daemon_starts_none() {
+        let jobs = Arc::new(Jobs::new());
+        let j = jobs
+            .start("copy", "x", Some(1000), |ctl| {
+                ctl.pace(100)?;
+                Ok(serde_json::Value::Null)
+            })
+            .unwrap();
+        let started = Instant::now();
+        assert_eq!(
+            jobs.wait(j.id, Duration::from_secs(10)).unwrap().state,
+            JobState::Succeeded
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(80),
+            "100 bytes at 1000/s take 0.1 s"
+        );
+        jobs.cancel_all(Duration::from_secs(1));
+        let e = jobs
+            .start("copy", "x", None, |_| Ok(serde_json::Value::Null))
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Failed);
+    }
+
+    #[test]
     fn jobs_are_bounded() {
         let jobs = Arc::new(Jobs::new());
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..MAX_RUNNING {
             let rx = Arc::clone(&rx);
-            jobs.start("copy", "x", move |_| {
+            jobs.start("copy", "x", None, move |_| {
                 let _ = rx.lock().unwrap().recv();
                 Ok(serde_json::Value::Null)
             })
             .unwrap();
         }
         let e = jobs
-            .start("copy", "x", |_| Ok(serde_json::Value::Null))
+            .start("copy", "x", None, |_| Ok(serde_json::Value::Null))
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::InUse);
         for _ in 0..MAX_RUNNING {
@@ -447,7 +510,7 @@ mod tests {
         }
         for _ in 0..MAX_KEPT + 5 {
             let j = jobs
-                .start("copy", "x", |_| Ok(serde_json::Value::Null))
+                .start("copy", "x", None, |_| Ok(serde_json::Value::Null))
                 .unwrap();
             jobs.wait(j.id, Duration::from_secs(10)).unwrap();
         }

@@ -39,14 +39,11 @@
 //!
 //! Tested against a model (`tests` below) on a real engine volume.
 
+use crate::stripes::{AllHeld, StripeLocks};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockWriteGuard, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use vpool_engine::BLOCK_SIZE;
 use vpool_nbd::{BlockDevice, DeviceError};
-
-/// Lock stripes: a write of up to 1 MiB touches at most 256 blocks, so a
-/// few dozen stripes keep unrelated writes apart.
-const STRIPES: usize = 64;
 
 /// `base:allocation` flag of an unmapped range.
 const STATE_HOLE: u32 = 1;
@@ -66,7 +63,7 @@ type BaseSlot = RwLock<Option<Arc<dyn BlockDevice>>>;
 /// The copy-up locks of one clone, whether it was flattened, and its
 /// devices' holds on the base: every device of it shares them.
 pub struct CopyUpLocks {
-    stripes: Vec<RwLock<()>>,
+    stripes: StripeLocks,
     flattened: AtomicBool,
     /// The live devices' base slots, emptied by the flatten (a device
     /// held open by an idle client would hold the template's device, an
@@ -77,7 +74,7 @@ pub struct CopyUpLocks {
 impl CopyUpLocks {
     pub fn new() -> Arc<CopyUpLocks> {
         Arc::new(CopyUpLocks {
-            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            stripes: StripeLocks::default(),
             flattened: AtomicBool::new(false),
             slots: Mutex::new(Vec::new()),
         })
@@ -101,12 +98,7 @@ impl CopyUpLocks {
     /// Every stripe, exclusively: no write through any device of the clone
     /// runs until the guard goes.
     pub fn quiesce(&self) -> Quiesced<'_> {
-        Quiesced(
-            self.stripes
-                .iter()
-                .map(|s| s.write().unwrap_or_else(|e| e.into_inner()))
-                .collect(),
-        )
+        self.stripes.all()
     }
 
     /// Registers a device's base slot (dead ones are dropped: bounded by
@@ -119,7 +111,7 @@ impl CopyUpLocks {
 }
 
 /// Every stripe of a clone held: see [`CopyUpLocks::quiesce`].
-pub struct Quiesced<'a>(#[allow(dead_code)] Vec<RwLockWriteGuard<'a, ()>>);
+pub type Quiesced<'a> = AllHeld<'a>;
 
 /// A clone over a read-only base; see the module doc.
 pub struct LayeredDevice {
@@ -162,21 +154,6 @@ impl LayeredDevice {
         self.base.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// The stripes of blocks `first..=last`, sorted and deduplicated.
-    fn stripes_of(&self, first: u64, last: u64) -> Vec<usize> {
-        let n = u64::try_from(STRIPES).expect("a small constant");
-        let mut s: Vec<usize> = if last - first + 1 >= n {
-            (0..STRIPES).collect()
-        } else {
-            (first..=last)
-                .map(|b| usize::try_from(b % n).expect("below STRIPES"))
-                .collect()
-        };
-        s.sort_unstable();
-        s.dedup();
-        s
-    }
-
     /// Whether block `block` is unmapped in the top (reads the base).
     fn unmapped(&self, block: u64) -> Result<bool, DeviceError> {
         let st = self.top.block_status(block * BLOCK_SIZE, BLOCK_SIZE)?;
@@ -201,10 +178,7 @@ impl LayeredDevice {
     /// block up first if the top does not map it. Under the block's stripe,
     /// exclusively.
     fn write_partial(&self, block: u64, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
-        let stripe = self.stripes_of(block, block)[0];
-        let _g = self.locks.stripes[stripe]
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
+        let _g = self.locks.stripes.exclusive(block, block);
         if !self.unmapped(block)? {
             return self.top.write(offset, data);
         }
@@ -227,15 +201,7 @@ impl LayeredDevice {
         if end <= first {
             return Ok(());
         }
-        let stripes = self.stripes_of(first, end - 1);
-        let _guards: Vec<_> = stripes
-            .iter()
-            .map(|&s| {
-                self.locks.stripes[s]
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-            })
-            .collect();
+        let _guards = self.locks.stripes.shared(first, end - 1);
         op()
     }
 
@@ -443,18 +409,11 @@ impl LayeredDevice {
         if pieces.is_empty() {
             return Ok(0);
         }
-        let _guards: Vec<_> = if lock {
-            self.stripes_of(offset / BLOCK_SIZE, (offset + len - 1) / BLOCK_SIZE)
-                .into_iter()
-                .map(|s| {
-                    self.locks.stripes[s]
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner())
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let _guards = lock.then(|| {
+            self.locks
+                .stripes
+                .exclusive(offset / BLOCK_SIZE, (offset + len - 1) / BLOCK_SIZE)
+        });
         let mut copied = 0u64;
         for (at, n) in ranges_where(&*self.top, offset, len, is_hole)? {
             for (from, data) in &pieces {

@@ -29,6 +29,7 @@ pub mod jobs;
 pub mod layered;
 pub mod names;
 pub mod pool;
+pub mod stripes;
 
 pub use cache::{CacheControl, CacheInfo, PinInfo};
 pub use catalog::{Access, Catalog, TEMPLATE_SNAPSHOT, TemplateRecord};

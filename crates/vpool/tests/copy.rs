@@ -1,6 +1,8 @@
-//! `vol copy` and `job`: a volume copied into another pool of the same
-//! daemon as a job, checked with qemu-img; a live volume copied as of the
-//! copy's start; a cancel that leaves nothing behind; bad requests.
+//! `vol copy`, `vol move` and `job`: a volume copied into another pool of
+//! the same daemon as a job, checked with qemu-img; a live volume copied as
+//! of the copy's start; a volume moved there and back while fio writes and
+//! verifies it through one NBD connection; cancels that leave nothing
+//! behind; a daemon killed during a move rolls it back; bad requests.
 
 mod common;
 #[path = "../../vpool-nbd/tests/common/mod.rs"]
@@ -9,7 +11,9 @@ mod nbd_common;
 use std::path::Path;
 
 use common::{Daemon, run_err, run_json, run_ok};
-use nbd_common::clients::{qemu_img_compare, qemu_img_convert_to};
+use nbd_common::clients::{
+    qemu_img_compare, qemu_img_convert_to, require_tool, run_ok as run_tool,
+};
 use nbd_common::pattern;
 
 const MIB: usize = 1 << 20;
@@ -92,10 +96,21 @@ fn a_copy_into_another_pool_is_the_image_as_it_started() {
 fn a_cancelled_copy_leaves_nothing_behind() {
     let t = tempfile::tempdir().unwrap();
     let home = t.path().join("home");
-    // Large enough that the copy (over 1 GB/s here) is still running
-    // when the cancel comes.
-    let (d, file) = setup(&home, 512, 512);
-    let started = run_json(&home, &["vol", "copy", "web1", "cold/big", "--detach"]);
+    // At 8 MB/s the copy of 64 MiB is still running when the cancel
+    // comes.
+    let (d, file) = setup(&home, 64, 64);
+    let started = run_json(
+        &home,
+        &[
+            "vol",
+            "copy",
+            "web1",
+            "cold/big",
+            "--detach",
+            "--max-rate",
+            "8M",
+        ],
+    );
     let id = started["id"].as_u64().unwrap().to_string();
     let asked = run_json(&home, &["job", "cancel", &id]);
     assert_eq!(asked["id"].as_u64(), started["id"].as_u64(), "{asked}");
@@ -110,4 +125,142 @@ fn a_cancelled_copy_leaves_nothing_behind() {
     let snaps = run_json(&home, &["snap", "list", "web1"]);
     assert!(snaps["snapshots"].as_array().unwrap().is_empty(), "{snaps}");
     assert!(qemu_img_compare(&d.nbd_uri("web1"), &file));
+}
+
+/// fio's nbd engine for 8 s: random 4 KiB writes over the first `size`
+/// bytes at queue depth `iodepth`, each read back and checked (crc32c)
+/// while the run goes on (`verify_backlog`).
+fn fio_verify_for(uri: &str, size: &str, iodepth: u32) -> String {
+    let out = run_tool(
+        std::process::Command::new(require_tool("fio")).args([
+            "--name=verify",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            &format!("--iodepth={iodepth}"),
+            &format!("--size={size}"),
+            "--time_based",
+            "--runtime=8",
+            "--verify=crc32c",
+            "--verify_backlog=256",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+        ]),
+        std::time::Duration::from_secs(60),
+    );
+    assert!(out.contains("err= 0"), "fio reported errors:\n{out}");
+    out
+}
+
+#[test]
+fn a_volume_moves_there_and_back_while_fio_verifies_it() {
+    let t = tempfile::tempdir().unwrap();
+    let home = t.path().join("home");
+    let (d, _file) = setup(&home, 256, 128);
+    // fio writes and verifies the first 48 MiB over one connection that
+    // stays up across both moves.
+    let uri = d.nbd_uri("web1");
+    let fio = std::thread::spawn(move || fio_verify_for(&uri, "48M", 8));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Slowed down, so that fio's writes meet the mirror.
+    let job = run_json(&home, &["vol", "move", "web1", "cold", "--max-rate", "64M"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["result"]["volume"], "cold/web1", "{job}");
+    let e = run_err(&home, &["vol", "info", "web1"]);
+    assert!(e.contains("web1"), "{e}");
+    let job = run_json(
+        &home,
+        &["vol", "move", "cold/web1", "local", "--name", "web2"],
+    );
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert!(
+        !fio.is_finished(),
+        "fio ended before the moves did: they were not tested under I/O"
+    );
+    let out = fio.join().expect("fio failed");
+    assert!(out.contains("err= 0"), "{out}");
+    // Past fio's range, the data it did not touch came along.
+    let back = t.path().join("back.raw");
+    nbd_common::clients::qemu_img_convert_from(&d.nbd_uri("web2"), &back);
+    let got = std::fs::read(&back).unwrap();
+    let want = std::fs::read(&_file).unwrap();
+    assert!(
+        got[48 * MIB..] == want[48 * MIB..],
+        "the data past fio's range changed"
+    );
+    // Refused: a volume with snapshots, into a pool that does not exist,
+    // onto a name that exists.
+    run_ok(&home, &["snap", "create", "web2@s"]);
+    let e = run_err(&home, &["vol", "move", "web2", "cold"]);
+    assert!(e.contains("snapshots"), "{e}");
+    run_ok(&home, &["snap", "delete", "web2@s"]);
+    let e = run_err(&home, &["vol", "move", "web2", "nowhere"]);
+    assert!(e.contains("nowhere"), "{e}");
+    run_ok(&home, &["vol", "create", "cold/web2", "--size", "1M"]);
+    let e = run_err(&home, &["vol", "move", "web2", "cold"]);
+    assert!(e.contains("exists"), "{e}");
+    assert!(
+        run_json(&home, &["vol", "info", "web2"])["size_bytes"].as_u64() == Some(256 * MIB as u64)
+    );
+}
+
+#[test]
+fn a_cancelled_or_interrupted_move_leaves_the_volume_where_it_was() {
+    let t = tempfile::tempdir().unwrap();
+    let home = t.path().join("home");
+    let (d, file) = setup(&home, 64, 64);
+    let slow = ["--detach", "--max-rate", "8M"];
+    let started = run_json(
+        &home,
+        &[&["vol", "move", "web1", "cold"][..], &slow].concat(),
+    );
+    let id = started["id"].as_u64().unwrap().to_string();
+    run_ok(&home, &["job", "cancel", &id]);
+    let e = run_err(&home, &["job", "wait", &id]);
+    assert!(e.contains("cancelled"), "{e}");
+    let e = run_err(&home, &["vol", "info", "cold/web1"]);
+    assert!(e.contains("web1"), "{e}");
+    assert!(qemu_img_compare(&d.nbd_uri("web1"), &file));
+    assert!(
+        !home.join("moves.json").exists()
+            || std::fs::read_to_string(home.join("moves.json"))
+                .unwrap()
+                .trim()
+                == "[]"
+    );
+
+    // Killed during a move: the next start rolls it back.
+    let started = run_json(
+        &home,
+        &[&["vol", "move", "web1", "cold"][..], &slow].concat(),
+    );
+    let id = started["id"].as_u64().unwrap().to_string();
+    // Mirroring: a write now goes to both sides.
+    let (err, flush_err) =
+        nbd_common::raw::write_and_flush(&d.nbd_socket(), "web1", 4096, 4096, 0x77);
+    assert_eq!((err, flush_err), (0, 0));
+    let job = run_json(&home, &["job", "show", &id]);
+    assert_eq!(job["state"], "running", "{job}");
+    d.crash();
+    let mut img = std::fs::read(&file).unwrap();
+    img[4096..8192].fill(0x77);
+    std::fs::write(&file, &img).unwrap();
+    let d = Daemon::start(&home, &[]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while common::run(&home, &["vol", "info", "cold/web1"])
+        .status
+        .success()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the interrupted move was not rolled back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(qemu_img_compare(&d.nbd_uri("web1"), &file));
+    // And it moves, then.
+    let job = run_json(&home, &["vol", "move", "web1", "cold"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert!(qemu_img_compare(&d.nbd_uri("cold/web1"), &file));
 }

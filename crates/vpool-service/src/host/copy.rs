@@ -79,6 +79,9 @@ struct Destination {
     /// Set when the pool is shared (the volume is deleted through it).
     shared: Option<Arc<SharedCtx>>,
     volume: String,
+    /// The volume's id: a volume made again under its name (the copy's
+    /// deleted meanwhile) is not the copy's to delete.
+    id: u64,
     pool: String,
 }
 
@@ -93,18 +96,30 @@ impl Host {
         snapshot: Option<&str>,
         to_pool: Option<&str>,
         to: &str,
+        max_rate_bytes_per_sec: Option<u64>,
     ) -> Result<JobInfo> {
         crate::names::check_volume_name(to)?;
         let (ctx, template) = self.copy_source_pool(pool, volume)?;
-        let size_bytes = match snapshot {
-            Some(s) => ctx.service.snapshot(volume, s)?.size_bytes,
-            None => ctx.service.volume(volume)?.info.size_bytes,
-        };
-        let dst = self.copy_destination(to_pool, to, size_bytes)?;
-        let src = match self.copy_point(&ctx, volume, snapshot, template) {
-            Ok(s) => s,
+        if ctx.service.volume(volume)?.incomplete {
+            return Err(Error::invalid(format!(
+                "volume {}/{volume} is incomplete (an import or a copy into it did not finish): there is nothing whole to copy",
+                ctx.name
+            )));
+        }
+        // The point in time first, and the size from it: a resize
+        // meanwhile changes neither.
+        let src = self.copy_point(&ctx, volume, snapshot, template)?;
+        let size_bytes = match src.image().and_then(|i| Ok(i.size_bytes()?)) {
+            Ok(n) => n,
             Err(e) => {
-                dst.delete();
+                src.end();
+                return Err(e);
+            }
+        };
+        let dst = match self.copy_destination(to_pool, to, size_bytes) {
+            Ok(d) => d,
+            Err(e) => {
+                src.end();
                 return Err(e);
             }
         };
@@ -122,13 +137,14 @@ impl Host {
         };
         // Refused (too many jobs), the closure is dropped unrun, and the
         // copy's drop cleans up.
-        self.jobs.start("copy", &what, move |ctl| {
-            let outcome = run(ctl, &copy.src, &copy.dst, size_bytes);
-            if outcome.is_ok() {
-                copy.keep();
-            }
-            outcome
-        })
+        self.jobs
+            .start("copy", &what, max_rate_bytes_per_sec, move |ctl| {
+                let outcome = run(ctl, &copy.src, &copy.dst, size_bytes);
+                if outcome.is_ok() {
+                    copy.keep();
+                }
+                outcome
+            })
     }
 
     /// The open pool that holds `volume`, and whether `volume` is a
@@ -168,22 +184,31 @@ impl Host {
     ) -> Result<Destination> {
         let dst = match self.shared(pool) {
             Some(sh) => {
-                sh.create_volume(&*self.opener, to, size_bytes, None)?;
+                let view = sh.create_volume(&*self.opener, to, size_bytes, None)?;
+                let ctx = match sh.family(to) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = sh.delete(to, true);
+                        return Err(e);
+                    }
+                };
                 Destination {
-                    ctx: sh.family(to)?,
+                    ctx,
                     pool: sh.name.clone(),
                     shared: Some(sh),
                     volume: to.to_string(),
+                    id: view.info.id.0,
                 }
             }
             None => {
                 let ctx = self.pool(pool)?;
-                ctx.service.create_volume(to, size_bytes, false)?;
+                let view = ctx.service.create_volume(to, size_bytes, false)?;
                 Destination {
                     pool: ctx.name.clone(),
                     ctx,
                     shared: None,
                     volume: to.to_string(),
+                    id: view.info.id.0,
                 }
             }
         };
@@ -253,6 +278,11 @@ impl Source {
 impl Destination {
     /// Deletes the volume the copy made (it did not finish).
     fn delete(&self) {
+        match self.ctx.service.volume(&self.volume) {
+            Ok(v) if v.info.id.0 == self.id => {}
+            // Gone, or another volume of that name now.
+            _ => return,
+        }
         let deleted = match &self.shared {
             Some(sh) => sh.delete(&self.volume, true),
             None => self.ctx.service.delete_volume(&self.volume, true),
@@ -278,12 +308,12 @@ fn run(
     let mut data_bytes = 0u64;
     let mut at = 0u64;
     while at < size_bytes {
-        ctl.check()?;
+        ctl.pace(data_bytes)?;
         let span = (size_bytes - at).min(64 * COPY_CHUNK_BYTES as u64);
         for (len, flags) in from.block_status(at, span, MAX_EXTENTS)? {
             assert!(len > 0, "an extent of no bytes");
             if flags & STATE_ZERO == 0 {
-                data_bytes += copy_range(ctl, &from, &into, at, len, &mut buf)?;
+                data_bytes += copy_range(ctl, (&from, &into), at, len, &mut buf, data_bytes)?;
             }
             at += len;
             ctl.set_done(at);
@@ -299,19 +329,20 @@ fn run(
 }
 
 /// Copies `[at, at + len)` a chunk at a time, leaving chunks of zeros
-/// out. Returns the bytes written.
+/// out, `before` bytes written by the job already (its pace). Returns the
+/// bytes written.
 fn copy_range(
     ctl: &JobCtl,
-    from: &Volume,
-    into: &Volume,
+    (from, into): (&Volume, &Volume),
     at: u64,
     len: u64,
     buf: &mut [u8],
+    before: u64,
 ) -> Result<u64> {
     let mut written = 0u64;
     let mut pos = at;
     while pos < at + len {
-        ctl.check()?;
+        ctl.pace(before + written)?;
         let n = usize::try_from((at + len - pos).min(buf.len() as u64)).expect("at most a chunk");
         let piece = &mut buf[..n];
         from.read(pos, piece)?;

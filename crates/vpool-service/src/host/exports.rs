@@ -57,7 +57,20 @@ impl vpool_nbd::ExportRegistry for HostExports {
         }
         let volume = image.split('@').next().unwrap_or(image);
         match self.host.volume_pool(pool, volume) {
-            Ok(ctx) => ctx.exports.open(image),
+            Ok(ctx) => {
+                let dev = ctx.exports.open(image)?;
+                if image.contains('@') || dev.read_only() {
+                    return Ok(dev);
+                }
+                // A volume's writable devices go through its route: a move
+                // redirects them without the client reconnecting.
+                Ok(super::moving::MovableDevice::wrap(
+                    &self.host.routes,
+                    &ctx.name,
+                    volume,
+                    dev,
+                ))
+            }
             Err(e) if matches!(e.kind, ErrorKind::NotFound | ErrorKind::NotOwner) => {
                 Err(vpool_nbd::DeviceError::not_found(e.message))
             }

@@ -24,6 +24,7 @@ mod copy;
 mod exports;
 mod file;
 mod forward;
+mod moving;
 mod opening;
 mod peers;
 mod shared;
@@ -307,6 +308,11 @@ pub struct PoolSlot {
     epoch: u64,
 }
 
+/// How long a starting daemon waits for its pools to open before it
+/// resolves the moves a crash interrupted (those of pools not open by
+/// then wait for the next start).
+const MOVES_RESOLVE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How long a stopping daemon waits for its jobs to stop.
 const JOBS_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -326,6 +332,10 @@ pub struct Host {
     closing: AtomicBool,
     /// The long operations running in the background (`vol copy`).
     pub jobs: Arc<crate::jobs::Jobs>,
+    /// Where each served volume's I/O goes (`vol move`).
+    routes: Arc<moving::Routes>,
+    /// Serializes updates of `moves.json`.
+    moves_file: Mutex<()>,
 }
 
 impl Host {
@@ -376,6 +386,19 @@ impl Host {
             host.insert(&e.name, &e.dir, opening::waiting());
         }
         opening::start(&host);
+        let resolving = Arc::downgrade(&host);
+        let spawned = std::thread::Builder::new()
+            .name("resolve-moves".into())
+            .spawn(move || {
+                // Once the pools had their chance to open.
+                if let Some(h) = resolving.upgrade() {
+                    opening::wait_for_attempts(&h, MOVES_RESOLVE_WAIT);
+                    h.resolve_moves();
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no thread to resolve interrupted moves; they are resolved at the next start");
+        }
         Ok(host)
     }
 
@@ -389,6 +412,8 @@ impl Host {
             next_epoch: AtomicU64::new(1),
             closing: AtomicBool::new(false),
             jobs: Arc::new(crate::jobs::Jobs::new()),
+            routes: Arc::new(moving::Routes::default()),
+            moves_file: Mutex::new(()),
         }
     }
 

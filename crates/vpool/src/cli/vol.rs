@@ -128,6 +128,26 @@ pub enum VolCommand {
     /// cold/db1-copy`. A live volume is copied as of a snapshot taken when
     /// the copy starts; holes stay holes. Waits for the job, with its
     /// progress, unless --detach.
+    /// Move a volume into another pool while its VM runs, as a job: its
+    /// NBD clients keep their connections (writes are mirrored while the
+    /// data is copied, then every connection switches to the new pool);
+    /// the source is deleted at the end. A cancel or a failure leaves it
+    /// where it was. Waits for the job unless --detach.
+    Move {
+        /// [POOL/]VOLUME
+        volume: String,
+        /// The pool it goes to.
+        pool: String,
+        /// Its name there (default: the same).
+        #[arg(long)]
+        name: Option<String>,
+        /// Print the job and return at once (`vpool job wait ID`).
+        #[arg(long)]
+        detach: bool,
+        /// Copy at most this many bytes a second (e.g. 100M).
+        #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
+        max_rate: Option<u64>,
+    },
     Copy {
         /// [POOL/]VOLUME or [POOL/]VOLUME@SNAPSHOT
         source: String,
@@ -136,6 +156,9 @@ pub enum VolCommand {
         /// Print the job and return at once (`vpool job wait ID`).
         #[arg(long)]
         detach: bool,
+        /// Write at most this many bytes a second (e.g. 100M).
+        #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
+        max_rate: Option<u64>,
     },
     /// Merge a clone into its parent volume: the parent takes the clone's
     /// content, atomically. The clone stays.
@@ -308,7 +331,27 @@ fn run_lineage(
             source,
             dest,
             detach,
-        } => copy(client, out, show_progress, source, dest, *detach),
+            max_rate,
+        } => {
+            let (vol, snap) = parse_image(source)?;
+            // A destination without a pool is in the source's pool.
+            let dest = match (dest.contains('/'), vol.split_once('/')) {
+                (false, Some((pool, _))) => format!("{pool}/{dest}"),
+                _ => dest.to_string(),
+            };
+            let job = client.copy_volume(vol, snap, &dest, *max_rate)?;
+            follow_job(client, out, show_progress, job, *detach)
+        }
+        VolCommand::Move {
+            volume,
+            pool,
+            name,
+            detach,
+            max_rate,
+        } => {
+            let job = client.move_volume(volume, pool, name.as_deref(), *max_rate)?;
+            follow_job(client, out, show_progress, job, *detach)
+        }
         VolCommand::Clone { source, name } => {
             let (vol, snap) = parse_image(source)?;
             let info = client.clone_volume(vol, snap, name)?;
@@ -455,27 +498,20 @@ fn template_text(info: &VolumeInfo) -> String {
     )
 }
 
-/// `vol copy`: starts the job, and waits for it unless `detach`.
-fn copy(
+/// After `vol copy` or `vol move` started `job`: waits for it unless
+/// `detach`, and says how it went.
+fn follow_job(
     client: &Client,
     out: Output,
     show_progress: bool,
-    source: &str,
-    dest: &str,
+    job: vpool_api::JobInfo,
     detach: bool,
 ) -> anyhow::Result<()> {
-    let (vol, snap) = parse_image(source)?;
-    // A destination without a pool is in the source's pool.
-    let dest = match (dest.contains('/'), vol.split_once('/')) {
-        (false, Some((pool, _))) => format!("{pool}/{dest}"),
-        _ => dest.to_string(),
-    };
-    let job = client.copy_volume(vol, snap, &dest)?;
     if detach {
         return out.emit(&job, |j| {
             format!(
-                "job {} copies {}; `vpool job wait {}` follows it, `vpool job cancel {}` stops it",
-                j.id, j.target, j.id, j.id
+                "job {} ({} {}); `vpool job wait {}` follows it, `vpool job cancel {}` stops it",
+                j.id, j.kind, j.target, j.id, j.id
             )
         });
     }
@@ -488,7 +524,8 @@ fn copy(
             .and_then(|r| r["data_bytes"].as_u64())
             .unwrap_or(0);
         format!(
-            "copied {} ({} of data) in job {}",
+            "{} done: {} ({} of data), job {}",
+            j.kind,
             j.target,
             format_size(data),
             j.id
