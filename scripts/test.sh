@@ -24,8 +24,9 @@
 #   fuzz    scripts/fuzz-smoke.sh (FUZZ_SECONDS per target, default 20);
 #           skipped while there is no fuzz/ directory or target
 #   vm      vm/boot-test.sh: Linux boots twice under QEMU (TCG) from a vpool
-#           volume served over NBD; the server is SIGKILLed between the
-#           boots. VM_SERVER=qemu-nbd runs the same boots against qemu-nbd
+#           volume served over NBD; during boot 1 the volume moves into
+#           another pool (`vol move`, live); the server is SIGKILLed between
+#           the boots. VM_SERVER=qemu-nbd runs the same boots against qemu-nbd
 #           (to check the harness itself).
 #   migrate vm/migrate.sh --hosts 2: a Linux VM (TCG) whose root disk is a
 #           volume of a shared pool on the RGW, live-migrated ten times
@@ -169,8 +170,8 @@ fi
 if wanted vm; then
     case "${VM_SERVER:-vpool}" in
         vpool)
-            run_stage vm "server vpool, SIGKILL between boots" \
-                vm/boot-test.sh --server vpool --kill-server ;;
+            run_stage vm "server vpool, moved live during boot 1, SIGKILL between boots" \
+                vm/boot-test.sh --server vpool --kill-server --move-to cold ;;
         qemu-nbd)
             # Only to check the harness itself against a known-good server.
             run_stage vm "server qemu-nbd" vm/boot-test.sh --server qemu-nbd ;;

@@ -27,6 +27,7 @@ restart_signal=TERM
 boot_timeout=${VPOOL_VM_BOOT_TIMEOUT:-600}
 mem=${VPOOL_VM_MEM:-256}
 vol=root
+move_to=
 
 usage() {
     cat <<EOF
@@ -50,6 +51,10 @@ Options:
   --kill-server            restart the server between the boots with SIGKILL
                            instead of SIGTERM: what the guest flushed must
                            survive a crash of the server process
+  --move-to POOL           (vpool) during boot 1, move the root volume into a
+                           new local pool POOL with `vpool vol move` (slowed
+                           to 1 MB/s so that it spans the guest's writes);
+                           boot 2 and the host check use POOL/$vol
   --timeout SECS           limit for each boot (default: $boot_timeout)
   -h, --help               this text
 
@@ -73,10 +78,14 @@ while [ $# -gt 0 ]; do
         --release) vpool_profile=release; shift ;;
         --no-restart-server) restart_server=0; shift ;;
         --kill-server) restart_signal=KILL; shift ;;
+        --move-to) move_to=${2:?--move-to needs a pool name}; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "boot-test: unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
 done
+if [ -n "$move_to" ] && [ "$server" != vpool ]; then
+    echo "boot-test: --move-to needs --server vpool" >&2; exit 2
+fi
 case "$server" in
     vpool|qemu-nbd) ;;
     *) echo "boot-test: --server must be vpool or qemu-nbd, not '$server'" >&2; exit 2 ;;
@@ -187,7 +196,30 @@ boot() {
     log "boot '$phase' took $boot_secs s: ${marker:-no marker}"
 }
 
+mover_pid=
+if [ -n "$move_to" ]; then
+    "$vpool_bin" pool create "$move_to" >>"$workdir/server.log" 2>&1 ||
+        die "vpool pool create $move_to failed"
+    # Once the guest runs: the move mirrors its writes (at 8 MB/s, about a
+    # second for the root fs's data), then switches its connection to the
+    # new pool while it runs on.
+    ( sleep 0.5; "$vpool_bin" vol move "$vol" "$move_to" --max-rate 8M && date +%s.%N ) \
+        >"$workdir/move.log" 2>&1 &
+    mover_pid=$!
+fi
 boot write
+if [ -n "$mover_pid" ]; then
+    booted_at=$(date +%s.%N)
+    if ! wait "$mover_pid"; then
+        cat "$workdir/move.log" >&2
+        die "vpool vol move $vol $move_to failed"
+    fi
+    moved_at=$(tail -n 1 "$workdir/move.log")
+    when=after
+    if awk -v m="$moved_at" -v b="$booted_at" 'BEGIN { exit !(m < b) }'; then when=before; fi
+    log "moved '$vol' into pool $move_to during boot 1 (the switch came $when the guest powered off): $(tail -n 2 "$workdir/move.log" | head -n 1)"
+    vol=$move_to/$vol
+fi
 case "$marker" in
     "VPOOL-BOOT-TEST: WRITE-DONE sha256="*) want=${marker##*sha256=} ;;
     *) tail -n 40 "$workdir/console-write.log" >&2; die "boot 1 did not write the payload" ;;

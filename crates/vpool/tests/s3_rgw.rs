@@ -741,6 +741,20 @@ fn one_daemon_serves_two_local_pools_and_an_rgw_pool() {
         assert!(qemu_img_compare(&d.nbd_uri(to), img), "{from} -> {to}");
         run_ok(&home, &["vol", "delete", to]);
     }
+    // `vol move` into the S3 pool and back, a client connected throughout.
+    let held = nbd_common::raw::open_export(&d.nbd_socket(), "fast/db");
+    for (from, to, now) in [
+        ("fast/db", "cold", "cold/db"),
+        ("cold/db", "fast", "fast/db"),
+    ] {
+        let job = run_json(&home, &["vol", "move", from, to]);
+        assert_eq!(job["state"], "succeeded", "{job}");
+        assert!(
+            qemu_img_compare(&d.nbd_uri(now), &images[1]),
+            "{from} -> {to}"
+        );
+    }
+    drop(held);
     let list = nbdinfo(&["--list", "--json", &d.nbd_uri("")]);
     for v in vols {
         assert!(list.contains(&format!("\"{v}\"")), "{v} not listed: {list}");
