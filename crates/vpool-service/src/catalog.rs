@@ -383,6 +383,9 @@ impl Catalog {
     /// (checked under the same lock an NBD open takes).
     pub fn begin_import(&self, volume: &str, id: u64, force: bool) -> Result<(), Error> {
         let mut g = self.lock();
+        if g.moving.contains(&id) {
+            return Err(moving(volume, "an import"));
+        }
         let writers = g.users.get(&id).map_or(0, |u| u.nbd_writers);
         if writers > 0 && !force {
             return Err(open_for_writing(volume, writers, "import"));
@@ -522,8 +525,18 @@ impl Catalog {
                 format!("volume {volume} is being changed through the API; try the move again"),
             ));
         }
-        g.moving.insert(id);
+        if !g.moving.insert(id) {
+            return Err(Error::new(
+                ErrorKind::InUse,
+                format!("volume {volume} is being moved already (`vpool job list`)"),
+            ));
+        }
         Ok(())
+    }
+
+    /// Whether volume `id` is being moved (see [`Catalog::set_moving`]).
+    pub fn is_moving(&self, id: u64) -> bool {
+        self.lock().moving.contains(&id)
     }
 
     /// Admits an API request that changes volume `volume` (id `id`): refused
@@ -553,6 +566,16 @@ impl Catalog {
             id,
         })
     }
+}
+
+/// The refusal of `what` on a volume a move is working on.
+pub fn moving(volume: &str, what: &str) -> Error {
+    Error::new(
+        ErrorKind::InUse,
+        format!(
+            "{what} refused: volume {volume} is being moved (`vpool job list`, `vpool job cancel`)"
+        ),
+    )
 }
 
 /// The refusal for changing a volume under its NBD writers.

@@ -183,6 +183,9 @@ impl PoolService {
 
     pub fn delete_volume(&self, name: &str, force: bool) -> Result<()> {
         let id = self.id_of(name)?;
+        if self.catalog.is_moving(id) {
+            return Err(crate::catalog::moving(name, "delete"));
+        }
         self.without_writers(name, force, "delete", || {
             Ok(self.pool.delete_volume(name)?)
         })?;
@@ -267,6 +270,10 @@ impl PoolService {
             return Err(Error::invalid(format!(
                 "the snapshot name {TEMPLATE_SNAPSHOT:?} is reserved for templates (vpool vol template {volume})"
             )));
+        }
+        // A move takes the volume alone (its snapshots would stay behind).
+        if self.catalog.is_moving(self.id_of(volume)?) {
+            return Err(crate::catalog::moving(volume, "a snapshot"));
         }
         Ok(self.pool.create_snapshot(volume, name)?)
     }

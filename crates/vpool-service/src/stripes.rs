@@ -7,9 +7,12 @@
 
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-/// Stripes: a request of up to 1 MiB touches at most 256 blocks, so a few
-/// dozen stripes keep unrelated requests apart.
+/// Stripes: requests in different regions rarely share one.
 const STRIPES: u64 = 64;
+/// Blocks of a region (1 MiB of 4 KiB blocks), the unit a stripe covers: a
+/// request of up to 1 MiB, or a 1 MiB step of a copy, takes one or two
+/// stripes, not all of them.
+const REGION_BLOCKS: u64 = 256;
 
 /// Striped block locks of one volume; see the module doc.
 pub struct StripeLocks {
@@ -31,12 +34,13 @@ impl StripeLocks {
     /// The stripes of blocks `first..=last`, sorted and deduplicated.
     fn of(first: u64, last: u64) -> Vec<usize> {
         assert!(first <= last, "blocks {first}..={last}");
-        let blocks: Vec<u64> = if last - first + 1 >= STRIPES {
+        let (first, last) = (first / REGION_BLOCKS, last / REGION_BLOCKS);
+        let regions: Vec<u64> = if last - first + 1 >= STRIPES {
             (0..STRIPES).collect()
         } else {
-            (first..=last).map(|b| b % STRIPES).collect()
+            (first..=last).map(|r| r % STRIPES).collect()
         };
-        let mut s: Vec<usize> = blocks
+        let mut s: Vec<usize> = regions
             .into_iter()
             .map(|b| usize::try_from(b).expect("below STRIPES"))
             .collect();
@@ -78,8 +82,9 @@ mod tests {
 
     #[test]
     fn stripes_are_sorted_and_cover_wide_ranges_whole() {
-        assert_eq!(StripeLocks::of(3, 3), vec![3]);
-        assert_eq!(StripeLocks::of(62, 65), vec![0, 1, 62, 63]);
-        assert_eq!(StripeLocks::of(0, 300).len(), 64);
+        assert_eq!(StripeLocks::of(3, 3), vec![0]);
+        assert_eq!(StripeLocks::of(255, 256), vec![0, 1]);
+        assert_eq!(StripeLocks::of(63 * 256, 64 * 256 + 1), vec![0, 63]);
+        assert_eq!(StripeLocks::of(0, 64 * 256).len(), 64);
     }
 }

@@ -58,13 +58,19 @@ impl vpool_nbd::ExportRegistry for HostExports {
         let volume = image.split('@').next().unwrap_or(image);
         match self.host.volume_pool(pool, volume) {
             Ok(ctx) => {
+                if self.host.moves.blocks(&ctx.name, volume) {
+                    return Err(vpool_nbd::DeviceError::not_found(format!(
+                        "volume {}/{volume} is named by a move a crash interrupted, which is not resolved yet (its pools must both be open; the daemon's log says more)",
+                        ctx.name
+                    )));
+                }
                 let dev = ctx.exports.open(image)?;
                 if image.contains('@') || dev.read_only() {
                     return Ok(dev);
                 }
                 // A volume's writable devices go through its route: a move
                 // redirects them without the client reconnecting.
-                Ok(super::moving::MovableDevice::wrap(
+                Ok(super::route::MovableDevice::wrap(
                     &self.host.routes,
                     &ctx.name,
                     volume,

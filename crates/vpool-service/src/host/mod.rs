@@ -27,6 +27,7 @@ mod forward;
 mod moving;
 mod opening;
 mod peers;
+mod route;
 mod shared;
 
 use std::collections::BTreeMap;
@@ -333,9 +334,9 @@ pub struct Host {
     /// The long operations running in the background (`vol copy`).
     pub jobs: Arc<crate::jobs::Jobs>,
     /// Where each served volume's I/O goes (`vol move`).
-    routes: Arc<moving::Routes>,
-    /// Serializes updates of `moves.json`.
-    moves_file: Mutex<()>,
+    routes: Arc<route::Routes>,
+    /// The moves under way, and those a crash interrupted (`moves.json`).
+    moves: Arc<moving::MovesFile>,
 }
 
 impl Host {
@@ -412,8 +413,8 @@ impl Host {
             next_epoch: AtomicU64::new(1),
             closing: AtomicBool::new(false),
             jobs: Arc::new(crate::jobs::Jobs::new()),
-            routes: Arc::new(moving::Routes::default()),
-            moves_file: Mutex::new(()),
+            routes: Arc::new(route::Routes::default()),
+            moves: Arc::new(moving::MovesFile::load(home)),
         }
     }
 
