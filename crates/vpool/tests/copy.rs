@@ -189,20 +189,59 @@ fn a_volume_moves_there_and_back_while_fio_verifies_it() {
         got[48 * MIB..] == want[48 * MIB..],
         "the data past fio's range changed"
     );
-    // Refused: a volume with snapshots, into a pool that does not exist,
-    // onto a name that exists.
-    run_ok(&home, &["snap", "create", "web2@s"]);
-    let e = run_err(&home, &["vol", "move", "web2", "cold"]);
-    assert!(e.contains("snapshots"), "{e}");
-    run_ok(&home, &["snap", "delete", "web2@s"]);
+    // Refused: into a pool that does not exist, onto a name that exists.
     let e = run_err(&home, &["vol", "move", "web2", "nowhere"]);
     assert!(e.contains("nowhere"), "{e}");
     run_ok(&home, &["vol", "create", "cold/web2", "--size", "1M"]);
     let e = run_err(&home, &["vol", "move", "web2", "cold"]);
     assert!(e.contains("exists"), "{e}");
+    run_ok(&home, &["vol", "delete", "cold/web2"]);
     assert!(
         run_json(&home, &["vol", "info", "web2"])["size_bytes"].as_u64() == Some(256 * MIB as u64)
     );
+
+    // Snapshots move with the volume, each with its own content: data
+    // written and zeroes between them, a resize too.
+    let save = |image: &str, name: &str| {
+        let f = t.path().join(name);
+        let _ = std::fs::remove_file(&f);
+        nbd_common::clients::qemu_img_convert_from(&d.nbd_uri(image), &f);
+        f
+    };
+    run_ok(&home, &["snap", "create", "web2@s"]);
+    let s_img = save("web2@s", "s.raw");
+    nbd_common::clients::qemu_io(
+        &d.nbd_uri("web2"),
+        &["write -P 0x42 4M 1M", "write -z 64M 2M"],
+    );
+    run_ok(&home, &["vol", "resize", "web2", "--size", "288M"]);
+    run_ok(&home, &["snap", "create", "web2@t"]);
+    let t_img = save("web2@t", "t.raw");
+    nbd_common::clients::qemu_io(
+        &d.nbd_uri("web2"),
+        &["write -P 0x43 8M 64k", "write -z 100M 1M"],
+    );
+    let head = save("web2", "head.raw");
+    let job = run_json(&home, &["vol", "move", "web2", "cold"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert!(
+        qemu_img_compare(&d.nbd_uri("cold/web2@s"), &s_img),
+        "snapshot s"
+    );
+    assert!(
+        qemu_img_compare(&d.nbd_uri("cold/web2@t"), &t_img),
+        "snapshot t"
+    );
+    assert!(
+        qemu_img_compare(&d.nbd_uri("cold/web2"), &head),
+        "the volume"
+    );
+    let snaps = run_json(&home, &["snap", "list", "cold/web2"]);
+    assert_eq!(snaps["snapshots"].as_array().unwrap().len(), 2, "{snaps}");
+    // A volume whose snapshot has a clone stays (the clone needs it).
+    run_ok(&home, &["vol", "clone", "cold/web2@s", "cold/kid"]);
+    let e = run_err(&home, &["vol", "move", "cold/web2", "local"]);
+    assert!(e.contains("clones"), "{e}");
 }
 
 #[test]

@@ -8,8 +8,11 @@
 //!    it), both volumes marked moving in their catalogs (the API refuses
 //!    to change, snapshot, import into or delete them), then a record in
 //!    `<home>/moves.json` with both volumes' ids (for a crash, below);
-//! 2. the route mirrors to the destination, then every data extent of the
-//!    source is copied, a range at a time under its stripes;
+//! 2. the snapshots, oldest first, each as what changed since the one
+//!    before (they never change); then the route mirrors to the
+//!    destination, and the volume is copied (every data extent, or with
+//!    snapshots what changed since the last, taken once the mirror runs),
+//!    a range at a time under its stripes;
 //! 3. with every request held: the source's size checked, both sides
 //!    flushed, the destination's incomplete mark removed (the commit
 //!    point), the route moved to the destination, and every device lets
@@ -27,8 +30,8 @@
 //! crash before the record leaves an incomplete destination and nothing
 //! else: delete it.
 //!
-//! Not yet: snapshots moving with the volume (a volume with snapshots is
-//! refused), shared pools on either side, templates and clones.
+//! Not yet: shared pools on either side, templates and clones, volumes
+//! whose snapshots have clones.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -44,6 +47,9 @@ use crate::jobs::{JobCtl, JobInfo};
 
 /// Bytes a move copies per step, under the step's stripes.
 const MOVE_STEP_BYTES: u64 = 1 << 20;
+/// Bytes of a first snapshot copied between two looks at the job's pace
+/// and cancel (it is read a MiB at a time).
+const WHOLE_STEP_BYTES: u64 = 64 << 20;
 /// Most extents asked of the source at a time.
 const MAX_EXTENTS: usize = 1024;
 /// The record of the moves under way, in the home.
@@ -355,10 +361,14 @@ fn refuse_unmovable(src: &PoolCtx, volume: &str, view: &crate::pool::VolumeView)
         Some("it is ephemeral")
     } else if view.incomplete {
         Some("it is incomplete")
-    } else if view.info.snapshots > 0 {
-        Some(
-            "it has snapshots, and moving snapshots is not built yet (delete them, or `vpool vol copy VOLUME@SNAPSHOT` each)",
-        )
+    } else if src.service.list_volumes().iter().any(|v| {
+        v.info
+            .parent
+            .as_deref()
+            .and_then(|p| p.split_once('@'))
+            .is_some_and(|(p, _)| p == volume)
+    }) {
+        Some("clones were made from its snapshots (flatten or delete them first)")
     } else {
         None
     };
@@ -397,9 +407,28 @@ impl MoveGuard {
             .exports
             .open_incomplete(&mv.record.to)
             .map_err(device)?;
+        // The snapshots first, oldest first, each as what changed since the
+        // one before; then the volume, from the last of them on.
+        let (snapshot_bytes, last) = copy_snapshots(ctl, mv, &*dst)?;
+        mv.dst
+            .service
+            .pool()
+            .resize_volume(&mv.record.to, mv.size_bytes, true)?;
         mv.route
             .start_mirror(&mv.route.quiesce(), Arc::clone(&dst))?;
-        let copied = copy_all(ctl, mv, &*dst);
+        // The changes since the last snapshot, taken once the mirror runs:
+        // a write before it is among them, one after it is mirrored.
+        let copied = match &last {
+            None => copy_all(ctl, mv, &*dst),
+            Some(s) => mv
+                .src
+                .service
+                .pool()
+                .diff(&mv.record.volume, Some(s), None)
+                .map_err(Error::from)
+                .and_then(|changes| copy_changes(ctl, mv, &*dst, &changes, snapshot_bytes)),
+        }
+        .map(|n| n + snapshot_bytes);
         let copied = match copied {
             Ok(n) => n,
             Err(e) => {
@@ -496,6 +525,130 @@ fn copy_all(ctl: &JobCtl, mv: &Move, dst: &dyn BlockDevice) -> Result<u64> {
         }
         at = end;
         ctl.set_done(at);
+    }
+    Ok(written)
+}
+
+/// Copies the source's snapshots into the destination, oldest first: for
+/// each, what changed since the one before (all of it for the first)
+/// written into the destination's volume, resized to the snapshot's size,
+/// then a snapshot of the same name taken of it. Returns the bytes
+/// written and the last snapshot's name.
+fn copy_snapshots(ctl: &JobCtl, mv: &Move, dst: &dyn BlockDevice) -> Result<(u64, Option<String>)> {
+    let from = mv.src.service.pool();
+    let into = mv.dst.service.pool();
+    let snaps = from.list_snapshots(&mv.record.volume)?;
+    ctl.set_total(mv.size_bytes.saturating_mul(snaps.len() as u64 + 1));
+    let mut written = 0u64;
+    let mut last: Option<String> = None;
+    for (i, snap) in snaps.iter().enumerate() {
+        into.resize_volume(&mv.record.to, snap.size_bytes, true)?;
+        let image = from.snapshot(&mv.record.volume, &snap.name)?;
+        let base = mv.size_bytes.saturating_mul(i as u64);
+        // The first whole (the engine's diff has no empty image to start
+        // from), a step at a time; the others as their diffs.
+        let ranges: Vec<(u64, u64)> = match &last {
+            None => (0..snap.size_bytes.div_ceil(WHOLE_STEP_BYTES))
+                .map(|i| {
+                    let at = i * WHOLE_STEP_BYTES;
+                    (at, WHOLE_STEP_BYTES.min(snap.size_bytes - at))
+                })
+                .collect(),
+            Some(prev) => from
+                .diff(&mv.record.volume, Some(prev), Some(&snap.name))?
+                .into_iter()
+                .map(|e| (e.offset, e.len))
+                .collect(),
+        };
+        for (at, len) in ranges {
+            ctl.pace(written)?;
+            written += copy_exact(&image, dst, at, len, last.is_none())?;
+            ctl.set_done(base + at + len);
+        }
+        into.create_snapshot(&mv.record.to, &snap.name)?;
+        last = Some(snap.name.clone());
+    }
+    Ok((written, last))
+}
+
+/// Copies the volume's changes since its last snapshot (`changes`, a
+/// diff taken before the mirror began) while the mirror runs: each range,
+/// a step at a time under the step's stripes, made equal to what the
+/// source holds now (a mirrored write of it since is there already).
+/// Returns the bytes written; `before` were written by the job already.
+fn copy_changes(
+    ctl: &JobCtl,
+    mv: &Move,
+    dst: &dyn BlockDevice,
+    changes: &[vpool_engine::DiffExtent],
+    before: u64,
+) -> Result<u64> {
+    let from = mv.src.service.pool();
+    let src = from.volume(&mv.record.volume)?;
+    let snaps = from.list_snapshots(&mv.record.volume)?.len() as u64;
+    let base = mv.size_bytes.saturating_mul(snaps);
+    let mut written = 0u64;
+    for e in changes {
+        let mut at = e.offset;
+        let end = (e.offset + e.len).min(mv.size_bytes);
+        while at < end {
+            ctl.pace(before + written)?;
+            mv.route.check_mirror()?;
+            let step_end = (at + MOVE_STEP_BYTES).min(end);
+            let _g = mv.route.exclusive(at, step_end - at);
+            written += copy_exact(&src, dst, at, step_end - at, false)?;
+            at = step_end;
+            ctl.set_done(base + at);
+        }
+    }
+    Ok(written)
+}
+
+/// Makes `[offset, offset + len)` of `dst` what it is in `src`: data
+/// copied, zeros zeroed (or, into a `fresh` destination that reads zeros
+/// already, left alone). Returns the bytes of data written.
+fn copy_exact(
+    src: &vpool_engine::Volume,
+    dst: &dyn BlockDevice,
+    offset: u64,
+    len: u64,
+    fresh: bool,
+) -> Result<u64> {
+    let device = |e: DeviceError| Error::new(ErrorKind::Failed, e.to_string());
+    let mut buf = Vec::new();
+    let mut written = 0u64;
+    let mut pos = offset;
+    let end = offset + len;
+    while pos < end {
+        let extents = src.block_status(pos, end - pos, MAX_EXTENTS)?;
+        if extents.is_empty() || extents.iter().any(|e| e.0 == 0) {
+            return Err(Error::internal(format!(
+                "block status at {pos} made no progress"
+            )));
+        }
+        for (n, flags) in extents {
+            let n = n.min(end - pos);
+            if flags & STATE_ZERO != 0 {
+                if !fresh {
+                    dst.write_zeroes(pos, n, true).map_err(device)?;
+                }
+            } else {
+                // In pieces of at most a step: the buffer's bound.
+                let mut at = pos;
+                while at < pos + n {
+                    let m = (pos + n - at).min(MOVE_STEP_BYTES);
+                    buf.resize(usize::try_from(m).expect("at most a step"), 0);
+                    src.read(at, &mut buf)?;
+                    dst.write(at, &buf).map_err(device)?;
+                    written += m;
+                    at += m;
+                }
+            }
+            pos += n;
+            if pos >= end {
+                break;
+            }
+        }
     }
     Ok(written)
 }
