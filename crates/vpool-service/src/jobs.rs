@@ -174,6 +174,13 @@ impl JobCtl {
         self.job.done_bytes.store(done_bytes, Ordering::Relaxed);
     }
 
+    /// All of the total is done (what a job skipped, it had nothing to do
+    /// for).
+    pub fn set_all_done(&self) {
+        let total = self.job.total_bytes.load(Ordering::Relaxed);
+        self.job.done_bytes.store(total, Ordering::Relaxed);
+    }
+
     /// Whether a cancel was asked.
     pub fn cancelled(&self) -> bool {
         self.job.cancel.load(Ordering::Relaxed)

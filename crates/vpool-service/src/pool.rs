@@ -183,9 +183,7 @@ impl PoolService {
 
     pub fn delete_volume(&self, name: &str, force: bool) -> Result<()> {
         let id = self.id_of(name)?;
-        if self.catalog.is_moving(id) {
-            return Err(crate::catalog::moving(name, "delete"));
-        }
+        self.refuse_moving(name, id, "delete")?;
         self.without_writers(name, force, "delete", || {
             Ok(self.pool.delete_volume(name)?)
         })?;
@@ -271,20 +269,28 @@ impl PoolService {
                 "the snapshot name {TEMPLATE_SNAPSHOT:?} is reserved for templates (vpool vol template {volume})"
             )));
         }
-        // A move takes the volume alone (its snapshots would stay behind).
-        if self.catalog.is_moving(self.id_of(volume)?) {
-            return Err(crate::catalog::moving(volume, "a snapshot"));
-        }
+        // A move copies the snapshots there were when it began.
+        self.refuse_moving(volume, self.id_of(volume)?, "a snapshot")?;
         Ok(self.pool.create_snapshot(volume, name)?)
     }
 
     /// Refused for a template's image snapshot (delete the template).
     pub fn delete_snapshot(&self, volume: &str, name: &str) -> Result<()> {
         let id = self.id_of(volume)?;
+        self.refuse_moving(volume, id, "deleting a snapshot")?;
         if name == TEMPLATE_SNAPSHOT && self.catalog.template(volume, id).is_some() {
             return Err(self.template_snapshot_refusal(volume, name));
         }
         Ok(self.pool.delete_snapshot(volume, name)?)
+    }
+
+    /// Refuses `what` on volume `volume` (id `id`) while a move works on
+    /// it (its snapshots and clones go, or come, with it).
+    fn refuse_moving(&self, volume: &str, id: u64, what: &str) -> Result<()> {
+        if self.catalog.is_moving(id) {
+            return Err(crate::catalog::moving(volume, what));
+        }
+        Ok(())
     }
 
     fn template_snapshot_refusal(&self, volume: &str, name: &str) -> Error {
@@ -328,6 +334,7 @@ impl PoolService {
 
     /// Seals `volume` as a template (blocking: it hashes the image).
     pub fn make_template(&self, volume: &str) -> Result<VolumeView> {
+        self.refuse_moving(volume, self.id_of(volume)?, "sealing")?;
         self.catalog.seal(&self.pool, volume)?;
         self.volume(volume)
     }
@@ -339,6 +346,7 @@ impl PoolService {
         snapshot: Option<&str>,
         new: &str,
     ) -> Result<VolumeView> {
+        self.refuse_moving(volume, self.id_of(volume)?, "a clone")?;
         let snapshot = match snapshot {
             Some(s) => s.to_string(),
             None => {

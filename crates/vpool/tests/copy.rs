@@ -212,7 +212,11 @@ fn a_volume_moves_there_and_back_while_fio_verifies_it() {
     let s_img = save("web2@s", "s.raw");
     nbd_common::clients::qemu_io(
         &d.nbd_uri("web2"),
-        &["write -P 0x42 4M 1M", "write -z 64M 2M"],
+        &[
+            "write -P 0x42 4M 1M",
+            "write -z 64M 2M",
+            "write -P 0x44 250M 1M",
+        ],
     );
     run_ok(&home, &["vol", "resize", "web2", "--size", "288M"]);
     run_ok(&home, &["snap", "create", "web2@t"]);
@@ -221,6 +225,10 @@ fn a_volume_moves_there_and_back_while_fio_verifies_it() {
         &d.nbd_uri("web2"),
         &["write -P 0x43 8M 64k", "write -z 100M 1M"],
     );
+    // Shrunk past 0x44's data and grown again: zeros there now.
+    let shrink = ["vol", "resize", "web2", "--size", "240M", "--allow-shrink"];
+    run_ok(&home, &shrink);
+    run_ok(&home, &["vol", "resize", "web2", "--size", "272M"]);
     let head = save("web2", "head.raw");
     let job = run_json(&home, &["vol", "move", "web2", "cold"]);
     assert_eq!(job["state"], "succeeded", "{job}");
@@ -261,6 +269,7 @@ fn a_cancelled_or_interrupted_move_leaves_the_volume_where_it_was() {
         &["vol", "delete", "cold/web1", "--force"],
         &["snap", "create", "web1@x"],
         &["vol", "move", "web1", "cold", "--name", "again"],
+        &["vol", "template", "web1"],
     ] {
         let e = run_err(&home, args);
         assert!(e.contains("being moved"), "{args:?}: {e}");

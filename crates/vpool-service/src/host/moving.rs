@@ -263,14 +263,19 @@ impl Host {
         };
         // The order matters for a crash: a record names a destination
         // that is marked incomplete already.
+        // A failure undoes only what this call did (the marks of a move
+        // already running stay).
         let begun = mv
             .dst
             .service
             .begin_import(to, false)
             .and_then(|()| mv.mark(true))
-            .and_then(|()| self.moves.add(&mv.record));
+            .and_then(|()| {
+                self.moves.add(&mv.record).inspect_err(|_| {
+                    let _ = mv.mark(false);
+                })
+            });
         if let Err(e) = begun {
-            let _ = mv.mark(false);
             delete_own(&mv.dst, &mv.record.to, mv.record.to_id);
             return Err(e);
         }
@@ -410,6 +415,12 @@ impl MoveGuard {
         // The snapshots first, oldest first, each as what changed since the
         // one before; then the volume, from the last of them on.
         let (snapshot_bytes, last) = copy_snapshots(ctl, mv, &*dst)?;
+        let snapshots = mv
+            .src
+            .service
+            .pool()
+            .list_snapshots(&mv.record.volume)?
+            .len() as u64;
         mv.dst
             .service
             .pool()
@@ -426,7 +437,9 @@ impl MoveGuard {
                 .pool()
                 .diff(&mv.record.volume, Some(s), None)
                 .map_err(Error::from)
-                .and_then(|changes| copy_changes(ctl, mv, &*dst, &changes, snapshot_bytes)),
+                .and_then(|changes| {
+                    copy_changes(ctl, mv, &*dst, &changes, (snapshot_bytes, snapshots))
+                }),
         }
         .map(|n| n + snapshot_bytes);
         let copied = match copied {
@@ -460,6 +473,7 @@ impl MoveGuard {
             tracing::warn!(pool = %mv.record.pool, volume = %mv.record.volume, error = %e.message, "the volume moved but its source could not be deleted; it is deleted at the next start");
         }
         self.routes.forget(&mv.record.pool, &mv.record.volume);
+        ctl.set_all_done();
         Ok(serde_json::json!({
             "volume": format!("{}/{}", mv.record.to_pool, mv.record.to),
             "size_bytes": mv.size_bytes,
@@ -548,22 +562,18 @@ fn copy_snapshots(ctl: &JobCtl, mv: &Move, dst: &dyn BlockDevice) -> Result<(u64
         // The first whole (the engine's diff has no empty image to start
         // from), a step at a time; the others as their diffs.
         let ranges: Vec<(u64, u64)> = match &last {
-            None => (0..snap.size_bytes.div_ceil(WHOLE_STEP_BYTES))
-                .map(|i| {
-                    let at = i * WHOLE_STEP_BYTES;
-                    (at, WHOLE_STEP_BYTES.min(snap.size_bytes - at))
-                })
-                .collect(),
+            None => split(0, snap.size_bytes, WHOLE_STEP_BYTES).collect(),
+            // (Split: one range may be the whole disk rewritten.)
             Some(prev) => from
                 .diff(&mv.record.volume, Some(prev), Some(&snap.name))?
                 .into_iter()
-                .map(|e| (e.offset, e.len))
+                .flat_map(|e| split(e.offset, e.len, WHOLE_STEP_BYTES))
                 .collect(),
         };
         for (at, len) in ranges {
             ctl.pace(written)?;
             written += copy_exact(&image, dst, at, len, last.is_none())?;
-            ctl.set_done(base + at + len);
+            ctl.set_done(base + (at + len).min(mv.size_bytes));
         }
         into.create_snapshot(&mv.record.to, &snap.name)?;
         last = Some(snap.name.clone());
@@ -581,12 +591,10 @@ fn copy_changes(
     mv: &Move,
     dst: &dyn BlockDevice,
     changes: &[vpool_engine::DiffExtent],
-    before: u64,
+    (before, snapshots): (u64, u64),
 ) -> Result<u64> {
-    let from = mv.src.service.pool();
-    let src = from.volume(&mv.record.volume)?;
-    let snaps = from.list_snapshots(&mv.record.volume)?.len() as u64;
-    let base = mv.size_bytes.saturating_mul(snaps);
+    let src = mv.src.service.pool().volume(&mv.record.volume)?;
+    let base = mv.size_bytes.saturating_mul(snapshots);
     let mut written = 0u64;
     for e in changes {
         let mut at = e.offset;
@@ -602,6 +610,11 @@ fn copy_changes(
         }
     }
     Ok(written)
+}
+
+/// `[offset, offset + len)` in pieces of at most `step` bytes.
+fn split(offset: u64, len: u64, step: u64) -> impl Iterator<Item = (u64, u64)> {
+    (0..len.div_ceil(step)).map(move |i| (offset + i * step, step.min(len - i * step)))
 }
 
 /// Makes `[offset, offset + len)` of `dst` what it is in `src`: data
