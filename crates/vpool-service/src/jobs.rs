@@ -75,11 +75,44 @@ pub struct JobInfo {
     pub result: Option<serde_json::Value>,
 }
 
+/// What a job is, before it starts.
+pub struct JobSpec {
+    kind: String,
+    target: String,
+    pools: Vec<String>,
+    max_rate_bytes_per_sec: Option<u64>,
+}
+
+impl JobSpec {
+    /// Job `kind` (`copy`, `move`) on `target` (for people).
+    pub fn new(kind: &str, target: String) -> JobSpec {
+        JobSpec {
+            kind: kind.to_string(),
+            target,
+            pools: Vec::new(),
+            max_rate_bytes_per_sec: None,
+        }
+    }
+
+    /// The pools it works in: none of them is detached while it runs.
+    pub fn in_pools(mut self, pools: &[&str]) -> JobSpec {
+        self.pools = pools.iter().map(|p| p.to_string()).collect();
+        self
+    }
+
+    /// At most this many bytes a second (`None`: no limit).
+    pub fn at_most(mut self, max_rate_bytes_per_sec: Option<u64>) -> JobSpec {
+        self.max_rate_bytes_per_sec = max_rate_bytes_per_sec;
+        self
+    }
+}
+
 /// One job's shared state.
 struct Job {
     id: u64,
     kind: String,
     target: String,
+    pools: Vec<String>,
     started: Instant,
     started_unix_ms: u64,
     done_bytes: AtomicU64,
@@ -225,11 +258,16 @@ impl Jobs {
     /// jobs run.
     pub fn start(
         self: &Arc<Self>,
-        kind: &str,
-        target: &str,
-        max_rate_bytes_per_sec: Option<u64>,
+        spec: JobSpec,
         work: impl FnOnce(&JobCtl) -> Result<serde_json::Value> + Send + 'static,
     ) -> Result<JobInfo> {
+        let JobSpec {
+            kind,
+            target,
+            pools,
+            max_rate_bytes_per_sec,
+        } = spec;
+        let (kind, target) = (kind.as_str(), target.as_str());
         let job = {
             let mut jobs = self.lock();
             if self.closed.load(Ordering::SeqCst) {
@@ -251,6 +289,7 @@ impl Jobs {
                 id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
                 kind: kind.to_string(),
                 target: target.to_string(),
+                pools,
                 started: Instant::now(),
                 started_unix_ms: unix_ms(),
                 done_bytes: AtomicU64::new(0),
@@ -329,6 +368,15 @@ impl Jobs {
                     ),
                 )
             })
+    }
+
+    /// The running jobs that work in pool `pool`.
+    pub fn running_in(&self, pool: &str) -> Vec<u64> {
+        self.lock()
+            .iter()
+            .filter(|j| !j.is_finished() && j.pools.iter().any(|p| p == pool))
+            .map(|j| j.id)
+            .collect()
     }
 
     /// Every job kept, oldest first.
@@ -423,7 +471,7 @@ mod tests {
         let jobs = Arc::new(Jobs::new());
         let (go, gate) = std::sync::mpsc::channel::<()>();
         let started = jobs
-            .start("copy", "a -> b", None, move |ctl| {
+            .start(JobSpec::new("copy", "a -> b".into()), move |ctl| {
                 ctl.set_total(100);
                 ctl.set_done(40);
                 gate.recv().unwrap();
@@ -446,14 +494,14 @@ mod tests {
     #[test]
     fn a_cancel_stops_a_job_at_its_next_step() {
         let jobs = Arc::new(Jobs::new());
-        jobs.start("copy", "x", None, |ctl| {
+        jobs.start(JobSpec::new("copy", "x".into()), |ctl| {
             loop {
                 ctl.check()?;
                 std::thread::sleep(Duration::from_millis(5));
             }
         })
         .unwrap();
-        jobs.start("copy", "y", None, |_| {
+        jobs.start(JobSpec::new("copy", "y".into()), |_| {
             Err(Error::new(ErrorKind::NoSpace, "full"))
         })
         .unwrap();
@@ -471,10 +519,13 @@ mod tests {
     fn a_job_keeps_to_its_rate_and_a_stopping_daemon_starts_none() {
         let jobs = Arc::new(Jobs::new());
         let j = jobs
-            .start("copy", "x", Some(1000), |ctl| {
-                ctl.pace(100)?;
-                Ok(serde_json::Value::Null)
-            })
+            .start(
+                JobSpec::new("copy", "x".into()).at_most(Some(1000)),
+                |ctl| {
+                    ctl.pace(100)?;
+                    Ok(serde_json::Value::Null)
+                },
+            )
             .unwrap();
         let started = Instant::now();
         assert_eq!(
@@ -487,7 +538,9 @@ mod tests {
         );
         jobs.cancel_all(Duration::from_secs(1));
         let e = jobs
-            .start("copy", "x", None, |_| Ok(serde_json::Value::Null))
+            .start(JobSpec::new("copy", "x".into()), |_| {
+                Ok(serde_json::Value::Null)
+            })
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::Failed);
     }
@@ -499,14 +552,16 @@ mod tests {
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..MAX_RUNNING {
             let rx = Arc::clone(&rx);
-            jobs.start("copy", "x", None, move |_| {
+            jobs.start(JobSpec::new("copy", "x".into()), move |_| {
                 let _ = rx.lock().unwrap().recv();
                 Ok(serde_json::Value::Null)
             })
             .unwrap();
         }
         let e = jobs
-            .start("copy", "x", None, |_| Ok(serde_json::Value::Null))
+            .start(JobSpec::new("copy", "x".into()), |_| {
+                Ok(serde_json::Value::Null)
+            })
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::InUse);
         for _ in 0..MAX_RUNNING {
@@ -517,7 +572,9 @@ mod tests {
         }
         for _ in 0..MAX_KEPT + 5 {
             let j = jobs
-                .start("copy", "x", None, |_| Ok(serde_json::Value::Null))
+                .start(JobSpec::new("copy", "x".into()), |_| {
+                    Ok(serde_json::Value::Null)
+                })
                 .unwrap();
             jobs.wait(j.id, Duration::from_secs(10)).unwrap();
         }

@@ -274,6 +274,8 @@ fn a_cancelled_or_interrupted_move_leaves_the_volume_where_it_was() {
         let e = run_err(&home, args);
         assert!(e.contains("being moved"), "{args:?}: {e}");
     }
+    let e = run_err(&home, &["pool", "detach", "cold", "--force"]);
+    assert!(e.contains("job"), "{e}");
     run_ok(&home, &["job", "cancel", &id]);
     let e = run_err(&home, &["job", "wait", &id]);
     assert!(e.contains("cancelled"), "{e}");

@@ -26,7 +26,7 @@ use vpool_engine::{STATE_ZERO, Volume};
 use super::shared::SharedCtx;
 use super::{Host, PoolCtx};
 use crate::error::{Error, ErrorKind, Result};
-use crate::jobs::{JobCtl, JobInfo};
+use crate::jobs::{JobCtl, JobInfo, JobSpec};
 
 /// Bytes read and written per step (the job's memory, and how often it
 /// looks for a cancel).
@@ -137,14 +137,16 @@ impl Host {
         };
         // Refused (too many jobs), the closure is dropped unrun, and the
         // copy's drop cleans up.
-        self.jobs
-            .start("copy", &what, max_rate_bytes_per_sec, move |ctl| {
-                let outcome = run(ctl, &copy.src, &copy.dst, size_bytes);
-                if outcome.is_ok() {
-                    copy.keep();
-                }
-                outcome
-            })
+        let spec = JobSpec::new("copy", what)
+            .in_pools(&[&copy.src.ctx.name, &copy.dst.pool])
+            .at_most(max_rate_bytes_per_sec);
+        self.jobs.start(spec, move |ctl| {
+            let outcome = run(ctl, &copy.src, &copy.dst, size_bytes);
+            if outcome.is_ok() {
+                copy.keep();
+            }
+            outcome
+        })
     }
 
     /// The open pool that holds `volume`, and whether `volume` is a

@@ -759,6 +759,16 @@ impl Host {
             Some(s) => s.state.clone(),
             None => return Err(no_such_pool(name)),
         };
+        // A job's clean-up needs its pools (even with force).
+        let jobs = self.jobs.running_in(name);
+        if !jobs.is_empty() {
+            return Err(Error::new(
+                ErrorKind::InUse,
+                format!(
+                    "detach refused: job(s) {jobs:?} work in pool {name}; `vpool job cancel` them or wait for them (`vpool job list`)"
+                ),
+            ));
+        }
         {
             let n = state.nbd_connections();
             if n > 0 && !force {

@@ -43,7 +43,7 @@ use vpool_nbd::{BlockDevice, DeviceError};
 use super::route::{MovableDevice, Route, Routes};
 use super::{Host, PoolCtx};
 use crate::error::{Error, ErrorKind, Result};
-use crate::jobs::{JobCtl, JobInfo};
+use crate::jobs::{JobCtl, JobInfo, JobSpec};
 
 /// Bytes a move copies per step, under the step's stripes.
 const MOVE_STEP_BYTES: u64 = 1 << 20;
@@ -283,19 +283,21 @@ impl Host {
             "{}/{} -> {}/{}",
             mv.record.pool, mv.record.volume, mv.record.to_pool, mv.record.to
         );
+        let spec = JobSpec::new("move", what)
+            .in_pools(&[&mv.record.pool, &mv.record.to_pool])
+            .at_most(max_rate_bytes_per_sec);
         let mut guard = MoveGuard {
             mv: Some(mv),
             moves: Arc::clone(&self.moves),
             routes: Arc::clone(&self.routes),
         };
-        self.jobs
-            .start("move", &what, max_rate_bytes_per_sec, move |ctl| {
-                let out = guard.run(ctl);
-                if out.is_ok() {
-                    guard.done();
-                }
-                out
-            })
+        self.jobs.start(spec, move |ctl| {
+            let out = guard.run(ctl);
+            if out.is_ok() {
+                guard.done();
+            }
+            out
+        })
     }
 
     /// Finishes or undoes the moves a crash interrupted, once their pools
