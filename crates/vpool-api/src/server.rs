@@ -1130,16 +1130,14 @@ async fn copy_volume(
 ) -> Result<Response, ApiError> {
     let host = Arc::clone(&s.host);
     let job = service(move || {
-        let (to_pool, to) = match req.to.split_once('/') {
-            Some((p, n)) => (Some(p.to_string()), n.to_string()),
-            None => (pool.clone(), req.to.clone()),
-        };
+        // `POOL/NAME`, or `NAME` in the source's pool.
+        let (to_pool, to) = vpool_service::names::split_pool(&req.to);
         host.copy_volume(
             pool.as_deref(),
             &name,
             req.snapshot.as_deref(),
-            to_pool.as_deref(),
-            &to,
+            to_pool.or(pool.as_deref()),
+            to,
             req.max_rate_bytes_per_sec,
         )
     })

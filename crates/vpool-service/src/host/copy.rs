@@ -306,20 +306,16 @@ fn run(
     ctl.set_total(size_bytes);
     let from = src.image()?;
     let into = dst.ctx.service.pool().volume(&dst.volume)?;
-    let mut buf = vec![0u8; COPY_CHUNK_BYTES];
+    let mut buf = Vec::new();
     let mut data_bytes = 0u64;
+    let step = COPY_CHUNK_BYTES as u64;
     let mut at = 0u64;
     while at < size_bytes {
         ctl.pace(data_bytes)?;
-        let span = (size_bytes - at).min(64 * COPY_CHUNK_BYTES as u64);
-        for (len, flags) in from.block_status(at, span, MAX_EXTENTS)? {
-            assert!(len > 0, "an extent of no bytes");
-            if flags & STATE_ZERO == 0 {
-                data_bytes += copy_range(ctl, (&from, &into), at, len, &mut buf, data_bytes)?;
-            }
-            at += len;
-            ctl.set_done(at);
-        }
+        let len = step.min(size_bytes - at);
+        data_bytes += copy_exact(&from, &into, at, len, true, &mut buf)?;
+        at += len;
+        ctl.set_done(at);
     }
     into.flush()?;
     dst.ctx.service.end_import(&dst.volume)?;
@@ -330,30 +326,54 @@ fn run(
     }))
 }
 
-/// Copies `[at, at + len)` a chunk at a time, leaving chunks of zeros
-/// out, `before` bytes written by the job already (its pace). Returns the
-/// bytes written.
-fn copy_range(
-    ctl: &JobCtl,
-    (from, into): (&Volume, &Volume),
-    at: u64,
+/// Makes `[offset, offset + len)` of `dst` what it is in `src`: data
+/// copied, zeros zeroed; into a `fresh` destination, which reads zeros
+/// already, ranges and chunks of zeros are left alone (holes stay holes).
+/// Reads and writes at most [`COPY_CHUNK_BYTES`] at a time, in `buf`.
+/// Returns the bytes of data written. Shared by copies and moves.
+pub(super) fn copy_exact(
+    src: &Volume,
+    dst: &Volume,
+    offset: u64,
     len: u64,
-    buf: &mut [u8],
-    before: u64,
+    fresh: bool,
+    buf: &mut Vec<u8>,
 ) -> Result<u64> {
     let mut written = 0u64;
-    let mut pos = at;
-    while pos < at + len {
-        ctl.pace(before + written)?;
-        let n = usize::try_from((at + len - pos).min(buf.len() as u64)).expect("at most a chunk");
-        let piece = &mut buf[..n];
-        from.read(pos, piece)?;
-        if piece.iter().any(|&b| b != 0) {
-            into.write(pos, piece)?;
-            written += n as u64;
+    let mut pos = offset;
+    let end = offset + len;
+    while pos < end {
+        let extents = src.block_status(pos, end - pos, MAX_EXTENTS)?;
+        if extents.is_empty() || extents.iter().any(|e| e.0 == 0) {
+            return Err(Error::internal(format!(
+                "block status of {} at {pos} made no progress",
+                src.name()
+            )));
         }
-        pos += n as u64;
-        ctl.set_done(pos);
+        for (n, flags) in extents {
+            let n = n.min(end - pos);
+            if flags & STATE_ZERO != 0 {
+                if !fresh {
+                    dst.write_zeroes(pos, n, true)?;
+                }
+            } else {
+                let mut at = pos;
+                while at < pos + n {
+                    let m = (pos + n - at).min(COPY_CHUNK_BYTES as u64);
+                    buf.resize(usize::try_from(m).expect("at most a chunk"), 0);
+                    src.read(at, buf)?;
+                    if !(fresh && buf.iter().all(|&b| b == 0)) {
+                        dst.write(at, buf)?;
+                        written += m;
+                    }
+                    at += m;
+                }
+            }
+            pos += n;
+            if pos >= end {
+                break;
+            }
+        }
     }
     Ok(written)
 }

@@ -37,9 +37,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use vpool_engine::STATE_ZERO;
+use vpool_engine::Volume;
 use vpool_nbd::{BlockDevice, DeviceError};
 
+use super::copy::copy_exact;
 use super::route::{MovableDevice, Route, Routes};
 use super::{Host, PoolCtx};
 use crate::error::{Error, ErrorKind, Result};
@@ -50,8 +51,6 @@ const MOVE_STEP_BYTES: u64 = 1 << 20;
 /// Bytes of a first snapshot copied between two looks at the job's pace
 /// and cancel (it is read a MiB at a time).
 const WHOLE_STEP_BYTES: u64 = 64 << 20;
-/// Most extents asked of the source at a time.
-const MAX_EXTENTS: usize = 1024;
 /// The record of the moves under way, in the home.
 const MOVES_FILE: &str = "moves.json";
 
@@ -414,9 +413,11 @@ impl MoveGuard {
             .exports
             .open_incomplete(&mv.record.to)
             .map_err(device)?;
-        // The snapshots first, oldest first, each as what changed since the
-        // one before; then the volume, from the last of them on.
-        let (snapshot_bytes, last) = copy_snapshots(ctl, mv, &*dst)?;
+        // The copies write the destination's volume itself; the mirror, its
+        // device. The snapshots first, oldest first, each as what changed
+        // since the one before; then the volume, from the last of them on.
+        let into = mv.dst.service.pool().volume(&mv.record.to)?;
+        let (snapshot_bytes, last) = copy_snapshots(ctl, mv, &into)?;
         let snapshots = mv
             .src
             .service
@@ -432,7 +433,7 @@ impl MoveGuard {
         // The changes since the last snapshot, taken once the mirror runs:
         // a write before it is among them, one after it is mirrored.
         let copied = match &last {
-            None => copy_all(ctl, mv, &*dst),
+            None => copy_all(ctl, mv, &into),
             Some(s) => mv
                 .src
                 .service
@@ -440,7 +441,7 @@ impl MoveGuard {
                 .diff(&mv.record.volume, Some(s), None)
                 .map_err(Error::from)
                 .and_then(|changes| {
-                    copy_changes(ctl, mv, &*dst, &changes, (snapshot_bytes, snapshots))
+                    copy_changes(ctl, mv, &into, &changes, (snapshot_bytes, snapshots))
                 }),
         }
         .map(|n| n + snapshot_bytes);
@@ -502,9 +503,9 @@ impl Drop for MoveGuard {
 
 /// Copies every data extent of the source, a step at a time under the
 /// step's stripes. Returns the bytes written.
-fn copy_all(ctl: &JobCtl, mv: &Move, dst: &dyn BlockDevice) -> Result<u64> {
+fn copy_all(ctl: &JobCtl, mv: &Move, dst: &Volume) -> Result<u64> {
     let src = mv.src.service.pool().volume(&mv.record.volume)?;
-    let mut buf = vec![0u8; usize::try_from(MOVE_STEP_BYTES).expect("1 MiB")];
+    let mut buf = Vec::new();
     let mut written = 0u64;
     let mut at = 0u64;
     while at < mv.size_bytes {
@@ -513,32 +514,7 @@ fn copy_all(ctl: &JobCtl, mv: &Move, dst: &dyn BlockDevice) -> Result<u64> {
         mv.route.check_mirror()?;
         let end = (at + MOVE_STEP_BYTES).min(mv.size_bytes);
         let _g = mv.route.exclusive(at, end - at);
-        let mut pos = at;
-        while pos < end {
-            let extents = src.block_status(pos, end - pos, MAX_EXTENTS)?;
-            if extents.is_empty() || extents.iter().any(|e| e.0 == 0) {
-                return Err(Error::internal(format!(
-                    "block status of {}/{} at {pos} made no progress",
-                    mv.record.pool, mv.record.volume
-                )));
-            }
-            for (n, flags) in extents {
-                let n = n.min(end - pos);
-                if flags & STATE_ZERO == 0 {
-                    let piece = &mut buf[..usize::try_from(n).expect("at most a step")];
-                    src.read(pos, piece)?;
-                    if piece.iter().any(|&b| b != 0) {
-                        dst.write(pos, piece)
-                            .map_err(|e| Error::new(ErrorKind::Failed, e.to_string()))?;
-                        written += n;
-                    }
-                }
-                pos += n;
-                if pos >= end {
-                    break;
-                }
-            }
-        }
+        written += copy_exact(&src, dst, at, end - at, true, &mut buf)?;
         at = end;
         ctl.set_done(at);
     }
@@ -550,11 +526,12 @@ fn copy_all(ctl: &JobCtl, mv: &Move, dst: &dyn BlockDevice) -> Result<u64> {
 /// written into the destination's volume, resized to the snapshot's size,
 /// then a snapshot of the same name taken of it. Returns the bytes
 /// written and the last snapshot's name.
-fn copy_snapshots(ctl: &JobCtl, mv: &Move, dst: &dyn BlockDevice) -> Result<(u64, Option<String>)> {
+fn copy_snapshots(ctl: &JobCtl, mv: &Move, dst: &Volume) -> Result<(u64, Option<String>)> {
     let from = mv.src.service.pool();
     let into = mv.dst.service.pool();
     let snaps = from.list_snapshots(&mv.record.volume)?;
     ctl.set_total(mv.size_bytes.saturating_mul(snaps.len() as u64 + 1));
+    let mut buf = Vec::new();
     let mut written = 0u64;
     let mut last: Option<String> = None;
     for (i, snap) in snaps.iter().enumerate() {
@@ -574,7 +551,7 @@ fn copy_snapshots(ctl: &JobCtl, mv: &Move, dst: &dyn BlockDevice) -> Result<(u64
         };
         for (at, len) in ranges {
             ctl.pace(written)?;
-            written += copy_exact(&image, dst, at, len, last.is_none())?;
+            written += copy_exact(&image, dst, at, len, last.is_none(), &mut buf)?;
             ctl.set_done(base + (at + len).min(mv.size_bytes));
         }
         into.create_snapshot(&mv.record.to, &snap.name)?;
@@ -591,12 +568,13 @@ fn copy_snapshots(ctl: &JobCtl, mv: &Move, dst: &dyn BlockDevice) -> Result<(u64
 fn copy_changes(
     ctl: &JobCtl,
     mv: &Move,
-    dst: &dyn BlockDevice,
+    dst: &Volume,
     changes: &[vpool_engine::DiffExtent],
     (before, snapshots): (u64, u64),
 ) -> Result<u64> {
     let src = mv.src.service.pool().volume(&mv.record.volume)?;
     let base = mv.size_bytes.saturating_mul(snapshots);
+    let mut buf = Vec::new();
     let mut written = 0u64;
     for e in changes {
         let mut at = e.offset;
@@ -606,7 +584,7 @@ fn copy_changes(
             mv.route.check_mirror()?;
             let step_end = (at + MOVE_STEP_BYTES).min(end);
             let _g = mv.route.exclusive(at, step_end - at);
-            written += copy_exact(&src, dst, at, step_end - at, false)?;
+            written += copy_exact(&src, dst, at, step_end - at, false, &mut buf)?;
             at = step_end;
             ctl.set_done(base + at);
         }
@@ -617,55 +595,6 @@ fn copy_changes(
 /// `[offset, offset + len)` in pieces of at most `step` bytes.
 fn split(offset: u64, len: u64, step: u64) -> impl Iterator<Item = (u64, u64)> {
     (0..len.div_ceil(step)).map(move |i| (offset + i * step, step.min(len - i * step)))
-}
-
-/// Makes `[offset, offset + len)` of `dst` what it is in `src`: data
-/// copied, zeros zeroed (or, into a `fresh` destination that reads zeros
-/// already, left alone). Returns the bytes of data written.
-fn copy_exact(
-    src: &vpool_engine::Volume,
-    dst: &dyn BlockDevice,
-    offset: u64,
-    len: u64,
-    fresh: bool,
-) -> Result<u64> {
-    let device = |e: DeviceError| Error::new(ErrorKind::Failed, e.to_string());
-    let mut buf = Vec::new();
-    let mut written = 0u64;
-    let mut pos = offset;
-    let end = offset + len;
-    while pos < end {
-        let extents = src.block_status(pos, end - pos, MAX_EXTENTS)?;
-        if extents.is_empty() || extents.iter().any(|e| e.0 == 0) {
-            return Err(Error::internal(format!(
-                "block status at {pos} made no progress"
-            )));
-        }
-        for (n, flags) in extents {
-            let n = n.min(end - pos);
-            if flags & STATE_ZERO != 0 {
-                if !fresh {
-                    dst.write_zeroes(pos, n, true).map_err(device)?;
-                }
-            } else {
-                // In pieces of at most a step: the buffer's bound.
-                let mut at = pos;
-                while at < pos + n {
-                    let m = (pos + n - at).min(MOVE_STEP_BYTES);
-                    buf.resize(usize::try_from(m).expect("at most a step"), 0);
-                    src.read(at, &mut buf)?;
-                    dst.write(at, &buf).map_err(device)?;
-                    written += m;
-                    at += m;
-                }
-            }
-            pos += n;
-            if pos >= end {
-                break;
-            }
-        }
-    }
-    Ok(written)
 }
 
 /// The commit: with every request held, the check, both sides flushed,
