@@ -21,8 +21,9 @@ use crate::routes::{self, escape};
 use crate::types::{
     AddPoolRequest, Allocation, CacheInfo, CheckResult, CleanResult, CloneRequest, CopyRequest,
     CreateSnapshotRequest, CreateVolumeRequest, Diff, DiffExtent, FlattenReport, JobInfo, JobList,
-    MoveRequest, PinInfo, PinList, PinRequest, PoolInfo, PoolList, PoolStatus, ResizeVolumeRequest,
-    SharedVolumeStatus, SnapshotInfo, SnapshotList, VolumeInfo, VolumeList,
+    MoveRequest, PinInfo, PinList, PinRequest, PoolInfo, PoolList, PoolStatus, ReplicaList,
+    ReplicaRequest, ReplicaStatus, ResizeVolumeRequest, SharedVolumeStatus, SnapshotInfo,
+    SnapshotList, VolumeInfo, VolumeList,
 };
 use crate::{MAX_DATA_BYTES, MAX_JSON_BODY_BYTES};
 
@@ -532,6 +533,71 @@ impl Client {
             "POST",
             &routes::volume_move(&self.qualify(volume)),
             Some(&req),
+        )
+    }
+
+    /// Starts replicating `volume` (`POOL/NAME` or `NAME`) as `req` says;
+    /// its first run starts at once.
+    pub fn add_replica(
+        &self,
+        volume: &str,
+        req: &ReplicaRequest,
+    ) -> Result<ReplicaStatus, ClientError> {
+        self.json_call(
+            "POST",
+            &routes::volume_replica(&self.qualify(volume)),
+            Some(req),
+        )
+    }
+
+    /// The replication of `volume`.
+    pub fn replica(&self, volume: &str) -> Result<ReplicaStatus, ClientError> {
+        self.json_call(
+            "GET",
+            &routes::volume_replica(&self.qualify(volume)),
+            None::<&()>,
+        )
+    }
+
+    /// Every replication of the daemon.
+    pub fn replicas(&self) -> Result<ReplicaList, ClientError> {
+        self.json_call("GET", routes::REPLICAS, None::<&()>)
+    }
+
+    /// Stops replicating `volume` (the replica stays, with its points).
+    pub fn remove_replica(&self, volume: &str) -> Result<(), ClientError> {
+        self.empty_call(
+            "DELETE",
+            &routes::volume_replica(&self.qualify(volume)),
+            &[],
+        )
+    }
+
+    /// Starts a replication run of `volume` now: a job.
+    pub fn run_replica(&self, volume: &str) -> Result<JobInfo, ClientError> {
+        self.json_call(
+            "POST",
+            &routes::volume_replica_run(&self.qualify(volume)),
+            None::<&()>,
+        )
+    }
+
+    /// Starts comparing the newest point of `volume`'s replication on both
+    /// sides: a job.
+    pub fn verify_replica(&self, volume: &str) -> Result<JobInfo, ClientError> {
+        self.json_call(
+            "POST",
+            &routes::volume_replica_verify(&self.qualify(volume)),
+            None::<&()>,
+        )
+    }
+
+    /// Makes replica `volume` a volume of its own, at its newest point.
+    pub fn promote(&self, volume: &str) -> Result<VolumeInfo, ClientError> {
+        self.json_call(
+            "POST",
+            &routes::volume_promote(&self.qualify(volume)),
+            None::<&()>,
         )
     }
 

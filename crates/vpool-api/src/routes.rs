@@ -58,6 +58,16 @@ pub const VOLUME_COPY: &str = "/v1/volumes/{name}/copy";
 /// `POST`: start moving into another pool, live (a job). See
 /// [`volume_move`].
 pub const VOLUME_MOVE: &str = "/v1/volumes/{name}/move";
+/// `GET`: the volume's replication; `POST`: start replicating it;
+/// `DELETE`: stop. See [`volume_replica`].
+pub const VOLUME_REPLICA: &str = "/v1/volumes/{name}/replica";
+/// `POST`: a replication run now (a job). See [`volume_replica_run`].
+pub const VOLUME_REPLICA_RUN: &str = "/v1/volumes/{name}/replica/run";
+/// `POST`: compare the newest point on both sides (a job). See
+/// [`volume_replica_verify`].
+pub const VOLUME_REPLICA_VERIFY: &str = "/v1/volumes/{name}/replica/verify";
+/// `POST`: make a replica a volume of its own. See [`volume_promote`].
+pub const VOLUME_PROMOTE: &str = "/v1/volumes/{name}/promote";
 /// `POST`: merge into the parent. See [`volume_commit`].
 pub const VOLUME_COMMIT: &str = "/v1/volumes/{name}/commit";
 /// `GET`: diff between two images. See [`volume_diff`].
@@ -94,6 +104,9 @@ pub const JOB: &str = "/v1/jobs/{id}";
 /// `POST`: ask a job to stop. See [`job_cancel`].
 pub const JOB_CANCEL: &str = "/v1/jobs/{id}/cancel";
 
+/// `GET`: every replication of the daemon.
+pub const REPLICAS: &str = "/v1/replicas";
+
 /// Every pattern above that addresses the default pool, and has a
 /// [`scoped`] twin.
 pub const ALL: &[&str] = &[
@@ -116,6 +129,10 @@ pub const ALL: &[&str] = &[
     VOLUME_FLATTEN,
     VOLUME_COPY,
     VOLUME_MOVE,
+    VOLUME_REPLICA,
+    VOLUME_REPLICA_RUN,
+    VOLUME_REPLICA_VERIFY,
+    VOLUME_PROMOTE,
     VOLUME_COMMIT,
     VOLUME_DIFF,
     VOLUME_OWNER,
@@ -272,6 +289,26 @@ pub fn volume_move(name: &str) -> String {
     for_volume(VOLUME_MOVE, name, &[])
 }
 
+/// [`VOLUME_REPLICA`] of volume `name`.
+pub fn volume_replica(name: &str) -> String {
+    for_volume(VOLUME_REPLICA, name, &[])
+}
+
+/// [`VOLUME_REPLICA_RUN`] of volume `name`.
+pub fn volume_replica_run(name: &str) -> String {
+    for_volume(VOLUME_REPLICA_RUN, name, &[])
+}
+
+/// [`VOLUME_REPLICA_VERIFY`] of volume `name`.
+pub fn volume_replica_verify(name: &str) -> String {
+    for_volume(VOLUME_REPLICA_VERIFY, name, &[])
+}
+
+/// [`VOLUME_PROMOTE`] of volume `name`.
+pub fn volume_promote(name: &str) -> String {
+    for_volume(VOLUME_PROMOTE, name, &[])
+}
+
 /// [`JOB`] of job `id`.
 pub fn job(id: u64) -> String {
     fill(JOB, &[&id.to_string()])
@@ -402,6 +439,10 @@ mod tests {
             (VOLUME_FLATTEN, volume_flatten),
             (VOLUME_COPY, volume_copy),
             (VOLUME_MOVE, volume_move),
+            (VOLUME_REPLICA, volume_replica),
+            (VOLUME_REPLICA_RUN, volume_replica_run),
+            (VOLUME_REPLICA_VERIFY, volume_replica_verify),
+            (VOLUME_PROMOTE, volume_promote),
             (VOLUME_COMMIT, volume_commit),
             (VOLUME_DIFF, volume_diff),
         ];
@@ -714,6 +755,51 @@ mod tests {
                 VOLUME_MOVE,
                 &["V"],
                 Box::new(|c, v, _| drop(c.move_volume(v, "elsewhere", None, None))),
+            ),
+            (
+                "POST",
+                VOLUME_REPLICA,
+                &["V"],
+                Box::new(|c, v, _| {
+                    let req = crate::types::ReplicaRequest {
+                        to_pool: "dr".into(),
+                        name: None,
+                        every_secs: Some(60),
+                        keep: None,
+                        max_rate_bytes_per_sec: None,
+                    };
+                    drop(c.add_replica(v, &req))
+                }),
+            ),
+            (
+                "GET",
+                VOLUME_REPLICA,
+                &["V"],
+                Box::new(|c, v, _| drop(c.replica(v))),
+            ),
+            (
+                "DELETE",
+                VOLUME_REPLICA,
+                &["V"],
+                Box::new(|c, v, _| drop(c.remove_replica(v))),
+            ),
+            (
+                "POST",
+                VOLUME_REPLICA_RUN,
+                &["V"],
+                Box::new(|c, v, _| drop(c.run_replica(v))),
+            ),
+            (
+                "POST",
+                VOLUME_REPLICA_VERIFY,
+                &["V"],
+                Box::new(|c, v, _| drop(c.verify_replica(v))),
+            ),
+            (
+                "POST",
+                VOLUME_PROMOTE,
+                &["V"],
+                Box::new(|c, v, _| drop(c.promote(v))),
             ),
             (
                 "POST",

@@ -45,8 +45,9 @@ use crate::types::{
     AddPoolRequest, Allocation, AllocationExtent, CacheInfo, CheckQuery, CheckResult, CleanResult,
     CloneRequest, CopyRequest, CreateSnapshotRequest, CreateVolumeRequest, Diff, DiffExtent,
     DiffQuery, FlattenReport, ForceQuery, JobInfo, JobList, MoveRequest, PinList, PinRequest,
-    PoolInfo, PoolList, PoolStatus, RangeQuery, ResizeVolumeRequest, RollbackQuery, SnapshotInfo,
-    SnapshotList, VolumeInfo, VolumeList, WriteQuery, ZeroQuery,
+    PoolInfo, PoolList, PoolStatus, RangeQuery, ReplicaList, ReplicaRequest, ReplicaStatus,
+    ResizeVolumeRequest, RollbackQuery, SnapshotInfo, SnapshotList, VolumeInfo, VolumeList,
+    WriteQuery, ZeroQuery,
 };
 use crate::{
     MAX_ALLOCATION_EXTENTS, MAX_ALLOCATION_SPAN_BYTES, MAX_DATA_BYTES, MAX_DIFF_EXTENTS,
@@ -366,6 +367,13 @@ fn pool_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
         (routes::VOLUME_FLATTEN, post(flatten)),
         (routes::VOLUME_COPY, post(copy_volume)),
         (routes::VOLUME_MOVE, post(move_volume)),
+        (
+            routes::VOLUME_REPLICA,
+            get(replica_status).post(add_replica).delete(remove_replica),
+        ),
+        (routes::VOLUME_REPLICA_RUN, post(run_replica)),
+        (routes::VOLUME_REPLICA_VERIFY, post(verify_replica)),
+        (routes::VOLUME_PROMOTE, post(promote)),
         (routes::VOLUME_COMMIT, post(commit)),
         (routes::VOLUME_DIFF, get(diff)),
         (routes::VOLUME_OWNER, get(volume_owner)),
@@ -390,7 +398,8 @@ pub fn router(state: ApiState) -> Router {
         .route(routes::POOL_OPEN, post(open_pool))
         .route(routes::JOBS, get(list_jobs))
         .route(routes::JOB, get(job_info))
-        .route(routes::JOB_CANCEL, post(cancel_job));
+        .route(routes::JOB_CANCEL, post(cancel_job))
+        .route(routes::REPLICAS, get(list_replicas));
     for (pattern, handlers) in pool_routes() {
         r = r
             .route(pattern, handlers.clone())
@@ -1163,6 +1172,88 @@ async fn move_volume(
     })
     .await?;
     Ok(accepted(&job))
+}
+
+// ----- replication -----
+
+/// Starts replicating: 201 with the replication's status (its first run
+/// started).
+async fn add_replica(
+    State(s): State<ApiState>,
+    Named { pool, name }: Named,
+    ApiJson(req): ApiJson<ReplicaRequest>,
+) -> Result<Response, ApiError> {
+    let host = Arc::clone(&s.host);
+    let path = routes::volume_replica(&match &pool {
+        Some(p) => format!("{p}/{name}"),
+        None => name.clone(),
+    });
+    let status = service(move || {
+        let spec = vpool_service::host::ReplicaSpec {
+            to_pool: req.to_pool,
+            to: req.name,
+            every_secs: req.every_secs,
+            keep: req.keep,
+            max_rate_bytes_per_sec: req.max_rate_bytes_per_sec,
+        };
+        host.add_replica(pool.as_deref(), &name, &spec)
+    })
+    .await?;
+    Ok(created(&status, &path))
+}
+
+async fn replica_status(
+    State(s): State<ApiState>,
+    Named { pool, name }: Named,
+) -> Result<Json<ReplicaStatus>, ApiError> {
+    let host = Arc::clone(&s.host);
+    Ok(Json(
+        service(move || host.replica_status(pool.as_deref(), &name)).await?,
+    ))
+}
+
+async fn list_replicas(State(s): State<ApiState>) -> Result<Json<ReplicaList>, ApiError> {
+    let host = Arc::clone(&s.host);
+    let replicas = service(move || host.list_replicas()).await?;
+    Ok(Json(ReplicaList { replicas }))
+}
+
+async fn remove_replica(
+    State(s): State<ApiState>,
+    Named { pool, name }: Named,
+) -> Result<StatusCode, ApiError> {
+    let host = Arc::clone(&s.host);
+    service(move || host.remove_replica(pool.as_deref(), &name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Starts a run: 202 with the job.
+async fn run_replica(
+    State(s): State<ApiState>,
+    Named { pool, name }: Named,
+) -> Result<Response, ApiError> {
+    let host = Arc::clone(&s.host);
+    let job = service(move || host.run_replica(pool.as_deref(), &name)).await?;
+    Ok(accepted(&job))
+}
+
+/// Starts a verify: 202 with the job.
+async fn verify_replica(
+    State(s): State<ApiState>,
+    Named { pool, name }: Named,
+) -> Result<Response, ApiError> {
+    let host = Arc::clone(&s.host);
+    let job = service(move || host.verify_replica(pool.as_deref(), &name)).await?;
+    Ok(accepted(&job))
+}
+
+async fn promote(
+    State(s): State<ApiState>,
+    Named { pool, name }: Named,
+) -> Result<Json<VolumeInfo>, ApiError> {
+    let host = Arc::clone(&s.host);
+    let view = service(move || host.promote_replica(pool.as_deref(), &name)).await?;
+    Ok(Json(view.into()))
 }
 
 /// `202 Accepted` with job `job`, `Location` its route.

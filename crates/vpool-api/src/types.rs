@@ -39,6 +39,13 @@ pub struct VolumeInfo {
     /// serve it until an import completes (or it is deleted).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub incomplete: bool,
+    /// For a replica (`vpool replica add`): what it replicates,
+    /// `POOL/VOLUME`. Its head is not served; its points are snapshots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_of: Option<String>,
+    /// For a replica: its newest finished point (a snapshot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_point: Option<String>,
     /// Of `allocated_bytes`: bytes no snapshot or clone shares (freed if the
     /// volume is deleted), and bytes shared. Only in `GET
     /// /v1/volumes/{name}` (they cost a walk of the maps).
@@ -62,6 +69,8 @@ impl From<vpool_engine::VolumeInfo> for VolumeInfo {
             ephemeral: v.ephemeral,
             template: None,
             incomplete: false,
+            replica_of: None,
+            replica_point: None,
             exclusive_bytes: None,
             shared_bytes: None,
         }
@@ -73,6 +82,8 @@ impl From<vpool_service::VolumeView> for VolumeInfo {
         VolumeInfo {
             template: v.template.as_ref().map(TemplateInfo::from),
             incomplete: v.incomplete,
+            replica_of: v.replica.as_ref().map(|r| r.source.clone()),
+            replica_point: v.replica.and_then(|r| r.last_point),
             ..VolumeInfo::from(v.info)
         }
     }
@@ -577,6 +588,32 @@ pub struct MoveRequest {
 }
 
 pub use vpool_service::jobs::{JobInfo, JobState};
+
+/// `POST /v1/volumes/{name}/replica`: replicate the volume into pool
+/// `to_pool` as `name` (default: its own name), a run every `every_secs`
+/// (`None`: by hand, `POST .../replica/run`), keeping `keep` points.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaRequest {
+    pub to_pool: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub every_secs: Option<u64>,
+    #[serde(default)]
+    pub keep: Option<u32>,
+    /// Bytes a second a run may copy at most (`None`: no limit).
+    #[serde(default)]
+    pub max_rate_bytes_per_sec: Option<u64>,
+}
+
+pub use vpool_service::host::ReplicaStatus;
+
+/// `GET /v1/replicas`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaList {
+    pub replicas: Vec<ReplicaStatus>,
+}
 
 /// `GET /v1/jobs`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

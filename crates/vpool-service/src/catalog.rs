@@ -77,6 +77,23 @@ struct TemplatesFile {
     /// Volumes an import is writing into (name: volume id).
     #[serde(default)]
     importing: BTreeMap<String, u64>,
+    /// Volumes that are replicas of another pool's volume (`replica add`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    replicas: BTreeMap<String, ReplicaMark>,
+}
+
+/// A volume that replication writes (`vpool replica add`): its head is
+/// refused to NBD and to the API (it is half a run between two points);
+/// its points are snapshots, read as `VOLUME@POINT`, until it is promoted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaMark {
+    pub volume_id: u64,
+    /// What it replicates: `POOL/VOLUME`.
+    pub source: String,
+    /// The newest point a run finished (a snapshot of the volume), the one
+    /// a promote rolls back to; `None` until the first run finished.
+    #[serde(default)]
+    pub last_point: Option<String>,
 }
 
 /// How an NBD connection holds a volume.
@@ -112,11 +129,16 @@ struct Inner {
     /// Volumes (ids) being moved to another pool: their data changes over
     /// NBD only, which mirrors it (not kept: a restart ends a move).
     moving: std::collections::BTreeSet<u64>,
+    replicas: BTreeMap<String, ReplicaMark>,
 }
 
 impl Inner {
     fn sealed(&self, volume: &str, id: u64) -> Option<&TemplateRecord> {
         self.templates.get(volume).filter(|t| t.volume_id == id)
+    }
+
+    fn replica(&self, volume: &str, id: u64) -> Option<&ReplicaMark> {
+        self.replicas.get(volume).filter(|r| r.volume_id == id)
     }
 }
 
@@ -165,8 +187,8 @@ impl Catalog {
     /// Loads the template records from the pool's store; they are saved
     /// back there on every change.
     pub fn open(store: Arc<dyn SegmentStore>) -> Result<Catalog, CatalogError> {
-        let (templates, importing) = match store.get_meta(TEMPLATES_META_NAME)? {
-            None => (BTreeMap::new(), BTreeMap::new()),
+        let (templates, importing, replicas) = match store.get_meta(TEMPLATES_META_NAME)? {
+            None => (BTreeMap::new(), BTreeMap::new(), BTreeMap::new()),
             Some(bytes) => {
                 let f: TemplatesFile = serde_json::from_slice(&bytes)
                     .map_err(|e| CatalogError::Corrupt(e.to_string()))?;
@@ -176,7 +198,7 @@ impl Catalog {
                         f.version
                     )));
                 }
-                (f.templates, f.importing)
+                (f.templates, f.importing, f.replicas)
             }
         };
         Ok(Catalog {
@@ -185,6 +207,7 @@ impl Catalog {
                 importing,
                 users: HashMap::new(),
                 moving: Default::default(),
+                replicas,
             }),
             store: Some(store),
         })
@@ -204,6 +227,7 @@ impl Catalog {
             version: TEMPLATES_VERSION,
             templates: inner.templates.clone(),
             importing: inner.importing.clone(),
+            replicas: inner.replicas.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&f)
             .map_err(|e| Error::internal(format!("encoding the template records: {e}")))?;
@@ -241,6 +265,9 @@ impl Catalog {
         }
         let resume = {
             let mut g = self.lock();
+            if let Some(r) = g.replica(volume, id) {
+                return Err(read_only_replica(volume, &r.source, "sealing"));
+            }
             if let Some(t) = g.sealed(volume, id) {
                 if t.digest.is_some() {
                     return Err(Error::new(
@@ -317,7 +344,11 @@ impl Catalog {
         if importing {
             g.importing.remove(volume);
         }
-        if g.sealed(volume, id).is_some() || importing {
+        let replica = g.replicas.get(volume).is_some_and(|r| r.volume_id == id);
+        if replica {
+            g.replicas.remove(volume);
+        }
+        if g.sealed(volume, id).is_some() || importing || replica {
             g.templates
                 .retain(|n, t| !(n == volume && t.volume_id == id));
             if let Err(e) = self.persist(&g) {
@@ -367,6 +398,15 @@ impl Catalog {
             }
             self.lock().importing.remove(&name);
             changed = true;
+        }
+        let replicas: Vec<(String, u64)> = (self.lock().replicas.iter())
+            .map(|(n, r)| (n.clone(), r.volume_id))
+            .collect();
+        for (name, id) in replicas {
+            if !pool.volume_info(&name).is_ok_and(|i| i.id.0 == id) {
+                self.lock().replicas.remove(&name);
+                changed = true;
+            }
         }
         if changed {
             let g = self.lock();
@@ -539,6 +579,79 @@ impl Catalog {
         self.lock().moving.contains(&id)
     }
 
+    // ----- replicas -----
+
+    /// The replica mark of `volume` (id `id`), if it is a replica.
+    pub fn replica(&self, volume: &str, id: u64) -> Option<ReplicaMark> {
+        self.lock().replica(volume, id).cloned()
+    }
+
+    /// Marks `volume` (id `id`) a replica of `source`, durably, before
+    /// replication writes it. Refused while NBD clients have it open for
+    /// writing, or it is a template, or it is moving.
+    pub fn mark_replica(&self, volume: &str, id: u64, source: &str) -> Result<(), Error> {
+        let mut g = self.lock();
+        if g.sealed(volume, id).is_some() {
+            return Err(read_only_template(volume, "replicating into it"));
+        }
+        if g.moving.contains(&id) {
+            return Err(moving(volume, "replicating into it"));
+        }
+        let writers = g.users.get(&id).map_or(0, |u| u.nbd_writers);
+        if writers > 0 {
+            return Err(open_for_writing(volume, writers, "replicating into it"));
+        }
+        g.replicas.insert(
+            volume.to_string(),
+            ReplicaMark {
+                volume_id: id,
+                source: source.to_string(),
+                last_point: None,
+            },
+        );
+        self.persist(&g)
+    }
+
+    /// Records `point` as the replica's newest finished point.
+    pub fn set_replica_point(&self, volume: &str, id: u64, point: &str) -> Result<(), Error> {
+        let mut g = self.lock();
+        let Some(r) = g.replicas.get_mut(volume).filter(|r| r.volume_id == id) else {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("volume {volume} is no longer a replica"),
+            ));
+        };
+        r.last_point = Some(point.to_string());
+        self.persist(&g)
+    }
+
+    /// Runs `change` (the promote's rollback: it must not call the
+    /// catalog) with no NBD writer attached, then drops the replica mark;
+    /// both under the catalog's lock. Returns the mark it dropped.
+    pub fn unmark_replica(
+        &self,
+        volume: &str,
+        id: u64,
+        change: impl FnOnce(&ReplicaMark) -> Result<(), Error>,
+    ) -> Result<ReplicaMark, Error> {
+        let mut g = self.lock();
+        let Some(mark) = g.replica(volume, id).cloned() else {
+            return Err(Error::invalid(format!("volume {volume} is not a replica")));
+        };
+        let writers = g.users.get(&id).map_or(0, |u| u.nbd_writers);
+        if writers > 0 {
+            return Err(open_for_writing(volume, writers, "promoting"));
+        }
+        change(&mark)?;
+        g.replicas.remove(volume);
+        if let Err(e) = self.persist(&g) {
+            // Still a replica, on disk and here: nobody writes it.
+            g.replicas.insert(volume.to_string(), mark);
+            return Err(e);
+        }
+        Ok(mark)
+    }
+
     /// Admits an API request that changes volume `volume` (id `id`): refused
     /// with `read_only` for a template. Sealing waits for none of these to
     /// be in flight. The guard ends it.
@@ -551,6 +664,9 @@ impl Catalog {
         let mut g = self.lock();
         if g.sealed(volume, id).is_some() {
             return Err(read_only_template(volume, what));
+        }
+        if let Some(r) = g.replica(volume, id) {
+            return Err(read_only_replica(volume, &r.source, what));
         }
         if g.moving.contains(&id) {
             return Err(Error::new(
@@ -566,6 +682,16 @@ impl Catalog {
             id,
         })
     }
+}
+
+/// The error for a change refused because `volume` is a replica.
+pub fn read_only_replica(volume: &str, source: &str, what: &str) -> Error {
+    Error::new(
+        ErrorKind::ReadOnly,
+        format!(
+            "{what}: volume {volume} is a replica of {source}, which only replication writes; read its points (VOLUME@POINT), or `vpool replica promote {volume}` to make it a volume of its own"
+        ),
+    )
 }
 
 /// The refusal of `what` on a volume a move is working on.

@@ -64,6 +64,11 @@ impl ExportRegistry for PoolExports {
             let sealed = templates
                 .get(&v.name)
                 .is_some_and(|t| t.volume_id == v.id.0);
+            // A replica's head is not served at all (its points are).
+            if self.catalog.replica(&v.name, v.id.0).is_some() {
+                out.extend(self.snapshot_exports(&v.name));
+                continue;
+            }
             out.push(ExportInfo {
                 description: if sealed {
                     format!("vpool template {} (read-only)", v.name)
@@ -74,18 +79,7 @@ impl ExportRegistry for PoolExports {
                 size_bytes: v.size_bytes,
                 read_only: sealed,
             });
-            // A volume deleted since the listing began has no snapshots.
-            for s in self.pool.list_snapshots(&v.name).unwrap_or_default() {
-                out.push(ExportInfo {
-                    name: format!("{}@{}", v.name, s.name),
-                    description: format!(
-                        "vpool snapshot {} of volume {} (read-only)",
-                        s.name, v.name
-                    ),
-                    size_bytes: s.size_bytes,
-                    read_only: true,
-                });
-            }
+            out.extend(self.snapshot_exports(&v.name));
         }
         out
     }
@@ -96,6 +90,21 @@ impl ExportRegistry for PoolExports {
 }
 
 impl PoolExports {
+    /// The read-only exports of `volume`'s snapshots (none for a volume
+    /// deleted since the listing began).
+    fn snapshot_exports(&self, volume: &str) -> Vec<ExportInfo> {
+        let snaps = self.pool.list_snapshots(volume).unwrap_or_default();
+        snaps
+            .into_iter()
+            .map(|s| ExportInfo {
+                name: format!("{volume}@{}", s.name),
+                description: format!("vpool snapshot {} of volume {volume} (read-only)", s.name),
+                size_bytes: s.size_bytes,
+                read_only: true,
+            })
+            .collect()
+    }
+
     /// The device of volume `name` while it is marked incomplete: the
     /// destination of a move, which writes it before anyone may open it.
     pub(crate) fn open_incomplete(&self, name: &str) -> Result<Arc<dyn BlockDevice>, DeviceError> {
@@ -127,6 +136,15 @@ impl PoolExports {
         if !incomplete_ok && self.catalog.import_incomplete(volume, id) {
             return Err(DeviceError::not_found(format!(
                 "volume {volume} is incomplete: an import into it did not finish; import it again (vpool vol import {volume} FILE --force) or delete it"
+            )));
+        }
+        if want == Access::Write
+            && let Some(r) = self.catalog.replica(volume, id)
+        {
+            // Between two points its head is half a run.
+            return Err(DeviceError::not_found(format!(
+                "volume {volume} is a replica of {}: serve one of its points ({volume}@POINT, `vpool snap list {volume}`), or `vpool replica promote {volume}` first",
+                r.source
             )));
         }
         let access = self.catalog.nbd_open(volume, id, want);

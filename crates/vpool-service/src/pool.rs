@@ -39,6 +39,8 @@ pub struct VolumeView {
     pub template: Option<TemplateRecord>,
     /// An import into it began and did not finish.
     pub incomplete: bool,
+    /// Set when the volume is a replica (`vpool replica add`).
+    pub replica: Option<crate::catalog::ReplicaMark>,
 }
 
 /// What a flatten did.
@@ -78,10 +80,12 @@ impl PoolService {
     fn view(&self, info: VolumeInfo) -> VolumeView {
         let template = self.catalog.template(&info.name, info.id.0);
         let incomplete = self.catalog.import_incomplete(&info.name, info.id.0);
+        let replica = self.catalog.replica(&info.name, info.id.0);
         VolumeView {
             info,
             template,
             incomplete,
+            replica,
         }
     }
 
@@ -328,6 +332,28 @@ impl PoolService {
             Ok(self.pool.rollback(volume, snapshot)?)
         })?;
         Ok(self.view(info))
+    }
+
+    /// A replica becomes a volume of its own: rolled back to its newest
+    /// finished point (a run may have been half way), its mark dropped.
+    /// Refused while NBD clients have it open for writing (they cannot:
+    /// its head is not served) and before any point finished.
+    pub fn promote(&self, volume: &str) -> Result<VolumeView> {
+        let id = self.id_of(volume)?;
+        self.catalog.unmark_replica(volume, id, |mark| {
+            let Some(point) = &mark.last_point else {
+                return Err(Error::new(
+                    ErrorKind::Failed,
+                    format!(
+                        "replica {volume} has no finished point yet: there is nothing whole to promote (delete it instead)"
+                    ),
+                ));
+            };
+            self.pool.rollback(volume, point)?;
+            Ok(())
+        })?;
+        self.pool.flush()?;
+        self.volume(volume)
     }
 
     // ----- templates and clones -----

@@ -878,6 +878,129 @@ fn one_daemon_serves_two_local_pools_and_an_rgw_pool() {
     assert!(d.terminate().success());
 }
 
+/// The status of the replication of `volume` once it has at least `runs`
+/// runs and no job running.
+fn wait_replica_runs(home: &Path, volume: &str, runs: u64, timeout: Duration) -> serde_json::Value {
+    let mut st = serde_json::Value::Null;
+    wait_for("replication runs", timeout, || {
+        st = run_json(home, &["replica", "status", volume]);
+        st["runs"].as_u64().unwrap() >= runs && st["running"] == false
+    });
+    st
+}
+
+/// `vpool replica` into a pool on RGW every 2 s while fio writes and
+/// verifies the volume, radosgw stopped for a while in the middle (runs go
+/// on into the host cache); the last point equals its source snapshot;
+/// then a second daemon attaches the pool from an empty cache, as after
+/// the loss of the first host, and promotes the replica there.
+#[test]
+fn replication_into_rgw_rides_out_a_radosgw_outage_and_promotes_on_another_host() {
+    let Some(rgw) = rgw() else { return };
+    let _g = serial();
+    let t = tempfile::tempdir().unwrap();
+    let home = t.path().join("home");
+    let url = rgw.url("replica");
+    let d = Daemon::start(&home, &[]);
+    let dr = |cache: &Path| {
+        [
+            "--s3".to_string(),
+            url.clone(),
+            "--endpoint".to_string(),
+            rgw.endpoint.clone(),
+            "--cache".to_string(),
+            path_str(cache).to_string(),
+            "--cache-size".to_string(),
+            "1G".to_string(),
+            "--seal-after".to_string(),
+            "0.5".to_string(),
+        ]
+    };
+    let args = dr(&t.path().join("dr-cache"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_ok(&home, &[&["pool", "create", "dr"][..], &args].concat());
+    run_ok(&home, &["vol", "create", "web1", "--size", "64M"]);
+    let img = t.path().join("web1.raw");
+    let mut data = pattern(32 * MIB as usize, 5);
+    data.resize(64 * MIB as usize, 0);
+    std::fs::write(&img, &data).unwrap();
+    qemu_img_convert_to(&img, &d.nbd_uri("web1"));
+
+    // fio writes and verifies the first 8 MiB again and again until the
+    // scheduled runs are done.
+    let uri = d.nbd_uri("web1");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_fio = std::sync::Arc::clone(&stop);
+    let fio = std::thread::spawn(move || {
+        let mut rounds = 0u32;
+        while !stop_fio.load(std::sync::atomic::Ordering::SeqCst) {
+            let out = fio_verify(&uri, "8M", "4k", 4);
+            assert!(out.contains("err= 0"), "{out}");
+            rounds += 1;
+        }
+        rounds
+    });
+    run_ok(
+        &home,
+        &[
+            "replica", "add", "web1", "--to", "dr", "--every", "2s", "--keep", "4",
+        ],
+    );
+    let before = wait_replica_runs(&home, "web1", 2, Duration::from_secs(60));
+    {
+        let _down = RgwDown::stop();
+        let at_stop = before["runs"].as_u64().unwrap();
+        let st = wait_replica_runs(&home, "web1", at_stop + 2, Duration::from_secs(60));
+        eprintln!("replication with radosgw down: {st}");
+    }
+    let runs = run_json(&home, &["replica", "status", "web1"])["runs"]
+        .as_u64()
+        .unwrap();
+    let st = wait_replica_runs(&home, "web1", runs + 2, Duration::from_secs(90));
+    assert_eq!(st["points"], 4, "{st}");
+    assert!(!fio.is_finished(), "fio failed");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let rounds = fio.join().expect("fio");
+    eprintln!("fio wrote and verified 8 MiB {rounds} times during the runs");
+    assert!(rounds >= 2, "{rounds}");
+
+    // Stop the schedule, then one last run by hand: its point equals the
+    // source's snapshot.
+    run_ok(&home, &["replica", "remove", "web1"]);
+    let e = run_err(&home, &["replica", "status", "web1"]);
+    assert!(e.contains("not replicated"), "{e}");
+    run_ok(
+        &home,
+        &["replica", "add", "web1", "--to", "dr/web1b", "--keep", "2"],
+    );
+    let st = wait_replica_runs(&home, "web1", 1, Duration::from_secs(60));
+    let p = st["last_point"].as_str().unwrap().to_string();
+    let want = t.path().join("point.raw");
+    nbd_common::clients::qemu_img_convert_from(&d.nbd_uri(&format!("web1@{p}")), &want);
+    assert!(qemu_img_compare(
+        &d.nbd_uri(&format!("dr/web1b@{p}")),
+        &want
+    ));
+    let job = run_json(&home, &["replica", "verify", "web1"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    wait_uploaded_in(&home, "dr", Duration::from_secs(120));
+    assert!(d.terminate().success());
+
+    // Another host: the pool attached from an empty cache; the replica is
+    // promoted there and served writable, at its newest point.
+    let home2 = t.path().join("home2");
+    let d2 = Daemon::start(&home2, &[]);
+    let args = dr(&t.path().join("dr-cache2"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_ok(&home2, &[&["pool", "attach", "dr"][..], &args].concat());
+    let v = run_json(&home2, &["replica", "promote", "dr/web1b"]);
+    assert!(v["replica_of"].is_null(), "{v}");
+    assert!(qemu_img_compare(&d2.nbd_uri("dr/web1b"), &want));
+    let (err, flush_err) = nbd_write_and_flush(&d2.nbd_socket(), "dr/web1b", 0, 4096, 0x42);
+    assert_eq!((err, flush_err), (0, 0));
+    assert!(d2.terminate().success());
+}
+
 /// [`wait_uploaded`] for pool `pool` of the daemon at `home`.
 fn wait_uploaded_in(home: &Path, pool: &str, timeout: Duration) {
     wait_uploaded_of(home, &["cache", "stats", "--pool", pool], timeout)

@@ -100,7 +100,14 @@ impl Host {
     ) -> Result<JobInfo> {
         crate::names::check_volume_name(to)?;
         let (ctx, template) = self.copy_source_pool(pool, volume)?;
-        if ctx.service.volume(volume)?.incomplete {
+        let view = ctx.service.volume(volume)?;
+        if view.replica.is_some() && snapshot.is_none() {
+            return Err(Error::invalid(format!(
+                "volume {}/{volume} is a replica, whose head is half a run between two points: copy one of its points ({volume}@POINT)",
+                ctx.name
+            )));
+        }
+        if view.incomplete {
             return Err(Error::invalid(format!(
                 "volume {}/{volume} is incomplete (an import or a copy into it did not finish): there is nothing whole to copy",
                 ctx.name

@@ -123,3 +123,31 @@ pub(super) fn write_host_file(home: &Path, pools: Vec<(String, PathBuf)>) -> Res
         .map_err(|e| Error::internal(format!("encoding {HOST_FILE}: {e}")))?;
     write_atomically(&home.join(HOST_FILE), &bytes)
 }
+
+/// The records of JSON file `name` of `home` (`moves.json`,
+/// `replicas.json`): none if it does not exist.
+pub(super) fn read_list<T: serde::de::DeserializeOwned>(home: &Path, name: &str) -> Result<Vec<T>> {
+    match std::fs::read(home.join(name)) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| Error::new(crate::error::ErrorKind::Corrupt, format!("{name}: {e}"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(Error::internal(format!("reading {name}: {e}"))),
+    }
+}
+
+/// Replaces JSON file `name` of `home` with `records`, atomically and
+/// durably (a temporary file, synced, renamed, the directory synced).
+pub(super) fn write_list<T: Serialize>(home: &Path, name: &str, records: &[T]) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(records).expect("serializes");
+    let path = home.join(name);
+    let tmp = home.join(format!("{name}.tmp"));
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(home)?.sync_all()
+    };
+    write().map_err(|e| Error::internal(format!("writing {}: {e}", path.display())))
+}

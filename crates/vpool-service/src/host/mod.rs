@@ -27,6 +27,7 @@ mod forward;
 mod moving;
 mod opening;
 mod peers;
+mod replica;
 mod route;
 mod shared;
 
@@ -48,6 +49,7 @@ pub use exports::HostExports;
 pub use file::{HOST_FILE, listed_pools};
 pub use forward::ForwardDevice;
 pub use peers::HostPeers;
+pub use replica::{ReplicaSpec, ReplicaStatus};
 pub use shared::{FamilyOwner, MAX_OWNED, SharedCtx, SharedStore, SharedVolumeStatus};
 /// Most pools a host holds (each holds a lock, descriptors, threads).
 pub const MAX_POOLS: usize = 64;
@@ -337,6 +339,8 @@ pub struct Host {
     routes: Arc<route::Routes>,
     /// The moves under way, and those a crash interrupted (`moves.json`).
     moves: Arc<moving::MovesFile>,
+    /// The replications (`replicas.json`).
+    replicas: Arc<replica::Replicas>,
 }
 
 impl Host {
@@ -389,16 +393,17 @@ impl Host {
         opening::start(&host);
         let resolving = Arc::downgrade(&host);
         let spawned = std::thread::Builder::new()
-            .name("resolve-moves".into())
+            .name("moves-replicas".into())
             .spawn(move || {
                 // Once the pools had their chance to open.
                 if let Some(h) = resolving.upgrade() {
                     opening::wait_for_attempts(&h, MOVES_RESOLVE_WAIT);
                     h.resolve_moves();
                 }
+                replica::schedule(resolving);
             });
         if let Err(e) = spawned {
-            tracing::warn!(error = %e, "no thread to resolve interrupted moves; they are resolved at the next start");
+            tracing::warn!(error = %e, "no thread to resolve interrupted moves and run replications; moves are resolved at the next start");
         }
         Ok(host)
     }
@@ -415,6 +420,7 @@ impl Host {
             jobs: Arc::new(crate::jobs::Jobs::new()),
             routes: Arc::new(route::Routes::default()),
             moves: Arc::new(moving::MovesFile::load(home)),
+            replicas: Arc::new(replica::Replicas::new(home)),
         }
     }
 

@@ -138,28 +138,11 @@ impl MovesFile {
 }
 
 fn read_records(home: &Path) -> Result<Vec<MoveRecord>> {
-    match std::fs::read(home.join(MOVES_FILE)) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| Error::new(ErrorKind::Corrupt, format!("{MOVES_FILE}: {e}"))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(Error::internal(format!("reading {MOVES_FILE}: {e}"))),
-    }
+    super::file::read_list(home, MOVES_FILE)
 }
 
-/// Replaces `moves.json` atomically (a temporary file, synced, renamed).
 fn write_records(home: &Path, records: &[MoveRecord]) -> Result<()> {
-    let path = home.join(MOVES_FILE);
-    let tmp = home.join(format!("{MOVES_FILE}.tmp"));
-    let bytes = serde_json::to_vec_pretty(records).expect("serializes");
-    let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(home)?.sync_all()
-    };
-    write().map_err(|e| Error::internal(format!("writing {}: {e}", path.display())))
+    super::file::write_list(home, MOVES_FILE, records)
 }
 
 /// A move's side of the world: what it made and holds.
@@ -239,6 +222,15 @@ impl Host {
         }
         let view = src.service.volume(volume)?;
         refuse_unmovable(&src, volume, &view)?;
+        if self.replicas.names(&src.name, volume)? {
+            return Err(Error::new(
+                ErrorKind::NotSupported,
+                format!(
+                    "volume {}/{volume} is replicated: `vpool replica remove` it first (and add it again once moved)",
+                    src.name
+                ),
+            ));
+        }
         if src.name == dst.name && to == volume {
             return Err(Error::invalid(format!(
                 "volume {}/{volume} is in pool {} already",
@@ -367,6 +359,8 @@ fn refuse_unmovable(src: &PoolCtx, volume: &str, view: &crate::pool::VolumeView)
         Some("it is ephemeral")
     } else if view.incomplete {
         Some("it is incomplete")
+    } else if view.replica.is_some() {
+        Some("it is a replica (`vpool replica promote` it first)")
     } else if src.service.list_volumes().iter().any(|v| {
         v.info
             .parent

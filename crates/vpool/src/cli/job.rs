@@ -77,6 +77,30 @@ pub(super) fn wait(client: &Client, id: u64, show_progress: bool) -> anyhow::Res
     Ok(job)
 }
 
+/// After a command started `job`: with `detach`, says which job it is
+/// and returns `None`; else waits for it (an error unless it succeeded)
+/// and returns it, ended.
+pub(super) fn follow(
+    client: &Client,
+    out: Output,
+    show_progress: bool,
+    job: JobInfo,
+    detach: bool,
+) -> anyhow::Result<Option<JobInfo>> {
+    if detach {
+        out.emit(&job, |j| {
+            format!(
+                "job {} ({} {}); `vpool job wait {}` follows it, `vpool job cancel {}` stops it",
+                j.id, j.kind, j.target, j.id, j.id
+            )
+        })?;
+        return Ok(None);
+    }
+    let job = wait(client, job.id, show_progress)?;
+    succeeded(&job)?;
+    Ok(Some(job))
+}
+
 /// An error unless `job` succeeded.
 pub(super) fn succeeded(job: &JobInfo) -> anyhow::Result<()> {
     match job.state {

@@ -20,6 +20,7 @@ mod cache;
 mod job;
 mod pool;
 mod render;
+mod replica;
 mod snap;
 mod vol;
 
@@ -41,6 +42,7 @@ pub use cache::CacheCommand;
 pub use job::JobCommand;
 pub use pool::{PoolCommand, S3PoolArgs};
 pub use render::*;
+pub use replica::ReplicaCommand;
 pub use snap::SnapCommand;
 pub use vol::VolCommand;
 
@@ -89,6 +91,10 @@ pub enum Command {
     /// The daemon's long operations (`vol copy`): progress, cancel, wait.
     #[command(subcommand)]
     Job(JobCommand),
+    /// Replication of volumes into another pool, as points in time: add,
+    /// list, status, run, verify, remove, promote.
+    #[command(subcommand)]
+    Replica(ReplicaCommand),
 }
 
 #[derive(Debug, Args)]
@@ -247,6 +253,7 @@ pub fn run_client_command(home: &Path, json: bool, cmd: &Command) -> anyhow::Res
         Command::Vol(v) => vol::run(&client, home, out, show_progress, v),
         Command::Snap(c) => snap::run(&client, out, c),
         Command::Job(c) => job::run(&client, out, show_progress, c),
+        Command::Replica(c) => replica::run(&client, out, show_progress, c),
     }
 }
 

@@ -495,6 +495,8 @@ pub fn render_volume_table(vols: &[VolumeInfo]) -> String {
             [
                 if v.incomplete {
                     format!("{} (INCOMPLETE)", v.name)
+                } else if v.replica_of.is_some() {
+                    format!("{} (replica)", v.name)
                 } else {
                     v.name.clone()
                 },
@@ -559,6 +561,12 @@ pub fn render_volume_info(v: &VolumeInfo) -> String {
         out.push_str(
             "INCOMPLETE: an import into it did not finish; NBD does not serve it until it is imported again or deleted\n",
         );
+    }
+    if let Some(src) = &v.replica_of {
+        out.push_str(&format!(
+            "replica of: {src} (newest point: {}; its head is not served: read VOLUME@POINT, or `vpool replica promote`)\n",
+            v.replica_point.as_deref().unwrap_or("none yet")
+        ));
     }
     if let (Some(x), Some(sh)) = (v.exclusive_bytes, v.shared_bytes) {
         out.push_str(&format!(

@@ -281,6 +281,8 @@ fn renders_a_table() {
         ephemeral: false,
         template: None,
         incomplete: false,
+        replica_of: None,
+        replica_point: None,
         exclusive_bytes: Some(1 << 29),
         shared_bytes: Some(1 << 30),
     };

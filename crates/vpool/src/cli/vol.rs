@@ -507,16 +507,9 @@ fn follow_job(
     job: vpool_api::JobInfo,
     detach: bool,
 ) -> anyhow::Result<()> {
-    if detach {
-        return out.emit(&job, |j| {
-            format!(
-                "job {} ({} {}); `vpool job wait {}` follows it, `vpool job cancel {}` stops it",
-                j.id, j.kind, j.target, j.id, j.id
-            )
-        });
-    }
-    let job = super::job::wait(client, job.id, show_progress)?;
-    super::job::succeeded(&job)?;
+    let Some(job) = super::job::follow(client, out, show_progress, job, detach)? else {
+        return Ok(());
+    };
     out.emit(&job, |j| {
         let data = j
             .result
