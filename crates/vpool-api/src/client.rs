@@ -515,24 +515,13 @@ impl Client {
         )
     }
 
-    /// Starts moving `volume` (`POOL/NAME` or `NAME`) into pool `to_pool`,
-    /// as `name` (default: its own), while its clients run: a job.
-    pub fn move_volume(
-        &self,
-        volume: &str,
-        to_pool: &str,
-        name: Option<&str>,
-        max_rate_bytes_per_sec: Option<u64>,
-    ) -> Result<JobInfo, ClientError> {
-        let req = MoveRequest {
-            to_pool: to_pool.to_string(),
-            name: name.map(str::to_string),
-            max_rate_bytes_per_sec,
-        };
+    /// Starts moving `volume` (`POOL/NAME` or `NAME`) as `req` says,
+    /// while its clients run: a job.
+    pub fn move_volume(&self, volume: &str, req: &MoveRequest) -> Result<JobInfo, ClientError> {
         self.json_call(
             "POST",
             &routes::volume_move(&self.qualify(volume)),
-            Some(&req),
+            Some(req),
         )
     }
 

@@ -754,7 +754,15 @@ mod tests {
                 "POST",
                 VOLUME_MOVE,
                 &["V"],
-                Box::new(|c, v, _| drop(c.move_volume(v, "elsewhere", None, None))),
+                Box::new(|c, v, _| {
+                    let req = crate::types::MoveRequest {
+                        to_pool: "elsewhere".into(),
+                        name: None,
+                        max_rate_bytes_per_sec: None,
+                        without_snapshots: false,
+                    };
+                    drop(c.move_volume(v, &req))
+                }),
             ),
             (
                 "POST",

@@ -1168,6 +1168,7 @@ async fn move_volume(
             &req.to_pool,
             req.name.as_deref(),
             req.max_rate_bytes_per_sec,
+            req.without_snapshots,
         )
     })
     .await?;

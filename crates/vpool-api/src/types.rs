@@ -585,6 +585,9 @@ pub struct MoveRequest {
     /// Bytes a second the move may copy at most (`None`: no limit).
     #[serde(default)]
     pub max_rate_bytes_per_sec: Option<u64>,
+    /// Copy the volume alone: its snapshots are deleted with the source.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub without_snapshots: bool,
 }
 
 pub use vpool_service::jobs::{JobInfo, JobState};

@@ -246,6 +246,29 @@ fn a_volume_moves_there_and_back_while_fio_verifies_it() {
     );
     let snaps = run_json(&home, &["snap", "list", "cold/web2"]);
     assert_eq!(snaps["snapshots"].as_array().unwrap().len(), 2, "{snaps}");
+    // --without-snapshots: the volume alone; its snapshots go with the
+    // source.
+    let job = run_json(
+        &home,
+        &[
+            "vol",
+            "move",
+            "cold/web2",
+            "local",
+            "--name",
+            "web3",
+            "--without-snapshots",
+        ],
+    );
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert!(qemu_img_compare(&d.nbd_uri("web3"), &head), "the volume");
+    let snaps = run_json(&home, &["snap", "list", "web3"]);
+    assert!(snaps["snapshots"].as_array().unwrap().is_empty(), "{snaps}");
+    let e = run_err(&home, &["vol", "info", "cold/web2"]);
+    assert!(e.contains("web2"), "{e}");
+    let job = run_json(&home, &["vol", "move", "web3", "cold", "--name", "web2"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    run_ok(&home, &["snap", "create", "cold/web2@s"]);
     // A volume whose snapshot has a clone stays (the clone needs it).
     run_ok(&home, &["vol", "clone", "cold/web2@s", "cold/kid"]);
     let e = run_err(&home, &["vol", "move", "cold/web2", "local"]);

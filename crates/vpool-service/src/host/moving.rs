@@ -30,6 +30,10 @@
 //! crash before the record leaves an incomplete destination and nothing
 //! else: delete it.
 //!
+//! `--without-snapshots`: step 2 copies the volume alone, and its
+//! snapshots go with the source in step 4 (a volume's snapshots live with
+//! it: `vol copy VOLUME@SNAPSHOT` one first to keep it).
+//!
 //! Not yet: shared pools on either side, templates and clones, volumes
 //! whose snapshots have clones.
 
@@ -152,6 +156,8 @@ struct Move {
     record: MoveRecord,
     route: Arc<Route>,
     size_bytes: u64,
+    /// `--without-snapshots`: they are not copied, and go with the source.
+    without_snapshots: bool,
 }
 
 impl Move {
@@ -189,6 +195,7 @@ impl Host {
         to_pool: &str,
         to: Option<&str>,
         max_rate_bytes_per_sec: Option<u64>,
+        without_snapshots: bool,
     ) -> Result<JobInfo> {
         let to = to.unwrap_or(volume);
         crate::names::check_volume_name(to)?;
@@ -249,6 +256,7 @@ impl Host {
                 to_id: made.info.id.0,
             },
             size_bytes: view.info.size_bytes,
+            without_snapshots,
             src,
             dst,
         };
@@ -411,7 +419,11 @@ impl MoveGuard {
         // device. The snapshots first, oldest first, each as what changed
         // since the one before; then the volume, from the last of them on.
         let into = mv.dst.service.pool().volume(&mv.record.to)?;
-        let (snapshot_bytes, last) = copy_snapshots(ctl, mv, &into)?;
+        let (snapshot_bytes, last) = if mv.without_snapshots {
+            (0, None)
+        } else {
+            copy_snapshots(ctl, mv, &into)?
+        };
         let snapshots = mv
             .src
             .service

@@ -147,6 +147,11 @@ pub enum VolCommand {
         /// Copy at most this many bytes a second (e.g. 100M).
         #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
         max_rate: Option<u64>,
+        /// Move the volume alone: its snapshots are not copied and are
+        /// deleted with the source (`vol copy VOL@SNAP` one first to keep
+        /// it).
+        #[arg(long)]
+        without_snapshots: bool,
     },
     Copy {
         /// [POOL/]VOLUME or [POOL/]VOLUME@SNAPSHOT
@@ -348,8 +353,15 @@ fn run_lineage(
             name,
             detach,
             max_rate,
+            without_snapshots,
         } => {
-            let job = client.move_volume(volume, pool, name.as_deref(), *max_rate)?;
+            let req = vpool_api::MoveRequest {
+                to_pool: pool.clone(),
+                name: name.clone(),
+                max_rate_bytes_per_sec: *max_rate,
+                without_snapshots: *without_snapshots,
+            };
+            let job = client.move_volume(volume, &req)?;
             follow_job(client, out, show_progress, job, *detach)
         }
         VolCommand::Clone { source, name } => {
