@@ -22,8 +22,8 @@ use crate::types::{
     AddPoolRequest, Allocation, CacheInfo, CheckResult, CleanResult, CloneRequest, CopyRequest,
     CreateSnapshotRequest, CreateVolumeRequest, Diff, DiffExtent, FlattenReport, JobInfo, JobList,
     MoveRequest, PinInfo, PinList, PinRequest, PoolInfo, PoolList, PoolStatus, ReplicaList,
-    ReplicaRequest, ReplicaStatus, ResizeVolumeRequest, SharedVolumeStatus, SnapshotInfo,
-    SnapshotList, VolumeInfo, VolumeList,
+    ReplicaRequest, ReplicaStatus, ResizeVolumeRequest, ScheduleInfo, ScheduleList,
+    ScheduleRequest, SharedVolumeStatus, SnapshotInfo, SnapshotList, VolumeInfo, VolumeList,
 };
 use crate::{MAX_DATA_BYTES, MAX_JSON_BODY_BYTES};
 
@@ -588,6 +588,25 @@ impl Client {
             &routes::volume_promote(&self.qualify(volume)),
             None::<&()>,
         )
+    }
+
+    /// Adds a snapshot schedule.
+    pub fn add_schedule(&self, req: &ScheduleRequest) -> Result<ScheduleInfo, ClientError> {
+        let req = ScheduleRequest {
+            volume: self.qualify(&req.volume),
+            ..req.clone()
+        };
+        self.json_call("POST", routes::SCHEDULES, Some(&req))
+    }
+
+    /// The daemon's snapshot schedules.
+    pub fn schedules(&self) -> Result<ScheduleList, ClientError> {
+        self.json_call("GET", routes::SCHEDULES, None::<&()>)
+    }
+
+    /// Removes schedule `id` (its snapshots stay).
+    pub fn remove_schedule(&self, id: u64) -> Result<(), ClientError> {
+        self.empty_call("DELETE", &routes::schedule(id), &[])
     }
 
     /// The daemon's jobs: running, and the latest finished ones.

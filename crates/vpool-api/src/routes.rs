@@ -106,6 +106,10 @@ pub const JOB_CANCEL: &str = "/v1/jobs/{id}/cancel";
 
 /// `GET`: every replication of the daemon.
 pub const REPLICAS: &str = "/v1/replicas";
+/// `GET`: the snapshot schedules; `POST`: add one.
+pub const SCHEDULES: &str = "/v1/schedules";
+/// `DELETE`: remove a schedule. See [`schedule`].
+pub const SCHEDULE: &str = "/v1/schedules/{id}";
 
 /// Every pattern above that addresses the default pool, and has a
 /// [`scoped`] twin.
@@ -312,6 +316,11 @@ pub fn volume_promote(name: &str) -> String {
 /// [`JOB`] of job `id`.
 pub fn job(id: u64) -> String {
     fill(JOB, &[&id.to_string()])
+}
+
+/// [`SCHEDULE`] of schedule `id`.
+pub fn schedule(id: u64) -> String {
+    fill(SCHEDULE, &[&id.to_string()])
 }
 
 /// [`JOB_CANCEL`] of job `id`.

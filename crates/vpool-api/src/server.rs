@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{
-    DefaultBodyLimit, FromRequest, FromRequestParts, Query, RawPathParams, Request, State,
+    DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, RawPathParams, Request, State,
 };
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -46,8 +46,8 @@ use crate::types::{
     CloneRequest, CopyRequest, CreateSnapshotRequest, CreateVolumeRequest, Diff, DiffExtent,
     DiffQuery, FlattenReport, ForceQuery, JobInfo, JobList, MoveRequest, PinList, PinRequest,
     PoolInfo, PoolList, PoolStatus, RangeQuery, ReplicaList, ReplicaRequest, ReplicaStatus,
-    ResizeVolumeRequest, RollbackQuery, SnapshotInfo, SnapshotList, VolumeInfo, VolumeList,
-    WriteQuery, ZeroQuery,
+    ResizeVolumeRequest, RollbackQuery, ScheduleList, ScheduleRequest, SnapshotInfo, SnapshotList,
+    VolumeInfo, VolumeList, WriteQuery, ZeroQuery,
 };
 use crate::{
     MAX_ALLOCATION_EXTENTS, MAX_ALLOCATION_SPAN_BYTES, MAX_DATA_BYTES, MAX_DIFF_EXTENTS,
@@ -399,7 +399,9 @@ pub fn router(state: ApiState) -> Router {
         .route(routes::JOBS, get(list_jobs))
         .route(routes::JOB, get(job_info))
         .route(routes::JOB_CANCEL, post(cancel_job))
-        .route(routes::REPLICAS, get(list_replicas));
+        .route(routes::REPLICAS, get(list_replicas))
+        .route(routes::SCHEDULES, get(list_schedules).post(add_schedule))
+        .route(routes::SCHEDULE, delete(remove_schedule));
     for (pattern, handlers) in pool_routes() {
         r = r
             .route(pattern, handlers.clone())
@@ -1255,6 +1257,48 @@ async fn promote(
     let host = Arc::clone(&s.host);
     let view = service(move || host.promote_replica(pool.as_deref(), &name)).await?;
     Ok(Json(view.into()))
+}
+
+// ----- snapshot schedules -----
+
+async fn list_schedules(State(s): State<ApiState>) -> Result<Json<ScheduleList>, ApiError> {
+    let host = Arc::clone(&s.host);
+    let schedules = service(move || host.list_schedules()).await?;
+    Ok(Json(ScheduleList { schedules }))
+}
+
+/// Adds a schedule: 201 with it, `Location` its route.
+async fn add_schedule(
+    State(s): State<ApiState>,
+    ApiJson(req): ApiJson<ScheduleRequest>,
+) -> Result<Response, ApiError> {
+    let host = Arc::clone(&s.host);
+    let info = service(move || {
+        let (pool, volume) = vpool_service::names::split_pool(&req.volume);
+        let spec = vpool_service::host::ScheduleSpec {
+            every_secs: req.every_secs,
+            keep: req.keep,
+            prefix: req.prefix.clone(),
+        };
+        host.add_schedule(pool, volume, &spec)
+    })
+    .await?;
+    let loc = routes::schedule(info.id);
+    Ok(created(&info, &loc))
+}
+
+async fn remove_schedule(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id: u64 = id.parse().map_err(|_| {
+        ApiError::from(vpool_service::Error::invalid(format!(
+            "{id:?} is not a schedule id (a number)"
+        )))
+    })?;
+    let host = Arc::clone(&s.host);
+    service(move || host.remove_schedule(id)).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `202 Accepted` with job `job`, `Location` its route.

@@ -612,6 +612,26 @@ pub struct ReplicaRequest {
 
 pub use vpool_service::host::ReplicaStatus;
 
+/// `POST /v1/schedules`: snapshots of `volume` (`POOL/NAME` or `NAME`)
+/// every `every_secs`, the newest `keep` kept, named `PREFIX-<UTC time>`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleRequest {
+    pub volume: String,
+    pub every_secs: u64,
+    pub keep: u32,
+    #[serde(default)]
+    pub prefix: Option<String>,
+}
+
+pub use vpool_service::host::ScheduleInfo;
+
+/// `GET /v1/schedules`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleList {
+    pub schedules: Vec<ScheduleInfo>,
+}
+
 /// `GET /v1/replicas`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ReplicaList {

@@ -11,9 +11,7 @@ mod nbd_common;
 use std::path::Path;
 
 use common::{Daemon, run_err, run_json, run_ok};
-use nbd_common::clients::{
-    qemu_img_compare, qemu_img_convert_to, require_tool, run_ok as run_tool,
-};
+use nbd_common::clients::{qemu_img_compare, qemu_img_convert_to};
 use nbd_common::pattern;
 
 const MIB: usize = 1 << 20;
@@ -127,30 +125,9 @@ fn a_cancelled_copy_leaves_nothing_behind() {
     assert!(qemu_img_compare(&d.nbd_uri("web1"), &file));
 }
 
-/// fio's nbd engine for 8 s: random 4 KiB writes over the first `size`
-/// bytes at queue depth `iodepth`, each read back and checked (crc32c)
-/// while the run goes on (`verify_backlog`).
+/// fio for 8 s over the first `size` of `uri`, verifying as it goes.
 fn fio_verify_for(uri: &str, size: &str, iodepth: u32) -> String {
-    let out = run_tool(
-        std::process::Command::new(require_tool("fio")).args([
-            "--name=verify",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            &format!("--iodepth={iodepth}"),
-            &format!("--size={size}"),
-            "--time_based",
-            "--runtime=8",
-            "--verify=crc32c",
-            "--verify_backlog=256",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-        ]),
-        std::time::Duration::from_secs(60),
-    );
-    assert!(out.contains("err= 0"), "fio reported errors:\n{out}");
-    out
+    nbd_common::clients::fio_verify_for(uri, size, iodepth, 8)
 }
 
 #[test]

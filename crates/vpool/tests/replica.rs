@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{Daemon, run_err, run_json, run_ok};
 use nbd_common::clients::{
-    qemu_img_compare, qemu_img_convert_from, qemu_img_convert_to, require_tool, run_ok as run_tool,
+    qemu_img_compare, qemu_img_convert_from, qemu_img_convert_to, require_tool,
 };
 use nbd_common::pattern;
 
@@ -71,31 +71,10 @@ fn wait_runs(home: &Path, volume: &str, runs: u64, limit: Duration) -> serde_jso
     }
 }
 
-/// fio's nbd engine: random 4 KiB writes over the first `size` of `uri`
-/// for `secs` seconds, each read back and checked (crc32c).
+/// fio for `secs` seconds over the first `size` of `uri`, verifying as
+/// it goes, on a thread.
 fn fio_writer(uri: String, size: &'static str, secs: u32) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let out = run_tool(
-            std::process::Command::new(require_tool("fio")).args([
-                "--name=writer",
-                "--ioengine=nbd",
-                &format!("--uri={uri}"),
-                "--rw=randwrite",
-                "--bs=4k",
-                "--iodepth=4",
-                &format!("--size={size}"),
-                "--time_based",
-                &format!("--runtime={secs}"),
-                "--verify=crc32c",
-                "--verify_backlog=256",
-                "--verify_fatal=1",
-                "--verify_state_save=0",
-            ]),
-            Duration::from_secs(120),
-        );
-        assert!(out.contains("err= 0"), "fio reported errors:\n{out}");
-        out
-    })
+    std::thread::spawn(move || nbd_common::clients::fio_verify_for(&uri, size, 4, secs))
 }
 
 #[test]

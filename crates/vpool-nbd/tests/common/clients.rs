@@ -314,6 +314,32 @@ pub fn fio_verify(uri: &str, size: &str, bs: &str, iodepth: u32) -> String {
     out
 }
 
+/// fio's nbd engine for `secs` seconds: random 4 KiB writes over the
+/// first `size` bytes at queue depth `iodepth`, each read back and checked
+/// (crc32c) while the run goes on (`verify_backlog`). Asserts no error.
+pub fn fio_verify_for(uri: &str, size: &str, iodepth: u32, secs: u32) -> String {
+    let out = run_ok(
+        Command::new(require_tool("fio")).args([
+            "--name=verify",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            &format!("--iodepth={iodepth}"),
+            &format!("--size={size}"),
+            "--time_based",
+            &format!("--runtime={secs}"),
+            "--verify=crc32c",
+            "--verify_backlog=256",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+        ]),
+        Duration::from_secs(u64::from(secs) + 60),
+    );
+    assert!(out.contains("err= 0"), "fio reported errors:\n{out}");
+    out
+}
+
 /// fio random I/O benchmark; returns IOPS.
 pub fn fio_iops(uri: &str, rw: &str, bs: &str, iodepth: u32, size: &str, seconds: u32) -> f64 {
     let out = run_ok(

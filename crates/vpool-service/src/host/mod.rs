@@ -29,6 +29,7 @@ mod opening;
 mod peers;
 mod replica;
 mod route;
+mod schedule;
 mod shared;
 
 use std::collections::BTreeMap;
@@ -50,6 +51,7 @@ pub use file::{HOST_FILE, listed_pools};
 pub use forward::ForwardDevice;
 pub use peers::HostPeers;
 pub use replica::{ReplicaSpec, ReplicaStatus};
+pub use schedule::{ScheduleInfo, ScheduleSpec};
 pub use shared::{FamilyOwner, MAX_OWNED, SharedCtx, SharedStore, SharedVolumeStatus};
 /// Most pools a host holds (each holds a lock, descriptors, threads).
 pub const MAX_POOLS: usize = 64;
@@ -182,6 +184,12 @@ pub struct PoolCtx {
 }
 
 impl PoolCtx {
+    /// Whether volume `name` is still the one of id `id` (not deleted, nor
+    /// made again under its name): what a record naming it by id asks.
+    pub fn has_volume(&self, name: &str, id: u64) -> bool {
+        self.service.volume(name).is_ok_and(|v| v.info.id.0 == id)
+    }
+
     fn new(name: &str, dir: &Path, opened: OpenedPool) -> PoolCtx {
         let OpenedPool {
             pool,
@@ -341,6 +349,8 @@ pub struct Host {
     moves: Arc<moving::MovesFile>,
     /// The replications (`replicas.json`).
     replicas: Arc<replica::Replicas>,
+    /// The snapshot schedules (`schedules.json`).
+    schedules: schedule::Schedules,
 }
 
 impl Host {
@@ -421,6 +431,7 @@ impl Host {
             routes: Arc::new(route::Routes::default()),
             moves: Arc::new(moving::MovesFile::load(home)),
             replicas: Arc::new(replica::Replicas::new(home)),
+            schedules: schedule::Schedules::new(home),
         }
     }
 

@@ -719,7 +719,8 @@ impl Host {
     }
 }
 
-/// Runs the scheduler until the host closes (or is dropped).
+/// Runs the scheduler (replications, then snapshot schedules:
+/// `super::schedule`) until the host closes (or is dropped).
 pub(super) fn schedule(host: std::sync::Weak<Host>) {
     loop {
         std::thread::sleep(TICK);
@@ -730,6 +731,7 @@ pub(super) fn schedule(host: std::sync::Weak<Host>) {
             return;
         }
         h.schedule_replicas();
+        h.run_schedules();
     }
 }
 
@@ -785,15 +787,20 @@ fn is_point(name: &str) -> bool {
     name.starts_with(POINT_PREFIX)
 }
 
-/// The name of a point taken at `unix_ms`: `replica-YYYYMMDDTHHMMSS.mmmZ`
-/// (UTC; names sort as times do).
+/// The name of a point taken at `unix_ms`: `replica-YYYYMMDDTHHMMSS.mmmZ`.
 fn point_name(unix_ms: u64) -> String {
+    format!("{POINT_PREFIX}{}", utc_stamp(unix_ms))
+}
+
+/// `unix_ms` as `YYYYMMDDTHHMMSS.mmmZ` (UTC, 20 characters; they sort as
+/// times do, and are valid in snapshot names).
+pub(super) fn utc_stamp(unix_ms: u64) -> String {
     let secs = unix_ms / 1000;
     let days = i64::try_from(secs / 86_400).expect("u64 days fit");
     let (y, m, d) = civil_from_days(days);
     let s = secs % 86_400;
     format!(
-        "{POINT_PREFIX}{y:04}{m:02}{d:02}T{:02}{:02}{:02}.{:03}Z",
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}.{:03}Z",
         s / 3600,
         s / 60 % 60,
         s % 60,

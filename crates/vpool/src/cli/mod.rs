@@ -21,6 +21,7 @@ mod job;
 mod pool;
 mod render;
 mod replica;
+mod schedule;
 mod snap;
 mod vol;
 
@@ -43,6 +44,7 @@ pub use job::JobCommand;
 pub use pool::{PoolCommand, S3PoolArgs};
 pub use render::*;
 pub use replica::ReplicaCommand;
+pub use schedule::ScheduleCommand;
 pub use snap::SnapCommand;
 pub use vol::VolCommand;
 
@@ -95,6 +97,9 @@ pub enum Command {
     /// list, status, run, verify, remove, promote.
     #[command(subcommand)]
     Replica(ReplicaCommand),
+    /// Snapshots on a schedule, with retention: add, list, remove.
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
 }
 
 #[derive(Debug, Args)]
@@ -254,6 +259,7 @@ pub fn run_client_command(home: &Path, json: bool, cmd: &Command) -> anyhow::Res
         Command::Snap(c) => snap::run(&client, out, c),
         Command::Job(c) => job::run(&client, out, show_progress, c),
         Command::Replica(c) => replica::run(&client, out, show_progress, c),
+        Command::Schedule(c) => schedule::run(&client, out, c),
     }
 }
 

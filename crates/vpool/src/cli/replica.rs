@@ -230,7 +230,7 @@ fn render_list(list: &[ReplicaStatus]) -> String {
 }
 
 /// A duration: `90`, `90s`, `15m`, `1h`, `2d` (whole seconds).
-fn parse_duration_secs(s: &str) -> Result<u64, String> {
+pub(super) fn parse_duration_secs(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => s.split_at(i),

@@ -55,11 +55,7 @@ pub(super) fn run(
 /// Both volumes are still the replication's: the source that id, the
 /// replica that id and still marked one.
 fn check_sides(r: &ReplicaRecord, src: &PoolCtx, dst: &PoolCtx) -> Result<()> {
-    if !src
-        .service
-        .volume(&r.volume)
-        .is_ok_and(|v| v.info.id.0 == r.volume_id)
-    {
+    if !src.has_volume(&r.volume, r.volume_id) {
         return Err(Error::new(
             ErrorKind::NotFound,
             format!(
@@ -260,7 +256,7 @@ fn prune(r: &ReplicaRecord, dst: &PoolCtx) {
 /// Deletes the replication points of `volume` of `src` (that id), all but
 /// `except`.
 pub(super) fn delete_points(src: &PoolCtx, volume: &str, id: u64, except: Option<&str>) {
-    if !src.service.volume(volume).is_ok_and(|v| v.info.id.0 == id) {
+    if !src.has_volume(volume, id) {
         return;
     }
     let Ok(snaps) = src.service.list_snapshots(volume) else {
