@@ -87,6 +87,8 @@ missing_pkgs() {
     { have mkfs.ext4 && have debugfs; } || m+=(e2fsprogs)
     have curl || m+=(curl)
     have gzip || m+=(gzip)
+    # The metrics test parses GET /metrics with Prometheus' own parser.
+    /usr/bin/python3 -c 'import prometheus_client' >/dev/null 2>&1 || m+=(python3-prometheus-client)
     # The Ceph micro-cluster's packages: scripts/ceph.sh keeps the list.
     local ceph_pkgs
     read -r -a ceph_pkgs <<<"$("$(dirname "${BASH_SOURCE[0]}")/ceph.sh" missing-packages)"

@@ -609,6 +609,13 @@ impl Client {
         self.empty_call("DELETE", &routes::schedule(id), &[])
     }
 
+    /// The daemon's metrics (`GET /metrics`), as the OpenMetrics text.
+    pub fn metrics(&self) -> Result<String, ClientError> {
+        let resp = self.checked("GET", routes::METRICS, None)?;
+        String::from_utf8(resp.body)
+            .map_err(|e| ClientError::Protocol(format!("the metrics are not UTF-8: {e}")))
+    }
+
     /// The daemon's jobs: running, and the latest finished ones.
     pub fn jobs(&self) -> Result<JobList, ClientError> {
         self.json_call("GET", routes::JOBS, None::<&()>)

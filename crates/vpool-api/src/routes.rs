@@ -104,6 +104,10 @@ pub const JOB: &str = "/v1/jobs/{id}";
 /// `POST`: ask a job to stop. See [`job_cancel`].
 pub const JOB_CANCEL: &str = "/v1/jobs/{id}/cancel";
 
+/// `GET`: the daemon's metrics, in the OpenMetrics text format that
+/// Prometheus scrapes (outside `/v1`, where Prometheus looks).
+pub const METRICS: &str = "/metrics";
+
 /// `GET`: every replication of the daemon.
 pub const REPLICAS: &str = "/v1/replicas";
 /// `GET`: the snapshot schedules; `POST`: add one.

@@ -399,6 +399,7 @@ pub fn router(state: ApiState) -> Router {
         .route(routes::JOBS, get(list_jobs))
         .route(routes::JOB, get(job_info))
         .route(routes::JOB_CANCEL, post(cancel_job))
+        .route(routes::METRICS, get(metrics))
         .route(routes::REPLICAS, get(list_replicas))
         .route(routes::SCHEDULES, get(list_schedules).post(add_schedule))
         .route(routes::SCHEDULE, delete(remove_schedule));
@@ -1257,6 +1258,18 @@ async fn promote(
     let host = Arc::clone(&s.host);
     let view = service(move || host.promote_replica(pool.as_deref(), &name)).await?;
     Ok(Json(view.into()))
+}
+
+/// `GET /metrics`: OpenMetrics text.
+async fn metrics(State(s): State<ApiState>) -> Result<Response, ApiError> {
+    let host = Arc::clone(&s.host);
+    let text = service(move || Ok(host.metrics_text())).await?;
+    let mut resp = text.into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    Ok(resp)
 }
 
 // ----- snapshot schedules -----

@@ -31,8 +31,23 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
 }
 
 fn open_local(dir: &Path, config: PoolConfig) -> Pool {
-    let store = LocalDirStore::open(dir).unwrap();
-    Pool::open(Arc::new(store), config).unwrap().0
+    Pool::open(Arc::new(open_store(dir)), config).unwrap().0
+}
+
+/// The store of `dir`, waiting a little while its lock is held: another
+/// test of this process that forks (`mount`) copies every descriptor into
+/// the child until it execs, the flock on `LOCK` of a pool just closed
+/// with them.
+fn open_store(dir: &Path) -> LocalDirStore {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match LocalDirStore::open(dir) {
+            Err(vpool_store::StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r.unwrap(),
+        }
+    }
 }
 
 fn segment_files(dir: &Path) -> Vec<PathBuf> {
@@ -255,7 +270,7 @@ fn a_flipped_block_in_durable_data_is_reported_and_nothing_is_cut() {
         .expect("block 300 is in the second segment");
     flip(&files[1], at + 1000, 16);
 
-    let store = LocalDirStore::open(dir.path()).unwrap();
+    let store = open_store(dir.path());
     let (pool, report) = Pool::open(Arc::new(store), config).unwrap();
     assert_eq!(report.torn_tail_bytes, 0, "{report:?}");
     assert_eq!(report.segments_discarded, 0, "{report:?}");
@@ -301,7 +316,7 @@ fn a_damaged_record_header_refuses_the_open_until_repair_and_deletes_nothing() {
     flip(&files[2], 64 + 20, 8);
     let before: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
 
-    let store = LocalDirStore::open(dir.path()).unwrap();
+    let store = open_store(dir.path());
     let err = Pool::open(Arc::new(store), config.clone()).err().unwrap();
     let EngineError::Damaged(report) = &err else {
         panic!("expected Damaged, got {err}");
@@ -316,7 +331,7 @@ fn a_damaged_record_header_refuses_the_open_until_repair_and_deletes_nothing() {
         "a refused open deleted segments"
     );
 
-    let store = LocalDirStore::open(dir.path()).unwrap();
+    let store = open_store(dir.path());
     let repair = PoolConfig {
         repair_damaged_log: true,
         ..config.clone()
@@ -409,7 +424,7 @@ fn a_damaged_checkpoint_falls_back_to_the_other_copy() {
         })
         .unwrap();
     flip(&newest, 40, 1);
-    let store = LocalDirStore::open(dir.path()).unwrap();
+    let store = open_store(dir.path());
     let (pool, report) = Pool::open(Arc::new(store), config.clone()).unwrap();
     assert_eq!(report.checkpoints_rejected.len(), 1, "{report:?}");
     pool.self_check();
@@ -423,7 +438,7 @@ fn a_damaged_checkpoint_falls_back_to_the_other_copy() {
     for n in ["checkpoint", "checkpoint.2"] {
         flip(&dir.path().join("meta").join(n), 40, 1);
     }
-    let store = LocalDirStore::open(dir.path()).unwrap();
+    let store = open_store(dir.path());
     let err = Pool::open(Arc::new(store), config).err().unwrap();
     assert!(matches!(err, EngineError::CorruptMeta { .. }), "{err}");
     let msg = err.to_string();

@@ -27,6 +27,7 @@ pub mod exports;
 pub mod host;
 pub mod jobs;
 pub mod layered;
+pub mod metrics;
 pub mod names;
 pub mod pool;
 pub mod stripes;

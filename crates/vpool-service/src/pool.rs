@@ -285,6 +285,16 @@ impl PoolService {
         if name == TEMPLATE_SNAPSHOT && self.catalog.template(volume, id).is_some() {
             return Err(self.template_snapshot_refusal(volume, name));
         }
+        if let Some(mark) = self.catalog.replica(volume, id)
+            && mark.last_point.as_deref() == Some(name)
+        {
+            return Err(Error::new(
+                ErrorKind::InUse,
+                format!(
+                    "{volume}@{name} is the newest point of replica {volume}, which a promote rolls back to; it goes when a newer one is made"
+                ),
+            ));
+        }
         Ok(self.pool.delete_snapshot(volume, name)?)
     }
 

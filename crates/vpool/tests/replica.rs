@@ -268,7 +268,15 @@ fn an_interrupted_run_goes_on_where_it_stopped() {
         &["replica", "add", "web1", "--to", "dr", "--max-rate", "32M"],
     );
     let id = st["job"].as_u64().expect("the first run's job").to_string();
-    std::thread::sleep(Duration::from_millis(3000));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while run_json(&home, &["replica", "status", "web1"])["resume_offset"]
+        .as_u64()
+        .unwrap_or(0)
+        < 64 * MIB as u64
+    {
+        assert!(Instant::now() < deadline, "no progress saved");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     run_ok(&home, &["job", "cancel", &id]);
     let e = run_err(&home, &["job", "wait", &id]);
     assert!(e.contains("cancelled"), "{e}");

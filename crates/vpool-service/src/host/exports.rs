@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use vpool_nbd::ExportRegistry;
+
 use super::{Host, PoolState};
 use crate::error::ErrorKind;
 
@@ -52,6 +54,21 @@ impl vpool_nbd::ExportRegistry for HostExports {
         name: &str,
     ) -> std::result::Result<Arc<dyn vpool_nbd::BlockDevice>, vpool_nbd::DeviceError> {
         let (pool, image) = crate::names::split_pool(name);
+        let dev = self.open_device(pool, image)?;
+        // Counted for `GET /metrics` (`crate::metrics`).
+        let pool = pool.unwrap_or(&self.host.default);
+        Ok(self.host.meters.wrap(pool, image, dev))
+    }
+}
+
+impl HostExports {
+    /// The device of `image` (`VOLUME` or `VOLUME@SNAPSHOT`) of `pool`
+    /// (`None`: the default pool).
+    fn open_device(
+        &self,
+        pool: Option<&str>,
+        image: &str,
+    ) -> std::result::Result<Arc<dyn vpool_nbd::BlockDevice>, vpool_nbd::DeviceError> {
         if let Some(sh) = self.host.shared(pool) {
             return sh.serve(&self.host.opener, image);
         }

@@ -30,6 +30,7 @@ mod peers;
 mod replica;
 mod route;
 mod schedule;
+mod scrape;
 mod shared;
 
 use std::collections::BTreeMap;
@@ -351,6 +352,8 @@ pub struct Host {
     replicas: Arc<replica::Replicas>,
     /// The snapshot schedules (`schedules.json`).
     schedules: schedule::Schedules,
+    /// The I/O counters of every volume served (`GET /metrics`).
+    meters: crate::metrics::Meters,
 }
 
 impl Host {
@@ -432,6 +435,7 @@ impl Host {
             moves: Arc::new(moving::MovesFile::load(home)),
             replicas: Arc::new(replica::Replicas::new(home)),
             schedules: schedule::Schedules::new(home),
+            meters: crate::metrics::Meters::default(),
         }
     }
 

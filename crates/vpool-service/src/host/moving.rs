@@ -228,7 +228,15 @@ impl Host {
             ));
         }
         let view = src.service.volume(volume)?;
-        refuse_unmovable(&src, volume, &view)?;
+        if self.schedules.names(&src.name, volume)? {
+            return Err(Error::new(
+                ErrorKind::NotSupported,
+                format!(
+                    "volume {}/{volume} has a snapshot schedule: `vpool schedule remove` it first (and add it again once moved)",
+                    src.name
+                ),
+            ));
+        }
         if self.replicas.names(&src.name, volume)? {
             return Err(Error::new(
                 ErrorKind::NotSupported,
@@ -238,6 +246,7 @@ impl Host {
                 ),
             ));
         }
+        refuse_unmovable(&src, volume, &view)?;
         if src.name == dst.name && to == volume {
             return Err(Error::invalid(format!(
                 "volume {}/{volume} is in pool {} already",

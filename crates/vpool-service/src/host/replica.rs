@@ -442,14 +442,21 @@ impl Host {
             return Err(e);
         }
         tracing::info!(volume = %record.key(), to = %format!("{}/{}", dst.name, to), every_secs = ?spec.every_secs, keep = record.keep, "replication added");
-        if let Err(e) = self.start_replica_run(&record) {
-            self.replicas.with_stats(&record.key(), |s| {
-                s.retry_at = Some(Instant::now() + RETRY_START);
-                s.last_error = Some(e.message.clone());
-            });
-            tracing::warn!(volume = %record.key(), error = %e.message, "the first replication run did not start; the scheduler tries again");
-        }
-        self.replica_status(Some(&src.name), volume)
+        let first = match self.start_replica_run(&record) {
+            Ok(job) => Some(job.id),
+            Err(e) => {
+                self.replicas.with_stats(&record.key(), |s| {
+                    s.retry_at = Some(Instant::now() + RETRY_START);
+                    s.last_error = Some(e.message.clone());
+                });
+                tracing::warn!(volume = %record.key(), error = %e.message, "the first replication run did not start; the scheduler tries again");
+                None
+            }
+        };
+        let mut st = self.replica_status(Some(&src.name), volume)?;
+        // (It may have ended already: it is still the one that started.)
+        st.job = st.job.or(first);
+        Ok(st)
     }
 
     /// The source and target pools of a replication: open, not shared.
@@ -648,11 +655,14 @@ impl Host {
         let mark = ctx.service.volume(volume)?.replica.ok_or_else(|| {
             Error::invalid(format!("volume {}/{volume} is not a replica", ctx.name))
         })?;
-        let Some(point) = mark.last_point else {
+        let Some(point) = mark
+            .last_point
+            .filter(|p| ctx.service.snapshot(volume, p).is_ok())
+        else {
             return Err(Error::new(
                 ErrorKind::Failed,
                 format!(
-                    "replica {}/{volume} has no finished point yet: there is nothing whole to promote (delete it instead)",
+                    "replica {}/{volume} has no finished point (none yet, or it was deleted): there is nothing whole to promote (delete it instead, or run the replication again)",
                     ctx.name
                 ),
             ));

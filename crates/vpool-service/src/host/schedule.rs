@@ -9,8 +9,11 @@
 //! nothing changed since its last one (the engine's diff of that snapshot
 //! and the volume is empty: skipped, and counted), then deletes its oldest
 //! snapshots beyond `--keep`. A snapshot a clone needs is never deleted
-//! (the engine refuses; it is kept and the next ones go). Only snapshots
-//! with the schedule's prefix are its own: the user's are never touched.
+//! (the engine refuses; it is kept beside `--keep` others). Only snapshots
+//! with the schedule's prefix and a time are its own: the user's are never
+//! touched. A run that fails is tried again after at most 10 s. A volume
+//! with a schedule is not moved (its id changes: remove the schedule
+//! first).
 //!
 //! A snapshot is a metadata operation (one record in the pool's log), so a
 //! schedule's run is not a job: it runs on the scheduler's thread.
@@ -35,6 +38,9 @@ pub const MAX_SCHEDULES: usize = 1024;
 pub const MAX_KEEP: u32 = 10_000;
 /// Shortest period.
 pub const MIN_EVERY_SECS: u64 = 1;
+/// How long a schedule whose run failed waits before it tries again (at
+/// most its period).
+const RETRY_FAILED: Duration = Duration::from_secs(10);
 /// The prefix of a schedule's snapshots when none is given.
 pub const DEFAULT_PREFIX: &str = "auto";
 
@@ -88,6 +94,8 @@ pub struct ScheduleInfo {
 #[derive(Default)]
 struct Stats {
     last_run: Option<Instant>,
+    /// A run that failed is tried again then.
+    retry_at: Option<Instant>,
     taken: u64,
     skipped: u64,
     failures: u64,
@@ -127,6 +135,14 @@ impl Schedules {
         Ok(out)
     }
 
+    /// Whether volume `volume` of `pool` has a schedule.
+    pub(super) fn names(&self, pool: &str, volume: &str) -> Result<bool> {
+        Ok(self
+            .records()?
+            .iter()
+            .any(|r| r.pool == pool && r.volume == volume))
+    }
+
     fn with_stats<T>(&self, id: u64, f: impl FnOnce(&mut Stats) -> T) -> T {
         let mut g = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         f(g.entry(id).or_default())
@@ -143,12 +159,15 @@ fn check_spec(spec: &ScheduleSpec) -> Result<()> {
         return Err(Error::invalid(format!("--keep is 1 to {MAX_KEEP}")));
     }
     if let Some(p) = &spec.prefix {
-        // The snapshot names it makes must be valid, and not the
-        // replication's or a template's.
-        crate::names::check_volume_name(&format!("{p}-x"))?;
-        if p.len() > 64 || p.starts_with("replica") || p == crate::TEMPLATE_SNAPSHOT {
+        // The snapshot names it makes must be valid (a name's length
+        // included), and not the replication's.
+        let name = format!("{p}-{}", super::replica::utc_stamp(0));
+        if p.is_empty()
+            || p.starts_with(super::replica::POINT_PREFIX.trim_end_matches('-'))
+            || crate::names::check_volume_name(&name).is_err()
+        {
             return Err(Error::invalid(format!(
-                "{p:?} is not a schedule prefix: at most 64 characters, not `replica...` nor `template`"
+                "{p:?} is not a schedule prefix: the snapshot names it makes ({name}) must be valid snapshot names, and it may not start with `replica`"
             )));
         }
     }
@@ -181,9 +200,9 @@ impl Host {
         }
         let ctx = self.pool(pool)?;
         let view = ctx.service.volume(volume)?;
-        if view.template.is_some() || view.replica.is_some() {
+        if view.template.is_some() || view.replica.is_some() || view.info.ephemeral {
             return Err(Error::invalid(format!(
-                "volume {}/{volume} does not change (a template or a replica): nothing to schedule",
+                "volume {}/{volume} is a template, a replica or ephemeral: no schedule for it",
                 ctx.name
             )));
         }
@@ -256,11 +275,10 @@ impl Host {
     }
 
     fn schedule_info(&self, r: &ScheduleRecord) -> ScheduleInfo {
-        let own = self.pool(Some(&r.pool)).ok().and_then(|ctx| {
-            let mut names = own_snapshots(&ctx, r).ok()?;
-            names.sort_unstable();
-            Some(names)
-        });
+        let own = self
+            .pool(Some(&r.pool))
+            .ok()
+            .and_then(|ctx| own_snapshots(&ctx, r).ok());
         let mut info = ScheduleInfo {
             id: r.id,
             volume: format!("{}/{}", r.pool, r.volume),
@@ -289,26 +307,36 @@ impl Host {
             return;
         };
         for r in records {
-            let due = self.schedules.with_stats(r.id, |s| {
-                s.last_run
-                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(r.every_secs))
+            if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            let due = self.schedules.with_stats(r.id, |s| match s.retry_at {
+                Some(t) => Instant::now() >= t,
+                None => s
+                    .last_run
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(r.every_secs)),
             });
             if !due {
                 continue;
             }
             let outcome = self.run_schedule(&r);
-            self.schedules.with_stats(r.id, |s| {
-                s.last_run = Some(Instant::now());
-                match &outcome {
-                    Ok(Some(_)) => {
-                        s.taken += 1;
-                        s.last_error = None;
+            self.schedules.with_stats(r.id, |s| match &outcome {
+                Ok(taken) => {
+                    s.last_run = Some(Instant::now());
+                    s.retry_at = None;
+                    s.last_error = None;
+                    match taken {
+                        Some(_) => s.taken += 1,
+                        None => s.skipped += 1,
                     }
-                    Ok(None) => s.skipped += 1,
-                    Err(e) => {
-                        s.failures += 1;
-                        s.last_error = Some(e.message.clone());
-                    }
+                }
+                Err(e) => {
+                    // Soon again (a pool still opening, a move under way),
+                    // not a whole period later.
+                    let wait = Duration::from_secs(r.every_secs).min(RETRY_FAILED);
+                    s.retry_at = Some(Instant::now() + wait);
+                    s.failures += 1;
+                    s.last_error = Some(e.message.clone());
                 }
             });
             if let Err(e) = outcome {
@@ -331,7 +359,6 @@ impl Host {
             ));
         }
         let mut own = own_snapshots(&ctx, r)?;
-        own.sort_unstable();
         if let Some(last) = own.last()
             && ctx
                 .service
@@ -361,17 +388,21 @@ impl Host {
 }
 
 /// The snapshots of schedule `r`'s volume that are its own (its prefix
-/// and a time).
+/// and a time), oldest first by the log's order (not by name: a clock
+/// stepped back names a new one before old ones).
 fn own_snapshots(ctx: &super::PoolCtx, r: &ScheduleRecord) -> Result<Vec<String>> {
     let head = format!("{}-", r.prefix);
-    Ok(ctx
+    let mut own: Vec<(u64, String)> = ctx
         .service
         .list_snapshots(&r.volume)?
         .into_iter()
-        .map(|s| s.name)
-        .filter(|n| {
-            n.strip_prefix(&head)
+        .filter(|s| {
+            s.name
+                .strip_prefix(&head)
                 .is_some_and(|t| t.len() == 20 && t.as_bytes()[8] == b'T' && t.ends_with('Z'))
         })
-        .collect())
+        .map(|s| (s.seq, s.name))
+        .collect();
+    own.sort_unstable();
+    Ok(own.into_iter().map(|(_, n)| n).collect())
 }

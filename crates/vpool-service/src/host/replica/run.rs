@@ -231,22 +231,24 @@ fn finish(
     Ok(())
 }
 
-/// Deletes the replica's oldest points beyond its `keep` (names sort as
-/// times; the newest is never deleted).
+/// Deletes the replica's oldest points beyond its `keep` (the newest is
+/// never deleted).
 fn prune(r: &ReplicaRecord, dst: &PoolCtx) {
     let into = dst.service.pool();
     let Ok(snaps) = into.list_snapshots(&r.to) else {
         return;
     };
-    let mut points: Vec<&str> = snaps
+    // Oldest first by the log's order, not by name: a clock stepped back
+    // names a new point before old ones.
+    let mut points: Vec<(u64, &str)> = snaps
         .iter()
-        .map(|s| s.name.as_str())
-        .filter(|n| is_point(n))
+        .filter(|s| is_point(&s.name))
+        .map(|s| (s.seq, s.name.as_str()))
         .collect();
     points.sort_unstable();
     let keep = usize::try_from(r.keep.max(1)).unwrap_or(usize::MAX);
     let extra = points.len().saturating_sub(keep);
-    for name in &points[..extra] {
+    for (_, name) in &points[..extra] {
         if let Err(e) = into.delete_snapshot(&r.to, name) {
             tracing::warn!(replica = %format!("{}/{}", r.to_pool, r.to), point = name, error = %e, "could not delete an old point");
         }
