@@ -7,18 +7,19 @@
 //!   (`vpool_volume_request_seconds_total`: its rate over the requests'
 //!   rate is the mean latency, as Ceph's `avgtime`), failed requests, NBD
 //!   clients; size and allocated bytes.
-//! - Per pool: the engine's figures (used, garbage, segments, the
-//!   cleaner's and checkpoints' work, full); for a pool on S3 its cache's
-//!   (hits, misses, dirty bytes, upload lag, store errors).
+//! - Per pool: the engine's figures (volumes, data and physical bytes,
+//!   segments, the cleaner's and checkpoints' work, full); for a pool on
+//!   S3 its cache's (hits, misses, dirty bytes, upload lag, store errors;
+//!   for a shared pool, per volume owned here).
 //! - Jobs running; per replication the age of its newest point.
 //!
 //! I/O is counted by [`MeteredDevice`], which wraps every device the NBD
 //! server opens (a few atomic adds and two clock reads per request).
 //! **Bounded**: one [`IoStats`] per volume that had a device since the
-//! daemon started, at most [`MAX_METERED`] (more share one entry labelled
-//! `volume="_other"`); at each scrape the entries of volumes that are
-//! gone and have no device open are dropped. Labels are pool and volume
-//! names only.
+//! daemon started, at most [`MAX_METERED`] (more share one entry per pool
+//! labelled `volume="@other"`); at each scrape the entries of volumes that
+//! are gone (or of pools that are) and have no device open are dropped.
+//! Labels are pool and volume names only.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,8 +30,9 @@ use vpool_nbd::{BlockDevice, DeviceError};
 
 /// Most volumes counted apart.
 pub const MAX_METERED: usize = 4096;
-/// The volume label of the entry the volumes past [`MAX_METERED`] share.
-const OTHER: &str = "_other";
+/// The volume label of the entry the volumes past [`MAX_METERED`] share
+/// (a name no volume can have).
+pub const OTHER: &str = "@other";
 
 /// The kinds of request counted.
 #[derive(Clone, Copy, Debug)]
@@ -124,14 +126,14 @@ impl Meters {
         })
     }
 
-    /// Every entry, after dropping those `keep` says no and no device
-    /// holds (a volume gone).
+    /// Every entry, after dropping those no device holds and `keep` says
+    /// no to (a volume gone; `keep` is asked of [`OTHER`] too).
     pub fn snapshot(
         &self,
         keep: impl Fn(&str, &str) -> bool,
     ) -> Vec<((String, String), Arc<IoStats>)> {
         let mut g = self.volumes.lock().unwrap_or_else(|e| e.into_inner());
-        g.retain(|(p, v), s| v == OTHER || keep(p, v) || Arc::strong_count(s) > 1);
+        g.retain(|(p, v), s| Arc::strong_count(s) > 1 || keep(p, v));
         g.iter().map(|(k, s)| (k.clone(), Arc::clone(s))).collect()
     }
 }

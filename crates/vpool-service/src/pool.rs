@@ -291,7 +291,7 @@ impl PoolService {
             return Err(Error::new(
                 ErrorKind::InUse,
                 format!(
-                    "{volume}@{name} is the newest point of replica {volume}, which a promote rolls back to; it goes when a newer one is made"
+                    "{volume}@{name} is the newest point of replica {volume}, which a promote rolls back to: it goes when a newer one is made, or with the volume (`vpool replica promote` first to keep the data)"
                 ),
             ));
         }

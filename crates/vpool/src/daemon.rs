@@ -99,6 +99,9 @@ pub struct DaemonConfig {
     /// The address other hosts reach the peer link at (`--peer-advertise`;
     /// default: the bound address, which must then not be unspecified).
     pub peer_advertise: Option<String>,
+    /// Count every NBD request per volume for `GET /metrics` (off:
+    /// `--no-io-metrics`).
+    pub io_metrics: bool,
 }
 
 impl DaemonConfig {
@@ -118,6 +121,7 @@ impl DaemonConfig {
             takeover: false,
             peer_listen: None,
             peer_advertise: None,
+            io_metrics: true,
         }
     }
 
@@ -773,10 +777,11 @@ fn spawn_nbd(
     servers: &mut Servers,
     listeners: Vec<(&'static str, vpool_nbd::Listener)>,
     host: &Arc<Host>,
-    nbd_config: &vpool_nbd::ServerConfig,
+    (nbd_config, io_metrics): (&vpool_nbd::ServerConfig, bool),
     stop_rx: &watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let registry: Arc<dyn vpool_nbd::ExportRegistry> = Arc::new(HostExports::new(Arc::clone(host)));
+    let exports = HostExports::new(Arc::clone(host)).counting_io(io_metrics);
+    let registry: Arc<dyn vpool_nbd::ExportRegistry> = Arc::new(exports);
     for (name, listener) in listeners {
         let signal =
             vpool_nbd::ShutdownSignal::new().context("creating the NBD shutdown signal")?;
@@ -833,7 +838,7 @@ async fn serve_host(
         &mut servers,
         listeners.nbd,
         host,
-        &config.nbd_config,
+        (&config.nbd_config, config.io_metrics),
         &stop_rx,
     )?;
 

@@ -73,6 +73,7 @@ fn serve(cli: &Cli, pool: &std::path::Path, args: &ServeArgs) -> anyhow::Result<
     config.peer_listen = args.peer_listen;
     config.peer_advertise = args.peer_advertise.clone();
     config.takeover = args.force;
+    config.io_metrics = !args.no_io_metrics;
     if let Some(n) = args.nbd_max_connections {
         config.nbd_config.max_connections = n as usize;
     }

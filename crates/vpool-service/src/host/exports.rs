@@ -16,11 +16,23 @@ use crate::error::ErrorKind;
 /// pool-qualified.
 pub struct HostExports {
     host: Arc<Host>,
+    /// Count each device's requests for `GET /metrics`.
+    count_io: bool,
 }
 
 impl HostExports {
     pub fn new(host: Arc<Host>) -> HostExports {
-        HostExports { host }
+        HostExports {
+            host,
+            count_io: true,
+        }
+    }
+
+    /// Whether each device's requests are counted (`serve
+    /// --no-io-metrics` turns it off).
+    pub fn counting_io(mut self, count_io: bool) -> HostExports {
+        self.count_io = count_io;
+        self
     }
 }
 
@@ -55,6 +67,9 @@ impl vpool_nbd::ExportRegistry for HostExports {
     ) -> std::result::Result<Arc<dyn vpool_nbd::BlockDevice>, vpool_nbd::DeviceError> {
         let (pool, image) = crate::names::split_pool(name);
         let dev = self.open_device(pool, image)?;
+        if !self.count_io {
+            return Ok(dev);
+        }
         // Counted for `GET /metrics` (`crate::metrics`).
         let pool = pool.unwrap_or(&self.host.default);
         Ok(self.host.meters.wrap(pool, image, dev))

@@ -200,6 +200,12 @@ impl Host {
         }
         let ctx = self.pool(pool)?;
         let view = ctx.service.volume(volume)?;
+        if ctx.service.catalog().is_moving(view.info.id.0) {
+            return Err(crate::catalog::moving(
+                &format!("{}/{volume}", ctx.name),
+                "a schedule",
+            ));
+        }
         if view.template.is_some() || view.replica.is_some() || view.info.ephemeral {
             return Err(Error::invalid(format!(
                 "volume {}/{volume} is a template, a replica or ephemeral: no schedule for it",
@@ -331,9 +337,12 @@ impl Host {
                     }
                 }
                 Err(e) => {
-                    // Soon again (a pool still opening, a move under way),
-                    // not a whole period later.
-                    let wait = Duration::from_secs(r.every_secs).min(RETRY_FAILED);
+                    // Soon again (a pool still opening), not a whole period
+                    // later; a volume that is gone stays gone.
+                    let wait = match e.kind {
+                        ErrorKind::NotFound => Duration::from_secs(r.every_secs),
+                        _ => Duration::from_secs(r.every_secs).min(RETRY_FAILED),
+                    };
                     s.retry_at = Some(Instant::now() + wait);
                     s.failures += 1;
                     s.last_error = Some(e.message.clone());

@@ -108,7 +108,7 @@ impl Families {
         );
         r.register(
             "cache",
-            "A pool on S3: its host cache (figure: cache_size_bytes, cached_bytes, dirty_bytes, dirty_limit_bytes, pinned_bytes, upload_lag_bytes)",
+            "A pool on S3: its host cache (figure: cache_size_bytes, cached_bytes, dirty_bytes, dirty_limit_bytes, pinned_bytes, upload_lag_bytes; volume: a shared pool's volume owned here, else empty)",
             f.cache.clone(),
         );
         r.register(
@@ -158,7 +158,6 @@ impl Families {
                 ("live_data_bytes", s.live_data_bytes),
                 ("physical_bytes", s.physical_bytes),
                 ("segments", s.segments),
-                ("free_bytes", s.free_bytes.unwrap_or(0)),
                 ("reserve_bytes", s.reserve_bytes),
                 ("full", u64::from(s.full)),
                 ("damaged_blocks", s.damaged_blocks),
@@ -170,13 +169,21 @@ impl Families {
                 let l = labels(&[("pool", pool), ("figure", name)]);
                 self.pool.get_or_create(&l).set(to_i64(v));
             }
+            // Left out when the store cannot tell (not 0).
+            if let Some(free) = s.free_bytes {
+                let l = labels(&[("pool", pool), ("figure", "free_bytes")]);
+                self.pool.get_or_create(&l).set(to_i64(free));
+            }
         }
         if let Some(cache) = &ctx.cache {
-            self.cache_figures(pool, &cache.stats());
+            // A shared pool's volumes each have a cache of their own.
+            let volume = if figures { "" } else { ctx.name.as_str() };
+            self.cache_figures(pool, volume, &cache.stats());
         }
     }
 
-    fn cache_figures(&self, pool: &str, c: &crate::CacheInfo) {
+    /// A cache's figures; `volume` is empty for a pool's one cache.
+    fn cache_figures(&self, pool: &str, volume: &str, c: &crate::CacheInfo) {
         for (name, v) in [
             ("cache_size_bytes", c.cache_size_bytes),
             ("cached_bytes", c.cached_bytes),
@@ -185,7 +192,7 @@ impl Families {
             ("pinned_bytes", c.pinned_bytes),
             ("upload_lag_bytes", c.upload_lag_bytes),
         ] {
-            let l = labels(&[("pool", pool), ("figure", name)]);
+            let l = labels(&[("pool", pool), ("volume", volume), ("figure", name)]);
             self.cache.get_or_create(&l).set(to_i64(v));
         }
         for (name, v) in [
@@ -198,7 +205,7 @@ impl Families {
             ("bytes_uploaded", c.bytes_uploaded),
             ("remote_errors", c.remote_errors),
         ] {
-            let l = labels(&[("pool", pool), ("event", name)]);
+            let l = labels(&[("pool", pool), ("volume", volume), ("event", name)]);
             self.cache_total.get_or_create(&l).inc_by(v);
         }
     }
@@ -230,9 +237,16 @@ impl Host {
                 _ => {}
             }
         }
-        let meters = self
-            .meters
-            .snapshot(|p, v| live.iter().any(|(lp, lv)| lp == p && lv == v));
+        let pools: std::collections::HashSet<&str> = live.iter().map(|(p, _)| p.as_str()).collect();
+        let volumes: std::collections::HashSet<(&str, &str)> =
+            live.iter().map(|(p, v)| (p.as_str(), v.as_str())).collect();
+        let meters = self.meters.snapshot(|p, v| {
+            if v == crate::metrics::OTHER {
+                pools.contains(p)
+            } else {
+                volumes.contains(&(p, v))
+            }
+        });
         for ((pool, volume), stats) in &meters {
             f.io(pool, volume, stats);
         }

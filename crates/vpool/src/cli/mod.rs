@@ -143,6 +143,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub nbd_max_connections: Option<u32>,
 
+    /// Do not count NBD requests per volume for `GET /metrics` (the pool
+    /// figures stay): what the counting costs is measured against this.
+    #[arg(long)]
+    pub no_io_metrics: bool,
+
     /// Most NBD connections of one client: one TCP address, or one process
     /// on the Unix socket (default 64). Raise it for a hypervisor host
     /// that runs more VM disks than that from one address.
