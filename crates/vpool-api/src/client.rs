@@ -20,9 +20,9 @@ use crate::error::{ErrorBody, ErrorKind};
 use crate::routes::{self, escape};
 use crate::types::{
     AddPoolRequest, Allocation, CacheInfo, CheckResult, CleanResult, CloneRequest, CopyRequest,
-    CreateSnapshotRequest, CreateVolumeRequest, Diff, DiffExtent, FlattenReport, JobInfo, JobList,
-    MoveRequest, PinInfo, PinList, PinRequest, PoolInfo, PoolList, PoolStatus, ReplicaList,
-    ReplicaRequest, ReplicaStatus, ResizeVolumeRequest, ScheduleInfo, ScheduleList,
+    CreateSnapshotRequest, CreateVolumeRequest, Diff, DiffExtent, FlattenReport, IoList, JobInfo,
+    JobList, MoveRequest, PinInfo, PinList, PinRequest, PoolInfo, PoolList, PoolStatus,
+    ReplicaList, ReplicaRequest, ReplicaStatus, ResizeVolumeRequest, ScheduleInfo, ScheduleList,
     ScheduleRequest, SharedVolumeStatus, SnapshotInfo, SnapshotList, VolumeInfo, VolumeList,
 };
 use crate::{MAX_DATA_BYTES, MAX_JSON_BODY_BYTES};
@@ -607,6 +607,11 @@ impl Client {
     /// Removes schedule `id` (its snapshots stay).
     pub fn remove_schedule(&self, id: u64) -> Result<(), ClientError> {
         self.empty_call("DELETE", &routes::schedule(id), &[])
+    }
+
+    /// Every volume's I/O counters since the daemon started.
+    pub fn io_counters(&self) -> Result<IoList, ClientError> {
+        self.json_call("GET", routes::IO, None::<&()>)
     }
 
     /// The daemon's metrics (`GET /metrics`), as the OpenMetrics text.

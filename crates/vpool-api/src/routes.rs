@@ -108,6 +108,9 @@ pub const JOB_CANCEL: &str = "/v1/jobs/{id}/cancel";
 /// Prometheus scrapes (outside `/v1`, where Prometheus looks).
 pub const METRICS: &str = "/metrics";
 
+/// `GET`: every volume's I/O counters (`vpool vol iostat`).
+pub const IO: &str = "/v1/io";
+
 /// `GET`: every replication of the daemon.
 pub const REPLICAS: &str = "/v1/replicas";
 /// `GET`: the snapshot schedules; `POST`: add one.

@@ -44,10 +44,10 @@ use crate::routes;
 use crate::types::{
     AddPoolRequest, Allocation, AllocationExtent, CacheInfo, CheckQuery, CheckResult, CleanResult,
     CloneRequest, CopyRequest, CreateSnapshotRequest, CreateVolumeRequest, Diff, DiffExtent,
-    DiffQuery, FlattenReport, ForceQuery, JobInfo, JobList, MoveRequest, PinList, PinRequest,
-    PoolInfo, PoolList, PoolStatus, RangeQuery, ReplicaList, ReplicaRequest, ReplicaStatus,
-    ResizeVolumeRequest, RollbackQuery, ScheduleList, ScheduleRequest, SnapshotInfo, SnapshotList,
-    VolumeInfo, VolumeList, WriteQuery, ZeroQuery,
+    DiffQuery, FlattenReport, ForceQuery, IoList, JobInfo, JobList, MoveRequest, PinList,
+    PinRequest, PoolInfo, PoolList, PoolStatus, RangeQuery, ReplicaList, ReplicaRequest,
+    ReplicaStatus, ResizeVolumeRequest, RollbackQuery, ScheduleList, ScheduleRequest, SnapshotInfo,
+    SnapshotList, VolumeInfo, VolumeList, WriteQuery, ZeroQuery,
 };
 use crate::{
     MAX_ALLOCATION_EXTENTS, MAX_ALLOCATION_SPAN_BYTES, MAX_DATA_BYTES, MAX_DIFF_EXTENTS,
@@ -400,6 +400,7 @@ pub fn router(state: ApiState) -> Router {
         .route(routes::JOB, get(job_info))
         .route(routes::JOB_CANCEL, post(cancel_job))
         .route(routes::METRICS, get(metrics))
+        .route(routes::IO, get(io_counters))
         .route(routes::REPLICAS, get(list_replicas))
         .route(routes::SCHEDULES, get(list_schedules).post(add_schedule))
         .route(routes::SCHEDULE, delete(remove_schedule));
@@ -1270,6 +1271,12 @@ async fn metrics(State(s): State<ApiState>) -> Result<Response, ApiError> {
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     Ok(resp)
+}
+
+async fn io_counters(State(s): State<ApiState>) -> Json<IoList> {
+    Json(IoList {
+        volumes: s.host.io_counters(),
+    })
 }
 
 // ----- snapshot schedules -----

@@ -611,6 +611,13 @@ pub struct ReplicaRequest {
 }
 
 pub use vpool_service::host::ReplicaStatus;
+pub use vpool_service::metrics::VolumeIo;
+
+/// `GET /v1/io`: every volume's NBD I/O counters since the daemon started.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IoList {
+    pub volumes: Vec<VolumeIo>,
+}
 
 /// `POST /v1/schedules`: snapshots of `volume` (`POOL/NAME` or `NAME`)
 /// every `every_secs`, the newest `keep` kept, named `PREFIX-<UTC time>`.

@@ -94,6 +94,46 @@ impl IoStats {
     }
 }
 
+/// One volume's counters as `GET /v1/io` answers them (`vol iostat`
+/// turns two of them into rates).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VolumeIo {
+    pub pool: String,
+    pub volume: String,
+    pub reads: u64,
+    pub read_bytes: u64,
+    pub read_secs: f64,
+    pub writes: u64,
+    pub write_bytes: u64,
+    pub write_secs: f64,
+    /// Flushes, trims and zeroes.
+    pub other: u64,
+    pub errors: u64,
+}
+
+impl VolumeIo {
+    fn of(pool: &str, volume: &str, s: &IoStats) -> VolumeIo {
+        let (reads, read_bytes, read_secs) = s.of(Op::Read);
+        let (writes, write_bytes, write_secs) = s.of(Op::Write);
+        let other = [Op::Flush, Op::Trim, Op::Zero]
+            .iter()
+            .map(|&op| s.of(op).0)
+            .sum();
+        VolumeIo {
+            pool: pool.to_string(),
+            volume: volume.to_string(),
+            reads,
+            read_bytes,
+            read_secs,
+            writes,
+            write_bytes,
+            write_secs,
+            other,
+            errors: s.errors(),
+        }
+    }
+}
+
 /// The [`IoStats`] of every volume, by pool and volume name.
 #[derive(Default)]
 pub struct Meters {
@@ -124,6 +164,14 @@ impl Meters {
             inner: dev,
             stats: self.of(pool, volume),
         })
+    }
+
+    /// The counters of every volume counted so far, by pool and name.
+    pub fn all(&self) -> Vec<VolumeIo> {
+        let g = self.volumes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<VolumeIo> = g.iter().map(|((p, n), s)| VolumeIo::of(p, n, s)).collect();
+        v.sort_by(|a, b| (&a.pool, &a.volume).cmp(&(&b.pool, &b.volume)));
+        v
     }
 
     /// Every entry, after dropping those no device holds and `keep` says

@@ -135,3 +135,36 @@ fn metrics_count_what_clients_did() {
     drop(held);
     drop(d);
 }
+
+/// `vpool vol iostat` while fio writes: the volume's write rate is there,
+/// with a latency; an idle volume is left out.
+#[test]
+fn iostat_shows_a_writer() {
+    let t = tempfile::tempdir().unwrap();
+    let home = t.path().join("home");
+    let d = Daemon::start(&home, &[]);
+    run_ok(&home, &["vol", "create", "busy", "--size", "16M"]);
+    run_ok(&home, &["vol", "create", "idle", "--size", "16M"]);
+    nbd_common::raw::write_and_flush(&d.nbd_socket(), "idle", 0, 4096, 1);
+    let uri = d.nbd_uri("busy");
+    let fio = std::thread::spawn(move || nbd_common::clients::fio_verify_for(&uri, "8M", 2, 5));
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let out = run_ok(
+        &home,
+        &["vol", "iostat", "--interval", "1", "--count", "2", "--json"],
+    );
+    fio.join().expect("fio");
+    let samples: Vec<serde_json::Value> = serde_json::Deserializer::from_str(&out)
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(samples.len(), 2, "{out}");
+    for s in &samples {
+        let rows = s.as_array().unwrap();
+        assert_eq!(rows.len(), 1, "only the busy volume: {s}");
+        assert_eq!(rows[0]["volume"], "local/busy", "{s}");
+        assert!(rows[0]["write_iops"].as_f64().unwrap() > 10.0, "{s}");
+        assert!(rows[0]["write_latency_ms"].as_f64().unwrap() > 0.0, "{s}");
+    }
+    drop(d);
+}

@@ -212,6 +212,12 @@ impl Families {
 }
 
 impl Host {
+    /// Every volume's I/O counters since the daemon started (`GET
+    /// /v1/io`, `vol iostat`).
+    pub fn io_counters(&self) -> Vec<crate::metrics::VolumeIo> {
+        self.meters.all()
+    }
+
     /// The text of `GET /metrics` (OpenMetrics). Blocking (it asks every
     /// pool for its figures).
     pub fn metrics_text(&self) -> String {

@@ -17,6 +17,7 @@
 
 mod attach;
 mod cache;
+mod iostat;
 mod job;
 mod pool;
 mod render;

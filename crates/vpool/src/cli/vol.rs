@@ -108,6 +108,19 @@ pub enum VolCommand {
         #[arg(long)]
         force: bool,
     },
+    /// NBD I/O per volume, as `rbd perf image iostat`: reads and writes a
+    /// second, MB/s and mean latency over each interval (volumes with no
+    /// I/O in it are left out).
+    Iostat {
+        /// [POOL/]VOLUME; default every volume.
+        volume: Option<String>,
+        /// Seconds between two samples.
+        #[arg(long, default_value_t = 1.0, value_parser = super::pool::parse_secs)]
+        interval: f64,
+        /// Samples to print (default: until interrupted).
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Seal a volume as a template (gold master): read-only from then on;
     /// the SHA-256 digest of its content is recorded.
     Template { name: String },
@@ -328,6 +341,11 @@ fn run_lineage(
     cmd: &VolCommand,
 ) -> anyhow::Result<()> {
     match cmd {
+        VolCommand::Iostat {
+            volume,
+            interval,
+            count,
+        } => super::iostat::run(client, out, volume.as_deref(), *interval, *count),
         VolCommand::Template { name } => {
             let info = client.make_template(name)?;
             out.emit(&info, template_text)
