@@ -21,7 +21,7 @@ use crate::routes::{self, escape};
 use crate::types::{
     AddPoolRequest, Allocation, CacheInfo, CheckResult, CleanResult, CloneRequest, CopyRequest,
     CreateSnapshotRequest, CreateVolumeRequest, Diff, DiffExtent, FlattenReport, IoList, JobInfo,
-    JobList, MoveRequest, PinInfo, PinList, PinRequest, PoolInfo, PoolList, PoolStatus,
+    JobList, MoveRequest, PinInfo, PinList, PinRequest, PoolInfo, PoolList, PoolStatus, QosLimits,
     ReplicaList, ReplicaRequest, ReplicaStatus, ResizeVolumeRequest, ScheduleInfo, ScheduleList,
     ScheduleRequest, SharedVolumeStatus, SnapshotInfo, SnapshotList, VolumeInfo, VolumeList,
 };
@@ -578,6 +578,15 @@ impl Client {
             "POST",
             &routes::volume_replica_verify(&self.qualify(volume)),
             None::<&()>,
+        )
+    }
+
+    /// Sets (empty: clears) the QoS limits of `volume`; the volume.
+    pub fn set_qos(&self, volume: &str, limits: &QosLimits) -> Result<VolumeInfo, ClientError> {
+        self.json_call(
+            "PUT",
+            &routes::volume_qos(&self.qualify(volume)),
+            Some(limits),
         )
     }
 

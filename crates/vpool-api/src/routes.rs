@@ -66,6 +66,8 @@ pub const VOLUME_REPLICA_RUN: &str = "/v1/volumes/{name}/replica/run";
 /// `POST`: compare the newest point on both sides (a job). See
 /// [`volume_replica_verify`].
 pub const VOLUME_REPLICA_VERIFY: &str = "/v1/volumes/{name}/replica/verify";
+/// `PUT`: the volume's QoS limits. See [`volume_qos`].
+pub const VOLUME_QOS: &str = "/v1/volumes/{name}/qos";
 /// `POST`: make a replica a volume of its own. See [`volume_promote`].
 pub const VOLUME_PROMOTE: &str = "/v1/volumes/{name}/promote";
 /// `POST`: merge into the parent. See [`volume_commit`].
@@ -144,6 +146,7 @@ pub const ALL: &[&str] = &[
     VOLUME_REPLICA_RUN,
     VOLUME_REPLICA_VERIFY,
     VOLUME_PROMOTE,
+    VOLUME_QOS,
     VOLUME_COMMIT,
     VOLUME_DIFF,
     VOLUME_OWNER,
@@ -315,6 +318,11 @@ pub fn volume_replica_verify(name: &str) -> String {
     for_volume(VOLUME_REPLICA_VERIFY, name, &[])
 }
 
+/// [`VOLUME_QOS`] of volume `name`.
+pub fn volume_qos(name: &str) -> String {
+    for_volume(VOLUME_QOS, name, &[])
+}
+
 /// [`VOLUME_PROMOTE`] of volume `name`.
 pub fn volume_promote(name: &str) -> String {
     for_volume(VOLUME_PROMOTE, name, &[])
@@ -459,6 +467,7 @@ mod tests {
             (VOLUME_REPLICA_RUN, volume_replica_run),
             (VOLUME_REPLICA_VERIFY, volume_replica_verify),
             (VOLUME_PROMOTE, volume_promote),
+            (VOLUME_QOS, volume_qos),
             (VOLUME_COMMIT, volume_commit),
             (VOLUME_DIFF, volume_diff),
         ];
@@ -824,6 +833,12 @@ mod tests {
                 VOLUME_PROMOTE,
                 &["V"],
                 Box::new(|c, v, _| drop(c.promote(v))),
+            ),
+            (
+                "PUT",
+                VOLUME_QOS,
+                &["V"],
+                Box::new(|c, v, _| drop(c.set_qos(v, &crate::types::QosLimits::default()))),
             ),
             (
                 "POST",

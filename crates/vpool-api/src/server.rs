@@ -29,7 +29,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, delete, get, post};
+use axum::routing::{MethodRouter, delete, get, post, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use tokio::net::{TcpListener, UnixListener};
@@ -45,7 +45,7 @@ use crate::types::{
     AddPoolRequest, Allocation, AllocationExtent, CacheInfo, CheckQuery, CheckResult, CleanResult,
     CloneRequest, CopyRequest, CreateSnapshotRequest, CreateVolumeRequest, Diff, DiffExtent,
     DiffQuery, FlattenReport, ForceQuery, IoList, JobInfo, JobList, MoveRequest, PinList,
-    PinRequest, PoolInfo, PoolList, PoolStatus, RangeQuery, ReplicaList, ReplicaRequest,
+    PinRequest, PoolInfo, PoolList, PoolStatus, QosLimits, RangeQuery, ReplicaList, ReplicaRequest,
     ReplicaStatus, ResizeVolumeRequest, RollbackQuery, ScheduleList, ScheduleRequest, SnapshotInfo,
     SnapshotList, VolumeInfo, VolumeList, WriteQuery, ZeroQuery,
 };
@@ -374,6 +374,7 @@ fn pool_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
         (routes::VOLUME_REPLICA_RUN, post(run_replica)),
         (routes::VOLUME_REPLICA_VERIFY, post(verify_replica)),
         (routes::VOLUME_PROMOTE, post(promote)),
+        (routes::VOLUME_QOS, put(set_qos)),
         (routes::VOLUME_COMMIT, post(commit)),
         (routes::VOLUME_DIFF, get(diff)),
         (routes::VOLUME_OWNER, get(volume_owner)),
@@ -1250,6 +1251,17 @@ async fn verify_replica(
     let host = Arc::clone(&s.host);
     let job = service(move || host.verify_replica(pool.as_deref(), &name)).await?;
     Ok(accepted(&job))
+}
+
+/// Sets (an empty body: clears) the volume's QoS limits; the volume.
+async fn set_qos(
+    State(s): State<ApiState>,
+    Named { pool, name }: Named,
+    ApiJson(limits): ApiJson<QosLimits>,
+) -> Result<Json<VolumeInfo>, ApiError> {
+    let host = Arc::clone(&s.host);
+    let view = service(move || host.set_qos(pool.as_deref(), &name, &limits)).await?;
+    Ok(Json(view.into()))
 }
 
 async fn promote(

@@ -46,6 +46,9 @@ pub struct VolumeInfo {
     /// For a replica: its newest finished point (a snapshot).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replica_point: Option<String>,
+    /// Its QoS limits, if it has any (`vpool vol qos`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos: Option<QosLimits>,
     /// Of `allocated_bytes`: bytes no snapshot or clone shares (freed if the
     /// volume is deleted), and bytes shared. Only in `GET
     /// /v1/volumes/{name}` (they cost a walk of the maps).
@@ -71,6 +74,7 @@ impl From<vpool_engine::VolumeInfo> for VolumeInfo {
             incomplete: false,
             replica_of: None,
             replica_point: None,
+            qos: None,
             exclusive_bytes: None,
             shared_bytes: None,
         }
@@ -84,6 +88,7 @@ impl From<vpool_service::VolumeView> for VolumeInfo {
             incomplete: v.incomplete,
             replica_of: v.replica.as_ref().map(|r| r.source.clone()),
             replica_point: v.replica.and_then(|r| r.last_point),
+            qos: Some(v.qos).filter(|q| !q.is_empty()),
             ..VolumeInfo::from(v.info)
         }
     }
@@ -612,6 +617,7 @@ pub struct ReplicaRequest {
 
 pub use vpool_service::host::ReplicaStatus;
 pub use vpool_service::metrics::VolumeIo;
+pub use vpool_service::qos::QosLimits;
 
 /// `GET /v1/io`: every volume's NBD I/O counters since the daemon started.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -80,6 +80,16 @@ struct TemplatesFile {
     /// Volumes that are replicas of another pool's volume (`replica add`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     replicas: BTreeMap<String, ReplicaMark>,
+    /// Volumes with QoS limits (`vpool vol qos`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    qos: BTreeMap<String, QosRecord>,
+}
+
+/// A volume's QoS limits (`crate::qos`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QosRecord {
+    pub volume_id: u64,
+    pub limits: crate::qos::QosLimits,
 }
 
 /// A volume that replication writes (`vpool replica add`): its head is
@@ -130,6 +140,7 @@ struct Inner {
     /// NBD only, which mirrors it (not kept: a restart ends a move).
     moving: std::collections::BTreeSet<u64>,
     replicas: BTreeMap<String, ReplicaMark>,
+    qos: BTreeMap<String, QosRecord>,
 }
 
 impl Inner {
@@ -187,8 +198,8 @@ impl Catalog {
     /// Loads the template records from the pool's store; they are saved
     /// back there on every change.
     pub fn open(store: Arc<dyn SegmentStore>) -> Result<Catalog, CatalogError> {
-        let (templates, importing, replicas) = match store.get_meta(TEMPLATES_META_NAME)? {
-            None => (BTreeMap::new(), BTreeMap::new(), BTreeMap::new()),
+        let (templates, importing, replicas, qos) = match store.get_meta(TEMPLATES_META_NAME)? {
+            None => Default::default(),
             Some(bytes) => {
                 let f: TemplatesFile = serde_json::from_slice(&bytes)
                     .map_err(|e| CatalogError::Corrupt(e.to_string()))?;
@@ -198,7 +209,7 @@ impl Catalog {
                         f.version
                     )));
                 }
-                (f.templates, f.importing, f.replicas)
+                (f.templates, f.importing, f.replicas, f.qos)
             }
         };
         Ok(Catalog {
@@ -208,6 +219,7 @@ impl Catalog {
                 users: HashMap::new(),
                 moving: Default::default(),
                 replicas,
+                qos,
             }),
             store: Some(store),
         })
@@ -228,6 +240,7 @@ impl Catalog {
             templates: inner.templates.clone(),
             importing: inner.importing.clone(),
             replicas: inner.replicas.clone(),
+            qos: inner.qos.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&f)
             .map_err(|e| Error::internal(format!("encoding the template records: {e}")))?;
@@ -348,7 +361,11 @@ impl Catalog {
         if replica {
             g.replicas.remove(volume);
         }
-        if g.sealed(volume, id).is_some() || importing || replica {
+        let qos = g.qos.get(volume).is_some_and(|r| r.volume_id == id);
+        if qos {
+            g.qos.remove(volume);
+        }
+        if g.sealed(volume, id).is_some() || importing || replica || qos {
             g.templates
                 .retain(|n, t| !(n == volume && t.volume_id == id));
             if let Err(e) = self.persist(&g) {
@@ -405,6 +422,15 @@ impl Catalog {
         for (name, id) in replicas {
             if !pool.volume_info(&name).is_ok_and(|i| i.id.0 == id) {
                 self.lock().replicas.remove(&name);
+                changed = true;
+            }
+        }
+        let limited: Vec<(String, u64)> = (self.lock().qos.iter())
+            .map(|(n, r)| (n.clone(), r.volume_id))
+            .collect();
+        for (name, id) in limited {
+            if !pool.volume_info(&name).is_ok_and(|i| i.id.0 == id) {
+                self.lock().qos.remove(&name);
                 changed = true;
             }
         }
@@ -577,6 +603,45 @@ impl Catalog {
     /// Whether volume `id` is being moved (see [`Catalog::set_moving`]).
     pub fn is_moving(&self, id: u64) -> bool {
         self.lock().moving.contains(&id)
+    }
+
+    // ----- QoS -----
+
+    /// The QoS limits of `volume` (id `id`); empty when it has none.
+    pub fn qos(&self, volume: &str, id: u64) -> crate::qos::QosLimits {
+        (self.lock().qos.get(volume))
+            .filter(|r| r.volume_id == id)
+            .map(|r| r.limits.clone())
+            .unwrap_or_default()
+    }
+
+    /// Sets (or, empty, clears) the QoS limits of `volume` (id `id`),
+    /// durably.
+    pub fn set_qos(
+        &self,
+        volume: &str,
+        id: u64,
+        limits: &crate::qos::QosLimits,
+    ) -> Result<(), Error> {
+        let mut g = self.lock();
+        let before = g.qos.get(volume).cloned();
+        if limits.is_empty() {
+            g.qos.remove(volume);
+        } else {
+            let rec = QosRecord {
+                volume_id: id,
+                limits: limits.clone(),
+            };
+            g.qos.insert(volume.to_string(), rec);
+        }
+        if let Err(e) = self.persist(&g) {
+            match before {
+                Some(b) => g.qos.insert(volume.to_string(), b),
+                None => g.qos.remove(volume),
+            };
+            return Err(e);
+        }
+        Ok(())
     }
 
     // ----- replicas -----

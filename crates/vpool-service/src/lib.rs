@@ -30,6 +30,7 @@ pub mod layered;
 pub mod metrics;
 pub mod names;
 pub mod pool;
+pub mod qos;
 pub mod stripes;
 
 pub use cache::{CacheControl, CacheInfo, PinInfo};

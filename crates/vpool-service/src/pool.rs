@@ -41,6 +41,8 @@ pub struct VolumeView {
     pub incomplete: bool,
     /// Set when the volume is a replica (`vpool replica add`).
     pub replica: Option<crate::catalog::ReplicaMark>,
+    /// Its QoS limits (empty: none).
+    pub qos: crate::qos::QosLimits,
 }
 
 /// What a flatten did.
@@ -81,11 +83,13 @@ impl PoolService {
         let template = self.catalog.template(&info.name, info.id.0);
         let incomplete = self.catalog.import_incomplete(&info.name, info.id.0);
         let replica = self.catalog.replica(&info.name, info.id.0);
+        let qos = self.catalog.qos(&info.name, info.id.0);
         VolumeView {
             info,
             template,
             incomplete,
             replica,
+            qos,
         }
     }
 
@@ -342,6 +346,15 @@ impl PoolService {
             Ok(self.pool.rollback(volume, snapshot)?)
         })?;
         Ok(self.view(info))
+    }
+
+    /// Sets (or, empty, clears) the volume's QoS limits, kept in the
+    /// catalog; the host applies them to its devices.
+    pub fn set_qos(&self, volume: &str, limits: &crate::qos::QosLimits) -> Result<VolumeView> {
+        limits.check()?;
+        let id = self.id_of(volume)?;
+        self.catalog.set_qos(volume, id, limits)?;
+        self.volume(volume)
     }
 
     /// A replica becomes a volume of its own: rolled back to its newest

@@ -67,6 +67,16 @@ impl vpool_nbd::ExportRegistry for HostExports {
     ) -> std::result::Result<Arc<dyn vpool_nbd::BlockDevice>, vpool_nbd::DeviceError> {
         let (pool, image) = crate::names::split_pool(name);
         let dev = self.open_device(pool, image)?;
+        let volume = image.split('@').next().unwrap_or(image);
+        // Every device of a volume (not of a snapshot) goes through its
+        // buckets, limited or not, so that limits set later apply to it.
+        let dev = if image.contains('@') {
+            dev
+        } else {
+            let limits = self.host.qos_limits(pool, volume);
+            let name = pool.unwrap_or(&self.host.default);
+            self.host.throttles.wrap(name, volume, limits, dev)
+        };
         if !self.count_io {
             return Ok(dev);
         }

@@ -354,6 +354,8 @@ pub struct Host {
     schedules: schedule::Schedules,
     /// The I/O counters of every volume served (`GET /metrics`).
     meters: crate::metrics::Meters,
+    /// The QoS buckets of every volume served (`vpool vol qos`).
+    throttles: crate::qos::Throttles,
 }
 
 impl Host {
@@ -436,6 +438,7 @@ impl Host {
             replicas: Arc::new(replica::Replicas::new(home)),
             schedules: schedule::Schedules::new(home),
             meters: crate::metrics::Meters::default(),
+            throttles: crate::qos::Throttles::default(),
         }
     }
 
@@ -871,6 +874,39 @@ impl Host {
 }
 
 impl Host {
+    /// The open pool (for a shared pool, the volume's own) that serves
+    /// `volume` of `pool` here.
+    fn serving_pool(&self, pool: Option<&str>, volume: &str) -> Result<Arc<PoolCtx>> {
+        match self.shared(pool) {
+            Some(sh) => sh.family(volume),
+            None => self.volume_pool(pool, volume),
+        }
+    }
+
+    /// The QoS limits of `volume` of `pool` (none if it cannot tell).
+    fn qos_limits(&self, pool: Option<&str>, volume: &str) -> crate::qos::QosLimits {
+        self.serving_pool(pool, volume)
+            .and_then(|ctx| ctx.service.volume(volume))
+            .map(|v| v.qos)
+            .unwrap_or_default()
+    }
+
+    /// Sets (or, empty, clears) the QoS limits of `volume` of `pool`: kept
+    /// in its pool, applied at once to the devices open on it here.
+    pub fn set_qos(
+        &self,
+        pool: Option<&str>,
+        volume: &str,
+        limits: &crate::qos::QosLimits,
+    ) -> Result<crate::pool::VolumeView> {
+        let ctx = self.serving_pool(pool, volume)?;
+        let view = ctx.service.set_qos(volume, limits)?;
+        let name = pool.unwrap_or(&self.default);
+        self.throttles.set(name, volume, limits.clone());
+        tracing::info!(pool = name, volume, limits = ?limits, "QoS limits set");
+        Ok(view)
+    }
+
     /// The admin lock, waiting for it at most `limit` (`None` after that).
     fn lock_admin_for(&self, limit: std::time::Duration) -> Option<std::sync::MutexGuard<'_, ()>> {
         let deadline = Instant::now() + limit;

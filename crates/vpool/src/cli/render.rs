@@ -562,6 +562,12 @@ pub fn render_volume_info(v: &VolumeInfo) -> String {
             "INCOMPLETE: an import into it did not finish; NBD does not serve it until it is imported again or deleted\n",
         );
     }
+    if let Some(q) = &v.qos {
+        out.push_str(&format!(
+            "qos:        {}\n",
+            serde_json::to_string(q).unwrap_or_default()
+        ));
+    }
     if let Some(src) = &v.replica_of {
         out.push_str(&format!(
             "replica of: {src} (newest point: {}; its head is not served: read VOLUME@POINT, or `vpool replica promote`)\n",

@@ -283,6 +283,7 @@ fn renders_a_table() {
         incomplete: false,
         replica_of: None,
         replica_point: None,
+        qos: None,
         exclusive_bytes: Some(1 << 29),
         shared_bytes: Some(1 << 30),
     };

@@ -108,6 +108,31 @@ pub enum VolCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Limit a volume's NBD requests a second and bytes a second, at once
+    /// for the clients connected (as QEMU's throttle groups); with no
+    /// limit given, show them. Kept with the volume.
+    Qos {
+        /// [POOL/]VOLUME
+        volume: String,
+        /// Requests a second (reads, writes, trims, zeroes).
+        #[arg(long)]
+        iops: Option<u64>,
+        /// Bytes a second read and written (e.g. 200M).
+        #[arg(long, value_parser = crate::size::parse_size)]
+        bps: Option<u64>,
+        /// Requests a second allowed during a burst.
+        #[arg(long)]
+        burst_iops: Option<u64>,
+        /// Bytes a second allowed during a burst.
+        #[arg(long, value_parser = crate::size::parse_size)]
+        burst_bps: Option<u64>,
+        /// How long a burst may last (default 1).
+        #[arg(long)]
+        burst_secs: Option<u64>,
+        /// Remove every limit.
+        #[arg(long, conflicts_with_all = ["iops", "bps", "burst_iops", "burst_bps", "burst_secs"])]
+        clear: bool,
+    },
     /// NBD I/O per volume, as `rbd perf image iostat`: reads and writes a
     /// second, MB/s and mean latency over each interval (volumes with no
     /// I/O in it are left out).
@@ -341,6 +366,36 @@ fn run_lineage(
     cmd: &VolCommand,
 ) -> anyhow::Result<()> {
     match cmd {
+        VolCommand::Qos {
+            volume,
+            iops,
+            bps,
+            burst_iops,
+            burst_bps,
+            burst_secs,
+            clear,
+        } => {
+            let limits = vpool_api::QosLimits {
+                iops: *iops,
+                bps: *bps,
+                burst_iops: *burst_iops,
+                burst_bps: *burst_bps,
+                burst_secs: *burst_secs,
+            };
+            let info = if limits == vpool_api::QosLimits::default() && !clear {
+                client.volume_info(volume)?
+            } else {
+                client.set_qos(volume, &limits)?
+            };
+            out.emit(&info, |v| match &v.qos {
+                Some(q) => format!(
+                    "{}: QoS {}",
+                    v.name,
+                    serde_json::to_string(q).unwrap_or_default()
+                ),
+                None => format!("{}: no QoS limits", v.name),
+            })
+        }
         VolCommand::Iostat {
             volume,
             interval,

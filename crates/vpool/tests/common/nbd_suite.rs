@@ -272,9 +272,21 @@ pub fn nbdinfo_list_map_and_flags_unix_and_tcp(d: Daemon, _dir: &Path) -> Daemon
     }
 
     // --map: data where written, holes elsewhere, the whole size covered.
-    d.client()
-        .write("db", MIB, &vec![7u8; 65536], false)
-        .unwrap();
+    // (nbdinfo has exited, but the server may not have let go of its
+    // device yet: the write is refused while a writer is connected.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match d.client().write("db", MIB, &vec![7u8; 65536], false) {
+            Ok(()) => break,
+            Err(e)
+                if e.to_string().contains("open for writing")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
     let map = nbdinfo_map(&d.nbd_uri("db"));
     assert!(
         map.iter()
