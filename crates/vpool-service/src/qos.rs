@@ -29,8 +29,10 @@ use crate::error::{Error, Result};
 /// Most volumes with buckets of their own (beyond it, devices of new
 /// volumes get buckets of their own, not shared).
 pub const MAX_THROTTLED: usize = 4096;
-/// Longest a single request waits (a huge request under a tiny limit).
-const MAX_WAIT: Duration = Duration::from_secs(30);
+/// Longest a single request waits (a huge request under a tiny limit);
+/// a bucket's debt never exceeds this much of its rate, so what a request
+/// cannot wait for is forgiven, not carried on.
+const MAX_WAIT_SECS: f64 = 30.0;
 
 /// A volume's limits; `None` is no limit.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +87,11 @@ impl QosLimits {
         if self.burst_secs.is_some_and(|s| s == 0 || s > 3600) {
             return Err(Error::invalid("--burst-secs is 1 to 3600"));
         }
+        if self.burst_secs.is_some() && self.burst_iops.is_none() && self.burst_bps.is_none() {
+            return Err(Error::invalid(
+                "--burst-secs needs a burst (--burst-iops or --burst-bps); each call sets every limit",
+            ));
+        }
         Ok(())
     }
 }
@@ -99,7 +106,9 @@ struct Bucket {
 
 impl Bucket {
     fn new(limit: Option<u64>, burst: Option<u64>, burst_secs: u64) -> Option<Bucket> {
-        let rate = limit? as f64;
+        // (0 is refused by `check`; one read from a damaged catalog is no
+        // limit rather than a division by zero.)
+        let rate = limit.filter(|&l| l > 0)? as f64;
         let burst_size = burst.map_or(0.0, |b| (b as f64 - rate) * burst_secs as f64);
         Some(Bucket {
             rate_per_sec: rate,
@@ -111,7 +120,7 @@ impl Bucket {
     /// Fills for `elapsed_secs`, takes `n`; how long to wait for the debt.
     fn take(&mut self, n: f64, elapsed_secs: f64) -> f64 {
         self.tokens = (self.tokens + elapsed_secs * self.rate_per_sec).min(self.size);
-        self.tokens -= n;
+        self.tokens = (self.tokens - n).max(-self.rate_per_sec * MAX_WAIT_SECS);
         if self.tokens >= 0.0 {
             0.0
         } else {
@@ -192,56 +201,70 @@ impl Throttle {
             a.max(b)
         };
         if wait > 0.0 {
-            std::thread::sleep(Duration::from_secs_f64(wait).min(MAX_WAIT));
+            std::thread::sleep(Duration::from_secs_f64(wait.min(MAX_WAIT_SECS)));
         }
     }
 }
 
-/// The buckets of every volume with a device, by pool and volume name.
+/// The buckets of every volume with a device, by pool, volume name and
+/// volume id (a volume made again under a name has buckets of its own).
 #[derive(Default)]
 pub struct Throttles {
-    volumes: Mutex<HashMap<(String, String), Arc<Throttle>>>,
+    volumes: Mutex<HashMap<(String, String, u64), Arc<Throttle>>>,
 }
 
 impl Throttles {
-    /// The buckets of `volume` of `pool`, with `limits` (made on first
-    /// use; the limits replace what they had).
-    pub fn of(&self, pool: &str, volume: &str, limits: QosLimits) -> Arc<Throttle> {
+    /// The buckets of volume `id` named `volume` of `pool`; made on first
+    /// use with the limits `read_limits` gives, read under the map's lock
+    /// so that a [`Throttles::update`] cannot slip in between.
+    fn of(
+        &self,
+        key: (String, String, u64),
+        read_limits: impl FnOnce() -> QosLimits,
+    ) -> Arc<Throttle> {
         let mut g = self.volumes.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (pool.to_string(), volume.to_string());
         if let Some(t) = g.get(&key) {
-            t.set(limits);
             return Arc::clone(t);
         }
         if g.len() >= MAX_THROTTLED {
             g.retain(|_, t| Arc::strong_count(t) > 1);
         }
-        let t = Arc::new(Throttle::new(limits));
+        let t = Arc::new(Throttle::new(read_limits()));
         if g.len() < MAX_THROTTLED {
             g.insert(key, Arc::clone(&t));
         }
         t
     }
 
-    /// Sets the limits of `volume` of `pool` where it has a device now.
-    pub fn set(&self, pool: &str, volume: &str, limits: QosLimits) {
+    /// Runs `save` (which stores `limits` for volume `id` named `volume`
+    /// of `pool`) and applies them to its buckets, both under the map's
+    /// lock.
+    pub fn update<T>(
+        &self,
+        (pool, volume, id): (&str, &str, u64),
+        limits: &QosLimits,
+        save: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
         let g = self.volumes.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = g.get(&(pool.to_string(), volume.to_string())) {
-            t.set(limits);
+        let out = save()?;
+        if let Some(t) = g.get(&(pool.to_string(), volume.to_string(), id)) {
+            t.set(limits.clone());
         }
+        Ok(out)
     }
 
-    /// `dev`, its requests held to the limits of `volume` of `pool`.
+    /// `dev`, its requests held to the limits of volume `id` named
+    /// `volume` of `pool` (`read_limits` gives them for new buckets).
     pub fn wrap(
         &self,
-        pool: &str,
-        volume: &str,
-        limits: QosLimits,
+        (pool, volume, id): (&str, &str, u64),
+        read_limits: impl FnOnce() -> QosLimits,
         dev: Arc<dyn BlockDevice>,
     ) -> Arc<dyn BlockDevice> {
+        let key = (pool.to_string(), volume.to_string(), id);
         Arc::new(QosDevice {
             inner: dev,
-            throttle: self.of(pool, volume, limits),
+            throttle: self.of(key, read_limits),
         })
     }
 }
@@ -323,6 +346,13 @@ mod tests {
         let mut b = Bucket::new(Some(100), Some(300), 2).unwrap();
         assert_eq!(b.take(400.0, 100.0), 0.0);
         assert!(b.take(1.0, 0.0) > 0.0);
+        // A debt never passes 30 s of the rate: what a request cannot wait
+        // for is forgiven.
+        let mut b = Bucket::new(Some(10), None, 1).unwrap();
+        for _ in 0..10 {
+            assert!(b.take(1000.0, 0.0) <= MAX_WAIT_SECS);
+        }
+        assert!(b.tokens >= -300.0);
     }
 
     #[test]

@@ -41,7 +41,7 @@ fn qos_holds_fio_to_its_limits_and_changes_while_it_runs() {
     eprintln!("200 IOPS for 3 s, then 2000: fio got {iops:.1} IOPS over 8 s");
     assert!(iops > 400.0, "{iops} IOPS: the raised limit did not apply");
     assert!(
-        took < Duration::from_secs(1),
+        took < Duration::from_secs(5),
         "setting the limit took {took:?}"
     );
 
@@ -71,6 +71,7 @@ fn qos_holds_fio_to_its_limits_and_changes_while_it_runs() {
             "below",
         ),
         (&["vol", "qos", "nope", "--iops", "100"], "nope"),
+        (&["vol", "qos", "web1", "--burst-secs", "5"], "burst"),
     ] {
         let e = run_err(&home, args);
         assert!(e.contains(says), "{args:?}: {e}");

@@ -70,12 +70,18 @@ impl vpool_nbd::ExportRegistry for HostExports {
         let volume = image.split('@').next().unwrap_or(image);
         // Every device of a volume (not of a snapshot) goes through its
         // buckets, limited or not, so that limits set later apply to it.
-        let dev = if image.contains('@') {
-            dev
-        } else {
-            let limits = self.host.qos_limits(pool, volume);
-            let name = pool.unwrap_or(&self.host.default);
-            self.host.throttles.wrap(name, volume, limits, dev)
+        let dev = match self.host.serving_pool(pool, volume) {
+            Ok(ctx) if !image.contains('@') => match ctx.service.volume(volume) {
+                Ok(v) => {
+                    let name = pool.unwrap_or(&self.host.default);
+                    let service = &ctx.service;
+                    let read = || service.volume(volume).map(|v| v.qos).unwrap_or_default();
+                    let key = (name, volume, v.info.id.0);
+                    self.host.throttles.wrap(key, read, dev)
+                }
+                Err(_) => dev,
+            },
+            _ => dev,
         };
         if !self.count_io {
             return Ok(dev);

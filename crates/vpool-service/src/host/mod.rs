@@ -876,19 +876,11 @@ impl Host {
 impl Host {
     /// The open pool (for a shared pool, the volume's own) that serves
     /// `volume` of `pool` here.
-    fn serving_pool(&self, pool: Option<&str>, volume: &str) -> Result<Arc<PoolCtx>> {
+    pub(crate) fn serving_pool(&self, pool: Option<&str>, volume: &str) -> Result<Arc<PoolCtx>> {
         match self.shared(pool) {
             Some(sh) => sh.family(volume),
             None => self.volume_pool(pool, volume),
         }
-    }
-
-    /// The QoS limits of `volume` of `pool` (none if it cannot tell).
-    fn qos_limits(&self, pool: Option<&str>, volume: &str) -> crate::qos::QosLimits {
-        self.serving_pool(pool, volume)
-            .and_then(|ctx| ctx.service.volume(volume))
-            .map(|v| v.qos)
-            .unwrap_or_default()
     }
 
     /// Sets (or, empty, clears) the QoS limits of `volume` of `pool`: kept
@@ -900,9 +892,11 @@ impl Host {
         limits: &crate::qos::QosLimits,
     ) -> Result<crate::pool::VolumeView> {
         let ctx = self.serving_pool(pool, volume)?;
-        let view = ctx.service.set_qos(volume, limits)?;
+        let id = ctx.service.volume(volume)?.info.id.0;
         let name = pool.unwrap_or(&self.default);
-        self.throttles.set(name, volume, limits.clone());
+        let view = self.throttles.update((name, volume, id), limits, || {
+            ctx.service.set_qos(volume, limits)
+        })?;
         tracing::info!(pool = name, volume, limits = ?limits, "QoS limits set");
         Ok(view)
     }
