@@ -7,7 +7,9 @@
 //!   pins.
 //! - [`registry`]: pool names of earlier releases (`--home NAME`).
 //! - [`cli`]: argument definitions and the client commands.
-//! - [`transfer`]: sparse `vol import` / `vol export`.
+//! - [`transfer`]: sparse `vol import` / `vol export`, files or pipes.
+//! - [`image_format`]: what an imported image holds (qcow2, vmdk...), and
+//!   its conversion with `qemu-img`.
 //! - [`vdiff`]: the `.vdiff` incremental backup format, `vol export-diff` /
 //!   `vol import-diff`.
 //! - [`size`]: parsing and printing sizes (`20G`, `1.5 TiB`).
@@ -18,6 +20,7 @@ pub mod atomic_file;
 pub mod cache;
 pub mod cli;
 pub mod daemon;
+pub mod image_format;
 pub mod lock;
 pub mod registry;
 pub mod s3pool;

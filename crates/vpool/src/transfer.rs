@@ -8,6 +8,11 @@
 //! a file pre-sized with `set_len`, so holes stay holes.
 //!
 //! Neither is a snapshot: export a volume that nothing is writing to.
+//!
+//! `-` for the file is standard input or output ([`stream`]), so images go
+//! through pipes (`vol export web1 - | zstd | ssh ...`). Import detects the
+//! image's format first ([`crate::image_format`]) and converts what is not
+//! raw.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -18,10 +23,13 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use vpool_api::{Client, ErrorKind};
+use vpool_api::{Client, ClientError, ErrorKind};
 use vpool_engine::BLOCK_SIZE;
 
+use crate::image_format::{self, Format};
 use crate::size::{format_size, round_up_to_block};
+
+mod stream;
 
 /// Bytes moved per data request. Well under the API's 8 MiB limit, and big
 /// enough that per-request overhead is small.
@@ -33,7 +41,10 @@ const BLOCK: usize = BLOCK_SIZE as usize;
 #[derive(Clone, Debug, Serialize)]
 pub struct ImportReport {
     pub volume: String,
+    /// The file imported, or `-` for standard input.
     pub file: String,
+    /// Its format (`raw`, or what `qemu-img` converted: `qcow2`, `vmdk`...).
+    pub format: String,
     pub created: bool,
     pub file_bytes: u64,
     pub volume_size_bytes: u64,
@@ -150,24 +161,98 @@ fn file_len(file: &mut File) -> io::Result<u64> {
     Ok(len)
 }
 
-/// Imports the raw image at `path` into volume `name`, creating it if
-/// missing (with `size`, or the file's length rounded up to 4 KiB).
+/// How `vol import` reads its input.
+#[derive(Clone, Copy, Debug)]
+pub struct ImportOptions {
+    /// The volume's size if it is created.
+    pub size: Option<u64>,
+    /// Replace an existing volume's content...
+    pub overwrite: bool,
+    /// ... even while NBD clients write it.
+    pub in_use: bool,
+    /// The input's format; `None` detects it.
+    pub format: Option<Format>,
+    pub show_progress: bool,
+}
+
+/// Imports the image at `path` (`-`: standard input) into volume `name`,
+/// creating it if missing. Raw images go as they are; other formats are
+/// converted first (see [`crate::image_format`]).
 pub fn import(
     client: &Client,
     name: &str,
     path: &Path,
-    size: Option<u64>,
-    force: bool,
-    show_progress: bool,
+    opts: &ImportOptions,
 ) -> anyhow::Result<ImportReport> {
-    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let len =
-        file_len(&mut file).with_context(|| format!("reading the size of {}", path.display()))?;
-    let needed = round_up_to_block(len).context("the file is too large")?;
+    if path == Path::new("-") {
+        return stream::import_stdin(client, name, opts);
+    }
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let what = path.display().to_string();
+    let format = match opts.format {
+        Some(f) => f,
+        None => {
+            let mut head = vec![0u8; image_format::PROBE_BYTES];
+            let got =
+                read_full_at(&file, &mut head, 0).with_context(|| format!("reading {what}"))?;
+            image_format::detect(&head[..got])
+        }
+    };
+    match format {
+        Format::Raw => import_file(client, name, path, file, opts),
+        Format::Refused(r) => bail!(image_format::refusal_message(r, &what, name)),
+        Format::Qemu(fmt) => {
+            image_format::require_qemu_img(fmt, &what)?;
+            // Before the conversion, which can take long.
+            refuse_existing(client, name, opts.overwrite)?;
+            let converted = image_format::convert_to_raw(path, fmt)?;
+            let raw = File::open(&converted.raw)
+                .with_context(|| format!("opening {}", converted.raw.display()))?;
+            let mut r = import_file(client, name, &converted.raw, raw, opts)?;
+            r.file = what;
+            r.format = fmt.to_string();
+            r.file_bytes = std::fs::metadata(path).map_or(0, |m| m.len());
+            r.skipped_bytes = converted.size_bytes.saturating_sub(r.data_bytes);
+            Ok(r)
+        }
+    }
+}
 
-    let (created, volume_size) = match client.volume_info(name) {
+/// Refuses to import into an existing volume without `force`: an import
+/// replaces all of a volume's content. A template is left to the daemon,
+/// which refuses it as read-only.
+fn refuse_existing(client: &Client, name: &str, overwrite: bool) -> anyhow::Result<()> {
+    match client.volume_info(name) {
+        Ok(info) if !overwrite && info.template.is_none() => Err(ClientError::Api {
+            status: 409,
+            kind: ErrorKind::AlreadyExists,
+            message: format!(
+                "volume {name} exists ({}); an import replaces all of its content: pass --force to do that",
+                format_size(info.size_bytes)
+            ),
+        }
+        .into()),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == Some(ErrorKind::NotFound) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Makes sure volume `name` can take an image of `len` bytes (`None`: not
+/// known in advance, a stream) read from `what`: creates it (of `size`, or
+/// `len` rounded up to 4 KiB) or checks the existing one. Returns whether
+/// it was created, and its size.
+fn prepare_volume(
+    client: &Client,
+    name: &str,
+    what: &str,
+    len: Option<u64>,
+    opts: &ImportOptions,
+) -> anyhow::Result<(bool, u64)> {
+    refuse_existing(client, name, opts.overwrite)?;
+    match client.volume_info(name) {
         Ok(info) => {
-            if let Some(s) = size.filter(|&s| s != info.size_bytes) {
+            if let Some(s) = opts.size.filter(|&s| s != info.size_bytes) {
                 bail!(
                     "volume {name} exists with size {} ({} bytes), not {} ({s} bytes); resize it first with `vpool vol resize`",
                     format_size(info.size_bytes),
@@ -175,53 +260,57 @@ pub fn import(
                     format_size(s)
                 );
             }
-            if info.size_bytes < len {
+            if let Some(len) = len.filter(|&l| l > info.size_bytes) {
                 bail!(
-                    "volume {name} is {} but {} is {}; resize the volume first with `vpool vol resize`",
+                    "volume {name} is {} but {what} is {}; resize the volume first with `vpool vol resize`",
                     format_size(info.size_bytes),
-                    path.display(),
                     format_size(len)
                 );
             }
-            (false, info.size_bytes)
+            Ok((false, info.size_bytes))
         }
         Err(e) if e.kind() == Some(ErrorKind::NotFound) => {
-            let vsize = match size {
-                Some(s) if s < len => bail!(
-                    "--size {} is smaller than {} ({})",
+            let needed = len
+                .map(|l| round_up_to_block(l).context("the image is too large"))
+                .transpose()?;
+            let vsize = match (opts.size, needed) {
+                (Some(s), Some(n)) if s < n => bail!(
+                    "--size {} is smaller than {what} ({})",
                     format_size(s),
-                    path.display(),
-                    format_size(len)
+                    format_size(n)
                 ),
-                Some(s) => s,
-                None if needed == 0 => bail!(
-                    "{} is empty: give the volume's size with --size",
-                    path.display()
+                (Some(s), _) => s,
+                (None, None) => bail!(
+                    "the length of {what} is not known in advance: give the volume's size with --size"
                 ),
-                None => needed,
+                (None, Some(0)) => bail!("{what} is empty: give the volume's size with --size"),
+                (None, Some(n)) => n,
             };
             client
                 .create_volume(name, vsize)
                 .with_context(|| format!("creating volume {name}"))?;
-            (true, vsize)
+            Ok((true, vsize))
         }
-        Err(e) => return Err(e.into()),
-    };
-
-    let regions = data_regions(&file, len)
-        .with_context(|| format!("finding the data in {}", path.display()))?;
-    // From here until the last byte is flushed, the volume is incomplete.
-    client
-        .begin_import(name, force)
-        .with_context(|| format!("marking volume {name} as being imported into"))?;
-    if !created {
-        // The image replaces the volume's content: clear it, so what the
-        // image has as holes does not show old data.
-        client
-            .zero(name, 0, volume_size, true, force)
-            .with_context(|| format!("clearing volume {name} before the import"))?;
+        Err(e) => Err(e.into()),
     }
-    let bar = progress_bar(len, show_progress, "import");
+}
+
+/// Imports the raw image `file` (at `path`) into volume `name`, sparsely.
+fn import_file(
+    client: &Client,
+    name: &str,
+    path: &Path,
+    mut file: File,
+    opts: &ImportOptions,
+) -> anyhow::Result<ImportReport> {
+    let what = path.display().to_string();
+    let len = file_len(&mut file).with_context(|| format!("reading the size of {what}"))?;
+    let (created, volume_size) = prepare_volume(client, name, &what, Some(len), opts)?;
+    let regions =
+        data_regions(&file, len).with_context(|| format!("finding the data in {what}"))?;
+    // From here until the last byte is flushed, the volume is incomplete.
+    begin(client, name, created, volume_size, opts.in_use)?;
+    let bar = progress_bar(len, opts.show_progress, "import");
     let mut buf = vec![0u8; CHUNK_BYTES];
     let mut data_bytes = 0u64;
     // End of what was sent so far, so regions rounded out to whole blocks
@@ -238,19 +327,11 @@ pub fn import(
                 .unwrap_or(CHUNK_BYTES)
                 .min(CHUNK_BYTES);
             let chunk = &mut buf[..want];
-            let got = read_full_at(&file, chunk, pos)
-                .with_context(|| format!("reading {}", path.display()))?;
+            let got = read_full_at(&file, chunk, pos).with_context(|| format!("reading {what}"))?;
             // Past the end of the file reads as zeros (the volume is
             // rounded up to whole blocks).
             chunk[got..].fill(0);
-            for (s, e) in nonzero_runs(chunk) {
-                client
-                    .write(name, pos + s as u64, &chunk[s..e], force)
-                    .with_context(|| {
-                        format!("writing to volume {name} at offset {}", pos + s as u64)
-                    })?;
-                data_bytes += (e - s) as u64;
-            }
+            data_bytes += write_nonzero(client, name, pos, chunk, opts.in_use)?;
             pos += want as u64;
             bar.set_position(pos.min(len));
         }
@@ -263,13 +344,55 @@ pub fn import(
     bar.finish_and_clear();
     Ok(ImportReport {
         volume: name.to_string(),
-        file: path.display().to_string(),
+        file: what,
+        format: "raw".into(),
         created,
         file_bytes: len,
         volume_size_bytes: volume_size,
         data_bytes,
         skipped_bytes: len.saturating_sub(data_bytes),
     })
+}
+
+/// Marks volume `name` as being imported into and, unless it was just
+/// `created` (all zeros), clears it: the image replaces its content, so
+/// what the image has as holes must not show old data.
+fn begin(
+    client: &Client,
+    name: &str,
+    created: bool,
+    volume_size: u64,
+    force: bool,
+) -> anyhow::Result<()> {
+    client
+        .begin_import(name, force)
+        .with_context(|| format!("marking volume {name} as being imported into"))?;
+    if !created {
+        client
+            .zero(name, 0, volume_size, true, force)
+            .with_context(|| format!("clearing volume {name} before the import"))?;
+    }
+    Ok(())
+}
+
+/// Writes the blocks of `chunk` that are not all zeros to volume `name` at
+/// `pos`; returns the bytes sent.
+fn write_nonzero(
+    client: &Client,
+    name: &str,
+    pos: u64,
+    chunk: &[u8],
+    force: bool,
+) -> anyhow::Result<u64> {
+    let mut sent = 0u64;
+    for (s, e) in nonzero_runs(chunk) {
+        let at = pos + s as u64;
+        client
+            .write(name, at, &chunk[s..e], force)
+            .with_context(|| format!("writing to volume {name} at offset {at}"))?;
+        sent += (e - s) as u64;
+    }
+    Ok(sent)
 }
 
 /// Reads until `buf` is full or the file ends; returns the bytes read.
@@ -296,6 +419,9 @@ pub fn export(
     force: bool,
     show_progress: bool,
 ) -> anyhow::Result<ExportReport> {
+    if path == Path::new("-") {
+        return stream::export_stdout(client, name, snapshot, show_progress);
+    }
     let size = match snapshot {
         Some(s) => client.snapshot_info(name, s)?.size_bytes,
         None => client.volume_info(name)?.size_bytes,
@@ -334,10 +460,7 @@ pub fn export(
     }
     let data_bytes = copied?;
     Ok(ExportReport {
-        volume: match snapshot {
-            Some(s) => format!("{name}@{s}"),
-            None => name.to_string(),
-        },
+        volume: crate::vdiff::image_name(name, snapshot),
         file: path.display().to_string(),
         size_bytes: size,
         data_bytes,

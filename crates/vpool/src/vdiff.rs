@@ -9,15 +9,19 @@
 //! first) gives the `to` image byte for byte. The importer checks the whole
 //! file (structure and checksum) before it changes anything, and checks the
 //! checksum again while applying, so a file that changes under it is
-//! noticed.
+//! noticed. `-` is standard output or input (`vol export-diff a b - | ssh
+//! host vpool vol import-diff v -`); a stream is read once, so a cut or
+//! corrupt one is found as it is applied and leaves the volume marked
+//! incomplete, as `zfs receive` discards a partial stream.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::{BufReader, BufWriter, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use indicatif::ProgressBar;
 use serde::Serialize;
-use vpool_api::Client;
+use vpool_api::{Client, Diff as DiffPage};
 use vpool_vdiff::{Header, MAX_RECORD_DATA, Reader, Record, Summary, Writer};
 
 use crate::transfer::{nonzero_runs, progress_bar};
@@ -105,7 +109,7 @@ pub fn export_diff(
     force: bool,
     show_progress: bool,
 ) -> anyhow::Result<ExportDiffReport> {
-    if !force && std::fs::symlink_metadata(path).is_ok() {
+    if !force && path != Path::new("-") && std::fs::symlink_metadata(path).is_ok() {
         bail!(
             "{} already exists; use --force to overwrite it",
             path.display()
@@ -119,6 +123,46 @@ pub fn export_diff(
         from: from.map(str::to_string),
         to: to.map(str::to_string),
     };
+    let bar = progress_bar(header.target_size, show_progress, "export-diff");
+    let written = if path == Path::new("-") {
+        let stdout = std::io::stdout();
+        if stdout.is_terminal() {
+            bail!("standard output is a terminal: redirect it to a file or a pipe");
+        }
+        let out = BufWriter::with_capacity(1 << 20, stdout.lock());
+        let (mut out, written) = write_diff(client, volume, to, first, &header, out, &bar)
+            .context("writing standard output")?;
+        out.flush().context("writing standard output")?;
+        written
+    } else {
+        write_diff_file(client, volume, to, first, &header, path, &bar)?
+    };
+    bar.finish_and_clear();
+    Ok(ExportDiffReport {
+        volume: volume.to_string(),
+        from: header.from,
+        to: header.to,
+        file: path.display().to_string(),
+        target_size_bytes: header.target_size,
+        records: written.records,
+        data_bytes: written.data_bytes,
+        zero_bytes: written.zero_bytes,
+        file_bytes: written.file_bytes,
+        checksum: written.checksum,
+    })
+}
+
+/// Writes the diff whose first page is `first` into a new file at `path`,
+/// whole or not at all: beside it first, renamed into place once synced.
+fn write_diff_file(
+    client: &Client,
+    volume: &str,
+    to: Option<&str>,
+    first: DiffPage,
+    header: &Header,
+    path: &Path,
+    bar: &ProgressBar,
+) -> anyhow::Result<Summary> {
     let file_name = path
         .file_name()
         .with_context(|| format!("{} names no file", path.display()))?;
@@ -130,9 +174,38 @@ pub fn export_diff(
     let file =
         File::create(&tmp_path).with_context(|| format!("creating {}", tmp_path.display()))?;
     let mut tmp = TempFile(Some(tmp_path.clone()));
-    let mut w = Writer::new(BufWriter::with_capacity(1 << 20, file), &header)
+    let out = BufWriter::with_capacity(1 << 20, file);
+    let (out, written) = write_diff(client, volume, to, first, header, out, bar)
         .with_context(|| format!("writing {}", tmp_path.display()))?;
-    let bar = progress_bar(header.target_size, show_progress, "export-diff");
+    let file = out
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .with_context(|| format!("writing {}", tmp_path.display()))?;
+    file.sync_all()
+        .with_context(|| format!("syncing {}", tmp_path.display()))?;
+    std::fs::rename(&tmp_path, path)
+        .with_context(|| format!("renaming {} to {}", tmp_path.display(), path.display()))?;
+    tmp.0 = None;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && let Ok(d) = File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+    Ok(written)
+}
+
+/// Encodes the diff whose first page is `first` (the rest asked of the
+/// daemon page by page, data read from `volume@to`) into `out`.
+fn write_diff<W: Write>(
+    client: &Client,
+    volume: &str,
+    to: Option<&str>,
+    first: DiffPage,
+    header: &Header,
+    out: W,
+    bar: &ProgressBar,
+) -> anyhow::Result<(W, Summary)> {
+    let mut w = Writer::new(out, header)?;
     let mut page = first;
     loop {
         for e in &page.extents {
@@ -165,40 +238,11 @@ pub fn export_diff(
             }
         }
         match page.next_offset {
-            Some(next) => page = client.diff_page(volume, from, to, next)?,
+            Some(next) => page = client.diff_page(volume, header.from.as_deref(), to, next)?,
             None => break,
         }
     }
-    let (out, written) = w
-        .finish()
-        .with_context(|| format!("writing {}", tmp_path.display()))?;
-    let file = out
-        .into_inner()
-        .map_err(|e| e.into_error())
-        .with_context(|| format!("writing {}", tmp_path.display()))?;
-    file.sync_all()
-        .with_context(|| format!("syncing {}", tmp_path.display()))?;
-    std::fs::rename(&tmp_path, path)
-        .with_context(|| format!("renaming {} to {}", tmp_path.display(), path.display()))?;
-    tmp.0 = None;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && let Ok(d) = File::open(dir)
-    {
-        let _ = d.sync_all();
-    }
-    bar.finish_and_clear();
-    Ok(ExportDiffReport {
-        volume: volume.to_string(),
-        from: header.from,
-        to: header.to,
-        file: path.display().to_string(),
-        target_size_bytes: header.target_size,
-        records: written.records,
-        data_bytes: written.data_bytes,
-        zero_bytes: written.zero_bytes,
-        file_bytes: written.file_bytes,
-        checksum: written.checksum,
-    })
+    Ok(w.finish()?)
 }
 
 /// `volume` or `volume@snap`.
@@ -209,9 +253,11 @@ pub fn image_name(volume: &str, snap: Option<&str>) -> String {
     }
 }
 
-/// Applies the `.vdiff` file at `path` to `volume`: checks the whole file
-/// first, resizes the volume to the target size (shrinking if need be),
-/// zeroes and writes the records, and flushes.
+/// Applies the `.vdiff` file at `path` (`-`: standard input) to `volume`:
+/// checks the whole file first (a stream cannot be read twice: its check is
+/// the import mark, which stays if it turns out cut or corrupt), resizes
+/// the volume to the target size (shrinking if need be), zeroes and writes
+/// the records, and flushes.
 pub fn import_diff(
     client: &Client,
     volume: &str,
@@ -219,8 +265,26 @@ pub fn import_diff(
     force: bool,
     show_progress: bool,
 ) -> anyhow::Result<ImportDiffReport> {
-    let summary = scan(path, |_, _| Ok(()))?;
-    let h = &summary.header;
+    let stdin = path == Path::new("-");
+    let what = if stdin {
+        "standard input".to_string()
+    } else {
+        path.display().to_string()
+    };
+    let checked = if stdin {
+        None
+    } else {
+        Some(scan(path, |_, _| Ok(()))?)
+    };
+    let input: Box<dyn Read> = if stdin {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let file = File::open(path).with_context(|| format!("opening {what}"))?;
+        Box::new(BufReader::with_capacity(1 << 20, file))
+    };
+    let refused = |e: vpool_vdiff::Error| anyhow::Error::new(e).context(what.clone());
+    let mut r = Reader::new(input).map_err(refused)?;
+    let h = r.header().clone();
     let info = client.volume_info(volume)?;
     let resized = info.size_bytes != h.target_size;
     // Until the diff is applied whole, the volume is neither image.
@@ -233,34 +297,19 @@ pub fn import_diff(
             .with_context(|| format!("resizing {volume} to the diff's target size"))?;
     }
     let bar = progress_bar(h.target_size, show_progress, "import-diff");
-    let again = scan(path, |_, rec| {
-        match rec {
-            Record::Zero { offset, len } => {
-                client
-                    .zero(volume, offset, len, true, force)
-                    .with_context(|| format!("zeroing {volume} at offset {offset}"))?;
-                bar.set_position(offset + len);
-            }
-            Record::Data { offset, data } => {
-                client
-                    .write(volume, offset, data, force)
-                    .with_context(|| format!("writing {volume} at offset {offset}"))?;
-                bar.set_position(offset + data.len() as u64);
-            }
-        }
-        Ok(())
-    })
-    .with_context(|| {
+    let partly = || {
         format!(
-            "{} changed while it was applied: volume {volume} is partly updated; apply an intact copy again",
-            path.display()
+            "{what} changed or ended while it was applied: volume {volume} is partly updated (marked incomplete); apply an intact copy again"
         )
-    })?;
-    if again.checksum != summary.checksum {
-        bail!(
-            "{} changed while it was applied: volume {volume} is partly updated; apply an intact copy again",
-            path.display()
-        );
+    };
+    while let Some(rec) = r.next_record().map_err(refused).with_context(partly)? {
+        let end = rec.offset() + rec.len();
+        apply(client, volume, rec, force)?;
+        bar.set_position(end);
+    }
+    let summary = r.finish().map_err(refused).with_context(partly)?.0;
+    if checked.is_some_and(|c| c.checksum != summary.checksum) {
+        bail!(partly());
     }
     client
         .end_import(volume)
@@ -278,4 +327,16 @@ pub fn import_diff(
         data_bytes: summary.data_bytes,
         zero_bytes: summary.zero_bytes,
     })
+}
+
+/// Applies one record of a diff to `volume`.
+fn apply(client: &Client, volume: &str, rec: Record<'_>, force: bool) -> anyhow::Result<()> {
+    match rec {
+        Record::Zero { offset, len } => client
+            .zero(volume, offset, len, true, force)
+            .with_context(|| format!("zeroing {volume} at offset {offset}")),
+        Record::Data { offset, data } => client
+            .write(volume, offset, data, force)
+            .with_context(|| format!("writing {volume} at offset {offset}")),
+    }
 }

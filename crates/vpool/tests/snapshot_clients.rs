@@ -425,7 +425,9 @@ fn destructive_commands_wait_for_writers_unless_forced() {
     );
     let refused: [&[&str]; 4] = [
         &["vol", "delete", "web1"],
-        &["vol", "import", "web1", path_str(&img)],
+        // --force to replace an existing volume's content; the daemon still
+        // refuses while a client writes.
+        &["vol", "import", "web1", path_str(&img), "--force"],
         &["vol", "import-diff", "web1", path_str(&diff)],
         &["vol", "resize", "web1", "--size", "1M", "--allow-shrink"],
     ];
@@ -440,7 +442,17 @@ fn destructive_commands_wait_for_writers_unless_forced() {
     assert_eq!(d.client().volume_info("web1").unwrap().size_bytes, 4 * MIB);
     // Growing changes nothing the VM has: no force needed.
     run_ok(&pool, &["vol", "resize", "web1", "--size", "8M"]);
-    run_ok(&pool, &["vol", "import", "web1", path_str(&img), "--force"]);
+    run_ok(
+        &pool,
+        &[
+            "vol",
+            "import",
+            "web1",
+            path_str(&img),
+            "--force",
+            "--force",
+        ],
+    );
     assert_eq!(d.client().read("web1", 0, 4096).unwrap(), vec![0x44; 4096]);
     run_ok(&pool, &["vol", "delete", "web1", "--force"]);
     writer.finish();

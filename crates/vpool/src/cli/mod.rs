@@ -256,7 +256,10 @@ pub fn run_client_command(home: &Path, json: bool, cmd: &Command) -> anyhow::Res
     // Progress bars only for a person watching: not in JSON mode, not when
     // stderr goes to a file or a pipe.
     let show_progress = !json && std::io::stderr().is_terminal();
-    let out = Output { json };
+    let out = Output {
+        json,
+        stderr: false,
+    };
     match cmd {
         Command::Serve(_) => anyhow::bail!("`serve` is not a client command"),
         Command::Pool(p) => pool::run(&client, home, out, p),
@@ -273,19 +276,34 @@ pub fn run_client_command(home: &Path, json: bool, cmd: &Command) -> anyhow::Res
 #[derive(Clone, Copy)]
 struct Output {
     json: bool,
+    /// Print to standard error: standard output carries data (`vol export
+    /// VOL -`).
+    stderr: bool,
 }
 
 impl Output {
+    /// This output, on standard error if `cond`.
+    fn to_stderr_if(self, cond: bool) -> Output {
+        Output {
+            stderr: self.stderr || cond,
+            ..self
+        }
+    }
+
     /// Prints `value` as JSON, or the text `human` makes of it.
     fn emit<T: Serialize>(self, value: &T, human: impl FnOnce(&T) -> String) -> anyhow::Result<()> {
-        if self.json {
-            return print_json(value);
-        }
-        let text = human(value);
-        if text.ends_with('\n') {
-            print!("{text}");
+        let mut text = if self.json {
+            serde_json::to_string_pretty(value).context("encoding JSON output")?
         } else {
-            println!("{text}");
+            human(value)
+        };
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        if self.stderr {
+            eprint!("{text}");
+        } else {
+            print!("{text}");
         }
         Ok(())
     }

@@ -13,7 +13,7 @@ use super::{
 };
 
 use crate::size::{format_size, parse_volume_size};
-use crate::{transfer, vdiff};
+use crate::{image_format, transfer, vdiff};
 
 #[derive(Debug, Subcommand)]
 pub enum VolCommand {
@@ -85,24 +85,33 @@ pub enum VolCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Copy a raw disk image into a volume (created if missing); holes and
-    /// zero blocks are skipped.
+    /// Copy a disk image into a volume (created if missing); holes and zero
+    /// blocks are skipped. Raw images go as they are; qcow2, qcow, QED,
+    /// VMDK, VHDX, VDI, VHD and Parallels images are detected and
+    /// converted with qemu-img.
     Import {
         name: String,
+        /// The image file, or `-` for raw bytes on standard input.
         file: PathBuf,
-        /// Size of the volume if it is created (default: the file's size,
-        /// rounded up to 4K).
+        /// Size of the volume if it is created (default: the image's size,
+        /// rounded up to 4K; needed with `-`).
         #[arg(long, value_parser = parse_volume_size)]
         size: Option<u64>,
-        /// Even while NBD clients have the volume open for writing (its
-        /// content is replaced under them).
-        #[arg(long)]
-        force: bool,
+        /// Read the image as this format instead of detecting it (`raw`
+        /// stores the file's bytes whatever they hold).
+        #[arg(long, value_parser = image_format::parse_format)]
+        format: Option<image_format::Format>,
+        /// Replace the content of an existing volume; twice (`--force
+        /// --force`), even while NBD clients have it open for writing.
+        #[arg(long, action = clap::ArgAction::Count)]
+        force: u8,
     },
     /// Copy a volume (or a snapshot, VOLUME@SNAPSHOT) into a sparse raw
-    /// image file.
+    /// image file, or to standard output.
     Export {
         name: String,
+        /// The file to write, or `-` for standard output (every byte, holes
+        /// as zeros; the summary goes to standard error).
         file: PathBuf,
         /// Overwrite the file if it exists.
         #[arg(long)]
@@ -219,6 +228,7 @@ pub enum VolCommand {
     ExportDiff {
         from: String,
         to: String,
+        /// The file to write, or `-` for standard output.
         file: PathBuf,
         /// Overwrite the file if it exists.
         #[arg(long)]
@@ -228,6 +238,9 @@ pub enum VolCommand {
     /// is resized to the target size and becomes the target image.
     ImportDiff {
         name: String,
+        /// The .vdiff file, or `-` for standard input (applied as it
+        /// arrives: a cut or corrupt stream leaves the volume marked
+        /// incomplete).
         file: PathBuf,
         /// Even while NBD clients have the volume open for writing.
         #[arg(long)]
@@ -280,14 +293,22 @@ pub(super) fn run(
             name,
             file,
             size,
+            format,
             force,
         } => {
-            let r = transfer::import(client, name, file, *size, *force, show_progress)
-                .map_err(hint_force_anyhow)?;
+            let opts = transfer::ImportOptions {
+                size: *size,
+                overwrite: *force >= 1,
+                in_use: *force >= 2,
+                format: *format,
+                show_progress,
+            };
+            let r = transfer::import(client, name, file, &opts).map_err(hint_force_twice)?;
             out.emit(&r, |r| {
                 format!(
-                    "imported {} ({}) into {} volume {}: {} of data sent, {} skipped as holes or zeros",
-                    r.file,
+                    "imported {} ({}, {}) into {} volume {}: {} of data sent, {} skipped as holes or zeros",
+                    if r.file == "-" { "standard input" } else { &r.file },
+                    r.format,
                     format_size(r.file_bytes),
                     if r.created { "new" } else { "existing" },
                     r.volume,
@@ -299,12 +320,17 @@ pub(super) fn run(
         VolCommand::Export { name, file, force } => {
             let (vol, snap) = parse_image(name)?;
             let r = transfer::export(client, vol, snap, file, *force, show_progress)?;
+            // Standard output holds the image.
+            let out = out.to_stderr_if(file == Path::new("-"));
             out.emit(&r, |r| {
+                let (to, rest) = match r.file.as_str() {
+                    "-" => ("standard output", "zeros"),
+                    f => (f, "holes"),
+                };
                 format!(
-                    "exported volume {} ({}) to {}: {} of data, the rest left as holes",
+                    "exported volume {} ({}) to {to}: {} of data, the rest as {rest}",
                     r.volume,
                     format_size(r.size_bytes),
-                    r.file,
                     format_size(r.data_bytes)
                 )
             })
@@ -480,6 +506,7 @@ fn run_lineage(
         } => {
             let (vol, f, t) = parse_diff_images(from, to)?;
             let r = vdiff::export_diff(client, vol, f, t, file, *force, show_progress)?;
+            let out = out.to_stderr_if(file == Path::new("-"));
             out.emit(&r, |r| {
                 format!(
                     "wrote {}: {from} -> {to} ({} target), {} records: {} of data, {} zeroed; file {}",
@@ -498,6 +525,28 @@ fn run_lineage(
             out.emit(&r, import_diff_text)
         }
         other => unreachable!("{other:?} is run by `run`"),
+    }
+}
+
+/// An import refused because NBD clients write the volume: `--force`
+/// twice replaces it anyway (once only replaces an idle volume).
+fn hint_force_twice(e: anyhow::Error) -> anyhow::Error {
+    match e.downcast::<ClientError>() {
+        Ok(ClientError::Api {
+            status,
+            kind: kind @ ErrorKind::InUse,
+            message,
+        }) if message.contains("NBD client") => ClientError::Api {
+            status,
+            kind,
+            message: format!(
+                "{}; pass --force twice to replace its content anyway",
+                message.trim_end_matches(" (or ask with force=true)")
+            ),
+        }
+        .into(),
+        Ok(c) => c.into(),
+        Err(e) => e,
     }
 }
 
