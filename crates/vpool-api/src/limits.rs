@@ -106,6 +106,7 @@ pub(crate) async fn serve_limited<L>(
 ) where
     L: Listener,
     L::Addr: Debug,
+    L::Io: Caller,
 {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
@@ -132,8 +133,11 @@ pub(crate) async fn serve_limited<L>(
             drop(io);
             continue;
         };
+        // Who is on the other end, for the log line of each action.
+        let who = Who(Arc::from(io.caller()));
+        let app = app.clone().layer(axum::Extension(who));
         let io = TokioIo::new(TimedIo::new(io, limits.response_write_timeout));
-        let conn = http.serve_connection(io, TowerToHyperService::new(app.clone()));
+        let conn = http.serve_connection(io, TowerToHyperService::new(app));
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -144,6 +148,38 @@ pub(crate) async fn serve_limited<L>(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// Who sent a request, as the daemon's log names them: `uid U pid P` on
+/// the Unix socket (the peer's credentials, from the kernel), `ADDR` on TCP
+/// (whose clients all hold the one bearer token).
+#[derive(Clone, Debug)]
+pub struct Who(pub Arc<str>);
+
+/// A connection that can say who is on its other end.
+pub trait Caller {
+    fn caller(&self) -> String;
+}
+
+impl Caller for tokio::net::UnixStream {
+    fn caller(&self) -> String {
+        match self.peer_cred() {
+            Ok(c) => match c.pid() {
+                Some(pid) => format!("uid {} pid {pid}", c.uid()),
+                None => format!("uid {}", c.uid()),
+            },
+            Err(_) => "unix peer (credentials unknown)".into(),
+        }
+    }
+}
+
+impl Caller for tokio::net::TcpStream {
+    fn caller(&self) -> String {
+        match self.peer_addr() {
+            Ok(a) => format!("tcp {a}"),
+            Err(_) => "tcp peer (address unknown)".into(),
+        }
+    }
 }
 
 /// Connection errors are the client's doing, so they are logged at DEBUG,

@@ -26,7 +26,7 @@ use axum::extract::{
     DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, RawPathParams, Request, State,
 };
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, delete, get, post, put};
@@ -39,7 +39,7 @@ use vpool_service::{Catalog, Host, PoolCtx, PoolService};
 
 use crate::cache::CacheControl;
 use crate::error::{ApiError, ErrorKind};
-use crate::limits::{ApiLimits, serve_limited};
+use crate::limits::{ApiLimits, Who, serve_limited};
 use crate::routes;
 use crate::types::{
     AddPoolRequest, Allocation, AllocationExtent, CacheInfo, CheckQuery, CheckResult, CleanResult,
@@ -462,18 +462,30 @@ async fn require_token(State(token): State<AuthToken>, req: Request, next: Next)
     }
 }
 
+/// Logs every request at DEBUG, and every management action (a request
+/// that changes something, but not the data plane's reads, writes and
+/// zeroes, which an import sends by the thousand) at INFO: who, what, and
+/// the result.
 async fn log_request(req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let who = req.extensions().get::<Who>().cloned();
     let started = Instant::now();
     let resp = next.run(req).await;
-    tracing::debug!(
-        %method,
-        path,
-        status = resp.status().as_u16(),
-        us = started.elapsed().as_micros() as u64,
-        "api request"
-    );
+    let status = resp.status().as_u16();
+    let us = started.elapsed().as_micros() as u64;
+    let data_plane = path.ends_with("/data") || path.ends_with("/zero");
+    if matches!(method, Method::GET | Method::HEAD) || data_plane {
+        tracing::debug!(%method, path, status, us, "api request");
+    } else {
+        let who = who.as_ref().map_or("in-process", |w| &w.0);
+        let result = if resp.status().is_success() {
+            "done"
+        } else {
+            "refused"
+        };
+        tracing::info!(who, %method, path, status, us, "api action {result}");
+    }
     resp
 }
 

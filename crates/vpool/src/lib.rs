@@ -12,6 +12,8 @@
 //!   its conversion with `qemu-img`.
 //! - [`vdiff`]: the `.vdiff` incremental backup format, `vol export-diff` /
 //!   `vol import-diff`.
+//! - [`config`]: the configuration file (`/etc/vpool/vpool.toml`).
+//! - [`systemd`]: readiness and stop notices to systemd (`Type=notify`).
 //! - [`size`]: parsing and printing sizes (`20G`, `1.5 TiB`).
 //! - [`lock`], [`atomic_file`]: a pool directory locked by another process;
 //!   replacing a small file atomically.
@@ -19,6 +21,7 @@
 pub mod atomic_file;
 pub mod cache;
 pub mod cli;
+pub mod config;
 pub mod daemon;
 pub mod image_format;
 pub mod lock;
@@ -26,5 +29,6 @@ pub mod registry;
 pub mod s3pool;
 pub mod shared;
 pub mod size;
+pub mod systemd;
 pub mod transfer;
 pub mod vdiff;

@@ -5,10 +5,14 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry, reload};
 use vpool::cli::{Cli, Command, ServeArgs, run_client_command};
-use vpool::daemon::{AlreadyRunning, DaemonConfig, TcpApiConfig, run_daemon};
+use vpool::config::{Config, ConfigFile, restart_keys};
+use vpool::daemon::{AlreadyRunning, DaemonConfig, TcpApiConfig, run_daemon_notify};
 use vpool::s3pool::PoolHeld;
+use vpool::systemd;
 use vpool_api::{AuthToken, ClientError};
 
 /// Log filter when neither `VPOOL_LOG` nor `RUST_LOG` is set.
@@ -16,11 +20,14 @@ const DEFAULT_LOG_FILTER: &str = "info";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // `--home` is a directory (or the name of a pool registered by an
-    // earlier release).
-    let result = vpool::registry::resolve_home(&cli.home).and_then(|home| match &cli.command {
-        Command::Serve(args) => serve(&cli, &home, args),
-        cmd => run_client_command(&home, cli.json, cmd),
+    let result = Config::load(cli.config.as_deref()).and_then(|config| {
+        // `--home` is a directory (or the name of a pool registered by an
+        // earlier release).
+        let home = vpool::registry::resolve_home(&cli.home_dir(&config))?;
+        match &cli.command {
+            Command::Serve(args) => serve(&cli, &config, &home, args),
+            cmd => run_client_command(&home, cli.json, cmd),
+        }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -48,56 +55,85 @@ fn report_error(e: &anyhow::Error, json: bool) {
     }
 }
 
-fn init_logging(json: bool) {
-    let filter = EnvFilter::try_from_env("VPOOL_LOG")
-        .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
+/// Changes the log filter of the running daemon.
+type LogReload = reload::Handle<EnvFilter, Registry>;
+
+/// The log filter: `$VPOOL_LOG`, else `$RUST_LOG`, else the configuration
+/// file's `log`, else [`DEFAULT_LOG_FILTER`].
+fn log_filter(file: &ConfigFile) -> anyhow::Result<EnvFilter> {
+    if let Ok(f) =
+        EnvFilter::try_from_env("VPOOL_LOG").or_else(|_| EnvFilter::try_from_default_env())
+    {
+        return Ok(f);
     }
+    let text = file.log.as_deref().unwrap_or(DEFAULT_LOG_FILTER);
+    EnvFilter::try_new(text).with_context(|| format!("the log filter {text:?}"))
 }
 
-fn serve(cli: &Cli, pool: &std::path::Path, args: &ServeArgs) -> anyhow::Result<()> {
-    init_logging(cli.json);
+fn init_logging(json: bool, filter: EnvFilter) -> LogReload {
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let registry = tracing_subscriber::registry().with(filter);
+    if json {
+        registry.with(fmt.json()).init();
+    } else {
+        registry.with(fmt).init();
+    }
+    handle
+}
+
+fn serve(
+    cli: &Cli,
+    config: &Config,
+    pool: &std::path::Path,
+    args: &ServeArgs,
+) -> anyhow::Result<()> {
+    let args = config.serve_args(args)?;
+    let log = init_logging(
+        cli.json || config.file.json_log == Some(true),
+        log_filter(&config.file)?,
+    );
+    if let Some(p) = &config.path {
+        tracing::info!(config = %p.display(), "configuration file read");
+    }
     // Everything the daemon creates (pool files, sockets, pool.json) is
     // its owner's alone: volume names and data are nobody else's business.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-    let mut config = DaemonConfig::new(pool);
-    config.nbd_tcp = args.nbd_listen;
-    config.peer_listen = args.peer_listen;
-    config.peer_advertise = args.peer_advertise.clone();
-    config.takeover = args.force;
-    config.io_metrics = !args.no_io_metrics;
+    let mut config_d = DaemonConfig::new(pool);
+    config_d.nbd_tcp = args.nbd_listen;
+    config_d.peer_listen = args.peer_listen;
+    config_d.peer_advertise = args.peer_advertise.clone();
+    config_d.takeover = args.force;
+    config_d.io_metrics = !args.no_io_metrics;
     if let Some(n) = args.nbd_max_connections {
-        config.nbd_config.max_connections = n as usize;
+        config_d.nbd_config.max_connections = n as usize;
     }
     if let Some(n) = args.nbd_max_connections_per_client {
-        config.nbd_config.max_connections_per_client = n as usize;
+        config_d.nbd_config.max_connections_per_client = n as usize;
     }
     if let Some(n) = args.api_max_connections {
-        config.api_limits.max_connections = n as usize;
+        config_d.api_limits.max_connections = n as usize;
     }
     if let (Some(listen), Some(token_file)) = (args.api_listen, &args.api_token_file) {
-        config.tcp = Some(TcpApiConfig {
+        config_d.tcp = Some(TcpApiConfig {
             listen,
             token: read_token(token_file)?,
         });
     }
-    vpool::daemon::raise_fd_limit(config.fds_needed());
+    vpool::daemon::raise_fd_limit(config_d.fds_needed());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("vpool-rt")
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        let shutdown = shutdown_signal()?;
-        run_daemon(config, shutdown).await
+        let shutdown = signals(config.clone(), log)?;
+        run_daemon_notify(config_d, shutdown, |_| {
+            systemd::notify(systemd::READY, "serving")
+        })
+        .await
     })
 }
 
@@ -120,17 +156,62 @@ fn read_token(path: &std::path::Path) -> anyhow::Result<AuthToken> {
     AuthToken::new(&text).with_context(|| format!("the token in {}", path.display()))
 }
 
-/// Completes on the first SIGTERM or SIGINT. The handlers are installed
-/// here, before the daemon starts, so a signal that arrives while the pool
-/// is recovering is not lost.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+/// Completes on the first SIGTERM or SIGINT; meanwhile each SIGHUP re-reads
+/// the configuration file ([`reload`]). The handlers are installed here,
+/// before the daemon starts, so a signal that arrives while the pool is
+/// recovering is neither lost nor fatal (SIGHUP's default action would end
+/// the process).
+fn signals(
+    config: Config,
+    log: LogReload,
+) -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     Ok(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM received"); break }
+                _ = int.recv() => { tracing::info!("SIGINT received"); break }
+                _ = hup.recv() => reload(&config, &log),
+            }
         }
+        systemd::notify(
+            systemd::STOPPING,
+            "stopping: finishing requests, closing pools",
+        );
     })
+}
+
+/// SIGHUP: re-reads the configuration file, applies its log filter, and
+/// names the keys that changed but need a restart. A file that no longer
+/// parses changes nothing.
+fn reload(config: &Config, log: &LogReload) {
+    systemd::notify(systemd::RELOADING, "reloading the configuration");
+    let file = match config.reread() {
+        None => {
+            tracing::info!("SIGHUP received: no configuration file to re-read");
+            ConfigFile::default()
+        }
+        Some(Err(e)) => {
+            tracing::error!(error = %format!("{e:#}"), "SIGHUP: the configuration file does not parse; keeping the running configuration");
+            systemd::notify(systemd::READY, "serving");
+            return;
+        }
+        Some(Ok(f)) => f,
+    };
+    match log_filter(&file).map(|f| log.reload(f)) {
+        Ok(Ok(())) => tracing::info!(
+            log = file.log.as_deref().unwrap_or(DEFAULT_LOG_FILTER),
+            "SIGHUP: configuration re-read, log filter applied"
+        ),
+        Ok(Err(e)) => tracing::error!(error = %e, "SIGHUP: could not change the log filter"),
+        Err(e) => tracing::error!(error = %format!("{e:#}"), "SIGHUP: keeping the log filter"),
+    }
+    let restart = restart_keys(&config.file, &file);
+    if !restart.is_empty() {
+        tracing::warn!(keys = ?restart, "SIGHUP: these keys changed; they take effect at the next start");
+    }
+    systemd::notify(systemd::READY, "serving");
 }

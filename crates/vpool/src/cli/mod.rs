@@ -56,14 +56,14 @@ pub struct Cli {
     /// The daemon's home: the directory of its default pool, `local`, and of
     /// its sockets (<home>/api.sock, <home>/nbd.sock) and `host.json` (the
     /// other pools it holds).
-    #[arg(
-        long,
-        global = true,
-        env = "VPOOL_HOME",
-        default_value = "vpool-data",
-        value_name = "DIR"
-    )]
-    pub home: PathBuf,
+    /// Default: `home` in the configuration file, else ./vpool-data.
+    #[arg(long, global = true, env = "VPOOL_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+
+    /// The configuration file (default: /etc/vpool/vpool.toml, if it
+    /// exists): the home, the log filter, and a key for each `serve` flag.
+    #[arg(long, global = true, env = "VPOOL_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
 
     /// Machine-readable JSON output (for `serve`: JSON log lines).
     #[arg(long, global = true)]
@@ -71,6 +71,20 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The home when neither `--home`, `$VPOOL_HOME` nor the configuration file
+/// names one.
+pub const DEFAULT_HOME: &str = "vpool-data";
+
+impl Cli {
+    /// The daemon's home: `--home` (or `$VPOOL_HOME`), else the
+    /// configuration file's `home`, else [`DEFAULT_HOME`].
+    pub fn home_dir(&self, config: &crate::config::Config) -> PathBuf {
+        (self.home.clone())
+            .or_else(|| config.file.home.clone())
+            .unwrap_or_else(|| DEFAULT_HOME.into())
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -103,7 +117,7 @@ pub enum Command {
     Schedule(ScheduleCommand),
 }
 
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Default, Args)]
 pub struct ServeArgs {
     /// Also serve the API on TCP at this address (e.g. 127.0.0.1:7070);
     /// needs --api-token-file.

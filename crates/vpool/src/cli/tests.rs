@@ -17,7 +17,7 @@ fn parses_sizes_and_globals() {
     ])
     .unwrap();
     assert!(c.json);
-    assert_eq!(c.home, PathBuf::from("/p"));
+    assert_eq!(c.home, Some(PathBuf::from("/p")));
     match c.command {
         Command::Vol(VolCommand::Create {
             name,
@@ -121,7 +121,10 @@ fn parses_s3_pool_and_cache_commands() {
     .unwrap();
     match c.command {
         Command::Pool(PoolCommand::Attach { s3, .. }) => {
-            assert_eq!(s3.settings(&c.home).unwrap().cache_dir, PathBuf::from("/p"));
+            assert_eq!(
+                s3.settings(c.home.as_deref().unwrap()).unwrap().cache_dir,
+                PathBuf::from("/p")
+            );
         }
         other => panic!("{other:?}"),
     }
