@@ -71,6 +71,8 @@ echo /etc/vpool/vpool.toml >"$root/DEBIAN/conffiles"
 cat >"$root/DEBIAN/postinst" <<'SCRIPT'
 #!/bin/sh
 set -e
+# dpkg --root=DIR: not this system's services.
+[ -z "${DPKG_ROOT:-}" ] || exit 0
 if [ "$1" = configure ] && [ -d /run/systemd/system ]; then
     systemctl daemon-reload || true
     if [ -n "$2" ]; then
@@ -81,6 +83,7 @@ SCRIPT
 cat >"$root/DEBIAN/prerm" <<'SCRIPT'
 #!/bin/sh
 set -e
+[ -z "${DPKG_ROOT:-}" ] || exit 0
 if [ "$1" = remove ] && [ -d /run/systemd/system ]; then
     systemctl stop vpool.service || true
 fi
@@ -88,6 +91,7 @@ SCRIPT
 cat >"$root/DEBIAN/postrm" <<'SCRIPT'
 #!/bin/sh
 set -e
+[ -z "${DPKG_ROOT:-}" ] || exit 0
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload || true
 fi

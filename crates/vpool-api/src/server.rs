@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{
-    DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, RawPathParams, Request, State,
+    DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Query, RawPathParams,
+    Request, State,
 };
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, Method, StatusCode, header};
@@ -470,11 +471,20 @@ async fn log_request(req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let who = req.extensions().get::<Who>().cloned();
+    // By route, not by path: a volume may be named `data`.
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned());
     let started = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
     let us = started.elapsed().as_micros() as u64;
-    let data_plane = path.ends_with("/data") || path.ends_with("/zero");
+    let data_plane = route.is_some_and(|r| {
+        [routes::VOLUME_DATA, routes::VOLUME_ZERO]
+            .iter()
+            .any(|d| r == *d || r == routes::scoped(d))
+    });
     if matches!(method, Method::GET | Method::HEAD) || data_plane {
         tracing::debug!(%method, path, status, us, "api request");
     } else {

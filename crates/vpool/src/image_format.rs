@@ -22,6 +22,7 @@
 //! overrides the detection.
 
 use std::fmt;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -156,9 +157,19 @@ impl Drop for Converted {
 }
 
 /// Converts `path` (an image of `format`) into a sparse raw file in a new
-/// directory under the system's temporary directory, with `qemu-img`.
-pub fn convert_to_raw(path: &Path, format: &str) -> anyhow::Result<Converted> {
-    let size_bytes = virtual_size(path, format)?;
+/// private directory under the system's temporary directory, with
+/// `qemu-img`. Unless the format was `named` by the user, an image that
+/// reads other files (a backing file, a qcow2 data file, VMDK extents
+/// elsewhere) is refused: the header of a raw disk that a guest wrote could
+/// otherwise make the host read any file into the volume.
+pub fn convert_to_raw(path: &Path, format: &str, named: bool) -> anyhow::Result<Converted> {
+    let info = inspect(path, format)?;
+    if !named && let Some(other) = info.reads_elsewhere {
+        bail!(
+            "{} is a {format} image that reads {other}: pass --format {format} to convert it with what it names (or --format raw to store its bytes as they are)",
+            path.display()
+        );
+    }
     let dir = std::env::temp_dir().join(format!(
         "vpool-import-{}-{}",
         std::process::id(),
@@ -166,11 +177,15 @@ pub fn convert_to_raw(path: &Path, format: &str) -> anyhow::Result<Converted> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos())
     ));
-    std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Private: the copy is a guest's disk.
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
     let converted = Converted {
         raw: dir.join("image.raw"),
         dir,
-        size_bytes,
+        size_bytes: info.size_bytes,
     };
     // -S 4k: runs of zeros of a block or more stay holes.
     let out = qemu_img()
@@ -189,8 +204,15 @@ pub fn convert_to_raw(path: &Path, format: &str) -> anyhow::Result<Converted> {
     Ok(converted)
 }
 
-/// `qemu-img info`'s virtual size of `path`, read as `format`.
-fn virtual_size(path: &Path, format: &str) -> anyhow::Result<u64> {
+/// What `qemu-img info` says of an image.
+struct Inspected {
+    size_bytes: u64,
+    /// A file other than the image that reading it reads, if any.
+    reads_elsewhere: Option<String>,
+}
+
+/// `qemu-img info` of `path`, read as `format`.
+fn inspect(path: &Path, format: &str) -> anyhow::Result<Inspected> {
     let out = qemu_img()
         .args(["info", "--output=json", "-f", format])
         .arg(path)
@@ -205,9 +227,24 @@ fn virtual_size(path: &Path, format: &str) -> anyhow::Result<u64> {
     }
     let info: serde_json::Value =
         serde_json::from_slice(&out.stdout).context("reading qemu-img info's JSON")?;
-    info["virtual-size"]
+    let size_bytes = info["virtual-size"]
         .as_u64()
-        .context("qemu-img info gave no virtual-size")
+        .context("qemu-img info gave no virtual-size")?;
+    let data = &info["format-specific"]["data"];
+    let me = path.to_string_lossy();
+    let extents = data["extents"].as_array().into_iter().flatten();
+    let reads_elsewhere = (info["backing-filename"].as_str())
+        .or(data["data-file"].as_str())
+        .or_else(|| {
+            extents
+                .filter_map(|e| e["filename"].as_str())
+                .find(|f| *f != me)
+        })
+        .map(str::to_string);
+    Ok(Inspected {
+        size_bytes,
+        reads_elsewhere,
+    })
 }
 
 /// `qemu-img` from `PATH` ([`require_qemu_img`] says when it is missing).

@@ -20,7 +20,15 @@ const DEFAULT_LOG_FILTER: &str = "info";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = Config::load(cli.config.as_deref()).and_then(|config| {
+    // A client command told its home reads no default configuration file:
+    // a broken /etc/vpool/vpool.toml does not stop `vpool --home X ...`.
+    let serving = matches!(cli.command, Command::Serve(_));
+    let config = if !serving && cli.home.is_some() && cli.config.is_none() {
+        Ok(Config::default())
+    } else {
+        Config::load(cli.config.as_deref())
+    };
+    let result = config.and_then(|config| {
         // `--home` is a directory (or the name of a pool registered by an
         // earlier release).
         let home = vpool::registry::resolve_home(&cli.home_dir(&config))?;

@@ -22,7 +22,13 @@ pub fn notify(state: &str, status: &str) {
     let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };
-    let message = format!("{state}\nSTATUS={status}\n");
+    let mut message = format!("{state}\nSTATUS={status}\n");
+    if state == RELOADING {
+        // systemd 253 and later match a reload by this clock reading.
+        let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+        let usec = now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1_000;
+        message.push_str(&format!("MONOTONIC_USEC={usec}\n"));
+    }
     if let Err(e) = send(&target, message.as_bytes()) {
         tracing::warn!(socket = ?target, error = %e, "could not notify systemd");
     }

@@ -172,6 +172,8 @@ pub struct ImportOptions {
     pub in_use: bool,
     /// The input's format; `None` detects it.
     pub format: Option<Format>,
+    /// Accept a stream shorter than the volume (the rest reads as zeros).
+    pub allow_short: bool,
     pub show_progress: bool,
 }
 
@@ -205,14 +207,17 @@ pub fn import(
             image_format::require_qemu_img(fmt, &what)?;
             // Before the conversion, which can take long.
             refuse_existing(client, name, opts.overwrite)?;
-            let converted = image_format::convert_to_raw(path, fmt)?;
+            let converted = image_format::convert_to_raw(path, fmt, opts.format.is_some())?;
             let raw = File::open(&converted.raw)
                 .with_context(|| format!("opening {}", converted.raw.display()))?;
-            let mut r = import_file(client, name, &converted.raw, raw, opts)?;
+            // Read through the descriptor only: nobody finds the copy.
+            let size_bytes = converted.size_bytes;
+            drop(converted);
+            let mut r = import_file(client, name, path, raw, opts)?;
             r.file = what;
             r.format = fmt.to_string();
             r.file_bytes = std::fs::metadata(path).map_or(0, |m| m.len());
-            r.skipped_bytes = converted.size_bytes.saturating_sub(r.data_bytes);
+            r.skipped_bytes = size_bytes.saturating_sub(r.data_bytes);
             Ok(r)
         }
     }
@@ -223,7 +228,9 @@ pub fn import(
 /// which refuses it as read-only.
 fn refuse_existing(client: &Client, name: &str, overwrite: bool) -> anyhow::Result<()> {
     match client.volume_info(name) {
-        Ok(info) if !overwrite && info.template.is_none() => Err(ClientError::Api {
+        // A volume an import left incomplete is retried without --force.
+        Ok(info) if !overwrite && info.template.is_none() && !info.incomplete => {
+            Err(ClientError::Api {
             status: 409,
             kind: ErrorKind::AlreadyExists,
             message: format!(
@@ -231,7 +238,8 @@ fn refuse_existing(client: &Client, name: &str, overwrite: bool) -> anyhow::Resu
                 format_size(info.size_bytes)
             ),
         }
-        .into()),
+            .into())
+        }
         Ok(_) => Ok(()),
         Err(e) if e.kind() == Some(ErrorKind::NotFound) => Ok(()),
         Err(e) => Err(e.into()),
@@ -306,10 +314,10 @@ fn import_file(
     let what = path.display().to_string();
     let len = file_len(&mut file).with_context(|| format!("reading the size of {what}"))?;
     let (created, volume_size) = prepare_volume(client, name, &what, Some(len), opts)?;
-    let regions =
-        data_regions(&file, len).with_context(|| format!("finding the data in {what}"))?;
     // From here until the last byte is flushed, the volume is incomplete.
     begin(client, name, created, volume_size, opts.in_use)?;
+    let regions =
+        data_regions(&file, len).with_context(|| format!("finding the data in {what}"))?;
     let bar = progress_bar(len, opts.show_progress, "import");
     let mut buf = vec![0u8; CHUNK_BYTES];
     let mut data_bytes = 0u64;

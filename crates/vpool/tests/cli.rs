@@ -414,6 +414,35 @@ fn import_detects_and_converts_image_formats() {
         run_ok(&pool, &["vol", "export", fmt, out_s]);
         qemu_img(&["compare", "-f", "raw", "-F", "raw", raw_s, out_s]);
     }
+    // An image that reads another file (here a backing file) converts only
+    // when its format is named: a guest can write any header into a raw
+    // disk.
+    let over = dir.path().join("over.qcow2");
+    let over_s = over.to_str().unwrap();
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", raw_s, "-F", "raw", over_s,
+    ]);
+    let err = run_err(&pool, &["vol", "import", "over", over_s]);
+    assert!(
+        err.contains("reads") && err.contains("--format qcow2"),
+        "{err}"
+    );
+    run_ok(
+        &pool,
+        &["vol", "import", "over", over_s, "--format", "qcow2"],
+    );
+    let out = dir.path().join("out-over.raw");
+    run_ok(&pool, &["vol", "export", "over", out.to_str().unwrap()]);
+    qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        raw_s,
+        out.to_str().unwrap(),
+    ]);
+
     // --format raw stores the container's bytes as they are.
     let q = dir.path().join("src.qcow2");
     let r = run_json(
@@ -488,6 +517,19 @@ fn import_export_and_diffs_through_pipes() {
     assert_eq!(run_json(&pool, &["vol", "info", "p1"])["incomplete"], true);
     let (ok, _, err) = sh(&pool, &format!("$VPOOL vol import p1 - --force < {raw_s}"));
     assert!(ok, "{err}");
+    // Shorter than the volume: a cut stream, unless --allow-short.
+    let (ok, _, err) = sh(
+        &pool,
+        &format!("head -c 1M {raw_s} | $VPOOL vol import p4 - --size 16M"),
+    );
+    assert!(!ok && err.contains("ended after"), "{err}");
+    assert_eq!(run_json(&pool, &["vol", "info", "p4"])["incomplete"], true);
+    let script = format!("head -c 1M {raw_s} | $VPOOL vol import p4 - --allow-short");
+    let (ok, _, err) = sh(&pool, &script);
+    assert!(
+        ok,
+        "an incomplete volume is imported again without --force: {err}"
+    );
 
     // An incremental backup through a pipe, as `zfs send | zfs receive`.
     run_ok(&pool, &["snap", "create", "p1@a"]);
@@ -701,9 +743,10 @@ fn vol_info_shows_how_to_attach() {
     let uri = format!("nbd+unix:///web1?socket={sock}");
     let xml = format!(
         "<disk type='network' device='disk'>\n  \
-         <driver name='qemu' type='raw' cache='none' io='native'/>\n  \
+         <driver name='qemu' type='raw' cache='none' io='native' discard='unmap'/>\n  \
          <source protocol='nbd' name='web1'>\n    \
-         <host transport='unix' socket='{sock}'/>\n  \
+         <host transport='unix' socket='{sock}'/>\n    \
+         <reconnect delay='2'/>\n  \
          </source>\n  \
          <target dev='vda' bus='virtio'/>\n\
          </disk>\n"

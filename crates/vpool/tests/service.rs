@@ -48,6 +48,16 @@ fn the_systemd_unit_verifies() {
     assert!(out.status.success() && said.trim().is_empty(), "{said}");
 }
 
+/// A child process killed when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Waits up to 20 s for a datagram on `sock`.
 fn next_notice(sock: &UnixDatagram) -> String {
     let mut buf = [0u8; 512];
@@ -94,7 +104,7 @@ fn configured_daemon_notifies_reloads_and_logs_actions() {
     let notify_path = dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     let log = dir.path().join("serve.log");
-    let mut child = Command::new(vpool_bin())
+    let child = Command::new(vpool_bin())
         .arg("--config")
         .arg(&conf)
         .arg("serve")
@@ -107,6 +117,8 @@ fn configured_daemon_notifies_reloads_and_logs_actions() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    // Killed if an assertion fails first.
+    let mut child = KillOnDrop(child);
     let ready = next_notice(&notify);
     assert!(ready.starts_with("READY=1\n"), "{ready}");
     // The CLI finds the home through the same file.
@@ -145,7 +157,7 @@ fn configured_daemon_notifies_reloads_and_logs_actions() {
     // SIGHUP: the new log filter applies at once; a changed listener is
     // named as needing a restart; the daemon lives on.
     write_conf("debug", "nbd_listen = \"127.0.0.1:1\"\n");
-    let pid = child.id() as libc::pid_t;
+    let pid = child.0.id() as libc::pid_t;
     // SAFETY: kill(2) on our own child.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
     assert!(next_notice(&notify).starts_with("RELOADING=1\n"));
@@ -165,7 +177,7 @@ fn configured_daemon_notifies_reloads_and_logs_actions() {
     });
     common::run_ok(&home, &["vol", "info", "web1"]);
     assert!(
-        child.try_wait().unwrap().is_none(),
+        child.0.try_wait().unwrap().is_none(),
         "SIGHUP ended the daemon"
     );
 
@@ -174,7 +186,8 @@ fn configured_daemon_notifies_reloads_and_logs_actions() {
     while !notices.last().unwrap().starts_with("STOPPING=1") {
         notices.push(next_notice(&notify));
     }
-    assert!(common::wait_timeout(&mut child, Duration::from_secs(20)).is_some_and(|s| s.success()));
+    let status = common::wait_timeout(&mut child.0, Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
 
 /// A misspelt key stops the start with a message that names it; `--config`

@@ -23,19 +23,78 @@ pub struct Attach {
     /// The NBD URI for QEMU (`-drive file=URI` / `-blockdev`), over the
     /// pool's Unix socket.
     pub nbd_uri: String,
+    /// The same for QEMU in its JSON form (`qemu-img info 'json:...'`),
+    /// which needs no URI escaping: QEMU 9.1 and later decode a URI's query
+    /// twice, QEMU 7.2 once, so no single URI names a socket path holding
+    /// `&`, `=`, `;` or `%` for both.
+    pub qemu_json: String,
     /// The NBD Unix socket, absolute.
     pub nbd_socket: PathBuf,
     /// The NBD URI over TCP when the daemon runs with `--nbd-listen`.
     pub nbd_tcp_uri: Option<String>,
-    /// A libvirt `<disk>` element for the volume over the Unix socket.
+    /// A libvirt `<disk>` element for the volume: over the Unix socket, or
+    /// over TCP (`--tcp`); reconnecting after a daemon restart.
     pub libvirt_xml: String,
+}
+
+/// The choices in the libvirt `<disk>` (`vol info --target --tcp`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LibvirtDisk {
+    /// The guest device: `vda`, `vdb`, `sda`...
+    pub target: String,
+    /// Over the daemon's NBD TCP listener instead of its Unix socket.
+    pub tcp: bool,
+}
+
+impl Default for LibvirtDisk {
+    fn default() -> LibvirtDisk {
+        LibvirtDisk {
+            target: "vda".into(),
+            tcp: false,
+        }
+    }
+}
+
+/// Seconds QEMU waits before each reconnection to a daemon that went away
+/// (libvirt's `<reconnect delay>`, QEMU's `reconnect-delay`): requests wait
+/// meanwhile instead of failing, so a daemon restart is a pause.
+pub const RECONNECT_DELAY_SECS: u32 = 2;
+
+/// The bus libvirt uses for a target device name, by its prefix.
+fn bus_of(target: &str) -> Option<&'static str> {
+    let (prefix, bus) = [
+        ("xvd", "xen"),
+        ("vd", "virtio"),
+        ("sd", "scsi"),
+        ("hd", "ide"),
+    ]
+    .into_iter()
+    .find(|(p, _)| target.starts_with(p))?;
+    let rest = &target[prefix.len()..];
+    (!rest.is_empty() && rest.bytes().all(|b| b.is_ascii_lowercase())).then_some(bus)
+}
+
+/// Checks a `--target` device name: `vd`, `sd`, `hd` or `xvd`, then letters.
+pub fn parse_target(s: &str) -> Result<String, String> {
+    match bus_of(s) {
+        Some(_) => Ok(s.to_string()),
+        None => Err(format!(
+            "{s:?} is not a disk device name: vda, vdb... (virtio), sda... (scsi), hda... (ide), xvda... (xen)"
+        )),
+    }
 }
 
 impl Attach {
     /// The attach details of export `name` (`VOLUME` of the default pool,
     /// or `POOL/VOLUME`) of the daemon whose home is `home`, which serves
-    /// NBD on TCP at `nbd_tcp` if that is set.
-    pub fn new(name: &str, home: &Path, nbd_tcp: Option<SocketAddr>) -> Attach {
+    /// NBD on TCP at `nbd_tcp` if that is set. Errors if `disk.tcp` asks
+    /// for TCP without a listener.
+    pub fn new(
+        name: &str,
+        home: &Path,
+        nbd_tcp: Option<SocketAddr>,
+        disk: &LibvirtDisk,
+    ) -> anyhow::Result<Attach> {
         let socket = absolute(home).join(NBD_SOCKET_NAME);
         let socket_str = socket.to_string_lossy();
         let nbd_uri = format!(
@@ -43,36 +102,68 @@ impl Attach {
             uri_escape(name),
             uri_escape(&socket_str)
         );
-        let nbd_tcp_uri = nbd_tcp.map(|addr| {
-            let host = if addr.ip().is_unspecified() {
-                // Listening on every address: name this machine instead of
-                // 0.0.0.0, which a client elsewhere cannot connect to.
-                hostname().unwrap_or_else(|| "localhost".to_string())
-            } else {
-                match addr.ip() {
-                    IpAddr::V6(ip) => format!("[{ip}]"),
-                    IpAddr::V4(ip) => ip.to_string(),
-                }
-            };
-            format!("nbd://{host}:{}/{}", addr.port(), uri_escape(name))
-        });
+        let qemu_json = format!(
+            "json:{}",
+            // Raw over NBD, named: no format probing of a guest's bytes.
+            serde_json::json!({
+                "driver": "raw",
+                "file": {
+                    "driver": "nbd",
+                    "server": {"type": "unix", "path": socket_str},
+                    "export": name,
+                },
+            })
+        );
+        let tcp_host = nbd_tcp.map(|addr| (tcp_host_name(addr), addr.port()));
+        let nbd_tcp_uri = (tcp_host.as_ref())
+            .map(|(host, port)| format!("nbd://{host}:{port}/{}", uri_escape(name)));
+        let host_element = match (&tcp_host, disk.tcp) {
+            (Some((host, port)), true) => format!(
+                "<host name='{}' port='{port}'/>",
+                xml_escape(host.trim_start_matches('[').trim_end_matches(']'))
+            ),
+            (None, true) => anyhow::bail!(
+                "the daemon serves NBD on its Unix socket only: start it with --nbd-listen ADDR (or nbd_listen in its configuration file) for --tcp"
+            ),
+            (_, false) => format!(
+                "<host transport='unix' socket='{}'/>",
+                xml_escape(&socket_str)
+            ),
+        };
+        let target = &disk.target;
+        let bus = bus_of(target).unwrap_or("virtio");
         let libvirt_xml = format!(
             "<disk type='network' device='disk'>\n  \
-               <driver name='qemu' type='raw' cache='none' io='native'/>\n  \
+               <driver name='qemu' type='raw' cache='none' io='native' discard='unmap'/>\n  \
                <source protocol='nbd' name='{}'>\n    \
-                 <host transport='unix' socket='{}'/>\n  \
+                 {host_element}\n    \
+                 <reconnect delay='{RECONNECT_DELAY_SECS}'/>\n  \
                </source>\n  \
-               <target dev='vda' bus='virtio'/>\n\
+               <target dev='{}' bus='{bus}'/>\n\
              </disk>\n",
             xml_escape(name),
-            xml_escape(&socket_str)
+            xml_escape(target),
         );
-        Attach {
+        Ok(Attach {
             nbd_uri,
+            qemu_json,
             nbd_socket: socket,
             nbd_tcp_uri,
             libvirt_xml,
-        }
+        })
+    }
+}
+
+/// The host part of a TCP URI for a listener at `addr`.
+fn tcp_host_name(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        // Listening on every address: name this machine instead of
+        // 0.0.0.0, which a client elsewhere cannot connect to.
+        return hostname().unwrap_or_else(|| "localhost".to_string());
+    }
+    match addr.ip() {
+        IpAddr::V6(ip) => format!("[{ip}]"),
+        IpAddr::V4(ip) => ip.to_string(),
     }
 }
 
@@ -126,6 +217,10 @@ pub fn render_attach(a: &Attach) -> String {
     if let Some(tcp) = &a.nbd_tcp_uri {
         out.push_str(&format!("  {tcp}\n"));
     }
+    out.push_str(&format!(
+        "  '{}'   (any socket path, any QEMU)\n",
+        a.qemu_json
+    ));
     out.push_str("libvirt disk:\n");
     for line in a.libvirt_xml.lines() {
         out.push_str("  ");

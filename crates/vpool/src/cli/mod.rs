@@ -39,7 +39,7 @@ use vpool_api::{Client, ClientError, ErrorKind};
 
 use crate::daemon::api_socket_path;
 
-pub use attach::{Attach, VolumeInfoWithAttach, render_attach};
+pub use attach::{Attach, LibvirtDisk, VolumeInfoWithAttach, parse_target, render_attach};
 pub use cache::CacheCommand;
 pub use job::JobCommand;
 pub use pool::{PoolCommand, S3PoolArgs};

@@ -230,13 +230,55 @@ fn tcp_listen_needs_a_token_file() {
 }
 
 #[test]
+fn libvirt_disk_target_tcp_and_reconnect() {
+    let tcp = Some("10.1.2.3:10809".parse().unwrap());
+    let disk = LibvirtDisk {
+        target: "vdb".into(),
+        tcp: true,
+    };
+    let a = Attach::new("local/db", Path::new("/p"), tcp, &disk).unwrap();
+    let xml = &a.libvirt_xml;
+    assert!(
+        xml.contains("<host name='10.1.2.3' port='10809'/>"),
+        "{xml}"
+    );
+    assert!(xml.contains("<reconnect delay='2'/>"), "{xml}");
+    assert!(xml.contains("<target dev='vdb' bus='virtio'/>"), "{xml}");
+    assert!(xml.contains("name='local/db'"), "{xml}");
+    let v6 = Some("[::1]:10809".parse().unwrap());
+    let a = Attach::new("db", Path::new("/p"), v6, &disk).unwrap();
+    assert!(
+        a.libvirt_xml.contains("<host name='::1' port='10809'/>"),
+        "{}",
+        a.libvirt_xml
+    );
+    let e = Attach::new("db", Path::new("/p"), None, &disk).unwrap_err();
+    assert!(e.to_string().contains("--nbd-listen"), "{e}");
+    let sda = LibvirtDisk {
+        target: "sdc".into(),
+        tcp: false,
+    };
+    let a = Attach::new("db", Path::new("/p"), None, &sda).unwrap();
+    assert!(a.libvirt_xml.contains("<target dev='sdc' bus='scsi'/>"));
+    for bad in ["", "vd", "vd1", "nvme0", "vda'/><x"] {
+        assert!(parse_target(bad).is_err(), "{bad}");
+    }
+    assert_eq!(parse_target("xvdb").as_deref(), Ok("xvdb"));
+}
+
+#[test]
 fn attach_details_escape_and_name_hosts() {
-    let a = Attach::new("web1", Path::new("/srv/my pool&x"), None);
+    let d = LibvirtDisk::default();
+    let a = Attach::new("web1", Path::new("/srv/my pool&x"), None, &d).unwrap();
     assert_eq!(
         a.nbd_uri,
         "nbd+unix:///web1?socket=/srv/my%20pool%26x/nbd.sock"
     );
     assert_eq!(a.nbd_socket, PathBuf::from("/srv/my pool&x/nbd.sock"));
+    assert_eq!(
+        a.qemu_json,
+        r#"json:{"driver":"raw","file":{"driver":"nbd","export":"web1","server":{"path":"/srv/my pool&x/nbd.sock","type":"unix"}}}"#
+    );
     assert!(
         a.libvirt_xml
             .contains("<host transport='unix' socket='/srv/my pool&amp;x/nbd.sock'/>"),
@@ -248,14 +290,28 @@ fn attach_details_escape_and_name_hosts() {
         "db",
         Path::new("/p"),
         Some("10.1.2.3:10809".parse().unwrap()),
-    );
+        &d,
+    )
+    .unwrap();
     assert_eq!(a.nbd_tcp_uri.as_deref(), Some("nbd://10.1.2.3:10809/db"));
-    let a = Attach::new("db", Path::new("/p"), Some("[::1]:10809".parse().unwrap()));
+    let a = Attach::new(
+        "db",
+        Path::new("/p"),
+        Some("[::1]:10809".parse().unwrap()),
+        &d,
+    )
+    .unwrap();
     assert_eq!(a.nbd_tcp_uri.as_deref(), Some("nbd://[::1]:10809/db"));
-    let a = Attach::new("db", Path::new("/p"), Some("[::]:10809".parse().unwrap()));
+    let a = Attach::new(
+        "db",
+        Path::new("/p"),
+        Some("[::]:10809".parse().unwrap()),
+        &d,
+    )
+    .unwrap();
     let tcp = a.nbd_tcp_uri.unwrap();
     assert!(!tcp.contains("[::]") && tcp.ends_with(":10809/db"), "{tcp}");
-    let text = render_attach(&Attach::new("db", Path::new("/p"), None));
+    let text = render_attach(&Attach::new("db", Path::new("/p"), None, &d).unwrap());
     assert!(
         text.contains("\n  nbd+unix:///db?socket=/p/nbd.sock\n"),
         "{text}"

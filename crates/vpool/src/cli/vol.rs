@@ -43,7 +43,21 @@ pub enum VolCommand {
         all: bool,
     },
     /// Show one volume, and how to attach it to a VM (NBD URI, libvirt XML).
-    Info { name: String },
+    Info {
+        name: String,
+        /// Print only the libvirt `<disk>` element (for `virsh
+        /// attach-device` or a domain's XML).
+        #[arg(long)]
+        libvirt: bool,
+        /// The guest device of the libvirt disk: vda (default), vdb...,
+        /// sda... (scsi), hda... (ide).
+        #[arg(long, value_name = "DEV", value_parser = super::parse_target, default_value = "vda")]
+        target: String,
+        /// The libvirt disk over the daemon's NBD TCP listener
+        /// (--nbd-listen) instead of its Unix socket.
+        #[arg(long)]
+        tcp: bool,
+    },
     /// Who owns a volume of a shared pool (POOL/VOLUME): host, epoch, and
     /// on the owner its clients and bytes not yet in the bucket.
     Status { name: String },
@@ -101,6 +115,11 @@ pub enum VolCommand {
         /// stores the file's bytes whatever they hold).
         #[arg(long, value_parser = image_format::parse_format)]
         format: Option<image_format::Format>,
+        /// With `-`: accept a stream shorter than the volume (the rest
+        /// reads as zeros); without it, a short stream is taken for a cut
+        /// one.
+        #[arg(long)]
+        allow_short: bool,
         /// Replace the content of an existing volume; twice (`--force
         /// --force`), even while NBD clients have it open for writing.
         #[arg(long, action = clap::ArgAction::Count)]
@@ -273,7 +292,18 @@ pub(super) fn run(
             out.emit(&info, created_text)
         }
         VolCommand::List { pool, all } => list(client, out, pool.as_deref(), *all),
-        VolCommand::Info { name } => info(client, home, out, name),
+        VolCommand::Info {
+            name,
+            libvirt,
+            target,
+            tcp,
+        } => {
+            let disk = super::LibvirtDisk {
+                target: target.clone(),
+                tcp: *tcp,
+            };
+            info(client, home, out, name, &disk, *libvirt)
+        }
         VolCommand::Status { .. } | VolCommand::Takeover { .. } | VolCommand::Release { .. } => {
             ownership(client, out, cmd)
         }
@@ -294,9 +324,11 @@ pub(super) fn run(
             file,
             size,
             format,
+            allow_short,
             force,
         } => {
             let opts = transfer::ImportOptions {
+                allow_short: *allow_short,
                 size: *size,
                 overwrite: *force >= 1,
                 in_use: *force >= 2,
@@ -567,7 +599,14 @@ fn created_text(info: &VolumeInfo) -> String {
 }
 
 /// `vol info`: the volume, and how a VM attaches it.
-fn info(client: &Client, home: &Path, out: Output, name: &str) -> anyhow::Result<()> {
+fn info(
+    client: &Client,
+    home: &Path,
+    out: Output,
+    name: &str,
+    disk: &super::LibvirtDisk,
+    only_libvirt: bool,
+) -> anyhow::Result<()> {
     let info = client.volume_info(name)?;
     // The pool info says whether the daemon also serves NBD on TCP.
     let nbd_tcp = client.pool_info()?.nbd_tcp_addr;
@@ -577,7 +616,11 @@ fn info(client: &Client, home: &Path, out: Output, name: &str) -> anyhow::Result
         (Some(pool), _) => format!("{pool}/{}", info.name),
         (None, _) => info.name.clone(),
     };
-    let attach = Attach::new(&export, home, nbd_tcp);
+    let attach = Attach::new(&export, home, nbd_tcp, disk)?;
+    if only_libvirt && !out.json {
+        print!("{}", attach.libvirt_xml);
+        return Ok(());
+    }
     out.emit(&VolumeInfoWithAttach { info, attach }, |v| {
         format!(
             "{}{}",

@@ -5,7 +5,8 @@
 //! - import reads standard input in chunks and sends only the blocks that
 //!   are not all zeros; a volume it creates needs `--size` (the stream's
 //!   length is known only at its end), and a stream longer than the volume
-//!   is an error. Until the last byte is flushed, the volume is marked
+//!   is an error, as is one shorter (a sender that died ends its stream as
+//!   one that finished does) unless `--allow-short`. Until the last byte is flushed, the volume is marked
 //!   incomplete (not served by NBD), so a cut stream never passes for an
 //!   image.
 //! - export writes every byte, zeros for the holes, and refuses to write
@@ -71,6 +72,14 @@ pub(super) fn import_stdin(
         }
         got = read_full(&mut input, &mut buf).context("reading standard input")?;
     }
+    if pos < volume_size && !opts.allow_short {
+        // A sender that died ends the stream as a finished one does.
+        bail!(
+            "{STDIN} ended after {} of volume {name}'s {}: a cut stream? The volume stays marked incomplete; import again, or pass --allow-short if the image is shorter than the volume",
+            format_size(pos),
+            format_size(volume_size)
+        );
+    }
     client
         .end_import(name)
         .context("flushing the imported data")?;
@@ -118,7 +127,14 @@ pub(super) fn export_stdout(
         }
         let map_end = (map.offset + map.length).min(size);
         for extent in map.extents.iter().filter(|e| !e.zero) {
-            let start = extent.offset.clamp(pos, map_end);
+            if extent.offset < pos {
+                // What is before `pos` is written already (as zeros, maybe).
+                bail!(
+                    "the daemon's allocation map goes back to offset {} after {pos}",
+                    extent.offset
+                );
+            }
+            let start = extent.offset.min(map_end);
             let end = (extent.offset + extent.length).min(map_end);
             write_zeros(&mut out, start - pos)?;
             pos = start;

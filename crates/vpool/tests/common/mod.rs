@@ -25,6 +25,8 @@ pub fn vpool_cmd(pool: &Path) -> Command {
     let mut c = Command::new(vpool_bin());
     c.arg("--home").arg(pool);
     c.env_remove("VPOOL_HOME");
+    // Not this machine's /etc/vpool/vpool.toml: an empty configuration.
+    c.env("VPOOL_CONFIG", "/dev/null");
     c.env("VPOOL_LOG", "warn");
     c
 }

@@ -839,6 +839,34 @@ pub fn vol_info_uris_work_with_real_clients(d: Daemon, _dir: &Path) -> Daemon {
     qemu_io(unix, &["write -P 0x61 0 64k"]);
     qemu_io(tcp, &["read -P 0x61 0 64k", "write -P 0x62 64k 64k"]);
     qemu_io(unix, &["read -P 0x62 64k 64k"]);
+    // The JSON form, which no QEMU version parses as a URI.
+    let json = info["attach"]["qemu_json"].as_str().unwrap();
+    assert!(json.contains("my pool&1"), "{json}");
+    let i = qemu_img_info(json);
+    assert!(i.contains(&format!("\"virtual-size\": {}", 4 * MIB)), "{i}");
+    qemu_io(json, &["read -P 0x62 64k 64k"]);
+    // The libvirt disk over TCP names the listener's address.
+    let xml = run_ok(
+        &pool,
+        &[
+            "vol",
+            "info",
+            "web1",
+            "--libvirt",
+            "--tcp",
+            "--target",
+            "vdc",
+        ],
+    );
+    let port = tcp.rsplit(':').next().unwrap().trim_end_matches("/web1");
+    assert!(
+        xml.contains(&format!("<host name='127.0.0.1' port='{port}'/>")),
+        "{xml}"
+    );
+    assert!(
+        xml.starts_with("<disk ") && xml.contains("dev='vdc'"),
+        "{xml}"
+    );
     d
 }
 
