@@ -11,7 +11,8 @@
 #   fio; libnbd-bin (nbdinfo nbdcopy nbdfuse); python3-libnbd (nbdsh);
 #   nbdkit; qemu-system-x86 (qemu-system-x86_64); qemu-utils (qemu-img
 #   qemu-io qemu-nbd); busybox-static; cpio; e2fsprogs (mkfs.ext4 debugfs);
-#   curl; gzip; systemd (systemd-analyze); and for the Ceph micro-cluster of scripts/ceph.sh (S3 tests,
+#   curl; gzip; systemd (systemd-analyze); libvirt-daemon-system,
+#   libvirt-daemon-driver-qemu, libvirt-clients (libvirtd, virsh); and for the Ceph micro-cluster of scripts/ceph.sh (S3 tests,
 #   bench/rbd.sh): ceph-mon, ceph-mgr, ceph-osd, radosgw, ceph-common (ceph
 #   rbd rados radosgw-admin monmaptool ceph-authtool), python3.
 # Note: Debian 12's qemu-system-x86 is QEMU 7.2; installing it removes a
@@ -89,6 +90,10 @@ missing_pkgs() {
     have gzip || m+=(gzip)
     # systemd-analyze checks the unit file packaging/vpool.service.
     have systemd-analyze || m+=(systemd)
+    # vm/libvirt.sh: a real libvirtd (its package makes the libvirt-qemu
+    # user the QEMU driver needs) and virsh.
+    { have libvirtd && id libvirt-qemu >/dev/null 2>&1; } || m+=(libvirt-daemon-system libvirt-daemon-driver-qemu)
+    have virsh || m+=(libvirt-clients)
     # The metrics test parses GET /metrics with Prometheus' own parser.
     /usr/bin/python3 -c 'import prometheus_client' >/dev/null 2>&1 || m+=(python3-prometheus-client)
     # The Ceph micro-cluster's packages: scripts/ceph.sh keeps the list.

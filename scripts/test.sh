@@ -3,7 +3,7 @@
 #
 #   scripts/test.sh                 all stages
 #   scripts/test.sh --skip fuzz     leave out a stage (repeatable):
-#                                   deps fmt clippy ceph test fuzz vm migrate powercut
+#                                   deps fmt clippy ceph test fuzz vm libvirt migrate powercut
 #   scripts/test.sh --only test     run just these stages (repeatable)
 #
 # Stages, in order, each timed:
@@ -28,6 +28,14 @@
 #           another pool (`vol move`, live); the server is SIGKILLed between
 #           the boots. VM_SERVER=qemu-nbd runs the same boots against qemu-nbd
 #           (to check the harness itself).
+#   libvirt vm/libvirt.sh: a real libvirtd (Debian's, in a private mount
+#           namespace) defines and starts a TCG domain whose two disks are
+#           vpool volumes attached with the XML `vol info --libvirt` prints
+#           (Unix socket and --tcp); the guest writes flushed records to
+#           both; the daemon is restarted under a running VM (under libvirt
+#           when it passes <reconnect>, else under QEMU with the
+#           reconnect-delay that libvirt would give) and the guest must go
+#           on; every record is checked on the volumes.
 #   migrate vm/migrate.sh --hosts 2: a Linux VM (TCG) whose root disk is a
 #           volume of a shared pool on the RGW, live-migrated ten times
 #           between two vpool daemons (hosts A and B, a peer link each)
@@ -51,7 +59,7 @@ set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 1
 
-all_stages=(deps fmt clippy ceph test fuzz vm migrate powercut)
+all_stages=(deps fmt clippy ceph test fuzz vm libvirt migrate powercut)
 skip=()
 only=()
 while [ $# -gt 0 ]; do
@@ -177,6 +185,10 @@ if wanted vm; then
             run_stage vm "server qemu-nbd" vm/boot-test.sh --server qemu-nbd ;;
         *) echo "test.sh: VM_SERVER must be vpool or qemu-nbd" >&2; failed=$((failed + 1)) ;;
     esac
+fi
+
+if wanted libvirt; then
+    run_stage libvirt "libvirt domain with two vpool disks, daemon restarted under a VM" vm/libvirt.sh
 fi
 
 if wanted migrate; then

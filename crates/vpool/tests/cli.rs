@@ -746,7 +746,7 @@ fn vol_info_shows_how_to_attach() {
          <driver name='qemu' type='raw' cache='none' io='native' discard='unmap'/>\n  \
          <source protocol='nbd' name='web1'>\n    \
          <host transport='unix' socket='{sock}'/>\n    \
-         <reconnect delay='2'/>\n  \
+         <reconnect delay='10'/>\n  \
          </source>\n  \
          <target dev='vda' bus='virtio'/>\n\
          </disk>\n"

@@ -55,10 +55,12 @@ impl Default for LibvirtDisk {
     }
 }
 
-/// Seconds QEMU waits before each reconnection to a daemon that went away
-/// (libvirt's `<reconnect delay>`, QEMU's `reconnect-delay`): requests wait
-/// meanwhile instead of failing, so a daemon restart is a pause.
-pub const RECONNECT_DELAY_SECS: u32 = 2;
+/// How long QEMU holds the guest's requests while it reconnects to a daemon
+/// that went away (libvirt's `<reconnect delay>`, QEMU's `reconnect-delay`),
+/// before failing them: long enough for a daemon restart (an upgrade) to be
+/// a pause, short enough that a daemon that is gone for good shows as I/O
+/// errors, not as a guest hung for minutes.
+pub const RECONNECT_DELAY_SECS: u32 = 10;
 
 /// The bus libvirt uses for a target device name, by its prefix.
 fn bus_of(target: &str) -> Option<&'static str> {

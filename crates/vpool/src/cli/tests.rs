@@ -242,7 +242,7 @@ fn libvirt_disk_target_tcp_and_reconnect() {
         xml.contains("<host name='10.1.2.3' port='10809'/>"),
         "{xml}"
     );
-    assert!(xml.contains("<reconnect delay='2'/>"), "{xml}");
+    assert!(xml.contains("<reconnect delay='10'/>"), "{xml}");
     assert!(xml.contains("<target dev='vdb' bus='virtio'/>"), "{xml}");
     assert!(xml.contains("name='local/db'"), "{xml}");
     let v6 = Some("[::1]:10809".parse().unwrap());
