@@ -19,7 +19,10 @@ use vpool_api::{AuthToken, ClientError};
 const DEFAULT_LOG_FILTER: &str = "info";
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     // A client command told its home reads no default configuration file:
     // a broken /etc/vpool/vpool.toml does not stop `vpool --home X ...`.
     let serving = matches!(cli.command, Command::Serve(_));
@@ -44,6 +47,29 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Arguments the parser refused: its message, as JSON when `--json` is
+/// among them (a script asked for JSON, even if the rest is wrong); exit
+/// status 2. `--help` and `--version` print as usual.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let json = std::env::args_os().any(|a| a == "--json");
+    if !json
+        || matches!(
+            e.kind(),
+            ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        )
+    {
+        e.exit();
+    }
+    let rendered = e.render().to_string();
+    let message = rendered.trim_end().trim_start_matches("error: ");
+    let body = serde_json::json!({ "error": { "kind": "usage", "message": message } });
+    eprintln!("{body}");
+    ExitCode::from(2)
 }
 
 /// Prints a failed command's error to stderr, as JSON with `--json`.

@@ -559,6 +559,56 @@ fn import_export_and_diffs_through_pipes() {
     assert_eq!(run_json(&pool, &["vol", "info", "p3"])["incomplete"], true);
 }
 
+/// A volume that makes its pool promise more than its disk holds is
+/// created (thin provisioning) with a warning, and `overcommit` in JSON.
+#[test]
+fn overcommit_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let _d = Daemon::start(&pool, &[]);
+    let small = run(&pool, &["vol", "create", "small", "--size", "1M"]);
+    assert!(small.status.success());
+    assert!(
+        small.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&small.stderr)
+    );
+    let big = run(&pool, &["vol", "create", "big", "--size", "100T"]);
+    assert!(big.status.success());
+    let warning = String::from_utf8_lossy(&big.stderr);
+    assert!(
+        warning.contains("pool local is overcommitted") && warning.contains("100 TiB"),
+        "{warning}"
+    );
+    let j = run_json(&pool, &["vol", "resize", "small", "--size", "2M"]);
+    assert!(j["overcommit"]["ratio"].as_f64().unwrap() > 1.0, "{j}");
+    assert_eq!(
+        j["overcommit"]["provisioned_bytes"],
+        (100u64 << 40) + 2 * MIB
+    );
+}
+
+/// Arguments the parser refuses: exit status 2; with `--json`, a JSON
+/// error of kind `usage` on stderr.
+#[test]
+fn argument_errors_in_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let out = run(&pool, &["--json", "vol", "create", "x", "--size", "7"]);
+    assert_eq!(out.status.code(), Some(2));
+    let e: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(e["error"]["kind"], "usage", "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("4096"),
+        "{e}"
+    );
+    let out = run(&pool, &["vol", "create", "x", "--size", "7"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: "));
+    let out = run(&pool, &["--json", "vol", "--help"]);
+    assert_eq!(out.status.code(), Some(0), "--help is not an error");
+}
+
 #[test]
 fn second_daemon_is_refused() {
     let dir = tempfile::tempdir().unwrap();

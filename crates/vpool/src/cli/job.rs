@@ -19,13 +19,22 @@ pub enum JobCommand {
     /// across restarts).
     List,
     /// One job: its state, progress, rate and outcome.
-    Show { id: u64 },
+    Show {
+        /// The job's id (`vpool job list`).
+        id: u64,
+    },
     /// Ask a job to stop: it stops at its next step and undoes what it did
     /// (a copy deletes what it made).
-    Cancel { id: u64 },
+    Cancel {
+        /// The job's id (`vpool job list`).
+        id: u64,
+    },
     /// Wait for a job to end, showing its progress; fails unless it
     /// succeeded.
-    Wait { id: u64 },
+    Wait {
+        /// The job's id (`vpool job list`).
+        id: u64,
+    },
 }
 
 /// `vpool job ...`.

@@ -281,6 +281,7 @@ pub enum PoolCommand {
     /// takes it over from one that does. Without NAME, the home itself
     /// becomes its cache (run that before `serve`).
     Attach {
+        /// The name the pool gets in this daemon; none: the home itself.
         name: Option<String>,
         #[command(flatten)]
         s3: S3PoolArgs,
@@ -290,6 +291,7 @@ pub enum PoolCommand {
     /// NAME --dir DIR` takes it back. Refused while NBD clients have its
     /// volumes open, unless --force.
     Detach {
+        /// The pool.
         name: String,
         /// Even while NBD clients have its volumes open (their disks fail).
         #[arg(long)]
@@ -299,7 +301,9 @@ pub enum PoolCommand {
     /// held): `--force` takes a pool on S3 over from the host that holds it,
     /// which is fenced.
     Open {
+        /// The pool.
         name: String,
+        /// Take a pool on S3 over from the host that holds it (fenced).
         #[arg(long)]
         force: bool,
     },

@@ -38,20 +38,27 @@ pub enum ReplicaCommand {
     },
     /// A run now; waits for it unless --detach.
     Run {
+        /// [POOL/]VOLUME (the replicated volume)
         volume: String,
+        /// Print the job and return at once (`vpool job wait ID`).
         #[arg(long)]
         detach: bool,
     },
     /// Compare the newest point on both sides, piece by piece (SHA-256);
     /// waits unless --detach, fails at the first difference.
     Verify {
+        /// [POOL/]VOLUME (the replicated volume)
         volume: String,
+        /// Print the job and return at once (`vpool job wait ID`).
         #[arg(long)]
         detach: bool,
     },
     /// Stop replicating (a run under way is cancelled). The replica stays
     /// with its points: promote it, or delete it.
-    Remove { volume: String },
+    Remove {
+        /// [POOL/]VOLUME (the replicated volume)
+        volume: String,
+    },
     /// Make a replica a volume of its own, at its newest point (after a
     /// disaster, or to switch over). Replication into it stops.
     Promote {

@@ -28,7 +28,10 @@ pub enum ScheduleCommand {
     /// The daemon's schedules: volume, period, kept, last snapshot, runs.
     List,
     /// Remove a schedule (its snapshots stay).
-    Remove { id: u64 },
+    Remove {
+        /// The schedule's id (`vpool schedule list`).
+        id: u64,
+    },
 }
 
 /// `vpool schedule ...`.

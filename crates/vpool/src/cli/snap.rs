@@ -14,7 +14,10 @@ pub enum SnapCommand {
         snapshot: String,
     },
     /// List a volume's snapshots, oldest first.
-    List { volume: String },
+    List {
+        /// [POOL/]VOLUME.
+        volume: String,
+    },
     /// Delete a snapshot (refused while clones were made from it).
     Delete {
         /// VOLUME@SNAPSHOT

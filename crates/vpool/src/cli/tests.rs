@@ -428,3 +428,25 @@ fn renders_diffs_and_snapshot_tables() {
     assert!(t.contains("0 B        -       17"), "{t}");
     assert_eq!(render_snapshot_table("w", &[]), "no snapshots of w\n");
 }
+
+/// Every command says what it does and every argument and flag what it
+/// is, in `--help`.
+#[test]
+fn every_command_and_argument_has_help() {
+    fn walk(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            if a.get_help().is_none() && a.get_long_help().is_none() && !a.is_hide_set() {
+                out.push(format!("{path}: argument {}", a.get_id()));
+            }
+        }
+        for s in cmd.get_subcommands() {
+            if s.get_about().is_none() && s.get_long_about().is_none() {
+                out.push(format!("{path} {}: no about", s.get_name()));
+            }
+            walk(s, &format!("{path} {}", s.get_name()), out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(&Cli::command(), "vpool", &mut out);
+    assert!(out.is_empty(), "without help text:\n{}", out.join("\n"));
+}

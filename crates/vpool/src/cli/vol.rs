@@ -19,6 +19,7 @@ use crate::{image_format, transfer, vdiff};
 pub enum VolCommand {
     /// Create a thin volume (it takes no space until written).
     Create {
+        /// The new volume: [POOL/]NAME (letters, digits, `.`, `_`, `-`).
         name: String,
         /// Size: 512, 4K, 20G, 1.5T (binary units; a multiple of 4K).
         #[arg(long, value_parser = parse_volume_size)]
@@ -44,6 +45,7 @@ pub enum VolCommand {
     },
     /// Show one volume, and how to attach it to a VM (NBD URI, libvirt XML).
     Info {
+        /// [POOL/]VOLUME.
         name: String,
         /// Print only the libvirt `<disk>` element (for `virsh
         /// attach-device` or a domain's XML).
@@ -60,11 +62,15 @@ pub enum VolCommand {
     },
     /// Who owns a volume of a shared pool (POOL/VOLUME): host, epoch, and
     /// on the owner its clients and bytes not yet in the bucket.
-    Status { name: String },
+    Status {
+        /// POOL/VOLUME, of a shared pool.
+        name: String,
+    },
     /// Make this host the owner of a volume of a shared pool: at once if
     /// its owner released it, once the owner's lease expired if the owner
     /// is gone (waits up to a minute), or at once with --force.
     Takeover {
+        /// POOL/VOLUME, of a shared pool.
         name: String,
         /// Take it now, whether or not its owner renews its lease: the
         /// owner is fenced (its writes and flushes fail from then on).
@@ -74,6 +80,7 @@ pub enum VolCommand {
     /// Give up a volume of a shared pool this host owns: uploads what is
     /// left and releases its lease, so another host's takeover is at once.
     Release {
+        /// POOL/VOLUME, of a shared pool.
         name: String,
         /// Even while NBD clients have it open (their I/O fails).
         #[arg(long)]
@@ -81,7 +88,9 @@ pub enum VolCommand {
     },
     /// Change a volume's size.
     Resize {
+        /// [POOL/]VOLUME.
         name: String,
+        /// The new size: 40G, 1.5T (a multiple of 4K).
         #[arg(long, value_parser = parse_volume_size)]
         size: u64,
         /// Allow shrinking, which drops the data past the new end.
@@ -93,6 +102,7 @@ pub enum VolCommand {
     },
     /// Delete a volume and its data.
     Delete {
+        /// [POOL/]VOLUME.
         name: String,
         /// Even while NBD clients have it open for writing (a running VM
         /// loses its disk).
@@ -104,6 +114,7 @@ pub enum VolCommand {
     /// VMDK, VHDX, VDI, VHD and Parallels images are detected and
     /// converted with qemu-img.
     Import {
+        /// The volume to import into: [POOL/]VOLUME (created if missing).
         name: String,
         /// The image file, or `-` for raw bytes on standard input.
         file: PathBuf,
@@ -128,6 +139,7 @@ pub enum VolCommand {
     /// Copy a volume (or a snapshot, VOLUME@SNAPSHOT) into a sparse raw
     /// image file, or to standard output.
     Export {
+        /// The image to export: [POOL/]VOLUME or [POOL/]VOLUME@SNAPSHOT.
         name: String,
         /// The file to write, or `-` for standard output (every byte, holes
         /// as zeros; the summary goes to standard error).
@@ -176,7 +188,10 @@ pub enum VolCommand {
     },
     /// Seal a volume as a template (gold master): read-only from then on;
     /// the SHA-256 digest of its content is recorded.
-    Template { name: String },
+    Template {
+        /// The volume to seal: [POOL/]VOLUME.
+        name: String,
+    },
     /// Create a copy-on-write clone of a template, or of a snapshot
     /// (VOLUME@SNAPSHOT). Instant, whatever the size.
     Clone {
@@ -188,12 +203,10 @@ pub enum VolCommand {
     /// Detach a clone from the snapshot it came from (instant in vpool:
     /// clones never read through their parent, so nothing is copied; a
     /// shared pool's clone copies its template's blocks in).
-    Flatten { name: String },
-    /// Copy a volume, or one of its snapshots, into any pool the daemon
-    /// holds under a new name, as a job: `vpool vol copy local/db1@nightly
-    /// cold/db1-copy`. A live volume is copied as of a snapshot taken when
-    /// the copy starts; holes stay holes. Waits for the job, with its
-    /// progress, unless --detach.
+    Flatten {
+        /// The clone to make independent of its template: [POOL/]VOLUME.
+        name: String,
+    },
     /// Move a volume into another pool while its VM runs, as a job: its
     /// NBD clients keep their connections (writes are mirrored while the
     /// data is copied, then every connection switches to the new pool);
@@ -219,6 +232,11 @@ pub enum VolCommand {
         #[arg(long)]
         without_snapshots: bool,
     },
+    /// Copy a volume, or one of its snapshots, into any pool the daemon
+    /// holds under a new name, as a job: `vpool vol copy local/db1@nightly
+    /// cold/db1-copy`. A live volume is copied as of a snapshot taken when
+    /// the copy starts; holes stay holes. Waits for the job, with its
+    /// progress, unless --detach.
     Copy {
         /// [POOL/]VOLUME or [POOL/]VOLUME@SNAPSHOT
         source: String,
@@ -234,6 +252,7 @@ pub enum VolCommand {
     /// Merge a clone into its parent volume: the parent takes the clone's
     /// content, atomically. The clone stays.
     Commit {
+        /// The clone to merge into its parent: [POOL/]VOLUME.
         name: String,
         /// Even while NBD clients have the parent open for writing.
         #[arg(long)]
@@ -241,11 +260,18 @@ pub enum VolCommand {
     },
     /// List the extents that changed between two images of a volume:
     /// `web1@a web1@b`, or `web1@a web1` against the live volume.
-    Diff { from: String, to: String },
+    Diff {
+        /// The older image: VOLUME@SNAPSHOT.
+        from: String,
+        /// The newer image: VOLUME@SNAPSHOT, or VOLUME (as it is now).
+        to: String,
+    },
     /// Write the changes between two images of a volume to a .vdiff file
     /// (an incremental backup).
     ExportDiff {
+        /// The older image (the diff's base): VOLUME@SNAPSHOT.
         from: String,
+        /// The newer image: VOLUME@SNAPSHOT, or VOLUME (as it is now).
         to: String,
         /// The file to write, or `-` for standard output.
         file: PathBuf,
@@ -256,6 +282,7 @@ pub enum VolCommand {
     /// Apply a .vdiff file to a volume holding its base image: the volume
     /// is resized to the target size and becomes the target image.
     ImportDiff {
+        /// The volume holding the diff's base image: [POOL/]VOLUME.
         name: String,
         /// The .vdiff file, or `-` for standard input (applied as it
         /// arrives: a cut or corrupt stream leaves the volume marked
@@ -289,7 +316,11 @@ pub(super) fn run(
         } => {
             let info =
                 client.create_volume_durable(name, *size, *ephemeral, durability.as_deref())?;
-            out.emit(&info, created_text)
+            let overcommit = overcommit_of(client, name);
+            warn_overcommit(out, overcommit.as_ref());
+            out.emit(&WithOvercommit { info, overcommit }, |w| {
+                created_text(&w.info)
+            })
         }
         VolCommand::List { pool, all } => list(client, out, pool.as_deref(), *all),
         VolCommand::Info {
@@ -654,13 +685,66 @@ fn resize(
             },
             e => e,
         })?;
-    out.emit(&info, |info| {
+    let overcommit = overcommit_of(client, name);
+    warn_overcommit(out, overcommit.as_ref());
+    out.emit(&WithOvercommit { info, overcommit }, |w| {
         format!(
             "volume {} is now {}",
-            info.name,
-            format_size(info.size_bytes)
+            w.info.name,
+            format_size(w.info.size_bytes)
         )
     })
+}
+
+/// A volume, and whether its pool promises more than its device holds.
+#[derive(serde::Serialize)]
+struct WithOvercommit {
+    #[serde(flatten)]
+    info: VolumeInfo,
+    /// Set when the pool's volumes add up to more than its device can hold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    overcommit: Option<Overcommit>,
+}
+
+/// A pool whose volumes' sizes add up to more than its device can hold:
+/// thin provisioning, which works until the volumes are written that far.
+#[derive(serde::Serialize)]
+struct Overcommit {
+    pool: String,
+    /// The sum of the pool's volume sizes.
+    provisioned_bytes: u64,
+    /// What the pool has and can get: its segments plus the device's free
+    /// space.
+    capacity_bytes: u64,
+    /// `provisioned_bytes / capacity_bytes`.
+    ratio: f64,
+}
+
+/// The overcommit of the pool of volume `name`, if it is overcommitted. A
+/// pool on S3 (no free space to tell) never is; a failure to ask is none.
+fn overcommit_of(client: &Client, name: &str) -> Option<Overcommit> {
+    let pool = vpool_api::routes::split_pool(name).0;
+    let p = client.clone().in_pool(pool).pool_info().ok()?;
+    let capacity = p.physical_bytes.checked_add(p.free_bytes?)?;
+    (p.logical_bytes > capacity).then(|| Overcommit {
+        pool: format!("pool {}", pool.unwrap_or("local")),
+        provisioned_bytes: p.logical_bytes,
+        capacity_bytes: capacity,
+        ratio: p.logical_bytes as f64 / capacity.max(1) as f64,
+    })
+}
+
+/// Says on stderr (not in the JSON on stdout) that a pool is overcommitted.
+fn warn_overcommit(out: Output, o: Option<&Overcommit>) {
+    if let Some(o) = o.filter(|_| !out.json) {
+        eprintln!(
+            "warning: {} is overcommitted: its volumes add up to {} on {} of space ({:.1}x); writes fail with ENOSPC once it fills (`vpool pool info`)",
+            o.pool,
+            format_size(o.provisioned_bytes),
+            format_size(o.capacity_bytes),
+            o.ratio
+        );
+    }
 }
 
 fn template_text(info: &VolumeInfo) -> String {
