@@ -50,5 +50,9 @@ fuzz_target!(|data: &[u8]| {
     // The full handshake: client flags + options, as a client would send them.
     let mut s = FuzzStream { input: data };
     let cfg = ServerConfig::default();
-    let _ = handshake::negotiate(&mut s, registry(), &cfg, &|| false);
+    let opener = vpool_nbd::Opener {
+        client: vpool_nbd::ClientKey::Unknown,
+        peer: "fuzz".into(),
+    };
+    let _ = handshake::negotiate(&mut s, registry(), &opener, &cfg, &|| false);
 });

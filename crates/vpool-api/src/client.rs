@@ -581,6 +581,16 @@ impl Client {
         )
     }
 
+    /// Lets several NBD clients write `volume` at once (`enabled`), or one
+    /// at a time; the volume.
+    pub fn set_multi_writer(&self, volume: &str, enabled: bool) -> Result<VolumeInfo, ClientError> {
+        self.json_call(
+            "PUT",
+            &routes::volume_multi_writer(&self.qualify(volume)),
+            Some(&crate::types::MultiWriterRequest { enabled }),
+        )
+    }
+
     /// Sets (empty: clears) the QoS limits of `volume`; the volume.
     pub fn set_qos(&self, volume: &str, limits: &QosLimits) -> Result<VolumeInfo, ClientError> {
         self.json_call(

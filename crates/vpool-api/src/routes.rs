@@ -68,6 +68,9 @@ pub const VOLUME_REPLICA_RUN: &str = "/v1/volumes/{name}/replica/run";
 pub const VOLUME_REPLICA_VERIFY: &str = "/v1/volumes/{name}/replica/verify";
 /// `PUT`: the volume's QoS limits. See [`volume_qos`].
 pub const VOLUME_QOS: &str = "/v1/volumes/{name}/qos";
+/// `PUT`: whether several NBD clients may write the volume at once. See
+/// [`volume_multi_writer`].
+pub const VOLUME_MULTI_WRITER: &str = "/v1/volumes/{name}/multi-writer";
 /// `POST`: make a replica a volume of its own. See [`volume_promote`].
 pub const VOLUME_PROMOTE: &str = "/v1/volumes/{name}/promote";
 /// `POST`: merge into the parent. See [`volume_commit`].
@@ -147,6 +150,7 @@ pub const ALL: &[&str] = &[
     VOLUME_REPLICA_VERIFY,
     VOLUME_PROMOTE,
     VOLUME_QOS,
+    VOLUME_MULTI_WRITER,
     VOLUME_COMMIT,
     VOLUME_DIFF,
     VOLUME_OWNER,
@@ -323,6 +327,11 @@ pub fn volume_qos(name: &str) -> String {
     for_volume(VOLUME_QOS, name, &[])
 }
 
+/// [`VOLUME_MULTI_WRITER`] of volume `name`.
+pub fn volume_multi_writer(name: &str) -> String {
+    for_volume(VOLUME_MULTI_WRITER, name, &[])
+}
+
 /// [`VOLUME_PROMOTE`] of volume `name`.
 pub fn volume_promote(name: &str) -> String {
     for_volume(VOLUME_PROMOTE, name, &[])
@@ -468,6 +477,7 @@ mod tests {
             (VOLUME_REPLICA_VERIFY, volume_replica_verify),
             (VOLUME_PROMOTE, volume_promote),
             (VOLUME_QOS, volume_qos),
+            (VOLUME_MULTI_WRITER, volume_multi_writer),
             (VOLUME_COMMIT, volume_commit),
             (VOLUME_DIFF, volume_diff),
         ];
@@ -839,6 +849,12 @@ mod tests {
                 VOLUME_QOS,
                 &["V"],
                 Box::new(|c, v, _| drop(c.set_qos(v, &crate::types::QosLimits::default()))),
+            ),
+            (
+                "PUT",
+                VOLUME_MULTI_WRITER,
+                &["V"],
+                Box::new(|c, v, _| drop(c.set_multi_writer(v, true))),
             ),
             (
                 "POST",

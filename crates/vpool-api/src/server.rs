@@ -376,6 +376,7 @@ fn pool_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
         (routes::VOLUME_REPLICA_VERIFY, post(verify_replica)),
         (routes::VOLUME_PROMOTE, post(promote)),
         (routes::VOLUME_QOS, put(set_qos)),
+        (routes::VOLUME_MULTI_WRITER, put(set_multi_writer)),
         (routes::VOLUME_COMMIT, post(commit)),
         (routes::VOLUME_DIFF, get(diff)),
         (routes::VOLUME_OWNER, get(volume_owner)),
@@ -1273,6 +1274,17 @@ async fn verify_replica(
     let host = Arc::clone(&s.host);
     let job = service(move || host.verify_replica(pool.as_deref(), &name)).await?;
     Ok(accepted(&job))
+}
+
+/// Lets several NBD clients write the volume at once, or one; the volume.
+async fn set_multi_writer(
+    State(s): State<ApiState>,
+    Named { pool, name }: Named,
+    ApiJson(req): ApiJson<crate::types::MultiWriterRequest>,
+) -> Result<Json<VolumeInfo>, ApiError> {
+    let host = Arc::clone(&s.host);
+    let view = service(move || host.set_multi_writer(pool.as_deref(), &name, req.enabled)).await?;
+    Ok(Json(view.into()))
 }
 
 /// Sets (an empty body: clears) the volume's QoS limits; the volume.

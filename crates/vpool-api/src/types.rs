@@ -49,6 +49,10 @@ pub struct VolumeInfo {
     /// Its QoS limits, if it has any (`vpool vol qos`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qos: Option<QosLimits>,
+    /// Several NBD clients may write it at once (`vpool vol share`);
+    /// otherwise one client writes at a time.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub multi_writer: bool,
     /// Of `allocated_bytes`: bytes no snapshot or clone shares (freed if the
     /// volume is deleted), and bytes shared. Only in `GET
     /// /v1/volumes/{name}` (they cost a walk of the maps).
@@ -75,6 +79,7 @@ impl From<vpool_engine::VolumeInfo> for VolumeInfo {
             replica_of: None,
             replica_point: None,
             qos: None,
+            multi_writer: false,
             exclusive_bytes: None,
             shared_bytes: None,
         }
@@ -89,6 +94,7 @@ impl From<vpool_service::VolumeView> for VolumeInfo {
             replica_of: v.replica.as_ref().map(|r| r.source.clone()),
             replica_point: v.replica.and_then(|r| r.last_point),
             qos: Some(v.qos).filter(|q| !q.is_empty()),
+            multi_writer: v.multi_writer,
             ..VolumeInfo::from(v.info)
         }
     }
@@ -618,6 +624,14 @@ pub struct ReplicaRequest {
 pub use vpool_service::host::ReplicaStatus;
 pub use vpool_service::metrics::VolumeIo;
 pub use vpool_service::qos::QosLimits;
+
+/// `PUT /v1/volumes/{name}/multi-writer`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MultiWriterRequest {
+    /// Several NBD clients may write the volume at once.
+    pub enabled: bool,
+}
 
 /// `GET /v1/io`: every volume's NBD I/O counters since the daemon started.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

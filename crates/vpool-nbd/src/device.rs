@@ -10,6 +10,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::limits::ClientKey;
 use crate::proto;
 
 /// Category of a device failure; decides which NBD errno the client sees.
@@ -153,6 +154,16 @@ pub struct ExportInfo {
     pub read_only: bool,
 }
 
+/// Who opens an export: the NBD client as the server knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Opener {
+    /// The client: one TCP address, or one process on the Unix socket
+    /// (the connections of one client, `multi-conn`, share it).
+    pub client: ClientKey,
+    /// The connection's peer, for messages.
+    pub peer: String,
+}
+
 /// Maps export names to devices.
 pub trait ExportRegistry: Send + Sync + 'static {
     /// Exports shown to `NBD_OPT_LIST` (`nbdinfo --list`).
@@ -165,6 +176,13 @@ pub trait ExportRegistry: Send + Sync + 'static {
     /// does): the spec requires an INFO reply to match a following GO exactly,
     /// and the transmission flags depend on the device.
     fn open(&self, name: &str) -> Result<Arc<dyn BlockDevice>, DeviceError>;
+    /// [`open`](Self::open) for the client `by`: what the server calls. A
+    /// registry that treats clients differently (one writer per volume)
+    /// overrides it.
+    fn open_by(&self, name: &str, by: &Opener) -> Result<Arc<dyn BlockDevice>, DeviceError> {
+        let _ = by;
+        self.open(name)
+    }
     /// Description for `NBD_INFO_DESCRIPTION` on `NBD_OPT_GO`; the default
     /// takes it from [`list`](Self::list).
     fn description(&self, name: &str) -> Option<String> {

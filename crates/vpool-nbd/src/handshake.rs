@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tracing::debug;
 
 use crate::config::ServerConfig;
-use crate::device::{BlockDevice, DeviceError, DeviceErrorKind, ExportRegistry};
+use crate::device::{BlockDevice, DeviceError, DeviceErrorKind, ExportRegistry, Opener};
 use crate::proto::*;
 use crate::wire::{self, ClientOption, HandshakeViolation, InfoRequest, TransmissionParams};
 
@@ -107,6 +107,7 @@ fn open_error_reply(e: &DeviceError) -> u32 {
 struct State<'a> {
     cfg: &'a ServerConfig,
     registry: &'a dyn ExportRegistry,
+    opener: &'a Opener,
     structured: bool,
     /// Export named in the last successful `NBD_OPT_SET_META_CONTEXT`, and
     /// whether it selected `base:allocation`.
@@ -139,7 +140,7 @@ impl State<'_> {
 
     /// `NBD_OPT_INFO` / `NBD_OPT_GO`; returns the device on success.
     fn info(&mut self, option: u32, req: &InfoRequest) -> Option<Arc<dyn BlockDevice>> {
-        let dev = match self.registry.open(&req.name) {
+        let dev = match self.registry.open_by(&req.name, self.opener) {
             Ok(d) => d,
             Err(e) => {
                 self.error(option, open_error_reply(&e), &e.message);
@@ -199,6 +200,7 @@ fn read_full<S: Read>(s: &mut S, buf: &mut [u8]) -> io::Result<()> {
 pub fn negotiate<S: Read + Write>(
     stream: &mut S,
     registry: &dyn ExportRegistry,
+    opener: &Opener,
     cfg: &ServerConfig,
     shutting_down: &dyn Fn() -> bool,
 ) -> Result<Negotiated, HandshakeError> {
@@ -216,6 +218,7 @@ pub fn negotiate<S: Read + Write>(
     let mut st = State {
         cfg,
         registry,
+        opener,
         structured: false,
         meta: None,
         out: Vec::with_capacity(256),
@@ -254,12 +257,13 @@ pub fn negotiate<S: Read + Write>(
                 st.error(h.code, e.reply_type(), e.message());
             }
             Ok(ClientOption::ExportName(name)) => {
-                let dev = registry
-                    .open(&name)
-                    .map_err(|e| HandshakeError::ExportName {
-                        name: name.clone(),
-                        error: e.to_string(),
-                    })?;
+                let dev =
+                    registry
+                        .open_by(&name, opener)
+                        .map_err(|e| HandshakeError::ExportName {
+                            name: name.clone(),
+                            error: e.to_string(),
+                        })?;
                 let flags = transmission_flags(dev.as_ref(), st.structured);
                 st.out.extend_from_slice(&dev.size_bytes().to_be_bytes());
                 st.out.extend_from_slice(&flags.to_be_bytes());
@@ -420,7 +424,11 @@ mod tests {
             input: io::Cursor::new(input),
             output: Vec::new(),
         };
-        let res = negotiate(&mut s, &r, &ServerConfig::default(), &|| false);
+        let opener = Opener {
+            client: crate::ClientKey::Unknown,
+            peer: "test".into(),
+        };
+        let res = negotiate(&mut s, &r, &opener, &ServerConfig::default(), &|| false);
         (res, s.output)
     }
 

@@ -78,7 +78,7 @@ mod transmission;
 pub mod wire;
 
 pub use config::{ConfigError, ServerConfig, TlsMode};
-pub use device::{BlockDevice, DeviceError, DeviceErrorKind, ExportInfo, ExportRegistry};
+pub use device::{BlockDevice, DeviceError, DeviceErrorKind, ExportInfo, ExportRegistry, Opener};
 pub use limits::ClientKey;
 pub use mem::{MemDevice, MemRegistry};
 pub use net::{ListenAddr, Listener};

@@ -491,6 +491,7 @@ fn admit(shared: &Arc<Shared>, stream: Stream, client: ClientKey, peer: String) 
     let conn = Admitted {
         id,
         stream,
+        client,
         peer,
         activity,
         client_budget,
@@ -575,6 +576,7 @@ fn setup_socket(shared: &Shared, stream: &Stream) -> io::Result<()> {
 struct Admitted {
     id: u64,
     stream: Arc<Stream>,
+    client: ClientKey,
     peer: String,
     activity: Arc<Activity>,
     client_budget: Arc<ByteBudget>,
@@ -585,6 +587,7 @@ fn connection_main(shared: Arc<Shared>, conn: Admitted) {
     let Admitted {
         id,
         stream,
+        client,
         peer,
         activity,
         client_budget,
@@ -603,9 +606,17 @@ fn connection_main(shared: Arc<Shared>, conn: Admitted) {
             stream: &stream,
             deadline: accepted + shared.cfg.handshake_timeout,
         };
-        handshake::negotiate(&mut s, shared.registry.as_ref(), &shared.cfg, &move || {
-            sd.shutting_down.load(Ordering::SeqCst)
-        })
+        let opener = crate::device::Opener {
+            client,
+            peer: peer.clone(),
+        };
+        handshake::negotiate(
+            &mut s,
+            shared.registry.as_ref(),
+            &opener,
+            &shared.cfg,
+            &move || sd.shutting_down.load(Ordering::SeqCst),
+        )
     };
     let n = match negotiated {
         Ok(n) => n,

@@ -83,6 +83,10 @@ struct TemplatesFile {
     /// Volumes with QoS limits (`vpool vol qos`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     qos: BTreeMap<String, QosRecord>,
+    /// Volumes several NBD clients may write at once (`vpool vol share`):
+    /// name, volume id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    multi_writer: BTreeMap<String, u64>,
 }
 
 /// A volume's QoS limits (`crate::qos`).
@@ -141,6 +145,7 @@ struct Inner {
     moving: std::collections::BTreeSet<u64>,
     replicas: BTreeMap<String, ReplicaMark>,
     qos: BTreeMap<String, QosRecord>,
+    multi_writer: BTreeMap<String, u64>,
 }
 
 impl Inner {
@@ -198,20 +203,21 @@ impl Catalog {
     /// Loads the template records from the pool's store; they are saved
     /// back there on every change.
     pub fn open(store: Arc<dyn SegmentStore>) -> Result<Catalog, CatalogError> {
-        let (templates, importing, replicas, qos) = match store.get_meta(TEMPLATES_META_NAME)? {
-            None => Default::default(),
-            Some(bytes) => {
-                let f: TemplatesFile = serde_json::from_slice(&bytes)
-                    .map_err(|e| CatalogError::Corrupt(e.to_string()))?;
-                if f.version != TEMPLATES_VERSION {
-                    return Err(CatalogError::Corrupt(format!(
-                        "version {} (this vpool reads version {TEMPLATES_VERSION})",
-                        f.version
-                    )));
+        let (templates, importing, replicas, qos, multi_writer) =
+            match store.get_meta(TEMPLATES_META_NAME)? {
+                None => Default::default(),
+                Some(bytes) => {
+                    let f: TemplatesFile = serde_json::from_slice(&bytes)
+                        .map_err(|e| CatalogError::Corrupt(e.to_string()))?;
+                    if f.version != TEMPLATES_VERSION {
+                        return Err(CatalogError::Corrupt(format!(
+                            "version {} (this vpool reads version {TEMPLATES_VERSION})",
+                            f.version
+                        )));
+                    }
+                    (f.templates, f.importing, f.replicas, f.qos, f.multi_writer)
                 }
-                (f.templates, f.importing, f.replicas, f.qos)
-            }
-        };
+            };
         Ok(Catalog {
             inner: Mutex::new(Inner {
                 templates,
@@ -220,6 +226,7 @@ impl Catalog {
                 moving: Default::default(),
                 replicas,
                 qos,
+                multi_writer,
             }),
             store: Some(store),
         })
@@ -241,6 +248,7 @@ impl Catalog {
             importing: inner.importing.clone(),
             replicas: inner.replicas.clone(),
             qos: inner.qos.clone(),
+            multi_writer: inner.multi_writer.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&f)
             .map_err(|e| Error::internal(format!("encoding the template records: {e}")))?;
@@ -365,7 +373,11 @@ impl Catalog {
         if qos {
             g.qos.remove(volume);
         }
-        if g.sealed(volume, id).is_some() || importing || replica || qos {
+        let shared = g.multi_writer.get(volume) == Some(&id);
+        if shared {
+            g.multi_writer.remove(volume);
+        }
+        if g.sealed(volume, id).is_some() || importing || replica || qos || shared {
             g.templates
                 .retain(|n, t| !(n == volume && t.volume_id == id));
             if let Err(e) = self.persist(&g) {
@@ -431,6 +443,15 @@ impl Catalog {
         for (name, id) in limited {
             if !pool.volume_info(&name).is_ok_and(|i| i.id.0 == id) {
                 self.lock().qos.remove(&name);
+                changed = true;
+            }
+        }
+        let shared: Vec<(String, u64)> = (self.lock().multi_writer.iter())
+            .map(|(n, id)| (n.clone(), *id))
+            .collect();
+        for (name, id) in shared {
+            if !pool.volume_info(&name).is_ok_and(|i| i.id.0 == id) {
+                self.lock().multi_writer.remove(&name);
                 changed = true;
             }
         }
@@ -603,6 +624,33 @@ impl Catalog {
     /// Whether volume `id` is being moved (see [`Catalog::set_moving`]).
     pub fn is_moving(&self, id: u64) -> bool {
         self.lock().moving.contains(&id)
+    }
+
+    // ----- several writers -----
+
+    /// Whether several NBD clients may write `volume` (id `id`) at once.
+    pub fn multi_writer(&self, volume: &str, id: u64) -> bool {
+        self.lock().multi_writer.get(volume) == Some(&id)
+    }
+
+    /// Lets several NBD clients write `volume` (id `id`) at once, or (off)
+    /// one at a time again, durably.
+    pub fn set_multi_writer(&self, volume: &str, id: u64, on: bool) -> Result<(), Error> {
+        let mut g = self.lock();
+        let before = g.multi_writer.get(volume).copied();
+        if on {
+            g.multi_writer.insert(volume.to_string(), id);
+        } else {
+            g.multi_writer.remove(volume);
+        }
+        if let Err(e) = self.persist(&g) {
+            match before {
+                Some(b) => g.multi_writer.insert(volume.to_string(), b),
+                None => g.multi_writer.remove(volume),
+            };
+            return Err(e);
+        }
+        Ok(())
     }
 
     // ----- QoS -----

@@ -11,6 +11,8 @@
 //! - [`catalog`]: what the service keeps beside the engine: templates and
 //!   unfinished imports (persisted in the pool), and who has each volume
 //!   open over NBD (in memory).
+//! - [`writers`]: one NBD client writes a volume at a time (unless it is
+//!   shared); a second one's writes wait for the first to go.
 //! - [`exports`]: the pool's volumes and snapshots as NBD exports
 //!   (`vpool-nbd`'s `ExportRegistry`), registering each connection in the
 //!   catalog.
@@ -32,6 +34,7 @@ pub mod names;
 pub mod pool;
 pub mod qos;
 pub mod stripes;
+pub mod writers;
 
 pub use cache::{CacheControl, CacheInfo, PinInfo};
 pub use catalog::{Access, Catalog, TEMPLATE_SNAPSHOT, TemplateRecord};

@@ -43,6 +43,8 @@ pub struct VolumeView {
     pub replica: Option<crate::catalog::ReplicaMark>,
     /// Its QoS limits (empty: none).
     pub qos: crate::qos::QosLimits,
+    /// Several NBD clients may write it at once (`vpool vol share`).
+    pub multi_writer: bool,
 }
 
 /// What a flatten did.
@@ -84,12 +86,14 @@ impl PoolService {
         let incomplete = self.catalog.import_incomplete(&info.name, info.id.0);
         let replica = self.catalog.replica(&info.name, info.id.0);
         let qos = self.catalog.qos(&info.name, info.id.0);
+        let multi_writer = self.catalog.multi_writer(&info.name, info.id.0);
         VolumeView {
             info,
             template,
             incomplete,
             replica,
             qos,
+            multi_writer,
         }
     }
 
@@ -346,6 +350,13 @@ impl PoolService {
             Ok(self.pool.rollback(volume, snapshot)?)
         })?;
         Ok(self.view(info))
+    }
+
+    /// Lets several NBD clients write `volume` at once (or not).
+    pub fn set_multi_writer(&self, volume: &str, on: bool) -> Result<VolumeView> {
+        let id = self.id_of(volume)?;
+        self.catalog.set_multi_writer(volume, id, on)?;
+        self.volume(volume)
     }
 
     /// Sets (or, empty, clears) the volume's QoS limits, kept in the

@@ -315,7 +315,8 @@ fn ephemeral_volume_goes_with_its_last_client() {
         "h.pwrite(b'\\x5a' * 4096, 0)",
         "assert h.pread(4096, 0) == b'\\x5a' * 4096",
     );
-    qemu_io(&uri, &["write -P 0x11 1M 64k", "read -P 0x5a 0 4k"]);
+    // (The second reads: one client writes a volume at a time.)
+    qemu_io(&uri, &["read -P 0 1M 64k", "read -P 0x5a 0 4k"]);
     std::thread::sleep(Duration::from_millis(300));
     assert!(exists(), "deleted while a client still had it open");
     holder.finish();
@@ -518,5 +519,52 @@ fn template_refuses_nbd_writes_and_clones_work() {
     run_ok(&pool, &["snap", "create", "web2@s"]);
     run_ok(&pool, &["vol", "clone", "web2@s", "web3"]);
     assert!(compare_exports(&d.nbd_uri("web3"), &w));
+    assert!(d.terminate().success());
+}
+
+/// One writer at a time: while one client (nbdsh) has written the volume
+/// and stays connected, another process's write (qemu-io) waits; reads
+/// never do; once the first disconnects the second's write goes through.
+/// `vol share` lets both write at once.
+#[test]
+fn a_second_writer_waits_for_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let d = Daemon::start(&pool, &[]);
+    run_ok(&pool, &["vol", "create", "web1", "--size", "4M"]);
+    let uri = d.nbd_uri("web1");
+    let write_a = "h.pwrite(b'\\x11' * 4096, 0); h.flush()";
+    let mut a = Holder::start(dir.path(), "a", &uri, write_a, "");
+    qemu_io(&uri, &["read -P 0x11 0 4k"]);
+    let u = uri.clone();
+    let started = Instant::now();
+    let b = std::thread::spawn(move || qemu_io(&u, &["write -P 0x22 0 4k"]));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!b.is_finished(), "the second writer did not wait");
+    a.finish();
+    b.join()
+        .expect("the second writer failed after the first left");
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(d.client().read("web1", 0, 4096).unwrap(), vec![0x22; 4096]);
+    let log = d.log_text();
+    assert!(log.contains("a second client writes the volume"), "{log}");
+
+    // Shared: both write at once.
+    let j = run_json(&pool, &["vol", "share", "web1"]);
+    assert_eq!(j["multi_writer"], true);
+    let mut a = Holder::start(dir.path(), "a2", &uri, write_a, "");
+    let started = Instant::now();
+    qemu_io(&uri, &["write -P 0x44 4k 4k"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "a shared volume made the writer wait"
+    );
+    a.finish();
+    assert_eq!(
+        d.client().read("web1", 0, 8192).unwrap()[4096..],
+        [0x44; 4096]
+    );
+    let j = run_json(&pool, &["vol", "share", "web1", "--off"]);
+    assert!(j.get("multi_writer").is_none(), "{j}");
     assert!(d.terminate().success());
 }

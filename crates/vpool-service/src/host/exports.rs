@@ -36,6 +36,14 @@ impl HostExports {
     }
 }
 
+/// The opener of a device opened without a client (in-process callers):
+/// they all count as one client.
+static IN_PROCESS: std::sync::LazyLock<vpool_nbd::Opener> =
+    std::sync::LazyLock::new(|| vpool_nbd::Opener {
+        client: vpool_nbd::ClientKey::Unknown,
+        peer: "in-process".into(),
+    });
+
 impl vpool_nbd::ExportRegistry for HostExports {
     fn list(&self) -> Vec<vpool_nbd::ExportInfo> {
         let mut out = Vec::new();
@@ -65,11 +73,20 @@ impl vpool_nbd::ExportRegistry for HostExports {
         &self,
         name: &str,
     ) -> std::result::Result<Arc<dyn vpool_nbd::BlockDevice>, vpool_nbd::DeviceError> {
+        self.open_by(name, &IN_PROCESS)
+    }
+
+    fn open_by(
+        &self,
+        name: &str,
+        by: &vpool_nbd::Opener,
+    ) -> std::result::Result<Arc<dyn vpool_nbd::BlockDevice>, vpool_nbd::DeviceError> {
         let (pool, image) = crate::names::split_pool(name);
         let dev = self.open_device(pool, image)?;
         let volume = image.split('@').next().unwrap_or(image);
         // Every device of a volume (not of a snapshot) goes through its
-        // buckets, limited or not, so that limits set later apply to it.
+        // buckets, limited or not, so that limits set later apply to it,
+        // and through its one-writer gate.
         let dev = match self.host.serving_pool(pool, volume) {
             Ok(ctx) if !image.contains('@') => match ctx.service.volume(volume) {
                 Ok(v) => {
@@ -77,7 +94,12 @@ impl vpool_nbd::ExportRegistry for HostExports {
                     let service = &ctx.service;
                     let read = || service.volume(volume).map(|v| v.qos).unwrap_or_default();
                     let key = (name, volume, v.info.id.0);
-                    self.host.throttles.wrap(key, read, dev)
+                    let dev = self.host.throttles.wrap(key, read, dev);
+                    if dev.read_only() {
+                        dev
+                    } else {
+                        self.host.writers.wrap(key, by, v.multi_writer, dev)
+                    }
                 }
                 Err(_) => dev,
             },

@@ -356,6 +356,8 @@ pub struct Host {
     meters: crate::metrics::Meters,
     /// The QoS buckets of every volume served (`vpool vol qos`).
     throttles: crate::qos::Throttles,
+    /// The one writer of each volume served (`crate::writers`).
+    writers: Arc<crate::writers::Writers>,
 }
 
 impl Host {
@@ -439,6 +441,7 @@ impl Host {
             schedules: schedule::Schedules::new(home),
             meters: crate::metrics::Meters::default(),
             throttles: crate::qos::Throttles::default(),
+            writers: Arc::default(),
         }
     }
 
@@ -881,6 +884,28 @@ impl Host {
             Some(sh) => sh.family(volume),
             None => self.volume_pool(pool, volume),
         }
+    }
+
+    /// Lets several NBD clients write `volume` of `pool` at once (or one at
+    /// a time again): kept in its pool; clients waiting to write are let in.
+    pub fn set_multi_writer(
+        &self,
+        pool: Option<&str>,
+        volume: &str,
+        on: bool,
+    ) -> Result<crate::pool::VolumeView> {
+        let ctx = self.serving_pool(pool, volume)?;
+        let view = ctx.service.set_multi_writer(volume, on)?;
+        let name = pool.unwrap_or(&self.default);
+        self.writers.set_shared((name, volume, view.info.id.0), on);
+        tracing::info!(
+            pool = name,
+            volume,
+            multi_writer = on,
+            "several writers {}",
+            if on { "allowed" } else { "refused" }
+        );
+        Ok(view)
     }
 
     /// Sets (or, empty, clears) the QoS limits of `volume` of `pool`: kept

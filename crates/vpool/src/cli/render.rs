@@ -562,6 +562,9 @@ pub fn render_volume_info(v: &VolumeInfo) -> String {
             "INCOMPLETE: an import into it did not finish; NBD does not serve it until it is imported again or deleted\n",
         );
     }
+    if v.multi_writer {
+        out.push_str("writers:    several at once (vpool vol share --off: one)\n");
+    }
     if let Some(q) = &v.qos {
         out.push_str(&format!(
             "qos:        {}\n",

@@ -343,6 +343,7 @@ fn renders_a_table() {
         replica_of: None,
         replica_point: None,
         qos: None,
+        multi_writer: false,
         exclusive_bytes: Some(1 << 29),
         shared_bytes: Some(1 << 30),
     };

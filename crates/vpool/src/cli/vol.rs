@@ -148,6 +148,16 @@ pub enum VolCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Let several NBD clients write a volume at once (a shared disk, a
+    /// cluster filesystem); by default one client writes at a time and a
+    /// second one's writes wait for it to disconnect (30 s), then fail.
+    Share {
+        /// [POOL/]VOLUME.
+        name: String,
+        /// One writer at a time again.
+        #[arg(long)]
+        off: bool,
+    },
     /// Limit a volume's NBD requests a second and bytes a second, at once
     /// for the clients connected (as QEMU's throttle groups); with no
     /// limit given, show them. Kept with the volume.
@@ -323,6 +333,16 @@ pub(super) fn run(
             })
         }
         VolCommand::List { pool, all } => list(client, out, pool.as_deref(), *all),
+        VolCommand::Share { name, off } => {
+            let info = client.set_multi_writer(name, !off)?;
+            out.emit(&info, |i| match i.multi_writer {
+                true => format!(
+                    "volume {}: several NBD clients may write it at once",
+                    i.name
+                ),
+                false => format!("volume {}: one NBD client writes it at a time", i.name),
+            })
+        }
         VolCommand::Info {
             name,
             libvirt,
