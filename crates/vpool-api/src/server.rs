@@ -1067,7 +1067,8 @@ async fn list_snapshots(
     At { ctx, name, .. }: At,
 ) -> Result<Json<SnapshotList>, ApiError> {
     let (svc, n) = (ctx.service.clone(), name.clone());
-    let snaps = service(move || svc.list_snapshots(&n)).await?;
+    let (snaps, times) =
+        service(move || Ok((svc.list_snapshots(&n)?, svc.snapshot_times(&n)?))).await?;
     let space: std::collections::HashMap<String, vpool_engine::ImageSpace> =
         match space_of(&ctx.service, &name, s.limits.space_accounting_timeout).await? {
             Some(sp) => sp.snapshots.into_iter().collect(),
@@ -1078,7 +1079,9 @@ async fn list_snapshots(
             .into_iter()
             .map(|e| {
                 let sp = space.get(&e.name).copied();
+                let created = times.get(&e.name).copied();
                 let mut out = SnapshotInfo::from(e);
+                out.created_unix_ms = created;
                 out.exclusive_bytes = sp.map(|x| x.exclusive_bytes);
                 out.shared_bytes = sp.map(|x| x.shared_bytes);
                 out
@@ -1091,9 +1094,16 @@ async fn create_snapshot(
     At { ctx, name, .. }: At,
     ApiJson(req): ApiJson<CreateSnapshotRequest>,
 ) -> Result<Response, ApiError> {
-    let snap = service(move || ctx.service.create_snapshot(&name, &req.name)).await?;
+    let (snap, at) = service(move || {
+        let snap = ctx.service.create_snapshot(&name, &req.name)?;
+        let at = ctx.service.snapshot_times(&name)?.get(&snap.name).copied();
+        Ok((snap, at))
+    })
+    .await?;
     let loc = routes::snapshot(&snap.volume, &snap.name);
-    Ok(created(SnapshotInfo::from(snap), &loc))
+    let mut info = SnapshotInfo::from(snap);
+    info.created_unix_ms = at;
+    Ok(created(info, &loc))
 }
 
 async fn snapshot_info(
@@ -1101,8 +1111,14 @@ async fn snapshot_info(
         ctx, name, snap, ..
     }: At,
 ) -> Result<Json<SnapshotInfo>, ApiError> {
-    let info = service(move || ctx.service.snapshot(&name, &snap)).await?;
-    Ok(Json(info.into()))
+    let (info, at) = service(move || {
+        let at = ctx.service.snapshot_times(&name)?.get(&snap).copied();
+        Ok((ctx.service.snapshot(&name, &snap)?, at))
+    })
+    .await?;
+    let mut info = SnapshotInfo::from(info);
+    info.created_unix_ms = at;
+    Ok(Json(info))
 }
 
 async fn delete_snapshot(

@@ -523,6 +523,10 @@ pub struct SnapshotInfo {
     pub allocated_bytes: u64,
     /// Log sequence number at which it was taken: orders the snapshots.
     pub seq: u64,
+    /// When it was taken (Unix ms); none for snapshots taken by an earlier
+    /// release or copied in from another pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_unix_ms: Option<u64>,
     /// Of `allocated_bytes`: bytes only this snapshot holds (freed if it is
     /// deleted), and bytes it shares with the volume, other snapshots or
     /// clones. Filled in by `GET /v1/volumes/{name}/snapshots`.
@@ -540,6 +544,7 @@ impl From<vpool_engine::SnapshotInfo> for SnapshotInfo {
             size_bytes: s.size_bytes,
             allocated_bytes: s.allocated_bytes,
             seq: s.seq,
+            created_unix_ms: None,
             exclusive_bytes: None,
             shared_bytes: None,
         }

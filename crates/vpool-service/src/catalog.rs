@@ -87,6 +87,11 @@ struct TemplatesFile {
     /// name, volume id.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     multi_writer: BTreeMap<String, u64>,
+    /// When each snapshot was taken (volume id: snapshot name: Unix ms);
+    /// the engine's records carry no wall-clock time. Snapshots taken by
+    /// an earlier release have none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    snapshot_times: BTreeMap<u64, BTreeMap<String, u64>>,
 }
 
 /// A volume's QoS limits (`crate::qos`).
@@ -146,6 +151,7 @@ struct Inner {
     replicas: BTreeMap<String, ReplicaMark>,
     qos: BTreeMap<String, QosRecord>,
     multi_writer: BTreeMap<String, u64>,
+    snapshot_times: BTreeMap<u64, BTreeMap<String, u64>>,
 }
 
 impl Inner {
@@ -203,7 +209,7 @@ impl Catalog {
     /// Loads the template records from the pool's store; they are saved
     /// back there on every change.
     pub fn open(store: Arc<dyn SegmentStore>) -> Result<Catalog, CatalogError> {
-        let (templates, importing, replicas, qos, multi_writer) =
+        let (templates, importing, replicas, qos, multi_writer, snapshot_times) =
             match store.get_meta(TEMPLATES_META_NAME)? {
                 None => Default::default(),
                 Some(bytes) => {
@@ -215,7 +221,14 @@ impl Catalog {
                             f.version
                         )));
                     }
-                    (f.templates, f.importing, f.replicas, f.qos, f.multi_writer)
+                    (
+                        f.templates,
+                        f.importing,
+                        f.replicas,
+                        f.qos,
+                        f.multi_writer,
+                        f.snapshot_times,
+                    )
                 }
             };
         Ok(Catalog {
@@ -227,6 +240,7 @@ impl Catalog {
                 replicas,
                 qos,
                 multi_writer,
+                snapshot_times,
             }),
             store: Some(store),
         })
@@ -249,6 +263,7 @@ impl Catalog {
             replicas: inner.replicas.clone(),
             qos: inner.qos.clone(),
             multi_writer: inner.multi_writer.clone(),
+            snapshot_times: inner.snapshot_times.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&f)
             .map_err(|e| Error::internal(format!("encoding the template records: {e}")))?;
@@ -377,7 +392,8 @@ impl Catalog {
         if shared {
             g.multi_writer.remove(volume);
         }
-        if g.sealed(volume, id).is_some() || importing || replica || qos || shared {
+        let timed = g.snapshot_times.remove(&id).is_some();
+        if g.sealed(volume, id).is_some() || importing || replica || qos || shared || timed {
             g.templates
                 .retain(|n, t| !(n == volume && t.volume_id == id));
             if let Err(e) = self.persist(&g) {
@@ -624,6 +640,47 @@ impl Catalog {
     /// Whether volume `id` is being moved (see [`Catalog::set_moving`]).
     pub fn is_moving(&self, id: u64) -> bool {
         self.lock().moving.contains(&id)
+    }
+
+    // ----- snapshot times -----
+
+    /// Records that snapshot `name` of volume id `id` was taken at
+    /// `unix_ms`. A failure to save is logged, not returned: the snapshot
+    /// exists either way, and only its time would be missing.
+    pub fn note_snapshot(&self, id: u64, name: &str, unix_ms: u64) {
+        let mut g = self.lock();
+        g.snapshot_times
+            .entry(id)
+            .or_default()
+            .insert(name.to_string(), unix_ms);
+        if let Err(e) = self.persist(&g) {
+            tracing::warn!(snapshot = name, error = %e, "could not save the snapshot's time");
+        }
+    }
+
+    /// Forgets the time of snapshot `name` of volume id `id` (deleted).
+    pub fn forget_snapshot(&self, id: u64, name: &str) {
+        let mut g = self.lock();
+        let Some(times) = g.snapshot_times.get_mut(&id) else {
+            return;
+        };
+        if times.remove(name).is_some() {
+            if times.is_empty() {
+                g.snapshot_times.remove(&id);
+            }
+            if let Err(e) = self.persist(&g) {
+                tracing::warn!(snapshot = name, error = %e, "could not save the snapshot times");
+            }
+        }
+    }
+
+    /// When the snapshots of volume id `id` were taken (those known).
+    pub fn snapshot_times(&self, id: u64) -> BTreeMap<String, u64> {
+        self.lock()
+            .snapshot_times
+            .get(&id)
+            .cloned()
+            .unwrap_or_default()
     }
 
     // ----- several writers -----

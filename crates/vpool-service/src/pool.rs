@@ -282,8 +282,20 @@ impl PoolService {
             )));
         }
         // A move copies the snapshots there were when it began.
-        self.refuse_moving(volume, self.id_of(volume)?, "a snapshot")?;
-        Ok(self.pool.create_snapshot(volume, name)?)
+        let id = self.id_of(volume)?;
+        self.refuse_moving(volume, id, "a snapshot")?;
+        let info = self.pool.create_snapshot(volume, name)?;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.catalog.note_snapshot(id, name, now_ms);
+        Ok(info)
+    }
+
+    /// When the snapshots of `volume` were taken, by name (snapshots taken
+    /// by an earlier release, or copied in by a move, have none).
+    pub fn snapshot_times(&self, volume: &str) -> Result<std::collections::BTreeMap<String, u64>> {
+        Ok(self.catalog.snapshot_times(self.id_of(volume)?))
     }
 
     /// Refused for a template's image snapshot (delete the template).
@@ -303,7 +315,9 @@ impl PoolService {
                 ),
             ));
         }
-        Ok(self.pool.delete_snapshot(volume, name)?)
+        self.pool.delete_snapshot(volume, name)?;
+        self.catalog.forget_snapshot(id, name);
+        Ok(())
     }
 
     /// Refuses `what` on volume `volume` (id `id`) while a move works on

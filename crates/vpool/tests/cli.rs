@@ -900,10 +900,47 @@ fn snapshot_commands() {
         "created snapshot web1@before-upgrade (4 MiB, 1 MiB of data)\n"
     );
     c.write("web1", 0, &[2u8; 4096], false).unwrap();
+    let before_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
     let s = run_json(&pool, &["snap", "create", "web1@b"]);
     assert_eq!(s["volume"], "web1");
     assert_eq!(s["name"], "b");
     assert_eq!(s["size_bytes"], 4 * MIB);
+    // Its creation time: in the answer and in the list.
+    let at = s["created_unix_ms"].as_u64().expect("a creation time");
+    assert!(
+        at >= before_ms && at < before_ms + 60_000,
+        "{at} vs {before_ms}"
+    );
+    let l = run_json(&pool, &["snap", "list", "web1"]);
+    assert_eq!(l["snapshots"][1]["created_unix_ms"], at, "{l}");
+    let text = run_ok(&pool, &["snap", "list", "web1"]);
+    assert!(
+        text.contains("CREATED (UTC)") && text.contains(" 20"),
+        "{text}"
+    );
+    // Every snapshot of the pool, in the order taken.
+    run_ok(&pool, &["vol", "create", "db", "--size", "4M"]);
+    run_ok(&pool, &["snap", "create", "db@one"]);
+    let all = run_json(&pool, &["snap", "list", "--all"]);
+    let names: Vec<String> = all["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            format!(
+                "{}@{}",
+                s["volume"].as_str().unwrap(),
+                s["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(names, ["web1@before-upgrade", "web1@b", "db@one"]);
+    let text = run_ok(&pool, &["snap", "list", "--all"]);
+    assert!(text.starts_with("VOLUME"), "{text}");
+    run_ok(&pool, &["vol", "delete", "db"]);
     // One syntax: VOLUME@SNAPSHOT.
     let err = run_err(&pool, &["snap", "create", "web1"]);
     assert!(err.contains("VOLUME@SNAPSHOT"), "{err}");
@@ -922,7 +959,7 @@ fn snapshot_commands() {
     let lines: Vec<&str> = t.lines().collect();
     assert_eq!(lines.len(), 3, "{t}");
     assert!(
-        lines[0].starts_with("NAME") && lines[0].ends_with("SEQ"),
+        lines[0].starts_with("NAME") && lines[0].ends_with("SEQ  CREATED (UTC)"),
         "{t}"
     );
     assert!(

@@ -51,7 +51,7 @@ pub use exports::HostExports;
 pub use file::{HOST_FILE, listed_pools};
 pub use forward::ForwardDevice;
 pub use peers::HostPeers;
-pub use replica::{ReplicaSpec, ReplicaStatus};
+pub use replica::{ReplicaSpec, ReplicaStatus, utc_text};
 pub use schedule::{ScheduleInfo, ScheduleSpec};
 pub use shared::{FamilyOwner, MAX_OWNED, SharedCtx, SharedStore, SharedVolumeStatus};
 /// Most pools a host holds (each holds a lock, descriptors, threads).

@@ -818,6 +818,20 @@ pub(super) fn utc_stamp(unix_ms: u64) -> String {
     )
 }
 
+/// `unix_ms` as `YYYY-MM-DD HH:MM:SS` UTC, for people (`snap list`).
+pub fn utc_text(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let days = i64::try_from(secs / 86_400).expect("u64 days fit");
+    let (y, m, d) = civil_from_days(days);
+    let s = secs % 86_400;
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
+}
+
 /// The date of the `days`th day since 1970-01-01 (Howard Hinnant's
 /// `civil_from_days`).
 fn civil_from_days(days: i64) -> (i64, u32, u32) {
@@ -836,6 +850,12 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utc_text_reads_as_a_date() {
+        assert_eq!(utc_text(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_text(1_796_672_045_123), "2026-12-07 19:34:05");
+    }
 
     #[test]
     fn point_names_are_utc_times() {

@@ -272,27 +272,64 @@ pub fn render_snapshot_table(volume: &str, snaps: &[SnapshotInfo]) -> String {
     if snaps.is_empty() {
         return format!("no snapshots of {volume}\n");
     }
+    let rows: Vec<Vec<String>> = snaps.iter().map(snapshot_row).collect();
+    render_table(
+        &[
+            "NAME",
+            "SIZE",
+            "ALLOCATED",
+            "EXCLUSIVE",
+            "SHARED",
+            "SEQ",
+            "CREATED (UTC)",
+        ],
+        &rows,
+    )
+}
+
+/// `snap list --all`: every snapshot of a pool, with its volume.
+pub fn render_pool_snapshots(pool: &str, snaps: &[SnapshotInfo]) -> String {
+    if snaps.is_empty() {
+        return format!("no snapshots in {pool}\n");
+    }
     let rows: Vec<Vec<String>> = snaps
         .iter()
         .map(|s| {
-            vec![
-                s.name.clone(),
-                format_size(s.size_bytes),
-                format_size(s.allocated_bytes),
-                s.exclusive_bytes
-                    .map(format_size)
-                    .unwrap_or_else(|| "-".into()),
-                s.shared_bytes
-                    .map(format_size)
-                    .unwrap_or_else(|| "-".into()),
-                s.seq.to_string(),
-            ]
+            let mut row = vec![s.volume.clone()];
+            row.extend(snapshot_row(s));
+            row
         })
         .collect();
     render_table(
-        &["NAME", "SIZE", "ALLOCATED", "EXCLUSIVE", "SHARED", "SEQ"],
+        &[
+            "VOLUME",
+            "NAME",
+            "SIZE",
+            "ALLOCATED",
+            "EXCLUSIVE",
+            "SHARED",
+            "SEQ",
+            "CREATED (UTC)",
+        ],
         &rows,
     )
+}
+
+/// A snapshot's cells: name, sizes, sequence, creation time (`-` when not
+/// known: taken by an earlier release or copied in).
+fn snapshot_row(s: &SnapshotInfo) -> Vec<String> {
+    let size_or_dash = |b: Option<u64>| b.map(format_size).unwrap_or_else(|| "-".into());
+    vec![
+        s.name.clone(),
+        format_size(s.size_bytes),
+        format_size(s.allocated_bytes),
+        size_or_dash(s.exclusive_bytes),
+        size_or_dash(s.shared_bytes),
+        s.seq.to_string(),
+        s.created_unix_ms
+            .map(vpool_service::host::utc_text)
+            .unwrap_or_else(|| "-".into()),
+    ]
 }
 
 /// The `vol diff` text: one line per changed extent and a summary.

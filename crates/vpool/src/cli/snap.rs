@@ -3,7 +3,9 @@
 use clap::Subcommand;
 use vpool_api::Client;
 
-use super::{Output, hint_force, parse_snapshot_name, render_snapshot_table};
+use super::{
+    Output, hint_force, parse_snapshot_name, render_pool_snapshots, render_snapshot_table,
+};
 use crate::size::format_size;
 
 #[derive(Debug, Subcommand)]
@@ -13,10 +15,19 @@ pub enum SnapCommand {
         /// VOLUME@SNAPSHOT
         snapshot: String,
     },
-    /// List a volume's snapshots, oldest first.
+    /// List a volume's snapshots, oldest first, with their creation times;
+    /// `--all`: every snapshot of a pool.
     List {
         /// [POOL/]VOLUME.
-        volume: String,
+        #[arg(required_unless_present = "all")]
+        volume: Option<String>,
+        /// Every snapshot of the pool (`--pool`, or the default pool),
+        /// with its volume, oldest first.
+        #[arg(long, conflicts_with = "volume")]
+        all: bool,
+        /// With --all: the pool.
+        #[arg(long, value_name = "POOL", requires = "all")]
+        pool: Option<String>,
     },
     /// Delete a snapshot (refused while clones were made from it).
     Delete {
@@ -50,7 +61,10 @@ pub(super) fn run(client: &Client, out: Output, cmd: &SnapCommand) -> anyhow::Re
                 )
             })
         }
-        SnapCommand::List { volume } => {
+        SnapCommand::List { volume, all, pool } => {
+            let Some(volume) = volume.as_deref().filter(|_| !all) else {
+                return list_pool(client, out, pool.as_deref());
+            };
             let snaps = client.list_snapshots(volume)?;
             out.emit(&vpool_api::SnapshotList { snapshots: snaps }, |l| {
                 render_snapshot_table(volume, &l.snapshots)
@@ -75,4 +89,19 @@ pub(super) fn run(client: &Client, out: Output, cmd: &SnapCommand) -> anyhow::Re
             })
         }
     }
+}
+
+/// `snap list --all`: every snapshot of `pool` (`None`: the default
+/// pool's), in the order they were taken (the pool's log sequence).
+fn list_pool(client: &Client, out: Output, pool: Option<&str>) -> anyhow::Result<()> {
+    let in_pool = client.clone().in_pool(pool);
+    let mut snapshots = Vec::new();
+    for v in in_pool.list_volumes()?.iter().filter(|v| v.snapshots > 0) {
+        snapshots.extend(in_pool.list_snapshots(&v.name)?);
+    }
+    snapshots.sort_by_key(|s| s.seq);
+    let name = pool.unwrap_or("the default pool").to_string();
+    out.emit(&vpool_api::SnapshotList { snapshots }, |l| {
+        render_pool_snapshots(&name, &l.snapshots)
+    })
 }

@@ -418,15 +418,21 @@ fn renders_diffs_and_snapshot_tables() {
         size_bytes: 1 << 30,
         allocated_bytes: 0,
         seq: 17,
+        created_unix_ms: Some(1_796_672_045_123),
         exclusive_bytes: Some(0),
         shared_bytes: None,
     };
-    let t = render_snapshot_table("w", &[s]);
+    let t = render_snapshot_table("w", std::slice::from_ref(&s));
     assert!(
-        t.starts_with("NAME  SIZE   ALLOCATED  EXCLUSIVE  SHARED  SEQ\n"),
+        t.starts_with("NAME  SIZE   ALLOCATED  EXCLUSIVE  SHARED  SEQ  CREATED (UTC)\n"),
         "{t}"
     );
-    assert!(t.contains("0 B        -       17"), "{t}");
+    assert!(
+        t.contains("0 B        -       17   2026-12-07 19:34:05"),
+        "{t}"
+    );
+    let all = render_pool_snapshots("local", &[s]);
+    assert!(all.starts_with("VOLUME  NAME  SIZE"), "{all}");
     assert_eq!(render_snapshot_table("w", &[]), "no snapshots of w\n");
 }
 
