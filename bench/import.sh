@@ -33,9 +33,11 @@ work=${BENCH_DIR:-$PWD/bench/out/import}
 rm -rf "$work"; mkdir -p "$work"
 home=$work/home
 export VPOOL_CONFIG=/dev/null
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; wait "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
 "$vpool" --home "$home" serve >"$work/serve.log" 2>&1 &
-pid=$!
-trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
+pids+=($!)
 for _ in $(seq 300); do "$vpool" --home "$home" pool list >/dev/null 2>&1 && break; sleep 0.1; done
 
 # The image: SIZE virtual, every fourth MiB random.
@@ -50,7 +52,7 @@ PY
 qemu-img convert -q -f raw -O qcow2 "$work/src.raw" "$work/img.qcow2"
 bytes=$(stat -c %s "$work/src.raw")
 
-secs() { local t=$(date +%s.%N); "$@" >/dev/null; awk -v a="$t" -v b="$(date +%s.%N)" 'BEGIN { printf "%.3f", b - a }'; }
+secs() { local t=$(date +%s.%N); "$@" >/dev/null || { echo "import: $* failed" >&2; return 1; }; awk -v a="$t" -v b="$(date +%s.%N)" 'BEGIN { printf "%.3f", b - a }'; }
 run_vpool() { "$vpool" --home "$home" vol import "v$1" "$work/img.qcow2"; }
 run_nbd() {
   "$vpool" --home "$home" vol create "n$1" --size "$bytes" >/dev/null
@@ -68,8 +70,12 @@ for r in $(seq "$rounds"); do
   echo "import round=$r vpool_s=$a qemu_img_to_nbd_s=$b qemu_img_to_file_s=$c"
   v+=("$a"); n+=("$b"); f+=("$c")
 done
-"$vpool" --home "$home" vol export v1 "$work/check.raw" >/dev/null
-qemu-img compare -q -f raw -F raw "$work/src.raw" "$work/check.raw" && echo "import: v1 equals the image"
+for v in v1 n1; do
+  "$vpool" --home "$home" vol export "$v" "$work/check.raw" --force >/dev/null
+  qemu-img compare -q -f raw -F raw "$work/src.raw" "$work/check.raw" ||
+    { echo "import: volume $v differs from the image" >&2; exit 1; }
+done
+echo "import: v1 and n1 equal the image"
 python3 - "${v[*]}" "${n[*]}" "${f[*]}" <<'PY'
 import statistics, sys
 v, n, f = ([float(x) for x in a.split()] for a in sys.argv[1:4])

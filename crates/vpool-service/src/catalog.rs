@@ -356,7 +356,15 @@ impl Catalog {
             && let Err(e) = pool.create_snapshot(volume, TEMPLATE_SNAPSHOT)
         {
             if !resume {
-                self.forget(volume, id);
+                // Only the record this seal made: the volume, its QoS,
+                // sharing and snapshot times stay.
+                let mut g = self.lock();
+                if g.sealed(volume, id).is_some() {
+                    g.templates.remove(volume);
+                    if let Err(e) = self.persist(&g) {
+                        tracing::warn!(volume, error = %e, "could not save the template records");
+                    }
+                }
             }
             return Err(e.into());
         }
@@ -471,6 +479,15 @@ impl Catalog {
                 changed = true;
             }
         }
+        // Times of volumes gone without a `forget` (ephemeral ones go at
+        // their last close, and at a restart).
+        let ids: std::collections::HashSet<u64> =
+            pool.list_volumes().iter().map(|v| v.id.0).collect();
+        let mut g = self.lock();
+        let before = g.snapshot_times.len();
+        g.snapshot_times.retain(|id, _| ids.contains(id));
+        changed |= g.snapshot_times.len() != before;
+        drop(g);
         if changed {
             let g = self.lock();
             self.persist(&g)?;

@@ -92,14 +92,22 @@ pub(super) fn run(client: &Client, out: Output, cmd: &SnapCommand) -> anyhow::Re
 }
 
 /// `snap list --all`: every snapshot of `pool` (`None`: the default
-/// pool's), in the order they were taken (the pool's log sequence).
+/// pool's), in the order they were taken. Of a shared pool: the volumes
+/// this host owns (as `vol list` shows them).
 fn list_pool(client: &Client, out: Output, pool: Option<&str>) -> anyhow::Result<()> {
     let in_pool = client.clone().in_pool(pool);
     let mut snapshots = Vec::new();
     for v in in_pool.list_volumes()?.iter().filter(|v| v.snapshots > 0) {
-        snapshots.extend(in_pool.list_snapshots(&v.name)?);
+        match in_pool.list_snapshots(&v.name) {
+            Ok(s) => snapshots.extend(s),
+            // Deleted since the volume list.
+            Err(e) if e.kind() == Some(vpool_api::ErrorKind::NotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
-    snapshots.sort_by_key(|s| s.seq);
+    // By time where known (the volumes of a shared pool have logs of
+    // their own), then by the log's order.
+    snapshots.sort_by_key(|s| (s.created_unix_ms.unwrap_or(0), s.seq));
     let name = pool.unwrap_or("the default pool").to_string();
     out.emit(&vpool_api::SnapshotList { snapshots }, |l| {
         render_pool_snapshots(&name, &l.snapshots)
