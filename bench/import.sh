@@ -70,10 +70,10 @@ for r in $(seq "$rounds"); do
   echo "import round=$r vpool_s=$a qemu_img_to_nbd_s=$b qemu_img_to_file_s=$c"
   v+=("$a"); n+=("$b"); f+=("$c")
 done
-for v in v1 n1; do
-  "$vpool" --home "$home" vol export "$v" "$work/check.raw" --force >/dev/null
+for vol in v1 n1; do
+  "$vpool" --home "$home" vol export "$vol" "$work/check.raw" --force >/dev/null
   qemu-img compare -q -f raw -F raw "$work/src.raw" "$work/check.raw" ||
-    { echo "import: volume $v differs from the image" >&2; exit 1; }
+    { echo "import: volume $vol differs from the image" >&2; exit 1; }
 done
 echo "import: v1 and n1 equal the image"
 python3 - "${v[*]}" "${n[*]}" "${f[*]}" <<'PY'
