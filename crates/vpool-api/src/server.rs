@@ -1021,6 +1021,7 @@ async fn volume_info(
     let mut info = VolumeInfo::from(view);
     info.exclusive_bytes = space.as_ref().map(|sp| sp.volume.exclusive_bytes);
     info.shared_bytes = space.as_ref().map(|sp| sp.volume.shared_bytes);
+    info.writer = s.host.volume_writer(&ctx.name, &info.name, info.id);
     Ok(Json(info))
 }
 

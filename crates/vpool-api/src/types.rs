@@ -53,6 +53,11 @@ pub struct VolumeInfo {
     /// otherwise one client writes at a time.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub multi_writer: bool,
+    /// The NBD client that writes it on this host now (`unix pid P uid U
+    /// (for N s)`, or a TCP address): a second client's writes wait for it
+    /// to go. Only in `GET /v1/volumes/{name}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
     /// Of `allocated_bytes`: bytes no snapshot or clone shares (freed if the
     /// volume is deleted), and bytes shared. Only in `GET
     /// /v1/volumes/{name}` (they cost a walk of the maps).
@@ -80,6 +85,7 @@ impl From<vpool_engine::VolumeInfo> for VolumeInfo {
             replica_point: None,
             qos: None,
             multi_writer: false,
+            writer: None,
             exclusive_bytes: None,
             shared_bytes: None,
         }

@@ -132,6 +132,17 @@ impl Writers {
         }
     }
 
+    /// Who writes volume `key` now, and for how long: `None` when no
+    /// client has written it since its writer last changed.
+    pub fn writer_of(&self, key: (&str, &str, u64)) -> Option<(String, Duration)> {
+        let key: Key = (key.0.to_string(), key.1.to_string(), key.2);
+        let gate = lock(&self.gates).get(&key).cloned()?;
+        let st = lock(&gate.state);
+        st.writer
+            .as_ref()
+            .map(|(_, peer, since)| (peer.clone(), since.elapsed()))
+    }
+
     /// Volumes with open devices here (a bound: the daemon's connections).
     pub fn len(&self) -> usize {
         lock(&self.gates).len()

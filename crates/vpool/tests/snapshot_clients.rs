@@ -536,6 +536,10 @@ fn a_second_writer_waits_for_the_first() {
     let write_a = "h.pwrite(b'\\x11' * 4096, 0); h.flush()";
     let mut a = Holder::start(dir.path(), "a", &uri, write_a, "");
     qemu_io(&uri, &["read -P 0x11 0 4k"]);
+    // vol info names the writer.
+    let info = run_json(&pool, &["vol", "info", "web1"]);
+    let writer = info["writer"].as_str().expect("a writer");
+    assert!(writer.starts_with("unix pid "), "{info}");
     let u = uri.clone();
     let started = Instant::now();
     let b = std::thread::spawn(move || qemu_io(&u, &["write -P 0x22 0 4k"]));
@@ -544,6 +548,11 @@ fn a_second_writer_waits_for_the_first() {
     a.finish();
     b.join()
         .expect("the second writer failed after the first left");
+    let info = run_json(&pool, &["vol", "info", "web1"]);
+    assert!(
+        info.get("writer").is_none(),
+        "the writer outlived its client: {info}"
+    );
     assert!(started.elapsed() >= Duration::from_millis(1500));
     assert_eq!(d.client().read("web1", 0, 4096).unwrap(), vec![0x22; 4096]);
     let log = d.log_text();

@@ -886,6 +886,13 @@ impl Host {
         }
     }
 
+    /// The NBD client that writes volume `volume` (id `id`) of pool
+    /// `pool` here, and since when, for `vol info`.
+    pub fn volume_writer(&self, pool: &str, volume: &str, id: u64) -> Option<String> {
+        let (peer, for_) = self.writers.writer_of((pool, volume, id))?;
+        Some(format!("{peer} (for {} s)", for_.as_secs()))
+    }
+
     /// Lets several NBD clients write `volume` of `pool` at once (or one at
     /// a time again): kept in its pool; clients waiting to write are let in.
     pub fn set_multi_writer(

@@ -602,6 +602,9 @@ pub fn render_volume_info(v: &VolumeInfo) -> String {
     if v.multi_writer {
         out.push_str("writers:    several at once (vpool vol share --off: one)\n");
     }
+    if let Some(w) = &v.writer {
+        out.push_str(&format!("writer:     {w}\n"));
+    }
     if let Some(q) = &v.qos {
         out.push_str(&format!(
             "qos:        {}\n",

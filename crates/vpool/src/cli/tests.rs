@@ -344,6 +344,7 @@ fn renders_a_table() {
         replica_point: None,
         qos: None,
         multi_writer: false,
+        writer: None,
         exclusive_bytes: Some(1 << 29),
         shared_bytes: Some(1 << 30),
     };
