@@ -403,6 +403,14 @@ fn write_nonzero(
     Ok(sent)
 }
 
+/// The size of volume `name`, or of its `snapshot`.
+fn image_size(client: &Client, name: &str, snapshot: Option<&str>) -> anyhow::Result<u64> {
+    Ok(match snapshot {
+        Some(s) => client.snapshot_info(name, s)?.size_bytes,
+        None => client.volume_info(name)?.size_bytes,
+    })
+}
+
 /// Reads until `buf` is full or the file ends; returns the bytes read.
 fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let mut got = 0;
@@ -430,10 +438,7 @@ pub fn export(
     if path == Path::new("-") {
         return stream::export_stdout(client, name, snapshot, show_progress);
     }
-    let size = match snapshot {
-        Some(s) => client.snapshot_info(name, s)?.size_bytes,
-        None => client.volume_info(name)?.size_bytes,
-    };
+    let size = image_size(client, name, snapshot)?;
     let mut opts = OpenOptions::new();
     opts.write(true);
     if force {

@@ -217,6 +217,11 @@ fn parse_diff_images<'a>(
 
 /// Adds the flag that overrides an `in_use` refusal to the daemon's message.
 fn hint_force(e: ClientError) -> ClientError {
+    hint_override(e, "pass --force to do it anyway")
+}
+
+/// Adds `hint` (how to override it) to an `in_use` refusal for NBD clients.
+fn hint_override(e: ClientError, hint: &str) -> ClientError {
     match e {
         ClientError::Api {
             status,
@@ -226,7 +231,7 @@ fn hint_force(e: ClientError) -> ClientError {
             status,
             kind,
             message: format!(
-                "{}; pass --force to do it anyway",
+                "{}; {hint}",
                 message.trim_end_matches(" (or ask with force=true)")
             ),
         },

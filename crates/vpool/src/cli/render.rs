@@ -300,20 +300,21 @@ pub fn render_pool_snapshots(pool: &str, snaps: &[SnapshotInfo]) -> String {
             row
         })
         .collect();
-    render_table(
-        &[
-            "VOLUME",
-            "NAME",
-            "SIZE",
-            "ALLOCATED",
-            "EXCLUSIVE",
-            "SHARED",
-            "SEQ",
-            "CREATED (UTC)",
-        ],
-        &rows,
-    )
+    let mut columns = vec!["VOLUME"];
+    columns.extend(SNAPSHOT_COLUMNS);
+    render_table(&columns, &rows)
 }
+
+/// The columns of [`snapshot_row`].
+const SNAPSHOT_COLUMNS: [&str; 7] = [
+    "NAME",
+    "SIZE",
+    "ALLOCATED",
+    "EXCLUSIVE",
+    "SHARED",
+    "SEQ",
+    "CREATED (UTC)",
+];
 
 /// A snapshot's cells: name, sizes, sequence, creation time (`-` when not
 /// known: taken by an earlier release or copied in).

@@ -615,20 +615,7 @@ fn run_lineage(
 /// twice replaces it anyway (once only replaces an idle volume).
 fn hint_force_twice(e: anyhow::Error) -> anyhow::Error {
     match e.downcast::<ClientError>() {
-        Ok(ClientError::Api {
-            status,
-            kind: kind @ ErrorKind::InUse,
-            message,
-        }) if message.contains("NBD client") => ClientError::Api {
-            status,
-            kind,
-            message: format!(
-                "{}; pass --force twice to replace its content anyway",
-                message.trim_end_matches(" (or ask with force=true)")
-            ),
-        }
-        .into(),
-        Ok(c) => c.into(),
+        Ok(c) => super::hint_override(c, "pass --force twice to replace its content anyway").into(),
         Err(e) => e,
     }
 }

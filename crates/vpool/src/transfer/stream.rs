@@ -109,10 +109,7 @@ pub(super) fn export_stdout(
             "standard output is a terminal: redirect it to a file or a pipe (vpool vol export {name} - | ...)"
         );
     }
-    let size = match snapshot {
-        Some(s) => client.snapshot_info(name, s)?.size_bytes,
-        None => client.volume_info(name)?.size_bytes,
-    };
+    let size = super::image_size(client, name, snapshot)?;
     let mut out = BufWriter::with_capacity(1 << 20, stdout.lock());
     let bar = progress_bar(size, show_progress, "export");
     let mut data_bytes = 0u64;
