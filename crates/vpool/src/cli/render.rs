@@ -273,18 +273,7 @@ pub fn render_snapshot_table(volume: &str, snaps: &[SnapshotInfo]) -> String {
         return format!("no snapshots of {volume}\n");
     }
     let rows: Vec<Vec<String>> = snaps.iter().map(snapshot_row).collect();
-    render_table(
-        &[
-            "NAME",
-            "SIZE",
-            "ALLOCATED",
-            "EXCLUSIVE",
-            "SHARED",
-            "SEQ",
-            "CREATED (UTC)",
-        ],
-        &rows,
-    )
+    render_table(&SNAPSHOT_COLUMNS, &rows)
 }
 
 /// `snap list --all`: every snapshot of a pool, with its volume.
