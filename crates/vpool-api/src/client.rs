@@ -581,6 +581,17 @@ impl Client {
         )
     }
 
+    /// Renames `volume` to `new_name` (in its pool); the volume.
+    pub fn rename_volume(&self, volume: &str, new_name: &str) -> Result<VolumeInfo, ClientError> {
+        self.json_call(
+            "POST",
+            &routes::volume_rename(&self.qualify(volume)),
+            Some(&crate::types::RenameRequest {
+                new_name: new_name.to_string(),
+            }),
+        )
+    }
+
     /// Lets several NBD clients write `volume` at once (`enabled`), or one
     /// at a time; the volume.
     pub fn set_multi_writer(&self, volume: &str, enabled: bool) -> Result<VolumeInfo, ClientError> {

@@ -71,6 +71,8 @@ pub const VOLUME_QOS: &str = "/v1/volumes/{name}/qos";
 /// `PUT`: whether several NBD clients may write the volume at once. See
 /// [`volume_multi_writer`].
 pub const VOLUME_MULTI_WRITER: &str = "/v1/volumes/{name}/multi-writer";
+/// `POST`: give the volume another name. See [`volume_rename`].
+pub const VOLUME_RENAME: &str = "/v1/volumes/{name}/rename";
 /// `POST`: make a replica a volume of its own. See [`volume_promote`].
 pub const VOLUME_PROMOTE: &str = "/v1/volumes/{name}/promote";
 /// `POST`: merge into the parent. See [`volume_commit`].
@@ -151,6 +153,7 @@ pub const ALL: &[&str] = &[
     VOLUME_PROMOTE,
     VOLUME_QOS,
     VOLUME_MULTI_WRITER,
+    VOLUME_RENAME,
     VOLUME_COMMIT,
     VOLUME_DIFF,
     VOLUME_OWNER,
@@ -332,6 +335,11 @@ pub fn volume_multi_writer(name: &str) -> String {
     for_volume(VOLUME_MULTI_WRITER, name, &[])
 }
 
+/// [`VOLUME_RENAME`] of volume `name`.
+pub fn volume_rename(name: &str) -> String {
+    for_volume(VOLUME_RENAME, name, &[])
+}
+
 /// [`VOLUME_PROMOTE`] of volume `name`.
 pub fn volume_promote(name: &str) -> String {
     for_volume(VOLUME_PROMOTE, name, &[])
@@ -478,6 +486,7 @@ mod tests {
             (VOLUME_PROMOTE, volume_promote),
             (VOLUME_QOS, volume_qos),
             (VOLUME_MULTI_WRITER, volume_multi_writer),
+            (VOLUME_RENAME, volume_rename),
             (VOLUME_COMMIT, volume_commit),
             (VOLUME_DIFF, volume_diff),
         ];
@@ -855,6 +864,12 @@ mod tests {
                 VOLUME_MULTI_WRITER,
                 &["V"],
                 Box::new(|c, v, _| drop(c.set_multi_writer(v, true))),
+            ),
+            (
+                "POST",
+                VOLUME_RENAME,
+                &["V"],
+                Box::new(|c, v, _| drop(c.rename_volume(v, "renamed"))),
             ),
             (
                 "POST",

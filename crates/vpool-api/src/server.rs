@@ -377,6 +377,7 @@ fn pool_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
         (routes::VOLUME_PROMOTE, post(promote)),
         (routes::VOLUME_QOS, put(set_qos)),
         (routes::VOLUME_MULTI_WRITER, put(set_multi_writer)),
+        (routes::VOLUME_RENAME, post(rename_volume)),
         (routes::VOLUME_COMMIT, post(commit)),
         (routes::VOLUME_DIFF, get(diff)),
         (routes::VOLUME_OWNER, get(volume_owner)),
@@ -1291,6 +1292,17 @@ async fn verify_replica(
     let host = Arc::clone(&s.host);
     let job = service(move || host.verify_replica(pool.as_deref(), &name)).await?;
     Ok(accepted(&job))
+}
+
+/// Gives the volume another name (in its pool); the volume.
+async fn rename_volume(
+    State(s): State<ApiState>,
+    Named { pool, name }: Named,
+    ApiJson(req): ApiJson<crate::types::RenameRequest>,
+) -> Result<Json<VolumeInfo>, ApiError> {
+    let host = Arc::clone(&s.host);
+    let view = service(move || host.rename_volume(pool.as_deref(), &name, &req.new_name)).await?;
+    Ok(Json(view.into()))
 }
 
 /// Lets several NBD clients write the volume at once, or one; the volume.

@@ -636,6 +636,14 @@ pub use vpool_service::host::ReplicaStatus;
 pub use vpool_service::metrics::VolumeIo;
 pub use vpool_service::qos::QosLimits;
 
+/// `POST /v1/volumes/{name}/rename`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenameRequest {
+    /// The volume's name from now on (in the same pool).
+    pub new_name: String,
+}
+
 /// `PUT /v1/volumes/{name}/multi-writer`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

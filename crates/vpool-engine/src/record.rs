@@ -70,6 +70,9 @@ pub enum RecordKind {
     /// no volume; recovery uses it to tell corruption (before a mark) from
     /// a torn tail (after the last one).
     Mark = 14,
+    /// Volume `volume` takes the new name in the payload (its id, data,
+    /// snapshots and clones' links stay).
+    RenameVolume = 15,
 }
 
 /// `arg2` bit of a `CreateVolume` record: the volume is ephemeral (deleted
@@ -93,6 +96,7 @@ impl RecordKind {
             12 => RecordKind::FlattenVolume,
             13 => RecordKind::CommitVolume,
             14 => RecordKind::Mark,
+            15 => RecordKind::RenameVolume,
             _ => return None,
         })
     }
@@ -243,7 +247,8 @@ impl RecordHeader {
             RecordKind::CreateVolume
             | RecordKind::CreateSnapshot
             | RecordKind::DeleteSnapshot
-            | RecordKind::Rollback => {
+            | RecordKind::Rollback
+            | RecordKind::RenameVolume => {
                 let n = h.payload_len as usize;
                 if n == 0 || n > MAX_NAME_LEN {
                     return Err(DecodeError::Inconsistent("name length"));
@@ -383,6 +388,11 @@ pub enum LogRecord<'a> {
     Mark {
         covers: LogPosition,
     },
+    /// The volume is called `name` from now on.
+    RenameVolume {
+        volume: VolumeId,
+        name: &'a str,
+    },
 }
 
 impl<'a> LogRecord<'a> {
@@ -402,6 +412,7 @@ impl<'a> LogRecord<'a> {
             LogRecord::FlattenVolume { .. } => RecordKind::FlattenVolume,
             LogRecord::CommitVolume { .. } => RecordKind::CommitVolume,
             LogRecord::Mark { .. } => RecordKind::Mark,
+            LogRecord::RenameVolume { .. } => RecordKind::RenameVolume,
         }
     }
 
@@ -416,6 +427,7 @@ impl<'a> LogRecord<'a> {
             LogRecord::CreateVolume { name, .. }
             | LogRecord::CreateSnapshot { name, .. }
             | LogRecord::DeleteSnapshot { name, .. }
+            | LogRecord::RenameVolume { name, .. }
             | LogRecord::Rollback { snapshot: name, .. } => [name.as_bytes(), &[], &[]],
             LogRecord::CloneVolume { name, snapshot, .. } => {
                 [name.as_bytes(), b"/", snapshot.as_bytes()]
@@ -513,6 +525,7 @@ impl<'a> LogRecord<'a> {
             LogRecord::DeleteVolume { volume }
             | LogRecord::CreateSnapshot { volume, .. }
             | LogRecord::DeleteSnapshot { volume, .. }
+            | LogRecord::RenameVolume { volume, .. }
             | LogRecord::Rollback { volume, .. }
             | LogRecord::FlattenVolume { volume }
             | LogRecord::CommitVolume { volume } => h.volume = volume,
@@ -585,6 +598,7 @@ impl<'a> LogRecord<'a> {
             | RecordKind::CreateSnapshot
             | RecordKind::DeleteSnapshot
             | RecordKind::Rollback
+            | RecordKind::RenameVolume
             | RecordKind::CloneVolume => {
                 let name = std::str::from_utf8(payload)
                     .map_err(|_| DecodeError::Inconsistent("name is not UTF-8"))?;
@@ -605,6 +619,7 @@ impl<'a> LogRecord<'a> {
             },
             RecordKind::CreateSnapshot => LogRecord::CreateSnapshot { volume, name },
             RecordKind::DeleteSnapshot => LogRecord::DeleteSnapshot { volume, name },
+            RecordKind::RenameVolume => LogRecord::RenameVolume { volume, name },
             RecordKind::Rollback => LogRecord::Rollback {
                 volume,
                 snapshot: name,
@@ -957,6 +972,10 @@ mod tests {
                 volume: v,
                 snapshot: "s2",
             },
+            LogRecord::RenameVolume {
+                volume: v,
+                name: ".trash.7",
+            },
             LogRecord::CloneVolume {
                 volume: VolumeId(9),
                 source: v,
@@ -991,7 +1010,7 @@ mod tests {
         let records = every_kind(&crcs, &data);
         let kinds: std::collections::BTreeSet<u8> =
             records.iter().map(|r| r.kind() as u8).collect();
-        assert_eq!(kinds.len(), 14, "every kind is covered");
+        assert_eq!(kinds.len(), 15, "every kind is covered");
         for (i, rec) in records.iter().enumerate() {
             let seq = 100 + i as u64;
             let bytes = rec.encode(seq);
@@ -1127,6 +1146,7 @@ mod tests {
             named(RecordKind::CreateSnapshot, "s1"),
             named(RecordKind::DeleteSnapshot, "s1"),
             named(RecordKind::Rollback, "s2"),
+            named(RecordKind::RenameVolume, ".trash.7"),
             (
                 old_named_header(RecordKind::CloneVolume, VolumeId(9), v.0, clone.as_bytes()),
                 clone.into_bytes(),

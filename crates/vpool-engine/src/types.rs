@@ -48,6 +48,17 @@ pub fn validate_volume_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a reserved volume name: `.` then a volume name. Users cannot
+/// create one (a volume name never starts with `.`), so the daemon renames
+/// a volume to such a name to keep it out of their way (its trash) without
+/// taking a name they might use.
+pub fn validate_reserved_name(name: &str) -> Result<(), String> {
+    match name.strip_prefix('.') {
+        Some(rest) if name.len() <= crate::record::MAX_NAME_LEN => validate_volume_name(rest),
+        _ => Err(format!("{name:?} is not a reserved volume name")),
+    }
+}
+
 /// Checks a volume size: a positive multiple of [`BLOCK_SIZE`] up to
 /// [`MAX_VOLUME_SIZE_BYTES`].
 pub fn validate_volume_size(size_bytes: u64) -> Result<(), String> {

@@ -18,6 +18,8 @@ const SECTOR: u64 = 512;
 enum Op {
     Create(u8),
     Delete(u8),
+    /// volume, new name
+    Rename(u8, u8),
     Resize(u8, u64),
     /// volume, offset in sectors, length in sectors, fill seed
     Write(u8, u64, u64, u8),
@@ -45,6 +47,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         1 => vol.clone().prop_map(Op::Create),
         1 => vol.clone().prop_map(Op::Delete),
+        1 => (vol.clone(), vol.clone()).prop_map(|(v, n)| Op::Rename(v, n)),
         1 => (vol.clone(), 1u64..=VOLUME_BLOCKS).prop_map(|(v, b)| Op::Resize(v, b)),
         12 => (vol.clone(), 0..sectors, 1u64..40, any::<u8>()).prop_map(|(v, o, l, s)| Op::Write(v, o, l, s)),
         2 => (vol.clone(), 0..sectors, 1u64..64).prop_map(|(v, o, l)| Op::Trim(v, o, l)),
@@ -95,6 +98,32 @@ fn clamp(size: u64, off_sectors: u64, len_sectors: u64) -> Option<(u64, u64)> {
     Some((off, len))
 }
 
+/// The model after volume `old` became `new`: its content, its snapshots,
+/// its own parent link, and its clones' links to it move to the new name.
+fn rename_in_model(
+    old: &str,
+    new: &str,
+    model: &mut BTreeMap<String, Vec<u8>>,
+    snaps: &mut BTreeMap<(String, String), Vec<u8>>,
+    parents: &mut BTreeMap<String, (String, String)>,
+) {
+    let content = model.remove(old).expect("checked");
+    model.insert(new.to_string(), content);
+    let own: Vec<(String, String)> = snaps.keys().filter(|(v, _)| v == old).cloned().collect();
+    for key in own {
+        let content = snaps.remove(&key).expect("listed");
+        snaps.insert((new.to_string(), key.1), content);
+    }
+    if let Some(link) = parents.remove(old) {
+        parents.insert(new.to_string(), link);
+    }
+    for (parent, _) in parents.values_mut() {
+        if parent == old {
+            *parent = new.to_string();
+        }
+    }
+}
+
 /// Runs `ops`; returns the bytes the cleaner relocated in all.
 fn run(ops: Vec<Op>) -> u64 {
     let mut relocated = 0u64;
@@ -124,6 +153,15 @@ fn run(ops: Vec<Op>) -> u64 {
                     model.remove(&name);
                     snaps.retain(|(vol, _), _| *vol != name);
                     parents.remove(&name);
+                }
+            }
+            Op::Rename(v, n) => {
+                let (name, new) = (format!("v{v}"), format!("v{n}"));
+                let r = pool.rename_volume(&name, &new);
+                let ok = model.contains_key(&name) && (name == new || !model.contains_key(&new));
+                assert_eq!(r.is_ok(), ok, "rename {name} to {new}: {r:?}");
+                if ok && name != new {
+                    rename_in_model(&name, &new, &mut model, &mut snaps, &mut parents);
                 }
             }
             Op::Snapshot(v, sn) => {

@@ -155,6 +155,44 @@ struct Inner {
 }
 
 impl Inner {
+    /// Moves the records of volume `id` from name `old` to `new` (replacing
+    /// any under `new`: stale, since `new` is this volume's); true if there
+    /// were any.
+    fn rekey(&mut self, old: &str, id: u64, new: &str) -> bool {
+        fn take<V>(
+            map: &mut BTreeMap<String, V>,
+            old: &str,
+            new: &str,
+            mine: impl Fn(&V) -> bool,
+        ) -> bool {
+            match map.get(old) {
+                Some(v) if mine(v) => {
+                    let v = map.remove(old).expect("just seen");
+                    map.insert(new.to_string(), v);
+                    true
+                }
+                _ => false,
+            }
+        }
+        let mut moved = take(&mut self.templates, old, new, |t| t.volume_id == id);
+        moved |= take(&mut self.importing, old, new, |i| *i == id);
+        moved |= take(&mut self.replicas, old, new, |r| r.volume_id == id);
+        moved |= take(&mut self.qos, old, new, |q| q.volume_id == id);
+        moved |= take(&mut self.multi_writer, old, new, |i| *i == id);
+        moved
+    }
+
+    /// The (name, id) of every record keyed by name.
+    fn named_records(&self) -> Vec<(String, u64)> {
+        let mut all: Vec<(String, u64)> = Vec::new();
+        all.extend(self.templates.iter().map(|(n, t)| (n.clone(), t.volume_id)));
+        all.extend(self.importing.iter().map(|(n, i)| (n.clone(), *i)));
+        all.extend(self.replicas.iter().map(|(n, r)| (n.clone(), r.volume_id)));
+        all.extend(self.qos.iter().map(|(n, q)| (n.clone(), q.volume_id)));
+        all.extend(self.multi_writer.iter().map(|(n, i)| (n.clone(), *i)));
+        all
+    }
+
     fn sealed(&self, volume: &str, id: u64) -> Option<&TemplateRecord> {
         self.templates.get(volume).filter(|t| t.volume_id == id)
     }
@@ -412,12 +450,52 @@ impl Catalog {
         }
     }
 
+    /// Renames volume `volume` (id `id`) to `new` with `rename` (the
+    /// engine's rename; it must not call the catalog), then moves the
+    /// volume's records to the new name. Refused while the volume moves or
+    /// any NBD client has it open: a client asks for a volume by name when
+    /// it reconnects, and would find none (or another). The check and the
+    /// rename run under the lock an NBD open takes. If saving the records
+    /// fails, the rename stands and [`Catalog::reconcile`] moves them at
+    /// the next start (they keep the volume's id).
+    pub fn rename<T>(
+        &self,
+        volume: &str,
+        id: u64,
+        new: &str,
+        rename: impl FnOnce() -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let mut g = self.lock();
+        if g.moving.contains(&id) {
+            return Err(moving(volume, "rename"));
+        }
+        let open = g
+            .users
+            .get(&id)
+            .map_or(0, |u| u.nbd_writers + u.nbd_readers);
+        if open > 0 {
+            return Err(Error::new(
+                ErrorKind::InUse,
+                format!(
+                    "rename refused: volume {volume} is open by {open} NBD client(s), which ask for it by name when they reconnect; disconnect them (stop the VM) first"
+                ),
+            ));
+        }
+        let out = rename()?;
+        if g.rekey(volume, id, new)
+            && let Err(e) = self.persist(&g)
+        {
+            tracing::warn!(volume, new, error = %e, "renamed, but could not save the volume's records under the new name; the next start moves them");
+        }
+        Ok(out)
+    }
+
     /// Brings the records in line with the pool, at daemon start: drops
     /// those of volumes that are gone, finishes seals a crash interrupted.
     /// Blocking.
     pub fn reconcile(&self, pool: &Pool) -> Result<(), Error> {
+        let mut changed = self.follow_renames(pool);
         let records = self.templates();
-        let mut changed = false;
         for (name, rec) in records {
             match pool.volume_info(&name) {
                 Ok(i) if i.id.0 == rec.volume_id => {}
@@ -493,6 +571,25 @@ impl Catalog {
             self.persist(&g)?;
         }
         Ok(())
+    }
+
+    /// Moves records whose volume (by id) now has another name: a rename
+    /// whose records were not saved. True if any moved.
+    fn follow_renames(&self, pool: &Pool) -> bool {
+        let names: HashMap<u64, String> = (pool.list_volumes().into_iter())
+            .map(|v| (v.id.0, v.name))
+            .collect();
+        let mut g = self.lock();
+        let mut changed = false;
+        for (old, id) in g.named_records() {
+            // A record under the new name with another id is stale (that
+            // name is this volume's now): replaced.
+            if let Some(now) = names.get(&id).filter(|now| **now != old) {
+                tracing::info!(volume = %now, was = %old, "moving the records of a renamed volume to its name");
+                changed |= g.rekey(&old, id, now);
+            }
+        }
+        changed
     }
 
     // ----- imports -----

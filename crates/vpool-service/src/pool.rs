@@ -193,6 +193,19 @@ impl PoolService {
         Ok(self.view(info))
     }
 
+    /// Gives volume `name` the name `new`: its data, snapshots, clones,
+    /// template seal, QoS limits and other records go with it. Refused
+    /// while it moves or any NBD client has it open (see
+    /// [`Catalog::rename`]).
+    pub fn rename_volume(&self, name: &str, new: &str) -> Result<VolumeView> {
+        crate::names::check_volume_name(new)?;
+        let id = self.id_of(name)?;
+        let info = self
+            .catalog
+            .rename(name, id, new, || Ok(self.pool.rename_volume(name, new)?))?;
+        Ok(self.view(info))
+    }
+
     pub fn delete_volume(&self, name: &str, force: bool) -> Result<()> {
         let id = self.id_of(name)?;
         self.refuse_moving(name, id, "delete")?;

@@ -577,3 +577,72 @@ fn a_second_writer_waits_for_the_first() {
     assert!(j.get("multi_writer").is_none(), "{j}");
     assert!(d.terminate().success());
 }
+
+/// `vol rename`: the data (read by qemu-io under the new name), snapshots
+/// and their times, a clone's link to its parent, QoS limits and snapshot
+/// schedules go with the volume, and stay after a restart (the log's
+/// rename record replayed); the old name is gone. Refused while a client
+/// (nbdsh) holds the volume open, onto a name in use, and into another pool.
+#[test]
+fn rename_keeps_all_but_the_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let d = Daemon::start(&pool, &[]);
+    run_ok(&pool, &["vol", "create", "web1", "--size", "4M"]);
+    qemu_io(&d.nbd_uri("web1"), &["write -P 0x5a 0 64k"]);
+    run_ok(&pool, &["snap", "create", "web1@s1"]);
+    run_ok(&pool, &["vol", "clone", "web1@s1", "c1"]);
+    run_ok(&pool, &["vol", "qos", "web1", "--iops", "5000"]);
+    run_ok(
+        &pool,
+        &["schedule", "add", "web1", "--every", "1h", "--keep", "3"],
+    );
+    let created =
+        run_json(&pool, &["snap", "list", "web1"])["snapshots"][0]["created_unix_ms"].clone();
+    assert!(created.is_u64(), "{created}");
+
+    let mut h = Holder::start(dir.path(), "h", &d.nbd_uri("web1"), "", "");
+    let err = run_err(&pool, &["vol", "rename", "web1", "web-prod"]);
+    assert!(err.contains("open by 1 NBD client"), "{err}");
+    h.finish();
+    let err = run_err(&pool, &["vol", "rename", "web1", "c1"]);
+    assert!(err.contains("already exists"), "{err}");
+    let err = run_err(&pool, &["vol", "rename", "web1", "other/web1"]);
+    assert!(err.contains("vpool vol move"), "{err}");
+    let err = run_err(&pool, &["vol", "rename", "web1", ".hidden"]);
+    assert!(err.contains("volume name"), "{err}");
+
+    assert_eq!(
+        run_ok(&pool, &["vol", "rename", "web1", "web-prod"]),
+        "renamed volume web1 to web-prod\n"
+    );
+    let check = |d: &Daemon| {
+        let info = run_json(&pool, &["vol", "info", "web-prod"]);
+        assert_eq!(info["qos"]["iops"], 5000, "{info}");
+        let snaps = run_json(&pool, &["snap", "list", "web-prod"]);
+        assert_eq!(snaps["snapshots"][0]["name"], "s1", "{snaps}");
+        assert_eq!(snaps["snapshots"][0]["created_unix_ms"], created, "{snaps}");
+        assert_eq!(
+            run_json(&pool, &["vol", "info", "c1"])["parent"],
+            "web-prod@s1"
+        );
+        let s = run_json(&pool, &["schedule", "list"]);
+        assert_eq!(s["schedules"][0]["volume"], "local/web-prod", "{s}");
+        qemu_io(&d.nbd_uri("web-prod"), &["read -P 0x5a 0 64k"]);
+        qemu_io(&d.nbd_uri("c1"), &["read -P 0x5a 0 64k"]);
+        let err = run_err(&pool, &["vol", "info", "web1"]);
+        assert!(err.contains("not found"), "{err}");
+        let old = std::process::Command::new("nbdinfo")
+            .arg(d.nbd_uri("web1"))
+            .output()
+            .expect("nbdinfo");
+        assert!(!old.status.success(), "the old name is still served");
+        let list = nbdinfo(&["--list", &d.nbd_uri("")]);
+        assert!(list.contains("export=\"web-prod\""), "{list}");
+    };
+    check(&d);
+    assert!(d.terminate().success());
+    let d = Daemon::start(&pool, &[]);
+    check(&d);
+    assert!(d.terminate().success());
+}

@@ -273,6 +273,7 @@ impl Table {
             } => self.apply_relocate(at, block, blocks.nblocks(), old, &[]),
             LogRecord::FlattenVolume { volume } => self.vol_mut(volume)?.parent = None,
             LogRecord::CommitVolume { volume } => self.commit(volume)?,
+            LogRecord::RenameVolume { volume, name } => self.rename_volume(volume, name)?,
             // A mark changes no volume: only recovery reads it.
             LogRecord::Mark { .. } => {}
         }
@@ -302,6 +303,20 @@ impl Table {
         };
         self.volumes.insert(id, vol);
         self.next_volume_id = self.next_volume_id.max(id.0 + 1);
+        Ok(())
+    }
+
+    /// The volume's name changes; everything else (its id, so clones'
+    /// links and open handles) stays.
+    fn rename_volume(&mut self, id: VolumeId, name: &str) -> Result<()> {
+        if self.names.contains_key(name) {
+            return Err(meta_error("rename record", "name taken"));
+        }
+        let vol = self.vol_mut(id)?;
+        let old = std::mem::replace(&mut vol.name, name.to_string());
+        let removed = self.names.remove(&old);
+        assert_eq!(removed, Some(id), "the name index and the volumes agree");
+        self.names.insert(name.to_string(), id);
         Ok(())
     }
 

@@ -1,4 +1,4 @@
-//! Volume lifecycle: create, resize, delete; listing and handles.
+//! Volume lifecycle: create, resize, rename, delete; listing and handles.
 //!
 //! Each change is one record, appended and applied under the state lock
 //! after the checks that make it valid (so applying it cannot fail), then
@@ -9,7 +9,9 @@ use super::state::Table;
 use super::{Pool, VolumeInfo, VolumeOptions};
 use crate::error::{EngineError, Result};
 use crate::record::LogRecord;
-use crate::types::{BLOCK_SIZE, VolumeId, validate_volume_name, validate_volume_size};
+use crate::types::{
+    BLOCK_SIZE, VolumeId, validate_reserved_name, validate_volume_name, validate_volume_size,
+};
 
 impl Pool {
     /// Creates a thin volume: it takes no space until written. Durable on
@@ -100,6 +102,33 @@ impl Pool {
         })?;
         self.wake_maintenance();
         Ok(())
+    }
+
+    /// Gives volume `name` the name `new_name` (a volume name, or a
+    /// [reserved](crate::types::validate_reserved_name) one): its id, data,
+    /// snapshots, and the links of its clones stay. Handles opened before
+    /// keep working. Durable on return.
+    pub fn rename_volume(&self, name: &str, new_name: &str) -> Result<VolumeInfo> {
+        validate_volume_name(new_name)
+            .or_else(|why| validate_reserved_name(new_name).map_err(|_| why))
+            .map_err(|why| EngineError::Invalid {
+                what: "volume name",
+                why,
+            })?;
+        self.durable_op(|st| {
+            let id = st.table.id_of(name)?;
+            if name != new_name {
+                if st.table.names.contains_key(new_name) {
+                    return Err(EngineError::VolumeExists(new_name.to_string()));
+                }
+                let rec = LogRecord::RenameVolume {
+                    volume: id,
+                    name: new_name,
+                };
+                self.append_and_apply(st, rec)?;
+            }
+            info_of(&st.table, id)
+        })
     }
 
     pub fn list_volumes(&self) -> Vec<VolumeInfo> {

@@ -915,6 +915,47 @@ impl Host {
         Ok(view)
     }
 
+    /// Renames `volume` of `pool` to `new` (`vpool vol rename`): its data,
+    /// snapshots, clones, records and schedules go with it. Refused while
+    /// NBD clients have it open, while it moves, for a volume that is
+    /// replicated or is a replica (their records name it: `replica remove`
+    /// first), and in a shared pool (its name is its objects' key there).
+    pub fn rename_volume(
+        &self,
+        pool: Option<&str>,
+        volume: &str,
+        new: &str,
+    ) -> Result<crate::pool::VolumeView> {
+        if let Some(sh) = self.shared(pool) {
+            return Err(Error::new(
+                ErrorKind::NotSupported,
+                format!(
+                    "pool {} is shared: renaming its volumes is not built yet (a volume's name keys its objects in the bucket)",
+                    sh.name
+                ),
+            ));
+        }
+        let name = pool.unwrap_or(&self.default);
+        if self.replicas.names(name, volume)? {
+            return Err(Error::new(
+                ErrorKind::InUse,
+                format!(
+                    "rename refused: volume {name}/{volume} is replicated or is a replica, and the replication names it; `vpool replica remove` it first"
+                ),
+            ));
+        }
+        let ctx = self.volume_pool(pool, volume)?;
+        let view = ctx.service.rename_volume(volume, new)?;
+        tracing::info!(pool = name, volume, new, "volume renamed");
+        if let Err(e) = self.schedules.rename(name, volume, view.info.id.0, new) {
+            tracing::warn!(pool = name, volume, new, error = %e.message, "renamed, but its snapshot schedules still name the old name; remove and add them again");
+            return Err(e.context(&format!(
+                "volume {name}/{volume} is renamed to {new}, but its snapshot schedules were not updated"
+            )));
+        }
+        Ok(view)
+    }
+
     /// Sets (or, empty, clears) the QoS limits of `volume` of `pool`: kept
     /// in its pool, applied at once to the devices open on it here.
     pub fn set_qos(

@@ -143,6 +143,22 @@ impl Schedules {
             .any(|r| r.pool == pool && r.volume == volume))
     }
 
+    /// Volume `volume` (id `id`) of `pool` is called `new` now: its
+    /// schedules follow it.
+    pub(super) fn rename(&self, pool: &str, volume: &str, id: u64, new: &str) -> Result<()> {
+        if self.home.as_os_str().is_empty() || !self.names(pool, volume)? {
+            return Ok(());
+        }
+        self.change(|all| {
+            for r in all.iter_mut() {
+                if r.pool == pool && r.volume == volume && r.volume_id == id {
+                    r.volume = new.to_string();
+                }
+            }
+            Ok(())
+        })
+    }
+
     fn with_stats<T>(&self, id: u64, f: impl FnOnce(&mut Stats) -> T) -> T {
         let mut g = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         f(g.entry(id).or_default())

@@ -100,6 +100,15 @@ pub enum VolCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Give a volume another name in its pool: its data, snapshots,
+    /// clones, template seal, QoS limits and snapshot schedules go with it.
+    /// Refused while NBD clients have it open (they reconnect by name).
+    Rename {
+        /// [POOL/]VOLUME.
+        name: String,
+        /// The new name (in the same pool; `vpool vol move` changes pools).
+        new_name: String,
+    },
     /// Delete a volume and its data.
     Delete {
         /// [POOL/]VOLUME.
@@ -304,6 +313,23 @@ pub enum VolCommand {
     },
 }
 
+/// The new name of a rename: `NAME`, or `POOL/NAME` in the volume's own
+/// pool (a rename does not change pools).
+fn same_pool_name<'a>(name: &str, new_name: &'a str) -> anyhow::Result<&'a str> {
+    let (pool, _) = vpool_service::names::split_pool(name);
+    match vpool_service::names::split_pool(new_name) {
+        (None, new) => Ok(new),
+        (Some(p), new) if Some(p) == pool => Ok(new),
+        (Some(p), _) => Err(anyhow::anyhow!(
+            "{new_name} is in pool {p}, {name} {}: a rename stays in its pool; `vpool vol move` moves a volume to another pool",
+            match pool {
+                Some(own) => format!("in pool {own}"),
+                None => "in the default pool".to_string(),
+            }
+        )),
+    }
+}
+
 /// How long `vol takeover` and `vol release` may take: a takeover waits
 /// for the owner's lease to expire (up to a minute), a release uploads
 /// what is left.
@@ -364,6 +390,11 @@ pub(super) fn run(
             allow_shrink,
             force,
         } => resize(client, out, name, *size, *allow_shrink, *force),
+        VolCommand::Rename { name, new_name } => {
+            let new = same_pool_name(name, new_name)?;
+            let info = client.rename_volume(name, new)?;
+            out.emit(&info, |i| format!("renamed volume {name} to {}", i.name))
+        }
         VolCommand::Delete { name, force } => {
             client.delete_volume(name, *force).map_err(hint_force)?;
             out.emit(&serde_json::json!({ "deleted": name }), |_| {
