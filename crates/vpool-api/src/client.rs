@@ -581,6 +581,44 @@ impl Client {
         )
     }
 
+    /// Moves `volume` to its pool's trash; its trash entry.
+    pub fn trash_volume(&self, volume: &str) -> Result<crate::types::TrashEntry, ClientError> {
+        let path = routes::volume_trash(&self.qualify(volume));
+        self.json_call("POST", &path, None::<&()>)
+    }
+
+    /// The volumes in the trash of this client's pool.
+    pub fn trash_list(&self) -> Result<Vec<crate::types::TrashEntry>, ClientError> {
+        let l: crate::types::TrashList =
+            self.json_call("GET", &self.at_pool(routes::TRASH), None::<&()>)?;
+        Ok(l.trash)
+    }
+
+    /// Takes volume `id` out of the trash, as `name` (default: its old
+    /// name); the volume.
+    pub fn trash_restore(&self, id: u64, name: Option<&str>) -> Result<VolumeInfo, ClientError> {
+        let path = routes::trash_restore(self.pool.as_deref(), id);
+        let req = crate::types::RestoreRequest {
+            name: name.map(str::to_string),
+        };
+        self.json_call("POST", &path, Some(&req))
+    }
+
+    /// Deletes volume `id` of the trash for good; what it was.
+    pub fn trash_remove(&self, id: u64) -> Result<crate::types::TrashEntry, ClientError> {
+        let path = routes::trash_entry(self.pool.as_deref(), id);
+        self.json_call("DELETE", &path, None::<&()>)
+    }
+
+    /// Deletes what went to the trash at least `older_than_secs` ago.
+    pub fn trash_purge(
+        &self,
+        older_than_secs: u64,
+    ) -> Result<crate::types::PurgeReport, ClientError> {
+        let req = crate::types::PurgeRequest { older_than_secs };
+        self.json_call("POST", &self.at_pool(routes::TRASH_PURGE), Some(&req))
+    }
+
     /// Renames `volume` to `new_name` (in its pool); the volume.
     pub fn rename_volume(&self, volume: &str, new_name: &str) -> Result<VolumeInfo, ClientError> {
         self.json_call(

@@ -73,6 +73,17 @@ pub const VOLUME_QOS: &str = "/v1/volumes/{name}/qos";
 pub const VOLUME_MULTI_WRITER: &str = "/v1/volumes/{name}/multi-writer";
 /// `POST`: give the volume another name. See [`volume_rename`].
 pub const VOLUME_RENAME: &str = "/v1/volumes/{name}/rename";
+/// `POST`: move the volume to the pool's trash. See [`volume_trash`].
+pub const VOLUME_TRASH: &str = "/v1/volumes/{name}/trash";
+/// `GET`: the volumes in the pool's trash.
+pub const TRASH: &str = "/v1/trash";
+/// `POST`: delete what went to the trash long enough ago.
+pub const TRASH_PURGE: &str = "/v1/trash/purge";
+/// `DELETE`: delete a volume of the trash (by id) for good. See
+/// [`trash_entry`].
+pub const TRASH_ENTRY: &str = "/v1/trash/{id}";
+/// `POST`: take a volume (by id) out of the trash. See [`trash_restore`].
+pub const TRASH_RESTORE: &str = "/v1/trash/{id}/restore";
 /// `POST`: make a replica a volume of its own. See [`volume_promote`].
 pub const VOLUME_PROMOTE: &str = "/v1/volumes/{name}/promote";
 /// `POST`: merge into the parent. See [`volume_commit`].
@@ -154,6 +165,11 @@ pub const ALL: &[&str] = &[
     VOLUME_QOS,
     VOLUME_MULTI_WRITER,
     VOLUME_RENAME,
+    VOLUME_TRASH,
+    TRASH,
+    TRASH_PURGE,
+    TRASH_ENTRY,
+    TRASH_RESTORE,
     VOLUME_COMMIT,
     VOLUME_DIFF,
     VOLUME_OWNER,
@@ -340,6 +356,21 @@ pub fn volume_rename(name: &str) -> String {
     for_volume(VOLUME_RENAME, name, &[])
 }
 
+/// [`VOLUME_TRASH`] of volume `name`.
+pub fn volume_trash(name: &str) -> String {
+    for_volume(VOLUME_TRASH, name, &[])
+}
+
+/// [`TRASH_ENTRY`] of volume `id` in the trash of `pool`.
+pub fn trash_entry(pool: Option<&str>, id: u64) -> String {
+    in_pool(pool, fill(TRASH_ENTRY, &[&id.to_string()]))
+}
+
+/// [`TRASH_RESTORE`] of volume `id` in the trash of `pool`.
+pub fn trash_restore(pool: Option<&str>, id: u64) -> String {
+    in_pool(pool, fill(TRASH_RESTORE, &[&id.to_string()]))
+}
+
 /// [`VOLUME_PROMOTE`] of volume `name`.
 pub fn volume_promote(name: &str) -> String {
     for_volume(VOLUME_PROMOTE, name, &[])
@@ -487,6 +518,7 @@ mod tests {
             (VOLUME_QOS, volume_qos),
             (VOLUME_MULTI_WRITER, volume_multi_writer),
             (VOLUME_RENAME, volume_rename),
+            (VOLUME_TRASH, volume_trash),
             (VOLUME_COMMIT, volume_commit),
             (VOLUME_DIFF, volume_diff),
         ];
@@ -873,6 +905,12 @@ mod tests {
             ),
             (
                 "POST",
+                VOLUME_TRASH,
+                &["V"],
+                Box::new(|c, v, _| drop(c.trash_volume(v))),
+            ),
+            (
+                "POST",
                 VOLUME_TEMPLATE,
                 &["V"],
                 Box::new(|c, v, _| drop(c.make_template(v))),
@@ -894,6 +932,25 @@ mod tests {
                 VOLUME_RELEASE,
                 &["V"],
                 Box::new(|c, v, _| drop(c.release_volume(v, false))),
+            ),
+            ("GET", TRASH, &[], Box::new(|c, _, _| drop(c.trash_list()))),
+            (
+                "POST",
+                TRASH_RESTORE,
+                &["I"],
+                Box::new(|c, _, _| drop(c.trash_restore(7, None))),
+            ),
+            (
+                "DELETE",
+                TRASH_ENTRY,
+                &["I"],
+                Box::new(|c, _, _| drop(c.trash_remove(7))),
+            ),
+            (
+                "POST",
+                TRASH_PURGE,
+                &[],
+                Box::new(|c, _, _| drop(c.trash_purge(0))),
             ),
             (
                 "DELETE",
@@ -930,6 +987,7 @@ mod tests {
                         }
                         "V" => v.to_string(),
                         "S" => s.to_string(),
+                        "I" => "7".to_string(),
                         _ => format!("{v}@{s}"),
                     })
                     .collect();

@@ -174,10 +174,20 @@ struct Captures(RawPathParams);
 
 impl Captures {
     async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
-        RawPathParams::from_request_parts(parts, state)
+        let params = RawPathParams::from_request_parts(parts, state)
             .await
-            .map(Captures)
-            .map_err(|r| ApiError::from_rejection(r.status(), "path", r.body_text()))
+            .map_err(|r| ApiError::from_rejection(r.status(), "path", r.body_text()))?;
+        // A reserved name (a volume in the trash) is no route's volume.
+        if let Some((_, v)) = (params.iter())
+            .find(|(k, v)| matches!(*k, "name" | "image") && vpool_service::catalog::is_reserved(v))
+        {
+            return Err(vpool_service::Error::new(
+                vpool_service::ErrorKind::NotFound,
+                format!("no volume named {v:?} (names starting with '.' are reserved)"),
+            )
+            .into());
+        }
+        Ok(Captures(params))
     }
 
     fn get(&self, key: &str) -> Option<String> {
@@ -378,6 +388,11 @@ fn pool_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
         (routes::VOLUME_QOS, put(set_qos)),
         (routes::VOLUME_MULTI_WRITER, put(set_multi_writer)),
         (routes::VOLUME_RENAME, post(rename_volume)),
+        (routes::VOLUME_TRASH, post(trash_volume)),
+        (routes::TRASH, get(trash_list)),
+        (routes::TRASH_PURGE, post(trash_purge)),
+        (routes::TRASH_ENTRY, delete(trash_remove)),
+        (routes::TRASH_RESTORE, post(trash_restore)),
         (routes::VOLUME_COMMIT, post(commit)),
         (routes::VOLUME_DIFF, get(diff)),
         (routes::VOLUME_OWNER, get(volume_owner)),
@@ -1305,6 +1320,59 @@ async fn rename_volume(
     Ok(Json(view.into()))
 }
 
+// ----- the trash -----
+
+/// Moves the volume to its pool's trash; the trash entry.
+async fn trash_volume(
+    State(s): State<ApiState>,
+    Named { pool, name }: Named,
+) -> Result<Json<crate::types::TrashEntry>, ApiError> {
+    let host = Arc::clone(&s.host);
+    let entry = service(move || host.trash_volume(pool.as_deref(), &name)).await?;
+    Ok(Json(entry))
+}
+
+async fn trash_list(At { ctx, .. }: At) -> Result<Json<crate::types::TrashList>, ApiError> {
+    let trash = service(move || ctx.service.trash_list()).await?;
+    Ok(Json(crate::types::TrashList { trash }))
+}
+
+async fn trash_restore(
+    State(s): State<ApiState>,
+    Named { pool, .. }: Named,
+    TrashId(id): TrashId,
+    ApiJson(req): ApiJson<crate::types::RestoreRequest>,
+) -> Result<Json<VolumeInfo>, ApiError> {
+    let host = Arc::clone(&s.host);
+    let view =
+        service(move || host.trash_restore(pool.as_deref(), id, req.name.as_deref())).await?;
+    Ok(Json(view.into()))
+}
+
+async fn trash_remove(
+    State(s): State<ApiState>,
+    Named { pool, .. }: Named,
+    TrashId(id): TrashId,
+) -> Result<Json<crate::types::TrashEntry>, ApiError> {
+    let host = Arc::clone(&s.host);
+    let entry = service(move || host.trash_remove(pool.as_deref(), id)).await?;
+    Ok(Json(entry))
+}
+
+async fn trash_purge(
+    State(s): State<ApiState>,
+    Named { pool, .. }: Named,
+    ApiJson(req): ApiJson<crate::types::PurgeRequest>,
+) -> Result<Json<crate::types::PurgeReport>, ApiError> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let before = now_ms.saturating_sub(req.older_than_secs.saturating_mul(1000));
+    let host = Arc::clone(&s.host);
+    let report = service(move || host.trash_purge(pool.as_deref(), before)).await?;
+    Ok(Json(report))
+}
+
 /// Lets several NBD clients write the volume at once, or one; the volume.
 async fn set_multi_writer(
     State(s): State<ApiState>,
@@ -1421,14 +1489,33 @@ impl FromRequestParts<ApiState> for JobId {
         parts: &mut Parts,
         state: &ApiState,
     ) -> Result<Self, Self::Rejection> {
-        let captures = Captures::from_request_parts(parts, state).await?;
-        let raw = captures.get("id").unwrap_or_default();
-        raw.parse().map(JobId).map_err(|_| {
-            ApiError::from(vpool_service::Error::invalid(format!(
-                "{raw:?} is not a job id (a number)"
-            )))
-        })
+        id_capture(parts, state, "job").await.map(JobId)
     }
+}
+
+/// The `{id}` capture of a trash route: a volume id.
+struct TrashId(u64);
+
+impl FromRequestParts<ApiState> for TrashId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &ApiState,
+    ) -> Result<Self, Self::Rejection> {
+        id_capture(parts, state, "volume").await.map(TrashId)
+    }
+}
+
+/// The `{id}` capture, a number (`what` id).
+async fn id_capture(parts: &mut Parts, state: &ApiState, what: &str) -> Result<u64, ApiError> {
+    let captures = Captures::from_request_parts(parts, state).await?;
+    let raw = captures.get("id").unwrap_or_default();
+    raw.parse().map_err(|_| {
+        ApiError::from(vpool_service::Error::invalid(format!(
+            "{raw:?} is not a {what} id (a number)"
+        )))
+    })
 }
 
 async fn job_info(State(s): State<ApiState>, JobId(id): JobId) -> Result<Json<JobInfo>, ApiError> {

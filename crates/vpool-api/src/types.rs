@@ -636,6 +636,33 @@ pub use vpool_service::host::ReplicaStatus;
 pub use vpool_service::metrics::VolumeIo;
 pub use vpool_service::qos::QosLimits;
 
+pub use vpool_service::trash::{PurgeReport, TrashEntry};
+
+/// `GET /v1/trash`: the pool's trash, oldest first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrashList {
+    pub trash: Vec<TrashEntry>,
+}
+
+/// `POST /v1/trash/{id}/restore`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// The name it comes back under (default: the one it had).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `POST /v1/trash/purge`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeRequest {
+    /// Only what went to the trash at least this long ago (default 0:
+    /// everything).
+    #[serde(default)]
+    pub older_than_secs: u64,
+}
+
 /// `POST /v1/volumes/{name}/rename`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

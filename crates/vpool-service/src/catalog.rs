@@ -70,7 +70,7 @@ pub struct TemplateRecord {
     pub sealed_at_unix: u64,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Default, Serialize, Deserialize)]
 struct TemplatesFile {
     version: u32,
     templates: BTreeMap<String, TemplateRecord>,
@@ -92,6 +92,31 @@ struct TemplatesFile {
     /// an earlier release have none.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     snapshot_times: BTreeMap<u64, BTreeMap<String, u64>>,
+    /// Volumes in the trash (volume id: what it was), each renamed to
+    /// [`trash_name`] of its id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    trash: BTreeMap<u64, TrashRecord>,
+}
+
+/// A volume in the trash (`vpool vol trash mv`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrashRecord {
+    /// Its name before it went to the trash.
+    pub name: String,
+    /// When it went there (Unix ms).
+    pub trashed_unix_ms: u64,
+}
+
+/// The name a volume in the trash has in the engine: reserved (it starts
+/// with `.`), so no user can create or open it, and unique (the id is).
+pub fn trash_name(id: u64) -> String {
+    format!(".trash.{id}")
+}
+
+/// Whether `name` is a reserved name (the trash's): not a volume any
+/// client or API route may address.
+pub fn is_reserved(name: &str) -> bool {
+    name.starts_with('.')
 }
 
 /// A volume's QoS limits (`crate::qos`).
@@ -152,6 +177,7 @@ struct Inner {
     qos: BTreeMap<String, QosRecord>,
     multi_writer: BTreeMap<String, u64>,
     snapshot_times: BTreeMap<u64, BTreeMap<String, u64>>,
+    trash: BTreeMap<u64, TrashRecord>,
 }
 
 impl Inner {
@@ -180,6 +206,29 @@ impl Inner {
         moved |= take(&mut self.qos, old, new, |q| q.volume_id == id);
         moved |= take(&mut self.multi_writer, old, new, |i| *i == id);
         moved
+    }
+
+    /// Refuses `what` (a rename, a move to the trash) of volume `volume`
+    /// (id `id`) while it moves or any NBD client has it open: a client
+    /// asks for a volume by name when it reconnects, and would find none
+    /// (or another).
+    fn refuse_busy(&self, volume: &str, id: u64, what: &str) -> Result<(), Error> {
+        if self.moving.contains(&id) {
+            return Err(moving(volume, what));
+        }
+        let open = self
+            .users
+            .get(&id)
+            .map_or(0, |u| u.nbd_writers + u.nbd_readers);
+        if open > 0 {
+            return Err(Error::new(
+                ErrorKind::InUse,
+                format!(
+                    "{what} refused: volume {volume} is open by {open} NBD client(s), which ask for it by name when they reconnect; disconnect them (stop the VM) first"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The (name, id) of every record keyed by name.
@@ -227,6 +276,12 @@ impl std::fmt::Debug for Catalog {
     }
 }
 
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -247,38 +302,31 @@ impl Catalog {
     /// Loads the template records from the pool's store; they are saved
     /// back there on every change.
     pub fn open(store: Arc<dyn SegmentStore>) -> Result<Catalog, CatalogError> {
-        let (templates, importing, replicas, qos, multi_writer, snapshot_times) =
-            match store.get_meta(TEMPLATES_META_NAME)? {
-                None => Default::default(),
-                Some(bytes) => {
-                    let f: TemplatesFile = serde_json::from_slice(&bytes)
-                        .map_err(|e| CatalogError::Corrupt(e.to_string()))?;
-                    if f.version != TEMPLATES_VERSION {
-                        return Err(CatalogError::Corrupt(format!(
-                            "version {} (this vpool reads version {TEMPLATES_VERSION})",
-                            f.version
-                        )));
-                    }
-                    (
-                        f.templates,
-                        f.importing,
-                        f.replicas,
-                        f.qos,
-                        f.multi_writer,
-                        f.snapshot_times,
-                    )
+        let f = match store.get_meta(TEMPLATES_META_NAME)? {
+            None => TemplatesFile::default(),
+            Some(bytes) => {
+                let f: TemplatesFile = serde_json::from_slice(&bytes)
+                    .map_err(|e| CatalogError::Corrupt(e.to_string()))?;
+                if f.version != TEMPLATES_VERSION {
+                    return Err(CatalogError::Corrupt(format!(
+                        "version {} (this vpool reads version {TEMPLATES_VERSION})",
+                        f.version
+                    )));
                 }
-            };
+                f
+            }
+        };
         Ok(Catalog {
             inner: Mutex::new(Inner {
-                templates,
-                importing,
+                templates: f.templates,
+                importing: f.importing,
                 users: HashMap::new(),
                 moving: Default::default(),
-                replicas,
-                qos,
-                multi_writer,
-                snapshot_times,
+                replicas: f.replicas,
+                qos: f.qos,
+                multi_writer: f.multi_writer,
+                snapshot_times: f.snapshot_times,
+                trash: f.trash,
             }),
             store: Some(store),
         })
@@ -302,6 +350,7 @@ impl Catalog {
             qos: inner.qos.clone(),
             multi_writer: inner.multi_writer.clone(),
             snapshot_times: inner.snapshot_times.clone(),
+            trash: inner.trash.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&f)
             .map_err(|e| Error::internal(format!("encoding the template records: {e}")))?;
@@ -439,7 +488,15 @@ impl Catalog {
             g.multi_writer.remove(volume);
         }
         let timed = g.snapshot_times.remove(&id).is_some();
-        if g.sealed(volume, id).is_some() || importing || replica || qos || shared || timed {
+        let trashed = g.trash.remove(&id).is_some();
+        if g.sealed(volume, id).is_some()
+            || importing
+            || replica
+            || qos
+            || shared
+            || timed
+            || trashed
+        {
             g.templates
                 .retain(|n, t| !(n == volume && t.volume_id == id));
             if let Err(e) = self.persist(&g) {
@@ -466,21 +523,7 @@ impl Catalog {
         rename: impl FnOnce() -> Result<T, Error>,
     ) -> Result<T, Error> {
         let mut g = self.lock();
-        if g.moving.contains(&id) {
-            return Err(moving(volume, "rename"));
-        }
-        let open = g
-            .users
-            .get(&id)
-            .map_or(0, |u| u.nbd_writers + u.nbd_readers);
-        if open > 0 {
-            return Err(Error::new(
-                ErrorKind::InUse,
-                format!(
-                    "rename refused: volume {volume} is open by {open} NBD client(s), which ask for it by name when they reconnect; disconnect them (stop the VM) first"
-                ),
-            ));
-        }
+        g.refuse_busy(volume, id, "rename")?;
         let out = rename()?;
         if g.rekey(volume, id, new)
             && let Err(e) = self.persist(&g)
@@ -495,6 +538,7 @@ impl Catalog {
     /// Blocking.
     pub fn reconcile(&self, pool: &Pool) -> Result<(), Error> {
         let mut changed = self.follow_renames(pool);
+        changed |= self.reconcile_trash(pool);
         let records = self.templates();
         for (name, rec) in records {
             match pool.volume_info(&name) {
@@ -571,6 +615,96 @@ impl Catalog {
             self.persist(&g)?;
         }
         Ok(())
+    }
+
+    // ----- the trash -----
+
+    /// Moves volume `volume` (id `id`) to the trash with `rename` (the
+    /// engine's rename to [`trash_name`]; it must not call the catalog).
+    /// The trash record is saved first, so a crash leaves either the
+    /// volume where it was (the record is dropped at the next start) or in
+    /// the trash with its record. Refused as [`Catalog::rename`] is.
+    pub fn trash<T>(
+        &self,
+        volume: &str,
+        id: u64,
+        rename: impl FnOnce() -> Result<T, Error>,
+    ) -> Result<TrashRecord, Error> {
+        let mut g = self.lock();
+        g.refuse_busy(volume, id, "moving to the trash")?;
+        let rec = TrashRecord {
+            name: volume.to_string(),
+            trashed_unix_ms: now_unix_ms(),
+        };
+        g.trash.insert(id, rec.clone());
+        if let Err(e) = self.persist(&g).and_then(|()| rename().map(drop)) {
+            g.trash.remove(&id);
+            if let Err(p) = self.persist(&g) {
+                tracing::warn!(volume, error = %p, "could not drop the trash record of a failed move to the trash; the next start drops it");
+            }
+            return Err(e);
+        }
+        if g.rekey(volume, id, &trash_name(id))
+            && let Err(e) = self.persist(&g)
+        {
+            tracing::warn!(volume, error = %e, "in the trash, but could not save its records there; the next start moves them");
+        }
+        Ok(rec)
+    }
+
+    /// Takes volume `id` out of the trash under the name `new`, with
+    /// `rename` (the engine's rename; it must not call the catalog). The
+    /// engine's rename comes first: a crash after it leaves a stale trash
+    /// record, dropped at the next start.
+    pub fn restore<T>(
+        &self,
+        id: u64,
+        new: &str,
+        rename: impl FnOnce() -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let mut g = self.lock();
+        if !g.trash.contains_key(&id) {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("no volume with id {id} in the trash (`vpool vol trash ls`)"),
+            ));
+        }
+        let out = rename()?;
+        g.trash.remove(&id);
+        g.rekey(&trash_name(id), id, new);
+        if let Err(e) = self.persist(&g) {
+            tracing::warn!(volume = new, error = %e, "restored from the trash, but could not save its records; the next start mends them");
+        }
+        Ok(out)
+    }
+
+    /// The volumes in the trash: id, what they were.
+    pub fn trashed(&self) -> BTreeMap<u64, TrashRecord> {
+        self.lock().trash.clone()
+    }
+
+    /// Trash records in line with the pool: dropped where the volume is
+    /// not (or no longer) at its trash name, made up (named after the id)
+    /// for a volume at a trash name without one. True if any changed.
+    fn reconcile_trash(&self, pool: &Pool) -> bool {
+        let names: HashMap<u64, String> = (pool.list_volumes().into_iter())
+            .map(|v| (v.id.0, v.name))
+            .collect();
+        let mut g = self.lock();
+        let before = g.trash.clone();
+        g.trash
+            .retain(|id, _| names.get(id).is_some_and(|n| *n == trash_name(*id)));
+        for (id, name) in &names {
+            if *name == trash_name(*id) && !g.trash.contains_key(id) {
+                tracing::warn!(volume = %name, "a volume in the trash without its record: listed as volume-{id}");
+                let rec = TrashRecord {
+                    name: format!("volume-{id}"),
+                    trashed_unix_ms: now_unix_ms(),
+                };
+                g.trash.insert(*id, rec);
+            }
+        }
+        g.trash != before
     }
 
     /// Moves records whose volume (by id) now has another name: a rename
@@ -1172,6 +1306,44 @@ mod tests {
         c.nbd_close(1, Access::Read, || fired = true);
         assert!(fired);
         assert_eq!(c.nbd_connections(1), 0);
+    }
+
+    /// A crash after the engine's rename and before the records were saved
+    /// under the new name: the next start moves them (they keep the id),
+    /// and a stale record already under the new name gives way.
+    #[test]
+    fn records_follow_a_rename_they_missed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn SegmentStore> =
+            Arc::new(vpool_store::LocalDirStore::open(dir.path()).unwrap());
+        let config = vpool_engine::PoolConfig {
+            background: false,
+            ..Default::default()
+        };
+        let (pool, _) = Pool::open(Arc::clone(&store), config).unwrap();
+        let id = pool.create_volume("a", 4096).unwrap().id.0;
+        let c = Catalog::open(Arc::clone(&store)).unwrap();
+        let limits = crate::qos::QosLimits {
+            iops: Some(10),
+            ..Default::default()
+        };
+        c.set_qos("a", id, &limits).unwrap();
+        c.set_multi_writer("a", id, true).unwrap();
+        let stale = crate::qos::QosLimits {
+            iops: Some(99),
+            ..Default::default()
+        };
+        c.set_qos("b", id + 100, &stale).unwrap();
+        pool.rename_volume("a", "b").unwrap();
+        drop(c);
+        let c = Catalog::open(Arc::clone(&store)).unwrap();
+        c.reconcile(&pool).unwrap();
+        assert_eq!(c.qos("b", id), limits);
+        assert!(c.multi_writer("b", id));
+        assert!(!c.lock().qos.contains_key("a"));
+        // Saved: a second start finds them there.
+        let c = Catalog::open(store).unwrap();
+        assert_eq!(c.qos("b", id), limits);
     }
 
     #[test]

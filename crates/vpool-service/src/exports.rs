@@ -60,7 +60,9 @@ impl ExportRegistry for PoolExports {
     fn list(&self) -> Vec<ExportInfo> {
         let templates = self.catalog.templates();
         let mut out = Vec::new();
-        for v in self.pool.list_volumes() {
+        let vols = self.pool.list_volumes().into_iter();
+        // Volumes in the trash are not served.
+        for v in vols.filter(|v| !crate::catalog::is_reserved(&v.name)) {
             let sealed = templates
                 .get(&v.name)
                 .is_some_and(|t| t.volume_id == v.id.0);
@@ -118,6 +120,9 @@ impl PoolExports {
         name: &str,
         incomplete_ok: bool,
     ) -> Result<Arc<dyn BlockDevice>, DeviceError> {
+        if crate::catalog::is_reserved(name) {
+            return Err(DeviceError::not_found(format!("no volume named {name:?}")));
+        }
         let (volume, vol, want) = match name.split_once('@') {
             Some((v, s)) => {
                 let handle = self.pool.snapshot(v, s).map_err(|e| open_error(name, e))?;

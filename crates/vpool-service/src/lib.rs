@@ -34,6 +34,7 @@ pub mod names;
 pub mod pool;
 pub mod qos;
 pub mod stripes;
+pub mod trash;
 pub mod writers;
 
 pub use cache::{CacheControl, CacheInfo, PinInfo};

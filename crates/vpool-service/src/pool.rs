@@ -147,9 +147,12 @@ impl PoolService {
 
     // ----- volumes -----
 
+    /// The volumes users see: not those in the trash.
     pub fn list_volumes(&self) -> Vec<VolumeView> {
-        let vols = self.pool.list_volumes();
-        vols.into_iter().map(|v| self.view(v)).collect()
+        let vols = self.pool.list_volumes().into_iter();
+        vols.filter(|v| !crate::catalog::is_reserved(&v.name))
+            .map(|v| self.view(v))
+            .collect()
     }
 
     pub fn volume(&self, name: &str) -> Result<VolumeView> {

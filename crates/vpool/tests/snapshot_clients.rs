@@ -646,3 +646,116 @@ fn rename_keeps_all_but_the_name() {
     check(&d);
     assert!(d.terminate().success());
 }
+
+/// `vol trash`: a volume moved there frees its name at once and is served
+/// no more, while a clone of its snapshot keeps reading it; `restore`
+/// brings it back with its data and records (read by qemu-io), also
+/// after a restart and under another name; two of one name need `--id`;
+/// `rm` and `purge` keep a volume whose snapshots have clones, and delete
+/// the rest. Refused while a client (nbdsh) holds the volume, and while a
+/// snapshot schedule names it.
+#[test]
+fn trash_frees_the_name_and_keeps_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let d = Daemon::start(&pool, &[]);
+    run_ok(&pool, &["vol", "create", "web1", "--size", "4M"]);
+    qemu_io(&d.nbd_uri("web1"), &["write -P 0x61 0 64k"]);
+    run_ok(&pool, &["snap", "create", "web1@s"]);
+    run_ok(&pool, &["vol", "clone", "web1@s", "c1"]);
+    run_ok(&pool, &["vol", "qos", "web1", "--iops", "100"]);
+
+    let mut h = Holder::start(dir.path(), "h", &d.nbd_uri("web1"), "", "");
+    let err = run_err(&pool, &["vol", "trash", "mv", "web1"]);
+    assert!(err.contains("open by 1 NBD client"), "{err}");
+    h.finish();
+    run_ok(
+        &pool,
+        &["schedule", "add", "web1", "--every", "1h", "--keep", "1"],
+    );
+    let err = run_err(&pool, &["vol", "trash", "mv", "web1"]);
+    assert!(err.contains("schedule remove"), "{err}");
+    let sid = run_json(&pool, &["schedule", "list"])["schedules"][0]["id"].to_string();
+    run_ok(&pool, &["schedule", "remove", &sid]);
+
+    let first = run_json(&pool, &["vol", "trash", "mv", "web1"]);
+    assert_eq!(first["name"], "web1", "{first}");
+    let id1 = first["id"].as_u64().unwrap();
+    // Gone from every listing, from NBD and from the API, reserved name
+    // included; the clone still reads its parent's blocks.
+    assert!(!run_ok(&pool, &["vol", "list"]).contains("web1"));
+    let list = nbdinfo(&["--list", &d.nbd_uri("")]);
+    assert!(!list.contains("web1") && !list.contains(".trash"), "{list}");
+    for name in ["web1".to_string(), format!(".trash.{id1}")] {
+        let out = std::process::Command::new("nbdinfo")
+            .arg(d.nbd_uri(&name))
+            .output()
+            .expect("nbdinfo");
+        assert!(!out.status.success(), "{name} is served");
+        let err = run_err(&pool, &["vol", "info", &name]);
+        assert!(
+            err.contains("not found") || err.contains("no volume"),
+            "{err}"
+        );
+    }
+    qemu_io(&d.nbd_uri("c1"), &["read -P 0x61 0 64k"]);
+
+    // The name is free: a new web1, trashed too.
+    run_ok(&pool, &["vol", "create", "web1", "--size", "4M"]);
+    qemu_io(&d.nbd_uri("web1"), &["write -P 0x62 0 64k"]);
+    let id2 = run_json(&pool, &["vol", "trash", "mv", "web1"])["id"]
+        .as_u64()
+        .unwrap();
+    let ls = run_ok(&pool, &["vol", "trash", "ls"]);
+    assert!(ls.starts_with("ID") && ls.contains("TRASHED (UTC)"), "{ls}");
+    let ls = run_json(&pool, &["vol", "trash", "ls"]);
+    assert_eq!(ls["trash"][0]["id"], id1, "{ls}");
+    assert_eq!(ls["trash"][0]["clones"], serde_json::json!(["c1"]), "{ls}");
+    assert_eq!(ls["trash"][1]["id"], id2, "{ls}");
+
+    let err = run_err(&pool, &["vol", "trash", "restore", "web1"]);
+    assert!(err.contains("--id"), "{err}");
+    let err = run_err(
+        &pool,
+        &["vol", "trash", "rm", "web1", "--id", &id1.to_string()],
+    );
+    assert!(err.contains("c1"), "{err}");
+    let r = run_json(&pool, &["vol", "trash", "purge"]);
+    assert_eq!(r["purged"][0]["id"], id2, "{r}");
+    assert_eq!(r["kept"][0]["id"], id1, "{r}");
+
+    // Restore under another name: data, snapshot, clone link and QoS.
+    let args = ["vol", "trash", "restore", "web1", "--name", "web-old"];
+    assert_eq!(run_json(&pool, &args)["name"], "web-old");
+    qemu_io(&d.nbd_uri("web-old"), &["read -P 0x61 0 64k"]);
+    assert_eq!(
+        run_json(&pool, &["vol", "info", "web-old"])["qos"]["iops"],
+        100
+    );
+    assert_eq!(
+        run_json(&pool, &["vol", "info", "c1"])["parent"],
+        "web-old@s"
+    );
+
+    // In the trash across a restart, then restored under its own name.
+    run_ok(&pool, &["vol", "trash", "mv", "web-old"]);
+    assert!(d.terminate().success());
+    let d = Daemon::start(&pool, &[]);
+    let ls = run_json(&pool, &["vol", "trash", "ls"]);
+    assert_eq!(ls["trash"][0]["name"], "web-old", "{ls}");
+    run_ok(&pool, &["vol", "trash", "restore", "web-old"]);
+    qemu_io(&d.nbd_uri("web-old"), &["read -P 0x61 0 64k"]);
+
+    // Purge by age: not yet old enough, then everything.
+    run_ok(&pool, &["vol", "delete", "c1"]);
+    run_ok(&pool, &["vol", "trash", "mv", "web-old"]);
+    let r = run_json(&pool, &["vol", "trash", "purge", "--older-than", "1h"]);
+    assert_eq!(r["purged"], serde_json::json!([]), "{r}");
+    let r = run_json(&pool, &["vol", "trash", "purge"]);
+    assert_eq!(r["purged"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(
+        run_ok(&pool, &["vol", "trash", "ls"]),
+        "the trash is empty\n"
+    );
+    assert!(d.terminate().success());
+}

@@ -926,25 +926,7 @@ impl Host {
         volume: &str,
         new: &str,
     ) -> Result<crate::pool::VolumeView> {
-        if let Some(sh) = self.shared(pool) {
-            return Err(Error::new(
-                ErrorKind::NotSupported,
-                format!(
-                    "pool {} is shared: renaming its volumes is not built yet (a volume's name keys its objects in the bucket)",
-                    sh.name
-                ),
-            ));
-        }
-        let name = pool.unwrap_or(&self.default);
-        if self.replicas.names(name, volume)? {
-            return Err(Error::new(
-                ErrorKind::InUse,
-                format!(
-                    "rename refused: volume {name}/{volume} is replicated or is a replica, and the replication names it; `vpool replica remove` it first"
-                ),
-            ));
-        }
-        let ctx = self.volume_pool(pool, volume)?;
+        let (name, ctx) = self.renamable(pool, volume, "rename")?;
         let view = ctx.service.rename_volume(volume, new)?;
         tracing::info!(pool = name, volume, new, "volume renamed");
         if let Err(e) = self.schedules.rename(name, volume, view.info.id.0, new) {
@@ -954,6 +936,98 @@ impl Host {
             )));
         }
         Ok(view)
+    }
+
+    /// Moves `volume` of `pool` to the pool's trash (`vpool vol trash mv`;
+    /// [`crate::trash`]). Refused as a rename is, and while it has
+    /// snapshot schedules (they would snapshot a volume nobody sees).
+    pub fn trash_volume(
+        &self,
+        pool: Option<&str>,
+        volume: &str,
+    ) -> Result<crate::trash::TrashEntry> {
+        let (name, ctx) = self.renamable(pool, volume, "moving to the trash")?;
+        if self.schedules.names(name, volume)? {
+            return Err(Error::new(
+                ErrorKind::InUse,
+                format!(
+                    "volume {name}/{volume} has snapshot schedules: `vpool schedule remove` them first"
+                ),
+            ));
+        }
+        let entry = ctx.service.trash_volume(volume)?;
+        tracing::info!(
+            pool = name,
+            volume,
+            id = entry.id,
+            "volume moved to the trash"
+        );
+        Ok(entry)
+    }
+
+    /// Takes volume `id` out of `pool`'s trash, as `new_name` or its old name.
+    pub fn trash_restore(
+        &self,
+        pool: Option<&str>,
+        id: u64,
+        new_name: Option<&str>,
+    ) -> Result<crate::pool::VolumeView> {
+        let view = self.pool(pool)?.service.restore_volume(id, new_name)?;
+        let pool = pool.unwrap_or(&self.default);
+        tracing::info!(pool, volume = %view.info.name, id, "volume restored from the trash");
+        Ok(view)
+    }
+
+    /// Deletes volume `id` of `pool`'s trash for good.
+    pub fn trash_remove(&self, pool: Option<&str>, id: u64) -> Result<crate::trash::TrashEntry> {
+        let entry = self.pool(pool)?.service.remove_trashed(id)?;
+        let pool = pool.unwrap_or(&self.default);
+        tracing::info!(pool, volume = %entry.name, id, "volume deleted from the trash");
+        Ok(entry)
+    }
+
+    /// Deletes for good what went to `pool`'s trash at or before
+    /// `before_unix_ms` (but volumes whose snapshots have clones).
+    pub fn trash_purge(
+        &self,
+        pool: Option<&str>,
+        before_unix_ms: u64,
+    ) -> Result<crate::trash::PurgeReport> {
+        let report = self.pool(pool)?.service.purge_trash(before_unix_ms)?;
+        let pool = pool.unwrap_or(&self.default);
+        for e in &report.purged {
+            tracing::info!(pool, volume = %e.name, id = e.id, "volume purged from the trash");
+        }
+        Ok(report)
+    }
+
+    /// The pool (its name and context) where `volume` may change its name:
+    /// not a shared one, and not while replication names it.
+    fn renamable<'a>(
+        &'a self,
+        pool: Option<&'a str>,
+        volume: &str,
+        what: &str,
+    ) -> Result<(&'a str, Arc<PoolCtx>)> {
+        if let Some(sh) = self.shared(pool) {
+            return Err(Error::new(
+                ErrorKind::NotSupported,
+                format!(
+                    "{what} in pool {} is not built: the pool is shared, and a volume's name keys its objects in the bucket",
+                    sh.name
+                ),
+            ));
+        }
+        let name = pool.unwrap_or(&self.default);
+        if self.replicas.names(name, volume)? {
+            return Err(Error::new(
+                ErrorKind::InUse,
+                format!(
+                    "{what} refused: volume {name}/{volume} is replicated or is a replica, and the replication names it; `vpool replica remove` it first"
+                ),
+            ));
+        }
+        Ok((name, self.volume_pool(pool, volume)?))
     }
 
     /// Sets (or, empty, clears) the QoS limits of `volume` of `pool`: kept

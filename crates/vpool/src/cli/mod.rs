@@ -24,6 +24,7 @@ mod render;
 mod replica;
 mod schedule;
 mod snap;
+mod trash;
 mod vol;
 
 #[cfg(test)]

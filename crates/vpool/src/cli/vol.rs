@@ -109,6 +109,12 @@ pub enum VolCommand {
         /// The new name (in the same pool; `vpool vol move` changes pools).
         new_name: String,
     },
+    /// A pool's trash: `mv` a volume there (its name is free at once),
+    /// `ls`, `restore`, `rm`, `purge --older-than 7d`.
+    Trash {
+        #[command(subcommand)]
+        cmd: super::trash::TrashCommand,
+    },
     /// Delete a volume and its data.
     Delete {
         /// [POOL/]VOLUME.
@@ -390,6 +396,7 @@ pub(super) fn run(
             allow_shrink,
             force,
         } => resize(client, out, name, *size, *allow_shrink, *force),
+        VolCommand::Trash { cmd } => super::trash::run(client, out, cmd),
         VolCommand::Rename { name, new_name } => {
             let new = same_pool_name(name, new_name)?;
             let info = client.rename_volume(name, new)?;
