@@ -899,8 +899,14 @@ async fn list_volumes(
         let Some(sh) = host.shared(pool.as_deref()) else {
             let ctx = host.pool(pool.as_deref())?;
             let vols = ctx.service.list_volumes();
+            let volumes = (vols.into_iter().map(VolumeInfo::from))
+                .map(|mut v| {
+                    v.writer = host.volume_writer(&ctx.name, &v.name, v.id);
+                    v
+                })
+                .collect();
             return Ok(VolumeList {
-                volumes: vols.into_iter().map(VolumeInfo::from).collect(),
+                volumes,
                 shared: None,
             });
         };
@@ -1038,6 +1044,7 @@ async fn volume_info(
     info.exclusive_bytes = space.as_ref().map(|sp| sp.volume.exclusive_bytes);
     info.shared_bytes = space.as_ref().map(|sp| sp.volume.shared_bytes);
     info.writer = s.host.volume_writer(&ctx.name, &info.name, info.id);
+    info.clients = s.host.volume_clients(Some(&ctx.name), &info.name);
     Ok(Json(info))
 }
 

@@ -55,9 +55,13 @@ pub struct VolumeInfo {
     pub multi_writer: bool,
     /// The NBD client that writes it on this host now (`unix pid P uid U
     /// (for N s)`, or a TCP address): a second client's writes wait for it
-    /// to go. Only in `GET /v1/volumes/{name}`.
+    /// to go. In `GET /v1/volumes/{name}` and the volume list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub writer: Option<String>,
+    /// The NBD connections to it and its snapshots on this host, oldest
+    /// first (`vpool vol status`). Only in `GET /v1/volumes/{name}`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<vpool_service::clients::ClientInfo>,
     /// Of `allocated_bytes`: bytes no snapshot or clone shares (freed if the
     /// volume is deleted), and bytes shared. Only in `GET
     /// /v1/volumes/{name}` (they cost a walk of the maps).
@@ -86,6 +90,7 @@ impl From<vpool_engine::VolumeInfo> for VolumeInfo {
             qos: None,
             multi_writer: false,
             writer: None,
+            clients: Vec::new(),
             exclusive_bytes: None,
             shared_bytes: None,
         }

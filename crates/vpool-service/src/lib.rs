@@ -24,6 +24,7 @@
 
 pub mod cache;
 pub mod catalog;
+pub mod clients;
 pub mod error;
 pub mod exports;
 pub mod host;

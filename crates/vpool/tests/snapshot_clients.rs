@@ -759,3 +759,102 @@ fn trash_frees_the_name_and_keeps_the_data() {
     );
     assert!(d.terminate().success());
 }
+
+/// `vol du`, `vol ls -l` and `vol status`, with data written by qemu-io and
+/// clients held open by nbdsh: space per image (exclusive = what deleting
+/// it frees), what each volume is, and who has it open.
+#[test]
+fn du_long_listing_and_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let d = Daemon::start(&pool, &[]);
+    run_ok(&pool, &["vol", "create", "web1", "--size", "8M"]);
+    let uri = d.nbd_uri("web1");
+    qemu_io(&uri, &["write -P 0x11 0 1M"]);
+    run_ok(&pool, &["snap", "create", "web1@s1"]);
+    // 1 MiB only the volume has, and 64 KiB of the snapshot's it replaced.
+    qemu_io(&uri, &["write -P 0x22 1M 1M", "write -P 0x33 0 64k"]);
+    run_ok(&pool, &["vol", "clone", "web1@s1", "c1"]);
+    run_ok(&pool, &["vol", "create", "gold", "--size", "4M"]);
+    run_ok(&pool, &["vol", "template", "gold"]);
+
+    let du = run_json(&pool, &["vol", "du", "web1"]);
+    let images = du["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2, "{du}");
+    assert_eq!(images[0]["name"], "web1@s1");
+    assert_eq!(images[0]["used_bytes"], MIB);
+    assert_eq!(images[0]["exclusive_bytes"], 0, "the clone shares it: {du}");
+    assert_eq!(images[1]["name"], "web1");
+    assert_eq!(images[1]["provisioned_bytes"], 8 * MIB);
+    assert_eq!(images[1]["used_bytes"], 2 * MIB);
+    assert_eq!(images[1]["exclusive_bytes"], MIB + 64 * 1024, "{du}");
+    assert!(du.get("total").is_none(), "{du}");
+    let all = run_json(&pool, &["vol", "du"]);
+    let pool_info = run_json(&pool, &["pool", "info"]);
+    assert_eq!(
+        all["total"]["provisioned_bytes"],
+        8 * MIB + 8 * MIB + 4 * MIB,
+        "{all}"
+    );
+    assert_eq!(
+        all["total"]["used_bytes"], pool_info["live_data_bytes"],
+        "{all}"
+    );
+    let text = run_ok(&pool, &["vol", "du"]);
+    assert!(
+        text.starts_with("NAME") && text.contains("<TOTAL>"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("web1@s1") && l.contains("1 MiB")),
+        "{text}"
+    );
+
+    // A writer (nbdsh) and a reader of a snapshot (nbdsh) on web1.
+    let mut w = Holder::start(dir.path(), "w", &uri, "h.pwrite(b'\\x44' * 4096, 0)", "");
+    let mut r = Holder::start(dir.path(), "r", &d.nbd_uri("web1@s1"), "", "");
+    let st = run_json(&pool, &["vol", "status", "web1"]);
+    let clients = st["clients"].as_array().unwrap();
+    assert_eq!(clients.len(), 2, "{st}");
+    assert_eq!(clients[0]["image"], "web1");
+    assert_eq!(clients[0]["read_only"], false);
+    assert!(
+        clients[0]["peer"]
+            .as_str()
+            .unwrap()
+            .starts_with("unix pid "),
+        "{st}"
+    );
+    assert_eq!(clients[1]["image"], "web1@s1");
+    assert_eq!(clients[1]["read_only"], true);
+    assert!(
+        st["writer"].as_str().unwrap().starts_with("unix pid "),
+        "{st}"
+    );
+    let text = run_ok(&pool, &["vol", "status", "web1"]);
+    assert!(
+        text.contains("2 NBD client(s)") && text.contains("read-only"),
+        "{text}"
+    );
+    let long = run_ok(&pool, &["vol", "ls", "-l"]);
+    let row = |name: &str| {
+        long.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no {name} in {long}"))
+            .to_string()
+    };
+    assert!(
+        long.starts_with("NAME") && long.contains("WRITER"),
+        "{long}"
+    );
+    assert!(row("web1").contains("unix pid"), "{long}");
+    assert!(row("c1").contains("web1@s1"), "{long}");
+    assert!(row("gold").contains("template"), "{long}");
+    w.finish();
+    r.finish();
+    let st = run_json(&pool, &["vol", "status", "web1"]);
+    assert_eq!(st["clients"], serde_json::json!([]), "{st}");
+    assert!(run_ok(&pool, &["vol", "status", "web1"]).contains("no NBD clients"));
+    assert!(d.terminate().success());
+}

@@ -105,11 +105,13 @@ impl vpool_nbd::ExportRegistry for HostExports {
             },
             _ => dev,
         };
+        let pool = pool.unwrap_or(&self.host.default);
+        // Listed for `vol status` while the client has it open.
+        let dev = self.host.clients.wrap(pool, image, &by.peer, dev);
         if !self.count_io {
             return Ok(dev);
         }
         // Counted for `GET /metrics` (`crate::metrics`).
-        let pool = pool.unwrap_or(&self.host.default);
         Ok(self.host.meters.wrap(pool, image, dev))
     }
 }

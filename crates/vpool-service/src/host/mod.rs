@@ -358,6 +358,8 @@ pub struct Host {
     throttles: crate::qos::Throttles,
     /// The one writer of each volume served (`crate::writers`).
     writers: Arc<crate::writers::Writers>,
+    /// Who has each image open (`crate::clients`).
+    clients: Arc<crate::clients::Clients>,
 }
 
 impl Host {
@@ -442,6 +444,7 @@ impl Host {
             meters: crate::metrics::Meters::default(),
             throttles: crate::qos::Throttles::default(),
             writers: Arc::default(),
+            clients: Arc::default(),
         }
     }
 
@@ -891,6 +894,16 @@ impl Host {
     pub fn volume_writer(&self, pool: &str, volume: &str, id: u64) -> Option<String> {
         let (peer, for_) = self.writers.writer_of((pool, volume, id))?;
         Some(format!("{peer} (for {} s)", for_.as_secs()))
+    }
+
+    /// The NBD connections to `volume` of `pool` (`None`: the default
+    /// pool) and its snapshots on this host, oldest first.
+    pub fn volume_clients(
+        &self,
+        pool: Option<&str>,
+        volume: &str,
+    ) -> Vec<crate::clients::ClientInfo> {
+        self.clients.of(pool.unwrap_or(&self.default), volume)
     }
 
     /// Lets several NBD clients write `volume` of `pool` at once (or one at

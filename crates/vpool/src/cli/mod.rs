@@ -25,6 +25,7 @@ mod replica;
 mod schedule;
 mod snap;
 mod trash;
+mod usage;
 mod vol;
 
 #[cfg(test)]

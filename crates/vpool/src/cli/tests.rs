@@ -104,7 +104,7 @@ fn parses_s3_pool_and_cache_commands() {
     let c = Cli::try_parse_from(["vpool", "vol", "list", "--pool", "cold"]).unwrap();
     assert!(matches!(
         c.command,
-        Command::Vol(VolCommand::List { pool: Some(p), all: false }) if p == "cold"
+        Command::Vol(VolCommand::List { pool: Some(p), all: false, long: false }) if p == "cold"
     ));
     // --cache defaults to --home.
     let c = Cli::try_parse_from([
@@ -345,6 +345,7 @@ fn renders_a_table() {
         qos: None,
         multi_writer: false,
         writer: None,
+        clients: Vec::new(),
         exclusive_bytes: Some(1 << 29),
         shared_bytes: Some(1 << 30),
     };

@@ -35,6 +35,7 @@ pub enum VolCommand {
         durability: Option<String>,
     },
     /// List the volumes of the default pool, of one pool, or of all.
+    #[command(visible_alias = "ls")]
     List {
         /// The pool's volumes (default: the default pool's).
         #[arg(long, value_name = "POOL")]
@@ -42,6 +43,19 @@ pub enum VolCommand {
         /// Every open pool's volumes, named POOL/VOLUME.
         #[arg(long, conflicts_with = "pool")]
         all: bool,
+        /// Long listing: snapshots, parent, what the volume is (template,
+        /// replica, ephemeral, incomplete, shared, qos) and its NBD writer.
+        #[arg(short, long)]
+        long: bool,
+    },
+    /// Space per volume and snapshot: provisioned, used, and exclusive
+    /// (what deleting it frees), as `rbd du`; with a total for the pool.
+    Du {
+        /// One volume, [POOL/]VOLUME (default: every volume of the pool).
+        name: Option<String>,
+        /// The pool's volumes (default: the default pool's).
+        #[arg(long, value_name = "POOL", conflicts_with = "name")]
+        pool: Option<String>,
     },
     /// Show one volume, and how to attach it to a VM (NBD URI, libvirt XML).
     Info {
@@ -60,10 +74,13 @@ pub enum VolCommand {
         #[arg(long)]
         tcp: bool,
     },
-    /// Who owns a volume of a shared pool (POOL/VOLUME): host, epoch, and
-    /// on the owner its clients and bytes not yet in the bucket.
+    /// Who uses a volume: its NBD clients on this host (peer, image,
+    /// read-only or not, since when) and its writer, as `rbd status`
+    /// lists watchers; of a shared pool's volume, who owns it (host,
+    /// epoch, and on the owner its clients and bytes not yet in the
+    /// bucket).
     Status {
-        /// POOL/VOLUME, of a shared pool.
+        /// [POOL/]VOLUME.
         name: String,
     },
     /// Make this host the owner of a volume of a shared pool: at once if
@@ -364,7 +381,10 @@ pub(super) fn run(
                 created_text(&w.info)
             })
         }
-        VolCommand::List { pool, all } => list(client, out, pool.as_deref(), *all),
+        VolCommand::List { pool, all, long } => list(client, out, pool.as_deref(), *all, *long),
+        VolCommand::Du { name, pool } => {
+            super::usage::du(client, out, name.as_deref(), pool.as_deref())
+        }
         VolCommand::Share { name, off } => {
             let info = client.set_multi_writer(name, !off)?;
             out.emit(&info, |i| match i.multi_writer {
@@ -462,7 +482,13 @@ pub(super) fn run(
 
 /// `vol list`: one pool's volumes (with owners, for a shared pool), or
 /// every pool's.
-fn list(client: &Client, out: Output, pool: Option<&str>, all: bool) -> anyhow::Result<()> {
+fn list(
+    client: &Client,
+    out: Output,
+    pool: Option<&str>,
+    all: bool,
+    long: bool,
+) -> anyhow::Result<()> {
     let list = if all {
         vpool_api::VolumeList {
             volumes: every_pools_volumes(client)?,
@@ -473,6 +499,7 @@ fn list(client: &Client, out: Output, pool: Option<&str>, all: bool) -> anyhow::
     };
     out.emit(&list, |l| match &l.shared {
         Some(shared) => render_shared_table(shared),
+        None if long => super::usage::render_long(&l.volumes),
         None => render_volume_table(&l.volumes),
     })
 }
@@ -482,10 +509,20 @@ fn list(client: &Client, out: Output, pool: Option<&str>, all: bool) -> anyhow::
 fn ownership(client: &Client, out: Output, cmd: &VolCommand) -> anyhow::Result<()> {
     let slow = client.clone().with_timeout(TAKEOVER_TIMEOUT);
     match cmd {
-        VolCommand::Status { name } => {
-            let st = client.volume_owner(name)?;
-            out.emit(&st, render_shared_status)
-        }
+        VolCommand::Status { name } => match client.volume_owner(name) {
+            Ok(st) => out.emit(&st, render_shared_status),
+            // Not a shared pool: this host's clients of the volume.
+            Err(e) if e.kind() == Some(ErrorKind::NotSupported) => {
+                let info = client.volume_info(name)?;
+                let st = serde_json::json!({
+                    "name": info.name,
+                    "writer": info.writer,
+                    "clients": info.clients,
+                });
+                out.emit(&st, |_| super::usage::render_status(name, &info))
+            }
+            Err(e) => Err(e.into()),
+        },
         VolCommand::Takeover { name, force } => {
             let st = slow.takeover_volume(name, *force)?;
             out.emit(&st, |s| {
