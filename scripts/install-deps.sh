@@ -17,6 +17,9 @@
 #   rbd rados radosgw-admin monmaptool ceph-authtool), python3.
 # Note: Debian 12's qemu-system-x86 is QEMU 7.2; installing it removes a
 # newer (backported) qemu-utils, so qemu-utils 7.2 is installed after it.
+# QEMU 10's qemu-utils (bookworm-backports) is unpacked beside it, under
+# /opt/vpool-test/qemu10 (not installed: the two cannot be), for the tests
+# that try what vpool prints with both QEMU versions.
 # Rust: rustfmt and clippy (rustup component add), cargo-fuzz (cargo install).
 set -euo pipefail
 
@@ -125,6 +128,29 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
     read -r -a still <<<"$(missing_pkgs)"
     [ ${#still[@]} -eq 0 ] || fail "still missing after apt-get install: ${still[*]}"
+fi
+
+# ------------------------------------------------- QEMU 10's qemu-img, aside
+# Fetched with a private apt state (lists and archives under
+# /var/cache/vpool-test/bpo), so the machine's sources stay as they are.
+qemu10_root=/opt/vpool-test/qemu10
+qemu10_ok() { "$qemu10_root/usr/bin/qemu-img" --version 2>/dev/null | grep -q '^qemu-img version 10\.'; }
+if ! qemu10_ok; then
+    say "unpacking QEMU 10's qemu-utils from bookworm-backports into $qemu10_root"
+    state=/var/cache/vpool-test/bpo
+    run "${sudo[@]}" mkdir -p "$state/lists/partial" "$state/archives/partial" "$qemu10_root"
+    echo "deb http://deb.debian.org/debian bookworm-backports main" |
+        run "${sudo[@]}" tee "$state/sources.list"
+    bpo=(-o "Dir::Etc::SourceList=$state/sources.list" -o Dir::Etc::SourceParts=/dev/null
+         -o "Dir::State::Lists=$state/lists")
+    run "${sudo[@]}" apt-get "${bpo[@]}" update -q || fail "apt-get update of bookworm-backports"
+    (cd "$state/archives" && run "${sudo[@]}" apt-get "${bpo[@]}" download \
+        qemu-utils/bookworm-backports) || fail "downloading qemu-utils from bookworm-backports"
+    deb=$(ls -t "$state"/archives/qemu-utils_*bpo12*_amd64.deb 2>/dev/null | head -n 1)
+    [ -n "$deb" ] || fail "no bookworm-backports qemu-utils package was downloaded"
+    run "${sudo[@]}" dpkg-deb -x "$deb" "$qemu10_root" || fail "unpacking $deb"
+    qemu10_ok || fail "$qemu10_root/usr/bin/qemu-img is not QEMU 10"
+    installed+=(qemu-utils-10-aside)
 fi
 
 # ------------------------------------------------------------------ Rust

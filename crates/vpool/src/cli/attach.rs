@@ -28,6 +28,11 @@ pub struct Attach {
     /// twice, QEMU 7.2 once, so no single URI names a socket path holding
     /// `&`, `=`, `;` or `%` for both.
     pub qemu_json: String,
+    /// Set when `nbd_uri` works with QEMU 7.2 and libnbd but not with QEMU
+    /// 9.1 and later, because the socket path holds `&`, `=`, `;` or `%`:
+    /// what to give those instead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nbd_uri_note: Option<String>,
     /// The NBD Unix socket, absolute.
     pub nbd_socket: PathBuf,
     /// The NBD URI over TCP when the daemon runs with `--nbd-listen`.
@@ -146,8 +151,12 @@ impl Attach {
             xml_escape(name),
             xml_escape(target),
         );
+        let nbd_uri_note = socket_str.contains(['&', '=', ';', '%']).then(|| {
+            "the socket path holds '&', '=', ';' or '%', which QEMU 9.1 and later misread in a URI: give them qemu_json (or nbd_tcp_uri)".to_string()
+        });
         Ok(Attach {
             nbd_uri,
+            nbd_uri_note,
             qemu_json,
             nbd_socket: socket,
             nbd_tcp_uri,
@@ -216,6 +225,9 @@ fn hostname() -> Option<String> {
 /// The attach part of the `vol info` text.
 pub fn render_attach(a: &Attach) -> String {
     let mut out = format!("\nattach with QEMU (NBD):\n  {}\n", a.nbd_uri);
+    if let Some(note) = &a.nbd_uri_note {
+        out.push_str(&format!("  (note: {note})\n"));
+    }
     if let Some(tcp) = &a.nbd_tcp_uri {
         out.push_str(&format!("  {tcp}\n"));
     }
