@@ -65,6 +65,7 @@
 //! server.shutdown().unwrap();
 //! ```
 
+pub mod client;
 pub mod config;
 pub mod device;
 pub mod handshake;

@@ -16,6 +16,7 @@
 //! [`attach`] (how a VM attaches a volume).
 
 mod attach;
+mod bench;
 mod cache;
 mod iostat;
 mod job;

@@ -126,6 +126,36 @@ pub enum VolCommand {
         /// The new name (in the same pool; `vpool vol move` changes pools).
         new_name: String,
     },
+    /// Measure I/O on a volume through the daemon's NBD server, as `rbd
+    /// bench` does: IOPS, bandwidth and latency (a write bench ends with a
+    /// FLUSH, counted). Writes overwrite the volume: refused on one that
+    /// holds data unless --force.
+    Bench {
+        /// [POOL/]VOLUME.
+        name: String,
+        /// read, write or readwrite.
+        #[arg(long, default_value = "write")]
+        io_type: String,
+        /// Bytes per request (512 to 4M).
+        #[arg(long, default_value = "4K", value_parser = crate::size::parse_size)]
+        io_size: u64,
+        /// Threads, each with its own NBD connection and one request in
+        /// flight.
+        #[arg(long, default_value_t = 4)]
+        io_threads: u32,
+        /// Bytes in all.
+        #[arg(long, default_value = "256M", value_parser = crate::size::parse_size)]
+        io_total: u64,
+        /// rand or seq.
+        #[arg(long, default_value = "rand")]
+        io_pattern: String,
+        /// Percent of reads, for readwrite.
+        #[arg(long, default_value_t = 70)]
+        rw_mix_read: u32,
+        /// Write over a volume that holds data.
+        #[arg(long)]
+        force: bool,
+    },
     /// A pool's trash: `mv` a volume there (its name is free at once),
     /// `ls`, `restore`, `rm`, `purge --older-than 7d`.
     Trash {
@@ -417,6 +447,26 @@ pub(super) fn run(
             force,
         } => resize(client, out, name, *size, *allow_shrink, *force),
         VolCommand::Trash { cmd } => super::trash::run(client, out, cmd),
+        VolCommand::Bench {
+            name,
+            io_type,
+            io_size,
+            io_threads,
+            io_total,
+            io_pattern,
+            rw_mix_read,
+            force,
+        } => {
+            let spec = super::bench::BenchSpec {
+                io_type: io_type.clone(),
+                io_size: *io_size,
+                io_threads: *io_threads,
+                io_total: *io_total,
+                io_pattern: io_pattern.clone(),
+                rw_mix_read: *rw_mix_read,
+            };
+            super::bench::run(client, home, out, name, &spec, *force)
+        }
         VolCommand::Rename { name, new_name } => {
             let new = same_pool_name(name, new_name)?;
             let info = client.rename_volume(name, new)?;
