@@ -90,7 +90,7 @@ fn check(spec: &BenchSpec) -> anyhow::Result<()> {
         "--io-pattern is rand or seq"
     );
     anyhow::ensure!(
-        spec.io_size >= 512 && spec.io_size <= MAX_IO_SIZE && spec.io_size % 512 == 0,
+        spec.io_size >= 512 && spec.io_size <= MAX_IO_SIZE && spec.io_size.is_multiple_of(512),
         "--io-size is a multiple of 512 from 512 to {}",
         format_size(MAX_IO_SIZE)
     );
