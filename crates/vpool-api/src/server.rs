@@ -812,6 +812,11 @@ fn check_pin_name(what: &str, name: &str) -> Result<(), ApiError> {
     if name.is_empty() {
         return Err(ApiError::invalid(format!("the {what} name is empty")));
     }
+    if vpool_service::catalog::is_reserved(name) {
+        return Err(ApiError::invalid(format!(
+            "the {what} name {name:?} starts with '.': reserved"
+        )));
+    }
     if name.contains('@') || name.contains('/') {
         return Err(ApiError::invalid(format!(
             "the {what} name {name:?} contains '@' or '/'; give the volume and the snapshot \

@@ -178,6 +178,9 @@ struct Inner {
     multi_writer: BTreeMap<String, u64>,
     snapshot_times: BTreeMap<u64, BTreeMap<String, u64>>,
     trash: BTreeMap<u64, TrashRecord>,
+    /// Volumes (ids) a copy reads now, and how many copies: not renamed
+    /// or trashed under them (not kept: a restart ends a copy).
+    copying: HashMap<u64, usize>,
 }
 
 impl Inner {
@@ -215,6 +218,20 @@ impl Inner {
     fn refuse_busy(&self, volume: &str, id: u64, what: &str) -> Result<(), Error> {
         if self.moving.contains(&id) {
             return Err(moving(volume, what));
+        }
+        if self.copying.contains_key(&id) {
+            return Err(Error::new(
+                ErrorKind::InUse,
+                format!("{what} refused: a copy reads volume {volume} (`vpool job list`)"),
+            ));
+        }
+        if self.importing.get(volume) == Some(&id) {
+            return Err(Error::new(
+                ErrorKind::InUse,
+                format!(
+                    "{what} refused: volume {volume} is incomplete (an import or a copy into it is under way, or did not finish): finish it, or delete the volume"
+                ),
+            ));
         }
         let open = self
             .users
@@ -327,6 +344,7 @@ impl Catalog {
                 multi_writer: f.multi_writer,
                 snapshot_times: f.snapshot_times,
                 trash: f.trash,
+                copying: HashMap::new(),
             }),
             store: Some(store),
         })
@@ -624,11 +642,15 @@ impl Catalog {
     /// The trash record is saved first, so a crash leaves either the
     /// volume where it was (the record is dropped at the next start) or in
     /// the trash with its record. Refused as [`Catalog::rename`] is.
+    /// `applied` says, after a failed `rename`, whether the engine renamed
+    /// the volume anyway (a flush that failed after the record was
+    /// applied): its record then stays, and the next start decides.
     pub fn trash<T>(
         &self,
         volume: &str,
         id: u64,
         rename: impl FnOnce() -> Result<T, Error>,
+        applied: impl FnOnce() -> bool,
     ) -> Result<TrashRecord, Error> {
         let mut g = self.lock();
         g.refuse_busy(volume, id, "moving to the trash")?;
@@ -638,6 +660,9 @@ impl Catalog {
         };
         g.trash.insert(id, rec.clone());
         if let Err(e) = self.persist(&g).and_then(|()| rename().map(drop)) {
+            if applied() {
+                return Err(e);
+            }
             g.trash.remove(&id);
             if let Err(p) = self.persist(&g) {
                 tracing::warn!(volume, error = %p, "could not drop the trash record of a failed move to the trash; the next start drops it");
@@ -676,6 +701,15 @@ impl Catalog {
             tracing::warn!(volume = new, error = %e, "restored from the trash, but could not save its records; the next start mends them");
         }
         Ok(out)
+    }
+
+    /// Marks volume `id` as read by a copy until the guard goes.
+    pub fn hold_for_copy(self: &Arc<Self>, id: u64) -> CopyHold {
+        *self.lock().copying.entry(id).or_default() += 1;
+        CopyHold {
+            catalog: Arc::clone(self),
+            id,
+        }
     }
 
     /// The volumes in the trash: id, what they were.
@@ -1142,6 +1176,25 @@ pub fn read_only_template(volume: &str, what: &str) -> Error {
     )
 }
 
+/// A copy reading a volume; see [`Catalog::hold_for_copy`].
+#[must_use]
+pub struct CopyHold {
+    catalog: Arc<Catalog>,
+    id: u64,
+}
+
+impl Drop for CopyHold {
+    fn drop(&mut self) {
+        let mut g = self.catalog.lock();
+        if let Some(n) = g.copying.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                g.copying.remove(&self.id);
+            }
+        }
+    }
+}
+
 /// An API request changing a volume; see [`Catalog::api_write`].
 #[must_use]
 pub struct ApiWriteGuard {
@@ -1344,6 +1397,41 @@ mod tests {
         // Saved: a second start finds them there.
         let c = Catalog::open(store).unwrap();
         assert_eq!(c.qos("b", id), limits);
+    }
+
+    /// The two crash windows of the trash, mended at start: a record
+    /// saved before a rename that never happened is dropped; a volume in
+    /// the trash without its record is listed under a made-up name.
+    #[test]
+    fn trash_records_are_mended_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn SegmentStore> =
+            Arc::new(vpool_store::LocalDirStore::open(dir.path()).unwrap());
+        let config = vpool_engine::PoolConfig {
+            background: false,
+            ..Default::default()
+        };
+        let (pool, _) = Pool::open(Arc::clone(&store), config).unwrap();
+        let a = pool.create_volume("a", 4096).unwrap().id.0;
+        let b = pool.create_volume("b", 4096).unwrap().id.0;
+        let c = Catalog::open(Arc::clone(&store)).unwrap();
+        // a: the record made it, the rename did not.
+        let rec = TrashRecord {
+            name: "a".into(),
+            trashed_unix_ms: 1,
+        };
+        c.lock().trash.insert(a, rec);
+        c.persist(&c.lock()).unwrap();
+        // b: renamed, its record lost.
+        pool.rename_volume("b", &trash_name(b)).unwrap();
+        let c = Catalog::open(Arc::clone(&store)).unwrap();
+        c.reconcile(&pool).unwrap();
+        let trash = c.trashed();
+        assert_eq!(trash.len(), 1, "{trash:?}");
+        assert_eq!(trash[&b].name, format!("volume-{b}"));
+        assert!(pool.volume_info("a").is_ok());
+        // Saved.
+        assert_eq!(Catalog::open(store).unwrap().trashed().len(), 1);
     }
 
     #[test]

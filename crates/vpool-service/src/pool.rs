@@ -155,7 +155,14 @@ impl PoolService {
             .collect()
     }
 
+    /// A volume users may name: not one in the trash (a reserved name).
     pub fn volume(&self, name: &str) -> Result<VolumeView> {
+        if crate::catalog::is_reserved(name) {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("no volume named {name:?} (names starting with '.' are reserved)"),
+            ));
+        }
         Ok(self.view(self.pool.volume_info(name)?))
     }
 
@@ -203,10 +210,25 @@ impl PoolService {
     pub fn rename_volume(&self, name: &str, new: &str) -> Result<VolumeView> {
         crate::names::check_volume_name(new)?;
         let id = self.id_of(name)?;
-        let info = self
-            .catalog
-            .rename(name, id, new, || Ok(self.pool.rename_volume(name, new)?))?;
+        let info = self.catalog.rename(name, id, new, || {
+            // The check and the rename under the catalog's lock, which a
+            // delete (and so a new volume of this name) waits for.
+            self.same_volume(name, id)?;
+            Ok(self.pool.rename_volume(name, new)?)
+        })?;
         Ok(self.view(info))
+    }
+
+    /// Errors unless `name` is still volume `id` (it was deleted and made
+    /// again since the caller looked).
+    pub(crate) fn same_volume(&self, name: &str, id: u64) -> Result<()> {
+        if self.id_of(name)? != id {
+            return Err(Error::new(
+                ErrorKind::InUse,
+                format!("volume {name} was deleted and made again meanwhile: try again"),
+            ));
+        }
+        Ok(())
     }
 
     pub fn delete_volume(&self, name: &str, force: bool) -> Result<()> {
@@ -473,6 +495,14 @@ impl PoolService {
             .split_once('@')
             .map_or(parent, |(v, _)| v)
             .to_string();
+        if crate::catalog::is_reserved(&parent) {
+            return Err(Error::new(
+                ErrorKind::InUse,
+                format!(
+                    "commit of {clone} refused: its parent is in the trash (`vpool vol trash ls`); restore it first"
+                ),
+            ));
+        }
         if self
             .catalog
             .template(&parent, self.id_of(&parent)?)

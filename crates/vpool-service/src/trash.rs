@@ -63,9 +63,17 @@ impl PoolService {
         }
         let id = view.info.id.0;
         let to = trash_name(id);
-        let rec = self
-            .catalog()
-            .trash(name, id, || Ok(self.pool().rename_volume(name, &to)?))?;
+        let rec = self.catalog().trash(
+            name,
+            id,
+            || {
+                // The check and the rename under the catalog's lock, which
+                // a delete (and so a new volume of this name) waits for.
+                self.same_volume(name, id)?;
+                Ok(self.pool().rename_volume(name, &to)?)
+            },
+            || self.pool().volume_info(&to).is_ok_and(|i| i.id.0 == id),
+        )?;
         self.entry(id, &rec)
     }
 
@@ -133,11 +141,17 @@ impl PoolService {
             .into_iter()
             .filter(|e| e.trashed_unix_ms <= before_unix_ms)
         {
-            if e.clones.is_empty() {
-                self.remove_trashed(e.id)?;
-                report.purged.push(e);
-            } else {
+            if !e.clones.is_empty() {
                 report.kept.push(e);
+                continue;
+            }
+            // One that cannot go now does not stop the others.
+            match self.remove_trashed(e.id) {
+                Ok(_) => report.purged.push(e),
+                Err(err) => {
+                    tracing::warn!(volume = %e.name, id = e.id, error = %err.message, "could not purge a volume from the trash");
+                    report.kept.push(e);
+                }
             }
         }
         Ok(report)

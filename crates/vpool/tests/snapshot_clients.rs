@@ -616,6 +616,8 @@ fn rename_keeps_all_but_the_name() {
         run_ok(&pool, &["vol", "rename", "web1", "web-prod"]),
         "renamed volume web1 to web-prod\n"
     );
+    // The default pool named on the new name's side is the same pool.
+    run_ok(&pool, &["vol", "rename", "web-prod", "local/web-prod"]);
     let check = |d: &Daemon| {
         let info = run_json(&pool, &["vol", "info", "web-prod"]);
         assert_eq!(info["qos"]["iops"], 5000, "{info}");
@@ -699,6 +701,17 @@ fn trash_frees_the_name_and_keeps_the_data() {
         );
     }
     qemu_io(&d.nbd_uri("c1"), &["read -P 0x61 0 64k"]);
+    let err = run_err(&pool, &["vol", "commit", "c1"]);
+    assert!(err.contains("in the trash"), "{err}");
+    let trashed = format!(".trash.{id1}");
+    let err = run_err(
+        &pool,
+        &["schedule", "add", &trashed, "--every", "1h", "--keep", "1"],
+    );
+    assert!(
+        err.contains("reserved") || err.contains("not found"),
+        "{err}"
+    );
 
     // The name is free: a new web1, trashed too.
     run_ok(&pool, &["vol", "create", "web1", "--size", "4M"]);

@@ -46,6 +46,8 @@ struct Source {
     snapshot: Option<String>,
     /// A snapshot this copy took, deleted when it ends.
     temporary: bool,
+    /// The volume is not renamed or trashed while the copy reads it.
+    _hold: crate::catalog::CopyHold,
 }
 
 /// A copy under way: when it goes, the source's temporary snapshot is
@@ -237,6 +239,8 @@ impl Host {
         snapshot: Option<&str>,
         template: bool,
     ) -> Result<Source> {
+        let id = ctx.service.volume(volume)?.info.id.0;
+        let hold = ctx.service.catalog().hold_for_copy(id);
         let (snapshot, temporary) = match snapshot {
             Some(s) => (Some(s.to_string()), false),
             None if template => (None, false),
@@ -255,6 +259,7 @@ impl Host {
             volume: volume.to_string(),
             snapshot,
             temporary,
+            _hold: hold,
         })
     }
 }

@@ -943,10 +943,9 @@ impl Host {
         let view = ctx.service.rename_volume(volume, new)?;
         tracing::info!(pool = name, volume, new, "volume renamed");
         if let Err(e) = self.schedules.rename(name, volume, view.info.id.0, new) {
-            tracing::warn!(pool = name, volume, new, error = %e.message, "renamed, but its snapshot schedules still name the old name; remove and add them again");
-            return Err(e.context(&format!(
-                "volume {name}/{volume} is renamed to {new}, but its snapshot schedules were not updated"
-            )));
+            // The rename stands; each schedule follows the volume's id at
+            // its next run.
+            tracing::warn!(pool = name, volume, new, error = %e.message, "renamed, but its snapshot schedules still name the old name until their next run");
         }
         Ok(view)
     }
@@ -1032,6 +1031,14 @@ impl Host {
             ));
         }
         let name = pool.unwrap_or(&self.default);
+        if self.moves.blocks(name, volume) {
+            return Err(Error::new(
+                ErrorKind::InUse,
+                format!(
+                    "{what} refused: volume {name}/{volume} is named by a move a crash interrupted, which is not resolved yet (the daemon's log says more)"
+                ),
+            ));
+        }
         if self.replicas.names(name, volume)? {
             return Err(Error::new(
                 ErrorKind::InUse,

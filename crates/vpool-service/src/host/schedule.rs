@@ -375,6 +375,21 @@ impl Host {
     fn run_schedule(&self, r: &ScheduleRecord) -> Result<Option<String>> {
         let ctx = self.pool(Some(&r.pool))?;
         if !ctx.has_volume(&r.volume, r.volume_id) {
+            // Renamed without its schedule following (a crash between the
+            // two): follow it now, by its id.
+            let now = (ctx.service.list_volumes().into_iter())
+                .find(|v| v.info.id.0 == r.volume_id)
+                .map(|v| v.info.name);
+            if let Some(now) = now {
+                tracing::info!(id = r.id, pool = %r.pool, was = %r.volume, volume = %now, "a schedule follows its renamed volume");
+                self.schedules
+                    .rename(&r.pool, &r.volume, r.volume_id, &now)?;
+                let moved = ScheduleRecord {
+                    volume: now,
+                    ..r.clone()
+                };
+                return self.run_schedule(&moved);
+            }
             return Err(Error::new(
                 ErrorKind::NotFound,
                 format!(

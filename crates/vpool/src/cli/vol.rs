@@ -368,11 +368,15 @@ pub enum VolCommand {
 
 /// The new name of a rename: `NAME`, or `POOL/NAME` in the volume's own
 /// pool (a rename does not change pools).
-fn same_pool_name<'a>(name: &str, new_name: &'a str) -> anyhow::Result<&'a str> {
+fn same_pool_name<'a>(client: &Client, name: &str, new_name: &'a str) -> anyhow::Result<&'a str> {
     let (pool, _) = vpool_service::names::split_pool(name);
+    let is_default = |p: &str| {
+        (client.list_pools().ok().into_iter().flatten()).any(|s| s.default && s.name == p)
+    };
     match vpool_service::names::split_pool(new_name) {
         (None, new) => Ok(new),
         (Some(p), new) if Some(p) == pool => Ok(new),
+        (Some(p), new) if pool.is_none() && is_default(p) => Ok(new),
         (Some(p), _) => Err(anyhow::anyhow!(
             "{new_name} is in pool {p}, {name} {}: a rename stays in its pool; `vpool vol move` moves a volume to another pool",
             match pool {
@@ -468,7 +472,7 @@ pub(super) fn run(
             super::bench::run(client, home, out, name, &spec, *force)
         }
         VolCommand::Rename { name, new_name } => {
-            let new = same_pool_name(name, new_name)?;
+            let new = same_pool_name(client, name, new_name)?;
             let info = client.rename_volume(name, new)?;
             out.emit(&info, |i| format!("renamed volume {name} to {}", i.name))
         }
