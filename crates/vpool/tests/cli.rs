@@ -1383,3 +1383,64 @@ fn printed_attach_strings_work_with_qemu_7_and_10() {
         assert!(d.terminate().success());
     }
 }
+
+/// `vpool ARGS` in a pseudo-terminal (util-linux `script`): what the
+/// terminal showed, and whether it succeeded.
+fn run_in_pty(pool: &Path, args: &[&str]) -> (bool, String) {
+    let mut line = format!("exec {}", common::vpool_bin());
+    for a in ["--home", pool.to_str().unwrap()].iter().chain(args) {
+        line.push(' ');
+        line.push_str(&format!("'{}'", a.replace('\'', "'\\''")));
+    }
+    let out = std::process::Command::new("script")
+        .args(["-qefc", &line, "/dev/null"])
+        .env_remove("VPOOL_HOME")
+        .env("VPOOL_CONFIG", "/dev/null")
+        .env("VPOOL_LOG", "warn")
+        .env("TERM", "xterm")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("script (util-linux)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// In a terminal, `vol import` and `vol export` draw a progress bar and
+/// clear it, leaving the summary; with `--json`, or in a pipe, there is
+/// none.
+#[test]
+fn progress_bars_in_a_terminal_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let d = Daemon::start(&pool, &[]);
+    let img = dir.path().join("disk.raw");
+    let f = File::create(&img).unwrap();
+    // 64 MiB with data in every other MiB: many steps for the bar.
+    f.set_len(64 * MIB).unwrap();
+    for i in (0..64).step_by(2) {
+        f.write_all_at(&vec![0x5a; MIB as usize], i * MIB).unwrap();
+    }
+    let img_s = img.to_str().unwrap();
+    let (ok, screen) = run_in_pty(&pool, &["vol", "import", "web1", img_s]);
+    assert!(ok, "{screen}");
+    assert!(screen.contains("import ["), "no progress bar:\n{screen}");
+    assert!(
+        screen.contains("MiB/64 MiB") || screen.contains("MiB/64.00 MiB"),
+        "{screen:?}"
+    );
+    assert!(screen.contains("imported "), "no summary:\n{screen}");
+    let out = dir.path().join("out.raw");
+    let (ok, screen) = run_in_pty(&pool, &["vol", "export", "web1", out.to_str().unwrap()]);
+    assert!(ok, "{screen}");
+    assert!(screen.contains("export ["), "no progress bar:\n{screen}");
+    let (ok, screen) = run_in_pty(&pool, &["vol", "import", "web2", img_s, "--json"]);
+    assert!(ok, "{screen}");
+    assert!(!screen.contains("import ["), "a bar with --json:\n{screen}");
+    // In a pipe: no bar on stderr.
+    let o = run(&pool, &["vol", "import", "web3", img_s]);
+    assert!(o.status.success());
+    assert!(!String::from_utf8_lossy(&o.stderr).contains('['), "{o:?}");
+    assert!(d.terminate().success());
+}
