@@ -387,12 +387,15 @@ impl Client {
 
     /// Marks `name` as being imported into (incomplete until
     /// [`Client::end_import`]). `force`: even under NBD writers.
-    pub fn begin_import(&self, name: &str, force: bool) -> Result<(), ClientError> {
+    /// Returns the NBD export through which the importer writes it (see
+    /// [`crate::types::ImportBegun`]).
+    pub fn begin_import(&self, name: &str, force: bool) -> Result<String, ClientError> {
         let path = format!(
             "{}?force={force}",
             routes::volume_import(&self.qualify(name))
         );
-        self.empty_call("POST", &path, &[])
+        let b: crate::types::ImportBegun = self.json_call("POST", &path, None::<&()>)?;
+        Ok(b.nbd_export)
     }
 
     /// The import into `name` is done: the daemon flushes and unmarks it.

@@ -1647,11 +1647,14 @@ async fn zero_range(at: At, ApiQuery(q): ApiQuery<ZeroQuery>) -> Result<StatusCo
 /// `POST /v1/volumes/{name}/import`: an import is about to replace the
 /// volume's content; until `DELETE` says it finished, the volume is
 /// incomplete (see the catalog).
-async fn begin_import(at: At, ApiQuery(q): ApiQuery<ForceQuery>) -> Result<StatusCode, ApiError> {
+async fn begin_import(
+    at: At,
+    ApiQuery(q): ApiQuery<ForceQuery>,
+) -> Result<Json<crate::types::ImportBegun>, ApiError> {
     at.refuse_layered("an import")?;
     let At { ctx, name, .. } = at;
-    service(move || ctx.service.begin_import(&name, q.force)).await?;
-    Ok(StatusCode::NO_CONTENT)
+    let nbd_export = service(move || ctx.service.begin_import(&name, q.force)).await?;
+    Ok(Json(crate::types::ImportBegun { nbd_export }))
 }
 
 /// `DELETE /v1/volumes/{name}/import`: the import finished, its data is

@@ -668,6 +668,16 @@ pub struct PurgeRequest {
     pub older_than_secs: u64,
 }
 
+/// `POST /v1/volumes/{name}/import`: the volume is marked incomplete.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportBegun {
+    /// The NBD export (in the volume's pool: `POOL/` goes in front for
+    /// another pool than the default) through which the importer writes
+    /// the volume while NBD refuses it to everyone else; secret, and good
+    /// until the import ends or begins again.
+    pub nbd_export: String,
+}
+
 /// `POST /v1/volumes/{name}/rename`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -181,6 +181,11 @@ struct Inner {
     /// Volumes (ids) a copy reads now, and how many copies: not renamed
     /// or trashed under them (not kept: a restart ends a copy).
     copying: HashMap<u64, usize>,
+    /// The secret NBD export name of each import under way (volume id:
+    /// token), through which its importer writes the volume that NBD
+    /// otherwise refuses while it is incomplete (not kept: an importer
+    /// that outlives a restart begins again).
+    import_tokens: HashMap<u64, String>,
 }
 
 impl Inner {
@@ -345,6 +350,7 @@ impl Catalog {
                 snapshot_times: f.snapshot_times,
                 trash: f.trash,
                 copying: HashMap::new(),
+                import_tokens: HashMap::new(),
             }),
             store: Some(store),
         })
@@ -507,6 +513,7 @@ impl Catalog {
         }
         let timed = g.snapshot_times.remove(&id).is_some();
         let trashed = g.trash.remove(&id).is_some();
+        g.import_tokens.remove(&id);
         if g.sealed(volume, id).is_some()
             || importing
             || replica
@@ -766,7 +773,9 @@ impl Catalog {
     /// before the import writes anything.
     /// Refused while NBD clients have it open for writing, unless `force`
     /// (checked under the same lock an NBD open takes).
-    pub fn begin_import(&self, volume: &str, id: u64, force: bool) -> Result<(), Error> {
+    /// Returns the import's NBD export name ([`IMPORT_EXPORT_PREFIX`] and
+    /// a random token), which opens the volume while it is incomplete.
+    pub fn begin_import(&self, volume: &str, id: u64, force: bool) -> Result<String, Error> {
         let mut g = self.lock();
         if g.moving.contains(&id) {
             return Err(moving(volume, "an import"));
@@ -775,16 +784,32 @@ impl Catalog {
         if writers > 0 && !force {
             return Err(open_for_writing(volume, writers, "import"));
         }
-        if g.importing.get(volume) == Some(&id) {
-            return Ok(());
+        if g.importing.get(volume) != Some(&id) {
+            g.importing.insert(volume.to_string(), id);
+            self.persist(&g)?;
         }
-        g.importing.insert(volume.to_string(), id);
-        self.persist(&g)
+        // A new token each time: an importer that began earlier (and died)
+        // writes no more.
+        let token = hex(&vpool_peer::auth::nonce());
+        g.import_tokens.insert(id, token.clone());
+        Ok(format!("{IMPORT_EXPORT_PREFIX}{token}"))
+    }
+
+    /// The volume (name, id) whose import export is `export`
+    /// ([`IMPORT_EXPORT_PREFIX`] and its token), if an import is under way.
+    pub fn import_export(&self, export: &str) -> Option<(String, u64)> {
+        let token = export.strip_prefix(IMPORT_EXPORT_PREFIX)?;
+        let g = self.lock();
+        // Compared without an early exit at the first byte that differs.
+        let (&id, _) = (g.import_tokens.iter()).find(|(_, t)| same_secret(t, token))?;
+        let name = (g.importing.iter()).find(|(_, i)| **i == id)?.0.clone();
+        Some((name, id))
     }
 
     /// The import into `volume` finished (its data is flushed).
     pub fn end_import(&self, volume: &str, id: u64) -> Result<(), Error> {
         let mut g = self.lock();
+        g.import_tokens.remove(&id);
         if g.importing.get(volume) != Some(&id) {
             return Ok(());
         }
@@ -1193,6 +1218,16 @@ impl Drop for CopyHold {
             }
         }
     }
+}
+
+/// The start of an import's NBD export name (see
+/// [`Catalog::begin_import`]): reserved (a volume name never starts with
+/// `.`), never listed.
+pub const IMPORT_EXPORT_PREFIX: &str = ".import-";
+
+/// `a == b` in a time that does not depend on where they differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 /// An API request changing a volume; see [`Catalog::api_write`].

@@ -66,8 +66,12 @@ impl ExportRegistry for PoolExports {
             let sealed = templates
                 .get(&v.name)
                 .is_some_and(|t| t.volume_id == v.id.0);
-            // A replica's head is not served at all (its points are).
-            if self.catalog.replica(&v.name, v.id.0).is_some() {
+            // A replica's head is not served at all (its points are), nor
+            // an incomplete volume (listed, it would fail `nbdinfo --list`
+            // as a whole).
+            if self.catalog.replica(&v.name, v.id.0).is_some()
+                || self.catalog.import_incomplete(&v.name, v.id.0)
+            {
                 out.extend(self.snapshot_exports(&v.name));
                 continue;
             }
@@ -121,6 +125,12 @@ impl PoolExports {
         incomplete_ok: bool,
     ) -> Result<Arc<dyn BlockDevice>, DeviceError> {
         if crate::catalog::is_reserved(name) {
+            // An importer's own way in (`Catalog::begin_import`).
+            if let Some((volume, id)) = self.catalog.import_export(name)
+                && self.pool.volume_info(&volume).is_ok_and(|i| i.id.0 == id)
+            {
+                return self.open_image(&volume, true);
+            }
             return Err(DeviceError::not_found(format!("no volume named {name:?}")));
         }
         let (volume, vol, want) = match name.split_once('@') {

@@ -279,7 +279,9 @@ impl PoolService {
 
     /// An import is about to replace the volume's content: it is
     /// incomplete until [`PoolService::end_import`].
-    pub fn begin_import(&self, name: &str, force: bool) -> Result<()> {
+    /// Returns the import's NBD export name, which opens the volume while
+    /// it is incomplete (see [`Catalog::begin_import`]).
+    pub fn begin_import(&self, name: &str, force: bool) -> Result<String> {
         // A template refuses it before it is marked.
         let _w = self.admit_write(name, "import")?;
         let id = self.id_of(name)?;

@@ -163,13 +163,7 @@ impl Drop for Converted {
 /// elsewhere) is refused: the header of a raw disk that a guest wrote could
 /// otherwise make the host read any file into the volume.
 pub fn convert_to_raw(path: &Path, format: &str, named: bool) -> anyhow::Result<Converted> {
-    let info = inspect(path, format)?;
-    if !named && let Some(other) = info.reads_elsewhere {
-        bail!(
-            "{} is a {format} image that reads {other}: pass --format {format} to convert it with what it names (or --format raw to store its bytes as they are)",
-            path.display()
-        );
-    }
+    let size_bytes = checked_size(path, format, named)?;
     let dir = std::env::temp_dir().join(format!(
         "vpool-import-{}-{}",
         std::process::id(),
@@ -185,7 +179,7 @@ pub fn convert_to_raw(path: &Path, format: &str, named: bool) -> anyhow::Result<
     let converted = Converted {
         raw: dir.join("image.raw"),
         dir,
-        size_bytes: info.size_bytes,
+        size_bytes,
     };
     // -S 4k: runs of zeros of a block or more stay holes.
     let out = qemu_img()
@@ -202,6 +196,64 @@ pub fn convert_to_raw(path: &Path, format: &str, named: bool) -> anyhow::Result<
         );
     }
     Ok(converted)
+}
+
+/// The virtual size of the `format` image at `path`, after the check
+/// [`convert_to_raw`] makes (unless `named`, an image that reads other
+/// files is refused).
+pub fn checked_size(path: &Path, format: &str, named: bool) -> anyhow::Result<u64> {
+    let info = inspect(path, format)?;
+    if !named && let Some(other) = info.reads_elsewhere {
+        bail!(
+            "{} is a {format} image that reads {other}: pass --format {format} to convert it with what it names (or --format raw to store its bytes as they are)",
+            path.display()
+        );
+    }
+    Ok(info.size_bytes)
+}
+
+/// Converts the `format` image at `path` with `qemu-img` into `target`
+/// (an existing raw image all of zeros, named as QEMU takes it: a
+/// `json:` NBD export), writing only its data; qemu-img's own progress
+/// goes to standard error with `show_progress`.
+pub fn convert_into(
+    path: &Path,
+    format: &str,
+    target: &str,
+    show_progress: bool,
+) -> anyhow::Result<()> {
+    let mut cmd = qemu_img();
+    cmd.args([
+        "convert",
+        "-n",
+        "--target-is-zero",
+        "-f",
+        format,
+        "-O",
+        "raw",
+        "-S",
+        "4k",
+    ]);
+    if show_progress {
+        cmd.arg("-p").stdout(std::io::stderr());
+    } else {
+        cmd.arg("-q");
+    }
+    let out = cmd
+        .arg(path)
+        .arg(target)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|c| c.wait_with_output())
+        .context("running qemu-img convert")?;
+    if !out.status.success() {
+        bail!(
+            "qemu-img could not convert {} from {format} into the volume: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// What `qemu-img info` says of an image.

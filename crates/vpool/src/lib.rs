@@ -25,6 +25,7 @@ pub mod config;
 pub mod daemon;
 pub mod image_format;
 pub mod lock;
+pub mod nbd_target;
 pub mod registry;
 pub mod s3pool;
 pub mod shared;

@@ -162,8 +162,11 @@ fn file_len(file: &mut File) -> io::Result<u64> {
 }
 
 /// How `vol import` reads its input.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ImportOptions {
+    /// The daemon's NBD server: the data goes there, through the import's
+    /// own export (`None`: through the API, slower).
+    pub nbd: Option<crate::nbd_target::NbdTarget>,
     /// The volume's size if it is created.
     pub size: Option<u64>,
     /// Replace an existing volume's content...
@@ -205,6 +208,9 @@ pub fn import(
         Format::Refused(r) => bail!(image_format::refusal_message(r, &what, name)),
         Format::Qemu(fmt) => {
             image_format::require_qemu_img(fmt, &what)?;
+            if let Some(nbd) = &opts.nbd {
+                return import_converted(client, name, path, fmt, nbd, opts);
+            }
             // Before the conversion, which can take long.
             refuse_existing(client, name, opts.overwrite)?;
             let converted = image_format::convert_to_raw(path, fmt, opts.format.is_some())?;
@@ -221,6 +227,41 @@ pub fn import(
             Ok(r)
         }
     }
+}
+
+/// Imports the `fmt` image at `path` by converting it with `qemu-img`
+/// straight into the volume's import export: no temporary copy, no API.
+fn import_converted(
+    client: &Client,
+    name: &str,
+    path: &Path,
+    fmt: &str,
+    nbd: &crate::nbd_target::NbdTarget,
+    opts: &ImportOptions,
+) -> anyhow::Result<ImportReport> {
+    let what = path.display().to_string();
+    let named = opts.format.is_some();
+    let size_bytes = image_format::checked_size(path, fmt, named)?;
+    let (created, volume_size) = prepare_volume(client, name, &what, Some(size_bytes), opts)?;
+    // Incomplete from here; all holes (made or cleared), so qemu-img
+    // writes only the image's data.
+    let export = begin(client, name, created, volume_size, opts.in_use)?;
+    let target = nbd.qemu_json(&crate::nbd_target::in_pool_of(name, &export));
+    image_format::convert_into(path, fmt, &target, opts.show_progress)?;
+    client
+        .end_import(name)
+        .context("flushing the imported data")?;
+    let data_bytes = client.volume_info(name)?.allocated_bytes;
+    Ok(ImportReport {
+        volume: name.to_string(),
+        file: what,
+        format: fmt.to_string(),
+        created,
+        file_bytes: std::fs::metadata(path).map_or(0, |m| m.len()),
+        volume_size_bytes: volume_size,
+        data_bytes,
+        skipped_bytes: size_bytes.saturating_sub(data_bytes),
+    })
 }
 
 /// Refuses to import into an existing volume without `force`: an import
@@ -315,7 +356,8 @@ fn import_file(
     let len = file_len(&mut file).with_context(|| format!("reading the size of {what}"))?;
     let (created, volume_size) = prepare_volume(client, name, &what, Some(len), opts)?;
     // From here until the last byte is flushed, the volume is incomplete.
-    begin(client, name, created, volume_size, opts.in_use)?;
+    let export = begin(client, name, created, volume_size, opts.in_use)?;
+    let mut sink = Sink::open(client, name, &export, opts)?;
     let regions =
         data_regions(&file, len).with_context(|| format!("finding the data in {what}"))?;
     let bar = progress_bar(len, opts.show_progress, "import");
@@ -339,7 +381,7 @@ fn import_file(
             // Past the end of the file reads as zeros (the volume is
             // rounded up to whole blocks).
             chunk[got..].fill(0);
-            data_bytes += write_nonzero(client, name, pos, chunk, opts.in_use)?;
+            data_bytes += sink.write_nonzero(pos, chunk)?;
             pos += want as u64;
             bar.set_position(pos.min(len));
         }
@@ -364,15 +406,16 @@ fn import_file(
 
 /// Marks volume `name` as being imported into and, unless it was just
 /// `created` (all zeros), clears it: the image replaces its content, so
-/// what the image has as holes must not show old data.
+/// what the image has as holes must not show old data. Returns the
+/// import's NBD export (in the volume's pool).
 fn begin(
     client: &Client,
     name: &str,
     created: bool,
     volume_size: u64,
     force: bool,
-) -> anyhow::Result<()> {
-    client
+) -> anyhow::Result<String> {
+    let export = client
         .begin_import(name, force)
         .with_context(|| format!("marking volume {name} as being imported into"))?;
     if !created {
@@ -380,27 +423,55 @@ fn begin(
             .zero(name, 0, volume_size, true, force)
             .with_context(|| format!("clearing volume {name} before the import"))?;
     }
-    Ok(())
+    Ok(export)
 }
 
-/// Writes the blocks of `chunk` that are not all zeros to volume `name` at
-/// `pos`; returns the bytes sent.
-fn write_nonzero(
-    client: &Client,
-    name: &str,
-    pos: u64,
-    chunk: &[u8],
-    force: bool,
-) -> anyhow::Result<u64> {
-    let mut sent = 0u64;
-    for (s, e) in nonzero_runs(chunk) {
-        let at = pos + s as u64;
-        client
-            .write(name, at, &chunk[s..e], force)
-            .with_context(|| format!("writing to volume {name} at offset {at}"))?;
-        sent += (e - s) as u64;
+/// Where an import writes: the import's own NBD export, or the API.
+enum Sink<'a> {
+    Nbd(vpool_nbd::client::Client),
+    Api {
+        client: &'a Client,
+        name: &'a str,
+        force: bool,
+    },
+}
+
+impl<'a> Sink<'a> {
+    /// Over NBD when `opts` names the daemon's server, else the API.
+    fn open(
+        client: &'a Client,
+        name: &'a str,
+        export: &str,
+        opts: &ImportOptions,
+    ) -> anyhow::Result<Sink<'a>> {
+        Ok(match &opts.nbd {
+            Some(nbd) => Sink::Nbd(nbd.connect(&crate::nbd_target::in_pool_of(name, export))?),
+            None => Sink::Api {
+                client,
+                name,
+                force: opts.in_use,
+            },
+        })
     }
-    Ok(sent)
+
+    /// Writes the blocks of `chunk` that are not all zeros at `pos`;
+    /// returns the bytes sent.
+    fn write_nonzero(&mut self, pos: u64, chunk: &[u8]) -> anyhow::Result<u64> {
+        let mut sent = 0u64;
+        for (s, e) in nonzero_runs(chunk) {
+            let at = pos + s as u64;
+            match self {
+                Sink::Nbd(c) => c.write(at, &chunk[s..e], false)?,
+                Sink::Api {
+                    client,
+                    name,
+                    force,
+                } => client.write(name, at, &chunk[s..e], *force)?,
+            }
+            sent += (e - s) as u64;
+        }
+        Ok(sent)
+    }
 }
 
 /// The size of volume `name`, or of its `snapshot`.

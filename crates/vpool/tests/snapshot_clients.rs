@@ -931,3 +931,66 @@ fn bench_runs_over_nbd() {
     assert!(text.contains("256 ops") && text.contains("IOPS"), "{text}");
     assert!(d.terminate().success());
 }
+
+/// An import writes through its own NBD export (`POST .../import` gives
+/// its secret name): it opens the volume NBD refuses to everyone else while
+/// the import is under way, is not listed, and closes when the import
+/// ends; a wrong token opens nothing. `vol import` of a qcow2 image
+/// (made by qemu-img) goes that way: NBD counted the writes.
+#[test]
+fn imports_write_through_their_own_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let d = Daemon::start(&pool, &[]);
+    let c = d.client();
+    run_ok(&pool, &["vol", "create", "web1", "--size", "4M"]);
+    let export = c.begin_import("web1", false).unwrap();
+    assert!(
+        export.starts_with(".import-") && export.len() > 40,
+        "{export}"
+    );
+    let list = nbdinfo(&["--list", &d.nbd_uri("")]);
+    assert!(!list.contains(".import"), "{list}");
+    qemu_io(&d.nbd_uri(&export), &["write -P 0x77 0 64k"]);
+    let refused = |name: &str| {
+        let out = std::process::Command::new("nbdinfo")
+            .arg(d.nbd_uri(name))
+            .output()
+            .expect("nbdinfo");
+        !out.status.success()
+    };
+    assert!(refused("web1"), "an incomplete volume is served");
+    let mut wrong = export.clone();
+    let last = if wrong.ends_with('0') { "1" } else { "0" };
+    wrong.replace_range(wrong.len() - 1.., last);
+    assert!(refused(&wrong), "a wrong token opened the volume");
+    c.end_import("web1").unwrap();
+    assert!(refused(&export), "the import's export outlived it");
+    qemu_io(&d.nbd_uri("web1"), &["read -P 0x77 0 64k"]);
+
+    // vol import of a qcow2 image: straight into the export.
+    let raw = dir.path().join("src.raw");
+    std::fs::write(&raw, vec![0x66u8; 3 * MIB as usize]).unwrap();
+    let qcow2 = dir.path().join("src.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow2)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let r = run_json(&pool, &["vol", "import", "web2", path_str(&qcow2)]);
+    assert_eq!(r["format"], "qcow2", "{r}");
+    assert_eq!(r["data_bytes"], 3 * MIB, "{r}");
+    assert!(compare_exports(&d.nbd_uri("web2"), path_str(&raw)));
+    let io = c.io_counters().unwrap();
+    let web2 = (io.volumes.iter())
+        .find(|v| v.volume == "web2")
+        .expect("web2 counted");
+    assert!(web2.write_bytes >= 3 * MIB, "{web2:?}");
+    assert!(
+        io.volumes.iter().all(|v| !v.volume.starts_with('.')),
+        "{io:?}"
+    );
+    assert!(d.terminate().success());
+}

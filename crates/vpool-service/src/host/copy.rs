@@ -223,7 +223,7 @@ impl Host {
                 }
             }
         };
-        if let Err(e) = dst.ctx.service.begin_import(to, false) {
+        if let Err(e) = dst.ctx.service.begin_import(to, false).map(drop) {
             dst.delete();
             return Err(e);
         }

@@ -83,6 +83,14 @@ impl vpool_nbd::ExportRegistry for HostExports {
     ) -> std::result::Result<Arc<dyn vpool_nbd::BlockDevice>, vpool_nbd::DeviceError> {
         let (pool, image) = crate::names::split_pool(name);
         let dev = self.open_device(pool, image)?;
+        // An importer's export (`Catalog::begin_import`) is counted and
+        // listed under its volume: its name is a secret.
+        let imported = crate::catalog::is_reserved(image)
+            .then(|| self.host.pool(pool).ok())
+            .flatten()
+            .and_then(|ctx| ctx.service.catalog().import_export(image))
+            .map(|(volume, _)| volume);
+        let image = imported.as_deref().unwrap_or(image);
         let volume = image.split('@').next().unwrap_or(image);
         // Every device of a volume (not of a snapshot) goes through its
         // buckets, limited or not, so that limits set later apply to it,
@@ -95,7 +103,9 @@ impl vpool_nbd::ExportRegistry for HostExports {
                     let read = || service.volume(volume).map(|v| v.qos).unwrap_or_default();
                     let key = (name, volume, v.info.id.0);
                     let dev = self.host.throttles.wrap(key, read, dev);
-                    if dev.read_only() {
+                    // An importer writes past the gate: the import mark
+                    // (with --force --force under writers) is its right.
+                    if dev.read_only() || imported.is_some() {
                         dev
                     } else {
                         self.host.writers.wrap(key, by, v.multi_writer, dev)

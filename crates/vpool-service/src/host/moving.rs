@@ -277,7 +277,7 @@ impl Host {
             .dst
             .service
             .begin_import(to, false)
-            .and_then(|()| mv.mark(true))
+            .and_then(|_| mv.mark(true))
             .and_then(|()| {
                 self.moves.add(&mv.record).inspect_err(|_| {
                     let _ = mv.mark(false);

@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Serialize;
 use vpool_api::Client;
 use vpool_nbd::client::Client as NbdClient;
+
+use crate::nbd_target::NbdTarget;
 
 use super::Output;
 use crate::size::format_size;
@@ -22,8 +23,6 @@ use crate::size::format_size;
 pub const MAX_THREADS: u32 = 64;
 /// Largest request.
 pub const MAX_IO_SIZE: u64 = 4 << 20;
-/// How long one request may take before the bench gives up.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What `vol bench` runs.
 #[derive(Clone, Debug)]
@@ -75,7 +74,7 @@ pub(super) fn run(
             format_size(info.allocated_bytes)
         );
     }
-    let target = Target::find(client, home)?;
+    let target = NbdTarget::find(client, home)?;
     let report = bench(&target, name, info.size_bytes, spec)?;
     out.emit(&report, render)
 }
@@ -106,38 +105,12 @@ fn check(spec: &BenchSpec) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where the daemon serves NBD: its Unix socket in the home, else its TCP
-/// listener.
-enum Target {
-    Unix(std::path::PathBuf),
-    Tcp(String),
-}
-
-impl Target {
-    fn find(client: &Client, home: &Path) -> anyhow::Result<Target> {
-        let socket = super::absolute(home).join(crate::daemon::NBD_SOCKET_NAME);
-        if socket.exists() {
-            return Ok(Target::Unix(socket));
-        }
-        match client.pool_info()?.nbd_tcp_addr {
-            Some(addr) => Ok(Target::Tcp(addr.to_string())),
-            None => anyhow::bail!(
-                "no NBD socket at {} and the daemon serves no NBD on TCP",
-                socket.display()
-            ),
-        }
-    }
-
-    fn connect(&self, export: &str) -> anyhow::Result<NbdClient> {
-        let c = match self {
-            Target::Unix(p) => NbdClient::connect_unix(p, export, REQUEST_TIMEOUT),
-            Target::Tcp(a) => NbdClient::connect_tcp(a, export, REQUEST_TIMEOUT),
-        };
-        c.with_context(|| format!("opening export {export} over NBD"))
-    }
-}
-
-fn bench(target: &Target, name: &str, size: u64, spec: &BenchSpec) -> anyhow::Result<BenchReport> {
+fn bench(
+    target: &NbdTarget,
+    name: &str,
+    size: u64,
+    spec: &BenchSpec,
+) -> anyhow::Result<BenchReport> {
     let slots = size / spec.io_size;
     anyhow::ensure!(slots > 0, "the volume is smaller than --io-size");
     let ops_total = spec.io_total / spec.io_size;

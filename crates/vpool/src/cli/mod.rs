@@ -265,7 +265,7 @@ fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
 
 /// `path` made absolute against the current directory (without resolving
 /// symlinks when the path does not exist; canonical when it does).
-fn absolute(path: &Path) -> PathBuf {
+pub(crate) fn absolute(path: &Path) -> PathBuf {
     if let Ok(p) = std::fs::canonicalize(path) {
         return p;
     }

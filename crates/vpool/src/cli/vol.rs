@@ -491,6 +491,7 @@ pub(super) fn run(
             force,
         } => {
             let opts = transfer::ImportOptions {
+                nbd: crate::nbd_target::NbdTarget::find(client, home).ok(),
                 allow_short: *allow_short,
                 size: *size,
                 overwrite: *force >= 1,

@@ -21,8 +21,8 @@ use anyhow::{Context, bail};
 use vpool_api::Client;
 
 use super::{
-    BLOCK, CHUNK_BYTES, ExportReport, ImportOptions, ImportReport, begin, prepare_volume,
-    progress_bar, write_nonzero,
+    BLOCK, CHUNK_BYTES, ExportReport, ImportOptions, ImportReport, Sink, begin, prepare_volume,
+    progress_bar,
 };
 use crate::image_format::{self, Format};
 use crate::size::format_size;
@@ -49,7 +49,8 @@ pub(super) fn import_stdin(
         ),
     }
     let (created, volume_size) = prepare_volume(client, name, STDIN, None, opts)?;
-    begin(client, name, created, volume_size, opts.in_use)?;
+    let export = begin(client, name, created, volume_size, opts.in_use)?;
+    let mut sink = Sink::open(client, name, &export, opts)?;
     let bar = progress_bar(volume_size, opts.show_progress, "import");
     let (mut pos, mut data_bytes) = (0u64, 0u64);
     while got > 0 {
@@ -64,7 +65,7 @@ pub(super) fn import_stdin(
         // are whole blocks, so this stays inside the volume).
         let padded = got.next_multiple_of(BLOCK);
         buf[got..padded].fill(0);
-        data_bytes += write_nonzero(client, name, pos, &buf[..padded], opts.in_use)?;
+        data_bytes += sink.write_nonzero(pos, &buf[..padded])?;
         pos = end;
         bar.set_position(pos);
         if got < CHUNK_BYTES {
