@@ -21,6 +21,10 @@
 #           already up before. `--only test` runs without it (S3 tests skip):
 #           use `--only ceph --only test`.
 #   test    cargo test --workspace
+#   install scripts/install-check.sh: `cargo install --locked --path
+#           crates/vpool` (a debug build reusing the test stage's), then
+#           the installed binary serves, and qemu-io writes and reads a
+#           volume
 #   fuzz    scripts/fuzz-smoke.sh (FUZZ_SECONDS per target, default 20);
 #           skipped while there is no fuzz/ directory or target
 #   vm      vm/boot-test.sh: Linux boots twice under QEMU (TCG) from a vpool
@@ -59,7 +63,7 @@ set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 1
 
-all_stages=(deps fmt clippy ceph test fuzz vm libvirt migrate powercut)
+all_stages=(deps fmt clippy ceph test install fuzz vm libvirt migrate powercut)
 skip=()
 only=()
 while [ $# -gt 0 ]; do
@@ -161,6 +165,7 @@ if wanted ceph; then
 fi
 
 wanted test && run_stage test "" cargo test --workspace
+wanted install && run_stage install "cargo install --locked, then a volume over NBD" scripts/install-check.sh
 
 if wanted fuzz; then
     shopt -s nullglob
