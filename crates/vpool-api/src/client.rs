@@ -584,9 +584,17 @@ impl Client {
         )
     }
 
-    /// Moves `volume` to its pool's trash; its trash entry.
-    pub fn trash_volume(&self, volume: &str) -> Result<crate::types::TrashEntry, ClientError> {
-        let path = routes::volume_trash(&self.qualify(volume));
+    /// Moves `volume` to its pool's trash (deleted for good `expire_secs`
+    /// later, if given); its trash entry.
+    pub fn trash_volume(
+        &self,
+        volume: &str,
+        expire_secs: Option<u64>,
+    ) -> Result<crate::types::TrashEntry, ClientError> {
+        let mut path = routes::volume_trash(&self.qualify(volume));
+        if let Some(s) = expire_secs {
+            path.push_str(&format!("?expire_secs={s}"));
+        }
         self.json_call("POST", &path, None::<&()>)
     }
 

@@ -907,7 +907,7 @@ mod tests {
                 "POST",
                 VOLUME_TRASH,
                 &["V"],
-                Box::new(|c, v, _| drop(c.trash_volume(v))),
+                Box::new(|c, v, _| drop(c.trash_volume(v, None))),
             ),
             (
                 "POST",

@@ -907,6 +907,7 @@ async fn list_volumes(
             let volumes = (vols.into_iter().map(VolumeInfo::from))
                 .map(|mut v| {
                     v.writer = host.volume_writer(&ctx.name, &v.name, v.id);
+                    v.clients = host.volume_clients(Some(&ctx.name), &v.name);
                     v
                 })
                 .collect();
@@ -1338,9 +1339,10 @@ async fn rename_volume(
 async fn trash_volume(
     State(s): State<ApiState>,
     Named { pool, name }: Named,
+    ApiQuery(q): ApiQuery<crate::types::TrashQuery>,
 ) -> Result<Json<crate::types::TrashEntry>, ApiError> {
     let host = Arc::clone(&s.host);
-    let entry = service(move || host.trash_volume(pool.as_deref(), &name)).await?;
+    let entry = service(move || host.trash_volume(pool.as_deref(), &name, q.expire_secs)).await?;
     Ok(Json(entry))
 }
 

@@ -59,7 +59,8 @@ pub struct VolumeInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub writer: Option<String>,
     /// The NBD connections to it and its snapshots on this host, oldest
-    /// first (`vpool vol status`). Only in `GET /v1/volumes/{name}`.
+    /// first (`vpool vol status`). In `GET /v1/volumes/{name}` and the
+    /// volume list.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub clients: Vec<vpool_service::clients::ClientInfo>,
     /// Of `allocated_bytes`: bytes no snapshot or clone shares (freed if the
@@ -647,6 +648,16 @@ pub use vpool_service::trash::{PurgeReport, TrashEntry};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrashList {
     pub trash: Vec<TrashEntry>,
+}
+
+/// `POST /v1/volumes/{name}/trash?expire_secs=N`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrashQuery {
+    /// Deleted for good that long after, by the daemon (default: kept
+    /// until `rm` or `purge`).
+    #[serde(default)]
+    pub expire_secs: Option<u64>,
 }
 
 /// `POST /v1/trash/{id}/restore`.

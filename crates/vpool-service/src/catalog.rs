@@ -105,6 +105,10 @@ pub struct TrashRecord {
     pub name: String,
     /// When it went there (Unix ms).
     pub trashed_unix_ms: u64,
+    /// When the daemon deletes it for good on its own (`trash mv
+    /// --expire`); `None`: kept until `rm` or `purge`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_unix_ms: Option<u64>,
 }
 
 /// The name a volume in the trash has in the engine: reserved (it starts
@@ -298,7 +302,7 @@ impl std::fmt::Debug for Catalog {
     }
 }
 
-fn now_unix_ms() -> u64 {
+pub(crate) fn now_unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -652,18 +656,23 @@ impl Catalog {
     /// `applied` says, after a failed `rename`, whether the engine renamed
     /// the volume anyway (a flush that failed after the record was
     /// applied): its record then stays, and the next start decides.
+    /// `expire_secs`: deleted for good that long after (see
+    /// [`TrashRecord::expires_unix_ms`]).
     pub fn trash<T>(
         &self,
         volume: &str,
         id: u64,
+        expire_secs: Option<u64>,
         rename: impl FnOnce() -> Result<T, Error>,
         applied: impl FnOnce() -> bool,
     ) -> Result<TrashRecord, Error> {
         let mut g = self.lock();
         g.refuse_busy(volume, id, "moving to the trash")?;
+        let now = now_unix_ms();
         let rec = TrashRecord {
             name: volume.to_string(),
-            trashed_unix_ms: now_unix_ms(),
+            trashed_unix_ms: now,
+            expires_unix_ms: expire_secs.map(|s| now.saturating_add(s.saturating_mul(1000))),
         };
         g.trash.insert(id, rec.clone());
         if let Err(e) = self.persist(&g).and_then(|()| rename().map(drop)) {
@@ -741,6 +750,7 @@ impl Catalog {
                 let rec = TrashRecord {
                     name: format!("volume-{id}"),
                     trashed_unix_ms: now_unix_ms(),
+                    expires_unix_ms: None,
                 };
                 g.trash.insert(*id, rec);
             }
@@ -1454,6 +1464,7 @@ mod tests {
         let rec = TrashRecord {
             name: "a".into(),
             trashed_unix_ms: 1,
+            expires_unix_ms: None,
         };
         c.lock().trash.insert(a, rec);
         c.persist(&c.lock()).unwrap();

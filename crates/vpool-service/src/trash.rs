@@ -32,6 +32,9 @@ pub struct TrashEntry {
     /// Its name before it went to the trash.
     pub name: String,
     pub trashed_unix_ms: u64,
+    /// When the daemon deletes it on its own, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_unix_ms: Option<u64>,
     pub size_bytes: u64,
     pub allocated_bytes: u64,
     pub snapshots: u64,
@@ -50,10 +53,11 @@ pub struct PurgeReport {
 }
 
 impl PoolService {
-    /// Moves volume `name` to the trash: its name is free at once. Refused
-    /// for an ephemeral volume (delete it), and as a rename is (NBD
-    /// clients, a move).
-    pub fn trash_volume(&self, name: &str) -> Result<TrashEntry> {
+    /// Moves volume `name` to the trash: its name is free at once; with
+    /// `expire_secs`, the daemon deletes it that long after (unless its
+    /// snapshots have clones then). Refused for an ephemeral volume
+    /// (delete it), and as a rename is (NBD clients, a move).
+    pub fn trash_volume(&self, name: &str, expire_secs: Option<u64>) -> Result<TrashEntry> {
         let view = self.volume(name)?;
         if view.info.ephemeral {
             return Err(Error::new(
@@ -66,6 +70,7 @@ impl PoolService {
         let rec = self.catalog().trash(
             name,
             id,
+            expire_secs,
             || {
                 // The check and the rename under the catalog's lock, which
                 // a delete (and so a new volume of this name) waits for.
@@ -157,6 +162,32 @@ impl PoolService {
         Ok(report)
     }
 
+    /// Deletes for good the volumes whose expiry has come (but those whose
+    /// snapshots have clones: kept, tried again later).
+    pub fn purge_expired(&self, now_unix_ms: u64) -> Result<PurgeReport> {
+        let mut report = PurgeReport::default();
+        let due = self.catalog().trashed();
+        let due =
+            (due.into_iter()).filter(|(_, r)| r.expires_unix_ms.is_some_and(|e| e <= now_unix_ms));
+        for (id, rec) in due {
+            let Ok(e) = self.entry(id, &rec) else {
+                continue;
+            };
+            if !e.clones.is_empty() {
+                report.kept.push(e);
+                continue;
+            }
+            match self.remove_trashed(id) {
+                Ok(_) => report.purged.push(e),
+                Err(err) => {
+                    tracing::warn!(volume = %e.name, id, error = %err.message, "could not delete an expired volume from the trash");
+                    report.kept.push(e);
+                }
+            }
+        }
+        Ok(report)
+    }
+
     fn trashed(&self, id: u64) -> Result<TrashRecord> {
         self.catalog().trashed().remove(&id).ok_or_else(|| {
             Error::new(
@@ -178,6 +209,7 @@ impl PoolService {
             id,
             name: rec.name.clone(),
             trashed_unix_ms: rec.trashed_unix_ms,
+            expires_unix_ms: rec.expires_unix_ms,
             size_bytes: info.size_bytes,
             allocated_bytes: info.allocated_bytes,
             snapshots: info.snapshots,

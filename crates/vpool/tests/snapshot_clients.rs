@@ -770,6 +770,20 @@ fn trash_frees_the_name_and_keeps_the_data() {
         run_ok(&pool, &["vol", "trash", "ls"]),
         "the trash is empty\n"
     );
+
+    // Expiry: the daemon deletes it on its own, once its time has come.
+    run_ok(&pool, &["vol", "create", "old1", "--size", "4M"]);
+    let e = run_json(&pool, &["vol", "trash", "mv", "old1", "--expire", "2s"]);
+    let (at, until) = (
+        e["trashed_unix_ms"].as_u64().unwrap(),
+        e["expires_unix_ms"].as_u64().unwrap(),
+    );
+    assert!(until >= at + 2000, "{e}");
+    assert!(run_ok(&pool, &["vol", "trash", "ls"]).contains("old1"));
+    wait_for("the expired volume to go", Duration::from_secs(20), || {
+        run_json(&pool, &["vol", "trash", "ls"])["trash"] == serde_json::json!([])
+    });
+    assert!(d.log_text().contains("expired: deleted from the trash"));
     assert!(d.terminate().success());
 }
 
@@ -862,6 +876,12 @@ fn du_long_listing_and_status() {
         "{long}"
     );
     assert!(row("web1").contains("unix pid"), "{long}");
+    let lj = run_json(&pool, &["vol", "ls", "-l"]);
+    let web1 = (lj["volumes"].as_array().unwrap().iter())
+        .find(|v| v["name"] == "web1")
+        .unwrap()
+        .clone();
+    assert_eq!(web1["clients"].as_array().unwrap().len(), 2, "{lj}");
     assert!(row("c1").contains("web1@s1"), "{long}");
     assert!(row("gold").contains("template"), "{long}");
     w.finish();

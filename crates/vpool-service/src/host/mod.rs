@@ -957,6 +957,7 @@ impl Host {
         &self,
         pool: Option<&str>,
         volume: &str,
+        expire_secs: Option<u64>,
     ) -> Result<crate::trash::TrashEntry> {
         let (name, ctx) = self.renamable(pool, volume, "moving to the trash")?;
         if self.schedules.names(name, volume)? {
@@ -967,7 +968,7 @@ impl Host {
                 ),
             ));
         }
-        let entry = ctx.service.trash_volume(volume)?;
+        let entry = ctx.service.trash_volume(volume, expire_secs)?;
         tracing::info!(
             pool = name,
             volume,
@@ -1011,6 +1012,32 @@ impl Host {
             tracing::info!(pool, volume = %e.name, id = e.id, "volume purged from the trash");
         }
         Ok(report)
+    }
+
+    /// Deletes what expired in the trash of every open pool (the
+    /// scheduler's tick runs it).
+    pub(super) fn purge_expired_trash(&self) {
+        let now = crate::catalog::now_unix_ms();
+        for slot in self.pools() {
+            let PoolState::Open(ctx) = slot.state else {
+                continue;
+            };
+            let expired = (ctx.service.catalog().trashed().values())
+                .any(|r| r.expires_unix_ms.is_some_and(|e| e <= now));
+            if !expired {
+                continue;
+            }
+            match ctx.service.purge_expired(now) {
+                Ok(r) => {
+                    for e in &r.purged {
+                        tracing::info!(pool = %slot.name, volume = %e.name, id = e.id, "expired: deleted from the trash");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(pool = %slot.name, error = %e.message, "could not purge the trash")
+                }
+            }
+        }
     }
 
     /// The pool (its name and context) where `volume` may change its name:

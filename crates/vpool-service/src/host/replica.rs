@@ -742,6 +742,7 @@ pub(super) fn schedule(host: std::sync::Weak<Host>) {
         }
         h.schedule_replicas();
         h.run_schedules();
+        h.purge_expired_trash();
     }
 }
 

@@ -18,6 +18,10 @@ pub enum TrashCommand {
     Mv {
         /// [POOL/]VOLUME.
         name: String,
+        /// Delete it for good that long after (e.g. 7d, 12h), unless its
+        /// snapshots have clones then (default: kept until rm or purge).
+        #[arg(long, value_name = "DURATION", value_parser = super::replica::parse_duration_secs)]
+        expire: Option<u64>,
     },
     /// The volumes in a pool's trash, oldest first.
     Ls {
@@ -61,8 +65,8 @@ pub enum TrashCommand {
 /// `vpool vol trash ...`.
 pub(super) fn run(client: &Client, out: Output, cmd: &TrashCommand) -> anyhow::Result<()> {
     match cmd {
-        TrashCommand::Mv { name } => {
-            let e = client.trash_volume(name)?;
+        TrashCommand::Mv { name, expire } => {
+            let e = client.trash_volume(name, *expire)?;
             out.emit(&e, |e| {
                 format!(
                     "moved volume {name} to the trash (id {}); `vpool vol trash restore {name}` brings it back",
@@ -155,6 +159,8 @@ fn render(list: &[TrashEntry]) -> String {
                 e.id.to_string(),
                 e.name.clone(),
                 vpool_service::host::utc_text(e.trashed_unix_ms),
+                e.expires_unix_ms
+                    .map_or("-".to_string(), vpool_service::host::utc_text),
                 format_size(e.size_bytes),
                 format_size(e.allocated_bytes),
                 e.snapshots.to_string(),
@@ -171,6 +177,7 @@ fn render(list: &[TrashEntry]) -> String {
             "ID",
             "NAME",
             "TRASHED (UTC)",
+            "EXPIRES (UTC)",
             "SIZE",
             "ALLOCATED",
             "SNAPSHOTS",

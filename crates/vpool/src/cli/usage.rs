@@ -139,12 +139,15 @@ pub(super) fn render_long(vols: &[VolumeInfo]) -> String {
                 v.snapshots.to_string(),
                 v.parent.clone().unwrap_or_else(|| "-".to_string()),
                 flags(v),
+                v.clients.len().to_string(),
                 v.writer.clone().unwrap_or_else(|| "-".to_string()),
             ]
         })
         .collect();
     render_table(
-        &["NAME", "SIZE", "USED", "SNAPS", "PARENT", "FLAGS", "WRITER"],
+        &[
+            "NAME", "SIZE", "USED", "SNAPS", "PARENT", "FLAGS", "CLIENTS", "WRITER",
+        ],
         &rows,
     )
 }
