@@ -388,14 +388,23 @@ impl Client {
     /// Marks `name` as being imported into (incomplete until
     /// [`Client::end_import`]). `force`: even under NBD writers.
     /// Returns the NBD export through which the importer writes it (see
-    /// [`crate::types::ImportBegun`]).
-    pub fn begin_import(&self, name: &str, force: bool) -> Result<String, ClientError> {
+    /// [`crate::types::ImportBegun`]); `None` from a daemon older than that
+    /// (it answers 204), which takes the data through the API only.
+    pub fn begin_import(&self, name: &str, force: bool) -> Result<Option<String>, ClientError> {
         let path = format!(
             "{}?force={force}",
             routes::volume_import(&self.qualify(name))
         );
-        let b: crate::types::ImportBegun = self.json_call("POST", &path, None::<&()>)?;
-        Ok(b.nbd_export)
+        let resp = self.checked("POST", &path, None)?;
+        if resp.body.is_empty() {
+            return Ok(None);
+        }
+        let b: crate::types::ImportBegun = serde_json::from_slice(&resp.body).map_err(|e| {
+            ClientError::Protocol(format!(
+                "POST {path}: response is not the expected JSON: {e}"
+            ))
+        })?;
+        Ok(Some(b.nbd_export))
     }
 
     /// The import into `name` is done: the daemon flushes and unmarks it.

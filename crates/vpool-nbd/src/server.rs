@@ -636,7 +636,9 @@ fn connection_main(shared: Arc<Shared>, conn: Admitted) {
         unregister(&shared, id);
         return;
     }
-    info!(conn = id, peer = %peer, export = %n.export_name, size = n.params.size, flags = n.flags,
+    // The export name as logs show it (a secret one's not in full).
+    let export = loggable_export(&n.export_name);
+    info!(conn = id, peer = %peer, export = %export, size = n.params.size, flags = n.flags,
           structured = n.params.structured_replies, base_allocation = n.params.base_allocation, "client entered transmission");
     if shared.shutting_down.load(Ordering::SeqCst) {
         stream.shutdown(Shutdown::Read);
@@ -646,7 +648,7 @@ fn connection_main(shared: Arc<Shared>, conn: Admitted) {
     let session = transmission::Session {
         id,
         peer,
-        export: n.export_name,
+        export,
         stream,
         device: n.device,
         params: n.params,
@@ -811,4 +813,29 @@ pub fn spawn(
         counters,
         thread: Some(thread),
     })
+}
+
+/// Export `name` as the server's logs show it. A name whose last `/`
+/// segment starts with `.` is the registry's own (reserved: vpool's
+/// import exports carry a secret token) and is cut to its first 8 bytes.
+pub fn loggable_export(name: &str) -> String {
+    let last = name.rsplit('/').next().unwrap_or(name);
+    if !last.starts_with('.') {
+        return name.to_string();
+    }
+    let keep = name.len() - last.len() + last.floor_char_boundary(8);
+    format!("{}…", &name[..keep])
+}
+
+#[cfg(test)]
+mod loggable_tests {
+    use super::loggable_export;
+
+    #[test]
+    fn secret_export_names_are_cut_in_logs() {
+        assert_eq!(loggable_export("web1"), "web1");
+        assert_eq!(loggable_export("cold/web1@s"), "cold/web1@s");
+        assert_eq!(loggable_export(".import-0123456789abcdef"), ".import-…");
+        assert_eq!(loggable_export("cold/.import-0123456789"), "cold/.import-…");
+    }
 }

@@ -816,6 +816,16 @@ impl Catalog {
         Some((name, id))
     }
 
+    /// Whether `export` is still the live import export of volume `id`:
+    /// checked by every request on it, so a connection of an import that
+    /// ended (or began again) writes no more.
+    pub fn import_live(&self, id: u64, export: &str) -> bool {
+        let Some(token) = export.strip_prefix(IMPORT_EXPORT_PREFIX) else {
+            return false;
+        };
+        (self.lock().import_tokens.get(&id)).is_some_and(|t| same_secret(t, token))
+    }
+
     /// The import into `volume` finished (its data is flushed).
     pub fn end_import(&self, volume: &str, id: u64) -> Result<(), Error> {
         let mut g = self.lock();

@@ -91,7 +91,7 @@ impl ExportRegistry for PoolExports {
     }
 
     fn open(&self, name: &str) -> Result<Arc<dyn BlockDevice>, DeviceError> {
-        self.open_image(name, false)
+        self.open_image(name, false, true)
     }
 }
 
@@ -114,23 +114,40 @@ impl PoolExports {
     /// The device of volume `name` while it is marked incomplete: the
     /// destination of a move, which writes it before anyone may open it.
     pub(crate) fn open_incomplete(&self, name: &str) -> Result<Arc<dyn BlockDevice>, DeviceError> {
-        self.open_image(name, true)
+        self.open_image(name, true, true)
+    }
+
+    /// The device an importer writes through (`export` is its secret
+    /// export name, `Catalog::begin_import`), with the volume's name. Its
+    /// requests fail once the import ends or begins again; its I/O never
+    /// arms an ephemeral volume's deletion (the importer is not its user).
+    pub fn open_import(&self, export: &str) -> Result<(String, Arc<dyn BlockDevice>), DeviceError> {
+        let gone = || DeviceError::not_found("no such import (it ended, or began again)");
+        let (volume, id) = self.catalog.import_export(export).ok_or_else(gone)?;
+        let dev = self.open_image(&volume, true, false)?;
+        if !self.pool.volume_info(&volume).is_ok_and(|i| i.id.0 == id) {
+            return Err(gone());
+        }
+        let dev = Arc::new(ImportDevice {
+            inner: dev,
+            catalog: Arc::clone(&self.catalog),
+            id,
+            export: export.to_string(),
+        });
+        Ok((volume, dev))
     }
 
     /// Opens image `name` (`VOLUME` or `VOLUME@SNAPSHOT`), refusing a
-    /// volume marked incomplete unless `incomplete_ok`.
+    /// volume marked incomplete unless `incomplete_ok`. The device's I/O
+    /// `arms` an ephemeral volume's deletion at its last close (not an
+    /// importer's).
     fn open_image(
         &self,
         name: &str,
         incomplete_ok: bool,
+        arms: bool,
     ) -> Result<Arc<dyn BlockDevice>, DeviceError> {
         if crate::catalog::is_reserved(name) {
-            // An importer's own way in (`Catalog::begin_import`).
-            if let Some((volume, id)) = self.catalog.import_export(name)
-                && self.pool.volume_info(&volume).is_ok_and(|i| i.id.0 == id)
-            {
-                return self.open_image(&volume, true);
-            }
             return Err(DeviceError::not_found(format!("no volume named {name:?}")));
         }
         let (volume, vol, want) = match name.split_once('@') {
@@ -183,9 +200,79 @@ impl PoolExports {
             vol,
             size_bytes,
             read_only: access == Access::Read,
-            used: AtomicBool::new(false),
+            // Not `arms`: as if it had done I/O already (nothing to arm).
+            used: AtomicBool::new(!arms),
             guard,
         }))
+    }
+}
+
+/// An importer's device: every request first checks that its import is
+/// still the live one.
+struct ImportDevice {
+    inner: Arc<dyn BlockDevice>,
+    catalog: Arc<Catalog>,
+    id: u64,
+    export: String,
+}
+
+impl ImportDevice {
+    fn live(&self) -> Result<(), DeviceError> {
+        if self.catalog.import_live(self.id, &self.export) {
+            return Ok(());
+        }
+        Err(DeviceError::new(
+            DeviceErrorKind::ReadOnly,
+            "the import this connection was opened for ended, or began again",
+        ))
+    }
+}
+
+impl BlockDevice for ImportDevice {
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+
+    fn read_only(&self) -> bool {
+        self.inner.read_only()
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        self.live()?;
+        self.inner.read(offset, buf)
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        self.live()?;
+        self.inner.write(offset, data)
+    }
+
+    fn flush(&self) -> Result<(), DeviceError> {
+        self.live()?;
+        self.inner.flush()
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.live()?;
+        self.inner.trim(offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> Result<(), DeviceError> {
+        self.live()?;
+        self.inner.write_zeroes(offset, len, may_trim)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>, DeviceError> {
+        self.live()?;
+        self.inner.block_status(offset, len)
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.inner.cache(offset, len)
+    }
+
+    fn can_multi_conn(&self) -> bool {
+        self.inner.can_multi_conn()
     }
 }
 

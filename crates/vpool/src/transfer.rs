@@ -208,25 +208,39 @@ pub fn import(
         Format::Refused(r) => bail!(image_format::refusal_message(r, &what, name)),
         Format::Qemu(fmt) => {
             image_format::require_qemu_img(fmt, &what)?;
-            if let Some(nbd) = &opts.nbd {
-                return import_converted(client, name, path, fmt, nbd, opts);
+            match &opts.nbd {
+                Some(nbd) => import_converted(client, name, path, fmt, nbd, opts),
+                None => {
+                    // Before the conversion, which can take long.
+                    refuse_existing(client, name, opts.overwrite)?;
+                    import_via_copy(client, name, path, fmt, opts)
+                }
             }
-            // Before the conversion, which can take long.
-            refuse_existing(client, name, opts.overwrite)?;
-            let converted = image_format::convert_to_raw(path, fmt, opts.format.is_some())?;
-            let raw = File::open(&converted.raw)
-                .with_context(|| format!("opening {}", converted.raw.display()))?;
-            // Read through the descriptor only: nobody finds the copy.
-            let size_bytes = converted.size_bytes;
-            drop(converted);
-            let mut r = import_file(client, name, path, raw, opts)?;
-            r.file = what;
-            r.format = fmt.to_string();
-            r.file_bytes = std::fs::metadata(path).map_or(0, |m| m.len());
-            r.skipped_bytes = size_bytes.saturating_sub(r.data_bytes);
-            Ok(r)
         }
     }
+}
+
+/// Imports the `fmt` image at `path` by converting it into a private
+/// temporary raw file, imported sparsely then removed.
+fn import_via_copy(
+    client: &Client,
+    name: &str,
+    path: &Path,
+    fmt: &str,
+    opts: &ImportOptions,
+) -> anyhow::Result<ImportReport> {
+    let converted = image_format::convert_to_raw(path, fmt, opts.format.is_some())?;
+    let raw = File::open(&converted.raw)
+        .with_context(|| format!("opening {}", converted.raw.display()))?;
+    // Read through the descriptor only: nobody finds the copy.
+    let size_bytes = converted.size_bytes;
+    drop(converted);
+    let mut r = import_file(client, name, path, raw, opts)?;
+    r.file = path.display().to_string();
+    r.format = fmt.to_string();
+    r.file_bytes = std::fs::metadata(path).map_or(0, |m| m.len());
+    r.skipped_bytes = size_bytes.saturating_sub(r.data_bytes);
+    Ok(r)
 }
 
 /// Imports the `fmt` image at `path` by converting it with `qemu-img`
@@ -246,7 +260,14 @@ fn import_converted(
     // Incomplete from here; all holes (made or cleared), so qemu-img
     // writes only the image's data.
     let export = begin(client, name, created, volume_size, opts.in_use)?;
-    let target = nbd.qemu_json(&crate::nbd_target::in_pool_of(name, &export));
+    let export = export.map(|e| crate::nbd_target::in_pool_of(name, &e));
+    // The export may not open (a shared pool's volume, an older daemon):
+    // then through a temporary copy and the API, as before.
+    let Some(export) = export.filter(|e| nbd.connect(e).is_ok_and(|c| c.disconnect().is_ok()))
+    else {
+        return import_via_copy(client, name, path, fmt, opts);
+    };
+    let target = nbd.qemu_json(&export);
     image_format::convert_into(path, fmt, &target, opts.show_progress)?;
     client
         .end_import(name)
@@ -357,7 +378,7 @@ fn import_file(
     let (created, volume_size) = prepare_volume(client, name, &what, Some(len), opts)?;
     // From here until the last byte is flushed, the volume is incomplete.
     let export = begin(client, name, created, volume_size, opts.in_use)?;
-    let mut sink = Sink::open(client, name, &export, opts)?;
+    let mut sink = Sink::open(client, name, export.as_deref(), opts);
     let regions =
         data_regions(&file, len).with_context(|| format!("finding the data in {what}"))?;
     let bar = progress_bar(len, opts.show_progress, "import");
@@ -387,6 +408,7 @@ fn import_file(
         }
         sent_to = sent_to.max(pos);
     }
+    sink.finish()?;
     client
         .end_import(name)
         .context("flushing the imported data")?;
@@ -407,14 +429,14 @@ fn import_file(
 /// Marks volume `name` as being imported into and, unless it was just
 /// `created` (all zeros), clears it: the image replaces its content, so
 /// what the image has as holes must not show old data. Returns the
-/// import's NBD export (in the volume's pool).
+/// import's NBD export (`None` from an older daemon).
 fn begin(
     client: &Client,
     name: &str,
     created: bool,
     volume_size: u64,
     force: bool,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<Option<String>> {
     let export = client
         .begin_import(name, force)
         .with_context(|| format!("marking volume {name} as being imported into"))?;
@@ -437,21 +459,39 @@ enum Sink<'a> {
 }
 
 impl<'a> Sink<'a> {
-    /// Over NBD when `opts` names the daemon's server, else the API.
+    /// Over NBD when `opts` names the daemon's server and the import's
+    /// `export` opens there; else the API (a shared pool's volume, an
+    /// older daemon, NBD out of reach).
     fn open(
         client: &'a Client,
         name: &'a str,
-        export: &str,
+        export: Option<&str>,
         opts: &ImportOptions,
-    ) -> anyhow::Result<Sink<'a>> {
-        Ok(match &opts.nbd {
-            Some(nbd) => Sink::Nbd(nbd.connect(&crate::nbd_target::in_pool_of(name, export))?),
-            None => Sink::Api {
-                client,
-                name,
-                force: opts.in_use,
-            },
-        })
+    ) -> Sink<'a> {
+        let export = export.map(|e| crate::nbd_target::in_pool_of(name, e));
+        if let (Some(nbd), Some(e)) = (&opts.nbd, export) {
+            match nbd.connect(&e) {
+                Ok(c) => return Sink::Nbd(c),
+                Err(err) => {
+                    tracing::debug!(error = %err, "the import's NBD export did not open: through the API")
+                }
+            }
+        }
+        Sink::Api {
+            client,
+            name,
+            force: opts.in_use,
+        }
+    }
+
+    /// Everything written is flushed, the connection closed: before the
+    /// import is ended (which flushes the pool again, for the API's writes).
+    fn finish(self) -> anyhow::Result<()> {
+        if let Sink::Nbd(mut c) = self {
+            c.flush().context("flushing the imported data")?;
+            c.disconnect()?;
+        }
+        Ok(())
     }
 
     /// Writes the blocks of `chunk` that are not all zeros at `pos`;

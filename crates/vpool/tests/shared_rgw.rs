@@ -338,6 +338,31 @@ fn a_sealed_template_is_read_by_every_host() {
     std::fs::write(&img, pattern(16 * MIB, 23)).unwrap();
     qemu_img_convert_to(&img, &a.nbd_uri("shared/golden"));
     assert_eq!(status(&home_a, "shared/golden")["sealed"], false);
+    // vol import into a shared pool: an import's own NBD export is not
+    // served there, so the CLI goes through the API (raw), or a
+    // temporary copy and the API (qcow2).
+    run_ok(
+        &home_a,
+        &["vol", "import", "shared/imp", img.to_str().unwrap()],
+    );
+    assert!(qemu_img_compare(&a.nbd_uri("shared/imp"), &img));
+    let qcow2 = t.path().join("image.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&img)
+        .arg(&qcow2)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let r = run_json(
+        &home_a,
+        &["vol", "import", "shared/imp2", qcow2.to_str().unwrap()],
+    );
+    assert_eq!(r["format"], "qcow2", "{r}");
+    assert!(qemu_img_compare(&a.nbd_uri("shared/imp2"), &img));
+    for v in ["shared/imp", "shared/imp2"] {
+        run_ok(&home_a, &["vol", "delete", v]);
+    }
 
     let info = run_json(&home_a, &["vol", "template", "shared/golden"]);
     assert!(info["template"].is_object(), "{info}");

@@ -964,7 +964,10 @@ fn imports_write_through_their_own_export() {
     let d = Daemon::start(&pool, &[]);
     let c = d.client();
     run_ok(&pool, &["vol", "create", "web1", "--size", "4M"]);
-    let export = c.begin_import("web1", false).unwrap();
+    let export = c
+        .begin_import("web1", false)
+        .unwrap()
+        .expect("an import export");
     assert!(
         export.starts_with(".import-") && export.len() > 40,
         "{export}"
@@ -984,8 +987,13 @@ fn imports_write_through_their_own_export() {
     let last = if wrong.ends_with('0') { "1" } else { "0" };
     wrong.replace_range(wrong.len() - 1.., last);
     assert!(refused(&wrong), "a wrong token opened the volume");
+    // A connection opened during the import writes no more once it ended.
+    let after = "try:\n    h.pwrite(b'\\x01' * 4096, 0)\n    print('wrote')\nexcept nbd.Error:\n    print('refused')";
+    let mut late = Holder::start(dir.path(), "late", &d.nbd_uri(&export), "", after);
     c.end_import("web1").unwrap();
     assert!(refused(&export), "the import's export outlived it");
+    let out = late.finish();
+    assert!(out.contains("refused"), "{out}");
     qemu_io(&d.nbd_uri("web1"), &["read -P 0x77 0 64k"]);
 
     // vol import of a qcow2 image: straight into the export.
@@ -1003,6 +1011,17 @@ fn imports_write_through_their_own_export() {
     assert_eq!(r["format"], "qcow2", "{r}");
     assert_eq!(r["data_bytes"], 3 * MIB, "{r}");
     assert!(compare_exports(&d.nbd_uri("web2"), path_str(&raw)));
+    // An ephemeral volume outlives its import (the importer is not a
+    // client whose leaving deletes it).
+    run_ok(
+        &pool,
+        &["vol", "create", "scratch", "--size", "4M", "--ephemeral"],
+    );
+    run_ok(
+        &pool,
+        &["vol", "import", "scratch", path_str(&raw), "--force"],
+    );
+    assert!(compare_exports(&d.nbd_uri("scratch"), path_str(&raw)));
     let io = c.io_counters().unwrap();
     let web2 = (io.volumes.iter())
         .find(|v| v.volume == "web2")

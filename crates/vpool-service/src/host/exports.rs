@@ -82,14 +82,15 @@ impl vpool_nbd::ExportRegistry for HostExports {
         by: &vpool_nbd::Opener,
     ) -> std::result::Result<Arc<dyn vpool_nbd::BlockDevice>, vpool_nbd::DeviceError> {
         let (pool, image) = crate::names::split_pool(name);
-        let dev = self.open_device(pool, image)?;
         // An importer's export (`Catalog::begin_import`) is counted and
         // listed under its volume: its name is a secret.
-        let imported = crate::catalog::is_reserved(image)
-            .then(|| self.host.pool(pool).ok())
-            .flatten()
-            .and_then(|ctx| ctx.service.catalog().import_export(image))
-            .map(|(volume, _)| volume);
+        let (dev, imported) = match image.starts_with(crate::catalog::IMPORT_EXPORT_PREFIX) {
+            true => {
+                let (volume, dev) = self.open_import(pool, image)?;
+                (dev, Some(volume))
+            }
+            false => (self.open_device(pool, image)?, None),
+        };
         let image = imported.as_deref().unwrap_or(image);
         let volume = image.split('@').next().unwrap_or(image);
         // Every device of a volume (not of a snapshot) goes through its
@@ -127,6 +128,30 @@ impl vpool_nbd::ExportRegistry for HostExports {
 }
 
 impl HostExports {
+    /// The device an importer writes through, and its volume's name (see
+    /// `PoolExports::open_import`). Not in a shared pool (its imports go
+    /// through the API).
+    fn open_import(
+        &self,
+        pool: Option<&str>,
+        export: &str,
+    ) -> std::result::Result<(String, Arc<dyn vpool_nbd::BlockDevice>), vpool_nbd::DeviceError>
+    {
+        let not_found = || vpool_nbd::DeviceError::not_found("no such import");
+        if self.host.shared(pool).is_some() {
+            return Err(not_found());
+        }
+        let ctx = self.host.pool(pool).map_err(|_| not_found())?;
+        let (volume, dev) = ctx.exports.open_import(export)?;
+        if self.host.moves.blocks(&ctx.name, &volume) {
+            return Err(vpool_nbd::DeviceError::not_found(format!(
+                "volume {}/{volume} is named by a move a crash interrupted, which is not resolved yet",
+                ctx.name
+            )));
+        }
+        Ok((volume, dev))
+    }
+
     /// The device of `image` (`VOLUME` or `VOLUME@SNAPSHOT`) of `pool`
     /// (`None`: the default pool).
     fn open_device(

@@ -262,14 +262,20 @@ impl Histogram {
         self.sum_us as f64 / self.count.max(1) as f64
     }
 
-    /// The bucket floor under which a fraction `q` of the samples lie.
+    /// A value at or above a fraction `q` of the samples: the top of the
+    /// bucket where that fraction is reached (so at most 12.5 % high,
+    /// never above the largest sample).
     fn quantile(&self, q: f64) -> u64 {
         let want = ((self.count as f64) * q).ceil() as u64;
         let mut seen = 0;
         for (i, n) in self.buckets.iter().enumerate() {
             seen += n;
             if seen >= want.max(1) {
-                return Self::low(i).min(self.max);
+                let top = match i {
+                    255 => u64::MAX,
+                    _ => Self::low(i + 1) - 1,
+                };
+                return top.min(self.max);
             }
         }
         self.max
@@ -314,7 +320,10 @@ mod tests {
         assert_eq!(h.count, 100);
         assert!((h.mean() - 50.5).abs() < 1e-9);
         let p50 = h.quantile(0.5);
-        assert!((44..=50).contains(&p50), "{p50}");
+        assert!((50..=56).contains(&p50), "{p50}");
+        let mut same = Histogram::default();
+        same.record(Duration::from_micros(100));
+        assert_eq!(same.quantile(0.5), 100, "never below every sample");
         assert_eq!(h.max, 100);
     }
 }

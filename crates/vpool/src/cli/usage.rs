@@ -59,16 +59,18 @@ pub(super) fn du(
             Err(e) => return Err(e.into()),
         }
     }
-    let total = match name {
-        Some(_) => None,
-        None => Some(DuTotal {
+    // A shared pool has no pool-wide figures (each volume is a pool of
+    // its own): no total there.
+    let total = match (name, c.pool_info()) {
+        (None, Ok(info)) => Some(DuTotal {
             provisioned_bytes: images
                 .iter()
                 .filter(|i| !i.name.contains('@'))
                 .map(|i| i.provisioned_bytes)
                 .sum(),
-            used_bytes: c.pool_info()?.live_data_bytes,
+            used_bytes: info.live_data_bytes,
         }),
+        _ => None,
     };
     let report = DuReport { images, total };
     out.emit(&report, render_du)

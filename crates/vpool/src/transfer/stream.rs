@@ -50,7 +50,7 @@ pub(super) fn import_stdin(
     }
     let (created, volume_size) = prepare_volume(client, name, STDIN, None, opts)?;
     let export = begin(client, name, created, volume_size, opts.in_use)?;
-    let mut sink = Sink::open(client, name, &export, opts)?;
+    let mut sink = Sink::open(client, name, export.as_deref(), opts);
     let bar = progress_bar(volume_size, opts.show_progress, "import");
     let (mut pos, mut data_bytes) = (0u64, 0u64);
     while got > 0 {
@@ -81,6 +81,7 @@ pub(super) fn import_stdin(
             format_size(volume_size)
         );
     }
+    sink.finish()?;
     client
         .end_import(name)
         .context("flushing the imported data")?;
