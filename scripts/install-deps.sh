@@ -12,7 +12,9 @@
 #   nbdkit; qemu-system-x86 (qemu-system-x86_64); qemu-utils (qemu-img
 #   qemu-io qemu-nbd); busybox-static; cpio; e2fsprogs (mkfs.ext4 debugfs);
 #   curl; gzip; systemd (systemd-analyze); libvirt-daemon-system,
-#   libvirt-daemon-driver-qemu, libvirt-clients (libvirtd, virsh); and for the Ceph micro-cluster of scripts/ceph.sh (S3 tests,
+#   libvirt-daemon-driver-qemu, libvirt-clients (libvirtd, virsh) from
+#   bookworm-backports (libvirt 11: Debian 12's 9.0 drops a disk's
+#   <reconnect>); and for the Ceph micro-cluster of scripts/ceph.sh (S3 tests,
 #   bench/rbd.sh): ceph-mon, ceph-mgr, ceph-osd, radosgw, ceph-common (ceph
 #   rbd rados radosgw-admin monmaptool ceph-authtool), python3.
 # Note: Debian 12's qemu-system-x86 is QEMU 7.2; installing it removes a
@@ -94,9 +96,8 @@ missing_pkgs() {
     # systemd-analyze checks the unit file packaging/vpool.service.
     have systemd-analyze || m+=(systemd)
     # vm/libvirt.sh: a real libvirtd (its package makes the libvirt-qemu
-    # user the QEMU driver needs) and virsh.
-    { have libvirtd && id libvirt-qemu >/dev/null 2>&1; } || m+=(libvirt-daemon-system libvirt-daemon-driver-qemu)
-    have virsh || m+=(libvirt-clients)
+    # user the QEMU driver needs) and virsh: bookworm-backports' (libvirt
+    # 11; 9.0 drops <reconnect>, see libvirt_new), installed below.
     # The metrics test parses GET /metrics with Prometheus' own parser.
     /usr/bin/python3 -c 'import prometheus_client' >/dev/null 2>&1 || m+=(python3-prometheus-client)
     # The Ceph micro-cluster's packages: scripts/ceph.sh keeps the list.
@@ -105,6 +106,15 @@ missing_pkgs() {
     m+=("${ceph_pkgs[@]}")
     echo "${m[@]}"
 }
+
+# libvirt 10 or later: Debian 12's 9.0 accepts <reconnect> in a disk and
+# drops it, so a daemon restart under a libvirt VM could not be tested.
+libvirt_new() {
+    have libvirtd && have virsh && id libvirt-qemu >/dev/null 2>&1 &&
+        [ "$(libvirtd --version 2>/dev/null | awk '{ split($NF, v, "."); print v[1] }')" -ge 10 ] 2>/dev/null
+}
+libvirt_pkgs=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients)
+bpo_list=/etc/apt/sources.list.d/vpool-bookworm-backports.list
 
 read -r -a missing <<<"$(missing_pkgs)"
 if [ ${#missing[@]} -gt 0 ]; then
@@ -128,6 +138,22 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
     read -r -a still <<<"$(missing_pkgs)"
     [ ${#still[@]} -eq 0 ] || fail "still missing after apt-get install: ${still[*]}"
+fi
+
+# ------------------------------------------------- libvirt from backports
+# bookworm-backports is added as a source (its packages are only ever
+# installed when asked for by name with -t), then libvirt 11 from it.
+if ! libvirt_new; then
+    say "installing libvirt from bookworm-backports: ${libvirt_pkgs[*]}"
+    if [ ! -f "$bpo_list" ]; then
+        echo "deb http://deb.debian.org/debian bookworm-backports main" |
+            run "${sudo[@]}" tee "$bpo_list"
+    fi
+    run "${sudo[@]}" apt-get update -q || say "apt-get update reported errors (continuing)"
+    run "${sudo[@]}" apt-get install "${apt_opts[@]}" -t bookworm-backports "${libvirt_pkgs[@]}" ||
+        fail "apt-get install -t bookworm-backports ${libvirt_pkgs[*]}"
+    libvirt_new || fail "libvirt from bookworm-backports is not 10 or later"
+    installed+=("${libvirt_pkgs[@]}")
 fi
 
 # ------------------------------------------------- QEMU 10's qemu-img, aside

@@ -14,10 +14,12 @@
 #   the host restarts `vpool serve` (SIGTERM, then a new daemon on the same
 #   home and ports) under the running VM; the guest must go on (QEMU
 #   reconnects, libvirt's <reconnect delay>) for RECORDS_AFTER more records
-#   without an I/O error. libvirt 9.0 (Debian 12) drops <reconnect>: then
-#   the restart is not tried under libvirt (QEMU would fail the requests in
-#   flight when its connection goes) but under plain QEMU with the same
-#   guest and the -blockdev nodes a newer libvirt makes of the printed XML
+#   without an I/O error. scripts/install-deps.sh installs libvirt 11 from
+#   bookworm-backports, which passes <reconnect> to QEMU. libvirt 9.0
+#   (Debian 12's own) drops it: with that one the restart is not tried
+#   under libvirt (QEMU would fail the requests in flight when its
+#   connection goes) but under plain QEMU with the same guest and the
+#   -blockdev nodes a newer libvirt makes of the printed XML
 #   (reconnect-delay). Then the domain is destroyed and the host reads both
 #   volumes back and checks every record the guest reported.
 #
