@@ -904,10 +904,11 @@ async fn list_volumes(
         let Some(sh) = host.shared(pool.as_deref()) else {
             let ctx = host.pool(pool.as_deref())?;
             let vols = ctx.service.list_volumes();
+            let mut clients = host.pool_clients(Some(&ctx.name));
             let volumes = (vols.into_iter().map(VolumeInfo::from))
                 .map(|mut v| {
                     v.writer = host.volume_writer(&ctx.name, &v.name, v.id);
-                    v.clients = host.volume_clients(Some(&ctx.name), &v.name);
+                    v.clients = clients.remove(&v.name).unwrap_or_default();
                     v
                 })
                 .collect();
@@ -1378,12 +1379,8 @@ async fn trash_purge(
     Named { pool, .. }: Named,
     ApiJson(req): ApiJson<crate::types::PurgeRequest>,
 ) -> Result<Json<crate::types::PurgeReport>, ApiError> {
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let before = now_ms.saturating_sub(req.older_than_secs.saturating_mul(1000));
     let host = Arc::clone(&s.host);
-    let report = service(move || host.trash_purge(pool.as_deref(), before)).await?;
+    let report = service(move || host.trash_purge(pool.as_deref(), req.older_than_secs)).await?;
     Ok(Json(report))
 }
 

@@ -189,10 +189,26 @@ struct Inner {
     /// token), through which its importer writes the volume that NBD
     /// otherwise refuses while it is incomplete (not kept: an importer
     /// that outlives a restart begins again).
-    import_tokens: HashMap<u64, String>,
+    import_tokens: HashMap<u64, ImportToken>,
+}
+
+/// An import's secret, and whether it is still the live one: the flag its
+/// devices check on every request (without this lock), cleared when the
+/// import ends or begins again.
+struct ImportToken {
+    token: String,
+    live: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Inner {
+    /// Ends the import token of volume `id`, if it has one: its devices'
+    /// requests fail from now on.
+    fn drop_import_token(&mut self, id: u64) {
+        if let Some(t) = self.import_tokens.remove(&id) {
+            t.live.store(false, std::sync::atomic::Ordering::Release);
+        }
+    }
+
     /// Moves the records of volume `id` from name `old` to `new` (replacing
     /// any under `new`: stale, since `new` is this volume's); true if there
     /// were any.
@@ -300,12 +316,6 @@ impl std::fmt::Debug for Catalog {
             .field("persistent", &self.store.is_some())
             .finish_non_exhaustive()
     }
-}
-
-pub(crate) fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn now_unix() -> u64 {
@@ -517,7 +527,7 @@ impl Catalog {
         }
         let timed = g.snapshot_times.remove(&id).is_some();
         let trashed = g.trash.remove(&id).is_some();
-        g.import_tokens.remove(&id);
+        g.drop_import_token(id);
         if g.sealed(volume, id).is_some()
             || importing
             || replica
@@ -668,7 +678,7 @@ impl Catalog {
     ) -> Result<TrashRecord, Error> {
         let mut g = self.lock();
         g.refuse_busy(volume, id, "moving to the trash")?;
-        let now = now_unix_ms();
+        let now = crate::jobs::unix_ms();
         let rec = TrashRecord {
             name: volume.to_string(),
             trashed_unix_ms: now,
@@ -749,7 +759,7 @@ impl Catalog {
                 tracing::warn!(volume = %name, "a volume in the trash without its record: listed as volume-{id}");
                 let rec = TrashRecord {
                     name: format!("volume-{id}"),
-                    trashed_unix_ms: now_unix_ms(),
+                    trashed_unix_ms: crate::jobs::unix_ms(),
                     expires_unix_ms: None,
                 };
                 g.trash.insert(*id, rec);
@@ -801,35 +811,37 @@ impl Catalog {
         // A new token each time: an importer that began earlier (and died)
         // writes no more.
         let token = hex(&vpool_peer::auth::nonce());
-        g.import_tokens.insert(id, token.clone());
+        g.drop_import_token(id);
+        let live = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let entry = ImportToken {
+            token: token.clone(),
+            live,
+        };
+        g.import_tokens.insert(id, entry);
         Ok(format!("{IMPORT_EXPORT_PREFIX}{token}"))
     }
 
     /// The volume (name, id) whose import export is `export`
-    /// ([`IMPORT_EXPORT_PREFIX`] and its token), if an import is under way.
-    pub fn import_export(&self, export: &str) -> Option<(String, u64)> {
+    /// ([`IMPORT_EXPORT_PREFIX`] and its token), if an import is under way,
+    /// with the flag that says it still is: checked by every request on a
+    /// device opened through it, so a connection of an import that ended
+    /// (or began again) writes no more.
+    pub fn import_export(
+        &self,
+        export: &str,
+    ) -> Option<(String, u64, Arc<std::sync::atomic::AtomicBool>)> {
         let token = export.strip_prefix(IMPORT_EXPORT_PREFIX)?;
         let g = self.lock();
         // Compared without an early exit at the first byte that differs.
-        let (&id, _) = (g.import_tokens.iter()).find(|(_, t)| same_secret(t, token))?;
+        let (&id, t) = (g.import_tokens.iter()).find(|(_, t)| same_secret(&t.token, token))?;
         let name = (g.importing.iter()).find(|(_, i)| **i == id)?.0.clone();
-        Some((name, id))
-    }
-
-    /// Whether `export` is still the live import export of volume `id`:
-    /// checked by every request on it, so a connection of an import that
-    /// ended (or began again) writes no more.
-    pub fn import_live(&self, id: u64, export: &str) -> bool {
-        let Some(token) = export.strip_prefix(IMPORT_EXPORT_PREFIX) else {
-            return false;
-        };
-        (self.lock().import_tokens.get(&id)).is_some_and(|t| same_secret(t, token))
+        Some((name, id, Arc::clone(&t.live)))
     }
 
     /// The import into `volume` finished (its data is flushed).
     pub fn end_import(&self, volume: &str, id: u64) -> Result<(), Error> {
         let mut g = self.lock();
-        g.import_tokens.remove(&id);
+        g.drop_import_token(id);
         if g.importing.get(volume) != Some(&id) {
             return Ok(());
         }
@@ -1247,7 +1259,8 @@ pub const IMPORT_EXPORT_PREFIX: &str = ".import-";
 
 /// `a == b` in a time that does not depend on where they differ.
 fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.as_bytes().ct_eq(b.as_bytes()).into()
 }
 
 /// An API request changing a volume; see [`Catalog::api_write`].

@@ -57,7 +57,7 @@ impl Clients {
             peer: peer.to_string(),
             image: image.to_string(),
             read_only: dev.read_only(),
-            since_unix_ms: now_unix_ms(),
+            since_unix_ms: crate::jobs::unix_ms(),
         };
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let mut open = self.lock();
@@ -91,16 +91,24 @@ impl Clients {
         out
     }
 
+    /// The connections to every volume of `pool`, by volume: one pass.
+    pub fn of_pool(&self, pool: &str) -> std::collections::HashMap<String, Vec<ClientInfo>> {
+        let open = self.lock();
+        let mut out: std::collections::HashMap<String, Vec<ClientInfo>> = Default::default();
+        for ((p, v), c) in open.values().filter(|((p, _), _)| p == pool) {
+            debug_assert_eq!(p, pool);
+            out.entry(v.clone()).or_default().push(c.clone());
+        }
+        for list in out.values_mut() {
+            list.sort_by_key(|c| c.since_unix_ms);
+        }
+        out
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, (Key, ClientInfo)>> {
         // Every update is one insert or remove: a poisoned map is whole.
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
-
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A device listed in [`Clients`] while it lives; I/O passes through.

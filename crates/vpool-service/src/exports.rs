@@ -123,17 +123,12 @@ impl PoolExports {
     /// arms an ephemeral volume's deletion (the importer is not its user).
     pub fn open_import(&self, export: &str) -> Result<(String, Arc<dyn BlockDevice>), DeviceError> {
         let gone = || DeviceError::not_found("no such import (it ended, or began again)");
-        let (volume, id) = self.catalog.import_export(export).ok_or_else(gone)?;
+        let (volume, id, live) = self.catalog.import_export(export).ok_or_else(gone)?;
         let dev = self.open_image(&volume, true, false)?;
         if !self.pool.volume_info(&volume).is_ok_and(|i| i.id.0 == id) {
             return Err(gone());
         }
-        let dev = Arc::new(ImportDevice {
-            inner: dev,
-            catalog: Arc::clone(&self.catalog),
-            id,
-            export: export.to_string(),
-        });
+        let dev = Arc::new(ImportDevice { inner: dev, live });
         Ok((volume, dev))
     }
 
@@ -211,14 +206,13 @@ impl PoolExports {
 /// still the live one.
 struct ImportDevice {
     inner: Arc<dyn BlockDevice>,
-    catalog: Arc<Catalog>,
-    id: u64,
-    export: String,
+    /// Cleared when the import ends or begins again (`Catalog`).
+    live: Arc<AtomicBool>,
 }
 
 impl ImportDevice {
     fn live(&self) -> Result<(), DeviceError> {
-        if self.catalog.import_live(self.id, &self.export) {
+        if self.live.load(Ordering::Acquire) {
             return Ok(());
         }
         Err(DeviceError::new(

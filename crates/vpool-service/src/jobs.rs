@@ -163,7 +163,8 @@ fn rate(done_bytes: u64, took: Duration) -> u64 {
     u64::try_from(u128::from(done_bytes) * 1000 / ms).unwrap_or(u64::MAX)
 }
 
-pub(crate) fn unix_ms() -> u64 {
+/// The time now, in Unix milliseconds.
+pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

@@ -200,11 +200,7 @@ impl PoolService {
     fn entry(&self, id: u64, rec: &TrashRecord) -> Result<TrashEntry> {
         let at = trash_name(id);
         let info = self.pool().volume_info(&at)?;
-        let prefix = format!("{at}@");
-        let clones = (self.pool().list_volumes().into_iter())
-            .filter(|v| v.parent.as_deref().is_some_and(|p| p.starts_with(&prefix)))
-            .map(|v| v.name)
-            .collect();
+        let clones = self.pool().clones_of(&at, None)?;
         Ok(TrashEntry {
             id,
             name: rec.name.clone(),

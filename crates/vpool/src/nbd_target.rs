@@ -16,7 +16,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Clone, Debug)]
 pub enum NbdTarget {
     Unix(PathBuf),
-    Tcp(String),
+    Tcp(std::net::SocketAddr),
 }
 
 impl NbdTarget {
@@ -28,7 +28,7 @@ impl NbdTarget {
             return Ok(NbdTarget::Unix(socket));
         }
         match client.pool_info()?.nbd_tcp_addr {
-            Some(addr) => Ok(NbdTarget::Tcp(addr.to_string())),
+            Some(addr) => Ok(NbdTarget::Tcp(addr)),
             None => anyhow::bail!(
                 "no NBD socket at {} and the daemon serves no NBD on TCP",
                 socket.display()
@@ -40,7 +40,7 @@ impl NbdTarget {
     pub fn connect(&self, export: &str) -> anyhow::Result<NbdClient> {
         let c = match self {
             NbdTarget::Unix(p) => NbdClient::connect_unix(p, export, REQUEST_TIMEOUT),
-            NbdTarget::Tcp(a) => NbdClient::connect_tcp(a, export, REQUEST_TIMEOUT),
+            NbdTarget::Tcp(a) => NbdClient::connect_tcp(&a.to_string(), export, REQUEST_TIMEOUT),
         };
         c.with_context(|| format!("opening export {export} over NBD"))
     }
@@ -52,9 +52,7 @@ impl NbdTarget {
                 serde_json::json!({"type": "unix", "path": p.to_string_lossy()})
             }
             NbdTarget::Tcp(a) => {
-                let (host, port) = a.rsplit_once(':').unwrap_or((a, "10809"));
-                let host = host.trim_start_matches('[').trim_end_matches(']');
-                serde_json::json!({"type": "inet", "host": host, "port": port})
+                serde_json::json!({"type": "inet", "host": a.ip().to_string(), "port": a.port().to_string()})
             }
         };
         let spec = serde_json::json!({
@@ -68,8 +66,8 @@ impl NbdTarget {
 /// Export `export` in the pool of volume `volume` (`POOL/VOLUME` or a bare
 /// `VOLUME` of the default pool).
 pub fn in_pool_of(volume: &str, export: &str) -> String {
-    match volume.split_once('/') {
-        Some((pool, _)) => format!("{pool}/{export}"),
-        None => export.to_string(),
+    match vpool_service::names::split_pool(volume) {
+        (Some(pool), _) => format!("{pool}/{export}"),
+        (None, _) => export.to_string(),
     }
 }

@@ -213,7 +213,7 @@ pub fn import(
                 None => {
                     // Before the conversion, which can take long.
                     refuse_existing(client, name, opts.overwrite)?;
-                    import_via_copy(client, name, path, fmt, opts)
+                    import_via_copy(client, name, path, fmt, opts, None)
                 }
             }
         }
@@ -221,21 +221,29 @@ pub fn import(
 }
 
 /// Imports the `fmt` image at `path` by converting it into a private
-/// temporary raw file, imported sparsely then removed.
+/// temporary raw file, imported sparsely then removed; into a volume
+/// prepared and marked already if `begun` says so.
 fn import_via_copy(
     client: &Client,
     name: &str,
     path: &Path,
     fmt: &str,
     opts: &ImportOptions,
+    begun: Option<Begun>,
 ) -> anyhow::Result<ImportReport> {
     let converted = image_format::convert_to_raw(path, fmt, opts.format.is_some())?;
-    let raw = File::open(&converted.raw)
+    let mut raw = File::open(&converted.raw)
         .with_context(|| format!("opening {}", converted.raw.display()))?;
     // Read through the descriptor only: nobody finds the copy.
     let size_bytes = converted.size_bytes;
     drop(converted);
-    let mut r = import_file(client, name, path, raw, opts)?;
+    let mut r = match begun {
+        Some(b) => {
+            let len = file_len(&mut raw).context("reading the size of the converted image")?;
+            send_file(client, name, path, raw, len, b, opts)?
+        }
+        None => import_file(client, name, path, raw, opts)?,
+    };
     r.file = path.display().to_string();
     r.format = fmt.to_string();
     r.file_bytes = std::fs::metadata(path).map_or(0, |m| m.len());
@@ -260,13 +268,18 @@ fn import_converted(
     // Incomplete from here; all holes (made or cleared), so qemu-img
     // writes only the image's data.
     let export = begin(client, name, created, volume_size, opts.in_use)?;
-    let export = export.map(|e| crate::nbd_target::in_pool_of(name, &e));
     // The export may not open (a shared pool's volume, an older daemon):
     // then through a temporary copy and the API, as before.
-    let Some(export) = export.filter(|e| nbd.connect(e).is_ok_and(|c| c.disconnect().is_ok()))
-    else {
-        return import_via_copy(client, name, path, fmt, opts);
+    let Sink::Nbd(probe) = Sink::open(client, name, export.as_deref(), opts) else {
+        let begun = Begun {
+            created,
+            volume_size,
+            export: None,
+        };
+        return import_via_copy(client, name, path, fmt, opts, Some(begun));
     };
+    probe.disconnect()?;
+    let export = crate::nbd_target::in_pool_of(name, export.as_deref().unwrap_or_default());
     let target = nbd.qemu_json(&export);
     image_format::convert_into(path, fmt, &target, opts.show_progress)?;
     client
@@ -378,6 +391,39 @@ fn import_file(
     let (created, volume_size) = prepare_volume(client, name, &what, Some(len), opts)?;
     // From here until the last byte is flushed, the volume is incomplete.
     let export = begin(client, name, created, volume_size, opts.in_use)?;
+    let begun = Begun {
+        created,
+        volume_size,
+        export,
+    };
+    send_file(client, name, path, file, len, begun, opts)
+}
+
+/// A volume made ready for an import and marked incomplete (`begin`).
+struct Begun {
+    created: bool,
+    volume_size: u64,
+    /// The import's NBD export (`None`: through the API).
+    export: Option<String>,
+}
+
+/// Sends the data of the raw image `file` (`len` bytes, read from `path`)
+/// into volume `name`, which `begun` prepared, and ends the import.
+fn send_file(
+    client: &Client,
+    name: &str,
+    path: &Path,
+    file: File,
+    len: u64,
+    begun: Begun,
+    opts: &ImportOptions,
+) -> anyhow::Result<ImportReport> {
+    let what = path.display().to_string();
+    let Begun {
+        created,
+        volume_size,
+        export,
+    } = begun;
     let mut sink = Sink::open(client, name, export.as_deref(), opts);
     let regions =
         data_regions(&file, len).with_context(|| format!("finding the data in {what}"))?;

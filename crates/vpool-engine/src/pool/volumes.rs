@@ -131,6 +131,14 @@ impl Pool {
         })
     }
 
+    /// The volumes cloned from volume `name`'s snapshots (from its
+    /// `snapshot` only, if given), by name.
+    pub fn clones_of(&self, name: &str, snapshot: Option<&str>) -> Result<Vec<String>> {
+        let st = self.inner.state.lock();
+        let id = st.table.id_of(name)?;
+        Ok(st.table.clones_of(id, snapshot))
+    }
+
     pub fn list_volumes(&self) -> Vec<VolumeInfo> {
         let st = self.inner.state.lock();
         // In name order, as a user reads a listing.

@@ -906,6 +906,14 @@ impl Host {
         self.clients.of(pool.unwrap_or(&self.default), volume)
     }
 
+    /// The NBD connections to every volume of `pool` here, by volume.
+    pub fn pool_clients(
+        &self,
+        pool: Option<&str>,
+    ) -> std::collections::HashMap<String, Vec<crate::clients::ClientInfo>> {
+        self.clients.of_pool(pool.unwrap_or(&self.default))
+    }
+
     /// Lets several NBD clients write `volume` of `pool` at once (or one at
     /// a time again): kept in its pool; clients waiting to write are let in.
     pub fn set_multi_writer(
@@ -999,14 +1007,15 @@ impl Host {
         Ok(entry)
     }
 
-    /// Deletes for good what went to `pool`'s trash at or before
-    /// `before_unix_ms` (but volumes whose snapshots have clones).
+    /// Deletes for good what went to `pool`'s trash at least
+    /// `older_than_secs` ago (but volumes whose snapshots have clones).
     pub fn trash_purge(
         &self,
         pool: Option<&str>,
-        before_unix_ms: u64,
+        older_than_secs: u64,
     ) -> Result<crate::trash::PurgeReport> {
-        let report = self.pool(pool)?.service.purge_trash(before_unix_ms)?;
+        let before = crate::jobs::unix_ms().saturating_sub(older_than_secs.saturating_mul(1000));
+        let report = self.pool(pool)?.service.purge_trash(before)?;
         let pool = pool.unwrap_or(&self.default);
         for e in &report.purged {
             tracing::info!(pool, volume = %e.name, id = e.id, "volume purged from the trash");
@@ -1017,7 +1026,7 @@ impl Host {
     /// Deletes what expired in the trash of every open pool (the
     /// scheduler's tick runs it).
     pub(super) fn purge_expired_trash(&self) {
-        let now = crate::catalog::now_unix_ms();
+        let now = crate::jobs::unix_ms();
         for slot in self.pools() {
             let PoolState::Open(ctx) = slot.state else {
                 continue;

@@ -378,12 +378,10 @@ fn refuse_unmovable(src: &PoolCtx, volume: &str, view: &crate::pool::VolumeView)
         Some("it is incomplete")
     } else if view.replica.is_some() {
         Some("it is a replica (`vpool replica promote` it first)")
-    } else if src.service.pool().list_volumes().iter().any(|v| {
-        v.parent
-            .as_deref()
-            .and_then(|p| p.split_once('@'))
-            .is_some_and(|(p, _)| p == volume)
-    }) {
+    } else if !(src.service.pool().clones_of(volume, None))
+        .unwrap_or_default()
+        .is_empty()
+    {
         Some("clones were made from its snapshots (flatten or delete them first)")
     } else {
         None

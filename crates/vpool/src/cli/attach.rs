@@ -109,18 +109,8 @@ impl Attach {
             uri_escape(name),
             uri_escape(&socket_str)
         );
-        let qemu_json = format!(
-            "json:{}",
-            // Raw over NBD, named: no format probing of a guest's bytes.
-            serde_json::json!({
-                "driver": "raw",
-                "file": {
-                    "driver": "nbd",
-                    "server": {"type": "unix", "path": socket_str},
-                    "export": name,
-                },
-            })
-        );
+        // Raw over NBD, named: no format probing of a guest's bytes.
+        let qemu_json = crate::nbd_target::NbdTarget::Unix(socket.clone()).qemu_json(name);
         let tcp_host = nbd_tcp.map(|addr| (tcp_host_name(addr), addr.port()));
         let nbd_tcp_uri = (tcp_host.as_ref())
             .map(|(host, port)| format!("nbd://{host}:{port}/{}", uri_escape(name)));
