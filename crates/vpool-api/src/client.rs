@@ -432,6 +432,15 @@ impl Client {
     }
 
     /// The volume's snapshots, oldest first.
+    /// The snapshot list with the volume's own exclusive bytes.
+    pub fn list_snapshots_full(&self, volume: &str) -> Result<SnapshotList, ClientError> {
+        self.json_call(
+            "GET",
+            &routes::volume_snapshots(&self.qualify(volume)),
+            None::<&()>,
+        )
+    }
+
     pub fn list_snapshots(&self, volume: &str) -> Result<Vec<SnapshotInfo>, ClientError> {
         let l: SnapshotList = self.json_call(
             "GET",

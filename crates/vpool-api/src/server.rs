@@ -1100,12 +1100,14 @@ async fn list_snapshots(
     let (svc, n) = (ctx.service.clone(), name.clone());
     let (snaps, times) =
         service(move || Ok((svc.list_snapshots(&n)?, svc.snapshot_times(&n)?))).await?;
-    let space: std::collections::HashMap<String, vpool_engine::ImageSpace> =
-        match space_of(&ctx.service, &name, s.limits.space_accounting_timeout).await? {
-            Some(sp) => sp.snapshots.into_iter().collect(),
-            None => Default::default(),
-        };
+    let walk = space_of(&ctx.service, &name, s.limits.space_accounting_timeout).await?;
+    let volume_exclusive_bytes = walk.as_ref().map(|sp| sp.volume.exclusive_bytes);
+    let space: std::collections::HashMap<String, vpool_engine::ImageSpace> = match walk {
+        Some(sp) => sp.snapshots.into_iter().collect(),
+        None => Default::default(),
+    };
     Ok(Json(SnapshotList {
+        volume_exclusive_bytes,
         snapshots: snaps
             .into_iter()
             .map(|e| {

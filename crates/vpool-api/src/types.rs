@@ -567,6 +567,10 @@ impl From<vpool_engine::SnapshotInfo> for SnapshotInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotList {
     pub snapshots: Vec<SnapshotInfo>,
+    /// The volume's own exclusive bytes, from the same space walk as the
+    /// snapshots' (`GET /v1/volumes/{name}/snapshots`; `vol du`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_exclusive_bytes: Option<u64>,
 }
 
 /// `POST /v1/volumes/{name}/snapshots`.

@@ -576,8 +576,12 @@ impl Catalog {
     /// those of volumes that are gone, finishes seals a crash interrupted.
     /// Blocking.
     pub fn reconcile(&self, pool: &Pool) -> Result<(), Error> {
-        let mut changed = self.follow_renames(pool);
-        changed |= self.reconcile_trash(pool);
+        // Each volume's name now, by id.
+        let names: HashMap<u64, String> = (pool.list_volumes().into_iter())
+            .map(|v| (v.id.0, v.name))
+            .collect();
+        let mut changed = self.follow_renames(&names);
+        changed |= self.reconcile_trash(&names);
         let records = self.templates();
         for (name, rec) in records {
             match pool.volume_info(&name) {
@@ -746,15 +750,12 @@ impl Catalog {
     /// Trash records in line with the pool: dropped where the volume is
     /// not (or no longer) at its trash name, made up (named after the id)
     /// for a volume at a trash name without one. True if any changed.
-    fn reconcile_trash(&self, pool: &Pool) -> bool {
-        let names: HashMap<u64, String> = (pool.list_volumes().into_iter())
-            .map(|v| (v.id.0, v.name))
-            .collect();
+    fn reconcile_trash(&self, names: &HashMap<u64, String>) -> bool {
         let mut g = self.lock();
         let before = g.trash.clone();
         g.trash
             .retain(|id, _| names.get(id).is_some_and(|n| *n == trash_name(*id)));
-        for (id, name) in &names {
+        for (id, name) in names {
             if *name == trash_name(*id) && !g.trash.contains_key(id) {
                 tracing::warn!(volume = %name, "a volume in the trash without its record: listed as volume-{id}");
                 let rec = TrashRecord {
@@ -770,10 +771,7 @@ impl Catalog {
 
     /// Moves records whose volume (by id) now has another name: a rename
     /// whose records were not saved. True if any moved.
-    fn follow_renames(&self, pool: &Pool) -> bool {
-        let names: HashMap<u64, String> = (pool.list_volumes().into_iter())
-            .map(|v| (v.id.0, v.name))
-            .collect();
+    fn follow_renames(&self, names: &HashMap<u64, String>) -> bool {
         let mut g = self.lock();
         let mut changed = false;
         for (old, id) in g.named_records() {

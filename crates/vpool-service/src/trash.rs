@@ -123,69 +123,64 @@ impl PoolService {
     pub fn remove_trashed(&self, id: u64) -> Result<TrashEntry> {
         let rec = self.trashed(id)?;
         let entry = self.entry(id, &rec)?;
-        if !entry.clones.is_empty() {
-            return Err(Error::new(
-                ErrorKind::InUse,
-                format!(
-                    "volume {} (id {id}) stays in the trash: {} cloned from its snapshots (flatten or delete them first)",
-                    rec.name,
-                    entry.clones.join(", ")
-                ),
-            ));
-        }
-        self.delete_volume(&trash_name(id), true)?;
+        self.remove_entry(&entry)?;
         Ok(entry)
     }
 
     /// Deletes for good the volumes that went to the trash at or before
     /// `before_unix_ms`, but those whose snapshots have clones.
     pub fn purge_trash(&self, before_unix_ms: u64) -> Result<PurgeReport> {
-        let mut report = PurgeReport::default();
-        let due = self.trash_list()?;
-        for e in due
-            .into_iter()
-            .filter(|e| e.trashed_unix_ms <= before_unix_ms)
-        {
-            if !e.clones.is_empty() {
-                report.kept.push(e);
-                continue;
-            }
-            // One that cannot go now does not stop the others.
-            match self.remove_trashed(e.id) {
-                Ok(_) => report.purged.push(e),
-                Err(err) => {
-                    tracing::warn!(volume = %e.name, id = e.id, error = %err.message, "could not purge a volume from the trash");
-                    report.kept.push(e);
-                }
-            }
-        }
-        Ok(report)
+        Ok(self.purge(|r| r.trashed_unix_ms <= before_unix_ms))
     }
 
     /// Deletes for good the volumes whose expiry has come (but those whose
     /// snapshots have clones: kept, tried again later).
     pub fn purge_expired(&self, now_unix_ms: u64) -> Result<PurgeReport> {
+        Ok(self.purge(|r| r.expires_unix_ms.is_some_and(|e| e <= now_unix_ms)))
+    }
+
+    /// Deletes for good the volumes of the trash whose record `due` picks;
+    /// those whose snapshots have clones, or that cannot go now, are kept
+    /// (one does not stop the others).
+    fn purge(&self, due: impl Fn(&TrashRecord) -> bool) -> PurgeReport {
         let mut report = PurgeReport::default();
-        let due = self.catalog().trashed();
-        let due =
-            (due.into_iter()).filter(|(_, r)| r.expires_unix_ms.is_some_and(|e| e <= now_unix_ms));
-        for (id, rec) in due {
+        let mut records: Vec<(u64, TrashRecord)> = (self.catalog().trashed().into_iter())
+            .filter(|(_, r)| due(r))
+            .collect();
+        records.sort_by_key(|(id, r)| (r.trashed_unix_ms, *id));
+        for (id, rec) in records {
+            // Gone meanwhile (removed, restored): nothing to do.
             let Ok(e) = self.entry(id, &rec) else {
                 continue;
             };
-            if !e.clones.is_empty() {
-                report.kept.push(e);
-                continue;
-            }
-            match self.remove_trashed(id) {
-                Ok(_) => report.purged.push(e),
+            match self.remove_entry(&e) {
+                Ok(()) => report.purged.push(e),
                 Err(err) => {
-                    tracing::warn!(volume = %e.name, id, error = %err.message, "could not delete an expired volume from the trash");
+                    if e.clones.is_empty() {
+                        tracing::warn!(volume = %e.name, id, error = %err.message, "could not delete a volume from the trash");
+                    }
                     report.kept.push(e);
                 }
             }
         }
-        Ok(report)
+        report
+    }
+
+    /// Deletes the volume of trash entry `e`: refused while its snapshots
+    /// have clones.
+    fn remove_entry(&self, e: &TrashEntry) -> Result<()> {
+        if !e.clones.is_empty() {
+            return Err(Error::new(
+                ErrorKind::InUse,
+                format!(
+                    "volume {} (id {}) stays in the trash: {} cloned from its snapshots (flatten or delete them first)",
+                    e.name,
+                    e.id,
+                    e.clones.join(", ")
+                ),
+            ));
+        }
+        self.delete_volume(&trash_name(e.id), true)
     }
 
     fn trashed(&self, id: u64) -> Result<TrashRecord> {

@@ -66,9 +66,13 @@ pub(super) fn run(client: &Client, out: Output, cmd: &SnapCommand) -> anyhow::Re
                 return list_pool(client, out, pool.as_deref());
             };
             let snaps = client.list_snapshots(volume)?;
-            out.emit(&vpool_api::SnapshotList { snapshots: snaps }, |l| {
-                render_snapshot_table(volume, &l.snapshots)
-            })
+            out.emit(
+                &vpool_api::SnapshotList {
+                    snapshots: snaps,
+                    volume_exclusive_bytes: None,
+                },
+                |l| render_snapshot_table(volume, &l.snapshots),
+            )
         }
         SnapCommand::Delete { snapshot } => {
             let (vol, snap) = parse_snapshot_name(snapshot)?;
@@ -109,7 +113,11 @@ fn list_pool(client: &Client, out: Output, pool: Option<&str>) -> anyhow::Result
     // their own), then by the log's order.
     snapshots.sort_by_key(|s| (s.created_unix_ms.unwrap_or(0), s.seq));
     let name = pool.unwrap_or("the default pool").to_string();
-    out.emit(&vpool_api::SnapshotList { snapshots }, |l| {
-        render_pool_snapshots(&name, &l.snapshots)
-    })
+    out.emit(
+        &vpool_api::SnapshotList {
+            snapshots,
+            volume_exclusive_bytes: None,
+        },
+        |l| render_pool_snapshots(&name, &l.snapshots),
+    )
 }

@@ -45,10 +45,24 @@ pub(super) fn du(
     name: Option<&str>,
     pool: Option<&str>,
 ) -> anyhow::Result<()> {
-    let c = client.clone().in_pool(pool);
-    let volumes: Vec<String> = match name {
-        Some(n) => vec![n.to_string()],
-        None => c.list_volumes()?.into_iter().map(|v| v.name).collect(),
+    // The volume list's figures need no space walk: one walk per volume
+    // below, for its exclusive bytes.
+    let (c, volumes) = match name {
+        Some(n) => {
+            let (p, v) = vpool_service::names::split_pool(n);
+            let c = client.clone().in_pool(p.or(pool));
+            let Some(info) = c.list_volumes()?.into_iter().find(|i| i.name == v) else {
+                // The daemon's own words for a volume that is not there.
+                c.volume_info(v)?;
+                anyhow::bail!("no volume named {n}");
+            };
+            (c, vec![info])
+        }
+        None => {
+            let c = client.clone().in_pool(pool);
+            let vols = c.list_volumes()?;
+            (c, vols)
+        }
     };
     let mut images = Vec::new();
     for v in &volumes {
@@ -76,12 +90,15 @@ pub(super) fn du(
     out.emit(&report, render_du)
 }
 
-/// The snapshots of volume `name`, oldest first, then the volume.
-fn du_volume(c: &Client, name: &str) -> Result<Vec<DuImage>, vpool_api::ClientError> {
-    let info = c.volume_info(name)?;
+/// The snapshots of volume `info` (a line of the volume list), oldest
+/// first, then the volume: one space walk (the snapshot list's, which has
+/// the volume's exclusive bytes too, or the volume's).
+fn du_volume(c: &Client, info: &VolumeInfo) -> Result<Vec<DuImage>, vpool_api::ClientError> {
+    let name = info.name.as_str();
     let mut rows: Vec<DuImage> = Vec::new();
-    if info.snapshots > 0 {
-        let mut snaps = c.list_snapshots(name)?;
+    let exclusive_bytes = if info.snapshots > 0 {
+        let list = c.list_snapshots_full(name)?;
+        let mut snaps = list.snapshots;
         snaps.sort_by_key(|s| s.seq);
         rows.extend(snaps.into_iter().map(|s| DuImage {
             name: format!("{}@{}", info.name, s.name),
@@ -89,12 +106,15 @@ fn du_volume(c: &Client, name: &str) -> Result<Vec<DuImage>, vpool_api::ClientEr
             used_bytes: s.allocated_bytes,
             exclusive_bytes: s.exclusive_bytes,
         }));
-    }
+        list.volume_exclusive_bytes
+    } else {
+        c.volume_info(name)?.exclusive_bytes
+    };
     rows.push(DuImage {
         name: info.name.clone(),
         provisioned_bytes: info.size_bytes,
         used_bytes: info.allocated_bytes,
-        exclusive_bytes: info.exclusive_bytes,
+        exclusive_bytes,
     });
     Ok(rows)
 }
